@@ -1,0 +1,383 @@
+"""Layer: formats (the bottom of cowd, imports nothing from ``cowd``).
+
+The vocabulary shared by every image format: the host file an image lives in, the extents a
+guest range resolves to, and the :class:`Image` base class whose subclasses are the codecs.
+
+Contract of an :class:`Image` (every format honours it):
+
+- ``resolve(guest_offset, length)`` returns the *longest* run of guest bytes starting at
+  ``guest_offset`` (at most ``length``) that has one allocation kind in *this* layer:
+  DATA at a file offset, ZERO, COMPRESSED (one cluster at most), or UNALLOCATED (ask the
+  backing image).  It may read metadata from disk but never data.  It is cheap enough that the
+  daemon caches its answers as remaps.
+- ``read`` / ``write`` / ``write_zeroes`` / ``discard`` take guest offsets and act on the whole
+  chain (reads fall through to the backing image, writes allocate in this layer, copying up
+  the unwritten head and tail of a cluster from the backing chain).
+- ``flush`` makes every completed write durable, data before the metadata that reaches it.
+- An image object is *not* thread-safe: one caller at a time (the daemon serialises metadata
+  changes per image and may read DATA extents it resolved itself, concurrently, with pread).
+- Every length or count that the file controls is checked against a named limit before
+  anything is allocated; malformed metadata raises :class:`~formats.errors.CorruptImage`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errno_mod
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly
+
+SECTOR = 512
+
+# A backing chain deeper than this is refused (qemu has no hard limit, but a deep chain is
+# almost always a mistake or a loop that escaped inode detection, e.g. over bind mounts).
+MAX_CHAIN_DEPTH = 64
+
+# Largest single read or write the library performs for a caller in one piece; larger
+# requests are split so a hostile length can never make it allocate without bound.
+MAX_IO_BYTES = 64 << 20
+
+
+class Kind(enum.Enum):
+    DATA = "data"  # bytes live at file_offset of file
+    ZERO = "zero"  # reads as zeroes in this layer (hides the backing image)
+    UNALLOCATED = "unallocated"  # not in this layer: ask the backing image (or zero if none)
+    COMPRESSED = "compressed"  # a compressed cluster: decode with Image.read_compressed
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    guest_offset: int
+    length: int
+    kind: Kind
+    file: HostFile | None = None  # DATA / COMPRESSED: the file holding the bytes
+    file_offset: int = 0  # DATA: where guest_offset lives; COMPRESSED: start of the stream
+    compressed_length: int = 0  # COMPRESSED: bytes of the stream (an upper bound)
+    # DATA only: the bytes may be overwritten in place (they belong to this writable layer
+    # and to nothing else, e.g. not shared with a qcow2 snapshot).
+    writable: bool = False
+    # COMPRESSED only: the guest offset of the cluster the stream decodes to.
+    cluster_guest_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.guest_offset + self.length
+
+
+class HostFile:
+    """An open host file (an image, an external data file).  Thin, explicit syscalls."""
+
+    def __init__(self, path: str, writable: bool, *, fd: int | None = None):
+        self.path = path
+        self.writable = writable
+        if fd is None:
+            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+            try:
+                fd = os.open(path, flags)
+            except OSError as e:
+                raise ImageIOError(path, f"cannot open: {e.strerror}", e.errno) from None
+        self.fd = fd
+        st = os.fstat(fd)
+        self.dev_ino = (st.st_dev, st.st_ino)
+
+    def __repr__(self) -> str:
+        return f"HostFile({self.path!r}, fd={self.fd}, writable={self.writable})"
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread_exact(self, file_offset: int, length: int, what: str = "metadata") -> bytes:
+        """Read metadata: a short read means the structure runs past the end of file."""
+        data = self._pread(file_offset, length)
+        if len(data) != length:
+            raise CorruptImage(self.path, f"{what} past end of file", "offset", file_offset)
+        return data
+
+    def pread_data(self, file_offset: int, length: int) -> bytes:
+        """Read guest data: what lies past the end of the file reads as zeroes."""
+        data = self._pread(file_offset, length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def _pread(self, file_offset: int, length: int) -> bytes:
+        parts = []
+        got = 0
+        while got < length:
+            try:
+                chunk = os.pread(self.fd, min(length - got, MAX_IO_BYTES), file_offset + got)
+            except OSError as e:
+                raise ImageIOError(self.path, f"read failed: {e.strerror}", e.errno) from None
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pwrite(self, file_offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise ImageReadOnly(self.path, "file is open read-only")
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.pwrite(self.fd, view[done:], file_offset + done)
+            except OSError as e:
+                raise ImageIOError(self.path, f"write failed: {e.strerror}", e.errno) from None
+            if n == 0:
+                raise ImageIOError(self.path, "write made no progress", errno_mod.EIO)
+            done += n
+
+    def sync(self) -> None:
+        if not self.writable:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise ImageIOError(self.path, f"fdatasync failed: {e.strerror}", e.errno) from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise ImageIOError(self.path, f"truncate failed: {e.strerror}", e.errno) from None
+
+    def punch_hole(self, file_offset: int, length: int) -> bool:
+        """Deallocate host space; returns False where the filesystem cannot."""
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, file_offset, length)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_libc: Any = None
+
+
+@dataclass
+class CheckResult:
+    """What ``check`` found, in qemu-img check's terms."""
+
+    path: str
+    corruptions: list[str] = field(default_factory=list)  # errors: refcount too low, overlaps
+    leaks: list[str] = field(default_factory=list)  # clusters referenced by nothing
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    allocated_clusters: int = 0
+    total_clusters: int = 0
+    image_end_offset: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.corruptions and not self.leaks
+
+
+class Image:
+    """Base class of a format codec; see the module docstring for the contract."""
+
+    format_name: ClassVar[str] = "?"
+
+    def __init__(self, path: str, file: HostFile, writable: bool):
+        self.path = path
+        self.file = file
+        self.writable = writable
+        self.virtual_size = 0
+        self.cluster_size = SECTOR  # allocation granularity of this layer, in guest bytes
+        self.backing: Image | None = None
+        self.backing_name: str | None = None  # as recorded in the image
+        self.backing_format: str | None = None  # as recorded, if the format records one
+        self.backing_path: str | None = None  # the resolved host path, set by the opener
+        self.read_only_reason: str | None = None  # why a writable open was refused, if so
+
+    # ---- probing and opening -------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> bool:
+        """Does this header (the file's first 4 KiB, or less) look like this format?"""
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls, path: str, file: HostFile, writable: bool) -> Image:
+        """Parse and validate the metadata; do not open the backing image."""
+        raise NotImplementedError
+
+    def backing_candidates(self) -> list[str]:
+        """Names to try, in order, for the backing image (relative to this image's dir)."""
+        return [self.backing_name] if self.backing_name else []
+
+    def check_backing(self, backing: Image) -> None:
+        """Reject a backing image that cannot be this image's parent (e.g. VHD parent UUID)."""
+
+    # ---- mapping -------------------------------------------------------------------------
+
+    def resolve(self, guest_offset: int, length: int) -> Extent:
+        raise NotImplementedError
+
+    def read_compressed(self, extent: Extent) -> bytes:
+        """Decode the part of a COMPRESSED extent it covers."""
+        raise CorruptImage(self.path, "compressed extent in a format without compression")
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """This layer's extents over [start, end), merged where kind and mapping continue."""
+        end = self.virtual_size if end is None else min(end, self.virtual_size)
+        pos = start
+        while pos < end:
+            ext = self.resolve(pos, end - pos)
+            if ext.length <= 0:
+                raise CorruptImage(self.path, "resolver made no progress", "offset", pos)
+            yield ext
+            pos = ext.end
+
+    def resolve_deep(self, guest_offset: int, length: int) -> tuple[int, Image, Extent]:
+        """Walk the chain: (depth, layer, extent) of the first layer that has the bytes.
+
+        Past the end of a shorter backing image, and below the last layer, bytes are ZERO
+        (reported on the deepest layer consulted).
+        """
+        layer: Image = self
+        depth = 0
+        while True:
+            ext = layer.resolve(guest_offset, length)
+            if ext.kind is not Kind.UNALLOCATED:
+                return depth, layer, ext
+            length = ext.length
+            nxt = layer.backing
+            if nxt is None or guest_offset >= nxt.virtual_size:
+                return depth, layer, Extent(guest_offset, length, Kind.ZERO)
+            length = min(length, nxt.virtual_size - guest_offset)
+            layer = nxt
+            depth += 1
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def check_range(self, guest_offset: int, length: int) -> None:
+        if guest_offset < 0 or length < 0 or guest_offset + length > self.virtual_size:
+            raise ValueError(
+                f"{self.path}: range {guest_offset}+{length} outside the disk "
+                f"(virtual_size={self.virtual_size})"
+            )
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        """Guest bytes as the whole chain presents them."""
+        self.check_range(guest_offset, length)
+        out = bytearray(length)
+        pos = guest_offset
+        end = guest_offset + length
+        while pos < end:
+            _, layer, ext = self.resolve_deep(pos, end - pos)
+            n = ext.length
+            if n <= 0:
+                raise CorruptImage(self.path, "resolver made no progress", "offset", pos)
+            at = pos - guest_offset
+            if ext.kind is Kind.DATA:
+                assert ext.file is not None
+                out[at : at + n] = ext.file.pread_data(ext.file_offset, n)
+            elif ext.kind is Kind.COMPRESSED:
+                out[at : at + n] = layer.read_compressed(ext)
+            # ZERO: already zero
+            pos += n
+        return bytes(out)
+
+    def read_backing(self, guest_offset: int, length: int) -> bytes:
+        """What the backing chain holds at this range (zeroes where it has nothing)."""
+        if self.backing is None or guest_offset >= self.backing.virtual_size:
+            return bytes(length)
+        n = min(length, self.backing.virtual_size - guest_offset)
+        data = self.backing.read(guest_offset, n)
+        return data if n == length else data + bytes(length - n)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def require_writable(self) -> None:
+        if not self.writable:
+            why = f": {self.read_only_reason}" if self.read_only_reason else ""
+            raise ImageReadOnly(self.path, f"image is open read-only{why}")
+
+    def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise ImageReadOnly(self.path, f"writing {self.format_name} images is not supported")
+
+    def write_zeroes(self, guest_offset: int, length: int, may_unmap: bool = False) -> None:
+        raise ImageReadOnly(self.path, f"writing {self.format_name} images is not supported")
+
+    def discard(self, guest_offset: int, length: int) -> None:
+        """Drop data; afterwards the range reads as zeroes (never as the backing image)."""
+        self.write_zeroes(guest_offset, length, may_unmap=True)
+
+    def allocate(self, guest_offset: int, length: int) -> None:
+        """Make every cluster touching the range DATA and writable in this layer, copying up
+        whole clusters from the backing chain, so that a caller can then write in place."""
+        raise ImageReadOnly(self.path, f"writing {self.format_name} images is not supported")
+
+    def flush(self) -> None:
+        if self.writable:
+            self.file.sync()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def close_chain(self) -> None:
+        layer: Image | None = self
+        while layer is not None:
+            nxt = layer.backing
+            layer.close()
+            layer = nxt
+
+    # ---- inspection ----------------------------------------------------------------------
+
+    def check(self, repair: bool = False) -> CheckResult:
+        """Consistency of this layer's metadata (qemu-img check's leaks and corruptions)."""
+        return CheckResult(self.path)
+
+    def info(self) -> dict[str, Any]:
+        """Format-specific facts for ``cowd info`` (JSON-serialisable)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path!r} size={self.virtual_size}>"
+
+
+def require(cond: bool, path: str, what: str, field: str | None = None, value: object = None) -> None:
+    """Raise CorruptImage unless ``cond``; the one-line validation idiom of the codecs."""
+    if not cond:
+        raise CorruptImage(path, what, field, value)
+
+
+__all__ = [
+    "MAX_CHAIN_DEPTH",
+    "SECTOR",
+    "CheckResult",
+    "Extent",
+    "FormatError",
+    "HostFile",
+    "Image",
+    "Kind",
+    "require",
+]

@@ -1,0 +1,63 @@
+"""Layer: formats.  Raw images: guest offset == file offset, no metadata, no backing.
+
+Holes in the host file are still reported as DATA: asking the filesystem (SEEK_HOLE) would
+make ``resolve`` depend on the host filesystem's allocation, and a hole reads as zeroes anyway.
+Writes go straight to the file; write-zeroes punches a hole where the filesystem can, but only
+when the caller allows unmapping (a raw *base* is never written by cowd: overlays are).
+"""
+
+from __future__ import annotations
+
+from .base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, Extent, HostFile, Image, Kind, fallocate
+
+# Granularity reported for remaps of raw images: any value works (raw is one linear mapping);
+# 64 KiB matches qcow2's default so mixed chains line up.
+RAW_CLUSTER_SIZE = 64 << 10
+
+
+class RawImage(Image):
+    format_name = "raw"
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> bool:
+        return True  # anything is a raw image; probed last
+
+    @classmethod
+    def open(cls, path: str, file: HostFile, writable: bool) -> RawImage:
+        img = cls(path, file, writable)
+        img.virtual_size = file.size()
+        img.cluster_size = RAW_CLUSTER_SIZE
+        return img
+
+    def resolve(self, guest_offset: int, length: int) -> Extent:
+        n = max(0, min(length, self.virtual_size - guest_offset))
+        return Extent(guest_offset, n, Kind.DATA, self.file, guest_offset, writable=self.writable)
+
+    def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.require_writable()
+        self.check_range(guest_offset, len(data))
+        self.file.pwrite(guest_offset, data)
+
+    def write_zeroes(self, guest_offset: int, length: int, may_unmap: bool = False) -> None:
+        self.require_writable()
+        self.check_range(guest_offset, length)
+        if may_unmap and self.file.punch_hole(guest_offset, length):
+            return
+        try:
+            fallocate(self.file.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, guest_offset, length)
+            return
+        except OSError:
+            pass
+        chunk = bytes(min(length, 1 << 20))
+        pos = guest_offset
+        end = guest_offset + length
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            self.file.pwrite(pos, chunk[:n])
+            pos += n
+
+    def allocate(self, guest_offset: int, length: int) -> None:
+        self.require_writable()  # raw is always allocated
+
+    def info(self) -> dict[str, object]:
+        return {}
