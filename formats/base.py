@@ -364,7 +364,9 @@ class Image:
         return f"<{type(self).__name__} {self.path!r} size={self.virtual_size}>"
 
 
-def require(cond: bool, path: str, what: str, field: str | None = None, value: object = None) -> None:
+def require(
+    cond: bool, path: str, what: str, field: str | None = None, value: object = None
+) -> None:
     """Raise CorruptImage unless ``cond``; the one-line validation idiom of the codecs."""
     if not cond:
         raise CorruptImage(path, what, field, value)

@@ -8,7 +8,15 @@ when the caller allows unmapping (a raw *base* is never written by cowd: overlay
 
 from __future__ import annotations
 
-from .base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, Extent, HostFile, Image, Kind, fallocate
+from .base import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE,
+    Extent,
+    HostFile,
+    Image,
+    Kind,
+    fallocate,
+)
 
 # Granularity reported for remaps of raw images: any value works (raw is one linear mapping);
 # 64 KiB matches qcow2's default so mixed chains line up.
@@ -44,7 +52,8 @@ class RawImage(Image):
         if may_unmap and self.file.punch_hole(guest_offset, length):
             return
         try:
-            fallocate(self.file.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, guest_offset, length)
+            mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+            fallocate(self.file.fd, mode, guest_offset, length)
             return
         except OSError:
             pass
