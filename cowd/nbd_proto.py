@@ -854,8 +854,7 @@ class ServerConnection:
                 self.client_flags = flags
                 self._state = _State.OPTIONS
                 continue
-            # DONE, CLOSED
-            self._state = _State.CLOSED
+            # DONE (stays DONE: later bytes are still ignored) or CLOSED
             return ConnectionClosed()
 
     # ---- option haggling --------------------------------------------------------------------
