@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -852,8 +853,6 @@ def test_block_status_reply() -> None:
 
 
 def test_errno_mapping() -> None:
-    import errno
-
     assert [nbd_proto.nbd_error(e) for e in (
         errno.EPERM, errno.EACCES, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EINVAL,
         errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EOVERFLOW, errno.EOPNOTSUPP,
@@ -888,24 +887,29 @@ def test_module_does_no_io() -> None:
 
 # ==== chunking independence (property test) ==================================================
 
-_OFFSETS = st.sampled_from([0, 512, 4096, 1 * MiB - 512, 1 * MiB, 2**63, 2**64 - 512,
-                            2**64 - 1])
-_LENGTHS = st.sampled_from([0, 1, 512, 4096, 0xFFFFFFFF, 32 * MiB + 1])
+_OFFSETS = st.sampled_from([0, 0, 512, 4096, 4096, 1 * MiB - 512, 1 * MiB, 2**63,
+                            2**64 - 512, 2**64 - 1])
+_LENGTHS = st.sampled_from([0, 1, 512, 4096, 4096, 65536, 0xFFFFFFFF, 32 * MiB + 1])
+
+
+def _rare(draw: st.DrawFn, one_in: int) -> bool:
+    return draw(st.integers(0, one_in - 1)) == 0
 
 
 @st.composite
 def _client_stream(draw: st.DrawFn) -> bytes:
-    """A plausible-to-hostile client byte stream: handshake, options, requests."""
-    out = bytearray(struct.pack(">I", draw(st.sampled_from([0, 1, 2, 3, 3, 3, 4]))))
-    names = st.sampled_from(["disk", "ro", "aligned", "", "nosuch"])
+    """A plausible-to-hostile client byte stream: handshake, options, requests.  Stream-
+    breaking mistakes (bad flags or magic, huge lengths, writes without their payload) are
+    kept rare so that most examples reach the transmission phase."""
+    flags = 4 if _rare(draw, 20) else draw(st.sampled_from([0, 1, 2, 3]))
+    out = bytearray(struct.pack(">I", flags))
+    names = st.sampled_from(["disk", "disk", "ro", "aligned", "", "nosuch"])
     for _ in range(draw(st.integers(0, 6))):
         kind = draw(st.integers(0, 9))
         if kind == 0:
             out += opt(OPT_LIST, draw(st.sampled_from([b"", b"x"])))
-        elif kind == 1:
+        elif kind in (1, 2):
             out += opt(OPT_STRUCTURED)
-        elif kind == 2:
-            out += opt(OPT_STARTTLS)
         elif kind == 3:
             out += opt(OPT_INFO, info_data(draw(names), draw(st.lists(
                 st.integers(0, 5), max_size=4))))
@@ -916,34 +920,35 @@ def _client_stream(draw: st.DrawFn) -> bytes:
         elif kind == 6:
             out += opt(draw(st.integers(11, 2**32 - 1)), draw(st.binary(max_size=40)))
         elif kind == 7:
-            out += opt(OPT_GO, draw(st.binary(max_size=12)))  # garbage GO data
-        elif kind == 8 and draw(st.integers(0, 9)) == 0:
+            out += opt(draw(st.sampled_from([OPT_GO, OPT_INFO, OPT_STARTTLS])),
+                       draw(st.binary(max_size=12)))  # garbage option data
+        elif kind == 8 and _rare(draw, 10):
             out += b"IHAVEOPX" + bytes(8)  # garbage magic
-        else:
-            out += opt_header(draw(st.sampled_from([OPT_GO, 77])), draw(st.sampled_from(
-                [0xFFFFFFFF, 5]))) + draw(st.binary(max_size=5))
-    end = draw(st.integers(0, 4))
+        elif kind == 9 and _rare(draw, 5):
+            out += opt_header(draw(st.sampled_from([OPT_GO, 77])), 0xFFFFFFFF) + b"xy"
+    end = draw(st.integers(0, 9))
+    final_names = st.sampled_from(["disk"] * 4 + ["", "ro", "aligned", "nosuch"])
     if end == 0:
         out += opt(OPT_ABORT)
-    elif end == 1:
-        out += opt(OPT_EXPORT_NAME, draw(names).encode())
+    elif end in (1, 2):
+        out += opt(OPT_EXPORT_NAME, draw(final_names).encode())
     else:
-        out += opt(OPT_GO, info_data(draw(names), [INFO_BLOCK_SIZE]))
-    for _ in range(draw(st.integers(0, 8))):
-        cmd = draw(st.sampled_from([CMD_READ, CMD_WRITE, CMD_WRITE, CMD_FLUSH, CMD_TRIM,
-                                    CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, 8, 0xFFFF]))
-        flags = draw(st.sampled_from([0, 0, FLAG_FUA, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO,
+        out += opt(OPT_GO, info_data(draw(final_names), [INFO_BLOCK_SIZE]))
+    for _ in range(draw(st.integers(0, 10))):
+        cmd = draw(st.sampled_from([CMD_READ, CMD_WRITE, CMD_WRITE, CMD_WRITE, CMD_FLUSH,
+                                    CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS,
+                                    8, 0xFFFF]))
+        flags = draw(st.sampled_from([0, 0, 0, FLAG_FUA, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO,
                                       FLAG_NO_HOLE, 0x20]))
-        if cmd == CMD_WRITE and draw(st.booleans()):
+        cookie = draw(st.integers(0, 2**64 - 1))
+        if cmd == CMD_WRITE and not _rare(draw, 15):
             payload = draw(st.binary(max_size=600))
-            out += req(cmd, draw(_OFFSETS), len(payload), flags, draw(st.integers(0, 2**64 - 1)),
-                       payload)
-        else:
-            out += req(cmd, draw(_OFFSETS), draw(_LENGTHS), flags,
-                       draw(st.integers(0, 2**64 - 1)))
+            out += req(cmd, draw(_OFFSETS), len(payload), flags, cookie, payload)
+        else:  # includes writes whose payload never comes (or is the next requests)
+            out += req(cmd, draw(_OFFSETS), draw(_LENGTHS), flags, cookie)
     if draw(st.booleans()):
         out += req(CMD_DISC)
-    if draw(st.integers(0, 4)) == 0:
+    if _rare(draw, 5):
         out += b"\x25\x60"  # a truncated trailing header
     return bytes(out)
 
@@ -998,6 +1003,8 @@ class BytearrayNbdServer:
         self.errors: list[BaseException] = []
         self.requests: list[tuple[str, int]] = []  # (command, error) seen
         self.options: list[int] = []
+        # Guest ranges whose reads fail with NBD_EIO (a server-side error path).
+        self.bad_ranges: list[tuple[int, int]] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
@@ -1067,7 +1074,9 @@ class BytearrayNbdServer:
             s.sendall(conn.error_reply(r, r.error))
             return
         end = r.offset + r.length
-        if r.command == CMD_READ:
+        if r.command == CMD_READ and any(a < end and r.offset < b for a, b in self.bad_ranges):
+            s.sendall(conn.error_reply(r, nbd_proto.nbd_error(errno.EIO), "bad sector"))
+        elif r.command == CMD_READ:
             s.sendall(conn.read_reply_header(r))
             s.sendall(memoryview(disk)[r.offset:end])  # the data, never copied by the codec
         elif r.command == CMD_WRITE:
@@ -1212,7 +1221,17 @@ def test_real_peer_qemu_io_and_qemu_img(tmp_path: Path) -> None:
             timeout=30)
         assert disks["disk"] == src.read_bytes()
 
-        # A read-only export refuses writes with EPERM; qemu-io reports it.
+        # A server-side read error reaches the client as EIO (structured error chunk), and
+        # the connection goes on.
+        srv.bad_ranges.append((3 * MiB + 512, 3 * MiB + 1024))
+        p = run("qemu-io", "-f", "raw", uri(srv, "disk"), "-c", "read 3M 4k",
+                "-c", "read 0 4k", check=False, timeout=30)
+        out = p.stdout.decode()
+        assert "read failed: Input/output error" in out, out
+        assert "read 4096/4096 bytes at offset 0" in out, out
+        srv.bad_ranges.clear()
+
+        # A read-only export is opened read-only by qemu and reads fine.
         before = bytes(disks["ro"])
         p = run("qemu-io", "-f", "raw", "-r", uri(srv, "ro"), "-c", "read 0 4k", timeout=30)
         assert "read 4096/4096" in p.stdout.decode()
