@@ -659,7 +659,23 @@ class ServerConnection:
     its values), or a lookup callable returning ``None`` for unknown names (then
     ``list_exports``, if given, answers ``NBD_OPT_LIST``; without it LIST is refused with
     ``NBD_REP_ERR_POLICY``).  ``default_export`` names the export a client gets when it asks
-    for the empty name.  ``peer`` is used in error messages.
+    for the empty name.  ``peer`` is used in error messages.  A mapping's keys should equal
+    the exports' names (LIST shows ``ExportInfo.name``; GO looks the key up).
+
+    Use from an adapter (one reader task owns ``receive_data``/``next_event``; the reply
+    builders may be called from any task, under the adapter's send lock)::
+
+        conn = ServerConnection(exports)
+        await stream.send_all(conn.data_to_send())          # the greeting
+        while True:
+            data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+            conn.receive_data(data)                         # b"" = EOF
+            while (ev := conn.next_event()) is not NEED_DATA:
+                await stream.send_all(conn.data_to_send())  # option replies, if any
+                ...                                         # dispatch ev
+            await stream.send_all(conn.data_to_send())
+
+    On :class:`NbdProtocolError`, send ``data_to_send()`` (best effort) and close.
     """
 
     def __init__(self, exports: ExportSource, *,

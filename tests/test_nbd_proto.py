@@ -160,7 +160,7 @@ def new_conn(**kw: Any) -> ServerConnection:
 
 
 def drain(conn: ServerConnection) -> tuple[list[Any], bytes]:
-    events = []
+    events: list[Any] = []
     out = bytearray()
     while True:
         ev = conn.next_event()
