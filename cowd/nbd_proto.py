@@ -1236,7 +1236,10 @@ class ServerConnection:
         """Header for a successful READ of ``req.length`` bytes; the caller sends exactly
         that many data bytes after it, from its own buffer.  (Structured: one
         ``OFFSET_DATA`` chunk marked done; a zero-length read gets a ``NONE`` chunk and no
-        data.)"""
+        data.)  Call it only once the data is in hand: after this header no error can be
+        reported (simple replies) and the chunk is final (structured), so a failure while
+        sending the data leaves only a hard disconnect.  Sparse reads can be built from
+        :func:`offset_data_header` / :func:`offset_hole_chunk` / :func:`none_chunk`."""
         if not self.structured:
             return simple_reply(req.cookie, 0)
         if req.length == 0:
