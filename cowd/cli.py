@@ -62,7 +62,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.add_argument("-O", dest="out_format", required=True, help="raw, qcow2 or vhd")
     v.add_argument("-f", "--format", help="source format (default: probed)")
+
+    s = sub.add_parser("serve", help="serve images over NBD in the foreground")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="top images to serve; the NBD export name is the file name")
+    s.add_argument("--nbd", action="append", required=True, metavar="ADDR",
+                   help="unix:PATH or tcp:HOST:PORT (repeatable)")
+    _daemon_options(s)
+
+    t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--run-dir", default=_default_run_dir(), help=argparse.SUPPRESS)
     return p
+
+
+def _default_run_dir() -> str:
+    import os
+
+    from .control import DEFAULT_RUN_DIR
+
+    return os.environ.get("COWD_RUN_DIR", DEFAULT_RUN_DIR)
+
+
+def _daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=_default_run_dir(),
+                   help="where the control socket lives (default $COWD_RUN_DIR or /run/cowd)")
+    p.add_argument("--readonly", action="store_true", help="serve read-only")
+    p.add_argument("--cache-entries", type=int, default=1 << 20,
+                   help="remap cache bound in entries (default 1048576)")
+    p.add_argument("--cache-max-age", type=float, default=600.0, metavar="SECONDS",
+                   help="remap cache expiry (default 600 s)")
+    p.add_argument("--readahead", type=int, default=16, metavar="CLUSTERS",
+                   help="clusters resolved ahead on a sequential miss (default 16)")
+    p.add_argument("--no-prime", action="store_true",
+                   help="do not fill the remap cache from the metadata at start")
+    p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +147,50 @@ def run(args: argparse.Namespace) -> int:
         imagecmds.convert(args.image, args.output, args.out_format, args.format,
                           imagecmds.terminal_progress(f"converting {args.image}"))
         return 0
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "stats":
+        from .control import control_path, request
+
+        doc = request(control_path(args.run_dir), "stats")
+        doc.pop("ok", None)
+        print(json.dumps(doc, indent=2) if args.json else format_stats(doc))
+        return 0
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from .daemon import DaemonConfig, run_daemon
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="cowd[%(process)d] %(levelname)s %(name)s: %(message)s")
+    config = DaemonConfig(images=args.images, nbd=args.nbd, run_dir=args.run_dir,
+                          readonly=args.readonly, cache_entries=args.cache_entries,
+                          cache_max_age_s=args.cache_max_age,
+                          readahead_clusters=args.readahead, prime=not args.no_prime)
+    trio.run(run_daemon, config)
+    return 0
+
+
+def format_stats(doc: dict[str, object]) -> str:
+    cache = doc["cache"]
+    assert isinstance(cache, dict)
+    lines = [f"daemon pid {doc['pid']}, up {doc['uptime_s']} s",
+             "remap cache: " + ", ".join(f"{k}={v}" for k, v in cache.items())]
+    disks = doc["disks"]
+    assert isinstance(disks, dict)
+    for name, d in disks.items():
+        lines.append(f"disk {name}: {d['path']} ({d['size']} bytes"
+                     f"{', read-only' if d.get('readonly') else ''})")
+        lines.append("  remap: " + ", ".join(f"{k}={v}" for k, v in d["remap"].items()))
+        lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
+        if d.get("prime_seconds") is not None:
+            lines.append(f"  primed in {d['prime_seconds']:.3f} s")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

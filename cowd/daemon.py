@@ -1,0 +1,149 @@
+"""Layer: cowd (the composition root).  One daemon process serves many disks.
+
+Theory of operation: :func:`run_daemon` owns the nursery and an ``AsyncExitStack``.  It builds
+the shared parts once — the :class:`~cowd.disk.ImagePool` (each parent image opened once and
+shared by every overlay on it) and the :class:`~cowd.remap.RemapCache` — then opens one
+:class:`~cowd.disk.Disk` per image, primes each, and starts the frontends (NBD listeners) and
+the control socket.  Every part registers its own teardown on the exit stack, so a failure
+half-way through start-up unwinds what was built.
+
+Shutdown (SIGINT/SIGTERM): stop accepting, give in-flight requests DRAIN_TIMEOUT_S to finish,
+then flush and close every disk (data before metadata, as formats/ documents) and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import control
+from .disk import Disk, ImagePool
+from .errors import UsageError
+from .remap import RemapCache
+
+log = logging.getLogger("cowd.daemon")
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class DaemonConfig:
+    images: list[str]
+    nbd: list[str] = field(default_factory=list)  # "unix:PATH" or "tcp:HOST:PORT"
+    run_dir: str = control.DEFAULT_RUN_DIR
+    readonly: bool = False
+    cache_entries: int = 1 << 20
+    cache_max_age_s: float = 600.0
+    readahead_clusters: int = 16
+    prime: bool = True
+
+
+@dataclass
+class Daemon:
+    config: DaemonConfig
+    pool: ImagePool
+    cache: RemapCache
+    disks: dict[str, Disk] = field(default_factory=dict)  # export name -> disk
+    started: float = field(default_factory=time.monotonic)
+    nbd: Any = None  # the NbdServer, once started
+
+    def export_name(self, path: str) -> str:
+        name = os.path.basename(path)
+        if name in self.disks:
+            raise UsageError(f"{path}: another served image is also called {name!r}")
+        return name
+
+    async def add_disk(self, path: str) -> Disk:
+        name = self.export_name(path)
+        disk = await Disk.open(path, pool=self.pool, cache=self.cache,
+                               readonly=self.config.readonly,
+                               readahead_clusters=self.config.readahead_clusters)
+        self.disks[name] = disk
+        if self.config.prime:
+            await disk.prime()
+        return disk
+
+    async def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "cache": self.cache.stats(),
+            "nbd": dict(self.nbd.counters) if self.nbd is not None else None,
+            "disks": {name: d.stats() for name, d in self.disks.items()},
+        }
+
+    async def close(self) -> None:
+        for disk in list(self.disks.values()):
+            await disk.close()
+        self.disks.clear()
+
+
+def parse_address(spec: str) -> tuple[str, str, int]:
+    """'unix:/path' -> ('unix', path, 0); 'tcp:HOST:PORT' -> ('tcp', host, port)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return "tcp", host, int(port)
+    raise UsageError(f"--nbd: expected unix:PATH or tcp:HOST:PORT, got {spec!r}")
+
+
+async def run_daemon(config: DaemonConfig,
+                     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGINT/SIGTERM (or until the caller cancels), then drain and close."""
+    from .nbd import NbdServer, open_nbd_listeners
+
+    addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
+    ctl_path = control.control_path(config.run_dir)
+    control.clear_stale_socket(ctl_path)
+    for kind, addr, _ in addresses:
+        if kind == "unix":
+            control.clear_stale_socket(addr)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = ImagePool()
+        cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
+        daemon = Daemon(config, pool, cache)
+        stack.push_async_callback(daemon.close)  # runs last: flush and close every disk
+        for path in config.images:
+            await daemon.add_disk(path)
+
+        ctl = await control.open_control_listener(ctl_path)
+        stack.callback(_unlink_quiet, ctl_path)
+        listeners = await open_nbd_listeners(addresses)
+        for kind, addr, _ in addresses:
+            if kind == "unix":
+                stack.callback(_unlink_quiet, addr)
+        nbd = NbdServer(daemon.disks)
+        daemon.nbd = nbd
+        handlers: dict[str, control.Handler] = {"stats": daemon.stats}
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve_control, ctl, handlers)
+            for listener in listeners:
+                nursery.start_soon(trio.serve_listeners, nbd.handle, [listener])
+            log.info("serving %s on %s", ", ".join(daemon.disks), ", ".join(config.nbd))
+            task_status.started(daemon)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("signal %d: draining", signum)
+                    break
+            for listener in listeners:
+                await listener.aclose()
+            await nbd.shutdown(DRAIN_TIMEOUT_S)
+            nursery.cancel_scope.cancel()
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

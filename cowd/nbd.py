@@ -1,0 +1,298 @@
+"""Layer: cowd frontends.  The NBD server: a thin trio adapter around the sans-I/O codec in
+:mod:`cowd.nbd_proto`, serving :class:`~cowd.disk.Disk` objects.
+
+Theory of operation: one task per connection reads the socket, feeds the codec and
+dispatches each :class:`~cowd.nbd_proto.Request` to a task of its own in the connection's
+nursery, so a slow request (a flush) never holds up the ones behind it.  Replies are written
+under the connection's send lock inside a shielded cancel scope, so a frame is never half
+sent.  Back-pressure: before a request is dispatched the reader acquires its cost (its
+payload or reply bytes, at least one unit) from the connection's budget of
+MAX_INFLIGHT_BYTES; while the budget is spent the reader stops reading, so a client that
+queues requests faster than they complete, or never reads its replies, is held to a bounded
+amount of memory.  Handshakes must finish within HANDSHAKE_TIMEOUT_S, and at most
+MAX_CONNECTIONS connections are served at once (more are closed at accept), so idle
+handshakes cannot pile up.
+
+Every connection to one export shares the one Disk object, whose flush covers every write
+acknowledged on any connection: multi-conn is advertised.
+
+Shutdown: :meth:`NbdServer.shutdown` stops accepting, tells each codec to refuse new work
+(``ESHUTDOWN``) and waits up to a deadline for in-flight requests to be answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+
+import trio
+
+from . import nbd_proto as P
+from .disk import Disk, DiskError
+
+log = logging.getLogger("cowd.nbd")
+
+# Bytes of request payloads and read replies in flight per connection.  64 requests of
+# 1 MiB in flight fit; a client that queues more waits until replies drain.
+MAX_INFLIGHT_BYTES = 64 << 20
+# A connection that has not finished negotiating after this long is dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
+# Connections served at once; more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 512
+# Largest request we accept (the codec caps writes at NBD_MAX_WRITE_BYTES too).
+MAX_BLOCK_BYTES = P.NBD_MAX_WRITE_BYTES
+
+
+class _ByteBudget:
+    """A counting semaphore in bytes (requests larger than the budget take all of it)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._changed = trio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        n = min(max(n, 1), self.total)
+        async with self._changed:
+            while self.free < n:
+                await self._changed.wait()
+            self.free -= n
+        return n
+
+    async def release(self, n: int) -> None:
+        async with self._changed:
+            self.free += n
+            self._changed.notify_all()
+
+    async def wait_idle(self) -> None:
+        async with self._changed:
+            while self.free < self.total:
+                await self._changed.wait()
+
+
+def export_info(name: str, disk: Disk) -> P.ExportInfo:
+    preferred = max(512, min(disk.cluster_size, 2 << 20))
+    return P.ExportInfo(
+        name=name,
+        size_bytes=disk.size,
+        read_only=disk.readonly,
+        can_flush=True,
+        can_fua=True,
+        can_trim=True,
+        can_write_zeroes=True,
+        can_fast_zero=True,  # zeroing is always overlay metadata, never a slow data write
+        can_cache=True,
+        can_multi_conn=True,
+        description=disk.path,
+        preferred_block_bytes=preferred,
+        max_block_bytes=MAX_BLOCK_BYTES,
+    )
+
+
+class NbdServer:
+    def __init__(self, disks: Mapping[str, Disk]):
+        self.disks = disks
+        self.connections = 0
+        self._conns: set[_Connection] = set()
+        self._accepting = True
+        self.counters = {"connections": 0, "refused": 0, "protocol_errors": 0,
+                         "handshake_timeouts": 0}
+
+    def _lookup(self, name: str) -> P.ExportInfo | None:
+        if name == "" and len(self.disks) == 1:
+            name = next(iter(self.disks))
+        disk = self.disks.get(name)
+        return export_info(name, disk) if disk is not None else None
+
+    def _list(self) -> list[P.ExportInfo]:
+        return [export_info(n, d) for n, d in self.disks.items()]
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        if not self._accepting or len(self._conns) >= MAX_CONNECTIONS:
+            self.counters["refused"] += 1
+            await stream.aclose()
+            return
+        conn = _Connection(self, stream)
+        self._conns.add(conn)
+        self.counters["connections"] += 1
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+            await trio.aclose_forcefully(stream)
+
+    async def shutdown(self, deadline_s: float) -> None:
+        """Refuse new work and wait (bounded) until in-flight requests are answered."""
+        self._accepting = False
+        with trio.move_on_after(deadline_s):
+            for conn in list(self._conns):
+                conn.codec.start_shutdown()
+            for conn in list(self._conns):
+                await conn.budget.wait_idle()
+
+
+class _Connection:
+    def __init__(self, server: NbdServer, stream: trio.abc.Stream):
+        self.server = server
+        self.stream = stream
+        self.codec = P.ServerConnection(server._lookup, list_exports=server._list,
+                                        peer=_peer_name(stream))
+        self.send_lock = trio.Lock()
+        self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
+        self.disk: Disk | None = None
+        self.broken = False
+
+    async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
+        async with self.send_lock:
+            with trio.CancelScope(shield=True):
+                if self.broken:
+                    return
+                try:
+                    for chunk in chunks:
+                        if len(chunk):
+                            await self.stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.broken = True
+
+    async def _flush_codec_output(self) -> None:
+        out = self.codec.data_to_send()
+        if out:
+            await self.send(out)
+
+    async def run(self) -> None:
+        try:
+            done = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                done = await self._negotiate()
+            if done is None:
+                if self.codec.phase in ("handshake", "options"):
+                    self.server.counters["handshake_timeouts"] += 1
+                return
+            name = done.export.name
+            self.disk = self.server.disks[name]
+            await self._transmission()
+        except P.NbdProtocolError as e:
+            self.server.counters["protocol_errors"] += 1
+            log.info("%s", e)
+            await self._flush_codec_output()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+
+    async def _events(self) -> P.Event:
+        """The next codec event, reading from the socket as needed."""
+        while True:
+            ev = self.codec.next_event()
+            await self._flush_codec_output()
+            if ev is not P.NEED_DATA:
+                return ev
+            data = await self.stream.receive_some(P.RECEIVE_CHUNK_BYTES)
+            self.codec.receive_data(data)
+
+    async def _negotiate(self) -> P.NegotiationDone | None:
+        await self._flush_codec_output()  # the greeting
+        while True:
+            ev = await self._events()
+            if isinstance(ev, P.NegotiationDone):
+                return ev
+            if isinstance(ev, P.Aborted | P.ConnectionClosed):
+                return None
+            # OptionHandled: the reply is already sent; negotiation goes on.
+
+    async def _transmission(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                ev = await self._events()
+                if isinstance(ev, P.Request):
+                    cost = ev.length if ev.command in (P.NBD_CMD_READ, P.NBD_CMD_WRITE) else 1
+                    taken = await self.budget.acquire(cost)
+                    nursery.start_soon(self._serve, ev, taken)
+                elif isinstance(ev, P.Disconnect | P.ConnectionClosed):
+                    return  # the nursery waits for requests in flight, then we close
+                else:
+                    raise AssertionError(f"unexpected event in transmission: {ev!r}")
+
+    async def _serve(self, req: P.Request, taken: int) -> None:
+        try:
+            await self._answer(req)
+        finally:
+            await self.budget.release(taken)
+
+    async def _answer(self, req: P.Request) -> None:
+        codec = self.codec
+        if req.error:
+            await self.send(codec.error_reply(req, req.error))
+            return
+        disk = self.disk
+        assert disk is not None
+        cmd = req.command
+        try:
+            if cmd == P.NBD_CMD_READ:
+                header = codec.read_reply_header(req)
+                buf = bytearray(len(header) + req.length)
+                buf[: len(header)] = header
+                await disk.read_into(req.offset, memoryview(buf)[len(header):])
+                await self.send(buf)
+                return
+            if cmd == P.NBD_CMD_WRITE:
+                assert req.data is not None
+                await disk.write(req.offset, req.data, fua=req.fua)
+            elif cmd == P.NBD_CMD_FLUSH:
+                await disk.flush()
+            elif cmd == P.NBD_CMD_TRIM:
+                await disk.trim(req.offset, req.length)
+                if req.fua:
+                    await disk.flush()
+            elif cmd == P.NBD_CMD_WRITE_ZEROES:
+                may_unmap = not req.flags & P.NBD_CMD_FLAG_NO_HOLE
+                await disk.write_zeroes(req.offset, req.length, may_unmap=may_unmap,
+                                        fua=req.fua)
+            elif cmd == P.NBD_CMD_CACHE:
+                await disk.prefetch(req.offset, req.length)
+            elif cmd == P.NBD_CMD_BLOCK_STATUS:
+                runs = await disk.block_status(req.offset, req.length)
+                desc = [(n, (P.NBD_STATE_HOLE if hole else 0) | (P.NBD_STATE_ZERO if zero else 0))
+                        for n, hole, zero in runs]
+                await self.send(codec.block_status_reply(req, desc))
+                return
+            else:
+                await self.send(codec.error_reply(req, P.NBD_EINVAL))
+                return
+        except DiskError as e:
+            await self.send(codec.error_reply(req, P.nbd_error(e.errno), str(e)))
+            return
+        except Exception:
+            log.exception("%s: %s failed", disk.path, req.command_name)
+            await self.send(codec.error_reply(req, P.NBD_EIO, "internal error"))
+            return
+        await self.send(codec.ok_reply(req))
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        if sock is not None and sock.family == socket.AF_UNIX:
+            return "nbd client (unix)"
+        if sock is not None:
+            host, port = sock.getpeername()[:2]
+            return f"nbd client {host}:{port}"
+    except OSError:
+        pass
+    return "nbd client"
+
+
+async def open_nbd_listeners(addresses: list[tuple[str, str, int]]) -> list[trio.SocketListener]:
+    """Bind every address: ('unix', path, 0) or ('tcp', host, port)."""
+    listeners: list[trio.SocketListener] = []
+    for kind, addr, port in addresses:
+        if kind == "unix":
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.bind(addr)
+            os.chmod(addr, 0o600)
+            sock.listen(128)
+            listeners.append(trio.SocketListener(sock))
+        else:
+            listeners.extend(await trio.open_tcp_listeners(port, host=addr))
+    return listeners
+
