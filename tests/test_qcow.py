@@ -111,6 +111,12 @@ def assert_maximal(img: formats.Image) -> None:
             pytest.fail(f"contiguous data extents not merged: {a} {b}")
 
 
+def open_qcow(path: Path, writable: bool = False) -> formats.Image:
+    """Open with the format given: these tests are about the codec, not about probing
+    (test_open_image_probes_qcow_v1 and the chain test cover that)."""
+    return formats.open_image(str(path), writable, fmt="qcow")
+
+
 def codec_landed(cls: type[formats.Image], sample: Path) -> bool:
     f = HostFile(str(sample), False)
     try:
@@ -126,7 +132,7 @@ def codec_landed(cls: type[formats.Image], sample: Path) -> bool:
 @pytest.mark.parametrize("size", [1000, 1 * MiB, 3 * MiB + 1536, 10 * MiB])
 def test_empty_image_matches_qemu(tmp_path: Path, size: int) -> None:
     p = create(tmp_path / "e.qcow", size)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert isinstance(img, QcowImage)
         assert img.virtual_size == qemu_virtual_size(p)
@@ -143,7 +149,7 @@ def test_empty_image_matches_qemu(tmp_path: Path, size: int) -> None:
 def test_header_size_rounds_down_to_sectors(tmp_path: Path) -> None:
     p = create(tmp_path / "r.qcow", 2 * MiB)
     poke(p, OFF_SIZE, ">Q", 2 * MiB - 100)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert img.virtual_size == qemu_virtual_size(p) == 2 * MiB - 512
     finally:
@@ -165,7 +171,7 @@ WRITES = [
 def test_qemu_io_writes(tmp_path: Path) -> None:
     p = create(tmp_path / "w.qcow", 16 * MiB)
     qemu_io(p, *WRITES, fmt="qcow")
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert read_all(img) == qemu_raw(p, tmp_path, "qcow")
         assert cluster_map_ours(img) == cluster_map_qemu(p, img.cluster_size)
@@ -188,7 +194,7 @@ def test_backing_over_raw(tmp_path: Path, rng: random.Random) -> None:
     top = create(tmp_path / "top.qcow", 5 * MiB, "-b", "base.raw", "-F", "raw")
     qemu_io(top, "write -P 0xa1 10k 1k", "write -P 0xa2 2m 1536k", "write -P 0xa3 4m 4k",
             fmt="qcow")
-    img = formats.open_image(str(top))
+    img = open_qcow(top)
     try:
         assert img.backing_name == "base.raw" and img.backing_format is None
         assert img.backing_path == str(base)
@@ -224,7 +230,7 @@ def test_backing_over_qcow2(tmp_path: Path, request: pytest.FixtureRequest) -> N
         request.applymarker(pytest.mark.xfail(strict=False, reason="codec not landed"))
     top = create(tmp_path / "top.qcow", 4 * MiB, "-b", "base.qcow2", "-F", "qcow2")
     qemu_io(top, "write -P 0x63 512k 1m", fmt="qcow")
-    img = formats.open_image(str(top))
+    img = open_qcow(top)
     try:
         assert img.backing_format is None  # qcow v1 records none: the opener probed
         assert isinstance(img.backing, Qcow2Image)
@@ -239,7 +245,7 @@ def test_convert_random_content(tmp_path: Path, rng: random.Random) -> None:
     raw.write_bytes(content)
     p = tmp_path / "r.qcow"
     qemu_img("convert", "-f", "raw", "-O", "qcow", raw, p)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         data = read_all(img)
         assert data == content == qemu_raw(p, tmp_path, "qcow")
@@ -280,7 +286,7 @@ def test_convert_compressed_clusters(tmp_path: Path, rng: random.Random) -> None
     need("qcowinfo")
     out = run("qcowinfo", p).stdout.decode()
     assert "Format version\t\t: 1" in out and f"({len(content)} bytes)" in out
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         kinds = [e.kind for e in img.extents()]
         assert kinds.count(Kind.COMPRESSED) >= 100
@@ -303,9 +309,9 @@ def test_l2_cache_is_bounded(tmp_path: Path) -> None:
     # Overlays get 512-byte clusters and 4096-entry L2 tables: one L2 table per 2 MiB.
     p = create(tmp_path / "many.qcow", 80 * MiB, "-b", "b.raw", "-F", "raw")
     qemu_io(p, *(f"write -P {i} {i * 2}m 512" for i in range(40)), fmt="qcow")
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
-        assert img.l1_size == 40
+        assert isinstance(img, QcowImage) and img.l1_size == 40
         assert read_all(img) == qemu_raw(p, tmp_path, "qcow")
         assert 0 < len(img._l2_cache) <= qcow.L2_CACHE_TABLES
     finally:
@@ -314,7 +320,7 @@ def test_l2_cache_is_bounded(tmp_path: Path) -> None:
 
 def test_writable_open_comes_back_read_only(tmp_path: Path) -> None:
     p = create(tmp_path / "ro.qcow", MiB)
-    img = formats.open_image(str(p), writable=True)
+    img = open_qcow(p, writable=True)
     try:
         assert not img.writable and img.read_only_reason
         with pytest.raises(ImageReadOnly):
@@ -332,12 +338,21 @@ def test_probe(tmp_path: Path) -> None:
     assert not QcowImage.probe(p.read_bytes()[:47], 47)
 
 
+def test_open_image_probes_qcow_v1(tmp_path: Path) -> None:
+    p = create(tmp_path / "p.qcow", MiB)
+    img = formats.open_image(str(p))
+    try:
+        assert isinstance(img, QcowImage)
+    finally:
+        img.close()
+
+
 def test_encrypted_image_refused(tmp_path: Path) -> None:
     p = tmp_path / "enc.qcow"
     qemu_img("create", "-f", "qcow", "--object", "secret,id=sec0,data=abc", "-o",
              "encrypt.format=aes,encrypt.key-secret=sec0", p, "1M")
     with pytest.raises(UnsupportedImage) as ei:
-        formats.open_image(str(p))
+        open_qcow(p)
     assert str(ei.value).startswith(str(p)) and "crypt_method=1" in str(ei.value)
 
 
@@ -401,7 +416,7 @@ def test_l1_entry_past_eof(tmp_path: Path) -> None:
     p, _l2, _e = _one_cluster_image(tmp_path)
     poke(p, peek(p, OFF_L1_TABLE_OFFSET, ">Q"), ">Q", 1 << 50)
     with pytest.raises(CorruptImage, match=r"L2 table past end of file \(l1\[0\]="):
-        formats.open_image(str(p))
+        open_qcow(p)
 
 
 @pytest.mark.parametrize("entry, what", [
@@ -414,7 +429,7 @@ def test_l1_entry_past_eof(tmp_path: Path) -> None:
 def test_bad_l2_entry(tmp_path: Path, entry: int, what: str) -> None:
     p, l2, _e = _one_cluster_image(tmp_path)
     poke(p, l2, ">Q", entry)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         with pytest.raises(CorruptImage) as ei:
             img.read(0, 4096)
@@ -430,7 +445,7 @@ def test_bad_entry_ends_run_but_neighbours_read(tmp_path: Path) -> None:
     qemu_io(p, "write -P 0x5a 0 16k", fmt="qcow")
     l2 = _first_l2(p)
     poke(p, l2 + 2 * 8, ">Q", 1 << 40)  # cluster 2 points past EOF
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert img.resolve(0, 16 * KiB).length == 8 * KiB
         assert img.read(0, 8 * KiB) == b"\x5a" * 8 * KiB
@@ -451,7 +466,7 @@ def test_bad_compressed_stream(tmp_path: Path, stream: bytes) -> None:
     with open(p, "ab") as f:
         f.write(stream)
     poke(p, l2, ">Q", qcow.QCOW_OFLAG_COMPRESSED | (len(stream) << 51) | end)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert img.resolve(0, 4096).kind is Kind.COMPRESSED
         with pytest.raises(CorruptImage, match=r"compressed cluster .*\(l1\[0\]\.l2\[0\]="):
@@ -463,7 +478,7 @@ def test_bad_compressed_stream(tmp_path: Path, stream: bytes) -> None:
 def test_l2_table_overlapping_header_refused(tmp_path: Path) -> None:
     p, _l2, _e = _one_cluster_image(tmp_path)
     poke(p, peek(p, OFF_L1_TABLE_OFFSET, ">Q"), ">Q", 8)
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         with pytest.raises(CorruptImage, match=r"L2 table overlaps the header \(l1\[0\]=8\)"):
             img.read(0, 512)
@@ -474,19 +489,19 @@ def test_l2_table_overlapping_header_refused(tmp_path: Path) -> None:
 def test_check_finds_overlaps(tmp_path: Path) -> None:
     p = create(tmp_path / "o.qcow", 2 * MiB)
     qemu_io(p, "write -P 0x5a 0 8k", fmt="qcow")
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     assert img.check().clean
     img.close()
     l2 = _first_l2(p)
     poke(p, l2 + 8, ">Q", peek(p, l2, ">Q"))  # clusters 0 and 1 share one host cluster
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         res = img.check()
         assert len(res.corruptions) == 1 and "overlaps" in res.corruptions[0], res
     finally:
         img.close()
     poke(p, l2 + 8, ">Q", l2)  # a data cluster on top of its own L2 table
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         res = img.check()
         assert any("overlaps L2 table" in c or "overlaps cluster" in c
@@ -547,7 +562,7 @@ def test_random_writes_match_oracle(tmp_path: Path, writes: list[tuple[int, int,
         cmds.append(f"write -P {pat} {off} {n}")
         oracle[off : off + n] = bytes([pat]) * n
     qemu_io(p, *cmds, fmt="qcow")
-    img = formats.open_image(str(p))
+    img = open_qcow(p)
     try:
         assert read_all(img) == bytes(oracle)
         for off, n in reads:
