@@ -1,19 +1,2094 @@
-"""Layer: formats.  qcow2 images (placeholder until the codec lands)."""
+"""Layer: formats.  qcow2 images, compat 0.10 (version 2) and 1.1 (version 3): read, write,
+check and create.  Imports nothing from ``cowd``.
+
+Spec: qemu's docs/interop/qcow2.txt.  On-disk constants keep the spec's (and qemu's) names.
+
+Invariants
+----------
+- Every count or offset the file controls is checked against a named limit (QCOW_MAX_L1_SIZE,
+  QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS, ...) and against the file's size before anything
+  is allocated; malformed metadata raises CorruptImage, unknown features UnsupportedImage.
+- The active L1 table and the refcount table live in memory; L2 tables and refcount blocks
+  are cached in bounded LRUs (L2_CACHE_BYTES, REFCOUNT_CACHE_BYTES).  Refcount blocks are
+  write-through; L2 tables and L1 entries are write-back (see the ordering below).
+- Only the active L1 serves I/O.  Snapshot tables are parsed and bounds-checked; a data
+  cluster may be written in place only when its L2 entry has QCOW_OFLAG_COPIED (refcount 1),
+  which is also what ``Extent.writable`` reports.
+- An image with the corrupt bit opens read-only (``read_only_reason`` says why).  An image with
+  the dirty bit (lazy refcounts) is readable as is; opened writable, its refcounts are rebuilt
+  from the L1/L2 tables first (like qemu does on open) and the bit is cleared.
+
+Theory of operation (mapping)
+-----------------------------
+guest_offset -> (l1 index, l2 index) -> L2 entry.  A standard entry is one of: compressed
+(bit 62; a byte-granular host offset plus a sector count), zero (bit 0; v2 images are honoured
+too, like qemu), unallocated (offset 0) or data at a cluster-aligned host offset.  With extended
+L2 entries every entry carries a second 64-bit word: 32 "allocated" bits and 32 "reads as
+zero" bits, one per subcluster, and the mapping is resolved per subcluster.  ``resolve``
+returns the longest run of one kind starting at ``guest_offset``, merging DATA across clusters
+while the host offsets stay contiguous (qemu's qcow2_get_host_offset does the same).  With an
+external data file, DATA lives in that file (host offset == guest offset) and is never
+refcounted.
+
+Writes allocate on first touch: the unwritten head and tail of the cluster (or, with extended
+L2, of the touched subclusters) are copied up from what the chain shows there now
+(``Image.read``: backing image, zeroes, a compressed cluster or a snapshot-shared cluster).
+Shared clusters and shared L2 tables (no COPIED bit) are copied before they are modified and
+the old host cluster loses one reference.  write_zeroes sets the zero flag (v3) or the zero
+bits (extended L2) and frees the host cluster; v2 images have no zero flag, so whole clusters
+are unallocated when no backing image shows through there, and zeroes are written otherwise.
+
+Crash-safety ordering (power loss at any instant)
+-------------------------------------------------
+The promise: ``qemu-img check`` accepts the image (leaked clusters at worst), and no guest
+range that held an acknowledged, flushed write ever shows garbage, stale data or the parent's
+data.  The rules, each of which the code below follows:
+
+1. Refcounts before references.  Host clusters are *reserved* in batches
+   (RESERVE_BATCH_BYTES): their refcounts are set to 1 and the file is fdatasync'ed once for
+   the batch, then clusters are handed out from the batch.  No L2 or L1 entry can reach the
+   disk pointing at a cluster whose refcount is not already durable.  A crash leaks the unused
+   part of the batch; close gives it back and truncates the file.
+2. New refcount structures before they are published.  A new refcount block (placed inside
+   the range it covers, so it counts itself) or a relocated, grown refcount table is written
+   and synced before the refcount-table entry or the header field that makes it reachable is
+   written (and synced).  The old table is freed only after the header switch is durable.
+3. Data before the metadata that reaches it.  Guest data and copied-up head/tail bytes are
+   written with pwrite at once, but the L2 entries that point at them are kept in the L2
+   cache (dirty) and L1 changes in memory.  ``flush`` (and the eviction of a dirty L2 table
+   from the cache) first writes L2 tables that no on-disk L1 entry reaches yet, syncs the data
+   file and the image (data, copy-up and those new tables are now durable), then writes the
+   reachable L2 tables and the L1 entries, and syncs again.  So an on-disk L2 entry never
+   points at data that is not yet on disk, and an on-disk L1 entry never points at an L2
+   table that is not yet on disk.
+4. Frees after the unlink is durable.  When a write, discard or copy-on-write drops this
+   layer's reference to a host cluster (or to an L2 table), the refcount decrement is queued
+   and applied only at the end of the next ``flush``, after the L2/L1 change is durable.  A
+   crash before that leaks the cluster; the cluster cannot be reused (and so cannot show one
+   guest cluster's new data at another guest address, or be overwritten while an on-disk L2
+   entry still points at it) before then.
+5. flush = fdatasync of the data file and of the image, in the order of rule 3.
+6. The first modification clears the auto-clear feature bits this code does not maintain
+   (bitmaps, unknown bits; data_file_raw is honoured by writing zeroes to the data file) and
+   syncs the header before anything else is written.  The dirty bit is never set: refcounts
+   are kept exact (rule 1) rather than lazily.
+"""
 
 from __future__ import annotations
 
-from .base import HostFile, Image
+import errno as errno_mod
+import itertools
+import os
+import re
+import struct
+import sys
+import zlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
+from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, require
+from .errors import CorruptImage, FormatError, ImageIOError, UnsupportedImage
+
+# ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
+
+QCOW_MAGIC = b"QFI\xfb"
+QCOW2_V2_HEADER_LENGTH = 72  # version 2: fixed header, no feature fields
+QCOW2_V3_HEADER_MIN_LENGTH = 104  # version 3: up to and including header_length
+QCOW2_V3_HEADER_LENGTH = 112  # what create() writes: + compression_type + padding
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21  # qemu's implementation limit (2 MiB clusters)
+MIN_CLUSTER_BITS_EXTL2 = 14  # extended L2 entries need >= 16 KiB clusters
 DEFAULT_CLUSTER_SIZE = 65536
+
+# qemu's limits: the active (and every snapshot's) L1 table is at most 32 MiB, the refcount
+# table at most 8 MiB; a file that claims more is refused before anything is allocated.
+QCOW_MAX_L1_SIZE = 0x2000000
+QCOW_MAX_REFTABLE_SIZE = 0x800000
+QCOW_MAX_SNAPSHOTS = 65536
+# qemu bounds the snapshot table to 1 KiB per allowed snapshot.
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_BACKING_FILE_NAME = 1023  # bytes; the spec's limit
+# A data-file name lives in the header cluster; any path longer than PATH_MAX is nonsense.
+QCOW_MAX_DATA_FILE_NAME = 4096
+# qemu allows up to 65535 persistent bitmaps and a 64 MiB bitmap directory.
+QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
+# L1/L2 entries address host clusters below 64 PiB (bits 9-55).
+QCOW_MAX_HOST_OFFSET = 1 << 56
+
+QCOW2_INCOMPAT_DIRTY = 1 << 0
+QCOW2_INCOMPAT_CORRUPT = 1 << 1
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_INCOMPAT_COMPRESSION = 1 << 3
+QCOW2_INCOMPAT_EXTL2 = 1 << 4
+QCOW2_INCOMPAT_MASK = (
+    QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DATA_FILE
+    | QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2
+)
+QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0
+QCOW2_AUTOCLEAR_BITMAPS = 1 << 0
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+# Auto-clear bits this code keeps valid while writing (all others are cleared on first write).
+AUTOCLEAR_KEPT = QCOW2_AUTOCLEAR_DATA_FILE_RAW
+
+QCOW2_COMPRESSION_TYPE_ZLIB = 0
+QCOW2_COMPRESSION_TYPE_ZSTD = 1
+COMPRESSION_NAMES = {QCOW2_COMPRESSION_TYPE_ZLIB: "zlib", QCOW2_COMPRESSION_TYPE_ZSTD: "zstd"}
+
+QCOW2_EXT_MAGIC_END = 0
+QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
+QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
+QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
+QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
+QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
+FEATURE_NAME_ENTRY_SIZE = 48  # type(1) + bit(1) + name(46)
+FEATURE_TYPES = {0: "incompatible", 1: "compatible", 2: "autoclear"}
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1 << 0
+QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER = 32
+QCOW_L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
+QCOW_L2_BITMAP_ALL_ZEROES = QCOW_L2_BITMAP_ALL_ALLOC << 32
+QCOW2_COMPRESSED_SECTOR_SIZE = 512
+
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes, the fixed part of a table entry
+BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, the fixed part of a directory entry
+
+# ---- tunables ----------------------------------------------------------------------------
+
+# Bounded caches.  L2 tables are write-back (see the ordering rules), refcount blocks are
+# write-through.  A floor keeps a few tables even with 2 MiB clusters.
+L2_CACHE_BYTES = 32 << 20
+L2_CACHE_MIN_TABLES = 8
+REFCOUNT_CACHE_BYTES = 8 << 20
+REFCOUNT_CACHE_MIN_BLOCKS = 4
+# Host clusters reserved (refcount set and synced) per batch; amortises the fdatasync that
+# rule 1 needs.  At least RESERVE_BATCH_MIN_CLUSTERS, and at least what one request needs.
+RESERVE_BATCH_BYTES = 1 << 20
+RESERVE_BATCH_MIN_CLUSTERS = 2
+# Allocating writes gather data in memory up to this much before issuing the pwrites.
+WRITE_GATHER_BYTES = 8 << 20
+# Largest chunk of zeroes written at once where zero flags cannot be used.
+ZERO_CHUNK_BYTES = 1 << 20
+# zstd streams are fed in small pieces so that a hostile stream cannot make one call produce
+# unbounded output: a zstd block decodes to at most 128 KiB and needs at least 4 input bytes,
+# so one call yields at most (ZSTD_FEED_BYTES / 4) * 128 KiB = 8 MiB.
+ZSTD_FEED_BYTES = 256
+
+# qemu accepts "protocol:" prefixes in file names; cowd opens only local files.
+_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _words(data: bytes | bytearray) -> array[int]:
+    """Big-endian 64-bit words -> native array."""
+    arr = array("Q")
+    arr.frombytes(data)
+    if _LITTLE:
+        arr.byteswap()
+    return arr
+
+
+def _words_bytes(arr: array[int]) -> bytes:
+    if _LITTLE:
+        arr = array("Q", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _div_round_up(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- header ------------------------------------------------------------------------------
+
+
+@dataclass
+class Qcow2Header:
+    """The parsed header and header extensions (no I/O: see :func:`parse_header`)."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = QCOW2_V2_HEADER_LENGTH
+    compression_type: int = QCOW2_COMPRESSION_TYPE_ZLIB
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    # (nb_bitmaps, bitmap_directory_size, bitmap_directory_offset)
+    bitmaps: tuple[int, int, int] | None = None
+
+
+def _feature_list(hdr: Qcow2Header, ftype: int, bits: int) -> str:
+    names = []
+    for bit in range(64):
+        if bits >> bit & 1:
+            names.append(hdr.feature_names.get((ftype, bit), f"bit {bit}"))
+    return ", ".join(names)
+
+
+def _decode_name(raw: bytes) -> str:
+    # qemu treats these as C strings: a NUL ends the name.
+    return os.fsdecode(raw.split(b"\0", 1)[0])
+
+
+def parse_header(path: str, head: bytes, file_size: int) -> Qcow2Header:
+    """Parse and validate the header cluster.
+
+    ``head`` is the file's first cluster (zero-padded where the file is shorter, as qemu reads
+    past the end of file as zeroes), or at least its first 104 bytes when cluster_bits is bad.
+    """
+    require(file_size >= QCOW2_V2_HEADER_LENGTH and len(head) >= QCOW2_V2_HEADER_LENGTH,
+            path, "file too short for a qcow2 header", "file_size", file_size)
+    (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+     nb_snap, snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head)
+    require(magic == QCOW_MAGIC, path, "not a qcow2 image (bad magic)", "magic", magic)
+    if version not in (2, 3):
+        raise UnsupportedImage(path, "unsupported qcow2 version", "version", version)
+    if cluster_bits > MAX_CLUSTER_BITS:
+        raise UnsupportedImage(path, "cluster size larger than 2 MiB", "cluster_bits", cluster_bits)
+    require(cluster_bits >= MIN_CLUSTER_BITS, path, "cluster size below 512 bytes",
+            "cluster_bits", cluster_bits)
+    cs = 1 << cluster_bits
+    require(len(head) >= cs, path, "header cluster not supplied", "cluster_bits", cluster_bits)
+    hdr = Qcow2Header(version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
+                      rt_clusters, nb_snap, snap_off)
+    if version >= 3:
+        require(file_size >= QCOW2_V3_HEADER_MIN_LENGTH, path,
+                "file too short for a version 3 header", "file_size", file_size)
+        (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
+         hdr.refcount_order, hdr.header_length) = struct.unpack_from(">QQQII", head, 72)
+        require(hdr.header_length >= QCOW2_V3_HEADER_MIN_LENGTH, path,
+                "header_length too small", "header_length", hdr.header_length)
+        require(hdr.header_length % 8 == 0, path, "header_length not a multiple of 8",
+                "header_length", hdr.header_length)
+        require(hdr.header_length <= cs, path, "header_length larger than a cluster",
+                "header_length", hdr.header_length)
+        require(hdr.header_length <= file_size, path, "header past end of file",
+                "header_length", hdr.header_length)
+        require(hdr.refcount_order <= 6, path, "refcount width above 64 bits",
+                "refcount_order", hdr.refcount_order)
+        if hdr.header_length > 104:
+            hdr.compression_type = head[104]
+    # Header extensions run from the end of the header to the backing file name (or to the
+    # end of the header cluster).
+    ext_end = bfo if bfo else cs
+    require(ext_end <= cs, path, "backing file name offset outside the header cluster",
+            "backing_file_offset", bfo)
+    pos = hdr.header_length
+    while pos + 8 <= ext_end:
+        etype, elen = struct.unpack_from(">II", head, pos)
+        pos += 8
+        if etype == QCOW2_EXT_MAGIC_END:
+            break
+        require(elen <= ext_end - pos, path, "header extension too large",
+                f"extension 0x{etype:08x} length", elen)
+        data = bytes(head[pos : pos + elen])
+        if etype == QCOW2_EXT_MAGIC_BACKING_FORMAT:
+            hdr.backing_format = _decode_name(data)
+        elif etype == QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            for i in range(0, elen - FEATURE_NAME_ENTRY_SIZE + 1, FEATURE_NAME_ENTRY_SIZE):
+                ftype, bit = data[i], data[i + 1]
+                hdr.feature_names[(ftype, bit)] = _decode_name(data[i + 2 : i + 48])
+        elif etype == QCOW2_EXT_MAGIC_DATA_FILE:
+            require(elen <= QCOW_MAX_DATA_FILE_NAME, path, "data file name too long",
+                    "length", elen)
+            hdr.data_file = _decode_name(data)
+        elif etype == QCOW2_EXT_MAGIC_BITMAPS:
+            require(elen == 24, path, "bitmaps extension has a bad length", "length", elen)
+            nb, _reserved, dsize, doff = struct.unpack(">IIQQ", data)
+            hdr.bitmaps = (nb, dsize, doff)
+        # crypto header and unknown extensions: ignored (encryption is refused below)
+        pos += (elen + 7) & ~7
+    if bfo:
+        require(bfs <= QCOW_MAX_BACKING_FILE_NAME, path, "backing file name too long",
+                "backing_file_size", bfs)
+        require(bfo + bfs <= cs and bfo + bfs <= file_size, path,
+                "backing file name outside the header cluster", "backing_file_offset", bfo)
+        name = _decode_name(bytes(head[bfo : bfo + bfs]))
+        hdr.backing_file = name or None
+    if version < 3:
+        return hdr
+    unknown = hdr.incompatible_features & ~QCOW2_INCOMPAT_MASK
+    if unknown:
+        raise UnsupportedImage(path, "unsupported incompatible features: "
+                               + _feature_list(hdr, 0, unknown), "incompatible_features",
+                               hdr.incompatible_features)
+    if hdr.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
+        require(hdr.compression_type != QCOW2_COMPRESSION_TYPE_ZLIB, path,
+                "compression type bit set but compression_type is zlib",
+                "compression_type", hdr.compression_type)
+    else:
+        require(hdr.compression_type == QCOW2_COMPRESSION_TYPE_ZLIB, path,
+                "compression_type set without the compression type bit",
+                "compression_type", hdr.compression_type)
+    if hdr.compression_type not in COMPRESSION_NAMES:
+        raise UnsupportedImage(path, "unknown compression type", "compression_type",
+                               hdr.compression_type)
+    if hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2:
+        require(cluster_bits >= MIN_CLUSTER_BITS_EXTL2, path,
+                "extended L2 entries need clusters of 16 KiB or more", "cluster_bits",
+                cluster_bits)
+    if hdr.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+        require(bool(hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE), path,
+                "data_file_raw set without an external data file", "autoclear_features",
+                hdr.autoclear_features)
+    return hdr
+
+
+@dataclass
+class Qcow2Snapshot:
+    """One entry of the snapshot table (only bounds-checked: only the active L1 serves I/O)."""
+
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    vm_state_size: int
+    disk_size: int | None
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+
+
+class _L2Table:
+    """One cached L2 table; ``entries`` holds native 64-bit words (2 per entry with extended
+    L2).  ``dirty`` means the cache is newer than the file."""
+
+    __slots__ = ("dirty", "entries", "offset")
+
+    def __init__(self, offset: int, entries: array[int], dirty: bool = False):
+        self.offset = offset
+        self.entries = entries
+        self.dirty = dirty
 
 
 class Qcow2Image(Image):
     format_name = "qcow2"
 
+    def __init__(self, path: str, file: HostFile, writable: bool):
+        super().__init__(path, file, writable)
+        self.hdr: Qcow2Header | None = None
+        self.version = 3
+        self.cluster_bits = 16
+        self.l2_bits = 13
+        self.extended_l2 = False
+        self.subcluster_bits = 16
+        self.refcount_order = 4
+        self.refcount_bits = 16
+        self.rb_bits = 15  # log2(entries per refcount block)
+        self.incompatible_features = 0
+        self.compatible_features = 0
+        self.autoclear_features = 0
+        self.compression_type = QCOW2_COMPRESSION_TYPE_ZLIB
+        self.l1_table_offset = 0
+        self.l1: array[int] = array("Q")
+        self.refcount_table_offset = 0
+        self.refcount_table_clusters = 0
+        self.reftable: array[int] = array("Q")
+        self.snapshots: list[Qcow2Snapshot] = []
+        self.snapshots_offset = 0
+        self.snapshots_size = 0
+        self.data_file: HostFile | None = None
+        self.data_file_name: str | None = None
+        self.feature_names: dict[tuple[int, int], str] = {}
+        self._l2_cache: OrderedDict[int, _L2Table] = OrderedDict()
+        self._l2_cache_max = L2_CACHE_MIN_TABLES
+        self._rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._rb_cache_max = REFCOUNT_CACHE_MIN_BLOCKS
+        self._cc_key: tuple[int, int] | None = None  # decompressed-cluster cache
+        self._cc_data = b""
+        # write state (see the module docstring's ordering rules)
+        self._modified = False
+        self._data_dirty = False
+        self._unpublished: set[int] = set()  # L2 tables no on-disk L1 entry reaches yet
+        self._l1_dirty: set[int] = set()
+        self._pending_free: list[tuple[int, int]] = []  # (file_offset, length_bytes)
+        self._pool: deque[int] = deque()  # reserved host cluster indices, ascending
+        self._free_hint = 0
+        self._alloc_floor = 0
+        self._open_file_size = 0
+        self._touched = False  # refcounts were written: close gives back and truncates
+        self._closed = False
+
+    # ---- geometry helpers ----------------------------------------------------------------
+
+    @property
+    def _cs(self) -> int:
+        return 1 << self.cluster_bits
+
+    def _l2_entries(self) -> int:
+        return 1 << self.l2_bits
+
+    def _data_host(self) -> HostFile:
+        return self.data_file if self.data_file is not None else self.file
+
+    def _has_host(self, entry: int) -> bool:
+        """A standard (non-compressed) entry that names a host cluster."""
+        if entry & L2E_OFFSET_MASK:
+            return True
+        return self.data_file is not None and bool(entry & QCOW_OFLAG_COPIED)
+
+    # ---- probing and opening -------------------------------------------------------------
+
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> bool:
-        return False
+        return head[:4] == QCOW_MAGIC
 
     @classmethod
     def open(cls, path: str, file: HostFile, writable: bool) -> Qcow2Image:
-        raise NotImplementedError
+        img = cls(path, file, writable)
+        try:
+            img._load()
+        except BaseException:
+            if img.data_file is not None:
+                img.data_file.close()
+            raise
+        return img
+
+    def _load(self) -> None:
+        path = self.path
+        file_size = self.file.size()
+        self._open_file_size = file_size
+        fixed = self.file.pread_data(0, QCOW2_V3_HEADER_MIN_LENGTH)
+        cbits = struct.unpack_from(">I", fixed, 20)[0]
+        if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
+            head = self.file.pread_data(0, 1 << cbits)
+        else:
+            head = fixed
+        hdr = parse_header(path, head, file_size)
+        self.hdr = hdr
+        self.version = hdr.version
+        self.cluster_bits = cb = hdr.cluster_bits
+        cs = 1 << cb
+        self.cluster_size = cs
+        self.incompatible_features = hdr.incompatible_features
+        self.compatible_features = hdr.compatible_features
+        self.autoclear_features = hdr.autoclear_features
+        self.compression_type = hdr.compression_type
+        self.feature_names = hdr.feature_names
+        if hdr.crypt_method != 0:
+            raise UnsupportedImage(path, "encrypted qcow2 images are not supported",
+                                   "crypt_method", hdr.crypt_method)
+        self.extended_l2 = bool(hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2)
+        self.l2_bits = cb - (4 if self.extended_l2 else 3)
+        self.subcluster_bits = cb - 5 if self.extended_l2 else cb
+        self.refcount_order = hdr.refcount_order
+        self.refcount_bits = 1 << hdr.refcount_order
+        self.rb_bits = cb + 3 - hdr.refcount_order
+        self.virtual_size = hdr.size
+        self.backing_name = hdr.backing_file
+        self.backing_format = hdr.backing_format if hdr.backing_file else None
+        self._l2_cache_max = max(L2_CACHE_MIN_TABLES, L2_CACHE_BYTES // cs)
+        self._rb_cache_max = max(REFCOUNT_CACHE_MIN_BLOCKS, REFCOUNT_CACHE_BYTES // cs)
+
+        # Active L1 table.
+        require(hdr.l1_size <= QCOW_MAX_L1_SIZE // 8, path, "L1 table too large",
+                "l1_size", hdr.l1_size)
+        require(hdr.size < 1 << 63, path, "virtual size too large", "size", hdr.size)
+        needed = _div_round_up(hdr.size, cs << self.l2_bits)
+        require(hdr.l1_size >= needed, path, "L1 table too small for the virtual size",
+                "l1_size", hdr.l1_size)
+        self.l1_table_offset = hdr.l1_table_offset
+        if hdr.l1_size:
+            self._check_table(hdr.l1_table_offset, hdr.l1_size * 8, file_size, "L1 table",
+                              "l1_table_offset")
+            self.l1 = _words(self.file.pread_exact(hdr.l1_table_offset, hdr.l1_size * 8,
+                                                   "L1 table"))
+        # Refcount table.
+        require(hdr.refcount_table_clusters <= QCOW_MAX_REFTABLE_SIZE // cs, path,
+                "refcount table too large", "refcount_table_clusters",
+                hdr.refcount_table_clusters)
+        self.refcount_table_offset = hdr.refcount_table_offset
+        self.refcount_table_clusters = hdr.refcount_table_clusters
+        if hdr.refcount_table_clusters:
+            self._check_table(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
+                              file_size, "refcount table", "refcount_table_offset")
+            self.reftable = _words(self.file.pread_exact(
+                hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "refcount table"))
+        # Snapshot table.
+        self._load_snapshots(hdr, file_size)
+        self._check_overlaps()
+
+        # External data file.
+        if hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+            if not hdr.data_file:
+                raise UnsupportedImage(path, "external data file bit set but no data file "
+                                       "name recorded", "incompatible_features",
+                                       hdr.incompatible_features)
+            self.data_file_name = hdr.data_file
+        # Corrupt / dirty.
+        if hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT and self.writable:
+            self.writable = False
+            self.read_only_reason = ("image is marked corrupt (incompatible feature bit 1); "
+                                     "repair it with qemu-img check -r all")
+        if self.data_file_name is not None:
+            self.data_file = self._open_data_file(self.data_file_name, self.writable)
+        if hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY and self.writable:
+            self._repair_dirty()
+
+    def _check_table(self, offset: int, length: int, file_size: int, what: str,
+                     fieldname: str) -> None:
+        require(offset % self._cs == 0, self.path, f"{what} offset not cluster aligned",
+                fieldname, offset)
+        require(offset + length <= file_size, self.path, f"{what} past end of file",
+                fieldname, offset)
+
+    def _load_snapshots(self, hdr: Qcow2Header, file_size: int) -> None:
+        path = self.path
+        require(hdr.nb_snapshots <= QCOW_MAX_SNAPSHOTS, path, "too many snapshots",
+                "nb_snapshots", hdr.nb_snapshots)
+        self.snapshots_offset = hdr.snapshots_offset
+        if not hdr.nb_snapshots:
+            return
+        require(hdr.snapshots_offset % self._cs == 0 and hdr.snapshots_offset != 0, path,
+                "snapshot table offset invalid", "snapshots_offset", hdr.snapshots_offset)
+        pos = hdr.snapshots_offset
+        for i in range(hdr.nb_snapshots):
+            require(pos + SNAPSHOT_HEADER.size <= file_size, path,
+                    "snapshot table past end of file", "snapshot", i)
+            (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
+             extra) = SNAPSHOT_HEADER.unpack(self.file.pread_exact(pos, SNAPSHOT_HEADER.size,
+                                                                   "snapshot table"))
+            require(extra <= QCOW_MAX_SNAPSHOT_EXTRA_DATA, path,
+                    "snapshot extra data too large", f"snapshot[{i}].extra_data_size", extra)
+            body_len = extra + id_len + name_len
+            entry_len = (SNAPSHOT_HEADER.size + body_len + 7) & ~7
+            require(pos + entry_len - hdr.snapshots_offset <= QCOW_MAX_SNAPSHOTS_SIZE, path,
+                    "snapshot table too large", "nb_snapshots", hdr.nb_snapshots)
+            require(pos + SNAPSHOT_HEADER.size + body_len <= file_size, path,
+                    "snapshot table past end of file", "snapshot", i)
+            body = self.file.pread_exact(pos + SNAPSHOT_HEADER.size, body_len, "snapshot table")
+            vm_state = vm_state32
+            disk_size = None
+            if extra >= 8:
+                vm_state = struct.unpack_from(">Q", body, 0)[0]
+            if extra >= 16:
+                disk_size = struct.unpack_from(">Q", body, 8)[0]
+            sid = body[extra : extra + id_len].decode("utf-8", "replace")
+            name = body[extra + id_len :].decode("utf-8", "replace")
+            require(l1_size <= QCOW_MAX_L1_SIZE // 8, path, "snapshot L1 table too large",
+                    f"snapshot[{i}].l1_size", l1_size)
+            if l1_size:
+                self._check_table(l1_off, l1_size * 8, file_size, "snapshot L1 table",
+                                  f"snapshot[{i}].l1_table_offset")
+            self.snapshots.append(Qcow2Snapshot(sid, name, l1_off, l1_size, vm_state,
+                                                disk_size, date_sec, date_nsec, vm_clock))
+            pos += entry_len
+        self.snapshots_size = pos - hdr.snapshots_offset
+
+    def _static_metadata(self) -> list[tuple[str, int, int]]:
+        """(what, file_offset, length) of the structures the header reaches directly."""
+        out = [("header", 0, self._cs)]
+        if len(self.l1):
+            out.append(("L1 table", self.l1_table_offset, len(self.l1) * 8))
+        if self.refcount_table_clusters:
+            out.append(("refcount table", self.refcount_table_offset,
+                        self.refcount_table_clusters << self.cluster_bits))
+        if self.snapshots_size:
+            out.append(("snapshot table", self.snapshots_offset, self.snapshots_size))
+        for i, sn in enumerate(self.snapshots):
+            if sn.l1_size:
+                out.append((f"snapshot[{i}] L1 table", sn.l1_table_offset, sn.l1_size * 8))
+        return out
+
+    def _check_overlaps(self) -> None:
+        cb = self.cluster_bits
+        spans = sorted((off >> cb, (off + n - 1) >> cb, what)
+                       for what, off, n in self._static_metadata())
+        for (_s0, e0, w0), (s1, _e1, w1) in itertools.pairwise(spans):
+            require(s1 > e0, self.path, f"{w1} overlaps the {w0}", "cluster", s1)
+
+    def _open_data_file(self, name: str, writable: bool) -> HostFile:
+        if _PROTOCOL_RE.match(name) and not re.match(r"^[A-Za-z]:[\\/]", name):
+            raise UnsupportedImage(self.path, "data file names a protocol, not a file",
+                                   "data_file", name)
+        base_dir = os.path.dirname(os.path.abspath(self.path))
+        full = name if os.path.isabs(name) else os.path.join(base_dir, name)
+        return HostFile(os.path.normpath(full), writable)
+
+    # ---- L2 tables -------------------------------------------------------------------------
+
+    def _l2_get(self, l1_index: int) -> _L2Table | None:
+        """The L2 table of an active L1 entry (None where the entry is unallocated)."""
+        l1e = self.l1[l1_index]
+        off = l1e & L1E_OFFSET_MASK
+        if not off:
+            return None
+        tbl = self._l2_cache.get(off)
+        if tbl is not None:
+            self._l2_cache.move_to_end(off)
+            return tbl
+        return self._l2_load(off, f"l1[{l1_index}]", l1e)
+
+    def _l2_load(self, off: int, fieldname: str, value: int) -> _L2Table:
+        require(off % self._cs == 0, self.path, "L2 table offset not cluster aligned",
+                fieldname, value)
+        require(off + self._cs <= self.file.size(), self.path, "L2 table past end of file",
+                fieldname, value)
+        tbl = _L2Table(off, _words(self.file.pread_exact(off, self._cs, "L2 table")))
+        self._l2_insert(tbl)
+        return tbl
+
+    def _l2_insert(self, tbl: _L2Table) -> None:
+        self._l2_cache[tbl.offset] = tbl
+        self._l2_cache.move_to_end(tbl.offset)
+        while len(self._l2_cache) > self._l2_cache_max:
+            _, old = self._l2_cache.popitem(last=False)
+            if old.dirty:
+                self._l2_writeback(old)
+
+    def _l2_writeback(self, tbl: _L2Table) -> None:
+        # Rule 3: a table an on-disk L1 entry reaches may only point at durable data.
+        if tbl.offset not in self._unpublished:
+            self._sync_data()
+        self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+        tbl.dirty = False
+
+    def _l2_mark_dirty(self, tbl: _L2Table) -> None:
+        tbl.dirty = True
+        if self._l2_cache.get(tbl.offset) is not tbl:
+            self._l2_insert(tbl)
+
+    # ---- mapping ---------------------------------------------------------------------------
+
+    def _parse_compressed(self, entry: int) -> tuple[int, int]:
+        """(file_offset, length_bytes) of a compressed cluster's stream."""
+        shift = 62 - (self.cluster_bits - 8)
+        coffset = entry & ((1 << shift) - 1)
+        nb_sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        return coffset, nb_sectors * QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & (SECTOR - 1))
+
+    def _piece(self, pos: int, end: int) -> tuple[Kind, int, int, bool, int]:
+        """The run of one kind starting at ``pos`` inside one cluster (or one unallocated L2
+        range): (kind, file_offset at pos, run end, writable, entry)."""
+        cb = self.cluster_bits
+        ci = pos >> cb
+        l1i = ci >> self.l2_bits
+        if l1i >= len(self.l1):
+            raise CorruptImage(self.path, "guest offset beyond the L1 table", "offset", pos)
+        tbl = self._l2_get(l1i)
+        if tbl is None:
+            return Kind.UNALLOCATED, 0, min(end, (l1i + 1) << (self.l2_bits + cb)), False, 0
+        idx = ci & ((1 << self.l2_bits) - 1)
+        cstart = ci << cb
+        cend = min(end, cstart + (1 << cb))
+        if not self.extended_l2:
+            e = tbl.entries[idx]
+            if e & QCOW_OFLAG_COMPRESSED:
+                return Kind.COMPRESSED, 0, cend, False, e
+            if e & QCOW_OFLAG_ZERO:
+                return Kind.ZERO, 0, cend, False, e
+            if not self._has_host(e):
+                return Kind.UNALLOCATED, 0, cend, False, e
+            host = e & L2E_OFFSET_MASK
+            if host & ((1 << cb) - 1):
+                raise CorruptImage(self.path, "data cluster offset not cluster aligned",
+                                   f"l2 entry of guest cluster {ci}", e)
+            return (Kind.DATA, host + (pos - cstart), cend,
+                    self.writable and bool(e & QCOW_OFLAG_COPIED), e)
+        e = tbl.entries[2 * idx]
+        bm = tbl.entries[2 * idx + 1]
+        if e & QCOW_OFLAG_COMPRESSED:
+            return Kind.COMPRESSED, 0, cend, False, e
+        self._check_bitmap(ci, e, bm)
+        host = e & L2E_OFFSET_MASK
+        if host & ((1 << cb) - 1):
+            raise CorruptImage(self.path, "data cluster offset not cluster aligned",
+                               f"l2 entry of guest cluster {ci}", e)
+        sb = self.subcluster_bits
+        sc = (pos - cstart) >> sb
+
+        def state(i: int) -> Kind:
+            if bm >> i & 1:
+                return Kind.DATA
+            if bm >> (32 + i) & 1:
+                return Kind.ZERO
+            return Kind.UNALLOCATED
+
+        kind = state(sc)
+        j = sc + 1
+        while j < QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER and cstart + (j << sb) < cend:
+            if state(j) is not kind:
+                break
+            j += 1
+        run_end = min(cend, cstart + (j << sb))
+        if kind is Kind.DATA:
+            return (Kind.DATA, host + (pos - cstart), run_end,
+                    self.writable and bool(e & QCOW_OFLAG_COPIED), e)
+        return kind, 0, run_end, False, e
+
+    def _check_bitmap(self, ci: int, e: int, bm: int) -> None:
+        if (bm >> 32) & bm & QCOW_L2_BITMAP_ALL_ALLOC:
+            raise CorruptImage(self.path, "subcluster both allocated and zero",
+                               f"l2 bitmap of guest cluster {ci}", bm)
+        if bm & QCOW_L2_BITMAP_ALL_ALLOC and not self._has_host(e):
+            raise CorruptImage(self.path, "allocated subclusters without a host cluster",
+                               f"l2 bitmap of guest cluster {ci}", bm)
+
+    def resolve(self, guest_offset: int, length: int) -> Extent:
+        vs = self.virtual_size
+        if guest_offset < 0 or guest_offset > vs or length < 0:
+            raise ValueError(f"{self.path}: offset {guest_offset} outside the disk "
+                             f"(virtual_size={vs})")
+        end = min(guest_offset + length, vs)
+        if guest_offset >= end:
+            return Extent(guest_offset, 0, Kind.UNALLOCATED)
+        kind, start_file, pos, writable, entry = self._piece(guest_offset, end)
+        if kind is Kind.COMPRESSED:
+            if self.data_file is not None:
+                raise CorruptImage(self.path, "compressed cluster in an image with an "
+                                   "external data file", "l2 entry", entry)
+            coff, clen = self._parse_compressed(entry)
+            cstart = (guest_offset >> self.cluster_bits) << self.cluster_bits
+            return Extent(guest_offset, pos - guest_offset, Kind.COMPRESSED, self.file, coff,
+                          compressed_length=clen, cluster_guest_offset=cstart)
+        while pos < end:
+            k, foff, nxt, w, _ = self._piece(pos, end)
+            if k is not kind or w != writable:
+                break
+            if k is Kind.DATA and foff != start_file + (pos - guest_offset):
+                break
+            pos = nxt
+        if kind is Kind.DATA:
+            return Extent(guest_offset, pos - guest_offset, Kind.DATA, self._data_host(),
+                          start_file, writable=writable)
+        return Extent(guest_offset, pos - guest_offset, kind)
+
+    # ---- compressed clusters ---------------------------------------------------------------
+
+    def read_compressed(self, extent: Extent) -> bytes:
+        key = (extent.file_offset, extent.compressed_length)
+        if self._cc_key != key:
+            stream = self.file.pread_data(extent.file_offset, extent.compressed_length)
+            self._cc_data = self._decompress(stream, extent.file_offset)
+            self._cc_key = key
+        at = extent.guest_offset - extent.cluster_guest_offset
+        return self._cc_data[at : at + extent.length]
+
+    def _decompress(self, stream: bytes, file_offset: int) -> bytes:
+        cs = self._cs
+        if self.compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
+            # Raw deflate, 4 KiB window.  Like qemu, the output must fill the cluster exactly;
+            # trailing input (sector padding, the next cluster's stream) is ignored.
+            try:
+                out = zlib.decompressobj(-12).decompress(stream, cs)
+            except zlib.error as e:
+                raise CorruptImage(self.path, f"bad zlib stream in compressed cluster ({e})",
+                                   "offset", file_offset) from None
+            require(len(out) == cs, self.path, "compressed cluster decodes to too few bytes",
+                    "offset", file_offset)
+            return out
+        return self._zstd_decompress(stream, file_offset)
+
+    def _zstd_decompress(self, stream: bytes, file_offset: int) -> bytes:
+        import zstandard
+
+        cs = self._cs
+        out = bytearray()
+        rest = memoryview(stream)
+        try:
+            dctx = zstandard.ZstdDecompressor()
+            # One or more whole frames must decode to exactly one cluster; what follows the
+            # frame that completes the cluster is padding (or the next cluster's stream).
+            while len(out) < cs:
+                dobj = dctx.decompressobj()
+                fed = 0
+                while not dobj.eof:
+                    if fed >= len(rest):
+                        raise CorruptImage(self.path, "truncated zstd stream in compressed "
+                                           "cluster", "offset", file_offset)
+                    chunk = rest[fed : fed + ZSTD_FEED_BYTES]
+                    fed += len(chunk)
+                    out += dobj.decompress(bytes(chunk))
+                    require(len(out) <= cs, self.path, "compressed cluster decodes to more "
+                            "than a cluster", "offset", file_offset)
+                used = fed - len(dobj.unused_data)
+                if used <= 0:
+                    raise CorruptImage(self.path, "empty zstd frame in compressed cluster",
+                                       "offset", file_offset)
+                rest = rest[used:]
+        except zstandard.ZstdError as e:
+            raise CorruptImage(self.path, f"bad zstd stream in compressed cluster ({e})",
+                               "offset", file_offset) from None
+        return bytes(out)
+
+    # ---- refcounts -------------------------------------------------------------------------
+
+    def _rb_load(self, rt_index: int) -> bytearray | None:
+        if rt_index >= len(self.reftable):
+            return None
+        e = self.reftable[rt_index]
+        off = e & REFT_OFFSET_MASK
+        if not off:
+            return None
+        buf = self._rb_cache.get(off)
+        if buf is not None:
+            self._rb_cache.move_to_end(off)
+            return buf
+        require(off % self._cs == 0, self.path, "refcount block offset not cluster aligned",
+                f"reftable[{rt_index}]", e)
+        require(off + self._cs <= self.file.size(), self.path,
+                "refcount block past end of file", f"reftable[{rt_index}]", e)
+        buf = bytearray(self.file.pread_exact(off, self._cs, "refcount block"))
+        self._rb_cache[off] = buf
+        while len(self._rb_cache) > self._rb_cache_max:
+            self._rb_cache.popitem(last=False)
+        return buf
+
+    def _rb_entry(self, buf: bytearray | bytes, i: int) -> int:
+        bits = self.refcount_bits
+        if bits >= 8:
+            w = bits >> 3
+            return int.from_bytes(buf[i * w : i * w + w], "big")
+        bit = i * bits
+        return (buf[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)
+
+    def _rb_set(self, buf: bytearray, i: int, value: int) -> tuple[int, int]:
+        """Set entry i; returns the byte span written."""
+        bits = self.refcount_bits
+        if bits >= 8:
+            w = bits >> 3
+            buf[i * w : i * w + w] = value.to_bytes(w, "big")
+            return i * w, i * w + w
+        bit = i * bits
+        mask = ((1 << bits) - 1) << (bit & 7)
+        b = bit >> 3
+        buf[b] = (buf[b] & ~mask) | ((value << (bit & 7)) & mask)
+        return b, b + 1
+
+    def _rb_find_zero(self, buf: bytearray, i: int) -> int | None:
+        n = 1 << self.rb_bits
+        bits = self.refcount_bits
+        if bits >= 8:
+            w = bits >> 3
+            zero = bytes(w)
+            p = i * w
+            while True:
+                p = buf.find(zero, p)
+                if p < 0:
+                    return None
+                if p % w == 0:
+                    return p // w
+                p += w - p % w
+        for j in range(i, n):
+            bit = j * bits
+            if buf[bit >> 3] == 0xFF:
+                continue
+            if not (buf[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1):
+                return j
+        return None
+
+    def _rc_get(self, ci: int) -> int:
+        buf = self._rb_load(ci >> self.rb_bits)
+        if buf is None:
+            return 0
+        return self._rb_entry(buf, ci & ((1 << self.rb_bits) - 1))
+
+    def _rt_has(self, r: int) -> bool:
+        return r < len(self.reftable) and bool(self.reftable[r] & REFT_OFFSET_MASK)
+
+    def _find_free(self, count: int, taken: set[int], start: int,
+                   contiguous: bool = False) -> list[int]:
+        """``count`` free host clusters (refcount 0, not in ``taken``) from ``start`` up."""
+        rbb = self.rb_bits
+        limit = QCOW_MAX_HOST_OFFSET >> self.cluster_bits
+        out: list[int] = []
+        ci = max(start, self._alloc_floor, 1)
+        while len(out) < count:
+            if ci >= limit:
+                raise ImageIOError(self.path, "no free host cluster below 64 PiB",
+                                   errno_mod.ENOSPC)
+            r = ci >> rbb
+            rend = (r + 1) << rbb
+            buf = self._rb_load(r)
+            if buf is None:
+                c = ci
+            else:
+                i = self._rb_find_zero(buf, ci & ((1 << rbb) - 1))
+                if i is None:
+                    ci = rend
+                    continue
+                c = (r << rbb) + i
+            ci = c + 1
+            if c in taken:
+                continue
+            if contiguous and out and c != out[-1] + 1:
+                out = []
+            out.append(c)
+        return out
+
+    def _rc_apply(self, updates: dict[int, int], *, durable: bool) -> None:
+        """Set refcounts (write-through).  Creates refcount blocks, and grows and relocates
+        the refcount table, where needed (rule 2).  ``durable`` syncs before returning."""
+        maxval = (1 << self.refcount_bits) - 1
+        for ci, v in updates.items():
+            if v > maxval:
+                raise ImageIOError(self.path, f"refcount overflow for cluster {ci} "
+                                   f"(refcount_bits={self.refcount_bits})", errno_mod.EOVERFLOW)
+        self._touched = True
+        rbb = self.rb_bits
+        missing = sorted({ci >> rbb for ci, v in updates.items()
+                          if v and not self._rt_has(ci >> rbb)})
+        if missing:
+            self._rc_grow(updates, missing)
+            return
+        self._rc_write_existing(updates)
+        if durable:
+            self.file.sync()
+
+    def _rc_write_existing(self, updates: dict[int, int]) -> None:
+        rbb = self.rb_bits
+        by_block: dict[int, list[tuple[int, int]]] = {}
+        for ci, v in updates.items():
+            by_block.setdefault(ci >> rbb, []).append((ci & ((1 << rbb) - 1), v))
+        for r, items in sorted(by_block.items()):
+            buf = self._rb_load(r)
+            if buf is None:
+                continue  # every item sets 0 (checked by the caller): already 0
+            lo, hi = len(buf), 0
+            for i, v in items:
+                a, b = self._rb_set(buf, i, v)
+                lo, hi = min(lo, a), max(hi, b)
+            if lo < hi:
+                self.file.pwrite((self.reftable[r] & REFT_OFFSET_MASK) + lo, buf[lo:hi])
+
+    def _rc_grow(self, updates: dict[int, int], missing: list[int]) -> None:
+        cb, rbb, cs = self.cluster_bits, self.rb_bits, self._cs
+        taken = {ci for ci, v in updates.items() if v}
+        new_blocks: dict[int, int] = {}  # reftable index -> host cluster of the new block
+        table_run: list[int] = []
+        table_entries = len(self.reftable)
+        queue = list(missing)
+
+        def covered(r: int) -> bool:
+            return self._rt_has(r) or r in new_blocks
+
+        while True:
+            while queue:
+                r = queue.pop()
+                if covered(r):
+                    continue
+                # Place the block inside the range it covers, so it counts itself.  Every
+                # cluster of a range without a block has refcount 0.
+                base = r << rbb
+                c = next((x for x in range(max(base, 1), base + (1 << rbb))
+                          if x not in taken and x >= self._alloc_floor), None)
+                if c is None:
+                    c = self._find_free(1, taken, base + (1 << rbb))[0]
+                    queue.append(c >> rbb)
+                new_blocks[r] = c
+                taken.add(c)
+            need = max(new_blocks) + 1 if new_blocks else 0
+            if need <= table_entries:
+                break
+            # Grow: a new, larger table in a contiguous run of free clusters.
+            per_cluster = cs // 8
+            grow = max(need, len(self.reftable) * 3 // 2, per_cluster)
+            ntc = _div_round_up(grow, per_cluster)
+            if ntc * cs > QCOW_MAX_REFTABLE_SIZE:
+                raise ImageIOError(self.path, "refcount table would exceed its maximum size",
+                                   errno_mod.EFBIG)
+            for c in table_run:
+                taken.discard(c)
+            table_run = self._find_free(ntc, taken, max(taken) + 1, contiguous=True)
+            taken.update(table_run)
+            table_entries = ntc * per_cluster
+            queue.extend(c >> rbb for c in table_run)
+        final = dict(updates)
+        for c in new_blocks.values():
+            final[c] = 1
+        for c in table_run:
+            final[c] = 1
+        # Unreachable new structures first, then updates of existing blocks (a refcount that
+        # reaches the disk early only leaks), then sync, then publish.
+        new_bufs: dict[int, bytearray] = {r: bytearray(cs) for r in new_blocks}
+        existing: dict[int, int] = {}
+        for ci, v in final.items():
+            r = ci >> rbb
+            if r in new_bufs:
+                self._rb_set(new_bufs[r], ci & ((1 << rbb) - 1), v)
+            else:
+                existing[ci] = v
+        for r, c in new_blocks.items():
+            self.file.pwrite(c << cb, new_bufs[r])
+        self._rc_write_existing(existing)
+        new_table: array[int] | None = None
+        if table_run:
+            new_table = array("Q", self.reftable)
+            new_table.extend([0] * (table_entries - len(new_table)))
+            for r, c in new_blocks.items():
+                new_table[r] = c << cb
+            self.file.pwrite(table_run[0] << cb, _words_bytes(new_table))
+        self.file.sync()
+        if new_table is not None:
+            old_off, old_clusters = self.refcount_table_offset, self.refcount_table_clusters
+            self.file.pwrite(48, struct.pack(">QI", table_run[0] << cb, len(table_run)))
+            self.file.sync()
+            self.reftable = new_table
+            self.refcount_table_offset = table_run[0] << cb
+            self.refcount_table_clusters = len(table_run)
+            for r, c in new_blocks.items():
+                self._rb_cache[c << cb] = new_bufs[r]
+            if old_clusters:
+                first = old_off >> cb
+                frees = {ci: self._rc_get(ci) - 1 for ci in range(first, first + old_clusters)}
+                self._rc_apply({ci: max(v, 0) for ci, v in frees.items()}, durable=False)
+                self._free_hint = min(self._free_hint, first)
+        else:
+            for r, c in sorted(new_blocks.items()):
+                self.reftable[r] = c << cb
+                self._rb_cache[c << cb] = new_bufs[r]
+                self.file.pwrite(self.refcount_table_offset + 8 * r, struct.pack(">Q", c << cb))
+            self.file.sync()
+        while len(self._rb_cache) > self._rb_cache_max:
+            self._rb_cache.popitem(last=False)
+
+    # ---- allocation ------------------------------------------------------------------------
+
+    def _overlaps_metadata(self, ci: int) -> str | None:
+        """Cheap cross-check (qemu's "cached" overlap check): is a supposedly free cluster
+        in use by a structure we know of?"""
+        cb = self.cluster_bits
+        for what, off, n in self._static_metadata():
+            if off >> cb <= ci <= (off + n - 1) >> cb:
+                return what
+        off = ci << cb
+        if off in self._l2_cache:
+            return "L2 table"
+        if off in self._rb_cache:
+            return "refcount block"
+        return None
+
+    def _reserve(self, n: int) -> None:
+        """Rule 1: refcount a batch of host clusters and make that durable."""
+        cs = self._cs
+        n = max(n, RESERVE_BATCH_MIN_CLUSTERS, RESERVE_BATCH_BYTES // cs)
+        chosen = self._find_free(n, set(), self._free_hint)
+        for ci in chosen:
+            what = self._overlaps_metadata(ci)
+            if what is not None:
+                self._signal_corruption(f"cluster with refcount 0 is in use by the {what}",
+                                        "cluster", ci)
+        self._rc_apply(dict.fromkeys(chosen, 1), durable=True)
+        self._pool.extend(chosen)
+        self._free_hint = chosen[-1] + 1
+
+    def _alloc_cluster(self) -> int:
+        """A reserved host cluster's file offset."""
+        if not self._pool:
+            self._reserve(1)
+        return self._pool.popleft() << self.cluster_bits
+
+    def _release_pool(self) -> None:
+        if not self._pool:
+            return
+        pool = sorted(self._pool)
+        self._pool.clear()
+        self._rc_apply(dict.fromkeys(pool, 0), durable=False)
+        self._free_hint = min(self._free_hint, pool[0])
+
+    def _host_range(self, entry: int) -> tuple[int, int] | None:
+        """The host bytes an entry holds a reference to (None: nothing refcounted)."""
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return self._parse_compressed(entry)
+        if self.data_file is not None:
+            return None
+        off = entry & L2E_OFFSET_MASK
+        return (off, self._cs) if off else None
+
+    def _apply_frees(self) -> None:
+        cb = self.cluster_bits
+        dec: dict[int, int] = {}
+        for off, n in self._pending_free:
+            for ci in range(off >> cb, ((off + n - 1) >> cb) + 1):
+                dec[ci] = dec.get(ci, 0) + 1
+        self._pending_free = []
+        self._cc_key = None  # a freed compressed cluster's bytes may be reused
+        newvals: dict[int, int] = {}
+        for ci, k in dec.items():
+            cur = self._rc_get(ci)
+            if cur < k:
+                self._signal_corruption("refcount would drop below zero", "cluster", ci)
+            newvals[ci] = cur - k
+        self._rc_apply(newvals, durable=False)
+        freed = [ci for ci, v in newvals.items() if v == 0]
+        if freed:
+            self._free_hint = min(self._free_hint, min(freed))
+
+    def _signal_corruption(self, what: str, fieldname: str | None = None,
+                           value: object = None) -> NoReturn:
+        """Mark the image corrupt (v3: incompatible bit 1), go read-only, raise."""
+        if self.writable and self.version >= 3:
+            try:
+                self.incompatible_features |= QCOW2_INCOMPAT_CORRUPT
+                self.file.pwrite(72, struct.pack(">Q", self.incompatible_features))
+                self.file.sync()
+            except FormatError:
+                pass
+        self.writable = False
+        self.read_only_reason = f"marked corrupt: {what}"
+        raise CorruptImage(self.path, what, fieldname, value)
+
+    # ---- writing: common -------------------------------------------------------------------
+
+    def _begin_modify(self) -> None:
+        self.require_writable()
+        if self._modified:
+            return
+        # Rule 6.
+        if self.version >= 3 and self.autoclear_features & ~AUTOCLEAR_KEPT:
+            self.autoclear_features &= AUTOCLEAR_KEPT
+            self.file.pwrite(88, struct.pack(">Q", self.autoclear_features))
+            self.file.sync()
+        self._modified = True
+
+    def _sync_data(self) -> None:
+        if self._data_dirty:
+            self._data_host().sync()
+            self._data_dirty = False
+
+    def _l2_for_write(self, l1_index: int) -> _L2Table:
+        """The L2 table for ``l1_index``, allocated or copied so that this layer owns it."""
+        l1e = self.l1[l1_index]
+        off = l1e & L1E_OFFSET_MASK
+        if off and l1e & QCOW_OFLAG_COPIED:
+            tbl = self._l2_get(l1_index)
+            assert tbl is not None
+            return tbl
+        if off:
+            old = self._l2_get(l1_index)
+            assert old is not None
+            entries = array("Q", old.entries)
+            self._l2_cache.pop(off, None)  # the snapshot's copy is not ours to cache
+            self._pending_free.append((off, self._cs))  # rule 4
+        else:
+            entries = array("Q", bytes(self._cs))
+        new_off = self._alloc_cluster()
+        tbl = _L2Table(new_off, entries, dirty=True)
+        self._unpublished.add(new_off)
+        self.l1[l1_index] = new_off | QCOW_OFLAG_COPIED
+        self._l1_dirty.add(l1_index)
+        self._l2_insert(tbl)
+        return tbl
+
+    def _get_entry(self, tbl: _L2Table, idx: int) -> tuple[int, int]:
+        if self.extended_l2:
+            return tbl.entries[2 * idx], tbl.entries[2 * idx + 1]
+        return tbl.entries[idx], 0
+
+    def _set_entry(self, tbl: _L2Table, idx: int, entry: int, bitmap: int = 0) -> None:
+        if self.extended_l2:
+            tbl.entries[2 * idx] = entry
+            tbl.entries[2 * idx + 1] = bitmap
+        else:
+            tbl.entries[idx] = entry
+
+    def _valid_bytes(self, cstart: int) -> int:
+        return min(self._cs, self.virtual_size - cstart)
+
+    def _for_each_table(self, guest_offset: int, end: int,
+                        fn: Callable[[int, int, int], None]) -> None:
+        span = 1 << (self.l2_bits + self.cluster_bits)
+        pos = guest_offset
+        while pos < end:
+            l1i = pos // span
+            tend = min(end, (l1i + 1) * span)
+            fn(l1i, pos, tend)
+            pos = tend
+
+    class _Batch:
+        """Gathered data writes of one request, then the L2 updates that reach them."""
+
+        def __init__(self, img: Qcow2Image):
+            self.img = img
+            self.writes: list[tuple[HostFile, int, bytes | bytearray | memoryview]] = []
+            self.bytes = 0
+
+        def add(self, f: HostFile, off: int, data: bytes | bytearray | memoryview) -> None:
+            if self.writes:
+                pf, poff, pdata = self.writes[-1]
+                if pf is f and poff + len(pdata) == off and not isinstance(pdata, memoryview):
+                    if isinstance(pdata, bytes):
+                        pdata = bytearray(pdata)
+                        self.writes[-1] = (pf, poff, pdata)
+                    pdata += data
+                    self.bytes += len(data)
+                    if self.bytes >= WRITE_GATHER_BYTES:
+                        self.issue()
+                    return
+            self.writes.append((f, off, data))
+            self.bytes += len(data)
+            if self.bytes >= WRITE_GATHER_BYTES:
+                self.issue()
+
+        def issue(self) -> None:
+            for f, off, data in self.writes:
+                f.pwrite(off, data)
+                self.img._data_dirty = True
+            self.writes = []
+            self.bytes = 0
+
+    # ---- writing: data ---------------------------------------------------------------------
+
+    def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.require_writable()
+        view = memoryview(data).cast("B")
+        self.check_range(guest_offset, len(view))
+        if not len(view):
+            return
+        self._begin_modify()
+
+        def one_table(l1i: int, start: int, end: int) -> None:
+            self._write_table(l1i, start, end, view[start - guest_offset : end - guest_offset])
+
+        self._for_each_table(guest_offset, guest_offset + len(view), one_table)
+
+    def _write_table(self, l1i: int, start: int, end: int, view: memoryview) -> None:
+        cb = self.cluster_bits
+        tbl = self._l2_for_write(l1i)
+        batch = self._Batch(self)
+        updates: list[tuple[int, int, int]] = []
+        frees: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            ci = pos >> cb
+            cstart = ci << cb
+            cend = min(end, cstart + (1 << cb))
+            idx = ci & ((1 << self.l2_bits) - 1)
+            chunk = view[pos - start : cend - start]
+            a, b = pos - cstart, cend - cstart
+            if self.extended_l2:
+                self._plan_write_ext(tbl, idx, ci, a, b, chunk, batch, updates, frees)
+            else:
+                self._plan_write_std(tbl, idx, ci, a, b, chunk, batch, updates, frees)
+            pos = cend
+        batch.issue()  # rule 3: data first; the L2 entries stay in the cache until flush
+        for idx, e, bm in updates:
+            self._set_entry(tbl, idx, e, bm)
+        if updates:
+            self._l2_mark_dirty(tbl)
+        self._pending_free.extend(frees)  # rule 4
+
+    def _copy_up(self, cstart: int, r0: int, r1: int, a: int, b: int,
+                 chunk: memoryview | bytes) -> bytearray:
+        """Bytes [r0, r1) of the cluster at cstart: the chain's current content with
+        ``chunk`` at [a, b)."""
+        buf = bytearray()
+        if a > r0:
+            buf += self.read(cstart + r0, a - r0)
+        buf += chunk
+        if r1 > b:
+            buf += self.read(cstart + b, r1 - b)
+        return buf
+
+    def _plan_write_std(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
+                        chunk: memoryview, batch: Qcow2Image._Batch,
+                        updates: list[tuple[int, int, int]],
+                        frees: list[tuple[int, int]]) -> None:
+        e = tbl.entries[idx]
+        f = self._data_host()
+        cstart = ci << self.cluster_bits
+        in_place = not e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO) and self._has_host(e) and (
+            bool(e & QCOW_OFLAG_COPIED) or self.data_file is not None)
+        if in_place:
+            host = e & L2E_OFFSET_MASK
+            if host & (self._cs - 1):
+                raise CorruptImage(self.path, "data cluster offset not cluster aligned",
+                                   f"l2 entry of guest cluster {ci}", e)
+            batch.add(f, host + a, chunk)
+            return
+        valid = self._valid_bytes(cstart)
+        buf = self._copy_up(cstart, 0, valid, a, b, chunk)
+        host = cstart if self.data_file is not None else self._alloc_cluster()
+        batch.add(f, host, buf)
+        updates.append((idx, host | QCOW_OFLAG_COPIED, 0))
+        old = self._host_range(e)
+        if old is not None:
+            frees.append(old)
+
+    def _plan_write_ext(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
+                        chunk: memoryview, batch: Qcow2Image._Batch,
+                        updates: list[tuple[int, int, int]],
+                        frees: list[tuple[int, int]]) -> None:
+        e, bm = tbl.entries[2 * idx], tbl.entries[2 * idx + 1]
+        f = self._data_host()
+        cb, sb = self.cluster_bits, self.subcluster_bits
+        cstart = ci << cb
+        valid = self._valid_bytes(cstart)
+        sc0 = a >> sb
+        sc1 = (b + (1 << sb) - 1) >> sb
+        touched = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+        comp = bool(e & QCOW_OFLAG_COMPRESSED)
+        if not comp:
+            self._check_bitmap(ci, e, bm)
+        has_host = not comp and self._has_host(e)
+        owned = has_host and (bool(e & QCOW_OFLAG_COPIED) or self.data_file is not None)
+        host = e & L2E_OFFSET_MASK
+        if host & ((1 << cb) - 1):
+            raise CorruptImage(self.path, "data cluster offset not cluster aligned",
+                               f"l2 entry of guest cluster {ci}", e)
+        new_bm = (bm | touched) & ~(touched << 32)
+        if owned:
+            if bm & touched == touched:
+                batch.add(f, host + a, chunk)
+                return
+            r0 = a if bm >> sc0 & 1 else sc0 << sb
+            r1 = b if bm >> (sc1 - 1) & 1 else min(sc1 << sb, valid)
+            batch.add(f, host + r0, self._copy_up(cstart, r0, r1, a, b, chunk))
+            updates.append((idx, e, new_bm))
+            return
+        if not has_host and not comp:
+            new = cstart if self.data_file is not None else self._alloc_cluster()
+            r0, r1 = sc0 << sb, min(sc1 << sb, valid)
+            batch.add(f, new + r0, self._copy_up(cstart, r0, r1, a, b, chunk))
+            updates.append((idx, new | QCOW_OFLAG_COPIED, new_bm))
+            return
+        # Compressed or shared with a snapshot: copy the whole cluster.
+        new = self._alloc_cluster()
+        batch.add(f, new, self._copy_up(cstart, 0, valid, a, b, chunk))
+        updates.append((idx, new | QCOW_OFLAG_COPIED, QCOW_L2_BITMAP_ALL_ALLOC))
+        old = self._host_range(e)
+        if old is not None:
+            frees.append(old)
+
+    # ---- writing: zeroes and discard -------------------------------------------------------
+
+    def write_zeroes(self, guest_offset: int, length: int, may_unmap: bool = False) -> None:
+        """Zero the range.  Whole clusters (subclusters) become zero-flagged and lose their
+        host cluster whether or not ``may_unmap`` is set; partial ones get zeroes written."""
+        self.require_writable()
+        self.check_range(guest_offset, length)
+        if not length:
+            return
+        self._begin_modify()
+        end = guest_offset + length
+        g = 1 << self.subcluster_bits
+        a0 = _div_round_up(guest_offset, g) * g
+        b0 = end if end == self.virtual_size else end // g * g
+        if a0 >= b0:
+            self._write_zero_bytes(guest_offset, end)
+            return
+        if guest_offset < a0:
+            self._write_zero_bytes(guest_offset, a0)
+        if b0 < end:
+            self._write_zero_bytes(b0, end)
+        fallback: list[tuple[int, int]] = []
+
+        def one_table(l1i: int, start: int, tend: int) -> None:
+            self._zero_table(l1i, start, tend, fallback)
+
+        self._for_each_table(a0, b0, one_table)
+        for s, e in fallback:
+            self._write_zero_bytes(s, e)
+
+    def _write_zero_bytes(self, start: int, end: int) -> None:
+        pos = start
+        while pos < end:
+            ext = self.resolve(pos, end - pos)
+            n = ext.length
+            if ext.kind is not Kind.ZERO:
+                zeros = bytes(min(n, ZERO_CHUNK_BYTES))
+                n = len(zeros)
+                self.write(pos, zeros)
+            pos += n
+
+    def _backing_shows(self, cstart: int) -> bool:
+        """Could the backing chain show non-zero data in the cluster at cstart?"""
+        if not self.backing_name:
+            return False
+        if self.backing is None:
+            return True
+        return cstart < self.backing.virtual_size
+
+    def _zero_table(self, l1i: int, start: int, end: int,
+                    fallback: list[tuple[int, int]]) -> None:
+        cb, sb = self.cluster_bits, self.subcluster_bits
+        raw = bool(self.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        if self.version < 3 and not raw:
+            # No zero flag: unallocate where nothing shows through, write zeroes elsewhere.
+            pos = start
+            while pos < end:
+                cstart = pos >> cb << cb
+                cend = min(end, cstart + (1 << cb))
+                if self._backing_shows(cstart):
+                    fallback.append((pos, cend))
+                pos = cend
+            if self.l1[l1i] & L1E_OFFSET_MASK == 0:
+                return  # all unallocated already
+        tbl = self._l2_for_write(l1i)
+        batch = self._Batch(self)
+        updates: list[tuple[int, int, int]] = []
+        frees: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            ci = pos >> cb
+            cstart = ci << cb
+            cend = min(end, cstart + (1 << cb))
+            idx = ci & ((1 << self.l2_bits) - 1)
+            valid = self._valid_bytes(cstart)
+            whole = pos == cstart and cend - cstart >= valid
+            e, bm = self._get_entry(tbl, idx)
+            old = self._host_range(e)
+            if raw:
+                # data_file_raw: the data file must read as the disk, so the zeroes go there
+                # and the range stays (or becomes) mapped, host offset == guest offset.
+                assert self.data_file is not None
+                comp = bool(e & QCOW_OFLAG_COMPRESSED)
+                mapped = self._has_host(e) and not comp
+                host = (e & L2E_OFFSET_MASK) if mapped else cstart
+                if self.extended_l2:
+                    sc0, sc1 = (pos - cstart) >> sb, _div_round_up(cend - cstart, 1 << sb)
+                    t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+                    batch.add(self.data_file, host + (pos - cstart), bytes(cend - pos))
+                    updates.append((idx, host | QCOW_OFLAG_COPIED,
+                                    ((bm if not comp else 0) | t) & ~(t << 32)))
+                elif mapped and not e & QCOW_OFLAG_ZERO:
+                    batch.add(self.data_file, host + (pos - cstart), bytes(cend - pos))
+                elif whole:
+                    batch.add(self.data_file, cstart, bytes(valid))
+                    updates.append((idx, cstart | QCOW_OFLAG_COPIED, 0))
+                else:
+                    fallback.append((pos, cend))
+            elif self.version < 3:
+                if not self._backing_shows(cstart) and (e or old):
+                    updates.append((idx, 0, 0))
+                    if old is not None:
+                        frees.append(old)
+            elif not self.extended_l2:
+                if e != QCOW_OFLAG_ZERO:
+                    updates.append((idx, QCOW_OFLAG_ZERO, 0))
+                    if old is not None:
+                        frees.append(old)
+            elif whole:
+                if e or bm != QCOW_L2_BITMAP_ALL_ZEROES:
+                    updates.append((idx, 0, QCOW_L2_BITMAP_ALL_ZEROES))
+                    if old is not None:
+                        frees.append(old)
+            elif e & QCOW_OFLAG_COMPRESSED:
+                fallback.append((pos, cend))  # partial: copy the cluster up, then zero
+            else:
+                sc0, sc1 = (pos - cstart) >> sb, _div_round_up(cend - cstart, 1 << sb)
+                t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+                updates.append((idx, e, (bm & ~t) | (t << 32)))
+            pos = cend
+        batch.issue()
+        for idx, e, bm in updates:
+            self._set_entry(tbl, idx, e, bm)
+        if updates:
+            self._l2_mark_dirty(tbl)
+        self._pending_free.extend(frees)
+
+    def discard(self, guest_offset: int, length: int) -> None:
+        """Drop the range: it reads as zeroes afterwards (never as the backing image)."""
+        self.write_zeroes(guest_offset, length, may_unmap=True)
+
+    # ---- writing: allocate -----------------------------------------------------------------
+
+    def allocate(self, guest_offset: int, length: int) -> None:
+        self.require_writable()
+        self.check_range(guest_offset, length)
+        if not length:
+            return
+        self._begin_modify()
+        cb = self.cluster_bits
+        first = guest_offset >> cb << cb
+        last = _div_round_up(guest_offset + length, 1 << cb) << cb
+        self._for_each_table(first, min(last, self.virtual_size), self._allocate_table)
+
+    def _allocate_table(self, l1i: int, start: int, end: int) -> None:
+        cb, sb = self.cluster_bits, self.subcluster_bits
+        tbl = self._l2_for_write(l1i)
+        batch = self._Batch(self)
+        updates: list[tuple[int, int, int]] = []
+        frees: list[tuple[int, int]] = []
+        f = self._data_host()
+        for ci in range(start >> cb, _div_round_up(end, 1 << cb)):
+            cstart = ci << cb
+            idx = ci & ((1 << self.l2_bits) - 1)
+            valid = self._valid_bytes(cstart)
+            e, bm = self._get_entry(tbl, idx)
+            comp = bool(e & QCOW_OFLAG_COMPRESSED)
+            owned = (not comp and not (e & QCOW_OFLAG_ZERO and not self.extended_l2)
+                     and self._has_host(e)
+                     and (bool(e & QCOW_OFLAG_COPIED) or self.data_file is not None))
+            host = e & L2E_OFFSET_MASK
+            if host & ((1 << cb) - 1):
+                raise CorruptImage(self.path, "data cluster offset not cluster aligned",
+                                   f"l2 entry of guest cluster {ci}", e)
+            if not self.extended_l2:
+                if owned:
+                    continue
+                new = cstart if self.data_file is not None else self._alloc_cluster()
+                batch.add(f, new, self.read(cstart, valid))
+                updates.append((idx, new | QCOW_OFLAG_COPIED, 0))
+                old = self._host_range(e)
+                if old is not None:
+                    frees.append(old)
+                continue
+            if not comp:
+                self._check_bitmap(ci, e, bm)
+            nsub = _div_round_up(valid, 1 << sb)
+            valid_mask = (1 << nsub) - 1
+            if owned:
+                if bm & valid_mask == valid_mask:
+                    continue
+                i = 0
+                while i < nsub:  # copy up runs of unallocated subclusters only
+                    if bm >> i & 1:
+                        i += 1
+                        continue
+                    j = i
+                    while j < nsub and not bm >> j & 1:
+                        j += 1
+                    r0, r1 = i << sb, min(j << sb, valid)
+                    batch.add(f, host + r0, self.read(cstart + r0, r1 - r0))
+                    i = j
+                updates.append((idx, e, QCOW_L2_BITMAP_ALL_ALLOC))
+                continue
+            new = (cstart if self.data_file is not None and not comp
+                   else self._alloc_cluster())
+            batch.add(f, new, self.read(cstart, valid))
+            updates.append((idx, new | QCOW_OFLAG_COPIED, QCOW_L2_BITMAP_ALL_ALLOC))
+            old = self._host_range(e)
+            if old is not None:
+                frees.append(old)
+        batch.issue()
+        for idx, e, bm in updates:
+            self._set_entry(tbl, idx, e, bm)
+        if updates:
+            self._l2_mark_dirty(tbl)
+        self._pending_free.extend(frees)
+
+    # ---- flush and close -------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Rules 3-5: data and new L2 tables, sync, reachable L2 tables and L1, sync, frees."""
+        if not self.writable:
+            return
+        if not self._modified:
+            self._data_host().sync()
+            if self.data_file is not None:
+                self.file.sync()
+            return
+        for tbl in list(self._l2_cache.values()):
+            if tbl.dirty and tbl.offset in self._unpublished:
+                self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+                tbl.dirty = False
+        if self.data_file is not None:
+            self.data_file.sync()
+        self.file.sync()
+        self._data_dirty = False
+        wrote = False
+        for tbl in list(self._l2_cache.values()):
+            if tbl.dirty:
+                self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+                tbl.dirty = False
+                wrote = True
+        if self._l1_dirty:
+            self._write_l1_entries(sorted(self._l1_dirty))
+            self._l1_dirty.clear()
+            wrote = True
+        if wrote:
+            self.file.sync()
+        self._unpublished.clear()
+        if self._pending_free:
+            self._apply_frees()
+
+    def _write_l1_entries(self, indices: list[int]) -> None:
+        i = 0
+        while i < len(indices):
+            j = i
+            while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+                j += 1
+            lo, hi = indices[i], indices[j] + 1
+            self.file.pwrite(self.l1_table_offset + 8 * lo, _words_bytes(self.l1[lo:hi]))
+            i = j + 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.writable and (self._modified or self._touched):
+                self.flush()
+                self._release_pool()
+                self._truncate_tail()
+                self.file.sync()
+        finally:
+            if self.data_file is not None:
+                self.data_file.close()
+            self.file.close()
+
+    def _highest_used_cluster(self) -> int:
+        bits = self.refcount_bits
+        for r in range(len(self.reftable) - 1, -1, -1):
+            buf = self._rb_load(r)
+            if buf is None:
+                continue
+            n = len(buf.rstrip(b"\0"))
+            if not n:
+                continue
+            last_byte = buf[n - 1]
+            if bits >= 8:
+                i = (n - 1) // (bits >> 3)
+            else:
+                i = ((n - 1) * 8 + last_byte.bit_length() - 1) // bits
+            return (r << self.rb_bits) + i
+        return 0
+
+    def _truncate_tail(self) -> None:
+        """Drop unreferenced clusters at the end of the file (never below its size at open)."""
+        end = (self._highest_used_cluster() + 1) << self.cluster_bits
+        end = max(end, self._open_file_size)
+        if self.file.size() > end:
+            self.file.truncate(end)
+
+    # ---- dirty images ------------------------------------------------------------------------
+
+    def _repair_dirty(self) -> None:
+        res = self.check(repair=True, fix_errors=True)
+        if res.corruptions:
+            self.writable = False
+            self.read_only_reason = ("dirty image whose refcounts could not be rebuilt: "
+                                     + res.corruptions[0])
+            return
+        self.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
+        self.file.pwrite(72, struct.pack(">Q", self.incompatible_features))
+        self.file.sync()
+
+    # ---- check -----------------------------------------------------------------------------
+
+    def check(self, repair: bool = False, *, fix_errors: bool = False) -> CheckResult:
+        """qemu-img check's walk: expected refcounts from every L1/L2 table (active and
+        snapshots), the refcount structures, the snapshot table and the bitmaps; compare
+        with the stored refcounts.  ``repair`` fixes leaks; ``fix_errors`` also raises
+        refcounts that are too low (what a dirty image needs).  Also checks COPIED flags."""
+        if repair or fix_errors:
+            self.require_writable()
+        if self.writable and self._modified:
+            self.flush()
+            self._release_pool()
+        res = CheckResult(self.path)
+        cb, cs = self.cluster_bits, self._cs
+        file_size = self.file.size()
+        expected: dict[int, int] = {}
+
+        def inc(off: int, n: int, what: str) -> None:
+            if n <= 0:
+                return
+            if off + n - file_size >= cs:
+                res.corruptions.append(f"{what} at 0x{off:x} lies past the end of the file")
+            for ci in range(off >> cb, ((off + n - 1) >> cb) + 1):
+                expected[ci] = expected.get(ci, 0) + 1
+
+        inc(0, cs, "header")
+        if len(self.l1):
+            inc(self.l1_table_offset, len(self.l1) * 8, "L1 table")
+        allocated = self._check_l1(self.l1, "active", inc, res, file_size)
+        if self.snapshots_size:
+            inc(self.snapshots_offset, self.snapshots_size, "snapshot table")
+        for i, sn in enumerate(self.snapshots):
+            if not sn.l1_size:
+                continue
+            inc(sn.l1_table_offset, sn.l1_size * 8, f"snapshot[{i}] L1 table")
+            l1 = _words(self.file.pread_exact(sn.l1_table_offset, sn.l1_size * 8, "L1 table"))
+            self._check_l1(l1, f"snapshot[{i}]", inc, res, file_size)
+        if self.refcount_table_clusters:
+            inc(self.refcount_table_offset, self.refcount_table_clusters * cs,
+                "refcount table")
+        for r, e in enumerate(self.reftable):
+            off = e & REFT_OFFSET_MASK
+            if not off:
+                continue
+            if off % cs:
+                res.corruptions.append(f"refcount block {r} offset 0x{off:x} unaligned")
+                continue
+            inc(off, cs, f"refcount block {r}")
+        self._check_bitmaps(inc, res, file_size)
+
+        actual = self._stored_refcounts(res)
+        fixes: dict[int, int] = {}
+        for ci in sorted(set(expected) | set(actual)):
+            want, have = expected.get(ci, 0), actual.get(ci, 0)
+            if have < want:
+                res.corruptions.append(f"cluster {ci}: refcount={have} but {want} "
+                                       "references (refcount too low)")
+                if fix_errors:
+                    fixes[ci] = want
+            elif have > want:
+                res.leaks.append(f"cluster {ci}: refcount={have} but {want} references "
+                                 "(leaked)")
+                if repair:
+                    fixes[ci] = want
+        if fixes:
+            used = max(list(expected) + list(actual) + [0]) + 1
+            self._alloc_floor = max(used, _div_round_up(file_size, cs))
+            try:
+                self._rc_apply(fixes, durable=True)
+            finally:
+                self._alloc_floor = 0
+            if repair:
+                res.leaks_fixed = len(res.leaks)
+                res.leaks = []
+            if fix_errors:
+                low = [c for c in res.corruptions if "refcount too low" in c]
+                res.corruptions_fixed += len(low)
+                res.corruptions = [c for c in res.corruptions if "refcount too low" not in c]
+        self._check_copied(res, repair or fix_errors)
+        res.allocated_clusters = allocated
+        res.total_clusters = _div_round_up(self.virtual_size, cs)
+        res.image_end_offset = (max(expected) + 1) * cs if expected else 0
+        return res
+
+    def _check_l1(self, l1: array[int], which: str, inc: Callable[[int, int, str], None],
+                  res: CheckResult, file_size: int) -> int:
+        cs = self._cs
+        allocated = 0
+        step = 2 if self.extended_l2 else 1
+        for i, l1e in enumerate(l1):
+            off = l1e & L1E_OFFSET_MASK
+            if not off:
+                continue
+            if off % cs:
+                res.corruptions.append(f"{which} l1[{i}]: L2 table offset 0x{off:x} unaligned")
+                continue
+            inc(off, cs, f"{which} L2 table l1[{i}]")
+            if off + cs > file_size:
+                continue
+            words = _words(self.file.pread_exact(off, cs, "L2 table"))
+            for j in range(0, len(words), step):
+                e = words[j]
+                if not e and (step == 1 or not words[j + 1]):
+                    continue
+                where = f"{which} l1[{i}] l2[{j // step}]"
+                if e & QCOW_OFLAG_COMPRESSED:
+                    if self.data_file is not None:
+                        res.corruptions.append(f"{where}: compressed cluster with a data file")
+                        continue
+                    coff, clen = self._parse_compressed(e)
+                    inc(coff, clen, f"{where} compressed cluster")
+                    allocated += 1
+                    continue
+                if step == 2:
+                    bm = words[j + 1]
+                    if (bm >> 32) & bm & QCOW_L2_BITMAP_ALL_ALLOC:
+                        res.corruptions.append(f"{where}: subcluster allocated and zero")
+                    if bm & QCOW_L2_BITMAP_ALL_ALLOC and not self._has_host(e):
+                        res.corruptions.append(f"{where}: allocated subclusters, no cluster")
+                host = e & L2E_OFFSET_MASK
+                if not host:
+                    if self._has_host(e) and not (e & QCOW_OFLAG_ZERO and step == 1):
+                        allocated += 1
+                    continue
+                if host % cs:
+                    res.corruptions.append(f"{where}: data offset 0x{host:x} unaligned")
+                    continue
+                if not (e & QCOW_OFLAG_ZERO and step == 1):
+                    allocated += 1
+                if self.data_file is None:
+                    inc(host, cs, f"{where} data cluster")
+        return allocated
+
+    def _check_bitmaps(self, inc: Callable[[int, int, str], None], res: CheckResult,
+                       file_size: int) -> None:
+        hdr = self.hdr
+        # Like qemu: bitmaps count only while their auto-clear bit vouches for them.
+        if (hdr is None or hdr.bitmaps is None
+                or not self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS):
+            return
+        nb, dsize, doff = hdr.bitmaps
+        cs = self._cs
+        if (nb > QCOW2_MAX_BITMAPS or dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or doff % cs
+                or doff + dsize > file_size):
+            res.corruptions.append(f"bitmap directory invalid (offset 0x{doff:x}, "
+                                   f"size {dsize}, count {nb})")
+            return
+        inc(doff, dsize, "bitmap directory")
+        directory = self.file.pread_exact(doff, dsize, "bitmap directory")
+        pos = 0
+        for k in range(nb):
+            if pos + BITMAP_DIR_ENTRY.size > dsize:
+                res.corruptions.append(f"bitmap directory entry {k} truncated")
+                return
+            toff, tsize, _flags, _type, _gran, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
+                directory, pos)
+            pos += (BITMAP_DIR_ENTRY.size + extra + name_size + 7) & ~7
+            if toff % cs or toff + tsize * 8 > file_size:
+                res.corruptions.append(f"bitmap {k} table invalid (offset 0x{toff:x})")
+                continue
+            inc(toff, tsize * 8, f"bitmap {k} table")
+            table = _words(self.file.pread_exact(toff, tsize * 8, "bitmap table"))
+            for bte in table:
+                boff = bte & BME_TABLE_ENTRY_OFFSET_MASK
+                if boff:
+                    inc(boff, cs, f"bitmap {k} data")
+
+    def _stored_refcounts(self, res: CheckResult) -> dict[int, int]:
+        out: dict[int, int] = {}
+        rbb, bits = self.rb_bits, self.refcount_bits
+        for r in range(len(self.reftable)):
+            try:
+                buf = self._rb_load(r)
+            except CorruptImage as e:
+                res.corruptions.append(str(e))
+                continue
+            if buf is None:
+                continue
+            base = r << rbb
+            if bits >= 8:
+                w = bits >> 3
+                for p in range(0, len(buf), w):
+                    if any(buf[p : p + w]):
+                        out[base + p // w] = int.from_bytes(buf[p : p + w], "big")
+            else:
+                per = 8 // bits
+                for p, byte in enumerate(buf):
+                    if byte:
+                        for k in range(per):
+                            v = (byte >> (k * bits)) & ((1 << bits) - 1)
+                            if v:
+                                out[base + p * per + k] = v
+        return out
+
+    def _check_copied(self, res: CheckResult, repair: bool) -> None:
+        """In the active tables, COPIED must be set exactly where the refcount is 1."""
+        if self.data_file is not None:
+            return
+        cb, cs = self.cluster_bits, self._cs
+        step = 2 if self.extended_l2 else 1
+        l1_fixed = False
+        for i, l1e in enumerate(self.l1):
+            off = l1e & L1E_OFFSET_MASK
+            if not off or off % cs or off + cs > self.file.size():
+                continue
+            rc = self._rc_get(off >> cb)
+            if (rc == 1) != bool(l1e & QCOW_OFLAG_COPIED):
+                res.corruptions.append(f"l1[{i}]: COPIED flag wrong for refcount {rc}")
+                if repair:
+                    self.l1[i] = off | (QCOW_OFLAG_COPIED if rc == 1 else 0)
+                    l1_fixed = True
+                    res.corruptions_fixed += 1
+                    res.corruptions.pop()
+            words = _words(self.file.pread_exact(off, cs, "L2 table"))
+            changed = False
+            for j in range(0, len(words), step):
+                e = words[j]
+                host = e & L2E_OFFSET_MASK
+                if e & QCOW_OFLAG_COMPRESSED or not host or host % cs:
+                    continue
+                rc = self._rc_get(host >> cb)
+                if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
+                    res.corruptions.append(f"l1[{i}] l2[{j // step}]: COPIED flag wrong for "
+                                           f"refcount {rc}")
+                    if repair:
+                        words[j] = (e & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
+                                                               else 0)
+                        changed = True
+                        res.corruptions_fixed += 1
+                        res.corruptions.pop()
+            if changed:
+                self.file.pwrite(off, _words_bytes(words))
+                self._l2_cache.pop(off, None)
+        if l1_fixed:
+            self.file.pwrite(self.l1_table_offset, _words_bytes(self.l1))
+        if repair:
+            self.file.sync()
+
+    # ---- inspection ------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "compat": "1.1" if self.version >= 3 else "0.10",
+            "version": self.version,
+            "cluster_size": self._cs,
+            "refcount_bits": self.refcount_bits,
+            "lazy_refcounts": bool(self.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
+            "extended_l2": self.extended_l2,
+            "compression_type": COMPRESSION_NAMES.get(self.compression_type, "?"),
+            "data_file": self.data_file_name,
+            "data_file_raw": bool(self.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW),
+            "dirty": bool(self.incompatible_features & QCOW2_INCOMPAT_DIRTY),
+            "corrupt": bool(self.incompatible_features & QCOW2_INCOMPAT_CORRUPT),
+            "snapshots": len(self.snapshots),
+            "backing_file": self.backing_name,
+            "backing_format": self.backing_format,
+            "l1_size": len(self.l1),
+        }
+
+
+# ---- create --------------------------------------------------------------------------------
+
+# qemu's names for formats recorded in the backing-format extension.
+_QEMU_FORMAT_NAMES = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "vhd": "vpc"}
+
+_FEATURE_TABLE = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+]
+
+
+def _ext(etype: int, data: bytes) -> bytes:
+    return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)
+
+
+def create(path: str, virtual_size: int, *, backing_name: str | None = None,
+           backing_format: str | None = None, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+           compat: str = "1.1", refcount_bits: int = 16, extended_l2: bool = False,
+           lazy_refcounts: bool = False, data_file: str | None = None) -> None:
+    """Create an empty qcow2 image (optionally over a backing file, or with an external
+    data file).  Raises ValueError for options that cannot be combined."""
+    if compat in ("0.10", "v2"):
+        version = 2
+    elif compat in ("1.1", "v3"):
+        version = 3
+    else:
+        raise ValueError(f"{path}: unknown compat level {compat!r} (use 0.10 or 1.1)")
+    if cluster_size < 1 << MIN_CLUSTER_BITS or cluster_size > 1 << MAX_CLUSTER_BITS or (
+            cluster_size & (cluster_size - 1)):
+        raise ValueError(f"{path}: cluster size must be a power of two from 512 B to 2 MiB "
+                         f"(cluster_size={cluster_size})")
+    cb = cluster_size.bit_length() - 1
+    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+        raise ValueError(f"{path}: refcount width must be a power of two up to 64 "
+                         f"(refcount_bits={refcount_bits})")
+    if version == 2 and (refcount_bits != 16 or extended_l2 or lazy_refcounts or data_file):
+        raise ValueError(f"{path}: compat 0.10 supports none of refcount_bits!=16, "
+                         "extended_l2, lazy_refcounts, data_file")
+    if extended_l2 and cb < MIN_CLUSTER_BITS_EXTL2:
+        raise ValueError(f"{path}: extended L2 entries need clusters of 16 KiB or more")
+    if virtual_size < 0:
+        raise ValueError(f"{path}: negative size")
+    if data_file and _PROTOCOL_RE.match(data_file):
+        raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
+    fmt_name = None
+    if backing_format:
+        from . import canonical_format
+
+        fmt_name = _QEMU_FORMAT_NAMES[canonical_format(backing_format)]
+    name_bytes = os.fsencode(backing_name) if backing_name else b""
+    if len(name_bytes) > QCOW_MAX_BACKING_FILE_NAME:
+        raise ValueError(f"{path}: backing file name longer than 1023 bytes")
+
+    l2_bits = cb - (4 if extended_l2 else 3)
+    l1_entries = _div_round_up(virtual_size, cluster_size << l2_bits)
+    if l1_entries * 8 > QCOW_MAX_L1_SIZE:
+        raise ValueError(f"{path}: virtual size too large for this cluster size "
+                         f"(size={virtual_size}, cluster_size={cluster_size})")
+    l1_clusters = max(1, _div_round_up(l1_entries * 8, cluster_size))
+    refcount_order = refcount_bits.bit_length() - 1
+    epb = cluster_size * 8 // refcount_bits
+    rt_clusters, rb_count = 1, 1
+    while True:
+        total = 1 + rt_clusters + rb_count + l1_clusters
+        rb_new = _div_round_up(total, epb)
+        rt_new = max(1, _div_round_up(rb_new * 8, cluster_size))
+        if (rb_new, rt_new) == (rb_count, rt_clusters):
+            break
+        rb_count, rt_clusters = rb_new, rt_new
+    rt_off = cluster_size
+    rb_off = rt_off + rt_clusters * cluster_size
+    l1_off = rb_off + rb_count * cluster_size
+
+    incompat = compat_bits = 0
+    if extended_l2:
+        incompat |= QCOW2_INCOMPAT_EXTL2
+    if data_file:
+        incompat |= QCOW2_INCOMPAT_DATA_FILE
+    if lazy_refcounts:
+        compat_bits |= QCOW2_COMPAT_LAZY_REFCOUNTS
+    header_length = QCOW2_V3_HEADER_LENGTH if version == 3 else QCOW2_V2_HEADER_LENGTH
+    exts = b""
+    if fmt_name:
+        exts += _ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, fmt_name.encode())
+    if data_file:
+        exts += _ext(QCOW2_EXT_MAGIC_DATA_FILE, os.fsencode(data_file))
+    table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in _FEATURE_TABLE)
+    feature_ext = _ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, table) if version == 3 else b""
+    end_ext = _ext(QCOW2_EXT_MAGIC_END, b"")
+    if header_length + len(exts) + len(feature_ext) + len(end_ext) + len(name_bytes) <= (
+            cluster_size):
+        exts += feature_ext  # only a help for other tools: dropped when space is short
+    exts += end_ext
+    backing_off = header_length + len(exts) if name_bytes else 0
+    if header_length + len(exts) + len(name_bytes) > cluster_size:
+        raise ValueError(f"{path}: header, extensions and backing name do not fit in one "
+                         f"cluster (cluster_size={cluster_size})")
+    head = struct.pack(">4sIQIIQIIQQIIQ", QCOW_MAGIC, version, backing_off, len(name_bytes), cb,
+                       virtual_size, 0, l1_entries, l1_off, rt_off, rt_clusters, 0, 0)
+    if version == 3:
+        head += struct.pack(">QQQII", incompat, compat_bits, 0, refcount_order, header_length)
+        head += bytes(header_length - len(head))  # compression_type 0 (zlib) + padding
+    head += exts + name_bytes
+
+    reftable = array("Q", [rb_off + i * cluster_size for i in range(rb_count)])
+    reftable.extend([0] * (rt_clusters * cluster_size // 8 - rb_count))
+    blocks = bytearray(rb_count * cluster_size)
+    for ci in range(total):  # every metadata cluster has refcount 1
+        bit = ci * refcount_bits
+        if refcount_bits >= 8:
+            w = refcount_bits // 8
+            blocks[ci * w + w - 1] = 1
+        else:
+            blocks[bit >> 3] |= 1 << (bit & 7)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.pwrite(fd, head, 0)
+        os.pwrite(fd, _words_bytes(reftable), rt_off)
+        os.pwrite(fd, bytes(blocks), rb_off)
+        os.ftruncate(fd, l1_off + l1_clusters * cluster_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if data_file:
+        full = data_file if os.path.isabs(data_file) else os.path.join(
+            os.path.dirname(os.path.abspath(path)), data_file)
+        dfd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(dfd).st_size < virtual_size:
+                os.ftruncate(dfd, virtual_size)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+__all__ = [
+    "DEFAULT_CLUSTER_SIZE",
+    "Qcow2Header",
+    "Qcow2Image",
+    "Qcow2Snapshot",
+    "create",
+    "parse_header",
+]
