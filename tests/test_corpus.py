@@ -868,9 +868,9 @@ def _case_in_child(top: str, forced: str) -> dict[str, Any]:
 # The fork server: a fresh, single-threaded interpreter that imports formats/ and this module
 # once, then forks one child per case.  (Forking pytest itself may inherit the locks of its
 # threads, e.g. trio's thread cache; multiprocessing's forkserver re-imports __main__.)  The
-# server reads one JSON request a line on stdin -- {"fn": name in this module, "args": [...],
-# "deadline_s": s} -- and answers one JSON line on its private copy of stdout: the child's
-# answer, or how it died.
+# server reads one JSON request a line on stdin -- {"id": n, "fn": name in this module,
+# "args": [...], "deadline_s": s} -- and answers one JSON line with the same id on its private
+# copy of stdout: the child's answer, or how it died.
 _SERVER_SRC = r"""
 import json, os, resource, select, signal, sys, time
 proto = os.fdopen(os.dup(1), "w")
@@ -919,7 +919,7 @@ for line in sys.stdin:
     if hung:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    reply = {"hung": hung, "answer": b"".join(chunks).decode(errors="replace"),
+    reply = {"id": req["id"], "hung": hung, "answer": b"".join(chunks).decode(errors="replace"),
              "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
              "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
     proto.write(json.dumps(reply) + "\n")
@@ -936,6 +936,7 @@ class ForkServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self._buf = b""
+        self._next_id = 0
 
     def call(self, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], what: str,
              deadline_s: float = CASE_DEADLINE_S) -> dict[str, Any]:
@@ -943,19 +944,24 @@ class ForkServer:
 
         fn must be a module-level function of this module (it travels by name)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        req = {"fn": fn.__name__, "args": list(args), "deadline_s": deadline_s}
+        self._next_id += 1
+        req = {"id": self._next_id, "fn": fn.__name__, "args": list(args),
+               "deadline_s": deadline_s}
         self.proc.stdin.write(json.dumps(req).encode() + b"\n")
         self.proc.stdin.flush()
         fd = self.proc.stdout.fileno()
         give_up = time.monotonic() + deadline_s + 30  # the server itself must answer
-        while b"\n" not in self._buf:
-            left = give_up - time.monotonic()
-            assert left > 0 and select.select([fd], [], [], left)[0], "fork server is stuck"
-            chunk = os.read(fd, 1 << 16)
-            assert chunk, f"fork server died (exit {self.proc.poll()})"
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
+        while True:  # skip answers to calls that were interrupted (e.g. by pytest-timeout)
+            while b"\n" not in self._buf:
+                left = give_up - time.monotonic()
+                assert left > 0 and select.select([fd], [], [], left)[0], "fork server stuck"
+                chunk = os.read(fd, 1 << 16)
+                assert chunk, f"fork server died (exit {self.proc.poll()})"
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\n", 1)
+            reply = json.loads(line)
+            if reply["id"] == self._next_id:
+                break
         if reply["hung"]:
             pytest.fail(f"{what}: hang (no answer within {deadline_s} s)")
         if reply["signal"]:
