@@ -504,6 +504,14 @@ class Qcow2Image(Image):
         self.virtual_size = hdr.size
         self.backing_name = hdr.backing_file
         self.backing_format = hdr.backing_format if hdr.backing_file else None
+        if self.backing_format is not None:
+            from . import canonical_format
+
+            try:
+                canonical_format(self.backing_format)
+            except ValueError:
+                raise UnsupportedImage(path, "unknown backing file format", "backing_format",
+                                       self.backing_format) from None
         self._l2_cache_max = max(L2_CACHE_MIN_TABLES, L2_CACHE_BYTES // cs)
         self._rb_cache_max = max(REFCOUNT_CACHE_MIN_BLOCKS, REFCOUNT_CACHE_BYTES // cs)
 
