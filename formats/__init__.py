@@ -60,7 +60,13 @@ def open_one(path: str, writable: bool = False, fmt: str | None = None) -> Image
     """Open a single image (no backing), probing the format unless given."""
     file = HostFile(path, writable)
     try:
-        name = canonical_format(fmt) if fmt else probe_format(path, file)
+        if fmt:
+            try:
+                name = canonical_format(fmt)
+            except ValueError:
+                raise UnsupportedImage(path, "unknown image format", "format", fmt) from None
+        else:
+            name = probe_format(path, file)
         return FORMATS[name].open(path, file, writable)
     except BaseException:
         file.close()
@@ -77,10 +83,19 @@ def resolve_backing_path(image: Image) -> str:
                                    "backing_file", name)
         full = name if os.path.isabs(name) else os.path.join(base_dir, name)
         if os.path.exists(full):
+            if not os.path.isfile(full) and not _is_block_device(full):
+                raise UnsupportedImage(image.path, "backing file is not a regular file",
+                                       "backing_file", name)
             return os.path.normpath(full)
         tried.append(name)
     raise FormatError(image.path, "backing file not found", "backing_file",
                       tried[0] if len(tried) == 1 else tried)
+
+
+def _is_block_device(path: str) -> bool:
+    import stat
+
+    return stat.S_ISBLK(os.stat(path).st_mode)
 
 
 ParentOpener = Callable[[str, str | None], Image]
