@@ -486,15 +486,15 @@ class VhdImage(Image):
                 "file_size", file_size)
         tail_buf = self.file.pread_exact(file_size - FOOTER_SIZE, FOOTER_SIZE, "footer")
         tail, t_what, t_field, t_value = check_footer(tail_buf)
-        head, h_what, h_field, h_value = check_footer(
-            self.file.pread_exact(0, FOOTER_SIZE, "footer copy"))
+        head_buf = self.file.pread_exact(0, FOOTER_SIZE, "footer copy")
+        head, h_what, h_field, h_value = check_footer(head_buf)
         if tail is not None:
-            footer = tail
+            footer, raw = tail, tail_buf
             self._tail_footer_offset = file_size - FOOTER_SIZE
             self._data_end = file_size - FOOTER_SIZE
         elif head is not None and head.disk_type in (DISK_TYPE_DYNAMIC, DISK_TYPE_DIFFERENCING):
             # The spec: "if the footer is corrupted, use the copy at the start of the file".
-            footer = head
+            footer, raw = head, head_buf
             self.footer_source = "copy at offset 0"
             self._data_end = file_size
         elif tail_buf[:8] == VHD_COOKIE or h_field != "checksum":
@@ -502,7 +502,7 @@ class VhdImage(Image):
         else:  # no footer at the end and a damaged copy at 0: say what is wrong with it
             raise CorruptImage(path, "footer copy at offset 0: " + h_what, h_field, h_value)
         self.footer = footer
-        self._footer_bytes = footer.pack()
+        self._footer_bytes = bytes(raw)  # as found, reserved bytes included
 
         require(footer.file_format_version >> 16 == FILE_FORMAT_VERSION >> 16, path,
                 "unsupported VHD file format version", "file_format_version",
@@ -957,70 +957,72 @@ class VhdImage(Image):
     # ---- inspection ---------------------------------------------------------------------------
 
     def check(self, repair: bool = False) -> CheckResult:
-        """Re-read the file: footers, BAT entries past EOF or over metadata, overlapping
-        blocks.  ``repair`` rewrites a missing or differing trailing footer (and the copy at
-        offset 0 of a dynamic disk) from the valid one."""
+        """Re-read the file and report: a missing or different trailing footer or footer
+        copy, BAT entries past the end of the file or over metadata, overlapping blocks.
+        ``repair`` rewrites the footers from the one in use (the BAT is left alone: an entry
+        that points nowhere cannot be repaired without losing what it was meant to hold)."""
         if self.writable:
             self.flush()
         res = CheckResult(self.path)
         size = self.file.size()
-        tail, t_what, _, _ = check_footer(self.file.pread_data(max(0, size - FOOTER_SIZE),
-                                                                FOOTER_SIZE))
         want = self._footer_bytes
-        footer_fixes: list[tuple[int, str]] = []
+        tail_buf = self.file.pread_data(max(0, size - FOOTER_SIZE), FOOTER_SIZE)
+        tail, t_what, _, _ = check_footer(tail_buf)
+        footer_problems: list[tuple[str, int]] = []  # (what, where the footer belongs)
         if tail is None:
-            res.corruptions.append(f"no valid footer at the end of the file ({t_what})")
-            footer_fixes.append(((size + SECTOR - 1) // SECTOR * SECTOR, "tail"))
-        elif tail.pack() != want:
-            res.corruptions.append("footer at the end differs from the one in use")
-            footer_fixes.append((size - FOOTER_SIZE, "tail"))
+            footer_problems.append((f"no valid footer at the end of the file ({t_what})",
+                                    (size + SECTOR - 1) // SECTOR * SECTOR))
+        elif tail_buf != want:
+            footer_problems.append(("footer at the end of the file differs from the one in "
+                                    "use", size - FOOTER_SIZE))
         if not self.fixed:
             head_buf = self.file.pread_data(0, FOOTER_SIZE)
-            head, h_what, _, _ = check_footer(head_buf)
-            if head is None or head_buf != want:
-                res.corruptions.append("footer copy at offset 0 missing or different"
-                                       + (f" ({h_what})" if head is None else ""))
-                footer_fixes.append((0, "head"))
-            assert self.header is not None
-            raw = self.file.pread_data(self.header.table_offset, len(self.bat) * 4)
-            disk_bat = array.array("I")
-            disk_bat.frombytes(raw)
-            if not _NATIVE_IS_BIG:
-                disk_bat.byteswap()
-            span = self.bitmap_size + self.block_size
-            end = size - FOOTER_SIZE if tail is not None else size
-            used = []
-            for i, e in enumerate(disk_bat):
-                if e == BAT_ENTRY_UNUSED:
-                    continue
-                start = e * SECTOR
-                if start + span > end:
-                    res.corruptions.append(f"bat[{i}]: data block past end of file "
-                                           f"({start:#x})")
-                for r0, r1, name in self._metadata_regions:
-                    if not (start + span <= r0 or r1 <= start):
-                        res.corruptions.append(f"bat[{i}]: data block overlaps the {name}")
-                used.append((start, i))
-            used.sort()
-            for (a, _), (b, i) in itertools.pairwise(used):
-                if a + span > b:
-                    res.corruptions.append(f"bat[{i}]: data block overlaps another block")
-            res.allocated_clusters = len(used)
+            if head_buf != want:
+                _, h_what, _, _ = check_footer(head_buf)
+                footer_problems.append(("footer copy at offset 0 "
+                                        + (f"invalid ({h_what})" if h_what else "differs"), 0))
+            res.corruptions += self._check_blocks(size - FOOTER_SIZE if tail else size)
+            res.allocated_clusters = sum(1 for e in self.bat if e != BAT_ENTRY_UNUSED)
             res.total_clusters = (self.virtual_size + self.block_size - 1) // self.block_size
         res.image_end_offset = size if tail is not None else size + FOOTER_SIZE
-        if repair and footer_fixes and self.writable:
-            for offset, which in footer_fixes:
+        if repair and footer_problems and self.writable:
+            for _, offset in footer_problems:
                 self.file.pwrite(offset, want)
-                if which == "tail":
-                    self._tail_footer_offset = offset
-                    self._data_end = offset
-                    if offset + FOOTER_SIZE < size:
-                        self.file.truncate(offset + FOOTER_SIZE)
-                res.corruptions_fixed += 1
+                if offset:
+                    self._tail_footer_offset = self._data_end = offset
+                    res.image_end_offset = offset + FOOTER_SIZE
             self.file.sync()
-            res.corruptions = res.corruptions[len(footer_fixes):] if all(
-                "footer" in c for c in res.corruptions[:len(footer_fixes)]) else res.corruptions
+            res.corruptions_fixed = len(footer_problems)
+        else:
+            res.corruptions = [what for what, _ in footer_problems] + res.corruptions
         return res
+
+    def _check_blocks(self, data_end: int) -> list[str]:
+        """Problems of the BAT as it is on disk now."""
+        assert self.header is not None
+        raw = self.file.pread_data(self.header.table_offset, len(self.bat) * 4)
+        disk_bat = array.array("I")
+        disk_bat.frombytes(raw)
+        if not _NATIVE_IS_BIG:
+            disk_bat.byteswap()
+        out = []
+        span = self.bitmap_size + self.block_size
+        used = []
+        for i, e in enumerate(disk_bat):
+            if e == BAT_ENTRY_UNUSED:
+                continue
+            start = e * SECTOR
+            if start + span > data_end:
+                out.append(f"bat[{i}]: data block past end of file ({start:#x})")
+            for r0, r1, name in self._metadata_regions:
+                if not (start + span <= r0 or r1 <= start):
+                    out.append(f"bat[{i}]: data block overlaps the {name} ({start:#x})")
+            used.append((start, i))
+        used.sort()
+        for (a, _), (b, i) in itertools.pairwise(used):
+            if a + span > b:
+                out.append(f"bat[{i}]: data block overlaps another block ({b:#x})")
+        return out
 
     def info(self) -> dict[str, Any]:
         f = self.footer

@@ -19,10 +19,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats import CorruptImage, FormatError, Kind, open_image, open_one, vhd
+from formats import (
+    CorruptImage,
+    FormatError,
+    ImageReadOnly,
+    Kind,
+    create_overlay,
+    open_image,
+    open_one,
+    vhd,
+)
 from formats.vhd import VhdImage
 
-from .conftest import need, qemu_img, qemu_io, qemu_raw, read_all, run
+from .conftest import need, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
 
 MiB = 1 << 20
 
@@ -299,8 +308,6 @@ def test_create_differencing_read_by_libvhdi(tmp: Path, kind: str, rng: random.R
     base, base_bytes = make_base(tmp, kind, rng)
     (tmp / "kids").mkdir()
     child = tmp / "kids" / "child.vhd"
-    from formats import create_overlay
-
     # A fixed VHD is not probed (its footer is at the end, as for qemu): name the format.
     create_overlay(str(child), str(base), "vhd", base_format="vpc")
     img = open_image(str(child))
@@ -314,7 +321,9 @@ def test_create_differencing_read_by_libvhdi(tmp: Path, kind: str, rng: random.R
     info = img.info()
     assert [loc["platform_code"] for loc in info["parent_locators"]] == ["W2ru", "W2ku", "MacX"]
     assert info["parent_locators"][0]["path"] == "..\\" + base.name
-    assert info["parent_unique_id"] == str(uuid.UUID(bytes=img.backing.footer.unique_id))
+    parent = img.backing
+    assert isinstance(parent, VhdImage)
+    assert info["parent_unique_id"] == str(uuid.UUID(bytes=parent.footer.unique_id))
     img.close_chain()
     out = vhdiinfo(child)
     assert "Differential" in out and info["parent_unique_id"] in out
@@ -451,8 +460,6 @@ def test_creator_app_decides_size_rule(tmp: Path) -> None:
 def test_parent_uuid_mismatch(tmp: Path, rng: random.Random) -> None:
     base, _ = make_base(tmp, "dynamic", rng)
     child = tmp / "child.vhd"
-    from formats import create_overlay
-
     create_overlay(str(child), str(base), "vhd")
     other = tmp / "other.vhd"
     qemu_img("create", "-f", "vpc", other, "3M")
@@ -491,3 +498,259 @@ def test_fuzz_metadata_never_crashes(flips: list[tuple[int, int]]) -> None:
 
 
 _FUZZ_TEMPLATE: list[bytes] = []
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+Op = tuple[str, int, int, int]
+
+
+def ops_strategy(size: int, max_len: int) -> st.SearchStrategy[list[Op]]:
+    """Writes, write-zeroes, discards and allocates; offsets near sector and 4 KiB boundaries
+    as often as anywhere."""
+    aligned = st.builds(lambda k, d: min(size - 1, max(0, k * 4096 + d)),
+                        st.integers(0, size // 4096), st.sampled_from([-512, -1, 0, 1, 511, 512]))
+    offset = st.one_of(st.integers(0, size - 1), aligned)
+    op = st.tuples(st.sampled_from(["write", "write", "write", "zero", "discard", "allocate"]),
+                   offset, st.integers(1, max_len), st.integers(0, 255))
+    return st.lists(op, min_size=1, max_size=12)
+
+
+def apply_ops(img: VhdImage, model: bytearray, ops: list[Op]) -> None:
+    for name, off, n, seed in ops:
+        n = min(n, img.virtual_size - off)
+        if name == "write":
+            data = random.Random(seed * 7919 + off).randbytes(n)
+            img.write(off, data)
+            model[off : off + n] = data
+        elif name == "zero":
+            img.write_zeroes(off, n)
+            model[off : off + n] = bytes(n)
+        elif name == "discard":
+            img.discard(off, n)
+            model[off : off + n] = bytes(n)
+        else:
+            img.allocate(off, n)
+            ext = img.resolve(off, 1)
+            assert ext.kind is Kind.DATA and ext.writable, ext
+        lo, hi = max(0, off - 700), min(img.virtual_size, off + n + 700)
+        assert img.read(lo, hi - lo) == bytes(model[lo:hi])
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(maker=st.sampled_from(["ours-64k", "qemu"]), ops=ops_strategy(3 * MiB, 300_000))
+def test_dynamic_writes_match_qemu(tmp: Path, maker: str, ops: list[Op]) -> None:
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        p = Path(d) / "dyn.vhd"
+        if maker == "qemu":
+            qemu_img("create", "-f", "vpc", p, "3M")
+            qemu_io(p, "write -P 0x77 100k 9k", fmt="vpc")
+        else:
+            vhd.create(str(p), 3 * MiB, block_size=64 << 10)
+        model = bytearray(qemu_raw(p, Path(d), fmt="vpc"))
+        img = open_one(str(p), writable=True, fmt="vhd")
+        assert isinstance(img, VhdImage)
+        apply_ops(img, model, ops)
+        check_extents(img)
+        img.close()
+        assert qemu_raw(p, Path(d), fmt="vpc") == model
+        img = open_one(str(p), fmt="vhd")
+        assert isinstance(img, VhdImage)
+        assert read_all(img) == model
+        assert img.check().clean, img.check()
+        img.close()
+        vhdiinfo(p)
+        assert libvhdi_raw(p, Path(d)) == model
+
+
+@pytest.mark.parametrize("base_kind", ["dynamic", "fixed"])
+def test_differencing_writes(tmp: Path, base_kind: str, rng: random.Random) -> None:
+    base, base_bytes = make_base(tmp, base_kind, rng)
+    base_sha = sha256(base)
+    counter = [0]
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=ops_strategy(len(base_bytes), 200_000))
+    def run_ops(ops: list[Op]) -> None:
+        counter[0] += 1
+        child = tmp / f"child{counter[0]}.vhd"
+        create_overlay(str(child), str(base), "vhd", base_format="vpc")
+        img = open_image(str(child), writable=True)
+        assert isinstance(img, VhdImage) and img.differencing
+        model = bytearray(base_bytes)
+        try:
+            apply_ops(img, model, ops)
+            check_extents(img)
+        finally:
+            img.close_chain()
+        img = open_image(str(child))
+        assert isinstance(img, VhdImage)
+        assert read_all(img) == model
+        check_extents(img)
+        assert img.check().clean
+        img.close_chain()
+        vhdiinfo(child)
+        assert libvhdi_raw(child, tmp) == model
+        assert sha256(base) == base_sha
+        child.unlink()
+
+    run_ops()
+
+
+def test_differencing_zero_hides_parent(tmp: Path, rng: random.Random) -> None:
+    base, base_bytes = make_base(tmp, "dynamic", rng)
+    nonzero = next(i for i in range(0, len(base_bytes), 512) if any(base_bytes[i : i + 512]))
+    child = tmp / "child.vhd"
+    create_overlay(str(child), str(base), "vhd")
+    img = open_image(str(child), writable=True)
+    img.discard(nonzero, 512)
+    img.write_zeroes(nonzero + 512, 100)  # a partial sector: the rest stays the parent's
+    model = bytearray(base_bytes)
+    model[nonzero : nonzero + 612] = bytes(612)
+    ext = img.resolve(nonzero, 4096)
+    assert ext.kind is Kind.DATA and ext.writable
+    img.close_chain()
+    assert libvhdi_raw(child, tmp) == model
+    img = open_image(str(child))
+    assert read_all(img) == model
+    img.close_chain()
+
+
+def test_allocate_then_write_in_place(tmp: Path, rng: random.Random) -> None:
+    """The daemon's path: allocate, resolve to a writable extent, write the file directly."""
+    base, base_bytes = make_base(tmp, "dynamic", rng)
+    child = tmp / "child.vhd"
+    create_overlay(str(child), str(base), "vhd")
+    img = open_image(str(child), writable=True)
+    assert img.cluster_size == 4096
+    img.allocate(5000, 4000)  # granules [4096, 12288)
+    ext = img.resolve(4096, 1 << 20)
+    assert (ext.kind, ext.guest_offset, ext.length, ext.writable) == (Kind.DATA, 4096, 8192, True)
+    assert img.resolve(0, 4096).kind is Kind.UNALLOCATED
+    assert ext.file is not None
+    os.pwrite(ext.file.fd, b"\xee" * 100, ext.file_offset + 1000)
+    img.flush()
+    model = bytearray(base_bytes)
+    model[5096:5196] = b"\xee" * 100
+    img.close_chain()
+    assert libvhdi_raw(child, tmp) == model
+
+    dyn = tmp / "dyn.vhd"
+    vhd.create(str(dyn), 2 * MiB, block_size=64 << 10)
+    img = open_one(str(dyn), writable=True)
+    assert img.resolve(70000, 10).kind is Kind.ZERO
+    img.allocate(70000, 10)
+    ext = img.resolve(0, 1 << 20)
+    assert ext.kind is Kind.ZERO and ext.length == 65536  # the block, not more
+    ext = img.resolve(65536, 1 << 20)
+    assert (ext.kind, ext.length, ext.writable) == (Kind.DATA, 65536, True)
+    assert ext.file is not None
+    os.pwrite(ext.file.fd, b"\x42" * 10, ext.file_offset + 4464)
+    img.close()
+    model = bytearray(img.virtual_size)
+    model[70000:70010] = b"\x42" * 10
+    assert qemu_raw(dyn, tmp, fmt="vpc") == model
+    assert libvhdi_raw(dyn, tmp) == model
+
+
+def test_fixed_writes(tmp: Path) -> None:
+    p = tmp / "fixed.vhd"
+    qemu_img("create", "-f", "vpc", "-o", "subformat=fixed", p, "2M")
+    img = open_one(str(p), writable=True, fmt="vpc")
+    model = bytearray(img.virtual_size)
+    img.write(1234, b"abc" * 1000)
+    model[1234:4234] = b"abc" * 1000
+    img.write_zeroes(2000, 100)
+    model[2000:2100] = bytes(100)
+    img.discard(4000, 1000)
+    model[4000:5000] = bytes(1000)
+    img.close()
+    assert qemu_raw(p, tmp, fmt="vpc") == model
+    vhdiinfo(p)
+
+
+def test_crash_states(tmp: Path) -> None:
+    """Metadata reaches the file only at flush, and the old footer is never overwritten: the
+    file as it was before the writes (a lost size extension) and the file with data but no
+    metadata both open everywhere and read the flushed content."""
+    p = tmp / "d.vhd"
+    vhd.create(str(p), 2 * MiB, block_size=64 << 10)
+    img = open_one(str(p), writable=True)
+    img.write(0, b"\x11" * 70000)
+    img.flush()
+    flushed = bytearray(img.virtual_size)
+    flushed[:70000] = b"\x11" * 70000
+    old_size = p.stat().st_size
+    img.write(500_000, b"\x22" * 200_000)  # new blocks, not flushed
+    img.write(100, b"\x33" * 10)  # an existing block: data in place
+    unflushed = p.read_bytes()
+    img.close()
+    after = bytearray(flushed)
+    after[500_000:700_000] = b"\x22" * 200_000
+    after[100:110] = b"\x33" * 10
+    assert qemu_raw(p, tmp, fmt="vpc") == after
+
+    lost_extension = tmp / "lost.vhd"
+    lost_extension.write_bytes(unflushed[:old_size])
+    no_metadata = tmp / "nometa.vhd"
+    no_metadata.write_bytes(unflushed)
+    for q in (lost_extension, no_metadata):
+        want = bytearray(flushed)
+        want[100:110] = b"\x33" * 10  # written in place into a block the BAT already had
+        assert qemu_raw(q, tmp, fmt="vpc") == want
+        vhdiinfo(q)
+        assert libvhdi_raw(q, tmp) == want
+        img = open_one(str(q))
+        assert read_all(img) == want
+        assert img.check().clean
+        img.close()
+
+
+def test_saved_state_is_read_only(tmp: Path) -> None:
+    p = corrupt_image_path(tmp)
+    patch_both_footers(p, 84, b"\x01")
+    img = open_one(str(p), writable=True, fmt="vhd")
+    assert not img.writable and "saved state" in (img.read_only_reason or "")
+    with pytest.raises(ImageReadOnly, match="saved state"):
+        img.write(0, b"x")
+    img.close()
+
+
+def test_dirty_metadata_bound_flushes(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vhd, "VHD_MAX_DIRTY_BITMAP_BYTES", 2048)
+    p = tmp / "d.vhd"
+    vhd.create(str(p), 2 * MiB, block_size=64 << 10)
+    img = open_one(str(p), writable=True)
+    img.write(0, b"\x5a" * (6 * 65536))  # 6 new blocks: over the bound, flushed by itself
+    assert isinstance(img, VhdImage) and not img._dirty_bat
+    on_disk = qemu_raw(p, tmp, fmt="vpc")  # before close: what the file says right now
+    assert on_disk[: 6 * 65536] == b"\x5a" * (6 * 65536)
+    img.close()
+
+
+def test_check_reports_bat_and_footer_problems(tmp: Path) -> None:
+    p = corrupt_image_path(tmp)  # blocks 0 and 1 allocated by qemu-io
+    img = open_one(str(p), writable=True, fmt="vhd")
+    assert isinstance(img, VhdImage)
+    res = img.check()
+    assert res.clean and res.allocated_clusters == 2 and res.total_clusters == 3
+    size = p.stat().st_size
+    bat = struct.unpack(">2I", p.read_bytes()[1536:1544])
+    patch(p, 1536 + 8, struct.pack(">I", size // 512 + 1))  # bat[2] past EOF
+    patch(p, 1536 + 4, struct.pack(">I", bat[0] + 1))  # bat[1] overlaps bat[0]
+    patch(p, 30, b"\x00")  # the footer copy no longer matches
+    res = img.check()
+    text = "\n".join(res.corruptions)
+    assert "bat[2]: data block past end of file" in text
+    assert "overlaps another block" in text
+    assert "footer copy at offset 0" in text
+    res = img.check(repair=True)
+    assert res.corruptions_fixed == 1
+    assert not any("footer" in c for c in res.corruptions) and len(res.corruptions) == 2
+    img.close()
+    assert p.read_bytes()[:512] == p.read_bytes()[-512:]
+    # Overlapping blocks: readable, but never written.
+    patch(p, 1536 + 8, struct.pack(">I", 0xFFFFFFFF))
+    open_one(str(p), fmt="vhd").close()
+    assert "overlap" in expect_corrupt(p, "bat[1]", writable=True)
