@@ -9,6 +9,9 @@ half-way through start-up unwinds what was built.
 
 Shutdown (SIGINT/SIGTERM): stop accepting, give in-flight requests DRAIN_TIMEOUT_S to finish,
 then flush and close every disk (data before metadata, as formats/ documents) and exit 0.
+The signal receiver is installed before anything is opened and removed after the last disk is
+closed, so a second signal during the drain or the flush is logged, never fatal; the final
+close is shielded, so a caller that cancels ``run_daemon`` still gets its disks flushed.
 """
 
 from __future__ import annotations
@@ -80,9 +83,22 @@ class Daemon:
         }
 
     async def close(self) -> None:
-        for disk in list(self.disks.values()):
-            await disk.close()
+        """Flush and close every disk; one failing does not leave the others open."""
+        first: BaseException | None = None
+        for name, disk in list(self.disks.items()):
+            try:
+                await disk.close()
+            except Exception as e:
+                log.error("%s: closing failed: %s", name, e)
+                first = first or e
         self.disks.clear()
+        if first is not None:
+            raise first
+
+    async def close_shielded(self) -> None:
+        """``close`` even when the caller is cancelled: the flush must not be skipped."""
+        with trio.CancelScope(shield=True):
+            await self.close()
 
 
 def parse_address(spec: str) -> tuple[str, str, int]:
@@ -101,10 +117,42 @@ def parse_address(spec: str) -> tuple[str, str, int]:
 
 async def run_daemon(config: DaemonConfig,
                      task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGINT/SIGTERM (or until the caller cancels), then drain and close."""
+    """Serve until SIGINT/SIGTERM (or until the caller cancels), then drain and close.
+
+    Signals are caught from the start to the very end: the first one during start-up abandons
+    it (whatever was opened is closed again), the first one while serving starts the drain,
+    and any later one is only logged, so a second SIGTERM cannot kill the daemon half-way
+    through flushing.
+    """
+    addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as outer:
+            stop = trio.Event()
+            run_scope = trio.CancelScope()
+            serving = [False]
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if stop.is_set():
+                        log.info("signal %d: already shutting down", signum)
+                        continue
+                    stop.set()
+                    if serving[0]:
+                        log.info("signal %d: draining", signum)
+                    else:
+                        log.info("signal %d: abandoning start-up", signum)
+                        run_scope.cancel()
+
+            outer.start_soon(watch_signals)
+            with run_scope:
+                await _serve(config, addresses, stop, serving, task_status)
+            outer.cancel_scope.cancel()
+
+
+async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], stop: trio.Event,
+                 serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
     from .nbd import NbdServer, open_nbd_listeners
 
-    addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
     ctl_path = control.control_path(config.run_dir)
     control.clear_stale_socket(ctl_path)
     for kind, addr, _ in addresses:
@@ -114,7 +162,7 @@ async def run_daemon(config: DaemonConfig,
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
         daemon = Daemon(config, pool, cache)
-        stack.push_async_callback(daemon.close)  # runs last: flush and close every disk
+        stack.push_async_callback(daemon.close_shielded)  # runs last: flush and close disks
         for path in config.images:
             await daemon.add_disk(path)
 
@@ -130,16 +178,22 @@ async def run_daemon(config: DaemonConfig,
 
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, ctl, handlers)
-            for listener in listeners:
-                nursery.start_soon(trio.serve_listeners, nbd.handle, [listener])
+            # The accept loops run in a scope of their own and hand connections to the outer
+            # nursery, so shutdown can stop accepting (which closes the listeners) while the
+            # connections drain.  Closing a listener under a task blocked in accept() would
+            # instead make that task fail with ClosedResourceError.
+            accepting = trio.CancelScope()
+
+            async def accept_loop() -> None:
+                with accepting:
+                    await trio.serve_listeners(nbd.handle, listeners, handler_nursery=nursery)
+
+            nursery.start_soon(accept_loop)
             log.info("serving %s on %s", ", ".join(daemon.disks), ", ".join(config.nbd))
+            serving[0] = True
             task_status.started(daemon)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("signal %d: draining", signum)
-                    break
-            for listener in listeners:
-                await listener.aclose()
+            await stop.wait()
+            accepting.cancel()
             await nbd.shutdown(DRAIN_TIMEOUT_S)
             nursery.cancel_scope.cancel()
 
