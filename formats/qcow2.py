@@ -501,7 +501,9 @@ class Qcow2Image(Image):
         self.refcount_order = hdr.refcount_order
         self.refcount_bits = 1 << hdr.refcount_order
         self.rb_bits = cb + 3 - hdr.refcount_order
-        self.virtual_size = hdr.size
+        # qemu addresses qcow2 images in whole 512-byte sectors: a partial last sector of
+        # hdr.size is not part of the disk (bs->total_sectors = size / 512).
+        self.virtual_size = hdr.size // SECTOR * SECTOR
         self.backing_name = hdr.backing_file
         self.backing_format = hdr.backing_format if hdr.backing_file else None
         if self.backing_format is not None:
@@ -1171,9 +1173,17 @@ class Qcow2Image(Image):
             return
         # Rule 6.
         if self.version >= 3 and self.autoclear_features & ~AUTOCLEAR_KEPT:
+            had_bitmaps = bool(self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
             self.autoclear_features &= AUTOCLEAR_KEPT
             self.file.pwrite(88, struct.pack(">Q", self.autoclear_features))
             self.file.sync()
+            if had_bitmaps:
+                # The bitmaps are now inconsistent and every reader ignores them (qemu says
+                # so and drops them): give their clusters back rather than leak them.
+                problems: list[str] = []
+                ranges = self._bitmap_ranges(problems, self.file.size())
+                if not problems:
+                    self._pending_free.extend((off, n) for off, n, _ in ranges)
         self._modified = True
 
     def _sync_data(self) -> None:
@@ -1358,7 +1368,7 @@ class Qcow2Image(Image):
         has_host = not comp and self._has_host(e)
         owned = has_host and (bool(e & QCOW_OFLAG_COPIED) or self.data_file is not None)
         host = e & L2E_OFFSET_MASK
-        if host & ((1 << cb) - 1):
+        if not comp and host & ((1 << cb) - 1):
             raise CorruptImage(self.path, "data cluster offset not cluster aligned",
                                f"l2 entry of guest cluster {ci}", e)
         new_bm = (bm | touched) & ~(touched << 32)
@@ -1546,7 +1556,7 @@ class Qcow2Image(Image):
                      and self._has_host(e)
                      and (bool(e & QCOW_OFLAG_COPIED) or self.data_file is not None))
             host = e & L2E_OFFSET_MASK
-            if host & ((1 << cb) - 1):
+            if not comp and host & ((1 << cb) - 1):
                 raise CorruptImage(self.path, "data cluster offset not cluster aligned",
                                    f"l2 entry of guest cluster {ci}", e)
             if not self.extended_l2:
@@ -1825,37 +1835,45 @@ class Qcow2Image(Image):
 
     def _check_bitmaps(self, inc: Callable[[int, int, str], None], res: CheckResult,
                        file_size: int) -> None:
-        hdr = self.hdr
         # Like qemu: bitmaps count only while their auto-clear bit vouches for them.
-        if (hdr is None or hdr.bitmaps is None
-                or not self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS):
+        if not self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
             return
+        for off, n, what in self._bitmap_ranges(res.corruptions, file_size):
+            inc(off, n, what)
+
+    def _bitmap_ranges(self, problems: list[str],
+                       file_size: int) -> list[tuple[int, int, str]]:
+        """(file_offset, length, what) of every cluster the bitmaps extension reaches."""
+        hdr = self.hdr
+        if hdr is None or hdr.bitmaps is None:
+            return []
         nb, dsize, doff = hdr.bitmaps
         cs = self._cs
         if (nb > QCOW2_MAX_BITMAPS or dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or doff % cs
                 or doff + dsize > file_size):
-            res.corruptions.append(f"bitmap directory invalid (offset 0x{doff:x}, "
-                                   f"size {dsize}, count {nb})")
-            return
-        inc(doff, dsize, "bitmap directory")
+            problems.append(f"bitmap directory invalid (offset 0x{doff:x}, size {dsize}, "
+                            f"count {nb})")
+            return []
+        out = [(doff, dsize, "bitmap directory")]
         directory = self.file.pread_exact(doff, dsize, "bitmap directory")
         pos = 0
         for k in range(nb):
             if pos + BITMAP_DIR_ENTRY.size > dsize:
-                res.corruptions.append(f"bitmap directory entry {k} truncated")
-                return
+                problems.append(f"bitmap directory entry {k} truncated")
+                break
             toff, tsize, _flags, _type, _gran, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
                 directory, pos)
             pos += (BITMAP_DIR_ENTRY.size + extra + name_size + 7) & ~7
-            if toff % cs or toff + tsize * 8 > file_size:
-                res.corruptions.append(f"bitmap {k} table invalid (offset 0x{toff:x})")
+            if toff % cs or tsize * 8 > QCOW_MAX_L1_SIZE or toff + tsize * 8 > file_size:
+                problems.append(f"bitmap {k} table invalid (offset 0x{toff:x})")
                 continue
-            inc(toff, tsize * 8, f"bitmap {k} table")
+            out.append((toff, tsize * 8, f"bitmap {k} table"))
             table = _words(self.file.pread_exact(toff, tsize * 8, "bitmap table"))
             for bte in table:
                 boff = bte & BME_TABLE_ENTRY_OFFSET_MASK
                 if boff:
-                    inc(boff, cs, f"bitmap {k} data")
+                    out.append((boff, cs, f"bitmap {k} data"))
+        return out
 
     def _stored_refcounts(self, res: CheckResult) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -1998,6 +2016,7 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
         raise ValueError(f"{path}: extended L2 entries need clusters of 16 KiB or more")
     if virtual_size < 0:
         raise ValueError(f"{path}: negative size")
+    virtual_size = _div_round_up(virtual_size, SECTOR) * SECTOR  # like qemu-img create
     if data_file and _PROTOCOL_RE.match(data_file):
         raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
     fmt_name = None
