@@ -18,7 +18,8 @@ What the mount looks like
   removed and added again gets a new inode and no kernel cache can confuse the two.
 - Files are mode 0600 (0400 for a read-only disk), owned by the daemon's uid/gid (root), of the
   disk's size, which never changes: truncate and chmod/chown are EPERM, writes past the end
-  ENOSPC, opening a read-only disk for writing EROFS.  Namespace changes (create, unlink,
+  ENOSPC (one that crosses the end writes what fits and returns a short count, as a block
+  device does), opening a read-only disk for writing EROFS.  Namespace changes (create, unlink,
   rename, mkdir, ...) are EPERM.
 - READ and WRITE pass guest offsets straight to the Disk (a READ crossing the end of the file
   is answered short, as for any file).  FSYNC (fsync and fdatasync alike) is an NBD FLUSH:
@@ -788,7 +789,7 @@ class FuseFrontend:
                 await self.shutdown(DRAIN_TIMEOUT_S)
                 if not self._ended.is_set():
                     busy = [n.name for n in self.fs.nodes.values() if n.handles]
-                    log.warning("fuse: %s: files still open after %.0f s, aborting the "
+                    log.warning("fuse: %s: files still open after %g s, aborting the "
                                 "connection (open: %s)", self.mountpoint, DRAIN_TIMEOUT_S,
                                 ", ".join(busy) or "-")
         finally:
@@ -986,7 +987,13 @@ class FuseFrontend:
                                             f"(size={size}, payload={len(payload)})")
                 node, _h = self.fs.node_of(fh)
                 node.inflight += 1
-                await node.disk.write(offset, payload)
+                disk = node.disk
+                if offset < disk.size < offset + size:
+                    # Crossing the end: write what fits and answer short, as a block device
+                    # does (the kernel's buffered path splits such a write the same way).
+                    size = disk.size - offset
+                    payload = payload[:size]
+                await disk.write(offset, payload)  # at or past the end: ENOSPC
                 self.counters["writes"] += 1
                 self.counters["bytes_written"] += size
                 self._send(reply_ok(req.unique, WRITE_OUT.pack(size, 0)))

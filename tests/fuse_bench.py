@@ -1,0 +1,261 @@
+"""Benchmark of the FUSE frontend's mount options (not a test; pytest does not collect it).
+
+A loop device (``--direct-io=on``) on the FUSE file of a fresh qcow2 overlay over a raw base,
+against a plain loop device (``--direct-io=on``) on a raw copy of the same base, in the same
+run: fio 1 MiB sequential read (QD1), 4 KiB random read (QD32) and 4 KiB random write (QD32,
+the overlay is new for every run so every first write to a cluster allocates).  Page cache
+dropped before every job.  Prints a table of medians and their ratio to the plain loop
+device, and writes every figure as JSON.
+
+    python -m tests.fuse_bench --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
+    python -m tests.fuse_bench --configs default,no-direct-io   # a subset
+
+It needs root, /dev/fuse, loop devices, fio and qemu-img.  It creates and removes only its
+own loop devices (by name) and its own mounts, under a fresh temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cowd.fuse import FuseOptions
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no-direct-io": {"direct_io": False},
+    "no-parallel-writes": {"parallel_direct_writes": False},
+    "max-background-12": {"max_background": 12},
+    "max-background-256": {"max_background": 256},
+    "requests-128k": {"max_write_bytes": 128 << 10, "max_read_bytes": 128 << 10},
+    "writeback-cache": {"direct_io": False, "writeback_cache": True},
+    "workers-4": {"max_workers": 4},
+    "pyfuse3": {"pyfuse3": True},
+}
+
+JOBS = {
+    "seqread_1m_qd1": ["--rw=read", "--bs=1M", "--iodepth=1"],
+    "randread_4k_qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "randwrite_4k_qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+}
+
+
+def sh(*args: str, check: bool = True) -> str:
+    p = subprocess.run(args, capture_output=True, text=True, check=False)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {p.returncode} {p.stderr.strip()}")
+    return p.stdout.strip()
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def fio(dev: str, job: str, runtime_s: float) -> float:
+    out = sh("fio", "--name=bench", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+             f"--runtime={runtime_s}", "--time_based", "--ramp_time=0.5",
+             "--output-format=json", *JOBS[job])
+    j = json.loads(out)["jobs"][0]
+    side = j["write"] if "write" in job else j["read"]
+    if job.startswith("seq"):
+        return float(side["bw_bytes"]) / 1e6  # MB/s
+    return float(side["iops"])
+
+
+def warm(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.readinto(_WARM_BUF):
+                pass
+
+
+_WARM_BUF = bytearray(8 << 20)
+
+
+def run_jobs(file: str, runtime_s: float, warm_paths: list[Path] | None,
+             dio: bool = True) -> dict[str, float]:
+    """fio on a loop device on ``file``.  Cold (page cache dropped before each job) unless
+    ``warm_paths`` are given: then those files are read into the page cache instead."""
+    dev = sh("losetup", "--find", "--show", f"--direct-io={'on' if dio else 'off'}", file)
+    try:
+        got = Path(f"/sys/block/{os.path.basename(dev)}/loop/dio").read_text().strip()
+        if got != ("1" if dio else "0"):
+            raise RuntimeError(f"{dev}: direct I/O setting not in effect (dio={got})")
+        res = {}
+        for job in JOBS:
+            if warm_paths is None:
+                drop_caches()
+            else:
+                warm(warm_paths)
+            res[job] = fio(dev, job, runtime_s)
+        return res
+    finally:
+        sh("losetup", "-d", dev, check=False)
+
+
+# ---- the served side (a child process) -----------------------------------------------------
+
+def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
+    import trio
+
+    from cowd.disk import Disk, ImagePool
+    from cowd.remap import RemapCache
+
+    async def main() -> None:
+        from contextlib import AsyncExitStack
+
+        disk = await Disk.open(image, pool=ImagePool(), cache=RemapCache())
+        await disk.prime()
+        try:
+            async with trio.open_nursery() as nursery:
+                async with AsyncExitStack() as stack:
+                    if opts.get("pyfuse3"):
+                        await _pyfuse3_serve(stack, nursery, mnt, disk)
+                    else:
+                        from cowd.fuse import mount_fuse
+                        await mount_fuse(stack, nursery, mnt, {"disk": disk}, FuseOptions(**opts))
+                    print("ready", flush=True)
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                        async for _ in sigs:
+                            break
+                nursery.cancel_scope.cancel()
+        finally:
+            await disk.close()
+
+    trio.run(main)
+
+
+async def _pyfuse3_serve(stack: Any, nursery: Any, mnt: str, disk: Any) -> None:
+    """The same Disk behind pyfuse3, for comparison (no fallocate: pyfuse3 has none)."""
+    import errno
+    import stat
+
+    import pyfuse3
+
+    class Ops(pyfuse3.Operations):
+        async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = inode
+            e.attr_timeout = e.entry_timeout = 1.0
+            if inode == pyfuse3.ROOT_INODE:
+                e.st_mode = stat.S_IFDIR | 0o755
+            else:
+                e.st_mode = stat.S_IFREG | 0o600
+                e.st_size = disk.size
+            return e
+
+        async def lookup(self, parent: int, name: bytes, ctx: Any = None
+                         ) -> pyfuse3.EntryAttributes:
+            if name != b"disk":
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await self.getattr(2)
+
+        async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
+
+        async def read(self, fh: int, off: int, size: int) -> bytes:
+            n = max(0, min(size, disk.size - off))
+            return await disk.read(off, n)
+
+        async def write(self, fh: int, off: int, buf: bytes) -> int:
+            await disk.write(off, buf)
+            return len(buf)
+
+        async def fsync(self, fh: int, datasync: bool) -> None:
+            await disk.flush()
+
+    opts = set(pyfuse3.default_options)
+    pyfuse3.init(Ops(), mnt, opts)
+    stack.callback(pyfuse3.close, unmount=True)
+    nursery.start_soon(pyfuse3.main)
+
+
+# ---- the harness -------------------------------------------------------------------------------
+
+def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: float,
+            warm_paths: list[Path] | None) -> dict[str, float]:
+    top = work / "top.qcow2"
+    top.unlink(missing_ok=True)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-m", "tests.fuse_bench", "--serve", str(top),
+                          str(mnt), json.dumps(opts)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"{name}: server did not start")
+        return run_jobs(str(mnt / "disk"), runtime_s, warm_paths)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", nargs=3, metavar=("IMAGE", "MNT", "OPTS"))
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=float, default=3.0)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default="/tmp/fuse_bench.json")
+    ap.add_argument("--warm", action="store_true",
+                    help="images in the page cache instead of dropped caches; adds a "
+                         "buffered loop (direct-io=off, warm) baseline")
+    a = ap.parse_args()
+    if a.serve:
+        serve(a.serve[0], a.serve[1], json.loads(a.serve[2]))
+        return
+    names = a.configs.split(",")
+    results: dict[str, list[dict[str, float]]] = {"loop": [], **{n: [] for n in names}}
+    if a.warm:
+        results["loop-buffered-warm"] = []
+    with tempfile.TemporaryDirectory(prefix="fuse-bench-") as d:
+        work = Path(d)
+        base = work / "base.raw"
+        sh("sh", "-c", f"head -c {a.size_mib}M /dev/urandom > {base}")
+        copy = work / "copy.raw"
+        for r in range(a.runs):
+            sh("cp", "--sparse=never", str(base), str(copy))
+            results["loop"].append(run_jobs(str(copy), a.runtime, None))
+            print(f"run {r} loop {results['loop'][-1]}", flush=True)
+            if a.warm:
+                results["loop-buffered-warm"].append(
+                    run_jobs(str(copy), a.runtime, [copy], dio=False))
+                print(f"run {r} loop-buffered-warm {results['loop-buffered-warm'][-1]}",
+                      flush=True)
+            sh("cp", "--sparse=never", str(base), str(copy))
+            for n in names:
+                t0 = time.time()
+                results[n].append(one_run(work, base, n, CONFIGS[n], a.runtime,
+                                          [base] if a.warm else None))
+                print(f"run {r} {n} {results[n][-1]} ({time.time() - t0:.0f} s)", flush=True)
+    med = {n: {j: statistics.median(x[j] for x in runs) for j in JOBS}
+           for n, runs in results.items()}
+    Path(a.out).write_text(json.dumps({"runs": results, "medians": med,
+                                       "defaults": asdict(FuseOptions())}, indent=1))
+    loop = med["loop"]
+    print(f"| config | {' | '.join(JOBS)} |")
+    print(f"|---|{'---|' * len(JOBS)}")
+    print(f"| loop on raw copy = 1.0 | {loop['seqread_1m_qd1']:.0f} MB/s | "
+          f"{loop['randread_4k_qd32'] / 1e3:.1f}k IOPS | "
+          f"{loop['randwrite_4k_qd32'] / 1e3:.1f}k IOPS |")
+    for n in ([*names, "loop-buffered-warm"] if a.warm else names):
+        cells = [f"{med[n][j] / loop[j]:.2f}" for j in JOBS]
+        print(f"| {n} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
