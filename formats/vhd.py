@@ -19,8 +19,8 @@ Invariants this module keeps:
 - The virtual size follows qemu's rule so that every byte matches ``qemu-img convert -f
   vpc``: cylinders x heads x sectors-per-track sectors, except for the creator applications
   that size by Current Size (Hyper-V, disk2vhd, XenServer, qemu's force_size) and for the
-  maximal geometry.  Images we create have a Current Size equal to their geometry's size (or
-  the maximal geometry), so both rules give the same answer.
+  maximal geometry.  Images we create have a Current Size equal to their geometry's size,
+  or the maximal geometry, so that rule and libvhdi's (always Current Size) agree.
 - Semantics of the sector bitmap: in a *differencing* disk a clear bit means "ask the parent"
   (Kind.UNALLOCATED).  In a *dynamic* disk qemu reads an allocated block whole, ignoring the
   bitmap, and we do the same; a clear bit there only makes the bytes non-writable in place
@@ -221,10 +221,15 @@ class Footer:
     def geometry_sectors(self) -> int:
         return self.cylinders * self.heads * self.sectors_per_track
 
+    @property
+    def sized_by_current_size(self) -> bool:
+        """qemu's rule: Current Size for some creators and for the maximal geometry."""
+        return (self.creator_application in CURRENT_SIZE_CREATORS
+                or self.geometry_sectors == VHD_MAX_GEOMETRY)
+
     def virtual_sectors(self) -> int:
-        """The disk's size in sectors, by qemu's rule (see the module docstring)."""
-        if (self.creator_application in CURRENT_SIZE_CREATORS
-                or self.geometry_sectors == VHD_MAX_GEOMETRY):
+        """The disk's size in sectors (see the module docstring)."""
+        if self.sized_by_current_size:
             return self.current_size // SECTOR
         return self.geometry_sectors
 
@@ -313,16 +318,26 @@ def spec_geometry(total_sectors: int) -> tuple[int, int, int]:
     return cyl_heads // heads, heads, spt
 
 
-def size_for_create(virtual_size: int) -> tuple[int, tuple[int, int, int]]:
-    """(current size in bytes, geometry) for a requested size, as qemu-img without force_size
-    does it: round up until the geometry covers the size, and use the geometry's size, so
-    that readers sizing by geometry and readers sizing by Current Size agree.  Past the
-    largest geometry, the maximal geometry marks a disk sized by Current Size."""
+def size_for_create(virtual_size: int, round_to_geometry: bool = False
+                    ) -> tuple[int, tuple[int, int, int]]:
+    """(Current Size in bytes, geometry) for a new disk of ``virtual_size`` bytes (rounded up
+    to a sector) that readers sizing by geometry (qemu, Virtual PC) and by Current Size
+    (Hyper-V, libvhdi) see alike.
+
+    By default the size is kept: the spec's geometry when it covers the size exactly, else
+    the maximal geometry, which tells qemu to use Current Size (what qemu-img's force_size
+    does).  ``round_to_geometry`` instead grows the size until the spec's geometry covers it,
+    as qemu-img create does by default (for Virtual PC, which knows only geometry).
+    """
     sectors = (virtual_size + SECTOR - 1) // SECTOR
     if sectors > VHD_MAX_SECTORS:
         raise ValueError(f"VHD size {virtual_size} above the format's limit of 2040 GiB")
+    max_geometry = (65535, 16, 255)
     if sectors > VHD_MAX_GEOMETRY:
-        return sectors * SECTOR, (65535, 16, 255)
+        return sectors * SECTOR, max_geometry
+    if not round_to_geometry:
+        c, h, s = spec_geometry(sectors)
+        return sectors * SECTOR, ((c, h, s) if c * h * s == sectors else max_geometry)
     for extra in range(_GEOMETRY_SEARCH_LIMIT):
         c, h, s = spec_geometry(sectors + extra)
         if c * h * s >= sectors:
@@ -504,9 +519,9 @@ class VhdImage(Image):
         self.footer = footer
         self._footer_bytes = bytes(raw)  # as found, reserved bytes included
 
-        require(footer.file_format_version >> 16 == FILE_FORMAT_VERSION >> 16, path,
-                "unsupported VHD file format version", "file_format_version",
-                footer.file_format_version)
+        if footer.file_format_version >> 16 != FILE_FORMAT_VERSION >> 16:
+            raise UnsupportedImage(path, "unsupported VHD file format version",
+                                   "file_format_version", footer.file_format_version)
         if footer.disk_type not in DISK_TYPE_NAMES:
             raise UnsupportedImage(path, "unsupported VHD disk type", "disk_type",
                                    footer.disk_type)
@@ -514,8 +529,8 @@ class VhdImage(Image):
         sectors = footer.virtual_sectors()
         if sectors > VHD_MAX_SECTORS:
             raise UnsupportedImage(path, "virtual size above the VHD limit of 2040 GiB",
-                                   "current_size" if sectors * SECTOR != footer.geometry_sectors
-                                   * SECTOR else "geometry_sectors", sectors * SECTOR)
+                                   "current_size" if footer.sized_by_current_size
+                                   else "geometry_sectors", sectors * SECTOR)
         self.virtual_size = sectors * SECTOR
 
         if self.fixed:
@@ -525,14 +540,14 @@ class VhdImage(Image):
                     self.virtual_size)
             self.cluster_size = FIXED_CLUSTER_SIZE
         else:
-            self._load_dynamic(file_size)
+            self._load_dynamic()
 
         if self.writable and footer.saved_state:
             # The spec: a disk in a saved state must not be modified.
             self.writable = False
             self.read_only_reason = "the VHD is in a saved state (saved_state=1)"
 
-    def _load_dynamic(self, file_size: int) -> None:
+    def _load_dynamic(self) -> None:
         path = self.path
         f = self.footer
         end = self._data_end
@@ -795,6 +810,13 @@ class VhdImage(Image):
         if _set_bits(self._bitmap(idx), first_sector, end_sector):
             self._dirty_bitmaps.add(idx)
 
+    def _require_parent(self) -> None:
+        # Copy-up reads the parent: without it open, a write would hide the parent's bytes
+        # behind zeroes.
+        if self.differencing and self.backing is None:
+            raise UnsupportedImage(self.path, "cannot write a differencing VHD whose parent "
+                                   "is not open", "backing_file", self.backing_name)
+
     def _data_offset(self, idx: int) -> int:
         return self.bat[idx] * SECTOR + self.bitmap_size
 
@@ -836,6 +858,7 @@ class VhdImage(Image):
 
     def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         self.require_writable()
+        self._require_parent()
         self.check_range(guest_offset, len(data))
         if self.fixed:
             self.file.pwrite(guest_offset, data)
@@ -857,6 +880,7 @@ class VhdImage(Image):
 
     def write_zeroes(self, guest_offset: int, length: int, may_unmap: bool = False) -> None:
         self.require_writable()
+        self._require_parent()
         self.check_range(guest_offset, length)
         if self.fixed:
             self._zero_file(guest_offset, length, may_unmap)
@@ -907,6 +931,7 @@ class VhdImage(Image):
 
     def allocate(self, guest_offset: int, length: int) -> None:
         self.require_writable()
+        self._require_parent()
         self.check_range(guest_offset, length)
         if self.fixed:
             return
@@ -1098,14 +1123,15 @@ def _dynamic_layout(footer: Footer, header: DynamicHeader,
 
 
 def create(path: str, virtual_size: int, *, kind: str = "dynamic",
-           block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-    """Create a fixed or dynamic VHD.  The size is rounded up to the spec's CHS geometry
-    (as ``qemu-img create -f vpc`` does), so qemu and libvhdi see the same size."""
+           block_size: int = DEFAULT_BLOCK_SIZE, round_to_geometry: bool = False) -> None:
+    """Create a fixed or dynamic VHD (never over an existing file) of ``virtual_size`` bytes,
+    rounded up to a sector, or, with ``round_to_geometry``, up to the spec's CHS geometry as
+    ``qemu-img create -f vpc`` does; see :func:`size_for_create`."""
     if kind not in ("dynamic", "fixed"):
         raise ValueError(f"VHD kind must be 'dynamic' or 'fixed', not {kind!r}")
     if virtual_size < 0:
         raise ValueError(f"negative size {virtual_size}")
-    current_size, geometry = size_for_create(virtual_size)
+    current_size, geometry = size_for_create(virtual_size, round_to_geometry)
     if kind == "fixed":
         footer = _new_footer(DISK_TYPE_FIXED, current_size, geometry, NO_DATA_OFFSET)
         _write_new_file(path, [(current_size, footer.pack())], current_size + FOOTER_SIZE)

@@ -208,15 +208,37 @@ def test_bitmap_runs() -> None:
 
 @pytest.mark.parametrize("mib", [1, 3, 10, 33, 127, 512, 4095])
 def test_geometry_matches_qemu_create(tmp: Path, mib: int) -> None:
-    """Our create-time rounding gives the size qemu-img create gives (same CHS algorithm)."""
+    """round_to_geometry gives the size and geometry qemu-img create gives (the spec's CHS
+    algorithm); by default the size is exact and qemu reads exactly that too."""
     p = tmp / "q.vhd"
     qemu_img("create", "-f", "vpc", p, f"{mib}M")
-    current, geometry = vhd.size_for_create(mib * MiB)
+    current, geometry = vhd.size_for_create(mib * MiB, round_to_geometry=True)
     assert current == qemu_size(p)
     img = open_one(str(p), fmt="vhd")
     assert isinstance(img, VhdImage)
     f = img.footer
     assert (f.cylinders, f.heads, f.sectors_per_track) == geometry
+    img.close()
+    ours = tmp / "ours.vhd"
+    vhd.create(str(ours), mib * MiB + 512)
+    img = open_one(str(ours))
+    assert img.virtual_size == qemu_size(ours) == mib * MiB + 512
+    img.close()
+    rounded = tmp / "rounded.vhd"
+    vhd.create(str(rounded), mib * MiB, round_to_geometry=True, kind="fixed")
+    assert qemu_size(rounded) == current
+    assert f"({current} bytes)" in vhdiinfo(rounded)
+
+
+def test_exact_size_uses_spec_geometry_when_it_fits(tmp: Path) -> None:
+    sectors = 17 * 4 * 100  # a CHS size: the spec's geometry, not the maximal one
+    p = tmp / "chs.vhd"
+    vhd.create(str(p), sectors * 512)
+    img = open_one(str(p))
+    assert isinstance(img, VhdImage)
+    f = img.footer
+    assert (f.cylinders, f.heads, f.sectors_per_track) == (100, 4, 17)
+    assert img.virtual_size == qemu_size(p) == sectors * 512
     img.close()
 
 
@@ -267,7 +289,7 @@ def test_create_read_by_qemu_and_libvhdi(tmp: Path, kind: str) -> None:
     p = tmp / "ours.vhd"
     vhd.create(str(p), 5 * MiB + 100, kind=kind, block_size=256 << 10)
     img = open_one(str(p), fmt="vhd")
-    assert img.virtual_size == qemu_size(p) >= 5 * MiB + 100
+    assert img.virtual_size == qemu_size(p) == 5 * MiB + 512
     assert img.check().clean
     img.close()
     assert qemu_raw(p, tmp, fmt="vpc") == bytes(img.virtual_size)
@@ -754,3 +776,32 @@ def test_check_reports_bat_and_footer_problems(tmp: Path) -> None:
     patch(p, 1536 + 8, struct.pack(">I", 0xFFFFFFFF))
     open_one(str(p), fmt="vhd").close()
     assert "overlap" in expect_corrupt(p, "bat[1]", writable=True)
+
+
+def test_differencing_chain(tmp: Path, rng: random.Random) -> None:
+    """child2 -> child1 -> fixed base: each level writes; libvhdi reads the whole chain."""
+    base, base_bytes = make_base(tmp, "fixed", rng)
+    model = bytearray(base_bytes)
+    c1, c2 = tmp / "c1.vhd", tmp / "c2.vhd"
+    create_overlay(str(c1), str(base), "vhd", base_format="vpc")
+    img = open_image(str(c1), writable=True)
+    img.write(10_000, b"\x01" * 100_000)
+    model[10_000:110_000] = b"\x01" * 100_000
+    img.close_chain()
+    create_overlay(str(c2), str(c1), "vhd")
+    img = open_image(str(c2), writable=True)
+    assert img.backing is not None and img.backing.backing is not None
+    img.write(50_001, b"\x02" * 7)
+    img.write_zeroes(100_000, 20_000)
+    model[50_001:50_008] = b"\x02" * 7
+    model[100_000:120_000] = bytes(20_000)
+    img.close_chain()
+    img = open_image(str(c2))
+    assert read_all(img) == model
+    img.close_chain()
+    assert libvhdi_raw(c2, tmp) == model
+    # Without its parent open, a differencing disk cannot copy up: writing is refused.
+    lone = open_one(str(c2), writable=True)
+    with pytest.raises(FormatError, match="parent is not open"):
+        lone.write(1, b"x")
+    lone.close()
