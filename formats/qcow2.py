@@ -45,10 +45,12 @@ range that held an acknowledged, flushed write ever shows garbage, stale data or
 data.  The rules, each of which the code below follows:
 
 1. Refcounts before references.  Host clusters are *reserved* in batches
-   (RESERVE_BATCH_BYTES): their refcounts are set to 1 and the file is fdatasync'ed once for
-   the batch, then clusters are handed out from the batch.  No L2 or L1 entry can reach the
-   disk pointing at a cluster whose refcount is not already durable.  A crash leaks the unused
-   part of the batch; close gives it back and truncates the file.
+   (RESERVE_BATCH_BYTES): their refcounts are set to 1 (pwrite), then clusters are handed
+   out from the batch.  No L2 or L1 entry is ever written before an fdatasync of the image
+   that follows those refcount writes: flush syncs before it writes any L2/L1 entry, and the
+   eviction of a dirty table syncs first too (``_sync_data``).  So the sync rule 1 needs is
+   the one rule 3 needs anyway, and allocation costs no fdatasync of its own.  A crash leaks
+   the unused part of the batch; close gives it back and truncates the file.
 2. New refcount structures before they are published.  A new refcount block (placed inside
    the range it covers, so it counts itself) or a relocated, grown refcount table is written
    and synced before the refcount-table entry or the header field that makes it reachable is
@@ -434,6 +436,7 @@ class Qcow2Image(Image):
         self._alloc_floor = 0
         self._open_file_size = 0
         self._touched = False  # refcounts were written: close gives back and truncates
+        self._rc_unsynced = False  # reserved refcounts not yet synced (rule 1)
         self._closed = False
 
     # ---- geometry helpers ----------------------------------------------------------------
@@ -1007,8 +1010,8 @@ class Qcow2Image(Image):
                 # Place the block inside the range it covers, so it counts itself.  Every
                 # cluster of a range without a block has refcount 0.
                 base = r << rbb
-                c = next((x for x in range(max(base, 1), base + (1 << rbb))
-                          if x not in taken and x >= self._alloc_floor), None)
+                c = next((x for x in range(max(base, 1, self._alloc_floor), base + (1 << rbb))
+                          if x not in taken), None)
                 if c is None:
                     c = self._find_free(1, taken, base + (1 << rbb))[0]
                     queue.append(c >> rbb)
@@ -1081,18 +1084,20 @@ class Qcow2Image(Image):
 
     # ---- allocation ------------------------------------------------------------------------
 
-    def _overlaps_metadata(self, ci: int) -> str | None:
+    def _overlaps_metadata(self, clusters: list[int]) -> tuple[int, str] | None:
         """Cheap cross-check (qemu's "cached" overlap check): is a supposedly free cluster
         in use by a structure we know of?"""
         cb = self.cluster_bits
-        for what, off, n in self._static_metadata():
-            if off >> cb <= ci <= (off + n - 1) >> cb:
-                return what
-        off = ci << cb
-        if off in self._l2_cache:
-            return "L2 table"
-        if off in self._rb_cache:
-            return "refcount block"
+        spans = [(off >> cb, (off + n - 1) >> cb, what)
+                 for what, off, n in self._static_metadata()]
+        for ci in clusters:
+            for first, last, what in spans:
+                if first <= ci <= last:
+                    return ci, what
+            if ci << cb in self._l2_cache:
+                return ci, "L2 table"
+            if ci << cb in self._rb_cache:
+                return ci, "refcount block"
         return None
 
     def _reserve(self, n: int) -> None:
@@ -1100,12 +1105,13 @@ class Qcow2Image(Image):
         cs = self._cs
         n = max(n, RESERVE_BATCH_MIN_CLUSTERS, RESERVE_BATCH_BYTES // cs)
         chosen = self._find_free(n, set(), self._free_hint)
-        for ci in chosen:
-            what = self._overlaps_metadata(ci)
-            if what is not None:
-                self._signal_corruption(f"cluster with refcount 0 is in use by the {what}",
-                                        "cluster", ci)
-        self._rc_apply(dict.fromkeys(chosen, 1), durable=True)
+        clash = self._overlaps_metadata(chosen)
+        if clash is not None:
+            self._signal_corruption(f"cluster with refcount 0 is in use by the {clash[1]}",
+                                    "cluster", clash[0])
+        # Not synced here: _sync_data() runs before any L2/L1 entry is written (rule 1).
+        self._rc_apply(dict.fromkeys(chosen, 1), durable=False)
+        self._rc_unsynced = True
         self._pool.extend(chosen)
         self._free_hint = chosen[-1] + 1
 
@@ -1186,10 +1192,19 @@ class Qcow2Image(Image):
                     self._pending_free.extend((off, n) for off, n, _ in ranges)
         self._modified = True
 
-    def _sync_data(self) -> None:
-        if self._data_dirty:
-            self._data_host().sync()
+    def _sync_image(self) -> None:
+        self.file.sync()
+        self._rc_unsynced = False
+        if self.data_file is None:
             self._data_dirty = False
+
+    def _sync_data(self) -> None:
+        """Make guest data and reserved refcounts durable (before an L2/L1 write)."""
+        if self.data_file is not None and self._data_dirty:
+            self.data_file.sync()
+            self._data_dirty = False
+        if self._data_dirty or self._rc_unsynced:
+            self._sync_image()
 
     def _l2_for_write(self, l1_index: int) -> _L2Table:
         """The L2 table for ``l1_index``, allocated or copied so that this layer owns it."""
@@ -1428,9 +1443,9 @@ class Qcow2Image(Image):
     def _write_zero_bytes(self, start: int, end: int) -> None:
         pos = start
         while pos < end:
-            ext = self.resolve(pos, end - pos)
+            _, _, ext = self.resolve_deep(pos, end - pos)
             n = ext.length
-            if ext.kind is not Kind.ZERO:
+            if ext.kind is not Kind.ZERO:  # the chain already reads zeroes there: skip
                 zeros = bytes(min(n, ZERO_CHUNK_BYTES))
                 n = len(zeros)
                 self.write(pos, zeros)
@@ -1448,6 +1463,8 @@ class Qcow2Image(Image):
                     fallback: list[tuple[int, int]]) -> None:
         cb, sb = self.cluster_bits, self.subcluster_bits
         raw = bool(self.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        if not raw and not self.backing_name and not self.l1[l1i] & L1E_OFFSET_MASK:
+            return  # unallocated with nothing below: already reads as zeroes
         if self.version < 3 and not raw:
             # No zero flag: unallocate where nothing shows through, write zeroes elsewhere.
             pos = start
@@ -1473,6 +1490,10 @@ class Qcow2Image(Image):
             whole = pos == cstart and cend - cstart >= valid
             e, bm = self._get_entry(tbl, idx)
             old = self._host_range(e)
+            if (not raw and not self.backing_name and e == 0
+                    and not bm & QCOW_L2_BITMAP_ALL_ALLOC):
+                pos = cend  # unallocated with nothing below: already reads as zeroes
+                continue
             if raw:
                 # data_file_raw: the data file must read as the disk, so the zeroes go there
                 # and the range stays (or becomes) mapped, host offset == guest offset.
@@ -1620,8 +1641,8 @@ class Qcow2Image(Image):
                 tbl.dirty = False
         if self.data_file is not None:
             self.data_file.sync()
-        self.file.sync()
         self._data_dirty = False
+        self._sync_image()
         wrote = False
         for tbl in list(self._l2_cache.values()):
             if tbl.dirty:
@@ -1752,9 +1773,13 @@ class Qcow2Image(Image):
 
         actual = self._stored_refcounts(res)
         fixes: dict[int, int] = {}
+        maxval = (1 << self.refcount_bits) - 1
         for ci in sorted(set(expected) | set(actual)):
             want, have = expected.get(ci, 0), actual.get(ci, 0)
-            if have < want:
+            if want > maxval:
+                res.corruptions.append(f"cluster {ci}: {want} references exceed the "
+                                       f"{self.refcount_bits}-bit refcount")
+            elif have < want:
                 res.corruptions.append(f"cluster {ci}: refcount={have} but {want} "
                                        "references (refcount too low)")
                 if fix_errors:
