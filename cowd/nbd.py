@@ -9,20 +9,32 @@ sent.  Back-pressure: before a request is dispatched the reader acquires its cos
 payload or reply bytes, at least one unit) from the connection's budget of
 MAX_INFLIGHT_BYTES; while the budget is spent the reader stops reading, so a client that
 queues requests faster than they complete, or never reads its replies, is held to a bounded
-amount of memory.  Handshakes must finish within HANDSHAKE_TIMEOUT_S, and at most
-MAX_CONNECTIONS connections are served at once (more are closed at accept), so idle
-handshakes cannot pile up.
+amount of memory.  A reply the client does not take within REPLY_SEND_TIMEOUT_S drops the
+connection (a frame may be half sent by then, so nothing else is possible).
+
+Connection slots: handshakes must finish within HANDSHAKE_TIMEOUT_S, and at most
+MAX_CONNECTIONS connections are served at once.  When all slots are taken, a new connection
+evicts the oldest one that is still negotiating — so a flood of idle handshakes cannot lock
+well-behaved clients out for HANDSHAKE_TIMEOUT_S — and is refused only when every slot is in
+transmission.
+
+Errors: a protocol error or a broken socket ends one connection (after its in-flight
+requests are answered, or have failed to be).  Anything else escaping a connection is a bug:
+it is logged with its traceback and ends that connection only, never the daemon.
 
 Every connection to one export shares the one Disk object, whose flush covers every write
 acknowledged on any connection: multi-conn is advertised.
 
 Shutdown: :meth:`NbdServer.shutdown` stops accepting, tells each codec to refuse new work
-(``ESHUTDOWN``) and waits up to a deadline for in-flight requests to be answered.
+(``ESHUTDOWN``) and waits up to a deadline for in-flight requests to be answered; a client
+that does not read its replies gets SHUTDOWN_SEND_GRACE_S before it is dropped, so it cannot
+hold the drain (and the exit) hostage.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -43,6 +55,11 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 512
 # Largest request we accept (the codec caps writes at NBD_MAX_WRITE_BYTES too).
 MAX_BLOCK_BYTES = P.NBD_MAX_WRITE_BYTES
+# A reply that the client does not take within this long (it stopped reading) drops the
+# connection, which frees its slot and its budget.  Long: a paused VM's client may be slow.
+REPLY_SEND_TIMEOUT_S = 120.0
+# At shutdown, clients get this long to take the replies still queued for them.
+SHUTDOWN_SEND_GRACE_S = 2.0
 
 
 class _ByteBudget:
@@ -94,11 +111,13 @@ def export_info(name: str, disk: Disk) -> P.ExportInfo:
 class NbdServer:
     def __init__(self, disks: Mapping[str, Disk]):
         self.disks = disks
-        self.connections = 0
         self._conns: set[_Connection] = set()
+        # Connections still negotiating, oldest first (a dict keeps insertion order).
+        self._negotiating: dict[_Connection, None] = {}
         self._accepting = True
         self.counters = {"connections": 0, "refused": 0, "protocol_errors": 0,
-                         "handshake_timeouts": 0}
+                         "handshake_timeouts": 0, "handshakes_evicted": 0,
+                         "send_timeouts": 0, "handler_errors": 0}
 
     def _lookup(self, name: str) -> P.ExportInfo | None:
         if name == "" and len(self.disks) == 1:
@@ -109,26 +128,52 @@ class NbdServer:
     def _list(self) -> list[P.ExportInfo]:
         return [export_info(n, d) for n, d in self.disks.items()]
 
+    def _make_room(self) -> bool:
+        """True if a new connection may be served: below MAX_CONNECTIONS, or after evicting
+        the oldest connection that has not finished negotiating (it has cost us nothing we
+        owe it; a connection in transmission is never evicted)."""
+        if len(self._conns) < MAX_CONNECTIONS:
+            return True
+        if not self._negotiating:
+            return False
+        victim = next(iter(self._negotiating))
+        del self._negotiating[victim]
+        self._conns.discard(victim)
+        victim.negotiation_scope.cancel()
+        self.counters["handshakes_evicted"] += 1
+        return True
+
     async def handle(self, stream: trio.abc.Stream) -> None:
-        if not self._accepting or len(self._conns) >= MAX_CONNECTIONS:
+        if not self._accepting or not self._make_room():
             self.counters["refused"] += 1
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
             return
         conn = _Connection(self, stream)
         self._conns.add(conn)
+        self._negotiating[conn] = None
         self.counters["connections"] += 1
         try:
             await conn.run()
+        except Exception:
+            # A bug, not a peer's doing: say so loudly, but one connection's failure must not
+            # take down the disks every other client is using.
+            self.counters["handler_errors"] += 1
+            log.exception("%s: connection handler failed", conn.codec.peer)
         finally:
             self._conns.discard(conn)
+            self._negotiating.pop(conn, None)
             await trio.aclose_forcefully(stream)
 
     async def shutdown(self, deadline_s: float) -> None:
-        """Refuse new work and wait (bounded) until in-flight requests are answered."""
+        """Refuse new work and wait (bounded) until in-flight requests are answered.  A
+        client that does not take its replies gets SHUTDOWN_SEND_GRACE_S to do so, then its
+        connection is dropped (its requests were carried out; only the replies are lost)."""
         self._accepting = False
+        grace_deadline = trio.current_time() + min(deadline_s, SHUTDOWN_SEND_GRACE_S)
         with trio.move_on_after(deadline_s):
             for conn in list(self._conns):
                 conn.codec.start_shutdown()
+                conn.limit_sends(grace_deadline)
             for conn in list(self._conns):
                 await conn.budget.wait_idle()
 
@@ -143,18 +188,44 @@ class _Connection:
         self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self.disk: Disk | None = None
         self.broken = False
+        self.negotiation_scope = trio.CancelScope(deadline=trio.current_time()
+                                                  + HANDSHAKE_TIMEOUT_S)
+        self._send_scope: trio.CancelScope | None = None
+        self._send_deadline_cap = math.inf
+
+    def limit_sends(self, deadline: float) -> None:
+        """From now on (and for the send in progress), a send must finish by ``deadline``."""
+        self._send_deadline_cap = min(self._send_deadline_cap, deadline)
+        if self._send_scope is not None:
+            self._send_scope.deadline = min(self._send_scope.deadline, deadline)
 
     async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
+        """Send one frame whole (shielded from cancellation), or drop the connection: a
+        frame that cannot be sent within REPLY_SEND_TIMEOUT_S (the peer does not read)
+        breaks the connection, and a half-sent frame leaves nothing else to do."""
         async with self.send_lock:
-            with trio.CancelScope(shield=True):
-                if self.broken:
-                    return
+            if self.broken:
+                return
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = min(trio.current_time() + REPLY_SEND_TIMEOUT_S,
+                                     self._send_deadline_cap)
+                self._send_scope = scope
                 try:
                     for chunk in chunks:
                         if len(chunk):
                             await self.stream.send_all(chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.broken = True
+                finally:
+                    self._send_scope = None
+            if scope.cancelled_caught:
+                self.broken = True
+                self.server.counters["send_timeouts"] += 1
+                log.info("%s: not taking its replies; dropping the connection",
+                         self.codec.peer)
+            if self.broken:
+                # Wake the reader (its receive fails), so the connection winds down.
+                await trio.aclose_forcefully(self.stream)
 
     async def _flush_codec_output(self) -> None:
         out = self.codec.data_to_send()
@@ -164,10 +235,12 @@ class _Connection:
     async def run(self) -> None:
         try:
             done = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            with self.negotiation_scope:
                 done = await self._negotiate()
+            self.server._negotiating.pop(self, None)
             if done is None:
-                if self.codec.phase in ("handshake", "options"):
+                if (self.negotiation_scope.cancelled_caught
+                        and trio.current_time() >= self.negotiation_scope.deadline):
                     self.server.counters["handshake_timeouts"] += 1
                 return
             name = done.export.name
@@ -201,17 +274,29 @@ class _Connection:
             # OptionHandled: the reply is already sent; negotiation goes on.
 
     async def _transmission(self) -> None:
+        # Errors of the reading loop are caught inside the nursery: escaping it they would
+        # arrive as an ExceptionGroup, which no ``except`` clause of run() matches.  Either
+        # way the nursery then waits for the requests already in flight.
+        error: P.NbdProtocolError | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                ev = await self._events()
-                if isinstance(ev, P.Request):
-                    cost = ev.length if ev.command in (P.NBD_CMD_READ, P.NBD_CMD_WRITE) else 1
-                    taken = await self.budget.acquire(cost)
-                    nursery.start_soon(self._serve, ev, taken)
-                elif isinstance(ev, P.Disconnect | P.ConnectionClosed):
-                    return  # the nursery waits for requests in flight, then we close
-                else:
-                    raise AssertionError(f"unexpected event in transmission: {ev!r}")
+            try:
+                while True:
+                    ev = await self._events()
+                    if isinstance(ev, P.Request):
+                        payload = ev.command in (P.NBD_CMD_READ, P.NBD_CMD_WRITE)
+                        cost = ev.length if payload and not ev.error else 1
+                        taken = await self.budget.acquire(cost)
+                        nursery.start_soon(self._serve, ev, taken)
+                    elif isinstance(ev, P.Disconnect | P.ConnectionClosed):
+                        break
+                    else:
+                        raise AssertionError(f"unexpected event in transmission: {ev!r}")
+            except P.NbdProtocolError as e:
+                error = e
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                pass
+        if error is not None:
+            raise error
 
     async def _serve(self, req: P.Request, taken: int) -> None:
         try:

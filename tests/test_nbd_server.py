@@ -17,7 +17,6 @@ numbers rather than repeat them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -28,7 +27,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -464,17 +462,18 @@ class RawClient:
         return error, cookie, data
 
 
-def assert_serves(d: Served, expect: bytes, within_s: float = 5.0) -> None:
-    """A well-behaved client connects and reads correct data promptly."""
+def assert_serves(d: Served, expect: bytes | None, within_s: float = 5.0) -> None:
+    """A well-behaved client connects and reads (correct data, if known) promptly."""
     assert d.alive(), d.log_text()
     t0 = time.monotonic()
     with RawClient(d.sock, timeout=within_s) as c:
-        c.connect(d.names[0])
-        for off in (0, len(expect) - 4096):
+        size = c.connect(d.names[0])
+        for off in (0, size - 4096):
             c.request(CMD_READ, off, 4096, cookie=off)
             err, cookie, data = c.reply(4096)
             assert (err, cookie) == (0, off)
-            assert data == expect[off:off + 4096]
+            if expect is not None:
+                assert data == expect[off:off + 4096]
         c.request(CMD_DISC, 0, 0)
     took = time.monotonic() - t0
     assert took < within_s, f"a well-behaved client took {took:.1f} s"
@@ -946,7 +945,7 @@ def test_sigterm_while_a_client_writes(serve: Callable[..., Served], tmp_path: P
             assert line, w.stderr.read() if w.stderr else b""
             acked = int(line)
         d.terminate()
-        rest, err = w.communicate(timeout=30)
+        rest, _ = w.communicate(timeout=30)
     finally:
         if w.poll() is None:
             w.kill()
@@ -980,7 +979,7 @@ def hostile(serve: Callable[..., Served], tmp_path: Path) -> Iterator[tuple[Serv
     d = serve(c.top)
     yield d, c, oracle
     if d.alive():
-        assert_serves(d, oracle)
+        assert_serves(d, None)  # still up and serving after whatever the test did
         d.stop()
         c.check()
 
@@ -1149,7 +1148,7 @@ def test_hostile_hangup_with_64_replies_queued(hostile: tuple[Served, Chain, byt
 def test_hostile_thousand_idle_handshakes(hostile: tuple[Served, Chain, bytes]) -> None:
     """1000 clients connect and say nothing: a well-behaved client still gets served at
     once, and the daemon's memory stays bounded."""
-    d, c, oracle = hostile
+    d, _, oracle = hostile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1100:
         if hard != resource.RLIM_INFINITY and hard < 1100:
@@ -1159,26 +1158,52 @@ def test_hostile_thousand_idle_handshakes(hostile: tuple[Served, Chain, bytes]) 
     rss0 = d.rss_kib()
     idle: list[socket.socket] = []
     try:
+        deadline = time.monotonic() + 30
         for _ in range(1000):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(str(d.sock))
             idle.append(s)
+            s.setblocking(False)
+            while True:  # a unix socket's full backlog is EAGAIN, not EINPROGRESS
+                try:
+                    s.connect(str(d.sock))
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the daemon stopped accepting"
+                    time.sleep(0.001)
         time.sleep(0.5)
         assert_serves(d, oracle, within_s=3)
         qemu_io(d.uri(), "write -P 0x66 0 64k", "read -P 0x66 0 64k", fmt="raw")
         rss = d.rss_kib()
-        assert rss - rss0 < 96 << 10, f"RSS grew {rss - rss0} KiB for 1000 idle sockets"
+        assert rss - rss0 < 32 << 10, f"RSS grew {rss - rss0} KiB for 1000 idle sockets"
     finally:
         for s in idle:
             s.close()
     assert_serves(d, b"\x66" * 65536 + oracle[65536:], within_s=3)
 
 
+def _flood(cl: RawClient, requests: Iterator[bytes], limit_bytes: int) -> int:
+    """Send until the server stops reading (3 s without progress) or ``limit_bytes``."""
+    sent = 0
+    cl.s.settimeout(3)
+    try:
+        for req in requests:
+            cl.s.sendall(req)
+            sent += len(req)
+            if sent >= limit_bytes:
+                break
+    except TimeoutError:
+        pass
+    return sent
+
+
 @pytest.mark.timeout(90)
-def test_hostile_writer_that_never_reads_replies(hostile: tuple[Served, Chain, bytes]) -> None:
-    """Writes pile up unanswered: the server stops reading at its per-connection budget, so
-    memory stays bounded; other clients are served; SIGTERM still exits 0 promptly."""
+@pytest.mark.parametrize("cmd", ["write", "read"])
+def test_hostile_client_that_never_reads_replies(hostile: tuple[Served, Chain, bytes],
+                                                 cmd: str) -> None:
+    """Requests pile up unanswered: once the replies fill the socket, the server stops reading
+    at its per-connection budget, so memory stays bounded; other clients are served; SIGTERM
+    still exits 0 promptly, and acknowledged-or-not, the writes that were made are durable
+    and consistent (qemu-img check at teardown)."""
     from cowd.nbd import MAX_INFLIGHT_BYTES
     from cowd.nbd_proto import MAX_BUFFERED_BYTES
 
@@ -1186,23 +1211,22 @@ def test_hostile_writer_that_never_reads_replies(hostile: tuple[Served, Chain, b
     rss0 = d.rss_kib()
     cl = RawClient(d.sock)
     cl.connect(c.name)
-    payload = b"\x5c" * MiB
     header = struct.Struct(">IHHQQI")
-    sent = 0
-    cl.s.settimeout(3)
-    try:
-        for i in range(1024):  # up to 1 GiB: far past any sane budget
-            cl.s.sendall(header.pack(REQUEST_MAGIC, 0, CMD_WRITE, i,
-                                     (i * MiB) % (c.size - MiB), MiB) + payload)
-            sent += MiB
-    except TimeoutError:
-        pass
-    budget = MAX_INFLIGHT_BYTES + MAX_BUFFERED_BYTES + 16 * MiB  # + socket buffers
-    assert sent < budget, f"server read {sent >> 20} MiB without answering"
+    payload = b"\x5c" * MiB
+    if cmd == "write":
+        reqs = (header.pack(REQUEST_MAGIC, 0, CMD_WRITE, i, MiB + (i * MiB) % (c.size - 2 * MiB),
+                            MiB) + payload for i in range(1 << 20))
+        limit = 1 << 30
+    else:
+        reqs = (header.pack(REQUEST_MAGIC, 0, CMD_READ, i, (i * MiB) % (c.size - MiB), MiB)
+                for i in range(1 << 20))
+        limit = 1 << 20  # 37449 requests, 36 GiB of replies
+    sent = _flood(cl, reqs, limit)
+    assert sent < limit, "the server never stopped reading"
     time.sleep(0.3)
     grew = (d.rss_kib() - rss0) << 10
-    assert grew < MAX_INFLIGHT_BYTES + MAX_BUFFERED_BYTES + 32 * MiB, grew
-    assert_serves(d, b"\x5c" * MiB + oracle[MiB:] if sent >= MiB else oracle)
+    assert grew < MAX_INFLIGHT_BYTES + MAX_BUFFERED_BYTES + 32 * MiB, grew >> 20
+    assert_serves(d, oracle)  # offsets 0 and size - 4096 were not written
     t0 = time.monotonic()
     d.stop(timeout=30)
     took = time.monotonic() - t0
