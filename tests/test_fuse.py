@@ -518,6 +518,8 @@ async def test_file_io_against_model(tmp_path: Path, options: FuseOptions) -> No
                 examples = await thread(file_io_property, path, model, 3)
                 assert examples >= 10
                 assert fe.counters["fallocates"] > 0 and fe.counters["fsyncs"] > 0
+                # Every fsync became a Disk.flush (durability itself needs a crash to see).
+                assert disk.stats()["ops"]["flushes"] >= fe.counters["fsyncs"]
             assert not is_mounted(mnt)
     finally:
         await disk.close()
