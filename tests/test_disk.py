@@ -166,6 +166,8 @@ class TcowImage(formats.Image):
     def resolve(self, guest_offset: int, length: int) -> formats.Extent:
         self._enter()
         try:
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.0002)  # a copy-up's read of the parent, slowed down
             cs = self.cluster_size
             end = min(self.virtual_size, guest_offset + length)
             idx = guest_offset // cs
@@ -835,6 +837,49 @@ async def test_two_overlays_share_one_open_base(tmp_path: Path, rng: random.Rand
     assert len(cache) == 0
     assert chain.oracle(tmp_path) == m1
     assert read_chain(ov2) == initial2
+    chain.check()
+
+
+async def test_copy_up_in_a_thread_excludes_readers_of_the_shared_base(
+        tmp_path: Path, rng: random.Random) -> None:
+    """With library writes offloaded, a copy-up reads the base in a worker thread while the
+    other disk's readers resolve the same base inline: the base's lock must keep them apart
+    (tcow fails any call that enters an image another thread is inside)."""
+    chain = make_chain("tcow", tmp_path, rng)
+    assert chain.base is not None
+    ov2 = tmp_path / "ov2.tcow"
+    tcow_create(ov2, len(chain.initial), 32 * KiB, backing=chain.base.name)
+    initial2 = read_chain(ov2)
+    pool, cache = ImagePool(), new_cache(2)  # every lookup misses: constant base resolves
+    d1 = await Disk.open(str(chain.top), pool=pool, cache=cache, offload_writes=True)
+    d2 = await Disk.open(str(ov2), pool=pool, cache=cache, offload_writes=True)
+    model = bytearray(chain.initial)
+    done = trio.Event()
+
+    async def writer() -> None:
+        for i in range(40):
+            off = (i * 97 * KiB) % (d1.size - 8 * KiB) + 1000
+            data = rng.randbytes(5000)
+            await d1.write(off, data)
+            model[off:off + 5000] = data
+        done.set()
+
+    async def reader() -> None:
+        r = random.Random(5)
+        while not done.is_set():
+            off = r.randrange(d2.size - 70 * KiB)
+            assert await d2.read(off, 70 * KiB) == initial2[off:off + 70 * KiB]
+            await trio.sleep(0)  # a read that hits may finish without a checkpoint
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(reader)
+            nursery.start_soon(reader)
+    assert d2.stats()["ops"]["lock_waits"] > 0  # the readers did meet a busy base
+    await d1.close()
+    await d2.close()
+    assert read_chain(chain.top) == model
     chain.check()
 
 
