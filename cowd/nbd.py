@@ -238,6 +238,10 @@ class _Connection:
             with self.negotiation_scope:
                 done = await self._negotiate()
             self.server._negotiating.pop(self, None)
+            if self.negotiation_scope.cancel_called:
+                # Evicted or timed out, even if the last option completed negotiation
+                # before the cancellation reached a checkpoint: the slot is no longer ours.
+                done = None
             if done is None:
                 if (self.negotiation_scope.cancelled_caught
                         and trio.current_time() >= self.negotiation_scope.deadline):
