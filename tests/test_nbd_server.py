@@ -637,16 +637,24 @@ def test_nbdinfo_map_matches_qemu_img_map(serve: Callable[..., Served], tmp_path
     assert {r[2:] for r in want} >= {(True, True), (False, False)}, want  # the test has teeth
     d = serve(c.top)
     assert nbdinfo_map(d.uri()) == want
-    assert convert_uri(d.uri(), tmp_path / "conv.raw") == c.oracle()  # compressed reads
+    before = c.oracle()
+    assert convert_uri(d.uri(), tmp_path / "conv.raw") == before  # compressed reads
     # Change the map through cowd, then qemu-img map of what cowd wrote must agree with
     # cowd's own answer, served again.
     qemu_io(d.uri(), "write -P 0x31 2M 64k", "write -z -u 0 64k", "discard 7M 64k",
-            "write -P 0x32 6500000 70000", fmt="raw")
+            "write -P 0x32 6500000 70000", "write -P 0x33 3500000 1000", fmt="raw")
     live = nbdinfo_map(d.uri())
+    live_data = convert_uri(d.uri(), tmp_path / "conv.raw")
     d.stop()
     c.check()
     after = qemu_map(c.top, "qcow2")
     assert live == after
+    model = bytearray(before)
+    for off, n, pat in ((2 * MiB, CLUSTER, 0x31), (0, CLUSTER, 0), (7 * MiB, CLUSTER, 0),
+                        (6500000, 70000, 0x32), (3500000, 1000, 0x33)):
+        model[off:off + n] = bytes([pat]) * n
+    assert live_data == model  # incl. a copy-up from a compressed cluster
+    assert c.oracle() == model
     ro = serve(c.top, readonly=True)
     assert nbdinfo_map(ro.uri()) == after
     ro.stop()
