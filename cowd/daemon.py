@@ -144,9 +144,18 @@ async def run_daemon(config: DaemonConfig,
                         run_scope.cancel()
 
             outer.start_soon(watch_signals)
-            with run_scope:
-                await _serve(config, addresses, stop, serving, task_status)
+            # Caught here and re-raised below: escaping the nursery, a start-up error (a
+            # missing image, a socket in use) would become an ExceptionGroup, which the CLI
+            # cannot turn into its one-line message.
+            error: Exception | None = None
+            try:
+                with run_scope:
+                    await _serve(config, addresses, stop, serving, task_status)
+            except Exception as e:
+                error = e
             outer.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
 
 async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], stop: trio.Event,

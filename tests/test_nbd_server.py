@@ -1046,6 +1046,37 @@ def test_sigterm_while_a_client_writes(serve: Callable[..., Served], tmp_path: P
         assert got in allowed, f"slot {slot}: acked write lost (acked={acked})"
 
 
+def _serve_fails(rc: int, *args: str | os.PathLike[str]) -> str:
+    p = subprocess.run([*COWD, "serve", *map(str, args)], capture_output=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == rc, f"rc={p.returncode}\n{err}"
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_bad_setups(serve: Callable[..., Served], tmp_path: Path) -> None:
+    """Start-up errors are one line and a non-zero status; a running daemon is untouched."""
+    c = make_chain(tmp_path, "qcow2")
+    sock = tmp_path / "x.sock"
+    run_dir = tmp_path / "runx"
+    assert "cannot open" in _serve_fails(1, tmp_path / "missing.qcow2", "--nbd",
+                                         f"unix:{sock}", "--run-dir", run_dir)
+    assert "--nbd" in _serve_fails(2, c.top, "--nbd", "bogus", "--run-dir", run_dir)
+    assert c.base is not None
+    assert "parent" in _serve_fails(2, c.top, c.base, "--nbd", f"unix:{sock}",
+                                    "--run-dir", run_dir)
+    d = serve(c.top, readonly=True)
+    assert "already" in _serve_fails(2, c.top, "--nbd", f"unix:{d.sock}", "--run-dir",
+                                     run_dir)
+    assert "already" in _serve_fails(2, c.top, "--nbd", f"unix:{sock}", "--run-dir",
+                                     d.run_dir)
+    assert_serves(d, c.oracle())
+    d.stop()
+    c.check()
+
+
 # =============================================================================================
 # Hostile clients (raw sockets)
 # =============================================================================================
