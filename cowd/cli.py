@@ -88,8 +88,8 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=_default_run_dir(),
                    help="where the control socket lives (default $COWD_RUN_DIR or /run/cowd)")
     p.add_argument("--readonly", action="store_true", help="serve read-only")
-    p.add_argument("--cache-entries", type=int, default=1 << 20,
-                   help="remap cache bound in entries (default 1048576)")
+    p.add_argument("--cache-entries", type=int, default=1 << 18,
+                   help="remap cache bound in entries (default 262144)")
     p.add_argument("--cache-max-age", type=float, default=600.0, metavar="SECONDS",
                    help="remap cache expiry (default 600 s)")
     p.add_argument("--readahead", type=int, default=16, metavar="CLUSTERS",
