@@ -92,7 +92,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, require
-from .errors import CorruptImage, FormatError, ImageIOError, UnsupportedImage
+from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
 
 # ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
 
@@ -461,7 +461,10 @@ class Qcow2Image(Image):
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> bool:
-        return head[:4] == QCOW_MAGIC
+        # qcow (v1) shares the magic; version 2 and later are ours (later ones are refused
+        # with a clear message at open).
+        return len(head) >= 8 and head[:4] == QCOW_MAGIC and struct.unpack_from(">I", head,
+                                                                                  4)[0] >= 2
 
     @classmethod
     def open(cls, path: str, file: HostFile, writable: bool) -> Qcow2Image:
@@ -1177,6 +1180,10 @@ class Qcow2Image(Image):
         self.require_writable()
         if self._modified:
             return
+        if self.backing_name and self.backing is None:
+            # Copy-up would read zeroes where the backing image has data.
+            raise ImageReadOnly(self.path, "writing needs the backing chain open (use "
+                                "open_image)", "backing_file", self.backing_name)
         # Rule 6.
         if self.version >= 3 and self.autoclear_features & ~AUTOCLEAR_KEPT:
             had_bitmaps = bool(self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
