@@ -1710,7 +1710,10 @@ class Qcow2Image(Image):
 
     def _truncate_tail(self) -> None:
         """Drop unreferenced clusters at the end of the file (never below its size at open)."""
-        end = (self._highest_used_cluster() + 1) << self.cluster_bits
+        try:
+            end = (self._highest_used_cluster() + 1) << self.cluster_bits
+        except CorruptImage:
+            return  # best effort: a damaged refcount table keeps the file as it is
         end = max(end, self._open_file_size)
         if self.file.size() > end:
             self.file.truncate(end)

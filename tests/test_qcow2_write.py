@@ -609,3 +609,45 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
                 assert g in allowed.get(sec, []), (
                     f"cut {cut}/{len(events)}: sector {sec} shows neither flushed nor "
                     "later-written data")
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_metadata_then_write(tmp_path: Path, data: st.DataObject) -> None:
+    """Writing to an image with corrupted metadata raises FormatError or works; it never
+    crashes with another exception."""
+    src = tmp_path / "fuzz-src.qcow2"
+    if not src.exists():
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", src, str(MiB))
+        qemu_io(src, "write -P 0x31 0 20000", "write -z 40000 9000", fmt="qcow2")
+        qemu_img("snapshot", "-c", "s", src)
+    raw = bytearray(src.read_bytes())
+    limit = min(len(raw), 6 * 4096)
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, limit - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    p = tmp_path / "fuzz.qcow2"
+    p.write_bytes(bytes(raw))
+    try:
+        img = formats.open_image(str(p), writable=True, fmt="qcow2")
+    except formats.FormatError:
+        return
+    try:
+        size = img.virtual_size
+        for i in range(6):
+            off = data.draw(st.integers(0, max(0, size - 1)))
+            n = min(size - off, data.draw(st.sampled_from([1, 512, 4096, 10000])))
+            if i % 3 == 2:
+                img.discard(off, n)
+            else:
+                img.write(off, bytes([i + 1]) * n)
+        img.flush()
+        img.check()
+    except formats.FormatError:
+        pass
+    finally:
+        try:
+            img.close_chain()
+        except formats.FormatError:
+            pass
