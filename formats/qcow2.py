@@ -17,6 +17,11 @@ Invariants
 - An image with the corrupt bit opens read-only (``read_only_reason`` says why).  An image with
   the dirty bit (lazy refcounts) is readable as is; opened writable, its refcounts are rebuilt
   from the L1/L2 tables first (like qemu does on open) and the bit is cleared.
+- Like qemu, the disk is whole 512-byte sectors: a header size that is not a multiple of 512
+  is rounded down on open (and ``create`` rounds up, as qemu-img create does).
+- A relative external data file name is opened relative to the image's directory (qemu 7.2
+  uses its working directory); names with a protocol prefix are refused.
+- Writing needs the backing chain open (``formats.open_image``): copy-up reads through it.
 
 Theory of operation (mapping)
 -----------------------------
@@ -72,8 +77,10 @@ data.  The rules, each of which the code below follows:
 5. flush = fdatasync of the data file and of the image, in the order of rule 3.
 6. The first modification clears the auto-clear feature bits this code does not maintain
    (bitmaps, unknown bits; data_file_raw is honoured by writing zeroes to the data file) and
-   syncs the header before anything else is written.  The dirty bit is never set: refcounts
-   are kept exact (rule 1) rather than lazily.
+   syncs the header before anything else is written.  Persistent bitmaps are inconsistent
+   from then on and every reader ignores them, so their clusters are freed (rule 4) rather
+   than leaked.  The dirty bit is never set: refcounts are kept exact (rule 1) rather than
+   lazily, which lazy_refcounts permits.
 """
 
 from __future__ import annotations
