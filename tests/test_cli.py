@@ -116,3 +116,14 @@ def test_errors_are_one_line(base: Path, tmp_path: Path) -> None:
     bad.write_bytes(bytes(data))
     one_line_error(cowd("info", bad, rc=1), str(bad), "cluster_bits")
     one_line_error(cowd("convert", base, base, "-O", "raw", rc=2), "already exists")
+
+
+def test_convert_odd_sized_raw(tmp_path: Path) -> None:
+    """qcow2 and VHD disks are whole sectors: the last one is zero-padded, like qemu-img."""
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(100_000))
+    for fmt, qfmt in (("qcow2", "qcow2"), ("vhd", "vpc")):
+        out = tmp_path / f"odd.{fmt}"
+        cowd("convert", src, out, "-O", fmt)
+        data = qemu_raw(out, tmp_path, fmt=qfmt)
+        assert data[:100_000] == src.read_bytes() and not any(data[100_000:]), fmt
