@@ -134,6 +134,11 @@ SEQUENTIAL_STREAMS = 8
 # between, so a big image does not stall the daemon.
 PRIME_CHUNK_GRANULES = 4096
 
+# Data read-ahead for a sequential stream: advise the kernel this many requests' worth of
+# bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES.
+DATA_READAHEAD_REQUESTS = 4
+DATA_READAHEAD_MAX_BYTES = 8 << 20
+
 # Worker threads for blocking calls (flush; library writes when offloaded), per pool.
 MAX_SYNC_THREADS = 8
 
@@ -148,18 +153,35 @@ class DiskError(RequestError):
     """A request failed; ``errno`` is what the frontend answers with."""
 
 
-def pread_into(fd: int, view: memoryview, file_offset: int) -> int:
+class _WouldBlock(Exception):
+    """A RWF_NOWAIT read found data that is not in the page cache."""
+
+
+def pread_into(fd: int, view: memoryview, file_offset: int, nowait: bool = False) -> int:
     """Fill ``view`` from ``fd`` at ``file_offset``; returns the bytes read (fewer only at end
-    of file).  Inline: for page-cache hits a thread costs more than the read (DESIGN.md's
-    measurements); this is the one place to change that."""
-    got = 0
+    of file).  With ``nowait`` the read must be served from the page cache (preadv2's
+    RWF_NOWAIT) or it raises _WouldBlock without waiting for the disk: page-cache hits are
+    read inline (a thread costs more than the read, DESIGN.md); a frontend advises the misses
+    of a batch (Disk.advise) so that the disk works on them in parallel, then reads them."""
     total = len(view)
+    if nowait:
+        try:
+            n = os.preadv(fd, [view], file_offset, RWF_NOWAIT)
+        except BlockingIOError:
+            raise _WouldBlock from None
+        if n < total:  # partly cached, or end of file: let the blocking path sort it out
+            raise _WouldBlock
+        return n
+    got = 0
     while got < total:
         n = os.preadv(fd, [view[got:]], file_offset + got)
         if n <= 0:
             break
         got += n
     return got
+
+
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
 
 
 def pwrite_from(fd: int, view: memoryview, file_offset: int) -> None:
@@ -182,8 +204,9 @@ def _zero(view: memoryview) -> None:
         pos += n
 
 
-def _read_run(fd: int, view: memoryview, file_offset: int, zeroed: bool) -> None:
-    got = pread_into(fd, view, file_offset)
+def _read_run(fd: int, view: memoryview, file_offset: int, zeroed: bool,
+              nowait: bool = False) -> None:
+    got = pread_into(fd, view, file_offset, nowait)
     if got < len(view) and not zeroed:
         _zero(view[got:])
 
@@ -392,6 +415,7 @@ class Disk:
         self.prime_seconds: float | None = None
         self._locks = _GranuleLocks()
         self._recent_ends: list[int] = []
+        self._advised_to = 0  # data read-ahead: where the last advice to the kernel ended
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
@@ -716,17 +740,35 @@ class Disk:
         self._check_read(offset, len(view))
         await self._read(offset, view, zeroed=False)
 
-    def try_read_into(self, offset: int, dest: memoryview | bytearray) -> bool:
-        """Synchronous :meth:`read_into` for the common case: True when the read is done,
-        False when it would have to wait for a lock (then call :meth:`read_into`).  Lets a
-        frontend answer a batch of requests in one wakeup, with no task or checkpoint each."""
+    def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
+                      may_block: bool = False) -> bool:
+        """Synchronous :meth:`read_into` for the common case: True when the read is done.
+        False when it would have to wait for a lock or, unless ``may_block``, for the disk
+        (data not in the page cache; then :meth:`advise` it and try again with
+        ``may_block``, or call :meth:`read_into`).  Lets a frontend answer a batch of
+        requests in one wakeup, with no task or checkpoint each."""
         view = memoryview(dest).cast("B")
         self._check_read(offset, len(view))
-        return bool(len(view)) and self._try_read(offset, view, zeroed=False)
+        return bool(len(view)) and self._try_read(offset, view, zeroed=False,
+                                                  nowait=not may_block)
+
+    def advise(self, offset: int, length: int) -> None:
+        """Start reading the range's data into the page cache without waiting
+        (POSIX_FADV_WILLNEED on the planned DATA runs): a frontend that advises every read of
+        a batch before doing the first one has the disk work on all of them at once, the way
+        an AIO server does, with no thread."""
+        req = _Req()
+        segs: list[Seg] = []
+        try:
+            if self._plan(offset, offset + length, segs, req) is None:
+                self._advise(segs)
+        except (FormatError, OSError, ValueError):
+            pass  # advice only: the read itself reports the error
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Synchronous :meth:`write` (without FUA) when it is a plain in-place pwrite: True
-        when done, False when it needs the library or a lock (then call :meth:`write`)."""
+        """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
+        through the library inline), False when it must wait for a lock or the library
+        writes in worker threads (then call :meth:`write`)."""
         view = memoryview(data).cast("B")
         length = len(view)
         self._check_write(offset, length)
@@ -734,22 +776,32 @@ class Disk:
             return False
         end = offset + length
         first, gend = self._granules(offset, end)
+        lookups = 0
         try:
-            inplace, lib = self._write_plan(offset, end, count=False)
-            if lib or self._locks.any_held(first, gend):
+            inplace, lib = self._write_plan(offset, end, count=True)
+            if self._locks.any_held(first, gend):
                 return False
+            if lib and (self.offload_writes or self._locked_any(self._chain)):
+                return False
+            # Allocation runs inline too (measured: cheaper than a thread hop or a task, see
+            # the module docstring); with no await until the end, nothing can interleave.
             self._pwrite_all(inplace, view, offset)
+            for gs, ge in lib:
+                lookups += self._library_write_inline(gs, view[gs - offset:ge - offset])
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
-        self._cache.note_request(0, self.counters)
-        self._ops["writes_in_place"] += 1
+        self._cache.note_request(lookups, self.counters)
+        if not lib:
+            self._ops["writes_in_place"] += 1
         self._ops["writes"] += 1
         self._ops["bytes_written"] += length
         return True
 
-    def _try_read(self, offset: int, dest: memoryview, zeroed: bool) -> bool:
-        """Plan and read with no await: False if a layer lock is in the way (nothing
-        counted as done; the caller reads again under the locks)."""
+    def _try_read(self, offset: int, dest: memoryview, zeroed: bool,
+                  nowait: bool = False) -> bool:
+        """Plan and read with no await: False if a layer lock is in the way or (``nowait``)
+        the data is not in the page cache.  Nothing is counted as done then; the caller
+        reads again."""
         end = offset + len(dest)
         stream = self._stream_of(offset)
         self._note_end(stream, end)
@@ -758,12 +810,32 @@ class Disk:
             segs: list[Seg] = []
             if self._plan(offset, end, segs, req) is not None:
                 return False
-            if self._read_segments(offset, dest, segs, zeroed, owned=False) is not None:
+            if self._read_segments(offset, dest, segs, zeroed, owned=False,
+                                   nowait=nowait) is not None:
                 return False  # a compressed cluster's layer is busy in a worker thread
+        except _WouldBlock:
+            return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._done_read(req, len(dest))
+        if stream >= 0:
+            self._read_ahead_data(end, len(dest))
         return True
+
+    def _read_ahead_data(self, end: int, length: int) -> None:
+        """A sequential stream: have the kernel fetch the data ahead of it (the file's own
+        readahead window, 128 KiB by default, is smaller than one 1 MiB request, so without
+        this every such request would wait for the disk).  Advises a window of
+        DATA_READAHEAD_REQUESTS requests, half of it at a time."""
+        window = min(max(length, self._top.granule) * DATA_READAHEAD_REQUESTS,
+                     DATA_READAHEAD_MAX_BYTES)
+        if self._advised_to > end + window // 2 and self._advised_to <= end + window:
+            return
+        start = max(end, self._advised_to) if self._advised_to <= end + window else end
+        stop = min(end + window, self.size)
+        if start < stop:
+            self.advise(start, stop - start)
+        self._advised_to = stop
 
     def _done_read(self, req: _Req, length: int) -> None:
         self._cache.note_request(req.lookups, self.counters)
@@ -794,7 +866,7 @@ class Disk:
         self._done_read(req, length)
 
     def _read_segments(self, offset: int, dest: memoryview, segs: list[Seg],
-                       zeroed: bool, owned: bool) -> Layer | None:
+                       zeroed: bool, owned: bool, nowait: bool = False) -> Layer | None:
         """Do the planned reads (DATA first, in merged runs, then compressed clusters).
         Returns a layer whose lock blocks a compressed decode (the caller waits and reads
         again) or None when done."""
@@ -813,14 +885,15 @@ class Disk:
                     continue
                 if run_n:
                     _read_run(run_fd, dest[run_g - offset:run_g - offset + run_n], run_fo,
-                              zeroed)
+                              zeroed, nowait)
                 run_fd, run_fo, run_g, run_n = fd, fo, g, n
             elif kind is Kind.COMPRESSED:
                 compressed.append((g, n, depth, ext))
             elif not zeroed:
                 _zero(dest[g - offset:g - offset + n])
         if run_n:
-            _read_run(run_fd, dest[run_g - offset:run_g - offset + run_n], run_fo, zeroed)
+            _read_run(run_fd, dest[run_g - offset:run_g - offset + run_n], run_fo, zeroed,
+                      nowait)
         for g, n, depth, ext in compressed:
             layer = self._chain[depth]
             if not owned and layer.lock.locked():
@@ -943,18 +1016,32 @@ class Disk:
     async def _library_write(self, guest_offset: int, view: memoryview) -> int:
         """``Image.write`` for one piece (caller holds its granules); refills the touched
         clusters' entries.  Returns the resolver calls made."""
-        top = self._top
-        lid = top.layer_id
-        c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
-        req = _Req()
         offload = self.offload_writes
-        self._ops["library_writes"] += 1
         async with self._exclusive(self._chain, will_await=offload):
-            self._cache.invalidate_range(lid, c0, c1)
-            await self._run(top.image.write, guest_offset, view, offload=offload)
-            self._cache.invalidate_range(lid, c0, c1)
-            self._fill(0, c0, c1 - c0 - 1, req, first_origin=Origin.REFILL,
-                       ahead_origin=Origin.REFILL, replace_ahead=True)
+            if not offload:
+                return self._library_write_inline(guest_offset, view)
+            top = self._top
+            c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
+            self._ops["library_writes"] += 1
+            self._cache.invalidate_range(top.layer_id, c0, c1)
+            await self._run(top.image.write, guest_offset, view, offload=True)
+            return self._refill(c0, c1)
+
+    def _library_write_inline(self, guest_offset: int, view: memoryview) -> int:
+        """The library write with no await in it: the caller makes sure nothing else can
+        touch the chain meanwhile (no lock held, or it holds them)."""
+        top = self._top
+        c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
+        self._ops["library_writes"] += 1
+        self._cache.invalidate_range(top.layer_id, c0, c1)
+        top.image.write(guest_offset, view)
+        return self._refill(c0, c1)
+
+    def _refill(self, c0: int, c1: int) -> int:
+        req = _Req()
+        self._cache.invalidate_range(self._top.layer_id, c0, c1)
+        self._fill(0, c0, c1 - c0 - 1, req, first_origin=Origin.REFILL,
+                   ahead_origin=Origin.REFILL, replace_ahead=True)
         return req.lookups
 
     async def _metadata_op(self, what: str, offset: int, length: int,

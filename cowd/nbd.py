@@ -7,10 +7,13 @@ wakeups and syscalls per request), so the reader first tries to answer each requ
 where it is parsed: refused requests, reads and in-place writes that the Disk serves
 synchronously (``try_read_into``/``try_write``: a remap-cache hit and a pread/pwrite).  Their
 replies are collected and sent in one write once everything one receive brought is parsed —
-a queue of 32 reads costs one wakeup, one recv and one send, not 32 of each.  Every other
-request (allocation, flush, trim, a read that must wait for a lock) gets a task of its own
-in the connection's nursery, so a slow request never holds up the ones behind it.  Replies are written
-under the connection's send lock inside a shielded cancel scope, so a frame is never half
+a queue of 32 reads costs one wakeup, one recv and one send, not 32 of each.  Reads whose
+data is not in the page cache are advised (POSIX_FADV_WILLNEED) as they are parsed and read
+at the end of the batch, so the disk works on all of them at once, as under an AIO server,
+without a thread.  Every other request (allocation, flush, trim, a read that must wait for a
+lock) gets a task of its own in the connection's nursery, so a slow request never holds up
+the ones behind it.  Replies are written under the connection's send lock inside a
+shielded cancel scope, so a frame is never half
 sent.  Back-pressure: before a request is dispatched the reader acquires its cost (its
 payload or reply bytes, at least one unit) from the connection's budget of
 MAX_INFLIGHT_BYTES; while the budget is spent the reader stops reading, so a client that
@@ -69,6 +72,13 @@ INLINE_BATCH_BYTES = 1 << 20
 REPLY_SEND_TIMEOUT_S = 120.0
 # At shutdown, clients get this long to take the replies still queued for them.
 SHUTDOWN_SEND_GRACE_S = 2.0
+
+
+class _Deferred:
+    """Marker: a read advised now and done at the end of the batch."""
+
+
+_DEFERRED = _Deferred()
 
 
 class _ByteBudget:
@@ -294,12 +304,22 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             batch: list[bytes | bytearray] = []
             batch_bytes = 0
+            deferred: list[P.Request] = []  # reads waiting for the disk, advised
             try:
                 while True:
                     ev = self.codec.next_event()
                     if ev is P.NEED_DATA:
-                        # Everything this wakeup brought is parsed: send the batch of replies
-                        # answered inline in one write, then read more.
+                        # Everything this wakeup brought is parsed.  Reads that missed the page
+                        # cache were advised (the disk is fetching them all at once): do them
+                        # now, then send the batch of replies in one write and read more.
+                        for req in deferred:
+                            reply = self._answer_inline(req, may_block=True)
+                            if reply is not None:
+                                batch.append(reply)
+                            else:
+                                taken = await self.budget.acquire(req.length)
+                                nursery.start_soon(self._serve, req, taken)
+                        deferred.clear()
                         if batch:
                             await self.send(batch[0] if len(batch) == 1 else b"".join(batch))
                             batch.clear()
@@ -309,6 +329,9 @@ class _Connection:
                         continue
                     if isinstance(ev, P.Request):
                         reply = self._answer_inline(ev)
+                        if reply is _DEFERRED:
+                            deferred.append(ev)
+                            continue
                         if reply is not None:
                             batch.append(reply)
                             batch_bytes += len(reply)
@@ -338,10 +361,12 @@ class _Connection:
         if error is not None:
             raise error
 
-    def _answer_inline(self, req: P.Request) -> bytes | bytearray | None:
+    def _answer_inline(self, req: P.Request,
+                       may_block: bool = False) -> bytes | bytearray | _Deferred | None:
         """The reply to ``req`` if it can be answered right here with no await (refused
-        requests, reads and in-place writes that the Disk serves synchronously), else None:
-        the request then gets a task of its own."""
+        requests, reads and in-place writes that the Disk serves synchronously); _DEFERRED
+        for a read whose data is not in the page cache (advised now, read at the end of the
+        batch with ``may_block``); None when the request needs a task of its own."""
         codec = self.codec
         if req.error:
             return codec.error_reply(req, req.error)
@@ -352,8 +377,12 @@ class _Connection:
                 header = codec.read_reply_header(req)
                 buf = bytearray(len(header) + req.length)
                 buf[: len(header)] = header
-                if disk.try_read_into(req.offset, memoryview(buf)[len(header):]):
+                if disk.try_read_into(req.offset, memoryview(buf)[len(header):],
+                                      may_block=may_block):
                     return buf
+                if not may_block and req.length <= INLINE_BATCH_BYTES:
+                    disk.advise(req.offset, req.length)
+                    return _DEFERRED
             elif req.command == P.NBD_CMD_WRITE and not req.fua:
                 assert req.data is not None
                 if disk.try_write(req.offset, req.data):
