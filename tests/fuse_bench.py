@@ -62,15 +62,27 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def fio(dev: str, job: str, runtime_s: float) -> float:
+def fio(dev: str, job: str, runtime_s: float) -> tuple[float, int]:
+    """(MB/s for sequential jobs, IOPS for random ones; I/Os completed)."""
     out = sh("fio", "--name=bench", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
              f"--runtime={runtime_s}", "--time_based", "--ramp_time=0.5",
              "--output-format=json", *JOBS[job])
     j = json.loads(out)["jobs"][0]
     side = j["write"] if "write" in job else j["read"]
+    ios = int(side["total_ios"])
     if job.startswith("seq"):
-        return float(side["bw_bytes"]) / 1e6  # MB/s
-    return float(side["iops"])
+        return float(side["bw_bytes"]) / 1e6, ios
+    return float(side["iops"]), ios
+
+
+def cpu_ticks(pid: int) -> int:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])  # utime + stime
+
+
+def idle_ticks() -> tuple[int, int]:
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return f[3] + f[4], sum(f)  # idle + iowait, total
 
 
 def warm(paths: list[Path]) -> None:
@@ -84,7 +96,7 @@ _WARM_BUF = bytearray(8 << 20)
 
 
 def run_jobs(file: str, runtime_s: float, warm_paths: list[Path] | None,
-             dio: bool = True) -> dict[str, float]:
+             dio: bool = True, pid: int | None = None) -> dict[str, float]:
     """fio on a loop device on ``file``.  Cold (page cache dropped before each job) unless
     ``warm_paths`` are given: then those files are read into the page cache instead."""
     dev = sh("losetup", "--find", "--show", f"--direct-io={'on' if dio else 'off'}", file)
@@ -98,7 +110,14 @@ def run_jobs(file: str, runtime_s: float, warm_paths: list[Path] | None,
                 drop_caches()
             else:
                 warm(warm_paths)
-            res[job] = fio(dev, job, runtime_s)
+            c0 = cpu_ticks(pid) if pid else 0
+            i0, t0 = idle_ticks()
+            res[job], ios = fio(dev, job, runtime_s)
+            i1, t1 = idle_ticks()
+            res[f"{job}_machine_idle_pct"] = 100.0 * (i1 - i0) / max(1, t1 - t0)
+            if pid:
+                hz = os.sysconf("SC_CLK_TCK")
+                res[f"{job}_server_cpu_us_per_io"] = (cpu_ticks(pid) - c0) / hz * 1e6 / max(1, ios)
         return res
     finally:
         sh("losetup", "-d", dev, check=False)
@@ -197,7 +216,7 @@ def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: 
         line = p.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"{name}: server did not start")
-        return run_jobs(str(mnt / "disk"), runtime_s, warm_paths)
+        return run_jobs(str(mnt / "disk"), runtime_s, warm_paths, pid=p.pid)
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -242,8 +261,8 @@ def main() -> None:
                 results[n].append(one_run(work, base, n, CONFIGS[n], a.runtime,
                                           [base] if a.warm else None))
                 print(f"run {r} {n} {results[n][-1]} ({time.time() - t0:.0f} s)", flush=True)
-    med = {n: {j: statistics.median(x[j] for x in runs) for j in JOBS}
-           for n, runs in results.items()}
+    med = {n: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+           for n, runs in results.items() if runs}
     Path(a.out).write_text(json.dumps({"runs": results, "medians": med,
                                        "defaults": asdict(FuseOptions())}, indent=1))
     loop = med["loop"]
@@ -254,7 +273,11 @@ def main() -> None:
           f"{loop['randwrite_4k_qd32'] / 1e3:.1f}k IOPS |")
     for n in ([*names, "loop-buffered-warm"] if a.warm else names):
         cells = [f"{med[n][j] / loop[j]:.2f}" for j in JOBS]
-        print(f"| {n} | {' | '.join(cells)} |")
+        cpu = [f"{med[n].get(f'{j}_server_cpu_us_per_io', 0):.0f}" for j in JOBS]
+        print(f"| {n} | {' | '.join(cells)} | server CPU us/IO {'/'.join(cpu)} |")
+    every = [r for rs in results.values() for r in rs]
+    idle = [f"{statistics.median(r[f'{j}_machine_idle_pct'] for r in every):.0f}" for j in JOBS]
+    print(f"machine idle % during jobs (median): {'/'.join(idle)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import random
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -772,3 +773,39 @@ def test_mount_problems_are_usage_errors(tmp_path: Path) -> None:
     with pytest.RaisesGroup(pytest.RaisesExc(UsageError, match="not a directory"),
                             flatten_subgroups=True):
         trio.run(main)
+
+
+@needs_mount
+async def test_a_killed_daemons_mount_is_cleaned_up(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    imgs = make_images(tmp_path, 1 * MiB, seed=81)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    disk = await Disk.open(str(imgs.top), pool=ImagePool(), cache=RemapCache())
+    try:
+        with trio.fail_after(30):
+            # A daemon that dies without unmounting: the device is closed, the mount stays.
+            async def no_unmount(self: FuseFrontend) -> None:
+                await trio.lowlevel.checkpoint()
+
+            monkeypatch.setattr(FuseFrontend, "_unmount", no_unmount)
+            monkeypatch.setattr(F, "DRAIN_TIMEOUT_S", 0.1)
+            async with served(mnt, {"d": disk}) as fe:
+                source = fe.source
+            monkeypatch.undo()
+            assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", source)
+            assert await F.unmount_stale(str(mnt)) is True
+            assert not F.mounts_at(str(mnt))
+            assert await F.unmount_stale(str(mnt)) is False  # nothing there
+            # A live mount is left alone (probed from another process, as attach would).
+            async with served(mnt, {"d": disk}) as fe:
+                code = "import trio, cowd.fuse as f; print(trio.run(f.unmount_stale, %r))"
+                out = await thread(lambda: run(sys.executable, "-c", code % str(mnt)))
+                assert out.stdout.strip() == b"False"
+                assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)
+            assert not F.mounts_at(str(mnt))
+    finally:
+        for fstype, _src in reversed(F.mounts_at(str(mnt))):
+            if fstype == "fuse.cowd":
+                run("umount", "-l", mnt, check=False)
+        await disk.close()
