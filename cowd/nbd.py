@@ -64,6 +64,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 512
 # Largest request we accept (the codec caps writes at NBD_MAX_WRITE_BYTES too).
 MAX_BLOCK_BYTES = P.NBD_MAX_WRITE_BYTES
+# Read reply buffers of at least POOL_MIN_BYTES are reused, up to POOL_BYTES per connection.
+POOL_MIN_BYTES = 64 << 10
+POOL_BYTES = 16 << 20
 # Replies answered inline are sent together once everything read in one wakeup is parsed,
 # or as soon as they add up to this many bytes (bounding what a batch holds).
 INLINE_BATCH_BYTES = 1 << 20
@@ -72,6 +75,31 @@ INLINE_BATCH_BYTES = 1 << 20
 REPLY_SEND_TIMEOUT_S = 120.0
 # At shutdown, clients get this long to take the replies still queued for them.
 SHUTDOWN_SEND_GRACE_S = 2.0
+
+
+class _BufferPool:
+    """Reply buffers of large reads, kept for reuse: a fresh 1 MiB bytearray costs ~110 us
+    of page faults (measured here), nearly as much as the pread that fills it.  Buffers are
+    recycled by exact size (clients repeat their request sizes), at most POOL_BYTES per
+    connection."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+
+    def get(self, n: int) -> bytearray:
+        free = self._free.get(n)
+        if free:
+            self._bytes -= n
+            return free.pop()
+        return bytearray(n)
+
+    def put(self, buf: bytearray) -> None:
+        n = len(buf)
+        if n < POOL_MIN_BYTES or self._bytes + n > POOL_BYTES:
+            return
+        self._free.setdefault(n, []).append(buf)
+        self._bytes += n
 
 
 class _Deferred:
@@ -205,6 +233,7 @@ class _Connection:
                                         peer=_peer_name(stream))
         self.send_lock = trio.Lock()
         self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
+        self.buffers = _BufferPool()
         self.disk: Disk | None = None
         self.broken = False
         self.negotiation_scope = trio.CancelScope(deadline=trio.current_time()
@@ -296,6 +325,14 @@ class _Connection:
                 return None
             # OptionHandled: the reply is already sent; negotiation goes on.
 
+    async def _send_batch(self, batch: list[bytes | bytearray]) -> None:
+        """Send the replies answered inline, in one write, and recycle their buffers."""
+        await self.send(batch[0] if len(batch) == 1 else b"".join(batch))
+        for reply in batch:
+            if isinstance(reply, bytearray):
+                self.buffers.put(reply)
+        batch.clear()
+
     async def _transmission(self) -> None:
         # Errors of the reading loop are caught inside the nursery: escaping it they would
         # arrive as an ExceptionGroup, which no ``except`` clause of run() matches.  Either
@@ -321,8 +358,7 @@ class _Connection:
                                 nursery.start_soon(self._serve, req, taken)
                         deferred.clear()
                         if batch:
-                            await self.send(batch[0] if len(batch) == 1 else b"".join(batch))
-                            batch.clear()
+                            await self._send_batch(batch)
                             batch_bytes = 0
                         self.codec.receive_data(
                             await self.stream.receive_some(P.RECEIVE_CHUNK_BYTES))
@@ -336,13 +372,11 @@ class _Connection:
                             batch.append(reply)
                             batch_bytes += len(reply)
                             if batch_bytes >= INLINE_BATCH_BYTES:
-                                await self.send(b"".join(batch))
-                                batch.clear()
+                                await self._send_batch(batch)
                                 batch_bytes = 0
                             continue
                         if batch:  # never sit on finished replies while we may block
-                            await self.send(b"".join(batch))
-                            batch.clear()
+                            await self._send_batch(batch)
                             batch_bytes = 0
                         payload = ev.command in (P.NBD_CMD_READ, P.NBD_CMD_WRITE)
                         cost = ev.length if payload and not ev.error else 1
@@ -350,7 +384,7 @@ class _Connection:
                         nursery.start_soon(self._serve, ev, taken)
                     elif isinstance(ev, P.Disconnect | P.ConnectionClosed):
                         if batch:
-                            await self.send(b"".join(batch))
+                            await self._send_batch(batch)
                         break
                     else:
                         raise AssertionError(f"unexpected event in transmission: {ev!r}")
@@ -375,11 +409,12 @@ class _Connection:
         try:
             if req.command == P.NBD_CMD_READ:
                 header = codec.read_reply_header(req)
-                buf = bytearray(len(header) + req.length)
+                buf = self.buffers.get(len(header) + req.length)
                 buf[: len(header)] = header
                 if disk.try_read_into(req.offset, memoryview(buf)[len(header):],
                                       may_block=may_block):
                     return buf
+                self.buffers.put(buf)
                 if not may_block and req.length <= INLINE_BATCH_BYTES:
                     disk.advise(req.offset, req.length)
                     return _DEFERRED
@@ -408,10 +443,13 @@ class _Connection:
         try:
             if cmd == P.NBD_CMD_READ:
                 header = codec.read_reply_header(req)
-                buf = bytearray(len(header) + req.length)
+                buf = self.buffers.get(len(header) + req.length)
                 buf[: len(header)] = header
-                await disk.read_into(req.offset, memoryview(buf)[len(header):])
-                await self.send(buf)
+                try:
+                    await disk.read_into(req.offset, memoryview(buf)[len(header):])
+                    await self.send(buf)
+                finally:
+                    self.buffers.put(buf)
                 return
             if cmd == P.NBD_CMD_WRITE:
                 assert req.data is not None
