@@ -857,7 +857,7 @@ class FuseFrontend:
         self.counters: dict[str, int] = {
             "requests": 0, "reads": 0, "writes": 0, "fsyncs": 0, "fallocates": 0,
             "bytes_read": 0, "bytes_written": 0, "errors": 0, "protocol_errors": 0,
-            "workers_max": 0,
+            "workers_max": 0, "waited": 0,
         }
 
     # -- public ---------------------------------------------------------------------------------
@@ -1070,6 +1070,7 @@ class FuseFrontend:
                             continue
                         lock.release()
                         held = False
+                        self.counters["waited"] += 1
                         self._idle -= 1
                         if self._idle == 0 and self._workers < self.options.max_workers:
                             self._spawn()
