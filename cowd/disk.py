@@ -765,6 +765,23 @@ class Disk:
         except (FormatError, OSError, ValueError):
             pass  # advice only: the read itself reports the error
 
+    def advise_write(self, offset: int, length: int) -> bool:
+        """Will this write allocate?  If so, start reading what its copy-up needs (the
+        parents' data under the touched clusters) into the page cache without waiting, and
+        return True: a frontend advises every allocating write of a batch before doing the
+        first, so the disk fetches their copy-up sources in parallel."""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return False
+        try:
+            _inplace, lib = self._write_plan(offset, offset + length, count=False)
+        except (FormatError, OSError, ValueError):
+            return False  # the write itself reports it
+        cs = self.cluster_size
+        for gs, ge in lib:
+            start = gs - gs % cs
+            self.advise(start, min(-(-ge // cs) * cs, self.size) - start)
+        return bool(lib)
+
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
         through the library inline), False when it must wait for a lock or the library

@@ -399,8 +399,9 @@ class _Connection:
                        may_block: bool = False) -> bytes | bytearray | _Deferred | None:
         """The reply to ``req`` if it can be answered right here with no await (refused
         requests, reads and in-place writes that the Disk serves synchronously); _DEFERRED
-        for a read whose data is not in the page cache (advised now, read at the end of the
-        batch with ``may_block``); None when the request needs a task of its own."""
+        for a read whose data is not in the page cache or a write that allocates (advised
+        now, done at the end of the batch with ``may_block``); None when the request needs a
+        task of its own."""
         codec = self.codec
         if req.error:
             return codec.error_reply(req, req.error)
@@ -420,6 +421,8 @@ class _Connection:
                     return _DEFERRED
             elif req.command == P.NBD_CMD_WRITE and not req.fua:
                 assert req.data is not None
+                if not may_block and disk.advise_write(req.offset, req.length):
+                    return _DEFERRED  # an allocation: its copy-up source is being fetched
                 if disk.try_write(req.offset, req.data):
                     return codec.ok_reply(req)
         except DiskError as e:

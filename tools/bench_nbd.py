@@ -152,6 +152,8 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench-nbd.json"))
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--only", action="append", choices=list(WORKLOADS),
+                    help="run only this workload (repeatable)")
     args = ap.parse_args()
     size = _size(args.size or ("128M" if args.quick else "1G"))
     reps = args.reps or (1 if args.quick else 3)
@@ -167,7 +169,7 @@ def main() -> int:
         chunk = os.urandom(1 << 20)
         for i in range(size >> 20):
             f.write(chunk[i % 7:] + chunk[: i % 7])  # distinct-ish blocks, cheap to make
-    names = list(WORKLOADS)
+    names = args.only or list(WORKLOADS)
     reps_out = []
     try:
         for i in range(reps):
