@@ -26,6 +26,8 @@ demo: venv
 	tools/demo
 
 check: venv
+	$(VENV)/bin/ruff check cowd formats tools tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

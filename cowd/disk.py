@@ -850,6 +850,7 @@ class Disk:
         if last is None or last[3].file is None:
             return
         g, n, _depth, ext = last
+        assert ext.file is not None
         fd = ext.file.fd
         end = ext.file_offset + (g - ext.guest_offset) + n
         window = min(max(length, self._top.granule) * DATA_READAHEAD_REQUESTS,

@@ -351,7 +351,7 @@ class _Connection:
                         # now, then send the batch of replies in one write and read more.
                         for req in deferred:
                             reply = self._answer_inline(req, may_block=True)
-                            if reply is not None:
+                            if reply is not None and not isinstance(reply, _Deferred):
                                 batch.append(reply)
                             else:
                                 taken = await self.budget.acquire(req.length)
@@ -365,7 +365,7 @@ class _Connection:
                         continue
                     if isinstance(ev, P.Request):
                         reply = self._answer_inline(ev)
-                        if reply is _DEFERRED:
+                        if isinstance(reply, _Deferred):
                             deferred.append(ev)
                             continue
                         if reply is not None:

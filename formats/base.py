@@ -68,6 +68,11 @@ class Extent:
         return self.guest_offset + self.length
 
 
+def io_error(path: str, what: str, e: OSError) -> ImageIOError:
+    """The ImageIOError for a failed host-file syscall (EIO when the OS gave no errno)."""
+    return ImageIOError(path, what, e.errno or errno_mod.EIO)
+
+
 class HostFile:
     """An open host file (an image, an external data file).  Thin, explicit syscalls."""
 
@@ -79,7 +84,7 @@ class HostFile:
             try:
                 fd = os.open(path, flags)
             except OSError as e:
-                raise ImageIOError(path, f"cannot open: {e.strerror}", e.errno) from None
+                raise io_error(path, f"cannot open: {e.strerror}", e) from None
         self.fd = fd
         st = os.fstat(fd)
         self.dev_ino = (st.st_dev, st.st_ino)
@@ -111,7 +116,7 @@ class HostFile:
             try:
                 chunk = os.pread(self.fd, min(length - got, MAX_IO_BYTES), file_offset + got)
             except OSError as e:
-                raise ImageIOError(self.path, f"read failed: {e.strerror}", e.errno) from None
+                raise io_error(self.path, f"read failed: {e.strerror}", e) from None
             if not chunk:
                 break
             parts.append(chunk)
@@ -127,7 +132,7 @@ class HostFile:
             try:
                 n = os.pwrite(self.fd, view[done:], file_offset + done)
             except OSError as e:
-                raise ImageIOError(self.path, f"write failed: {e.strerror}", e.errno) from None
+                raise io_error(self.path, f"write failed: {e.strerror}", e) from None
             if n == 0:
                 raise ImageIOError(self.path, "write made no progress", errno_mod.EIO)
             done += n
@@ -138,13 +143,13 @@ class HostFile:
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise ImageIOError(self.path, f"fdatasync failed: {e.strerror}", e.errno) from None
+            raise io_error(self.path, f"fdatasync failed: {e.strerror}", e) from None
 
     def truncate(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise ImageIOError(self.path, f"truncate failed: {e.strerror}", e.errno) from None
+            raise io_error(self.path, f"truncate failed: {e.strerror}", e) from None
 
     def punch_hole(self, file_offset: int, length: int) -> bool:
         """Deallocate host space; returns False where the filesystem cannot."""

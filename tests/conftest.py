@@ -29,7 +29,8 @@ def run(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
     return p
 
 
-def qemu_img(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def qemu_img(*args: str | os.PathLike[str],
+             check: bool = True) -> subprocess.CompletedProcess[bytes]:
     need("qemu-img")
     return run("qemu-img", *args, check=check)
 
@@ -84,10 +85,12 @@ def read_all(img: object) -> bytes:
     return bytes(out)
 
 
-def qemu_check(image: str | os.PathLike[str], fmt: str = "qcow2") -> subprocess.CompletedProcess[bytes]:
+def qemu_check(image: str | os.PathLike[str],
+               fmt: str = "qcow2") -> subprocess.CompletedProcess[bytes]:
     """qemu-img check must report no errors and no leaks."""
     p = qemu_img("check", "-f", fmt, image, check=False)
-    assert p.returncode == 0, f"qemu-img check {image}: rc={p.returncode}\n{p.stdout.decode()}{p.stderr.decode()}"
+    assert p.returncode == 0, (
+        f"qemu-img check {image}: rc={p.returncode}\n{p.stdout.decode()}{p.stderr.decode()}")
     return p
 
 
