@@ -73,7 +73,7 @@ thread that would have to answer is the one that would block.
 
 Mount options, chosen by measurement
 ------------------------------------
-``python -m tests.fuse_bench`` (fio 3.33 on /dev/loopN, ``losetup --direct-io=on``; 1 GiB
+``tools/bench_fuse.py`` (fio 3.33 on /dev/loopN, ``losetup --direct-io=on``; 1 GiB
 random base, a fresh qcow2 overlay per run; plain loop device on a raw copy of the base in the
 same run = 1.0; 3 s per job, medians; Linux 6.18, 2 vCPUs).  The machine was shared with
 other engineers' test runs: the "idle" figure is the machine's idle CPU during the jobs, and
@@ -740,7 +740,9 @@ async def unmount_stale(mountpoint: str) -> bool:
 
     def probe() -> int:
         try:
-            os.stat(mountpoint)
+            # statfs always asks the daemon; stat may be answered from cached attributes
+            # for ATTR_TIMEOUT_S after the daemon died.
+            os.statvfs(mountpoint)
         except OSError as e:
             return e.errno or 0
         return 0

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Benchmark of the FUSE frontend's mount options (not a test; pytest does not collect it).
 
 A loop device (``--direct-io=on``) on the FUSE file of a fresh qcow2 overlay over a raw base,
@@ -7,8 +8,8 @@ the overlay is new for every run so every first write to a cluster allocates).  
 dropped before every job.  Prints a table of medians and their ratio to the plain loop
 device, and writes every figure as JSON.
 
-    python -m tests.fuse_bench --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
-    python -m tests.fuse_bench --configs default,no-direct-io   # a subset
+    .venv/bin/python tools/bench_fuse.py --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
+    .venv/bin/python tools/bench_fuse.py --configs default,no-direct-io   # a subset
 
 It needs root, /dev/fuse, loop devices, fio and qemu-img.  It creates and removes only its
 own loop devices (by name) and its own mounts, under a fresh temporary directory.
@@ -209,7 +210,7 @@ def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: 
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-m", "tests.fuse_bench", "--serve", str(top),
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(top),
                           str(mnt), json.dumps(opts)], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None
