@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from formats.errors import FormatError
 
@@ -72,8 +73,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
     t.add_argument("--json", action="store_true")
-    t.add_argument("--run-dir", default=_default_run_dir(), help=argparse.SUPPRESS)
+    _run_dir_option(t)
+
+    a = sub.add_parser("attach", help="make an image a block device (starts the daemon if "
+                       "none runs); prints the device")
+    a.add_argument("image", metavar="IMAGE")
+    a.add_argument("--via", choices=("auto", "kmod", "nbd", "fuse"), default="auto",
+                   help="the kernel path: kmod (/dev/cowdN), nbd (/dev/nbdN) or fuse (a FUSE "
+                   "file under a loop device, /dev/loopN); auto takes the first this kernel "
+                   "supports and says which (default: auto)")
+    a.add_argument("--readonly", action="store_true", help="attach read-only")
+    _run_dir_option(a)
+
+    d = sub.add_parser("detach", help="flush and remove a device cowd attached")
+    d.add_argument("target", metavar="DEVICE|IMAGE")
+    _run_dir_option(d)
+
+    li = sub.add_parser("list", help="attached disks: device, image, frontend, cache counters")
+    li.add_argument("--json", action="store_true")
+    _run_dir_option(li)
+
+    dm = sub.add_parser("daemon", help="the daemon `cowd attach` starts, in the foreground; it "
+                        "exits when it serves nothing")
+    _daemon_options(dm)
     return p
+
+
+def _run_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=_default_run_dir(),
+                   help="the daemon's directory: control socket, pid file, log, FUSE mount "
+                   "(default $COWD_RUN_DIR or /run/cowd)")
 
 
 def _default_run_dir() -> str:
@@ -156,22 +185,120 @@ def run(args: argparse.Namespace) -> int:
         doc.pop("ok", None)
         print(json.dumps(doc, indent=2) if args.json else format_stats(doc))
         return 0
+    if args.command == "attach":
+        return attach_cmd(args)
+    if args.command == "detach":
+        return detach_cmd(args)
+    if args.command == "list":
+        return list_cmd(args)
+    if args.command == "daemon":
+        return serve(args, background=True)
     raise UsageError(f"unknown command {args.command!r}")
 
 
-def serve(args: argparse.Namespace) -> int:
+def _say(line: str) -> None:
+    print(f"cowd: {line}", file=sys.stderr)
+
+
+def attach_cmd(args: argparse.Namespace) -> int:
+    import os
+
+    from . import attach
+
+    via, note = attach.choose_frontend(args.via)
+    if note:
+        _say(note)
+    image = os.path.abspath(args.image)
+    if not os.path.isfile(image):
+        raise UsageError(f"{args.image}: no such image file")
+    att = attach.client_attach(attach.RunDir.at(args.run_dir), image, via, args.readonly, _say)
+    print(att["device"])
+    return 0
+
+
+def detach_cmd(args: argparse.Namespace) -> int:
+    from . import attach
+    from .control import DaemonUnavailable, request
+
+    run = attach.RunDir.at(args.run_dir)
+    req = attach.detach_target(args.target)
+    try:
+        attach.ping(run)
+    except DaemonUnavailable:
+        # No daemon answers: clean up after a dead one, if that is what is left.
+        done = attach.cleanup_dead(run)
+        if done is None:
+            raise UsageError(f"{run.path}: a daemon owns this run dir but does not answer "
+                             f"(pid={attach.holder_pid(run.pid_file)})") from None
+        for line in done.lines(run):
+            _say(f"cleaned up after a dead daemon: {line}")
+        if attach.matches(done, req):
+            return 0
+        raise UsageError(f"{args.target}: not attached (no cowd daemon is running in "
+                         f"{run.path})") from None
+    reply = request(run.control, "detach", timeout=attach.ATTACH_REQUEST_TIMEOUT_S, **req)
+    rec = reply["detached"]
+    print(f"detached {rec['device']} ({rec['image']})")
+    if reply.get("exiting") and not attach.wait_gone(run, attach.EXIT_WAIT_S):
+        _say(f"the daemon is still exiting after {attach.EXIT_WAIT_S:.0f} s "
+             f"(pid={attach.holder_pid(run.pid_file)})")
+    return 0
+
+
+def list_cmd(args: argparse.Namespace) -> int:
+    from .control import DaemonUnavailable, control_path, request
+
+    try:
+        disks = request(control_path(args.run_dir), "list")["disks"]
+    except DaemonUnavailable:
+        disks = []
+    if args.json:
+        print(json.dumps(disks, indent=2))
+    elif disks:
+        print(format_list(disks))
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def format_list(disks: list[dict[str, Any]]) -> str:
+    rows = [("DEVICE", "FRONTEND", "SIZE", "HITS", "MISSES", "HIT%", "IMAGE")]
+    for d in disks:
+        r = d.get("remap", {})
+        ro = " (ro)" if d.get("readonly") else ""
+        rows.append((d.get("device") or "-", d["frontend"], _human(d["size"]),
+                     str(r.get("hits", 0)), str(r.get("misses", 0)),
+                     f"{100 * r.get('hit_rate', 0):.1f}", d["image"] + ro))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  "
+                     + row[-1] for row in rows)
+
+
+def serve(args: argparse.Namespace, background: bool = False) -> int:
     import logging
 
     import trio
 
+    from .attach import PID_WAIT_S
     from .daemon import DaemonConfig, run_daemon
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="cowd[%(process)d] %(levelname)s %(name)s: %(message)s")
-    config = DaemonConfig(images=args.images, nbd=args.nbd, run_dir=args.run_dir,
+    fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
+    if background:  # its own log file: say when
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    config = DaemonConfig(images=[] if background else args.images,
+                          nbd=[] if background else args.nbd, run_dir=args.run_dir,
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
-                          readahead_clusters=args.readahead, prime=not args.no_prime)
+                          readahead_clusters=args.readahead, prime=not args.no_prime,
+                          exit_when_idle=background,
+                          pid_wait_s=PID_WAIT_S if background else 1.0)
     trio.run(run_daemon, config)
     return 0
 
@@ -184,8 +311,14 @@ def format_stats(doc: dict[str, object]) -> str:
     disks = doc["disks"]
     assert isinstance(disks, dict)
     for name, d in disks.items():
-        lines.append(f"disk {name}: {d['path']} ({d['size']} bytes"
+        via = f", {d['frontend']}" if d.get("frontend") else ""
+        dev = f" as {d['device']}" if d.get("device") else ""
+        lines.append(f"disk {name}: {d['path']}{dev} ({d['size']} bytes{via}"
                      f"{', read-only' if d.get('readonly') else ''})")
+        shared = [lay for lay in d.get("layers", [])[1:] if lay.get("shared_by", 1) > 1]
+        for lay in shared:
+            lines.append(f"  layer {lay['path']} shared by {lay['shared_by']} disks "
+                         f"(layer id {lay['layer_id']})")
         lines.append("  remap: " + ", ".join(f"{k}={v}" for k, v in d["remap"].items()))
         lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
         if d.get("prime_seconds") is not None:

@@ -1,6 +1,13 @@
 """Layer: cowd frontends (the control channel).  The daemon's control socket: one JSON object
 per line each way, a request ``{"cmd": NAME, ...}`` and a reply ``{"ok": true, ...}`` or
-``{"ok": false, "error": "..."}``.  Used by ``cowd stats`` (and later attach/detach/list).
+``{"ok": false, "error": "..."}`` (with ``"unavailable": true`` when the daemon is shutting
+down and the client should start another).  Used by ``cowd stats``, ``attach``, ``detach``,
+``list`` and the CLI's ``ping`` (a daemon binds the socket only when it is ready, so any
+answer means ready).
+
+A handler's deliberate errors (cowd's and the format library's, OSError) become the error
+reply; anything else is logged with its traceback and answered as an internal error, so a bug
+in one request cannot take down a daemon that serves disks.
 
 Bounds: a request line longer than MAX_LINE_BYTES drops the connection; a client that sends
 nothing for IDLE_TIMEOUT_S is dropped, so idle connections cannot pile up.
@@ -9,6 +16,7 @@ nothing for IDLE_TIMEOUT_S is dropped, so idle connections cannot pile up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -16,13 +24,21 @@ from typing import Any
 
 import trio
 
-from .errors import RequestError, UsageError
+from formats.errors import FormatError
+
+from .errors import CowdError, RequestError, UsageError
+
+log = logging.getLogger("cowd.control")
 
 MAX_LINE_BYTES = 64 << 10  # requests are tiny; this only stops a runaway client
 IDLE_TIMEOUT_S = 30.0
 DEFAULT_RUN_DIR = "/run/cowd"
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class DaemonUnavailable(UsageError):
+    """No daemon answers (no socket, nobody listening, or it is shutting down)."""
 
 
 def control_path(run_dir: str) -> str:
@@ -80,8 +96,13 @@ async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]
         return {"ok": False, "error": f"unknown command {req['cmd']!r}"}
     try:
         return {"ok": True, **await handler(req)}
-    except (RequestError, UsageError, OSError) as e:
+    except DaemonUnavailable as e:
+        return {"ok": False, "error": str(e), "unavailable": True}
+    except (CowdError, FormatError, OSError) as e:
         return {"ok": False, "error": str(e)}
+    except Exception as e:
+        log.exception("control: %r failed", req["cmd"])
+        return {"ok": False, "error": f"internal error in the daemon (see its log): {e!r}"}
 
 
 def clear_stale_socket(path: str) -> None:
@@ -122,20 +143,32 @@ def request(path: str, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str
     try:
         try:
             s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise UsageError(f"{path}: no cowd daemon is running (control socket absent)") from None
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except FileNotFoundError:
+            raise DaemonUnavailable(f"{path}: no cowd daemon is running (control socket "
+                                    "absent)") from None
+        except ConnectionRefusedError:
+            raise DaemonUnavailable(f"{path}: no cowd daemon is running (nothing listens "
+                                    "on the control socket)") from None
         buf = bytearray()
-        while b"\n" not in buf:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                raise UsageError(f"{path}: daemon closed the control connection")
-            buf += chunk
-            if len(buf) > 64 * MAX_LINE_BYTES:
-                raise UsageError(f"{path}: reply too long")
+        try:
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            while b"\n" not in buf:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise DaemonUnavailable(f"{path}: daemon closed the control connection")
+                buf += chunk
+                if len(buf) > 64 * MAX_LINE_BYTES:
+                    raise UsageError(f"{path}: reply too long")
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonUnavailable(f"{path}: daemon closed the control connection") from None
+        except TimeoutError:
+            raise UsageError(f"{path}: the daemon did not answer {cmd!r} within "
+                             f"{timeout:g} s") from None
     finally:
         s.close()
     reply: dict[str, Any] = json.loads(buf[: buf.index(b"\n")])
     if not reply.get("ok"):
+        if reply.get("unavailable"):
+            raise DaemonUnavailable(str(reply.get("error", "daemon unavailable")))
         raise RequestError(0, str(reply.get("error", "unknown error")))
     return reply

@@ -1,17 +1,30 @@
 """Layer: cowd (the composition root).  One daemon process serves many disks.
 
-Theory of operation: :func:`run_daemon` owns the nursery and an ``AsyncExitStack``.  It builds
-the shared parts once — the :class:`~cowd.disk.ImagePool` (each parent image opened once and
-shared by every overlay on it) and the :class:`~cowd.remap.RemapCache` — then opens one
-:class:`~cowd.disk.Disk` per image, primes each, and starts the frontends (NBD listeners) and
-the control socket.  Every part registers its own teardown on the exit stack, so a failure
-half-way through start-up unwinds what was built.
+Theory of operation: :func:`run_daemon` owns a nursery for long-lived tasks (control
+connections, NBD connections, the FUSE workers) and, inside it, an ``AsyncExitStack``.  It
+first takes the run directory (the pid file's lock, cowd/attach.py) and cleans up after a dead
+predecessor, then builds the shared parts once — the :class:`~cowd.disk.ImagePool` (each
+parent image opened once and shared by every overlay on it) and the
+:class:`~cowd.remap.RemapCache` — opens and primes one :class:`~cowd.disk.Disk` per image
+given on the command line, and starts the frontends (NBD listeners) and the control socket.
+Disks attached later (``cowd attach``: FUSE file + loop device) come and go through the
+:class:`~cowd.attach.Attacher`, which mounts the FUSE directory at the first attach.  Every
+part registers its own teardown on the exit stack, so a failure half-way through start-up
+unwinds what was built, and the order of teardown is the reverse of building: loop devices
+are detached, then the FUSE directory is unmounted and drained, then the disks are closed, then
+the socket and the pid file go.
 
-Shutdown (SIGINT/SIGTERM): stop accepting, give in-flight requests DRAIN_TIMEOUT_S to finish,
-then flush and close every disk (data before metadata, as formats/ documents) and exit 0.
-The signal receiver is installed before anything is opened and removed after the last disk is
-closed, so a second signal during the drain or the flush is logged, never fatal; the final
-close is shielded, so a caller that cancels ``run_daemon`` still gets its disks flushed.
+Two kinds of daemon: ``cowd serve`` runs until SIGINT/SIGTERM; ``cowd daemon`` (what ``cowd
+attach`` starts in the background) also exits when it serves nothing — after the detach of
+its last disk, after a failed first attach, or when no disk arrives within STARTUP_IDLE_S.
+
+Shutdown (a signal, or idle): stop taking control requests (remove the socket), wait for an
+attach or detach in progress, stop accepting NBD connections, give in-flight requests
+DRAIN_TIMEOUT_S to finish, then unwind the stack: flush and close every disk (data before
+metadata, as formats/ documents) and exit 0.  The signal receiver is installed before anything
+is opened and removed after the last disk is closed, so a second signal during the drain or
+the flush is logged, never fatal; the final close is shielded, so a caller that cancels
+``run_daemon`` still gets its disks flushed.
 """
 
 from __future__ import annotations
@@ -21,12 +34,21 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import control
+from .attach import (
+    EXIT_AFTER_REPLY_S,
+    STARTUP_IDLE_S,
+    Attacher,
+    RunDir,
+    cleanup_stale,
+    take_run_dir,
+)
 from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
@@ -46,6 +68,8 @@ class DaemonConfig:
     cache_max_age_s: float = 600.0
     readahead_clusters: int = 16
     prime: bool = True
+    exit_when_idle: bool = False  # the background daemon `cowd attach` starts
+    pid_wait_s: float = 1.0  # how long to wait for a previous owner of the run dir
 
 
 @dataclass
@@ -53,33 +77,83 @@ class Daemon:
     config: DaemonConfig
     pool: ImagePool
     cache: RemapCache
-    disks: dict[str, Disk] = field(default_factory=dict)  # export name -> disk
+    disks: dict[str, Disk] = field(default_factory=dict)  # NBD export name -> disk
     started: float = field(default_factory=time.monotonic)
     nbd: Any = None  # the NbdServer, once started
+    attacher: Attacher | None = None
+    cleanup: list[str] = field(default_factory=list)  # what start-up cleaned up
+    request_stop: Callable[[], None] = lambda: None
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.disks or (self.attacher is not None
+                                      and name in self.attacher.attachments)
 
     def export_name(self, path: str) -> str:
         name = os.path.basename(path)
-        if name in self.disks:
+        if self.name_taken(name):
             raise UsageError(f"{path}: another served image is also called {name!r}")
         return name
 
-    async def add_disk(self, path: str) -> Disk:
-        name = self.export_name(path)
+    async def open_disk(self, path: str, readonly: bool) -> Disk:
         disk = await Disk.open(path, pool=self.pool, cache=self.cache,
-                               readonly=self.config.readonly,
+                               readonly=self.config.readonly or readonly,
                                readahead_clusters=self.config.readahead_clusters)
-        self.disks[name] = disk
         if self.config.prime:
-            await disk.prime()
+            try:
+                await disk.prime()
+            except BaseException:
+                await disk.close()
+                raise
         return disk
 
+    async def add_disk(self, path: str) -> Disk:
+        name = self.export_name(path)
+        disk = await self.open_disk(path, False)
+        self.disks[name] = disk
+        return disk
+
+    def serves_nothing(self) -> bool:
+        return not self.disks and not (self.attacher and self.attacher.attachments)
+
+    def after_change(self) -> bool:
+        """Called after every attach or detach: a daemon that exits when idle stops taking
+        attaches now and exits once the reply is out.  True if it will exit."""
+        if not (self.config.exit_when_idle and self.serves_nothing()):
+            return False
+        if self.attacher is not None:
+            self.attacher.accepting = False
+        log.info("serving nothing: exiting")
+        self.request_stop()
+        return True
+
+    async def ping(self, _req: dict[str, Any]) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"pid": os.getpid(), "run_dir": self.config.run_dir,
+                "exit_when_idle": self.config.exit_when_idle, "cleanup": self.cleanup}
+
+    async def list_disks(self, req: dict[str, Any]) -> dict[str, Any]:
+        attached = (await self.attacher.list_disks(req))["attached"] if self.attacher else []
+        exported = [{"name": n, "image": d.path, "device": None, "frontend": "nbd-export",
+                     "readonly": d.readonly, "size": d.size, "remap": d.counters.as_dict(),
+                     "ops": d.stats()["ops"]} for n, d in self.disks.items()]
+        return {"pid": os.getpid(), "disks": attached + exported}
+
     async def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        disks = {name: {**d.stats(), "frontend": "nbd-export"} for name, d in self.disks.items()}
+        fuse = None
+        if self.attacher is not None:
+            for name, a in self.attacher.attachments.items():
+                disks[name] = {**a.disk.stats(), "frontend": a.frontend, "device": a.device}
+            if self.attacher.fuse is not None:
+                fuse = self.attacher.fuse.stats()
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cache": self.cache.stats(),
             "nbd": dict(self.nbd.counters) if self.nbd is not None else None,
-            "disks": {name: d.stats() for name, d in self.disks.items()},
+            "fuse": fuse,
+            "disks": disks,
         }
 
     async def close(self) -> None:
@@ -160,18 +234,44 @@ async def run_daemon(config: DaemonConfig,
 
 async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], stop: trio.Event,
                  serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
+    # The exit stack sits inside the nursery of long-lived tasks, so its teardown (the FUSE
+    # frontend's drain above all) runs while the frontends' tasks are still alive.  An error
+    # is caught inside the nursery and re-raised outside it, unwrapped (see run_daemon).
+    error: Exception | None = None
+    async with trio.open_nursery() as services:
+        try:
+            await _serve_in(services, config, addresses, stop, serving, task_status)
+        except Exception as e:
+            error = e
+        services.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _serve_in(services: trio.Nursery, config: DaemonConfig,
+                    addresses: list[tuple[str, str, int]], stop: trio.Event,
+                    serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
     from .nbd import NbdServer, open_nbd_listeners
 
-    ctl_path = control.control_path(config.run_dir)
-    control.clear_stale_socket(ctl_path)
-    for kind, addr, _ in addresses:
-        if kind == "unix":
-            control.clear_stale_socket(addr)
+    run = RunDir.at(config.run_dir)
+    ctl_path = run.control
     async with contextlib.AsyncExitStack() as stack:
+        pid = await take_run_dir(run, config.pid_wait_s)
+        stack.callback(pid.release)  # runs last
+        done = await cleanup_stale(run)
+        for kind, addr, _ in addresses:
+            if kind == "unix":
+                control.clear_stale_socket(addr)
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
-        daemon = Daemon(config, pool, cache)
-        stack.push_async_callback(daemon.close_shielded)  # runs last: flush and close disks
+        daemon = Daemon(config, pool, cache, cleanup=done.lines(run),
+                        request_stop=lambda: services.start_soon(_stop_soon, stop))
+        for line in daemon.cleanup:
+            log.info("cleaned up after a dead daemon: %s", line)
+        stack.push_async_callback(daemon.close_shielded)  # runs late: flush and close disks
+        attacher = Attacher(run, stack, services, daemon.open_disk, daemon.name_taken,
+                            daemon.after_change)
+        daemon.attacher = attacher
         for path in config.images:
             await daemon.add_disk(path)
 
@@ -183,28 +283,61 @@ async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], st
                 stack.callback(_unlink_quiet, addr)
         nbd = NbdServer(daemon.disks)
         daemon.nbd = nbd
-        handlers: dict[str, control.Handler] = {"stats": daemon.stats}
+        handlers: dict[str, control.Handler] = {
+            "stats": daemon.stats, "ping": daemon.ping, "list": daemon.list_disks,
+            "attach": attacher.attach, "detach": attacher.detach}
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(control.serve_control, ctl, handlers)
-            # The accept loops run in a scope of their own and hand connections to the outer
-            # nursery, so shutdown can stop accepting (which closes the listeners) while the
-            # connections drain.  Closing a listener under a task blocked in accept() would
-            # instead make that task fail with ClosedResourceError.
-            accepting = trio.CancelScope()
+        # The control server and the accept loops run in scopes of their own, so shutdown
+        # can stop them (which closes the listeners) while connections drain.  Closing a
+        # listener under a task blocked in accept() would instead make that task fail with
+        # ClosedResourceError.
+        controlling = trio.CancelScope()
+        accepting = trio.CancelScope()
 
-            async def accept_loop() -> None:
-                with accepting:
-                    await trio.serve_listeners(nbd.handle, listeners, handler_nursery=nursery)
+        async def control_loop(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                               ) -> None:
+            with controlling:
+                await control.serve_control(ctl, handlers, task_status=task_status)
 
-            nursery.start_soon(accept_loop)
-            log.info("serving %s on %s", ", ".join(daemon.disks), ", ".join(config.nbd))
+        async def accept_loop() -> None:
+            with accepting:
+                await trio.serve_listeners(nbd.handle, listeners, handler_nursery=services)
+
+        try:
+            await services.start(control_loop)
+            if listeners:
+                services.start_soon(accept_loop)
+            if config.exit_when_idle and not config.images:
+                services.start_soon(_exit_if_idle, daemon, STARTUP_IDLE_S)
+            what = ", ".join(daemon.disks) or "no disks yet"
+            log.info("serving %s%s; control socket %s", what,
+                     f" on {', '.join(config.nbd)}" if config.nbd else "", ctl_path)
             serving[0] = True
             task_status.started(daemon)
             await stop.wait()
+        finally:
+            # New clients see no daemon (and start another); no attach begins from now on.
+            controlling.cancel()
+            _unlink_quiet(ctl_path)
+            attacher.accepting = False
             accepting.cancel()
-            await nbd.shutdown(DRAIN_TIMEOUT_S)
-            nursery.cancel_scope.cancel()
+        await attacher.quiesce()
+        await nbd.shutdown(DRAIN_TIMEOUT_S)
+
+
+async def _stop_soon(stop: trio.Event) -> None:
+    # Let the reply that caused the exit reach its client first.
+    await trio.sleep(EXIT_AFTER_REPLY_S)
+    stop.set()
+
+
+async def _exit_if_idle(daemon: Daemon, after_s: float) -> None:
+    await trio.sleep(after_s)
+    if daemon.attacher is not None:
+        async with daemon.attacher.op_lock:
+            if daemon.serves_nothing() and daemon.attacher.accepting:
+                log.info("no disk attached within %g s", after_s)
+                daemon.after_change()
 
 
 def _unlink_quiet(path: str) -> None:
