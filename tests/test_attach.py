@@ -517,3 +517,73 @@ def test_refusals_leave_others_alone(env: Env, tmp_path: Path) -> None:
     raw = tmp_path / "flat.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
     assert run("debugfs", "-R", "cat /still-works.txt", raw).stdout == b"yes\n"
+
+
+# ---- lifecycle -----------------------------------------------------------------------------------
+
+def wait_gone(env: Env, pid: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        assert time.monotonic() < deadline, f"daemon {pid} still alive\n{env.log()}"
+        time.sleep(0.05)
+
+
+def test_concurrent_attaches_start_one_daemon_and_sigterm_stops_it(env: Env,
+                                                                    tmp_path: Path) -> None:
+    base = make_base(tmp_path, 8 * MiB)
+    ovs = [Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+                .stdout.strip()) for _ in range(3)]
+    procs = [subprocess.Popen([*COWD, "attach", str(ov), "--via", "fuse", "--run-dir",
+                               str(env.run_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             for ov in ovs]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    devs = [out.strip() for out, _err in outs]
+    assert len(set(devs)) == 3 and all(LOOP_DEV.fullmatch(d) for d in devs)
+    log = env.log()
+    assert log.count("serving no disks yet") == 1, log  # one daemon was started
+    assert sorted(d["device"] for d in env.list()) == sorted(devs)
+
+    # SIGTERM: the daemon detaches its loop devices, unmounts, closes the disks, exits.
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(env, pid)
+    env.assert_daemon_gone()
+    assert not any((backing_file(d) or "").startswith(str(env.run_dir)) for d in devs)
+    for ov in ovs:
+        qemu_check(ov)
+
+
+def test_attach_to_a_running_serve_daemon(env: Env, tmp_path: Path) -> None:
+    """`cowd serve` answers attach too (and keeps serving NBD); it does not exit when its
+    attached disks are gone."""
+    base = make_base(tmp_path, 8 * MiB)
+    served, attached = (Path(env.cowd("create", "--base", base, "--overlay", "qcow",
+                                      run_dir=False).stdout.strip()) for _ in range(2))
+    sock = tmp_path / "nbd.sock"
+    with open(tmp_path / "serve.log", "wb") as logf:
+        proc = subprocess.Popen([*COWD, "serve", str(served), "--nbd", f"unix:{sock}",
+                                 "--run-dir", str(env.run_dir)], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not env.socket.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "serve.log").read_text()
+            time.sleep(0.02)
+        dev = env.attach(attached, "--via", "fuse")
+        kinds = {d["image"]: (d["frontend"], d["device"]) for d in env.list()}
+        assert kinds == {str(served): ("nbd-export", None), str(attached): ("fuse", dev)}
+        env.detach(dev)
+        assert proc.poll() is None and env.socket.exists()
+        assert [d["image"] for d in env.list()] == [str(served)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    env.assert_daemon_gone()
+    qemu_check(attached)
