@@ -370,14 +370,22 @@ def _last_line(data: bytes) -> str:
     return lines[-1] if lines else "(no message)"
 
 
+async def _losetup(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    try:
+        with trio.fail_after(LOSETUP_TIMEOUT_S):
+            return await trio.run_process(args, capture_stdout=True, capture_stderr=True,
+                                          check=False, stdin=subprocess.DEVNULL)
+    except trio.TooSlowError:
+        raise UsageError(f"{' '.join(args)}: did not finish within "
+                         f"{LOSETUP_TIMEOUT_S:.0f} s") from None
+
+
 async def losetup_attach(path: str, readonly: bool) -> str:
     args = ["losetup", "--find", "--show", "--direct-io=on"]
     if readonly:
         args.append("--read-only")
     args.append(path)
-    with trio.fail_after(LOSETUP_TIMEOUT_S):
-        p = await trio.run_process(args, capture_stdout=True, capture_stderr=True,
-                                   check=False, stdin=subprocess.DEVNULL)
+    p = await _losetup(args)
     if p.returncode != 0:
         raise UsageError(f"losetup: {_last_line(p.stderr)} (file={path})")
     dev = p.stdout.decode(errors="replace").strip()
@@ -387,9 +395,7 @@ async def losetup_attach(path: str, readonly: bool) -> str:
 
 
 async def losetup_detach(device: str) -> None:
-    with trio.fail_after(LOSETUP_TIMEOUT_S):
-        p = await trio.run_process(["losetup", "-d", device], capture_stdout=True,
-                                   capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
+    p = await _losetup(["losetup", "-d", device])
     if p.returncode != 0:
         raise UsageError(f"losetup -d {device}: {_last_line(p.stderr)}")
 
@@ -802,7 +808,7 @@ class Attacher:
                                     "goes away when it is unmounted; its I/O fails until then)",
                                     att.device)
                     await losetup_detach(att.device)
-                except (OSError, UsageError, trio.TooSlowError) as e:
+                except (OSError, UsageError) as e:
                     log.error("%s: %s", att.device, e)
             for att in list(self.attachments.values()):
                 if not await self._released(att.name, RELEASE_TIMEOUT_S / 2):

@@ -323,6 +323,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             accepting.cancel()
         await attacher.quiesce()
         await nbd.shutdown(DRAIN_TIMEOUT_S)
+    log.info("stopped")
 
 
 async def _stop_soon(stop: trio.Event) -> None:
