@@ -866,35 +866,39 @@ def spawn_daemon(run: RunDir) -> subprocess.Popen[bytes]:
 
 
 def ensure_daemon(run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
-    """A daemon that answers on ``run``'s control socket, started if none does."""
+    """A daemon that answers on ``run``'s control socket, started if none does.  A daemon
+    that owns the run dir but does not answer yet (starting, or exiting) is waited for; a new
+    one is started only when nobody owns the run dir."""
     with contextlib.suppress(DaemonUnavailable):
         return ping(run)
     run.make()
-    with file_lock(run.start_lock, START_TIMEOUT_S + PID_WAIT_S):
-        with contextlib.suppress(DaemonUnavailable):
-            return ping(run)
-        proc = spawn_daemon(run)
-        deadline = time.monotonic() + START_TIMEOUT_S + PID_WAIT_S
+    limit_s = START_TIMEOUT_S + PID_WAIT_S
+    with file_lock(run.start_lock, limit_s):
+        proc: subprocess.Popen[bytes] | None = None
+        deadline = time.monotonic() + limit_s
         while True:
-            rc = proc.poll()
-            if rc is not None:
-                raise UsageError(f"the daemon exited while starting (status={rc}): "
-                                 f"{_log_tail(run)} (log: {run.log})")
             try:
                 reply = ping(run, timeout=5.0)
+                break
             except DaemonUnavailable:
-                if time.monotonic() > deadline:
-                    raise UsageError(f"the daemon did not answer within "
-                                     f"{START_TIMEOUT_S + PID_WAIT_S:.0f} s "
-                                     f"(pid={proc.pid}, log: {run.log})") from None
-                time.sleep(0.02)
-                continue
-            for line in reply.get("cleanup", []):
-                say(f"cleaned up after a dead daemon: {line}")
-            # The daemon is in a session of its own and outlives us; forget it without the
-            # "still running" warning.
-            proc.returncode = 0
-            return reply
+                pass
+            if proc is None and not is_owned(run.pid_file):
+                proc = spawn_daemon(run)
+            if proc is not None and (rc := proc.poll()) is not None:
+                raise UsageError(f"the daemon exited while starting (status={rc}): "
+                                 f"{_log_tail(run)} (log: {run.log})")
+            if time.monotonic() > deadline:
+                who = proc.pid if proc is not None else holder_pid(run.pid_file)
+                raise UsageError(f"the daemon did not answer within {limit_s:.0f} s "
+                                 f"(pid={who}, log: {run.log})")
+            time.sleep(0.02)
+    if proc is not None:
+        for line in reply.get("cleanup", []):
+            say(f"cleaned up after a dead daemon: {line}")
+        # The daemon is in a session of its own and outlives us; forget it without the
+        # "still running" warning.
+        proc.returncode = 0
+    return reply
 
 
 def client_attach(run: RunDir, image: str, via: str, readonly: bool,
