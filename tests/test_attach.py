@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from cowd import attach as A
+from cowd.errors import UsageError
 from tests.conftest import qemu_check, qemu_img, run, sha256
 from tests.test_fuse import make_tree, same_tree
 from tests.test_vhd import libvhdi_raw
@@ -59,8 +61,8 @@ def attach_problem() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(120),
-              pytest.mark.skipif(attach_problem() is not None, reason=attach_problem() or "")]
+pytestmark = [pytest.mark.timeout(120)]
+needs_attach = pytest.mark.skipif(attach_problem() is not None, reason=attach_problem() or "")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -278,6 +280,8 @@ def read_back(env: Env, image: Path, tree: Path) -> None:
 
 # ---- the main job ------------------------------------------------------------------------------
 
+@pytest.mark.root
+@needs_attach
 def test_qcow2_overlay_attach_write_detach(env: Env, tmp_path: Path) -> None:
     base = make_base(tmp_path)
     base_sha = sha256(base)
@@ -311,6 +315,8 @@ def test_qcow2_overlay_attach_write_detach(env: Env, tmp_path: Path) -> None:
     assert sha256(base) == base_sha
 
 
+@pytest.mark.root
+@needs_attach
 def test_differencing_vhd_over_vhd_base(env: Env, tmp_path: Path) -> None:
     raw_base = make_base(tmp_path)
     base = tmp_path / "base.vhd"
@@ -336,6 +342,8 @@ def test_differencing_vhd_over_vhd_base(env: Env, tmp_path: Path) -> None:
     assert sha256(base) == base_sha
 
 
+@pytest.mark.root
+@needs_attach
 def test_two_overlays_of_one_base_share_it(env: Env, tmp_path: Path) -> None:
     base = make_base(tmp_path)
     base_sha = sha256(base)
@@ -384,6 +392,8 @@ def test_two_overlays_of_one_base_share_it(env: Env, tmp_path: Path) -> None:
         assert b"File not found" in other.stderr + other.stdout
 
 
+@pytest.mark.root
+@needs_attach
 def test_sigkilled_daemon_is_cleaned_up(env: Env, tmp_path: Path) -> None:
     base = make_base(tmp_path)
     base_sha = sha256(base)
@@ -450,6 +460,8 @@ def one_line(p: subprocess.CompletedProcess[str], *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.root
+@needs_attach
 def test_frontend_choice(env: Env, tmp_path: Path) -> None:
     base = make_base(tmp_path, 4 * MiB)
     one_line(env.cowd("attach", base, "--via", "kmod", rc=2), "--via kmod", "not available yet",
@@ -471,6 +483,8 @@ def test_frontend_choice(env: Env, tmp_path: Path) -> None:
     env.assert_daemon_gone()
 
 
+@pytest.mark.root
+@needs_attach
 def test_refusals_leave_others_alone(env: Env, tmp_path: Path) -> None:
     base = make_base(tmp_path, 8 * MiB)
     ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
@@ -528,6 +542,8 @@ def wait_gone(env: Env, pid: int, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.root
+@needs_attach
 def test_concurrent_attaches_start_one_daemon_and_sigterm_stops_it(env: Env,
                                                                     tmp_path: Path) -> None:
     base = make_base(tmp_path, 8 * MiB)
@@ -556,6 +572,8 @@ def test_concurrent_attaches_start_one_daemon_and_sigterm_stops_it(env: Env,
         qemu_check(ov)
 
 
+@pytest.mark.root
+@needs_attach
 def test_attach_to_a_running_serve_daemon(env: Env, tmp_path: Path) -> None:
     """`cowd serve` answers attach too (and keeps serving NBD); it does not exit when its
     attached disks are gone."""
@@ -587,3 +605,63 @@ def test_attach_to_a_running_serve_daemon(env: Env, tmp_path: Path) -> None:
             proc.wait()
     env.assert_daemon_gone()
     qemu_check(attached)
+
+
+# ---- no root needed: the pieces ----------------------------------------------------------------
+
+def test_frontend_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    problems = {"kmod": "no shim", "nbd": "no nbd", "fuse": None}
+    for name in problems:
+        monkeypatch.setitem(A._PROBLEMS, name, lambda n=name: problems[n])
+    assert A.choose_frontend("auto") == ("fuse", "--via auto: using fuse (kmod: no shim; "
+                                                 "nbd: no nbd)")
+    assert A.choose_frontend("fuse") == ("fuse", None)
+    with pytest.raises(UsageError, match=r"^--via nbd: no nbd$"):
+        A.choose_frontend("nbd")
+    problems["nbd"] = None
+    assert A.choose_frontend("auto") == ("nbd", "--via auto: using nbd (kmod: no shim)")
+    problems["kmod"] = None
+    assert A.choose_frontend("auto") == ("kmod", "--via auto: using kmod")
+    problems.update(kmod="a", nbd="b", fuse="c")
+    with pytest.raises(UsageError, match=r"no way to attach.*kmod: a; nbd: b; fuse: c"):
+        A.choose_frontend("auto")
+    with pytest.raises(UsageError, match="--via"):
+        A.choose_frontend("ublk")
+
+
+def test_pid_file_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    path = tmp_path / "cowd.pid"
+    first, second = A.PidFile(str(path)), A.PidFile(str(path))
+    assert first.try_acquire()
+    try:
+        assert A.is_owned(str(path)) and A.holder_pid(str(path)) == os.getpid()
+        assert not second.try_acquire()  # another open file: flock refuses it
+    finally:
+        first.release()
+    assert not path.exists() and not A.is_owned(str(path))
+
+    # A holder killed by SIGKILL leaves its pid file behind, but not its lock.
+    code = ("import sys, time; from cowd.attach import PidFile; "
+            "p = PidFile(sys.argv[1]); assert p.try_acquire(); print(flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+        assert A.is_owned(str(path)) and A.holder_pid(str(path)) == holder.pid
+        assert not second.try_acquire()
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert path.exists() and not A.is_owned(str(path))
+    assert second.try_acquire()
+    try:
+        assert A.holder_pid(str(path)) == os.getpid()
+    finally:
+        second.release()
+
+
+def test_loop_names() -> None:
+    assert A.loop_name("/dev/loop12") == "loop12"
+    assert A.loop_name("/dev/sda") is None and A.loop_name("/dev/loop") is None
+    assert A.loop_info("/dev/null") is None
+    assert A.loop_info("/dev/loop999999") is None  # not bound (and no such device)
