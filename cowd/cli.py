@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -336,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FormatError, CowdError) as e:
         print(f"cowd: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`cowd map IMAGE | head`): stop quietly, as a tool killed by
+        # SIGPIPE would, and keep Python from complaining again when it flushes stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"cowd: {where}{e.strerror or e}", file=sys.stderr)

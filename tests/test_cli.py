@@ -127,3 +127,13 @@ def test_convert_odd_sized_raw(tmp_path: Path) -> None:
         cowd("convert", src, out, "-O", fmt)
         data = qemu_raw(out, tmp_path, fmt=qfmt)
         assert data[:100_000] == src.read_bytes() and not any(data[100_000:]), fmt
+
+
+def test_closed_stdout_is_quiet(base: Path, tmp_path: Path) -> None:
+    """`cowd map IMAGE | head` must not print a traceback or an error when head exits."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before cowd writes
+    p = subprocess.run([*COWD, "info", str(base)], stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=60)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)
