@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE",
                    help="top images to serve; the NBD export name is the file name")
     s.add_argument("--nbd", action="append", required=True, metavar="ADDR",
-                   help="unix:PATH or tcp:HOST:PORT (repeatable)")
+                   help="unix:PATH or tcp:[HOST:]PORT (repeatable; HOST defaults to 127.0.0.1)")
     _daemon_options(s)
 
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")

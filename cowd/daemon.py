@@ -56,6 +56,7 @@ from .remap import RemapCache
 log = logging.getLogger("cowd.daemon")
 
 DRAIN_TIMEOUT_S = 10.0
+DEFAULT_TCP_HOST = "127.0.0.1"
 
 
 @dataclass
@@ -176,7 +177,9 @@ class Daemon:
 
 
 def parse_address(spec: str) -> tuple[str, str, int]:
-    """'unix:/path' -> ('unix', path, 0); 'tcp:HOST:PORT' -> ('tcp', host, port)."""
+    """'unix:/path' -> ('unix', path, 0); 'tcp:HOST:PORT' -> ('tcp', host, port).  The host
+    defaults to loopback ('tcp:PORT' or 'tcp::PORT'): serving beyond this machine has to be
+    asked for by name."""
     kind, _, rest = spec.partition(":")
     if kind == "unix" and rest:
         return "unix", rest, 0
@@ -184,9 +187,9 @@ def parse_address(spec: str) -> tuple[str, str, int]:
         host, _, port = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return "tcp", host, int(port)
-    raise UsageError(f"--nbd: expected unix:PATH or tcp:HOST:PORT, got {spec!r}")
+        if port.isdigit() and 0 < int(port) < 65536:
+            return "tcp", host or DEFAULT_TCP_HOST, int(port)
+    raise UsageError(f"--nbd: expected unix:PATH or tcp:[HOST:]PORT, got {spec!r}")
 
 
 async def run_daemon(config: DaemonConfig,

@@ -591,7 +591,7 @@ def test_tcp_listener(serve: Callable[..., Served], tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = serve(c.top, nbd=f"tcp:127.0.0.1:{port}")
+    d = serve(c.top, nbd=f"tcp:{port}")  # the host defaults to loopback
     uri = f"nbd://127.0.0.1:{port}/{c.name}"
     qemu_io(uri, "write -P 0x77 4096 8192", "read -P 0x77 4096 8192", fmt="raw")
     model = bytearray(c.oracle())
