@@ -131,8 +131,13 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         assert cowd["daemon_cpu_s"] > 0, (w, cowd)
         assert cowd["cache_hits"] + cowd["cache_misses"] > 0, (w, cowd)
         assert 0 < cowd["hit_rate"] <= 1, (w, cowd)
-        if w != "copy":
+        if w == "copy":  # the whole tree went down to each device in the window
+            for path in ("loop", "cowd"):
+                assert rep[w][path]["device_written_MB"] * 1e6 >= doc["tree"]["bytes"], path
+        else:
             assert cowd["bytes"] > 0 and rep[w]["loop"]["bytes"] > 0, w
+            side = "device_read_MB" if "read" in w else "device_written_MB"
+            assert cowd[side] > 0 and rep[w]["loop"][side] > 0, w
 
     assert sorted(doc["summary"]) == sorted(WORKLOADS)
     for w, s in doc["summary"].items():

@@ -39,8 +39,10 @@ Reported: medians over --reps (default 3) with the min-max of the per-repetition
 loop (time ratio for copy: lower is better; throughput ratio for fio: higher is better), the
 daemon's CPU seconds (utime+stime from /proc/PID/stat, PID from the run dir's pid file) during
 the timed window, cowd's remap cache hit rate over the same window (the disk's counters in
-``cowd stats --json``), and the machine's idle share (the machines are shared).  JSON with
-date, kernel, machine, commit and every repetition goes to --out; the table to stdout.
+``cowd stats --json``), the machine's idle share (the machines are shared), and in the JSON the
+bytes the block device itself read and wrote in the window (/sys/block/X/stat), which must be
+alike on both paths.  JSON with date, kernel, machine, commit and every repetition goes to
+--out; the table to stdout.
 
 Clean-up, on success, failure, Ctrl-C or SIGTERM: it unmounts only its own mountpoints,
 ``cowd detach``es only its own devices (then, if the daemon in its run dir does not go,
@@ -407,16 +409,27 @@ class Bench:
 
 # ---- workloads ---------------------------------------------------------------------------------
 
+def block_io(dev: str) -> tuple[int, int]:
+    """Bytes read and written through block device ``dev`` so far (/sys/block/X/stat
+    counts 512-byte sectors whatever the device's block size)."""
+    f = Path(f"/sys/block/{os.path.basename(dev)}/stat").read_text().split()
+    return int(f[2]) * 512, int(f[6]) * 512
+
+
 class Window:
     """Daemon CPU, remap cache and machine idle over one timed window."""
 
     def __init__(self, dev: Device):
         self.dev = dev
         self.cache0 = dev.cache()  # first: the stats request's own CPU is outside the window
-        self.cpu0, self.idle0 = dev.cpu_s(), idle_ticks()
+        self.cpu0, self.idle0, self.io0 = dev.cpu_s(), idle_ticks(), block_io(dev.path)
 
     def close(self, out: dict[str, float]) -> dict[str, float]:
-        cpu1, cache1, idle1 = self.dev.cpu_s(), self.dev.cache(), idle_ticks()
+        cpu1, io1, cache1, idle1 = (self.dev.cpu_s(), block_io(self.dev.path),
+                                    self.dev.cache(), idle_ticks())
+        # What the block device itself saw: the same work on both paths, or the figures lie.
+        out["device_read_MB"] = (io1[0] - self.io0[0]) / 1e6
+        out["device_written_MB"] = (io1[1] - self.io0[1]) / 1e6
         out["machine_idle_pct"] = 100.0 * (idle1[0] - self.idle0[0]) / max(
             1, idle1[1] - self.idle0[1])
         if self.dev.kind == "cowd":
