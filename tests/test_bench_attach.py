@@ -138,6 +138,10 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
             assert cowd["bytes"] > 0 and rep[w]["loop"]["bytes"] > 0, w
             side = "device_read_MB" if "read" in w else "device_written_MB"
             assert cowd[side] > 0 and rep[w]["loop"][side] > 0, w
+            if "read" in w:
+                assert cowd["writes"] == 0, w
+            else:  # a fresh overlay: its first writes allocate
+                assert 0 < cowd["allocating_writes"] <= cowd["writes"], w
 
     assert sorted(doc["summary"]) == sorted(WORKLOADS)
     for w, s in doc["summary"].items():
