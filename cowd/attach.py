@@ -432,8 +432,13 @@ def nbd_problem() -> str | None:
 
 
 def fuse_problem() -> str | None:
-    if not os.path.exists("/dev/fuse"):
+    """Why `--via fuse` cannot work here, or None."""
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
         return "no /dev/fuse (the fuse module is missing)"
+    except OSError as e:
+        return f"/dev/fuse unusable: {e.strerror}"
     if not os.path.exists("/dev/loop-control"):
         return "no /dev/loop-control (the loop driver is missing)"
     if not os.access("/dev/loop-control", os.W_OK):

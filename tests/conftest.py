@@ -17,6 +17,14 @@ def need(tool: str) -> None:
         pytest.skip(f"{tool} not installed (make check installs it from packages.txt)")
 
 
+def missing_tool(*tools: str) -> str | None:
+    """The skip reason for the first tool not on PATH, or None."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (make check installs it from packages.txt)"
+    return None
+
+
 def run(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
         input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     p = subprocess.run([os.fspath(a) for a in args], capture_output=True, timeout=timeout,

@@ -35,7 +35,7 @@ import pytest
 
 from cowd import attach as A
 from cowd.errors import UsageError
-from tests.conftest import qemu_check, qemu_img, run, sha256
+from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
 from tests.test_fuse import make_tree, same_tree
 from tests.test_vhd import libvhdi_raw
 
@@ -47,21 +47,10 @@ LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
 
 
 def attach_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as e:
-        return f"/dev/fuse unusable: {e.strerror}"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control (loop driver missing)"
-    for tool in ("losetup", "mkfs.ext4", "debugfs", "e2fsck", "mount", "umount", "qemu-img"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (make check installs it from packages.txt)"
-    return None
+    return A.fuse_problem() or missing_tool("mkfs.ext4", "debugfs", "e2fsck", "mount",
+                                            "umount", "qemu-img")
 
 
-pytestmark = [pytest.mark.timeout(120)]
 needs_attach = pytest.mark.skipif(attach_problem() is not None, reason=attach_problem() or "")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cowd.attach import fuse_problem
+from tests.conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "bench_attach.py"
@@ -35,18 +37,7 @@ METRIC = {"copy": "seconds", "seqread-1M-qd1": "MBps", "seqwrite-1M-qd1": "MBps"
 
 
 def bench_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as e:
-        return f"/dev/fuse unusable: {e.strerror}"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control (loop driver missing)"
-    for tool in ("fio", "losetup", "mkfs.ext4", "mount", "umount"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (make check installs it from packages.txt)"
-    return None
+    return fuse_problem() or missing_tool("fio", "losetup", "mkfs.ext4", "mount", "umount")
 
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(170),

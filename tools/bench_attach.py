@@ -81,6 +81,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cowd.attach import fuse_problem
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fuse import cpu_ticks, drop_caches, idle_ticks
 
@@ -584,15 +586,9 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def problem() -> str | None:
     """Why this machine cannot run the benchmark, or None."""
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as e:
-        return f"/dev/fuse unusable: {e.strerror}"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control (loop driver missing)"
-    for tool in ("fio", "losetup", "mkfs.ext4", "mount", "umount", "cp", "sync"):
+    if why := fuse_problem():
+        return why
+    for tool in ("fio", "mkfs.ext4", "mount", "umount", "cp", "sync"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (make deps installs it)"
     return None
