@@ -128,11 +128,15 @@ What the figures say, and the choices:
 - The writeback cache: no gain for a loop device (its I/O is direct), and it breaks the
   fixed size: the kernel owns i_size under it, so a write past the end is acknowledged into
   the page cache and fails only at write-back (close or fsync gets ENOSPC).  Off.
-- What the figures do not show is the frontend: cold 4 KiB random reads (0.12) are
+- What the figures do not show is the frontend: cold 4 KiB random reads (0.12) were
   ``Disk.read_into`` reading the base synchronously in the trio thread, one cache miss at a
-  time (QD1 against the device's QD32).  Sequential reads beat the loop device (1.79) because
-  the Disk reads the base through the page cache and its readahead, the loop device with
-  direct I/O does not.
+  time (QD1 against the device's QD32).  Now a READ that misses the page cache advises the
+  kernel (POSIX_FADV_WILLNEED) and yields the device to the next worker before it reads, so
+  the misses of everything queued are on the disk at once (an allocating WRITE does the same
+  for its copy-up source): cold 4 KiB random reads QD32 through `cowd attach` went from
+  7.4-9.8k to 20.8-22.5k IOPS (1 GiB qcow2 overlay over a half-filled raw base, 3 runs
+  each).  Sequential reads beat the loop device (1.79) because the Disk reads the base
+  through the page cache and its readahead, the loop device with direct I/O does not.
 """
 
 from __future__ import annotations
@@ -1141,6 +1145,10 @@ class FuseFrontend:
                     # does (the kernel's buffered path splits such a write the same way).
                     size = disk.size - offset
                     payload = payload[:size]
+                if disk.advise_write(offset, size):
+                    # An allocation: its copy-up source is being fetched; let the requests
+                    # queued behind this one start theirs before we wait for it (as _read).
+                    await trio.lowlevel.checkpoint()
                 await disk.write(offset, payload)  # at or past the end: ENOSPC
                 self.counters["writes"] += 1
                 self.counters["bytes_written"] += size
@@ -1196,7 +1204,15 @@ class FuseFrontend:
         n = max(0, min(size, disk.size - offset))
         out = memoryview(w.reply)
         if n:
-            await disk.read_into(offset, out[OUT_HEADER.size:OUT_HEADER.size + n])
+            dest = out[OUT_HEADER.size:OUT_HEADER.size + n]
+            if not disk.try_read_into(dest=dest, offset=offset):
+                # Not in the page cache (or behind a lock): have the disk start on it, and
+                # give the device to the next worker first, so that the requests queued
+                # behind this one are advised too and the disk works on all of them at
+                # once; then read (by now usually from the page cache).
+                disk.advise(offset, n)
+                await trio.lowlevel.checkpoint()
+                await disk.read_into(offset, dest)
         OUT_HEADER.pack_into(w.reply, 0, OUT_HEADER.size + n, 0, unique)
         self.counters["reads"] += 1
         self.counters["bytes_read"] += n
