@@ -766,21 +766,31 @@ class Disk:
             pass  # advice only: the read itself reports the error
 
     def advise_write(self, offset: int, length: int) -> bool:
-        """Will this write allocate?  If so, start reading what its copy-up needs (the
-        parents' data under the touched clusters) into the page cache without waiting, and
-        return True: a frontend advises every allocating write of a batch before doing the
-        first, so the disk fetches their copy-up sources in parallel."""
+        """Will this write copy up from the parents?  If so, start reading what the copy-up
+        needs (the parents' data under the partly written clusters) into the page cache
+        without waiting, and return True: a frontend advises every such write of a batch
+        before doing the first, so the disk fetches their copy-up sources in parallel."""
         if length <= 0 or offset < 0 or offset + length > self.size:
             return False
         try:
             _inplace, lib = self._write_plan(offset, offset + length, count=False)
         except (FormatError, OSError, ValueError):
             return False  # the write itself reports it
+        # Only the clusters the write covers partly are copied up: the head of the first
+        # and the tail of the last cluster of each piece.  Advise those (whole clusters
+        # that the write replaces need nothing from the parents).
         cs = self.cluster_size
+        fetch = False
         for gs, ge in lib:
-            start = gs - gs % cs
-            self.advise(start, min(-(-ge // cs) * cs, self.size) - start)
-        return bool(lib)
+            head = gs - gs % cs
+            tail = ge - ge % cs
+            if head < gs:
+                self.advise(head, min(cs, self.size - head))
+                fetch = True
+            if tail < ge and ge < self.size and (tail >= gs or head == gs):
+                self.advise(tail, min(cs, self.size - tail))
+                fetch = True
+        return fetch
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
