@@ -509,12 +509,9 @@ def test_subcluster_bitmap_invalid(tmp_path: Path) -> None:
     im.close()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_fuzz_metadata(tmp_path: Path, data: st.DataObject) -> None:
-    """Random corruption of header and metadata clusters: FormatError or success, never a
-    crash, hang or unbounded allocation."""
+def corrupted_copy(tmp_path: Path, data: st.DataObject, max_flips: int) -> Path:
+    """A small qcow2 (data, zero clusters, a snapshot) with 1..max_flips random bytes of its
+    first six clusters (header, tables) overwritten."""
     src = tmp_path / "fuzz-src.qcow2"
     if not src.exists():
         qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", src, str(MiB))
@@ -522,11 +519,21 @@ def test_fuzz_metadata(tmp_path: Path, data: st.DataObject) -> None:
         qemu_img("snapshot", "-c", "s", src)
     raw = bytearray(src.read_bytes())
     limit = min(len(raw), 6 * 4096)
-    for _ in range(data.draw(st.integers(1, 8))):
+    for _ in range(data.draw(st.integers(1, max_flips))):
         at = data.draw(st.integers(0, limit - 1))
         raw[at] = data.draw(st.integers(0, 255))
     p = tmp_path / "fuzz.qcow2"
     p.write_bytes(bytes(raw))
+    return p
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_metadata(tmp_path: Path, data: st.DataObject) -> None:
+    """Random corruption of header and metadata clusters: FormatError or success, never a
+    crash, hang or unbounded allocation."""
+    p = corrupted_copy(tmp_path, data, max_flips=8)
     try:
         im = formats.open_image(str(p), fmt="qcow2")
     except FormatError:

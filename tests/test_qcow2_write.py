@@ -25,6 +25,7 @@ import formats
 from formats import HostFile, Kind
 from formats import qcow2 as q2
 from tests.conftest import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
+from tests.test_qcow2 import corrupted_copy
 
 pytestmark = pytest.mark.qemu
 
@@ -617,18 +618,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
 def test_fuzz_metadata_then_write(tmp_path: Path, data: st.DataObject) -> None:
     """Writing to an image with corrupted metadata raises FormatError or works; it never
     crashes with another exception."""
-    src = tmp_path / "fuzz-src.qcow2"
-    if not src.exists():
-        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", src, str(MiB))
-        qemu_io(src, "write -P 0x31 0 20000", "write -z 40000 9000", fmt="qcow2")
-        qemu_img("snapshot", "-c", "s", src)
-    raw = bytearray(src.read_bytes())
-    limit = min(len(raw), 6 * 4096)
-    for _ in range(data.draw(st.integers(1, 6))):
-        at = data.draw(st.integers(0, limit - 1))
-        raw[at] = data.draw(st.integers(0, 255))
-    p = tmp_path / "fuzz.qcow2"
-    p.write_bytes(bytes(raw))
+    p = corrupted_copy(tmp_path, data, max_flips=6)
     try:
         img = formats.open_image(str(p), writable=True, fmt="qcow2")
     except formats.FormatError:
