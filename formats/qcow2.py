@@ -1335,12 +1335,20 @@ class Qcow2Image(Image):
             else:
                 self._plan_write_std(tbl, idx, ci, a, b, chunk, batch, updates, frees)
             pos = cend
-        batch.issue()  # rule 3: data first; the L2 entries stay in the cache until flush
+        self._commit_table(tbl, batch, updates, frees)
+
+    def _commit_table(self, tbl: _L2Table, batch: Qcow2Image._Batch,
+                      updates: list[tuple[int, int, int]],
+                      frees: list[tuple[int, int]]) -> None:
+        """End of a per-L2-table write, zero or allocate pass: the data first (rule 3: the
+        L2 entries stay in the cache until flush), then the entries, then queue the frees
+        for after the next flush (rule 4)."""
+        batch.issue()
         for idx, e, bm in updates:
             self._set_entry(tbl, idx, e, bm)
         if updates:
             self._l2_mark_dirty(tbl)
-        self._pending_free.extend(frees)  # rule 4
+        self._pending_free.extend(frees)
 
     def _copy_up(self, cstart: int, r0: int, r1: int, a: int, b: int,
                  chunk: memoryview | bytes) -> bytearray:
@@ -1550,12 +1558,7 @@ class Qcow2Image(Image):
                 t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
                 updates.append((idx, e, (bm & ~t) | (t << 32)))
             pos = cend
-        batch.issue()
-        for idx, e, bm in updates:
-            self._set_entry(tbl, idx, e, bm)
-        if updates:
-            self._l2_mark_dirty(tbl)
-        self._pending_free.extend(frees)
+        self._commit_table(tbl, batch, updates, frees)
 
     def discard(self, guest_offset: int, length: int) -> None:
         """Drop the range: it reads as zeroes afterwards (never as the backing image)."""
@@ -1631,12 +1634,7 @@ class Qcow2Image(Image):
             old = self._host_range(e)
             if old is not None:
                 frees.append(old)
-        batch.issue()
-        for idx, e, bm in updates:
-            self._set_entry(tbl, idx, e, bm)
-        if updates:
-            self._l2_mark_dirty(tbl)
-        self._pending_free.extend(frees)
+        self._commit_table(tbl, batch, updates, frees)
 
     # ---- flush and close -------------------------------------------------------------------
 
