@@ -409,11 +409,8 @@ class _Connection:
         assert disk is not None
         try:
             if req.command == P.NBD_CMD_READ:
-                header = codec.read_reply_header(req)
-                buf = self.buffers.get(len(header) + req.length)
-                buf[: len(header)] = header
-                if disk.try_read_into(req.offset, memoryview(buf)[len(header):],
-                                      may_block=may_block):
+                buf, dest = self._read_reply_buffer(req)
+                if disk.try_read_into(req.offset, dest, may_block=may_block):
                     return buf
                 self.buffers.put(buf)
                 if not may_block and req.length <= INLINE_BATCH_BYTES:
@@ -435,21 +432,24 @@ class _Connection:
         finally:
             await self.budget.release(taken)
 
+    def _read_reply_buffer(self, req: P.Request) -> tuple[bytearray, memoryview]:
+        """A (recycled) buffer holding READ's reply header, and the view its data goes in."""
+        header = self.codec.read_reply_header(req)
+        buf = self.buffers.get(len(header) + req.length)
+        buf[: len(header)] = header
+        return buf, memoryview(buf)[len(header):]
+
     async def _answer(self, req: P.Request) -> None:
+        # Refused requests (req.error) never get here: _answer_inline answers them.
         codec = self.codec
-        if req.error:
-            await self.send(codec.error_reply(req, req.error))
-            return
         disk = self.disk
         assert disk is not None
         cmd = req.command
         try:
             if cmd == P.NBD_CMD_READ:
-                header = codec.read_reply_header(req)
-                buf = self.buffers.get(len(header) + req.length)
-                buf[: len(header)] = header
+                buf, dest = self._read_reply_buffer(req)
                 try:
-                    await disk.read_into(req.offset, memoryview(buf)[len(header):])
+                    await disk.read_into(req.offset, dest)
                     await self.send(buf)
                 finally:
                     self.buffers.put(buf)
