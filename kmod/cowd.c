@@ -1,0 +1,1381 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * cowd: copy-on-write block devices whose mapped I/O stays in the kernel.
+ *
+ * Theory of operation
+ * -------------------
+ * A cowd device is a blk-mq disk (/dev/cowdN) over a chain of image files the daemon opened
+ * and passed in as fds.  The device keeps a remap table: guest cluster -> (file, file
+ * offset, writable) or ZERO.  A request is cut at cluster boundaries into pieces; if every
+ * piece has a usable entry (a WRITE needs writable ones), a worker does the I/O with
+ * vfs_iter_read/vfs_iter_write on the files (as loop.c does, with no loop device under it)
+ * and completes the request.  Otherwise the request becomes a miss: a message the daemon
+ * reads from the device's channel fd.  The daemon answers with REMAP messages (then a REPLY
+ * RETRY: look up again), the data itself (REPLY DATA, for a compressed cluster), DONE (for
+ * FLUSH, DISCARD, WRITE_ZEROES, which the daemon performs), or an errno.  A request whose
+ * range overlaps a miss already outstanding waits on that miss instead of sending another.
+ *
+ * If the channel closes (the daemon died), misses wait daemon_timeout_ms for a new daemon to
+ * take the device over (COWD_CTL_REOPEN), then fail with EIO; the device can always be
+ * removed.  A takeover first empties the table and waits for mapped I/O in flight: the old
+ * daemon's unflushed allocations may not exist in the image the new daemon reads.
+ *
+ * Locking
+ * -------
+ * cowd_ctl_mutex guards the index idr.  dev->lock (a spinlock, process context only) guards
+ * the table, the LRU list, the miss lists, the state, chan_open and the counters.  File I/O
+ * never runs under it; dev->inflight counts mapped I/O started under it, and a takeover waits
+ * for it to drain.  Requests are completed only by their worker, by a REPLY (in write()), or
+ * by a failure sweep that first took them off every list under dev->lock.
+ */
+#include <linux/anon_inodes.h>
+#include <linux/blk-mq.h>
+#include <linux/blkdev.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/hash.h>
+#include <linux/highmem.h>
+#include <linux/idr.h>
+#include <linux/miscdevice.h>
+#include <linux/module.h>
+#include <linux/poll.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+#include <linux/uio.h>
+#include <linux/workqueue.h>
+
+#include "cowd_uapi.h"
+
+#define COWD_MODULE_VERSION	"0.1.0"
+#define COWD_PART_SHIFT		4	/* 15 partitions per disk */
+#define COWD_DEFAULT_ENTRIES	(1U << 18)
+#define COWD_DEFAULT_DEPTH	128
+#define COWD_DEFAULT_TIMEOUT_MS	30000
+#define COWD_MAX_PIECES		64	/* clusters per request; bounds max_hw_sectors */
+#define COWD_MAX_RETRIES	16	/* RETRY replies that still leave a miss: then EIO */
+#define COWD_READ_BATCH		256	/* misses returned by one read() */
+
+enum cowd_state {
+	COWD_LIVE,	/* a daemon holds the channel */
+	COWD_ORPHAN,	/* channel closed; misses wait for a takeover until the timeout */
+	COWD_DEAD,	/* no daemon and the timeout passed: misses fail with EIO */
+	COWD_REMOVED,
+};
+
+struct cowd_entry {
+	struct hlist_node hash;
+	struct list_head lru;
+	u64 cluster;
+	u64 file_offset;
+	u32 file;
+	u32 flags;	/* COWD_REMAP_* */
+};
+
+struct cowd_piece {
+	u64 file_offset;
+	u32 file;
+	u32 flags;
+};
+
+struct cowd_dev;
+
+struct cowd_cmd {
+	struct work_struct work;
+	struct cowd_dev *dev;
+	/* own miss, on dev->unsent or dev->sent while outstanding (dev->lock) */
+	struct list_head miss_node;
+	struct list_head waiters;	/* cmds waiting on this cmd's miss (dev->lock) */
+	struct list_head wait_node;	/* on another cmd's waiters list (dev->lock) */
+	u64 cookie;
+	u64 offset, length;
+	u32 op;
+	bool outstanding;		/* own miss queued or sent (dev->lock) */
+	bool waiting;			/* on another miss's waiters (dev->lock) */
+	int retries;
+	struct cowd_piece pieces[];
+};
+
+struct cowd_dev {
+	struct kref ref;
+	int index;
+	u64 size;
+	u32 cluster_bits;
+	u32 lbs;
+	bool readonly;
+	u32 nr_files;
+	struct file *files[COWD_MAX_FILES];
+	u32 file_flags[COWD_MAX_FILES];
+	u32 timeout_ms;
+
+	struct blk_mq_tag_set tag_set;
+	struct gendisk *disk;
+	struct workqueue_struct *wq;
+	struct delayed_work timeout_work;
+
+	spinlock_t lock;
+	enum cowd_state state;		/* dev->lock */
+	bool chan_open;			/* dev->lock */
+	struct list_head unsent;	/* cmds whose miss the daemon has not read (dev->lock) */
+	struct list_head sent;		/* cmds whose miss awaits a REPLY (dev->lock) */
+	u64 next_cookie;		/* dev->lock */
+	wait_queue_head_t chan_wait;	/* readers of the channel */
+
+	struct hlist_head *buckets;	/* the remap table (dev->lock) */
+	u32 hash_bits;
+	struct list_head lru;		/* least recently used first (dev->lock) */
+	u32 nr_entries, max_entries;	/* dev->lock */
+
+	atomic_t inflight;		/* mapped I/O under way, started under dev->lock */
+	wait_queue_head_t inflight_wait;
+
+	struct cowd_stats stats;	/* counters (dev->lock), except the two below */
+	atomic64_t mapped_read_bytes, mapped_write_bytes;
+};
+
+static DEFINE_IDR(cowd_idr);
+static DEFINE_MUTEX(cowd_ctl_mutex);
+static int cowd_major;
+static struct kmem_cache *cowd_entry_cache;
+static const struct file_operations cowd_chan_fops;
+
+/* ---- the remap table ----------------------------------------------------------------- */
+
+static struct hlist_head *cowd_bucket(struct cowd_dev *dev, u64 cluster)
+{
+	return &dev->buckets[hash_64(cluster, dev->hash_bits)];
+}
+
+static struct cowd_entry *cowd_find(struct cowd_dev *dev, u64 cluster)
+{
+	struct cowd_entry *e;
+
+	lockdep_assert_held(&dev->lock);
+	hlist_for_each_entry(e, cowd_bucket(dev, cluster), hash)
+		if (e->cluster == cluster)
+			return e;
+	return NULL;
+}
+
+static void cowd_drop(struct cowd_dev *dev, struct cowd_entry *e, struct list_head *freed)
+{
+	lockdep_assert_held(&dev->lock);
+	hlist_del(&e->hash);
+	list_move(&e->lru, freed);
+	dev->nr_entries--;
+}
+
+static void cowd_free_list(struct list_head *freed)
+{
+	struct cowd_entry *e, *n;
+
+	list_for_each_entry_safe(e, n, freed, lru)
+		kmem_cache_free(cowd_entry_cache, e);
+}
+
+/*
+ * Install one cluster's remap.  @spare holds preallocated entries; a full table reuses its
+ * least recently used entry instead.
+ */
+static void cowd_install(struct cowd_dev *dev, u64 cluster, u32 file, u64 file_offset,
+			 u32 flags, struct list_head *spare)
+{
+	struct cowd_entry *e;
+
+	lockdep_assert_held(&dev->lock);
+	e = cowd_find(dev, cluster);
+	if (!e) {
+		if (dev->nr_entries >= dev->max_entries) {
+			e = list_first_entry(&dev->lru, struct cowd_entry, lru);
+			hlist_del(&e->hash);
+			dev->nr_entries--;
+			dev->stats.expiries++;
+		} else {
+			e = list_first_entry(spare, struct cowd_entry, lru);
+		}
+		e->cluster = cluster;
+		hlist_add_head(&e->hash, cowd_bucket(dev, cluster));
+		dev->nr_entries++;
+	}
+	list_move_tail(&e->lru, &dev->lru);
+	e->file = file;
+	e->file_offset = file_offset;
+	e->flags = flags;
+	dev->stats.pushes++;
+}
+
+#define COWD_INSTALL_BATCH	64
+
+static int cowd_apply_remap(struct cowd_dev *dev, const struct cowd_remap *m)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 first, count, done = 0;
+	LIST_HEAD(spare);
+	int i, err = 0;
+
+	if (m->flags & ~COWD_REMAP_FLAGS)
+		return -EINVAL;
+	if ((m->flags & COWD_REMAP_ZERO) &&
+	    (m->flags & COWD_REMAP_WRITABLE || m->file || m->file_offset))
+		return -EINVAL;
+	if (!(m->flags & COWD_REMAP_ZERO)) {
+		if (m->file >= dev->nr_files)
+			return -EINVAL;
+		if ((m->flags & COWD_REMAP_WRITABLE) &&
+		    !(dev->file_flags[m->file] & COWD_FILE_WRITABLE))
+			return -EPERM;
+		if (m->file_offset & (SECTOR_SIZE - 1) || m->file_offset > LLONG_MAX - m->length)
+			return -EINVAL;
+	}
+	if (!m->length || (m->guest_offset | m->length) & (csize - 1) ||
+	    m->guest_offset > round_up(dev->size, csize) ||
+	    m->length > round_up(dev->size, csize) - m->guest_offset)
+		return -EINVAL;
+	first = m->guest_offset >> dev->cluster_bits;
+	count = m->length >> dev->cluster_bits;
+	while (done < count) {
+		u64 n = min_t(u64, count - done, COWD_INSTALL_BATCH);
+
+		for (i = 0; i < n; i++) {
+			struct cowd_entry *e = kmem_cache_alloc(cowd_entry_cache, GFP_KERNEL);
+
+			if (!e) {
+				err = -ENOMEM;
+				goto out;
+			}
+			list_add(&e->lru, &spare);
+		}
+		spin_lock(&dev->lock);
+		if (dev->state == COWD_REMOVED) {
+			spin_unlock(&dev->lock);
+			err = -ENODEV;
+			goto out;
+		}
+		for (i = 0; i < n; i++) {
+			u64 c = done + i;
+			u64 fo = (m->flags & COWD_REMAP_ZERO) ? 0 : m->file_offset + (c << dev->cluster_bits);
+
+			cowd_install(dev, first + c, m->file, fo, m->flags, &spare);
+		}
+		spin_unlock(&dev->lock);
+		done += n;
+		cond_resched();
+	}
+out:
+	cowd_free_list(&spare);
+	return err;
+}
+
+/* Forget every entry of clusters [first, end); the whole table when it is smaller. */
+static void cowd_invalidate_range(struct cowd_dev *dev, u64 first, u64 end)
+{
+	struct cowd_entry *e, *n;
+	LIST_HEAD(freed);
+	u64 c;
+
+	spin_lock(&dev->lock);
+	if (end - first > dev->nr_entries) {
+		list_for_each_entry_safe(e, n, &dev->lru, lru) {
+			if (e->cluster >= first && e->cluster < end) {
+				cowd_drop(dev, e, &freed);
+				dev->stats.invalidations++;
+			}
+		}
+	} else {
+		for (c = first; c < end; c++) {
+			e = cowd_find(dev, c);
+			if (e) {
+				cowd_drop(dev, e, &freed);
+				dev->stats.invalidations++;
+			}
+		}
+	}
+	spin_unlock(&dev->lock);
+	cowd_free_list(&freed);
+}
+
+static int cowd_apply_invalidate(struct cowd_dev *dev, const struct cowd_invalidate *m)
+{
+	u64 end;
+
+	if (m->reserved0 || m->reserved1 || !m->length || m->guest_offset >= dev->size ||
+	    m->length > dev->size - m->guest_offset)
+		return -EINVAL;
+	end = round_up(m->guest_offset + m->length, 1ULL << dev->cluster_bits);
+	cowd_invalidate_range(dev, m->guest_offset >> dev->cluster_bits,
+			      end >> dev->cluster_bits);
+	return 0;
+}
+
+/* ---- requests ------------------------------------------------------------------------ */
+
+static void cowd_end(struct cowd_cmd *cmd, blk_status_t status)
+{
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+
+	if (status != BLK_STS_OK) {
+		spin_lock(&cmd->dev->lock);
+		cmd->dev->stats.errors++;
+		spin_unlock(&cmd->dev->lock);
+	}
+	blk_mq_end_request(rq, status);
+}
+
+/* Take @cmd's miss and its waiters off every list; returns the waiters on @waiters. */
+static void cowd_unlink_miss(struct cowd_cmd *cmd, struct list_head *waiters)
+{
+	struct cowd_cmd *w;
+
+	lockdep_assert_held(&cmd->dev->lock);
+	list_del_init(&cmd->miss_node);
+	cmd->outstanding = false;
+	list_for_each_entry(w, &cmd->waiters, wait_node)
+		w->waiting = false;
+	list_splice_init(&cmd->waiters, waiters);
+	cmd->dev->stats.pending--;
+}
+
+static void cowd_requeue(struct cowd_dev *dev, struct list_head *waiters)
+{
+	struct cowd_cmd *w, *n;
+
+	list_for_each_entry_safe(w, n, waiters, wait_node) {
+		list_del_init(&w->wait_node);
+		queue_work(dev->wq, &w->work);
+	}
+}
+
+static void cowd_fail_all(struct cowd_dev *dev, struct list_head *owners)
+{
+	struct cowd_cmd *c, *n, *w, *wn;
+
+	list_for_each_entry_safe(c, n, owners, miss_node) {
+		list_del_init(&c->miss_node);
+		list_for_each_entry_safe(w, wn, &c->waiters, wait_node) {
+			list_del_init(&w->wait_node);
+			cowd_end(w, BLK_STS_IOERR);
+		}
+		cowd_end(c, BLK_STS_IOERR);
+	}
+}
+
+/* Under dev->lock, detach every outstanding miss (with its waiters) onto @owners. */
+static void cowd_take_all(struct cowd_dev *dev, struct list_head *owners)
+{
+	struct cowd_cmd *c;
+
+	lockdep_assert_held(&dev->lock);
+	list_splice_init(&dev->sent, owners);
+	list_splice_init(&dev->unsent, owners);
+	list_for_each_entry(c, owners, miss_node) {
+		struct cowd_cmd *w;
+
+		c->outstanding = false;
+		list_for_each_entry(w, &c->waiters, wait_node)
+			w->waiting = false;
+		dev->stats.pending--;
+	}
+}
+
+static struct cowd_cmd *cowd_overlapping_miss(struct cowd_dev *dev, u32 op, u64 off, u64 len)
+{
+	struct list_head *lists[] = { &dev->unsent, &dev->sent };
+	struct cowd_cmd *c;
+	int i;
+
+	lockdep_assert_held(&dev->lock);
+	for (i = 0; i < ARRAY_SIZE(lists); i++)
+		list_for_each_entry(c, lists[i], miss_node)
+			if ((c->op == COWD_OP_WRITE || (c->op == op && op == COWD_OP_READ)) &&
+			    c->offset < off + len && off < c->offset + c->length)
+				return c;
+	return NULL;
+}
+
+static void cowd_queue_miss(struct cowd_dev *dev, struct cowd_cmd *cmd)
+{
+	lockdep_assert_held(&dev->lock);
+	cmd->cookie = dev->next_cookie++;
+	cmd->outstanding = true;
+	list_add_tail(&cmd->miss_node, &dev->unsent);
+	dev->stats.misses++;
+	dev->stats.pending++;
+}
+
+/* Copy the request's bytes between its pages and the files, piece by piece. */
+static blk_status_t cowd_do_io(struct cowd_dev *dev, struct cowd_cmd *cmd, bool write,
+			       unsigned int npieces)
+{
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 pos = blk_rq_pos(rq) << SECTOR_SHIFT;
+	struct req_iterator rq_iter;
+	struct bio_vec tmp, *bvec;
+	struct iov_iter iter;
+	unsigned int nr_bvec = 0, i = 0, p;
+	blk_status_t status = BLK_STS_OK;
+
+	rq_for_each_bvec(tmp, rq, rq_iter)
+		nr_bvec++;
+	bvec = kmalloc_array(nr_bvec, sizeof(*bvec), GFP_NOIO);
+	if (!bvec)
+		return BLK_STS_RESOURCE;
+	rq_for_each_bvec(tmp, rq, rq_iter)
+		bvec[i++] = tmp;
+	iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST, bvec, nr_bvec, blk_rq_bytes(rq));
+
+	for (p = 0; p < npieces && iov_iter_count(&iter);) {
+		struct cowd_piece *pc = &cmd->pieces[p];
+		u64 in_cluster = pos & (csize - 1);
+		u64 len = min_t(u64, csize - in_cluster, iov_iter_count(&iter));
+		u64 file_offset = pc->file_offset + in_cluster;
+		struct iov_iter sub;
+		loff_t fpos;
+
+		/* Merge following pieces that continue in the same file. */
+		while (p + 1 < npieces && len < iov_iter_count(&iter)) {
+			struct cowd_piece *nx = &cmd->pieces[p + 1];
+
+			if (nx->flags != pc->flags || nx->file != pc->file ||
+			    (!(pc->flags & COWD_REMAP_ZERO) &&
+			     nx->file_offset != file_offset + len))
+				break;
+			len = min_t(u64, len + csize, iov_iter_count(&iter));
+			p++;
+		}
+		p++;
+		if (pc->flags & COWD_REMAP_ZERO) {
+			/* only reads reach here with ZERO pieces */
+			iov_iter_zero(len, &iter);
+			pos += len;
+			continue;
+		}
+		sub = iter;
+		iov_iter_truncate(&sub, len);
+		fpos = file_offset;
+		while (iov_iter_count(&sub)) {
+			struct file *f = dev->files[pc->file];
+			ssize_t ret;
+
+			if (write) {
+				file_start_write(f);
+				ret = vfs_iter_write(f, &sub, &fpos, 0);
+				file_end_write(f);
+			} else {
+				ret = vfs_iter_read(f, &sub, &fpos, 0);
+			}
+			if (ret < 0) {
+				pr_err_ratelimited("cowd%d: %s of file %u at %lld failed: %zd\n",
+						   dev->index, write ? "write" : "read",
+						   pc->file, fpos, ret);
+				status = errno_to_blk_status(ret);
+				goto out;
+			}
+			if (ret == 0) {
+				if (write) {
+					status = BLK_STS_IOERR;
+					goto out;
+				}
+				iov_iter_zero(iov_iter_count(&sub), &sub);	/* past EOF */
+			}
+		}
+		iov_iter_advance(&iter, len);
+		pos += len;
+	}
+	if (write)
+		atomic64_add(blk_rq_bytes(rq), &dev->mapped_write_bytes);
+	else
+		atomic64_add(blk_rq_bytes(rq), &dev->mapped_read_bytes);
+out:
+	kfree(bvec);
+	return status;
+}
+
+static u32 cowd_op_of(struct request *rq)
+{
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+		return COWD_OP_READ;
+	case REQ_OP_WRITE:
+		return COWD_OP_WRITE;
+	case REQ_OP_FLUSH:
+		return COWD_OP_FLUSH;
+	case REQ_OP_DISCARD:
+		return COWD_OP_DISCARD;
+	default:
+		return COWD_OP_WRITE_ZEROES;
+	}
+}
+
+static void cowd_work(struct work_struct *work)
+{
+	struct cowd_cmd *cmd = container_of(work, struct cowd_cmd, work);
+	struct cowd_dev *dev = cmd->dev;
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	u64 csize = 1ULL << dev->cluster_bits;
+	u32 op = cowd_op_of(rq);
+	bool write = op == COWD_OP_WRITE;
+	unsigned int npieces = 0, noio;
+	struct cowd_cmd *other;
+	blk_status_t status;
+	u64 pos, end;
+
+	cmd->op = op;
+	cmd->offset = blk_rq_pos(rq) << SECTOR_SHIFT;
+	cmd->length = op == COWD_OP_FLUSH ? 0 : blk_rq_bytes(rq);
+
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED)
+		goto fail_locked;
+	if (op == COWD_OP_READ || op == COWD_OP_WRITE) {
+		end = cmd->offset + cmd->length;
+		for (pos = cmd->offset; pos < end; pos = round_down(pos, csize) + csize) {
+			struct cowd_entry *e = cowd_find(dev, pos >> dev->cluster_bits);
+
+			if (!e || (write && !(e->flags & COWD_REMAP_WRITABLE)))
+				break;
+			cmd->pieces[npieces].file = e->file;
+			cmd->pieces[npieces].file_offset = e->file_offset;
+			cmd->pieces[npieces].flags = e->flags;
+			npieces++;
+			list_move_tail(&e->lru, &dev->lru);
+		}
+		if (pos >= end) {
+			dev->stats.hits += npieces;
+			atomic_inc(&dev->inflight);
+			spin_unlock(&dev->lock);
+
+			noio = memalloc_noio_save();
+			status = cowd_do_io(dev, cmd, write, npieces);
+			memalloc_noio_restore(noio);
+			if (atomic_dec_and_test(&dev->inflight))
+				wake_up_all(&dev->inflight_wait);
+			cowd_end(cmd, status);
+			return;
+		}
+	}
+	if (dev->state == COWD_DEAD)
+		goto fail_locked;
+	if (op == COWD_OP_READ || op == COWD_OP_WRITE) {
+		other = cowd_overlapping_miss(dev, op, cmd->offset, cmd->length);
+		if (other) {
+			cmd->waiting = true;
+			list_add_tail(&cmd->wait_node, &other->waiters);
+			dev->stats.coalesced++;
+			spin_unlock(&dev->lock);
+			return;
+		}
+		if (cmd->retries++ >= COWD_MAX_RETRIES) {
+			pr_warn_ratelimited("cowd%d: no usable remap for %llu+%llu after %d replies\n",
+					    dev->index, cmd->offset, cmd->length, COWD_MAX_RETRIES);
+			goto fail_locked;
+		}
+	}
+	cowd_queue_miss(dev, cmd);
+	spin_unlock(&dev->lock);
+	wake_up_interruptible(&dev->chan_wait);
+	return;
+
+fail_locked:
+	spin_unlock(&dev->lock);
+	cowd_end(cmd, BLK_STS_IOERR);
+}
+
+static blk_status_t cowd_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_mq_queue_data *bd)
+{
+	struct request *rq = bd->rq;
+	struct cowd_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+	case REQ_OP_WRITE:
+	case REQ_OP_FLUSH:
+	case REQ_OP_DISCARD:
+	case REQ_OP_WRITE_ZEROES:
+		break;
+	default:
+		return BLK_STS_NOTSUPP;
+	}
+	blk_mq_start_request(rq);
+	cmd->retries = 0;
+	queue_work(cmd->dev->wq, &cmd->work);
+	return BLK_STS_OK;
+}
+
+static int cowd_init_request(struct blk_mq_tag_set *set, struct request *rq,
+			     unsigned int hctx_idx, unsigned int numa_node)
+{
+	struct cowd_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	INIT_WORK(&cmd->work, cowd_work);
+	INIT_LIST_HEAD(&cmd->miss_node);
+	INIT_LIST_HEAD(&cmd->waiters);
+	INIT_LIST_HEAD(&cmd->wait_node);
+	cmd->dev = set->driver_data;
+	return 0;
+}
+
+/* Misses have their own deadline (the daemon timeout); the block layer's must not fire. */
+static enum blk_eh_timer_return cowd_timeout(struct request *rq)
+{
+	return BLK_EH_RESET_TIMER;
+}
+
+static const struct blk_mq_ops cowd_mq_ops = {
+	.queue_rq = cowd_queue_rq,
+	.init_request = cowd_init_request,
+	.timeout = cowd_timeout,
+};
+
+static const struct block_device_operations cowd_bdev_fops = {
+	.owner = THIS_MODULE,
+};
+
+/* ---- the channel --------------------------------------------------------------------- */
+
+static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
+{
+	struct cowd_dev *dev = file->private_data;
+	size_t max = min_t(size_t, count / sizeof(struct cowd_miss), COWD_READ_BATCH);
+	struct cowd_miss *out;
+	struct cowd_cmd *c;
+	LIST_HEAD(taken);
+	size_t n = 0;
+	int err;
+
+	if (!max)
+		return -EINVAL;
+	out = kvmalloc_array(max, sizeof(*out), GFP_KERNEL);
+	if (!out)
+		return -ENOMEM;
+	for (;;) {
+		spin_lock(&dev->lock);
+		if (dev->state == COWD_REMOVED) {
+			spin_unlock(&dev->lock);
+			err = -ENODEV;
+			goto out;
+		}
+		if (!list_empty(&dev->unsent))
+			break;
+		spin_unlock(&dev->lock);
+		if (file->f_flags & O_NONBLOCK) {
+			err = -EAGAIN;
+			goto out;
+		}
+		err = wait_event_interruptible(dev->chan_wait,
+					       !list_empty(&dev->unsent) ||
+					       READ_ONCE(dev->state) == COWD_REMOVED);
+		if (err)
+			goto out;
+	}
+	while (n < max && !list_empty(&dev->unsent)) {
+		c = list_first_entry(&dev->unsent, struct cowd_cmd, miss_node);
+		memset(&out[n], 0, sizeof(out[n]));
+		out[n].hdr.size = sizeof(out[n]);
+		out[n].hdr.type = COWD_MSG_MISS;
+		out[n].hdr.version = COWD_ABI_VERSION;
+		out[n].cookie = c->cookie;
+		out[n].op = c->op;
+		out[n].offset = c->offset;
+		out[n].length = c->length;
+		list_move_tail(&c->miss_node, &taken);
+		n++;
+	}
+	spin_unlock(&dev->lock);
+	if (copy_to_user(buf, out, n * sizeof(*out))) {
+		spin_lock(&dev->lock);
+		list_splice(&taken, &dev->unsent);	/* give them back, in order */
+		spin_unlock(&dev->lock);
+		err = -EFAULT;
+		goto out;
+	}
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED)
+		list_splice_init(&taken, &dev->unsent);	/* the removal sweep fails them */
+	else
+		list_splice_tail_init(&taken, &dev->sent);
+	spin_unlock(&dev->lock);
+	err = n * sizeof(*out);
+out:
+	kvfree(out);
+	return err;
+}
+
+/* Copy a DATA reply's payload into the request's pages. */
+static int cowd_copy_data(struct cowd_cmd *cmd, const char __user *src)
+{
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	struct req_iterator iter;
+	struct bio_vec bv;
+
+	rq_for_each_segment(bv, rq, iter) {
+		void *p = bvec_kmap_local(&bv);
+		unsigned long left = copy_from_user(p, src, bv.bv_len);
+
+		kunmap_local(p);
+		flush_dcache_page(bv.bv_page);
+		if (left)
+			return -EFAULT;
+		src += bv.bv_len;
+	}
+	return 0;
+}
+
+static int cowd_apply_reply(struct cowd_dev *dev, const struct cowd_reply *m,
+			    const char __user *payload, size_t payload_len)
+{
+	struct cowd_cmd *c, *cmd = NULL;
+	blk_status_t status;
+	LIST_HEAD(waiters);
+	int err;
+
+	if (m->reserved0)
+		return -EINVAL;
+	if (m->result < -MAX_ERRNO || m->result > COWD_REPLY_DATA)
+		return -EINVAL;
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED) {
+		spin_unlock(&dev->lock);
+		return -ENODEV;
+	}
+	list_for_each_entry(c, &dev->sent, miss_node) {
+		if (c->cookie == m->cookie) {
+			cmd = c;
+			break;
+		}
+	}
+	if (!cmd) {
+		spin_unlock(&dev->lock);
+		return -ENOENT;
+	}
+	/* Check the reply fits the miss before consuming it. */
+	if (m->result == COWD_REPLY_DATA ?
+	    (cmd->op != COWD_OP_READ || payload_len != cmd->length) :
+	    (payload_len || (m->result == COWD_REPLY_RETRY &&
+			     cmd->op != COWD_OP_READ && cmd->op != COWD_OP_WRITE) ||
+	     (m->result == COWD_REPLY_DONE &&
+	      (cmd->op == COWD_OP_READ || cmd->op == COWD_OP_WRITE)))) {
+		spin_unlock(&dev->lock);
+		return -EINVAL;
+	}
+	cowd_unlink_miss(cmd, &waiters);
+	if (m->result == COWD_REPLY_DATA)
+		dev->stats.data_replies++;
+	spin_unlock(&dev->lock);
+	cowd_requeue(dev, &waiters);
+
+	switch (m->result) {
+	case COWD_REPLY_RETRY:
+		spin_lock(&dev->lock);
+		dev->stats.retries++;
+		spin_unlock(&dev->lock);
+		queue_work(dev->wq, &cmd->work);
+		return 0;
+	case COWD_REPLY_DONE:
+		cowd_end(cmd, BLK_STS_OK);
+		return 0;
+	case COWD_REPLY_DATA:
+		err = cowd_copy_data(cmd, payload);
+		cowd_end(cmd, err ? BLK_STS_IOERR : BLK_STS_OK);
+		return err;
+	default:
+		status = errno_to_blk_status(m->result);
+		cowd_end(cmd, status == BLK_STS_OK ? BLK_STS_IOERR : status);
+		return 0;
+	}
+}
+
+static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t count,
+			       loff_t *ppos)
+{
+	struct cowd_dev *dev = file->private_data;
+	size_t pos = 0;
+	int err = 0;
+
+	while (count - pos >= sizeof(struct cowd_msg_hdr)) {
+		union {
+			struct cowd_msg_hdr hdr;
+			struct cowd_remap remap;
+			struct cowd_invalidate inval;
+			struct cowd_reply reply;
+		} m;
+		size_t want;
+
+		if (copy_from_user(&m.hdr, buf + pos, sizeof(m.hdr)))
+			return pos ? pos : -EFAULT;
+		if (m.hdr.version != COWD_ABI_VERSION || m.hdr.size < sizeof(m.hdr) ||
+		    m.hdr.size > count - pos) {
+			err = -EINVAL;
+			break;
+		}
+		switch (m.hdr.type) {
+		case COWD_MSG_REMAP:
+			want = sizeof(m.remap);
+			break;
+		case COWD_MSG_INVALIDATE:
+			want = sizeof(m.inval);
+			break;
+		case COWD_MSG_REPLY:
+			want = sizeof(m.reply);
+			if (m.hdr.size > want + COWD_MAX_DATA_BYTES) {
+				err = -EINVAL;
+				goto out;
+			}
+			break;
+		default:
+			err = -EINVAL;
+			goto out;
+		}
+		if (m.hdr.size < want || (m.hdr.type != COWD_MSG_REPLY && m.hdr.size != want)) {
+			err = -EINVAL;
+			break;
+		}
+		if (copy_from_user(&m, buf + pos, want)) {
+			err = -EFAULT;
+			break;
+		}
+		if (m.hdr.type == COWD_MSG_REMAP)
+			err = cowd_apply_remap(dev, &m.remap);
+		else if (m.hdr.type == COWD_MSG_INVALIDATE)
+			err = cowd_apply_invalidate(dev, &m.inval);
+		else
+			err = cowd_apply_reply(dev, &m.reply, buf + pos + want, m.hdr.size - want);
+		if (err)
+			break;
+		pos += m.hdr.size;
+	}
+out:
+	if (!err && pos != count)
+		err = -EINVAL;		/* a truncated message at the end */
+	return pos ? pos : err;
+}
+
+static __poll_t cowd_chan_poll(struct file *file, struct poll_table_struct *wait)
+{
+	struct cowd_dev *dev = file->private_data;
+	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
+
+	poll_wait(file, &dev->chan_wait, wait);
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED)
+		mask |= EPOLLHUP | EPOLLERR;
+	else if (!list_empty(&dev->unsent))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	spin_unlock(&dev->lock);
+	return mask;
+}
+
+static long cowd_chan_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct cowd_dev *dev = file->private_data;
+	struct cowd_stats st;
+	u32 size, version;
+
+	if (cmd != COWD_CHAN_STATS)
+		return -ENOTTY;
+	if (get_user(size, (u32 __user *)arg) || get_user(version, (u32 __user *)arg + 1))
+		return -EFAULT;
+	if (size != sizeof(st) || version != COWD_ABI_VERSION)
+		return -EINVAL;
+	spin_lock(&dev->lock);
+	st = dev->stats;
+	st.entries = dev->nr_entries;
+	st.max_entries = dev->max_entries;
+	spin_unlock(&dev->lock);
+	st.size = sizeof(st);
+	st.version = COWD_ABI_VERSION;
+	st.mapped_read_bytes = atomic64_read(&dev->mapped_read_bytes);
+	st.mapped_write_bytes = atomic64_read(&dev->mapped_write_bytes);
+	memset(st.reserved, 0, sizeof(st.reserved));
+	return copy_to_user((void __user *)arg, &st, sizeof(st)) ? -EFAULT : 0;
+}
+
+static void cowd_free(struct kref *ref)
+{
+	kfree(container_of(ref, struct cowd_dev, ref));
+}
+
+static int cowd_chan_release(struct inode *inode, struct file *file)
+{
+	struct cowd_dev *dev = file->private_data;
+
+	spin_lock(&dev->lock);
+	dev->chan_open = false;
+	/* Misses the dead daemon read but never answered go to the next one. */
+	list_splice_init(&dev->sent, &dev->unsent);
+	if (dev->state == COWD_LIVE) {
+		dev->state = COWD_ORPHAN;
+		schedule_delayed_work(&dev->timeout_work, msecs_to_jiffies(dev->timeout_ms));
+	}
+	spin_unlock(&dev->lock);
+	kref_put(&dev->ref, cowd_free);
+	return 0;
+}
+
+static const struct file_operations cowd_chan_fops = {
+	.owner = THIS_MODULE,
+	.read = cowd_chan_read,
+	.write = cowd_chan_write,
+	.poll = cowd_chan_poll,
+	.unlocked_ioctl = cowd_chan_ioctl,
+	.release = cowd_chan_release,
+	.llseek = noop_llseek,
+};
+
+static void cowd_timeout_work(struct work_struct *work)
+{
+	struct cowd_dev *dev = container_of(to_delayed_work(work), struct cowd_dev, timeout_work);
+	LIST_HEAD(owners);
+
+	spin_lock(&dev->lock);
+	if (dev->state != COWD_ORPHAN) {
+		spin_unlock(&dev->lock);
+		return;
+	}
+	dev->state = COWD_DEAD;
+	cowd_take_all(dev, &owners);
+	spin_unlock(&dev->lock);
+	pr_warn("cowd%d: no daemon for %u ms; failing its requests\n", dev->index, dev->timeout_ms);
+	cowd_fail_all(dev, &owners);
+}
+
+/* A new channel file for @dev, not yet installed in the fd table. */
+static struct file *cowd_new_channel(struct cowd_dev *dev, int *fd)
+{
+	struct file *f;
+
+	*fd = get_unused_fd_flags(O_CLOEXEC);
+	if (*fd < 0)
+		return ERR_PTR(*fd);
+	kref_get(&dev->ref);
+	f = anon_inode_getfile("[cowd-channel]", &cowd_chan_fops, dev, O_RDWR);
+	if (IS_ERR(f)) {
+		put_unused_fd(*fd);
+		kref_put(&dev->ref, cowd_free);
+	}
+	return f;
+}
+
+/* ---- device creation and removal ----------------------------------------------------- */
+
+static void cowd_put_files(struct cowd_dev *dev)
+{
+	u32 i;
+
+	for (i = 0; i < dev->nr_files; i++)
+		if (dev->files[i])
+			fput(dev->files[i]);
+}
+
+/* Tear down a device that is no longer in the idr. */
+static void cowd_teardown(struct cowd_dev *dev)
+{
+	struct cowd_entry *e, *n;
+	LIST_HEAD(owners);
+
+	spin_lock(&dev->lock);
+	dev->state = COWD_REMOVED;
+	cowd_take_all(dev, &owners);
+	spin_unlock(&dev->lock);
+	wake_up_all(&dev->chan_wait);
+	cowd_fail_all(dev, &owners);
+	cancel_delayed_work_sync(&dev->timeout_work);
+
+	del_gendisk(dev->disk);		/* waits for requests in flight; new ones fail */
+	destroy_workqueue(dev->wq);
+	blk_mq_free_tag_set(&dev->tag_set);
+	put_disk(dev->disk);
+
+	list_for_each_entry_safe(e, n, &dev->lru, lru)
+		kmem_cache_free(cowd_entry_cache, e);
+	INIT_LIST_HEAD(&dev->lru);
+	dev->nr_entries = 0;
+	kvfree(dev->buckets);
+	dev->buckets = NULL;
+	cowd_put_files(dev);
+	dev->nr_files = 0;
+	kref_put(&dev->ref, cowd_free);
+}
+
+static int cowd_check_create(const struct cowd_create *c)
+{
+	u32 i;
+
+	if (c->flags & ~COWD_CREATE_FLAGS)
+		return -EINVAL;
+	if (c->logical_block_size != 512 && c->logical_block_size != 4096)
+		return -EINVAL;
+	if (c->cluster_bits < ilog2(c->logical_block_size) ||
+	    c->cluster_bits < COWD_MIN_CLUSTER_BITS || c->cluster_bits > COWD_MAX_CLUSTER_BITS)
+		return -EINVAL;
+	if (!c->disk_size || c->disk_size & (c->logical_block_size - 1) ||
+	    c->disk_size > (U64_MAX >> 1))
+		return -EINVAL;
+	if (c->max_entries > COWD_MAX_ENTRIES || c->queue_depth > COWD_MAX_QUEUE_DEPTH ||
+	    c->daemon_timeout_ms > COWD_MAX_TIMEOUT_MS)
+		return -EINVAL;
+	if (!c->nr_files || c->nr_files > COWD_MAX_FILES)
+		return -EINVAL;
+	for (i = 0; i < COWD_MAX_FILES; i++) {
+		if (i < c->nr_files ? (c->file_flags[i] & ~COWD_FILE_FLAGS) :
+		    (c->fds[i] || c->file_flags[i]))
+			return -EINVAL;
+	}
+	for (i = 0; i < ARRAY_SIZE(c->reserved); i++)
+		if (c->reserved[i])
+			return -EINVAL;
+	if (c->index || c->channel_fd)
+		return -EINVAL;
+	return 0;
+}
+
+static int cowd_ctl_create(struct cowd_create __user *uarg)
+{
+	struct cowd_create c;
+	struct cowd_dev *dev;
+	struct gendisk *disk;
+	struct file *chan;
+	int err, fd;
+	u32 i, max_io;
+
+	if (copy_from_user(&c, uarg, sizeof(c)))
+		return -EFAULT;
+	if (c.size != sizeof(c) || c.version != COWD_ABI_VERSION)
+		return -EINVAL;
+	err = cowd_check_create(&c);
+	if (err)
+		return err;
+
+	dev = kzalloc(sizeof(*dev), GFP_KERNEL);
+	if (!dev)
+		return -ENOMEM;
+	kref_init(&dev->ref);
+	spin_lock_init(&dev->lock);
+	INIT_LIST_HEAD(&dev->unsent);
+	INIT_LIST_HEAD(&dev->sent);
+	INIT_LIST_HEAD(&dev->lru);
+	init_waitqueue_head(&dev->chan_wait);
+	init_waitqueue_head(&dev->inflight_wait);
+	INIT_DELAYED_WORK(&dev->timeout_work, cowd_timeout_work);
+	dev->size = c.disk_size;
+	dev->lbs = c.logical_block_size;
+	dev->cluster_bits = c.cluster_bits;
+	dev->readonly = c.flags & COWD_CREATE_READONLY;
+	dev->timeout_ms = c.daemon_timeout_ms ?: COWD_DEFAULT_TIMEOUT_MS;
+	dev->max_entries = c.max_entries ?: COWD_DEFAULT_ENTRIES;
+	dev->hash_bits = max_t(u32, ilog2(roundup_pow_of_two(dev->max_entries)) - 1, 4);
+	dev->state = COWD_LIVE;
+	dev->chan_open = true;
+
+	err = -EBADF;
+	for (i = 0; i < c.nr_files; i++) {
+		struct file *f = fget(c.fds[i]);
+
+		if (!f)
+			goto out_files;
+		dev->files[i] = f;
+		dev->nr_files = i + 1;
+		err = -EINVAL;
+		if (!S_ISREG(file_inode(f)->i_mode) || !(f->f_mode & FMODE_READ))
+			goto out_files;
+		err = -EBADF;
+		if ((c.file_flags[i] & COWD_FILE_WRITABLE) && !(f->f_mode & FMODE_WRITE))
+			goto out_files;
+		dev->file_flags[i] = c.file_flags[i];
+		err = -EBADF;
+	}
+
+	err = -ENOMEM;
+	dev->buckets = kvcalloc(1U << dev->hash_bits, sizeof(*dev->buckets), GFP_KERNEL);
+	if (!dev->buckets)
+		goto out_files;
+
+	mutex_lock(&cowd_ctl_mutex);
+	err = idr_alloc(&cowd_idr, dev, 0, 1 << (MINORBITS - COWD_PART_SHIFT), GFP_KERNEL);
+	mutex_unlock(&cowd_ctl_mutex);
+	if (err < 0)
+		goto out_buckets;
+	dev->index = err;
+
+	dev->tag_set.ops = &cowd_mq_ops;
+	dev->tag_set.nr_hw_queues = 1;
+	dev->tag_set.queue_depth = c.queue_depth ?: COWD_DEFAULT_DEPTH;
+	dev->tag_set.numa_node = NUMA_NO_NODE;
+	dev->tag_set.cmd_size = struct_size((struct cowd_cmd *)NULL, pieces, COWD_MAX_PIECES);
+	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE;
+	dev->tag_set.driver_data = dev;
+	err = blk_mq_alloc_tag_set(&dev->tag_set);
+	if (err)
+		goto out_idr;
+
+	disk = blk_mq_alloc_disk(&dev->tag_set, dev);
+	if (IS_ERR(disk)) {
+		err = PTR_ERR(disk);
+		goto out_tags;
+	}
+	dev->disk = disk;
+	/* an unaligned request of max_io bytes touches one cluster more than it covers */
+	max_io = min_t(u32, COWD_MAX_DATA_BYTES, (COWD_MAX_PIECES - 1) << c.cluster_bits);
+	blk_queue_logical_block_size(disk->queue, dev->lbs);
+	blk_queue_physical_block_size(disk->queue, max_t(u32, dev->lbs, 4096));
+	blk_queue_io_min(disk->queue, min_t(u32, 1U << c.cluster_bits, 65536));
+	blk_queue_max_hw_sectors(disk->queue, max_io >> SECTOR_SHIFT);
+	blk_queue_write_cache(disk->queue, true, false);
+	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
+	if (!dev->readonly) {
+		blk_queue_max_discard_sectors(disk->queue, UINT_MAX >> SECTOR_SHIFT);
+		blk_queue_max_write_zeroes_sectors(disk->queue, UINT_MAX >> SECTOR_SHIFT);
+		disk->queue->limits.discard_granularity = 1U << c.cluster_bits;
+	}
+	disk->major = cowd_major;
+	disk->first_minor = dev->index << COWD_PART_SHIFT;
+	disk->minors = 1 << COWD_PART_SHIFT;
+	disk->fops = &cowd_bdev_fops;
+	disk->private_data = dev;
+	snprintf(disk->disk_name, DISK_NAME_LEN, COWD_DISK_NAME "%d", dev->index);
+	set_capacity(disk, dev->size >> SECTOR_SHIFT);
+	set_disk_ro(disk, dev->readonly);
+
+	err = -ENOMEM;
+	dev->wq = alloc_workqueue("cowd%d", WQ_UNBOUND | WQ_MEM_RECLAIM, 0, dev->index);
+	if (!dev->wq)
+		goto out_disk;
+
+	chan = cowd_new_channel(dev, &fd);
+	if (IS_ERR(chan)) {
+		err = PTR_ERR(chan);
+		goto out_wq;
+	}
+	c.index = dev->index;
+	c.channel_fd = fd;
+	if (copy_to_user(uarg, &c, sizeof(c))) {
+		err = -EFAULT;
+		goto out_chan;
+	}
+	err = add_disk(disk);
+	if (err)
+		goto out_chan;
+	fd_install(fd, chan);
+	return 0;
+
+out_chan:
+	spin_lock(&dev->lock);
+	dev->state = COWD_REMOVED;	/* release must not arm the timeout */
+	spin_unlock(&dev->lock);
+	put_unused_fd(fd);
+	fput(chan);
+out_wq:
+	destroy_workqueue(dev->wq);
+out_disk:
+	put_disk(disk);
+out_tags:
+	blk_mq_free_tag_set(&dev->tag_set);
+out_idr:
+	mutex_lock(&cowd_ctl_mutex);
+	idr_remove(&cowd_idr, dev->index);
+	mutex_unlock(&cowd_ctl_mutex);
+out_buckets:
+	kvfree(dev->buckets);
+out_files:
+	cowd_put_files(dev);
+	kref_put(&dev->ref, cowd_free);
+	return err;
+}
+
+static int cowd_ctl_remove(struct cowd_remove __user *uarg)
+{
+	struct cowd_remove r;
+	struct cowd_dev *dev;
+
+	if (copy_from_user(&r, uarg, sizeof(r)))
+		return -EFAULT;
+	if (r.size != sizeof(r) || r.version != COWD_ABI_VERSION || r.flags & ~COWD_REMOVE_FLAGS ||
+	    r.reserved[0] || r.reserved[1])
+		return -EINVAL;
+	mutex_lock(&cowd_ctl_mutex);
+	dev = idr_find(&cowd_idr, r.index);
+	if (!dev) {
+		mutex_unlock(&cowd_ctl_mutex);
+		return -ENODEV;
+	}
+	if (disk_openers(dev->disk) && !(r.flags & COWD_REMOVE_FORCE)) {
+		mutex_unlock(&cowd_ctl_mutex);
+		return -EBUSY;
+	}
+	idr_remove(&cowd_idr, r.index);
+	mutex_unlock(&cowd_ctl_mutex);
+	cowd_teardown(dev);
+	return 0;
+}
+
+static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
+{
+	struct cowd_reopen r;
+	struct cowd_dev *dev;
+	struct file *chan;
+	int fd, err;
+
+	if (copy_from_user(&r, uarg, sizeof(r)))
+		return -EFAULT;
+	if (r.size != sizeof(r) || r.version != COWD_ABI_VERSION || r.flags || r.reserved0 ||
+	    r.reserved[0] || r.reserved[1] || r.channel_fd || r.disk_size || r.cluster_bits ||
+	    r.nr_files)
+		return -EINVAL;
+	mutex_lock(&cowd_ctl_mutex);	/* held throughout: removal cannot run meanwhile */
+	dev = idr_find(&cowd_idr, r.index);
+	err = -ENODEV;
+	if (!dev)
+		goto out;
+	spin_lock(&dev->lock);
+	err = -EBUSY;
+	if (dev->chan_open) {
+		spin_unlock(&dev->lock);
+		goto out;
+	}
+	dev->chan_open = true;
+	spin_unlock(&dev->lock);
+	cancel_delayed_work_sync(&dev->timeout_work);
+
+	/* Forget the old daemon's remaps, then let mapped I/O already started finish. */
+	cowd_invalidate_range(dev, 0, U64_MAX);
+	wait_event(dev->inflight_wait, !atomic_read(&dev->inflight));
+
+	chan = cowd_new_channel(dev, &fd);
+	if (IS_ERR(chan)) {
+		err = PTR_ERR(chan);
+		goto out_closed;
+	}
+	r.channel_fd = fd;
+	r.disk_size = dev->size;
+	r.cluster_bits = dev->cluster_bits;
+	r.nr_files = dev->nr_files;
+	if (copy_to_user(uarg, &r, sizeof(r))) {
+		put_unused_fd(fd);
+		fput(chan);	/* its release marks the device orphaned again */
+		err = -EFAULT;
+		goto out;
+	}
+	spin_lock(&dev->lock);
+	dev->state = COWD_LIVE;
+	dev->stats.takeovers++;
+	spin_unlock(&dev->lock);
+	fd_install(fd, chan);
+	wake_up_interruptible(&dev->chan_wait);
+	err = 0;
+	goto out;
+out_closed:
+	spin_lock(&dev->lock);
+	dev->chan_open = false;
+	if (dev->state == COWD_ORPHAN)
+		schedule_delayed_work(&dev->timeout_work, msecs_to_jiffies(dev->timeout_ms));
+	spin_unlock(&dev->lock);
+out:
+	mutex_unlock(&cowd_ctl_mutex);
+	return err;
+}
+
+static int cowd_ctl_version(struct cowd_version __user *uarg)
+{
+	struct cowd_version v;
+
+	if (copy_from_user(&v, uarg, sizeof(v)))
+		return -EFAULT;
+	if (v.size != sizeof(v) || v.version != COWD_ABI_VERSION)
+		return -EINVAL;
+	memset(&v, 0, sizeof(v));
+	v.size = sizeof(v);
+	v.version = COWD_ABI_VERSION;
+	v.abi_version = COWD_ABI_VERSION;
+	v.features = COWD_FEATURES;
+	strscpy(v.module_version, COWD_MODULE_VERSION, sizeof(v.module_version));
+	return copy_to_user(uarg, &v, sizeof(v)) ? -EFAULT : 0;
+}
+
+static long cowd_ctl_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	switch (cmd) {
+	case COWD_CTL_VERSION:
+		return cowd_ctl_version(uarg);
+	case COWD_CTL_CREATE:
+		if (!capable(CAP_SYS_ADMIN))
+			return -EPERM;
+		return cowd_ctl_create(uarg);
+	case COWD_CTL_REMOVE:
+		if (!capable(CAP_SYS_ADMIN))
+			return -EPERM;
+		return cowd_ctl_remove(uarg);
+	case COWD_CTL_REOPEN:
+		if (!capable(CAP_SYS_ADMIN))
+			return -EPERM;
+		return cowd_ctl_reopen(uarg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static const struct file_operations cowd_ctl_fops = {
+	.owner = THIS_MODULE,
+	.open = nonseekable_open,
+	.unlocked_ioctl = cowd_ctl_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice cowd_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = COWD_CTL_NAME,
+	.fops = &cowd_ctl_fops,
+};
+
+static int __init cowd_init(void)
+{
+	int err;
+
+	cowd_entry_cache = KMEM_CACHE(cowd_entry, 0);
+	if (!cowd_entry_cache)
+		return -ENOMEM;
+	cowd_major = register_blkdev(0, COWD_DISK_NAME);
+	if (cowd_major < 0) {
+		err = cowd_major;
+		goto out_cache;
+	}
+	err = misc_register(&cowd_misc);
+	if (err)
+		goto out_blkdev;
+	pr_info("cowd: version %s, ABI %d\n", COWD_MODULE_VERSION, COWD_ABI_VERSION);
+	return 0;
+
+out_blkdev:
+	unregister_blkdev(cowd_major, COWD_DISK_NAME);
+out_cache:
+	kmem_cache_destroy(cowd_entry_cache);
+	return err;
+}
+
+static void __exit cowd_exit(void)
+{
+	struct cowd_dev *dev;
+	int id;
+
+	misc_deregister(&cowd_misc);
+	/* No channel or disk is open (each holds a module reference), so nothing waits. */
+	mutex_lock(&cowd_ctl_mutex);
+	idr_for_each_entry(&cowd_idr, dev, id) {
+		idr_remove(&cowd_idr, id);
+		mutex_unlock(&cowd_ctl_mutex);
+		cowd_teardown(dev);
+		mutex_lock(&cowd_ctl_mutex);
+	}
+	mutex_unlock(&cowd_ctl_mutex);
+	idr_destroy(&cowd_idr);
+	unregister_blkdev(cowd_major, COWD_DISK_NAME);
+	kmem_cache_destroy(cowd_entry_cache);
+}
+
+module_init(cowd_init);
+module_exit(cowd_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("cowd: copy-on-write block devices with an in-kernel remap table");
+MODULE_VERSION(COWD_MODULE_VERSION);
