@@ -420,7 +420,7 @@ class Disk:
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
-                                    "lock_waits")}
+                                    "lock_waits", "allocations")}
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -1143,6 +1143,47 @@ class Disk:
         try:
             async with self._exclusive([top], will_await=True):
                 await self._run(top.image.flush, offload=True)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+
+    # ---- the kernel shim's questions --------------------------------------------------------
+
+    async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Seg]:
+        """Where [offset, offset + length) lives, in order: ``(guest_offset, length, depth,
+        extent)`` with depth the layer's index in the chain (-1: below every layer, zeroes).
+        A miss also resolves ``ahead`` more granules into the cache.  The kernel frontend
+        turns these into remaps."""
+        self._check_read(offset, length, limit=None)
+        req = _Req(ahead=ahead)
+        try:
+            segs = await self._segments(offset, offset + length, req)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._cache.note_request(req.lookups, self.counters)
+        return segs
+
+    async def allocate(self, offset: int, length: int) -> None:
+        """Make every top-layer cluster touching the range DATA that the top layer owns,
+        copying up from the parents, without changing a guest byte: afterwards writes there
+        can go in place (the kernel shim's first write to a cluster)."""
+        self._check_write(offset, length)
+        if not length:
+            await trio.lowlevel.checkpoint()
+            return
+        end = offset + length
+        first, gend = self._granules(offset, end)
+        top = self._top
+        offload = self.offload_writes
+        try:
+            async with self._locks.hold(first, gend):
+                _inplace, lib = self._write_plan(offset, end, count=False)
+                for gs, ge in lib:
+                    async with self._exclusive(self._chain, will_await=offload):
+                        c0, c1 = self._cluster_granules(gs, ge)
+                        self._cache.invalidate_range(top.layer_id, c0, c1)
+                        await self._run(top.image.allocate, gs, ge - gs, offload=offload)
+                        self._refill(c0, c1)
+                    self._ops["allocations"] += 1
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
 
