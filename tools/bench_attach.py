@@ -84,6 +84,7 @@ from typing import Any
 from cowd.attach import fuse_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fio
 from bench_fuse import cpu_ticks, drop_caches, idle_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,43 +268,73 @@ def quiet(*args: str, timeout: float = CLEANUP_TIMEOUT_S) -> subprocess.Complete
 
 @dataclass
 class Device:
+    """What a workload runs on: a block device (``path``) or, for fio only, an NBD export
+    (``path`` is its URI).  ``kind`` "cowd" is served by the daemon of ``run_dir`` (through
+    FUSE + loop or NBD), "server" by the processes ``pids`` (qemu-nbd), "loop" by the kernel
+    alone."""
+
     path: str
-    kind: str  # "loop" or "cowd"
+    kind: str  # "loop", "cowd" or "server"
     run_dir: Path
     disk: str = ""  # cowd's disk name (the overlay's file name)
+    pids: tuple[int, ...] = ()  # kind "server": the server processes
+
+    @property
+    def is_block(self) -> bool:
+        return not self.path.startswith("nbd")
 
     def daemon_pid(self) -> int | None:
         return lock_holder(self.run_dir / "cowd.pid") if self.kind == "cowd" else None
 
     def cpu_s(self) -> float:
+        """CPU seconds (user + system) of what serves the device, 0 for the kernel."""
         pid = self.daemon_pid()
-        return cpu_ticks(pid) / HZ if pid else 0.0
+        pids = (pid,) if pid else self.pids
+        total = 0
+        for p in pids:
+            with contextlib.suppress(OSError):
+                total += cpu_ticks(p)
+        return total / HZ
 
     def counters(self) -> dict[str, int]:
-        """The disk's remap cache hits and misses and its write requests so far."""
+        """The disk's remap cache lookups and its requests so far."""
         if self.kind != "cowd":
             return {}
         doc = json.loads(sh(*COWD, "stats", "--json", "--run-dir", str(self.run_dir)))
         disk = doc["disks"][self.disk]
-        return {"hits": int(disk["remap"]["hits"]), "misses": int(disk["remap"]["misses"]),
-                "writes": int(disk["ops"]["writes"]),
-                "writes_in_place": int(disk["ops"]["writes_in_place"])}
+        remap, ops = disk["remap"], disk["ops"]
+        return {"hits": int(remap["hits"]), "misses": int(remap["misses"]),
+                "requests": int(remap["requests"]),
+                "metadata_lookups": int(remap["metadata_lookups"]),
+                "reads": int(ops["reads"]), "writes": int(ops["writes"]),
+                "writes_in_place": int(ops["writes_in_place"])}
 
 
 class Bench:
     """Owns the work dir and everything made in it; :meth:`cleanup` undoes all of it."""
 
-    def __init__(self, work: Path, base_bytes: int, full_copy: bool, drop: bool):
+    def __init__(self, work: Path, base_bytes: int, full_copy: bool, drop: bool,
+                 base_data: bool = False, dio: bool = True, via: str = "fuse"):
+        """``base_data``: a base with data in every block (a cheap pattern, each MiB
+        different) instead of an empty one; ``dio``: the loop device's direct I/O is
+        required (off where the backing file system has none: the guest's tmpfs);
+        ``via``: cowd attach's frontend."""
         self.work = work
         self.run_dir = work / "run"
         self.base = work / "base.raw"
         self.full_copy = full_copy
         self.drop = drop
+        self.dio = dio
+        self.via = via
         self.mounts: list[Path] = []
         self.loops: list[tuple[str, Path]] = []  # (device, its backing file)
         self.attached: list[str] = []
         with open(self.base, "wb") as f:
             f.truncate(base_bytes)
+            if base_data:
+                chunk = random.Random(base_bytes).randbytes(MiB)
+                for i in range(base_bytes // MiB):
+                    f.write(chunk[i % 4093:] + chunk[: i % 4093])
 
     def drop_caches(self) -> None:
         if self.drop:
@@ -322,11 +353,12 @@ class Bench:
     def loop_device(self, tag: str) -> Iterator[Device]:
         copy = self.work / f"{tag}.raw"
         sh("cp", f"--sparse={'never' if self.full_copy else 'auto'}", str(self.base), str(copy))
-        dev = sh("losetup", "--find", "--show", "--direct-io=on", str(copy))
+        dev = sh("losetup", "--find", "--show", f"--direct-io={'on' if self.dio else 'off'}",
+                 str(copy))
         self.loops.append((dev, copy))
         try:
             dio = Path(f"/sys/block/{os.path.basename(dev)}/loop/dio").read_text().strip()
-            if dio != "1":
+            if self.dio and dio != "1":
                 raise RuntimeError(f"{dev}: direct I/O not in effect (dio={dio})")
             yield Device(dev, "loop", self.run_dir)
         finally:
@@ -342,13 +374,26 @@ class Bench:
                     return
             self.loops.remove((dev, backing))
 
-    @contextlib.contextmanager
-    def cowd_device(self, tag: str) -> Iterator[Device]:
+    def overlay(self, tag: str, warm: bool = False) -> Path:
+        """A fresh qcow2 overlay of the base: empty (cold: every write is a first write) or,
+        ``warm``, with every cluster allocated (written by qemu-io, 64 MiB at a time)."""
         ov = self.work / f"{tag}.qcow2"
+        ov.unlink(missing_ok=True)
         sh(*COWD, "create", "--base", str(self.base), "--overlay", "qcow", "-o", str(ov))
+        if warm:
+            size, step = self.base.stat().st_size, 64 * MiB
+            cmds = [a for off in range(0, size, step)
+                    for a in ("-c", f"write -q -P 0x5a {off} {min(step, size - off)}")]
+            sh("qemu-io", "-f", "qcow2", *cmds, str(ov))
+        return ov
+
+    @contextlib.contextmanager
+    def cowd_device(self, tag: str, warm: bool = False) -> Iterator[Device]:
+        ov = self.overlay(tag, warm)
         try:
-            out = sh(*COWD, "attach", str(ov), "--via", "fuse", "--run-dir", str(self.run_dir))
-            if not LOOP_DEV.fullmatch(out):
+            out = sh(*COWD, "attach", str(ov), "--via", self.via, "--run-dir",
+                     str(self.run_dir))
+            if self.via == "fuse" and not LOOP_DEV.fullmatch(out):
                 raise RuntimeError(f"cowd attach printed {out!r}, not a loop device")
             self.attached.append(out)
             try:
@@ -430,21 +475,29 @@ class Window:
     def __init__(self, dev: Device):
         self.dev = dev
         self.stats0 = dev.counters()  # first: the stats request's CPU is outside the window
-        self.cpu0, self.idle0, self.io0 = dev.cpu_s(), idle_ticks(), block_io(dev.path)
+        self.cpu0, self.idle0 = dev.cpu_s(), idle_ticks()
+        self.io0 = block_io(dev.path) if dev.is_block else (0, 0)
 
     def close(self, out: dict[str, float]) -> dict[str, float]:
-        cpu1, io1, stats1, idle1 = (self.dev.cpu_s(), block_io(self.dev.path),
-                                    self.dev.counters(), idle_ticks())
-        # What the block device itself saw: the same work on both paths, or the figures lie.
-        out["device_read_MB"] = (io1[0] - self.io0[0]) / 1e6
-        out["device_written_MB"] = (io1[1] - self.io0[1]) / 1e6
+        cpu1, stats1, idle1 = self.dev.cpu_s(), self.dev.counters(), idle_ticks()
+        if self.dev.is_block:
+            # What the block device itself saw: the same work on every path, or the figures
+            # lie.
+            io1 = block_io(self.dev.path)
+            out["device_read_MB"] = (io1[0] - self.io0[0]) / 1e6
+            out["device_written_MB"] = (io1[1] - self.io0[1]) / 1e6
+        busy = idle1[1] - self.idle0[1] - (idle1[0] - self.idle0[0])
         out["machine_idle_pct"] = 100.0 * (idle1[0] - self.idle0[0]) / max(
             1, idle1[1] - self.idle0[1])
-        if self.dev.kind == "cowd":
+        out["machine_busy_cpu_s"] = busy / HZ
+        if self.dev.kind != "loop":
             out["daemon_cpu_s"] = cpu1 - self.cpu0
+        if self.dev.kind == "cowd":
             d = {k: stats1[k] - self.stats0[k] for k in stats1}
             out["cache_hits"], out["cache_misses"] = d["hits"], d["misses"]
             out["hit_rate"] = d["hits"] / max(1, d["hits"] + d["misses"])
+            out["requests"] = d["reads"] + d["writes"]
+            out["metadata_lookups"] = d["metadata_lookups"]
             # A write request that allocated a cluster (copy-on-write) rather than only
             # writing clusters the overlay already had.
             out["writes"] = d["writes"]
@@ -468,19 +521,9 @@ def copy_workload(bench: Bench, dev: Device, tree: Tree, tag: str) -> dict[str, 
 
 
 def fio(dev: str, rw: str, bs: str, qd: int, runtime_s: float | None) -> dict[str, float]:
-    args = ["fio", "--name=bench", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--output-format=json"]
-    if runtime_s is not None:
-        args.append(f"--runtime={runtime_s}")
-    else:
-        args.append("--end_fsync=1")
-    text = sh(*args)
-    job = json.loads(text[text.index("{"):])["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    pct = side["clat_ns"].get("percentile", {})
-    return {"MBps": side["bw_bytes"] / 1e6, "iops": side["iops"], "bytes": side["io_bytes"],
-            "seconds": side["runtime"] / 1000, "lat_p50_us": pct.get("50.000000", 0) / 1000,
-            "lat_p99_us": pct.get("99.000000", 0) / 1000}
+    """One fio job on one block device, over the whole device (one pass at most)."""
+    [out] = bench_fio.run([dev], bench_fio.Job(rw, bs, qd), runtime_s=runtime_s)
+    return out
 
 
 def fio_job(bench: Bench, dev: Device, name: str, runtime_s: float) -> dict[str, float]:

@@ -68,20 +68,42 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) 
 
 
 class Server:
-    def __init__(self, kind: str, image: Path, work: Path):
+    """qemu-nbd serving one image, or one cowd daemon serving ``images`` (one export each,
+    named by file name; ``uris`` in the same order).  ``run_dir``: cowd's (default
+    WORK/run); ``tag`` tells apart the sockets of servers that run at the same time."""
+
+    def __init__(self, kind: str, image: Path, work: Path, images: list[Path] | None = None,
+                 run_dir: Path | None = None, tag: str = ""):
         self.kind = kind
-        self.sock = work / f"{kind}.sock"
-        self.run_dir = work / "run"
+        self.sock = work / f"{kind}{tag}.sock"
+        self.run_dir = run_dir or work / "run"
+        images = images or [image]
         if kind == "qemu-nbd":
+            if len(images) != 1:
+                raise ValueError("qemu-nbd serves one image")
             cmd = ["qemu-nbd", "--socket", str(self.sock), "--format", "qcow2", "--export-name",
                    "bench", "--shared", "8", "--persistent", str(image)]
-            self.uri = f"nbd+unix:///bench?socket={self.sock}"
+            self.uris = [f"nbd+unix:///bench?socket={self.sock}"]
         else:
-            cmd = [str(COWD), "serve", str(image), "--nbd", f"unix:{self.sock}",
+            cmd = [str(COWD), "serve", *map(str, images), "--nbd", f"unix:{self.sock}",
                    "--run-dir", str(self.run_dir)]
-            self.uri = f"nbd+unix:///{image.name}?socket={self.sock}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_socket(self.sock, self.proc)
+            self.uris = [f"nbd+unix:///{im.name}?socket={self.sock}" for im in images]
+        self.uri = self.uris[0]
+        self.log = work / f"{kind}{tag}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+        try:
+            wait_socket(self.sock, self.proc)
+        except RuntimeError as e:
+            self.stop()
+            last = self.log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{kind}: {e}{': ' + last[0] if last else ''}") from None
+        except BaseException:
+            self.stop()
+            raise
+        if kind == "cowd":  # the NBD socket comes before the control socket: wait for both
+            wait_socket(self.run_dir / "control.sock", self.proc)
 
     def stats(self) -> dict[str, float]:
         if self.kind != "cowd":
@@ -90,6 +112,8 @@ class Server:
         return {k: doc["cache"][k] for k in ("hits", "misses")}
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
