@@ -75,6 +75,11 @@ class BootResult:
     returncode: int | None
     console: str = field(repr=False)
     reason: str | None = None
+    started_at: float = 0.0  # wall clock (time.time()) when qemu was started
+
+    @property
+    def ended_at(self) -> float:
+        return self.started_at + self.total_seconds
 
     @property
     def boot_number(self) -> int:
@@ -83,7 +88,8 @@ class BootResult:
     def as_json(self) -> dict[str, object]:
         return {"image": self.image, "via": self.via, "ok": self.ok, "seconds": self.seconds,
                 "total_seconds": self.total_seconds, "marker": self.marker,
-                "fields": self.fields, "returncode": self.returncode, "reason": self.reason}
+                "fields": self.fields, "returncode": self.returncode, "reason": self.reason,
+                "started_at": self.started_at}
 
 
 def cowd_command() -> list[str]:
@@ -162,6 +168,7 @@ def boot(cmd: list[str], image: str, via: str,
     (set by another thread) ends the boot early: qemu is killed."""
     if stop is not None and stop.is_set():
         raise BootError(f"{image}: boot not started (interrupted)")
+    started_at = time.time()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -229,7 +236,7 @@ def boot(cmd: list[str], image: str, via: str,
     fields = dict(_FIELD.findall(marker or ""))
     return BootResult(image=image, via=via, ok=reason is None, seconds=seconds,
                       total_seconds=total, marker=marker, fields=fields, returncode=rc,
-                      console=text, reason=reason)
+                      console=text, reason=reason, started_at=started_at)
 
 
 # ---- cowd as the disk's server -----------------------------------------------------------------
