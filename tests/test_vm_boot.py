@@ -341,4 +341,3 @@ def test_usage_errors(tmp_path: Path) -> None:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert p.returncode == 1, (cmd, p)
         assert p.stderr.count("\n") == 1 and want in p.stderr, (cmd, p.stderr)
-
