@@ -176,6 +176,7 @@ def boot(cmd: list[str], image: str, via: str,
     marker: str | None = None
     seconds: float | None = None
     reason: str | None = None
+    eof = False
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
@@ -183,13 +184,10 @@ def boot(cmd: list[str], image: str, via: str,
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             pending = b""
-            eof = False
             while not eof:
                 now = time.monotonic()
-                limit = start + deadline_s
-                if marker is not None:
-                    limit = min(limit, now + POWEROFF_WAIT_S) if seconds is None else min(
-                        limit, start + seconds + POWEROFF_WAIT_S)
+                # the deadline is for the marker; after it, power-off gets its own time
+                limit = start + (deadline_s if seconds is None else seconds + POWEROFF_WAIT_S)
                 if now >= limit:
                     reason = (f"no {MARKER_OK} line within {deadline_s:.0f} s" if marker is None
                               else f"qemu did not exit {POWEROFF_WAIT_S:.0f} s after the marker")
@@ -219,7 +217,9 @@ def boot(cmd: list[str], image: str, via: str,
                     elif MARKER_FAIL in line and reason is None:
                         reason = line[line.index(MARKER_FAIL):].strip()
     finally:
-        if proc.poll() is None and reason is not None:
+        # Leaving early (a reason, or an exception such as Ctrl-C): qemu goes at once.  After
+        # EOF it is exiting by itself.
+        if proc.poll() is None and (reason is not None or not eof):
             proc.kill()
         try:
             rc = proc.wait(timeout=POWEROFF_WAIT_S)
