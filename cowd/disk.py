@@ -97,6 +97,7 @@ from formats.errors import (
     UnsupportedImage,
 )
 
+from . import imagelock
 from .errors import RequestError, UsageError
 from .remap import Extents, Origin, RemapCache, RemapCounters
 
@@ -235,6 +236,15 @@ class Layer:
         return f"<Layer {self.layer_id} {self.image.path!r} granule={self.granule}>"
 
 
+def _lock(image: Image, writable: bool) -> None:
+    """qemu's lock bytes on the image's fd (cowd/imagelock.py), held while it is open; an
+    image a qemu process writes (or reads and forbids writing) is refused in one line."""
+    try:
+        imagelock.lock_image(image.file.fd, image.path, writable)
+    except imagelock.ImageLocked as e:
+        raise UsageError(str(e)) from None
+
+
 def _file_key(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -271,6 +281,11 @@ class ImagePool:
                 raise UsageError(f"{path}: is served as a writable disk and cannot be a parent")
             layer = self._parents.get(image.file.dev_ino)
             if layer is None:
+                try:
+                    _lock(image, writable=False)
+                except UsageError:
+                    image.close()
+                    raise
                 layer = Layer(image)
                 self._parents[layer.file_key] = layer
                 self._by_image[id(image)] = layer
@@ -450,6 +465,7 @@ class Disk:
             top_image = formats.open_image(path, writable, fmt, open_parent=open_parent)
             key = top_image.file.dev_ino
             pool.check_top(path, key, writable)
+            _lock(top_image, writable=top_image.writable)
             chain = [Layer(top_image)]
             layer: Image | None = top_image.backing
             while layer is not None:

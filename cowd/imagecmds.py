@@ -16,6 +16,7 @@ from typing import Any
 import formats
 from formats import Image, Kind
 
+from . import imagelock
 from .errors import UsageError
 
 OVERLAY_SUFFIX = {"qcow2": ".qcow2", "vhd": ".vhd"}
@@ -246,6 +247,11 @@ def format_map(entries: list[MapEntry]) -> str:
 def check(path: str, repair: bool, fmt: str | None = None) -> formats.CheckResult:
     img = formats.open_one(path, repair, fmt)
     try:
+        if repair:  # never repair an image a daemon or qemu is writing (cowd/imagelock.py)
+            try:
+                imagelock.lock_image(img.file.fd, path, writable=True)
+            except imagelock.ImageLocked as e:
+                raise UsageError(str(e)) from None
         return img.check(repair=repair)
     finally:
         img.close()

@@ -60,7 +60,8 @@ def qemu_io(image: str | os.PathLike[str], *cmds: str, fmt: str | None = None) -
 def qemu_raw(image: str | os.PathLike[str], tmp: Path, fmt: str | None = None) -> bytes:
     """The oracle: the virtual disk as qemu-img convert -O raw reads it."""
     out = tmp / f"oracle-{hashlib.sha1(os.fsencode(image)).hexdigest()[:8]}.raw"
-    args: list[str | os.PathLike[str]] = ["convert"]
+    # -U: also while a daemon serves it (cowd holds qemu's image locks, cowd/imagelock.py).
+    args: list[str | os.PathLike[str]] = ["convert", "-U"]
     if fmt:
         args += ["-f", fmt]
     args += ["-O", "raw", image, out]

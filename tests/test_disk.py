@@ -548,8 +548,8 @@ async def test_concurrent_first_writes_to_one_cluster(kind: str, offload: bool,
     cluster = 2 * MiB + 3 * G  # never written by make_chain's pre-fill? any is fine: see below
     if kind == "qcow2":
         # Pick a cluster qemu-io left unallocated in the overlay.
-        mapping = json.loads(qemu_img("map", "--output=json", "-f", "qcow2",
-                                      chain.top).stdout)
+        mapping = json.loads(qemu_img("map", "-U", "--output=json", "-f", "qcow2",
+                                      chain.top).stdout)  # -U: the disk holds qemu's locks
         free = [e for e in mapping if e["depth"] > 0 and e["length"] >= G]
         cluster = -(-free[0]["start"] // G) * G
     go = trio.Event()

@@ -365,7 +365,7 @@ def nbdinfo_map(uri: str) -> list[tuple[int, int, bool, bool]]:
 
 def qemu_map(image: Path, fmt: str) -> list[tuple[int, int, bool, bool]]:
     """qemu-img map's view in base:allocation's terms: not data = hole; zero = zero."""
-    doc = json.loads(qemu_img("map", "--output=json", "-f", fmt, image).stdout)
+    doc = json.loads(qemu_img("map", "-U", "--output=json", "-f", fmt, image).stdout)
     return _runs([(e["start"], e["length"], not e["data"], e["zero"]) for e in doc])
 
 
@@ -491,8 +491,9 @@ def test_qemu_img_compare_and_convert(chain: Chain, serve: Callable[..., Served]
     (tmp_path / "oracle.raw").write_bytes(oracle)
     d = serve(chain.top)
     uri = d.uri()
-    # qemu's reading of the same files, while cowd serves them.
-    qemu_img("compare", "-f", chain.fmt, "-F", "raw", chain.top, uri)
+    # qemu's reading of the same files, while cowd serves them (-U: cowd holds qemu's
+    # image locks while it serves a disk, cowd/imagelock.py).
+    qemu_img("compare", "-U", "-f", chain.fmt, "-F", "raw", chain.top, uri)
     qemu_img("compare", "-f", "raw", "-F", "raw", tmp_path / "oracle.raw", uri)
     assert convert_uri(uri, tmp_path / "conv.raw") == oracle
     # Into a sparse qcow2: qemu uses block status to skip the holes; data must still match.
