@@ -76,6 +76,7 @@ class BootResult:
     console: str = field(repr=False)
     reason: str | None = None
     started_at: float = 0.0  # wall clock (time.time()) when qemu was started
+    qemu_cpu_seconds: float = 0.0  # qemu's user + system time (less noisy than wall time)
 
     @property
     def ended_at(self) -> float:
@@ -89,7 +90,7 @@ class BootResult:
         return {"image": self.image, "via": self.via, "ok": self.ok, "seconds": self.seconds,
                 "total_seconds": self.total_seconds, "marker": self.marker,
                 "fields": self.fields, "returncode": self.returncode, "reason": self.reason,
-                "started_at": self.started_at}
+                "started_at": self.started_at, "qemu_cpu_seconds": self.qemu_cpu_seconds}
 
 
 def cowd_command() -> list[str]:
@@ -219,13 +220,13 @@ def boot(cmd: list[str], image: str, via: str,
     finally:
         # Leaving early (a reason, or an exception such as Ctrl-C): qemu goes at once.  After
         # EOF it is exiting by itself.
-        if proc.poll() is None and (reason is not None or not eof):
+        if _running(proc) and (reason is not None or not eof):
             proc.kill()
         try:
-            rc = proc.wait(timeout=POWEROFF_WAIT_S)
+            rc, cpu = _reap(proc, POWEROFF_WAIT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
-            rc = proc.wait()
+            rc, cpu = _reap(proc, None)
         proc.stdout.close()
     total = time.monotonic() - start
     text = console.decode(errors="replace").replace("\r", "")
@@ -236,7 +237,26 @@ def boot(cmd: list[str], image: str, via: str,
     fields = dict(_FIELD.findall(marker or ""))
     return BootResult(image=image, via=via, ok=reason is None, seconds=seconds,
                       total_seconds=total, marker=marker, fields=fields, returncode=rc,
-                      console=text, reason=reason, started_at=started_at)
+                      console=text, reason=reason, started_at=started_at,
+                      qemu_cpu_seconds=cpu)
+
+
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether our child still runs, without reaping it (so _reap gets its CPU time)."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, float]:
+    """Wait for our child like Popen.wait, but with wait4, for its CPU time."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout or 0.0)
+        time.sleep(0.02)
 
 
 # ---- cowd as the disk's server -----------------------------------------------------------------
