@@ -227,8 +227,8 @@ def test_qcow2_overlay_boots_through_nbd_then_qemu(vm: VM, built: Path, tmp_path
 
 @pytest.mark.timeout(300)
 def test_qcow2_overlay_boots_through_fuse_loop(vm: VM, built: Path, tmp_path: Path) -> None:
-    """cowd attach --via fuse: qemu's root disk is /dev/loopN on the daemon's FUSE file; twice,
-    the second boot reading the first's clusters back through FUSE."""
+    """cowd attach --via fuse: qemu's root disk is /dev/loopN on the daemon's FUSE file.  (A
+    second boot through FUSE, reading the first boot's clusters back, is in the VHD test.)"""
     base = copy_base(built, tmp_path)
     base_sha = sha256(base)
     ov = vm.create(base, "qcow", tmp_path / "vm.qcow2")
@@ -238,12 +238,7 @@ def test_qcow2_overlay_boots_through_fuse_loop(vm: VM, built: Path, tmp_path: Pa
     assert sha256(base) == base_sha
     qemu_check(ov)
     check_boots(qcow2_disk(ov, tmp_path), first)
-
-    second = vm.boot(ov, via="fuse")
-    vm.assert_daemon_gone()
-    assert sha256(base) == base_sha
-    qemu_check(ov)
-    check_boots(qcow2_disk(ov, tmp_path), first + second)
+    check_untouched_base(Disk(base))
 
 
 @pytest.mark.timeout(300)
