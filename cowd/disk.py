@@ -94,6 +94,7 @@ from formats.errors import (
     FormatError,
     ImageIOError,
     ImageReadOnly,
+    SyncFailed,
     UnsupportedImage,
 )
 
@@ -170,6 +171,12 @@ def pread_into(fd: int, view: memoryview, file_offset: int, nowait: bool = False
             n = os.preadv(fd, [view], file_offset, RWF_NOWAIT)
         except BlockingIOError:
             raise _WouldBlock from None
+        except OSError as e:
+            # FUSE (a base in an nbdfuse or sshfs mount) and some other file systems refuse
+            # RWF_NOWAIT (EOPNOTSUPP): take the blocking path, never fail the read.
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise _WouldBlock from None
+            raise
         if n < total:  # partly cached, or end of file: let the blocking path sort it out
             raise _WouldBlock
         return n
@@ -206,10 +213,20 @@ def _zero(view: memoryview) -> None:
 
 
 def _read_run(fd: int, view: memoryview, file_offset: int, zeroed: bool,
-              nowait: bool = False) -> None:
+              nowait: bool = False, cluster_bytes: int = 0) -> int:
+    """Read one run of DATA; returns -1, or the file offset where a cluster lying wholly
+    past the end of the file begins (the file was truncated: the caller raises).  Like
+    qemu, only the last cluster of a file may be short (it reads as zeroes past the end)."""
     got = pread_into(fd, view, file_offset, nowait)
-    if got < len(view) and not zeroed:
-        _zero(view[got:])
+    if got < len(view):
+        end = file_offset + got  # the end of the file
+        if cluster_bytes > 0:
+            last_cluster_end = -(-end // cluster_bytes) * cluster_bytes
+            if file_offset + len(view) > last_cluster_end:
+                return max(end, last_cluster_end)
+        if not zeroed:
+            _zero(view[got:])
+    return -1
 
 
 def _granule_for(image: Image) -> int:
@@ -426,6 +443,7 @@ class Disk:
         self.readonly = not self._top.image.writable
         self.readonly_reason = self._top.image.read_only_reason
         self.corrupt_reason: str | None = None
+        self.flush_failed: str | None = None  # sticky: see flush()
         self.counters = RemapCounters()  # lookups made for this disk
         self.prime_seconds: float | None = None
         self._locks = _GranuleLocks()
@@ -563,6 +581,15 @@ class Disk:
             return e
         if isinstance(e, ImageReadOnly):
             return DiskError(errno.EPERM, str(e))
+        if isinstance(e, SyncFailed):
+            # After a failed fdatasync (in a flush, or one a codec makes by itself in a
+            # write) the kernel may have dropped the dirty pages it could not write and
+            # marked them clean, so the next fdatasync can succeed without the data: like
+            # qemu's file-posix, every later flush of this disk fails too.  (A failed
+            # pwrite, e.g. ENOSPC, loses nothing: the codec keeps its dirty state and the
+            # next flush writes it again.)
+            self.flush_failed = self.flush_failed or str(e)
+            return DiskError(e.errno or errno.EIO, str(e))
         if isinstance(e, ImageIOError):
             return DiskError(e.errno or errno.EIO, str(e))
         if isinstance(e, CorruptImage):
@@ -925,7 +952,7 @@ class Disk:
         Returns a layer whose lock blocks a compressed decode (the caller waits and reads
         again) or None when done."""
         run_fd = -1
-        run_fo = run_g = run_n = 0
+        run_fo = run_g = run_n = run_depth = 0
         compressed: list[Seg] = []
         for g, n, depth, ext in segs:
             kind = ext.kind
@@ -938,16 +965,16 @@ class Disk:
                     run_n += n
                     continue
                 if run_n:
-                    _read_run(run_fd, dest[run_g - offset:run_g - offset + run_n], run_fo,
-                              zeroed, nowait)
-                run_fd, run_fo, run_g, run_n = fd, fo, g, n
+                    self._data_run(run_depth, run_fd, dest[run_g - offset:run_g - offset + run_n],
+                                   run_fo, zeroed, nowait)
+                run_fd, run_fo, run_g, run_n, run_depth = fd, fo, g, n, depth
             elif kind is Kind.COMPRESSED:
                 compressed.append((g, n, depth, ext))
             elif not zeroed:
                 _zero(dest[g - offset:g - offset + n])
         if run_n:
-            _read_run(run_fd, dest[run_g - offset:run_g - offset + run_n], run_fo, zeroed,
-                      nowait)
+            self._data_run(run_depth, run_fd, dest[run_g - offset:run_g - offset + run_n],
+                           run_fo, zeroed, nowait)
         for g, n, depth, ext in compressed:
             layer = self._chain[depth]
             if not owned and layer.lock.locked():
@@ -958,6 +985,22 @@ class Disk:
                                    "length", "length", len(data))
             dest[g - offset:g - offset + n] = data
         return None
+
+    def _data_run(self, depth: int, fd: int, view: memoryview, file_offset: int,
+                  zeroed: bool, nowait: bool) -> None:
+        """One merged DATA read from layer ``depth``.  A cluster the metadata places wholly
+        past the end of the file means the file was truncated (or replaced) under us: EIO,
+        and the disk — and a top image's own header, where the format has a corrupt flag —
+        is marked corrupt, never silent zeroes."""
+        image = self._chain[depth].image
+        past = _read_run(fd, view, file_offset, zeroed, nowait,
+                         cluster_bytes=max(image.cluster_size, 1))
+        if past < 0:
+            return
+        what = "data cluster past the end of the file (truncated while in use?)"
+        if depth == 0 and not self.readonly:
+            raise image.mark_corrupt(what, "offset", past)
+        raise CorruptImage(image.path, what, "offset", past)
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -1155,6 +1198,9 @@ class Disk:
         if self.readonly:
             await trio.lowlevel.checkpoint()
             return
+        if self.flush_failed is not None:
+            raise DiskError(errno.EIO, f"{self.path}: an earlier flush failed, so no later "
+                            f"one can promise durability ({self.flush_failed})")
         top = self._top
         try:
             async with self._exclusive([top], will_await=True):
@@ -1356,6 +1402,7 @@ class Disk:
             "granule": self.granule,
             "readonly": self.readonly,
             "corrupt": self.corrupt_reason,
+            "flush_failed": self.flush_failed,
             "readahead_clusters": self.readahead_clusters,
             "prime_seconds": self.prime_seconds,
             "layers": [

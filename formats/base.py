@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly
+from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, SyncFailed
 
 SECTOR = 512
 
@@ -143,7 +143,8 @@ class HostFile:
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise io_error(self.path, f"fdatasync failed: {e.strerror}", e) from None
+            raise SyncFailed(self.path, f"fdatasync failed: {e.strerror}",
+                             e.errno or errno_mod.EIO) from None
 
     def truncate(self, size: int) -> None:
         try:
@@ -344,6 +345,15 @@ class Image:
     def flush(self) -> None:
         if self.writable:
             self.file.sync()
+
+    def mark_corrupt(self, what: str, field: str | None = None,
+                     value: object = None) -> CorruptImage:
+        """A caller found this image inconsistent (e.g. data past the end of a truncated
+        file): no more writes through this object; a format with an on-disk corrupt flag
+        sets it.  Returns the error for the caller to raise."""
+        self.writable = False
+        self.read_only_reason = f"marked corrupt: {what}"
+        return CorruptImage(self.path, what, field, value)
 
     def close(self) -> None:
         self.file.close()

@@ -8,6 +8,7 @@ reads ``<file>: <what is wrong> (<field>=<value>)``.  Callers group them by what
 - :class:`UnsupportedImage`: well-formed, but uses a feature this library does not implement.
 - :class:`ImageReadOnly`: a write was attempted on an image opened read-only.
 - :class:`ImageIOError`: the host file failed (EIO, ENOSPC); carries ``errno``.
+  :class:`SyncFailed`, its subclass, is a failed fdatasync (see there).
 """
 
 from __future__ import annotations
@@ -49,3 +50,9 @@ class ImageIOError(FormatError):
     def __init__(self, path: str, what: str, errno: int):
         super().__init__(path, what, "errno", errno)
         self.errno = errno
+
+
+class SyncFailed(ImageIOError):
+    """fdatasync of a host file failed.  The kernel may have dropped the dirty pages it
+    could not write, so a later sync can succeed without them: callers must not report
+    durability again for writes made before this (qemu's file-posix does the same)."""

@@ -1167,6 +1167,13 @@ class Qcow2Image(Image):
         if freed:
             self._free_hint = min(self._free_hint, min(freed))
 
+    def mark_corrupt(self, what: str, field: str | None = None,
+                     value: object = None) -> CorruptImage:
+        try:
+            self._signal_corruption(what, field, value)
+        except CorruptImage as e:
+            return e
+
     def _signal_corruption(self, what: str, fieldname: str | None = None,
                            value: object = None) -> NoReturn:
         """Mark the image corrupt (v3: incompatible bit 1), go read-only, raise."""

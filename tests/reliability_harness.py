@@ -23,6 +23,7 @@ image so rebuilt must pass the same checks as the killed one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -108,7 +109,8 @@ class Daemon:
 
 
 def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
-                 record: Path | None = None, wait_s: float = 30) -> Daemon:
+                 record: Path | None = None, wait_s: float = 30,
+                 env: dict[str, str] | None = None) -> Daemon:
     """``cowd serve IMAGE --nbd unix:SOCK`` (optionally under the write recorder); returns
     once the socket accepts connections."""
     n = 0
@@ -126,7 +128,8 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
         cmd = [*COWD, *args]
     with open(log, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env} if env else None)
     d = Daemon(proc, sock, run_dir, log, image.name)
     deadline = time.monotonic() + wait_s
     while True:
@@ -323,6 +326,9 @@ def recorded_main(argv: list[str]) -> int:
     st = os.stat(image)
     key = (st.st_dev, st.st_ino)
     rec_fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    # Fault injection: while this file exists, a sync of the image fails with EIO (what the
+    # kernel reports when write-back failed).
+    fail_sync_if = os.environ.get("COWD_TEST_FAIL_SYNC_IF")
     import formats.base as fb
 
     real_pwrite, real_fdatasync, real_fsync = os.pwrite, os.fdatasync, os.fsync
@@ -350,6 +356,8 @@ def recorded_main(argv: list[str]) -> int:
             mine = ours(fd)
             if mine:
                 note(b"B", 0, 0)
+                if fail_sync_if and os.path.exists(fail_sync_if):
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
             real(fd)
             if mine:
                 note(b"E", 0, 0)
