@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from formats.errors import FormatError
+from formats.errors import BackingOutside, FormatError
 
 from . import imagecmds
 from .errors import CowdError, UsageError
@@ -48,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("image")
     i.add_argument("-f", "--format", help="image format (default: probed)")
     i.add_argument("--json", action="store_true")
+    _outside_option(i)
 
     m = sub.add_parser("map", help="show where each guest range lives (like qemu-img map)")
     m.add_argument("image")
     m.add_argument("-f", "--format")
     m.add_argument("--json", action="store_true")
+    _outside_option(m)
 
     k = sub.add_parser("check", help="check metadata consistency (like qemu-img check)")
     k.add_argument("image")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.add_argument("-O", dest="out_format", required=True, help="raw, qcow2 or vhd")
     v.add_argument("-f", "--format", help="source format (default: probed)")
+    _outside_option(v)
 
     s = sub.add_parser("serve", help="serve images over NBD in the foreground")
     s.add_argument("images", nargs="+", metavar="IMAGE",
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "file under a loop device, /dev/loopN); auto takes the first this kernel "
                    "supports and says which (default: auto)")
     a.add_argument("--readonly", action="store_true", help="attach read-only")
+    _outside_option(a)
     _run_dir_option(a)
 
     d = sub.add_parser("detach", help="flush and remove a device cowd attached")
@@ -99,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "exits when it serves nothing")
     _daemon_options(dm)
     return p
+
+
+def _outside_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-backing-outside", action="store_true",
+                   help="open backing files that lie outside the image's directory tree "
+                   "(refused by default: ../ names, absolute paths, symlinks out; also "
+                   "$COWD_ALLOW_BACKING_OUTSIDE=1)")
 
 
 def _run_dir_option(p: argparse.ArgumentParser) -> None:
@@ -128,9 +139,16 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prime", action="store_true",
                    help="do not fill the remap cache from the metadata at start")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
+    _outside_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "allow_backing_outside", False):
+        from . import disk
+
+        disk.ALLOW_BACKING_OUTSIDE = True
+        # ... and for a daemon `cowd attach` starts.
+        os.environ[disk.ALLOW_BACKING_OUTSIDE_ENV] = "1"
     if args.command == "create":
         path = imagecmds.create(args.base, args.overlay, args.output, args.base_format,
                                 args.cluster_size, args.absolute)
@@ -335,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"cowd: {e}", file=sys.stderr)
         return 2
+    except BackingOutside as e:
+        print(f"cowd: {e}; pass --allow-backing-outside if you trust it", file=sys.stderr)
+        return 1
     except (FormatError, CowdError) as e:
         print(f"cowd: {e}", file=sys.stderr)
         return 1

@@ -150,6 +150,13 @@ OFFLOAD_WRITES = False
 
 _layer_ids = count(1)
 
+# Backing files must resolve inside the top image's directory tree (formats.check_confined:
+# ``..``, absolute names and symlinks out of it are refused) unless the user allows it:
+# ``--allow-backing-outside`` on the command line, or this variable set to 1 (inherited by
+# the daemon ``cowd attach`` starts).  The CLI sets ALLOW_BACKING_OUTSIDE from either.
+ALLOW_BACKING_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
+ALLOW_BACKING_OUTSIDE = os.environ.get(ALLOW_BACKING_OUTSIDE_ENV, "") not in ("", "0")
+
 
 class DiskError(RequestError):
     """A request failed; ``errno`` is what the frontend answers with."""
@@ -462,7 +469,8 @@ class Disk:
                    readonly: bool = False,
                    readahead_clusters: int = DEFAULT_READAHEAD_CLUSTERS,
                    fmt: str | None = None,
-                   offload_writes: bool = OFFLOAD_WRITES) -> Disk:
+                   offload_writes: bool = OFFLOAD_WRITES,
+                   allow_backing_outside: bool | None = None) -> Disk:
         """Open ``path`` (writable unless ``readonly``) and its chain, parents from ``pool``.
 
         Format errors propagate as ``formats.FormatError``; serving a file twice, or writing a
@@ -480,7 +488,11 @@ class Disk:
 
         top_image: Image | None = None
         try:
-            top_image = formats.open_image(path, writable, fmt, open_parent=open_parent)
+            allow = (ALLOW_BACKING_OUTSIDE if allow_backing_outside is None
+                     else allow_backing_outside)
+            top_image = formats.open_image(
+                path, writable, fmt, open_parent=open_parent,
+                confine_to=None if allow else formats.confinement_root(path))
             key = top_image.file.dev_ino
             pool.check_top(path, key, writable)
             _lock(top_image, writable=top_image.writable)

@@ -26,6 +26,14 @@ OVERLAY_SUFFIX = {"qcow2": ".qcow2", "vhd": ".vhd"}
 CONVERT_CHUNK_BYTES = 4 << 20
 
 
+def confinement(path: str, allow_outside: bool) -> str | None:
+    """Where the chain of ``path`` must stay (None: anywhere).  Backing files outside the
+    image's directory tree are refused unless the user allows them (cowd/disk.py says how)."""
+    from .disk import ALLOW_BACKING_OUTSIDE
+
+    return None if allow_outside or ALLOW_BACKING_OUTSIDE else formats.confinement_root(path)
+
+
 def overlay_format_name(name: str) -> str:
     """`qcow` on the command line means qcow2 (what qemu calls qcow2); `vhd` a differencing VHD."""
     key = name.lower()
@@ -89,8 +97,8 @@ def allocated_bytes(img: Image) -> int:
     return sum(e.length for e in img.extents() if e.kind is not Kind.UNALLOCATED)
 
 
-def info(path: str, fmt: str | None = None) -> dict[str, Any]:
-    img = formats.open_image(path, False, fmt)
+def info(path: str, fmt: str | None = None, allow_outside: bool = False) -> dict[str, Any]:
+    img = formats.open_image(path, False, fmt, confine_to=confinement(path, allow_outside))
     try:
         chain = []
         layer: Image | None = img
@@ -225,8 +233,9 @@ def _continues(a: MapEntry, b: MapEntry) -> bool:
     return a.offset + a.length == b.offset
 
 
-def map_image(path: str, fmt: str | None = None) -> list[MapEntry]:
-    img = formats.open_image(path, False, fmt)
+def map_image(path: str, fmt: str | None = None,
+              allow_outside: bool = False) -> list[MapEntry]:
+    img = formats.open_image(path, False, fmt, confine_to=confinement(path, allow_outside))
     try:
         return list(map_entries(img))
     finally:
@@ -264,7 +273,7 @@ Progress = Callable[[int, int], None]
 
 
 def convert(src: str, out: str, out_format: str, src_format: str | None = None,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None, allow_outside: bool = False) -> None:
     """Copy the whole chain's guest bytes into a new standalone image; zeroes stay sparse."""
     try:
         out_format = formats.canonical_format(out_format)
@@ -274,7 +283,8 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
         raise UsageError(f"-O: cannot write {out_format} images (use raw, qcow2 or vhd)")
     if os.path.exists(out):
         raise UsageError(f"{out}: already exists (refusing to overwrite)")
-    img = formats.open_image(src, False, src_format)
+    img = formats.open_image(src, False, src_format,
+                             confine_to=confinement(src, allow_outside))
     try:
         size = img.virtual_size
         if out_format == "raw":

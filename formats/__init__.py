@@ -15,7 +15,14 @@ import re
 from collections.abc import Callable
 
 from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind
-from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
+from .errors import (
+    BackingOutside,
+    CorruptImage,
+    FormatError,
+    ImageIOError,
+    ImageReadOnly,
+    UnsupportedImage,
+)
 from .qcow import QcowImage
 from .qcow2 import Qcow2Image
 from .raw import RawImage
@@ -101,17 +108,35 @@ def _is_block_device(path: str) -> bool:
 ParentOpener = Callable[[str, str | None], Image]
 
 
+def confinement_root(path: str) -> str:
+    """The directory tree a chain opened from ``path`` stays in by default: the real path of
+    the directory the image is named in."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path)))
+
+
+def check_confined(image: Image, parent_path: str, root: str) -> None:
+    """Refuse a backing file that resolves (``..``, absolute names, symlinks) outside
+    ``root``: an image from elsewhere must not make its reader open arbitrary files."""
+    real = os.path.realpath(parent_path)
+    if os.path.commonpath([real, root]) != root:
+        raise BackingOutside(image.path, f"backing file lies outside {root}", "backing_file",
+                             image.backing_name)
+
+
 def open_image(
     path: str,
     writable: bool = False,
     fmt: str | None = None,
     *,
     open_parent: ParentOpener | None = None,
+    confine_to: str | None = None,
 ) -> Image:
     """Open ``path`` and its backing chain.  Only the top image is ever writable.
 
     ``open_parent(path, fmt)`` lets a caller share parent images between chains (the daemon
     opens a base once for many overlays); by default each parent is opened read-only here.
+    With ``confine_to`` (a real directory path, e.g. :func:`confinement_root`), every
+    backing file must resolve inside that tree (:class:`BackingOutside` otherwise).
     """
     top = open_one(path, writable, fmt)
     seen = {top.file.dev_ino}
@@ -123,6 +148,8 @@ def open_image(
             if depth > MAX_CHAIN_DEPTH:
                 raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
             parent_path = resolve_backing_path(layer)
+            if confine_to is not None:
+                check_confined(layer, parent_path, confine_to)
             pfmt = layer.backing_format
             if open_parent is not None:
                 parent = open_parent(parent_path, pfmt)
@@ -185,6 +212,7 @@ def create_overlay(
 
 __all__ = [
     "FORMATS",
+    "BackingOutside",
     "CheckResult",
     "CorruptImage",
     "Extent",
@@ -200,6 +228,8 @@ __all__ = [
     "UnsupportedImage",
     "VhdImage",
     "canonical_format",
+    "check_confined",
+    "confinement_root",
     "create_overlay",
     "open_image",
     "open_one",

@@ -56,3 +56,8 @@ class SyncFailed(ImageIOError):
     """fdatasync of a host file failed.  The kernel may have dropped the dirty pages it
     could not write, so a later sync can succeed without them: callers must not report
     durability again for writes made before this (qemu's file-posix does the same)."""
+
+
+class BackingOutside(UnsupportedImage):
+    """A backing file resolves (after ``..`` and symlinks) outside the directory tree the
+    caller confined the chain to: refused unless the caller allows it."""

@@ -110,7 +110,8 @@ class Daemon:
 
 def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
                  record: Path | None = None, wait_s: float = 30,
-                 env: dict[str, str] | None = None) -> Daemon:
+                 env: dict[str, str] | None = None,
+                 more_images: tuple[Path, ...] = ()) -> Daemon:
     """``cowd serve IMAGE --nbd unix:SOCK`` (optionally under the write recorder); returns
     once the socket accepts connections."""
     n = 0
@@ -118,7 +119,8 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
         n += 1
     sock, run_dir, log = work / f"nbd{n}.sock", work / f"run{n}", work / f"cowd{n}.log"
     run_dir.mkdir()
-    args = ["serve", str(image), "--nbd", f"unix:{sock}", "--run-dir", str(run_dir), *extra]
+    args = ["serve", str(image), *map(str, more_images), "--nbd", f"unix:{sock}",
+            "--run-dir", str(run_dir), *extra]
     if record is not None:
         cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                "from tests.reliability_harness import recorded_main; "
