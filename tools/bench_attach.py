@@ -76,7 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,7 +388,9 @@ class Bench:
         return ov
 
     @contextlib.contextmanager
-    def cowd_device(self, tag: str, warm: bool = False) -> Iterator[Device]:
+    def cowd_device(self, tag: str, warm: bool = False,
+                    detached: Callable[[Path], None] | None = None) -> Iterator[Device]:
+        """``detached``: called with the overlay once it is detached (to check it)."""
         ov = self.overlay(tag, warm)
         try:
             out = sh(*COWD, "attach", str(ov), "--via", self.via, "--run-dir",
@@ -400,6 +402,8 @@ class Bench:
                 yield Device(out, "cowd", self.run_dir, ov.name)
             finally:
                 self.detach(out)
+            if detached is not None:
+                detached(ov)
         finally:
             ov.unlink(missing_ok=True)
 

@@ -69,7 +69,9 @@ def command(targets: list[str], job: Job, size: int | None, runtime_s: float | N
     if job.rw.startswith("rand"):
         args.append("--randrepeat=0")
     if verify:
-        args += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+        # no verify state file: fio would leave it in the working directory
+        args += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                 "--verify_state_save=0"]
     elif runtime_s is None:
         args.append("--end_fsync=1")
     for i, t in enumerate(targets):
