@@ -518,5 +518,7 @@ def load_run(work: Path, seconds: float, size: int = 64 * MiB) -> dict[str, Any]
     doc["qemu_readback_matches_model"] = read_disk("qcow2", ov, work) == final
     doc["rss_kib_start"] = rss[0]
     doc["rss_kib_max"] = max(rss)
-    doc["rss_kib_median_second_half"] = sorted(rss[len(rss) // 2:])[len(rss[len(rss) // 2:]) // 2]
+    doc["rss_kib_mid"] = rss[len(rss) // 2]
+    doc["rss_kib_end"] = rss[-1]
+    doc["rss_samples"] = len(rss)
     return doc

@@ -20,6 +20,7 @@ from tests.conftest import missing_tool
 from tests.reliability_harness import (
     SYSTEM_PYTHON,
     crash_iteration,
+    load_run,
     make_setup,
     power_cut_image,
     stress,
@@ -56,6 +57,30 @@ def test_sigkill_during_write_storm(tmp_path: Path, fmt: str) -> None:
     assert sum(f["writes_durable"] for f in s.figures) > 100
     assert sum(f["writes_sent"] - f["writes_acked"] for f in s.figures) > 0
     assert sum(f["power_cut"]["pieces_dropped"] for f in s.figures if "power_cut" in f) > 0
+
+
+# Seconds of the 8 x 64 load in CI (tools/stress.py long: 300).
+CI_LOAD_SECONDS = 60.0
+# The daemon's resident memory must stay below this, and grow by less than
+# RSS_GROWTH_KIB over the second half of the run (MAX_INFLIGHT_BYTES per connection bounds
+# what a client can make it hold; 8 connections x 64 x <= 64 KiB is 32 MiB).
+RSS_LIMIT_KIB = 256 << 10
+RSS_GROWTH_KIB = 32 << 10
+
+
+@pytest.mark.timeout(CI_LOAD_SECONDS + 120)
+def test_load_8_connections_64_in_flight(tmp_path: Path) -> None:
+    """8 libnbd connections, each with 64 reads and writes in flight, against a shadow
+    model: every read equals the model, the final disk (through the daemon and through
+    qemu-img after a clean stop) equals it, the overlay is clean, memory stays bounded."""
+    _need_peers("qcow2")
+    doc = load_run(tmp_path, CI_LOAD_SECONDS)
+    assert doc["mismatches"] == 0 and doc["errors"] == 0, doc
+    assert doc["max_in_flight"] >= 8 * 64 - 8, doc  # really 512 requests in flight
+    assert doc["reads"] > 1000 and doc["writes"] > 1000, doc
+    assert doc["qemu_readback_matches_model"] and doc["leaks_after_clean_stop"] == 0, doc
+    assert doc["rss_kib_max"] < RSS_LIMIT_KIB, doc
+    assert doc["rss_kib_end"] - doc["rss_kib_mid"] < RSS_GROWTH_KIB, doc
 
 
 # ---- the oracle itself can fail ------------------------------------------------------------
