@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import formats
 from formats.errors import BackingOutside, FormatError
 
 from . import imagecmds
@@ -152,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "create":
         path = imagecmds.create(args.base, args.overlay, args.output, args.base_format,
                                 args.cluster_size, args.absolute)
+        root = formats.confinement_root(path)
+        if os.path.commonpath([os.path.realpath(args.base), root]) != root:
+            _say(f"note: {args.base} lies outside {root}: opening {path} will need "
+                 "--allow-backing-outside")
         print(path)
         return 0
     if args.command == "info":
