@@ -112,7 +112,7 @@ WRITE_JOBS = [n for n, j in FIO_JOBS.items() if j.side == "write"]
 VERIFY_JOB = bench_fio.Job("randwrite", "4k", 32)
 SCALING_JOB = bench_fio.Job("randread", "4k", 32)
 WORKLOADS = ("copy", "boot", "fio", "verify", "latency", "scaling")
-GUEST_DEADLINE_S = 900  # the whole guest section, boot included; killed after
+GUEST_DEADLINE_S = 480  # the whole guest section, boot included; killed after
 GUEST_DEADLINE_QUICK_S = 120
 # Under TCG a fio job costs about 20 s whatever its runtime: the guest runs four.
 GUEST_JOBS = ["seqread-1M-qd1", "seqwrite-1M-qd1", "randread-4k-qd32", "randwrite-4k-qd32"]
@@ -142,6 +142,7 @@ class Params:
     guest: bool
     guest_base_bytes: int
     guest_runtime_s: float
+    guest_reps: int
 
 
 class Progress:
@@ -455,7 +456,7 @@ def run_guest(run: Run) -> None:
         return
     share = Path(tempfile.mkdtemp(prefix="guest-", dir=run.bench.work))
     inner = [sys.executable, str(Path(__file__).resolve()), "--guest-part",
-             "--out-dir", str(share), "--reps", str(p.reps),
+             "--out-dir", str(share), "--reps", str(p.guest_reps),
              "--base-mib", str(p.guest_base_bytes // MiB), "--runtime", str(p.guest_runtime_s),
              "--files", str(p.files), "--tree-mb", str(p.tree_bytes / 1e6),
              "--seed", str(p.seed), "--tree", str(share / "tree.tar")]
@@ -472,8 +473,10 @@ def run_guest(run: Run) -> None:
     deadline = GUEST_DEADLINE_QUICK_S if p.quick else GUEST_DEADLINE_S
     t0 = time.monotonic()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # Its own process group: vng's qemu goes with it when the guest has to be killed.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+                            stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                            start_new_session=True)
     lines: list[str] = []
 
     def echo() -> None:
@@ -491,8 +494,9 @@ def run_guest(run: Run) -> None:
     except subprocess.TimeoutExpired:
         killed = True
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # vng and its qemu (only ours: our group)
         if proc.poll() is None:
-            proc.kill()  # vng's qemu: the guest dies with it
             proc.wait()
     reader.join(10)
     doc_path = share / "guest.json"
@@ -607,7 +611,7 @@ def params(args: argparse.Namespace) -> Params:
     return Params(
         quick=q, reps=args.reps or (1 if q else 3),
         base_bytes=(args.base_mib or (64 if q else 1024)) * MiB,
-        runtime_s=args.runtime or (0.5 if q else 2.0),
+        runtime_s=args.runtime or (0.5 if q else 1.5),
         jobs=[n for n in FIO_JOBS if not (q and n.endswith("-qd1") and "4k" in n)],
         verify_bytes=(16 if q else 128) * MiB,
         scaling=[1, 4] if q else [1, 2, 4, 8, 16],
@@ -615,7 +619,8 @@ def params(args: argparse.Namespace) -> Params:
         files=args.files, tree_bytes=int(args.tree_mb * 1e6), seed=args.seed,
         drop_caches=not args.no_drop_caches, guest=not args.no_guest,
         guest_base_bytes=(args.guest_base_mib or (48 if q else 128)) * MiB,
-        guest_runtime_s=args.guest_runtime or (0.5 if q else 1.5))
+        guest_runtime_s=args.guest_runtime or (0.5 if q else 1.5),
+        guest_reps=args.guest_reps)
 
 
 def host_paths_available(run: Run) -> list[str]:
@@ -731,7 +736,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (3, quick 1)")
     ap.add_argument("--base-mib", type=int, default=None, help="disk size (1024, quick 64)")
     ap.add_argument("--runtime", type=float, default=None,
-                    help="seconds at most per fio job (2, quick 0.5)")
+                    help="seconds at most per fio job (1.5, quick 0.5)")
     ap.add_argument("--files", type=int, default=2000, help="files in the copied tree")
     ap.add_argument("--tree-mb", type=float, default=20.0, help="the tree's size, MB")
     ap.add_argument("--seed", type=int, default=2006)
@@ -743,6 +748,8 @@ def main() -> int:
                     "reported as not run")
     ap.add_argument("--guest-base-mib", type=int, default=None,
                     help="the guest's disk size (128, quick 48; the guest holds it in RAM)")
+    ap.add_argument("--guest-reps", type=int, default=1,
+                    help="repetitions in the guest (1: under TCG a fio job takes ~20 s)")
     ap.add_argument("--guest-runtime", type=float, default=None,
                     help="seconds at most per fio job in the guest (1.5, quick 0.5)")
     ap.add_argument("--dir", default="/var/tmp", help="where to make the work dir")
