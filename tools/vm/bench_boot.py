@@ -73,30 +73,40 @@ def _cpu_model() -> str:
 
 
 def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
-    d = work / f"{path}-{rep}"
-    d.mkdir()
-    shutil.copyfile(work / "initramfs.img", d / "initramfs.img")
+    """One first boot on a fresh disk over ``base`` through ``path`` (one of PATHS).  The disk
+    is made beside the base (cowd refuses a backing file outside the overlay's directory
+    tree) and removed afterwards; initramfs.img must be beside the base (tools/mkbase puts it
+    there).  tools/bench.py calls this too: keep the keys it reads (seconds, qemu_seconds,
+    wall_seconds, loadavg)."""
+    if path not in PATHS:
+        raise boot.BootError(f"bench_boot: unknown path {path!r} (expected one of {PATHS})")
+    where = base.parent
     if path == "raw":
-        disk = d / "disk.img"
+        disk = where / f"raw-{rep}.img"
         shutil.copyfile(base, disk)
         via = "qemu"
     else:
-        disk = d / "vm.qcow2"
+        disk = where / f"{path}-{rep}.qcow2"
+        disk.unlink(missing_ok=True)
         subprocess.run([*boot.cowd_command(), "create", "--base", str(base), "--overlay",
                         "qcow", "-o", str(disk)], check=True, capture_output=True)
         via = {"qemu-qcow2": "qemu", "nbd": "nbd", "fuse": "fuse"}[path]
-    plan = boot.BootPlan(images=[disk], via=via, run_dir=d / "run")
+    run_dir = work / f"{path}-{rep}.run"
+    plan = boot.BootPlan(images=[disk], via=via, run_dir=run_dir,
+                         initrd=where / "initramfs.img")
     start = time.monotonic()
-    [res] = boot.run_plan(plan)
-    wall = time.monotonic() - start
+    try:
+        [res] = boot.run_plan(plan)
+    finally:
+        wall = time.monotonic() - start
+        disk.unlink(missing_ok=True)
     if not res.ok:
         tail = "\n".join(res.console.splitlines()[-20:])
         raise boot.BootError(f"{path} repetition {rep}: {res.reason}\n{tail}")
-    shutil.rmtree(d)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return {"path": path, "rep": rep, "seconds": res.seconds,
             "qemu_seconds": res.total_seconds, "wall_seconds": wall,
-            "qemu_cpu_seconds": res.qemu_cpu_seconds,
-            "loadavg": os.getloadavg()[0]}
+            "qemu_cpu_seconds": res.qemu_cpu_seconds, "loadavg": os.getloadavg()[0]}
 
 
 def summarize(boots: list[dict[str, Any]], reps: int) -> list[dict[str, Any]]:
