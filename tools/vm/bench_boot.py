@@ -101,8 +101,14 @@ def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
         wall = time.monotonic() - start
         disk.unlink(missing_ok=True)
     if not res.ok:
+        # the work dir goes with the run: keep the whole console where the error says
+        fd, saved = tempfile.mkstemp(prefix=f"cowd-boot-failed-{path}-{rep}-",
+                                     suffix=".console.txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(res.console)
         tail = "\n".join(res.console.splitlines()[-20:])
-        raise boot.BootError(f"{path} repetition {rep}: {res.reason}\n{tail}")
+        raise boot.BootError(f"{path} repetition {rep}: {res.reason} (console: {saved})\n"
+                             f"{tail}")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"path": path, "rep": rep, "seconds": res.seconds,
             "qemu_seconds": res.total_seconds, "wall_seconds": wall,
