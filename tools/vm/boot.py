@@ -15,14 +15,17 @@ Where the root disk comes from (``via``):
 - ``fuse``: ``cowd attach IMAGE --via fuse`` prints /dev/loopN (a loop device on the daemon's
   FUSE file); qemu opens it as a raw disk; ``cowd detach`` afterwards.
 - ``kmod``: the same as ``fuse`` with ``cowd attach --via kmod`` (/dev/cowdN, the kernel
-  shim).  This is the hook for issue 5: it calls the real command, which today refuses with
-  a one-line reason; nothing here imitates the shim.
+  shim).  This is the hook for issue 5: it calls the real command, which refuses with a
+  one-line reason where /dev/cowd-control is absent (the host kernel loads no modules);
+  where the shim is loaded (a virtme-ng guest that insmod'ed it) the same call boots from
+  /dev/cowdN.  Nothing here imitates the shim.
 - ``qemu``: no cowd at all; qemu opens the image itself (the overlay as a qcow2, proof that it
   is a standard file; or a raw base copy, the baseline of the boot benchmark).
 
 Invariants: every process this module starts is its own child, stopped by pid in a
 ``finally`` (qemu: SIGKILL after the deadline; ``cowd serve``: SIGTERM, which flushes and
-closes the disks, SIGKILL only if it does not exit in time).  Every cowd daemon runs in the
+closes the disks, SIGKILL only if it does not exit in time); the daemon ``cowd attach``
+starts is not, and goes by itself after the last ``cowd detach``.  Every cowd daemon runs in the
 caller's run dir (never /run/cowd), and each qemu writes its pid to ``RUN/qemu-*.pid`` so a
 test's teardown can find one whose parent died.
 """
