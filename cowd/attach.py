@@ -76,6 +76,7 @@ from .control import DaemonUnavailable
 from .disk import Disk
 from .errors import RequestError, UsageError
 from .fuse import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
+from .kmodfront import KmodDevice, module_problem, remove_device
 
 log = logging.getLogger("cowd.attach")
 
@@ -87,9 +88,6 @@ FUSE_DIR = "fuse"
 STATE_FILE = "attached.json"
 START_LOCK = "start.lock"
 
-# The kernel shim's control device (issue 5: kmod/); attach through it is not built yet.
-KMOD_CONTROL = "/dev/cowd-control"
-KMOD_ISSUE = 5
 
 # How long the CLI waits for a daemon it started to answer on its control socket.
 START_TIMEOUT_S = 30.0
@@ -406,10 +404,10 @@ FRONTENDS = ("kmod", "nbd", "fuse")
 
 
 def kmod_problem() -> str | None:
-    if not os.path.exists(KMOD_CONTROL):
-        return (f"the kernel shim is not available yet ({KMOD_CONTROL} absent; "
-                f"issue {KMOD_ISSUE})")
-    return f"attaching through the kernel shim is not built yet (issue {KMOD_ISSUE})"
+    """Why `--via kmod` cannot work here (after trying to load the module), or None."""
+    if os.geteuid() != 0:
+        return "the kernel shim needs root"
+    return module_problem()
 
 
 def nbd_problem() -> str | None:
@@ -481,12 +479,13 @@ class Cleanup:
     """What :func:`cleanup_stale` did."""
 
     loops: list[tuple[str, str, bool]] = field(default_factory=list)  # (device, name, was busy)
+    kmod: list[tuple[str, str, str]] = field(default_factory=list)  # (device, image, outcome)
     unmounted: int = 0
     socket_removed: bool = False
     state: list[dict[str, Any]] = field(default_factory=list)  # the dead daemon's records
 
     def __bool__(self) -> bool:
-        return bool(self.loops or self.unmounted or self.socket_removed)
+        return bool(self.loops or self.kmod or self.unmounted or self.socket_removed)
 
     def lines(self, run: RunDir) -> list[str]:
         out = []
@@ -498,11 +497,29 @@ class Cleanup:
                            "goes away when that is unmounted")
             else:
                 out.append(f"detached {what}")
+        for dev, image, outcome in self.kmod:
+            out.append(f"{outcome} {dev} ({image})")
         if self.unmounted:
             out.append(f"unmounted the dead FUSE mount {run.fuse_dir}")
         if self.socket_removed:
             out.append(f"removed the stale control socket {run.control}")
         return out
+
+
+def _remove_stale_kmod(done: Cleanup) -> None:
+    for rec in done.state:
+        index = rec.get("index")
+        if rec.get("frontend") != "kmod" or not isinstance(index, int):
+            continue
+        dev = f"/dev/cowd{index}"
+        if not os.path.exists(dev):
+            continue
+        try:
+            remove_device(index)
+            outcome = "removed"
+        except (UsageError, RequestError) as e:
+            outcome = f"could not remove ({e}):"
+        done.kmod.append((dev, str(rec.get("image")), outcome))
 
 
 def _exists(path: str) -> bool:
@@ -522,10 +539,14 @@ async def _mount_is_dead(path: str) -> bool:
     return False  # a live mount that does not answer
 
 
-async def cleanup_stale(run: RunDir) -> Cleanup:
+async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
     """Undo what a dead daemon left in ``run``.  The caller owns the pid file (so no live
-    daemon serves ``run``); anything that does not look like a dead cowd's is refused."""
+    daemon serves ``run``); anything that does not look like a dead cowd's is refused.
+    Kernel-shim devices are removed unless in use, or, with ``keep_kmod`` (a new daemon
+    starting, which takes them over), left alone."""
     done = Cleanup(state=read_state(run))
+    if not keep_kmod:
+        _remove_stale_kmod(done)
     fuse_dir = run.fuse_dir
     await trio.lowlevel.checkpoint()
     mounts = mounts_at(fuse_dir)
@@ -575,11 +596,15 @@ class Attachment:
     backing: tuple[int, int]  # (st_dev, st_ino) of the file the loop device reads
     readonly: bool
     attached_at: float = field(default_factory=time.time)
+    kmod: KmodDevice | None = None  # frontend "kmod": /dev/cowdN and its channel
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "image": self.image, "device": self.device,
-                "frontend": self.frontend, "readonly": self.readonly, "file": self.file,
-                "attached_at": round(self.attached_at, 3)}
+        rec = {"name": self.name, "image": self.image, "device": self.device,
+               "frontend": self.frontend, "readonly": self.readonly, "file": self.file,
+               "attached_at": round(self.attached_at, 3)}
+        if self.kmod is not None:
+            rec["index"] = self.kmod.index
+        return rec
 
 
 OpenDisk = Callable[[str, bool], Awaitable[Disk]]
@@ -612,6 +637,7 @@ class Attacher:
         self.accepting = True
         self.op_lock = trio.Lock()
         stack.push_async_callback(self._close_all)
+        stack.push_async_callback(self._detach_all_kmod)  # before the disks close
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -679,19 +705,23 @@ class Attacher:
         readonly = bool(req.get("readonly", False))
         if not isinstance(image, str) or not os.path.isabs(image):
             raise UsageError(f"attach: the image must be an absolute path (image={image!r})")
-        if via != "fuse":
-            raise UsageError(f"attach: this daemon attaches through fuse only (via={via!r})")
+        if via not in ("fuse", "kmod"):
+            raise UsageError(f"attach: this daemon attaches through fuse or kmod (via={via!r})")
         async with self.op_lock:
             if not self.accepting:
                 raise DaemonUnavailable("the daemon is shutting down")
             with trio.CancelScope(shield=True):
                 try:
-                    att = await self._attach(image, readonly)
+                    if via == "kmod":
+                        att = await self._attach_kmod(image, readonly)
+                    else:
+                        att = await self._attach(image, readonly)
                 finally:
                     self.after_change()
         return {"attached": att.record()}
 
-    async def _attach(self, image: str, readonly: bool) -> Attachment:
+    async def _check_new(self, image: str) -> str:
+        """The image's real path, if attaching it is allowed."""
         # In a thread: a path into our own FUSE mount would need this thread to answer.
         real = await trio.to_thread.run_sync(os.path.realpath, image)
         if real == self.run.fuse_dir or real.startswith(self.run.fuse_dir + "/"):
@@ -700,6 +730,70 @@ class Attacher:
         for a in self.attachments.values():
             if a.realpath == real:
                 raise UsageError(f"{image}: already attached as {a.device}")
+        return real
+
+    async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1
+                           ) -> Attachment:
+        """Attach through the kernel shim: /dev/cowdN, its channel served in the daemon's
+        nursery, the kernel's remap table primed.  ``take_over``: the index of a device a
+        dead daemon left, to serve again instead of creating one."""
+        real = await self._check_new(image)
+        problem = await trio.to_thread.run_sync(module_problem)
+        if problem is not None:
+            raise UsageError(f"--via kmod: {problem}")
+        name = self._name_for(image)
+        disk = await self.open_disk(image, readonly)
+        try:
+            if take_over >= 0:
+                kdev = KmodDevice.take_over(disk, take_over)
+            else:
+                kdev = KmodDevice.create(disk)
+            try:
+                await self.nursery.start(kdev.serve)
+                await kdev.prime()
+                if take_over < 0:
+                    await kdev.rescan_partitions()
+                rdev = (await trio.to_thread.run_sync(os.stat, kdev.device)).st_rdev
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    kdev.remove(force=True)
+                kdev.close()
+                raise
+        except BaseException:
+            await disk.close()
+            raise
+        att = Attachment(name, image, real, disk, "kmod", "", kdev.device, rdev, (0, 0),
+                         disk.readonly, kmod=kdev)
+        self.attachments[name] = att
+        self._save()
+        log.info("attached %s as %s (via kmod%s; %d remaps primed in %.3f s)", image,
+                 kdev.device, ", taken over" if take_over >= 0 else "", kdev.primed_entries,
+                 kdev.prime_seconds or 0.0)
+        return att
+
+    async def take_over(self, records: list[dict[str, Any]]) -> list[str]:
+        """Serve again the kernel-shim devices a dead daemon of this run dir left (their
+        waiting requests resume).  Returns one line per device taken over or given up."""
+        lines = []
+        for rec in records:
+            index, image = rec.get("index"), rec.get("image")
+            if rec.get("frontend") != "kmod" or not isinstance(index, int) or \
+                    not isinstance(image, str):
+                continue
+            dev = f"/dev/cowd{index}"
+            if not _exists(dev):
+                continue
+            try:
+                async with self.op_lock:
+                    await self._attach_kmod(image, bool(rec.get("readonly")), take_over=index)
+                lines.append(f"took over {dev} ({image})")
+            except (UsageError, RequestError, OSError) as e:
+                lines.append(f"could not take over {dev} ({image}): {e}")
+                log.warning("could not take over %s (%s): %s", dev, image, e)
+        return lines
+
+    async def _attach(self, image: str, readonly: bool) -> Attachment:
+        real = await self._check_new(image)
         name = self._name_for(image)
         disk = await self.open_disk(image, readonly)
         try:
@@ -757,6 +851,9 @@ class Attacher:
         return {"detached": att.record(), "exiting": exiting}
 
     async def _detach(self, att: Attachment) -> None:
+        if att.kmod is not None:
+            await self._detach_kmod(att, att.kmod)
+            return
         fe = self.fuse
         assert fe is not None
         info = await self._ours(att)
@@ -780,12 +877,27 @@ class Attacher:
         finally:
             log.info("detached %s (%s)", att.device, att.image)
 
+    async def _detach_kmod(self, att: Attachment, kdev: KmodDevice) -> None:
+        await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
+        kdev.close()
+        if not att.disk.readonly:
+            await att.disk.flush()  # the kernel's writes sit in the files' page cache
+        del self.attachments[att.name]
+        self._save()
+        try:
+            await att.disk.close()
+        finally:
+            log.info("detached %s (%s)", att.device, att.image)
+
     def entries(self) -> list[dict[str, Any]]:
         out = []
         for a in self.attachments.values():
             d = a.disk
-            out.append({**a.record(), "size": d.size, "remap": d.counters.as_dict(),
-                        "ops": d.stats()["ops"]})
+            e = {**a.record(), "size": d.size, "remap": d.counters.as_dict(),
+                 "ops": d.stats()["ops"]}
+            if a.kmod is not None:
+                e["kmod"] = a.kmod.stats()
+            out.append(e)
         return out
 
     async def list_disks(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -804,6 +916,8 @@ class Attacher:
         with trio.CancelScope(shield=True):
             self.accepting = False
             for att in list(self.attachments.values()):
+                if att.kmod is not None:
+                    continue  # _detach_all_kmod
                 try:
                     info = await self._ours(att)
                     if info is None:
@@ -816,8 +930,25 @@ class Attacher:
                 except (OSError, UsageError) as e:
                     log.error("%s: %s", att.device, e)
             for att in list(self.attachments.values()):
-                if not await self._released(att.name, RELEASE_TIMEOUT_S / 2):
+                if att.kmod is None and not await self._released(att.name,
+                                                                 RELEASE_TIMEOUT_S / 2):
                     break  # the frontend's close waits and aborts what stays open
+
+    async def _detach_all_kmod(self) -> None:
+        """At shutdown, remove each kernel-shim device that nothing has open; leave the others
+        for a new daemon to take over (their requests wait, then fail after the kernel's
+        timeout)."""
+        await trio.lowlevel.checkpoint()
+        self.accepting = False
+        for att in list(self.attachments.values()):
+            kdev = att.kmod
+            if kdev is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(kdev.remove)
+            except (UsageError, RequestError) as e:
+                log.warning("%s: left for a new daemon to take over (%s)", att.device, e)
+            kdev.close()
 
     async def _close_all(self) -> None:
         with trio.CancelScope(shield=True):
@@ -977,6 +1108,9 @@ def matches(done: Cleanup, req: dict[str, Any]) -> bool:
                 os.path.realpath(image) == req["image"]:
             return True
         if req["target"] in (name, dev):
+            return True
+    for dev, image, _outcome in done.kmod:
+        if req["target"] == dev or req.get("image") == os.path.realpath(image):
             return True
     return False
 

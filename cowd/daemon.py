@@ -146,6 +146,8 @@ class Daemon:
         if self.attacher is not None:
             for name, a in self.attacher.attachments.items():
                 disks[name] = {**a.disk.stats(), "frontend": a.frontend, "device": a.device}
+                if a.kmod is not None:
+                    disks[name]["kmod"] = a.kmod.stats()
             if self.attacher.fuse is not None:
                 fuse = self.attacher.fuse.stats()
         return {
@@ -261,7 +263,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
     async with contextlib.AsyncExitStack() as stack:
         pid = await take_run_dir(run, config.pid_wait_s)
         stack.callback(pid.release)  # runs last
-        done = await cleanup_stale(run)
+        done = await cleanup_stale(run, keep_kmod=True)
         for kind, addr, _ in addresses:
             if kind == "unix":
                 control.clear_stale_socket(addr)
@@ -275,6 +277,9 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         attacher = Attacher(run, stack, services, daemon.open_disk, daemon.name_taken,
                             daemon.after_change)
         daemon.attacher = attacher
+        for line in await attacher.take_over(done.state):
+            log.info("after a dead daemon: %s", line)
+            daemon.cleanup.append(line)
         for path in config.images:
             await daemon.add_disk(path)
 

@@ -1151,9 +1151,16 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 		err = -EFAULT;
 		goto out_chan;
 	}
+	/*
+	 * No partition scan inside add_disk(): its reads would be misses that the daemon, blocked
+	 * in this ioctl, cannot answer.  Partitions are enabled once the disk is live; the daemon
+	 * asks for the scan (BLKRRPART) when it serves the channel.
+	 */
+	disk->flags |= GENHD_FL_NO_PART;
 	err = add_disk(disk);
 	if (err)
 		goto out_chan;
+	disk->flags &= ~GENHD_FL_NO_PART;
 	fd_install(fd, chan);
 	return 0;
 

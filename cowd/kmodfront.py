@@ -1,0 +1,514 @@
+"""Layer: cowd frontend for the kernel shim (kmod/): /dev/cowdN, mapped I/O in the kernel.
+
+The kernel keeps a remap table and serves every request whose clusters it can map; this module
+answers the rest.  It speaks the channel of ``kmod/cowd_uapi.h`` (mirrored in
+:mod:`cowd.kmod_abi`) under trio: misses in, REMAP / INVALIDATE / REPLY messages out.
+
+Theory of operation
+-------------------
+*Remaps.*  The device's cluster (the remap granularity, ``G``) is the smallest cluster of any
+layer of the chain, so one guest cluster of ``G`` bytes always lives in one contiguous run of
+one file.  :meth:`KmodDevice._remaps` turns the disk's planned segments into REMAP runs: DATA in
+one file with contiguous file offsets (writable when the top layer owns it), or ZERO (a zero
+cluster, or nothing in any layer).  Clusters it cannot express (a compressed cluster, a
+cluster cut by a shorter parent's end) get no remap; reads of them are answered with the data.
+
+*Misses.*  A READ miss pushes remaps for its clusters and ``READAHEAD_CLUSTERS`` more, then
+REPLY RETRY (the kernel looks up again), or REPLY DATA with the bytes when a cluster could not
+be remapped.  A WRITE miss allocates the clusters in the top layer (copy-up from the parents,
+:meth:`Disk.allocate`), pushes writable remaps and replies RETRY; the kernel then writes in
+place.  DISCARD and WRITE_ZEROES are done by the daemon, which invalidates the touched clusters
+before it replies DONE; FLUSH makes the disk durable (data, then the metadata that reaches it)
+before DONE.  At attach, :meth:`prime` pushes the whole disk's remaps, up to the kernel's bound.
+
+*Ordering.*  Each handler computes its messages from the disk's state and appends them to one
+outgoing buffer in the same synchronous step (no await in between), and the buffer goes to the
+kernel in order: a remap computed after an allocation always lands after the remap computed
+before it, so a stale read-only remap never overwrites a writable one.
+
+*Daemon death.*  If the daemon dies, the kernel keeps the device and its waiting requests
+(``daemon_timeout_ms``); a new daemon takes it over with :meth:`KmodDevice.take_over` (the
+kernel first forgets every remap: the dead daemon's unflushed allocations are not in the image
+the new one reads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from formats.base import HostFile, Kind
+
+from . import kmod_abi as abi
+from .disk import Disk, DiskError
+from .errors import UsageError
+
+log = logging.getLogger("cowd.kmod")
+
+# Misses read from the channel per read() (the kernel returns at most 256).
+READ_BATCH = 256
+# Clusters past a READ miss whose remaps go to the kernel with the answer.
+READAHEAD_CLUSTERS = 64
+# How much of the disk one priming step resolves.
+PRIME_CHUNK_BYTES = 64 << 20
+# The kernel's remap table: entries (64 B each in the kernel) and how long its misses wait for
+# a new daemon after this one dies.
+DEFAULT_MAX_ENTRIES = 1 << 20
+DEFAULT_DAEMON_TIMEOUT_MS = 30_000
+# Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
+MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
+DEFAULT_GRANULE_BYTES = 64 << 10
+# Where `make -C kmod` leaves the module, relative to this package.
+MODULE_PATH = Path(__file__).resolve().parents[1] / "kmod" / "cowd.ko"
+MODULE_WAIT_S = 10.0
+BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
+
+
+# ---- the module and its control device --------------------------------------------------------
+
+def module_problem() -> str | None:
+    """Why ``--via kmod`` cannot work here (after trying to load the module), or None."""
+    if os.path.exists(abi.CTL_PATH):
+        return None
+    err = load_module()
+    if err is not None:
+        return err
+    return None if os.path.exists(abi.CTL_PATH) else f"{abi.CTL_PATH} did not appear"
+
+
+def load_module() -> str | None:
+    """Load the shim: ``modprobe cowd`` if installed, else ``insmod`` of the module built in
+    this checkout (``make -C kmod``).  Returns why it failed, or None."""
+    release = os.uname().release
+    modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
+    if modprobe is not None:
+        p = subprocess.run([modprobe, "-q", "cowd"], capture_output=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+        if p.returncode == 0:
+            return _wait_for_ctl()
+    if not MODULE_PATH.exists():
+        return (f"the kernel shim is not loaded and not built ({MODULE_PATH} absent; "
+                f"run `make -C kmod` against the headers of {release})")
+    insmod = shutil.which("insmod") or shutil.which("insmod", path="/sbin:/usr/sbin")
+    modinfo = shutil.which("modinfo") or shutil.which("modinfo", path="/sbin:/usr/sbin")
+    if insmod is None or modinfo is None:
+        return "insmod/modinfo not found (Debian package kmod)"
+    p = subprocess.run([modinfo, "-F", "vermagic", str(MODULE_PATH)], capture_output=True,
+                       timeout=30, stdin=subprocess.DEVNULL)
+    built_for = (p.stdout.decode(errors="replace").split() or ["?"])[0]
+    if built_for != release:
+        return (f"{MODULE_PATH} is built for kernel {built_for}; this kernel is {release} "
+                f"(and cannot load it: run `make -C kmod KVER={release}` with its headers)")
+    p = subprocess.run([insmod, str(MODULE_PATH)], capture_output=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        msg = p.stderr.decode(errors="replace").strip().splitlines()
+        why = msg[-1] if msg else f"exit status {p.returncode}"
+        return f"insmod {MODULE_PATH} failed on kernel {release}: {why}"
+    return _wait_for_ctl()
+
+
+def _wait_for_ctl() -> str | None:
+    deadline = time.monotonic() + MODULE_WAIT_S
+    while not os.path.exists(abi.CTL_PATH):
+        if time.monotonic() > deadline:
+            return f"module loaded but {abi.CTL_PATH} did not appear in {MODULE_WAIT_S:g} s"
+        time.sleep(0.05)
+    return None
+
+
+def _ioctl(fd: int, request: int, arg: ctypes.Structure, what: str) -> None:
+    try:
+        fcntl.ioctl(fd, request, arg, True)
+    except OSError as e:
+        raise DiskError(e.errno or errno.EIO, f"{abi.CTL_PATH}: {what}: {e.strerror}") from e
+
+
+def _ctl_call(request: int, arg: ctypes.Structure, what: str) -> None:
+    fd = os.open(abi.CTL_PATH, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _ioctl(fd, request, arg, what)
+    finally:
+        os.close(fd)
+
+
+def module_version() -> tuple[int, int, str]:
+    """(ABI version, feature bits, module version) of the loaded shim."""
+    v = abi.Version(size=ctypes.sizeof(abi.Version), version=abi.ABI_VERSION)
+    _ctl_call(abi.CTL_VERSION, v, "version")
+    return v.abi_version, v.features, v.module_version.decode()
+
+
+def remove_device(index: int, force: bool = False) -> None:
+    r = abi.Remove(size=ctypes.sizeof(abi.Remove), version=abi.ABI_VERSION, index=index,
+                   flags=abi.REMOVE_FORCE if force else 0)
+    try:
+        _ctl_call(abi.CTL_REMOVE, r, f"remove cowd{index}")
+    except DiskError as e:
+        if e.errno == errno.EBUSY:
+            raise UsageError(f"/dev/cowd{index}: in use (a mounted file system?); "
+                             "unmount it first") from e
+        raise
+
+
+# ---- turning segments into remaps -------------------------------------------------------------
+
+def granule_for(disk: Disk) -> int:
+    """The remap granularity: the smallest cluster in the chain (whole clusters of every layer
+    are contiguous in their file), at least 512 B and at most 2 MiB."""
+    sizes = [layer.image.cluster_size for layer in disk.layers if layer.image.cluster_size > 0]
+    g = min(sizes) if sizes else DEFAULT_GRANULE_BYTES
+    return max(512, min(g, MAX_GRANULE_BYTES))
+
+
+def chain_files(disk: Disk) -> list[HostFile]:
+    """Every host file of the chain that can hold data, the writable ones first."""
+    seen: dict[int, HostFile] = {}
+    for layer in disk.layers:
+        for name in ("data_file", "file"):
+            f = getattr(layer.image, name, None)
+            if isinstance(f, HostFile) and f.fd >= 0 and id(f) not in seen:
+                seen[id(f)] = f
+    files = list(seen.values())
+    files.sort(key=lambda f: not f.writable)
+    if len(files) > abi.MAX_FILES:
+        raise UsageError(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
+                         f"takes at most {abi.MAX_FILES} (files={len(files)})")
+    return files
+
+
+def _fresh_fds(files: list[HostFile], readonly: bool) -> list[int]:
+    """New open file descriptions of ``files`` for the kernel to keep.  Not the daemon's own:
+    its image locks (qemu's OFD byte locks, cowd/imagelock.py) live on those, and a lock on a
+    description the kernel holds would outlive a killed daemon and lock out the next one."""
+    fds: list[int] = []
+    try:
+        for f in files:
+            mode = os.O_RDWR if f.writable and not readonly else os.O_RDONLY
+            fds.append(os.open(f"/proc/self/fd/{f.fd}", mode | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+class KmodDevice:
+    """One /dev/cowdN and its channel; see the module docstring."""
+
+    def __init__(self, disk: Disk, index: int, chan_fd: int, granule: int,
+                 files: list[HostFile]):
+        self.disk = disk
+        self.index = index
+        self.device = f"/dev/{abi.DISK_NAME}{index}"
+        self.granule = granule
+        self._chan = chan_fd
+        self._files = files
+        self._file_index = {id(f): i for i, f in enumerate(files)}
+        self._out: list[bytes] = []
+        self._wake = trio.Event()
+        self._closed = False
+        self.prime_seconds: float | None = None
+        self.primed_entries = 0
+        self.ops = {k: 0 for k in ("misses", "read_misses", "write_misses", "flushes",
+                                   "discards", "write_zeroes", "data_replies", "error_replies",
+                                   "remaps_sent", "rejected")}
+
+    # -- creation --------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, disk: Disk, *, max_entries: int = DEFAULT_MAX_ENTRIES,
+               daemon_timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS) -> KmodDevice:
+        files = chain_files(disk)
+        g = granule_for(disk)
+        c = abi.Create(size=ctypes.sizeof(abi.Create), version=abi.ABI_VERSION)
+        c.flags = abi.CREATE_READONLY if disk.readonly else 0
+        c.disk_size = -(-disk.size // 512) * 512
+        if c.disk_size != disk.size:
+            raise UsageError(f"{disk.path}: the kernel shim needs a size in whole 512-byte "
+                             f"sectors (size={disk.size})")
+        c.logical_block_size = 512
+        c.cluster_bits = g.bit_length() - 1
+        c.max_entries = min(max_entries, abi.MAX_ENTRIES)
+        c.daemon_timeout_ms = daemon_timeout_ms
+        c.nr_files = len(files)
+        fds = _fresh_fds(files, disk.readonly)
+        try:
+            for i, f in enumerate(files):
+                c.fds[i] = fds[i]
+                c.file_flags[i] = abi.FILE_WRITABLE if f.writable and not disk.readonly else 0
+            _ctl_call(abi.CTL_CREATE, c, f"create a device for {disk.path}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        log.info("%s: /dev/cowd%d (cluster %d B, %d files)", disk.path, c.index, g, len(files))
+        return cls(disk, c.index, c.channel_fd, g, files)
+
+    @classmethod
+    def take_over(cls, disk: Disk, index: int) -> KmodDevice:
+        """Serve /dev/cowd``index``, whose daemon died, for ``disk`` (the same image)."""
+        files = chain_files(disk)
+        g = granule_for(disk)
+        r = abi.Reopen(size=ctypes.sizeof(abi.Reopen), version=abi.ABI_VERSION, index=index)
+        _ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
+        if r.disk_size != disk.size or 1 << r.cluster_bits != g or r.nr_files != len(files):
+            os.close(r.channel_fd)
+            raise UsageError(f"/dev/cowd{index}: does not serve {disk.path} (size="
+                             f"{r.disk_size}, cluster_bits={r.cluster_bits}, files={r.nr_files})")
+        log.info("%s: took over /dev/cowd%d", disk.path, index)
+        return cls(disk, index, r.channel_fd, g, files)
+
+    async def rescan_partitions(self) -> None:
+        """Ask the kernel to read the partition table (BLKRRPART).  In a thread: the kernel's
+        reads may be misses this daemon answers."""
+        def rescan() -> None:
+            fd = os.open(self.device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, BLKRRPART)
+            except OSError as e:
+                log.warning("%s: partition scan failed: %s", self.device, e.strerror)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(rescan)
+
+    def close(self) -> None:
+        """Close the channel (the device stays, orphaned, until removed or taken over)."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._chan)
+            os.close(self._chan)
+
+    def remove(self, force: bool = False) -> None:
+        remove_device(self.index, force)
+
+    def kernel_stats(self) -> dict[str, int]:
+        st = abi.Stats(size=ctypes.sizeof(abi.Stats), version=abi.ABI_VERSION)
+        if self._closed:
+            return {}
+        _ioctl(self._chan, abi.CHAN_STATS, st, f"stats of cowd{self.index}")
+        return {name: int(getattr(st, name)) for name in abi.STATS_FIELDS}
+
+    def stats(self) -> dict[str, Any]:
+        return {"device": self.device, "granule": self.granule, "ops": dict(self.ops),
+                "prime_seconds": self.prime_seconds, "primed_entries": self.primed_entries,
+                "kernel": self.kernel_stats()}
+
+    # -- remaps ----------------------------------------------------------------------------
+
+    def _remaps(self, segs: list[tuple[int, int, int, Any]], start: int, end: int,
+                writable_only: bool = False) -> tuple[list[bytes], int]:
+        """REMAP messages for the whole clusters of [start, end) that ``segs`` (covering at
+        least that range) can express; also the bytes of [start, end) they cover."""
+        g = self.granule
+        size = self.disk.size
+        out: list[bytes] = []
+        covered = 0
+        # runs: (guest_start, guest_end, file index or -1 for zero, file offset, flags)
+        run: list[int] | None = None
+        runs: list[list[int]] = []
+        for gofs, n, depth, ext in segs:
+            if ext.kind is Kind.DATA and ext.file is not None:
+                fi = self._file_index.get(id(ext.file), -2)
+                if fi < 0:
+                    run = None
+                    continue
+                fo = ext.file_offset + (gofs - ext.guest_offset)
+                flags = abi.REMAP_WRITABLE if depth == 0 and ext.writable and \
+                    not self.disk.readonly else 0
+            elif ext.kind is Kind.ZERO:
+                fi, fo, flags = -1, 0, abi.REMAP_ZERO
+            else:
+                run = None
+                continue
+            if run is not None and run[1] == gofs and run[2] == fi and run[4] == flags and \
+                    (fi < 0 or run[3] + (run[1] - run[0]) == fo):
+                run[1] = gofs + n
+                continue
+            run = [gofs, gofs + n, fi, fo, flags]
+            runs.append(run)
+        for rs, re_, fi, fo, flags in runs:
+            cs = -(-max(rs, start) // g) * g
+            ce = min(re_, end) // g * g
+            if min(re_, end) == size:
+                ce = -(-size // g) * g  # the last, partial cluster
+            if ce <= cs:
+                continue
+            if writable_only and not flags & abi.REMAP_WRITABLE:
+                continue
+            if fi < 0:
+                out.append(abi.pack_remap(0, flags, cs, ce - cs, 0))
+            else:
+                out.append(abi.pack_remap(fi, flags, cs, ce - cs, fo + (cs - rs)))
+            covered += min(ce, end) - cs
+        return out, covered
+
+    def _aligned(self, offset: int, length: int, ahead: int = 0) -> tuple[int, int]:
+        g = self.granule
+        start = offset // g * g
+        end = min(self.disk.size, -(-(offset + length) // g) * g + ahead * g)
+        return start, end
+
+    async def prime(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> int:
+        """Push remaps for the disk from the start, up to ``max_entries`` clusters."""
+        t0 = time.monotonic()
+        pushed = 0
+        pos = 0
+        size = self.disk.size
+        g = self.granule
+        while pos < size and pushed < max_entries:
+            end = min(size, pos + PRIME_CHUNK_BYTES, pos + (max_entries - pushed) * g)
+            segs = await self.disk.segments(pos, end - pos)
+            msgs, covered = self._remaps(segs, pos, end)
+            self._send(msgs)
+            pushed += -(-covered // g)
+            pos = end
+            await self._flush_out()
+        self.prime_seconds = time.monotonic() - t0
+        self.primed_entries = pushed
+        return pushed
+
+    # -- the channel -----------------------------------------------------------------------
+
+    def _send(self, msgs: list[bytes]) -> None:
+        if msgs:
+            self._out.extend(msgs)
+            self.ops["remaps_sent"] += sum(1 for m in msgs if len(m) == abi.REMAP.size and
+                                           m[4] == abi.MSG_REMAP)
+            self._wake.set()
+
+    async def _flush_out(self) -> None:
+        """Write the outgoing messages in order.  A message the kernel rejects is logged and
+        skipped (say, a reply to a request that its timeout already failed)."""
+        while self._out and not self._closed:
+            buf = b"".join(self._out)
+            self._out.clear()
+            view = memoryview(buf)
+            while view:
+                try:
+                    n = os.write(self._chan, view)
+                except OSError as e:
+                    size = abi.HDR.unpack_from(view)[0]
+                    mtype = abi.HDR.unpack_from(view)[1]
+                    self.ops["rejected"] += 1
+                    level = logging.DEBUG if e.errno == errno.ENOENT else logging.WARNING
+                    log.log(level, "cowd%d: kernel rejected a message (type=%d): %s",
+                            self.index, mtype, e.strerror)
+                    if e.errno == errno.ENODEV:
+                        return
+                    n = size
+                view = view[n:]
+            await trio.lowlevel.checkpoint()
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer misses until the channel closes or the device goes away."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
+            task_status.started()
+            try:
+                await self._reader(nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self._flush_out()
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        os.set_blocking(self._chan, False)
+        bufsize = READ_BATCH * abi.MISS.size
+        while not self._closed:
+            try:
+                await trio.lowlevel.wait_readable(self._chan)
+            except (trio.ClosedResourceError, OSError):
+                return
+            try:
+                data = os.read(self._chan, bufsize)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    log.info("cowd%d: removed", self.index)
+                    return
+                raise
+            for cookie, op, offset, length in abi.unpack_misses(data):
+                self.ops["misses"] += 1
+                nursery.start_soon(self._answer, cookie, op, offset, length)
+
+    async def _answer(self, cookie: int, op: int, offset: int, length: int) -> None:
+        try:
+            if op == abi.OP_READ:
+                await self._read_miss(cookie, offset, length)
+            elif op == abi.OP_WRITE:
+                await self._write_miss(cookie, offset, length)
+            elif op == abi.OP_FLUSH:
+                self.ops["flushes"] += 1
+                await self.disk.flush()
+                self._send([abi.pack_reply(cookie, abi.REPLY_DONE)])
+            elif op in (abi.OP_DISCARD, abi.OP_WRITE_ZEROES):
+                await self._zero_miss(cookie, op, offset, length)
+            else:
+                self._reply_error(cookie, errno.EINVAL, f"unknown op {op}")
+        except DiskError as e:
+            self._reply_error(cookie, e.errno, str(e))
+
+    def _reply_error(self, cookie: int, err: int, why: str) -> None:
+        self.ops["error_replies"] += 1
+        log.warning("cowd%d: failing a request (errno=%d): %s", self.index, err, why)
+        self._send([abi.pack_reply(cookie, -(err or errno.EIO))])
+
+    async def _read_miss(self, cookie: int, offset: int, length: int) -> None:
+        self.ops["read_misses"] += 1
+        start, end = self._aligned(offset, length, READAHEAD_CLUSTERS)
+        segs = await self.disk.segments(start, end - start)
+        msgs, _ = self._remaps(segs, start, end)
+        want_start, want_end = self._aligned(offset, length)
+        _m, covered = self._remaps(segs, want_start, want_end)
+        if covered >= min(want_end, self.disk.size) - want_start:
+            msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
+            self._send(msgs)
+            return
+        # Some cluster cannot be remapped (compressed, or cut by a parent's end): the data.
+        self._send(msgs)
+        buf = bytearray(length)
+        await self.disk.read_into(offset, buf)
+        self.ops["data_replies"] += 1
+        self._send([abi.pack_reply(cookie, abi.REPLY_DATA, length), bytes(buf)])
+
+    async def _write_miss(self, cookie: int, offset: int, length: int) -> None:
+        self.ops["write_misses"] += 1
+        start, end = self._aligned(offset, length)
+        await self.disk.allocate(start, end - start)
+        segs = await self.disk.segments(start, end - start)
+        msgs, covered = self._remaps(segs, start, end, writable_only=True)
+        if covered < end - start:
+            self._send(msgs)
+            self._reply_error(cookie, errno.EIO, f"clusters at {start}+{end - start} are "
+                              "not writable in place after allocation")
+            return
+        msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
+        self._send(msgs)
+
+    async def _zero_miss(self, cookie: int, op: int, offset: int, length: int) -> None:
+        if op == abi.OP_DISCARD:
+            self.ops["discards"] += 1
+            await self.disk.trim(offset, length)
+        else:
+            self.ops["write_zeroes"] += 1
+            await self.disk.write_zeroes(offset, length)
+        # The mapping of every touched cluster may have changed: forget it before the reply.
+        self._send([abi.pack_invalidate(offset, length),
+                    abi.pack_reply(cookie, abi.REPLY_DONE)])
+

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Run a shell script inside a virtme-ng guest on Debian's kernel (the kernel shim's tests and
+benchmark run there: the host kernel loads no modules).
+
+The guest sees the host's filesystem as its root over 9p, which under TCG makes every file
+operation a slow round trip: a Python start-up that touches a few hundred files took 20-45 s.
+So the guest gets its own Python: this module packs the interpreter, its standard library and
+cowd's runtime dependencies into one tar (built once, cached under build/guest/ by content
+key), and the guest unpacks it into RAM before the script runs.  cowd itself is imported from
+the checkout (a few dozen files).  In the script, ``python3`` and ``cowd`` are that runtime.
+
+    tools/guest.py [--rwdir DIR] [--memory 1G] -- 'cowd attach ... --via kmod'
+
+Functions for tests and tools: :func:`kernel` (the kernel with installed headers),
+:func:`build_module`, :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "guest"
+KMOD = ROOT / "kmod"
+
+# cowd's runtime dependencies (import names) that the guest's Python needs.
+RUNTIME_PACKAGES = ("trio", "attr", "attrs", "sortedcontainers", "sniffio", "outcome", "idna",
+                    "xxhash", "zstandard", "exceptiongroup")
+# Parts of the standard library cowd never imports (keeps the tar at ~60 MB, not ~250 MB).
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
+               "ensurepip", "lib2to3", "pydoc_data", "unittest", "__phello__"}
+SKIP_PARTS = {"_tests", "tests"}
+GUEST_PY = "/tmp/cowd-py"
+DEFAULT_MEMORY = "1G"
+
+
+def kernel() -> tuple[str, str]:
+    """(version, vmlinuz path) of the newest installed kernel that has its headers."""
+    found = []
+    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
+        ver = vmlinuz.name[len("vmlinuz-"):]
+        if (Path("/lib/modules") / ver / "build" / "Makefile").exists():
+            found.append((ver, str(vmlinuz)))
+    if not found:
+        raise RuntimeError("no kernel in /boot with headers under /lib/modules/VER/build "
+                           "(Debian packages linux-image-amd64 and linux-headers-amd64)")
+    found.sort(key=lambda v: [int(x) if x.isdigit() else 0
+                              for x in v[0].replace("-", ".").split(".")])
+    return found[-1]
+
+
+def build_module(version: str | None = None) -> Path:
+    """``make -C kmod`` for ``version`` (default: :func:`kernel`); returns the .ko."""
+    ver = version or kernel()[0]
+    subprocess.run(["make", "-s", "-C", str(KMOD), f"KVER={ver}"], check=True,
+                   stdout=subprocess.DEVNULL)
+    ko = KMOD / "cowd.ko"
+    info = subprocess.run(["modinfo", "-F", "vermagic", str(ko)], capture_output=True,
+                          text=True, check=True).stdout
+    if not info.startswith(ver + " "):
+        raise RuntimeError(f"{ko}: built for {info.split()[0]!r}, not {ver!r}: run "
+                           f"`make -C kmod clean`")
+    return ko
+
+
+def _site_dirs() -> list[Path]:
+    return [Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+
+
+def _runtime_sources() -> list[tuple[Path, str]]:
+    """(source, name in the tar) for everything the guest's Python needs."""
+    out: list[tuple[Path, str]] = []
+    exe = Path(os.path.realpath(sys.executable))
+    out.append((exe, "bin/python3"))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY")
+    if libdir and ldlib and (str(ldlib).endswith(".so") or ".so." in str(ldlib)):
+        so = Path(libdir) / str(ldlib)
+        real = Path(os.path.realpath(so))
+        if real.exists():
+            out.append((real, f"lib/{real.name}"))
+            if so.name != real.name:
+                out.append((real, f"lib/{so.name}"))
+            instsoname = sysconfig.get_config_var("INSTSONAME")
+            if instsoname and instsoname not in (so.name, real.name):
+                out.append((real, f"lib/{instsoname}"))
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    dynload = next((Path(p) for p in sys.path if p.endswith("lib-dynload")),
+                   stdlib / "lib-dynload")
+    for base, dest in ((stdlib, f"lib/{ver}"), (dynload, f"lib/{ver}/lib-dynload")):
+        for path in sorted(base.rglob("*")):
+            rel = path.relative_to(base)
+            if rel.parts[0] in STDLIB_SKIP or SKIP_PARTS & set(rel.parts) or \
+                    rel.parts[0].startswith("config-") or path.is_dir():
+                continue
+            if (base == stdlib and rel.parts[0] == "lib-dynload") or ".opt-" in path.name:
+                continue
+            out.append((path, f"{dest}/{rel}"))
+    for site in _site_dirs():
+        for entry in sorted(site.iterdir()):
+            name = entry.name
+            stem = name.split(".")[0].split("-")[0]
+            if stem not in RUNTIME_PACKAGES or name.endswith((".dist-info", ".pth")):
+                continue
+            files = [entry] if entry.is_file() else sorted(entry.rglob("*"))
+            for path in files:
+                rel = path.relative_to(site)
+                if path.is_dir() or SKIP_PARTS & set(rel.parts) or ".opt-" in path.name:
+                    continue
+                out.append((path, f"lib/{ver}/site-packages/{rel}"))
+    return out
+
+
+def runtime_tar() -> Path:
+    """The guest's Python as one tar, rebuilt when any file in it changes."""
+    sources = _runtime_sources()
+    key = hashlib.sha256()
+    for src, name in sources:
+        st = src.stat()
+        key.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    digest = key.hexdigest()[:16]
+    tar = BUILD / f"pyrt-{digest}.tar"
+    if tar.exists():
+        return tar
+    BUILD.mkdir(parents=True, exist_ok=True)
+    for old in BUILD.glob("pyrt-*.tar"):
+        old.unlink()
+    tmp = tar.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as t:
+        for src, name in sources:
+            t.add(src, arcname=name, recursive=False)
+    tmp.rename(tar)
+    return tar
+
+
+def prologue(tar: Path) -> str:
+    """Shell lines that give the guest script its Python and `cowd`."""
+    py = GUEST_PY
+    return "\n".join([
+        "set -u",
+        f"mkdir -p {py} && tar -xf {shlex.quote(str(tar))} -C {py}",
+        "echo \"guest: python unpacked at $(cut -d' ' -f1 /proc/uptime) s\"",
+        f"export PYTHONHOME={py} LD_LIBRARY_PATH={py}/lib PYTHONPATH={shlex.quote(str(ROOT))}",
+        f"export PYTHONDONTWRITEBYTECODE=1 PATH={py}/bin:$PATH",
+        f"printf '#!/bin/sh\\nexec {py}/bin/python3 -m cowd.cli \"$@\"\\n' > {py}/bin/cowd",
+        f"chmod +x {py}/bin/cowd",
+        f"cd {shlex.quote(str(ROOT))}",
+    ]) + "\n"
+
+
+def run(script: str, *, rwdirs: list[str] | None = None, memory: str = DEFAULT_MEMORY,
+        cpus: int = 2, timeout: float = 900.0, log: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Boot the kernel with headers, run ``script`` (bash) in it, return its output (also
+    written to ``log`` as it comes, default build/guest/last.log).  The script's exit status
+    is not passed out by vng: print markers and check for them.  On a timeout the guest is
+    killed and what it printed so far is returned, with returncode -9."""
+    _ver, vmlinuz = kernel()
+    vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+    tar = runtime_tar()
+    BUILD.mkdir(parents=True, exist_ok=True)
+    body = prologue(tar) + script
+    path = BUILD / f"script-{os.getpid()}.sh"
+    path.write_text(body)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    cmd = [vng, "--run", vmlinuz, "--disable-kvm", "--memory", memory, "--cpus", str(cpus)]
+    for d in rwdirs or []:
+        cmd += ["--rwdir", d]
+    cmd += ["--exec", f"bash {shlex.quote(str(path))} 2>&1"]
+    log = log or BUILD / "last.log"
+    try:
+        with open(log, "w") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL, cwd=str(BUILD),
+                                 start_new_session=True)
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)  # qemu and virtiofsd are in vng's session
+                p.wait()
+                rc = -9
+        text = log.read_text(errors="replace")
+        return subprocess.CompletedProcess(cmd, rc, text, "")
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rwdir", action="append", default=[])
+    p.add_argument("--memory", default=DEFAULT_MEMORY)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("script", nargs="+", help="shell commands to run in the guest")
+    args = p.parse_args()
+    build_module()
+    res = run(" ".join(args.script), rwdirs=args.rwdir, memory=args.memory,
+              timeout=args.timeout)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    return res.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
