@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # cowd's modules by layer, bottom first.  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors"},
+    {"errors", "imagelock"},
     {"remap"},
     {"disk", "nbd_proto", "kmod_abi"},
     {"nbd", "fuse", "kmodfront", "control"},
