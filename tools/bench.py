@@ -525,8 +525,8 @@ def kmod_probe(bench: Bench) -> str | None:
         p = quiet(*COWD, "attach", str(ov), "--via", "kmod", "--run-dir", str(bench.run_dir),
                   timeout=KMOD_PROBE_TIMEOUT_S)
         if p.returncode != 0:
-            return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1].removeprefix(
-                "cowd: ")
+            last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            return f"cowd attach --via kmod: {last.removeprefix('cowd: ')}"
         bench.attached.append(p.stdout.strip())
         bench.detach(p.stdout.strip())
         return None

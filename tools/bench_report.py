@@ -65,6 +65,8 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     records: list[Record] = doc["records"]
     keys: list[tuple[str, str, str, str]] = []
     for r in records:
+        if "error" in r and r["case"] == r["workload"] != "copy":
+            continue  # a whole path's failure: marks that path's cells, makes no row
         k = (r["where"], r["workload"], r["case"], r["state"])
         if k not in keys:
             keys.append(k)
@@ -83,7 +85,8 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
                                "paths": {}}
         for path in (HOST if where == "host" else GUEST):
             mine = [r for r in records if r["path"] == path and r["workload"] == workload
-                    and r["case"] == case and (r["state"] == state or path == base)]
+                    and ((r["case"] == case and (r["state"] == state or path == base))
+                         or ("error" in r and r["case"] == workload))]
             ok = [r for r in mine if "error" not in r]
             if not ok:
                 errors = [r["error"] for r in mine if "error" in r]
@@ -183,7 +186,8 @@ def markdown(doc: dict[str, Any]) -> str:
            f"(qcow2 overlays over a raw base), median of {p['reps']} repetitions "
            f"(min-max of the per-repetition ratios), fio jobs one pass at most and at most "
            f"{p['runtime_s']} s, page cache {'dropped' if p['drop_caches'] else 'NOT dropped'}"
-           f" before each job; {doc['duration_s']:.0f} s in all.", ""]
+           f" before each job; {doc['duration_s']:.0f} s in all; machine idle during the host's "
+           f"jobs (the benchmark's own load included): median {_idle(doc):.0f}%.", ""]
     for where, paths, title in (
             ("host", HOST, "On the host: ratio to a plain loop device on a raw copy "
              "(loop = 1.00; copy: time ratio, lower is better; fio: throughput ratio, higher "
@@ -210,6 +214,11 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _idle(doc: dict[str, Any]) -> float:
+    return _median([float(r["machine_idle_pct"]) for r in doc["records"]
+                    if r["where"] == "host" and "machine_idle_pct" in r])
+
+
 def _na(doc: dict[str, Any], workload: str, path: str, notes: Notes) -> str:
     why = _reason(doc, workload, path) or "not measured"
     return f"n/a {notes.ref('unavailable on ' + LABEL[path] + ': ' + why)}"
@@ -231,7 +240,8 @@ def _latency(doc: dict[str, Any]) -> str:
                                       and r["state"] == state and x in r["paths"]), {})
             cells.append(f"{c['lat_p50_us']:.0f} / {c['lat_p99_us']:.0f}"
                          if "lat_p50_us" in c else "-")
-        out.append(f"| {case}{' ' + state if state else ''} | " + " | ".join(cells) + " |")
+        where = " (guest)" if not state else ""
+        out.append(f"| {case}{' ' + state if state else where} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -247,7 +257,7 @@ def _internals(doc: dict[str, Any]) -> str:
            f"| server CPU µs per I/O ({' / '.join(LABEL[x] for x in paths)}) | priming (s) |",
            "|---|---|---|---|---|---|"]
     for r in doc["summary"]["rows"]:
-        if r["workload"] != "fio":
+        if r["workload"] != "fio" or not any("median" in r["paths"].get(x, {}) for x in cowd):
             continue
 
         def g(key: str, f: str, among: list[str], r: dict[str, Any] = r) -> str:
@@ -296,13 +306,17 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
 
     made = []
     title = f"{doc['date']}, {doc['machine']}, commit {doc['commit']}"
-    rows = [r for r in doc["summary"]["rows"] if r["workload"] in ("copy", "fio", "verify")]
+    rows = [r for r in doc["summary"]["rows"]
+            if r["workload"] in ("copy", "boot", "fio", "verify")]
     fig, axes = plt.subplots(1, 2, figsize=(15, max(4, 0.32 * len(rows) + 2)),
                              gridspec_kw={"width_ratios": [3, 1]})
     for ax, where, paths in ((axes[0], "host", HOST[1:]), (axes[1], "guest", GUEST[1:])):
         mine = [r for r in rows if r["where"] == where]
-        labels = [_what(r, doc).replace(" (s)", "").replace(" (MB/s)", "") for r in mine]
+        labels = [_what(r, doc).split(" (")[0] for r in mine]
         height = 0.8 / max(1, len(paths))
+        if not any("ratio" in r["paths"].get(x, {}) for r in mine for x in paths):
+            ax.text(0.5, 0.5, "no ratios: see table.md for why", transform=ax.transAxes,
+                    ha="center")
         for i, x in enumerate(paths):
             ys, vals, lo, hi = [], [], [], []
             for j, r in enumerate(mine):
