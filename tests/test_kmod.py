@@ -45,7 +45,7 @@ GUEST_TIMEOUT_S = 1500
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-test
 mkdir -p $D && cp $S/base.img $S/ov1.qcow2 $S/ov2.qcow2 $S/ov3.qcow2 $S/base.vhd $S/ov4.vhd $D/
-check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok $3"; else echo "CHECK $1 fail rc=$2 $3"; fi; }}
+check() {{ if [ "$2" = 0 ]; then echo "CHECK $1 ok ${{3:-}}"; else echo "CHECK $1 fail rc=$2 ${{3:-}}"; fi; }}
 t() {{ echo "T $(cut -d' ' -f1 /proc/uptime) $*"; }}
 insmod kmod/cowd.ko; check insmod $?
 t attach
@@ -80,7 +80,8 @@ t kill
 dev3=$(timeout 600 cowd attach $D/ov3.qcow2 --via kmod --run-dir $RUN); check attach3 $? "$dev3"
 python3 {writer} $dev3 {records} {record} $S/acked.txt $RUN/cowd.pid > $S/writer.txt 2>&1 &
 wpid=$!
-while [ ! -s $S/acked.txt ] || [ $(wc -l < $S/acked.txt) -lt 40 ]; do sleep 0.2; done
+while kill -0 $wpid 2>/dev/null && \
+  {{ [ ! -s $S/acked.txt ] || [ $(wc -l < $S/acked.txt) -lt 40 ]; }}; do sleep 0.2; done
 old=$(cat $RUN/cowd.pid); kill -9 $old; check killed $? "pid=$old acked=$(wc -l < $S/acked.txt)"
 sleep 1
 (timeout 900 cowd daemon --run-dir $RUN > $S/daemon2.txt 2>&1 &)
@@ -148,8 +149,8 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                     "-o", str(d / "ov1.qcow2")], check=True, capture_output=True)
     for n in (2, 3):
         shutil.copy(d / "ov1.qcow2", d / f"ov{n}.qcow2")
-    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", str(base),
-             str(d / "base.vhd"))
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on",
+             str(base), str(d / "base.vhd"))  # force_size: no rounding to a CHS geometry
     subprocess.run([sys.executable, "-m", "cowd.cli", "create", "--base", str(d / "base.vhd"),
                     "--overlay", "vhd", "-o", str(d / "ov4.vhd")], check=True,
                    capture_output=True)
@@ -172,7 +173,7 @@ GUEST_CHECKS = ["insmod", "attach", "read_base", "stats", "mkfs", "mount", "copy
                 "write_vhd", "detach_vhd", "attach3", "killed", "writer", "detach3", "rmmod",
                 "dmesg_clean", "copy_back"]
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(GUEST_TIMEOUT_S + 120)]
 
 
 @pytest.mark.parametrize("name", GUEST_CHECKS)
