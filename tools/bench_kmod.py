@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The kernel shim against a plain loop device, in one guest, on the same data (issue 5).
+
+Boots Debian's kernel once under virtme-ng (tools/guest.py) and, inside, compares
+/dev/cowdN (``cowd attach OVERLAY --via kmod``: a qcow2 overlay over a raw base full of data,
+every remap primed) with /dev/loopN on a raw copy of the same disk, both files in the guest's
+RAM, round robin, ``--reps`` times:
+
+- seqread: fio 1 MiB sequential reads, QD1, direct I/O, the whole disk (MB/s)
+- randread: fio 4 KiB random reads, QD32, direct I/O, ``--runtime`` seconds (IOPS)
+- copy: mkfs.ext4 on a fresh empty disk (a new overlay over an empty base for cowd), mount,
+  copy a generated tree of small files (~2000 files, ~20 MB), sync, umount (seconds)
+- round trips: the kernel's miss counter per GiB read by seqread, after priming
+
+Prints a Markdown table of medians (min-max) with ratios against loop, and writes JSON.
+Under TCG absolute figures are small; the ratios are what this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guest
+
+MiB = 1 << 20
+
+SCRIPT = r"""
+D=/tmp/b; S={share}; RUN=/run/cowd-bench; MB={disk_mib}
+mkdir -p $D/mnt
+insmod kmod/cowd.ko || {{ echo "BENCH-FAIL insmod"; exit 1; }}
+dd if=/dev/urandom of=$D/raw.img bs=1M count=$MB status=none
+cp $D/raw.img $D/base.img
+truncate -s ${{MB}}M $D/empty.img $D/empty-raw.img
+python3 - $D/tree <<'EOF'
+import os, random, sys
+rng = random.Random(7)
+for d in range(20):
+    os.makedirs(f"{{sys.argv[1]}}/d{{d}}")
+    for f in range(100):
+        with open(f"{{sys.argv[1]}}/d{{d}}/f{{f}}", "wb") as fh:
+            fh.write(rng.randbytes(rng.randrange(0, 20000)))
+EOF
+cowd create --base $D/base.img -o $D/ov.qcow2 >/dev/null
+kdev=$(cowd attach $D/ov.qcow2 --via kmod --run-dir $RUN) || {{ echo "BENCH-FAIL attach"; exit 1; }}
+ldev=$(losetup --find --show $D/raw.img)
+fiojob() {{ fio --name=j --filename=$1 --direct=1 --ioengine=libaio --output-format=json \
+  "${{@:2}}" > $S/fio.json 2>/dev/null; python3 $S/h.py fio $S/fio.json; }}
+misses() {{ cowd stats --run-dir $RUN --json | python3 $S/h.py misses; }}
+copyrun() {{
+  mkfs.ext4 -q -E nodiscard $1 && t0=$(date +%s.%N) && mount $1 $D/mnt && \
+    cp -a $D/tree $D/mnt/ && sync && umount $D/mnt && t1=$(date +%s.%N) && \
+    awk "BEGIN {{ print $t1 - $t0 }}"
+}}
+for rep in $(seq {reps}); do
+  for path in loop kmod; do
+    dev=$ldev; [ $path = kmod ] && dev=$kdev
+    m0=$(misses)
+    echo "R $rep $path seqread $(fiojob $dev --rw=read --bs=1M --iodepth=1 --size=${{MB}}M)"
+    m1=$(misses)
+    echo "R $rep $path misses $((m1 - m0))"
+    echo "R $rep $path randread $(fiojob $dev --rw=randread --bs=4k --iodepth=32 \
+      --time_based --runtime={runtime} --randrepeat=0)"
+  done
+  for path in loop kmod; do
+    if [ $path = loop ]; then
+      cp --sparse=always $D/empty-raw.img $D/copy-raw.img
+      dev=$(losetup --find --show $D/copy-raw.img)
+    else
+      rm -f $D/copy.qcow2; cowd create --base $D/empty.img -o $D/copy.qcow2 >/dev/null
+      dev=$(cowd attach $D/copy.qcow2 --via kmod --run-dir $RUN)
+    fi
+    echo "R $rep $path copy $(copyrun $dev)"
+    if [ $path = loop ]; then losetup -d $dev; else cowd detach $dev --run-dir $RUN >/dev/null; fi
+  done
+done
+cowd detach $kdev --run-dir $RUN >/dev/null; losetup -d $ldev
+echo BENCH-DONE
+"""
+
+
+HELPER = r"""
+import json, sys
+if sys.argv[1] == "fio":
+    j = json.load(open(sys.argv[2]))["jobs"][0]["read"]
+    print(j["bw_bytes"], j["iops"])
+elif sys.argv[1] == "misses":
+    d = json.load(sys.stdin)["disks"]
+    print(sum(v["kmod"]["kernel"]["misses"] for v in d.values() if "kmod" in v))
+"""
+
+
+def parse(out: str) -> dict[str, dict[str, list[float]]]:
+    res: dict[str, dict[str, list[float]]] = {}
+    for m in re.finditer(r"^R (\d+) (\S+) (\S+) (.+)$", out, re.M):
+        _rep, path, what, vals = m.groups()
+        nums = [float(x) for x in vals.split()]
+        d = res.setdefault(path, {})
+        if what == "seqread":
+            d.setdefault("seqread_MBps", []).append(nums[0] / 1e6)
+        elif what == "randread":
+            d.setdefault("randread_iops", []).append(nums[1])
+        elif what == "copy":
+            d.setdefault("copy_s", []).append(nums[0])
+        elif what == "misses":
+            d.setdefault("misses", []).append(nums[0])
+    return res
+
+
+def table(res: dict[str, dict[str, list[float]]], disk_mib: int) -> str:
+    def cell(vals: list[float]) -> str:
+        return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+
+    lines = ["| workload | loop | kmod | kmod / loop | target |", "|---|---|---|---|---|"]
+    targets = {"seqread_MBps": ("1 MiB seq read, MB/s", ">= 0.9"),
+               "randread_iops": ("4 KiB rand read QD32, IOPS", ">= 0.8"),
+               "copy_s": ("small-file copy, s (lower is better)", "<= 1.5")}
+    for key, (label, target) in targets.items():
+        lo, km = res.get("loop", {}).get(key), res.get("kmod", {}).get(key)
+        if not lo or not km:
+            lines.append(f"| {label} | - | - | unavailable | {target} |")
+            continue
+        ratio = statistics.median(km) / statistics.median(lo)
+        lines.append(f"| {label} | {cell(lo)} | {cell(km)} | {ratio:.2f} | {target} |")
+    miss = res.get("kmod", {}).get("misses")
+    if miss:
+        per_gib = statistics.median(miss) * 1024 / disk_mib
+        lines.append(f"| daemon round trips per GiB read after priming | - | {per_gib:.0f} | - "
+                     "| 0 |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--disk-mib", type=int, default=256)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per random-read job")
+    ap.add_argument("--out", default="results/bench_kmod.json")
+    ap.add_argument("--memory", default="2G")
+    args = ap.parse_args()
+    guest.build_module()
+    share = Path(tempfile.mkdtemp(prefix="bench-kmod-"))
+    (share / "h.py").write_text(HELPER)
+    script = SCRIPT.format(share=share, disk_mib=args.disk_mib, reps=args.reps,
+                           runtime=args.runtime)
+    res_run = guest.run(script, rwdirs=[str(share)], memory=args.memory, timeout=3600,
+                        log=share / "guest.log")
+    if "BENCH-DONE" not in res_run.stdout:
+        sys.stderr.write(res_run.stdout[-4000:])
+        print("bench_kmod: the guest did not finish (output above)", file=sys.stderr)
+        return 1
+    res = parse(res_run.stdout)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=guest.ROOT).stdout.strip()
+    ver, _ = guest.kernel()
+    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+            "host": platform.node(), "guest_kernel": ver, "commit": commit,
+            "disk_mib": args.disk_mib, "reps": args.reps, "results": res}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"kernel shim vs loop, guest {ver} under TCG, {args.disk_mib} MiB disk, "
+          f"median of {args.reps} (min-max), commit {commit}, {meta['date']}")
+    print(table(res, args.disk_mib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
