@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COWD = ROOT / ".venv" / "bin" / "cowd"
+# A server's start (Python imports, priming) on a machine busy with other tests took over
+# 30 s once; a start that never comes still ends in an error.
+START_TIMEOUT_S = 90.0
 
 WORKLOADS = {
     # name: (fio rw, block size, iodepth, needs a fresh overlay)
@@ -94,7 +97,7 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                          stdin=subprocess.DEVNULL)
         try:
-            wait_socket(self.sock, self.proc)
+            wait_socket(self.sock, self.proc, START_TIMEOUT_S)
         except RuntimeError as e:
             self.stop()
             last = self.log.read_text(errors="replace").strip().splitlines()[-1:]
@@ -103,7 +106,7 @@ class Server:
             self.stop()
             raise
         if kind == "cowd":  # the NBD socket comes before the control socket: wait for both
-            wait_socket(self.run_dir / "control.sock", self.proc)
+            wait_socket(self.run_dir / "control.sock", self.proc, START_TIMEOUT_S)
 
     def stats(self) -> dict[str, float]:
         if self.kind != "cowd":
