@@ -36,7 +36,7 @@ MiB = 1 << 20
 
 SCRIPT = r"""
 D=/tmp/b; S={share}; RUN=/run/cowd-bench; MB={disk_mib}
-mkdir -p $D/mnt
+mkdir -p $D/mnt; modprobe loop 2>/dev/null
 insmod kmod/cowd.ko || {{ echo "BENCH-FAIL insmod"; exit 1; }}
 dd if=/dev/urandom of=$D/raw.img bs=1M count=$MB status=none
 cp $D/raw.img $D/base.img
