@@ -177,6 +177,7 @@ class Run:
     unavailable: list[Record] = field(default_factory=list)
     servers: list[Server] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # the host paths this machine has
+    started: int = 0  # servers started so far: their sockets' and run dirs' names
     tree: Tree = field(default_factory=lambda: Tree(Path(), 0, 0, 0, 0))  # copy's source
 
     def add(self, rep: int, workload: str, case: str, state: str, path: str,
@@ -215,7 +216,7 @@ class Run:
         else:
             ov = b.overlay(tag, warm)
             try:
-                with self.served(path, [ov], tag) as ([srv], [uri]):
+                with self.served(path, [ov]) as ([srv], [uri]):
                     if path == "nbd":
                         yield Device(uri, "cowd", srv.run_dir, ov.name)
                     else:
@@ -226,16 +227,19 @@ class Run:
                 ov.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def served(self, path: str, overlays: list[Path], tag: str
+    def served(self, path: str, overlays: list[Path]
                ) -> Iterator[tuple[list[Server], list[str]]]:
         """One cowd daemon serving ``overlays`` over NBD, or (qemu-nbd) one server each;
         the servers and every export's URI, in the overlays' order."""
         work = self.bench.work
         servers: list[Server] = []
+        # Short names: a unix socket path has 108 bytes (the work dir may be deep already).
+        self.started += 1
+        tag = str(self.started)
         try:
             if path == "nbd":
                 servers.append(Server("cowd", overlays[0], work, images=overlays,
-                                      run_dir=work / f"run-{tag}", tag=f"-{tag}"))
+                                      run_dir=work / f"r{tag}", tag=f"-{tag}"))
                 self.servers.append(servers[-1])
             else:
                 for i, ov in enumerate(overlays):
@@ -367,7 +371,7 @@ def scaling_level(run: Run, rep: int, path: str, *, n: int) -> None:
             overlays = [b.overlay(f"scale-{i}") for i in range(n)]
             for ov in overlays:
                 stack.callback(ov.unlink, missing_ok=True)
-            servers, devs = stack.enter_context(run.served(path, overlays, f"scale-{path}"))
+            servers, devs = stack.enter_context(run.served(path, overlays))
             dev = Device(devs[0], "server", b.run_dir, pids=tuple(s.proc.pid for s in servers))
         b.drop_caches()
         w = Window(dev)
