@@ -64,7 +64,7 @@ PRIME_CHUNK_BYTES = 64 << 20
 # The kernel's remap table: entries (64 B each in the kernel) and how long its misses wait for
 # a new daemon after this one dies.
 DEFAULT_MAX_ENTRIES = 1 << 20
-DEFAULT_DAEMON_TIMEOUT_MS = 30_000
+DEFAULT_DAEMON_TIMEOUT_MS = 120_000  # a restarted daemon under load can take ~40 s to start
 # Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
 MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
 DEFAULT_GRANULE_BYTES = 64 << 10
