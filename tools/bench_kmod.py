@@ -44,7 +44,7 @@ truncate -s ${{MB}}M $D/empty.img $D/empty-raw.img
 python3 - $D/tree <<'EOF'
 import os, random, sys
 rng = random.Random(7)
-for d in range(20):
+for d in range({dirs}):
     os.makedirs(f"{{sys.argv[1]}}/d{{d}}")
     for f in range(100):
         with open(f"{{sys.argv[1]}}/d{{d}}/f{{f}}", "wb") as fh:
@@ -52,6 +52,7 @@ for d in range(20):
 EOF
 cowd create --base $D/base.img -o $D/ov.qcow2 >/dev/null
 kdev=$(cowd attach $D/ov.qcow2 --via kmod --run-dir $RUN) || {{ echo "BENCH-FAIL attach"; exit 1; }}
+echo "S $(cowd stats --run-dir $RUN --json | python3 $S/h.py stats)"
 ldev=$(losetup --find --show $D/raw.img)
 fiojob() {{ fio --name=j --filename=$1 --direct=1 --ioengine=libaio --output-format=json \
   "${{@:2}}" > $S/fio.json 2>/dev/null; python3 $S/h.py fio $S/fio.json; }}
@@ -84,7 +85,7 @@ for rep in $(seq {reps}); do
   done
 done
 cowd detach $kdev --run-dir $RUN >/dev/null; losetup -d $ldev
-echo BENCH-DONE
+echo "BENCH-DONE at $(cut -d' ' -f1 /proc/uptime) s"
 """
 
 
@@ -92,19 +93,44 @@ HELPER = r"""
 import json, sys
 if sys.argv[1] == "fio":
     j = json.load(open(sys.argv[2]))["jobs"][0]["read"]
-    print(j["bw_bytes"], j["iops"])
+    pct = j.get("clat_ns", {}).get("percentile", {})
+    print(j["bw_bytes"], j["iops"], pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3)
 elif sys.argv[1] == "misses":
     d = json.load(sys.stdin)["disks"]
     print(sum(v["kmod"]["kernel"]["misses"] for v in d.values() if "kmod" in v))
+elif sys.argv[1] == "stats":
+    d = json.load(sys.stdin)["disks"]
+    k = next((v["kmod"] for v in d.values() if "kmod" in v), {})
+    print(json.dumps({x: k.get(x) for x in ("prime_seconds", "primed_entries", "kernel")}))
 """
+
+
+def script(share: Path, disk_mib: int, reps: int, runtime: int, dirs: int = 20) -> str:
+    """The guest script: ``share`` (a --rwdir) must hold :data:`HELPER` as h.py; ``dirs``
+    directories of 100 files make the copied tree (20: ~2000 files, ~20 MB)."""
+    return SCRIPT.format(share=share, disk_mib=disk_mib, reps=reps, runtime=runtime, dirs=dirs)
+
+
+def stats(out: str) -> dict[str, object]:
+    """The kmod disk's ``cowd stats --json`` figures right after the attach (priming)."""
+    m = re.search(r"^S (\{.*\})$", out, re.M)
+    return json.loads(m.group(1)) if m else {}
 
 
 def parse(out: str) -> dict[str, dict[str, list[float]]]:
     res: dict[str, dict[str, list[float]]] = {}
     for m in re.finditer(r"^R (\d+) (\S+) (\S+) (.+)$", out, re.M):
         _rep, path, what, vals = m.groups()
-        nums = [float(x) for x in vals.split()]
+        try:
+            nums = [float(x) for x in vals.split()]
+        except ValueError:
+            continue  # a step that failed printed no figures
+        if not nums:
+            continue
         d = res.setdefault(path, {})
+        if what in ("seqread", "randread") and len(nums) >= 4:
+            d.setdefault(f"{what}_lat_p50_us", []).append(nums[2])
+            d.setdefault(f"{what}_lat_p99_us", []).append(nums[3])
         if what == "seqread":
             d.setdefault("seqread_MBps", []).append(nums[0] / 1e6)
         elif what == "randread":
@@ -150,9 +176,8 @@ def main() -> int:
     guest.build_module()
     share = Path(tempfile.mkdtemp(prefix="bench-kmod-"))
     (share / "h.py").write_text(HELPER)
-    script = SCRIPT.format(share=share, disk_mib=args.disk_mib, reps=args.reps,
-                           runtime=args.runtime)
-    res_run = guest.run(script, rwdirs=[str(share)], memory=args.memory, timeout=3600,
+    res_run = guest.run(script(share, args.disk_mib, args.reps, args.runtime),
+                        rwdirs=[str(share)], memory=args.memory, timeout=3600,
                         log=share / "guest.log")
     if "BENCH-DONE" not in res_run.stdout:
         sys.stderr.write(res_run.stdout[-4000:])
