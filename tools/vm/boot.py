@@ -18,7 +18,8 @@ Where the root disk comes from (``via``):
   shim).  This is the hook for issue 5: it calls the real command, which refuses with a
   one-line reason where /dev/cowd-control is absent (the host kernel loads no modules);
   where the shim is loaded (a virtme-ng guest that insmod'ed it) the same call boots from
-  /dev/cowdN.  Nothing here imitates the shim.
+  /dev/cowdN (tools/vm/boot_in_guest.py does that, qemu TCG inside TCG).  Nothing here
+  imitates the shim.
 - ``qemu``: no cowd at all; qemu opens the image itself (the overlay as a qcow2, proof that it
   is a standard file; or a raw base copy, the baseline of the boot benchmark).
 

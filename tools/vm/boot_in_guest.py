@@ -12,8 +12,9 @@ in the overlay (qemu-img convert -O raw + debugfs).
 
     .venv/bin/python tools/vm/boot_in_guest.py [--keep DIR]
 
-Measured 2026-11-24 on the project machine (loaded): 483 s from starting the inner qemu to
-its marker (an ~8 s boot on the host: nested TCG costs ~60x), the outer guest up 649 s.
+Measured 2026-11-24 on the project machine (load 6-8): 483 s and 653 s in two runs from
+starting the inner qemu to its marker (an ~8-20 s boot on the host: nested TCG costs ~30-60x);
+each run ~11-14 minutes in all.
 """
 
 from __future__ import annotations
