@@ -89,6 +89,7 @@ struct cowd_cmd {
 	u64 cookie;
 	u64 offset, length;
 	u32 op;
+	u64 flush_gen;			/* FLUSH: dev->write_gen when it was issued */
 	bool outstanding;		/* own miss queued or sent (dev->lock) */
 	bool waiting;			/* on another miss's waiters (dev->lock) */
 	int retries;
@@ -124,6 +125,15 @@ struct cowd_dev {
 	u32 hash_bits;
 	struct list_head lru;		/* least recently used first (dev->lock) */
 	u32 nr_entries, max_entries;	/* dev->lock */
+
+	/*
+	 * Durability across a takeover (dev->lock): write_gen counts completed writes (mapped
+	 * writes, discards, write-zeroes), flushed_gen the last write_gen a FLUSH made durable.
+	 * A takeover with write_gen > flushed_gen may have lost writes (their clusters' metadata
+	 * died with the old daemon), so the next FLUSH fails with EIO instead of claiming them.
+	 */
+	u64 write_gen, flushed_gen;
+	bool lost_writes;
 
 	atomic_t inflight;		/* mapped I/O under way, started under dev->lock */
 	wait_queue_head_t inflight_wait;
@@ -547,6 +557,11 @@ static void cowd_work(struct work_struct *work)
 			noio = memalloc_noio_save();
 			status = cowd_do_io(dev, cmd, write, npieces);
 			memalloc_noio_restore(noio);
+			if (write && status == BLK_STS_OK) {
+				spin_lock(&dev->lock);
+				dev->write_gen++;
+				spin_unlock(&dev->lock);
+			}
 			if (atomic_dec_and_test(&dev->inflight))
 				wake_up_all(&dev->inflight_wait);
 			cowd_end(cmd, status);
@@ -555,6 +570,8 @@ static void cowd_work(struct work_struct *work)
 	}
 	if (dev->state == COWD_DEAD)
 		goto fail_locked;
+	if (op == COWD_OP_FLUSH)
+		cmd->flush_gen = dev->write_gen;
 	if (op == COWD_OP_READ || op == COWD_OP_WRITE) {
 		other = cowd_overlapping_miss(dev, op, cmd->offset, cmd->length);
 		if (other) {
@@ -771,7 +788,25 @@ static int cowd_apply_reply(struct cowd_dev *dev, const struct cowd_reply *m,
 		queue_work(dev->wq, &cmd->work);
 		return 0;
 	case COWD_REPLY_DONE:
-		cowd_end(cmd, BLK_STS_OK);
+		status = BLK_STS_OK;
+		spin_lock(&dev->lock);
+		if (cmd->op == COWD_OP_FLUSH) {
+			if (dev->lost_writes) {
+				/* reported once, like a failed fsync (errseq) */
+				dev->lost_writes = false;
+				dev->flushed_gen = dev->write_gen;
+				status = BLK_STS_IOERR;
+			} else if (cmd->flush_gen > dev->flushed_gen) {
+				dev->flushed_gen = cmd->flush_gen;
+			}
+		} else {
+			dev->write_gen++;	/* a discard or write-zeroes the daemon did */
+		}
+		spin_unlock(&dev->lock);
+		if (status != BLK_STS_OK)
+			pr_warn_ratelimited("cowd%d: flush fails: writes completed before the daemon died may be lost\n",
+					    dev->index);
+		cowd_end(cmd, status);
 		return 0;
 	case COWD_REPLY_DATA:
 		err = cowd_copy_data(cmd, payload);
@@ -1245,6 +1280,10 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 	/* Forget the old daemon's remaps, then let mapped I/O already started finish. */
 	cowd_invalidate_range(dev, 0, U64_MAX);
 	wait_event(dev->inflight_wait, !atomic_read(&dev->inflight));
+	spin_lock(&dev->lock);
+	if (dev->write_gen > dev->flushed_gen)
+		dev->lost_writes = true;
+	spin_unlock(&dev->lock);
 
 	chan = cowd_new_channel(dev, &fd);
 	if (IS_ERR(chan)) {

@@ -111,13 +111,23 @@ one.  Each record is its index repeated, so any stale or torn record shows."""
 import os, sys, time
 dev, n, size, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 fd = os.open(dev, os.O_WRONLY)
+failed_flushes = 0
 with open(log, "a") as acked:
     for i in range(n):
-        os.pwrite(fd, (i.to_bytes(8, "little") * (size // 8)), i * size)
-        os.fsync(fd)
+        for attempt in range(3):
+            os.pwrite(fd, (i.to_bytes(8, "little") * (size // 8)), i * size)
+            try:
+                os.fsync(fd)
+                break
+            except OSError as e:  # the flush after a takeover may report lost writes
+                failed_flushes += 1
+                print(f"record {i}: fsync failed ({e}); writing it again", flush=True)
+                # records before i were acknowledged by earlier flushes; i is rewritten
+        else:
+            raise SystemExit(f"record {i}: fsync kept failing")
         acked.write(f"{i}\n")
         acked.flush()
-print(f"wrote {n} records")
+print(f"wrote {n} records, {failed_flushes} failed flushes")
 '''
 
 
@@ -222,6 +232,12 @@ def test_overlays_check_clean(guest_run: tuple[Path, dict[str, str], str], name:
     else:
         cmd = ["qemu-img", "check", "-f", "qcow2", str(d / name)]
     p = subprocess.run(cmd, capture_output=True, text=True)
+    if name == "ov3.qcow2" and p.returncode == 3:
+        # The killed daemon's allocations that no flush published are leaks: allowed, and
+        # cowd check --repair frees them.
+        subprocess.run([sys.executable, "-m", "cowd.cli", "check", "--repair", str(d / name)],
+                       capture_output=True, check=True)
+        p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -248,7 +264,9 @@ def test_tree_in_overlay(guest_run: tuple[Path, dict[str, str], str]) -> None:
 def test_acknowledged_records_survive_sigkill(
         guest_run: tuple[Path, dict[str, str], str]) -> None:
     """Every record the writer saw fsynced (before, during and after the daemon was killed
-    and a new one took the device over) reads back from the overlay, whole."""
+    and a new one took the device over) reads back from the overlay, whole.  A flush that
+    cannot vouch for writes completed before the kill (their new clusters' metadata died with
+    the daemon) must fail rather than succeed: the writer rewrites that record."""
     d, checks, _ = guest_run
     acked = [int(x) for x in (d / "acked.txt").read_text().split()]
     assert acked == list(range(RECORDS)), "the writer did not finish every record"
