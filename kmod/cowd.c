@@ -424,14 +424,26 @@ static blk_status_t cowd_do_io(struct cowd_dev *dev, struct cowd_cmd *cmd, bool 
 	unsigned int nr_bvec = 0, i = 0, p;
 	blk_status_t status = BLK_STS_OK;
 
-	rq_for_each_bvec(tmp, rq, rq_iter)
-		nr_bvec++;
-	bvec = kmalloc_array(nr_bvec, sizeof(*bvec), GFP_NOIO);
-	if (!bvec)
-		return BLK_STS_RESOURCE;
-	rq_for_each_bvec(tmp, rq, rq_iter)
-		bvec[i++] = tmp;
-	iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST, bvec, nr_bvec, blk_rq_bytes(rq));
+	if (rq->bio == rq->biotail) {
+		/* One bio: iterate its own vector, no copy (as loop.c does). */
+		struct bio *bio = rq->bio;
+
+		bvec = NULL;
+		iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST,
+			      __bvec_iter_bvec(bio->bi_io_vec, bio->bi_iter),
+			      bio_segments(bio), blk_rq_bytes(rq));
+		iter.iov_offset = bio->bi_iter.bi_bvec_done;
+	} else {
+		rq_for_each_bvec(tmp, rq, rq_iter)
+			nr_bvec++;
+		bvec = kmalloc_array(nr_bvec, sizeof(*bvec), GFP_NOIO);
+		if (!bvec)
+			return BLK_STS_RESOURCE;
+		rq_for_each_bvec(tmp, rq, rq_iter)
+			bvec[i++] = tmp;
+		iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST, bvec, nr_bvec,
+			      blk_rq_bytes(rq));
+	}
 
 	for (p = 0; p < npieces && iov_iter_count(&iter);) {
 		struct cowd_piece *pc = &cmd->pieces[p];
