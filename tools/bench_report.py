@@ -108,7 +108,10 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
                 if xs:
                     cell[fig] = _median(xs)
             gib = [float(r["bytes"]) / (1 << 30) for r in ok if r.get("bytes")]
-            if "cache_misses" in ok[0] and gib:
+            if "misses_per_GiB" in ok[0]:  # the kernel shim's own miss counter (guest)
+                cell["misses_per_GiB"] = _median([float(r["misses_per_GiB"]) for r in ok
+                                                  if "misses_per_GiB" in r])
+            elif "cache_misses" in ok[0] and gib:
                 cell["misses_per_GiB"] = _median([float(r["cache_misses"]) / g
                                                   for r, g in zip(ok, gib, strict=False)])
                 cell["metadata_lookups_per_request"] = _median(
