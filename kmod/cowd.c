@@ -54,6 +54,7 @@
 #define COWD_MAX_PIECES		64	/* clusters per request; bounds max_hw_sectors */
 #define COWD_MAX_RETRIES	16	/* RETRY replies that still leave a miss: then EIO */
 #define COWD_READ_BATCH		256	/* misses returned by one read() */
+#define COWD_MAX_QUEUES		4	/* worker queues per device (bounded by online CPUs) */
 
 enum cowd_state {
 	COWD_LIVE,	/* a daemon holds the channel */
@@ -80,7 +81,8 @@ struct cowd_piece {
 struct cowd_dev;
 
 struct cowd_cmd {
-	struct work_struct work;
+	struct work_struct work;	/* a retry after a miss runs as its own work item */
+	struct list_head qnode;		/* on a cowd_queue while new (cowd_queue.lock) */
 	struct cowd_dev *dev;
 	/* own miss, on dev->unsent or dev->sent while outstanding (dev->lock) */
 	struct list_head miss_node;
@@ -94,6 +96,17 @@ struct cowd_cmd {
 	bool waiting;			/* on another miss's waiters (dev->lock) */
 	int retries;
 	struct cowd_piece pieces[];
+};
+
+/*
+ * New requests go to one of a few queues, each drained by one work item: a worker wakes once
+ * for a batch of requests, as loop.c's does, instead of once per request.
+ */
+struct cowd_queue {
+	spinlock_t lock;
+	struct list_head cmds;		/* (lock) */
+	struct work_struct work;
+	struct cowd_dev *dev;
 };
 
 struct cowd_dev {
@@ -111,6 +124,8 @@ struct cowd_dev {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct workqueue_struct *wq;
+	struct cowd_queue queues[COWD_MAX_QUEUES];
+	unsigned int nr_queues;
 	struct delayed_work timeout_work;
 
 	spinlock_t lock;
@@ -609,10 +624,32 @@ fail_locked:
 	cowd_end(cmd, BLK_STS_IOERR);
 }
 
+static void cowd_queue_work(struct work_struct *work)
+{
+	struct cowd_queue *q = container_of(work, struct cowd_queue, work);
+	struct cowd_cmd *cmd;
+	unsigned long flags;
+
+	for (;;) {
+		spin_lock_irqsave(&q->lock, flags);
+		cmd = list_first_entry_or_null(&q->cmds, struct cowd_cmd, qnode);
+		if (cmd)
+			list_del_init(&cmd->qnode);
+		spin_unlock_irqrestore(&q->lock, flags);
+		if (!cmd)
+			return;
+		cowd_work(&cmd->work);
+		cond_resched();
+	}
+}
+
 static blk_status_t cowd_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_mq_queue_data *bd)
 {
 	struct request *rq = bd->rq;
 	struct cowd_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	struct cowd_dev *dev = cmd->dev;
+	struct cowd_queue *q = &dev->queues[rq->tag % dev->nr_queues];
+	unsigned long flags;
 
 	switch (req_op(rq)) {
 	case REQ_OP_READ:
@@ -626,7 +663,10 @@ static blk_status_t cowd_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_m
 	}
 	blk_mq_start_request(rq);
 	cmd->retries = 0;
-	queue_work(cmd->dev->wq, &cmd->work);
+	spin_lock_irqsave(&q->lock, flags);
+	list_add_tail(&cmd->qnode, &q->cmds);
+	spin_unlock_irqrestore(&q->lock, flags);
+	queue_work(dev->wq, &q->work);
 	return BLK_STS_OK;
 }
 
@@ -636,6 +676,7 @@ static int cowd_init_request(struct blk_mq_tag_set *set, struct request *rq,
 	struct cowd_cmd *cmd = blk_mq_rq_to_pdu(rq);
 
 	INIT_WORK(&cmd->work, cowd_work);
+	INIT_LIST_HEAD(&cmd->qnode);
 	INIT_LIST_HEAD(&cmd->miss_node);
 	INIT_LIST_HEAD(&cmd->waiters);
 	INIT_LIST_HEAD(&cmd->wait_node);
@@ -1112,6 +1153,13 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	dev->hash_bits = max_t(u32, ilog2(roundup_pow_of_two(dev->max_entries)) - 1, 4);
 	dev->state = COWD_LIVE;
 	dev->chan_open = true;
+	dev->nr_queues = clamp_t(unsigned int, num_online_cpus(), 1, COWD_MAX_QUEUES);
+	for (i = 0; i < dev->nr_queues; i++) {
+		spin_lock_init(&dev->queues[i].lock);
+		INIT_LIST_HEAD(&dev->queues[i].cmds);
+		INIT_WORK(&dev->queues[i].work, cowd_queue_work);
+		dev->queues[i].dev = dev;
+	}
 
 	err = -EBADF;
 	for (i = 0; i < c.nr_files; i++) {
@@ -1148,7 +1196,8 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	dev->tag_set.queue_depth = c.queue_depth ?: COWD_DEFAULT_DEPTH;
 	dev->tag_set.numa_node = NUMA_NO_NODE;
 	dev->tag_set.cmd_size = struct_size((struct cowd_cmd *)NULL, pieces, COWD_MAX_PIECES);
-	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE;
+	/* no I/O scheduler by default, like loop: the files below have their own */
+	dev->tag_set.flags = BLK_MQ_F_SHOULD_MERGE | BLK_MQ_F_NO_SCHED_BY_DEFAULT;
 	dev->tag_set.driver_data = dev;
 	err = blk_mq_alloc_tag_set(&dev->tag_set);
 	if (err)
