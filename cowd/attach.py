@@ -870,6 +870,10 @@ class Attacher:
             log.warning("%s: still open %g s after losetup -d; removing it anyway",
                         att.file, RELEASE_TIMEOUT_S)
         await fe.remove_disk(att.name, force=True)
+        await self._forget(att)
+
+    async def _forget(self, att: Attachment) -> None:
+        """The end of every detach: drop the record, then close the disk."""
         del self.attachments[att.name]
         self._save()
         try:
@@ -882,12 +886,7 @@ class Attacher:
         kdev.close()
         if not att.disk.readonly:
             await att.disk.flush()  # the kernel's writes sit in the files' page cache
-        del self.attachments[att.name]
-        self._save()
-        try:
-            await att.disk.close()
-        finally:
-            log.info("detached %s (%s)", att.device, att.image)
+        await self._forget(att)
 
     def entries(self) -> list[dict[str, Any]]:
         out = []

@@ -307,9 +307,12 @@ class KmodDevice:
     # -- remaps ----------------------------------------------------------------------------
 
     def _remaps(self, segs: list[tuple[int, int, int, Any]], start: int, end: int,
-                writable_only: bool = False) -> tuple[list[bytes], int]:
+                writable_only: bool = False, need_end: int | None = None
+                ) -> tuple[list[bytes], int]:
         """REMAP messages for the whole clusters of [start, end) that ``segs`` (covering at
-        least that range) can express; also the bytes of [start, end) they cover."""
+        least that range) can express; also the bytes of [start, ``need_end``) they cover
+        (default: all of [start, end))."""
+        need_end = end if need_end is None else need_end
         g = self.granule
         size = self.disk.size
         out: list[bytes] = []
@@ -350,7 +353,8 @@ class KmodDevice:
                 out.append(abi.pack_remap(0, flags, cs, ce - cs, 0))
             else:
                 out.append(abi.pack_remap(fi, flags, cs, ce - cs, fo + (cs - rs)))
-            covered += min(ce, end) - cs
+            covered += max(0, min(ce, need_end) - cs)
+        self.ops["remaps_sent"] += len(out)
         return out, covered
 
     def _aligned(self, offset: int, length: int, ahead: int = 0) -> tuple[int, int]:
@@ -383,8 +387,6 @@ class KmodDevice:
     def _send(self, msgs: list[bytes]) -> None:
         if msgs:
             self._out.extend(msgs)
-            self.ops["remaps_sent"] += sum(1 for m in msgs if len(m) == abi.REMAP.size and
-                                           m[4] == abi.MSG_REMAP)
             self._wake.set()
 
     async def _flush_out(self) -> None:
@@ -398,8 +400,7 @@ class KmodDevice:
                 try:
                     n = os.write(self._chan, view)
                 except OSError as e:
-                    size = abi.HDR.unpack_from(view)[0]
-                    mtype = abi.HDR.unpack_from(view)[1]
+                    size, mtype, _version = abi.HDR.unpack_from(view)
                     self.ops["rejected"] += 1
                     level = logging.DEBUG if e.errno == errno.ENOENT else logging.WARNING
                     log.log(level, "cowd%d: kernel rejected a message (type=%d): %s",
@@ -472,11 +473,10 @@ class KmodDevice:
     async def _read_miss(self, cookie: int, offset: int, length: int) -> None:
         self.ops["read_misses"] += 1
         start, end = self._aligned(offset, length, READAHEAD_CLUSTERS)
+        want_end = self._aligned(offset, length)[1]  # the request's clusters, no read-ahead
         segs = await self.disk.segments(start, end - start)
-        msgs, _ = self._remaps(segs, start, end)
-        want_start, want_end = self._aligned(offset, length)
-        _m, covered = self._remaps(segs, want_start, want_end)
-        if covered >= min(want_end, self.disk.size) - want_start:
+        msgs, covered = self._remaps(segs, start, end, need_end=want_end)
+        if covered >= want_end - start:
             msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
             self._send(msgs)
             return
