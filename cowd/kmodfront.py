@@ -220,6 +220,7 @@ class KmodDevice:
         self._closed = False
         self.prime_seconds: float | None = None
         self.primed_entries = 0
+        self._table_bound = 0
         self.ops = {k: 0 for k in ("misses", "read_misses", "write_misses", "flushes",
                                    "discards", "write_zeroes", "data_replies", "error_replies",
                                    "remaps_sent", "rejected")}
@@ -363,8 +364,17 @@ class KmodDevice:
         end = min(self.disk.size, -(-(offset + length) // g) * g + ahead * g)
         return start, end
 
-    async def prime(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> int:
-        """Push remaps for the disk from the start, up to ``max_entries`` clusters."""
+    def table_bound(self) -> int:
+        """The kernel table's bound in clusters (fixed at creation)."""
+        if not self._table_bound:
+            self._table_bound = self.kernel_stats()["max_entries"]
+        return self._table_bound
+
+    async def prime(self, max_entries: int | None = None) -> int:
+        """Push remaps for the disk from the start, up to ``max_entries`` clusters (default:
+        the kernel table's bound, so priming evicts nothing it pushed)."""
+        if max_entries is None:
+            max_entries = self.table_bound()
         t0 = time.monotonic()
         pushed = 0
         pos = 0
@@ -472,10 +482,20 @@ class KmodDevice:
 
     async def _read_miss(self, cookie: int, offset: int, length: int) -> None:
         self.ops["read_misses"] += 1
-        start, end = self._aligned(offset, length, READAHEAD_CLUSTERS)
-        want_end = self._aligned(offset, length)[1]  # the request's clusters, no read-ahead
+        g = self.granule
+        start, want_end = self._aligned(offset, length)  # the request's own clusters
+        # Read ahead no further than half the kernel's table holds (a small table would
+        # otherwise evict what was just pushed).
+        ahead = max(0, min(READAHEAD_CLUSTERS,
+                           self.table_bound() // 2 - (want_end - start) // g))
+        end = min(self.disk.size, want_end + ahead * g)
         segs = await self.disk.segments(start, end - start)
-        msgs, covered = self._remaps(segs, start, end, need_end=want_end)
+        # The read-ahead's remaps first, the request's last: the kernel looks the request up
+        # again when the RETRY right after them arrives, and a full table evicts the least
+        # recently pushed.
+        msgs = self._remaps(segs, want_end, end)[0] if end > want_end else []
+        own, covered = self._remaps(segs, start, want_end)
+        msgs += own
         if covered >= want_end - start:
             msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
             self._send(msgs)
@@ -502,13 +522,18 @@ class KmodDevice:
         self._send(msgs)
 
     async def _zero_miss(self, cookie: int, op: int, offset: int, length: int) -> None:
+        # The range's clusters may be freed (and reused by the next allocation): first the
+        # kernel forgets their remaps, and its INVALIDATE returns only when no mapped I/O
+        # uses them any more.
+        self._send([abi.pack_invalidate(offset, length)])
+        await self._flush_out()
         if op == abi.OP_DISCARD:
             self.ops["discards"] += 1
             await self.disk.trim(offset, length)
         else:
             self.ops["write_zeroes"] += 1
             await self.disk.write_zeroes(offset, length)
-        # The mapping of every touched cluster may have changed: forget it before the reply.
+        # Again after: a miss answered meanwhile may have pushed a mapping from before.
         self._send([abi.pack_invalidate(offset, length),
                     abi.pack_reply(cookie, abi.REPLY_DONE)])
 

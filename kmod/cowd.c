@@ -24,8 +24,9 @@
  * -------
  * cowd_ctl_mutex guards the index idr.  dev->lock (a spinlock, process context only) guards
  * the table, the LRU list, the miss lists, the state, chan_open and the counters.  File I/O
- * never runs under it; dev->inflight counts mapped I/O started under it, and a takeover waits
- * for it to drain.  Requests are completed only by their worker, by a REPLY (in write()), or
+ * never runs under it; mapped I/O is counted per epoch when it looks the table up, and an
+ * invalidation (INVALIDATE, a takeover) waits for the I/O of the epochs before it: after it,
+ * nothing uses a dropped entry, so the daemon may free or reuse those clusters.  Requests are completed only by their worker, by a REPLY (in write()), or
  * by a failure sweep that first took them off every list under dev->lock.
  */
 #include <linux/anon_inodes.h>
@@ -94,6 +95,15 @@ struct cowd_cmd {
 	u64 flush_gen;			/* FLUSH: dev->write_gen when it was issued */
 	bool outstanding;		/* own miss queued or sent (dev->lock) */
 	bool waiting;			/* on another miss's waiters (dev->lock) */
+	/*
+	 * A RETRY reply looks the request up at once, right after the remaps that came with it:
+	 * pieces[0..npieces) are then ready for the retry (dev->lock), unless an invalidation
+	 * came in between (ready_gen != dev->inval_gen).  Remaps that other misses push before
+	 * the retry runs cannot evict its clusters, so a retry always makes progress.
+	 */
+	bool ready;
+	unsigned int npieces;
+	u64 ready_gen;
 	int retries;
 	struct cowd_piece pieces[];
 };
@@ -140,6 +150,7 @@ struct cowd_dev {
 	u32 hash_bits;
 	struct list_head lru;		/* least recently used first (dev->lock) */
 	u32 nr_entries, max_entries;	/* dev->lock */
+	u64 inval_gen;			/* INVALIDATEs and takeovers so far (dev->lock) */
 
 	/*
 	 * Durability across a takeover (dev->lock): write_gen counts completed writes (mapped
@@ -150,12 +161,24 @@ struct cowd_dev {
 	u64 write_gen, flushed_gen;
 	bool lost_writes;
 
-	atomic_t inflight;		/* mapped I/O under way, started under dev->lock */
+	/*
+	 * Mapped I/O under way, counted in the epoch (dev->epoch & 1, dev->lock) in which it
+	 * looked the table up.  cowd_drain_mapped() starts a new epoch and waits for the old one's
+	 * count to reach zero; drain_mutex serializes drains.
+	 */
+	atomic_t inflight[2];
+	unsigned int epoch;
+	struct mutex drain_mutex;
 	wait_queue_head_t inflight_wait;
 
 	struct cowd_stats stats;	/* counters (dev->lock), except the two below */
 	atomic64_t mapped_read_bytes, mapped_write_bytes;
 };
+
+static unsigned int queues;
+module_param(queues, uint, 0644);
+MODULE_PARM_DESC(queues, "worker queues per new device (0, the default: one per online CPU, "
+		 "at most " __stringify(COWD_MAX_QUEUES) ")");
 
 static DEFINE_IDR(cowd_idr);
 static DEFINE_MUTEX(cowd_ctl_mutex);
@@ -298,6 +321,7 @@ static void cowd_invalidate_range(struct cowd_dev *dev, u64 first, u64 end)
 	u64 c;
 
 	spin_lock(&dev->lock);
+	dev->inval_gen++;
 	if (end - first > dev->nr_entries) {
 		list_for_each_entry_safe(e, n, &dev->lru, lru) {
 			if (e->cluster >= first && e->cluster < end) {
@@ -318,6 +342,25 @@ static void cowd_invalidate_range(struct cowd_dev *dev, u64 first, u64 end)
 	cowd_free_list(&freed);
 }
 
+/* Wait until mapped I/O that looked the table up before now has finished. */
+static void cowd_drain_mapped(struct cowd_dev *dev)
+{
+	unsigned int old;
+
+	mutex_lock(&dev->drain_mutex);
+	spin_lock(&dev->lock);
+	old = dev->epoch & 1;
+	dev->epoch++;
+	spin_unlock(&dev->lock);
+	wait_event(dev->inflight_wait, !atomic_read(&dev->inflight[old]));
+	mutex_unlock(&dev->drain_mutex);
+}
+
+/*
+ * Dropping entries is not enough before the daemon frees their clusters (a discard): mapped
+ * I/O that looked them up may still be under way.  So an INVALIDATE returns (and the
+ * daemon's write() with it) only when that I/O has finished.
+ */
 static int cowd_apply_invalidate(struct cowd_dev *dev, const struct cowd_invalidate *m)
 {
 	u64 end;
@@ -328,6 +371,7 @@ static int cowd_apply_invalidate(struct cowd_dev *dev, const struct cowd_invalid
 	end = round_up(m->guest_offset + m->length, 1ULL << dev->cluster_bits);
 	cowd_invalidate_range(dev, m->guest_offset >> dev->cluster_bits,
 			      end >> dev->cluster_bits);
+	cowd_drain_mapped(dev);
 	return 0;
 }
 
@@ -543,18 +587,44 @@ static u32 cowd_op_of(struct request *rq)
 	}
 }
 
+/*
+ * Look up every cluster @cmd touches; true, with cmd->pieces filled and the entries made most
+ * recently used, when all are in the table (and writable, for a write).
+ */
+static bool cowd_lookup(struct cowd_dev *dev, struct cowd_cmd *cmd, bool write,
+			unsigned int *npieces)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 pos, end = cmd->offset + cmd->length;
+	unsigned int n = 0;
+
+	lockdep_assert_held(&dev->lock);
+	for (pos = cmd->offset; pos < end; pos = round_down(pos, csize) + csize) {
+		struct cowd_entry *e = cowd_find(dev, pos >> dev->cluster_bits);
+
+		if (!e || (write && !(e->flags & COWD_REMAP_WRITABLE)))
+			return false;
+		cmd->pieces[n].file = e->file;
+		cmd->pieces[n].file_offset = e->file_offset;
+		cmd->pieces[n].flags = e->flags;
+		n++;
+		list_move_tail(&e->lru, &dev->lru);
+	}
+	*npieces = n;
+	return true;
+}
+
 static void cowd_work(struct work_struct *work)
 {
 	struct cowd_cmd *cmd = container_of(work, struct cowd_cmd, work);
 	struct cowd_dev *dev = cmd->dev;
 	struct request *rq = blk_mq_rq_from_pdu(cmd);
-	u64 csize = 1ULL << dev->cluster_bits;
 	u32 op = cowd_op_of(rq);
 	bool write = op == COWD_OP_WRITE;
-	unsigned int npieces = 0, noio;
+	unsigned int npieces = 0, noio, epoch;
 	struct cowd_cmd *other;
 	blk_status_t status;
-	u64 pos, end;
+	bool hit;
 
 	cmd->op = op;
 	cmd->offset = blk_rq_pos(rq) << SECTOR_SHIFT;
@@ -564,21 +634,17 @@ static void cowd_work(struct work_struct *work)
 	if (dev->state == COWD_REMOVED)
 		goto fail_locked;
 	if (op == COWD_OP_READ || op == COWD_OP_WRITE) {
-		end = cmd->offset + cmd->length;
-		for (pos = cmd->offset; pos < end; pos = round_down(pos, csize) + csize) {
-			struct cowd_entry *e = cowd_find(dev, pos >> dev->cluster_bits);
-
-			if (!e || (write && !(e->flags & COWD_REMAP_WRITABLE)))
-				break;
-			cmd->pieces[npieces].file = e->file;
-			cmd->pieces[npieces].file_offset = e->file_offset;
-			cmd->pieces[npieces].flags = e->flags;
-			npieces++;
-			list_move_tail(&e->lru, &dev->lru);
+		if (cmd->ready && cmd->ready_gen == dev->inval_gen) {
+			npieces = cmd->npieces;
+			hit = true;
+		} else {
+			hit = cowd_lookup(dev, cmd, write, &npieces);
 		}
-		if (pos >= end) {
+		cmd->ready = false;
+		if (hit) {
 			dev->stats.hits += npieces;
-			atomic_inc(&dev->inflight);
+			epoch = dev->epoch & 1;
+			atomic_inc(&dev->inflight[epoch]);
 			spin_unlock(&dev->lock);
 
 			noio = memalloc_noio_save();
@@ -589,7 +655,7 @@ static void cowd_work(struct work_struct *work)
 				dev->write_gen++;
 				spin_unlock(&dev->lock);
 			}
-			if (atomic_dec_and_test(&dev->inflight))
+			if (atomic_dec_and_test(&dev->inflight[epoch]))
 				wake_up_all(&dev->inflight_wait);
 			cowd_end(cmd, status);
 			return;
@@ -663,6 +729,7 @@ static blk_status_t cowd_queue_rq(struct blk_mq_hw_ctx *hctx, const struct blk_m
 	}
 	blk_mq_start_request(rq);
 	cmd->retries = 0;
+	cmd->ready = false;
 	spin_lock_irqsave(&q->lock, flags);
 	list_add_tail(&cmd->qnode, &q->cmds);
 	spin_unlock_irqrestore(&q->lock, flags);
@@ -837,6 +904,8 @@ static int cowd_apply_reply(struct cowd_dev *dev, const struct cowd_reply *m,
 	case COWD_REPLY_RETRY:
 		spin_lock(&dev->lock);
 		dev->stats.retries++;
+		cmd->ready = cowd_lookup(dev, cmd, cmd->op == COWD_OP_WRITE, &cmd->npieces);
+		cmd->ready_gen = dev->inval_gen;
 		spin_unlock(&dev->lock);
 		queue_work(dev->wq, &cmd->work);
 		return 0;
@@ -1098,7 +1167,8 @@ static int cowd_check_create(const struct cowd_create *c)
 	if (!c->disk_size || c->disk_size & (c->logical_block_size - 1) ||
 	    c->disk_size > (U64_MAX >> 1))
 		return -EINVAL;
-	if (c->max_entries > COWD_MAX_ENTRIES || c->queue_depth > COWD_MAX_QUEUE_DEPTH ||
+	if ((c->max_entries && c->max_entries < COWD_MIN_ENTRIES) ||
+	    c->max_entries > COWD_MAX_ENTRIES || c->queue_depth > COWD_MAX_QUEUE_DEPTH ||
 	    c->daemon_timeout_ms > COWD_MAX_TIMEOUT_MS)
 		return -EINVAL;
 	if (!c->nr_files || c->nr_files > COWD_MAX_FILES)
@@ -1123,7 +1193,7 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	struct gendisk *disk;
 	struct file *chan;
 	int err, fd;
-	u32 i, max_io;
+	u32 i, max_io, max_clusters;
 
 	if (copy_from_user(&c, uarg, sizeof(c)))
 		return -EFAULT;
@@ -1143,6 +1213,7 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	INIT_LIST_HEAD(&dev->lru);
 	init_waitqueue_head(&dev->chan_wait);
 	init_waitqueue_head(&dev->inflight_wait);
+	mutex_init(&dev->drain_mutex);
 	INIT_DELAYED_WORK(&dev->timeout_work, cowd_timeout_work);
 	dev->size = c.disk_size;
 	dev->lbs = c.logical_block_size;
@@ -1153,7 +1224,7 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	dev->hash_bits = max_t(u32, ilog2(roundup_pow_of_two(dev->max_entries)) - 1, 4);
 	dev->state = COWD_LIVE;
 	dev->chan_open = true;
-	dev->nr_queues = clamp_t(unsigned int, num_online_cpus(), 1, COWD_MAX_QUEUES);
+	dev->nr_queues = clamp_t(unsigned int, queues ?: num_online_cpus(), 1, COWD_MAX_QUEUES);
 	for (i = 0; i < dev->nr_queues; i++) {
 		spin_lock_init(&dev->queues[i].lock);
 		INIT_LIST_HEAD(&dev->queues[i].cmds);
@@ -1209,8 +1280,13 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 		goto out_tags;
 	}
 	dev->disk = disk;
-	/* an unaligned request of max_io bytes touches one cluster more than it covers */
-	max_io = min_t(u32, COWD_MAX_DATA_BYTES, (COWD_MAX_PIECES - 1) << c.cluster_bits);
+	/*
+	 * A request needs every cluster it touches in the table at once: at most half of it, so
+	 * that a miss's read-ahead and other misses' remaps leave room.  An unaligned request of
+	 * max_io bytes touches one cluster more than it covers.
+	 */
+	max_clusters = min_t(u32, COWD_MAX_PIECES, dev->max_entries / 2) - 1;
+	max_io = min_t(u64, COWD_MAX_DATA_BYTES, (u64)max_clusters << c.cluster_bits);
 	blk_queue_logical_block_size(disk->queue, dev->lbs);
 	blk_queue_physical_block_size(disk->queue, max_t(u32, dev->lbs, 4096));
 	blk_queue_io_min(disk->queue, min_t(u32, 1U << c.cluster_bits, 65536));
@@ -1340,7 +1416,7 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 
 	/* Forget the old daemon's remaps, then let mapped I/O already started finish. */
 	cowd_invalidate_range(dev, 0, U64_MAX);
-	wait_event(dev->inflight_wait, !atomic_read(&dev->inflight));
+	cowd_drain_mapped(dev);
 	spin_lock(&dev->lock);
 	if (dev->write_gen > dev->flushed_gen)
 		dev->lost_writes = true;

@@ -37,6 +37,7 @@
 #define COWD_MAX_FILES		64	/* image files of one chain (formats' MAX_CHAIN_DEPTH) */
 #define COWD_MIN_CLUSTER_BITS	9	/* 512 B */
 #define COWD_MAX_CLUSTER_BITS	21	/* 2 MiB, qcow2's largest cluster */
+#define COWD_MIN_ENTRIES	4		/* a request may need half the table at once */
 #define COWD_MAX_ENTRIES	(1U << 22)	/* remap table bound: 4 Mi entries, ~256 MiB */
 #define COWD_MAX_QUEUE_DEPTH	1024
 #define COWD_MAX_DATA_BYTES	(1U << 20)	/* largest request, hence largest DATA reply */
