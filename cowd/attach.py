@@ -72,11 +72,18 @@ from typing import Any
 import trio
 
 from . import control
+from . import kmod_abi as abi
 from .control import DaemonUnavailable
 from .disk import Disk
 from .errors import RequestError, UsageError
 from .fuse import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
-from .kmodfront import KmodDevice, module_problem, remove_device
+from .kmodfront import (
+    DEFAULT_DAEMON_TIMEOUT_MS,
+    DEFAULT_MAX_ENTRIES,
+    KmodDevice,
+    module_problem,
+    remove_device,
+)
 
 log = logging.getLogger("cowd.attach")
 
@@ -703,6 +710,13 @@ class Attacher:
         image = req.get("image")
         via = req.get("via", "fuse")
         readonly = bool(req.get("readonly", False))
+        entries = req.get("kmod_entries", DEFAULT_MAX_ENTRIES)
+        timeout_ms = req.get("kmod_timeout_ms", DEFAULT_DAEMON_TIMEOUT_MS)
+        for name, v, low, top in (
+                ("kmod_entries", entries, abi.MIN_ENTRIES, abi.MAX_ENTRIES),
+                ("kmod_timeout_ms", timeout_ms, 1, abi.MAX_TIMEOUT_MS)):
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= top:
+                raise UsageError(f"attach: {name} must be {low}..{top} ({name}={v!r})")
         if not isinstance(image, str) or not os.path.isabs(image):
             raise UsageError(f"attach: the image must be an absolute path (image={image!r})")
         if via not in ("fuse", "kmod"):
@@ -713,7 +727,8 @@ class Attacher:
             with trio.CancelScope(shield=True):
                 try:
                     if via == "kmod":
-                        att = await self._attach_kmod(image, readonly)
+                        att = await self._attach_kmod(image, readonly, max_entries=entries,
+                                                      timeout_ms=timeout_ms)
                     else:
                         att = await self._attach(image, readonly)
                 finally:
@@ -732,11 +747,14 @@ class Attacher:
                 raise UsageError(f"{image}: already attached as {a.device}")
         return real
 
-    async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1
-                           ) -> Attachment:
+    async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1, *,
+                           max_entries: int = DEFAULT_MAX_ENTRIES,
+                           timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS) -> Attachment:
         """Attach through the kernel shim: /dev/cowdN, its channel served in the daemon's
-        nursery, the kernel's remap table primed.  ``take_over``: the index of a device a
-        dead daemon left, to serve again instead of creating one."""
+        nursery, the kernel's remap table (``max_entries`` clusters) primed; without a
+        daemon its misses wait ``timeout_ms`` for a new one.  ``take_over``: the index of a
+        device a dead daemon left, to serve again instead of creating one (it keeps the
+        bound and timeout it was created with)."""
         real = await self._check_new(image)
         problem = await trio.to_thread.run_sync(module_problem)
         if problem is not None:
@@ -747,7 +765,8 @@ class Attacher:
             if take_over >= 0:
                 kdev = KmodDevice.take_over(disk, take_over)
             else:
-                kdev = KmodDevice.create(disk)
+                kdev = KmodDevice.create(disk, max_entries=max_entries,
+                                         daemon_timeout_ms=timeout_ms)
             try:
                 await self.nursery.start(kdev.serve)
                 await kdev.prime()
@@ -1037,12 +1056,14 @@ def ensure_daemon(run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def client_attach(run: RunDir, image: str, via: str, readonly: bool,
-                  say: Callable[[str], None]) -> dict[str, Any]:
+                  say: Callable[[str], None], **kmod: int) -> dict[str, Any]:
+    """Attach ``image`` through the run dir's daemon (started if none runs); ``kmod``:
+    kmod_entries / kmod_timeout_ms for --via kmod."""
     for _ in range(ATTACH_ATTEMPTS):
         ensure_daemon(run, say)
         try:
             reply = control.request(run.control, "attach", timeout=ATTACH_REQUEST_TIMEOUT_S,
-                                    image=image, via=via, readonly=readonly)
+                                    image=image, via=via, readonly=readonly, **kmod)
         except DaemonUnavailable:
             # It was exiting (its last disk was just detached): wait and start another.
             wait_gone(run, EXIT_WAIT_S)

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "file under a loop device, /dev/loopN); auto takes the first this kernel "
                    "supports and says which (default: auto)")
     a.add_argument("--readonly", action="store_true", help="attach read-only")
+    a.add_argument("--kmod-entries", type=int, default=None, metavar="N",
+                   help="--via kmod: the kernel's remap table bound in clusters (default "
+                   "1048576, 4 to 4194304); a disk with more clusters is served with "
+                   "evictions and misses")
+    a.add_argument("--kmod-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--via kmod: how long the disk's misses wait for a new daemon when "
+                   "its daemon dies, before they fail with EIO (default 120)")
     _outside_option(a)
     _run_dir_option(a)
 
@@ -230,13 +237,27 @@ def attach_cmd(args: argparse.Namespace) -> int:
 
     from . import attach
 
+    kmod: dict[str, int] = {}
+    if args.kmod_entries is not None:
+        if not 4 <= args.kmod_entries <= 1 << 22:
+            raise UsageError(f"--kmod-entries: expected 4..4194304 (got {args.kmod_entries})")
+        kmod["kmod_entries"] = args.kmod_entries
+    if args.kmod_timeout is not None:
+        if not 0.001 <= args.kmod_timeout <= 86400:
+            raise UsageError(f"--kmod-timeout: expected 0.001..86400 seconds "
+                             f"(got {args.kmod_timeout:g})")
+        kmod["kmod_timeout_ms"] = round(args.kmod_timeout * 1000)
     via, note = attach.choose_frontend(args.via)
     if note:
         _say(note)
+    if kmod and via != "kmod":
+        raise UsageError(f"--kmod-entries/--kmod-timeout: only with the kernel shim "
+                         f"(attaching via {via})")
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):
         raise UsageError(f"{args.image}: no such image file")
-    att = attach.client_attach(attach.RunDir.at(args.run_dir), image, via, args.readonly, _say)
+    att = attach.client_attach(attach.RunDir.at(args.run_dir), image, via, args.readonly, _say,
+                               **kmod)
     print(att["device"])
     return 0
 

@@ -457,6 +457,11 @@ def test_frontend_choice(env: Env, tmp_path: Path) -> None:
         one_line(env.cowd("attach", base, "--via", "kmod", rc=2), "--via kmod", "kernel")
     if not os.path.exists("/dev/nbd0"):
         one_line(env.cowd("attach", base, "--via", "nbd", rc=2), "--via nbd", "nbd")
+    # The kernel shim's options: checked, and refused for another frontend.
+    one_line(env.cowd("attach", base, "--via", "fuse", "--kmod-entries", "16", rc=2),
+             "--kmod-entries/--kmod-timeout", "via fuse")
+    one_line(env.cowd("attach", base, "--kmod-entries", "0", rc=2), "--kmod-entries", "got 0")
+    one_line(env.cowd("attach", base, "--kmod-timeout=-1", rc=2), "--kmod-timeout", "got -1")
     assert not env.run_dir.exists()  # refused before any daemon was started
     # auto says what it took and why the others were not available.
     p = env.cowd("attach", base)

@@ -43,10 +43,12 @@ BASE_BYTES = 64 * MiB
 RECORD = 64 << 10  # the SIGKILL writer's record size
 RECORDS = 200
 GUEST_TIMEOUT_S = 1500
+SMALL_TABLE = 16  # ov5's kernel remap table bound (clusters): 1 MiB of a 64 MiB disk
+DEAD_S = 3  # ov5's daemon timeout: its misses fail this long after its daemon dies
 
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-test
-mkdir -p $D && cp $S/base.img $S/ov1.qcow2 $S/ov2.qcow2 $S/ov3.qcow2 $S/base.vhd $S/ov4.vhd $D/
+mkdir -p $D && cp $S/base.img $S/ov[1235].qcow2 $S/base.vhd $S/ov4.vhd $D/
 check() {{
   if [ "$2" = 0 ]; then echo "CHECK $1 ok ${{3:-}}"; else echo "CHECK $1 fail rc=$2 ${{3:-}}"; fi
 }}
@@ -93,13 +95,37 @@ sleep 1
 timeout 900 tail --pid=$wpid -f /dev/null; wait $wpid; check writer $? "$(tail -1 $S/writer.txt)"
 cowd stats --run-dir $RUN --json > $S/stats-takeover.json
 timeout 120 cowd detach $dev3 --run-dir $RUN; check detach3 $?
+t evict
+for i in $(seq 50); do [ -e $RUN/cowd.pid ] && sleep 0.2; done
+dev5=$(timeout 600 cowd attach $D/ov5.qcow2 --via kmod --run-dir $RUN --kmod-entries {entries} \
+  --kmod-timeout {dead_s}); check attach_small_table $? "$dev5"
+timeout 300 cmp $dev5 $D/base.img; check read_evicting $?
+timeout 60 dd if=$S/payload of=$dev5 bs=64k seek=128 oflag=direct conv=fsync status=none && \
+  timeout 60 cmp -n 1048576 -i 0:8388608 $S/payload $dev5; check write_evicting $?
+cowd stats --run-dir $RUN --json > $S/stats-evict.json
+t dead
+old=$(cat $RUN/cowd.pid); kill -9 $old; check killed5 $? "pid=$old"
+t0=$(date +%s.%N)
+timeout 120 dd if=$dev5 of=/dev/null bs=64k skip=900 count=16 iflag=direct status=none \
+  2> $S/eio.txt; rc=$?
+t1=$(date +%s.%N)
+[ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "Input/output error" $S/eio.txt
+check eio_after_timeout $? "rc=$rc after=$(awk "BEGIN {{ print $t1 - $t0 }}") $(head -1 $S/eio.txt)"
+(timeout 900 cowd daemon --run-dir $RUN > $S/daemon3.txt 2>&1 &)
+for i in $(seq 600); do
+  cowd list --run-dir $RUN 2>/dev/null | grep -q "$dev5" && break; sleep 0.2
+done
+timeout 120 cmp -n 1048576 -i 0:8388608 $S/payload $dev5 && \
+  timeout 120 cmp -n 8388608 $dev5 $D/base.img && \
+  timeout 120 cmp -i 9437184:9437184 $dev5 $D/base.img; check served_again $?
+timeout 120 cowd detach $dev5 --run-dir $RUN; check detach5 $?
 t rmmod
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -e $RUN/cowd.pid ] && sleep 1; done
 rmmod cowd; check rmmod $?
 dmesg > $S/dmesg.txt
 ! grep -E "WARNING|BUG|Oops|general protection|INFO: task" $S/dmesg.txt
 check dmesg_clean $?
-cp $D/ov1.qcow2 $D/ov2.qcow2 $D/ov3.qcow2 $D/ov4.vhd $S/ && cp $D/base.img $S/base.after
+cp $D/ov[1235].qcow2 $D/ov4.vhd $S/ && cp $D/base.img $S/base.after
 check copy_back $?
 t end
 echo GUEST-DONE
@@ -162,7 +188,7 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
             f.write(rng.randbytes(MiB))
     subprocess.run([sys.executable, "-m", "cowd.cli", "create", "--base", str(base),
                     "-o", str(d / "ov1.qcow2")], check=True, capture_output=True)
-    for n in (2, 3):
+    for n in (2, 3, 5):
         shutil.copy(d / "ov1.qcow2", d / f"ov{n}.qcow2")
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on",
              str(base), str(d / "base.vhd"))  # force_size: no rounding to a CHS geometry
@@ -173,7 +199,8 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     _tree(d / "tree", rng)
     (d / "writer.py").write_text(WRITER)
     sha = hashlib.sha256(base.read_bytes()).hexdigest()
-    script = SCRIPT.format(shared=d, writer=d / "writer.py", records=RECORDS, record=RECORD)
+    script = SCRIPT.format(shared=d, writer=d / "writer.py", records=RECORDS, record=RECORD,
+                           entries=SMALL_TABLE, dead_s=DEAD_S)
     res = guest.run(script, rwdirs=[str(d)], timeout=GUEST_TIMEOUT_S, memory="1G",
                     log=d / "guest.log")
     checks = {}
@@ -186,7 +213,9 @@ GUEST_CHECKS = [
     "not_loaded", "attach", "attach_loaded_module", "read_base", "stats", "mkfs", "mount",
     "copy_tree", "tree_same", "umount", "detach", "attach2", "fio_verify", "discard_zero",
     "write_zeroes", "untouched_base_range", "detach2", "attach_vhd", "read_vhd", "write_vhd",
-    "detach_vhd", "attach3", "killed", "writer", "detach3", "rmmod", "dmesg_clean", "copy_back",
+    "detach_vhd", "attach3", "killed", "writer", "detach3", "attach_small_table", "read_evicting",
+    "write_evicting", "killed5", "eio_after_timeout", "served_again", "detach5", "rmmod",
+    "dmesg_clean", "copy_back",
 ]
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(GUEST_TIMEOUT_S + 120)]
@@ -202,7 +231,7 @@ def test_in_guest(guest_run: tuple[Path, dict[str, str], str], name: str) -> Non
 
 def test_devices_were_kmod(guest_run: tuple[Path, dict[str, str], str]) -> None:
     _, checks, _ = guest_run
-    for name in ("attach", "attach2", "attach3", "attach_vhd"):
+    for name in ("attach", "attach2", "attach3", "attach_vhd", "attach_small_table"):
         assert re.search(r"/dev/cowd\d+$", checks[name]), (name, checks[name])
 
 
@@ -224,7 +253,8 @@ def test_base_unchanged(guest_run: tuple[Path, dict[str, str], str]) -> None:
     assert hashlib.sha256((d / "base.img").read_bytes()).hexdigest() == sha
 
 
-@pytest.mark.parametrize("name", ["ov1.qcow2", "ov2.qcow2", "ov3.qcow2", "ov4.vhd"])
+@pytest.mark.parametrize("name", ["ov1.qcow2", "ov2.qcow2", "ov3.qcow2", "ov4.vhd",
+                                  "ov5.qcow2"])
 def test_overlays_check_clean(guest_run: tuple[Path, dict[str, str], str], name: str) -> None:
     d, _, _ = guest_run
     if name.endswith(".vhd"):  # qemu-img cannot check VHDs; the peer reading is libvhdi's
@@ -232,7 +262,7 @@ def test_overlays_check_clean(guest_run: tuple[Path, dict[str, str], str], name:
     else:
         cmd = ["qemu-img", "check", "-f", "qcow2", str(d / name)]
     p = subprocess.run(cmd, capture_output=True, text=True)
-    if name == "ov3.qcow2" and p.returncode == 3:
+    if name in ("ov3.qcow2", "ov5.qcow2") and p.returncode == 3:
         # The killed daemon's allocations that no flush published are leaks: allowed, and
         # cowd check --repair frees them.
         subprocess.run([sys.executable, "-m", "cowd.cli", "check", "--repair", str(d / name)],
@@ -278,6 +308,38 @@ def test_acknowledged_records_survive_sigkill(
     stats = json.loads((d / "stats-takeover.json").read_text())
     (disk,) = [v for v in stats["disks"].values() if v.get("frontend") == "kmod"]
     assert disk["kmod"]["kernel"]["takeovers"] == 1
+
+
+def test_small_table_evicts_and_stays_correct(
+        guest_run: tuple[Path, dict[str, str], str]) -> None:
+    """A disk with more clusters than its kernel table holds: the whole-disk read (compared
+    with the base in the guest) went through misses and evictions, the table never grew past
+    its bound, and the overlay holds the payload written through it (qemu-img reading)."""
+    d, _, _ = guest_run
+    stats = json.loads((d / "stats-evict.json").read_text())
+    (disk,) = [v for v in stats["disks"].values() if v.get("frontend") == "kmod"]
+    k = disk["kmod"]["kernel"]
+    assert k["max_entries"] == SMALL_TABLE, k
+    assert k["entries"] <= SMALL_TABLE, k
+    assert disk["kmod"]["primed_entries"] <= SMALL_TABLE
+    clusters = BASE_BYTES // (64 << 10)
+    assert k["misses"] >= (clusters - SMALL_TABLE) // 16, k  # read-ahead: 16 clusters a miss
+    assert k["expiries"] >= clusters - 2 * SMALL_TABLE, k
+    ov5 = _raw(d, "ov5.qcow2")
+    base = (d / "base.img").read_bytes()
+    assert ov5[8 * MiB:9 * MiB] == (d / "payload").read_bytes()
+    assert ov5[:8 * MiB] == base[:8 * MiB] and ov5[9 * MiB:] == base[9 * MiB:]
+
+
+def test_dead_daemon_fails_misses_after_its_timeout(
+        guest_run: tuple[Path, dict[str, str], str]) -> None:
+    """With its daemon killed, a read that misses the table failed with EIO once the
+    device's timeout passed (not at once, not never); a new daemon then took the device over
+    and served it again (checked in the guest: served_again)."""
+    _, checks, _ = guest_run
+    m = re.search(r"after=([\d.]+)", checks["eio_after_timeout"])
+    assert m, checks["eio_after_timeout"]
+    assert DEAD_S - 1.5 <= float(m.group(1)) <= DEAD_S + 30, checks["eio_after_timeout"]
 
 
 def test_fio_and_vhd_data(guest_run: tuple[Path, dict[str, str], str]) -> None:
