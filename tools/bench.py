@@ -66,7 +66,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -91,8 +90,8 @@ from bench_attach import (
     MiB,
     Tree,
     Window,
-    _on_signal,
     copy_workload,
+    in_work_dir,
     make_tree,
     quiet,
     sh,
@@ -184,6 +183,7 @@ class Run:
     paths: list[str] = field(default_factory=list)  # the host paths this machine has
     started: int = 0  # servers started so far: their sockets' and run dirs' names
     tree: Tree = field(default_factory=lambda: Tree(Path(), 0, 0, 0, 0))  # copy's source
+    guest_tree: dict[str, int] = field(default_factory=dict)  # the guest's copy source
 
     def add(self, rep: int, workload: str, case: str, state: str, path: str,
             figures: dict[str, float], where: str = "host") -> None:
@@ -468,27 +468,28 @@ def guest_records(run: Run, out: str, disk_mib: int) -> None:
         got = res.get(src, {})
         state = "" if path == "guest-loop" else "cold"
         for what, (case, fig) in GUEST_FIO.items():
-            for i, v in enumerate(got.get(f"{what}_{fig}", [])):
+            for rep, v in sorted(got.get(f"{what}_{fig}", {}).items()):
                 r: dict[str, float] = {fig: v}
                 for lat in ("lat_p50_us", "lat_p99_us"):
-                    xs = got.get(f"{what}_{lat}", [])
-                    if i < len(xs) and xs[i] > 0:
-                        r[lat] = xs[i]
+                    x = got.get(f"{what}_{lat}", {}).get(rep, 0.0)
+                    if x > 0:
+                        r[lat] = x
                 if path == "kmod":
                     if st.get("prime_seconds") is not None:
                         r["prime_s"] = float(st["prime_seconds"])  # type: ignore[arg-type]
                     if st.get("primed_entries") is not None:
                         r["primed_entries"] = float(st["primed_entries"])  # type: ignore[arg-type]
-                    misses = got.get("misses", [])
-                    if what == "seqread" and i < len(misses):
-                        r["misses_per_GiB"] = misses[i] * 1024 / disk_mib
-                        r["kernel_misses"] = misses[i]
+                    misses = got.get("misses", {})
+                    if what == "seqread" and rep in misses:
+                        r["misses_per_GiB"] = misses[rep] * 1024 / disk_mib
+                        r["kernel_misses"] = misses[rep]
                     for k in ("hits", "misses"):
                         if isinstance(kernel, dict) and kernel.get(k) is not None:
                             r[f"kernel_{k}_after_priming"] = float(kernel[k])
-                run.add(i + 1, "fio", case, state, path, r, "guest")
-        for i, v in enumerate(got.get("copy_s", [])):
-            run.add(i + 1, "copy", "copy", "", path, {"seconds": v}, "guest")
+                run.add(rep, "fio", case, state, path, r, "guest")
+        for rep, v in sorted(got.get("copy_s", {}).items()):
+            run.add(rep, "copy", "copy", "", path, {"seconds": v}, "guest")
+    run.guest_tree = bench_kmod.tree(out)
 
 
 def guest_guarded(run: Run) -> None:
@@ -734,36 +735,21 @@ def main() -> int:
         note(why)
         return 1
     p = params(args)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir)).resolve()
     t0 = time.monotonic()
-    run: Run | None = None
-    rc = 0
-    try:
-        note(f"work dir {work}")
+    runs: list[Run] = []
+
+    def body(work: Path) -> None:
         bench = Bench(work, p.base_bytes, False, p.drop_caches, base_data=True)
         run = Run(bench, p, Progress(0))
+        runs.append(run)
         run.paths = host_paths_available(run)
         tree = run.tree = make_tree(work / "tree", p.files, p.tree_bytes, p.seed)
         bench_run(run, tree)
-    except (KeyboardInterrupt, Interrupted) as e:
-        note(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
-        rc = 130
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
-        note(f"failed: {e}")
-        rc = 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # finish the clean-up whatever comes
-        left = run.cleanup() if run else []
-        if left:
-            note(f"left behind, not removing {work}: {', '.join(left)}")
-            rc = rc or 1
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if rc or run is None:
+
+    rc = in_work_dir("bench-", args.dir, body, lambda: runs[0].cleanup() if runs else [], note)
+    if rc or not runs:
         return rc
+    run = runs[0]
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
         "machine": machine(), "commit": commit(), "fio": sh("fio", "--version"),
@@ -773,6 +759,7 @@ def main() -> int:
         "paths": list(HOST_PATHS) + list(GUEST_PATHS),
         "workloads": list(WORKLOADS),
         "tree": {"files": p.files, "bytes": p.tree_bytes, "seed": p.seed},
+        "guest_tree": run.guest_tree,
         "records": run.records, "unavailable": run.unavailable}
     doc["summary"] = bench_report.summarise(doc)
     out = Path(args.out_dir)

@@ -141,6 +141,37 @@ def signals_deferred() -> Iterator[None]:
             raise Interrupted(signal.Signals(got[0]).name)
 
 
+def in_work_dir(prefix: str, parent: str, body: Callable[[Path], None],
+                cleanup: Callable[[], list[str]], say: Callable[[str], None]) -> int:
+    """Make a work dir under ``parent`` and run ``body`` in it with SIGTERM/SIGHUP unwinding
+    like Ctrl-C.  Whatever happens, ``cleanup()`` (what it could not remove) runs with every
+    signal ignored, and the work dir is removed unless something was left in it.
+    Returns 0, 1 (failed, or something left behind) or 130 (interrupted)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)).resolve()
+    rc = 0
+    try:
+        say(f"work dir {work}")
+        body(work)
+    except (KeyboardInterrupt, Interrupted) as e:
+        say(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
+        rc = 130
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+        say(f"failed: {e}")
+        rc = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # finish the clean-up whatever comes
+        left = cleanup()
+        if left:
+            say(f"left behind, not removing {work}: {', '.join(left)}")
+            rc = rc or 1
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
 def sh(*args: str) -> str:
     """Run a command; its stripped stdout, or RuntimeError naming it with its stderr."""
     try:
@@ -673,35 +704,23 @@ def main() -> int:
         note(why)
         return 1
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
-    work = Path(tempfile.mkdtemp(prefix="bench-attach-", dir=args.dir)).resolve()
-    bench: Bench | None = None
+    benches: list[Bench] = []
     reps_out: list[Rep] = []
-    rc = 0
-    try:
-        note(f"work dir {work}")
+    trees: list[Tree] = []
+
+    def body(work: Path) -> None:
         tree = make_tree(work / "tree", args.files, tree_bytes, args.seed)
+        trees.append(tree)
         bench = Bench(work, base_bytes, args.full_copy, not args.no_drop_caches)
+        benches.append(bench)
         for i in range(1, reps + 1):
             reps_out.append(one_rep(bench, tree, runtime_s, i, reps))
-    except (KeyboardInterrupt, Interrupted) as e:
-        note(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
-        rc = 130
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
-        note(f"failed: {e}")
-        rc = 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # finish the clean-up whatever comes
-        left = bench.cleanup() if bench else []
-        if left:
-            note(f"left behind, not removing {work}: {', '.join(left)}")
-            rc = rc or 1
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    rc = in_work_dir("bench-attach-", args.dir, body,
+                     lambda: benches[0].cleanup() if benches else [], note)
     if rc:
         return rc
+    work, tree = benches[0].work, trees[0]
 
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),

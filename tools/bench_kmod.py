@@ -51,12 +51,16 @@ for d in range({dirs}):
         with open(f"{{sys.argv[1]}}/d{{d}}/f{{f}}", "wb") as fh:
             fh.write(rng.randbytes(rng.randrange(0, 20000)))
 EOF
+echo "T $(find $D/tree -type f -printf '%s\n' | awk '{{ n++; s += $1 }} END {{ print n, s }}')"
 cowd create --base $D/base.img -o $D/ov.qcow2 >/dev/null
 kdev=$(cowd attach $D/ov.qcow2 --via kmod --run-dir $RUN) || {{ echo "BENCH-FAIL attach"; exit 1; }}
 echo "S $(cowd stats --run-dir $RUN --json | python3 $S/h.py stats)"
 ldev=$(losetup --find --show $D/raw.img)
-fiojob() {{ fio --name=j --filename=$1 --direct=1 --ioengine=libaio --output-format=json \
-  "${{@:2}}" > $S/fio.json 2>/dev/null; python3 $S/h.py fio $S/fio.json; }}
+# fio's terse (v3) line, read side: 7 bandwidth KiB/s, 8 IOPS, 24 and 30 the 50th and 99th
+# completion-latency percentiles as "P%=usec" (awk, not a Python start: slow under TCG)
+fiojob() {{ fio --name=j --filename=$1 --direct=1 --ioengine=libaio --output-format=terse \
+  --terse-version=3 "${{@:2}}" 2>/dev/null | \
+  awk -F';' '{{ split($24, a, "="); split($30, b, "="); print $7 * 1024, $8, a[2], b[2] }}'; }}
 misses() {{ cowd stats --run-dir $RUN --json | python3 $S/h.py misses; }}
 copyrun() {{
   mkfs.ext4 -q -E nodiscard $1 && t0=$(date +%s.%N) && mount $1 $D/mnt && \
@@ -66,10 +70,9 @@ copyrun() {{
 for rep in $(seq {reps}); do
   for path in loop kmod; do
     dev=$ldev; [ $path = kmod ] && dev=$kdev
-    m0=$(misses)
+    [ $path = kmod ] && m0=$(misses)
     echo "R $rep $path seqread $(fiojob $dev --rw=read --bs=1M --iodepth=1 --size=${{MB}}M)"
-    m1=$(misses)
-    echo "R $rep $path misses $((m1 - m0))"
+    [ $path = kmod ] && echo "R $rep $path misses $(($(misses) - m0))"
     echo "R $rep $path randread $(fiojob $dev --rw=randread --bs=4k --iodepth=32 \
       --time_based --runtime={runtime} --randrepeat=0)"
   done
@@ -92,11 +95,7 @@ echo "BENCH-DONE at $(cut -d' ' -f1 /proc/uptime) s"
 
 HELPER = r"""
 import json, sys
-if sys.argv[1] == "fio":
-    j = json.load(open(sys.argv[2]))["jobs"][0]["read"]
-    pct = j.get("clat_ns", {}).get("percentile", {})
-    print(j["bw_bytes"], j["iops"], pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3)
-elif sys.argv[1] == "misses":
+if sys.argv[1] == "misses":
     d = json.load(sys.stdin)["disks"]
     print(sum(v["kmod"]["kernel"]["misses"] for v in d.values() if "kmod" in v))
 elif sys.argv[1] == "stats":
@@ -118,10 +117,22 @@ def stats(out: str) -> dict[str, object]:
     return json.loads(m.group(1)) if m else {}
 
 
-def parse(out: str) -> dict[str, dict[str, list[float]]]:
-    res: dict[str, dict[str, list[float]]] = {}
+def tree(out: str) -> dict[str, int]:
+    """The copied tree's size in the guest: {"files": N, "bytes": B} (empty if not printed)."""
+    m = re.search(r"^T (\d+) (\d+)$", out, re.M)
+    return {"files": int(m.group(1)), "bytes": int(m.group(2))} if m else {}
+
+
+Figures = dict[str, dict[str, dict[int, float]]]  # path -> figure -> repetition -> value
+
+
+def parse(out: str) -> Figures:
+    """The guest's ``R rep path what figures`` lines, keyed by repetition number (so a step
+    that failed in one repetition does not shift the pairing of the others)."""
+    res: Figures = {}
     for m in re.finditer(r"^R (\d+) (\S+) (\S+) (.+)$", out, re.M):
-        _rep, path, what, vals = m.groups()
+        rep_s, path, what, vals = m.groups()
+        rep = int(rep_s)
         try:
             nums = [float(x) for x in vals.split()]
         except ValueError:
@@ -130,21 +141,35 @@ def parse(out: str) -> dict[str, dict[str, list[float]]]:
             continue
         d = res.setdefault(path, {})
         if what in ("seqread", "randread") and len(nums) >= 4:
-            d.setdefault(f"{what}_lat_p50_us", []).append(nums[2])
-            d.setdefault(f"{what}_lat_p99_us", []).append(nums[3])
+            d.setdefault(f"{what}_lat_p50_us", {})[rep] = nums[2]
+            d.setdefault(f"{what}_lat_p99_us", {})[rep] = nums[3]
         if what == "seqread":
-            d.setdefault("seqread_MBps", []).append(nums[0] / 1e6)
+            d.setdefault("seqread_MBps", {})[rep] = nums[0] / 1e6
         elif what == "randread":
-            d.setdefault("randread_iops", []).append(nums[1])
+            d.setdefault("randread_iops", {})[rep] = nums[1]
         elif what == "copy":
-            d.setdefault("copy_s", []).append(nums[0])
+            d.setdefault("copy_s", {})[rep] = nums[0]
         elif what == "misses":
-            d.setdefault("misses", []).append(nums[0])
+            d.setdefault("misses", {})[rep] = nums[0]
     return res
 
 
-def table(res: dict[str, dict[str, list[float]]], disk_mib: int) -> str:
-    def cell(vals: list[float]) -> str:
+def figures_from_json(saved: dict[str, dict[str, object]]) -> Figures:
+    """Saved results (repetition keys become strings in JSON; runs before 2026-11-24 saved
+    lists, repetition i at index i - 1) as :data:`Figures`."""
+    out: Figures = {}
+    for path, figs in saved.items():
+        for key, vals in figs.items():
+            by_rep = (dict(enumerate(vals, 1)) if isinstance(vals, list) else
+                      {int(k): float(v) for k, v in vals.items()} if isinstance(vals, dict)
+                      else {})
+            out.setdefault(path, {})[key] = by_rep
+    return out
+
+
+def table(res: Figures, disk_mib: int) -> str:
+    def cell(by_rep: dict[int, float]) -> str:
+        vals = list(by_rep.values())
         return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
 
     lines = ["| workload | loop | kmod | kmod / loop | target |", "|---|---|---|---|---|"]
@@ -158,13 +183,13 @@ def table(res: dict[str, dict[str, list[float]]], disk_mib: int) -> str:
             continue
         # Paired per repetition (the two paths ran back to back): on a shared machine the
         # load moves between repetitions more than between the paths of one repetition.
-        ratios = [k / v for k, v in zip(km, lo, strict=False) if v]
+        ratios = [km[rep] / lo[rep] for rep in sorted(km.keys() & lo.keys()) if lo[rep]]
         ratio = (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
                  if ratios else "-")
         lines.append(f"| {label} | {cell(lo)} | {cell(km)} | {ratio} | {target} |")
     miss = res.get("kmod", {}).get("misses")
     if miss:
-        per_gib = statistics.median(miss) * 1024 / disk_mib
+        per_gib = statistics.median(miss.values()) * 1024 / disk_mib
         lines.append(f"| daemon round trips per GiB read after priming | - | {per_gib:.0f} | - "
                      "| 0 |")
     return "\n".join(lines)
@@ -184,7 +209,7 @@ def main() -> int:
         print(f"kernel shim vs loop, guest {saved['guest_kernel']}, {saved['disk_mib']} MiB "
               f"disk, median of {saved['reps']} (min-max), commit {saved['commit']}, "
               f"{saved['date']}")
-        print(table(saved["results"], saved["disk_mib"]))
+        print(table(figures_from_json(saved["results"]), saved["disk_mib"]))
         return 0
     guest.build_module()
     share = Path(tempfile.mkdtemp(prefix="bench-kmod-"))

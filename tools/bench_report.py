@@ -169,7 +169,9 @@ def _value(m: str, v: float) -> str:
 def _what(row: dict[str, Any], doc: dict[str, Any]) -> str:
     w, case, state = row["workload"], row["case"], row["state"]
     if w == "copy":
-        t = doc["tree"]
+        t = doc["tree"] if row["where"] == "host" else doc.get("guest_tree") or {}
+        if not t:
+            return "copy a tree of small files (s)"
         return f"copy {t['files']} files / {t['bytes'] / 1e6:.0f} MB (s)"
     if w == "boot":
         return ("first boot to the marker (s; loop column: qemu on a raw copy, qemu-nbd "
@@ -266,7 +268,8 @@ def _internals(doc: dict[str, Any]) -> str:
         def g(key: str, f: str, among: list[str], r: dict[str, Any] = r) -> str:
             return " / ".join(format(r["paths"][x][key], f) if key in r["paths"].get(x, {})
                               else "-" for x in among)
-        out.append(f"| {r['case']} {r['state']} | {g('hit_rate', '.3f', cowd)} | "
+        where = " (in the guest)" if r["where"] == "guest" else ""
+        out.append(f"| {r['case']} {r['state']}{where} | {g('hit_rate', '.3f', cowd)} | "
                    f"{g('misses_per_GiB', '.0f', cowd)} | "
                    f"{g('metadata_lookups_per_request', '.2f', cowd)} | "
                    f"{g('daemon_cpu_us_per_io', '.0f', paths)} | {g('prime_s', '.3f', cowd)} |")
