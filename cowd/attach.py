@@ -47,6 +47,15 @@ backing file lies in that dead mount — before unmounting it, since a loop devi
 unmounts it and removes the stale socket.  A stale loop device still in use (a file system on
 it still mounted) is detached anyway: the kernel then only marks it auto-clear, and it goes
 away when that file system is unmounted; its I/O fails meanwhile, as it already did.
+
+``--via nbd`` (cowd/nbdattach.py): the daemon serves the Disk with its NBD server over a
+socketpair, negotiates the other end itself and gives it to the kernel's nbd driver on a free
+``/dev/nbdN`` (NBD_SET_SOCK is the claim; NBD_DO_IT runs in a thread of its own until the
+device is disconnected).  Detach: refused while the device is held exclusively, else fsync,
+NBD_DISCONNECT, wait for DO_IT, NBD_CLEAR_SOCK, close the Disk.  When the daemon dies its end
+of the socketpair closes and the kernel lets the device go at its last close; one still held
+open (a mounted file system) keeps showing the dead thread as its pid, and the cleanup sends it
+NBD_CLEAR_SOCK (only devices the dead daemon recorded, only while they show its thread).
 """
 
 from __future__ import annotations
@@ -84,6 +93,8 @@ from .kmodfront import (
     module_problem,
     remove_device,
 )
+from .nbd import NbdServer
+from .nbdattach import NbdDevice, clear_stale, device_index
 
 log = logging.getLogger("cowd.attach")
 
@@ -418,6 +429,9 @@ def kmod_problem() -> str | None:
 
 
 def nbd_problem() -> str | None:
+    """Why `--via nbd` cannot work here, or None (cowd loads no nbd module itself)."""
+    if os.geteuid() != 0:
+        return "the kernel's nbd client needs root"
     if not os.path.isdir("/sys/module/nbd"):
         modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
         if modprobe is None:
@@ -432,8 +446,7 @@ def nbd_problem() -> str | None:
         return "the nbd module is not loaded (modprobe nbd; cowd loads no modules)"
     if not os.path.exists("/dev/nbd0"):
         return "nbd is loaded but there is no /dev/nbd0 (nbds_max=0?)"
-    return ("the kernel has nbd, but cowd cannot connect it yet "
-            "(cowd serve exports disks over NBD for nbd-client)")
+    return None
 
 
 def fuse_problem() -> str | None:
@@ -487,12 +500,14 @@ class Cleanup:
 
     loops: list[tuple[str, str, bool]] = field(default_factory=list)  # (device, name, was busy)
     kmod: list[tuple[str, str, str]] = field(default_factory=list)  # (device, image, outcome)
+    nbd: list[tuple[str, str, str]] = field(default_factory=list)  # (device, image, outcome)
     unmounted: int = 0
     socket_removed: bool = False
     state: list[dict[str, Any]] = field(default_factory=list)  # the dead daemon's records
 
     def __bool__(self) -> bool:
-        return bool(self.loops or self.kmod or self.unmounted or self.socket_removed)
+        return bool(self.loops or self.kmod or self.nbd or self.unmounted
+                    or self.socket_removed)
 
     def lines(self, run: RunDir) -> list[str]:
         out = []
@@ -504,7 +519,7 @@ class Cleanup:
                            "goes away when that is unmounted")
             else:
                 out.append(f"detached {what}")
-        for dev, image, outcome in self.kmod:
+        for dev, image, outcome in self.kmod + self.nbd:
             out.append(f"{outcome} {dev} ({image})")
         if self.unmounted:
             out.append(f"unmounted the dead FUSE mount {run.fuse_dir}")
@@ -527,6 +542,22 @@ def _remove_stale_kmod(done: Cleanup) -> None:
         except (UsageError, RequestError) as e:
             outcome = f"could not remove ({e}):"
         done.kmod.append((dev, str(rec.get("image")), outcome))
+
+
+def _clear_stale_nbd(done: Cleanup) -> None:
+    """NBD_CLEAR_SOCK on the dead daemon's /dev/nbdN that are still claimed by its dead
+    thread (held open by something else); the others the kernel released already."""
+    for rec in done.state:
+        device, tid = rec.get("device"), rec.get("tid")
+        if rec.get("frontend") != "nbd" or not isinstance(device, str):
+            continue
+        index = device_index(device)
+        if index is None:
+            continue
+        outcome = clear_stale(index, tid if isinstance(tid, int) else None)
+        if outcome is not None:
+            log.info("stale: %s %s", outcome, device)
+            done.nbd.append((device, str(rec.get("image")), outcome))
 
 
 def _exists(path: str) -> bool:
@@ -554,6 +585,7 @@ async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
     done = Cleanup(state=read_state(run))
     if not keep_kmod:
         _remove_stale_kmod(done)
+    _clear_stale_nbd(done)
     fuse_dir = run.fuse_dir
     await trio.lowlevel.checkpoint()
     mounts = mounts_at(fuse_dir)
@@ -604,6 +636,7 @@ class Attachment:
     readonly: bool
     attached_at: float = field(default_factory=time.time)
     kmod: KmodDevice | None = None  # frontend "kmod": /dev/cowdN and its channel
+    nbd: NbdDevice | None = None  # frontend "nbd": /dev/nbdN and its DO_IT thread
 
     def record(self) -> dict[str, Any]:
         rec = {"name": self.name, "image": self.image, "device": self.device,
@@ -611,6 +644,8 @@ class Attachment:
                "attached_at": round(self.attached_at, 3)}
         if self.kmod is not None:
             rec["index"] = self.kmod.index
+        if self.nbd is not None and self.nbd.tid:
+            rec["tid"] = self.nbd.tid[0]  # what sysfs shows as the device's pid
         return rec
 
 
@@ -640,11 +675,14 @@ class Attacher:
         self.fuse_options = fuse_options
         self.attachments: dict[str, Attachment] = {}
         self.fuse: FuseFrontend | None = None
+        self.nbd_disks: dict[str, Disk] = {}  # export name -> Disk, for --via nbd
+        self.nbd_server: NbdServer | None = None
         self.mount_dev = 0
         self.accepting = True
         self.op_lock = trio.Lock()
         stack.push_async_callback(self._close_all)
         stack.push_async_callback(self._detach_all_kmod)  # before the disks close
+        stack.push_async_callback(self._detach_all_nbd)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -719,8 +757,9 @@ class Attacher:
                 raise UsageError(f"attach: {name} must be {low}..{top} ({name}={v!r})")
         if not isinstance(image, str) or not os.path.isabs(image):
             raise UsageError(f"attach: the image must be an absolute path (image={image!r})")
-        if via not in ("fuse", "kmod"):
-            raise UsageError(f"attach: this daemon attaches through fuse or kmod (via={via!r})")
+        if via not in ("fuse", "kmod", "nbd"):
+            raise UsageError(f"attach: this daemon attaches through fuse, kmod or nbd "
+                             f"(via={via!r})")
         async with self.op_lock:
             if not self.accepting:
                 raise DaemonUnavailable("the daemon is shutting down")
@@ -729,6 +768,8 @@ class Attacher:
                     if via == "kmod":
                         att = await self._attach_kmod(image, readonly, max_entries=entries,
                                                       timeout_ms=timeout_ms)
+                    elif via == "nbd":
+                        att = await self._attach_nbd(image, readonly)
                     else:
                         att = await self._attach(image, readonly)
                 finally:
@@ -788,6 +829,41 @@ class Attacher:
         log.info("attached %s as %s (via kmod%s; %d remaps primed in %.3f s)", image,
                  kdev.device, ", taken over" if take_over >= 0 else "", kdev.primed_entries,
                  kdev.prime_seconds or 0.0)
+        return att
+
+    async def _attach_nbd(self, image: str, readonly: bool) -> Attachment:
+        """Attach through the kernel's nbd client: the Disk is an export of this attacher's
+        NBD server, served over a socketpair whose other end /dev/nbdN reads."""
+        real = await self._check_new(image)
+        problem = await trio.to_thread.run_sync(nbd_problem)
+        if problem is not None:
+            raise UsageError(f"--via nbd: {problem}")
+        name = self._name_for(image)
+        disk = await self.open_disk(image, readonly)
+        try:
+            if self.nbd_server is None:
+                self.nbd_server = NbdServer(self.nbd_disks)
+            self.nbd_disks[name] = disk
+            try:
+                ndev = await NbdDevice.connect(self.nursery, self.nbd_server, name)
+                try:
+                    rdev = (await trio.to_thread.run_sync(os.stat, ndev.device)).st_rdev
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await ndev.disconnect()
+                    raise
+            except BaseException:
+                del self.nbd_disks[name]
+                raise
+        except BaseException:
+            await disk.close()
+            raise
+        att = Attachment(name, image, real, disk, "nbd", "", ndev.device, rdev, (0, 0),
+                         disk.readonly, nbd=ndev)
+        self.attachments[name] = att
+        self._save()
+        log.info("attached %s as %s (via nbd, %d bytes, flags %#x)", image, ndev.device,
+                 ndev.size_bytes, ndev.flags)
         return att
 
     async def take_over(self, records: list[dict[str, Any]]) -> list[str]:
@@ -873,6 +949,9 @@ class Attacher:
         if att.kmod is not None:
             await self._detach_kmod(att, att.kmod)
             return
+        if att.nbd is not None:
+            await self._detach_nbd(att, att.nbd)
+            return
         fe = self.fuse
         assert fe is not None
         info = await self._ours(att)
@@ -907,6 +986,34 @@ class Attacher:
             await att.disk.flush()  # the kernel's writes sit in the files' page cache
         await self._forget(att)
 
+    async def _detach_nbd(self, att: Attachment, ndev: NbdDevice) -> None:
+        if await trio.to_thread.run_sync(is_busy, att.device):
+            raise UsageError(f"{att.device}: in use (a mounted file system?); unmount it first")
+        if not att.disk.readonly:
+            await ndev.sync()  # the kernel's cached writes, then a FLUSH
+        await ndev.disconnect()
+        self.nbd_disks.pop(att.name, None)
+        await self._forget(att)
+
+    async def _detach_all_nbd(self) -> None:
+        """At shutdown, disconnect every /dev/nbdN (one still mounted too: its I/O fails from
+        now on, as it would once this process is gone) before the disks close."""
+        with trio.CancelScope(shield=True):
+            self.accepting = False
+            for att in list(self.attachments.values()):
+                ndev = att.nbd
+                if ndev is None:
+                    continue
+                try:
+                    if await trio.to_thread.run_sync(is_busy, att.device):
+                        log.warning("%s: still in use at shutdown; disconnecting it anyway",
+                                    att.device)
+                    elif not att.disk.readonly:
+                        await ndev.sync()
+                except OSError as e:
+                    log.error("%s: %s", att.device, e)
+                await ndev.disconnect()
+
     def entries(self) -> list[dict[str, Any]]:
         out = []
         for a in self.attachments.values():
@@ -915,6 +1022,8 @@ class Attacher:
                  "ops": d.stats()["ops"]}
             if a.kmod is not None:
                 e["kmod"] = a.kmod.stats()
+            if a.nbd is not None:
+                e["nbd"] = a.nbd.stats()
             out.append(e)
         return out
 
@@ -934,8 +1043,8 @@ class Attacher:
         with trio.CancelScope(shield=True):
             self.accepting = False
             for att in list(self.attachments.values()):
-                if att.kmod is not None:
-                    continue  # _detach_all_kmod
+                if att.kmod is not None or att.nbd is not None:
+                    continue  # _detach_all_kmod, _detach_all_nbd
                 try:
                     info = await self._ours(att)
                     if info is None:
@@ -948,7 +1057,7 @@ class Attacher:
                 except (OSError, UsageError) as e:
                     log.error("%s: %s", att.device, e)
             for att in list(self.attachments.values()):
-                if att.kmod is None and not await self._released(att.name,
+                if att.frontend == "fuse" and not await self._released(att.name,
                                                                  RELEASE_TIMEOUT_S / 2):
                     break  # the frontend's close waits and aborts what stays open
 
@@ -1129,7 +1238,7 @@ def matches(done: Cleanup, req: dict[str, Any]) -> bool:
             return True
         if req["target"] in (name, dev):
             return True
-    for dev, image, _outcome in done.kmod:
+    for dev, image, _outcome in done.kmod + done.nbd:
         if req["target"] == dev or req.get("image") == os.path.realpath(image):
             return True
     return False
