@@ -9,12 +9,13 @@ codec fed one byte at a time; a refused export and a bad greeting; the refusal o
 In a guest of Debian's kernel (one boot, :mod:`tools.guest`): modprobe nbd; attach a qcow2
 overlay of a patterned raw base; compare the whole device with the base; ``cowd list`` says
 nbd; mkfs.ext4 (32 MiB of the 64) + mount + copy a tree + umount, detach refused while
-mounted; a direct write at 40 MiB and a discard at 48 MiB; detach; a differencing VHD over a
-VHD base, read and written; SIGKILL of the daemon while a process holds its device open, then
-a new attach (which cleans up) works on another device and the held one is released once it
-is closed; no device left connected; dmesg clean.  On the host afterwards: qemu-img convert of
-the overlays, debugfs rdump of the tree, libvhdi for the VHD, qemu-img check / cowd check, the
-base's sha256 unchanged.
+mounted; a direct write at 40 MiB and a discard at 48 MiB; a differencing VHD over a VHD base
+attached beside it (a second device of the same daemon), then the first detached, the VHD
+read and written and detached (the daemon exits); SIGKILL of the daemon while a process holds
+its device open, then a new attach (which cleans up) works on another device and the held one
+is released once it is closed; no device left connected; dmesg clean.  On the host
+afterwards: qemu-img convert of the overlays, debugfs rdump of the tree, libvhdi for the VHD,
+qemu-img check / cowd check, the base's sha256 unchanged.
 """
 
 from __future__ import annotations
@@ -229,17 +230,18 @@ timeout 60 dd if=$S/payload of=$dev bs=64k seek=640 oflag=direct status=none && 
   timeout 60 cmp -n 1048576 -i 0:41943040 $S/payload $dev; check write_direct $?
 timeout 60 blkdiscard -o 50331648 -l 1048576 $dev && \
   timeout 60 cmp -n 1048576 -i 50331648:0 $dev /dev/zero; check discard_zero $?
-timeout 120 cowd detach $dev --run-dir $RUN; check detach $?
-for i in $(seq 100); do [ -e $RUN/cowd.pid ] && sleep 0.1; done
-[ ! -e /sys/block/${{dev#/dev/}}/pid ]; check released $?
 t vhd
 dev2=$(timeout 300 cowd attach $D/ov2.vhd --via nbd --run-dir $RUN); check attach_vhd $? "$dev2"
+[ "$dev2" != "$dev" ]; check second_device $? "$dev2"
+timeout 120 cowd detach $dev --run-dir $RUN; check detach $?
+[ ! -e /sys/block/${{dev#/dev/}}/pid ]; check released $?
 timeout 120 cmp $dev2 $D/base.img; check read_vhd $?
 timeout 60 dd if=$S/payload of=$dev2 bs=64k seek=3 oflag=direct status=none && \
   timeout 60 cmp -n 1048576 -i 0:196608 $S/payload $dev2; check write_vhd $?
 timeout 120 cowd detach $dev2 --run-dir $RUN; check detach_vhd $?
-t kill
 for i in $(seq 100); do [ -e $RUN/cowd.pid ] && sleep 0.1; done
+[ ! -e $RUN/cowd.pid ]; check daemon_exited $?
+t kill
 dev3=$(timeout 300 cowd attach $D/ov3.qcow2 --via nbd --run-dir $RUN); check attach3 $? "$dev3"
 sleep 600 < $dev3 & holder=$!
 old=$(cat $RUN/cowd.pid); kill -9 $old; check killed $? "pid=$old"
@@ -318,8 +320,9 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 GUEST_CHECKS = [
     "modprobe", "attach", "list_nbd", "read_base", "mkfs", "mount", "copy_tree", "tree_same",
-    "detach_refused_mounted", "umount", "write_direct", "discard_zero", "detach", "released",
-    "attach_vhd", "read_vhd", "write_vhd", "detach_vhd", "attach3", "killed",
+    "detach_refused_mounted", "umount", "write_direct", "discard_zero", "attach_vhd",
+    "second_device", "detach", "released", "read_vhd", "write_vhd", "detach_vhd",
+    "daemon_exited", "attach3", "killed",
     "attach_after_kill", "not_reused", "write_after_kill", "stuck_released", "detach4",
     "none_connected", "dmesg_clean", "copy_back",
 ]
