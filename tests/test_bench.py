@@ -89,16 +89,17 @@ def test_quick_run_reports_every_workload(tmp_path: Path) -> None:
             assert mine or why, (w, path)
             for r in mine:
                 assert "error" in r or r.get("seconds", r.get("iops", 0)) > 0, r
-    for path in ("guest-loop", "kmod"):
+    for path in ("guest-loop", "kmod", "guest-nbd"):
         for w in ("copy", "fio", "verify"):
             assert any(r["path"] == path and r["workload"] == w for r in records) or any(
                 u["path"] == path and u["workload"] == w for u in unavailable), (w, path)
-    # the guest (the kernel shim works there): the fio jobs and the copy on loop and kmod,
-    # kmod with its priming time and the kernel's misses per GiB after priming.  What the
-    # guest did not reach before its deadline (a TCG guest on a loaded machine: its boot alone
-    # took 60-160 s) must say so; anything else missing is a failure.
+    # the guest (the kernel shim and the kernel's nbd client work there): the fio jobs and
+    # the copy on loop, kmod and cowd's NBD server under the kernel's client, kmod with its
+    # priming time and the kernel's misses per GiB after priming.  What the guest did not
+    # reach before its deadline (a TCG guest on a loaded machine: its boot alone took 60-160
+    # s) must say so; anything else missing is a failure.
     guest = [r for r in records if r["where"] == "guest" and "error" not in r]
-    for path in ("guest-loop", "kmod"):
+    for path in ("guest-loop", "kmod", "guest-nbd"):
         got = {(r["workload"], r["case"]): r for r in guest if r["path"] == path}
         for want, fig in ((("fio", "seqread-1M-qd1"), "MBps"),
                           (("fio", "randread-4k-qd32"), "iops"), (("copy", "copy"), "seconds")):

@@ -105,7 +105,7 @@ MKBASE = ROOT / "tools" / "mkbase"
 VM_BOOT = ROOT / "tools" / "vm-boot"
 
 HOST_PATHS = ("loop", "fuse", "nbd", "qemu-nbd")
-GUEST_PATHS = ("guest-loop", "kmod")
+GUEST_PATHS = ("guest-loop", "kmod", "guest-nbd")
 FIO_JOBS = {
     "seqread-1M-qd1": bench_fio.Job("read", "1M", 1),
     "seqwrite-1M-qd1": bench_fio.Job("write", "1M", 1),
@@ -464,7 +464,7 @@ def guest_records(run: Run, out: str, disk_mib: int) -> None:
     res = bench_kmod.parse(out)
     st = bench_kmod.stats(out)
     kernel = st.get("kernel") if isinstance(st.get("kernel"), dict) else {}
-    for src, path in (("loop", "guest-loop"), ("kmod", "kmod")):
+    for src, path in (("loop", "guest-loop"), ("kmod", "kmod"), ("nbd", "guest-nbd")):
         got = res.get(src, {})
         state = "" if path == "guest-loop" else "cold"
         for what, (case, fig) in GUEST_FIO.items():
@@ -523,7 +523,7 @@ def run_guest(run: Run) -> None:
         (share / "h.py").write_text(bench_kmod.HELPER)
         mib = p.guest_base_bytes // MiB
         script = bench_kmod.script(share, mib, p.guest_reps, p.guest_runtime_s,
-                                   dirs=1 if p.quick else 20)
+                                   dirs=1 if p.quick else 20, quick=p.quick)
         deadline = GUEST_DEADLINE_QUICK_S if p.quick else GUEST_DEADLINE_S
         res = guest.run(script, rwdirs=[str(share)], memory="1G" if p.quick else "2G",
                         timeout=deadline, log=share / "guest.log")
@@ -536,14 +536,18 @@ def run_guest(run: Run) -> None:
                    f"the guest was killed after {deadline} s" if res.returncode == -9 else
                    f"the guest script did not finish (vng exit {res.returncode})") + \
                 f" (last line: {tail})"
+    nbd_notes = [n for n in bench_kmod.notes(out) if n.startswith("nbd")]
     for path in GUEST_PATHS:
-        if why:  # a workload with any case missing (the guest stopped part way) says why
+        reason = why or (f"not run in the guest: {nbd_notes[0]}" if path == "guest-nbd" and
+                         nbd_notes else "the guest's step printed no figure (a command failed "
+                         "there; its output is in the guest's log)")
+        if reason:  # a workload with any case missing (the guest stopped part way) says why
             cases = {"copy": {"copy"}, "fio": {c for c, _f in GUEST_FIO.values()}}
             for w, want in cases.items():
                 have = {r["case"] for r in run.records if r["workload"] == w
                         and r["path"] == path and r["where"] == "guest"}
                 if want - have:
-                    run.unavailable_path(w, path, why, "guest")
+                    run.unavailable_path(w, path, reason, "guest")
         run.unavailable_path("verify", path, "not run in the guest: it measures reads and the "
                              "copy (tests/test_kmod.py checks /dev/cowdN's bytes against "
                              "qemu-img; the host paths run fio's verify)", "guest")
@@ -622,6 +626,8 @@ def plan(run: Run, tree: Tree) -> list[Step]:
                          "the virtme-ng guest (TCG inside TCG)", "guest")
     run.unavailable_path("boot", "guest-loop", "not run (the guest's baseline for kmod)",
                          "guest")
+    run.unavailable_path("boot", "guest-nbd", "not run: the host section boots through cowd's "
+                         "NBD server (qemu's own client)", "guest")
     steps: list[Step] = []
     for rep in range(1, p.reps + 1):
         if "copy" in p.only:

@@ -42,6 +42,8 @@ insmod kmod/cowd.ko || {{ echo "BENCH-FAIL insmod"; exit 1; }}
 dd if=/dev/urandom of=$D/raw.img bs=1M count=$MB status=none
 cp $D/raw.img $D/base.img
 truncate -s ${{MB}}M $D/empty.img $D/empty-raw.img
+u() {{ echo "U $(cut -d' ' -f1 /proc/uptime) $*"; }}  # where the time goes
+u setup
 python3 - $D/tree <<'EOF'
 import os, random, sys
 rng = random.Random(7)
@@ -52,10 +54,23 @@ for d in range({dirs}):
             fh.write(rng.randbytes(rng.randrange(0, 20000)))
 EOF
 echo "T $(find $D/tree -type f -printf '%s\n' | awk '{{ n++; s += $1 }} END {{ print n, s }}')"
+u attach
 cowd create --base $D/base.img -o $D/ov.qcow2 >/dev/null
 kdev=$(cowd attach $D/ov.qcow2 --via kmod --run-dir $RUN) || {{ echo "BENCH-FAIL attach"; exit 1; }}
 echo "S $(cowd stats --run-dir $RUN --json | python3 $S/h.py stats)"
 ldev=$(losetup --find --show $D/raw.img)
+# cowd's NBD server under the kernel's nbd client: the third path, where the guest has nbd
+paths="loop kmod"
+if [ {nbd} = 1 ]; then
+  cp $D/ov.qcow2 $D/ovn.qcow2
+  if ! modprobe nbd nbds_max=4 2>$S/nbd.err; then
+    echo "BENCH-NOTE nbd: modprobe nbd failed: $(head -1 $S/nbd.err)"
+  elif ndev=$(cowd attach $D/ovn.qcow2 --via nbd --run-dir $RUN 2>$S/nbd.err); then
+    paths="loop kmod nbd"
+  else
+    echo "BENCH-NOTE nbd: cowd attach --via nbd failed: $(tail -1 $S/nbd.err)"
+  fi
+fi
 # fio's terse (v3) line, read side: 7 bandwidth KiB/s, 8 IOPS, 24 and 30 the 50th and 99th
 # completion-latency percentiles as "P%=usec" (awk, not a Python start: slow under TCG)
 fiojob() {{ fio --name=j --filename=$1 --direct=1 --ioengine=libaio --output-format=terse \
@@ -67,28 +82,39 @@ copyrun() {{
     cp -a $D/tree $D/mnt/ && sync && umount $D/mnt && t1=$(date +%s.%N) && \
     awk "BEGIN {{ print $t1 - $t0 }}"
 }}
+u measure
 for rep in $(seq {reps}); do
-  for path in loop kmod; do
-    dev=$ldev; [ $path = kmod ] && dev=$kdev
+  u "rep $rep"
+  for path in $paths; do
+    dev=$ldev; [ $path = kmod ] && dev=$kdev; [ $path = nbd ] && dev=$ndev
     [ $path = kmod ] && m0=$(misses)
     echo "R $rep $path seqread $(fiojob $dev --rw=read --bs=1M --iodepth=1 --size=${{MB}}M)"
     [ $path = kmod ] && echo "R $rep $path misses $(($(misses) - m0))"
     echo "R $rep $path randread $(fiojob $dev --rw=randread --bs=4k --iodepth=32 \
       --time_based --runtime={runtime} --randrepeat=0)"
   done
-  for path in loop kmod; do
+  u "rep $rep"
+  for path in $paths; do
     if [ $path = loop ]; then
       cp --sparse=always $D/empty-raw.img $D/copy-raw.img
       dev=$(losetup --find --show $D/copy-raw.img)
     else
-      rm -f $D/copy.qcow2; cowd create --base $D/empty.img -o $D/copy.qcow2 >/dev/null
-      dev=$(cowd attach $D/copy.qcow2 --via kmod --run-dir $RUN)
+      rm -f $D/copy-$path.qcow2
+      cowd create --base $D/empty.img -o $D/copy-$path.qcow2 >/dev/null
+      dev=$(cowd attach $D/copy-$path.qcow2 --via $path --run-dir $RUN)
     fi
     echo "R $rep $path copy $(copyrun $dev)"
-    if [ $path = loop ]; then losetup -d $dev; else cowd detach $dev --run-dir $RUN >/dev/null; fi
+    # (--quick leaves cowd's disks attached: a detach is a Python start, seconds under TCG,
+    # and the guest powers off with them)
+    if [ $path = loop ]; then losetup -d $dev
+    elif [ {quick} = 0 ]; then cowd detach $dev --run-dir $RUN >/dev/null; fi
   done
 done
-cowd detach $kdev --run-dir $RUN >/dev/null; losetup -d $ldev
+u detach
+if [ {quick} = 0 ]; then
+  cowd detach $kdev --run-dir $RUN >/dev/null; losetup -d $ldev
+  [ "$paths" = "loop kmod nbd" ] && cowd detach $ndev --run-dir $RUN >/dev/null
+fi
 echo "BENCH-DONE at $(cut -d' ' -f1 /proc/uptime) s"
 """
 
@@ -105,10 +131,19 @@ elif sys.argv[1] == "stats":
 """
 
 
-def script(share: Path, disk_mib: int, reps: int, runtime: int, dirs: int = 20) -> str:
+def script(share: Path, disk_mib: int, reps: int, runtime: int, dirs: int = 20,
+           nbd: bool = True, quick: bool = False) -> str:
     """The guest script: ``share`` (a --rwdir) must hold :data:`HELPER` as h.py; ``dirs``
-    directories of 100 files make the copied tree (20: ~2000 files, ~20 MB)."""
-    return SCRIPT.format(share=share, disk_mib=disk_mib, reps=reps, runtime=runtime, dirs=dirs)
+    directories of 100 files make the copied tree (20: ~2000 files, ~20 MB); ``nbd``: also
+    measure ``cowd attach --via nbd`` (the kernel's nbd client on cowd's NBD server);
+    ``quick``: detach nothing (the guest powers off with the disks attached)."""
+    return SCRIPT.format(share=share, disk_mib=disk_mib, reps=reps, runtime=runtime, dirs=dirs,
+                         nbd=int(nbd), quick=int(quick))
+
+
+def notes(out: str) -> list[str]:
+    """Why a path did not run in the guest (``BENCH-NOTE`` lines)."""
+    return re.findall(r"^BENCH-NOTE (.*)$", out, re.M)
 
 
 def stats(out: str) -> dict[str, object]:
@@ -167,31 +202,42 @@ def figures_from_json(saved: dict[str, dict[str, object]]) -> Figures:
     return out
 
 
+def _ratio(a: dict[int, float], b: dict[int, float]) -> str:
+    """Median (min-max) of a / b, paired per repetition (the paths of one repetition ran
+    back to back: on a shared machine the load moves more between repetitions)."""
+    ratios = [a[rep] / b[rep] for rep in sorted(a.keys() & b.keys()) if b[rep]]
+    return (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            if ratios else "-")
+
+
 def table(res: Figures, disk_mib: int) -> str:
-    def cell(by_rep: dict[int, float]) -> str:
+    def cell(by_rep: dict[int, float] | None) -> str:
+        if not by_rep:
+            return "-"
         vals = list(by_rep.values())
         return f"{statistics.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
 
-    lines = ["| workload | loop | kmod | kmod / loop | target |", "|---|---|---|---|---|"]
+    nbd = "nbd" in res
+    lines = ["| workload | loop | kmod | kmod / loop | target |"
+             + (" nbd | nbd / loop |" if nbd else ""),
+             "|---|---|---|---|---|" + ("---|---|" if nbd else "")]
     targets = {"seqread_MBps": ("1 MiB seq read, MB/s", ">= 0.9"),
                "randread_iops": ("4 KiB rand read QD32, IOPS", ">= 0.8"),
                "copy_s": ("small-file copy, s (lower is better)", "<= 1.5")}
     for key, (label, target) in targets.items():
-        lo, km = res.get("loop", {}).get(key), res.get("kmod", {}).get(key)
-        if not lo or not km:
-            lines.append(f"| {label} | - | - | unavailable | {target} |")
-            continue
-        # Paired per repetition (the two paths ran back to back): on a shared machine the
-        # load moves between repetitions more than between the paths of one repetition.
-        ratios = [km[rep] / lo[rep] for rep in sorted(km.keys() & lo.keys()) if lo[rep]]
-        ratio = (f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-                 if ratios else "-")
-        lines.append(f"| {label} | {cell(lo)} | {cell(km)} | {ratio} | {target} |")
+        lo = res.get("loop", {}).get(key)
+        km = res.get("kmod", {}).get(key)
+        nb = res.get("nbd", {}).get(key)
+        row = (f"| {label} | {cell(lo)} | {cell(km)} | "
+               f"{_ratio(km, lo) if lo and km else 'unavailable'} | {target} |")
+        if nbd:
+            row += f" {cell(nb)} | {_ratio(nb, lo) if lo and nb else '-'} |"
+        lines.append(row)
     miss = res.get("kmod", {}).get("misses")
     if miss:
         per_gib = statistics.median(miss.values()) * 1024 / disk_mib
         lines.append(f"| daemon round trips per GiB read after priming | - | {per_gib:.0f} | - "
-                     "| 0 |")
+                     "| 0 |" + (" - | - |" if nbd else ""))
     return "\n".join(lines)
 
 

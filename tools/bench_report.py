@@ -25,11 +25,12 @@ from typing import Any
 Record = dict[str, Any]
 
 HOST = ("loop", "fuse", "nbd", "qemu-nbd")
-GUEST = ("guest-loop", "kmod")
+GUEST = ("guest-loop", "kmod", "guest-nbd")
 LABEL = {"loop": "loop (raw copy)", "fuse": "cowd fuse+loop", "nbd": "cowd nbd",
-         "qemu-nbd": "qemu-nbd", "guest-loop": "loop in guest", "kmod": "cowd kmod"}
+         "qemu-nbd": "qemu-nbd", "guest-loop": "loop in guest", "kmod": "cowd kmod",
+         "guest-nbd": "cowd nbd (kernel client)"}
 TIME_WORKLOADS = ("copy", "boot")
-COWD_PATHS = ("fuse", "nbd", "kmod")
+COWD_PATHS = ("fuse", "nbd", "kmod", "guest-nbd")
 
 
 def metric(workload: str, case: str) -> str:
