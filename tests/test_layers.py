@@ -12,7 +12,7 @@ COWD_LAYERS = [
     {"errors", "imagelock"},
     {"remap"},
     {"disk", "nbd_proto", "kmod_abi"},
-    {"nbd", "fuse", "kmodfront", "control"},
+    {"nbd", "fuse", "kmodfront", "nbdattach", "control"},
     {"daemon", "attach"},
     {"imagecmds", "cli", "__main__", "__init__"},
 ]
