@@ -14,11 +14,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import formats
-from formats.errors import BackingOutside, FormatError
-
-from . import imagecmds
 from .errors import CowdError, UsageError
+
+# Imports are made where a command needs them: the client commands (attach, detach, list,
+# stats) need neither the format library nor trio, and a Python start that skips them is
+# ~0.1 s natively but seconds in an emulated guest, where the kernel paths are tested.
 
 
 def _size(text: str) -> int:
@@ -157,6 +157,34 @@ def run(args: argparse.Namespace) -> int:
         disk.ALLOW_BACKING_OUTSIDE = True
         # ... and for a daemon `cowd attach` starts.
         os.environ[disk.ALLOW_BACKING_OUTSIDE_ENV] = "1"
+    if args.command in ("create", "info", "map", "check", "convert"):
+        return image_command(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "stats":
+        from .control import control_path, request
+
+        doc = request(control_path(args.run_dir), "stats")
+        doc.pop("ok", None)
+        print(json.dumps(doc, indent=2) if args.json else format_stats(doc))
+        return 0
+    if args.command == "attach":
+        return attach_cmd(args)
+    if args.command == "detach":
+        return detach_cmd(args)
+    if args.command == "list":
+        return list_cmd(args)
+    if args.command == "daemon":
+        return serve(args, background=True)
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def image_command(args: argparse.Namespace) -> int:
+    """create, info, map, check, convert: the image commands (cowd/imagecmds.py)."""
+    import formats
+
+    from . import imagecmds
+
     if args.command == "create":
         path = imagecmds.create(args.base, args.overlay, args.output, args.base_format,
                                 args.cluster_size, args.absolute)
@@ -204,28 +232,9 @@ def run(args: argparse.Namespace) -> int:
         if res.corruptions:
             return 2
         return 3 if res.leaks else 0
-    if args.command == "convert":
-        imagecmds.convert(args.image, args.output, args.out_format, args.format,
-                          imagecmds.terminal_progress(f"converting {args.image}"))
-        return 0
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "stats":
-        from .control import control_path, request
-
-        doc = request(control_path(args.run_dir), "stats")
-        doc.pop("ok", None)
-        print(json.dumps(doc, indent=2) if args.json else format_stats(doc))
-        return 0
-    if args.command == "attach":
-        return attach_cmd(args)
-    if args.command == "detach":
-        return detach_cmd(args)
-    if args.command == "list":
-        return list_cmd(args)
-    if args.command == "daemon":
-        return serve(args, background=True)
-    raise UsageError(f"unknown command {args.command!r}")
+    imagecmds.convert(args.image, args.output, args.out_format, args.format,
+                      imagecmds.terminal_progress(f"converting {args.image}"))
+    return 0
 
 
 def _say(line: str) -> None:
@@ -379,10 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"cowd: {e}", file=sys.stderr)
         return 2
-    except BackingOutside as e:
-        print(f"cowd: {e}; pass --allow-backing-outside if you trust it", file=sys.stderr)
-        return 1
-    except (FormatError, CowdError) as e:
+    except CowdError as e:
         print(f"cowd: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -393,6 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"cowd: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # last: a FormatError is no OSError
+        # The format library's errors (imported only by the commands that use it: if it was
+        # never imported, none of its errors can have been raised).
+        fe = sys.modules.get("formats.errors")
+        if fe is None or not isinstance(e, fe.FormatError):
+            raise
+        hint = "; pass --allow-backing-outside if you trust it" \
+            if isinstance(e, fe.BackingOutside) else ""
+        print(f"cowd: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cowd: interrupted", file=sys.stderr)

@@ -20,13 +20,12 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-import trio
-
-from formats.errors import FormatError
+from typing import TYPE_CHECKING, Any
 
 from .errors import CowdError, RequestError, UsageError
+
+if TYPE_CHECKING:  # the client side (request) needs neither trio nor the format library
+    import trio
 
 log = logging.getLogger("cowd.control")
 
@@ -61,7 +60,9 @@ async def _read_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
 
 
 async def serve_control(listener: trio.SocketListener, handlers: dict[str, Handler],
-                        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                        *, task_status: trio.TaskStatus[None] | None = None) -> None:
+    import trio
+
     async def one(stream: trio.SocketStream) -> None:
         buf = bytearray()
         async with stream:
@@ -80,11 +81,14 @@ async def serve_control(listener: trio.SocketListener, handlers: dict[str, Handl
                 except trio.BrokenResourceError:
                     pass
 
-    task_status.started()
+    if task_status is not None:
+        task_status.started()
     await trio.serve_listeners(one, [listener])
 
 
 async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
+    from formats.errors import FormatError
+
     try:
         req = json.loads(line)
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
@@ -117,6 +121,8 @@ def clear_stale_socket(path: str) -> None:
 
 async def open_control_listener(path: str) -> trio.SocketListener:
     """Bind the control socket (call clear_stale_socket first)."""
+    import trio
+
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     os.chmod(path, 0o600)

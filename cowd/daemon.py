@@ -148,6 +148,8 @@ class Daemon:
                 disks[name] = {**a.disk.stats(), "frontend": a.frontend, "device": a.device}
                 if a.kmod is not None:
                     disks[name]["kmod"] = a.kmod.stats()
+                if a.nbd is not None:
+                    disks[name]["nbd"] = a.nbd.stats()
             if self.attacher.fuse is not None:
                 fuse = self.attacher.fuse.stats()
         return {
