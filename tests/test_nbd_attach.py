@@ -208,7 +208,7 @@ GUEST_TIMEOUT_S = 900
 
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-nbd
-mkdir -p $D && cp $S/base.img $S/ov1.qcow2 $S/ov3.qcow2 $S/ov4.qcow2 $S/base.vhd $S/ov2.vhd $D/
+mkdir -p $D && cp $S/base.img $S/ov[1345].qcow2 $S/base.vhd $S/ov2.vhd $D/
 check() {{
   if [ "$2" = 0 ]; then echo "CHECK $1 ok ${{3:-}}"; else echo "CHECK $1 fail rc=$2 ${{3:-}}"; fi
 }}
@@ -260,10 +260,20 @@ for i in $(seq 100); do [ -e /sys/block/$n3/pid ] || break; sleep 0.1; done
   "pid=$(cat /sys/block/$n3/pid 2>/dev/null) size=$(cat /sys/block/$n3/size)"
 timeout 120 cowd detach $dev4 --run-dir $RUN; check detach4 $?
 for i in $(seq 100); do [ -e $RUN/cowd.pid ] && sleep 0.1; done
+t term
+dev5=$(timeout 300 cowd attach $D/ov5.qcow2 --via nbd --run-dir $RUN); check attach5 $? "$dev5"
+timeout 60 dd if=$S/payload of=$dev5 bs=64k seek=32 oflag=direct status=none; check write5 $?
+pid5=$(cat $RUN/cowd.pid); kill -TERM $pid5; check term_sent $? "pid=$pid5"
+for i in $(seq 600); do kill -0 $pid5 2>/dev/null || break; sleep 0.1; done
+! kill -0 $pid5 2>/dev/null; check term_exited $?
+n5=${{dev5#/dev/}}
+for i in $(seq 100); do [ -e /sys/block/$n5/pid ] || break; sleep 0.1; done
+[ ! -e /sys/block/$n5/pid ]; check term_released $? "pid=$(cat /sys/block/$n5/pid 2>/dev/null)"
 ! ls /sys/block/nbd*/pid 2>/dev/null; check none_connected $? "$(ls /sys/block/nbd*/pid 2>&1)"
 dmesg > $S/dmesg.txt
 ! grep -E "WARNING|BUG|Oops|general protection|INFO: task" $S/dmesg.txt; check dmesg_clean $?
-cp $D/ov1.qcow2 $D/ov3.qcow2 $D/ov4.qcow2 $D/ov2.vhd $S/ && cp $D/base.img $S/base.after
+cp $D/ov1.qcow2 $D/ov3.qcow2 $D/ov4.qcow2 $D/ov5.qcow2 $D/ov2.vhd $S/ && \
+  cp $D/base.img $S/base.after
 check copy_back $?
 t end
 echo GUEST-DONE
@@ -300,7 +310,7 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         for off in range(0, BASE_BYTES, 4 * MiB):  # a 1 MiB pattern every 4 MiB
             f.seek(off)
             f.write(rng.randbytes(MiB))
-    for n in (1, 3, 4):
+    for n in (1, 3, 4, 5):
         subprocess.run([*COWD, "create", "--base", str(base), "-o", str(d / f"ov{n}.qcow2")],
                        check=True, capture_output=True)
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on",
@@ -324,7 +334,8 @@ GUEST_CHECKS = [
     "second_device", "detach", "released", "read_vhd", "write_vhd", "detach_vhd",
     "daemon_exited", "attach3", "killed",
     "attach_after_kill", "not_reused", "write_after_kill", "stuck_released", "detach4",
-    "none_connected", "dmesg_clean", "copy_back",
+    "attach5", "write5", "term_sent", "term_exited", "term_released", "none_connected",
+    "dmesg_clean", "copy_back",
 ]
 
 @pytest.mark.parametrize("name", GUEST_CHECKS)
@@ -404,3 +415,18 @@ def test_vhd_bytes(guest_run: tuple[Path, dict[str, str], str]) -> None:
     assert ov2[:196608] == base[:196608] and ov2[196608 + MiB:] == base[196608 + MiB:]
     p = subprocess.run([*COWD, "check", str(d / "ov2.vhd")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_sigterm_flushes_before_exit(guest_run: tuple[Path, dict[str, str], str]) -> None:
+    """A write acknowledged through /dev/nbdN and never flushed by anyone, then SIGTERM to the
+    daemon: it disconnects the device, flushes and exits, and the overlay (qemu-img reading
+    it) holds the write, with no leak and no corruption."""
+    d, checks, _ = guest_run
+    assert checks.get("term_exited", "").startswith("ok"), checks.get("term_exited")
+    p = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(d / "ov5.qcow2")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    base = (d / "base.img").read_bytes()
+    ov5 = _raw(d, "ov5.qcow2")
+    assert ov5[2 * MiB:3 * MiB] == (d / "payload").read_bytes()
+    assert ov5[:2 * MiB] == base[:2 * MiB] and ov5[3 * MiB:] == base[3 * MiB:]
