@@ -31,7 +31,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import missing_tool, qemu_img
+from .conftest import qemu_img
+from .guest_harness import (
+    SHELL,
+    parse_checks,
+    patterned_base,
+    raw_of,
+    skip_without_guest,
+    small_tree,
+)
 from .reliability_harness import libvhdi_read
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +57,7 @@ DEAD_S = 3  # ov5's daemon timeout: its misses fail this long after its daemon d
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-test
 mkdir -p $D && cp $S/base.img $S/ov[1235].qcow2 $S/base.vhd $S/ov4.vhd $D/
-check() {{
-  if [ "$2" = 0 ]; then echo "CHECK $1 ok ${{3:-}}"; else echo "CHECK $1 fail rc=$2 ${{3:-}}"; fi
-}}
-t() {{ echo "T $(cut -d' ' -f1 /proc/uptime) $*"; }}
-! grep -q "^cowd " /proc/modules; check not_loaded $?
+{shell}! grep -q "^cowd " /proc/modules; check not_loaded $?
 t attach
 dev=$(timeout 600 cowd attach $D/ov1.qcow2 --via kmod --run-dir $RUN); check attach $? "$dev"
 grep -q "^cowd " /proc/modules; check attach_loaded_module $?
@@ -157,35 +161,14 @@ print(f"wrote {n} records, {failed_flushes} failed flushes")
 '''
 
 
-def _tree(root: Path, rng: random.Random) -> None:
-    for d in range(8):
-        sub = root / f"dir{d}"
-        sub.mkdir(parents=True)
-        for f in range(40):
-            (sub / f"f{f}.bin").write_bytes(rng.randbytes(rng.randrange(0, 24 << 10)))
-    (root / "link").symlink_to("dir0/f0.bin")
-
-
 @pytest.fixture(scope="module")
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
-    for tool in ("qemu-system-x86_64", "make", "modinfo", "fio", "debugfs"):
-        if missing_tool(tool):
-            pytest.skip(f"{tool} not installed")
-    if shutil.which("vng") is None and not (Path(sys.executable).parent / "vng").exists():
-        pytest.skip("virtme-ng (vng) not installed")
-    try:
-        guest.kernel()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    skip_without_guest("make", "modinfo", "fio", "debugfs")
     guest.build_module()
     d = tmp_path_factory.mktemp("kmod")
     rng = random.Random(5)
     base = d / "base.img"
-    with open(base, "wb") as f:
-        f.truncate(BASE_BYTES)
-        for off in range(0, BASE_BYTES, 4 * MiB):  # a 1 MiB pattern every 4 MiB
-            f.seek(off)
-            f.write(rng.randbytes(MiB))
+    sha = patterned_base(base, BASE_BYTES, rng)
     subprocess.run([sys.executable, "-m", "cowd.cli", "create", "--base", str(base),
                     "-o", str(d / "ov1.qcow2")], check=True, capture_output=True)
     for n in (2, 3, 5):
@@ -196,17 +179,14 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                     "--overlay", "vhd", "-o", str(d / "ov4.vhd")], check=True,
                    capture_output=True)
     (d / "payload").write_bytes(rng.randbytes(MiB))
-    _tree(d / "tree", rng)
+    small_tree(d / "tree", rng, dirs=8, files=40)
     (d / "writer.py").write_text(WRITER)
-    sha = hashlib.sha256(base.read_bytes()).hexdigest()
-    script = SCRIPT.format(shared=d, writer=d / "writer.py", records=RECORDS, record=RECORD,
+    script = SCRIPT.format(shell=SHELL, shared=d, writer=d / "writer.py", records=RECORDS,
+                           record=RECORD,
                            entries=SMALL_TABLE, dead_s=DEAD_S)
     res = guest.run(script, rwdirs=[str(d)], timeout=GUEST_TIMEOUT_S, memory="1G",
                     log=d / "guest.log")
-    checks = {}
-    for m in re.finditer(r"^CHECK (\S+) (ok|fail)(.*)$", res.stdout, re.M):
-        checks[m.group(1)] = m.group(2) + m.group(3)
-    return d, checks, sha
+    return d, parse_checks(res.stdout), sha
 
 
 GUEST_CHECKS = [
@@ -271,17 +251,10 @@ def test_overlays_check_clean(guest_run: tuple[Path, dict[str, str], str], name:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def _raw(d: Path, name: str, fmt: str = "qcow2") -> bytes:
-    out = d / (name + ".raw")
-    if not out.exists():
-        qemu_img("convert", "-f", fmt, "-O", "raw", str(d / name), str(out))
-    return out.read_bytes()
-
-
 def test_tree_in_overlay(guest_run: tuple[Path, dict[str, str], str]) -> None:
     """The tree written through /dev/cowdN is in the qcow2 overlay, as qemu reads it."""
     d, _, _ = guest_run
-    _raw(d, "ov1.qcow2")
+    raw_of(d, "ov1.qcow2")
     out = d / "tree-out"
     out.mkdir(exist_ok=True)
     subprocess.run(["debugfs", "-R", f"rdump /tree {out}", str(d / "ov1.qcow2.raw")],
@@ -301,7 +274,7 @@ def test_acknowledged_records_survive_sigkill(
     acked = [int(x) for x in (d / "acked.txt").read_text().split()]
     assert acked == list(range(RECORDS)), "the writer did not finish every record"
     assert "acked=" in checks["killed"]
-    raw = _raw(d, "ov3.qcow2")
+    raw = raw_of(d, "ov3.qcow2")
     for i in acked:
         rec = raw[i * RECORD:(i + 1) * RECORD]
         assert rec == i.to_bytes(8, "little") * (RECORD // 8), f"record {i} lost or torn"
@@ -325,7 +298,7 @@ def test_small_table_evicts_and_stays_correct(
     clusters = BASE_BYTES // (64 << 10)
     assert k["misses"] >= (clusters - SMALL_TABLE) // 16, k  # read-ahead: 16 clusters a miss
     assert k["expiries"] >= clusters - 2 * SMALL_TABLE, k
-    ov5 = _raw(d, "ov5.qcow2")
+    ov5 = raw_of(d, "ov5.qcow2")
     base = (d / "base.img").read_bytes()
     assert ov5[8 * MiB:9 * MiB] == (d / "payload").read_bytes()
     assert ov5[:8 * MiB] == base[:8 * MiB] and ov5[9 * MiB:] == base[9 * MiB:]
@@ -347,7 +320,7 @@ def test_fio_and_vhd_data(guest_run: tuple[Path, dict[str, str], str]) -> None:
     holds the payload at 192 KiB and the base elsewhere (libvhdi)."""
     d, _, _ = guest_run
     base = (d / "base.img").read_bytes()
-    ov2 = _raw(d, "ov2.qcow2")
+    ov2 = raw_of(d, "ov2.qcow2")
     assert ov2[:MiB] == bytes(MiB)
     assert ov2[2 * MiB:3 * MiB] == bytes(MiB)
     assert ov2[4 * MiB:8 * MiB] == base[4 * MiB:8 * MiB]

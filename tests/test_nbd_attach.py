@@ -24,7 +24,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -42,7 +41,15 @@ from cowd.disk import Disk, ImagePool
 from cowd.nbd import NbdServer
 from cowd.remap import RemapCache
 
-from .conftest import missing_tool, qemu_check, qemu_img, qemu_raw
+from .conftest import qemu_check, qemu_img, qemu_raw
+from .guest_harness import (
+    SHELL,
+    parse_checks,
+    patterned_base,
+    raw_of,
+    skip_without_guest,
+    small_tree,
+)
 from .reliability_harness import libvhdi_read
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,11 +216,7 @@ GUEST_TIMEOUT_S = 900
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-nbd
 mkdir -p $D && cp $S/base.img $S/ov[1345].qcow2 $S/base.vhd $S/ov2.vhd $D/
-check() {{
-  if [ "$2" = 0 ]; then echo "CHECK $1 ok ${{3:-}}"; else echo "CHECK $1 fail rc=$2 ${{3:-}}"; fi
-}}
-t() {{ echo "T $(cut -d' ' -f1 /proc/uptime) $*"; }}
-modprobe nbd nbds_max=4; check modprobe $?
+{shell}modprobe nbd nbds_max=4; check modprobe $?
 t attach
 dev=$(timeout 300 cowd attach $D/ov1.qcow2 --via nbd --run-dir $RUN); check attach $? "$dev"
 cowd list --run-dir $RUN | grep "$dev" | grep -q nbd; check list_nbd $?
@@ -280,36 +283,15 @@ echo GUEST-DONE
 """
 
 
-def _tree(root: Path, rng: random.Random) -> None:
-    for d in range(4):
-        sub = root / f"dir{d}"
-        sub.mkdir(parents=True)
-        for f in range(30):
-            (sub / f"f{f}.bin").write_bytes(rng.randbytes(rng.randrange(0, 24 << 10)))
-    (root / "link").symlink_to("dir0/f0.bin")
-
-
 @pytest.fixture(scope="module")
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
-    for tool in ("qemu-system-x86_64", "debugfs", "vhdimount"):
-        if missing_tool(tool):
-            pytest.skip(f"{tool} not installed")
-    if shutil.which("vng") is None and not (Path(sys.executable).parent / "vng").exists():
-        pytest.skip("virtme-ng (vng) not installed")
-    try:
-        ver, _ = guest.kernel()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    ver = skip_without_guest("debugfs", "vhdimount")
     if not list((Path("/lib/modules") / ver).rglob("nbd.ko*")):
         pytest.skip(f"kernel {ver} has no nbd module")
     d = tmp_path_factory.mktemp("nbdattach")
     rng = random.Random(7)
     base = d / "base.img"
-    with open(base, "wb") as f:
-        f.truncate(BASE_BYTES)
-        for off in range(0, BASE_BYTES, 4 * MiB):  # a 1 MiB pattern every 4 MiB
-            f.seek(off)
-            f.write(rng.randbytes(MiB))
+    sha = patterned_base(base, BASE_BYTES, rng)
     for n in (1, 3, 4, 5):
         subprocess.run([*COWD, "create", "--base", str(base), "-o", str(d / f"ov{n}.qcow2")],
                        check=True, capture_output=True)
@@ -318,14 +300,10 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     subprocess.run([*COWD, "create", "--base", str(d / "base.vhd"), "--overlay", "vhd",
                     "-o", str(d / "ov2.vhd")], check=True, capture_output=True)
     (d / "payload").write_bytes(rng.randbytes(MiB))
-    _tree(d / "tree", rng)
-    sha = hashlib.sha256(base.read_bytes()).hexdigest()
-    res = guest.run(SCRIPT.format(shared=d), rwdirs=[str(d)], timeout=GUEST_TIMEOUT_S,
+    small_tree(d / "tree", rng, dirs=4, files=30)
+    res = guest.run(SCRIPT.format(shell=SHELL, shared=d), rwdirs=[str(d)], timeout=GUEST_TIMEOUT_S,
                     memory="1G", log=d / "guest.log")
-    checks = {}
-    for m in re.finditer(r"^CHECK (\S+) (ok|fail)(.*)$", res.stdout, re.M):
-        checks[m.group(1)] = m.group(2) + m.group(3)
-    return d, checks, sha
+    return d, parse_checks(res.stdout), sha
 
 
 GUEST_CHECKS = [
@@ -349,13 +327,6 @@ def test_in_guest(guest_run: tuple[Path, dict[str, str], str], name: str) -> Non
     assert checks[name].startswith("ok"), f"{name}: {checks[name]}\n{tail}"
 
 
-def _raw(d: Path, name: str) -> bytes:
-    out = d / (name + ".raw")
-    if not out.exists():
-        qemu_img("convert", "-f", "qcow2", "-O", "raw", str(d / name), str(out))
-    return out.read_bytes()
-
-
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.timeout(GUEST_TIMEOUT_S + 120)
@@ -376,7 +347,7 @@ def test_overlay_bytes(guest_run: tuple[Path, dict[str, str], str]) -> None:
     d, _, sha = guest_run
     base = (d / "base.img").read_bytes()
     payload = (d / "payload").read_bytes()
-    ov1 = _raw(d, "ov1.qcow2")
+    ov1 = raw_of(d, "ov1.qcow2")
     assert ov1[40 * MiB:41 * MiB] == payload
     assert ov1[48 * MiB:49 * MiB] == bytes(MiB)
     assert ov1[52 * MiB:] == base[52 * MiB:]
@@ -387,7 +358,7 @@ def test_overlay_bytes(guest_run: tuple[Path, dict[str, str], str]) -> None:
     p = subprocess.run(["diff", "-r", str(d / "tree"), str(out / "tree")],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:]
-    ov4 = _raw(d, "ov4.qcow2")
+    ov4 = raw_of(d, "ov4.qcow2")
     assert ov4[MiB:2 * MiB] == payload
     assert ov4[:MiB] == base[:MiB] and ov4[2 * MiB:] == base[2 * MiB:]
     for name in ("ov1.qcow2", "ov4.qcow2"):
@@ -396,7 +367,7 @@ def test_overlay_bytes(guest_run: tuple[Path, dict[str, str], str]) -> None:
     p = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(d / "ov3.qcow2")],
                        capture_output=True, text=True)
     assert p.returncode in (0, 3), p.stdout + p.stderr
-    assert _raw(d, "ov3.qcow2") == base  # nothing was written through it
+    assert raw_of(d, "ov3.qcow2") == base  # nothing was written through it
     assert hashlib.sha256((d / "base.after").read_bytes()).hexdigest() == sha
     assert hashlib.sha256(base).hexdigest() == sha
 
@@ -427,6 +398,6 @@ def test_sigterm_flushes_before_exit(guest_run: tuple[Path, dict[str, str], str]
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     base = (d / "base.img").read_bytes()
-    ov5 = _raw(d, "ov5.qcow2")
+    ov5 = raw_of(d, "ov5.qcow2")
     assert ov5[2 * MiB:3 * MiB] == (d / "payload").read_bytes()
     assert ov5[:2 * MiB] == base[:2 * MiB] and ov5[3 * MiB:] == base[3 * MiB:]
