@@ -12,9 +12,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CowdError, UsageError
+
+if TYPE_CHECKING:
+    from formats.opener import OpenPolicy
 
 # Imports are made where a command needs them: the client commands (attach, detach, list,
 # stats) need neither the format library nor trio, and a Python start that skips them is
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster-size", type=_size, help="qcow2 cluster size (default 64k)")
     c.add_argument("--absolute", action="store_true",
                    help="record the base's absolute path instead of a relative one")
+    _outside_option(c)
 
     i = sub.add_parser("info", help="show an image and its backing chain")
     i.add_argument("image")
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-f", "--format")
     k.add_argument("--repair", action="store_true", help="free leaked clusters")
     k.add_argument("--json", action="store_true")
+    _outside_option(k)
 
     v = sub.add_parser("convert", help="write the whole chain into a new standalone image")
     v.add_argument("image")
@@ -115,9 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _outside_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-backing-outside", action="store_true",
-                   help="open backing files that lie outside the image's directory tree "
-                   "(refused by default: ../ names, absolute paths, symlinks out; also "
-                   "$COWD_ALLOW_BACKING_OUTSIDE=1)")
+                   help="open backing and data files that lie outside the image's directory "
+                   "tree (refused by default: ../ names, absolute paths, symlinks out; also "
+                   f"${ALLOW_OUTSIDE_ENV}=1)")
+    p.add_argument("--allow-backing-device", action="store_true",
+                   help="let an image name a block device as its backing or data file "
+                   f"(refused by default; also ${ALLOW_DEVICE_ENV}=1)")
+
+
+# The same permissions from the environment: how they reach the daemon `cowd attach` starts.
+ALLOW_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
+ALLOW_DEVICE_ENV = "COWD_ALLOW_BACKING_DEVICE"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def open_policy(args: argparse.Namespace) -> OpenPolicy:
+    """What the files an image names may reach (formats/opener.py), from the command line
+    and the environment; also exported, so a daemon this command starts inherits it."""
+    from formats.opener import OpenPolicy
+
+    outside = getattr(args, "allow_backing_outside", False) or _env_flag(ALLOW_OUTSIDE_ENV)
+    devices = getattr(args, "allow_backing_device", False) or _env_flag(ALLOW_DEVICE_ENV)
+    if outside:
+        os.environ[ALLOW_OUTSIDE_ENV] = "1"
+    if devices:
+        os.environ[ALLOW_DEVICE_ENV] = "1"
+    return OpenPolicy(confine=not outside, allow_devices=devices)
 
 
 def _run_dir_option(p: argparse.ArgumentParser) -> None:
@@ -151,12 +182,6 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "allow_backing_outside", False):
-        from . import disk
-
-        disk.ALLOW_BACKING_OUTSIDE = True
-        # ... and for a daemon `cowd attach` starts.
-        os.environ[disk.ALLOW_BACKING_OUTSIDE_ENV] = "1"
     if args.command in ("create", "info", "map", "check", "convert"):
         return image_command(args)
     if args.command == "serve":
@@ -181,32 +206,32 @@ def run(args: argparse.Namespace) -> int:
 
 def image_command(args: argparse.Namespace) -> int:
     """create, info, map, check, convert: the image commands (cowd/imagecmds.py)."""
-    import formats
 
     from . import imagecmds
 
+    policy = open_policy(args)
     if args.command == "create":
         path = imagecmds.create(args.base, args.overlay, args.output, args.base_format,
-                                args.cluster_size, args.absolute)
-        root = formats.confinement_root(path)
+                                args.cluster_size, args.absolute, policy=policy)
+        root = os.path.realpath(os.path.dirname(os.path.abspath(path)))
         if os.path.commonpath([os.path.realpath(args.base), root]) != root:
             _say(f"note: {args.base} lies outside {root}: opening {path} will need "
                  "--allow-backing-outside")
         print(path)
         return 0
     if args.command == "info":
-        doc = imagecmds.info(args.image, args.format)
+        doc = imagecmds.info(args.image, args.format, policy)
         print(json.dumps(doc, indent=2) if args.json else imagecmds.format_info(doc))
         return 0
     if args.command == "map":
-        entries = imagecmds.map_image(args.image, args.format)
+        entries = imagecmds.map_image(args.image, args.format, policy)
         if args.json:
             print(json.dumps([e.as_json() for e in entries], indent=1))
         else:
             print(imagecmds.format_map(entries))
         return 0
     if args.command == "check":
-        res = imagecmds.check(args.image, args.repair, args.format)
+        res = imagecmds.check(args.image, args.repair, args.format, policy)
         if args.json:
             print(json.dumps({"filename": res.path, "corruptions": res.corruptions,
                               "leaks": res.leaks, "corruptions-fixed": res.corruptions_fixed,
@@ -233,7 +258,7 @@ def image_command(args: argparse.Namespace) -> int:
             return 2
         return 3 if res.leaks else 0
     imagecmds.convert(args.image, args.output, args.out_format, args.format,
-                      imagecmds.terminal_progress(f"converting {args.image}"))
+                      imagecmds.terminal_progress(f"converting {args.image}"), policy)
     return 0
 
 
@@ -353,7 +378,8 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
                           exit_when_idle=background,
-                          pid_wait_s=PID_WAIT_S if background else 1.0)
+                          pid_wait_s=PID_WAIT_S if background else 1.0,
+                          policy=open_policy(args))
     trio.run(run_daemon, config)
     return 0
 

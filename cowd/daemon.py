@@ -40,6 +40,8 @@ from typing import Any
 
 import trio
 
+from formats.opener import OpenPolicy
+
 from . import control
 from .attach import (
     EXIT_AFTER_REPLY_S,
@@ -71,6 +73,9 @@ class DaemonConfig:
     prime: bool = True
     exit_when_idle: bool = False  # the background daemon `cowd attach` starts
     pid_wait_s: float = 1.0  # how long to wait for a previous owner of the run dir
+    # What the files the served images name may reach (formats/opener.py): confined to each
+    # top image's folder unless the user allowed more.
+    policy: OpenPolicy = field(default_factory=OpenPolicy)
 
 
 @dataclass
@@ -98,7 +103,8 @@ class Daemon:
     async def open_disk(self, path: str, readonly: bool) -> Disk:
         disk = await Disk.open(path, pool=self.pool, cache=self.cache,
                                readonly=self.config.readonly or readonly,
-                               readahead_clusters=self.config.readahead_clusters)
+                               readahead_clusters=self.config.readahead_clusters,
+                               policy=self.config.policy)
         if self.config.prime:
             try:
                 await disk.prime()

@@ -88,7 +88,7 @@ from typing import Any, TypeVar
 import trio
 
 import formats
-from formats.base import Extent, Image, Kind
+from formats.base import Extent, Image, Kind, NearOpener
 from formats.errors import (
     CorruptImage,
     FormatError,
@@ -97,6 +97,7 @@ from formats.errors import (
     SyncFailed,
     UnsupportedImage,
 )
+from formats.opener import OpenPolicy
 
 from . import imagelock
 from .errors import RequestError, UsageError
@@ -150,12 +151,6 @@ OFFLOAD_WRITES = False
 
 _layer_ids = count(1)
 
-# Backing files must resolve inside the top image's directory tree (formats.check_confined:
-# ``..``, absolute names and symlinks out of it are refused) unless the user allows it:
-# ``--allow-backing-outside`` on the command line, or this variable set to 1 (inherited by
-# the daemon ``cowd attach`` starts).  The CLI sets ALLOW_BACKING_OUTSIDE from either.
-ALLOW_BACKING_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
-ALLOW_BACKING_OUTSIDE = os.environ.get(ALLOW_BACKING_OUTSIDE_ENV, "") not in ("", "0")
 
 
 class DiskError(RequestError):
@@ -292,32 +287,30 @@ class ImagePool:
         self.limiter = trio.CapacityLimiter(sync_threads)
         self.images_opened = 0  # parents actually opened (sharing shows as fewer)
 
-    def open_parent(self, path: str, fmt: str | None) -> Image:
-        """``formats.open_image``'s ``open_parent``: the shared, read-only parent image."""
-        key = _file_key(path)
-        if key is not None and self._top_writable(key):
-            raise UsageError(f"{path}: is served as a writable disk and cannot be a parent too")
-        layer = self._parents.get(key) if key is not None else None
+    def open_parent(self, file: formats.HostFile, fmt: str | None,
+                    near: NearOpener) -> Image:
+        """``formats.open_image``'s ``open_parent``: the shared, read-only parent image for
+        the file the chain's opener found (keyed by what was opened, never by name)."""
+        key = file.dev_ino
+        layer = self._parents.get(key)
+        if layer is not None or self._top_writable(key):
+            file.close()
+        if self._top_writable(key):
+            raise UsageError(f"{file.path}: is served as a writable disk and cannot be a "
+                             "parent too")
         if layer is None:
-            image = formats.open_one(path, False, fmt)
-            if self._top_writable(image.file.dev_ino):
+            image = formats.open_file(file, False, fmt, near)
+            try:
+                _lock(image, writable=False)
+            except UsageError:
                 image.close()
-                raise UsageError(f"{path}: is served as a writable disk and cannot be a parent")
-            layer = self._parents.get(image.file.dev_ino)
-            if layer is None:
-                try:
-                    _lock(image, writable=False)
-                except UsageError:
-                    image.close()
-                    raise
-                layer = Layer(image)
-                self._parents[layer.file_key] = layer
-                self._by_image[id(image)] = layer
-                self.images_opened += 1
-            else:
-                image.close()
+                raise
+            layer = Layer(image)
+            self._parents[layer.file_key] = layer
+            self._by_image[id(image)] = layer
+            self.images_opened += 1
         elif fmt is not None and formats.canonical_format(fmt) != layer.image.format_name:
-            raise CorruptImage(path, "parent is already open in another format",
+            raise CorruptImage(file.path, "parent is already open in another format",
                                "backing_format", fmt)
         layer.refs += 1
         return layer.image
@@ -470,7 +463,7 @@ class Disk:
                    readahead_clusters: int = DEFAULT_READAHEAD_CLUSTERS,
                    fmt: str | None = None,
                    offload_writes: bool = OFFLOAD_WRITES,
-                   allow_backing_outside: bool | None = None) -> Disk:
+                   policy: OpenPolicy | None = None) -> Disk:
         """Open ``path`` (writable unless ``readonly``) and its chain, parents from ``pool``.
 
         Format errors propagate as ``formats.FormatError``; serving a file twice, or writing a
@@ -481,18 +474,18 @@ class Disk:
         pool.check_top(path, _file_key(path), writable)
         acquired: list[Layer] = []
 
-        def open_parent(ppath: str, pfmt: str | None) -> Image:
-            img = pool.open_parent(ppath, pfmt)
+        def open_parent(pfile: formats.HostFile, pfmt: str | None,
+                        near: NearOpener) -> Image:
+            img = pool.open_parent(pfile, pfmt, near)
             acquired.append(pool.layer_of(img))
             return img
 
         top_image: Image | None = None
         try:
-            allow = (ALLOW_BACKING_OUTSIDE if allow_backing_outside is None
-                     else allow_backing_outside)
-            top_image = formats.open_image(
-                path, writable, fmt, open_parent=open_parent,
-                confine_to=None if allow else formats.confinement_root(path))
+            # What the chain's names may reach is the caller's (the user's) choice:
+            # confined to the top's folder by default (formats/opener.py).
+            top_image = formats.open_image(path, writable, fmt, open_parent=open_parent,
+                                           policy=policy)
             key = top_image.file.dev_ino
             pool.check_top(path, key, writable)
             _lock(top_image, writable=top_image.writable)

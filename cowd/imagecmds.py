@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import formats
-from formats import Image, Kind
+from formats import Image, Kind, OpenPolicy
 
 from . import imagelock
 from .errors import UsageError
@@ -24,14 +24,6 @@ OVERLAY_SUFFIX = {"qcow2": ".qcow2", "vhd": ".vhd"}
 # Convert works in chunks of this many guest bytes: large enough to amortise syscalls,
 # small enough that memory stays bounded whatever the image size.
 CONVERT_CHUNK_BYTES = 4 << 20
-
-
-def confinement(path: str, allow_outside: bool) -> str | None:
-    """Where the chain of ``path`` must stay (None: anywhere).  Backing files outside the
-    image's directory tree are refused unless the user allows them (cowd/disk.py says how)."""
-    from .disk import ALLOW_BACKING_OUTSIDE
-
-    return None if allow_outside or ALLOW_BACKING_OUTSIDE else formats.confinement_root(path)
 
 
 def overlay_format_name(name: str) -> str:
@@ -57,7 +49,8 @@ def default_overlay_path(base: str, fmt: str) -> str:
 
 
 def create(base: str, overlay: str, out: str | None, base_format: str | None,
-           cluster_size: int | None = None, absolute: bool = False) -> str:
+           cluster_size: int | None = None, absolute: bool = False, *,
+           policy: OpenPolicy | None = None) -> str:
     fmt = overlay_format_name(overlay)
     if not os.path.exists(base):
         raise UsageError(f"{base}: base image not found")
@@ -70,7 +63,7 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
     if os.path.exists(path):
         raise UsageError(f"{path}: already exists (refusing to overwrite)")
     if fmt == "vhd":
-        probe = formats.open_one(base, False, base_format)
+        probe = formats.open_one(base, False, base_format, policy=policy)
         try:
             if probe.format_name != "vhd":
                 raise UsageError(
@@ -81,7 +74,7 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
             probe.close()
     try:
         formats.create_overlay(path, base, fmt, base_format, cluster_size=cluster_size,
-                               absolute_backing=absolute)
+                               absolute_backing=absolute, policy=policy)
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
@@ -97,8 +90,8 @@ def allocated_bytes(img: Image) -> int:
     return sum(e.length for e in img.extents() if e.kind is not Kind.UNALLOCATED)
 
 
-def info(path: str, fmt: str | None = None, allow_outside: bool = False) -> dict[str, Any]:
-    img = formats.open_image(path, False, fmt, confine_to=confinement(path, allow_outside))
+def info(path: str, fmt: str | None = None, policy: OpenPolicy | None = None) -> dict[str, Any]:
+    img = formats.open_image(path, False, fmt, policy=policy)
     try:
         chain = []
         layer: Image | None = img
@@ -234,8 +227,8 @@ def _continues(a: MapEntry, b: MapEntry) -> bool:
 
 
 def map_image(path: str, fmt: str | None = None,
-              allow_outside: bool = False) -> list[MapEntry]:
-    img = formats.open_image(path, False, fmt, confine_to=confinement(path, allow_outside))
+              policy: OpenPolicy | None = None) -> list[MapEntry]:
+    img = formats.open_image(path, False, fmt, policy=policy)
     try:
         return list(map_entries(img))
     finally:
@@ -253,8 +246,9 @@ def format_map(entries: list[MapEntry]) -> str:
 # ---- check ---------------------------------------------------------------------------------
 
 
-def check(path: str, repair: bool, fmt: str | None = None) -> formats.CheckResult:
-    img = formats.open_one(path, repair, fmt)
+def check(path: str, repair: bool, fmt: str | None = None,
+          policy: OpenPolicy | None = None) -> formats.CheckResult:
+    img = formats.open_one(path, repair, fmt, policy=policy)
     try:
         if repair:  # never repair an image a daemon or qemu is writing (cowd/imagelock.py)
             try:
@@ -273,7 +267,7 @@ Progress = Callable[[int, int], None]
 
 
 def convert(src: str, out: str, out_format: str, src_format: str | None = None,
-            progress: Progress | None = None, allow_outside: bool = False) -> None:
+            progress: Progress | None = None, policy: OpenPolicy | None = None) -> None:
     """Copy the whole chain's guest bytes into a new standalone image; zeroes stay sparse."""
     try:
         out_format = formats.canonical_format(out_format)
@@ -284,7 +278,7 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
     if os.path.exists(out):
         raise UsageError(f"{out}: already exists (refusing to overwrite)")
     img = formats.open_image(src, False, src_format,
-                             confine_to=confinement(src, allow_outside))
+                             policy=policy)
     try:
         size = img.virtual_size
         if out_format == "raw":

@@ -10,11 +10,11 @@ A library of its own: it never imports ``cowd``.  Entry points:
 
 from __future__ import annotations
 
+import errno as errno_mod
 import os
-import re
 from collections.abc import Callable
 
-from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind
+from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind, NearOpener
 from .errors import (
     BackingOutside,
     CorruptImage,
@@ -23,6 +23,7 @@ from .errors import (
     ImageReadOnly,
     UnsupportedImage,
 )
+from .opener import ChainOpener, OpenPolicy, Place
 from .qcow import QcowImage
 from .qcow2 import Qcow2Image
 from .raw import RawImage
@@ -40,9 +41,9 @@ FORMAT_ALIASES = {"vpc": "vhd", "qcow1": "qcow", "file": "raw"}
 
 PROBE_BYTES = 4096
 
-# qemu accepts "protocol:" prefixes in backing names (json:, nbd:, http:, ...).  cowd opens
-# only local files: a name with such a prefix is refused, never interpreted.
-_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+# Confined to the top image's folder, no devices: what a chain may reach unless the user
+# says otherwise (--allow-backing-outside, --allow-backing-device).
+DEFAULT_POLICY = OpenPolicy()
 
 
 def canonical_format(name: str) -> str:
@@ -63,64 +64,72 @@ def probe_format(path: str, file: HostFile) -> str:
     return "raw"
 
 
-def open_one(path: str, writable: bool = False, fmt: str | None = None) -> Image:
-    """Open a single image (no backing), probing the format unless given."""
-    file = HostFile(path, writable)
+def open_file(file: HostFile, writable: bool, fmt: str | None, near: NearOpener) -> Image:
+    """Parse an image from a file already opened (its format probed unless given); the file
+    is closed if that fails.  ``near`` opens the files the image itself names."""
     try:
         if fmt:
             try:
                 name = canonical_format(fmt)
             except ValueError:
-                raise UnsupportedImage(path, "unknown image format", "format", fmt) from None
+                raise UnsupportedImage(file.path, "unknown image format", "format",
+                                       fmt) from None
         else:
-            name = probe_format(path, file)
-        return FORMATS[name].open(path, file, writable)
+            name = probe_format(file.path, file)
+        return FORMATS[name].open(file.path, file, writable, near=near)
     except BaseException:
         file.close()
         raise
 
 
-def resolve_backing_path(image: Image) -> str:
-    """The host path of ``image``'s backing file: the first candidate that exists."""
-    base_dir = os.path.dirname(os.path.abspath(image.path))
+def open_one(path: str, writable: bool = False, fmt: str | None = None, *,
+             policy: OpenPolicy | None = None) -> Image:
+    """Open a single image (no backing) as the user named it; a data file it names is
+    opened as ``policy`` allows (confined to the image's folder by default)."""
+    with ChainOpener(path, policy or DEFAULT_POLICY) as opener:
+        return open_file(opener.open_top(writable), writable, fmt,
+                         _near(opener, path, opener.top_place()))
+
+
+def _near(opener: ChainOpener, image_path: str, place: Place) -> NearOpener:
+    """The :data:`~formats.base.NearOpener` of one layer: names resolved from its folder."""
+
+    def open_near(name: str, writable: bool, field: str, what: str) -> HostFile:
+        got = opener.open_named(image_path, place, name, writable, field, what)
+        if got is None:
+            raise ImageIOError(image_path, f"{what} not found: {name}", errno_mod.ENOENT)
+        return got[0]
+
+    return open_near
+
+
+# How a caller shares parents between chains: given the parent's file (already opened and
+# checked), its recorded format and its NearOpener, return the parent image (the daemon's
+# ImagePool returns the one it already has for that file and closes the new fd).
+ParentOpener = Callable[[HostFile, str | None, NearOpener], Image]
+
+
+def _open_backing(opener: ChainOpener, layer: Image,
+                  place: Place) -> tuple[HostFile, Place]:
+    """The first of ``layer``'s backing candidates (a VHD has several parent locators) that
+    exists and that the policy lets it reach; a candidate outside is skipped, and refused
+    only when no other one is found."""
     tried = []
-    for name in image.backing_candidates():
-        if _PROTOCOL_RE.match(name) and not re.match(r"^[A-Za-z]:[\\/]", name):
-            raise UnsupportedImage(image.path, "backing file names a protocol, not a file",
-                                   "backing_file", name)
-        full = name if os.path.isabs(name) else os.path.join(base_dir, name)
-        if os.path.exists(full):
-            if not os.path.isfile(full) and not _is_block_device(full):
-                raise UnsupportedImage(image.path, "backing file is not a regular file",
-                                       "backing_file", name)
-            return os.path.normpath(full)
+    outside: BackingOutside | None = None
+    for name in layer.backing_candidates():
+        try:
+            got = opener.open_named(layer.path, place, name, False, "backing_file",
+                                    "backing file")
+        except BackingOutside as e:
+            outside = outside or e
+            continue
+        if got is not None:
+            return got
         tried.append(name)
-    raise FormatError(image.path, "backing file not found", "backing_file",
+    if outside is not None:
+        raise outside
+    raise FormatError(layer.path, "backing file not found", "backing_file",
                       tried[0] if len(tried) == 1 else tried)
-
-
-def _is_block_device(path: str) -> bool:
-    import stat
-
-    return stat.S_ISBLK(os.stat(path).st_mode)
-
-
-ParentOpener = Callable[[str, str | None], Image]
-
-
-def confinement_root(path: str) -> str:
-    """The directory tree a chain opened from ``path`` stays in by default: the real path of
-    the directory the image is named in."""
-    return os.path.realpath(os.path.dirname(os.path.abspath(path)))
-
-
-def check_confined(image: Image, parent_path: str, root: str) -> None:
-    """Refuse a backing file that resolves (``..``, absolute names, symlinks) outside
-    ``root``: an image from elsewhere must not make its reader open arbitrary files."""
-    real = os.path.realpath(parent_path)
-    if os.path.commonpath([real, root]) != root:
-        raise BackingOutside(image.path, f"backing file lies outside {root}", "backing_file",
-                             image.backing_name)
 
 
 def open_image(
@@ -129,47 +138,54 @@ def open_image(
     fmt: str | None = None,
     *,
     open_parent: ParentOpener | None = None,
-    confine_to: str | None = None,
+    policy: OpenPolicy | None = None,
 ) -> Image:
     """Open ``path`` and its backing chain.  Only the top image is ever writable.
 
-    ``open_parent(path, fmt)`` lets a caller share parent images between chains (the daemon
-    opens a base once for many overlays); by default each parent is opened read-only here.
-    With ``confine_to`` (a real directory path, e.g. :func:`confinement_root`), every
-    backing file must resolve inside that tree (:class:`BackingOutside` otherwise).
+    Every file an image names (backing files, data files) is opened by one
+    :class:`~formats.opener.ChainOpener`: by default beneath the folder ``path`` is named
+    in, decided on what was opened (formats/opener.py); ``policy`` may widen that.
+    ``open_parent`` lets a caller share parent images between chains (the daemon opens a
+    base once for many overlays); by default each parent is opened read-only here.
     """
-    top = open_one(path, writable, fmt)
-    seen = {top.file.dev_ino}
-    layer = top
+    opener = ChainOpener(path, policy or DEFAULT_POLICY)
+    top: Image | None = None
     try:
+        place = opener.top_place()
+        top = open_file(opener.open_top(writable), writable, fmt, _near(opener, path, place))
+        seen = {top.file.dev_ino}
+        layer = top
         for depth in range(1, MAX_CHAIN_DEPTH + 2):
             if not layer.backing_candidates():
                 return top
             if depth > MAX_CHAIN_DEPTH:
                 raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
-            parent_path = resolve_backing_path(layer)
-            if confine_to is not None:
-                check_confined(layer, parent_path, confine_to)
-            pfmt = layer.backing_format
-            if open_parent is not None:
-                parent = open_parent(parent_path, pfmt)
-            else:
-                parent = open_one(parent_path, False, pfmt)
-            if parent.file.dev_ino in seen:
+            pfile, pplace = _open_backing(opener, layer, place)
+            if pfile.dev_ino in seen:
+                pfile.close()
                 raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
                                    layer.backing_name)
-            seen.add(parent.file.dev_ino)
+            seen.add(pfile.dev_ino)
+            near = _near(opener, pfile.path, pplace)
+            pfmt = layer.backing_format
+            if open_parent is not None:
+                parent = open_parent(pfile, pfmt, near)
+            else:
+                parent = open_file(pfile, False, pfmt, near)
             layer.backing = parent
-            layer.backing_path = parent_path
+            layer.backing_path = pfile.path
             layer.check_backing(parent)
-            layer = parent
+            layer, place = parent, pplace
         raise AssertionError("unreachable")
     except BaseException:
-        if open_parent is None:
-            top.close_chain()
-        else:
-            top.close()
+        if top is not None:
+            if open_parent is None:
+                top.close_chain()
+            else:
+                top.close()
         raise
+    finally:
+        opener.close()
 
 
 def create_overlay(
@@ -180,10 +196,12 @@ def create_overlay(
     *,
     cluster_size: int | None = None,
     absolute_backing: bool = False,
+    policy: OpenPolicy | None = None,
 ) -> None:
-    """Create an empty overlay over ``base_path`` recording it (relative where possible)."""
+    """Create an empty overlay over ``base_path`` recording it (relative where possible).
+    The base's own chain is opened as ``policy`` allows."""
     overlay_format = canonical_format(overlay_format)
-    base = open_image(base_path, False, base_format)
+    base = open_image(base_path, False, base_format, policy=policy)
     try:
         base_fmt = base.format_name
         if absolute_backing:
@@ -222,15 +240,15 @@ __all__ = [
     "ImageIOError",
     "ImageReadOnly",
     "Kind",
+    "OpenPolicy",
     "Qcow2Image",
     "QcowImage",
     "RawImage",
     "UnsupportedImage",
     "VhdImage",
     "canonical_format",
-    "check_confined",
-    "confinement_root",
     "create_overlay",
+    "open_file",
     "open_image",
     "open_one",
 ]

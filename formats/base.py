@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import errno as errno_mod
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +40,11 @@ MAX_CHAIN_DEPTH = 64
 # Largest single read or write the library performs for a caller in one piece; larger
 # requests are split so a hostile length can never make it allocate without bound.
 MAX_IO_BYTES = 64 << 20
+
+
+# Opens a file an image names, from that image's folder and as the caller's policy allows
+# (formats/opener.py): ``near(name, writable, field, what)``, e.g. what="data file".
+NearOpener = Callable[[str, bool, str, str], "HostFile"]
 
 
 class Kind(enum.Enum):
@@ -231,8 +236,10 @@ class Image:
         raise NotImplementedError
 
     @classmethod
-    def open(cls, path: str, file: HostFile, writable: bool) -> Image:
-        """Parse and validate the metadata; do not open the backing image."""
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> Image:
+        """Parse and validate the metadata; do not open the backing image.  Other files the
+        image names (a qcow2's data file) are opened only through ``near``."""
         raise NotImplementedError
 
     def backing_candidates(self) -> list[str]:

@@ -42,7 +42,7 @@ from array import array
 from collections import OrderedDict
 from typing import Any
 
-from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, require
+from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, NearOpener, require
 from .errors import CorruptImage, UnsupportedImage
 
 QCOW_MAGIC = b"QFI\xfb"
@@ -111,7 +111,8 @@ class QcowImage(Image):
                 and struct.unpack_from(">I", head, 4)[0] == QCOW_VERSION)
 
     @classmethod
-    def open(cls, path: str, file: HostFile, writable: bool) -> QcowImage:
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> QcowImage:
         img = cls(path, file, False)
         if writable:
             img.read_only_reason = "qcow (v1) images are read-only in cowd; convert to qcow2"

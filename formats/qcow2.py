@@ -88,7 +88,6 @@ from __future__ import annotations
 import errno as errno_mod
 import itertools
 import os
-import re
 import struct
 import sys
 import zlib
@@ -98,8 +97,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, require
+from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, NearOpener, require
 from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
+from .opener import PROTOCOL_RE
 
 # ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
 
@@ -193,9 +193,6 @@ ZERO_CHUNK_BYTES = 1 << 20
 # unbounded output: a zstd block decodes to at most 128 KiB and needs at least 4 input bytes,
 # so one call yields at most (ZSTD_FEED_BYTES / 4) * 128 KiB = 8 MiB.
 ZSTD_FEED_BYTES = 256
-
-# qemu accepts "protocol:" prefixes in file names; cowd opens only local files.
-_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 _LITTLE = sys.byteorder == "little"
 
@@ -474,17 +471,18 @@ class Qcow2Image(Image):
                                                                                   4)[0] >= 2
 
     @classmethod
-    def open(cls, path: str, file: HostFile, writable: bool) -> Qcow2Image:
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> Qcow2Image:
         img = cls(path, file, writable)
         try:
-            img._load()
+            img._load(near)
         except BaseException:
             if img.data_file is not None:
                 img.data_file.close()
             raise
         return img
 
-    def _load(self) -> None:
+    def _load(self, near: NearOpener | None) -> None:
         path = self.path
         file_size = self.file.size()
         self._open_file_size = file_size
@@ -571,7 +569,7 @@ class Qcow2Image(Image):
             self.read_only_reason = ("image is marked corrupt (incompatible feature bit 1); "
                                      "repair it with qemu-img check -r all")
         if self.data_file_name is not None:
-            self.data_file = self._open_data_file(self.data_file_name, self.writable)
+            self.data_file = self._open_data_file(self.data_file_name, near)
         if hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY and self.writable:
             self._repair_dirty()
 
@@ -647,13 +645,19 @@ class Qcow2Image(Image):
         for (_s0, e0, w0), (s1, _e1, w1) in itertools.pairwise(spans):
             require(s1 > e0, self.path, f"{w1} overlaps the {w0}", "cluster", s1)
 
-    def _open_data_file(self, name: str, writable: bool) -> HostFile:
-        if _PROTOCOL_RE.match(name) and not re.match(r"^[A-Za-z]:[\\/]", name):
-            raise UnsupportedImage(self.path, "data file names a protocol, not a file",
-                                   "data_file", name)
-        base_dir = os.path.dirname(os.path.abspath(self.path))
-        full = name if os.path.isabs(name) else os.path.join(base_dir, name)
-        return HostFile(os.path.normpath(full), writable)
+    def _open_data_file(self, name: str, near: NearOpener | None) -> HostFile:
+        """The external data file, opened only as the caller's opener allows (confined to
+        the image's folder unless the user said otherwise: formats/opener.py)."""
+        if near is not None:
+            return near(name, self.writable, "data_file", "data file")
+        from .opener import ChainOpener, OpenPolicy
+
+        with ChainOpener(self.path, OpenPolicy()) as opener:
+            got = opener.open_named(self.path, opener.top_place(), name, self.writable,
+                                    "data_file", "data file")
+        if got is None:
+            raise ImageIOError(self.path, f"data file not found: {name}", errno_mod.ENOENT)
+        return got[0]
 
     # ---- L2 tables -------------------------------------------------------------------------
 
@@ -2064,7 +2068,7 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
     if virtual_size < 0:
         raise ValueError(f"{path}: negative size")
     virtual_size = _div_round_up(virtual_size, SECTOR) * SECTOR  # like qemu-img create
-    if data_file and _PROTOCOL_RE.match(data_file):
+    if data_file and PROTOCOL_RE.match(data_file):
         raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
     fmt_name = None
     if backing_format:

@@ -15,6 +15,7 @@ from .base import (
     HostFile,
     Image,
     Kind,
+    NearOpener,
     fallocate,
 )
 
@@ -31,7 +32,8 @@ class RawImage(Image):
         return True  # anything is a raw image; probed last
 
     @classmethod
-    def open(cls, path: str, file: HostFile, writable: bool) -> RawImage:
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> RawImage:
         img = cls(path, file, writable)
         img.virtual_size = file.size()
         img.cluster_size = RAW_CLUSTER_SIZE

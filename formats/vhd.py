@@ -78,6 +78,7 @@ from .base import (
     HostFile,
     Image,
     Kind,
+    NearOpener,
     fallocate,
     require,
 )
@@ -481,7 +482,8 @@ class VhdImage(Image):
         return head[:8] == VHD_COOKIE
 
     @classmethod
-    def open(cls, path: str, file: HostFile, writable: bool) -> VhdImage:
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> VhdImage:
         img = cls(path, file, writable)
         img._load()
         return img

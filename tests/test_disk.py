@@ -34,6 +34,7 @@ import formats
 from cowd.disk import MAX_REQUEST_BYTES, Disk, DiskError, ImagePool
 from cowd.errors import UsageError
 from cowd.remap import RemapCache
+from formats.base import NearOpener
 from formats.errors import CorruptImage, ImageIOError
 
 from .conftest import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
@@ -151,7 +152,8 @@ class TcowImage(formats.Image):
         return head.startswith(TCOW_MAGIC)
 
     @classmethod
-    def open(cls, path: str, file: formats.HostFile, writable: bool) -> TcowImage:
+    def open(cls, path: str, file: formats.HostFile, writable: bool,
+             near: NearOpener | None = None) -> TcowImage:
         img = cls(path, file, writable)
         hdr = file.pread_exact(0, TCOW_HEADER_BYTES, "header")
         img.virtual_size, img.cluster_size, name_len = struct.unpack_from("<QII", hdr, 8)
