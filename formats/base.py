@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import errno as errno_mod
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -93,11 +94,15 @@ class HostFile:
         self.fd = fd
         st = os.fstat(fd)
         self.dev_ino = (st.st_dev, st.st_ino)
+        # A block device's st_size is 0: its size is where its end is.
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
 
     def __repr__(self) -> str:
         return f"HostFile({self.path!r}, fd={self.fd}, writable={self.writable})"
 
     def size(self) -> int:
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
     def pread_exact(self, file_offset: int, length: int, what: str = "metadata") -> bytes:

@@ -226,14 +226,22 @@ class ChainOpener:
         return BackingOutside(owner_path, f"{what} lies outside {self.root}", field, name)
 
     def _relative_name(self, owner_root_dir: str, name: str) -> str | None:
-        """``name`` relative to the root, or None when it plainly leaves it.  For an absolute
-        name the real path is only a *hint* for which name to open beneath the root: the open
-        itself decides, so a swap after this look changes nothing."""
+        """``name`` relative to the root, or None when it plainly leaves it.  An absolute
+        name is taken as written when it lies beneath the root; otherwise the real path of
+        its folder (a symlinked prefix such as /var/run) is a *hint* for which name to open
+        beneath the root.  The open itself decides, so a swap after this look changes
+        nothing, and a hint that cannot be had (the name is being swapped) is a refusal."""
         if os.path.isabs(name):
-            hint = os.path.realpath(name)
-            if not _beneath(hint, self.root):
-                return None
-            rel = os.path.relpath(hint, self.root)
+            norm = os.path.normpath(name)
+            if not _beneath(norm, self.root):
+                try:
+                    norm = os.path.join(os.path.realpath(os.path.dirname(norm)),
+                                        os.path.basename(norm))
+                except OSError:
+                    return None
+                if not _beneath(norm, self.root):
+                    return None
+            rel = os.path.relpath(norm, self.root)
         else:
             rel = os.path.normpath(os.path.join(owner_root_dir, name))
         if rel == "." or rel == ".." or rel.startswith("../"):
