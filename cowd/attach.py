@@ -48,7 +48,7 @@ unmounts it and removes the stale socket.  A stale loop device still in use (a f
 it still mounted) is detached anyway: the kernel then only marks it auto-clear, and it goes
 away when that file system is unmounted; its I/O fails meanwhile, as it already did.
 
-``--via nbd`` (cowd/nbdattach.py): the daemon serves the Disk with its NBD server over a
+``--via nbd`` (cowd/frontends/nbd/attach.py): the daemon serves the Disk with its NBD server over a
 socketpair, negotiates the other end itself and gives it to the kernel's nbd driver on a free
 ``/dev/nbdN`` (NBD_SET_SOCK is the claim; NBD_DO_IT runs in a thread of its own until the
 device is disconnected).  Detach: refused while the device is held exclusively, else fsync,
@@ -81,20 +81,20 @@ from typing import Any
 import trio
 
 from . import control
-from . import kmod_abi as abi
 from .control import DaemonUnavailable
 from .disk import Disk
 from .errors import RequestError, UsageError
-from .fuse import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
-from .kmodfront import (
+from .frontends.kmod import abi
+from .frontends.kmod.channel import (
     DEFAULT_DAEMON_TIMEOUT_MS,
     DEFAULT_MAX_ENTRIES,
     KmodDevice,
     module_problem,
     remove_device,
 )
-from .nbd import NbdServer
-from .nbdattach import NbdDevice, clear_stale, device_index
+from .frontends.nbd.attach import NbdDevice, clear_stale, device_index
+from .frontends.nbd.server import NbdServer
+from .fuse import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
 
 log = logging.getLogger("cowd.attach")
 

@@ -258,7 +258,7 @@ async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], st
 async def _serve_in(services: trio.Nursery, config: DaemonConfig,
                     addresses: list[tuple[str, str, int]], stop: trio.Event,
                     serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
-    from .nbd import NbdServer, open_nbd_listeners
+    from .frontends.nbd.server import NbdServer, open_nbd_listeners
 
     run = RunDir.at(config.run_dir)
     ctl_path = run.control

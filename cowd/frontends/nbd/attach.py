@@ -1,15 +1,15 @@
 """Layer: cowd frontend for the kernel's own NBD client: a Disk becomes /dev/nbdN, served by
-this process's NBD server (:mod:`cowd.nbd`) over a socketpair.
+this process's NBD server (:mod:`cowd.frontends.nbd.server`) over a socketpair.
 
 Theory of operation
 -------------------
 The kernel's nbd driver speaks only the transmission phase: whoever hands it a socket must
 have negotiated already.  So :meth:`NbdDevice.connect` makes a socketpair, serves one end with
-the daemon's :class:`~cowd.nbd.NbdServer` (the whole protocol, newstyle handshake included),
-and plays the client on the other end with :class:`ClientHandshake` (sans-I/O, like the
-server's codec): fixed newstyle, NO_ZEROES, one ``NBD_OPT_GO`` for the export, whose
-``NBD_INFO_EXPORT`` gives the size and the transmission flags.  No structured replies are
-asked for: the kernel reads only simple replies.
+the daemon's :class:`~cowd.frontends.nbd.server.NbdServer` (the whole protocol, newstyle
+handshake included), and plays the client on the other end with :class:`ClientHandshake`
+(sans-I/O, like the server's codec): fixed newstyle, NO_ZEROES, one ``NBD_OPT_GO`` for the
+export, whose ``NBD_INFO_EXPORT`` gives the size and the transmission flags.  No structured
+replies are asked for: the kernel reads only simple replies.
 
 Then the socket goes to the kernel through the ioctl interface of ``linux/nbd.h`` on a free
 ``/dev/nbdN``.  A free device has no ``/sys/block/nbdN/pid`` (no ``NBD_DO_IT`` running) and
@@ -54,9 +54,9 @@ from typing import Any
 
 import trio
 
-from . import nbd_proto as P
-from .errors import UsageError
-from .nbd import NbdServer
+from ...errors import UsageError
+from . import protocol as P
+from .server import NbdServer
 
 log = logging.getLogger("cowd.nbdattach")
 
