@@ -84,6 +84,7 @@ from . import control
 from .control import DaemonUnavailable
 from .disk import Disk
 from .errors import RequestError, UsageError
+from .frontends.fuse.server import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
 from .frontends.kmod import abi
 from .frontends.kmod.channel import (
     DEFAULT_DAEMON_TIMEOUT_MS,
@@ -94,7 +95,6 @@ from .frontends.kmod.channel import (
 )
 from .frontends.nbd.attach import NbdDevice, clear_stale, device_index
 from .frontends.nbd.server import NbdServer
-from .fuse import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
 
 log = logging.getLogger("cowd.attach")
 

@@ -38,11 +38,17 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cowd.fuse as F
+import cowd.frontends.fuse.server as F
 import formats
 from cowd.disk import Disk, ImagePool
 from cowd.errors import UsageError
-from cowd.fuse import FuseFrontend, FuseFs, FuseOptions, FuseProtocolError, mount_fuse
+from cowd.frontends.fuse.server import (
+    FuseFrontend,
+    FuseFs,
+    FuseOptions,
+    FuseProtocolError,
+    mount_fuse,
+)
 from cowd.remap import RemapCache
 
 from .conftest import need, qemu_check, qemu_img, qemu_raw, run, sha256
@@ -799,7 +805,8 @@ async def test_a_killed_daemons_mount_is_cleaned_up(tmp_path: Path,
             assert await F.unmount_stale(str(mnt)) is False  # nothing there
             # A live mount is left alone (probed from another process, as attach would).
             async with served(mnt, {"d": disk}) as fe:
-                code = "import trio, cowd.fuse as f; print(trio.run(f.unmount_stale, %r))"
+                code = ("import trio, cowd.frontends.fuse.server as f; "
+                        "print(trio.run(f.unmount_stale, %r))")
                 out = await thread(lambda: run(sys.executable, "-c", code % str(mnt)))
                 assert out.stdout.strip() == b"False"
                 assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)

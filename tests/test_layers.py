@@ -14,17 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.kmod"},
+    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod"},
     {"remap"},
     {"disk", "frontends.nbd.protocol", "frontends.kmod.abi"},
-    {"frontends.nbd.server", "frontends.nbd.attach", "fuse", "frontends.kmod.channel",
-     "control"},
+    {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
+     "frontends.kmod.channel", "control"},
     {"daemon", "attach"},
     {"imagecmds", "cli", "__main__", ""},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
-FRONTENDS = {"nbd", "kmod"}
+FRONTENDS = {"nbd", "fuse", "kmod"}
 # The codecs: bytes in, events out, no event loop.
 CODECS = ["frontends.nbd.protocol", "frontends.kmod.abi"]
 

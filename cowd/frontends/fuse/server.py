@@ -159,8 +159,8 @@ from typing import Any
 
 import trio
 
-from .disk import Disk, DiskError
-from .errors import ProtocolError, UsageError
+from ...disk import Disk, DiskError
+from ...errors import ProtocolError, UsageError
 
 log = logging.getLogger("cowd.fuse")
 
