@@ -9,7 +9,7 @@ The run directory (``/run/cowd``, ``$COWD_RUN_DIR`` or ``--run-dir``) holds::
     cowd.pid       the owner's pid, flock()ed exclusively for as long as it owns the directory
     control.sock   the daemon's control socket (JSON lines, cowd/control.py)
     cowd.log       the background daemon's log (stdout and stderr)
-    fuse/          the FUSE mount: one file per attached disk (cowd/fuse.py)
+    fuse/          the FUSE mount: one file per attached disk (cowd/frontends/fuse/)
     attached.json  what is attached (name, image, device), rewritten after every change
     start.lock     taken by a CLI while it starts a daemon, so two CLIs start only one
 
@@ -84,7 +84,9 @@ from . import control
 from .control import DaemonUnavailable
 from .disk import Disk
 from .errors import RequestError, UsageError
-from .frontends.fuse.server import FuseFrontend, FuseOptions, mount_fuse, mounts_at, unmount_stale
+from .frontends.fuse.mount import fuse_problem, mounts_at, unmount_stale
+from .frontends.fuse.protocol import FuseOptions
+from .frontends.fuse.server import FuseFrontend, mount_fuse
 from .frontends.kmod import abi
 from .frontends.kmod.channel import (
     DEFAULT_DAEMON_TIMEOUT_MS,
@@ -446,23 +448,6 @@ def nbd_problem() -> str | None:
         return "the nbd module is not loaded (modprobe nbd; cowd loads no modules)"
     if not os.path.exists("/dev/nbd0"):
         return "nbd is loaded but there is no /dev/nbd0 (nbds_max=0?)"
-    return None
-
-
-def fuse_problem() -> str | None:
-    """Why `--via fuse` cannot work here, or None."""
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
-    except FileNotFoundError:
-        return "no /dev/fuse (the fuse module is missing)"
-    except OSError as e:
-        return f"/dev/fuse unusable: {e.strerror}"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control (the loop driver is missing)"
-    if not os.access("/dev/loop-control", os.W_OK):
-        return "loop devices need root (no write access to /dev/loop-control)"
-    if shutil.which("losetup") is None:
-        return "losetup not installed (util-linux)"
     return None
 
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COWD_LAYERS = [
     {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod"},
     {"remap"},
-    {"disk", "frontends.nbd.protocol", "frontends.kmod.abi"},
+    {"disk", "frontends.nbd.protocol", "frontends.kmod.abi", "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
-     "frontends.kmod.channel", "control"},
+     "frontends.fuse.mount", "frontends.kmod.channel", "control"},
     {"daemon", "attach"},
     {"imagecmds", "cli", "__main__", ""},
 ]
@@ -26,7 +26,7 @@ COWD_LAYERS = [
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
 FRONTENDS = {"nbd", "fuse", "kmod"}
 # The codecs: bytes in, events out, no event loop.
-CODECS = ["frontends.nbd.protocol", "frontends.kmod.abi"]
+CODECS = ["frontends.nbd.protocol", "frontends.fuse.protocol", "frontends.kmod.abi"]
 
 
 def module_name(path: Path) -> str:

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cowd.frontends.fuse.server import FuseOptions
+from cowd.frontends.fuse.protocol import FuseOptions
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -1,49 +1,13 @@
-"""Layer: cowd frontends.  The FUSE frontend: one mounted directory holding one regular file per
-served :class:`~cowd.disk.Disk`, of the disk's size, so that ``losetup --direct-io=on --find
---show DIR/NAME`` gives the user a real block device on any kernel that has FUSE and loop.
+"""Layer: cowd frontends (fuse), the trio adapter: :class:`FuseFrontend` reads
+``/dev/fuse``, hands namespace requests to the codec (:class:`~.protocol.FuseFs`) and runs
+READ, WRITE, FSYNC, FALLOCATE, LSEEK and SYNCFS against the Disk; :func:`mount_fuse` builds
+it on the caller's nursery and exit stack.
 
-The FUSE kernel protocol is spoken directly on ``/dev/fuse`` (structures and names from the
-kernel's UAPI header ``linux/fuse.h``), not through pyfuse3: pyfuse3 (3.5) registers no
-``fallocate`` handler, so libfuse answers FUSE_FALLOCATE with ENOSYS and the kernel then fails
-every punch-hole and zero-range on the mount with EOPNOTSUPP — a loop device could neither
-discard nor write zeroes, and a guest's ``fstrim`` could never shrink the overlay.  Speaking
-the protocol also lets us choose per-open flags (FOPEN_PARALLEL_DIRECT_WRITES) and INIT
-parameters (max_background, max_pages) that pyfuse3 does not expose, and pyfuse3's one mount
-per process limit goes away (we still use one directory for every disk).
-
-What the mount looks like
--------------------------
-- The root (inode 1, mode 0755) lists one file per disk, named by its export name.  A disk's
-  inode number is given when it is added and never reused while the mount lives, so a name
-  removed and added again gets a new inode and no kernel cache can confuse the two.
-- Files are mode 0600 (0400 for a read-only disk), owned by the daemon's uid/gid (root), of the
-  disk's size, which never changes: truncate and chmod/chown are EPERM, writes past the end
-  ENOSPC (one that crosses the end writes what fits and returns a short count, as a block
-  device does), opening a read-only disk for writing EROFS.  Namespace changes (create, unlink,
-  rename, mkdir, ...) are EPERM.
-- READ and WRITE pass guest offsets straight to the Disk (a READ crossing the end of the file
-  is answered short, as for any file).  FSYNC (fsync and fdatasync alike) is an NBD FLUSH:
-  ``Disk.flush`` makes every completed write durable.  FLUSH (sent on close) makes nothing
-  durable (POSIX close does not either) and is not even sent (FOPEN_NOFLUSH).
-- FALLOCATE: PUNCH_HOLE|KEEP_SIZE is ``Disk.trim``, ZERO_RANGE (with or without KEEP_SIZE)
-  is ``Disk.write_zeroes``; both are clipped at the end of the file, and a ZERO_RANGE that
-  would grow the file is ENOSPC.  Every other mode is EOPNOTSUPP (the kernel only forwards
-  KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE anyway).  The loop driver turns discards into
-  PUNCH_HOLE and write-zeroes into ZERO_RANGE or PUNCH_HOLE, so mkfs's discard becomes
-  overlay metadata and never reaches a base image.
-- LSEEK with SEEK_DATA/SEEK_HOLE answers from ``Disk.block_status``; STATFS reports the
-  disks' total size as used and nothing free.  Errors: a :class:`~cowd.disk.DiskError`'s errno
-  is the reply; any other exception is logged and answered EIO.
+Invariants: nothing in the trio thread touches the mounted files (the thread that would have
+to answer is the one that would block); teardown unmounts only the mount this object made.
 
 Theory of operation
 -------------------
-The protocol half is sans-I/O: :func:`parse_request` splits a request read from the device
-into a :class:`Request`, and :class:`FuseFs` answers every request that does not touch a
-disk's data (INIT, LOOKUP, GETATTR, SETATTR, OPEN, READDIR, STATFS, ...) by returning the
-reply's bytes; it keeps the namespace (inodes, open handles).  The trio adapter,
-:class:`FuseFrontend`, reads the device and runs READ, WRITE, FSYNC, FALLOCATE, LSEEK and
-SYNCFS against the Disk.
-
 Workers: each worker task owns a request buffer (max_write plus a page; the kernel refuses
 smaller reads) and a reply buffer.  The worker holding the read lock reads a request
 (non-blocking; it waits for readability only when the device is empty) and runs the first
@@ -148,654 +112,66 @@ import logging
 import os
 import secrets
 import shutil
-import socket
-import stat
-import struct
-import time
 from collections.abc import Coroutine, Generator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ...disk import Disk, DiskError
-from ...errors import ProtocolError, UsageError
+from ...errors import UsageError
+from .mount import (
+    MNT_DETACH,
+    UMOUNT_NOFOLLOW,
+    libc,
+    mount_fusermount,
+    mount_syscall,
+    mounts_at,
+)
+from .protocol import (
+    DATA_OPS,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    FALLOCATE_IN,
+    FSYNC_IN,
+    FUSE_FALLOCATE,
+    FUSE_FSYNC,
+    FUSE_INIT,
+    FUSE_MIN_READ_BUFFER,
+    FUSE_NOTIFY_INVAL_ENTRY,
+    FUSE_READ,
+    FUSE_ROOT_ID,
+    FUSE_SYNCFS,
+    FUSE_WRITE,
+    IN_HEADER,
+    INIT_TIMEOUT_S,
+    LSEEK_IN,
+    LSEEK_OUT,
+    MAX_INLINE_REQUESTS,
+    NOTIFY_INVAL_ENTRY_OUT,
+    OUT_HEADER,
+    PAGE_BYTES,
+    READ_IN,
+    SEEK_DATA,
+    SEEK_HOLE,
+    WRITE_IN,
+    WRITE_OUT,
+    Fail,
+    FuseFs,
+    FuseOptions,
+    FuseProtocolError,
+    Node,
+    parse_request,
+    reply_error,
+    reply_ok,
+    unpack_body,
+)
 
 log = logging.getLogger("cowd.fuse")
 
-# ---- wire constants (linux/fuse.h) -----------------------------------------------------------
-
-FUSE_KERNEL_VERSION = 7
-# The protocol minor version we speak: the structures below are those of 7.38 (Linux 6.2).
-FUSE_KERNEL_MINOR_VERSION = 38
-# Oldest kernel minor we accept: 7.28 (Linux 4.20) brought FUSE_MAX_PAGES, without which
-# requests are capped at 128 KiB and the measurements below do not hold.
-MIN_KERNEL_MINOR = 28
-FUSE_ROOT_ID = 1
-FUSE_MIN_READ_BUFFER = 8192
-
-FUSE_LOOKUP = 1
-FUSE_FORGET = 2
-FUSE_GETATTR = 3
-FUSE_SETATTR = 4
-FUSE_READLINK = 5
-FUSE_SYMLINK = 6
-FUSE_MKNOD = 8
-FUSE_MKDIR = 9
-FUSE_UNLINK = 10
-FUSE_RMDIR = 11
-FUSE_RENAME = 12
-FUSE_LINK = 13
-FUSE_OPEN = 14
-FUSE_READ = 15
-FUSE_WRITE = 16
-FUSE_STATFS = 17
-FUSE_RELEASE = 18
-FUSE_FSYNC = 20
-FUSE_SETXATTR = 21
-FUSE_GETXATTR = 22
-FUSE_LISTXATTR = 23
-FUSE_REMOVEXATTR = 24
-FUSE_FLUSH = 25
-FUSE_INIT = 26
-FUSE_OPENDIR = 27
-FUSE_READDIR = 28
-FUSE_RELEASEDIR = 29
-FUSE_FSYNCDIR = 30
-FUSE_GETLK = 31
-FUSE_SETLK = 32
-FUSE_SETLKW = 33
-FUSE_ACCESS = 34
-FUSE_CREATE = 35
-FUSE_INTERRUPT = 36
-FUSE_BMAP = 37
-FUSE_DESTROY = 38
-FUSE_IOCTL = 39
-FUSE_POLL = 40
-FUSE_NOTIFY_REPLY = 41
-FUSE_BATCH_FORGET = 42
-FUSE_FALLOCATE = 43
-FUSE_READDIRPLUS = 44
-FUSE_RENAME2 = 45
-FUSE_LSEEK = 46
-FUSE_COPY_FILE_RANGE = 47
-FUSE_SYNCFS = 50
-FUSE_TMPFILE = 51
-
-FUSE_NOTIFY_INVAL_ENTRY = 3
-
-# INIT flags
-FUSE_ASYNC_READ = 1 << 0
-FUSE_BIG_WRITES = 1 << 5
-FUSE_ASYNC_DIO = 1 << 15
-FUSE_WRITEBACK_CACHE = 1 << 16
-FUSE_PARALLEL_DIROPS = 1 << 18
-FUSE_MAX_PAGES = 1 << 22
-
-# OPEN reply flags
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NOFLUSH = 1 << 5
-FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
-
-# SETATTR valid bits
-FATTR_MODE = 1 << 0
-FATTR_UID = 1 << 1
-FATTR_GID = 1 << 2
-FATTR_SIZE = 1 << 3
-
-# fallocate(2) modes (linux/falloc.h)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-SEEK_DATA = 3
-SEEK_HOLE = 4
-
-DT_DIR = 4
-DT_REG = 8
-
-# Structures, little-endian as the kernel writes them on x86 and arm64.
-IN_HEADER = struct.Struct("<IIQQIIIHH")  # fuse_in_header: len opcode unique nodeid uid gid pid
-OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header: len error unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr
-ENTRY_OUT = struct.Struct("<QQQQII" + ATTR.format[1:])  # fuse_entry_out
-ATTR_OUT = struct.Struct("<QII" + ATTR.format[1:])  # fuse_attr_out
-INIT_IN = struct.Struct("<IIIII")  # fuse_init_in (the fields we read)
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # fuse_init_out
-OPEN_IN = struct.Struct("<II")
-OPEN_OUT = struct.Struct("<QII")
-READ_IN = struct.Struct("<QQIIQII")  # fuse_read_in
-WRITE_IN = struct.Struct("<QQIIQII")  # fuse_write_in
-WRITE_OUT = struct.Struct("<II")
-RELEASE_IN = struct.Struct("<QIIQ")
-FSYNC_IN = struct.Struct("<QII")
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # fuse_setattr_in
-KSTATFS = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs
-FALLOCATE_IN = struct.Struct("<QQQII")
-LSEEK_IN = struct.Struct("<QQII")
-LSEEK_OUT = struct.Struct("<Q")
-DIRENT = struct.Struct("<QQII")  # fuse_dirent without its name
-NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
-
-# ---- bounds and tunables ---------------------------------------------------------------------
-
-PAGE_BYTES = 4096
-# The kernel caps a request at fs.fuse.max_pages_limit pages (256 by default: 1 MiB).
-MAX_PAGES = 256
-# Longest name of a file in the mount (NAME_MAX).
-MAX_NAME_BYTES = 255
-# A READDIR reply is at most this long, whatever size the request asks for.
-MAX_READDIR_BYTES = 64 << 10
-# How long the kernel may cache a name and its attributes.  Attributes never change (the size
-# is fixed) but a removed disk's name should not linger; removal also invalidates it.
-ENTRY_TIMEOUT_S = 1.0
-ATTR_TIMEOUT_S = 1.0
-# The kernel's first request (INIT) must arrive this soon after the mount.
-INIT_TIMEOUT_S = 10.0
-# A worker reads and answers at most this many requests in a row without yielding to other
-# tasks (the control socket, other frontends): fairness, not speed.
-MAX_INLINE_REQUESTS = 64
 # Teardown waits this long for open files (a loop device) to be closed before it aborts.
 DRAIN_TIMEOUT_S = 10.0
-
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
-UMOUNT_NOFOLLOW = 8
-
-
-@dataclass(frozen=True)
-class FuseOptions:
-    """How the mount talks to the kernel.  Defaults chosen by measurement and the reasons
-    given in the module docstring.
-
-    - ``direct_io``: open files with FOPEN_DIRECT_IO (no page cache for this file; every read
-      and write is a request).  A loop device with ``--direct-io=on`` bypasses the page cache
-      either way; this decides buffered users (cp, dd, qemu-img on the file).
-    - ``parallel_direct_writes``: FOPEN_PARALLEL_DIRECT_WRITES, so direct writes to one file
-      are not serialised by the inode lock (only with ``direct_io``).
-    - ``writeback_cache``: FUSE_WRITEBACK_CACHE: buffered writes are gathered in the page
-      cache.  The kernel then owns the file size: a write past the end is acknowledged and
-      fails only at write-back (ENOSPC from close/fsync).
-    - ``max_write_bytes`` / ``max_read_bytes``: the longest request (max_pages).
-    - ``max_background``: asynchronous requests (readahead, async direct I/O from the loop
-      driver) the kernel keeps in flight; the kernel's default is 12.
-    - ``max_workers``: worker tasks (each owns max_write + max_read bytes of buffers).
-    """
-
-    direct_io: bool = True
-    parallel_direct_writes: bool = True
-    writeback_cache: bool = False
-    max_write_bytes: int = MAX_PAGES * PAGE_BYTES
-    max_read_bytes: int = MAX_PAGES * PAGE_BYTES
-    max_background: int = 64
-    max_workers: int = 16
-    allow_other: bool = False
-    use_fusermount: bool | None = None  # None: mount(2) as root, fusermount3 otherwise
-
-    def check(self) -> None:
-        for name in ("max_write_bytes", "max_read_bytes"):
-            v = getattr(self, name)
-            if not (PAGE_BYTES <= v <= MAX_PAGES * PAGE_BYTES) or v % PAGE_BYTES:
-                raise UsageError(f"fuse: {name} must be a multiple of {PAGE_BYTES} between "
-                                 f"{PAGE_BYTES} and {MAX_PAGES * PAGE_BYTES} ({name}={v})")
-        if not 1 <= self.max_background <= 0xFFFF:
-            raise UsageError(f"fuse: max_background out of range "
-                             f"(max_background={self.max_background})")
-        if not 1 <= self.max_workers <= 1024:
-            raise UsageError(f"fuse: max_workers out of range (max_workers={self.max_workers})")
-
-
-# ---- the protocol (sans I/O) -----------------------------------------------------------------
-
-
-class FuseProtocolError(ProtocolError):
-    """The kernel sent something we cannot parse."""
-
-
-class _Fail(Exception):
-    """Answer the current request with this errno."""
-
-    def __init__(self, err: int):
-        super().__init__(err)
-        self.err = err
-
-
-@dataclass(slots=True)
-class Request:
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int
-    body: memoryview
-
-
-def parse_request(data: memoryview) -> Request:
-    """Split one request as read from the device (exactly one read's bytes)."""
-    if len(data) < IN_HEADER.size:
-        raise FuseProtocolError(f"fuse: request shorter than its header (length={len(data)})")
-    length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(data)
-    if length != len(data):
-        raise FuseProtocolError(f"fuse: request length does not match the read "
-                                f"(len={length}, read={len(data)})")
-    return Request(opcode, unique, nodeid, uid, gid, pid, data[IN_HEADER.size:])
-
-
-def reply_error(unique: int, err: int) -> bytes:
-    return OUT_HEADER.pack(OUT_HEADER.size, -err, unique)
-
-
-def reply_ok(unique: int, payload: bytes = b"") -> bytes:
-    return OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload
-
-
-def _unpack(st: struct.Struct, body: memoryview, what: str) -> tuple[Any, ...]:
-    if len(body) < st.size:
-        raise FuseProtocolError(f"fuse: {what} body too short (length={len(body)})")
-    return st.unpack_from(body)
-
-
-def _split_ns(t: float) -> tuple[int, int]:
-    s = int(t)
-    return s, int((t - s) * 1e9)
-
-
-def valid_name(name: str) -> bool:
-    try:
-        raw = os.fsencode(name)
-    except UnicodeError:
-        return False
-    return (0 < len(raw) <= MAX_NAME_BYTES and b"/" not in raw and b"\0" not in raw
-            and raw not in (b".", b".."))
-
-
-@dataclass(eq=False)
-class _Node:
-    ino: int
-    name: str
-    disk: Disk
-    handles: int = 0  # open file handles
-    inflight: int = 0  # requests being served
-    removed: bool = False
-
-
-@dataclass(eq=False)
-class _Handle:
-    node: _Node
-    writable: bool
-
-
-@dataclass(frozen=True)
-class Negotiated:
-    """What INIT settled."""
-
-    minor: int
-    flags: int
-    max_write_bytes: int
-    max_pages: int
-    max_background: int
-
-
-class FuseFs:
-    """The namespace and every request that does not touch disk data; returns reply bytes.
-
-    Trio-thread only (no locks): every method is synchronous.
-    """
-
-    def __init__(self, options: FuseOptions, *, uid: int | None = None, gid: int | None = None,
-                 now: float | None = None):
-        self.options = options
-        self.uid = os.geteuid() if uid is None else uid
-        self.gid = os.getegid() if gid is None else gid
-        self.time = time.time() if now is None else now
-        self.nodes: dict[int, _Node] = {}
-        self.by_name: dict[str, _Node] = {}
-        self.handles: dict[int, _Handle] = {}
-        self.negotiated: Negotiated | None = None
-        self._next_ino = FUSE_ROOT_ID + 1
-        self._next_fh = 1
-        self.dir_handles: set[int] = set()
-
-    # -- namespace ---------------------------------------------------------------------------
-
-    def add(self, name: str, disk: Disk) -> _Node:
-        if not valid_name(name):
-            raise UsageError(f"fuse: not a usable file name (name={name!r})")
-        if name in self.by_name:
-            raise UsageError(f"fuse: a disk of that name is already mounted (name={name!r})")
-        node = _Node(self._next_ino, name, disk)
-        self._next_ino += 1
-        self.nodes[node.ino] = node
-        self.by_name[name] = node
-        return node
-
-    def remove(self, name: str, force: bool = False) -> _Node:
-        node = self.by_name.get(name)
-        if node is None:
-            raise UsageError(f"fuse: no such disk (name={name!r})")
-        if node.handles and not force:
-            raise UsageError(f"fuse: {name} is still open (handles={node.handles})")
-        del self.by_name[name]
-        del self.nodes[node.ino]
-        node.removed = True
-        return node
-
-    def node_of(self, fh: int) -> tuple[_Node, _Handle]:
-        h = self.handles.get(fh)
-        if h is None:
-            raise _Fail(errno.EBADF)
-        if h.node.removed:
-            raise _Fail(errno.EIO)
-        return h.node, h
-
-    # -- attributes ---------------------------------------------------------------------------
-
-    def _attr(self, ino: int) -> bytes:
-        sec, nsec = _split_ns(self.time)
-        if ino == FUSE_ROOT_ID:
-            return ATTR.pack(FUSE_ROOT_ID, 0, 0, sec, sec, sec, nsec, nsec, nsec,
-                             stat.S_IFDIR | 0o755, 2, self.uid, self.gid, 0, PAGE_BYTES, 0)
-        node = self.nodes.get(ino)
-        if node is None:
-            raise _Fail(errno.ENOENT)
-        disk = node.disk
-        mode = stat.S_IFREG | (0o400 if disk.readonly else 0o600)
-        blksize = min(max(disk.cluster_size, PAGE_BYTES), self.options.max_write_bytes)
-        return ATTR.pack(ino, disk.size, -(-disk.size // 512), sec, sec, sec, nsec, nsec, nsec,
-                         mode, 1, self.uid, self.gid, 0, blksize, 0)
-
-    def _attr_out(self, ino: int) -> bytes:
-        s, ns = _split_ns(ATTR_TIMEOUT_S)
-        return struct.pack("<QII", s, ns, 0) + self._attr(ino)
-
-    def _entry_out(self, ino: int) -> bytes:
-        es, ens = _split_ns(ENTRY_TIMEOUT_S)
-        s, ns = _split_ns(ATTR_TIMEOUT_S)
-        return struct.pack("<QQQQII", ino, 0, es, s, ens, ns) + self._attr(ino)
-
-    # -- dispatch -----------------------------------------------------------------------------
-
-    def handle(self, req: Request) -> bytes | None:
-        """The reply to a request that does not touch disk data (None: no reply is due)."""
-        op = req.opcode
-        if op in (FUSE_FORGET, FUSE_BATCH_FORGET, FUSE_INTERRUPT):
-            return None  # inodes live as long as their disk; interrupts are not supported
-        try:
-            if op == FUSE_INIT:
-                return self._init(req)
-            if self.negotiated is None:
-                raise _Fail(errno.EIO)  # nothing before INIT
-            fn = _SYNC_OPS.get(op)
-            if fn is None:
-                raise _Fail(_REFUSED.get(op, errno.ENOSYS))
-            return fn(self, req)
-        except _Fail as f:
-            return reply_error(req.unique, f.err)
-
-    def _init(self, req: Request) -> bytes:
-        major, minor, max_readahead, flags, _flags2 = _unpack(INIT_IN, req.body, "INIT")
-        if major != FUSE_KERNEL_VERSION or minor < MIN_KERNEL_MINOR:
-            log.error("fuse: kernel protocol %d.%d unsupported (need 7.%d or later)",
-                      major, minor, MIN_KERNEL_MINOR)
-            raise _Fail(errno.EPROTO)
-        o = self.options
-        want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS \
-            | FUSE_MAX_PAGES
-        if o.writeback_cache:
-            want |= FUSE_WRITEBACK_CACHE
-        got = flags & want
-        if not got & FUSE_MAX_PAGES:
-            raise _Fail(errno.EPROTO)
-        max_pages = max(o.max_write_bytes, o.max_read_bytes) // PAGE_BYTES
-        neg = Negotiated(min(minor, FUSE_KERNEL_MINOR_VERSION), got, o.max_write_bytes,
-                         max_pages, o.max_background)
-        self.negotiated = neg
-        congestion = max(1, o.max_background * 3 // 4)
-        out = INIT_OUT.pack(FUSE_KERNEL_VERSION, neg.minor, max_readahead, got,
-                            o.max_background, congestion, o.max_write_bytes, 1, max_pages, 0, 0)
-        return reply_ok(req.unique, out)
-
-    def _lookup(self, req: Request) -> bytes:
-        if req.nodeid != FUSE_ROOT_ID:
-            raise _Fail(errno.ENOTDIR)
-        raw = bytes(req.body).split(b"\0", 1)[0]
-        node = self.by_name.get(os.fsdecode(raw))
-        if node is None:
-            raise _Fail(errno.ENOENT)
-        return reply_ok(req.unique, self._entry_out(node.ino))
-
-    def _getattr(self, req: Request) -> bytes:
-        return reply_ok(req.unique, self._attr_out(req.nodeid))
-
-    def _setattr(self, req: Request) -> bytes:
-        f = _unpack(SETATTR_IN, req.body, "SETATTR")
-        valid, size = f[0], f[3]
-        if req.nodeid != FUSE_ROOT_ID:
-            node = self.nodes.get(req.nodeid)
-            if node is None:
-                raise _Fail(errno.ENOENT)
-            if valid & FATTR_SIZE and size != node.disk.size:
-                raise _Fail(errno.EPERM)  # a disk's size is fixed
-        if valid & (FATTR_MODE | FATTR_UID | FATTR_GID):
-            raise _Fail(errno.EPERM)
-        # Times (and FATTR_FH, lock owner, kill-suid) are accepted and ignored.
-        return reply_ok(req.unique, self._attr_out(req.nodeid))
-
-    def _open(self, req: Request) -> bytes:
-        flags, _open_flags = _unpack(OPEN_IN, req.body, "OPEN")
-        if req.nodeid == FUSE_ROOT_ID:
-            raise _Fail(errno.EISDIR)
-        node = self.nodes.get(req.nodeid)
-        if node is None:
-            raise _Fail(errno.ENOENT)
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and node.disk.readonly:
-            raise _Fail(errno.EROFS)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = _Handle(node, writable)
-        node.handles += 1
-        o = self.options
-        oflags = FOPEN_NOFLUSH
-        if o.direct_io:
-            oflags |= FOPEN_DIRECT_IO
-            if o.parallel_direct_writes:
-                oflags |= FOPEN_PARALLEL_DIRECT_WRITES
-        else:
-            oflags |= FOPEN_KEEP_CACHE  # we are the only writer: the cache stays true
-        return reply_ok(req.unique, OPEN_OUT.pack(fh, oflags, 0))
-
-    def _release(self, req: Request) -> bytes:
-        fh = _unpack(RELEASE_IN, req.body, "RELEASE")[0]
-        h = self.handles.pop(fh, None)
-        if h is not None:
-            h.node.handles -= 1
-        return reply_ok(req.unique)
-
-    def _flush(self, req: Request) -> bytes:
-        return reply_ok(req.unique)
-
-    def _opendir(self, req: Request) -> bytes:
-        if req.nodeid != FUSE_ROOT_ID:
-            raise _Fail(errno.ENOTDIR)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.dir_handles.add(fh)
-        return reply_ok(req.unique, OPEN_OUT.pack(fh, 0, 0))
-
-    def _releasedir(self, req: Request) -> bytes:
-        self.dir_handles.discard(_unpack(RELEASE_IN, req.body, "RELEASEDIR")[0])
-        return reply_ok(req.unique)
-
-    def _readdir(self, req: Request) -> bytes:
-        fh, offset, size = _unpack(READ_IN, req.body, "READDIR")[:3]
-        if req.nodeid != FUSE_ROOT_ID or fh not in self.dir_handles:
-            raise _Fail(errno.EBADF)
-        size = min(size, MAX_READDIR_BYTES)
-        # A directory offset is the cookie of the entry after it: "." is 1, ".." is 2 and a
-        # disk's is its inode number + 2 (inodes start at 2, are never reused and are
-        # listed in order), so a listing survives disks coming and going in between.
-        entries: list[tuple[int, int, bytes, int]] = [
-            (FUSE_ROOT_ID, 1, b".", DT_DIR), (FUSE_ROOT_ID, 2, b"..", DT_DIR)]
-        entries += [(n.ino, n.ino + 2, os.fsencode(n.name), DT_REG)
-                    for n in sorted(self.nodes.values(), key=lambda n: n.ino)]
-        out = bytearray()
-        for ino, cookie, name, kind in entries:
-            if cookie <= offset:
-                continue
-            rec = DIRENT.pack(ino, cookie, len(name), kind) + name
-            rec += bytes(-len(rec) % 8)
-            if len(out) + len(rec) > size:
-                break
-            out += rec
-        return reply_ok(req.unique, bytes(out))
-
-    def _statfs(self, req: Request) -> bytes:
-        total = sum(n.disk.size for n in self.nodes.values())
-        st = KSTATFS.pack(-(-total // PAGE_BYTES), 0, 0, len(self.nodes) + 1, 0, PAGE_BYTES,
-                          MAX_NAME_BYTES, PAGE_BYTES, 0)
-        return reply_ok(req.unique, st)
-
-    def _ok(self, req: Request) -> bytes:
-        return reply_ok(req.unique)
-
-
-_SYNC_OPS = {
-    FUSE_LOOKUP: FuseFs._lookup,
-    FUSE_GETATTR: FuseFs._getattr,
-    FUSE_SETATTR: FuseFs._setattr,
-    FUSE_OPEN: FuseFs._open,
-    FUSE_RELEASE: FuseFs._release,
-    FUSE_FLUSH: FuseFs._flush,
-    FUSE_OPENDIR: FuseFs._opendir,
-    FUSE_READDIR: FuseFs._readdir,
-    FUSE_RELEASEDIR: FuseFs._releasedir,
-    FUSE_FSYNCDIR: FuseFs._ok,
-    FUSE_STATFS: FuseFs._statfs,
-    FUSE_DESTROY: FuseFs._ok,
-}
-
-# Requests refused outright (anything else unknown is ENOSYS, which tells the kernel to stop
-# sending it: xattrs, locks, ioctl, poll, bmap, copy_file_range, statx, ...).
-_REFUSED = {op: errno.EPERM for op in (
-    FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK,
-    FUSE_CREATE, FUSE_RENAME2, FUSE_TMPFILE)}
-
-# Requests the adapter serves against a Disk.
-DATA_OPS = frozenset({FUSE_READ, FUSE_WRITE, FUSE_FSYNC, FUSE_FALLOCATE, FUSE_LSEEK,
-                      FUSE_SYNCFS})
-
-
-# ---- mounting ------------------------------------------------------------------------------
-
-_libc: Any = None
-
-
-def _c() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
-
-def _unescape_mountinfo(field: str) -> str:
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts_at(mountpoint: str) -> list[tuple[str, str]]:
-    """(fstype, source) of every mount at ``mountpoint``, bottom first (/proc/self/mountinfo)."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) >= 5 and len(rfields) >= 2 and \
-                    _unescape_mountinfo(fields[4]) == mountpoint:
-                found.append((rfields[0], _unescape_mountinfo(rfields[1])))
-    return found
-
-
-async def unmount_stale(mountpoint: str) -> bool:
-    """Lazily unmount a dead cowd FUSE mount at ``mountpoint`` (its daemon was killed: the
-    kernel answers ENOTCONN).  A live mount, or anything that is not a cowd FUSE mount, is
-    left alone.  Returns True if it unmounted one.  Never call it on a mount this process
-    serves (the check would wait for this thread)."""
-    mountpoint = str(await trio.Path(mountpoint).absolute())
-    mounts = mounts_at(mountpoint)
-    if not mounts or mounts[-1][0] != "fuse.cowd":
-        await trio.lowlevel.checkpoint()
-        return False
-
-    def probe() -> int:
-        try:
-            # statfs always asks the daemon; stat may be answered from cached attributes
-            # for ATTR_TIMEOUT_S after the daemon died.
-            os.statvfs(mountpoint)
-        except OSError as e:
-            return e.errno or 0
-        return 0
-
-    with trio.move_on_after(INIT_TIMEOUT_S):
-        err = await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
-        if err != errno.ENOTCONN:
-            return False
-        if _c().umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
-            e = ctypes.get_errno()
-            raise UsageError(f"{mountpoint}: cannot unmount a dead cowd mount: {os.strerror(e)}")
-        return True
-    return False  # a live daemon that does not answer: not ours to judge
-
-
-async def _mount_syscall(fd: int, mountpoint: str, source: str, opts: str) -> None:
-    await trio.lowlevel.checkpoint()
-    data = f"fd={fd},rootmode=40000,user_id={os.geteuid()},group_id={os.getegid()},{opts}"
-    if _c().mount(source.encode(), os.fsencode(mountpoint), b"fuse.cowd",
-                  MS_NOSUID | MS_NODEV, data.encode()) != 0:
-        e = ctypes.get_errno()
-        raise UsageError(f"{mountpoint}: cannot mount FUSE: {os.strerror(e)}")
-
-
-async def _mount_fusermount(mountpoint: str, source: str, opts: str) -> int:
-    """fusermount3 mounts for us and passes the /dev/fuse fd back over a socket."""
-    exe = shutil.which("fusermount3")
-    if exe is None:
-        raise UsageError("fusermount3 not found (package fuse3); it mounts FUSE without root")
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        p = await trio.run_process(
-            [exe, "-o", f"nosuid,nodev,fsname={source},subtype=cowd,{opts}", "--", mountpoint],
-            env=env, pass_fds=(theirs.fileno(),), check=False, capture_stderr=True)
-        if p.returncode != 0:
-            msg = p.stderr.decode(errors="replace").strip()
-            raise UsageError(f"{mountpoint}: fusermount3 failed: {msg}")
-        ours.setblocking(False)
-        try:
-            _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
-        except BlockingIOError:
-            fds = []
-        if not fds:
-            raise UsageError(f"{mountpoint}: fusermount3 passed no file descriptor")
-        return fds[0]
-    finally:
-        ours.close()
-        theirs.close()
 
 
 # ---- the trio adapter ----------------------------------------------------------------------
@@ -941,7 +317,7 @@ class FuseFrontend:
         if not await trio.Path(self.mountpoint).is_dir():
             raise UsageError(f"{self.mountpoint}: mount point is not a directory")
         if use_fm:
-            self.fd = await _mount_fusermount(self.mountpoint, self.source, opts)
+            self.fd = await mount_fusermount(self.mountpoint, self.source, opts)
             self._fusermount = True
         else:
             try:
@@ -949,7 +325,7 @@ class FuseFrontend:
             except OSError as e:
                 raise UsageError(f"/dev/fuse: cannot open: {e.strerror}") from None
             try:
-                await _mount_syscall(self.fd, self.mountpoint, self.source, opts)
+                await mount_syscall(self.fd, self.mountpoint, self.source, opts)
             except BaseException:
                 os.close(self.fd)
                 self.fd = -1
@@ -981,7 +357,7 @@ class FuseFrontend:
                             p.stderr.decode(errors="replace").strip())
             return
         await trio.lowlevel.checkpoint()
-        if _c().umount2(os.fsencode(self.mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+        if libc().umount2(os.fsencode(self.mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
             e = ctypes.get_errno()
             log.warning("fuse: cannot unmount %s: %s", self.mountpoint, os.strerror(e))
 
@@ -1123,16 +499,16 @@ class FuseFrontend:
             if req.opcode == FUSE_INIT and self.fs.negotiated is not None:
                 self._initialized.set()
             return
-        node: _Node | None = None
+        node: Node | None = None
         try:
             if req.opcode == FUSE_READ:
-                fh, offset, size = _unpack(READ_IN, req.body, "READ")[:3]
+                fh, offset, size = unpack_body(READ_IN, req.body, "READ")[:3]
                 node, _h = self.fs.node_of(fh)
                 node.inflight += 1
                 await self._read(req.unique, node.disk, offset, size, w)
                 return
             if req.opcode == FUSE_WRITE:
-                fh, offset, size = _unpack(WRITE_IN, req.body, "WRITE")[:3]
+                fh, offset, size = unpack_body(WRITE_IN, req.body, "WRITE")[:3]
                 payload = req.body[WRITE_IN.size:]
                 if len(payload) != size:
                     raise FuseProtocolError(f"fuse: WRITE payload length does not match "
@@ -1160,7 +536,7 @@ class FuseFrontend:
                         await n.disk.flush()
                 self._send(reply_ok(req.unique))
                 return
-            fh = _unpack(FSYNC_IN, req.body, "request")[0]
+            fh = unpack_body(FSYNC_IN, req.body, "request")[0]
             node, _h = self.fs.node_of(fh)
             node.inflight += 1
             if req.opcode == FUSE_FSYNC:
@@ -1168,15 +544,15 @@ class FuseFrontend:
                 await node.disk.flush()
                 self._send(reply_ok(req.unique))
             elif req.opcode == FUSE_FALLOCATE:
-                _fh, offset, length, mode, _pad = _unpack(FALLOCATE_IN, req.body, "FALLOCATE")
+                _fh, offset, length, mode, _pad = unpack_body(FALLOCATE_IN, req.body, "FALLOCATE")
                 self.counters["fallocates"] += 1
                 await self._fallocate(node.disk, offset, length, mode)
                 self._send(reply_ok(req.unique))
             else:  # FUSE_LSEEK
-                _fh, offset, whence, _pad = _unpack(LSEEK_IN, req.body, "LSEEK")
+                _fh, offset, whence, _pad = unpack_body(LSEEK_IN, req.body, "LSEEK")
                 pos = await self._lseek(node.disk, offset, whence)
                 self._send(reply_ok(req.unique, LSEEK_OUT.pack(pos)))
-        except _Fail as f:
+        except Fail as f:
             self.counters["errors"] += 1
             self._send(reply_error(req.unique, f.err))
         except DiskError as e:
@@ -1200,7 +576,7 @@ class FuseFrontend:
 
     async def _read(self, unique: int, disk: Disk, offset: int, size: int, w: _Worker) -> None:
         if size > self.options.max_read_bytes:
-            raise _Fail(errno.EINVAL)
+            raise Fail(errno.EINVAL)
         n = max(0, min(size, disk.size - offset))
         out = memoryview(w.reply)
         if n:
@@ -1228,20 +604,20 @@ class FuseFrontend:
             return
         if mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
             if not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
-                raise _Fail(errno.ENOSPC)  # it would grow the file
+                raise Fail(errno.ENOSPC)  # it would grow the file
             end = min(size, offset + length)
             if offset < end:
                 await disk.write_zeroes(offset, end - offset, may_unmap=False)
             return
-        raise _Fail(errno.EOPNOTSUPP)
+        raise Fail(errno.EOPNOTSUPP)
 
     @staticmethod
     async def _lseek(disk: Disk, offset: int, whence: int) -> int:
         if whence not in (SEEK_DATA, SEEK_HOLE):
-            raise _Fail(errno.EINVAL)
+            raise Fail(errno.EINVAL)
         size = disk.size
         if offset >= size:
-            raise _Fail(errno.ENXIO)
+            raise Fail(errno.ENXIO)
         pos = offset
         while pos < size:
             runs = await disk.block_status(pos, size - pos)
@@ -1252,7 +628,7 @@ class FuseFrontend:
                     return pos
                 pos += n
         if whence == SEEK_DATA:
-            raise _Fail(errno.ENXIO)
+            raise Fail(errno.ENXIO)
         return size
 
 
@@ -1277,14 +653,6 @@ async def mount_fuse(stack: AsyncExitStack, nursery: trio.Nursery, mountpoint: s
 
 
 __all__ = [
-    "DATA_OPS",
     "FuseFrontend",
-    "FuseFs",
-    "FuseOptions",
-    "FuseProtocolError",
-    "Request",
     "mount_fuse",
-    "mounts_at",
-    "parse_request",
-    "unmount_stale",
 ]
