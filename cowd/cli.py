@@ -244,7 +244,7 @@ def _say(line: str) -> None:
 def attach_cmd(args: argparse.Namespace) -> int:
     import os
 
-    from . import attach
+    from .attach import attacher as attach
 
     kmod: dict[str, int] = {}
     if args.kmod_entries is not None:
@@ -272,7 +272,7 @@ def attach_cmd(args: argparse.Namespace) -> int:
 
 
 def detach_cmd(args: argparse.Namespace) -> int:
-    from . import attach
+    from .attach import attacher as attach
     from .control import DaemonUnavailable, request
 
     run = attach.RunDir.at(args.run_dir)
@@ -340,7 +340,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
 
     import trio
 
-    from .attach import PID_WAIT_S
+    from .attach.attacher import PID_WAIT_S
     from .daemon import DaemonConfig, run_daemon
 
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"

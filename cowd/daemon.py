@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from . import control
-from .attach import (
+from .attach.attacher import (
     EXIT_AFTER_REPLY_S,
     STARTUP_IDLE_S,
     Attacher,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from cowd import attach as A
+from cowd.attach import attacher as A
 from cowd.errors import UsageError
 from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
 from tests.test_fuse import make_tree, same_tree
@@ -634,7 +634,7 @@ def test_pid_file_lock_dies_with_its_holder(tmp_path: Path) -> None:
     assert not path.exists() and not A.is_owned(str(path))
 
     # A holder killed by SIGKILL leaves its pid file behind, but not its lock.
-    code = ("import sys, time; from cowd.attach import PidFile; "
+    code = ("import sys, time; from cowd.attach.attacher import PidFile; "
             "p = PidFile(sys.argv[1]); assert p.try_acquire(); print(flush=True); "
             "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)

@@ -19,7 +19,8 @@ COWD_LAYERS = [
     {"disk", "frontends.nbd.protocol", "frontends.kmod.abi", "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "control"},
-    {"daemon", "attach"},
+    {"attach", "attach.attacher"},
+    {"daemon"},
     {"imagecmds", "cli", "__main__", ""},
 ]
 

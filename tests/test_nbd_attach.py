@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cowd import attach as A
+from cowd.attach import attacher as A
 from cowd.disk import Disk, ImagePool
 from cowd.frontends.nbd import attach as N
 from cowd.frontends.nbd import protocol as P

@@ -98,7 +98,7 @@ from bench_attach import (
 )
 from bench_nbd import Server
 
-from cowd.attach import fuse_problem, nbd_problem
+from cowd.attach.attacher import fuse_problem, nbd_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 MKBASE = ROOT / "tools" / "mkbase"

@@ -80,23 +80,23 @@ from typing import Any
 
 import trio
 
-from . import control
-from .control import DaemonUnavailable
-from .disk import Disk
-from .errors import RequestError, UsageError
-from .frontends.fuse.mount import fuse_problem, mounts_at, unmount_stale
-from .frontends.fuse.protocol import FuseOptions
-from .frontends.fuse.server import FuseFrontend, mount_fuse
-from .frontends.kmod import abi
-from .frontends.kmod.channel import (
+from .. import control
+from ..control import DaemonUnavailable
+from ..disk import Disk
+from ..errors import RequestError, UsageError
+from ..frontends.fuse.mount import fuse_problem, mounts_at, unmount_stale
+from ..frontends.fuse.protocol import FuseOptions
+from ..frontends.fuse.server import FuseFrontend, mount_fuse
+from ..frontends.kmod import abi
+from ..frontends.kmod.channel import (
     DEFAULT_DAEMON_TIMEOUT_MS,
     DEFAULT_MAX_ENTRIES,
     KmodDevice,
     module_problem,
     remove_device,
 )
-from .frontends.nbd.attach import NbdDevice, clear_stale, device_index
-from .frontends.nbd.server import NbdServer
+from ..frontends.nbd.attach import NbdDevice, clear_stale, device_index
+from ..frontends.nbd.server import NbdServer
 
 log = logging.getLogger("cowd.attach")
 
