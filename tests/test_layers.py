@@ -18,14 +18,15 @@ COWD_LAYERS = [
     {"remap"},
     {"disk", "frontends.nbd.protocol", "frontends.kmod.abi", "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
-     "frontends.fuse.mount", "frontends.kmod.channel", "control"},
-    {"attach", "attach.attacher"},
+     "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
+    {"rundir"},
+    {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
     {"imagecmds", "cli", "__main__", ""},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
-FRONTENDS = {"nbd", "fuse", "kmod"}
+FRONTENDS = {"nbd", "fuse", "kmod", "loop"}
 # The codecs: bytes in, events out, no event loop.
 CODECS = ["frontends.nbd.protocol", "frontends.fuse.protocol", "frontends.kmod.abi"]
 

@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from cowd.attach import attacher as A
 from cowd.disk import Disk, ImagePool
 from cowd.frontends.nbd import attach as N
 from cowd.frontends.nbd import protocol as P
@@ -195,7 +194,7 @@ def test_refusal_without_nbd(tmp_path: Path) -> None:
     """Where the kernel has no nbd (this host), --via nbd is one line naming nbd."""
     if os.path.isdir("/sys/module/nbd") and os.path.exists("/dev/nbd0"):
         pytest.skip("this kernel has nbd loaded: nothing to refuse")
-    problem = A.nbd_problem()
+    problem = N.nbd_problem()
     assert problem is not None and "nbd" in problem and "\n" not in problem
     base = tmp_path / "b.img"
     base.write_bytes(bytes(MiB))

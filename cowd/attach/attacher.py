@@ -1,90 +1,30 @@
-"""Layer: cowd (beside the composition root).  How a disk becomes a block device the user can
-mkfs and mount — ``cowd attach`` — and the background daemon's lifecycle: its run directory,
-pid file, start-up, clean-up after a killed daemon, and exit when it serves nothing.
+"""Layer: cowd attach, the daemon's end of the control socket (the CLI's end is client.py).
+:class:`Attacher` holds the attach/detach/list handlers: it opens the Disk, serves it through
+the chosen frontend (the FUSE file plus a loop device, the kernel shim, or the kernel's nbd
+client) and records every attachment in the run dir's state file.
 
-Theory of operation
--------------------
-The run directory (``/run/cowd``, ``$COWD_RUN_DIR`` or ``--run-dir``) holds::
-
-    cowd.pid       the owner's pid, flock()ed exclusively for as long as it owns the directory
-    control.sock   the daemon's control socket (JSON lines, cowd/control.py)
-    cowd.log       the background daemon's log (stdout and stderr)
-    fuse/          the FUSE mount: one file per attached disk (cowd/frontends/fuse/)
-    attached.json  what is attached (name, image, device), rewritten after every change
-    start.lock     taken by a CLI while it starts a daemon, so two CLIs start only one
-
-Ownership is the flock on ``cowd.pid``, not the file's existence: the kernel drops the lock
-when its holder dies, even by SIGKILL, so a lock that can be taken means that nothing owns the
-directory and whatever is in it is stale.  A daemon (``cowd daemon``, started by ``cowd
-attach``, or ``cowd serve``) takes it before anything else; ``cowd detach`` takes it to clean
-up after a dead daemon.
-
-``cowd attach IMAGE`` (the CLI) asks the control socket; if no daemon answers it takes
-``start.lock``, asks again, and otherwise starts ``cowd daemon`` in a new session with its
-output in ``cowd.log``, and waits until the control socket answers (the daemon binds it only
-when it is ready).  It then sends ``attach``.  The daemon opens the Disk (sharing parents
-through its ImagePool), primes it, adds it to the FUSE mount (mounted at the first attach) and
-runs ``losetup --find --show --direct-io=on RUN/fuse/NAME``: the daemon runs losetup, not the
-CLI, so the daemon knows every loop device it made and can take them down itself at shutdown.
-The reply names ``/dev/loopN``.  The loop driver then reads and writes the FUSE file with
-direct I/O, which the FUSE frontend turns into Disk calls; discards and write-zeroes arrive as
-fallocate.
-
-``cowd detach DEVICE|IMAGE`` asks the daemon, which refuses if the loop device is in use (an
-exclusive open fails: a mounted file system), else flushes the Disk, runs ``losetup -d``,
-waits for the kernel to release the FUSE file, removes it from the mount and closes the Disk
-(which flushes again and writes whatever metadata the codec keeps).  A daemon started by
-attach exits when it serves nothing: it stops taking requests, unmounts its FUSE directory and
-removes its socket and pid file; the CLI waits for that before returning.
-
-What cowd touches: a loop device only if its backing file is the FUSE file of the attachment
-(sysfs ``backing_file`` and the backing file's device and inode from LOOP_GET_STATUS64); a mount
-only if it is the ``fuse.cowd`` mount at RUN/fuse; a process only through its own control
-socket.  After a daemon died (SIGKILL, OOM) its FUSE mount is dead (the kernel answers
-ENOTCONN): :func:`cleanup_stale`, run with the pid lock held, detaches the loop devices whose
-backing file lies in that dead mount — before unmounting it, since a loop device's
-``backing_file`` no longer names the directory once its mount is detached — then lazily
-unmounts it and removes the stale socket.  A stale loop device still in use (a file system on
-it still mounted) is detached anyway: the kernel then only marks it auto-clear, and it goes
-away when that file system is unmounted; its I/O fails meanwhile, as it already did.
-
-``--via nbd`` (cowd/frontends/nbd/attach.py): the daemon serves the Disk with its NBD server over a
-socketpair, negotiates the other end itself and gives it to the kernel's nbd driver on a free
-``/dev/nbdN`` (NBD_SET_SOCK is the claim; NBD_DO_IT runs in a thread of its own until the
-device is disconnected).  Detach: refused while the device is held exclusively, else fsync,
-NBD_DISCONNECT, wait for DO_IT, NBD_CLEAR_SOCK, close the Disk.  When the daemon dies its end
-of the socketpair closes and the kernel lets the device go at its last close; one still held
-open (a mounted file system) keeps showing the dead thread as its pid, and the cleanup sends it
-NBD_CLEAR_SOCK (only devices the dead daemon recorded, only while they show its thread).
+Invariants: see :class:`Attacher`'s contract (one operation at a time under ``op_lock``,
+shielded and bounded by deadlines; teardown detaches what this daemon made and nothing else).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
 import logging
 import os
-import re
-import shutil
-import stat
-import struct
-import subprocess
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from .. import control
 from ..control import DaemonUnavailable
 from ..disk import Disk
 from ..errors import RequestError, UsageError
-from ..frontends.fuse.mount import fuse_problem, mounts_at, unmount_stale
+from ..frontends.fuse.mount import mounts_at
 from ..frontends.fuse.protocol import FuseOptions
 from ..frontends.fuse.server import FuseFrontend, mount_fuse
 from ..frontends.kmod import abi
@@ -93,519 +33,29 @@ from ..frontends.kmod.channel import (
     DEFAULT_MAX_ENTRIES,
     KmodDevice,
     module_problem,
-    remove_device,
 )
-from ..frontends.nbd.attach import NbdDevice, clear_stale, device_index
+from ..frontends.loop import LoopInfo, is_busy, loop_info, losetup_attach, losetup_detach
+from ..frontends.nbd.attach import NbdDevice, nbd_problem
 from ..frontends.nbd.server import NbdServer
+from ..rundir import RunDir, lexists, write_state
 
 log = logging.getLogger("cowd.attach")
 
-# ---- names and bounds ----------------------------------------------------------------------------
 
-PID_FILE = "cowd.pid"
-LOG_FILE = "cowd.log"
-FUSE_DIR = "fuse"
-STATE_FILE = "attached.json"
-START_LOCK = "start.lock"
+log = logging.getLogger("cowd.attach")
 
 
-# How long the CLI waits for a daemon it started to answer on its control socket.
-START_TIMEOUT_S = 30.0
-# How long a starting daemon waits for the previous owner of the run dir (one that is still
-# unmounting after it decided to exit) to let go of the pid file.
-PID_WAIT_S = 20.0
-# How long `cowd detach` waits for an exiting daemon to be gone.
-EXIT_WAIT_S = 60.0
 # A daemon started by attach that gets no disk this soon exits again.
 STARTUP_IDLE_S = 30.0
+
+
 # After its last disk is detached the daemon exits this soon (time to send the reply).
 EXIT_AFTER_REPLY_S = 0.1
-# losetup attach/detach must finish this soon.
-LOSETUP_TIMEOUT_S = 60.0
+
+
 # After `losetup -d` the kernel closes the FUSE file asynchronously; wait this long for it.
 RELEASE_TIMEOUT_S = 10.0
-# A control request that opens, primes or flushes a disk may take long on a big image.
-ATTACH_REQUEST_TIMEOUT_S = 600.0
-# How often the CLI tries again when the daemon it asked was just exiting.
-ATTACH_ATTEMPTS = 3
 
-_LOOP_NAME = re.compile(r"loop[0-9]+")
-
-# linux/loop.h
-LOOP_GET_STATUS64 = 0x4C05
-# struct loop_info64: lo_device lo_inode lo_rdevice lo_offset lo_sizelimit lo_number
-# lo_encrypt_type lo_encrypt_key_size lo_flags lo_file_name[64] lo_crypt_name[64]
-# lo_encrypt_key[32] lo_init[2]
-LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
-
-
-# ---- the run directory and its owner -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunDir:
-    path: str
-
-    @classmethod
-    def at(cls, path: str) -> RunDir:
-        return cls(os.path.abspath(path))
-
-    @property
-    def control(self) -> str:
-        return control.control_path(self.path)
-
-    @property
-    def pid_file(self) -> str:
-        return os.path.join(self.path, PID_FILE)
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.path, LOG_FILE)
-
-    @property
-    def fuse_dir(self) -> str:
-        return os.path.join(self.path, FUSE_DIR)
-
-    @property
-    def state(self) -> str:
-        return os.path.join(self.path, STATE_FILE)
-
-    @property
-    def start_lock(self) -> str:
-        return os.path.join(self.path, START_LOCK)
-
-    def make(self) -> None:
-        os.makedirs(self.path, mode=0o755, exist_ok=True)
-
-
-class PidFile:
-    """Ownership of a run directory: an exclusive flock on its pid file (see the module
-    docstring).  ``release`` removes the file, then drops the lock."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = -1
-
-    def try_acquire(self) -> bool:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            except BaseException:
-                os.close(fd)
-                raise
-            # The previous owner may have unlinked the file between our open and our flock:
-            # the lock would then be on a dead inode that nobody else can see.  Start over.
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            mine = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.fd = fd
-            return True
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
-
-
-def holder_pid(pid_file: str) -> int | None:
-    try:
-        with open(pid_file, encoding="ascii", errors="replace") as f:
-            text = f.read(32).strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def is_owned(pid_file: str) -> bool:
-    """True while some process holds the pid file's lock (a live daemon)."""
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-async def take_run_dir(run: RunDir, wait_s: float) -> PidFile:
-    """Own ``run`` (create it if needed), waiting up to ``wait_s`` for a previous owner."""
-    run.make()
-    pid = PidFile(run.pid_file)
-    deadline = trio.current_time() + wait_s
-    while not pid.try_acquire():
-        if trio.current_time() >= deadline:
-            holder = holder_pid(run.pid_file)
-            raise UsageError(f"{run.path}: a cowd daemon is already running here "
-                             f"(pid={holder if holder is not None else '?'})")
-        await trio.sleep(0.05)
-    return pid
-
-
-@contextlib.contextmanager
-def file_lock(path: str, timeout_s: float) -> Iterator[None]:
-    """An exclusive flock on ``path`` for the duration (the CLI's start lock)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise UsageError(f"{path}: another cowd command holds this lock "
-                                     f"(waited {timeout_s:.0f} s)") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_state(run: RunDir, entries: list[dict[str, Any]]) -> None:
-    tmp = run.state + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(entries, f, indent=1)
-    os.replace(tmp, run.state)
-
-
-def read_state(run: RunDir) -> list[dict[str, Any]]:
-    try:
-        with open(run.state, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return []
-    return [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
-
-
-# ---- loop devices --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LoopInfo:
-    device: str  # /dev/loopN
-    backing_file: str  # as the kernel names it (sysfs); "/NAME" once its mount is detached
-    backing_dev: int  # st_dev of the backing file; 0 if the kernel could not stat it
-    backing_ino: int
-    dio: bool
-    read_only: bool
-
-
-def loop_name(device: str) -> str | None:
-    """'loopN' for /dev/loopN (symlinks resolved), else None."""
-    name = os.path.basename(os.path.realpath(device))
-    return name if _LOOP_NAME.fullmatch(name) else None
-
-
-def _sysfs(path: str) -> str:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return f.read()
-
-
-def loop_info(device: str) -> LoopInfo | None:
-    """What ``device`` is bound to, or None if it is no bound loop device.  Blocking, and it
-    makes the kernel stat the backing file: never call it in the thread that serves that
-    file."""
-    name = loop_name(device)
-    if name is None:
-        return None
-    base = f"/sys/block/{name}"
-    try:
-        backing = _sysfs(f"{base}/loop/backing_file")
-        dio = _sysfs(f"{base}/loop/dio").strip() == "1"
-        ro = _sysfs(f"{base}/ro").strip() == "1"
-    except FileNotFoundError:
-        return None
-    if backing.endswith("\n"):
-        backing = backing[:-1]
-    dev = ino = 0
-    try:
-        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        pass
-    else:
-        try:
-            buf = bytearray(LOOP_INFO64.size)
-            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
-            dev, ino = LOOP_INFO64.unpack(buf)[:2]
-        except OSError:
-            pass  # ENXIO: unbound in the meantime
-        finally:
-            os.close(fd)
-    return LoopInfo(f"/dev/{name}", backing, dev, ino, dio, ro)
-
-
-def loops_backed_under(directory: str) -> list[LoopInfo]:
-    """Bound loop devices whose backing file the kernel names inside ``directory``."""
-    prefix = directory.rstrip("/") + "/"
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir("/sys/block")):
-            if not _LOOP_NAME.fullmatch(name):
-                continue
-            try:
-                backing = _sysfs(f"/sys/block/{name}/loop/backing_file").rstrip("\n")
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if backing.startswith(prefix):
-                info = loop_info(f"/dev/{name}")
-                if info is not None and info.backing_file.startswith(prefix):
-                    found.append(info)
-    return found
-
-
-def is_busy(device: str) -> bool:
-    """True if something holds ``device`` exclusively (a mounted file system, a holder such as
-    device-mapper, another exclusive opener).  A plain open by some process is not seen."""
-    try:
-        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            return True
-        raise
-    os.close(fd)
-    return False
-
-
-def _last_line(data: bytes) -> str:
-    lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no message)"
-
-
-async def _losetup(args: list[str]) -> subprocess.CompletedProcess[bytes]:
-    try:
-        with trio.fail_after(LOSETUP_TIMEOUT_S):
-            return await trio.run_process(args, capture_stdout=True, capture_stderr=True,
-                                          check=False, stdin=subprocess.DEVNULL)
-    except trio.TooSlowError:
-        raise UsageError(f"{' '.join(args)}: did not finish within "
-                         f"{LOSETUP_TIMEOUT_S:.0f} s") from None
-
-
-async def losetup_attach(path: str, readonly: bool) -> str:
-    args = ["losetup", "--find", "--show", "--direct-io=on"]
-    if readonly:
-        args.append("--read-only")
-    args.append(path)
-    p = await _losetup(args)
-    if p.returncode != 0:
-        raise UsageError(f"losetup: {_last_line(p.stderr)} (file={path})")
-    dev = p.stdout.decode(errors="replace").strip()
-    if loop_name(dev) is None:
-        raise UsageError(f"losetup: unexpected output (stdout={dev!r})")
-    return dev
-
-
-async def losetup_detach(device: str) -> None:
-    p = await _losetup(["losetup", "-d", device])
-    if p.returncode != 0:
-        raise UsageError(f"losetup -d {device}: {_last_line(p.stderr)}")
-
-
-# ---- which frontend ------------------------------------------------------------------------------
-
-FRONTENDS = ("kmod", "nbd", "fuse")
-
-
-def kmod_problem() -> str | None:
-    """Why `--via kmod` cannot work here (after trying to load the module), or None."""
-    if os.geteuid() != 0:
-        return "the kernel shim needs root"
-    return module_problem()
-
-
-def nbd_problem() -> str | None:
-    """Why `--via nbd` cannot work here, or None (cowd loads no nbd module itself)."""
-    if os.geteuid() != 0:
-        return "the kernel's nbd client needs root"
-    if not os.path.isdir("/sys/module/nbd"):
-        modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
-        if modprobe is None:
-            return "the kernel has no nbd driver (no /sys/module/nbd, no modprobe)"
-        try:
-            rc = subprocess.run([modprobe, "-n", "nbd"], capture_output=True, timeout=10,
-                                stdin=subprocess.DEVNULL).returncode
-        except (OSError, subprocess.TimeoutExpired):
-            rc = 1
-        if rc != 0:
-            return "the kernel has no nbd driver (no /sys/module/nbd; modprobe -n nbd failed)"
-        return "the nbd module is not loaded (modprobe nbd; cowd loads no modules)"
-    if not os.path.exists("/dev/nbd0"):
-        return "nbd is loaded but there is no /dev/nbd0 (nbds_max=0?)"
-    return None
-
-
-_PROBLEMS: dict[str, Callable[[], str | None]] = {
-    "kmod": kmod_problem, "nbd": nbd_problem, "fuse": fuse_problem}
-
-
-def choose_frontend(via: str) -> tuple[str, str | None]:
-    """The frontend to attach through and, for ``auto``, a note saying which it took and why
-    the ones before it were unavailable.  An explicit choice that cannot work, or ``auto``
-    with nothing usable, is a one-line UsageError."""
-    if via != "auto":
-        if via not in _PROBLEMS:
-            raise UsageError(f"--via: expected auto, kmod, nbd or fuse (via={via!r})")
-        problem = _PROBLEMS[via]()
-        if problem is not None:
-            raise UsageError(f"--via {via}: {problem}")
-        return via, None
-    reasons: list[str] = []
-    for name in FRONTENDS:
-        problem = _PROBLEMS[name]()
-        if problem is None:
-            why = f" ({'; '.join(reasons)})" if reasons else ""
-            return name, f"--via auto: using {name}{why}"
-        reasons.append(f"{name}: {problem}")
-    raise UsageError("--via auto: no way to attach a disk on this machine ("
-                     + "; ".join(reasons) + ")")
-
-
-# ---- cleaning up after a dead daemon -------------------------------------------------------------
-
-@dataclass
-class Cleanup:
-    """What :func:`cleanup_stale` did."""
-
-    loops: list[tuple[str, str, bool]] = field(default_factory=list)  # (device, name, was busy)
-    kmod: list[tuple[str, str, str]] = field(default_factory=list)  # (device, image, outcome)
-    nbd: list[tuple[str, str, str]] = field(default_factory=list)  # (device, image, outcome)
-    unmounted: int = 0
-    socket_removed: bool = False
-    state: list[dict[str, Any]] = field(default_factory=list)  # the dead daemon's records
-
-    def __bool__(self) -> bool:
-        return bool(self.loops or self.kmod or self.nbd or self.unmounted
-                    or self.socket_removed)
-
-    def lines(self, run: RunDir) -> list[str]:
-        out = []
-        for dev, name, busy in self.loops:
-            image = next((e.get("image") for e in self.state if e.get("name") == name), None)
-            what = f"{dev} ({image or name})"
-            if busy:
-                out.append(f"detached {what}; it is still in use (a mounted file system?) and "
-                           "goes away when that is unmounted")
-            else:
-                out.append(f"detached {what}")
-        for dev, image, outcome in self.kmod + self.nbd:
-            out.append(f"{outcome} {dev} ({image})")
-        if self.unmounted:
-            out.append(f"unmounted the dead FUSE mount {run.fuse_dir}")
-        if self.socket_removed:
-            out.append(f"removed the stale control socket {run.control}")
-        return out
-
-
-def _remove_stale_kmod(done: Cleanup) -> None:
-    for rec in done.state:
-        index = rec.get("index")
-        if rec.get("frontend") != "kmod" or not isinstance(index, int):
-            continue
-        dev = f"/dev/cowd{index}"
-        if not os.path.exists(dev):
-            continue
-        try:
-            remove_device(index)
-            outcome = "removed"
-        except (UsageError, RequestError) as e:
-            outcome = f"could not remove ({e}):"
-        done.kmod.append((dev, str(rec.get("image")), outcome))
-
-
-def _clear_stale_nbd(done: Cleanup) -> None:
-    """NBD_CLEAR_SOCK on the dead daemon's /dev/nbdN that are still claimed by its dead
-    thread (held open by something else); the others the kernel released already."""
-    for rec in done.state:
-        device, tid = rec.get("device"), rec.get("tid")
-        if rec.get("frontend") != "nbd" or not isinstance(device, str):
-            continue
-        index = device_index(device)
-        if index is None:
-            continue
-        outcome = clear_stale(index, tid if isinstance(tid, int) else None)
-        if outcome is not None:
-            log.info("stale: %s %s", outcome, device)
-            done.nbd.append((device, str(rec.get("image")), outcome))
-
-
-def _exists(path: str) -> bool:
-    return os.path.lexists(path)  # the run dir is local: no need for a thread
-
-
-async def _mount_is_dead(path: str) -> bool:
-    def probe() -> int:
-        try:
-            os.statvfs(path)  # always a request (stat may be answered from the cache)
-        except OSError as e:
-            return e.errno or 0
-        return 0
-
-    with trio.move_on_after(10):
-        return await trio.to_thread.run_sync(probe, abandon_on_cancel=True) == errno.ENOTCONN
-    return False  # a live mount that does not answer
-
-
-async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
-    """Undo what a dead daemon left in ``run``.  The caller owns the pid file (so no live
-    daemon serves ``run``); anything that does not look like a dead cowd's is refused.
-    Kernel-shim devices are removed unless in use, or, with ``keep_kmod`` (a new daemon
-    starting, which takes them over), left alone."""
-    done = Cleanup(state=read_state(run))
-    if not keep_kmod:
-        _remove_stale_kmod(done)
-    _clear_stale_nbd(done)
-    fuse_dir = run.fuse_dir
-    await trio.lowlevel.checkpoint()
-    mounts = mounts_at(fuse_dir)
-    if mounts:
-        fstype, source = mounts[-1]
-        if fstype != "fuse.cowd":
-            raise UsageError(f"{fuse_dir}: something else is mounted here (type={fstype}); "
-                             "not touching it")
-        if not await _mount_is_dead(fuse_dir):
-            raise UsageError(f"{fuse_dir}: a live cowd FUSE mount that no daemon of this run "
-                             f"dir owns (source={source}); not touching it")
-        # Loop devices first: once the mount is detached, their backing_file no longer
-        # names this directory and they could not be told from anyone else's.
-        for info in await trio.to_thread.run_sync(loops_backed_under, fuse_dir):
-            busy = await trio.to_thread.run_sync(is_busy, info.device)
-            await losetup_detach(info.device)
-            name = info.backing_file[len(fuse_dir) + 1:]
-            log.info("stale: detached %s (%s)%s", info.device, name,
-                     ", still in use: auto-clear" if busy else "")
-            done.loops.append((info.device, name, busy))
-        while await unmount_stale(fuse_dir):
-            done.unmounted += 1
-            log.info("stale: unmounted the dead FUSE mount %s", fuse_dir)
-        with contextlib.suppress(OSError):
-            if not mounts_at(fuse_dir):
-                os.rmdir(fuse_dir)
-    if _exists(run.control):
-        control.clear_stale_socket(run.control)  # refuses a live one
-        done.socket_removed = True
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(run.state)
-    return done
-
-
-# ---- the daemon's side ---------------------------------------------------------------------------
 
 @dataclass(eq=False)
 class Attachment:
@@ -632,7 +82,6 @@ class Attachment:
         if self.nbd is not None and self.nbd.tid:
             rec["tid"] = self.nbd.tid[0]  # what sysfs shows as the device's pid
         return rec
-
 
 OpenDisk = Callable[[str, bool], Awaitable[Disk]]
 
@@ -861,7 +310,7 @@ class Attacher:
                     not isinstance(image, str):
                 continue
             dev = f"/dev/cowd{index}"
-            if not _exists(dev):
+            if not lexists(dev):
                 continue
             try:
                 async with self.op_lock:
@@ -1078,173 +527,9 @@ class Attacher:
                 raise first
 
 
-# ---- the CLI's side ------------------------------------------------------------------------------
-
-def ping(run: RunDir, timeout: float = 10.0) -> dict[str, Any]:
-    """The running daemon's ping reply; DaemonUnavailable if none answers."""
-    return control.request(run.control, "ping", timeout=timeout)
-
-
-def _log_tail(run: RunDir) -> str:
-    try:
-        with open(run.log, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read()
-    except OSError:
-        return "(no log)"
-    lines = [ln for ln in tail.decode(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("cowd:")]
-    return (errors or lines or ["(empty log)"])[-1].strip()
-
-
-def spawn_daemon(run: RunDir) -> subprocess.Popen[bytes]:
-    """Start ``cowd daemon`` in a new session, its output appended to the run dir's log."""
-    import cowd
-
-    run.make()
-    src = os.path.dirname(os.path.dirname(os.path.abspath(cowd.__file__)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    with open(run.log, "ab") as logf:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cowd.cli", "daemon", "--run-dir", run.path],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, cwd="/", env=env)
-
-
-def ensure_daemon(run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
-    """A daemon that answers on ``run``'s control socket, started if none does.  A daemon
-    that owns the run dir but does not answer yet (starting, or exiting) is waited for; a new
-    one is started only when nobody owns the run dir."""
-    with contextlib.suppress(DaemonUnavailable):
-        return ping(run)
-    run.make()
-    limit_s = START_TIMEOUT_S + PID_WAIT_S
-    with file_lock(run.start_lock, limit_s):
-        proc: subprocess.Popen[bytes] | None = None
-        deadline = time.monotonic() + limit_s
-        while True:
-            try:
-                reply = ping(run, timeout=5.0)
-                break
-            except DaemonUnavailable:
-                pass
-            if proc is None and not is_owned(run.pid_file):
-                proc = spawn_daemon(run)
-            if proc is not None and (rc := proc.poll()) is not None:
-                raise UsageError(f"the daemon exited while starting (status={rc}): "
-                                 f"{_log_tail(run)} (log: {run.log})")
-            if time.monotonic() > deadline:
-                who = proc.pid if proc is not None else holder_pid(run.pid_file)
-                raise UsageError(f"the daemon did not answer within {limit_s:.0f} s "
-                                 f"(pid={who}, log: {run.log})")
-            time.sleep(0.02)
-    if proc is not None:
-        for line in reply.get("cleanup", []):
-            say(f"cleaned up after a dead daemon: {line}")
-        # The daemon is in a session of its own and outlives us; forget it without the
-        # "still running" warning.
-        proc.returncode = 0
-    return reply
-
-
-def client_attach(run: RunDir, image: str, via: str, readonly: bool,
-                  say: Callable[[str], None], **kmod: int) -> dict[str, Any]:
-    """Attach ``image`` through the run dir's daemon (started if none runs); ``kmod``:
-    kmod_entries / kmod_timeout_ms for --via kmod."""
-    for _ in range(ATTACH_ATTEMPTS):
-        ensure_daemon(run, say)
-        try:
-            reply = control.request(run.control, "attach", timeout=ATTACH_REQUEST_TIMEOUT_S,
-                                    image=image, via=via, readonly=readonly, **kmod)
-        except DaemonUnavailable:
-            # It was exiting (its last disk was just detached): wait and start another.
-            wait_gone(run, EXIT_WAIT_S)
-            continue
-        att: dict[str, Any] = reply["attached"]
-        return att
-    raise UsageError(f"{run.path}: the daemon kept exiting; try again")
-
-
-def wait_gone(run: RunDir, timeout_s: float) -> bool:
-    """Wait until nothing owns ``run`` (the daemon exited); False on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while is_owned(run.pid_file):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def detach_target(target: str) -> dict[str, Any]:
-    """The detach request's fields for what the user typed: a block device (by number), an
-    image (by real path) or an attachment's name."""
-    req: dict[str, Any] = {"target": target}
-    try:
-        st = os.stat(target)
-    except OSError:
-        return req
-    if stat.S_ISBLK(st.st_mode):
-        req["rdev"] = st.st_rdev
-    elif stat.S_ISREG(st.st_mode):
-        req["image"] = os.path.realpath(target)
-    return req
-
-
-def cleanup_dead(run: RunDir) -> Cleanup | None:
-    """With no daemon answering: own the run dir and clean up after a dead daemon.  None if
-    some daemon owns the run dir after all (it is starting, or it does not answer)."""
-    if not os.path.isdir(run.path):
-        return Cleanup()
-    with file_lock(run.start_lock, START_TIMEOUT_S + PID_WAIT_S):
-        pid = PidFile(run.pid_file)
-        if not pid.try_acquire():
-            return None
-        try:
-            return trio.run(cleanup_stale, run)
-        finally:
-            pid.release()
-
-
-def matches(done: Cleanup, req: dict[str, Any]) -> bool:
-    """Whether a cleanup detached what a detach request names."""
-    for dev, name, _busy in done.loops:
-        rec = next((e for e in done.state if e.get("name") == name), {})
-        if "rdev" in req:
-            with contextlib.suppress(OSError):
-                if os.stat(dev).st_rdev == req["rdev"]:
-                    return True
-            if rec.get("device") == req["target"]:
-                return True
-        image = rec.get("image")
-        if "image" in req and isinstance(image, str) and \
-                os.path.realpath(image) == req["image"]:
-            return True
-        if req["target"] in (name, dev):
-            return True
-    for dev, image, _outcome in done.kmod + done.nbd:
-        if req["target"] == dev or req.get("image") == os.path.realpath(image):
-            return True
-    return False
-
-
 __all__ = [
+    "EXIT_AFTER_REPLY_S",
+    "STARTUP_IDLE_S",
     "Attacher",
     "Attachment",
-    "Cleanup",
-    "LoopInfo",
-    "PidFile",
-    "RunDir",
-    "choose_frontend",
-    "cleanup_dead",
-    "cleanup_stale",
-    "client_attach",
-    "detach_target",
-    "ensure_daemon",
-    "is_busy",
-    "loop_info",
-    "loops_backed_under",
-    "take_run_dir",
-    "wait_gone",
 ]

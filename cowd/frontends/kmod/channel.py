@@ -537,3 +537,9 @@ class KmodDevice:
         self._send([abi.pack_invalidate(offset, length),
                     abi.pack_reply(cookie, abi.REPLY_DONE)])
 
+
+def kmod_problem() -> str | None:
+    """Why `--via kmod` cannot work here (after trying to load the module), or None."""
+    if os.geteuid() != 0:
+        return "the kernel shim needs root"
+    return module_problem()

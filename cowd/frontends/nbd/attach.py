@@ -45,9 +45,11 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -428,6 +430,27 @@ def clear_stale(index: int, tid: int | None) -> str | None:
     return "cleared"
 
 
+def nbd_problem() -> str | None:
+    """Why `--via nbd` cannot work here, or None (cowd loads no nbd module itself)."""
+    if os.geteuid() != 0:
+        return "the kernel's nbd client needs root"
+    if not os.path.isdir("/sys/module/nbd"):
+        modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
+        if modprobe is None:
+            return "the kernel has no nbd driver (no /sys/module/nbd, no modprobe)"
+        try:
+            rc = subprocess.run([modprobe, "-n", "nbd"], capture_output=True, timeout=10,
+                                stdin=subprocess.DEVNULL).returncode
+        except (OSError, subprocess.TimeoutExpired):
+            rc = 1
+        if rc != 0:
+            return "the kernel has no nbd driver (no /sys/module/nbd; modprobe -n nbd failed)"
+        return "the nbd module is not loaded (modprobe nbd; cowd loads no modules)"
+    if not os.path.exists("/dev/nbd0"):
+        return "nbd is loaded but there is no /dev/nbd0 (nbds_max=0?)"
+    return None
+
+
 __all__ = [
     "ClientHandshake",
     "HandshakeError",
@@ -436,5 +459,6 @@ __all__ = [
     "clear_stale",
     "device_index",
     "free_devices",
+    "nbd_problem",
     "negotiate",
 ]
