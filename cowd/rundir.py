@@ -44,8 +44,6 @@ LOG_FILE = "cowd.log"
 FUSE_DIR = "fuse"
 STATE_FILE = "attached.json"
 START_LOCK = "start.lock"
-
-
 # How long a starting daemon waits for the previous owner of the run dir (one that is still
 # unmounting after it decided to exit) to let go of the pid file.
 PID_WAIT_S = 20.0

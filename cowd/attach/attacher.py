@@ -47,12 +47,8 @@ log = logging.getLogger("cowd.attach")
 
 # A daemon started by attach that gets no disk this soon exits again.
 STARTUP_IDLE_S = 30.0
-
-
 # After its last disk is detached the daemon exits this soon (time to send the reply).
 EXIT_AFTER_REPLY_S = 0.1
-
-
 # After `losetup -d` the kernel closes the FUSE file asynchronously; wait this long for it.
 RELEASE_TIMEOUT_S = 10.0
 

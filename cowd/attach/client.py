@@ -28,16 +28,10 @@ from .stale import Cleanup, cleanup_stale
 
 # How long the CLI waits for a daemon it started to answer on its control socket.
 START_TIMEOUT_S = 30.0
-
-
 # How long `cowd detach` waits for an exiting daemon to be gone.
 EXIT_WAIT_S = 60.0
-
-
 # A control request that opens, primes or flushes a disk may take long on a big image.
 ATTACH_REQUEST_TIMEOUT_S = 600.0
-
-
 # How often the CLI tries again when the daemon it asked was just exiting.
 ATTACH_ATTEMPTS = 3
 

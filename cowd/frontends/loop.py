@@ -25,12 +25,8 @@ from ..errors import UsageError
 # losetup attach/detach must finish this soon.
 LOSETUP_TIMEOUT_S = 60.0
 _LOOP_NAME = re.compile(r"loop[0-9]+")
-
-
 # linux/loop.h
 LOOP_GET_STATUS64 = 0x4C05
-
-
 # struct loop_info64: lo_device lo_inode lo_rdevice lo_offset lo_sizelimit lo_number
 # lo_encrypt_type lo_encrypt_key_size lo_flags lo_file_name[64] lo_crypt_name[64]
 # lo_encrypt_key[32] lo_init[2]
