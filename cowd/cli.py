@@ -269,7 +269,9 @@ def _say(line: str) -> None:
 def attach_cmd(args: argparse.Namespace) -> int:
     import os
 
-    from . import attach
+    from .attach import client
+    from .attach.probes import choose_frontend
+    from .rundir import RunDir
 
     kmod: dict[str, int] = {}
     if args.kmod_entries is not None:
@@ -281,7 +283,7 @@ def attach_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"--kmod-timeout: expected 0.001..86400 seconds "
                              f"(got {args.kmod_timeout:g})")
         kmod["kmod_timeout_ms"] = round(args.kmod_timeout * 1000)
-    via, note = attach.choose_frontend(args.via)
+    via, note = choose_frontend(args.via)
     if note:
         _say(note)
     if kmod and via != "kmod":
@@ -290,38 +292,39 @@ def attach_cmd(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):
         raise UsageError(f"{args.image}: no such image file")
-    att = attach.client_attach(attach.RunDir.at(args.run_dir), image, via, args.readonly, _say,
-                               **kmod)
+    att = client.client_attach(RunDir.at(args.run_dir), image, via, args.readonly, _say, **kmod)
     print(att["device"])
     return 0
 
 
 def detach_cmd(args: argparse.Namespace) -> int:
-    from . import attach
+    from .attach import client
+    from .attach.stale import matches
     from .control import DaemonUnavailable, request
+    from .rundir import RunDir, holder_pid
 
-    run = attach.RunDir.at(args.run_dir)
-    req = attach.detach_target(args.target)
+    run = RunDir.at(args.run_dir)
+    req = client.detach_target(args.target)
     try:
-        attach.ping(run)
+        client.ping(run)
     except DaemonUnavailable:
         # No daemon answers: clean up after a dead one, if that is what is left.
-        done = attach.cleanup_dead(run)
+        done = client.cleanup_dead(run)
         if done is None:
             raise UsageError(f"{run.path}: a daemon owns this run dir but does not answer "
-                             f"(pid={attach.holder_pid(run.pid_file)})") from None
+                             f"(pid={holder_pid(run.pid_file)})") from None
         for line in done.lines(run):
             _say(f"cleaned up after a dead daemon: {line}")
-        if attach.matches(done, req):
+        if matches(done, req):
             return 0
         raise UsageError(f"{args.target}: not attached (no cowd daemon is running in "
                          f"{run.path})") from None
-    reply = request(run.control, "detach", timeout=attach.ATTACH_REQUEST_TIMEOUT_S, **req)
+    reply = request(run.control, "detach", timeout=client.ATTACH_REQUEST_TIMEOUT_S, **req)
     rec = reply["detached"]
     print(f"detached {rec['device']} ({rec['image']})")
-    if reply.get("exiting") and not attach.wait_gone(run, attach.EXIT_WAIT_S):
-        _say(f"the daemon is still exiting after {attach.EXIT_WAIT_S:.0f} s "
-             f"(pid={attach.holder_pid(run.pid_file)})")
+    if reply.get("exiting") and not client.wait_gone(run, client.EXIT_WAIT_S):
+        _say(f"the daemon is still exiting after {client.EXIT_WAIT_S:.0f} s "
+             f"(pid={holder_pid(run.pid_file)})")
     return 0
 
 
@@ -365,8 +368,8 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
 
     import trio
 
-    from .attach import PID_WAIT_S
     from .daemon import DaemonConfig, run_daemon
+    from .rundir import PID_WAIT_S
 
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when

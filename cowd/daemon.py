@@ -2,13 +2,13 @@
 
 Theory of operation: :func:`run_daemon` owns a nursery for long-lived tasks (control
 connections, NBD connections, the FUSE workers) and, inside it, an ``AsyncExitStack``.  It
-first takes the run directory (the pid file's lock, cowd/attach.py) and cleans up after a dead
+first takes the run directory (the pid file's lock, cowd/rundir.py) and cleans up after a dead
 predecessor, then builds the shared parts once — the :class:`~cowd.disk.ImagePool` (each
 parent image opened once and shared by every overlay on it) and the
 :class:`~cowd.remap.RemapCache` — opens and primes one :class:`~cowd.disk.Disk` per image
 given on the command line, and starts the frontends (NBD listeners) and the control socket.
 Disks attached later (``cowd attach``: FUSE file + loop device) come and go through the
-:class:`~cowd.attach.Attacher`, which mounts the FUSE directory at the first attach.  Every
+:class:`~cowd.attach.attacher.Attacher`, which mounts the FUSE directory at the first attach.  Every
 part registers its own teardown on the exit stack, so a failure half-way through start-up
 unwinds what was built, and the order of teardown is the reverse of building: loop devices
 are detached, then the FUSE directory is unmounted and drained, then the disks are closed, then
@@ -43,17 +43,12 @@ import trio
 from formats.opener import OpenPolicy
 
 from . import control
-from .attach import (
-    EXIT_AFTER_REPLY_S,
-    STARTUP_IDLE_S,
-    Attacher,
-    RunDir,
-    cleanup_stale,
-    take_run_dir,
-)
+from .attach.attacher import EXIT_AFTER_REPLY_S, STARTUP_IDLE_S, Attacher
+from .attach.stale import cleanup_stale
 from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
+from .rundir import RunDir, take_run_dir
 
 log = logging.getLogger("cowd.daemon")
 
@@ -264,7 +259,7 @@ async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], st
 async def _serve_in(services: trio.Nursery, config: DaemonConfig,
                     addresses: list[tuple[str, str, int]], stop: trio.Event,
                     serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
-    from .nbd import NbdServer, open_nbd_listeners
+    from .frontends.nbd.server import NbdServer, open_nbd_listeners
 
     run = RunDir.at(config.run_dir)
     ctl_path = run.control

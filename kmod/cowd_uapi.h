@@ -15,7 +15,7 @@
  *
  * Rules for every struct here: it starts with its own size (and a version where it is an ioctl
  * argument), reserved fields must be zero, unknown flag bits are rejected with EINVAL.  The
- * daemon's Python mirror (cowd/kmod_abi.py) is checked against this header by a test.
+ * daemon's Python mirror (cowd/frontends/kmod/abi.py) is checked against this header by a test.
  *
  * The remap table maps a guest cluster (guest_offset >> cluster_bits) to a place in one of the
  * files: (file index, file offset), readable or also writable, or ZERO (reads as zeroes; a

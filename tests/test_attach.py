@@ -33,8 +33,11 @@ from pathlib import Path
 
 import pytest
 
-from cowd import attach as A
+from cowd import rundir
+from cowd.attach import probes
 from cowd.errors import UsageError
+from cowd.frontends import loop
+from cowd.frontends.fuse.mount import fuse_problem
 from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
 from tests.test_fuse import make_tree, same_tree
 from tests.test_vhd import libvhdi_raw
@@ -47,7 +50,7 @@ LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
 
 
 def attach_problem() -> str | None:
-    return A.fuse_problem() or missing_tool("mkfs.ext4", "debugfs", "e2fsck", "mount",
+    return fuse_problem() or missing_tool("mkfs.ext4", "debugfs", "e2fsck", "mount",
                                             "umount", "qemu-img")
 
 
@@ -605,56 +608,56 @@ def test_attach_to_a_running_serve_daemon(env: Env, tmp_path: Path) -> None:
 def test_frontend_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
     problems = {"kmod": "no shim", "nbd": "no nbd", "fuse": None}
     for name in problems:
-        monkeypatch.setitem(A._PROBLEMS, name, lambda n=name: problems[n])
-    assert A.choose_frontend("auto") == ("fuse", "--via auto: using fuse (kmod: no shim; "
+        monkeypatch.setitem(probes._PROBLEMS, name, lambda n=name: problems[n])
+    assert probes.choose_frontend("auto") == ("fuse", "--via auto: using fuse (kmod: no shim; "
                                                  "nbd: no nbd)")
-    assert A.choose_frontend("fuse") == ("fuse", None)
+    assert probes.choose_frontend("fuse") == ("fuse", None)
     with pytest.raises(UsageError, match=r"^--via nbd: no nbd$"):
-        A.choose_frontend("nbd")
+        probes.choose_frontend("nbd")
     problems["nbd"] = None
-    assert A.choose_frontend("auto") == ("nbd", "--via auto: using nbd (kmod: no shim)")
+    assert probes.choose_frontend("auto") == ("nbd", "--via auto: using nbd (kmod: no shim)")
     problems["kmod"] = None
-    assert A.choose_frontend("auto") == ("kmod", "--via auto: using kmod")
+    assert probes.choose_frontend("auto") == ("kmod", "--via auto: using kmod")
     problems.update(kmod="a", nbd="b", fuse="c")
     with pytest.raises(UsageError, match=r"no way to attach.*kmod: a; nbd: b; fuse: c"):
-        A.choose_frontend("auto")
+        probes.choose_frontend("auto")
     with pytest.raises(UsageError, match="--via"):
-        A.choose_frontend("ublk")
+        probes.choose_frontend("ublk")
 
 
 def test_pid_file_lock_dies_with_its_holder(tmp_path: Path) -> None:
     path = tmp_path / "cowd.pid"
-    first, second = A.PidFile(str(path)), A.PidFile(str(path))
+    first, second = rundir.PidFile(str(path)), rundir.PidFile(str(path))
     assert first.try_acquire()
     try:
-        assert A.is_owned(str(path)) and A.holder_pid(str(path)) == os.getpid()
+        assert rundir.pid_file_held(str(path)) and rundir.holder_pid(str(path)) == os.getpid()
         assert not second.try_acquire()  # another open file: flock refuses it
     finally:
         first.release()
-    assert not path.exists() and not A.is_owned(str(path))
+    assert not path.exists() and not rundir.pid_file_held(str(path))
 
     # A holder killed by SIGKILL leaves its pid file behind, but not its lock.
-    code = ("import sys, time; from cowd.attach import PidFile; "
+    code = ("import sys, time; from cowd.rundir import PidFile; "
             "p = PidFile(sys.argv[1]); assert p.try_acquire(); print(flush=True); "
             "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"\n"
-        assert A.is_owned(str(path)) and A.holder_pid(str(path)) == holder.pid
+        assert rundir.pid_file_held(str(path)) and rundir.holder_pid(str(path)) == holder.pid
         assert not second.try_acquire()
     finally:
         holder.kill()
         holder.communicate()
-    assert path.exists() and not A.is_owned(str(path))
+    assert path.exists() and not rundir.pid_file_held(str(path))
     assert second.try_acquire()
     try:
-        assert A.holder_pid(str(path)) == os.getpid()
+        assert rundir.holder_pid(str(path)) == os.getpid()
     finally:
         second.release()
 
 
 def test_loop_names() -> None:
-    assert A.loop_name("/dev/loop12") == "loop12"
-    assert A.loop_name("/dev/sda") is None and A.loop_name("/dev/loop") is None
-    assert A.loop_info("/dev/null") is None
-    assert A.loop_info("/dev/loop999999") is None  # not bound (and no such device)
+    assert loop.loop_name("/dev/loop12") == "loop12"
+    assert loop.loop_name("/dev/sda") is None and loop.loop_name("/dev/loop") is None
+    assert loop.loop_info("/dev/null") is None
+    assert loop.loop_info("/dev/loop999999") is None  # not bound (and no such device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cowd.attach import fuse_problem
+from cowd.frontends.fuse.mount import fuse_problem
 from tests.conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent

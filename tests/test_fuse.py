@@ -1,14 +1,14 @@
-"""cowd/fuse.py: the FUSE frontend, against a bytearray model and the kernel's own clients.
+"""cowd/frontends/fuse/: the FUSE frontend, against a bytearray model and the kernel's own clients.
 
-Two halves.  The protocol half (:class:`cowd.fuse.FuseFs`, :func:`cowd.fuse.parse_request`)
-is fed request bytes built from linux/fuse.h's layouts, with no mount.  The mounted half
-serves a real :class:`cowd.disk.Disk` (a qcow2 overlay made by qemu-img over a random raw
-base) through the kernel: plain file I/O from a worker thread (pread, pwrite, fsync,
-fallocate punch-hole and zero-range, lseek) is compared with a bytearray model; then the
-kernel's loop driver is put on the file, mkfs.ext4 and a mounted ext4 write a tree, and after
-everything is torn down ``qemu-img check`` must be clean, the base's sha256 unchanged, the
-overlay's bytes (``qemu-img convert``) equal to the model, and the tree readable from the
-overlay by debugfs.
+Two halves.  The protocol half (:class:`~cowd.frontends.fuse.protocol.FuseFs`,
+:func:`~cowd.frontends.fuse.protocol.parse_request`) is fed request bytes built from
+linux/fuse.h's layouts, with no mount.  The mounted half serves a real :class:`cowd.disk.Disk`
+(a qcow2 overlay made by qemu-img over a random raw base) through the kernel: plain file I/O
+from a worker thread (pread, pwrite, fsync, fallocate punch-hole and zero-range, lseek) is
+compared with a bytearray model; then the kernel's loop driver is put on the file, mkfs.ext4
+and a mounted ext4 write a tree, and after everything is torn down ``qemu-img check`` must be
+clean, the base's sha256 unchanged, the overlay's bytes (``qemu-img convert``) equal to the
+model, and the tree readable from the overlay by debugfs.
 
 Nothing in the trio thread may touch the mount (it is the thread that answers), so all file
 access goes through ``trio.to_thread.run_sync``.  The mounted tests need root, /dev/fuse and
@@ -38,11 +38,14 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cowd.fuse as F
 import formats
 from cowd.disk import Disk, ImagePool
 from cowd.errors import UsageError
-from cowd.fuse import FuseFrontend, FuseFs, FuseOptions, FuseProtocolError, mount_fuse
+from cowd.frontends.fuse import mount as M
+from cowd.frontends.fuse import protocol as F
+from cowd.frontends.fuse import server as S
+from cowd.frontends.fuse.protocol import FuseFs, FuseOptions, FuseProtocolError
+from cowd.frontends.fuse.server import FuseFrontend, mount_fuse
 from cowd.remap import RemapCache
 
 from .conftest import need, qemu_check, qemu_img, qemu_raw, run, sha256
@@ -367,7 +370,7 @@ async def served(mnt: Path, disks: dict[str, Disk], options: FuseOptions | None 
 
 
 def is_mounted(mnt: Path) -> bool:
-    return any(t.startswith("fuse") for t, _ in F.mounts_at(str(mnt)))
+    return any(t.startswith("fuse") for t, _ in M.mounts_at(str(mnt)))
 
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -688,7 +691,7 @@ async def test_teardown_unmounts_on_error_and_aborts_open_files(
     imgs = make_images(tmp_path, 1 * MiB, seed=51)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    monkeypatch.setattr(F, "DRAIN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(S, "DRAIN_TIMEOUT_S", 0.5)
     disk = await Disk.open(str(imgs.top), pool=ImagePool(), cache=RemapCache())
     fd = -1
     try:
@@ -712,7 +715,7 @@ async def test_teardown_unmounts_on_error_and_aborts_open_files(
 @needs_mount
 async def test_never_unmounts_what_it_did_not_mount(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(F, "DRAIN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(S, "DRAIN_TIMEOUT_S", 0.5)
     imgs = make_images(tmp_path, 1 * MiB, seed=61)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -723,15 +726,15 @@ async def test_never_unmounts_what_it_did_not_mount(
                 # Someone mounts a tmpfs over our directory: teardown must leave it alone.
                 await thread(lambda: run("mount", "-t", "tmpfs", "-o", "size=1m", "cowdtest",
                                          mnt))
-            mounts = F.mounts_at(str(mnt))
+            mounts = M.mounts_at(str(mnt))
             assert mounts[-1] == ("tmpfs", "cowdtest")
     finally:
         # Clean up exactly the two mounts this test made: the tmpfs, then our dead FUSE one.
-        for fstype, _src in reversed(F.mounts_at(str(mnt))):
+        for fstype, _src in reversed(M.mounts_at(str(mnt))):
             if fstype in ("tmpfs", "fuse.cowd"):
                 run("umount", "-l", mnt, check=False)
         await disk.close()
-    assert not F.mounts_at(str(mnt))
+    assert not M.mounts_at(str(mnt))
 
 
 @needs_mount
@@ -745,7 +748,7 @@ async def test_mount_through_fusermount3(tmp_path: Path) -> None:
     try:
         with trio.fail_after(30):
             async with served(mnt, {"d": disk}, FuseOptions(use_fusermount=True)) as fe:
-                assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)
+                assert M.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)
                 data = b"through fusermount3"
 
                 def io() -> bytes:
@@ -789,23 +792,24 @@ async def test_a_killed_daemons_mount_is_cleaned_up(tmp_path: Path,
                 await trio.lowlevel.checkpoint()
 
             monkeypatch.setattr(FuseFrontend, "_unmount", no_unmount)
-            monkeypatch.setattr(F, "DRAIN_TIMEOUT_S", 0.1)
+            monkeypatch.setattr(S, "DRAIN_TIMEOUT_S", 0.1)
             async with served(mnt, {"d": disk}) as fe:
                 source = fe.source
             monkeypatch.undo()
-            assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", source)
-            assert await F.unmount_stale(str(mnt)) is True
-            assert not F.mounts_at(str(mnt))
-            assert await F.unmount_stale(str(mnt)) is False  # nothing there
+            assert M.mounts_at(str(mnt))[-1] == ("fuse.cowd", source)
+            assert await M.unmount_stale(str(mnt)) is True
+            assert not M.mounts_at(str(mnt))
+            assert await M.unmount_stale(str(mnt)) is False  # nothing there
             # A live mount is left alone (probed from another process, as attach would).
             async with served(mnt, {"d": disk}) as fe:
-                code = "import trio, cowd.fuse as f; print(trio.run(f.unmount_stale, %r))"
+                code = ("import trio, cowd.frontends.fuse.mount as m; "
+                        "print(trio.run(m.unmount_stale, %r))")
                 out = await thread(lambda: run(sys.executable, "-c", code % str(mnt)))
                 assert out.stdout.strip() == b"False"
-                assert F.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)
-            assert not F.mounts_at(str(mnt))
+                assert M.mounts_at(str(mnt))[-1] == ("fuse.cowd", fe.source)
+            assert not M.mounts_at(str(mnt))
     finally:
-        for fstype, _src in reversed(F.mounts_at(str(mnt))):
+        for fstype, _src in reversed(M.mounts_at(str(mnt))):
             if fstype == "fuse.cowd":
                 run("umount", "-l", mnt, check=False)
         await disk.close()

@@ -1,4 +1,4 @@
-"""cowd/kmod_abi.py against kmod/cowd_uapi.h, as the C compiler reads the header.
+"""cowd/frontends/kmod/abi.py against kmod/cowd_uapi.h, as the C compiler reads the header.
 
 A generated C program prints every struct's size, every field's offset, every constant and
 ioctl number; each must equal the Python mirror's.  The header must also compile on its own
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cowd import kmod_abi as abi
+from cowd.frontends.kmod import abi
 
 from .conftest import need
 
@@ -100,7 +100,7 @@ def test_constants_and_ioctls_match(c_says: dict[str, int]) -> None:
     for short in CONSTANTS:
         if short in NOT_MIRRORED:
             continue
-        assert hasattr(abi, short), f"cowd/kmod_abi.py lacks {short}"
+        assert hasattr(abi, short), f"cowd/frontends/kmod/abi.py lacks {short}"
         assert c_says[f"const {short}"] == getattr(abi, short), short
         checked += 1
     assert checked >= 30

@@ -1,6 +1,7 @@
 """The kernel frontend's remaps, without a kernel: a model of the kernel's table built from the
-REMAP messages cowd/kmodfront.py would send must read every remapped cluster exactly as qemu
-reads the image (``qemu-img convert``), and a WRITE miss must leave writable remaps.
+REMAP messages cowd/frontends/kmod/channel.py would send must read every remapped cluster
+exactly as qemu reads the image (``qemu-img convert``), and a WRITE miss must leave writable
+remaps.
 
 The model does what kmod/cowd.c does on a hit: per cluster, pread from the named file at the
 named offset, or zeroes for ZERO.  Clusters with no remap are the ones the kernel asks the
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cowd import kmod_abi as abi
 from cowd.disk import Disk, ImagePool
-from cowd.kmodfront import KmodDevice, chain_files, granule_for
+from cowd.frontends.kmod import abi
+from cowd.frontends.kmod.channel import KmodDevice, chain_files, granule_for
 from cowd.remap import RemapCache
 
 from .conftest import need, qemu_img, qemu_io, qemu_raw

@@ -1,10 +1,10 @@
 """``cowd attach --via nbd``: the kernel's own NBD client reading a disk this daemon serves.
 
-On the host (no nbd driver): the client's half of the handshake (cowd/nbdattach.py) against
-the real server (cowd/nbd.py) over a socketpair, then raw transmission requests on the same
-socket, as the kernel would send them, with the written bytes read back by qemu-img; the
-codec fed one byte at a time; a refused export and a bad greeting; the refusal of
-``--via nbd`` where there is no nbd.
+On the host (no nbd driver): the client's half of the handshake (cowd/frontends/nbd/attach.py)
+against the real server (cowd/frontends/nbd/server.py) over a socketpair, then raw
+transmission requests on the same socket, as the kernel would send them, with the written
+bytes read back by qemu-img; the codec fed one byte at a time; a refused export and a bad
+greeting; the refusal of ``--via nbd`` where there is no nbd.
 
 In a guest of Debian's kernel (one boot, :mod:`tools.guest`): modprobe nbd; attach a qcow2
 overlay of a patterned raw base; compare the whole device with the base; ``cowd list`` says
@@ -34,11 +34,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from cowd import attach as A
-from cowd import nbd_proto as P
-from cowd import nbdattach as N
 from cowd.disk import Disk, ImagePool
-from cowd.nbd import NbdServer
+from cowd.frontends.nbd import attach as N
+from cowd.frontends.nbd import protocol as P
+from cowd.frontends.nbd.server import NbdServer
 from cowd.remap import RemapCache
 
 from .conftest import qemu_check, qemu_img, qemu_raw
@@ -195,7 +194,7 @@ def test_refusal_without_nbd(tmp_path: Path) -> None:
     """Where the kernel has no nbd (this host), --via nbd is one line naming nbd."""
     if os.path.isdir("/sys/module/nbd") and os.path.exists("/dev/nbd0"):
         pytest.skip("this kernel has nbd loaded: nothing to refuse")
-    problem = A.nbd_problem()
+    problem = N.nbd_problem()
     assert problem is not None and "nbd" in problem and "\n" not in problem
     base = tmp_path / "b.img"
     base.write_bytes(bytes(MiB))

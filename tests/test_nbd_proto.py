@@ -1,4 +1,4 @@
-"""Tests of cowd.nbd_proto, the sans-I/O NBD server protocol.
+"""Tests of cowd.frontends.nbd.protocol, the sans-I/O NBD server protocol.
 
 The client side of every exchange is built here from the numbers in the NBD protocol
 document (NetworkBlockDevice/nbd doc/proto.md), not from the module's encoder, and the
@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cowd import nbd_proto
-from cowd.nbd_proto import (
+from cowd.frontends.nbd import protocol as nbd_proto
+from cowd.frontends.nbd.protocol import (
     NEED_DATA,
     Aborted,
     ConnectionClosed,

@@ -139,7 +139,7 @@ def test_corpus_through_cowd_serve(seeds: dict[str, BuiltSeed], tmp_path: Path) 
 
 
 def attach_problem() -> str | None:
-    from cowd.attach import fuse_problem
+    from cowd.frontends.fuse.mount import fuse_problem
 
     if os.geteuid() != 0:
         return "cowd attach needs root"

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from cowd.attach import fuse_problem
+from cowd.frontends.fuse.mount import fuse_problem
 from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
 from tests.test_attach import Env
 from tests.test_vhd import libvhdi_raw

@@ -98,7 +98,8 @@ from bench_attach import (
 )
 from bench_nbd import Server
 
-from cowd.attach import fuse_problem, nbd_problem
+from cowd.frontends.fuse.mount import fuse_problem
+from cowd.frontends.nbd.attach import nbd_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 MKBASE = ROOT / "tools" / "mkbase"

@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cowd.attach import fuse_problem
+from cowd.frontends.fuse.mount import fuse_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fio

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cowd.fuse import FuseOptions
+from cowd.frontends.fuse.protocol import FuseOptions
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -143,7 +143,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
                     if opts.get("pyfuse3"):
                         await _pyfuse3_serve(stack, nursery, mnt, disk)
                     else:
-                        from cowd.fuse import mount_fuse
+                        from cowd.frontends.fuse.server import mount_fuse
                         await mount_fuse(stack, nursery, mnt, {"disk": disk}, FuseOptions(**opts))
                     print("ready", flush=True)
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:

@@ -1,15 +1,15 @@
 """Layer: cowd frontend for the kernel's own NBD client: a Disk becomes /dev/nbdN, served by
-this process's NBD server (:mod:`cowd.nbd`) over a socketpair.
+this process's NBD server (:mod:`cowd.frontends.nbd.server`) over a socketpair.
 
 Theory of operation
 -------------------
 The kernel's nbd driver speaks only the transmission phase: whoever hands it a socket must
 have negotiated already.  So :meth:`NbdDevice.connect` makes a socketpair, serves one end with
-the daemon's :class:`~cowd.nbd.NbdServer` (the whole protocol, newstyle handshake included),
-and plays the client on the other end with :class:`ClientHandshake` (sans-I/O, like the
-server's codec): fixed newstyle, NO_ZEROES, one ``NBD_OPT_GO`` for the export, whose
-``NBD_INFO_EXPORT`` gives the size and the transmission flags.  No structured replies are
-asked for: the kernel reads only simple replies.
+the daemon's :class:`~cowd.frontends.nbd.server.NbdServer` (the whole protocol, newstyle
+handshake included), and plays the client on the other end with :class:`ClientHandshake`
+(sans-I/O, like the server's codec): fixed newstyle, NO_ZEROES, one ``NBD_OPT_GO`` for the
+export, whose ``NBD_INFO_EXPORT`` gives the size and the transmission flags.  No structured
+replies are asked for: the kernel reads only simple replies.
 
 Then the socket goes to the kernel through the ioctl interface of ``linux/nbd.h`` on a free
 ``/dev/nbdN``.  A free device has no ``/sys/block/nbdN/pid`` (no ``NBD_DO_IT`` running) and
@@ -45,18 +45,20 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from . import nbd_proto as P
-from .errors import UsageError
-from .nbd import NbdServer
+from ...errors import UsageError
+from . import protocol as P
+from .server import NbdServer
 
 log = logging.getLogger("cowd.nbdattach")
 
@@ -428,6 +430,27 @@ def clear_stale(index: int, tid: int | None) -> str | None:
     return "cleared"
 
 
+def nbd_problem() -> str | None:
+    """Why `--via nbd` cannot work here, or None (cowd loads no nbd module itself)."""
+    if os.geteuid() != 0:
+        return "the kernel's nbd client needs root"
+    if not os.path.isdir("/sys/module/nbd"):
+        modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
+        if modprobe is None:
+            return "the kernel has no nbd driver (no /sys/module/nbd, no modprobe)"
+        try:
+            rc = subprocess.run([modprobe, "-n", "nbd"], capture_output=True, timeout=10,
+                                stdin=subprocess.DEVNULL).returncode
+        except (OSError, subprocess.TimeoutExpired):
+            rc = 1
+        if rc != 0:
+            return "the kernel has no nbd driver (no /sys/module/nbd; modprobe -n nbd failed)"
+        return "the nbd module is not loaded (modprobe nbd; cowd loads no modules)"
+    if not os.path.exists("/dev/nbd0"):
+        return "nbd is loaded but there is no /dev/nbd0 (nbds_max=0?)"
+    return None
+
+
 __all__ = [
     "ClientHandshake",
     "HandshakeError",
@@ -436,5 +459,6 @@ __all__ = [
     "clear_stale",
     "device_index",
     "free_devices",
+    "nbd_problem",
     "negotiate",
 ]

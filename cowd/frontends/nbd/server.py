@@ -1,5 +1,5 @@
 """Layer: cowd frontends.  The NBD server: a thin trio adapter around the sans-I/O codec in
-:mod:`cowd.nbd_proto`, serving :class:`~cowd.disk.Disk` objects.
+:mod:`cowd.frontends.nbd.protocol`, serving :class:`~cowd.disk.Disk` objects.
 
 Theory of operation: one task per connection reads the socket and feeds the codec.  Per
 request the cost that matters is the fixed one (DESIGN.md: a Python server pays ~45 us of
@@ -50,8 +50,8 @@ from collections.abc import Mapping
 
 import trio
 
-from . import nbd_proto as P
-from .disk import Disk, DiskError
+from ...disk import Disk, DiskError
+from . import protocol as P
 
 log = logging.getLogger("cowd.nbd")
 

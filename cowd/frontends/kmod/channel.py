@@ -2,7 +2,7 @@
 
 The kernel keeps a remap table and serves every request whose clusters it can map; this module
 answers the rest.  It speaks the channel of ``kmod/cowd_uapi.h`` (mirrored in
-:mod:`cowd.kmod_abi`) under trio: misses in, REMAP / INVALIDATE / REPLY messages out.
+:mod:`cowd.frontends.kmod.abi`) under trio: misses in, REMAP / INVALIDATE / REPLY messages out.
 
 Theory of operation
 -------------------
@@ -49,9 +49,9 @@ import trio
 
 from formats.base import HostFile, Kind
 
-from . import kmod_abi as abi
-from .disk import Disk, DiskError
-from .errors import UsageError
+from ...disk import Disk, DiskError
+from ...errors import UsageError
+from . import abi
 
 log = logging.getLogger("cowd.kmod")
 
@@ -537,3 +537,9 @@ class KmodDevice:
         self._send([abi.pack_invalidate(offset, length),
                     abi.pack_reply(cookie, abi.REPLY_DONE)])
 
+
+def kmod_problem() -> str | None:
+    """Why `--via kmod` cannot work here (after trying to load the module), or None."""
+    if os.geteuid() != 0:
+        return "the kernel shim needs root"
+    return module_problem()
