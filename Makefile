@@ -35,4 +35,4 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: venv
-	$(PY) tools/bench_formats.py
+	$(PY) -m tools.bench formats

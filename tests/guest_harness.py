@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from tools import guest
+
 from .conftest import missing_tool, qemu_img
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import guest  # noqa: E402
 
 MiB = 1 << 20
 

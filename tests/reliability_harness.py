@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import random
@@ -38,24 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools import stress
+
 ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = Path(sys.executable).parent / "cowd"
 COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's binding
 STRESS = ROOT / "tools" / "stress.py"
 MiB = 1 << 20
-
-
-def load_stress() -> Any:
-    spec = importlib.util.spec_from_file_location("cowd_tools_stress", STRESS)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["cowd_tools_stress"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-stress = load_stress()
 
 
 def sh(*args: str | os.PathLike[str], timeout: float = 120,
@@ -122,10 +111,10 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
     args = ["serve", str(image), *map(str, more_images), "--nbd", f"unix:{sock}",
             "--run-dir", str(run_dir), *extra]
     if record is not None:
-        cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-               "from tests.reliability_harness import recorded_main; "
-               "sys.exit(recorded_main(sys.argv[2:]))", str(ROOT), str(record), str(image),
+        cmd = [sys.executable, "-c", "import sys; from tests.reliability_harness import "
+               "recorded_main; sys.exit(recorded_main(sys.argv[1:]))", str(record), str(image),
                *args]
+        env = {**(env or {}), "PYTHONPATH": str(ROOT)}  # finds tests/ from the daemon's cwd
     else:
         cmd = [*COWD, *args]
     with open(log, "wb") as logf:

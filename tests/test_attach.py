@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from cowd.errors import UsageError
 from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
 from tests.test_fuse import make_tree, same_tree
 from tests.test_vhd import libvhdi_raw
+from tools.benchlib import lock_held
 
 _SCRIPT = Path(sys.executable).parent / "cowd"
 COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
@@ -83,20 +83,6 @@ def backing_file(dev: str) -> str | None:
         return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text()[:-1]
     except FileNotFoundError:
         return None
-
-
-def lock_held(pid_file: Path) -> bool:
-    try:
-        fd = os.open(pid_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def alive(pid: int) -> bool:

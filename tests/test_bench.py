@@ -17,6 +17,7 @@ tests/test_bench_attach's helpers, not by the benchmark's.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from tests.test_bench_attach import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools" / "bench.py"
+SCRIPT = [sys.executable, "-m", "tools.bench", "all"]
 
 WORKLOADS = ("copy", "boot", "fio", "verify", "latency", "scaling")
 HOST_PATHS = ("loop", "fuse", "nbd", "qemu-nbd")
@@ -53,11 +54,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOU
 
 def test_quick_run_reports_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--no-drop-caches", "--dir", str(tmp_path),
+    cmd = [*SCRIPT, "--quick", "--no-drop-caches", "--dir", str(tmp_path),
            "--out-dir", str(out)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                           cwd=tmp_path, stdin=subprocess.DEVNULL)
+                           cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
         assert loops_under(tmp_path) == [], "loop devices left behind"
         assert mounts_under(tmp_path) == [], "mounts left behind"

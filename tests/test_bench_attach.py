@@ -28,7 +28,8 @@ from cowd.attach import fuse_problem
 from tests.conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools" / "bench_attach.py"
+SCRIPT = [sys.executable, "-m", "tools.bench", "attach"]
+BENCH_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # -m finds tools/ from any cwd
 
 WORKLOADS = ("copy", "seqread-1M-qd1", "randread-4k-qd32", "seqwrite-1M-qd1",
              "randwrite-4k-qd32")
@@ -91,7 +92,7 @@ def force_cleanup(tmp: Path) -> None:
 
 def bench_cmd(tmp: Path, out: Path) -> list[str]:
     # No cache drop: a smoke run must not slow down whatever else runs on the machine.
-    return [sys.executable, str(SCRIPT), "--quick", "--no-drop-caches", "--dir", str(tmp),
+    return [*SCRIPT, "--quick", "--no-drop-caches", "--dir", str(tmp),
             "--out", str(out)]
 
 
@@ -99,7 +100,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench-attach.json"
     try:
         p = subprocess.run(bench_cmd(tmp_path, out), capture_output=True, text=True,
-                           timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL)
+                           timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL, env=BENCH_ENV)
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
         assert_nothing_left(tmp_path)
     finally:
@@ -156,7 +157,7 @@ def test_ctrl_c_while_attached_cleans_up(tmp_path: Path) -> None:
     # Its own session, so that the SIGINT goes to its process group as a terminal's would.
     p = subprocess.Popen(bench_cmd(tmp_path, out), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         stdin=subprocess.DEVNULL, start_new_session=True)
+                         stdin=subprocess.DEVNULL, start_new_session=True, env=BENCH_ENV)
     seen: list[str] = []
     try:
         assert p.stderr is not None

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools" / "bench_formats.py"
+SCRIPT = [sys.executable, "-m", "tools.bench", "formats"]
 
 LOOKUP_TAGS = ("qcow2", "vhd-4k", "vhd-block")
 LOOKUP_FIGURES = ("open.cold", "resolve.cold", "resolve.warm", "read.cold", "read.warm",
@@ -51,7 +51,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     need("qemu-io")
     out = tmp_path / "bench-formats.json"
     # No cache drop: a smoke run must not slow down whatever else runs on the machine.
-    p = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-drop-caches",
+    p = subprocess.run([*SCRIPT, "--quick", "--no-drop-caches",
                         "--out", str(out)], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"

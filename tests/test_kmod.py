@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import guest
+
 from .conftest import qemu_img
 from .guest_harness import (
     SHELL,
@@ -43,8 +45,6 @@ from .guest_harness import (
 from .reliability_harness import libvhdi_read
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import guest  # noqa: E402
 
 MiB = 1 << 20
 BASE_BYTES = 64 * MiB

@@ -40,6 +40,7 @@ from cowd import nbdattach as N
 from cowd.disk import Disk, ImagePool
 from cowd.nbd import NbdServer
 from cowd.remap import RemapCache
+from tools import guest
 
 from .conftest import qemu_check, qemu_img, qemu_raw
 from .guest_harness import (
@@ -53,8 +54,6 @@ from .guest_harness import (
 from .reliability_harness import libvhdi_read
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import guest  # noqa: E402
 
 MiB = 1 << 20
 COWD = [sys.executable, "-m", "cowd.cli"]
