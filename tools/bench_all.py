@@ -1,6 +1,6 @@
 """The benchmark: the same workloads on a plain loop device (on a raw copy of the disk, the
 baseline = 1.00) and on every cowd path, with qemu-nbd as the peer, ratios measured in the
-same run (not a test; tests/test_bench.py runs its --quick version).
+same run (not a test; tests/guest/test_bench.py runs its --quick version).
 
 Layer: tools.  A client of the ``cowd`` console script, fio, qemu-nbd, losetup and virtme-ng;
 it reuses bench_attach (devices, the copy workload, clean-up), bench_nbd (NBD servers),
@@ -529,7 +529,7 @@ def run_guest(run: Run) -> None:
                 if want - have:
                     run.unavailable_path(w, path, reason, "guest")
         run.unavailable_path("verify", path, "not run in the guest: it measures reads and the "
-                             "copy (tests/test_kmod.py checks /dev/cowdN's bytes against "
+                             "copy (tests/guest/test_kmod.py checks /dev/cowdN's bytes against "
                              "qemu-img; the host paths run fio's verify)", "guest")
     run.progress.result(f"guest {'FAILED' if why else 'done'} in "
                         f"{time.monotonic() - t0:.0f} s (kernel {guest.kernel()[0]})"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Layer: tools (reliability clients and their oracle; nothing in cowd/ or formats/ imports
-this).  Used by tests/test_reliability*.py (short runs) and run by hand for the README's
+this).  Used by tests/integration/test_reliability*.py (short runs) and run by hand for the README's
 figures (long runs, ``--long``).
 
 Three parts:

@@ -45,8 +45,7 @@ import pytest
 import formats
 from formats.base import MAX_CHAIN_DEPTH, HostFile
 from formats.errors import FormatError
-
-from .conftest import qemu_img, qemu_io, qemu_raw, read_all
+from tests.support.peers import qemu_img, qemu_io, qemu_raw, read_all
 
 pytestmark = pytest.mark.qemu
 
@@ -59,7 +58,7 @@ MiB = 1024 * KiB
 MEMORY_BUDGET_BYTES = 384 * MiB
 # A case (two opens, two bounded reads, info, check) must finish within this.
 CASE_DEADLINE_S = 20.0
-# Disks up to this size are read whole with conftest.read_all; larger (mutated size fields)
+# Disks up to this size are read whole with support.peers.read_all; larger (mutated size fields)
 # are sampled: head, tail and spots in between.
 READ_ALL_LIMIT_BYTES = 64 * MiB
 SAMPLE_HEAD_BYTES = 8 * MiB
@@ -875,7 +874,7 @@ _SERVER_SRC = r"""
 import json, os, resource, select, signal, sys, time
 proto = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)  # stray prints of the code under test must not reach the protocol pipe
-import tests.test_corpus as corpus
+import tests.integration.test_corpus as corpus
 
 def vm_size_bytes():
     with open("/proc/self/status") as f:
@@ -929,7 +928,7 @@ for line in sys.stdin:
 
 class ForkServer:
     def __init__(self) -> None:
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(repo), *filter(None, [os.environ.get("PYTHONPATH")])]))
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_SRC], cwd=repo, env=env,

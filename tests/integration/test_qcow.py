@@ -1,7 +1,7 @@
 """qcow (v1) codec against qemu-img / qemu-io / qcowinfo.
 
 Every image is made by qemu at test time; every guest byte formats/ reads is compared with
-``qemu-img convert -O raw`` (conftest.qemu_raw), every mapping with ``qemu-img map``.
+``qemu-img convert -O raw`` (support.peers.qemu_raw), every mapping with ``qemu-img map``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from formats.base import HostFile, Kind
 from formats.errors import CorruptImage, FormatError, ImageReadOnly, UnsupportedImage
 from formats.qcow import QcowImage
 from formats.qcow2 import Qcow2Image
-
-from .conftest import need, qemu_img, qemu_io, qemu_raw, read_all, run
+from tests.support.peers import need, qemu_img, qemu_io, qemu_raw, read_all, run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(60)]
 

@@ -19,8 +19,7 @@ from cowd import kmod_abi as abi
 from cowd.disk import Disk, ImagePool
 from cowd.kmodfront import KmodDevice, chain_files, granule_for
 from cowd.remap import RemapCache
-
-from .conftest import need, qemu_img, qemu_io, qemu_raw
+from tests.support.peers import need, qemu_img, qemu_io, qemu_raw
 
 MiB = 1 << 20
 

@@ -30,8 +30,7 @@ from formats import (
     vhd,
 )
 from formats.vhd import VhdImage
-
-from .conftest import need, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
+from tests.support.peers import need, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
 
 MiB = 1 << 20
 

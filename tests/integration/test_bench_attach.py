@@ -13,7 +13,6 @@ Needs root, /dev/fuse, loop devices, fio and mkfs.ext4; skips with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -24,12 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from cowd.attach import fuse_problem
-from tests.conftest import missing_tool
+from tests.support.bench import (
+    bench_problem,
+    force_cleanup,
+    loops_under,
+    mounts_under,
+    processes_naming,
+    tool_env,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "attach"]
-BENCH_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # -m finds tools/ from any cwd
 
 WORKLOADS = ("copy", "seqread-1M-qd1", "randread-4k-qd32", "seqwrite-1M-qd1",
              "randwrite-4k-qd32")
@@ -37,38 +41,8 @@ METRIC = {"copy": "seconds", "seqread-1M-qd1": "MBps", "seqwrite-1M-qd1": "MBps"
           "randread-4k-qd32": "iops", "randwrite-4k-qd32": "iops"}
 
 
-def bench_problem() -> str | None:
-    return fuse_problem() or missing_tool("fio", "losetup", "mkfs.ext4", "mount", "umount")
-
-
 pytestmark = [pytest.mark.root, pytest.mark.timeout(170),
               pytest.mark.skipif(bench_problem() is not None, reason=bench_problem() or "")]
-
-
-def loops_under(directory: Path) -> list[str]:
-    found = []
-    for name in os.listdir("/sys/block"):
-        with contextlib.suppress(OSError):
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().rstrip("\n")
-            if backing.startswith(f"{directory}/"):
-                found.append(f"/dev/{name}")
-    return found
-
-
-def mounts_under(directory: Path) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p == str(directory) or p.startswith(f"{directory}/")]
-
-
-def processes_naming(directory: Path) -> list[int]:
-    """Processes whose command line names a path in ``directory`` (the daemon's --run-dir)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-    return found
 
 
 def assert_nothing_left(tmp: Path) -> None:
@@ -77,17 +51,6 @@ def assert_nothing_left(tmp: Path) -> None:
     assert processes_naming(tmp) == [], "processes left behind"
     assert [p.name for p in tmp.iterdir() if p.name.startswith("bench-attach-")] == [], \
         "work directory left behind"
-
-
-def force_cleanup(tmp: Path) -> None:
-    """Only after a failure: take down what a broken run left in ``tmp`` (ours by path)."""
-    for pid in processes_naming(tmp):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for point in reversed(mounts_under(tmp)):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    for dev in loops_under(tmp):
-        subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
 
 def bench_cmd(tmp: Path, out: Path) -> list[str]:
@@ -100,7 +63,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench-attach.json"
     try:
         p = subprocess.run(bench_cmd(tmp_path, out), capture_output=True, text=True,
-                           timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL, env=BENCH_ENV)
+                           timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL, env=tool_env())
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
         assert_nothing_left(tmp_path)
     finally:
@@ -157,7 +120,7 @@ def test_ctrl_c_while_attached_cleans_up(tmp_path: Path) -> None:
     # Its own session, so that the SIGINT goes to its process group as a terminal's would.
     p = subprocess.Popen(bench_cmd(tmp_path, out), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         stdin=subprocess.DEVNULL, start_new_session=True, env=BENCH_ENV)
+                         stdin=subprocess.DEVNULL, start_new_session=True, env=tool_env())
     seen: list[str] = []
     try:
         assert p.stderr is not None

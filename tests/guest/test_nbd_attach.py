@@ -40,10 +40,7 @@ from cowd import nbdattach as N
 from cowd.disk import Disk, ImagePool
 from cowd.nbd import NbdServer
 from cowd.remap import RemapCache
-from tools import guest
-
-from .conftest import qemu_check, qemu_img, qemu_raw
-from .guest_harness import (
+from tests.support.guest import (
     SHELL,
     parse_checks,
     patterned_base,
@@ -51,9 +48,11 @@ from .guest_harness import (
     skip_without_guest,
     small_tree,
 )
-from .reliability_harness import libvhdi_read
+from tests.support.peers import qemu_check, qemu_img, qemu_raw
+from tests.support.reliability import libvhdi_read
+from tools import guest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
 COWD = [sys.executable, "-m", "cowd.cli"]

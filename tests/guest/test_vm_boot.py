@@ -35,11 +35,11 @@ from typing import Any
 import pytest
 
 from cowd.attach import fuse_problem
-from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
-from tests.test_attach import Env
-from tests.test_vhd import libvhdi_raw
+from tests.integration.test_attach import Env
+from tests.integration.test_vhd import libvhdi_raw
+from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VM_BOOT = [str(ROOT / "tools" / "vm-boot")]  # the commands as a user types them
 MKBASE = [str(ROOT / "tools" / "mkbase")]
 KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")

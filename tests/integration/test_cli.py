@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
+from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
 
 # The console script a user types (installed editable into the venv by `make check`).
 _SCRIPT = Path(sys.executable).parent / "cowd"

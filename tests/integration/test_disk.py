@@ -35,8 +35,7 @@ from cowd.disk import MAX_REQUEST_BYTES, Disk, DiskError, ImagePool
 from cowd.errors import UsageError
 from cowd.remap import RemapCache
 from formats.errors import CorruptImage, ImageIOError
-
-from .conftest import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
+from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from cowd import kmod_abi as abi
+from tests.support.peers import need
 
-from .conftest import need
-
-HEADER = Path(__file__).resolve().parents[1] / "kmod" / "cowd_uapi.h"
+HEADER = Path(__file__).resolve().parents[2] / "kmod" / "cowd_uapi.h"
 
 CTYPES = {"cowd_version": abi.Version, "cowd_create": abi.Create, "cowd_remove": abi.Remove,
           "cowd_reopen": abi.Reopen, "cowd_stats": abi.Stats}

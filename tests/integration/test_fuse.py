@@ -44,8 +44,7 @@ from cowd.disk import Disk, ImagePool
 from cowd.errors import UsageError
 from cowd.fuse import FuseFrontend, FuseFs, FuseOptions, FuseProtocolError, mount_fuse
 from cowd.remap import RemapCache
-
-from .conftest import need, qemu_check, qemu_img, qemu_raw, run, sha256
+from tests.support.peers import need, qemu_check, qemu_img, qemu_raw, run, sha256
 
 T = TypeVar("T")
 KiB = 1024

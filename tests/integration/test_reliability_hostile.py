@@ -1,6 +1,6 @@
 """Hostile input through the real commands, not only the library:
 
-- the malformed-image corpus (tests/test_corpus.py builds it) through `cowd serve` and
+- the malformed-image corpus (tests/integration/test_corpus.py builds it) through `cowd serve` and
   `cowd attach --via fuse`: a one-line error naming a file, or a disk that serves what it
   can, answers errors per request and stops cleanly — never a traceback, a hang or a dead
   daemon (the attach daemon keeps serving a good disk throughout);
@@ -30,10 +30,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import test_corpus
-from tests.conftest import missing_tool, qemu_img, qemu_raw
-from tests.reliability_harness import COWD, SYSTEM_PYTHON, Daemon, start_daemon
-from tests.test_corpus import CASES, BuiltSeed, Case
+from tests.integration import test_corpus
+from tests.integration.test_corpus import CASES, BuiltSeed, Case
+from tests.support.peers import missing_tool, qemu_img, qemu_raw
+from tests.support.reliability import COWD, SYSTEM_PYTHON, Daemon, start_daemon
 
 seeds = test_corpus.seeds  # the session fixture that builds the corpus's seed images
 

@@ -31,10 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import guest
-
-from .conftest import qemu_img
-from .guest_harness import (
+from tests.support.guest import (
     SHELL,
     parse_checks,
     patterned_base,
@@ -42,9 +39,11 @@ from .guest_harness import (
     skip_without_guest,
     small_tree,
 )
-from .reliability_harness import libvhdi_read
+from tests.support.peers import qemu_img
+from tests.support.reliability import libvhdi_read
+from tools import guest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
 BASE_BYTES = 64 * MiB

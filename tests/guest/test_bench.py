@@ -11,13 +11,12 @@ and misses per GiB, that the verify pass read back what it wrote, that every Mar
 row has its header's number of cells and every footnote exists, that the plots are PNG files,
 and that no loop device, mount, process or work directory of the run is left.  The kernel's
 view (sysfs, /proc) is read by
-tests/test_bench_attach's helpers, not by the benchmark's.
+tests/support/bench.py's helpers, not by the benchmark's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,26 +24,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bench_attach import (
+from tests.support.bench import (
     bench_problem,
     force_cleanup,
     loops_under,
     mounts_under,
     processes_naming,
+    tool_env,
 )
+from tests.support.peers import missing_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "all"]
 
 WORKLOADS = ("copy", "boot", "fio", "verify", "latency", "scaling")
 HOST_PATHS = ("loop", "fuse", "nbd", "qemu-nbd")
 QUICK_JOBS = ("seqread-1M-qd1", "seqwrite-1M-qd1", "randread-4k-qd32", "randwrite-4k-qd32")
-RUN_TIMEOUT_S = 330  # bench.py's guest deadline in --quick is 270 s
+RUN_TIMEOUT_S = 330  # bench_all.py's guest deadline in --quick is 270 s
 
 
 def _problem() -> str | None:
-    from tests.conftest import missing_tool
-
     return bench_problem() or missing_tool("qemu-nbd", "qemu-img", "qemu-io")
 
 
@@ -59,7 +58,7 @@ def test_quick_run_reports_every_workload(tmp_path: Path) -> None:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
                            cwd=tmp_path, stdin=subprocess.DEVNULL,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env=tool_env())
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
         assert loops_under(tmp_path) == [], "loop devices left behind"
         assert mounts_under(tmp_path) == [], "mounts left behind"

@@ -1,4 +1,4 @@
-"""What the guest tests share (tests/test_kmod.py, tests/test_nbd_attach.py): each boots one
+"""What the guest tests share (tests/guest/test_kmod.py, test_nbd_attach.py): each boots one
 virtme-ng guest of Debian's kernel (tools/guest.py), runs a shell script that prints
 ``CHECK name ok|fail ...`` lines, then compares the images it wrote on the host.
 
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.peers import missing_tool, qemu_img
 from tools import guest
 
-from .conftest import missing_tool, qemu_img
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need, qemu_check, qemu_img, qemu_io, qemu_raw, run, sha256
+from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw, run, sha256
 
 pytestmark = pytest.mark.qemu
 

@@ -1,6 +1,6 @@
-"""Shared by tests/test_reliability*.py and ``tools/stress.py crash|long``: the daemon as a
-user runs it (``cowd serve``), overlays made by ``cowd create``, the crash loop, and a file
-level write recorder for power-cut simulation through the daemon.
+"""Shared by tests/integration/test_reliability*.py and ``tools/stress.py crash|long``: the
+daemon as a user runs it (``cowd serve``), overlays made by ``cowd create``, the crash loop,
+and a file level write recorder for power-cut simulation through the daemon.
 
 Crash loop (:func:`crash_iteration`): start ``cowd serve`` on the overlay, run the write storm
 of tools/stress.py (libnbd, /usr/bin/python3) against it, SIGKILL the daemon at a random
@@ -16,7 +16,7 @@ wrapped, so that every change to the overlay file is appended to a record file *
 returned (a write recorded before a sync began was complete when the sync began, even with
 the flush in a worker thread).  A power cut at the moment of the kill keeps every write
 recorded before the last completed sync began, and a random subset of the 512-byte pieces of
-every later write, in order (the same model as tests/test_qcow2_write.py's IoLog).  The
+every later write, in order (the same model as tests/integration/test_qcow2_write.py's IoLog).  The
 image so rebuilt must pass the same checks as the killed one.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from tools import stress
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "cowd"
 COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's binding
@@ -111,7 +111,7 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
     args = ["serve", str(image), *map(str, more_images), "--nbd", f"unix:{sock}",
             "--run-dir", str(run_dir), *extra]
     if record is not None:
-        cmd = [sys.executable, "-c", "import sys; from tests.reliability_harness import "
+        cmd = [sys.executable, "-c", "import sys; from tests.support.reliability import "
                "recorded_main; sys.exit(recorded_main(sys.argv[1:]))", str(record), str(image),
                *args]
         env = {**(env or {}), "PYTHONPATH": str(ROOT)}  # finds tests/ from the daemon's cwd

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # cowd's modules by layer, bottom first.  A module may import from its own layer or below.
 COWD_LAYERS = [

@@ -41,8 +41,7 @@ from cowd.nbd_proto import (
     Request,
     ServerConnection,
 )
-
-from .conftest import need, run
+from tests.support.peers import need, run
 
 # ---- the spec's numbers, written out independently of the module -------------------------
 

@@ -8,16 +8,16 @@ repetition, that the Markdown table shows them, and that the work directory is g
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.support.bench import tool_env
+from tests.support.peers import need
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "formats"]
 
 LOOKUP_TAGS = ("qcow2", "vhd-4k", "vhd-block")
@@ -53,7 +53,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     # No cache drop: a smoke run must not slow down whatever else runs on the machine.
     p = subprocess.run([*SCRIPT, "--quick", "--no-drop-caches",
                         "--out", str(out)], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       cwd=tmp_path, env=tool_env())
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
 
     doc = json.loads(out.read_text())

@@ -1,5 +1,5 @@
 """Crash consistency of `cowd serve`: SIGKILL during a write storm, and power cuts rebuilt
-from a record of every change the daemon made to the overlay (tests/reliability_harness.py).
+from a record of every change the daemon made to the overlay (tests/support/reliability.py).
 
 Oracles nobody here wrote: qemu-img check (qcow2: no corruption; leaks allowed, then
 ``cowd check --repair`` must leave it clean), qemu-img convert (qcow2) and libvhdi's
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import missing_tool
-from tests.reliability_harness import (
+from tests.support.peers import missing_tool
+from tests.support.reliability import (
     SYSTEM_PYTHON,
     crash_iteration,
     load_run,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import formats
 from formats import CorruptImage, FormatError, ImageReadOnly, Kind, UnsupportedImage
 from formats import qcow2 as q2
-from tests.conftest import qemu_img, qemu_io, qemu_raw, read_all, run
+from tests.support.peers import qemu_img, qemu_io, qemu_raw, read_all, run
 
 pytestmark = pytest.mark.qemu
 

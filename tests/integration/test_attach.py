@@ -34,9 +34,9 @@ import pytest
 
 from cowd import attach as A
 from cowd.errors import UsageError
-from tests.conftest import missing_tool, qemu_check, qemu_img, run, sha256
-from tests.test_fuse import make_tree, same_tree
-from tests.test_vhd import libvhdi_raw
+from tests.integration.test_fuse import make_tree, same_tree
+from tests.integration.test_vhd import libvhdi_raw
+from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
 from tools.benchlib import lock_held
 
 _SCRIPT = Path(sys.executable).parent / "cowd"

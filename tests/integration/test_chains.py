@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import formats
-from tests.conftest import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, sha256
+from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, sha256
 
 MiB = 1 << 20
 
