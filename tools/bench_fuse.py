@@ -218,6 +218,7 @@ def main() -> None:
     if a.serve:
         serve(a.serve[0], a.serve[1], json.loads(a.serve[2]))
         return
+    head = benchlib.header()
     names = a.configs.split(",")
     results: dict[str, list[dict[str, float]]] = {"loop": [], **{n: [] for n in names}}
     if a.warm:
@@ -244,8 +245,8 @@ def main() -> None:
                 print(f"run {r} {n} {results[n][-1]} ({time.time() - t0:.0f} s)", flush=True)
     med = {n: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
            for n, runs in results.items() if runs}
-    Path(a.out).write_text(json.dumps({"runs": results, "medians": med,
-                                       "defaults": asdict(FuseOptions())}, indent=1))
+    benchlib.write_json(a.out, {**head, "runs": results, "medians": med,
+                                "defaults": asdict(FuseOptions())})
     loop = med["loop"]
     print(f"| config | {' | '.join(JOBS)} |")
     print(f"|---|{'---|' * len(JOBS)}")
