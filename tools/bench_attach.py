@@ -110,6 +110,7 @@ WRITE_JOBS = [n for n in FIO_JOBS if n not in READ_JOBS]
 WORKLOADS = ["copy", *FIO_JOBS]
 PATHS = ("loop", "cowd")
 
+
 def note(text: str) -> None:
     print(f"bench_attach: {text}", file=sys.stderr, flush=True)
 

@@ -110,11 +110,7 @@ def run(targets: list[str], job: Job, size: int | None = None,
     """Run ``job`` on every target at once; the figures of each, in the targets' order.
     A fio that fails (a verify mismatch, an I/O error) is a RuntimeError with its output."""
     args = command(targets, job, size, runtime_s, verify, time_based, ramp_s)
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=FIO_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"fio {job}: no answer after {FIO_TIMEOUT_S} s") from None
+    p = bounded(args, FIO_TIMEOUT_S, f"fio {job}")
     if p.returncode != 0:
         tail = " | ".join((p.stderr.strip() or p.stdout.strip()).splitlines()[-4:])
         raise RuntimeError(f"fio {job.rw} {job.bs} QD{job.qd} on {', '.join(targets)}: "
@@ -193,13 +189,20 @@ def idle_ticks() -> tuple[int, int]:
 
 # ---- commands --------------------------------------------------------------------------------
 
+def bounded(args: list[str] | tuple[str, ...], timeout_s: float,
+            what: str) -> subprocess.CompletedProcess[str]:
+    """Run a command (output captured, no stdin); one that hangs past ``timeout_s`` is a
+    RuntimeError naming ``what``, not a hang."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s,
+                              stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what}: no answer after {timeout_s} s") from None
+
+
 def sh(*args: str) -> str:
     """Run a command; its stripped stdout, or RuntimeError naming it with its stderr."""
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{' '.join(args)}: no answer after {COMMAND_TIMEOUT_S} s") from None
+    p = bounded(args, COMMAND_TIMEOUT_S, " ".join(args))
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
     return p.stdout.strip()
