@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo check deps venv lint bench clean-venv
+.PHONY: demo check check-quick deps venv lint bench clean-venv
 
 deps: $(STAMP_DEPS)
 $(STAMP_DEPS): packages.txt tools/install-deps
@@ -19,20 +19,27 @@ venv: $(STAMP_PIP)
 $(STAMP_PIP): pyproject.toml $(STAMP_DEPS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	@touch $@
 
 demo: venv
 	tools/demo
 
+# Every tier: tests/unit, tests/integration (real peers, root, FUSE, loop), tests/guest (VMs).
 check: venv
 	$(VENV)/bin/ruff check cowd formats tools tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier only (no root, no qemu, no guest, no daemons): seconds, for every edit.
+check-quick: venv
+	$(VENV)/bin/ruff check cowd formats tools tests
+	$(VENV)/bin/mypy
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check cowd formats tools tests
 	$(VENV)/bin/mypy
 
 bench: venv
-	$(PY) tools/bench_formats.py
+	$(PY) -m tools.bench formats

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """The user's real path, ``cowd attach --via fuse`` (a loop device on the daemon's FUSE file),
 against a plain loop device on a raw copy of the same base, in the same run (not a test;
 pytest does not collect it).
 
 Layer: tools.  A client of the ``cowd`` console script, as a user runs it; from the rest of
-the tree it takes only bench_fuse's small helpers (drop_caches, cpu_ticks, idle_ticks).
+the tree it takes only tools.benchlib (fio, the page cache, CPU counters, clean-up).
 
 Both devices stand on one base, an empty raw file (2 GiB; --quick 128 MiB):
 
@@ -54,8 +53,8 @@ SIGTERM/SIGKILL to that pid and a detach of the loop devices backed by files in 
 dir), ``losetup -d`` only loop devices whose backing file is in its work dir, and removes the
 work dir once nothing is mounted under it.  Never ``losetup -D``, ``umount -a``, pkill.
 
-    .venv/bin/python tools/bench_attach.py              # 3 repetitions, 2 GiB
-    .venv/bin/python tools/bench_attach.py --quick      # 1 repetition, 128 MiB base: under a minute
+    .venv/bin/python -m tools.bench attach           # 3 repetitions, 2 GiB
+    .venv/bin/python -m tools.bench attach --quick   # 1 repetition, 128 MiB base: under a minute
 
 Needs root, /dev/fuse, loop devices, fio, mkfs.ext4.
 """
@@ -66,15 +65,12 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,10 +78,18 @@ from pathlib import Path
 from typing import Any
 
 from cowd.frontends.fuse.mount import fuse_problem
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_fio
-from bench_fuse import cpu_ticks, drop_caches, idle_ticks
+from cowd.rundir import pid_file_held
+from tools import benchlib
+from tools.benchlib import (
+    HZ,
+    cpu_ticks,
+    drop_caches,
+    idle_ticks,
+    in_work_dir,
+    quiet,
+    sh,
+    signals_deferred,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _SCRIPT = Path(sys.executable).parent / "cowd"
@@ -93,7 +97,6 @@ COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"
 
 MiB = 1 << 20
 LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
-HZ = os.sysconf("SC_CLK_TCK")
 
 # name: (fio rw, block size, iodepth)
 FIO_JOBS = {
@@ -106,82 +109,6 @@ READ_JOBS = [n for n, (rw, _, _) in FIO_JOBS.items() if "read" in rw]
 WRITE_JOBS = [n for n in FIO_JOBS if n not in READ_JOBS]
 WORKLOADS = ["copy", *FIO_JOBS]
 PATHS = ("loop", "cowd")
-
-COMMAND_TIMEOUT_S = 600  # any single command; a hung one is an error, not a hang
-CLEANUP_TIMEOUT_S = 60
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGHUP: unwind through every finally block like Ctrl-C."""
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Run one clean-up step whole: a Ctrl-C, SIGTERM or SIGHUP arriving meanwhile is raised
-    when the step is done, not in the middle of it (a ``cowd detach`` killed halfway leaves
-    the daemon doing what its CLI no longer knows).  Signals already ignored stay ignored."""
-    got: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.getsignal(s) for s in sigs}
-    for s in sigs:
-        if old[s] is not signal.SIG_IGN:
-            signal.signal(s, lambda signum, _frame: got.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if got:
-            if got[0] == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise Interrupted(signal.Signals(got[0]).name)
-
-
-def in_work_dir(prefix: str, parent: str, body: Callable[[Path], None],
-                cleanup: Callable[[], list[str]], say: Callable[[str], None]) -> int:
-    """Make a work dir under ``parent`` and run ``body`` in it with SIGTERM/SIGHUP unwinding
-    like Ctrl-C.  Whatever happens, ``cleanup()`` (what it could not remove) runs with every
-    signal ignored, and the work dir is removed unless something was left in it.
-    Returns 0, 1 (failed, or something left behind) or 130 (interrupted)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
-    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)).resolve()
-    rc = 0
-    try:
-        say(f"work dir {work}")
-        body(work)
-    except (KeyboardInterrupt, Interrupted) as e:
-        say(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
-        rc = 130
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
-        say(f"failed: {e}")
-        rc = 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # finish the clean-up whatever comes
-        left = cleanup()
-        if left:
-            say(f"left behind, not removing {work}: {', '.join(left)}")
-            rc = rc or 1
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return rc
-
-
-def sh(*args: str) -> str:
-    """Run a command; its stripped stdout, or RuntimeError naming it with its stderr."""
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{' '.join(args)}: no answer after {COMMAND_TIMEOUT_S} s") from None
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
-    return p.stdout.strip()
 
 
 def note(text: str) -> None:
@@ -269,30 +196,11 @@ def mounts_under(directory: Path) -> list[tuple[str, str]]:
 
 def lock_holder(pid_file: Path) -> int | None:
     """The pid that holds the run dir's flock, or None when nobody does."""
-    import fcntl
-
-    try:
-        fd = os.open(pid_file, os.O_RDONLY)
-    except OSError:
+    if not pid_file_held(pid_file):
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        with contextlib.suppress(ValueError, OSError):
-            return int(Path(pid_file).read_text())
-        return None
-    finally:
-        os.close(fd)
+    with contextlib.suppress(ValueError, OSError):
+        return int(Path(pid_file).read_text())
     return None
-
-
-def quiet(*args: str, timeout: float = CLEANUP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """A clean-up command: in its own session, so a second Ctrl-C does not kill it midway."""
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, start_new_session=True, check=False)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(args, -1, "", f"timed out after {timeout:.0f} s")
 
 
 # ---- devices -----------------------------------------------------------------------------------
@@ -557,7 +465,7 @@ def copy_workload(bench: Bench, dev: Device, tree: Tree, tag: str) -> dict[str, 
 
 def fio(dev: str, rw: str, bs: str, qd: int, runtime_s: float | None) -> dict[str, float]:
     """One fio job on one block device, over the whole device (one pass at most)."""
-    [out] = bench_fio.run([dev], bench_fio.Job(rw, bs, qd), runtime_s=runtime_s)
+    [out] = benchlib.run([dev], benchlib.Job(rw, bs, qd), runtime_s=runtime_s)
     return out
 
 
@@ -672,11 +580,6 @@ def problem() -> str | None:
     return None
 
 
-def _commit() -> str:
-    p = quiet("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
-    return p.stdout.strip() if p.returncode == 0 else "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -723,9 +626,7 @@ def main() -> int:
     work, tree = benches[0].work, trees[0]
 
     doc: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": _commit(),
-        "fio": sh("fio", "--version"), "workdir": str(work),
+        **benchlib.header(), "fio": sh("fio", "--version"), "workdir": str(work),
         "params": {"quick": args.quick, "reps": reps, "base_bytes": base_bytes,
                    "runtime_s": runtime_s, "full_copy": args.full_copy},
         "tree": {"files": tree.files, "dirs": tree.dirs, "bytes": tree.bytes,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Format-library benchmark: cowd's qcow2 and VHD codecs beside ``qemu-img bench``.
 
 Layer: tools (a benchmark, not a test; it imports ``formats`` and nothing from ``cowd``).
@@ -35,8 +34,8 @@ Output: a Markdown table on stdout and JSON (date, kernel, machine, commit, para
 every repetition of every figure) in ``results/bench-formats.json``.  Images live in a
 temporary directory under /var/tmp that is removed at the end.
 
-Usage: tools/bench_formats.py [--quick] [--size 256M] [--reps 3] [--out FILE]
-                              [--no-drop-caches]
+Usage: python -m tools.bench formats [--quick] [--size 256M] [--reps 3] [--out FILE]
+                                    [--no-drop-caches]
 """
 
 from __future__ import annotations
@@ -52,17 +51,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout even without the editable install
+import formats
+from formats import Kind
+from tools import benchlib
 
-import formats  # noqa: E402
-from formats import Kind  # noqa: E402
+ROOT = benchlib.ROOT
 
 IO_BYTES = 4096  # every read and write of the benchmark is 4 KiB
 QCOW2_CLUSTER_BYTES = 64 << 10  # qemu-img's and cowd's default qcow2 cluster size
@@ -110,8 +108,7 @@ class Caches:
 
     def drop(self) -> None:
         if self.enabled:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            benchlib.drop_caches()
 
 
 def parse_size(text: str) -> int:
@@ -505,27 +502,6 @@ def markdown(doc: dict[str, object], res: Results) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores" + (f", {model}" if model else "")
-
-
-def commit() -> str:
-    try:
-        head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
-        dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--", "formats").strip()
-    except (RuntimeError, FileNotFoundError):
-        return "unknown"
-    return head + ("+dirty formats/" if dirty else "")
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -555,11 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     caches = Caches(not args.no_drop_caches)
-    load_before = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="cowd-bench-formats-", dir="/var/tmp"))
+    head = benchlib.header("formats")
     res = Results()
     started = time.monotonic()
-    try:
+    with benchlib.scratch_dir("cowd-bench-formats-") as work:
         print(f"bench_formats: making {size >> 20} MiB images in {work} ...", file=sys.stderr,
               flush=True)
         fx = make_fixtures(work, size)
@@ -576,22 +551,17 @@ def main(argv: list[str] | None = None) -> int:
                           warm_min_ops)
             for case in cases:
                 bench_writes(res, caches, case, work, rep)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     res.add_ratios()
 
     doc: dict[str, object] = {
         "benchmark": "bench-formats",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "kernel": platform.release(),
-        "machine": machine(),
-        "commit": commit(),
+        **head,
         "python": platform.python_version(),
         "qemu_img": sh("qemu-img", "--version").splitlines()[0],
         "cache_dropped": caches.enabled,
         # Other work on the machine skews every figure (qemu's thread-pool AIO most): the
         # 1/5/15-minute load averages before and after the run say how quiet it was.
-        "loadavg": {"before": load_before, "after": os.getloadavg()},
+        "loadavg": {"before": head["loadavg"], "after": os.getloadavg()},
         "workdir": str(work),
         "elapsed_s": round(time.monotonic() - started, 2),
         "params": {"size_bytes": size, "vhd_size_bytes": fx.vhd_size,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark of the FUSE frontend's mount options (not a test; pytest does not collect it).
 
 A loop device (``--direct-io=on``) on the FUSE file of a fresh qcow2 overlay over a raw base,
@@ -8,10 +7,11 @@ the overlay is new for every run so every first write to a cluster allocates).  
 dropped before every job.  Prints a table of medians and their ratio to the plain loop
 device, and writes every figure as JSON.
 
-    .venv/bin/python tools/bench_fuse.py --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
-    .venv/bin/python tools/bench_fuse.py --configs default,no-direct-io   # a subset
+    .venv/bin/python -m tools.bench fuse --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
+    .venv/bin/python -m tools.bench fuse --configs default,no-direct-io   # a subset
 
-It needs root, /dev/fuse, loop devices, fio and qemu-img.  It creates and removes only its
+It needs root, /dev/fuse, loop devices, fio and qemu-img; the ``pyfuse3`` configuration
+needs pyfuse3 (``pip install '.[bench]'``; make venv installs it).  It creates and removes only its
 own loop devices (by name) and its own mounts, under a fresh temporary directory.
 """
 
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from cowd.frontends.fuse.protocol import FuseOptions
+from tools import benchlib
+from tools.benchlib import HZ, cpu_ticks, drop_caches, idle_ticks
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -45,9 +47,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 JOBS = {
-    "seqread_1m_qd1": ["--rw=read", "--bs=1M", "--iodepth=1"],
-    "randread_4k_qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
-    "randwrite_4k_qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "seqread_1m_qd1": benchlib.Job("read", "1M", 1),
+    "randread_4k_qd32": benchlib.Job("randread", "4k", 32),
+    "randwrite_4k_qd32": benchlib.Job("randwrite", "4k", 32),
 }
 
 
@@ -58,32 +60,10 @@ def sh(*args: str, check: bool = True) -> str:
     return p.stdout.strip()
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def fio(dev: str, job: str, runtime_s: float) -> tuple[float, int]:
     """(MB/s for sequential jobs, IOPS for random ones; I/Os completed)."""
-    out = sh("fio", "--name=bench", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-             f"--runtime={runtime_s}", "--time_based", "--ramp_time=0.5",
-             "--output-format=json", *JOBS[job])
-    j = json.loads(out)["jobs"][0]
-    side = j["write"] if "write" in job else j["read"]
-    ios = int(side["total_ios"])
-    if job.startswith("seq"):
-        return float(side["bw_bytes"]) / 1e6, ios
-    return float(side["iops"]), ios
-
-
-def cpu_ticks(pid: int) -> int:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])  # utime + stime
-
-
-def idle_ticks() -> tuple[int, int]:
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return f[3] + f[4], sum(f)  # idle + iowait, total
+    [f] = benchlib.run([dev], JOBS[job], runtime_s=runtime_s, time_based=True, ramp_s=0.5)
+    return (f["MBps"] if job.startswith("seq") else f["iops"]), int(f["ios"])
 
 
 def warm(paths: list[Path]) -> None:
@@ -117,8 +97,7 @@ def run_jobs(file: str, runtime_s: float, warm_paths: list[Path] | None,
             i1, t1 = idle_ticks()
             res[f"{job}_machine_idle_pct"] = 100.0 * (i1 - i0) / max(1, t1 - t0)
             if pid:
-                hz = os.sysconf("SC_CLK_TCK")
-                res[f"{job}_server_cpu_us_per_io"] = (cpu_ticks(pid) - c0) / hz * 1e6 / max(1, ios)
+                res[f"{job}_server_cpu_us_per_io"] = (cpu_ticks(pid) - c0) / HZ * 1e6 / max(1, ios)
         return res
     finally:
         sh("losetup", "-d", dev, check=False)
@@ -210,8 +189,9 @@ def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: 
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(top),
-                          str(mnt), json.dumps(opts)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "tools.bench_fuse", "--serve", str(top),
+                          str(mnt), json.dumps(opts)], stdout=subprocess.PIPE, text=True,
+                         cwd=benchlib.ROOT)  # -m finds the tools package in the cwd
     try:
         assert p.stdout is not None
         line = p.stdout.readline()
@@ -238,6 +218,7 @@ def main() -> None:
     if a.serve:
         serve(a.serve[0], a.serve[1], json.loads(a.serve[2]))
         return
+    head = benchlib.header()
     names = a.configs.split(",")
     results: dict[str, list[dict[str, float]]] = {"loop": [], **{n: [] for n in names}}
     if a.warm:
@@ -264,8 +245,8 @@ def main() -> None:
                 print(f"run {r} {n} {results[n][-1]} ({time.time() - t0:.0f} s)", flush=True)
     med = {n: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
            for n, runs in results.items() if runs}
-    Path(a.out).write_text(json.dumps({"runs": results, "medians": med,
-                                       "defaults": asdict(FuseOptions())}, indent=1))
+    benchlib.write_json(a.out, {**head, "runs": results, "medians": med,
+                                "defaults": asdict(FuseOptions())})
     loop = med["loop"]
     print(f"| config | {' | '.join(JOBS)} |")
     print(f"|---|{'---|' * len(JOBS)}")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The kernel shim against a plain loop device, in one guest, on the same data (issue 5).
 
 Boots Debian's kernel once under virtme-ng (tools/guest.py) and, inside, compares
@@ -25,13 +24,11 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import guest
+from tools import benchlib, guest
 
 MiB = 1 << 20
 
@@ -268,15 +265,13 @@ def main() -> int:
         print("bench_kmod: the guest did not finish (output above)", file=sys.stderr)
         return 1
     res = parse(res_run.stdout)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=guest.ROOT).stdout.strip()
     ver, _ = guest.kernel()
-    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
-            "host": platform.node(), "guest_kernel": ver, "commit": commit,
+    head = benchlib.header()
+    commit = head["commit"]
+    meta = {**head, "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),
+            "host": platform.node(), "guest_kernel": ver,
             "disk_mib": args.disk_mib, "reps": args.reps, "results": res}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(meta, indent=2) + "\n")
+    benchlib.write_json(args.out, meta, indent=2)
     print(f"kernel shim vs loop, guest {ver} under TCG, {args.disk_mib} MiB disk, "
           f"median of {args.reps} (min-max), commit {commit}, {meta['date']}")
     print(table(res, args.disk_mib))

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """NBD path benchmark: cowd's NBD server against qemu-nbd serving the same qcow2 chain.
 
 Measured with fio's nbd engine (the same client for both servers), in one run, on the same
@@ -9,23 +8,24 @@ better).  Also reported: server CPU seconds per GiB moved, and cowd's remap-cach
 workload.  The page cache is dropped before each run (root only); both servers use the page
 cache (qemu-nbd's default cache mode), since cowd's data path is buffered pread/pwrite.
 
-Usage: tools/bench_nbd.py [--quick] [--size 1G] [--reps 3] [--out results/bench-nbd.json]
+Usage: python -m tools.bench nbd [--quick] [--size 1G] [--reps 3] [--out results/bench-nbd.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from tools import benchlib
 
 ROOT = Path(__file__).resolve().parent.parent
 COWD = ROOT / ".venv" / "bin" / "cowd"
@@ -48,16 +48,8 @@ def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def drop_caches() -> None:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):  # not root: the runs are warm, not cold
+        benchlib.drop_caches()
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -126,19 +118,10 @@ class Server:
 
 
 def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: float) -> dict[str, float]:
-    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
-            f"--bs={bs}", f"--iodepth={qd}", f"--size={size}", "--output-format=json",
-            "--time_based", f"--runtime={runtime}", "--ramp_time=0.5", "--numjobs=1"]
-    if rw.startswith("rand"):
-        args.append("--randrepeat=0")
-    text = sh(*args).stdout
-    doc = json.loads(text[text.index("{"):])  # the nbd engine prints a line before the JSON
-    job = doc["jobs"][0]
-    part = job["read"] if "read" in rw else job["write"]
-    return {"bw_MBps": part["bw_bytes"] / 1e6, "iops": part["iops"],
-            "bytes": part["io_bytes"], "lat_p50_us": part["clat_ns"]["percentile"].get(
-                "50.000000", 0) / 1000, "lat_p99_us": part["clat_ns"]["percentile"].get(
-                "99.000000", 0) / 1000}
+    [f] = benchlib.run([uri], benchlib.Job(rw, bs, qd), size=size, runtime_s=runtime,
+                       time_based=True, ramp_s=0.5)
+    return {"bw_MBps": f["MBps"], "iops": f["iops"], "bytes": f["bytes"],
+            "lat_p50_us": f["lat_p50_us"], "lat_p99_us": f["lat_p99_us"]}
 
 
 Results = dict[str, dict[str, dict[str, float]]]  # workload -> server -> metric -> value
@@ -156,9 +139,9 @@ def one_rep(work: Path, base: Path, size: int, runtime: float, names: list[str])
             drop_caches()
             srv = Server(kind, ov, work)
             try:
-                cpu0, st0 = cpu_seconds(srv.proc.pid), srv.stats()
+                cpu0, st0 = benchlib.cpu_seconds(srv.proc.pid), srv.stats()
                 r = run_fio(srv.uri, rw, bs, qd, size, runtime)
-                cpu1, st1 = cpu_seconds(srv.proc.pid), srv.stats()
+                cpu1, st1 = benchlib.cpu_seconds(srv.proc.pid), srv.stats()
             finally:
                 srv.stop()
             r["cpu_s_per_GiB"] = (cpu1 - cpu0) / max(r["bytes"] / (1 << 30), 1e-9)
@@ -189,29 +172,21 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"bench_nbd: {tool} not installed (make deps installs it)", file=sys.stderr)
             return 1
-    work = Path(args.dir or tempfile.mkdtemp(prefix="cowd-bench-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    base = work / "base.raw"
-    with open(base, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for i in range(size >> 20):
-            f.write(chunk[i % 7:] + chunk[: i % 7])  # distinct-ish blocks, cheap to make
     names = args.only or list(WORKLOADS)
     reps_out = []
-    try:
+    with benchlib.scratch_dir("cowd-bench-", keep=args.dir) as work:
+        base = work / "base.raw"
+        with open(base, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for i in range(size >> 20):
+                f.write(chunk[i % 7:] + chunk[: i % 7])  # distinct-ish blocks, cheap to make
         for i in range(reps):
             print(f"rep {i + 1}/{reps} ...", file=sys.stderr, flush=True)
             reps_out.append(one_rep(work, base, size, runtime, names))
-    finally:
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     table = summarise(reps_out, names)
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "commit": _commit(), "size": size, "reps": reps, "runtime_s": runtime,
+    doc = {**benchlib.header(), "size": size, "reps": reps, "runtime_s": runtime,
            "repetitions": reps_out, "summary": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    benchlib.write_json(args.out, doc)
     print(markdown(doc))
     return 0
 
@@ -257,13 +232,6 @@ def _size(text: str) -> int:
     t = text.upper().rstrip("B").rstrip("I")
     mult = {"K": 10, "M": 20, "G": 30}.get(t[-1:], 0)
     return int(t[:-1] if mult else t) << mult
-
-
-def _commit() -> str:
-    try:
-        return sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""tools/bench.py's report: the records of a run turned into a summary (medians, ratios to
+"""tools/bench_all.py's report: the records of a run turned into a summary (medians, ratios to
 the loop device with their spread), Markdown tables and PNG plots.
 
 Layer: tools.  Pure functions of the results document (no I/O but the plot files), so a
-results.json can be reported again: ``python tools/bench_report.py results.json``.
+results.json can be reported again: ``python -m tools.bench_report results.json``.
 
 Theory of operation: a record is one measurement (rep, workload, case, state, path, where,
 figures) or a failure (the same with ``error``).  A summary row is one (where, workload,

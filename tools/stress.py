@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Layer: tools (reliability clients and their oracle; nothing in cowd/ or formats/ imports
-this).  Used by tests/test_reliability*.py (short runs) and run by hand for the README's
+this).  Used by tests/integration/test_reliability*.py (short runs) and run by hand for the README's
 figures (long runs, ``--long``).
 
 Three parts:
@@ -27,7 +27,8 @@ contents only if no durable write covers it.  Anything else — a lost durable w
 of another offset, a torn or foreign sector — is a failure.
 
 Run ``tools/stress.py crash --format qcow2 --iterations 50`` (and ``--format vhd``) or
-``tools/stress.py load --seconds 300`` for the long runs; each prints a JSON summary.
+``tools/stress.py long --load-seconds 300`` for the long runs (or ``python -m tools.stress``
+from the repository's root); each prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -425,8 +426,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(load(a.uri, a.model, seconds=a.seconds, seed=a.seed, conns=a.conns,
                               depth=a.depth)))
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests import reliability_harness as rh
+    if not __package__:
+        # Run as a file (tools/stress.py crash): the long runs live in the tests' support
+        # package, which Python finds from the repository's root: run as the module there.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        os.execve(sys.executable, [sys.executable, "-m", "tools.stress",
+                                   *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, "PYTHONPATH": path})
+    from tests.support import reliability as rh
 
     return rh.long_run(a)
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The boot benchmark: a VM's first boot from a cowd disk against the same boot from a raw
 copy of the base (and against qemu booting the qcow2 overlay itself), in the same run (not a
 test; pytest does not collect it).
@@ -26,8 +25,8 @@ start and stop (serve, attach, detach) apart; qemu's own CPU time (user + system
 loaded machine disturbs less than wall time.  JSON (date, machine, commit, load, every boot)
 to --out, a Markdown table to stdout.
 
-    .venv/bin/python tools/vm/bench_boot.py            # 5 repetitions (~4 min)
-    .venv/bin/python tools/vm/bench_boot.py --quick    # 1 repetition
+    .venv/bin/python -m tools.bench boot               # 5 repetitions (~4 min)
+    .venv/bin/python -m tools.bench boot --quick       # 1 repetition
 
 Needs root (cowd attach), /dev/fuse, loop devices, qemu-system-x86, linux-image-amd64.
 """
@@ -36,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -48,18 +46,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
+from tools import benchlib
 from tools.vm import boot, image
 
 REPO = boot.REPO
 PATHS = ("raw", "qemu-qcow2", "nbd", "fuse")
-
-
-def _commit() -> str:
-    p = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
 
 
 def _cpu_model() -> str:
@@ -76,7 +67,7 @@ def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
     """One first boot on a fresh disk over ``base`` through ``path`` (one of PATHS).  The disk
     is made beside the base (cowd refuses a backing file outside the overlay's directory
     tree) and removed afterwards; initramfs.img must be beside the base (tools/mkbase puts it
-    there).  tools/bench.py calls this too: keep the keys it reads (seconds, qemu_seconds,
+    there).  tools/bench_all.py calls this too: keep the keys it reads (seconds, qemu_seconds,
     wall_seconds, loadavg)."""
     if path not in PATHS:
         raise boot.BootError(f"bench_boot: unknown path {path!r} (expected one of {PATHS})")
@@ -179,12 +170,12 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(boots, reps)
-    doc = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "commit": _commit(), "kernel_host": platform.release(), "cpu": _cpu_model(),
+    doc = {**benchlib.header(),
+           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "kernel_host": platform.release(), "cpu": _cpu_model(),
            "cpus": os.cpu_count(), "guest_kernel": str(boot.DEFAULT_KERNEL),
            "reps": reps, "summary": rows, "boots": boots}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    benchlib.write_json(args.out, doc, indent=2)
     print(f"{doc['date']}, commit {doc['commit']}, {doc['cpus']} x {doc['cpu']}, "
           f"median of {reps}")
     print(table(rows))

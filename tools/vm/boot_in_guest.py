@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Boot a VM from /dev/cowdN: the kernel shim's path, which only exists inside a guest (the
 host kernel loads no modules).  Not a test: a nested TCG boot takes ~8-10 minutes.
 
@@ -10,7 +9,7 @@ overlay is checked like the tests check the other paths: ``qemu-img check`` clea
 sha256 unchanged, e2fsck -fn clean, and the blob and machine id the inner guest printed are
 in the overlay (qemu-img convert -O raw + debugfs).
 
-    .venv/bin/python tools/vm/boot_in_guest.py [--keep DIR]
+    .venv/bin/python -m tools.vm.boot_in_guest [--keep DIR]
 
 Measured 2026-11-24 on the project machine (load 6-8): 483 s and 653 s in two runs from
 starting the inner qemu to its marker (an ~8-20 s boot on the host: nested TCG costs ~30-60x);
@@ -28,8 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
 from tools import guest
 from tools.vm import image
 
@@ -41,7 +38,8 @@ D=/tmp/g; S={shared}; ROOT={root}
 mkdir -p $D && cp $S/base.img $S/initramfs.img $D/
 insmod $ROOT/kmod/cowd.ko; echo "CHECK insmod rc=$?"
 cowd create --base $D/base.img --overlay qcow -o $D/vm.qcow2 >/dev/null; echo "CHECK create rc=$?"
-COWD=$(command -v cowd) timeout {timeout} python3 $ROOT/tools/vm-boot $D/vm.qcow2 --via kmod \
+COWD=$(command -v cowd) PYTHONPATH=$ROOT timeout {timeout} python3 -m tools.vm.vmboot \
+    $D/vm.qcow2 --via kmod \
     --deadline {deadline} --run-dir /run/cowd-vm-boot --console-dir $S/console --json \
     >$S/result.json; echo "CHECK vm-boot rc=$?"
 sha256sum $D/base.img | cut -d' ' -f1 >$S/base.sha256.after

@@ -1,0 +1,1 @@
+"""The guest tier: anything that boots a VM (virtme-ng or qemu TCG)."""

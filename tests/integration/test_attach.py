@@ -1,0 +1,648 @@
+"""`cowd attach` / `detach` / `list` end to end, as a user runs them: the real console script,
+the background daemon it starts, the kernel's loop driver on the daemon's FUSE file, and ext4
+on the loop device.
+
+Oracles that share no code with cowd: qemu-img (check, convert of a qcow2 overlay), libvhdi
+(vhdimount of a differencing VHD), e2fsck and debugfs (the file tree inside the raw bytes), the
+kernel (sysfs loop attributes, /proc mounts, the daemon's open files).  The base's sha256 must
+never change.
+
+Every test uses a run dir of its own under tmp_path, so it never meets a user's daemon in
+/run/cowd.  Teardown (in a finally block, whatever failed) works by name and pid only: unmount
+the file systems this test mounted, SIGTERM the daemon whose pid file lock is held in this
+run dir, detach the loop devices whose backing file lies in this run dir's FUSE mount,
+lazily unmount that mount.  Needs root, /dev/fuse and loop devices; skips with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cowd import rundir
+from cowd.attach import probes
+from cowd.errors import UsageError
+from cowd.frontends import loop
+from cowd.frontends.fuse.mount import fuse_problem
+from tests.integration.test_fuse import make_tree, same_tree
+from tests.integration.test_vhd import libvhdi_raw
+from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
+
+_SCRIPT = Path(sys.executable).parent / "cowd"
+COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+
+MiB = 1 << 20
+LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
+
+
+def attach_problem() -> str | None:
+    return fuse_problem() or missing_tool("mkfs.ext4", "debugfs", "e2fsck", "mount",
+                                            "umount", "qemu-img")
+
+
+needs_attach = pytest.mark.skipif(attach_problem() is not None, reason=attach_problem() or "")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def mounted_at(path: Path) -> list[str]:
+    """fstype of every mount at ``path``, bottom first."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == str(path):
+                out.append(right.split()[0])
+    return out
+
+
+def loops_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file the kernel names inside ``directory``."""
+    found = []
+    for name in sorted(os.listdir("/sys/block")):
+        with contextlib.suppress(OSError):
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().rstrip("\n")
+            if backing.startswith(f"{directory}/"):
+                found.append(f"/dev/{name}")
+    return found
+
+
+def backing_file(dev: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text()[:-1]
+    except FileNotFoundError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive: the daemon is not our child, but be exact anyway.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False
+
+
+def make_base(tmp: Path, size: int = 32 * MiB) -> Path:
+    """A raw ext4 image built from a seed tree (mkfs.ext4 -d)."""
+    seed = tmp / "seed"
+    (seed / "etc").mkdir(parents=True)
+    (seed / "etc" / "motd").write_text("hello from the base image\n")
+    (seed / "numbers.txt").write_text("".join(f"{i}\n" for i in range(20000)))
+    base = tmp / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+    run("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", seed, base)
+    return base
+
+
+def tree_from_raw(raw: Path, dest: Path, path: str = "/tree") -> Path:
+    """e2fsck the raw file system image, then copy ``path`` out of it with debugfs."""
+    run("e2fsck", "-f", "-n", raw)
+    dest.mkdir()
+    run("debugfs", "-R", f"rdump {path} {dest}", raw)
+    return dest / os.path.basename(path)
+
+
+@dataclass
+class Env:
+    tmp: Path
+    run_dir: Path
+    mounts: list[Path] = field(default_factory=list)
+
+    @property
+    def fuse_dir(self) -> Path:
+        return self.run_dir / "fuse"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "cowd.pid"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "control.sock"
+
+    def cowd(self, *args: str | os.PathLike[str], rc: int | None = 0,
+             run_dir: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*COWD, *map(str, args)]
+        if run_dir:
+            cmd += ["--run-dir", str(self.run_dir)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=90,
+                           stdin=subprocess.DEVNULL)
+        if rc is not None:
+            assert p.returncode == rc, (f"cowd {args}: rc={p.returncode}\n{p.stdout}\n"
+                                        f"{p.stderr}\n{self.log()}")
+        assert "Traceback" not in p.stderr, p.stderr
+        return p
+
+    def log(self) -> str:
+        try:
+            return "daemon log:\n" + (self.run_dir / "cowd.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no daemon log)"
+
+    def attach(self, image: Path, *extra: str) -> str:
+        p = self.cowd("attach", image, *extra)
+        dev = p.stdout.strip()
+        assert LOOP_DEV.fullmatch(dev), p.stdout
+        return dev
+
+    def detach(self, target: str | Path) -> subprocess.CompletedProcess[str]:
+        return self.cowd("detach", target)
+
+    def list(self) -> list[dict[str, object]]:
+        doc: list[dict[str, object]] = json.loads(self.cowd("list", "--json").stdout)
+        return doc
+
+    def stats(self) -> dict[str, object]:
+        doc: dict[str, object] = json.loads(self.cowd("stats", "--json").stdout)
+        return doc
+
+    def daemon_pid(self) -> int | None:
+        if not rundir.pid_file_held(self.pid_file):
+            return None
+        return int(self.pid_file.read_text())
+
+    def mount(self, dev: str, name: str, *opts: str) -> Path:
+        where = self.tmp / name
+        where.mkdir(exist_ok=True)
+        run("mount", *opts, dev, where)
+        self.mounts.append(where)
+        return where
+
+    def umount(self, where: Path) -> None:
+        run("umount", where)
+        self.mounts.remove(where)
+
+    def assert_daemon_gone(self) -> None:
+        """The idle daemon exited and took everything of its own along."""
+        assert self.daemon_pid() is None
+        assert not self.pid_file.exists()
+        assert not self.socket.exists()
+        assert "fuse.cowd" not in mounted_at(self.fuse_dir)
+        assert loops_under(self.fuse_dir) == []
+        assert not (self.run_dir / "attached.json").exists()
+
+    def teardown(self) -> None:
+        for where in reversed(self.mounts):
+            if mounted_at(where):
+                run("umount", where, check=False)
+        pid = self.daemon_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for dev in loops_under(self.fuse_dir):
+            run("losetup", "-d", dev, check=False)
+        while "fuse.cowd" in mounted_at(self.fuse_dir)[-1:]:
+            if run("umount", "-l", self.fuse_dir, check=False).returncode != 0:
+                break
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path, tmp_path / "run")
+    try:
+        yield e
+    finally:
+        e.teardown()
+
+
+def check_device(env: Env, dev: str, name: str) -> None:
+    """The kernel's view: the loop device reads the daemon's FUSE file with direct I/O."""
+    sys_loop = Path(f"/sys/block/{os.path.basename(dev)}/loop")
+    assert backing_file(dev) == f"{env.fuse_dir}/{name}"
+    assert (sys_loop / "dio").read_text().strip() == "1"
+    assert mounted_at(env.fuse_dir)[-1:] == ["fuse.cowd"]
+
+
+def write_tree_through(env: Env, dev: str, tree: Path) -> None:
+    fs = env.mount(dev, "fs")
+    assert (fs / "etc" / "motd").read_text() == "hello from the base image\n"
+    shutil.copytree(tree, fs / "tree")
+    env.umount(fs)
+
+
+def read_back(env: Env, image: Path, tree: Path) -> None:
+    """A second attach (read-only) sees the tree; detach by the image's path."""
+    dev = env.attach(image, "--via", "fuse", "--readonly")
+    assert Path(f"/sys/block/{os.path.basename(dev)}/ro").read_text().strip() == "1"
+    fs = env.mount(dev, "fs-ro", "-o", "ro")
+    try:
+        assert same_tree(tree, fs / "tree")
+        assert (fs / "numbers.txt").read_text().splitlines()[-1] == "19999"
+    finally:
+        env.umount(fs)
+    env.detach(image)
+    env.assert_daemon_gone()
+
+
+# ---- the main job ------------------------------------------------------------------------------
+
+@pytest.mark.root
+@needs_attach
+def test_qcow2_overlay_attach_write_detach(env: Env, tmp_path: Path) -> None:
+    base = make_base(tmp_path)
+    base_sha = sha256(base)
+    tree = tmp_path / "tree"
+    make_tree(tree, seed=1)
+    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+              .stdout.strip())
+
+    dev = env.attach(ov, "--via", "fuse")
+    check_device(env, dev, ov.name)
+    [entry] = env.list()
+    assert (entry["device"], entry["image"], entry["frontend"]) == (dev, str(ov), "fuse")
+    assert entry["size"] == base.stat().st_size
+    write_tree_through(env, dev, tree)
+    listed = env.cowd("list").stdout
+    assert dev in listed and str(ov) in listed
+    ops = env.list()[0]["ops"]
+    assert isinstance(ops, dict) and ops["flushes"] > 0 and ops["bytes_written"] > 0
+
+    out = env.detach(dev).stdout
+    assert dev in out and str(ov) in out
+    assert backing_file(dev) != f"{env.fuse_dir}/{ov.name}"
+    env.assert_daemon_gone()
+
+    qemu_check(ov)
+    assert sha256(base) == base_sha
+    raw = tmp_path / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
+    assert same_tree(tree, tree_from_raw(raw, tmp_path / "dump"))
+    read_back(env, ov, tree)
+    assert sha256(base) == base_sha
+
+
+@pytest.mark.root
+@needs_attach
+def test_differencing_vhd_over_vhd_base(env: Env, tmp_path: Path) -> None:
+    raw_base = make_base(tmp_path)
+    base = tmp_path / "base.vhd"
+    env.cowd("convert", raw_base, base, "-O", "vhd", run_dir=False)
+    base_sha = sha256(base)
+    tree = tmp_path / "tree"
+    make_tree(tree, seed=2)
+    ov = tmp_path / "vm.vhd"
+    env.cowd("create", "--base", base, "--overlay", "vhd", "-o", ov, run_dir=False)
+
+    dev = env.attach(ov, "--via", "fuse")
+    check_device(env, dev, ov.name)
+    write_tree_through(env, dev, tree)
+    env.detach(ov)  # by the image's path this time
+    env.assert_daemon_gone()
+
+    assert sha256(base) == base_sha
+    env.cowd("check", ov, run_dir=False)
+    flat = tmp_path / "libvhdi.raw"
+    flat.write_bytes(libvhdi_raw(ov, tmp_path))  # libvhdi follows the chain on its own
+    assert same_tree(tree, tree_from_raw(flat, tmp_path / "dump"))
+    read_back(env, ov, tree)
+    assert sha256(base) == base_sha
+
+
+@pytest.mark.root
+@needs_attach
+def test_two_overlays_of_one_base_share_it(env: Env, tmp_path: Path) -> None:
+    base = make_base(tmp_path)
+    base_sha = sha256(base)
+    ovs = [Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+                .stdout.strip()) for _ in range(2)]
+    devs = [env.attach(ov, "--via", "fuse") for ov in ovs]
+    assert devs[0] != devs[1]
+    pid = env.daemon_pid()
+    assert pid is not None
+    listed = env.list()
+    assert sorted((d["device"], d["image"]) for d in listed) == \
+        sorted(zip(devs, map(str, ovs), strict=True))
+
+    # One daemon; the base is open once in it, and both disks use the same layer.
+    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert fds.count(str(base)) == 1, fds
+    disks = env.stats()["disks"]
+    assert isinstance(disks, dict) and len(disks) == 2
+    base_layers = [d["layers"][1] for d in disks.values()]
+    assert {lay["path"] for lay in base_layers} == {str(base)}
+    assert base_layers[0]["layer_id"] == base_layers[1]["layer_id"]
+    assert all(lay["shared_by"] == 2 for lay in base_layers)
+    assert "shared by 2 disks" in env.cowd("stats").stdout
+
+    # Both mounted at once, each written with its own file.
+    mnts = [env.mount(dev, f"fs{i}") for i, dev in enumerate(devs)]
+    for i, m in enumerate(mnts):
+        (m / f"only-in-{i}.txt").write_text(f"disk {i}\n")
+    for m in mnts:
+        env.umount(m)
+
+    env.detach(devs[0])
+    assert env.daemon_pid() == pid  # still serving the other one
+    assert [d["device"] for d in env.list()] == [devs[1]]
+    env.detach(devs[1])
+    env.assert_daemon_gone()
+
+    assert sha256(base) == base_sha
+    for i, ov in enumerate(ovs):
+        qemu_check(ov)
+        raw = tmp_path / f"flat{i}.raw"
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
+        mine = run("debugfs", "-R", f"cat /only-in-{i}.txt", raw).stdout
+        assert mine == f"disk {i}\n".encode()
+        other = run("debugfs", "-R", f"stat /only-in-{1 - i}.txt", raw, check=False)
+        assert b"File not found" in other.stderr + other.stdout
+
+
+@pytest.mark.root
+@needs_attach
+def test_sigkilled_daemon_is_cleaned_up(env: Env, tmp_path: Path) -> None:
+    base = make_base(tmp_path)
+    base_sha = sha256(base)
+    tree = tmp_path / "tree"
+    make_tree(tree, seed=3)
+    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+              .stdout.strip())
+    dev = env.attach(ov, "--via", "fuse")
+    write_tree_through(env, dev, tree)  # umount flushed it
+
+    # Killed while attached: the loop device, the dead mount, the socket and the pid file
+    # stay behind.
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while env.daemon_pid() is not None:
+        time.sleep(0.02)
+    assert loops_under(env.fuse_dir) == [dev]
+    assert env.socket.exists() and env.pid_file.exists()
+    with pytest.raises(OSError) as e:
+        os.statvfs(env.fuse_dir)
+    assert e.value.errno == errno.ENOTCONN
+    assert env.list() == []  # no daemon answers: nothing attached
+
+    # A fresh attach cleans up first, then works.
+    p = env.cowd("attach", ov, "--via", "fuse")
+    assert f"detached {dev}" in p.stderr and "unmounted the dead FUSE mount" in p.stderr
+    dev2 = p.stdout.strip()
+    check_device(env, dev2, ov.name)
+    assert loops_under(env.fuse_dir) == [dev2]
+    fs = env.mount(dev2, "fs")
+    assert same_tree(tree, fs / "tree")
+    (fs / "after-restart.txt").write_text("again\n")
+    env.umount(fs)
+
+    # Killed again: `cowd detach DEVICE` cleans up after it.
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while env.daemon_pid() is not None:
+        time.sleep(0.02)
+    p = env.detach(dev2)
+    assert f"detached {dev2}" in p.stderr
+    env.assert_daemon_gone()
+    assert not mounted_at(env.fuse_dir)
+    # Nothing left to clean: detaching again is an error, and changes nothing.
+    assert "not attached" in env.cowd("detach", dev2, rc=2).stderr
+
+    qemu_check(ov)
+    assert sha256(base) == base_sha
+    raw = tmp_path / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
+    assert same_tree(tree, tree_from_raw(raw, tmp_path / "dump"))
+    assert run("debugfs", "-R", "cat /after-restart.txt", raw).stdout == b"again\n"
+
+
+# ---- refusals: one line, and nothing that is not cowd's is touched ----------------------------
+
+def one_line(p: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.root
+@needs_attach
+def test_frontend_choice(env: Env, tmp_path: Path) -> None:
+    base = make_base(tmp_path, 4 * MiB)
+    if not os.path.exists("/dev/cowd-ctl"):  # a host kernel that cannot load the shim
+        one_line(env.cowd("attach", base, "--via", "kmod", rc=2), "--via kmod", "kernel")
+    if not os.path.exists("/dev/nbd0"):
+        one_line(env.cowd("attach", base, "--via", "nbd", rc=2), "--via nbd", "nbd")
+    # The kernel shim's options: checked, and refused for another frontend.
+    one_line(env.cowd("attach", base, "--via", "fuse", "--kmod-entries", "16", rc=2),
+             "--kmod-entries/--kmod-timeout", "via fuse")
+    one_line(env.cowd("attach", base, "--kmod-entries", "0", rc=2), "--kmod-entries", "got 0")
+    one_line(env.cowd("attach", base, "--kmod-timeout=-1", rc=2), "--kmod-timeout", "got -1")
+    assert not env.run_dir.exists()  # refused before any daemon was started
+    # auto says what it took and why the others were not available.
+    p = env.cowd("attach", base)
+    one_line(p, "--via auto: using fuse", "kmod:", "nbd:")
+    dev = p.stdout.strip()
+    check_device(env, dev, base.name)
+    # COWD_RUN_DIR names the run dir as well as --run-dir does.
+    q = subprocess.run([*COWD, "list"], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, COWD_RUN_DIR=str(env.run_dir)))
+    assert dev in q.stdout
+    env.detach(dev)
+    env.assert_daemon_gone()
+
+
+@pytest.mark.root
+@needs_attach
+def test_refusals_leave_others_alone(env: Env, tmp_path: Path) -> None:
+    base = make_base(tmp_path, 8 * MiB)
+    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+              .stdout.strip())
+    one_line(env.cowd("attach", tmp_path / "missing.qcow2", "--via", "fuse", rc=2),
+             "missing.qcow2")
+    one_line(env.cowd("detach", "/dev/loop9999", rc=2), "not attached")
+
+    # A broken image: the daemon that was started for it says why and exits again.
+    bad = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", bad, "1M")
+    with open(bad, "r+b") as f:
+        f.seek(20)  # cluster_bits (qcow2 header, big-endian u32)
+        f.write((99).to_bytes(4, "big"))
+    one_line(env.cowd("attach", bad, "--via", "fuse", rc=1), "bad.qcow2", "cluster_bits")
+    deadline = time.monotonic() + 30
+    while env.daemon_pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    env.assert_daemon_gone()
+
+    # Somebody else's loop device, on a plain file: cowd refuses it and leaves it bound.
+    other_file = tmp_path / "other.img"
+    other_file.write_bytes(bytes(MiB))
+    other = run("losetup", "--find", "--show", other_file).stdout.decode().strip()
+    try:
+        one_line(env.cowd("detach", other, rc=2), "not attached")  # no daemon
+        dev = env.attach(ov, "--via", "fuse")
+        one_line(env.cowd("detach", other, rc=1), "not attached")  # a daemon, not its device
+        assert backing_file(other) == str(other_file)
+        one_line(env.cowd("attach", ov, "--via", "fuse", rc=1), "already attached", dev)
+
+        # In use (a mounted file system): refused, still attached and mounted.
+        fs = env.mount(dev, "fs")
+        one_line(env.cowd("detach", dev, rc=1), "in use")
+        assert backing_file(dev) == f"{env.fuse_dir}/{ov.name}"
+        (fs / "still-works.txt").write_text("yes\n")
+        env.umount(fs)
+        env.detach(dev)
+        env.assert_daemon_gone()
+        assert backing_file(other) == str(other_file)
+    finally:
+        run("losetup", "-d", other, check=False)
+    qemu_check(ov)
+    raw = tmp_path / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
+    assert run("debugfs", "-R", "cat /still-works.txt", raw).stdout == b"yes\n"
+
+
+# ---- lifecycle -----------------------------------------------------------------------------------
+
+def wait_gone(env: Env, pid: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        assert time.monotonic() < deadline, f"daemon {pid} still alive\n{env.log()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.root
+@needs_attach
+def test_concurrent_attaches_start_one_daemon_and_sigterm_stops_it(env: Env,
+                                                                    tmp_path: Path) -> None:
+    base = make_base(tmp_path, 8 * MiB)
+    ovs = [Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+                .stdout.strip()) for _ in range(3)]
+    procs = [subprocess.Popen([*COWD, "attach", str(ov), "--via", "fuse", "--run-dir",
+                               str(env.run_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             for ov in ovs]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    devs = [out.strip() for out, _err in outs]
+    assert len(set(devs)) == 3 and all(LOOP_DEV.fullmatch(d) for d in devs)
+    log = env.log()
+    assert log.count("serving no disks yet") == 1, log  # one daemon was started
+    assert sorted(d["device"] for d in env.list()) == sorted(devs)
+
+    # SIGTERM: the daemon detaches its loop devices, unmounts, closes the disks, exits.
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(env, pid)
+    env.assert_daemon_gone()
+    assert not any((backing_file(d) or "").startswith(str(env.run_dir)) for d in devs)
+    for ov in ovs:
+        qemu_check(ov)
+
+
+@pytest.mark.root
+@needs_attach
+def test_attach_to_a_running_serve_daemon(env: Env, tmp_path: Path) -> None:
+    """`cowd serve` answers attach too (and keeps serving NBD); it does not exit when its
+    attached disks are gone."""
+    base = make_base(tmp_path, 8 * MiB)
+    served, attached = (Path(env.cowd("create", "--base", base, "--overlay", "qcow",
+                                      run_dir=False).stdout.strip()) for _ in range(2))
+    sock = tmp_path / "nbd.sock"
+    with open(tmp_path / "serve.log", "wb") as logf:
+        proc = subprocess.Popen([*COWD, "serve", str(served), "--nbd", f"unix:{sock}",
+                                 "--run-dir", str(env.run_dir)], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not env.socket.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "serve.log").read_text()
+            time.sleep(0.02)
+        dev = env.attach(attached, "--via", "fuse")
+        kinds = {d["image"]: (d["frontend"], d["device"]) for d in env.list()}
+        assert kinds == {str(served): ("nbd-export", None), str(attached): ("fuse", dev)}
+        env.detach(dev)
+        assert proc.poll() is None and env.socket.exists()
+        assert [d["image"] for d in env.list()] == [str(served)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    env.assert_daemon_gone()
+    qemu_check(attached)
+
+
+# ---- no root needed: the pieces ----------------------------------------------------------------
+
+def test_frontend_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    problems = {"kmod": "no shim", "nbd": "no nbd", "fuse": None}
+    for name in problems:
+        monkeypatch.setitem(probes._PROBLEMS, name, lambda n=name: problems[n])
+    assert probes.choose_frontend("auto") == ("fuse", "--via auto: using fuse (kmod: no shim; "
+                                                 "nbd: no nbd)")
+    assert probes.choose_frontend("fuse") == ("fuse", None)
+    with pytest.raises(UsageError, match=r"^--via nbd: no nbd$"):
+        probes.choose_frontend("nbd")
+    problems["nbd"] = None
+    assert probes.choose_frontend("auto") == ("nbd", "--via auto: using nbd (kmod: no shim)")
+    problems["kmod"] = None
+    assert probes.choose_frontend("auto") == ("kmod", "--via auto: using kmod")
+    problems.update(kmod="a", nbd="b", fuse="c")
+    with pytest.raises(UsageError, match=r"no way to attach.*kmod: a; nbd: b; fuse: c"):
+        probes.choose_frontend("auto")
+    with pytest.raises(UsageError, match="--via"):
+        probes.choose_frontend("ublk")
+
+
+def test_pid_file_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    path = tmp_path / "cowd.pid"
+    first, second = rundir.PidFile(str(path)), rundir.PidFile(str(path))
+    assert first.try_acquire()
+    try:
+        assert rundir.pid_file_held(str(path)) and rundir.holder_pid(str(path)) == os.getpid()
+        assert not second.try_acquire()  # another open file: flock refuses it
+    finally:
+        first.release()
+    assert not path.exists() and not rundir.pid_file_held(str(path))
+
+    # A holder killed by SIGKILL leaves its pid file behind, but not its lock.
+    code = ("import sys, time; from cowd.rundir import PidFile; "
+            "p = PidFile(sys.argv[1]); assert p.try_acquire(); print(flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+        assert rundir.pid_file_held(str(path)) and rundir.holder_pid(str(path)) == holder.pid
+        assert not second.try_acquire()
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert path.exists() and not rundir.pid_file_held(str(path))
+    assert second.try_acquire()
+    try:
+        assert rundir.holder_pid(str(path)) == os.getpid()
+    finally:
+        second.release()
+
+
+def test_loop_names() -> None:
+    assert loop.loop_name("/dev/loop12") == "loop12"
+    assert loop.loop_name("/dev/sda") is None and loop.loop_name("/dev/loop") is None
+    assert loop.loop_info("/dev/null") is None
+    assert loop.loop_info("/dev/loop999999") is None  # not bound (and no such device)

@@ -1,0 +1,139 @@
+"""The image commands through the real `cowd` console script, checked against qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
+
+# The console script a user types (installed editable into the venv by `make check`).
+_SCRIPT = Path(sys.executable).parent / "cowd"
+COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+
+
+def cowd(*args: str | os.PathLike[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([*COWD, *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == rc, f"cowd {args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    path = tmp_path / "base.img"
+    path.write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    return path
+
+
+def test_create_qcow_overlay_is_a_qcow2_qemu_reads(base: Path, tmp_path: Path) -> None:
+    before = sha256(base)
+    p = cowd("create", "--base", base, "--overlay", "qcow")
+    out = Path(p.stdout.strip())
+    assert out == tmp_path / "base-overlay.qcow2"
+    info = json.loads(qemu_img("info", "--output=json", "--backing-chain", out).stdout)
+    assert info[0]["format"] == "qcow2"
+    assert info[0]["backing-filename"] == "base.img"  # relative to the overlay
+    assert info[0]["backing-filename-format"] == "raw"
+    assert info[1]["filename"] == str(base)
+    qemu_check(out)
+    assert qemu_raw(out, tmp_path) == base.read_bytes()
+    # A second overlay of the same base gets its own name.
+    p2 = cowd("create", "--base", base, "--overlay", "qcow2")
+    assert Path(p2.stdout.strip()) == tmp_path / "base-overlay-2.qcow2"
+    assert sha256(base) == before
+
+
+def test_info_and_map_match_qemu(base: Path, tmp_path: Path) -> None:
+    ov = tmp_path / "ov.qcow2"
+    cowd("create", "--base", base, "--overlay", "qcow", "-o", ov)
+    qemu_io(ov, "write -P 0x11 64k 64k", "write -z 1M 128k", "write -P 0x22 2M 4k")
+    doc = json.loads(cowd("info", "--json", ov).stdout)
+    assert doc["format"] == "qcow2"
+    assert doc["virtual-size"] == base.stat().st_size
+    assert doc["backing-chain"][0]["format"] == "raw"
+    assert doc["allocated-bytes"] == 64 * 1024 + 128 * 1024 + 64 * 1024
+    text = cowd("info", ov).stdout
+    assert "backing file: base.img (format raw)" in text
+
+    ours = json.loads(cowd("map", "--json", ov).stdout)
+    theirs = json.loads(qemu_img("map", "--output=json", ov).stdout)
+    # Depth-0 entries (the overlay's own clusters) must agree exactly; below, qemu reports
+    # the raw base's holes (SEEK_HOLE) where cowd reports the file as data.
+    def top(entries: list[dict[str, object]]) -> list[tuple[object, ...]]:
+        return [(e["start"], e["length"], e["zero"], e["data"], e.get("offset"))
+                for e in entries if e["depth"] == 0]
+    assert top(ours) == top(theirs)
+    assert sum(e["length"] for e in ours) == base.stat().st_size
+    assert "0x10000" in cowd("map", ov).stdout
+
+
+def test_convert_round_trips(base: Path, tmp_path: Path) -> None:
+    ov = tmp_path / "ov.qcow2"
+    cowd("create", "--base", base, "--overlay", "qcow", "-o", ov)
+    qemu_io(ov, "write -P 0x33 100k 300k", "write -z 0 64k", "discard 2M 64k")
+    want = qemu_raw(ov, tmp_path)
+    for fmt, qfmt in (("raw", "raw"), ("qcow2", "qcow2"), ("vhd", "vpc")):
+        out = tmp_path / f"out.{fmt}"
+        cowd("convert", ov, out, "-O", fmt)
+        assert qemu_raw(out, tmp_path, fmt=qfmt)[: len(want)] == want, fmt
+        if fmt == "qcow2":
+            qemu_check(out)
+            assert json.loads(qemu_img("info", "--output=json", out).stdout).get(
+                "backing-filename") is None
+
+
+def test_check_reports_clean_and_exit_codes(base: Path, tmp_path: Path) -> None:
+    ov = tmp_path / "ov.qcow2"
+    cowd("create", "--base", base, "--overlay", "qcow", "-o", ov)
+    qemu_io(ov, "write -P 0x44 0 1M")
+    assert "No errors" in cowd("check", ov).stdout
+    res = json.loads(cowd("check", "--json", ov).stdout)
+    assert res["corruptions"] == [] and res["leaks"] == []
+
+
+def test_errors_are_one_line(base: Path, tmp_path: Path) -> None:
+    one_line_error(cowd("create", "--base", tmp_path / "nope.img", rc=2), "nope.img", "not found")
+    one_line_error(cowd("create", "--base", base, "--overlay", "vhd", rc=2), "base.img",
+                   "VHD base")
+    one_line_error(cowd("create", "--base", base, "--overlay", "zip", rc=2), "--overlay")
+    bad = tmp_path / "bad.qcow2"
+    qemu_img("create", "-f", "qcow2", bad, "1M")
+    data = bytearray(bad.read_bytes())
+    data[20:24] = (1 << 31).to_bytes(4, "big")  # cluster_bits: absurd
+    bad.write_bytes(bytes(data))
+    one_line_error(cowd("info", bad, rc=1), str(bad), "cluster_bits")
+    one_line_error(cowd("convert", base, base, "-O", "raw", rc=2), "already exists")
+
+
+def test_convert_odd_sized_raw(tmp_path: Path) -> None:
+    """qcow2 and VHD disks are whole sectors: the last one is zero-padded, like qemu-img."""
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(100_000))
+    for fmt, qfmt in (("qcow2", "qcow2"), ("vhd", "vpc")):
+        out = tmp_path / f"odd.{fmt}"
+        cowd("convert", src, out, "-O", fmt)
+        data = qemu_raw(out, tmp_path, fmt=qfmt)
+        assert data[:100_000] == src.read_bytes() and not any(data[100_000:]), fmt
+
+
+def test_closed_stdout_is_quiet(base: Path, tmp_path: Path) -> None:
+    """`cowd map IMAGE | head` must not print a traceback or an error when head exits."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before cowd writes
+    p = subprocess.run([*COWD, "info", str(base)], stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=60)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)

@@ -1,0 +1,172 @@
+"""Image locking against real qemu (qemu-img, qemu-io, qemu-nbd 7.2): while `cowd serve`
+serves an overlay, qemu refuses to open it (or its base) for writing and `qemu-img info`
+needs -U, as against another qemu; `cowd serve` refuses an image a qemu process has open
+for writing, in one line; a killed daemon's locks go with it.  The lock bytes themselves
+are compared with what qemu-io takes (read from /proc/locks), not with cowd's constants.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import need, qemu_check, qemu_img
+from tests.support.reliability import COWD, Daemon, start_daemon
+
+pytestmark = pytest.mark.qemu
+
+
+def lock_bytes(path: Path) -> list[tuple[str, int, int]]:
+    """(mode, start, end) of the OFD locks on ``path`` from /proc/locks."""
+    import os
+
+    st = os.stat(path)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            p = line.split()
+            if "OFDLCK" in p and ident in p:
+                i = p.index(ident)
+                out.append((p[i - 2], int(p[i + 1]), int(p[i + 2])))
+    return sorted(out)
+
+
+def expand(locks: list[tuple[str, int, int]]) -> set[int]:
+    return {b for _, a, e in locks for b in range(a, e + 1)}
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> tuple[Path, Path]:
+    need("qemu-img")
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(4 << 20))
+    ov = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ov)
+    return base, ov
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+class QemuHolder:
+    """qemu-io keeping an image open until its stdin closes."""
+
+    def __init__(self, *args: str | Path):
+        need("qemu-io")
+        self.p = subprocess.Popen(["qemu-io", *map(str, args)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_locked(self, path: Path) -> list[tuple[str, int, int]]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            locks = lock_bytes(path)
+            if locks:
+                return locks
+            assert self.p.poll() is None, f"qemu-io exited {self.p.returncode}"
+            time.sleep(0.02)
+        raise AssertionError("qemu-io took no locks")
+
+    def close(self) -> None:
+        if self.p.stdin:
+            self.p.stdin.close()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.mark.timeout(60)
+def test_served_overlay_is_locked_like_qemu(images: tuple[Path, Path], tmp_path: Path,
+                                            daemons: list[Daemon]) -> None:
+    base, ov = images
+    # The bytes qemu-io takes as a writer of a qcow2 and as its base's reader.
+    q = QemuHolder(ov)
+    qemu_top, qemu_base = expand(q.wait_locked(ov)), expand(lock_bytes(base))
+    q.close()
+    assert not lock_bytes(ov)
+    d = start_daemon(ov, tmp_path)
+    daemons.append(d)
+    assert expand(lock_bytes(ov)) == qemu_top
+    # A base: what qemu takes (read) and, stricter than qemu, write and resize forbidden:
+    # a base that changes under its overlays corrupts every one of them.
+    assert expand(lock_bytes(base)) == qemu_base | {201, 203}
+    assert all(mode == "READ" for mode, _, _ in lock_bytes(ov))  # shared locks only
+    p = qemu_img("info", ov, check=False)
+    assert p.returncode != 0 and b'Failed to get shared "write" lock' in p.stderr, p.stderr
+    assert qemu_img("info", "-U", ov).returncode == 0
+    for target in (ov, base):
+        p = subprocess.run(["qemu-io", "-c", "write 0 512", str(target)], capture_output=True,
+                           timeout=30)
+        assert b'Failed to get "write" lock' in p.stdout + p.stderr, (target, p)
+    p = subprocess.run(["qemu-nbd", "--fork", "-k", str(tmp_path / "q.sock"), str(ov)],
+                       capture_output=True, timeout=30)
+    assert p.returncode != 0 and b"lock" in p.stderr, p
+    # cowd's own repair refuses too; a read-only check does not need to.
+    p = subprocess.run([*COWD, "check", "--repair", str(ov)], capture_output=True, timeout=30)
+    assert p.returncode == 2 and b"in use by another process" in p.stderr, p
+    d.stop()
+    assert not lock_bytes(ov) and not lock_bytes(base)
+    qemu_check(ov)
+
+
+@pytest.mark.timeout(60)
+def test_killed_daemon_releases_its_locks(images: tuple[Path, Path], tmp_path: Path,
+                                          daemons: list[Daemon]) -> None:
+    _, ov = images
+    d = start_daemon(ov, tmp_path)
+    daemons.append(d)
+    assert lock_bytes(ov)
+    d.kill()
+    assert not lock_bytes(ov)
+    p = subprocess.run(["qemu-io", "-c", "write -P 7 0 512", str(ov)], capture_output=True,
+                       timeout=30)
+    assert p.returncode == 0 and b"wrote 512" in p.stdout, p
+
+
+def _serve_refused(ov: Path, tmp_path: Path) -> str:
+    p = subprocess.run([*COWD, "serve", str(ov), "--nbd", f"unix:{tmp_path / 'x.sock'}",
+                        "--run-dir", str(tmp_path / "runx")], capture_output=True, timeout=30)
+    err = p.stderr.decode()
+    assert p.returncode == 2, (p.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_an_image_qemu_writes(images: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ov = images
+    q = QemuHolder(ov)
+    q.wait_locked(ov)
+    try:
+        err = _serve_refused(ov, tmp_path)
+        assert f"{ov}: image is in use by another process" in err, err
+    finally:
+        q.close()
+    # qemu writing the base: an overlay on it cannot be served either (it would read a base
+    # that changes under it).
+    q = QemuHolder(base, "-f", "raw")
+    q.wait_locked(base)
+    try:
+        err = _serve_refused(ov, tmp_path)
+        assert f"{base}: image is in use by another process" in err, err
+    finally:
+        q.close()
+    # A qemu that only reads (and shares everything, -U) is no conflict.
+    q = QemuHolder("-r", "-U", ov)
+    time.sleep(0.3)
+    try:
+        d = start_daemon(ov, tmp_path)
+        d.stop()
+    finally:
+        q.close()

@@ -1,0 +1,122 @@
+"""cowd/kmod_abi.py against kmod/cowd_uapi.h, as the C compiler reads the header.
+
+A generated C program prints every struct's size, every field's offset, every constant and
+ioctl number; each must equal the Python mirror's.  The header must also compile on its own
+in user space (it is the ABI the daemon builds against).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cowd.frontends.kmod import abi
+from tests.support.peers import need
+
+HEADER = Path(__file__).resolve().parents[2] / "kmod" / "cowd_uapi.h"
+
+CTYPES = {"cowd_version": abi.Version, "cowd_create": abi.Create, "cowd_remove": abi.Remove,
+          "cowd_reopen": abi.Reopen, "cowd_stats": abi.Stats}
+
+# C struct -> (python Struct codec, the C field names in the codec's order, header first)
+CODECS = {
+    "cowd_miss": (abi.MISS, ["hdr.size", "hdr.type", "hdr.version", "cookie", "op", "flags",
+                             "offset", "length"]),
+    "cowd_remap": (abi.REMAP, ["hdr.size", "hdr.type", "hdr.version", "file", "flags",
+                               "guest_offset", "length", "file_offset"]),
+    "cowd_invalidate": (abi.INVALIDATE, ["hdr.size", "hdr.type", "hdr.version", "reserved0",
+                                         "reserved1", "guest_offset", "length"]),
+    "cowd_reply": (abi.REPLY, ["hdr.size", "hdr.type", "hdr.version", "cookie", "result",
+                               "reserved0"]),
+}
+
+CONSTANTS = {name[len("COWD_"):]: name for name in re.findall(
+    r"#define\s+(COWD_[A-Z0-9_]+)\s", HEADER.read_text())
+    if not name.endswith("_H") and name not in ("COWD_CTL_NAME", "COWD_DISK_NAME")}
+# Header constants the mirror names differently or does not need.
+NOT_MIRRORED = {"CREATE_FLAGS", "FILE_FLAGS", "REMOVE_FLAGS", "REMAP_FLAGS", "MISS_FUA"}
+
+
+def _c_program() -> str:
+    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{HEADER}"',
+             "int main(void) {"]
+    for cname, st in CTYPES.items():
+        lines.append(f'printf("size {cname} %zu\\n", sizeof(struct {cname}));')
+        for fname, *_ in st._fields_:
+            lines.append(f'printf("off {cname}.{fname} %zu\\n", '
+                         f"offsetof(struct {cname}, {fname}));")
+    for cname, (_codec, fields) in CODECS.items():
+        lines.append(f'printf("size {cname} %zu\\n", sizeof(struct {cname}));')
+        for fname in fields:
+            lines.append(f'printf("off {cname}.{fname} %zu\\n", '
+                         f"offsetof(struct {cname}, {fname}));")
+            lines.append(f'printf("fsize {cname}.{fname} %zu\\n", '
+                         f"sizeof(((struct {cname} *)0)->{fname}));")
+    for short, cname in CONSTANTS.items():
+        lines.append(f'printf("const {short} %llu\\n", (unsigned long long)({cname}));')
+    lines += ["return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_says(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    need("gcc")
+    d = tmp_path_factory.mktemp("abi")
+    src = d / "abi.c"
+    src.write_text(_c_program())
+    exe = d / "abi"
+    subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.rsplit(" ", 1) for line in out.splitlines())}
+
+
+def test_ioctl_structs_match(c_says: dict[str, int]) -> None:
+    for cname, st in CTYPES.items():
+        assert c_says[f"size {cname}"] == ctypes.sizeof(st), cname
+        for fname, *_ in st._fields_:
+            assert c_says[f"off {cname}.{fname}"] == getattr(st, fname).offset, (cname, fname)
+
+
+def test_message_codecs_match(c_says: dict[str, int]) -> None:
+    for cname, (codec, fields) in CODECS.items():
+        assert c_says[f"size {cname}"] == codec.size, cname
+        # Walk the codec's format and check each field's offset and width.
+        fmt = codec.format.lstrip("<")
+        off = 0
+        for ch, fname in zip(fmt, fields, strict=True):
+            width = {"I": 4, "H": 2, "Q": 8, "i": 4}[ch]
+            assert c_says[f"off {cname}.{fname}"] == off, (cname, fname)
+            assert c_says[f"fsize {cname}.{fname}"] == width, (cname, fname)
+            off += width
+
+
+def test_constants_and_ioctls_match(c_says: dict[str, int]) -> None:
+    checked = 0
+    for short in CONSTANTS:
+        if short in NOT_MIRRORED:
+            continue
+        assert hasattr(abi, short), f"cowd/kmod_abi.py lacks {short}"
+        assert c_says[f"const {short}"] == getattr(abi, short), short
+        checked += 1
+    assert checked >= 30
+    # The flag masks the kernel checks against are the union of the mirrored bits.
+    assert c_says["const REMAP_FLAGS"] == abi.REMAP_WRITABLE | abi.REMAP_ZERO
+    assert c_says["const CREATE_FLAGS"] == abi.CREATE_READONLY
+    assert c_says["const FILE_FLAGS"] == abi.FILE_WRITABLE
+    assert c_says["const REMOVE_FLAGS"] == abi.REMOVE_FORCE
+
+
+def test_messages_round_trip() -> None:
+    m = abi.pack_remap(2, abi.REMAP_WRITABLE, 1 << 16, 3 << 16, 5 << 16)
+    assert abi.REMAP.unpack(m) == (40, abi.MSG_REMAP, 1, 2, abi.REMAP_WRITABLE, 1 << 16,
+                                   3 << 16, 5 << 16)
+    r = abi.pack_reply(77, -5, payload_bytes=4096)
+    assert abi.REPLY.unpack(r) == (abi.REPLY.size + 4096, abi.MSG_REPLY, 1, 77, -5, 0)
+    miss = abi.MISS.pack(40, abi.MSG_MISS, 1, 9, abi.OP_WRITE, 0, 4096, 512)
+    assert abi.unpack_misses(miss * 2) == [(9, abi.OP_WRITE, 4096, 512)] * 2
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_misses(abi.MISS.pack(40, abi.MSG_REMAP, 1, 9, 0, 0, 0, 0))

@@ -1,0 +1,167 @@
+"""The data path runs one way (STYLE.md): a module imports only from layers below it.
+
+Also the frontends' own rules: no frontend package imports another (cowd/attach/ is where they
+meet), and the sans-I/O codecs (NBD protocol, FUSE protocol, kmod ABI) import no trio.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
+# for its __init__.py).  A module may import from its own layer or below.
+COWD_LAYERS = [
+    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod"},
+    {"remap"},
+    {"disk", "frontends.nbd.protocol", "frontends.kmod.abi", "frontends.fuse.protocol"},
+    {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
+     "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
+    {"rundir"},
+    {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
+    {"daemon"},
+    {"imagecmds", "cli", "__main__", ""},
+]
+
+# The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
+FRONTENDS = {"nbd", "fuse", "kmod", "loop"}
+# The codecs: bytes in, events out, no event loop.
+CODECS = ["frontends.nbd.protocol", "frontends.fuse.protocol", "frontends.kmod.abi"]
+
+
+def module_name(path: Path) -> str:
+    """cowd/frontends/nbd/server.py -> 'frontends.nbd.server'; a package's __init__.py ->
+    the package ('' for cowd itself)."""
+    parts = list(path.relative_to(ROOT / "cowd").with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The import nodes inside ``if TYPE_CHECKING:`` blocks."""
+    skip: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+                node.test.id == "TYPE_CHECKING":
+            for child in node.body:
+                skip.update(ast.walk(child))
+    return skip
+
+
+def imports_of(path: Path, top: str = "cowd", runtime_only: bool = False) -> set[str]:
+    """Absolute names of what ``path`` imports (relative imports resolved against its
+    package, whose top-level package is ``top``); ``runtime_only`` leaves out the imports
+    under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _type_checking_only(tree) if runtime_only else set()
+    if top == "cowd":
+        mod = module_name(path)
+        here = ["cowd", *mod.split(".")] if mod else ["cowd"]
+        if path.name != "__init__.py":
+            here.pop()  # a module's package
+    else:
+        here = [top]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .x import y / from . import x / from ..x import y
+                base = here[:len(here) - (node.level - 1)]
+                if node.module:
+                    names.add(".".join([*base, node.module]))
+                else:
+                    names.update(".".join([*base, a.name]) for a in node.names)
+            elif node.module == top:  # from cowd import x
+                names.update(f"{top}.{a.name}" for a in node.names)
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def cowd_modules() -> list[Path]:
+    return sorted((ROOT / "cowd").rglob("*.py"))
+
+
+def test_formats_never_imports_cowd() -> None:
+    for path in (ROOT / "formats").glob("*.py"):
+        bad = {n for n in imports_of(path, "formats") if n == "cowd" or n.startswith("cowd.")}
+        assert not bad, f"{path.name} imports {bad}: formats/ must stand alone"
+
+
+def layer_of(module: str) -> int:
+    for rank, names in enumerate(COWD_LAYERS):
+        if module in names:
+            return rank
+    raise AssertionError(f"cowd.{module} is in no layer: add it to COWD_LAYERS")
+
+
+def cowd_target(name: str) -> str | None:
+    """The cowd module an imported name refers to ('cowd.disk.Disk' -> 'disk'), or None."""
+    if not name.startswith("cowd."):
+        return None  # not cowd's; or `import cowd` for its __file__, which runs nothing
+    parts = name.split(".")[1:]
+    known = set().union(*COWD_LAYERS)
+    while parts and ".".join(parts) not in known:
+        parts.pop()  # from .x import SomeClass
+    return ".".join(parts)
+
+
+def test_cowd_imports_point_down() -> None:
+    for path in cowd_modules():
+        mine = layer_of(module_name(path))
+        for name in imports_of(path):
+            other = cowd_target(name)
+            if other is None:
+                continue
+            assert layer_of(other) <= mine, (
+                f"{path.relative_to(ROOT)} (layer {mine}) imports cowd.{other} "
+                f"(layer {layer_of(other)})")
+
+
+def frontend_of(module: str) -> str | None:
+    """'frontends.nbd.server' -> 'nbd', 'frontends.loop' -> 'loop'; None outside."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "frontends" else None
+
+
+def test_no_frontend_imports_another() -> None:
+    seen = set()
+    for path in cowd_modules():
+        mine = frontend_of(module_name(path))
+        if mine is None:
+            continue
+        seen.add(mine)
+        for name in imports_of(path):
+            other = cowd_target(name)
+            theirs = frontend_of(other) if other else None
+            assert theirs in (None, mine), (
+                f"{path.relative_to(ROOT)} (frontend {mine}) imports cowd.{other} "
+                f"(frontend {theirs}): frontends meet only in cowd/attach/")
+    assert seen == FRONTENDS, seen
+
+
+def test_codecs_import_no_trio() -> None:
+    """Directly or through the cowd modules they import (imports under ``if TYPE_CHECKING:``
+    are annotations only and do not count)."""
+    for module in CODECS:
+        todo, done = [module], set()
+        while todo:
+            mod = todo.pop()
+            if mod in done:
+                continue
+            done.add(mod)
+            path = ROOT / "cowd" / mod.replace(".", "/")
+            path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+            for name in imports_of(path, runtime_only=True):
+                assert name.split(".")[0] != "trio", (
+                    f"cowd.{module} is a sans-I/O codec but {path.relative_to(ROOT)} "
+                    "imports trio")
+                other = cowd_target(name)
+                if other is not None:
+                    todo.append(other)
