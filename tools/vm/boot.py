@@ -48,8 +48,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools.vm import image
+
 REPO = Path(__file__).resolve().parent.parent.parent
-DEFAULT_KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+DEFAULT_KERNEL = image.DEFAULT_KERNEL
 DEFAULT_BUILD_DIR = REPO / "build" / "vm"
 MARKER_OK = "COWD-BOOT-OK"
 MARKER_FAIL = "COWD-BOOT-FAIL"

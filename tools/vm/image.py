@@ -34,7 +34,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-DEFAULT_KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+
+
+def newest_kernel(boot: Path = Path("/boot")) -> Path:
+    """The newest Debian kernel installed (linux-image-amd64 moves with the archive, so no
+    version is written here); ``/boot/vmlinuz`` when there is none (callers say so)."""
+    found = sorted(boot.glob("vmlinuz-*-amd64"), key=lambda p: [
+        int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", p.name[len("vmlinuz-"):])])
+    return found[-1] if found else boot / "vmlinuz"
+
+
+DEFAULT_KERNEL = newest_kernel()
 DEFAULT_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "build" / "vm"
 BUSYBOX = Path("/bin/busybox")
 # What the initramfs must load before it can mount root=/dev/vda: the PCI transport, the
@@ -62,7 +72,7 @@ class BaseInfo:
 
 
 def kernel_version(kernel: Path) -> str:
-    """``/boot/vmlinuz-6.1.0-56-amd64`` -> ``6.1.0-56-amd64``."""
+    """``/boot/vmlinuz-6.1.0-57-amd64`` -> ``6.1.0-57-amd64``."""
     m = re.fullmatch(r"vmlinuz-(.+)", kernel.name)
     if not m:
         raise BuildError(f"{kernel}: cannot tell the kernel version from the file name "
