@@ -193,7 +193,8 @@ def map_entries(img: Image) -> Iterator[MapEntry]:
     pending: MapEntry | None = None
     pos = 0
     while pos < img.virtual_size:
-        depth, layer, ext = img.resolve_deep(pos, img.virtual_size - pos)
+        placed = formats.resolve_in_chain(img, pos, img.virtual_size - pos)
+        depth, layer, ext = placed.depth, placed.layer, placed.extent
         if ext.kind is Kind.DATA:
             assert ext.file is not None
             e = MapEntry(pos, ext.length, depth, True, False, True, False,
@@ -319,7 +320,7 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
 def _all_unallocated_or_zero(img: Image, pos: int, n: int) -> bool:
     end = pos + n
     while pos < end:
-        _, _, ext = img.resolve_deep(pos, end - pos)
+        ext = formats.resolve_in_chain(img, pos, end - pos).extent
         if ext.kind is not Kind.ZERO:
             return False
         pos += ext.length

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 
 from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind, NearOpener
+from .chain import ChainBelow, Placed, resolve_in_chain
 from .errors import (
     BackingOutside,
     CorruptImage,
@@ -173,6 +174,7 @@ def open_image(
             else:
                 parent = open_file(pfile, False, pfmt, near)
             layer.backing = parent
+            layer.below = ChainBelow(parent)
             layer.backing_path = pfile.path
             layer.check_backing(parent)
             layer, place = parent, pplace
@@ -241,6 +243,7 @@ __all__ = [
     "ImageReadOnly",
     "Kind",
     "OpenPolicy",
+    "Placed",
     "Qcow2Image",
     "QcowImage",
     "RawImage",
@@ -251,4 +254,5 @@ __all__ = [
     "open_file",
     "open_image",
     "open_one",
+    "resolve_in_chain",
 ]

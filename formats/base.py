@@ -10,9 +10,12 @@ Contract of an :class:`Image` (every format honours it):
   DATA at a file offset, ZERO, COMPRESSED (one cluster at most), or UNALLOCATED (ask the
   backing image).  It may read metadata from disk but never data.  It is cheap enough that the
   daemon caches its answers as remaps.
-- ``read`` / ``write`` / ``write_zeroes`` / ``discard`` take guest offsets and act on the whole
-  chain (reads fall through to the backing image, writes allocate in this layer, copying up
-  the unwritten head and tail of a cluster from the backing chain).
+- ``read`` / ``write`` / ``write_zeroes`` / ``discard`` take guest offsets and act on this
+  layer over what lies beneath it: an UNALLOCATED range reads through ``below``, and a write
+  allocates in this layer, copying up the unwritten head and tail of a cluster from
+  ``below``.  A codec never walks the chain itself: ``below`` (a :class:`Below`) is
+  injected by whoever owns the chain — the library's own reader (formats/chain.py) or the
+  daemon's cached planner — so copy-up reads go through the same path as guest reads.
 - ``flush`` makes every completed write durable, data before the metadata that reaches it.
 - An image object is *not* thread-safe: one caller at a time (the daemon serialises metadata
   changes per image and may read DATA extents it resolved itself, concurrently, with pread).
@@ -28,7 +31,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, SyncFailed
 
@@ -46,6 +49,39 @@ MAX_IO_BYTES = 64 << 20
 # Opens a file an image names, from that image's folder and as the caller's policy allows
 # (formats/opener.py): ``near(name, writable, field, what)``, e.g. what="data file".
 NearOpener = Callable[[str, bool, str, str], "HostFile"]
+
+
+class Below(Protocol):
+    """What lies beneath a layer, as the chain's owner reads it (the copy-up source)."""
+
+    @property
+    def size(self) -> int:
+        """Guest bytes the layers beneath present (0: nothing is beneath)."""
+        ...
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        """The bytes beneath at [guest_offset, +length); zeroes past ``size``."""
+        ...
+
+    def zero_prefix(self, guest_offset: int, length: int) -> int:
+        """How many bytes from ``guest_offset`` (at most ``length``) surely read as zeroes
+        beneath; 0 when the first may not."""
+        ...
+
+
+class _NothingBelow:
+    """Beneath a layer with no backing file: zeroes."""
+
+    size = 0
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def zero_prefix(self, guest_offset: int, length: int) -> int:
+        return length
+
+
+NOTHING_BELOW: Below = _NothingBelow()
 
 
 class Kind(enum.Enum):
@@ -227,7 +263,9 @@ class Image:
         self.writable = writable
         self.virtual_size = 0
         self.cluster_size = SECTOR  # allocation granularity of this layer, in guest bytes
-        self.backing: Image | None = None
+        self.backing: Image | None = None  # the parent image, for inspection (info, map)
+        # What reads and copy-ups fall through to; set by the chain's owner with the parent.
+        self.below: Below = NOTHING_BELOW
         self.backing_name: str | None = None  # as recorded in the image
         self.backing_format: str | None = None  # as recorded, if the format records one
         self.backing_path: str | None = None  # the resolved host path, set by the opener
@@ -274,26 +312,6 @@ class Image:
             yield ext
             pos = ext.end
 
-    def resolve_deep(self, guest_offset: int, length: int) -> tuple[int, Image, Extent]:
-        """Walk the chain: (depth, layer, extent) of the first layer that has the bytes.
-
-        Past the end of a shorter backing image, and below the last layer, bytes are ZERO
-        (reported on the deepest layer consulted).
-        """
-        layer: Image = self
-        depth = 0
-        while True:
-            ext = layer.resolve(guest_offset, length)
-            if ext.kind is not Kind.UNALLOCATED:
-                return depth, layer, ext
-            length = ext.length
-            nxt = layer.backing
-            if nxt is None or guest_offset >= nxt.virtual_size:
-                return depth, layer, Extent(guest_offset, length, Kind.ZERO)
-            length = min(length, nxt.virtual_size - guest_offset)
-            layer = nxt
-            depth += 1
-
     # ---- reading -------------------------------------------------------------------------
 
     def check_range(self, guest_offset: int, length: int) -> None:
@@ -304,13 +322,13 @@ class Image:
             )
 
     def read(self, guest_offset: int, length: int) -> bytes:
-        """Guest bytes as the whole chain presents them."""
+        """Guest bytes: this layer's own, and ``below``'s where this layer has none."""
         self.check_range(guest_offset, length)
         out = bytearray(length)
         pos = guest_offset
         end = guest_offset + length
         while pos < end:
-            _, layer, ext = self.resolve_deep(pos, end - pos)
+            ext = self.resolve(pos, end - pos)
             n = ext.length
             if n <= 0:
                 raise CorruptImage(self.path, "resolver made no progress", "offset", pos)
@@ -319,18 +337,12 @@ class Image:
                 assert ext.file is not None
                 out[at : at + n] = ext.file.pread_data(ext.file_offset, n)
             elif ext.kind is Kind.COMPRESSED:
-                out[at : at + n] = layer.read_compressed(ext)
+                out[at : at + n] = self.read_compressed(ext)
+            elif ext.kind is Kind.UNALLOCATED:
+                out[at : at + n] = self.below.read(pos, n)
             # ZERO: already zero
             pos += n
         return bytes(out)
-
-    def read_backing(self, guest_offset: int, length: int) -> bytes:
-        """What the backing chain holds at this range (zeroes where it has nothing)."""
-        if self.backing is None or guest_offset >= self.backing.virtual_size:
-            return bytes(length)
-        n = min(length, self.backing.virtual_size - guest_offset)
-        data = self.backing.read(guest_offset, n)
-        return data if n == length else data + bytes(length - n)
 
     # ---- writing -------------------------------------------------------------------------
 

@@ -97,7 +97,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .base import SECTOR, CheckResult, Extent, HostFile, Image, Kind, NearOpener, require
+from .base import (
+    NOTHING_BELOW,
+    SECTOR,
+    CheckResult,
+    Extent,
+    HostFile,
+    Image,
+    Kind,
+    NearOpener,
+    require,
+)
 from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
 from .opener import PROTOCOL_RE
 
@@ -1198,7 +1208,7 @@ class Qcow2Image(Image):
         self.require_writable()
         if self._modified:
             return
-        if self.backing_name and self.backing is None:
+        if self.backing_name and self.below is NOTHING_BELOW:
             # Copy-up would read zeroes where the backing image has data.
             raise ImageReadOnly(self.path, "writing needs the backing chain open (use "
                                 "open_image)", "backing_file", self.backing_name)
@@ -1476,21 +1486,27 @@ class Qcow2Image(Image):
     def _write_zero_bytes(self, start: int, end: int) -> None:
         pos = start
         while pos < end:
-            _, _, ext = self.resolve_deep(pos, end - pos)
+            ext = self.resolve(pos, end - pos)
             n = ext.length
-            if ext.kind is not Kind.ZERO:  # the chain already reads zeroes there: skip
-                zeros = bytes(min(n, ZERO_CHUNK_BYTES))
-                n = len(zeros)
-                self.write(pos, zeros)
-            pos += n
+            if ext.kind is Kind.ZERO:  # already reads zeroes here: skip
+                pos += n
+                continue
+            if ext.kind is Kind.UNALLOCATED:
+                skip = self.below.zero_prefix(pos, n)  # zeroes beneath: skip those too
+                if skip:
+                    pos += skip
+                    continue
+            zeros = bytes(min(n, ZERO_CHUNK_BYTES))
+            self.write(pos, zeros)
+            pos += len(zeros)
 
     def _backing_shows(self, cstart: int) -> bool:
         """Could the backing chain show non-zero data in the cluster at cstart?"""
         if not self.backing_name:
             return False
-        if self.backing is None:
+        if self.below is NOTHING_BELOW:
             return True
-        return cstart < self.backing.virtual_size
+        return cstart < self.below.size
 
     def _zero_table(self, l1i: int, start: int, end: int,
                     fallback: list[tuple[int, int]]) -> None:

@@ -72,6 +72,7 @@ from .base import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_ZERO_RANGE,
     MAX_IO_BYTES,
+    NOTHING_BELOW,
     SECTOR,
     CheckResult,
     Extent,
@@ -815,7 +816,7 @@ class VhdImage(Image):
     def _require_parent(self) -> None:
         # Copy-up reads the parent: without it open, a write would hide the parent's bytes
         # behind zeroes.
-        if self.differencing and self.backing is None:
+        if self.differencing and self.below is NOTHING_BELOW:
             raise UnsupportedImage(self.path, "cannot write a differencing VHD whose parent "
                                    "is not open", "backing_file", self.backing_name)
 
@@ -842,7 +843,7 @@ class VhdImage(Image):
                 while pos < count * SECTOR:
                     k = min(count * SECTOR - pos, MAX_IO_BYTES)
                     guest = idx * self.block_size + s * SECTOR + pos
-                    self.file.pwrite(base + s * SECTOR + pos, self.read_backing(guest, k))
+                    self.file.pwrite(base + s * SECTOR + pos, self.below.read(guest, k))
                     pos += k
             s += count
 

@@ -224,7 +224,7 @@ class TcowImage(formats.Image):
                 else:
                     start = idx * cs
                     csize = min(cs, self.virtual_size - start)
-                    buf = bytearray(self.read_backing(start, csize) if entry == TCOW_UNALLOCATED
+                    buf = bytearray(self.below.read(start, csize) if entry == TCOW_UNALLOCATED
                                     else bytes(csize))
                     buf[off:off + n] = view[done:done + n]
                     fo = max(self.data_start, -(-self.file.size() // cs) * cs)
