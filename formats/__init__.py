@@ -24,6 +24,7 @@ from .errors import (
     ImageReadOnly,
     UnsupportedImage,
 )
+from .names import FORMAT_NAMES, canonical_format
 from .opener import ChainOpener, OpenPolicy, Place
 from .qcow import QcowImage
 from .qcow2 import Qcow2Image
@@ -37,23 +38,13 @@ FORMATS: dict[str, type[Image]] = {
     "vhd": VhdImage,
     "raw": RawImage,
 }
-# Names other tools use for the same formats (qemu calls VHD "vpc").
-FORMAT_ALIASES = {"vpc": "vhd", "qcow1": "qcow", "file": "raw"}
+assert tuple(FORMATS) == FORMAT_NAMES
 
 PROBE_BYTES = 4096
 
 # Confined to the top image's folder, no devices: what a chain may reach unless the user
 # says otherwise (--allow-backing-outside, --allow-backing-device).
 DEFAULT_POLICY = OpenPolicy()
-
-
-def canonical_format(name: str) -> str:
-    """Map a user or on-disk format name to one of FORMATS, or raise ValueError."""
-    key = name.strip().lower()
-    key = FORMAT_ALIASES.get(key, key)
-    if key not in FORMATS:
-        raise ValueError(f"unknown image format {name!r} (known: {', '.join(FORMATS)})")
-    return key
 
 
 def probe_format(path: str, file: HostFile) -> str:

@@ -109,6 +109,7 @@ from .base import (
     require,
 )
 from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
+from .names import canonical_format
 from .opener import PROTOCOL_RE
 
 # ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
@@ -528,8 +529,6 @@ class Qcow2Image(Image):
         self.backing_name = hdr.backing_file
         self.backing_format = hdr.backing_format if hdr.backing_file else None
         if self.backing_format is not None:
-            from . import canonical_format
-
             try:
                 canonical_format(self.backing_format)
             except ValueError:
@@ -2088,8 +2087,6 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
         raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
     fmt_name = None
     if backing_format:
-        from . import canonical_format
-
         fmt_name = _QEMU_FORMAT_NAMES[canonical_format(backing_format)]
     name_bytes = os.fsencode(backing_name) if backing_name else b""
     if len(name_bytes) > QCOW_MAX_BACKING_FILE_NAME:

@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod"},
-    {"remap"},
-    {"disk", "frontends.nbd.protocol", "frontends.kmod.abi", "frontends.fuse.protocol"},
+    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod",
+     "disk.backing_io", "disk.locks"},
+    {"remap", "disk.pool"},
+    {"disk.chain"},
+    {"disk", "disk.disk", "frontends.nbd.protocol", "frontends.kmod.abi",
+     "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
     {"rundir"},
@@ -92,6 +95,32 @@ def test_formats_never_imports_cowd() -> None:
     for path in (ROOT / "formats").glob("*.py"):
         bad = {n for n in imports_of(path, "formats") if n == "cowd" or n.startswith("cowd.")}
         assert not bad, f"{path.name} imports {bad}: formats/ must stand alone"
+
+
+# formats/ by layer, bottom first: the vocabulary, the chain's files and walker, the codecs,
+# and the package's entry points (which no module inside formats/ imports).
+FORMATS_LAYERS = [
+    {"errors", "names"},
+    {"base"},
+    {"opener", "chain"},
+    {"raw", "qcow", "qcow2", "vhd"},
+    {"__init__"},
+]
+
+
+def test_formats_imports_point_down() -> None:
+    rank = {m: i for i, layer in enumerate(FORMATS_LAYERS) for m in layer}
+    for path in sorted((ROOT / "formats").glob("*.py")):
+        mine = rank.get(path.stem)
+        assert mine is not None, f"formats/{path.name} is in no layer: add it to FORMATS_LAYERS"
+        for name in imports_of(path, "formats"):
+            if name != "formats" and not name.startswith("formats."):
+                continue
+            other = name.split(".")[1] if "." in name else "__init__"
+            if other not in rank:  # a name imported from the package, e.g. formats.Kind
+                other = "__init__"
+            assert rank[other] <= mine, (
+                f"formats/{path.name} imports {name}: formats/{other} is above it")
 
 
 def layer_of(module: str) -> int:

@@ -47,9 +47,7 @@ from typing import Any
 
 import trio
 
-from formats.base import HostFile, Kind
-
-from ...disk import Disk, DiskError
+from ...disk import ChainFile, Disk, DiskError, Segment
 from ...errors import UsageError
 from . import abi
 
@@ -171,15 +169,9 @@ def granule_for(disk: Disk) -> int:
     return max(512, min(g, MAX_GRANULE_BYTES))
 
 
-def chain_files(disk: Disk) -> list[HostFile]:
+def chain_files(disk: Disk) -> list[ChainFile]:
     """Every host file of the chain that can hold data, the writable ones first."""
-    seen: dict[int, HostFile] = {}
-    for layer in disk.layers:
-        for name in ("data_file", "file"):
-            f = getattr(layer.image, name, None)
-            if isinstance(f, HostFile) and f.fd >= 0 and id(f) not in seen:
-                seen[id(f)] = f
-    files = list(seen.values())
+    files = disk.files()
     files.sort(key=lambda f: not f.writable)
     if len(files) > abi.MAX_FILES:
         raise UsageError(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
@@ -187,7 +179,7 @@ def chain_files(disk: Disk) -> list[HostFile]:
     return files
 
 
-def _fresh_fds(files: list[HostFile], readonly: bool) -> list[int]:
+def _fresh_fds(files: list[ChainFile], readonly: bool) -> list[int]:
     """New open file descriptions of ``files`` for the kernel to keep.  Not the daemon's own:
     its image locks (qemu's OFD byte locks, cowd/imagelock.py) live on those, and a lock on a
     description the kernel holds would outlive a killed daemon and lock out the next one."""
@@ -207,7 +199,7 @@ class KmodDevice:
     """One /dev/cowdN and its channel; see the module docstring."""
 
     def __init__(self, disk: Disk, index: int, chan_fd: int, granule: int,
-                 files: list[HostFile]):
+                 files: list[ChainFile]):
         self.disk = disk
         self.index = index
         self.device = f"/dev/{abi.DISK_NAME}{index}"
@@ -307,7 +299,7 @@ class KmodDevice:
 
     # -- remaps ----------------------------------------------------------------------------
 
-    def _remaps(self, segs: list[tuple[int, int, int, Any]], start: int, end: int,
+    def _remaps(self, segs: list[Segment], start: int, end: int,
                 writable_only: bool = False, need_end: int | None = None
                 ) -> tuple[list[bytes], int]:
         """REMAP messages for the whole clusters of [start, end) that ``segs`` (covering at
@@ -321,16 +313,16 @@ class KmodDevice:
         # runs: (guest_start, guest_end, file index or -1 for zero, file offset, flags)
         run: list[int] | None = None
         runs: list[list[int]] = []
-        for gofs, n, depth, ext in segs:
-            if ext.kind is Kind.DATA and ext.file is not None:
-                fi = self._file_index.get(id(ext.file), -2)
+        for seg in segs:
+            gofs, n = seg.guest_offset, seg.length
+            if seg.is_data:
+                fi = self._file_index.get(id(seg.file), -2)
                 if fi < 0:
                     run = None
                     continue
-                fo = ext.file_offset + (gofs - ext.guest_offset)
-                flags = abi.REMAP_WRITABLE if depth == 0 and ext.writable and \
-                    not self.disk.readonly else 0
-            elif ext.kind is Kind.ZERO:
+                fo = seg.file_offset
+                flags = abi.REMAP_WRITABLE if seg.writable and not self.disk.readonly else 0
+            elif seg.is_zero:
                 fi, fo, flags = -1, 0, abi.REMAP_ZERO
             else:
                 run = None

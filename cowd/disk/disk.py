@@ -1,0 +1,816 @@
+"""Layer: cowd disk, top: the request API frontends call — :class:`Disk`, one virtual disk.
+
+Frontends (NBD, FUSE, the kernel channel) call a disk's methods with guest offsets.  The
+disk checks the request, asks its :class:`~cowd.disk.chain.Chain` for a plan (the chain owns
+the layers and is the only place that walks them) and does the I/O of the plan through
+:mod:`cowd.disk.backing_io`.
+
+Theory of operation
+-------------------
+*Reads* plan, then read (``Chain.plan`` + ``Chain.read_segments``, one synchronous step).
+A read that looks sequential (it starts where a recent read ended) resolves the next
+``readahead_clusters`` granules on a miss, and has the kernel fetch the data ahead.  A
+frontend that answers a batch in one wakeup uses ``try_read_into``: the plan of a read that
+would wait for the disk is kept, ``advise`` starts its data on the way, and the read that
+follows reuses it — a page-cache miss is planned once — unless the disk's mapping changed in
+between (``mapping_generation``).
+
+*Writes* look up the top layer's granules.  If every byte lands in DATA that the top layer
+owns (``writable``) and no slow operation holds one of those granules, the write is a plain
+``pwrite`` in place.  Otherwise the disk takes the granules' range lock
+(:class:`~cowd.disk.locks.GranuleLocks`; a second writer to the same granule waits for the
+first allocation), writes the in-place parts, and hands the rest to the codec's ``write``
+(allocation with copy-up of head and tail, read through the chain's planner).  The touched
+clusters' entries are invalidated before the call and refilled after it.  ``write_zeroes``
+and ``trim`` go to the codec the same way.  ``flush`` calls the top image's ``flush`` (data
+durable before the metadata that reaches it — the codec's promise).  Every write path writes
+the one top file, so a flush on any connection covers every write acknowledged on any
+connection (NBD multi-conn is safe).
+
+Checkpoints: a read or write that the cache answers, and a miss whose layers are not busy,
+completes without a trio checkpoint; frontends checkpoint on their sockets between requests,
+and a caller that loops over the disk alone must checkpoint itself.
+
+Why only flush runs in a thread: a thread hop costs more than a codec's allocation (the
+measurements are in docs/disk-costs.md), so writes, write-zeroes and trims run inline, and a
+thread would force every reader of a shared base to lock against it.  ``flush`` waits for
+the disk for as long as there is dirty data, unbounded by anything the daemon controls, so
+it — and only it — goes to a worker thread under the pool's ``CapacityLimiter``.
+``offload_writes=True`` sends codec writes to threads as well, should a codec's allocation
+ever need to wait for the disk; the chain's locking keeps that correct, and the tests run
+both ways.
+
+Errors: every failure of a request raises :class:`DiskError` (a ``RequestError``) carrying the
+errno a frontend replies with.  ``ImageIOError`` keeps its errno; ``ImageReadOnly`` and writes
+to a read-only disk are EPERM; reads out of range are EINVAL, writes past the end ENOSPC;
+``CorruptImage`` is EIO and marks the disk corrupt (read-only from then on).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from formats.base import Kind
+from formats.errors import (
+    CorruptImage,
+    FormatError,
+    ImageIOError,
+    ImageReadOnly,
+    SyncFailed,
+    UnsupportedImage,
+)
+from formats.opener import OpenPolicy
+
+from ..errors import RequestError
+from ..remap import Origin, RemapCache
+from .backing_io import WouldBlock, pwrite_from
+from .chain import Chain, ChainFile, PlanState, Segment
+from .locks import GranuleLocks
+from .pool import ImagePool, Layer
+
+# Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
+# size); it bounds the buffer one request can make the daemon allocate.
+MAX_REQUEST_BYTES = 32 << 20
+
+# write_zeroes and trim carry no payload and may span the whole disk (mkfs discards
+# everything); they are worked through in pieces of this size, each under its range lock.
+ZERO_CHUNK_BYTES = 32 << 20
+
+# block_status answers at most this much of the asked range (NBD lets the server answer a
+# prefix) and at most this many extents, so a status walk of a huge sparse disk is bounded.
+MAX_STATUS_BYTES = 256 << 20
+MAX_STATUS_EXTENTS = 4096
+
+DEFAULT_READAHEAD_CLUSTERS = 16
+
+# Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
+# ended count as sequential (a few concurrent streams, and queue-depth reordering).
+SEQUENTIAL_STREAMS = 8
+
+# Priming works through a layer in pieces of this many granules, yielding to other tasks in
+# between, so a big image does not stall the daemon.
+PRIME_CHUNK_GRANULES = 4096
+
+# Data read-ahead for a sequential stream: advise the kernel this many requests' worth of
+# bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES.
+DATA_READAHEAD_REQUESTS = 4
+DATA_READAHEAD_MAX_BYTES = 8 << 20
+
+# Run codec writes (allocation, write-zeroes, trim) in worker threads?  No: a thread hop
+# costs more than an allocation (see the module docstring).
+OFFLOAD_WRITES = False
+
+
+class DiskError(RequestError):
+    """A request failed; ``errno`` is what the frontend answers with."""
+
+
+class Disk:
+    """One virtual disk served by the daemon; see the module docstring."""
+
+    def __init__(self, chain: Chain, *, readahead_clusters: int, offload_writes: bool):
+        self.path = chain.path
+        self.chain = chain
+        self._chain = chain.layers
+        self._top = chain.top
+        self._cache = chain.cache
+        self.readahead_clusters = max(0, readahead_clusters)
+        self.offload_writes = offload_writes
+        self.readonly = not self._top.image.writable
+        self.readonly_reason = self._top.image.read_only_reason
+        self.corrupt_reason: str | None = None
+        self.flush_failed: str | None = None  # sticky: see flush()
+        self.counters = chain.counters  # lookups made for this disk
+        self.prime_seconds: float | None = None
+        self._locks = GranuleLocks()
+        self._recent_ends: list[int] = []
+        self._advised = (-1, 0)  # data read-ahead: (fd, file offset) the last advice reached
+        self._closed = False
+        self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
+                                    "write_zeroes", "trims", "flushes", "block_status",
+                                    "prefetches", "bytes_read", "bytes_written",
+                                    "lock_waits", "allocations")}
+
+    # ---- opening and closing ---------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str, *, pool: ImagePool, cache: RemapCache,
+                   readonly: bool = False,
+                   readahead_clusters: int = DEFAULT_READAHEAD_CLUSTERS,
+                   fmt: str | None = None,
+                   offload_writes: bool = OFFLOAD_WRITES,
+                   policy: OpenPolicy | None = None) -> Disk:
+        """Open ``path`` (writable unless ``readonly``) and its chain, parents from ``pool``.
+
+        Format errors propagate as ``formats.FormatError``; serving a file twice, or writing a
+        file that is another disk's parent, is a ``UsageError``.
+        """
+        await trio.lowlevel.checkpoint()
+        chain = Chain.open(path, pool=pool, cache=cache, writable=not readonly, fmt=fmt,
+                           policy=policy)
+        return cls(chain, readahead_clusters=readahead_clusters, offload_writes=offload_writes)
+
+    async def close(self) -> None:
+        """Flush (if writable) and release the images.  Idempotent."""
+        if self._closed:
+            return
+        err: BaseException | None = None
+        if not self.readonly and self.corrupt_reason is None:
+            try:
+                await self.flush()
+            except DiskError as e:
+                err = e
+        self._closed = True
+        try:
+            self.chain.close()  # some codecs write metadata when closed
+        except (FormatError, OSError) as e:
+            err = err or self._translate(e)
+        if err is not None:
+            raise err
+
+    # ---- properties ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._top.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._top.image.cluster_size
+
+    @property
+    def granule(self) -> int:
+        return self._top.granule
+
+    @property
+    def layers(self) -> Sequence[Layer]:
+        return tuple(self._chain)
+
+    def files(self) -> list[ChainFile]:
+        """The chain's open files that can hold data, top first, each once (what the kernel
+        shim is handed, so that remaps can name a file by index)."""
+        return self.chain.files()
+
+    # ---- checks and errors -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiskError(errno.ESHUTDOWN, f"{self.path}: disk is closed")
+
+    def _check_read(self, offset: int, length: int, limit: int | None = MAX_REQUEST_BYTES) -> None:
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskError(errno.EINVAL, f"{self.path}: range outside the disk "
+                                          f"(offset={offset}, length={length}, size={self.size})")
+        if limit is not None and length > limit:
+            raise DiskError(errno.EINVAL, f"{self.path}: request too long "
+                                          f"(length={length}, max={limit})")
+
+    def _check_write(self, offset: int, length: int, limit: int | None = MAX_REQUEST_BYTES) -> None:
+        self._check_open()
+        if self.readonly or self.corrupt_reason is not None:
+            why = self.corrupt_reason or self.readonly_reason or "opened read-only"
+            raise DiskError(errno.EPERM, f"{self.path}: disk is read-only ({why})")
+        if offset < 0 or length < 0:
+            raise DiskError(errno.EINVAL, f"{self.path}: negative range "
+                                          f"(offset={offset}, length={length})")
+        if offset + length > self.size:
+            raise DiskError(errno.ENOSPC, f"{self.path}: write past the end of the disk "
+                                          f"(offset={offset}, length={length}, size={self.size})")
+        if limit is not None and length > limit:
+            raise DiskError(errno.EINVAL, f"{self.path}: request too long "
+                                          f"(length={length}, max={limit})")
+
+    def _translate(self, e: Exception) -> DiskError:
+        if isinstance(e, DiskError):
+            return e
+        if isinstance(e, ImageReadOnly):
+            return DiskError(errno.EPERM, str(e))
+        if isinstance(e, SyncFailed):
+            # After a failed fdatasync (in a flush, or one a codec makes by itself in a
+            # write) the kernel may have dropped the dirty pages it could not write and
+            # marked them clean, so the next fdatasync can succeed without the data: like
+            # qemu's file-posix, every later flush of this disk fails too.  (A failed
+            # pwrite, e.g. ENOSPC, loses nothing: the codec keeps its dirty state and the
+            # next flush writes it again.)
+            self.flush_failed = self.flush_failed or str(e)
+            return DiskError(e.errno or errno.EIO, str(e))
+        if isinstance(e, ImageIOError):
+            return DiskError(e.errno or errno.EIO, str(e))
+        if isinstance(e, CorruptImage):
+            self.corrupt_reason = str(e)
+            return DiskError(errno.EIO, f"{e} (disk marked corrupt, now read-only)")
+        if isinstance(e, UnsupportedImage):
+            return DiskError(errno.EOPNOTSUPP, str(e))
+        if isinstance(e, FormatError):
+            return DiskError(errno.EIO, str(e))
+        if isinstance(e, OSError):
+            where = e.filename or self.path
+            return DiskError(e.errno or errno.EIO, f"{where}: {e.strerror or e}")
+        return DiskError(errno.EINVAL, f"{self.path}: {e}")
+
+    # ---- sequential streams ---------------------------------------------------------------
+
+    def _stream_of(self, offset: int) -> int:
+        """Index of the recent read stream that ``offset`` continues, or -1."""
+        g = self._top.granule
+        for i, e in enumerate(self._recent_ends):
+            if e - g <= offset <= e + g:
+                return i
+        return -1
+
+    def _note_end(self, stream: int, end: int) -> None:
+        ends = self._recent_ends
+        if stream >= 0:
+            ends[stream] = end
+            return
+        if len(ends) >= SEQUENTIAL_STREAMS:
+            ends.pop(0)
+        ends.append(end)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """The guest bytes at [offset, offset + length)."""
+        self._check_read(offset, length)
+        buf = bytearray(length)
+        await self._read(offset, memoryview(buf), zeroed=True)
+        return bytes(buf)
+
+    async def read_into(self, offset: int, dest: memoryview | bytearray) -> None:
+        """Read ``len(dest)`` bytes at ``offset`` into ``dest`` (the zero-copy :meth:`read`)."""
+        view = memoryview(dest).cast("B")
+        self._check_read(offset, len(view))
+        await self._read(offset, view, zeroed=False)
+
+    def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
+                      may_block: bool = False) -> bool:
+        """Synchronous :meth:`read_into` for the common case: True when the read is done.
+        False when it would have to wait for a lock or, unless ``may_block``, for the disk
+        (data not in the page cache; then :meth:`advise` it and try again with
+        ``may_block``, or call :meth:`read_into`).  Lets a frontend answer a batch of
+        requests in one wakeup, with no task or checkpoint each."""
+        view = memoryview(dest).cast("B")
+        self._check_read(offset, len(view))
+        return bool(len(view)) and self._try_read(offset, view, zeroed=False,
+                                                  nowait=not may_block)
+
+    def advise(self, offset: int, length: int) -> None:
+        """Start reading the range's data into the page cache without waiting
+        (POSIX_FADV_WILLNEED on the planned DATA runs): a frontend that advises every read of
+        a batch before doing the first one has the disk work on all of them at once, the way
+        an AIO server does, with no thread."""
+        req = PlanState()
+        segs: list[Segment] = []
+        try:
+            if self.chain.plan(offset, offset + length, segs, req) is None:
+                self._advise(segs)
+        except (FormatError, OSError, ValueError):
+            pass  # advice only: the read itself reports the error
+
+    def advise_write(self, offset: int, length: int) -> bool:
+        """Will this write copy up from the parents?  If so, start reading what the copy-up
+        needs (the parents' data under the partly written clusters) into the page cache
+        without waiting, and return True: a frontend advises every such write of a batch
+        before doing the first, so the disk fetches their copy-up sources in parallel."""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return False
+        try:
+            _inplace, lib = self._write_plan(offset, offset + length, count=False)
+        except (FormatError, OSError, ValueError):
+            return False  # the write itself reports it
+        # Only the clusters the write covers partly are copied up: the head of the first
+        # and the tail of the last cluster of each piece.  Advise those (whole clusters
+        # that the write replaces need nothing from the parents).
+        cs = self.cluster_size
+        fetch = False
+        for gs, ge in lib:
+            head = gs - gs % cs
+            tail = ge - ge % cs
+            if head < gs:
+                self.advise(head, min(cs, self.size - head))
+                fetch = True
+            if tail < ge and ge < self.size and (tail >= gs or head == gs):
+                self.advise(tail, min(cs, self.size - tail))
+                fetch = True
+        return fetch
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
+        through the library inline), False when it must wait for a lock or the library
+        writes in worker threads (then call :meth:`write`)."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_write(offset, length)
+        if not length:
+            return False
+        end = offset + length
+        first, gend = self._granules(offset, end)
+        lookups = 0
+        try:
+            inplace, lib = self._write_plan(offset, end, count=True)
+            if self._locks.any_held(first, gend):
+                return False
+            if lib and (self.offload_writes or self.chain.locked_any()):
+                return False
+            # Allocation runs inline too (measured: cheaper than a thread hop or a task, see
+            # the module docstring); with no await until the end, nothing can interleave.
+            self._pwrite_all(inplace, view, offset)
+            for gs, ge in lib:
+                lookups += self._library_write_inline(gs, view[gs - offset:ge - offset])
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._cache.note_request(lookups, self.counters)
+        if not lib:
+            self._ops["writes_in_place"] += 1
+        self._ops["writes"] += 1
+        self._ops["bytes_written"] += length
+        return True
+
+    def _try_read(self, offset: int, dest: memoryview, zeroed: bool,
+                  nowait: bool = False) -> bool:
+        """Plan and read with no await: False if a layer lock is in the way or (``nowait``)
+        the data is not in the page cache.  Nothing is counted as done then; the caller
+        reads again."""
+        end = offset + len(dest)
+        stream = self._stream_of(offset)
+        self._note_end(stream, end)
+        req = PlanState(self.readahead_clusters if stream >= 0 else 0)
+        try:
+            segs: list[Segment] = []
+            if self.chain.plan(offset, end, segs, req) is not None:
+                return False
+            if self.chain.read_segments(offset, dest, segs, zeroed, owned=False,
+                                   nowait=nowait) is not None:
+                return False  # a compressed cluster's layer is busy in a worker thread
+        except WouldBlock:
+            return False
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._done_read(req, len(dest))
+        if stream >= 0:
+            self._read_ahead_data(segs, len(dest))
+        return True
+
+    def _read_ahead_data(self, segs: list[Segment], length: int) -> None:
+        """A sequential stream: have the kernel fetch the data ahead of it.  The file's own
+        readahead window (128 KiB by default) is smaller than one 1 MiB request, so without
+        this every such request waits for the disk.  The guess: the stream's next bytes
+        follow its last DATA run in the same file (true for a raw base and for clusters
+        allocated in order); a wrong guess costs only page cache, and no remap lookups are
+        made for it.  Advises DATA_READAHEAD_REQUESTS requests' worth, half at a time."""
+        last = next((seg for seg in reversed(segs) if seg.kind is Kind.DATA), None)
+        if last is None or last.extent.file is None:
+            return
+        fd = last.extent.file.fd
+        end = last.file_offset + last.length
+        window = min(max(length, self._top.granule) * DATA_READAHEAD_REQUESTS,
+                     DATA_READAHEAD_MAX_BYTES)
+        afd, advised_to = self._advised
+        if afd == fd and end + window // 2 < advised_to <= end + window:
+            return  # at least half a window is already on its way
+        start = advised_to if afd == fd and end <= advised_to <= end + window else end
+        try:
+            os.posix_fadvise(fd, start, end + window - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return  # advice only
+        self._advised = (fd, end + window)
+
+    def _done_read(self, req: PlanState, length: int) -> None:
+        self._cache.note_request(req.lookups, self.counters)
+        self._ops["reads"] += 1
+        self._ops["bytes_read"] += length
+
+    async def _read(self, offset: int, dest: memoryview, zeroed: bool) -> None:
+        length = len(dest)
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._try_read(offset, dest, zeroed):
+            return
+        # A layer is busy in a worker thread (a flush, an offloaded copy-up): plan and read
+        # again under every lock.  Part of ``dest`` may hold bytes of the first attempt, so
+        # zero explicitly instead of trusting ``zeroed``.  (Waiting for one lock and trying
+        # again would convoy: a released trio lock passes straight to the next waiter.)
+        self._ops["lock_waits"] += 1
+        req = PlanState()
+        try:
+            async with self.chain.exclusive(will_await=True):
+                req.owned = True
+                segs: list[Segment] = []
+                self.chain.plan(offset, offset + length, segs, req)
+                self.chain.read_segments(offset, dest, segs, False, owned=True)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._done_read(req, length)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def _granules(self, offset: int, end: int) -> tuple[int, int]:
+        g = self._top.granule
+        return offset // g, (end - 1) // g + 1
+
+    def _cluster_granules(self, offset: int, end: int) -> tuple[int, int]:
+        """Granules covering every top cluster that [offset, end) touches (what an allocation
+        or discard there may change)."""
+        cs = max(1, self._top.image.cluster_size)
+        g = self._top.granule
+        c0 = offset // cs * cs
+        c1 = -(-end // cs) * cs
+        return c0 // g, -(-min(c1, self.size) // g)
+
+    def _write_plan(self, offset: int, end: int, count: bool
+                    ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+        """Split [offset, end) into in-place pieces ``(fd, file_offset, guest_offset,
+        length)`` — the top layer's writable DATA, merged where contiguous — and library
+        pieces ``(guest_offset, guest_end)``: everything else, including uncached granules."""
+        top = self._top
+        g = top.granule
+        lid = top.layer_id
+        cache = self._cache
+        local = self.counters
+        inplace: list[tuple[int, int, int, int]] = []
+        lib: list[tuple[int, int]] = []
+        idx = offset // g
+        pos = offset
+        while pos < end:
+            gend = min(end, (idx + 1) * g)
+            exts = cache.lookup((lid, idx), local) if count else cache.peek((lid, idx))
+            ok = exts is not None
+            if exts is not None:
+                for ext in exts:
+                    if ext.guest_offset + ext.length <= pos or ext.guest_offset >= gend:
+                        continue
+                    if ext.kind is not Kind.DATA or not ext.writable:
+                        ok = False
+                        break
+            if ok and exts is not None:
+                for ext in exts:
+                    e_end = min(ext.guest_offset + ext.length, gend)
+                    if e_end <= pos or ext.guest_offset >= gend:
+                        continue
+                    f = ext.file
+                    assert f is not None
+                    fo = ext.file_offset + (pos - ext.guest_offset)
+                    n = e_end - pos
+                    if inplace:
+                        pfd, pfo, pg, pn = inplace[-1]
+                        if pfd == f.fd and pfo + pn == fo and pg + pn == pos:
+                            inplace[-1] = (pfd, pfo, pg, pn + n)
+                            pos = e_end
+                            continue
+                    inplace.append((f.fd, fo, pos, n))
+                    pos = e_end
+            else:
+                if lib and lib[-1][1] == pos:
+                    lib[-1] = (lib[-1][0], gend)
+                else:
+                    lib.append((pos, gend))
+                pos = gend
+            idx += 1
+        return inplace, lib
+
+    @staticmethod
+    def _pwrite_all(inplace: list[tuple[int, int, int, int]], view: memoryview,
+                    offset: int) -> None:
+        for fd, fo, gofs, n in inplace:
+            pwrite_from(fd, view[gofs - offset:gofs - offset + n], fo)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua``, durable when this returns."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_write(offset, length)
+        if length:
+            end = offset + length
+            first, gend = self._granules(offset, end)
+            try:
+                inplace, lib = self._write_plan(offset, end, count=True)
+                if not lib and not self._locks.any_held(first, gend):
+                    # The fast path: nothing but pwrite, no await, no lock.
+                    self._pwrite_all(inplace, view, offset)
+                    self._cache.note_request(0, self.counters)
+                    self._ops["writes_in_place"] += 1
+                else:
+                    lookups = 0
+                    async with self._locks.hold(first, gend):
+                        inplace, lib = self._write_plan(offset, end, count=False)
+                        self._pwrite_all(inplace, view, offset)
+                        for gs, ge in lib:
+                            lookups += await self._library_write(
+                                gs, view[gs - offset:ge - offset])
+                    self._cache.note_request(lookups, self.counters)
+                    if not lib:
+                        self._ops["writes_in_place"] += 1
+            except (FormatError, OSError, ValueError) as e:
+                raise self._translate(e) from e
+            self._ops["writes"] += 1
+            self._ops["bytes_written"] += length
+        if fua:
+            await self.flush()
+        elif not length:
+            await trio.lowlevel.checkpoint()
+
+    async def _library_write(self, guest_offset: int, view: memoryview) -> int:
+        """``Image.write`` for one piece (caller holds its granules); refills the touched
+        clusters' entries.  Returns the resolver calls made."""
+        offload = self.offload_writes
+        async with self.chain.exclusive(will_await=offload):
+            if not offload:
+                return self._library_write_inline(guest_offset, view)
+            top = self._top
+            c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
+            self._ops["library_writes"] += 1
+            self._cache.invalidate_range(top.layer_id, c0, c1)
+            await self.chain.run(top.image.write, guest_offset, view, offload=True)
+            return self.chain.refill(c0, c1)
+
+    def _library_write_inline(self, guest_offset: int, view: memoryview) -> int:
+        """The library write with no await in it: the caller makes sure nothing else can
+        touch the chain meanwhile (no lock held, or it holds them)."""
+        top = self._top
+        c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
+        self._ops["library_writes"] += 1
+        self._cache.invalidate_range(top.layer_id, c0, c1)
+        top.image.write(guest_offset, view)
+        return self.chain.refill(c0, c1)
+
+    async def _metadata_op(self, what: str, offset: int, length: int,
+                           call: Callable[[int, int], None]) -> None:
+        """write_zeroes / trim: in ZERO_CHUNK_BYTES pieces, each under its range lock, the
+        touched clusters' entries invalidated before and after the library call."""
+        lid = self._top.layer_id
+        offload = self.offload_writes
+        end = offset + length
+        pos = offset
+        try:
+            while pos < end:
+                n = min(ZERO_CHUNK_BYTES, end - pos)
+                first, gend = self._granules(pos, pos + n)
+                c0, c1 = self._cluster_granules(pos, pos + n)
+                async with self._locks.hold(first, gend), \
+                        self.chain.exclusive(will_await=offload):
+                    self._cache.invalidate_range(lid, c0, c1)
+                    await self.chain.run(call, pos, n, offload=offload)
+                    self._cache.invalidate_range(lid, c0, c1)
+                pos += n
+                if pos < end:
+                    await trio.lowlevel.checkpoint()
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._cache.note_request(0, self.counters)
+        self._ops[what] += 1
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                           fua: bool = False) -> None:
+        """Make [offset, offset + length) read as zeroes — in the top layer, never a parent."""
+        self._check_write(offset, length, limit=None)
+        image = self._top.image
+
+        def call(pos: int, n: int) -> None:
+            image.write_zeroes(pos, n, may_unmap)
+
+        if length:
+            await self._metadata_op("write_zeroes", offset, length, call)
+        if fua:
+            await self.flush()
+        elif not length:
+            await trio.lowlevel.checkpoint()
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard [offset, offset + length): afterwards it reads as zeroes."""
+        self._check_write(offset, length, limit=None)
+        if length:
+            await self._metadata_op("trims", offset, length, self._top.image.discard)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def flush(self) -> None:
+        """Every write completed before this call (on any connection) becomes durable."""
+        self._check_open()
+        self._ops["flushes"] += 1
+        if self.readonly:
+            await trio.lowlevel.checkpoint()
+            return
+        if self.flush_failed is not None:
+            raise DiskError(errno.EIO, f"{self.path}: an earlier flush failed, so no later "
+                            f"one can promise durability ({self.flush_failed})")
+        top = self._top
+        try:
+            async with self.chain.exclusive([top], will_await=True):
+                await self.chain.run(top.image.flush, offload=True)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+
+    # ---- the kernel shim's questions --------------------------------------------------------
+
+    async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Segment]:
+        """Where [offset, offset + length) lives, in order: ``(guest_offset, length, depth,
+        extent)`` with depth the layer's index in the chain (-1: below every layer, zeroes).
+        A miss also resolves ``ahead`` more granules into the cache.  The kernel frontend
+        turns these into remaps."""
+        self._check_read(offset, length, limit=None)
+        req = PlanState(ahead=ahead)
+        try:
+            segs = await self.chain.plan_locked(offset, offset + length, req)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._cache.note_request(req.lookups, self.counters)
+        return segs
+
+    async def allocate(self, offset: int, length: int) -> None:
+        """Make every top-layer cluster touching the range DATA that the top layer owns,
+        copying up from the parents, without changing a guest byte: afterwards writes there
+        can go in place (the kernel shim's first write to a cluster)."""
+        self._check_write(offset, length)
+        if not length:
+            await trio.lowlevel.checkpoint()
+            return
+        end = offset + length
+        first, gend = self._granules(offset, end)
+        top = self._top
+        offload = self.offload_writes
+        try:
+            async with self._locks.hold(first, gend):
+                _inplace, lib = self._write_plan(offset, end, count=False)
+                for gs, ge in lib:
+                    async with self.chain.exclusive(will_await=offload):
+                        c0, c1 = self._cluster_granules(gs, ge)
+                        self._cache.invalidate_range(top.layer_id, c0, c1)
+                        await self.chain.run(top.image.allocate, gs, ge - gs, offload=offload)
+                        self.chain.refill(c0, c1)
+                    self._ops["allocations"] += 1
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+
+    # ---- mapping, prefetch, priming --------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]:
+        """NBD base:allocation for a prefix of [offset, offset + length): a list of
+        ``(length, is_hole, is_zero)``.  DATA and compressed clusters anywhere in the chain
+        are data; ZERO clusters and ranges no layer has are holes that read as zeroes."""
+        self._check_read(offset, length, limit=None)
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        end = offset + min(length, MAX_STATUS_BYTES)
+        req = PlanState(ahead_origin=Origin.PREFETCH, end=end, to_end=True)
+        try:
+            segs = await self.chain.plan_locked(offset, end, req)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        out: list[tuple[int, bool, bool]] = []
+        for seg in segs:
+            n = seg.length
+            hole = seg.kind is Kind.ZERO
+            if out and out[-1][1] == hole:
+                out[-1] = (out[-1][0] + n, hole, hole)
+            elif len(out) >= MAX_STATUS_EXTENTS:
+                break
+            else:
+                out.append((n, hole, hole))
+        self._cache.note_request(req.lookups, self.counters)
+        self._ops["block_status"] += 1
+        return out
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        """NBD CACHE: fill the remap cache for the range (and ask the kernel to read the data
+        ahead).  Work is bounded by the cache: a range longer than half of what the cache
+        can map is prefetched only up to that point."""
+        self._check_read(offset, length, limit=None)
+        g = self._top.granule
+        reach = max(g, self._cache.max_entries // 2 * g)
+        end = offset + min(length, reach)
+        pos = offset
+        try:
+            while pos < end:
+                n = min(end - pos, MAX_REQUEST_BYTES)
+                req = PlanState(ahead_origin=Origin.PREFETCH, end=pos + n, to_end=True)
+                segs = await self.chain.plan_locked(pos, pos + n, req)
+                self._advise(segs)
+                self._cache.note_request(req.lookups, self.counters)
+                pos += n
+                await trio.lowlevel.checkpoint()
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+        self._ops["prefetches"] += 1
+
+    @staticmethod
+    def _advise(segs: list[Segment]) -> None:
+        for seg in segs:
+            f = seg.extent.file
+            if seg.kind is Kind.DATA and f is not None:
+                try:
+                    os.posix_fadvise(f.fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass  # advice only
+
+    async def prime(self) -> float:
+        """Walk every layer's metadata and cache every granule that holds anything, then
+        (room permitting) the empty ones an overlay read falls through; returns the seconds
+        it took.  Never evicts: it stops when the cache is full."""
+        self._check_open()
+        t0 = time.perf_counter()
+        cache = self._cache
+        complete = True
+        try:
+            for want_allocated in (True, False):
+                for depth, layer in enumerate(self._chain):
+                    if depth > 0 and layer.primed:
+                        continue
+                    g = layer.granule
+                    pos = 0
+                    while pos < layer.size:
+                        if len(cache) >= cache.max_entries:
+                            complete = False
+                            break
+                        chunk_end = min(layer.size, pos + PRIME_CHUNK_GRANULES * g)
+                        if layer.lock.locked():
+                            async with layer.lock:
+                                self.chain.prime_chunk(layer, pos, chunk_end, want_allocated)
+                        else:
+                            self.chain.prime_chunk(layer, pos, chunk_end, want_allocated)
+                        pos = chunk_end
+                        await trio.lowlevel.checkpoint()
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        if complete:
+            for layer in self._chain[1:]:
+                layer.primed = True
+        self.prime_seconds = time.perf_counter() - t0
+        return self.prime_seconds
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this disk (lookups made for it; the shared cache has its own)."""
+        return {
+            "path": self.path,
+            "size": self.size,
+            "cluster_size": self.cluster_size,
+            "granule": self.granule,
+            "readonly": self.readonly,
+            "corrupt": self.corrupt_reason,
+            "flush_failed": self.flush_failed,
+            "readahead_clusters": self.readahead_clusters,
+            "prime_seconds": self.prime_seconds,
+            "layers": [
+                {"path": lay.image.path, "format": lay.image.format_name,
+                 "layer_id": lay.layer_id, "granule": lay.granule, "shared_by": lay.refs}
+                for lay in self._chain
+            ],
+            "remap": self.counters.as_dict(),
+            "ops": {**self._ops, "lock_waits": self._ops["lock_waits"] + self.chain.lock_waits},
+        }
+
+
+__all__ = ["DEFAULT_READAHEAD_CLUSTERS", "MAX_REQUEST_BYTES", "Disk", "DiskError"]
