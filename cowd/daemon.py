@@ -48,7 +48,7 @@ from .attach.stale import cleanup_stale
 from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
-from .rundir import RunDir, take_run_dir
+from .rundir import RunDir, check_socket_folder, take_run_dir
 
 log = logging.getLogger("cowd.daemon")
 
@@ -270,6 +270,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for kind, addr, _ in addresses:
             if kind == "unix":
                 control.clear_stale_socket(addr)
+                check_socket_folder(addr)
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
         daemon = Daemon(config, pool, cache, cleanup=done.lines(run),

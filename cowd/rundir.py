@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +83,38 @@ class RunDir:
         return os.path.join(self.path, START_LOCK)
 
     def make(self) -> None:
+        """Create the run dir if it is missing, then refuse it unless it is private
+        (:func:`check_private_dir`): its pid file, state file and sockets decide who
+        controls the disks."""
         os.makedirs(self.path, mode=0o755, exist_ok=True)
+        check_private_dir(self.path, "run dir")
+
+
+def check_socket_folder(socket_path: str) -> None:
+    """The folder of a unix socket cowd listens on: private, or sticky like /tmp."""
+    check_private_dir(os.path.dirname(os.path.abspath(socket_path)), "socket folder",
+                      sticky_ok=True)
+
+
+def check_private_dir(path: str, what: str, *, sticky_ok: bool = False) -> None:
+    """Refuse a folder cowd keeps sockets or state in if it is a symlink, is owned by
+    another user (root excepted), or another user can write it (``sticky_ok``: unless its
+    sticky bit stops them removing or renaming what cowd puts there, as in /tmp).  A folder
+    that others can write lets them replace a socket or a state file between two of cowd's
+    steps."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot use this {what}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"{path}: this {what} is a symlink (refused: name the real folder)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path}: this {what} is not a folder")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UsageError(f"{path}: this {what} is owned by another user (uid={st.st_uid})")
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        raise UsageError(f"{path}: other users can write this {what} "
+                         f"(mode={stat.S_IMODE(st.st_mode):o}); make it 0755 or 0700")
 
 
 class PidFile:

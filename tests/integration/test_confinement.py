@@ -456,3 +456,35 @@ def test_special_files_refused(tmp_path: Path) -> None:
         assert (tmp_path / "b.raw").read_bytes() == b"b" * SIZE
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
+
+
+# ---- where cowd keeps its sockets and state ---------------------------------------------------
+
+
+def test_run_dir_and_socket_folder_must_be_private(tmp_path: Path) -> None:
+    """A run dir that is a symlink, or that other users can write, is refused in one line
+    (they could swap the pid file, the state file or a socket between two of cowd's steps);
+    so is an NBD socket folder others can write, unless it is sticky like /tmp."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(SIZE))
+    real = tmp_path / "real-run"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link-run")
+    open_run = tmp_path / "open-run"
+    open_run.mkdir()
+    open_run.chmod(0o777)
+    sock_dir = tmp_path / "socks"
+    sock_dir.mkdir()
+    for run_dir, needle in ((tmp_path / "link-run", "is a symlink"),
+                            (open_run, "other users can write")):
+        p = cowd("serve", base, "--nbd", f"unix:{sock_dir / 'a.sock'}", "--run-dir", run_dir,
+                 timeout=30)
+        assert needle in assert_refusal(p, str(run_dir))
+    sock_dir.chmod(0o777)
+    p = cowd("serve", base, "--nbd", f"unix:{sock_dir / 'a.sock'}", "--run-dir",
+             tmp_path / "run1", timeout=30)
+    assert "socket folder" in assert_refusal(p, "open socket folder")
+    sock_dir.chmod(0o1777)  # sticky, as /tmp: served
+    d = start_daemon(base, sock_dir)
+    assert d.alive()
+    d.stop()
