@@ -89,6 +89,10 @@ MAX_STATUS_EXTENTS = 4096
 
 DEFAULT_READAHEAD_CLUSTERS = 16
 
+# Plans of reads that had to wait for the disk, kept for the advice and the read that follow
+# (a frontend's batch: NBD answers up to a few hundred requests per wakeup).
+MAX_KEPT_PLANS = 256
+
 # Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
 # ended count as sequential (a few concurrent streams, and queue-depth reordering).
 SEQUENTIAL_STREAMS = 8
@@ -131,11 +135,17 @@ class Disk:
         self._locks = GranuleLocks()
         self._recent_ends: list[int] = []
         self._advised = (-1, 0)  # data read-ahead: (fd, file offset) the last advice reached
+        # Bumped whenever the top layer's mapping changes; a kept plan is good only while
+        # the generation it was made in lasts.
+        self.mapping_generation = 0
+        # (guest offset, length) -> (generation, plan) of reads that had to wait for the
+        # disk: advise() and the read that follows use the plan instead of planning again.
+        self._kept_plans: dict[tuple[int, int], tuple[int, list[Segment]]] = {}
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
-                                    "lock_waits", "allocations")}
+                                    "lock_waits", "allocations", "plans_reused")}
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -305,14 +315,35 @@ class Disk:
         """Start reading the range's data into the page cache without waiting
         (POSIX_FADV_WILLNEED on the planned DATA runs): a frontend that advises every read of
         a batch before doing the first one has the disk work on all of them at once, the way
-        an AIO server does, with no thread."""
-        req = PlanState()
-        segs: list[Segment] = []
-        try:
-            if self.chain.plan(offset, offset + length, segs, req) is None:
-                self._advise(segs)
-        except (FormatError, OSError, ValueError):
-            pass  # advice only: the read itself reports the error
+        an AIO server does, with no thread.  The plan of a read that just had to wait is
+        used, not made again."""
+        segs = self._kept_plan(offset, length, pop=False)
+        if segs is None:
+            req = PlanState()
+            segs = []
+            try:
+                if self.chain.plan(offset, offset + length, segs, req) is not None:
+                    return
+            except (FormatError, OSError, ValueError):
+                return  # advice only: the read itself reports the error
+            self._keep_plan(offset, length, segs)
+        self._advise(segs)
+
+    def _kept_plan(self, offset: int, length: int, *, pop: bool) -> list[Segment] | None:
+        kept = self._kept_plans
+        if not kept:
+            return None
+        got = kept.pop((offset, length), None) if pop else kept.get((offset, length))
+        if got is None or got[0] != self.mapping_generation:
+            return None
+        self._ops["plans_reused"] += 1
+        return got[1]
+
+    def _keep_plan(self, offset: int, length: int, segs: list[Segment]) -> None:
+        kept = self._kept_plans
+        if len(kept) >= MAX_KEPT_PLANS:
+            del kept[next(iter(kept))]  # the oldest
+        kept[(offset, length)] = (self.mapping_generation, segs)
 
     def advise_write(self, offset: int, length: int) -> bool:
         """Will this write copy up from the parents?  If so, start reading what the copy-up
@@ -379,17 +410,23 @@ class Disk:
         the data is not in the page cache.  Nothing is counted as done then; the caller
         reads again."""
         end = offset + len(dest)
-        stream = self._stream_of(offset)
-        self._note_end(stream, end)
-        req = PlanState(self.readahead_clusters if stream >= 0 else 0)
+        segs = self._kept_plan(offset, len(dest), pop=True)
+        stream = -1
+        req = PlanState()
         try:
-            segs: list[Segment] = []
-            if self.chain.plan(offset, end, segs, req) is not None:
-                return False
+            if segs is None:
+                stream = self._stream_of(offset)
+                self._note_end(stream, end)
+                req.ahead = self.readahead_clusters if stream >= 0 else 0
+                segs = []
+                if self.chain.plan(offset, end, segs, req) is not None:
+                    return False
             if self.chain.read_segments(offset, dest, segs, zeroed, owned=False,
-                                   nowait=nowait) is not None:
+                                        nowait=nowait) is not None:
                 return False  # a compressed cluster's layer is busy in a worker thread
         except WouldBlock:
+            assert segs is not None
+            self._keep_plan(offset, len(dest), segs)  # for advise() and the read after it
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
@@ -568,9 +605,9 @@ class Disk:
             top = self._top
             c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
             self._ops["library_writes"] += 1
-            self._cache.invalidate_range(top.layer_id, c0, c1)
+            self._invalidate(c0, c1)
             await self.chain.run(top.image.write, guest_offset, view, offload=True)
-            return self.chain.refill(c0, c1)
+            return self._refill(c0, c1)
 
     def _library_write_inline(self, guest_offset: int, view: memoryview) -> int:
         """The library write with no await in it: the caller makes sure nothing else can
@@ -578,15 +615,25 @@ class Disk:
         top = self._top
         c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
         self._ops["library_writes"] += 1
-        self._cache.invalidate_range(top.layer_id, c0, c1)
+        self._invalidate(c0, c1)
         top.image.write(guest_offset, view)
+        return self._refill(c0, c1)
+
+    def _invalidate(self, c0: int, c1: int) -> None:
+        """The top layer's mapping of granules [c0, c1) is about to change: drop their cache
+        entries and every kept read plan (``mapping_generation``)."""
+        self.mapping_generation += 1
+        self._cache.invalidate_range(self._top.layer_id, c0, c1)
+
+    def _refill(self, c0: int, c1: int) -> int:
+        """... and has changed: cache the new entries; returns the resolver calls made."""
+        self.mapping_generation += 1
         return self.chain.refill(c0, c1)
 
     async def _metadata_op(self, what: str, offset: int, length: int,
                            call: Callable[[int, int], None]) -> None:
         """write_zeroes / trim: in ZERO_CHUNK_BYTES pieces, each under its range lock, the
         touched clusters' entries invalidated before and after the library call."""
-        lid = self._top.layer_id
         offload = self.offload_writes
         end = offset + length
         pos = offset
@@ -597,9 +644,9 @@ class Disk:
                 c0, c1 = self._cluster_granules(pos, pos + n)
                 async with self._locks.hold(first, gend), \
                         self.chain.exclusive(will_await=offload):
-                    self._cache.invalidate_range(lid, c0, c1)
+                    self._invalidate(c0, c1)
                     await self.chain.run(call, pos, n, offload=offload)
-                    self._cache.invalidate_range(lid, c0, c1)
+                    self._invalidate(c0, c1)
                 pos += n
                 if pos < end:
                     await trio.lowlevel.checkpoint()
@@ -683,9 +730,9 @@ class Disk:
                 for gs, ge in lib:
                     async with self.chain.exclusive(will_await=offload):
                         c0, c1 = self._cluster_granules(gs, ge)
-                        self._cache.invalidate_range(top.layer_id, c0, c1)
+                        self._invalidate(c0, c1)
                         await self.chain.run(top.image.allocate, gs, ge - gs, offload=offload)
-                        self.chain.refill(c0, c1)
+                        self._refill(c0, c1)
                     self._ops["allocations"] += 1
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e

@@ -976,3 +976,44 @@ async def test_open_errors_leave_no_references(tmp_path: Path) -> None:
         await Disk.open(str(top), pool=pool, cache=new_cache())
     assert pool.open_count() == 0
     await held.close()
+
+
+async def test_a_page_cache_miss_is_planned_once(tmp_path: Path, rng: random.Random) -> None:
+    """A read whose data is not in the page cache: the nowait attempt plans it, advise()
+    and the blocking read after it use that plan (no more resolver calls, and the bytes are
+    right); a write that changes the mapping in between makes the kept plan stale."""
+    chain = make_chain("qcow2", tmp_path, rng)
+    disk = await Disk.open(str(chain.top), fmt=chain.fmt, pool=ImagePool(), cache=new_cache(),
+                           readahead_clusters=0)
+    assert chain.base is not None
+    off = 2 * MiB + 4096  # a range the overlay leaves to the base (fill_pattern may not)
+
+    def evict() -> None:
+        for path in (chain.base, chain.top):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    evict()
+    dest = bytearray(8192)
+    if disk.try_read_into(off, dest):
+        pytest.skip("the page cache kept the base (DONTNEED did not evict here)")
+    lookups = disk.counters.metadata_lookups
+    disk.advise(off, len(dest))
+    assert disk.try_read_into(off, dest, may_block=True)
+    assert bytes(dest) == chain.initial[off:off + len(dest)]
+    assert disk.counters.metadata_lookups == lookups  # planned once, by the first attempt
+    assert disk.stats()["ops"]["plans_reused"] == 2  # by advise() and by the read
+    # A kept plan does not outlive a change of the mapping.
+    evict()
+    other = bytearray(4096)
+    assert not disk.try_read_into(off, other)
+    await disk.write(off, b"x" * 4096)  # allocates: the plan of [off, off+4096) is stale
+    assert disk.try_read_into(off, other, may_block=True)
+    assert bytes(other) == b"x" * 4096
+    assert disk.stats()["ops"]["plans_reused"] == 2
+    await disk.close()
+    chain.check()
