@@ -18,10 +18,9 @@ lets other tasks run.  A request that must wait (a flush in a worker thread, an 
 write behind a granule lock) makes its worker release the read lock, so another worker reads
 on, and is then finished by the same worker in the same task (:class:`_Resume` forwards the
 trap its first step yielded, exactly as ``await`` would have).  When every worker is busy
-another is started, up to ``max_workers``.  Measured with fio 4 KiB QD32 on a loop device
-over the file, warm cache: 33-37k random reads/s against 18k when every request went through
-a lock hand-over to the next worker (one trio scheduling pass, and one epoll call, per
-request).  Data is not copied more than the kernel makes us: a WRITE's payload is handed to
+another is started, up to ``max_workers``: a lock hand-over to the next worker per request
+would cost a trio scheduling pass and an epoll call each (about half the warm 4 KiB read
+rate, docs/fuse-options.md).  Data is not copied more than the kernel makes us: a WRITE's payload is handed to
 ``Disk.write`` as a view into the request buffer; a READ is read into the reply buffer right
 behind its header and sent with one ``write(2)``.
 
@@ -35,72 +34,18 @@ a loop device's — is closed), then stops the workers and closes the device, wh
 whatever is still connected.  Nothing in the trio thread may touch the mounted files: the
 thread that would have to answer is the one that would block.
 
-Mount options, chosen by measurement
-------------------------------------
-``tools/bench_fuse.py`` (fio 3.33 on /dev/loopN, ``losetup --direct-io=on``; 1 GiB
-random base, a fresh qcow2 overlay per run; plain loop device on a raw copy of the base in the
-same run = 1.0; 3 s per job, medians; Linux 6.18, 2 vCPUs).  The machine was shared with
-other engineers' test runs: the "idle" figure is the machine's idle CPU during the jobs, and
-the ratios are lower bounds (the loop device needs almost no CPU, the daemon needs a core).
-"CPU" is the daemon's CPU time (user + system, including the kernel work done in its
-write(2) of each reply) per I/O, in us.
-
-Cold cache (page cache dropped before every job, as DESIGN.md's baselines; idle ~40%):
-
-| path | 1 MiB seq read QD1 | 4 KiB rand read QD32 | 4 KiB rand write QD32 | CPU us/IO |
-|---|---|---|---|---|
-| loop on raw copy = 1.0 | 1110 MB/s | 74.6k IOPS | 31.4k IOPS | - |
-| cowd FUSE, defaults | 1.79 | 0.12 | 0.20 | 426 / 59 / 115 |
-| the same, 128 KiB requests | 0.72 | 0.10 | 0.14 | 858 / 64 / 149 |
-| pyfuse3 over the same Disk (no fallocate) | 0.65 | 0.08 | 0.06 | 1125 / 105 / 302 |
-
-Warm cache (the base read into the page cache before every job; 5 interleaved runs, idle
-~25%), the options that might matter to a loop device:
-
-| cowd FUSE | seq read | rand read | rand write | CPU us/IO |
-|---|---|---|---|---|
-| loop on raw copy = 1.0 | 1247 MB/s | 63.7k IOPS | 27.8k IOPS | - |
-| defaults (direct_io, parallel writes, max_background 64) | 1.28 | 0.40 | 0.24 | 531 / 30 / 125 |
-| page cache (no FOPEN_DIRECT_IO) | 1.36 | 0.36 | 0.32 | 489 / 33 / 97 |
-| no FOPEN_PARALLEL_DIRECT_WRITES | 1.31 | 0.37 | 0.34 | 489 / 31 / 92 |
-| max_background 12 (the kernel's default) | 1.38 | 0.37 | 0.26 | 464 / 39 / 126 |
-| loop on raw copy, buffered (direct-io=off), warm | 4.50 | 3.48 | 0.67 | - |
-
-A 3-run warm pass over every option (idle ~2%, so only large differences count) gave, as
-seq/rand read/rand write ratios: defaults 1.68/0.39/0.24, writeback cache 1.89/0.35/0.21,
-4 workers 1.96/0.31/0.29, max_background 256 2.06/0.36/0.33, 128 KiB requests
-1.42/0.39/0.27, pyfuse3 0.67/0.21/0.23.
-
-What the figures say, and the choices:
-
-- Requests of 1 MiB (max_pages 256, the kernel's limit) against 128 KiB: 2.5x the
-  sequential read, half the CPU per MiB.  Chosen.
-- The worker loop above (handlers run inline by the reading worker) against a lock
-  hand-over per request: 33-37k against 18k 4 KiB reads/s, warm (an A/B of this module).
-- pyfuse3 over the same Disk: 2-3x the CPU per request and well behind on every job, besides
-  having no fallocate.
-- FOPEN_DIRECT_IO, FOPEN_PARALLEL_DIRECT_WRITES, max_background 12..256, 4..16 workers: no
-  difference beyond the run-to-run spread (rand write ranged 4.8k-8.5k IOPS within one
-  configuration; a 4-round A/B of direct_io/parallel writes on a 256 MiB disk gave medians
-  of 22k/24k/18k IOPS).  The loop device opens the file O_DIRECT, so the page cache is
-  bypassed either way.  Chosen on other grounds: ``direct_io`` because the image files are
-  already in the host's page cache and a second cached copy of every byte in the FUSE file's
-  cache would only cost memory, and every read of the file then sees the Disk; parallel
-  direct writes because concurrent writers need not queue on the inode lock; max_background
-  64, above the loop device's usual queue depth, so the kernel's limit of 12 never caps
-  asynchronous direct I/O.
-- The writeback cache: no gain for a loop device (its I/O is direct), and it breaks the
-  fixed size: the kernel owns i_size under it, so a write past the end is acknowledged into
-  the page cache and fails only at write-back (close or fsync gets ENOSPC).  Off.
-- What the figures do not show is the frontend: cold 4 KiB random reads (0.12) were
-  ``Disk.read_into`` reading the base synchronously in the trio thread, one cache miss at a
-  time (QD1 against the device's QD32).  Now a READ that misses the page cache advises the
-  kernel (POSIX_FADV_WILLNEED) and yields the device to the next worker before it reads, so
-  the misses of everything queued are on the disk at once (an allocating WRITE does the same
-  for its copy-up source): cold 4 KiB random reads QD32 through `cowd attach` went from
-  7.4-9.8k to 20.8-22.5k IOPS (1 GiB qcow2 overlay over a half-filled raw base, 3 runs
-  each).  Sequential reads beat the loop device (1.79) because the Disk reads the base
-  through the page cache and its readahead, the loop device with direct I/O does not.
+Mount options (the measurements are in docs/fuse-options.md, ``python -m tools.bench fuse``
+makes them again): requests of 1 MiB (the kernel's max_pages limit: a sequential read gets
+far more done per request and per wakeup than with 128 KiB); ``direct_io``, because the
+image files are already in the host's page cache and a second cached copy in the FUSE
+file's cache would only cost memory; parallel direct writes, so concurrent writers need not
+queue on the inode lock; max_background 64, above a loop device's usual queue depth; no
+writeback cache (no gain for a loop device, whose I/O is direct, and it breaks the fixed
+size: the kernel owns i_size under it, so a write past the end would be acknowledged into
+the page cache and fail only at write-back).  A READ that misses the page cache advises the
+kernel (POSIX_FADV_WILLNEED) and yields the device to the next worker before it reads, so
+the misses of everything queued are on the disk at once (an allocating WRITE does the same
+for its copy-up source).
 """
 
 from __future__ import annotations
