@@ -20,9 +20,9 @@ on, and is then finished by the same worker in the same task (:class:`_Resume` f
 trap its first step yielded, exactly as ``await`` would have).  When every worker is busy
 another is started, up to ``max_workers``: a lock hand-over to the next worker per request
 would cost a trio scheduling pass and an epoll call each (about half the warm 4 KiB read
-rate, docs/fuse-options.md).  Data is not copied more than the kernel makes us: a WRITE's payload is handed to
-``Disk.write`` as a view into the request buffer; a READ is read into the reply buffer right
-behind its header and sent with one ``write(2)``.
+rate, docs/fuse-options.md).  Data is not copied more than the kernel makes us: a WRITE's
+payload is handed to ``Disk.write`` as a view into the request buffer; a READ is read into
+the reply buffer right behind its header and sent with one ``write(2)``.
 
 Lifetime: :func:`mount_fuse` opens ``/dev/fuse``, mounts (``mount(2)`` as root, otherwise
 ``fusermount3``), starts the workers in the caller's nursery, waits for the kernel's INIT and
