@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "guest"
 KMOD = ROOT / "kmod"
 
-# cowd's runtime dependencies (import names) that the guest's Python needs.
+# cowd's runtime dependencies (import names) that the guest's Python needs, trio's own among
+# them (attrs, sortedcontainers, sniffio, outcome, idna).
 RUNTIME_PACKAGES = ("trio", "attr", "attrs", "sortedcontainers", "sniffio", "outcome", "idna",
-                    "xxhash", "zstandard", "exceptiongroup")
+                    "zstandard", "exceptiongroup")
 # Parts of the standard library cowd never imports (with stripping, the tar is ~35 MB).
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
                "ensurepip", "lib2to3", "pydoc_data", "unittest", "__phello__"}

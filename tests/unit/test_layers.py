@@ -175,6 +175,16 @@ def test_no_frontend_imports_another() -> None:
     assert seen == FRONTENDS, seen
 
 
+def test_no_frontend_imports_formats() -> None:
+    """Frontends speak in guest offsets and the disk's Segment/ChainFile: the format
+    library's vocabulary stays below cowd/disk/."""
+    for path in cowd_modules():
+        if frontend_of(module_name(path)) is None:
+            continue
+        bad = {n for n in imports_of(path) if n == "formats" or n.startswith("formats.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: go through cowd.disk"
+
+
 def test_codecs_import_no_trio() -> None:
     """Directly or through the cowd modules they import (imports under ``if TYPE_CHECKING:``
     are annotations only and do not count)."""
