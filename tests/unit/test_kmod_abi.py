@@ -120,3 +120,12 @@ def test_messages_round_trip() -> None:
     assert abi.unpack_misses(miss * 2) == [(9, abi.OP_WRITE, 4096, 512)] * 2
     with pytest.raises(ValueError, match="unexpected message"):
         abi.unpack_misses(abi.MISS.pack(40, abi.MSG_REMAP, 1, 9, 0, 0, 0, 0))
+
+
+def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
+    """`make -C kmod` leaves kmod/cowd.ko; the channel must look there, wherever the package
+    that holds it sits (a move of cowd/frontends/ once sent it to a folder that never had it)."""
+    from cowd.frontends.kmod import channel
+
+    assert channel.MODULE_PATH == HEADER.parent / "cowd.ko"
+    assert (HEADER.parent / "cowd.c").exists()

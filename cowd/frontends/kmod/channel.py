@@ -66,8 +66,8 @@ DEFAULT_DAEMON_TIMEOUT_MS = 120_000  # a restarted daemon under load can take ~4
 # Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
 MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
 DEFAULT_GRANULE_BYTES = 64 << 10
-# Where `make -C kmod` leaves the module, relative to this package.
-MODULE_PATH = Path(__file__).resolve().parents[1] / "kmod" / "cowd.ko"
+# Where `make -C kmod` leaves the module: kmod/ at the top of the checkout.
+MODULE_PATH = Path(__file__).resolve().parents[3] / "kmod" / "cowd.ko"
 MODULE_WAIT_S = 10.0
 BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
 
