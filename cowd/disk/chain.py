@@ -31,11 +31,11 @@ one synchronous step while the layer's lock is free or held by the caller.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -63,10 +63,11 @@ ChainFile = HostFile
 BELOW_CHAIN = -1
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A planned run of guest bytes: ``length`` bytes from ``guest_offset`` live in
-    ``extent`` of the layer at ``depth`` (0 is the top; :data:`BELOW_CHAIN`: zeroes)."""
+    ``extent`` of the layer at ``depth`` (0 is the top; :data:`BELOW_CHAIN`: zeroes).
+    A named tuple, not a frozen dataclass: one is made per run of every request, and a
+    tuple is made in half the time (hot loops unpack it)."""
 
     guest_offset: int
     length: int
@@ -102,6 +103,10 @@ class Segment:
         """DATA: where ``guest_offset`` lives in ``extent.file``."""
         return self.extent.file_offset + (self.guest_offset - self.extent.guest_offset)
 
+
+# Segment((guest_offset, length, depth, extent)) without the named tuple's Python-level
+# __new__: the planner makes one per run of every request.
+_segment = functools.partial(tuple.__new__, Segment)
 
 _ZERO = Extent(0, 0, Kind.ZERO)
 
@@ -337,7 +342,8 @@ class Chain:
         layer = self.layers[depth]
         g = layer.granule
         lid = layer.layer_id
-        lookup = self.cache.lookup if st.cache_writes else None
+        writes = st.cache_writes
+        lookup = self.cache.lookup
         peek = self.cache.peek
         local = self.counters
         idx = start // g
@@ -346,7 +352,7 @@ class Chain:
             gend = (idx + 1) * g
             if gend > end:
                 gend = end
-            exts = lookup((lid, idx), local) if lookup is not None else peek((lid, idx))
+            exts = lookup((lid, idx), local) if writes else peek((lid, idx))
             if exts is None:
                 if not st.owned and layer.lock.locked():
                     return layer
@@ -367,7 +373,7 @@ class Chain:
                     if blocked is not None:
                         return blocked
                 else:
-                    segs.append(Segment(pos, e_end - pos, depth, ext))
+                    segs.append(_segment((pos, e_end - pos, depth, ext)))
                 pos = e_end
             if pos != gend:
                 raise CorruptImage(layer.image.path, "cached remap does not cover its cluster",
@@ -383,7 +389,7 @@ class Chain:
         """Plan [start, end) as the layers beneath ``depth`` present it."""
         nd = depth + 1
         if nd == len(self.layers):
-            segs.append(Segment(start, end - start, BELOW_CHAIN, _ZERO))
+            segs.append(_segment((start, end - start, BELOW_CHAIN, _ZERO)))
             return None
         psize = self.layers[nd].size
         mid = min(end, max(start, psize))
@@ -392,7 +398,7 @@ class Chain:
             if blocked is not None:
                 return blocked
         if mid < end:
-            segs.append(Segment(mid, end - mid, BELOW_CHAIN, _ZERO))
+            segs.append(_segment((mid, end - mid, BELOW_CHAIN, _ZERO)))
         return None
 
     async def plan_locked(self, start: int, end: int, st: PlanState) -> list[Segment]:
@@ -425,9 +431,8 @@ class Chain:
         run_fo = run_g = run_n = run_depth = 0
         compressed: list[Segment] = []
         for seg in segs:
-            ext = seg.extent
+            g, n, depth, ext = seg
             kind = ext.kind
-            g, n = seg.guest_offset, seg.length
             if kind is Kind.DATA:
                 f = ext.file
                 assert f is not None
@@ -440,7 +445,7 @@ class Chain:
                     self._data_run(run_depth, run_fd,
                                    dest[run_g - offset:run_g - offset + run_n],
                                    run_fo, zeroed, nowait)
-                run_fd, run_fo, run_g, run_n, run_depth = fd, fo, g, n, seg.depth
+                run_fd, run_fo, run_g, run_n, run_depth = fd, fo, g, n, depth
             elif kind is Kind.COMPRESSED:
                 compressed.append(seg)
             elif not zeroed:

@@ -408,24 +408,23 @@ class Disk:
                   nowait: bool = False) -> bool:
         """Plan and read with no await: False if a layer lock is in the way or (``nowait``)
         the data is not in the page cache.  Nothing is counted as done then; the caller
-        reads again."""
+        reads again (with the plan kept, in the second case)."""
+        if self._kept_plans:
+            kept = self._kept_plan(offset, len(dest), pop=True)
+            if kept is not None:
+                return self._read_planned(offset, dest, kept, zeroed, nowait)
         end = offset + len(dest)
-        segs = self._kept_plan(offset, len(dest), pop=True)
-        stream = -1
-        req = PlanState()
+        stream = self._stream_of(offset)
+        self._note_end(stream, end)
+        req = PlanState(self.readahead_clusters if stream >= 0 else 0)
+        segs: list[Segment] = []
         try:
-            if segs is None:
-                stream = self._stream_of(offset)
-                self._note_end(stream, end)
-                req.ahead = self.readahead_clusters if stream >= 0 else 0
-                segs = []
-                if self.chain.plan(offset, end, segs, req) is not None:
-                    return False
+            if self.chain.plan(offset, end, segs, req) is not None:
+                return False
             if self.chain.read_segments(offset, dest, segs, zeroed, owned=False,
                                         nowait=nowait) is not None:
                 return False  # a compressed cluster's layer is busy in a worker thread
         except WouldBlock:
-            assert segs is not None
             self._keep_plan(offset, len(dest), segs)  # for advise() and the read after it
             return False
         except (FormatError, OSError, ValueError) as e:
@@ -433,6 +432,21 @@ class Disk:
         self._done_read(req, len(dest))
         if stream >= 0:
             self._read_ahead_data(segs, len(dest))
+        return True
+
+    def _read_planned(self, offset: int, dest: memoryview, segs: list[Segment],
+                      zeroed: bool, nowait: bool) -> bool:
+        """:meth:`_try_read` with a kept plan (no planning, no resolver calls)."""
+        try:
+            if self.chain.read_segments(offset, dest, segs, zeroed, owned=False,
+                                        nowait=nowait) is not None:
+                return False
+        except WouldBlock:
+            self._keep_plan(offset, len(dest), segs)
+            return False
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._done_read(PlanState(), len(dest))
         return True
 
     def _read_ahead_data(self, segs: list[Segment], length: int) -> None:

@@ -127,5 +127,5 @@ def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
     that holds it sits (a move of cowd/frontends/ once sent it to a folder that never had it)."""
     from cowd.frontends.kmod import channel
 
-    assert channel.MODULE_PATH == HEADER.parent / "cowd.ko"
+    assert HEADER.parent / "cowd.ko" == channel.MODULE_PATH
     assert (HEADER.parent / "cowd.c").exists()
