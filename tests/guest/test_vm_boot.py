@@ -38,11 +38,12 @@ from cowd.frontends.fuse.mount import fuse_problem
 from tests.integration.test_attach import Env
 from tests.integration.test_vhd import libvhdi_raw
 from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
+from tools.vm import image
 
 ROOT = Path(__file__).resolve().parents[2]
 VM_BOOT = [str(ROOT / "tools" / "vm-boot")]  # the commands as a user types them
 MKBASE = [str(ROOT / "tools" / "mkbase")]
-KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+KERNEL = image.DEFAULT_KERNEL  # the newest Debian kernel installed: no version written here
 BOOT_DEADLINE_S = 150  # one boot; ~8 s alone, ~2x with two at a time, more on a loaded host
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 KEY_BYTES = 2048
