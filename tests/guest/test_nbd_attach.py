@@ -37,6 +37,7 @@ import trio
 from cowd.disk import Disk, ImagePool
 from cowd.frontends.nbd import attach as N
 from cowd.frontends.nbd import protocol as P
+from cowd.frontends.nbd import wire as W
 from cowd.frontends.nbd.server import NbdServer
 from cowd.remap import RemapCache
 from tests.support.guest import (
@@ -93,26 +94,26 @@ async def test_handshake_then_kernel_style_requests(
             client = trio.socket.from_stdlib_socket(client_end)
             got = await N.negotiate(trio.SocketStream(client), "d.qcow2")
             assert got.size_bytes == 4 * MiB
-            for flag in (P.NBD_FLAG_HAS_FLAGS, P.NBD_FLAG_SEND_FLUSH, P.NBD_FLAG_SEND_TRIM):
+            for flag in (W.NBD_FLAG_HAS_FLAGS, W.NBD_FLAG_SEND_FLUSH, W.NBD_FLAG_SEND_TRIM):
                 assert got.transmission_flags & flag
-            assert not got.transmission_flags & P.NBD_FLAG_SEND_DF  # no structured replies
-            assert not got.transmission_flags & P.NBD_FLAG_READ_ONLY
+            assert not got.transmission_flags & W.NBD_FLAG_SEND_DF  # no structured replies
+            assert not got.transmission_flags & W.NBD_FLAG_READ_ONLY
             req = struct.Struct(">IHHQQI")
-            await client.send(req.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 1, MiB,
+            await client.send(req.pack(W.NBD_REQUEST_MAGIC, 0, W.NBD_CMD_WRITE, 1, MiB,
                                        len(payload)) + payload)
-            await client.send(req.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_FLUSH, 2, 0, 0))
+            await client.send(req.pack(W.NBD_REQUEST_MAGIC, 0, W.NBD_CMD_FLUSH, 2, 0, 0))
             replies = {}
             for _ in range(2):
                 magic, error, cookie = struct.unpack(">IIQ", await _recv_exactly(client, 16))
-                assert magic == P.NBD_SIMPLE_REPLY_MAGIC
+                assert magic == W.NBD_SIMPLE_REPLY_MAGIC
                 replies[cookie] = error
             assert replies == {1: 0, 2: 0}
-            await client.send(req.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 3, MiB - 512,
+            await client.send(req.pack(W.NBD_REQUEST_MAGIC, 0, W.NBD_CMD_READ, 3, MiB - 512,
                                        1024))
             head = await _recv_exactly(client, 16)
-            assert struct.unpack(">IIQ", head) == (P.NBD_SIMPLE_REPLY_MAGIC, 0, 3)
+            assert struct.unpack(">IIQ", head) == (W.NBD_SIMPLE_REPLY_MAGIC, 0, 3)
             assert await _recv_exactly(client, 1024) == bytes(512) + payload[:512]
-            await client.send(req.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC, 4, 0, 0))
+            await client.send(req.pack(W.NBD_REQUEST_MAGIC, 0, W.NBD_CMD_DISC, 4, 0, 0))
             assert await client.recv(16) == b""  # the server ends the connection
             client.close()
     disk = server.disks["d.qcow2"]
@@ -145,7 +146,7 @@ def _pump(hs: N.ClientHandshake, srv: P.ServerConnection, one_byte: bool) -> Non
 
 @pytest.mark.parametrize("one_byte", [False, True])
 def test_handshake_codec_whole_and_byte_by_byte(one_byte: bool) -> None:
-    export = P.ExportInfo("disk", 12 * MiB, can_trim=True, description="x" * 300)
+    export = W.ExportInfo("disk", 12 * MiB, can_trim=True, description="x" * 300)
     srv = P.ServerConnection({"disk": export})
     hs = N.ClientHandshake("disk")
     _pump(hs, srv, one_byte)
@@ -154,23 +155,23 @@ def test_handshake_codec_whole_and_byte_by_byte(one_byte: bool) -> None:
 
 
 def test_handshake_refusals() -> None:
-    srv = P.ServerConnection({"disk": P.ExportInfo("disk", MiB)})
+    srv = P.ServerConnection({"disk": W.ExportInfo("disk", MiB)})
     hs = N.ClientHandshake("other")
     with pytest.raises(N.HandshakeError, match=r"export 'other' refused: .*reply=0x8"):
         _pump(hs, srv, False)
     with pytest.raises(N.HandshakeError, match="not a newstyle server"):
-        N.ClientHandshake("x").receive_data(struct.pack(">QQH", P.NBDMAGIC, 0x420281861253, 0))
+        N.ClientHandshake("x").receive_data(struct.pack(">QQH", W.NBDMAGIC, 0x420281861253, 0))
     with pytest.raises(N.HandshakeError, match="not fixed-newstyle"):
-        N.ClientHandshake("x").receive_data(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, 0))
+        N.ClientHandshake("x").receive_data(struct.pack(">QQH", W.NBDMAGIC, W.IHAVEOPT, 0))
     hs = N.ClientHandshake("x")
-    hs.receive_data(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, 1))
+    hs.receive_data(struct.pack(">QQH", W.NBDMAGIC, W.IHAVEOPT, 1))
     with pytest.raises(N.HandshakeError, match=r"option reply too long \(length=99999\)"):
-        hs.receive_data(struct.pack(">QIII", P.NBD_REP_MAGIC, P.NBD_OPT_GO, P.NBD_REP_INFO,
+        hs.receive_data(struct.pack(">QIII", W.NBD_REP_MAGIC, W.NBD_OPT_GO, W.NBD_REP_INFO,
                                     99999))
     hs = N.ClientHandshake("x")
-    hs.receive_data(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, 1))
+    hs.receive_data(struct.pack(">QQH", W.NBDMAGIC, W.IHAVEOPT, 1))
     with pytest.raises(N.HandshakeError, match="without NBD_INFO_EXPORT"):
-        hs.receive_data(struct.pack(">QIII", P.NBD_REP_MAGIC, P.NBD_OPT_GO, P.NBD_REP_ACK, 0))
+        hs.receive_data(struct.pack(">QIII", W.NBD_REP_MAGIC, W.NBD_OPT_GO, W.NBD_REP_ACK, 0))
     with pytest.raises(N.HandshakeError, match="closed the connection"):
         N.ClientHandshake("x").receive_data(b"")
 

@@ -1328,8 +1328,8 @@ def test_hostile_client_that_never_reads_replies(hostile: tuple[Served, Chain, b
     at its per-connection budget, so memory stays bounded; other clients are served; SIGTERM
     still exits 0 promptly, and acknowledged-or-not, the writes that were made are durable
     and consistent (qemu-img check at teardown)."""
-    from cowd.frontends.nbd.protocol import MAX_BUFFERED_BYTES
     from cowd.frontends.nbd.server import MAX_INFLIGHT_BYTES
+    from cowd.frontends.nbd.wire import MAX_BUFFERED_BYTES
 
     d, c, oracle = hostile
     rss0 = d.rss_kib()

@@ -18,7 +18,7 @@ COWD_LAYERS = [
      "disk.backing_io", "disk.locks"},
     {"remap", "disk.pool"},
     {"disk.chain"},
-    {"disk", "disk.disk", "frontends.nbd.protocol", "frontends.kmod.abi",
+    {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
@@ -31,7 +31,8 @@ COWD_LAYERS = [
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
 FRONTENDS = {"nbd", "fuse", "kmod", "loop"}
 # The codecs: bytes in, events out, no event loop.
-CODECS = ["frontends.nbd.protocol", "frontends.fuse.protocol", "frontends.kmod.abi"]
+CODECS = ["frontends.nbd.wire", "frontends.nbd.protocol", "frontends.fuse.protocol",
+          "frontends.kmod.abi"]
 
 
 def module_name(path: Path) -> str:

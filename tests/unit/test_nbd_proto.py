@@ -1,4 +1,4 @@
-"""Tests of cowd.frontends.nbd.protocol, the sans-I/O NBD server protocol.
+"""Tests of cowd.frontends.nbd.protocol and .wire, the sans-I/O NBD server protocol.
 
 The client side of every exchange is built here from the numbers in the NBD protocol
 document (NetworkBlockDevice/nbd doc/proto.md), not from the module's encoder, and the
@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cowd.frontends.nbd import protocol as nbd_proto
-from cowd.frontends.nbd.protocol import (
-    NEED_DATA,
+from cowd.frontends.nbd import wire as nbd_wire
+from cowd.frontends.nbd.protocol import NEED_DATA, ServerConnection
+from cowd.frontends.nbd.wire import (
     Aborted,
     ConnectionClosed,
     Disconnect,
@@ -39,7 +40,6 @@ from cowd.frontends.nbd.protocol import (
     NegotiationDone,
     OptionHandled,
     Request,
-    ServerConnection,
 )
 from tests.support.peers import need, run
 
@@ -476,7 +476,7 @@ def test_unknown_option_discarded_not_buffered() -> None:
 
 def test_oversized_known_option_skipped_then_too_big() -> None:
     conn = handshake()
-    length = nbd_proto.NBD_MAX_OPTION_LENGTH + 1
+    length = nbd_wire.NBD_MAX_OPTION_LENGTH + 1
     events, _ = feed(conn, opt_header(OPT_LIST_META, length) + bytes(length)
                        + opt(OPT_LIST))
     assert [(e.option, e.reply) for e in events] == [(OPT_LIST_META, REP_ERR_TOO_BIG),
@@ -500,7 +500,7 @@ def test_too_many_options_drop() -> None:
     conn.receive_data(opt(OPT_STRUCTURED) * 200)
     drain(conn)
     with pytest.raises(NbdProtocolError, match="too many options"):
-        for _ in range(nbd_proto.NBD_MAX_OPTIONS):
+        for _ in range(nbd_wire.NBD_MAX_OPTIONS):
             feed(conn, opt(OPT_STRUCTURED))
 
 
@@ -737,9 +737,9 @@ def test_max_write_accepted() -> None:
     events, _ = feed(conn, wire)
     assert events == [] and conn.buffered_bytes == 0
     view = memoryview(payload)
-    for i in range(0, len(payload), nbd_proto.RECEIVE_CHUNK_BYTES):
-        conn.receive_data(view[i:i + nbd_proto.RECEIVE_CHUNK_BYTES])
-        assert conn.buffered_bytes <= nbd_proto.MAX_BUFFERED_BYTES
+    for i in range(0, len(payload), nbd_wire.RECEIVE_CHUNK_BYTES):
+        conn.receive_data(view[i:i + nbd_wire.RECEIVE_CHUNK_BYTES])
+        assert conn.buffered_bytes <= nbd_wire.MAX_BUFFERED_BYTES
     events, _ = drain(conn)
     assert events[0].data == payload
 
@@ -771,11 +771,11 @@ def test_eof_mid_write_payload() -> None:
 
 def test_receive_buffer_bound_enforced() -> None:
     conn = negotiate()
-    chunk = req(CMD_FLUSH) * (nbd_proto.RECEIVE_BUFFER_LIMIT // 28)
+    chunk = req(CMD_FLUSH) * (nbd_wire.RECEIVE_BUFFER_LIMIT // 28)
     conn.receive_data(chunk)
     with pytest.raises(NbdUsageError, match="drain next_event"):
         conn.receive_data(req(CMD_FLUSH) * 2)
-    assert conn.buffered_bytes <= nbd_proto.RECEIVE_BUFFER_LIMIT
+    assert conn.buffered_bytes <= nbd_wire.RECEIVE_BUFFER_LIMIT
 
 
 # ==== replies ================================================================================
@@ -806,20 +806,20 @@ def test_structured_read_replies() -> None:
 
 
 def test_reply_builders_against_spec_bytes() -> None:
-    assert nbd_proto.offset_hole_chunk(5, 4096, 512, done=False) == struct.pack(
+    assert nbd_wire.offset_hole_chunk(5, 4096, 512, done=False) == struct.pack(
         ">IHHQIQI", STRUCT_MAGIC, 0, 2, 5, 12, 4096, 512)
-    assert nbd_proto.none_chunk(6) == struct.pack(">IHHQI", STRUCT_MAGIC, 1, 0, 6, 0)
-    assert nbd_proto.error_offset_chunk(7, EIO, 1234, "x", done=True) == struct.pack(
+    assert nbd_wire.none_chunk(6) == struct.pack(">IHHQI", STRUCT_MAGIC, 1, 0, 6, 0)
+    assert nbd_wire.error_offset_chunk(7, EIO, 1234, "x", done=True) == struct.pack(
         ">IHHQIIHcQ", STRUCT_MAGIC, 1, 2**15 + 2, 7, 4 + 2 + 1 + 8, EIO, 1, b"x", 1234)
-    assert nbd_proto.offset_data_header(8, 0, 1, done=False) == struct.pack(
+    assert nbd_wire.offset_data_header(8, 0, 1, done=False) == struct.pack(
         ">IHHQIQ", STRUCT_MAGIC, 0, 1, 8, 9, 0)
-    long_msg = nbd_proto.error_chunk(9, EINVAL, "é" * 3000)  # 6000 bytes: cut to <= 4096
+    long_msg = nbd_wire.error_chunk(9, EINVAL, "é" * 3000)  # 6000 bytes: cut to <= 4096
     ((_, _, _, payload),) = parse_structured(long_msg)
     (_, mlen) = struct.unpack_from(">IH", payload)
     assert mlen <= 4096 and payload[6:].decode() == "é" * (mlen // 2)
-    for bad in (lambda: nbd_proto.error_chunk(1, 0), lambda: nbd_proto.offset_hole_chunk(
-            1, 0, 0, done=True), lambda: nbd_proto.offset_data_header(1, 0, 0, done=True),
-            lambda: nbd_proto.block_status_chunk(1, 1, [])):
+    for bad in (lambda: nbd_wire.error_chunk(1, 0), lambda: nbd_wire.offset_hole_chunk(
+            1, 0, 0, done=True), lambda: nbd_wire.offset_data_header(1, 0, 0, done=True),
+            lambda: nbd_wire.block_status_chunk(1, 1, [])):
         with pytest.raises(ValueError):
             bad()
 
@@ -852,7 +852,7 @@ def test_block_status_reply() -> None:
 
 
 def test_errno_mapping() -> None:
-    assert [nbd_proto.nbd_error(e) for e in (
+    assert [nbd_wire.nbd_error(e) for e in (
         errno.EPERM, errno.EACCES, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EINVAL,
         errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EOVERFLOW, errno.EOPNOTSUPP,
         errno.ENOTSUP, errno.ESHUTDOWN, errno.EBADF, errno.ENOENT)] == [
@@ -873,15 +873,18 @@ def test_export_info_validation(kw: dict[str, Any]) -> None:
 
 
 def test_module_does_no_io() -> None:
-    tree = ast.parse(Path(nbd_proto.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0])
-    assert imported <= {"__future__", "enum", "errno", "struct", "collections", "dataclasses",
-                        "typing"}, imported
+    for module in (nbd_proto, nbd_wire):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level:  # the codec's own modules
+                imported |= {"." + (node.module or a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add((node.module or "").split(".")[0])
+        assert imported <= {"__future__", "enum", "errno", "struct", "collections",
+                            "dataclasses", "typing", ".wire"}, (module.__name__, imported)
 
 
 # ==== chunking independence (property test) ==================================================
@@ -963,7 +966,7 @@ def _run(stream: bytes, cuts: Sequence[int], eof: bool) -> tuple[list[Any], byte
     try:
         for chunk in chunks:
             conn.receive_data(chunk)
-            assert conn.buffered_bytes <= nbd_proto.MAX_BUFFERED_BYTES
+            assert conn.buffered_bytes <= nbd_wire.MAX_BUFFERED_BYTES
             while (ev := conn.next_event()) is not NEED_DATA:
                 out += conn.data_to_send()
                 events.append(ev)
@@ -1038,7 +1041,7 @@ class BytearrayNbdServer:
         s.sendall(conn.data_to_send())
         disk = bytearray()
         while True:
-            data = s.recv(nbd_proto.RECEIVE_CHUNK_BYTES)
+            data = s.recv(nbd_wire.RECEIVE_CHUNK_BYTES)
             conn.receive_data(data)
             while True:
                 ev = conn.next_event()
@@ -1048,7 +1051,7 @@ class BytearrayNbdServer:
                     # waiting for the ACK (nbdinfo does): the ACK is best effort.
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         s.sendall(pending)
-                    self.options.append(nbd_proto.NBD_OPT_ABORT)
+                    self.options.append(nbd_wire.NBD_OPT_ABORT)
                     return
                 if pending:
                     s.sendall(pending)
@@ -1074,7 +1077,7 @@ class BytearrayNbdServer:
             return
         end = r.offset + r.length
         if r.command == CMD_READ and any(a < end and r.offset < b for a, b in self.bad_ranges):
-            s.sendall(conn.error_reply(r, nbd_proto.nbd_error(errno.EIO), "bad sector"))
+            s.sendall(conn.error_reply(r, nbd_wire.nbd_error(errno.EIO), "bad sector"))
         elif r.command == CMD_READ:
             s.sendall(conn.read_reply_header(r))
             s.sendall(memoryview(disk)[r.offset:end])  # the data, never copied by the codec

@@ -57,7 +57,7 @@ from typing import Any
 import trio
 
 from ...errors import UsageError
-from . import protocol as P
+from . import wire as W
 from .server import NbdServer
 
 log = logging.getLogger("cowd.nbdattach")
@@ -77,15 +77,15 @@ NBD_SET_FLAGS = 0xAB0A
 # The device's logical block size.
 BLOCK_BYTES = 512
 # Transmission flags the kernel is given (see the module docstring for what is left out).
-KERNEL_FLAGS = (P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_READ_ONLY | P.NBD_FLAG_SEND_FLUSH
-                | P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_ROTATIONAL | P.NBD_FLAG_SEND_TRIM
-                | P.NBD_FLAG_CAN_MULTI_CONN)
+KERNEL_FLAGS = (W.NBD_FLAG_HAS_FLAGS | W.NBD_FLAG_READ_ONLY | W.NBD_FLAG_SEND_FLUSH
+                | W.NBD_FLAG_SEND_FUA | W.NBD_FLAG_ROTATIONAL | W.NBD_FLAG_SEND_TRIM
+                | W.NBD_FLAG_CAN_MULTI_CONN)
 # The client's side of the handshake must be done this soon.
 HANDSHAKE_TIMEOUT_S = 10.0
 # Option replies the client accepts for its one NBD_OPT_GO (INFO replies, then ACK), and the
 # largest reply payload it takes (NBD_INFO_DESCRIPTION carries at most NBD_MAX_STRING).
 MAX_GO_REPLIES = 16
-MAX_REPLY_PAYLOAD = P.NBD_MAX_STRING + 2
+MAX_REPLY_PAYLOAD = W.NBD_MAX_STRING + 2
 # After NBD_DO_IT starts, sysfs must show the connected device this soon.
 CONNECT_TIMEOUT_S = 20.0
 # After NBD_DISCONNECT, DO_IT must return this soon.
@@ -146,25 +146,25 @@ class ClientHandshake:
                 return False
             magic, opt_magic, flags = _HANDSHAKE.unpack_from(self._buf)
             del self._buf[:_HANDSHAKE.size]
-            if magic != P.NBDMAGIC or opt_magic != P.IHAVEOPT:
+            if magic != W.NBDMAGIC or opt_magic != W.IHAVEOPT:
                 raise HandshakeError(f"nbd handshake: not a newstyle server "
                                      f"(magic={magic:#x}, option magic={opt_magic:#x})")
-            if not flags & P.NBD_FLAG_FIXED_NEWSTYLE:
+            if not flags & W.NBD_FLAG_FIXED_NEWSTYLE:
                 raise HandshakeError(f"nbd handshake: the server is not fixed-newstyle "
                                      f"(flags={flags:#x})")
-            client_flags = P.NBD_FLAG_C_FIXED_NEWSTYLE
-            if flags & P.NBD_FLAG_NO_ZEROES:
-                client_flags |= P.NBD_FLAG_C_NO_ZEROES
+            client_flags = W.NBD_FLAG_C_FIXED_NEWSTYLE
+            if flags & W.NBD_FLAG_NO_ZEROES:
+                client_flags |= W.NBD_FLAG_C_NO_ZEROES
             name = self.export.encode("utf-8")
             data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
             self._out += struct.pack(">I", client_flags)
-            self._out += _OPTION.pack(P.IHAVEOPT, P.NBD_OPT_GO, len(data)) + data
+            self._out += _OPTION.pack(W.IHAVEOPT, W.NBD_OPT_GO, len(data)) + data
             self._state = "go"
             return True
         if self._state != "go" or len(self._buf) < _OPTION_REPLY.size:
             return False
         magic, option, reply, length = _OPTION_REPLY.unpack_from(self._buf)
-        if magic != P.NBD_REP_MAGIC or option != P.NBD_OPT_GO:
+        if magic != W.NBD_REP_MAGIC or option != W.NBD_OPT_GO:
             raise HandshakeError(f"nbd handshake: bad option reply (magic={magic:#x}, "
                                  f"option={option})")
         if length > MAX_REPLY_PAYLOAD:
@@ -177,19 +177,19 @@ class ClientHandshake:
         if self._replies > MAX_GO_REPLIES:
             raise HandshakeError(f"nbd handshake: too many replies to NBD_OPT_GO "
                                  f"(replies={self._replies})")
-        if reply & P.NBD_REP_FLAG_ERROR:
+        if reply & W.NBD_REP_FLAG_ERROR:
             why = payload.decode("utf-8", "replace")
             raise HandshakeError(f"nbd handshake: export {self.export!r} refused: "
                                  f"{why or 'no message'} (reply={reply:#x})")
-        if reply == P.NBD_REP_INFO:
-            if len(payload) >= 2 and struct.unpack_from(">H", payload)[0] == P.NBD_INFO_EXPORT:
+        if reply == W.NBD_REP_INFO:
+            if len(payload) >= 2 and struct.unpack_from(">H", payload)[0] == W.NBD_INFO_EXPORT:
                 if len(payload) != _INFO_EXPORT.size:
                     raise HandshakeError(f"nbd handshake: NBD_INFO_EXPORT of the wrong "
                                          f"length (length={len(payload)})")
                 _, size, tflags = _INFO_EXPORT.unpack(payload)
                 self._info = Negotiated(size, tflags)
             return True
-        if reply == P.NBD_REP_ACK:
+        if reply == W.NBD_REP_ACK:
             if self._info is None:
                 raise HandshakeError("nbd handshake: NBD_OPT_GO acknowledged without "
                                      "NBD_INFO_EXPORT")
@@ -207,7 +207,7 @@ async def negotiate(stream: trio.SocketStream, export: str) -> Negotiated:
     hs = ClientHandshake(export)
     with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
         while hs.result is None:
-            hs.receive_data(await stream.receive_some(P.RECEIVE_CHUNK_BYTES))
+            hs.receive_data(await stream.receive_some(W.RECEIVE_CHUNK_BYTES))
             out = hs.data_to_send()
             if out:
                 await stream.send_all(out)

@@ -52,6 +52,7 @@ import trio
 
 from ...disk import Disk, DiskError
 from . import protocol as P
+from . import wire as W
 
 log = logging.getLogger("cowd.nbd")
 
@@ -63,7 +64,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # Connections served at once; more are closed as soon as they are accepted.
 MAX_CONNECTIONS = 512
 # Largest request we accept (the codec caps writes at NBD_MAX_WRITE_BYTES too).
-MAX_BLOCK_BYTES = P.NBD_MAX_WRITE_BYTES
+MAX_BLOCK_BYTES = W.NBD_MAX_WRITE_BYTES
 # Read reply buffers of at least POOL_MIN_BYTES are reused, up to POOL_BYTES per connection.
 POOL_MIN_BYTES = 64 << 10
 POOL_BYTES = 16 << 20
@@ -136,9 +137,9 @@ class _ByteBudget:
                 await self._changed.wait()
 
 
-def export_info(name: str, disk: Disk) -> P.ExportInfo:
+def export_info(name: str, disk: Disk) -> W.ExportInfo:
     preferred = max(512, min(disk.cluster_size, 2 << 20))
-    return P.ExportInfo(
+    return W.ExportInfo(
         name=name,
         size_bytes=disk.size,
         read_only=disk.readonly,
@@ -166,13 +167,13 @@ class NbdServer:
                          "handshake_timeouts": 0, "handshakes_evicted": 0,
                          "send_timeouts": 0, "handler_errors": 0}
 
-    def _lookup(self, name: str) -> P.ExportInfo | None:
+    def _lookup(self, name: str) -> W.ExportInfo | None:
         if name == "" and len(self.disks) == 1:
             name = next(iter(self.disks))
         disk = self.disks.get(name)
         return export_info(name, disk) if disk is not None else None
 
-    def _list(self) -> list[P.ExportInfo]:
+    def _list(self) -> list[W.ExportInfo]:
         return [export_info(n, d) for n, d in self.disks.items()]
 
     def _make_room(self) -> bool:
@@ -298,30 +299,30 @@ class _Connection:
             name = done.export.name
             self.disk = self.server.disks[name]
             await self._transmission()
-        except P.NbdProtocolError as e:
+        except W.NbdProtocolError as e:
             self.server.counters["protocol_errors"] += 1
             log.info("%s", e)
             await self._flush_codec_output()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
 
-    async def _events(self) -> P.Event:
+    async def _events(self) -> W.Event:
         """The next codec event, reading from the socket as needed."""
         while True:
             ev = self.codec.next_event()
             await self._flush_codec_output()
             if ev is not P.NEED_DATA:
                 return ev
-            data = await self.stream.receive_some(P.RECEIVE_CHUNK_BYTES)
+            data = await self.stream.receive_some(W.RECEIVE_CHUNK_BYTES)
             self.codec.receive_data(data)
 
-    async def _negotiate(self) -> P.NegotiationDone | None:
+    async def _negotiate(self) -> W.NegotiationDone | None:
         await self._flush_codec_output()  # the greeting
         while True:
             ev = await self._events()
-            if isinstance(ev, P.NegotiationDone):
+            if isinstance(ev, W.NegotiationDone):
                 return ev
-            if isinstance(ev, P.Aborted | P.ConnectionClosed):
+            if isinstance(ev, W.Aborted | W.ConnectionClosed):
                 return None
             # OptionHandled: the reply is already sent; negotiation goes on.
 
@@ -337,11 +338,11 @@ class _Connection:
         # Errors of the reading loop are caught inside the nursery: escaping it they would
         # arrive as an ExceptionGroup, which no ``except`` clause of run() matches.  Either
         # way the nursery then waits for the requests already in flight.
-        error: P.NbdProtocolError | None = None
+        error: W.NbdProtocolError | None = None
         async with trio.open_nursery() as nursery:
             batch: list[bytes | bytearray] = []
             batch_bytes = 0
-            deferred: list[P.Request] = []  # reads waiting for the disk, advised
+            deferred: list[W.Request] = []  # reads waiting for the disk, advised
             try:
                 while True:
                     ev = self.codec.next_event()
@@ -361,9 +362,9 @@ class _Connection:
                             await self._send_batch(batch)
                             batch_bytes = 0
                         self.codec.receive_data(
-                            await self.stream.receive_some(P.RECEIVE_CHUNK_BYTES))
+                            await self.stream.receive_some(W.RECEIVE_CHUNK_BYTES))
                         continue
-                    if isinstance(ev, P.Request):
+                    if isinstance(ev, W.Request):
                         reply = self._answer_inline(ev)
                         if isinstance(reply, _Deferred):
                             deferred.append(ev)
@@ -378,24 +379,24 @@ class _Connection:
                         if batch:  # never sit on finished replies while we may block
                             await self._send_batch(batch)
                             batch_bytes = 0
-                        payload = ev.command in (P.NBD_CMD_READ, P.NBD_CMD_WRITE)
+                        payload = ev.command in (W.NBD_CMD_READ, W.NBD_CMD_WRITE)
                         cost = ev.length if payload and not ev.error else 1
                         taken = await self.budget.acquire(cost)
                         nursery.start_soon(self._serve, ev, taken)
-                    elif isinstance(ev, P.Disconnect | P.ConnectionClosed):
+                    elif isinstance(ev, W.Disconnect | W.ConnectionClosed):
                         if batch:
                             await self._send_batch(batch)
                         break
                     else:
                         raise AssertionError(f"unexpected event in transmission: {ev!r}")
-            except P.NbdProtocolError as e:
+            except W.NbdProtocolError as e:
                 error = e
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 pass
         if error is not None:
             raise error
 
-    def _answer_inline(self, req: P.Request,
+    def _answer_inline(self, req: W.Request,
                        may_block: bool = False) -> bytes | bytearray | _Deferred | None:
         """The reply to ``req`` if it can be answered right here with no await (refused
         requests, reads and in-place writes that the Disk serves synchronously); _DEFERRED
@@ -408,7 +409,7 @@ class _Connection:
         disk = self.disk
         assert disk is not None
         try:
-            if req.command == P.NBD_CMD_READ:
+            if req.command == W.NBD_CMD_READ:
                 buf, dest = self._read_reply_buffer(req)
                 if disk.try_read_into(req.offset, dest, may_block=may_block):
                     return buf
@@ -416,37 +417,37 @@ class _Connection:
                 if not may_block and req.length <= INLINE_BATCH_BYTES:
                     disk.advise(req.offset, req.length)
                     return _DEFERRED
-            elif req.command == P.NBD_CMD_WRITE and not req.fua:
+            elif req.command == W.NBD_CMD_WRITE and not req.fua:
                 assert req.data is not None
                 if not may_block and disk.advise_write(req.offset, req.length):
                     return _DEFERRED  # an allocation: its copy-up source is being fetched
                 if disk.try_write(req.offset, req.data):
                     return codec.ok_reply(req)
         except DiskError as e:
-            return codec.error_reply(req, P.nbd_error(e.errno), str(e))
+            return codec.error_reply(req, W.nbd_error(e.errno), str(e))
         return None
 
-    async def _serve(self, req: P.Request, taken: int) -> None:
+    async def _serve(self, req: W.Request, taken: int) -> None:
         try:
             await self._answer(req)
         finally:
             await self.budget.release(taken)
 
-    def _read_reply_buffer(self, req: P.Request) -> tuple[bytearray, memoryview]:
+    def _read_reply_buffer(self, req: W.Request) -> tuple[bytearray, memoryview]:
         """A (recycled) buffer holding READ's reply header, and the view its data goes in."""
         header = self.codec.read_reply_header(req)
         buf = self.buffers.get(len(header) + req.length)
         buf[: len(header)] = header
         return buf, memoryview(buf)[len(header):]
 
-    async def _answer(self, req: P.Request) -> None:
+    async def _answer(self, req: W.Request) -> None:
         # Refused requests (req.error) never get here: _answer_inline answers them.
         codec = self.codec
         disk = self.disk
         assert disk is not None
         cmd = req.command
         try:
-            if cmd == P.NBD_CMD_READ:
+            if cmd == W.NBD_CMD_READ:
                 buf, dest = self._read_reply_buffer(req)
                 try:
                     await disk.read_into(req.offset, dest)
@@ -454,36 +455,36 @@ class _Connection:
                 finally:
                     self.buffers.put(buf)
                 return
-            if cmd == P.NBD_CMD_WRITE:
+            if cmd == W.NBD_CMD_WRITE:
                 assert req.data is not None
                 await disk.write(req.offset, req.data, fua=req.fua)
-            elif cmd == P.NBD_CMD_FLUSH:
+            elif cmd == W.NBD_CMD_FLUSH:
                 await disk.flush()
-            elif cmd == P.NBD_CMD_TRIM:
+            elif cmd == W.NBD_CMD_TRIM:
                 await disk.trim(req.offset, req.length)
                 if req.fua:
                     await disk.flush()
-            elif cmd == P.NBD_CMD_WRITE_ZEROES:
-                may_unmap = not req.flags & P.NBD_CMD_FLAG_NO_HOLE
+            elif cmd == W.NBD_CMD_WRITE_ZEROES:
+                may_unmap = not req.flags & W.NBD_CMD_FLAG_NO_HOLE
                 await disk.write_zeroes(req.offset, req.length, may_unmap=may_unmap,
                                         fua=req.fua)
-            elif cmd == P.NBD_CMD_CACHE:
+            elif cmd == W.NBD_CMD_CACHE:
                 await disk.prefetch(req.offset, req.length)
-            elif cmd == P.NBD_CMD_BLOCK_STATUS:
+            elif cmd == W.NBD_CMD_BLOCK_STATUS:
                 runs = await disk.block_status(req.offset, req.length)
-                desc = [(n, (P.NBD_STATE_HOLE if hole else 0) | (P.NBD_STATE_ZERO if zero else 0))
+                desc = [(n, (W.NBD_STATE_HOLE if hole else 0) | (W.NBD_STATE_ZERO if zero else 0))
                         for n, hole, zero in runs]
                 await self.send(codec.block_status_reply(req, desc))
                 return
             else:
-                await self.send(codec.error_reply(req, P.NBD_EINVAL))
+                await self.send(codec.error_reply(req, W.NBD_EINVAL))
                 return
         except DiskError as e:
-            await self.send(codec.error_reply(req, P.nbd_error(e.errno), str(e)))
+            await self.send(codec.error_reply(req, W.nbd_error(e.errno), str(e)))
             return
         except Exception:
             log.exception("%s: %s failed", disk.path, req.command_name)
-            await self.send(codec.error_reply(req, P.NBD_EIO, "internal error"))
+            await self.send(codec.error_reply(req, W.NBD_EIO, "internal error"))
             return
         await self.send(codec.ok_reply(req))
 
