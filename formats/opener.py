@@ -39,7 +39,7 @@ import stat
 from dataclasses import dataclass
 
 from .base import HostFile
-from .errors import BackingOutside, FormatError, ImageIOError, UnsupportedImage
+from .errors import BackingOutside, ImageIOError, UnsupportedImage
 
 # openat2(2): the syscall number on every Linux architecture that has one table (x86-64,
 # arm64, riscv: 437), RESOLVE_* from linux/openat2.h.
@@ -367,18 +367,4 @@ def _check_type(fd: int, owner_path: str, field: str | None, name: str | None, *
     os.set_blocking(fd, True)
 
 
-def open_plain(path: str, writable: bool) -> HostFile:
-    """A file the user named directly (an output, a single image): as named, type-checked."""
-    try:
-        fd = os.open(path, _flags(writable))
-    except OSError as e:
-        raise ImageIOError(path, f"cannot open: {e.strerror}", e.errno or errno_mod.EIO) from None
-    try:
-        _check_type(fd, path, None, None, allow_devices=True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return HostFile(path, writable, fd=fd)
-
-
-__all__ = ["ChainOpener", "FormatError", "OpenPolicy", "Place", "open_plain"]
+__all__ = ["PROTOCOL_RE", "ChainOpener", "OpenPolicy", "Place"]
