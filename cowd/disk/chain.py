@@ -111,6 +111,35 @@ _segment = functools.partial(tuple.__new__, Segment)
 _ZERO = Extent(0, 0, Kind.ZERO)
 
 
+class InPlace(NamedTuple):
+    """A run of a write that lands in DATA the top layer owns: ``length`` bytes for guest
+    ``guest_offset`` go to ``file_offset`` of ``fd`` with a plain pwrite."""
+
+    fd: int
+    file_offset: int
+    guest_offset: int
+    length: int
+
+
+class Allocating(NamedTuple):
+    """A piece of a write [guest_offset, guest_end) that the codec must write (allocation
+    with copy-up, or granules the cache does not hold)."""
+
+    guest_offset: int
+    guest_end: int
+
+
+class WritePlan(NamedTuple):
+    """A write split by :meth:`Chain.plan_write`, each list in guest order."""
+
+    in_place: list[InPlace]
+    allocating: list[Allocating]
+
+
+_in_place = functools.partial(tuple.__new__, InPlace)
+_allocating = functools.partial(tuple.__new__, Allocating)
+
+
 def clip(ext: Extent, guest_offset: int, length: int) -> Extent:
     """The part of ``ext`` covering [guest_offset, guest_offset + length)."""
     if ext.kind is Kind.DATA:
@@ -420,6 +449,63 @@ class Chain:
                 st.owned = False
         return segs
 
+    # ---- planning a write ----------------------------------------------------------------
+
+    def plan_write(self, guest_offset: int, guest_end: int, *, count: bool) -> WritePlan:
+        """Split the write of [guest_offset, guest_end) into :class:`InPlace` runs — the top
+        layer's writable DATA, merged where contiguous — and :class:`Allocating` pieces:
+        everything else, including granules the cache does not hold (the codec's ``write``
+        resolves those).  Looks only at the top layer's cache entries; ``count``: as lookups
+        of this disk (the second look of a write under its range lock is not counted)."""
+        top = self.top
+        g = top.granule
+        lid = top.layer_id
+        lookup = self.cache.lookup
+        peek = self.cache.peek
+        local = self.counters
+        inplace: list[InPlace] = []
+        allocating: list[Allocating] = []
+        idx = guest_offset // g
+        pos = guest_offset
+        while pos < guest_end:
+            gend = min(guest_end, (idx + 1) * g)
+            exts = lookup((lid, idx), local) if count else peek((lid, idx))
+            ok = exts is not None
+            if exts is not None:
+                for ext in exts:
+                    if ext.guest_offset + ext.length <= pos or ext.guest_offset >= gend:
+                        continue
+                    if ext.kind is not Kind.DATA or not ext.writable:
+                        ok = False
+                        break
+            if ok and exts is not None:
+                for ext in exts:
+                    e_end = min(ext.guest_offset + ext.length, gend)
+                    if e_end <= pos or ext.guest_offset >= gend:
+                        continue
+                    f = ext.file
+                    assert f is not None
+                    fo = ext.file_offset + (pos - ext.guest_offset)
+                    n = e_end - pos
+                    if inplace:
+                        last = inplace[-1]
+                        if last.fd == f.fd and last.file_offset + last.length == fo and \
+                                last.guest_offset + last.length == pos:
+                            inplace[-1] = _in_place((last.fd, last.file_offset,
+                                                     last.guest_offset, last.length + n))
+                            pos = e_end
+                            continue
+                    inplace.append(_in_place((f.fd, fo, pos, n)))
+                    pos = e_end
+            else:
+                if allocating and allocating[-1].guest_end == pos:
+                    allocating[-1] = _allocating((allocating[-1].guest_offset, gend))
+                else:
+                    allocating.append(_allocating((pos, gend)))
+                pos = gend
+            idx += 1
+        return WritePlan(inplace, allocating)
+
     # ---- reading a plan ------------------------------------------------------------------
 
     def read_segments(self, offset: int, dest: memoryview, segs: list[Segment],
@@ -536,4 +622,5 @@ class PlannedBelow:
         return n
 
 
-__all__ = ["BELOW_CHAIN", "Chain", "ChainFile", "PlanState", "PlannedBelow", "Segment", "clip"]
+__all__ = ["BELOW_CHAIN", "Allocating", "Chain", "ChainFile", "InPlace", "PlanState",
+           "PlannedBelow", "Segment", "WritePlan", "clip"]

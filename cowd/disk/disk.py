@@ -49,7 +49,6 @@ to a read-only disk are EPERM; reads out of range are EINVAL, writes past the en
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,9 +69,10 @@ from formats.opener import OpenPolicy
 from ..errors import RequestError
 from ..remap import Origin, RemapCache
 from .backing_io import WouldBlock, pwrite_from
-from .chain import Chain, ChainFile, PlanState, Segment
+from .chain import Chain, ChainFile, InPlace, PlanState, Segment
 from .locks import GranuleLocks
 from .pool import ImagePool, Layer
+from .streams import KeptPlans, Streams, advise_segments
 
 # Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
 # size); it bounds the buffer one request can make the daemon allocate.
@@ -89,22 +89,9 @@ MAX_STATUS_EXTENTS = 4096
 
 DEFAULT_READAHEAD_CLUSTERS = 16
 
-# Plans of reads that had to wait for the disk, kept for the advice and the read that follow
-# (a frontend's batch: NBD answers up to a few hundred requests per wakeup).
-MAX_KEPT_PLANS = 256
-
-# Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
-# ended count as sequential (a few concurrent streams, and queue-depth reordering).
-SEQUENTIAL_STREAMS = 8
-
 # Priming works through a layer in pieces of this many granules, yielding to other tasks in
 # between, so a big image does not stall the daemon.
 PRIME_CHUNK_GRANULES = 4096
-
-# Data read-ahead for a sequential stream: advise the kernel this many requests' worth of
-# bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES.
-DATA_READAHEAD_REQUESTS = 4
-DATA_READAHEAD_MAX_BYTES = 8 << 20
 
 # Run codec writes (allocation, write-zeroes, trim) in worker threads?  No: a thread hop
 # costs more than an allocation (see the module docstring).
@@ -133,19 +120,18 @@ class Disk:
         self.counters = chain.counters  # lookups made for this disk
         self.prime_seconds: float | None = None
         self._locks = GranuleLocks()
-        self._recent_ends: list[int] = []
-        self._advised = (-1, 0)  # data read-ahead: (fd, file offset) the last advice reached
+        self._streams = Streams(self._top.granule)
         # Bumped whenever the top layer's mapping changes; a kept plan is good only while
         # the generation it was made in lasts.
         self.mapping_generation = 0
-        # (guest offset, length) -> (generation, plan) of reads that had to wait for the
-        # disk: advise() and the read that follows use the plan instead of planning again.
-        self._kept_plans: dict[tuple[int, int], tuple[int, list[Segment]]] = {}
+        # Plans of reads that had to wait for the disk: advise() and the read that follows
+        # use the plan instead of planning again.
+        self._kept_plans = KeptPlans()
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
-                                    "lock_waits", "allocations", "plans_reused")}
+                                    "lock_waits", "allocations")}
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -265,25 +251,6 @@ class Disk:
             return DiskError(e.errno or errno.EIO, f"{where}: {e.strerror or e}")
         return DiskError(errno.EINVAL, f"{self.path}: {e}")
 
-    # ---- sequential streams ---------------------------------------------------------------
-
-    def _stream_of(self, offset: int) -> int:
-        """Index of the recent read stream that ``offset`` continues, or -1."""
-        g = self._top.granule
-        for i, e in enumerate(self._recent_ends):
-            if e - g <= offset <= e + g:
-                return i
-        return -1
-
-    def _note_end(self, stream: int, end: int) -> None:
-        ends = self._recent_ends
-        if stream >= 0:
-            ends[stream] = end
-            return
-        if len(ends) >= SEQUENTIAL_STREAMS:
-            ends.pop(0)
-        ends.append(end)
-
     # ---- reading ---------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -317,7 +284,7 @@ class Disk:
         a batch before doing the first one has the disk work on all of them at once, the way
         an AIO server does, with no thread.  The plan of a read that just had to wait is
         used, not made again."""
-        segs = self._kept_plan(offset, length, pop=False)
+        segs = self._kept_plans.get(offset, length, self.mapping_generation, pop=False)
         if segs is None:
             req = PlanState()
             segs = []
@@ -326,24 +293,8 @@ class Disk:
                     return
             except (FormatError, OSError, ValueError):
                 return  # advice only: the read itself reports the error
-            self._keep_plan(offset, length, segs)
-        self._advise(segs)
-
-    def _kept_plan(self, offset: int, length: int, *, pop: bool) -> list[Segment] | None:
-        kept = self._kept_plans
-        if not kept:
-            return None
-        got = kept.pop((offset, length), None) if pop else kept.get((offset, length))
-        if got is None or got[0] != self.mapping_generation:
-            return None
-        self._ops["plans_reused"] += 1
-        return got[1]
-
-    def _keep_plan(self, offset: int, length: int, segs: list[Segment]) -> None:
-        kept = self._kept_plans
-        if len(kept) >= MAX_KEPT_PLANS:
-            del kept[next(iter(kept))]  # the oldest
-        kept[(offset, length)] = (self.mapping_generation, segs)
+            self._kept_plans.keep(offset, length, self.mapping_generation, segs)
+        advise_segments(segs)
 
     def advise_write(self, offset: int, length: int) -> bool:
         """Will this write copy up from the parents?  If so, start reading what the copy-up
@@ -353,7 +304,7 @@ class Disk:
         if length <= 0 or offset < 0 or offset + length > self.size:
             return False
         try:
-            _inplace, lib = self._write_plan(offset, offset + length, count=False)
+            lib = self.chain.plan_write(offset, offset + length, count=False).allocating
         except (FormatError, OSError, ValueError):
             return False  # the write itself reports it
         # Only the clusters the write covers partly are copied up: the head of the first
@@ -385,7 +336,7 @@ class Disk:
         first, gend = self._granules(offset, end)
         lookups = 0
         try:
-            inplace, lib = self._write_plan(offset, end, count=True)
+            inplace, lib = self.chain.plan_write(offset, end, count=True)
             if self._locks.any_held(first, gend):
                 return False
             if lib and (self.offload_writes or self.chain.locked_any()):
@@ -410,13 +361,12 @@ class Disk:
         the data is not in the page cache.  Nothing is counted as done then; the caller
         reads again (with the plan kept, in the second case)."""
         if self._kept_plans:
-            kept = self._kept_plan(offset, len(dest), pop=True)
+            kept = self._kept_plans.get(offset, len(dest), self.mapping_generation, pop=True)
             if kept is not None:
                 return self._read_planned(offset, dest, kept, zeroed, nowait)
         end = offset + len(dest)
-        stream = self._stream_of(offset)
-        self._note_end(stream, end)
-        req = PlanState(self.readahead_clusters if stream >= 0 else 0)
+        sequential = self._streams.note(offset, end)
+        req = PlanState(self.readahead_clusters if sequential else 0)
         segs: list[Segment] = []
         try:
             if self.chain.plan(offset, end, segs, req) is not None:
@@ -425,13 +375,14 @@ class Disk:
                                         nowait=nowait) is not None:
                 return False  # a compressed cluster's layer is busy in a worker thread
         except WouldBlock:
-            self._keep_plan(offset, len(dest), segs)  # for advise() and the read after it
+            # For advise() and the read after it.
+            self._kept_plans.keep(offset, len(dest), self.mapping_generation, segs)
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._done_read(req, len(dest))
-        if stream >= 0:
-            self._read_ahead_data(segs, len(dest))
+        if sequential:
+            self._streams.advise_ahead(segs, len(dest))
         return True
 
     def _read_planned(self, offset: int, dest: memoryview, segs: list[Segment],
@@ -442,36 +393,12 @@ class Disk:
                                         nowait=nowait) is not None:
                 return False
         except WouldBlock:
-            self._keep_plan(offset, len(dest), segs)
+            self._kept_plans.keep(offset, len(dest), self.mapping_generation, segs)
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._done_read(PlanState(), len(dest))
         return True
-
-    def _read_ahead_data(self, segs: list[Segment], length: int) -> None:
-        """A sequential stream: have the kernel fetch the data ahead of it.  The file's own
-        readahead window (128 KiB by default) is smaller than one 1 MiB request, so without
-        this every such request waits for the disk.  The guess: the stream's next bytes
-        follow its last DATA run in the same file (true for a raw base and for clusters
-        allocated in order); a wrong guess costs only page cache, and no remap lookups are
-        made for it.  Advises DATA_READAHEAD_REQUESTS requests' worth, half at a time."""
-        last = next((seg for seg in reversed(segs) if seg.kind is Kind.DATA), None)
-        if last is None or last.extent.file is None:
-            return
-        fd = last.extent.file.fd
-        end = last.file_offset + last.length
-        window = min(max(length, self._top.granule) * DATA_READAHEAD_REQUESTS,
-                     DATA_READAHEAD_MAX_BYTES)
-        afd, advised_to = self._advised
-        if afd == fd and end + window // 2 < advised_to <= end + window:
-            return  # at least half a window is already on its way
-        start = advised_to if afd == fd and end <= advised_to <= end + window else end
-        try:
-            os.posix_fadvise(fd, start, end + window - start, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            return  # advice only
-        self._advised = (fd, end + window)
 
     def _done_read(self, req: PlanState, length: int) -> None:
         self._cache.note_request(req.lookups, self.counters)
@@ -516,60 +443,8 @@ class Disk:
         c1 = -(-end // cs) * cs
         return c0 // g, -(-min(c1, self.size) // g)
 
-    def _write_plan(self, offset: int, end: int, count: bool
-                    ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
-        """Split [offset, end) into in-place pieces ``(fd, file_offset, guest_offset,
-        length)`` — the top layer's writable DATA, merged where contiguous — and library
-        pieces ``(guest_offset, guest_end)``: everything else, including uncached granules."""
-        top = self._top
-        g = top.granule
-        lid = top.layer_id
-        cache = self._cache
-        local = self.counters
-        inplace: list[tuple[int, int, int, int]] = []
-        lib: list[tuple[int, int]] = []
-        idx = offset // g
-        pos = offset
-        while pos < end:
-            gend = min(end, (idx + 1) * g)
-            exts = cache.lookup((lid, idx), local) if count else cache.peek((lid, idx))
-            ok = exts is not None
-            if exts is not None:
-                for ext in exts:
-                    if ext.guest_offset + ext.length <= pos or ext.guest_offset >= gend:
-                        continue
-                    if ext.kind is not Kind.DATA or not ext.writable:
-                        ok = False
-                        break
-            if ok and exts is not None:
-                for ext in exts:
-                    e_end = min(ext.guest_offset + ext.length, gend)
-                    if e_end <= pos or ext.guest_offset >= gend:
-                        continue
-                    f = ext.file
-                    assert f is not None
-                    fo = ext.file_offset + (pos - ext.guest_offset)
-                    n = e_end - pos
-                    if inplace:
-                        pfd, pfo, pg, pn = inplace[-1]
-                        if pfd == f.fd and pfo + pn == fo and pg + pn == pos:
-                            inplace[-1] = (pfd, pfo, pg, pn + n)
-                            pos = e_end
-                            continue
-                    inplace.append((f.fd, fo, pos, n))
-                    pos = e_end
-            else:
-                if lib and lib[-1][1] == pos:
-                    lib[-1] = (lib[-1][0], gend)
-                else:
-                    lib.append((pos, gend))
-                pos = gend
-            idx += 1
-        return inplace, lib
-
     @staticmethod
-    def _pwrite_all(inplace: list[tuple[int, int, int, int]], view: memoryview,
-                    offset: int) -> None:
+    def _pwrite_all(inplace: list[InPlace], view: memoryview, offset: int) -> None:
         for fd, fo, gofs, n in inplace:
             pwrite_from(fd, view[gofs - offset:gofs - offset + n], fo)
 
@@ -583,7 +458,7 @@ class Disk:
             end = offset + length
             first, gend = self._granules(offset, end)
             try:
-                inplace, lib = self._write_plan(offset, end, count=True)
+                inplace, lib = self.chain.plan_write(offset, end, count=True)
                 if not lib and not self._locks.any_held(first, gend):
                     # The fast path: nothing but pwrite, no await, no lock.
                     self._pwrite_all(inplace, view, offset)
@@ -592,7 +467,7 @@ class Disk:
                 else:
                     lookups = 0
                     async with self._locks.hold(first, gend):
-                        inplace, lib = self._write_plan(offset, end, count=False)
+                        inplace, lib = self.chain.plan_write(offset, end, count=False)
                         self._pwrite_all(inplace, view, offset)
                         for gs, ge in lib:
                             lookups += await self._library_write(
@@ -713,10 +588,10 @@ class Disk:
     # ---- the kernel shim's questions --------------------------------------------------------
 
     async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Segment]:
-        """Where [offset, offset + length) lives, in order: ``(guest_offset, length, depth,
-        extent)`` with depth the layer's index in the chain (-1: below every layer, zeroes).
-        A miss also resolves ``ahead`` more granules into the cache.  The kernel frontend
-        turns these into remaps."""
+        """Where [offset, offset + length) lives: its :class:`Segment` runs in guest order
+        (``depth`` is the layer's index in the chain, BELOW_CHAIN: zeroes).  A miss also
+        resolves ``ahead`` more granules into the cache.  The kernel frontend turns these
+        into remaps."""
         self._check_read(offset, length, limit=None)
         req = PlanState(ahead=ahead)
         try:
@@ -726,30 +601,35 @@ class Disk:
         self._cache.note_request(req.lookups, self.counters)
         return segs
 
-    async def allocate(self, offset: int, length: int) -> None:
+    async def allocate(self, offset: int, length: int) -> list[Segment]:
         """Make every top-layer cluster touching the range DATA that the top layer owns,
         copying up from the parents, without changing a guest byte: afterwards writes there
-        can go in place (the kernel shim's first write to a cluster)."""
+        can go in place (the kernel shim's first write to a cluster).  Returns the range's
+        segments as they are now, planned under the same range lock from the entries the
+        allocation just cached (the caller does not plan it again)."""
         self._check_write(offset, length)
         if not length:
             await trio.lowlevel.checkpoint()
-            return
+            return []
         end = offset + length
         first, gend = self._granules(offset, end)
         top = self._top
         offload = self.offload_writes
+        req = PlanState()
         try:
             async with self._locks.hold(first, gend):
-                _inplace, lib = self._write_plan(offset, end, count=False)
-                for gs, ge in lib:
+                for gs, ge in self.chain.plan_write(offset, end, count=False).allocating:
                     async with self.chain.exclusive(will_await=offload):
                         c0, c1 = self._cluster_granules(gs, ge)
                         self._invalidate(c0, c1)
                         await self.chain.run(top.image.allocate, gs, ge - gs, offload=offload)
                         self._refill(c0, c1)
                     self._ops["allocations"] += 1
+                segs = await self.chain.plan_locked(offset, end, req)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
+        self._cache.note_request(req.lookups, self.counters)
+        return segs
 
     # ---- mapping, prefetch, priming --------------------------------------------------------
 
@@ -795,7 +675,7 @@ class Disk:
                 n = min(end - pos, MAX_REQUEST_BYTES)
                 req = PlanState(ahead_origin=Origin.PREFETCH, end=pos + n, to_end=True)
                 segs = await self.chain.plan_locked(pos, pos + n, req)
-                self._advise(segs)
+                advise_segments(segs)
                 self._cache.note_request(req.lookups, self.counters)
                 pos += n
                 await trio.lowlevel.checkpoint()
@@ -804,16 +684,6 @@ class Disk:
         if length == 0:
             await trio.lowlevel.checkpoint()
         self._ops["prefetches"] += 1
-
-    @staticmethod
-    def _advise(segs: list[Segment]) -> None:
-        for seg in segs:
-            f = seg.extent.file
-            if seg.kind is Kind.DATA and f is not None:
-                try:
-                    os.posix_fadvise(f.fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass  # advice only
 
     async def prime(self) -> float:
         """Walk every layer's metadata and cache every granule that holds anything, then
@@ -870,7 +740,8 @@ class Disk:
                 for lay in self._chain
             ],
             "remap": self.counters.as_dict(),
-            "ops": {**self._ops, "lock_waits": self._ops["lock_waits"] + self.chain.lock_waits},
+            "ops": {**self._ops, "lock_waits": self._ops["lock_waits"] + self.chain.lock_waits,
+                    "plans_reused": self._kept_plans.reused},
         }
 
 

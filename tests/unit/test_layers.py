@@ -18,6 +18,7 @@ COWD_LAYERS = [
      "disk.backing_io", "disk.locks"},
     {"remap", "disk.pool"},
     {"disk.chain"},
+    {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol"},
     {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",

@@ -502,8 +502,7 @@ class KmodDevice:
     async def _write_miss(self, cookie: int, offset: int, length: int) -> None:
         self.ops["write_misses"] += 1
         start, end = self._aligned(offset, length)
-        await self.disk.allocate(start, end - start)
-        segs = await self.disk.segments(start, end - start)
+        segs = await self.disk.allocate(start, end - start)
         msgs, covered = self._remaps(segs, start, end, writable_only=True)
         if covered < end - start:
             self._send(msgs)
