@@ -296,14 +296,21 @@ class RemapCache:
     # ---- per-request accounting --------------------------------------------------------------
 
     def note_request(self, metadata_lookups: int, local: RemapCounters | None = None) -> None:
-        """Record one request and how many resolver calls it needed."""
-        for c in (self.counters, local):
-            if c is None:
-                continue
-            c.requests += 1
+        """Record one request and how many resolver calls it needed (in the shared counters
+        and in ``local``).  Once per request: written out for the two, no loop."""
+        c = self.counters
+        c.requests += 1
+        if metadata_lookups:
             c.metadata_lookups += metadata_lookups
             if metadata_lookups > c.max_metadata_lookups:
                 c.max_metadata_lookups = metadata_lookups
+        if local is None:
+            return
+        local.requests += 1
+        if metadata_lookups:
+            local.metadata_lookups += metadata_lookups
+            if metadata_lookups > local.max_metadata_lookups:
+                local.max_metadata_lookups = metadata_lookups
 
     def stats(self) -> dict[str, int | float | None]:
         d: dict[str, int | float | None] = dict(self.counters.as_dict())

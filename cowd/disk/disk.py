@@ -200,8 +200,10 @@ class Disk:
             raise DiskError(errno.ESHUTDOWN, f"{self.path}: disk is closed")
 
     def _check_read(self, offset: int, length: int, limit: int | None = MAX_REQUEST_BYTES) -> None:
-        self._check_open()
-        if offset < 0 or length < 0 or offset + length > self.size:
+        # Every read passes here: no further method or property calls on the good path.
+        if self._closed:
+            self._check_open()
+        if offset < 0 or length < 0 or offset + length > self._top.size:
             raise DiskError(errno.EINVAL, f"{self.path}: range outside the disk "
                                           f"(offset={offset}, length={length}, size={self.size})")
         if limit is not None and length > limit:
@@ -360,7 +362,7 @@ class Disk:
         """Plan and read with no await: False if a layer lock is in the way or (``nowait``)
         the data is not in the page cache.  Nothing is counted as done then; the caller
         reads again (with the plan kept, in the second case)."""
-        if self._kept_plans:
+        if self._kept_plans.plans:
             kept = self._kept_plans.get(offset, len(dest), self.mapping_generation, pop=True)
             if kept is not None:
                 return self._read_planned(offset, dest, kept, zeroed, nowait)

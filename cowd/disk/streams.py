@@ -90,20 +90,18 @@ class KeptPlans:
     """Plans of reads that had to wait for the disk, by (guest offset, length), each good
     only while the mapping generation it was kept in lasts; see the module docstring."""
 
-    __slots__ = ("_plans", "reused")
+    __slots__ = ("plans", "reused")
 
     def __init__(self) -> None:
-        # (guest_offset, length) -> (mapping generation, plan); oldest first.
-        self._plans: dict[tuple[int, int], tuple[int, list[Segment]]] = {}
+        # (guest_offset, length) -> (mapping generation, plan); oldest first.  Empty most of
+        # the time: the hot path tests it before calling get().
+        self.plans: dict[tuple[int, int], tuple[int, list[Segment]]] = {}
         self.reused = 0
-
-    def __bool__(self) -> bool:
-        return bool(self._plans)
 
     def get(self, guest_offset: int, length: int, generation: int, *,
             pop: bool) -> list[Segment] | None:
         """The kept plan of this read if it is still good (``pop``: and forget it)."""
-        plans = self._plans
+        plans = self.plans
         got = plans.pop((guest_offset, length), None) if pop else \
             plans.get((guest_offset, length))
         if got is None or got[0] != generation:
@@ -113,7 +111,7 @@ class KeptPlans:
 
     def keep(self, guest_offset: int, length: int, generation: int,
              segs: list[Segment]) -> None:
-        plans = self._plans
+        plans = self.plans
         if len(plans) >= MAX_KEPT_PLANS:
             del plans[next(iter(plans))]  # the oldest
         plans[(guest_offset, length)] = (generation, segs)
