@@ -92,8 +92,7 @@ from tools.benchlib import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+COWD = benchlib.cowd_command()
 
 MiB = 1 << 20
 LOOP_DEV = re.compile(r"/dev/loop[0-9]+")

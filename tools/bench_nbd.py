@@ -8,7 +8,12 @@ better).  Also reported: server CPU seconds per GiB moved, and cowd's remap-cach
 workload.  The page cache is dropped before each run (root only); both servers use the page
 cache (qemu-nbd's default cache mode), since cowd's data path is buffered pread/pwrite.
 
-Usage: python -m tools.bench nbd [--quick] [--size 1G] [--reps 3] [--out results/bench-nbd.json]
+A/B: ``--against OTHER/.venv/bin/cowd`` also runs another checkout's cowd (say, the commit
+before a change) in every repetition, right after this one on a fresh overlay of the same
+base, and reports this cowd / that cowd per workload: a paired ratio from one run.
+
+Usage: python -m tools.bench nbd [--quick] [--size 1G] [--reps 3] [--against COWD]
+                                 [--out results/bench-nbd.json]
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from tools import benchlib
 
 ROOT = Path(__file__).resolve().parent.parent
-COWD = ROOT / ".venv" / "bin" / "cowd"
+COWD = benchlib.cowd_command()
 # A server's start (Python imports, priming) on a machine busy with other tests took over
 # 30 s once; a start that never comes still ends in an error.
 START_TIMEOUT_S = 90.0
@@ -68,8 +73,9 @@ class Server:
     WORK/run); ``tag`` tells apart the sockets of servers that run at the same time."""
 
     def __init__(self, kind: str, image: Path, work: Path, images: list[Path] | None = None,
-                 run_dir: Path | None = None, tag: str = ""):
+                 run_dir: Path | None = None, tag: str = "", cowd: list[str] | None = None):
         self.kind = kind
+        self.cowd = cowd or COWD  # the command, for kind "cowd" (another checkout's: A/B)
         self.sock = work / f"{kind}{tag}.sock"
         self.run_dir = run_dir or work / "run"
         images = images or [image]
@@ -80,7 +86,7 @@ class Server:
                    "bench", "--shared", "8", "--persistent", str(image)]
             self.uris = [f"nbd+unix:///bench?socket={self.sock}"]
         else:
-            cmd = [str(COWD), "serve", *map(str, images), "--nbd", f"unix:{self.sock}",
+            cmd = [*self.cowd, "serve", *map(str, images), "--nbd", f"unix:{self.sock}",
                    "--run-dir", str(self.run_dir)]
             self.uris = [f"nbd+unix:///{im.name}?socket={self.sock}" for im in images]
         self.uri = self.uris[0]
@@ -97,13 +103,13 @@ class Server:
         except BaseException:
             self.stop()
             raise
-        if kind == "cowd":  # the NBD socket comes before the control socket: wait for both
+        if kind != "qemu-nbd":  # cowd's NBD socket comes before its control socket: wait
             wait_socket(self.run_dir / "control.sock", self.proc, START_TIMEOUT_S)
 
     def stats(self) -> dict[str, float]:
-        if self.kind != "cowd":
+        if self.kind == "qemu-nbd":
             return {}
-        doc = json.loads(sh(str(COWD), "stats", "--json", "--run-dir", str(self.run_dir)).stdout)
+        doc = json.loads(sh(*self.cowd, "stats", "--json", "--run-dir", str(self.run_dir)).stdout)
         return {k: doc["cache"][k] for k in ("hits", "misses")}
 
     def stop(self) -> None:
@@ -127,17 +133,23 @@ def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: float) -> d
 Results = dict[str, dict[str, dict[str, float]]]  # workload -> server -> metric -> value
 
 
-def one_rep(work: Path, base: Path, size: int, runtime: float, names: list[str]) -> Results:
+# The server measured against in an A/B run (--against).
+AGAINST = "cowd-against"
+
+
+def one_rep(work: Path, base: Path, size: int, runtime: float, names: list[str],
+            against: list[str] | None = None) -> Results:
     out: Results = {}
-    for kind in ("qemu-nbd", "cowd"):
-        for name in names:
+    kinds = ["qemu-nbd", "cowd"] + ([AGAINST] if against else [])
+    for name in names:  # the servers of one workload back to back: paired in time
+        for kind in kinds:
             rw, bs, qd, _fresh = WORKLOADS[name]  # every run gets a fresh overlay
             ov = work / f"{kind}-{name}.qcow2"
             if ov.exists():
                 ov.unlink()
             sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(ov))
             drop_caches()
-            srv = Server(kind, ov, work)
+            srv = Server(kind, ov, work, cowd=against if kind == AGAINST else None)
             try:
                 cpu0, st0 = benchlib.cpu_seconds(srv.proc.pid), srv.stats()
                 r = run_fio(srv.uri, rw, bs, qd, size, runtime)
@@ -164,7 +176,11 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--only", action="append", choices=list(WORKLOADS),
                     help="run only this workload (repeatable)")
+    ap.add_argument("--against", default=None, metavar="COWD",
+                    help="another cowd command (e.g. an older checkout's .venv/bin/cowd) to "
+                         "run in every repetition too: reports this cowd / that one")
     args = ap.parse_args()
+    against = [args.against] if args.against else None
     size = _size(args.size or ("128M" if args.quick else "1G"))
     reps = args.reps or (1 if args.quick else 3)
     runtime = args.runtime or (1.5 if args.quick else 5.0)
@@ -182,10 +198,10 @@ def main() -> int:
                 f.write(chunk[i % 7:] + chunk[: i % 7])  # distinct-ish blocks, cheap to make
         for i in range(reps):
             print(f"rep {i + 1}/{reps} ...", file=sys.stderr, flush=True)
-            reps_out.append(one_rep(work, base, size, runtime, names))
+            reps_out.append(one_rep(work, base, size, runtime, names, against))
     table = summarise(reps_out, names)
     doc = {**benchlib.header(), "size": size, "reps": reps, "runtime_s": runtime,
-           "repetitions": reps_out, "summary": table}
+           "against": args.against, "repetitions": reps_out, "summary": table}
     benchlib.write_json(args.out, doc)
     print(markdown(doc))
     return 0
@@ -207,6 +223,11 @@ def summarise(reps: list[Results], names: list[str]) -> dict[str, dict[str, floa
                 r[name]["cowd"]["cpu_s_per_GiB"] for r in reps),
             "cowd_hit_rate": statistics.median(r[name]["cowd"].get("hit_rate", 0) for r in reps),
         }
+        if AGAINST in reps[0][name]:
+            ab = [r[name]["cowd"][metric] / r[name][AGAINST][metric] for r in reps
+                  if r[name][AGAINST][metric]]
+            out[name].update(ab_ratio=statistics.median(ab), ab_min=min(ab), ab_max=max(ab),
+                             against=statistics.median(r[name][AGAINST][metric] for r in reps))
     return out  # type: ignore[return-value]
 
 
@@ -225,6 +246,14 @@ def markdown(doc: dict[str, object]) -> str:
                     f"{s['ratio']:.2f} ({s['ratio_min']:.2f}-{s['ratio_max']:.2f}) | "
                     f"{s['qemu_cpu_s_per_GiB']:.2f} | {s['cowd_cpu_s_per_GiB']:.2f} | "
                     f"{s['cowd_hit_rate']:.3f} |")
+    if doc.get("against"):
+        rows += ["", f"A/B against {doc['against']} (paired by repetition):", "",
+                 "| workload | this cowd | that cowd | this / that (min-max) |",
+                 "|---|---|---|---|"]
+        for name, s in summary.items():
+            unit = "MB/s" if s["metric"] == "bw_MBps" else "IOPS"
+            rows.append(f"| {name} | {s['cowd']:.0f} {unit} | {s['against']:.0f} {unit} | "
+                        f"{s['ab_ratio']:.2f} ({s['ab_min']:.2f}-{s['ab_max']:.2f}) |")
     return "\n".join(rows)
 
 

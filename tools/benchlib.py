@@ -32,6 +32,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -157,10 +158,28 @@ def commit(*dirty_paths: str) -> str:
 def header(*dirty_paths: str) -> dict[str, object]:
     """The fields every benchmark's JSON starts with.  Other work on the machine skews every
     figure (the machines are shared): the 1/5/15-minute load averages at the start say how
-    quiet it was (a benchmark may add ``loadavg_after``)."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
-            "machine": machine(), "commit": commit(*dirty_paths),
-            "loadavg": list(os.getloadavg())}
+    quiet it was (a benchmark may add ``loadavg_after``).  ``cowd`` names the command
+    measured when $COWD chose another checkout's."""
+    doc: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
+        "machine": machine(), "commit": commit(*dirty_paths),
+        "loadavg": list(os.getloadavg())}
+    if os.environ.get("COWD"):
+        doc["cowd"] = os.environ["COWD"]
+    return doc
+
+
+def cowd_command() -> list[str]:
+    """How the benchmarks run cowd: $COWD (another checkout's ``.venv/bin/cowd``, to measure
+    it against this one in one run), this checkout's venv script, the one on PATH, or
+    ``python -m cowd.cli``."""
+    if os.environ.get("COWD"):
+        return [os.environ["COWD"]]
+    script = ROOT / ".venv" / "bin" / "cowd"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("cowd")
+    return [found] if found else [sys.executable, "-m", "cowd.cli"]
 
 
 # ---- the page cache and CPU counters ---------------------------------------------------------

@@ -41,13 +41,13 @@ import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools.benchlib import cowd_command
 from tools.vm import image
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -97,17 +97,6 @@ class BootResult:
                 "total_seconds": self.total_seconds, "marker": self.marker,
                 "fields": self.fields, "returncode": self.returncode, "reason": self.reason,
                 "started_at": self.started_at, "qemu_cpu_seconds": self.qemu_cpu_seconds}
-
-
-def cowd_command() -> list[str]:
-    """How to run cowd: $COWD, the venv's console script, or ``python -m cowd.cli``."""
-    if os.environ.get("COWD"):
-        return [os.environ["COWD"]]
-    script = REPO / ".venv" / "bin" / "cowd"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("cowd")
-    return [found] if found else [sys.executable, "-m", "cowd.cli"]
 
 
 def find_initrd(image: Path, explicit: Path | None) -> Path:
