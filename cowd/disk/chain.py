@@ -136,8 +136,10 @@ class WritePlan(NamedTuple):
     allocating: list[Allocating]
 
 
+# Without the named tuples' Python-level __new__ (one of each per write, on the hot path).
 _in_place = functools.partial(tuple.__new__, InPlace)
 _allocating = functools.partial(tuple.__new__, Allocating)
+_write_plan = functools.partial(tuple.__new__, WritePlan)
 
 
 def clip(ext: Extent, guest_offset: int, length: int) -> Extent:
@@ -504,7 +506,7 @@ class Chain:
                     allocating.append(_allocating((pos, gend)))
                 pos = gend
             idx += 1
-        return WritePlan(inplace, allocating)
+        return _write_plan((inplace, allocating))
 
     # ---- reading a plan ------------------------------------------------------------------
 
