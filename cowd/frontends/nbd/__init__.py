@@ -1,2 +1,4 @@
-"""The NBD frontend: ``protocol`` (sans-I/O codec), ``server`` (trio adapter), ``attach``
-(the kernel nbd client on /dev/nbdN).  Imports nothing, so the codec stays free of trio."""
+"""The NBD frontend: the sans-I/O codec in two parts, ``wire`` (constants, struct layouts,
+limits, errors, events, reply builders) and ``protocol`` (the connection state machine);
+``server`` (the trio adapter); ``attach`` (the kernel nbd client on /dev/nbdN).  Imports
+nothing, so the codec stays free of trio."""
