@@ -27,7 +27,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -48,14 +47,13 @@ from tests.support.guest import (
     skip_without_guest,
     small_tree,
 )
-from tests.support.peers import qemu_check, qemu_img, qemu_raw
+from tests.support.peers import COWD, qemu_check, qemu_img, qemu_raw
 from tests.support.reliability import libvhdi_read
 from tools import guest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
-COWD = [sys.executable, "-m", "cowd.cli"]
 
 
 # ---- host: the client handshake against the real server ---------------------------------------

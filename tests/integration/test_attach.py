@@ -39,10 +39,7 @@ from cowd.frontends import loop
 from cowd.frontends.fuse.mount import fuse_problem
 from tests.integration.test_fuse import make_tree, same_tree
 from tests.integration.test_vhd import libvhdi_raw
-from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
-
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+from tests.support.peers import COWD, missing_tool, qemu_check, qemu_img, run, sha256
 
 MiB = 1 << 20
 LOOP_DEV = re.compile(r"/dev/loop[0-9]+")

@@ -28,8 +28,8 @@ import pytest
 
 import formats
 from formats import BackingOutside, FormatError, OpenPolicy
-from tests.support.peers import missing_tool, qemu_img
-from tests.support.reliability import COWD, start_daemon
+from tests.support.peers import COWD, missing_tool, qemu_img
+from tests.support.reliability import start_daemon
 
 MiB = 1 << 20
 SIZE = MiB

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import need, qemu_check, qemu_img
-from tests.support.reliability import COWD, Daemon, start_daemon
+from tests.support.peers import COWD, need, qemu_check, qemu_img
+from tests.support.reliability import Daemon, start_daemon
 
 pytestmark = pytest.mark.qemu
 

@@ -26,7 +26,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,12 +33,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw, run, sha256
+from tests.support.peers import (
+    COWD,
+    need,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    run,
+    sha256,
+)
 
 pytestmark = pytest.mark.qemu
-
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 
 MiB = 1 << 20
 SECTOR = 512

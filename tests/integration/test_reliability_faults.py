@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import missing_tool, qemu_img, qemu_raw
-from tests.support.reliability import COWD, SYSTEM_PYTHON, Daemon, start_daemon
+from tests.support.peers import COWD, missing_tool, qemu_img, qemu_raw
+from tests.support.reliability import SYSTEM_PYTHON, Daemon, start_daemon
 
 pytestmark = pytest.mark.qemu
 

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from tests.integration import test_corpus
 from tests.integration.test_corpus import CASES, BuiltSeed, Case
-from tests.support.peers import missing_tool, qemu_img, qemu_raw
-from tests.support.reliability import COWD, SYSTEM_PYTHON, Daemon, start_daemon
+from tests.support.peers import COWD, missing_tool, qemu_img, qemu_raw
+from tests.support.reliability import SYSTEM_PYTHON, Daemon, start_daemon
 
 seeds = test_corpus.seeds  # the session fixture that builds the corpus's seed images
 

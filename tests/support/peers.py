@@ -1,4 +1,5 @@
-"""Real peers (qemu-img, qemu-io) as oracles, and the skip reasons when one is missing."""
+"""Real peers (qemu-img, qemu-io) as oracles, the skip reasons when one is missing, and the
+command a user types (:data:`COWD`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# The console script a user types (installed editable into the venv by `make check`), or the
+# module where no script is installed beside this interpreter.
+_SCRIPT = Path(sys.executable).parent / "cowd"
+COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 
 
 def need(tool: str) -> None:

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.peers import COWD
 from tools import stress
 
 ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's binding
 STRESS = ROOT / "tools" / "stress.py"
 MiB = 1 << 20
