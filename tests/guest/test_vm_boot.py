@@ -36,8 +36,7 @@ import pytest
 
 from cowd.frontends.fuse.mount import fuse_problem
 from tests.integration.test_attach import Env
-from tests.integration.test_vhd import libvhdi_raw
-from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
+from tests.support.peers import libvhdi_raw, missing_tool, qemu_check, qemu_img, run, sha256
 from tools.vm import image
 
 ROOT = Path(__file__).resolve().parents[2]

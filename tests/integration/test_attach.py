@@ -38,8 +38,15 @@ from cowd.errors import UsageError
 from cowd.frontends import loop
 from cowd.frontends.fuse.mount import fuse_problem
 from tests.integration.test_fuse import make_tree, same_tree
-from tests.integration.test_vhd import libvhdi_raw
-from tests.support.peers import COWD, missing_tool, qemu_check, qemu_img, run, sha256
+from tests.support.peers import (
+    COWD,
+    libvhdi_raw,
+    missing_tool,
+    qemu_check,
+    qemu_img,
+    run,
+    sha256,
+)
 
 MiB = 1 << 20
 LOOP_DEV = re.compile(r"/dev/loop[0-9]+")

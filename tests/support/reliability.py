@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.peers import COWD
+from tests.support.peers import COWD, libvhdi_raw
 from tools import stress
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,23 +176,7 @@ def read_disk(fmt: str, image: Path, work: Path) -> bytes:
         data = out.read_bytes()
         out.unlink()
         return data
-    return libvhdi_read(image, work)
-
-
-def libvhdi_read(image: Path, work: Path) -> bytes:
-    import tempfile
-
-    mnt = Path(tempfile.mkdtemp(prefix="vhdimnt-", dir=work))
-    sh("vhdimount", image, mnt, timeout=60)
-    try:
-        names = sorted((n for n in os.listdir(mnt) if n.startswith("vhdi")),
-                       key=lambda n: int(n[4:]))
-        return (mnt / names[-1]).read_bytes()
-    finally:
-        p = sh("fusermount3", "-u", mnt, check=False)
-        if p.returncode:
-            sh("umount", "-l", mnt, check=False)
-        os.rmdir(mnt)
+    return libvhdi_raw(image, work)
 
 
 def check_image(fmt: str, image: Path) -> tuple[int, str]:
