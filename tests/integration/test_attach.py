@@ -37,7 +37,6 @@ from cowd.attach import probes
 from cowd.errors import UsageError
 from cowd.frontends import loop
 from cowd.frontends.fuse.mount import fuse_problem
-from tests.integration.test_fuse import make_tree, same_tree
 from tests.support.peers import (
     COWD,
     libvhdi_raw,
@@ -47,6 +46,7 @@ from tests.support.peers import (
     run,
     sha256,
 )
+from tests.support.trees import make_tree, same_tree
 
 MiB = 1 << 20
 LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
