@@ -23,14 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bench import (
-    bench_problem,
-    force_cleanup,
-    loops_under,
-    mounts_under,
-    processes_naming,
-    tool_env,
-)
+from tests.support.bench import assert_nothing_left, bench_problem, force_cleanup, tool_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "attach"]
@@ -45,14 +38,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(170),
               pytest.mark.skipif(bench_problem() is not None, reason=bench_problem() or "")]
 
 
-def assert_nothing_left(tmp: Path) -> None:
-    assert loops_under(tmp) == [], "loop devices left behind"
-    assert mounts_under(tmp) == [], "mounts left behind"
-    assert processes_naming(tmp) == [], "processes left behind"
-    assert [p.name for p in tmp.iterdir() if p.name.startswith("bench-attach-")] == [], \
-        "work directory left behind"
-
-
 def bench_cmd(tmp: Path, out: Path) -> list[str]:
     # No cache drop: a smoke run must not slow down whatever else runs on the machine.
     return [*SCRIPT, "--quick", "--no-drop-caches", "--dir", str(tmp),
@@ -65,7 +50,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         p = subprocess.run(bench_cmd(tmp_path, out), capture_output=True, text=True,
                            timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL, env=tool_env())
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-        assert_nothing_left(tmp_path)
+        assert_nothing_left(tmp_path, "bench-attach-")
     finally:
         force_cleanup(tmp_path)
 
@@ -138,7 +123,7 @@ def test_ctrl_c_while_attached_cleans_up(tmp_path: Path) -> None:
         assert "interrupted" in rest and "left behind" not in rest, log
         assert "Traceback" not in log, log
         assert not out.exists()
-        assert_nothing_left(tmp_path)
+        assert_nothing_left(tmp_path, "bench-attach-")
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
