@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from cowd.frontends.fuse.mount import fuse_problem
-from tests.integration.test_attach import Env
+from tests.support.attach import Env
 from tests.support.peers import libvhdi_raw, missing_tool, qemu_check, qemu_img, run, sha256
 from tools.vm import image
 
@@ -75,7 +75,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class VM(Env):
-    """test_attach's run-dir environment plus the VM tools."""
+    """`cowd attach`'s run-dir environment (tests/support/attach.py) plus the VM tools."""
 
     def boot(self, *images: Path, via: str, parallel: int = 1,
              rc: int = 0) -> list[dict[str, Any]]:
@@ -118,11 +118,8 @@ class VM(Env):
 
 @pytest.fixture
 def vm(tmp_path: Path) -> Iterator[VM]:
-    e = VM(tmp_path, tmp_path / "run")
-    try:
+    with VM.under(tmp_path) as e:
         yield e
-    finally:
-        e.teardown()
 
 
 def copy_base(built: Path, tmp: Path, name: str = "base.img") -> Path:
