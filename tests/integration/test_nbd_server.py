@@ -43,6 +43,7 @@ from tests.support.peers import (
     run,
     sha256,
 )
+from tests.support.reliability import wait_listening
 
 pytestmark = pytest.mark.qemu
 
@@ -187,17 +188,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
                                     stdin=subprocess.DEVNULL)
         d = Served(proc, sock, run_dir, log, [Path(i).name for i in images])
         started.append(d)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"cowd serve exited {proc.returncode}:\n{d.log_text()}")
-            if sock.exists():
-                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(sock))
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cowd serve did not listen in 30 s:\n{d.log_text()}")
-            time.sleep(0.02)
+        wait_listening(proc, sock, log)
         return d
 
     try:

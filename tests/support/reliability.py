@@ -33,9 +33,12 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support.peers import COWD, libvhdi_raw
 from tools import stress
@@ -121,18 +124,40 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
                                 stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env} if env else None)
     d = Daemon(proc, sock, run_dir, log, image.name)
+    try:
+        wait_listening(proc, sock, log, wait_s)
+    except AssertionError:
+        d.kill()
+        raise
+    return d
+
+
+def wait_listening(proc: subprocess.Popen[bytes], sock: Path, log: Path,
+                   wait_s: float = 30) -> None:
+    """Return once ``cowd serve`` (``proc``, logging to ``log``) accepts connections on
+    ``sock``; fail with its log if it exits first or does not listen within ``wait_s``."""
     deadline = time.monotonic() + wait_s
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"cowd serve exited {proc.returncode}:\n{d.log_text()}")
+            text = log.read_text(errors="replace")
+            raise AssertionError(f"cowd serve exited {proc.returncode}:\n{text}")
         if sock.exists():
             with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(sock))
-                return d
+                return
         if time.monotonic() > deadline:
-            d.kill()
-            raise AssertionError(f"cowd serve did not listen in {wait_s} s:\n{d.log_text()}")
+            text = log.read_text(errors="replace")
+            raise AssertionError(f"cowd serve did not listen in {wait_s} s:\n{text}")
         time.sleep(0.02)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """The daemons a test started (it appends them): killed at teardown."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
 
 
 # ---- overlays ------------------------------------------------------------------------------
