@@ -27,7 +27,6 @@ import pytest
 from tests.support.bench import assert_nothing_left, bench_problem, force_cleanup, tool_env
 from tests.support.peers import missing_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "all"]
 
 WORKLOADS = ("copy", "boot", "fio", "verify", "latency", "scaling")

@@ -42,8 +42,6 @@ from tests.support.guest import (
 from tests.support.peers import libvhdi_raw, qemu_img
 from tools import guest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 MiB = 1 << 20
 BASE_BYTES = 64 * MiB
 RECORD = 64 << 10  # the SIGKILL writer's record size

@@ -50,8 +50,6 @@ from tests.support.guest import (
 from tests.support.peers import COWD, libvhdi_raw, qemu_check, qemu_img, qemu_raw
 from tools import guest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 MiB = 1 << 20
 
 

@@ -35,11 +35,11 @@ from typing import Any
 import pytest
 
 from cowd.frontends.fuse.mount import fuse_problem
+from tests.support import ROOT
 from tests.support.attach import Env
 from tests.support.peers import libvhdi_raw, missing_tool, qemu_check, qemu_img, run, sha256
 from tools.vm import image
 
-ROOT = Path(__file__).resolve().parents[2]
 VM_BOOT = [str(ROOT / "tools" / "vm-boot")]  # the commands as a user types them
 MKBASE = [str(ROOT / "tools" / "mkbase")]
 KERNEL = image.DEFAULT_KERNEL  # the newest Debian kernel installed: no version written here

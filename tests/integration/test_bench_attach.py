@@ -25,7 +25,6 @@ import pytest
 
 from tests.support.bench import assert_nothing_left, bench_problem, force_cleanup, tool_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "attach"]
 
 WORKLOADS = ("copy", "seqread-1M-qd1", "randread-4k-qd32", "seqwrite-1M-qd1",

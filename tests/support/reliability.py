@@ -40,10 +40,10 @@ from typing import Any
 
 import pytest
 
+from tests.support import ROOT
 from tests.support.peers import COWD, libvhdi_raw
 from tools import stress
 
-ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's binding
 STRESS = ROOT / "tools" / "stress.py"
 MiB = 1 << 20

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
