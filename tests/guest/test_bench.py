@@ -24,17 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bench import (
-    bench_problem,
-    force_cleanup,
-    loops_under,
-    mounts_under,
-    processes_naming,
-    tool_env,
-)
+from tests.support.bench import assert_nothing_left, bench_problem, force_cleanup, tool_env
 from tests.support.peers import missing_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "all"]
 
 WORKLOADS = ("copy", "boot", "fio", "verify", "latency", "scaling")
@@ -60,10 +52,7 @@ def test_quick_run_reports_every_workload(tmp_path: Path) -> None:
                            cwd=tmp_path, stdin=subprocess.DEVNULL,
                            env=tool_env())
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
-        assert loops_under(tmp_path) == [], "loop devices left behind"
-        assert mounts_under(tmp_path) == [], "mounts left behind"
-        assert processes_naming(tmp_path) == [], "processes left behind"
-        assert [x.name for x in tmp_path.iterdir() if x.name.startswith("bench-")] == []
+        assert_nothing_left(tmp_path, "bench-")
     finally:
         force_cleanup(tmp_path)
     assert "Traceback" not in p.stderr, p.stderr[-4000:]

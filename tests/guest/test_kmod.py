@@ -39,11 +39,8 @@ from tests.support.guest import (
     skip_without_guest,
     small_tree,
 )
-from tests.support.peers import qemu_img
-from tests.support.reliability import libvhdi_read
+from tests.support.peers import libvhdi_raw, qemu_img
 from tools import guest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
 BASE_BYTES = 64 * MiB
@@ -324,7 +321,7 @@ def test_fio_and_vhd_data(guest_run: tuple[Path, dict[str, str], str]) -> None:
     assert ov2[2 * MiB:3 * MiB] == bytes(MiB)
     assert ov2[4 * MiB:8 * MiB] == base[4 * MiB:8 * MiB]
     assert ov2[24 * MiB:] == base[24 * MiB:]
-    ov4 = libvhdi_read(d / "ov4.vhd", d)  # qemu reads a differencing VHD without its parent
+    ov4 = libvhdi_raw(d / "ov4.vhd", d)  # qemu reads a differencing VHD without its parent
     payload = (d / "payload").read_bytes()
     assert ov4[196608:196608 + MiB] == payload
     assert ov4[:196608] == base[:196608]

@@ -27,7 +27,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -48,14 +47,10 @@ from tests.support.guest import (
     skip_without_guest,
     small_tree,
 )
-from tests.support.peers import qemu_check, qemu_img, qemu_raw
-from tests.support.reliability import libvhdi_read
+from tests.support.peers import COWD, libvhdi_raw, qemu_check, qemu_img, qemu_raw
 from tools import guest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 MiB = 1 << 20
-COWD = [sys.executable, "-m", "cowd.cli"]
 
 
 # ---- host: the client handshake against the real server ---------------------------------------
@@ -379,7 +374,7 @@ def test_vhd_bytes(guest_run: tuple[Path, dict[str, str], str]) -> None:
     d, _, _ = guest_run
     base = (d / "base.img").read_bytes()
     payload = (d / "payload").read_bytes()
-    ov2 = libvhdi_read(d / "ov2.vhd", d)
+    ov2 = libvhdi_raw(d / "ov2.vhd", d)
     assert ov2[196608:196608 + MiB] == payload
     assert ov2[:196608] == base[:196608] and ov2[196608 + MiB:] == base[196608 + MiB:]
     p = subprocess.run([*COWD, "check", str(d / "ov2.vhd")], capture_output=True, text=True)

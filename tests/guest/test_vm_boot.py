@@ -35,12 +35,11 @@ from typing import Any
 import pytest
 
 from cowd.frontends.fuse.mount import fuse_problem
-from tests.integration.test_attach import Env
-from tests.integration.test_vhd import libvhdi_raw
-from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
+from tests.support import ROOT
+from tests.support.attach import Env
+from tests.support.peers import libvhdi_raw, missing_tool, qemu_check, qemu_img, run, sha256
 from tools.vm import image
 
-ROOT = Path(__file__).resolve().parents[2]
 VM_BOOT = [str(ROOT / "tools" / "vm-boot")]  # the commands as a user types them
 MKBASE = [str(ROOT / "tools" / "mkbase")]
 KERNEL = image.DEFAULT_KERNEL  # the newest Debian kernel installed: no version written here
@@ -76,7 +75,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class VM(Env):
-    """test_attach's run-dir environment plus the VM tools."""
+    """`cowd attach`'s run-dir environment (tests/support/attach.py) plus the VM tools."""
 
     def boot(self, *images: Path, via: str, parallel: int = 1,
              rc: int = 0) -> list[dict[str, Any]]:
@@ -119,11 +118,8 @@ class VM(Env):
 
 @pytest.fixture
 def vm(tmp_path: Path) -> Iterator[VM]:
-    e = VM(tmp_path, tmp_path / "run")
-    try:
+    with VM.under(tmp_path) as e:
         yield e
-    finally:
-        e.teardown()
 
 
 def copy_base(built: Path, tmp: Path, name: str = "base.img") -> Path:

@@ -16,18 +16,14 @@ lazily unmount that mount.  Needs root, /dev/fuse and loop devices; skips with t
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,66 +32,23 @@ from cowd import rundir
 from cowd.attach import probes
 from cowd.errors import UsageError
 from cowd.frontends import loop
-from cowd.frontends.fuse.mount import fuse_problem
-from tests.integration.test_fuse import make_tree, same_tree
-from tests.integration.test_vhd import libvhdi_raw
-from tests.support.peers import missing_tool, qemu_check, qemu_img, run, sha256
-
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+from tests.support.attach import LOOP_DEV, Env, attach_problem
+from tests.support.host import alive, loops_under, mounted_at
+from tests.support.peers import COWD, libvhdi_raw, qemu_check, qemu_img, run, sha256
+from tests.support.trees import make_tree, same_tree
 
 MiB = 1 << 20
-LOOP_DEV = re.compile(r"/dev/loop[0-9]+")
-
-
-def attach_problem() -> str | None:
-    return fuse_problem() or missing_tool("mkfs.ext4", "debugfs", "e2fsck", "mount",
-                                            "umount", "qemu-img")
-
 
 needs_attach = pytest.mark.skipif(attach_problem() is not None, reason=attach_problem() or "")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
 
-def mounted_at(path: Path) -> list[str]:
-    """fstype of every mount at ``path``, bottom first."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == str(path):
-                out.append(right.split()[0])
-    return out
-
-
-def loops_under(directory: Path) -> list[str]:
-    """Loop devices whose backing file the kernel names inside ``directory``."""
-    found = []
-    for name in sorted(os.listdir("/sys/block")):
-        with contextlib.suppress(OSError):
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().rstrip("\n")
-            if backing.startswith(f"{directory}/"):
-                found.append(f"/dev/{name}")
-    return found
-
-
 def backing_file(dev: str) -> str | None:
     try:
         return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text()[:-1]
     except FileNotFoundError:
         return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is not alive: the daemon is not our child, but be exact anyway.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return False
 
 
 def make_base(tmp: Path, size: int = 32 * MiB) -> Path:
@@ -119,111 +72,10 @@ def tree_from_raw(raw: Path, dest: Path, path: str = "/tree") -> Path:
     return dest / os.path.basename(path)
 
 
-@dataclass
-class Env:
-    tmp: Path
-    run_dir: Path
-    mounts: list[Path] = field(default_factory=list)
-
-    @property
-    def fuse_dir(self) -> Path:
-        return self.run_dir / "fuse"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / "cowd.pid"
-
-    @property
-    def socket(self) -> Path:
-        return self.run_dir / "control.sock"
-
-    def cowd(self, *args: str | os.PathLike[str], rc: int | None = 0,
-             run_dir: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [*COWD, *map(str, args)]
-        if run_dir:
-            cmd += ["--run-dir", str(self.run_dir)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=90,
-                           stdin=subprocess.DEVNULL)
-        if rc is not None:
-            assert p.returncode == rc, (f"cowd {args}: rc={p.returncode}\n{p.stdout}\n"
-                                        f"{p.stderr}\n{self.log()}")
-        assert "Traceback" not in p.stderr, p.stderr
-        return p
-
-    def log(self) -> str:
-        try:
-            return "daemon log:\n" + (self.run_dir / "cowd.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no daemon log)"
-
-    def attach(self, image: Path, *extra: str) -> str:
-        p = self.cowd("attach", image, *extra)
-        dev = p.stdout.strip()
-        assert LOOP_DEV.fullmatch(dev), p.stdout
-        return dev
-
-    def detach(self, target: str | Path) -> subprocess.CompletedProcess[str]:
-        return self.cowd("detach", target)
-
-    def list(self) -> list[dict[str, object]]:
-        doc: list[dict[str, object]] = json.loads(self.cowd("list", "--json").stdout)
-        return doc
-
-    def stats(self) -> dict[str, object]:
-        doc: dict[str, object] = json.loads(self.cowd("stats", "--json").stdout)
-        return doc
-
-    def daemon_pid(self) -> int | None:
-        if not rundir.pid_file_held(self.pid_file):
-            return None
-        return int(self.pid_file.read_text())
-
-    def mount(self, dev: str, name: str, *opts: str) -> Path:
-        where = self.tmp / name
-        where.mkdir(exist_ok=True)
-        run("mount", *opts, dev, where)
-        self.mounts.append(where)
-        return where
-
-    def umount(self, where: Path) -> None:
-        run("umount", where)
-        self.mounts.remove(where)
-
-    def assert_daemon_gone(self) -> None:
-        """The idle daemon exited and took everything of its own along."""
-        assert self.daemon_pid() is None
-        assert not self.pid_file.exists()
-        assert not self.socket.exists()
-        assert "fuse.cowd" not in mounted_at(self.fuse_dir)
-        assert loops_under(self.fuse_dir) == []
-        assert not (self.run_dir / "attached.json").exists()
-
-    def teardown(self) -> None:
-        for where in reversed(self.mounts):
-            if mounted_at(where):
-                run("umount", where, check=False)
-        pid = self.daemon_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for dev in loops_under(self.fuse_dir):
-            run("losetup", "-d", dev, check=False)
-        while "fuse.cowd" in mounted_at(self.fuse_dir)[-1:]:
-            if run("umount", "-l", self.fuse_dir, check=False).returncode != 0:
-                break
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path, tmp_path / "run")
-    try:
+    with Env.under(tmp_path) as e:
         yield e
-    finally:
-        e.teardown()
 
 
 def check_device(env: Env, dev: str, name: str) -> None:

@@ -23,16 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bench import (
-    bench_problem,
-    force_cleanup,
-    loops_under,
-    mounts_under,
-    processes_naming,
-    tool_env,
-)
+from tests.support.bench import assert_nothing_left, bench_problem, force_cleanup, tool_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "attach"]
 
 WORKLOADS = ("copy", "seqread-1M-qd1", "randread-4k-qd32", "seqwrite-1M-qd1",
@@ -43,14 +35,6 @@ METRIC = {"copy": "seconds", "seqread-1M-qd1": "MBps", "seqwrite-1M-qd1": "MBps"
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(170),
               pytest.mark.skipif(bench_problem() is not None, reason=bench_problem() or "")]
-
-
-def assert_nothing_left(tmp: Path) -> None:
-    assert loops_under(tmp) == [], "loop devices left behind"
-    assert mounts_under(tmp) == [], "mounts left behind"
-    assert processes_naming(tmp) == [], "processes left behind"
-    assert [p.name for p in tmp.iterdir() if p.name.startswith("bench-attach-")] == [], \
-        "work directory left behind"
 
 
 def bench_cmd(tmp: Path, out: Path) -> list[str]:
@@ -65,7 +49,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         p = subprocess.run(bench_cmd(tmp_path, out), capture_output=True, text=True,
                            timeout=150, cwd=tmp_path, stdin=subprocess.DEVNULL, env=tool_env())
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-        assert_nothing_left(tmp_path)
+        assert_nothing_left(tmp_path, "bench-attach-")
     finally:
         force_cleanup(tmp_path)
 
@@ -138,7 +122,7 @@ def test_ctrl_c_while_attached_cleans_up(tmp_path: Path) -> None:
         assert "interrupted" in rest and "left behind" not in rest, log
         assert "Traceback" not in log, log
         assert not out.exists()
-        assert_nothing_left(tmp_path)
+        assert_nothing_left(tmp_path, "bench-attach-")
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

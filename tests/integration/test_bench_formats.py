@@ -17,7 +17,6 @@ import pytest
 from tests.support.bench import tool_env
 from tests.support.peers import need
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = [sys.executable, "-m", "tools.bench", "formats"]
 
 LOOKUP_TAGS = ("qcow2", "vhd-4k", "vhd-block")

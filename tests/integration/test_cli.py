@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
-
-# The console script a user types (installed editable into the venv by `make check`).
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
+from tests.support.peers import COWD, qemu_check, qemu_img, qemu_io, qemu_raw, sha256
 
 
 def cowd(*args: str | os.PathLike[str], rc: int = 0) -> subprocess.CompletedProcess[str]:

@@ -28,8 +28,9 @@ import pytest
 
 import formats
 from formats import BackingOutside, FormatError, OpenPolicy
-from tests.support.peers import missing_tool, qemu_img
-from tests.support.reliability import COWD, start_daemon
+from tests.support.attach import attach_problem
+from tests.support.peers import COWD, missing_tool, qemu_img
+from tests.support.reliability import start_daemon
 
 MiB = 1 << 20
 SIZE = MiB
@@ -286,8 +287,6 @@ def test_swap_race_never_leaks(attack: Attack, tmp_path: Path, name: str) -> Non
 def test_swap_race_serve_and_attach(attack: Attack, tmp_path: Path) -> None:
     """The daemon's paths: `cowd serve` + a client read through qemu-img (libnbd's nbdcopy
     as well), and `cowd attach --via fuse` + a read of the loop device."""
-    from tests.integration.test_attach import attach_problem
-
     c = backing_case(attack)
     seen = {"served": 0, "refused": 0, "attached": 0}
     with swapping(attack, {c.swapped: c.target}) as count:

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -36,7 +35,15 @@ from cowd.errors import UsageError
 from cowd.remap import RemapCache
 from formats.base import NearOpener
 from formats.errors import CorruptImage, ImageIOError
-from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, sha256
+from tests.support.peers import (
+    libvhdi_raw,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    sha256,
+    vhdimount_problem,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
@@ -69,43 +76,6 @@ def qcow2_problem() -> str | None:
                 img.close()
         _probe_cache["qcow2"] = reason
     return _probe_cache["qcow2"]
-
-
-def vhdimount_problem(tmp: Path) -> str | None:
-    if "vhdimount" not in _probe_cache:
-        reason: str | None = None
-        if shutil.which("vhdimount") is None:
-            reason = "vhdimount not installed (package libvhdi-utils; make check installs it)"
-        elif shutil.which("fusermount3") is None:
-            reason = "fusermount3 not installed (package fuse3)"
-        elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
-            reason = "/dev/fuse missing or not accessible"
-        else:
-            probe = tmp / "probe.vhd"
-            qemu_img("create", "-f", "vpc", probe, "1M")
-            try:
-                vhdimount_raw(probe, tmp)
-            except AssertionError as e:
-                reason = f"vhdimount cannot mount here: {e}"
-            probe.unlink()
-        _probe_cache["vhdimount"] = reason
-    return _probe_cache["vhdimount"]
-
-
-def vhdimount_raw(image: Path, tmp: Path) -> bytes:
-    """The virtual disk as libvhdi reads it (vhdimount shows the chain as vhdi1..vhdiN)."""
-    mnt = Path(tempfile.mkdtemp(prefix="vhdimnt-", dir=tmp))
-    p = subprocess.run(["vhdimount", str(image), str(mnt)], capture_output=True, timeout=60)
-    try:
-        assert p.returncode == 0, (p.stdout + p.stderr).decode(errors="replace")
-        names = sorted((n for n in os.listdir(mnt) if n.startswith("vhdi")),
-                       key=lambda n: int(n[4:]))
-        assert names, f"vhdimount {image}: nothing mounted"
-        return (mnt / names[-1]).read_bytes()
-    finally:
-        if p.returncode == 0:
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-        os.rmdir(mnt)
 
 
 # ---- a tiny writable copy-on-write format, for this file only ------------------------------
@@ -364,7 +334,7 @@ class Chain:
             return qemu_raw(self.top, tmp, self.kind)
         if self.kind == "tcow":
             return read_chain(self.top)
-        return vhdimount_raw(self.top, tmp)
+        return libvhdi_raw(self.top, tmp)
 
     def check(self) -> None:
         """The top passes its peer's consistency check; the base is untouched."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import filecmp
 import os
 import random
 import shutil
@@ -48,6 +47,7 @@ from cowd.frontends.fuse.protocol import FuseFs, FuseOptions, FuseProtocolError
 from cowd.frontends.fuse.server import FuseFrontend, mount_fuse
 from cowd.remap import RemapCache
 from tests.support.peers import need, qemu_check, qemu_img, qemu_raw, run, sha256
+from tests.support.trees import make_tree, same_tree
 
 T = TypeVar("T")
 KiB = 1024
@@ -533,27 +533,6 @@ async def test_file_io_against_model(tmp_path: Path, options: FuseOptions) -> No
 
 
 # ---- loop device and ext4 on the FUSE file ---------------------------------------------------
-
-def make_tree(root: Path, seed: int) -> None:
-    rng = random.Random(seed)
-    for d in range(4):
-        sub = root / f"dir{d}" / "deeper"
-        sub.mkdir(parents=True)
-        for i in range(12):
-            (sub.parent / f"f{i}.bin").write_bytes(rng.randbytes(rng.randrange(0, 40 * KiB)))
-        (sub / "big.bin").write_bytes(rng.randbytes(700 * KiB + 123))
-    (root / "empty").write_bytes(b"")
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    cmp = filecmp.dircmp(a, b)
-    if cmp.left_only or cmp.right_only or cmp.funny_files:
-        return False
-    _match, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    if mismatch or errors:
-        return False
-    return all(same_tree(a / d, b / d) for d in cmp.common_dirs)
-
 
 def ext4_on_loop(path: str, tree: Path, fsmnt: Path, made: list[str]) -> str:
     """losetup --direct-io=on the FUSE file, mkfs.ext4, mount, copy ``tree``, umount, detach.

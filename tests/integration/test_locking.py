@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.peers import need, qemu_check, qemu_img
-from tests.support.reliability import COWD, Daemon, start_daemon
+from tests.support import reliability
+from tests.support.peers import COWD, need, qemu_check, qemu_img
+from tests.support.reliability import Daemon, start_daemon
+
+daemons = reliability.daemons  # the fixture: the daemons a test started, killed at teardown
 
 pytestmark = pytest.mark.qemu
 
@@ -48,14 +50,6 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     ov = tmp_path / "ov.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ov)
     return base, ov
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 class QemuHolder:

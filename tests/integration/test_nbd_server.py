@@ -26,7 +26,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,12 +33,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw, run, sha256
+from tests.support.peers import (
+    COWD,
+    need,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    run,
+    sha256,
+)
+from tests.support.reliability import wait_listening
 
 pytestmark = pytest.mark.qemu
-
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 
 MiB = 1 << 20
 SECTOR = 512
@@ -182,17 +188,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
                                     stdin=subprocess.DEVNULL)
         d = Served(proc, sock, run_dir, log, [Path(i).name for i in images])
         started.append(d)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"cowd serve exited {proc.returncode}:\n{d.log_text()}")
-            if sock.exists():
-                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(sock))
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cowd serve did not listen in 30 s:\n{d.log_text()}")
-            time.sleep(0.02)
+        wait_listening(proc, sock, log)
         return d
 
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import struct
 import tempfile
 import zlib
 from pathlib import Path
@@ -24,6 +23,7 @@ from formats.base import HostFile, Kind
 from formats.errors import CorruptImage, FormatError, ImageReadOnly, UnsupportedImage
 from formats.qcow import QcowImage
 from formats.qcow2 import Qcow2Image
+from tests.support.ondisk import peek, poke
 from tests.support.peers import need, qemu_img, qemu_io, qemu_raw, read_all, run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(60)]
@@ -48,18 +48,6 @@ OFF_L1_TABLE_OFFSET = 40
 def create(path: Path, size: int | str, *extra: str) -> Path:
     qemu_img("create", "-f", "qcow", *extra, path, str(size))
     return path
-
-
-def poke(path: Path, file_offset: int, fmt: str, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(file_offset)
-        f.write(struct.pack(fmt, value))
-
-
-def peek(path: Path, file_offset: int, fmt: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(file_offset)
-        return int(struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0])
 
 
 def qemu_virtual_size(path: Path) -> int:

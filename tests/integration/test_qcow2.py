@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import formats
 from formats import CorruptImage, FormatError, ImageReadOnly, Kind, UnsupportedImage
 from formats import qcow2 as q2
+from tests.support.corruption import corrupted_copy
 from tests.support.peers import qemu_img, qemu_io, qemu_raw, read_all, run
 
 pytestmark = pytest.mark.qemu
@@ -507,24 +508,6 @@ def test_subcluster_bitmap_invalid(tmp_path: Path) -> None:
     with pytest.raises(CorruptImage, match="both allocated and zero"):
         im.read(0, 512)
     im.close()
-
-
-def corrupted_copy(tmp_path: Path, data: st.DataObject, max_flips: int) -> Path:
-    """A small qcow2 (data, zero clusters, a snapshot) with 1..max_flips random bytes of its
-    first six clusters (header, tables) overwritten."""
-    src = tmp_path / "fuzz-src.qcow2"
-    if not src.exists():
-        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", src, str(MiB))
-        qemu_io(src, "write -P 0x31 0 20000", "write -z 40000 9000", fmt="qcow2")
-        qemu_img("snapshot", "-c", "s", src)
-    raw = bytearray(src.read_bytes())
-    limit = min(len(raw), 6 * 4096)
-    for _ in range(data.draw(st.integers(1, max_flips))):
-        at = data.draw(st.integers(0, limit - 1))
-        raw[at] = data.draw(st.integers(0, 255))
-    p = tmp_path / "fuzz.qcow2"
-    p.write_bytes(bytes(raw))
-    return p
 
 
 @settings(max_examples=150, deadline=None,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import formats
 from formats import HostFile, Kind
 from formats import qcow2 as q2
-from tests.integration.test_qcow2 import corrupted_copy
+from tests.support.corruption import corrupted_copy
 from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
 
 pytestmark = pytest.mark.qemu

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import missing_tool, qemu_img, qemu_raw
-from tests.support.reliability import COWD, SYSTEM_PYTHON, Daemon, start_daemon
+from tests.support import reliability
+from tests.support.peers import COWD, missing_tool, qemu_img, qemu_raw
+from tests.support.reliability import SYSTEM_PYTHON, Daemon, start_daemon
+
+daemons = reliability.daemons  # the fixture: the daemons a test started, killed at teardown
 
 pytestmark = pytest.mark.qemu
 
@@ -75,14 +78,6 @@ def need_peers(*tools: str) -> None:
         pytest.skip(reason)
     if subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode:
         pytest.skip("python3-libnbd not installed for /usr/bin/python3 (make check installs it)")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def no_corruption(image: Path) -> int:

@@ -1,6 +1,6 @@
 """Hostile input through the real commands, not only the library:
 
-- the malformed-image corpus (tests/integration/test_corpus.py builds it) through `cowd serve` and
+- the malformed-image corpus (tests/support/corpus.py) through `cowd serve` and
   `cowd attach --via fuse`: a one-line error naming a file, or a disk that serves what it
   can, answers errors per request and stops cleanly — never a traceback, a hang or a dead
   daemon (the attach daemon keeps serving a good disk throughout);
@@ -30,12 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration import test_corpus
-from tests.integration.test_corpus import CASES, BuiltSeed, Case
-from tests.support.peers import missing_tool, qemu_img, qemu_raw
-from tests.support.reliability import COWD, SYSTEM_PYTHON, Daemon, start_daemon
+from tests.support import corpus
+from tests.support.corpus import CASES, BuiltSeed, materialize
+from tests.support.peers import COWD, missing_tool, qemu_img, qemu_raw
+from tests.support.reliability import SYSTEM_PYTHON, Daemon, start_daemon
 
-seeds = test_corpus.seeds  # the session fixture that builds the corpus's seed images
+seeds = corpus.seeds  # the session fixture that builds the corpus's seed images
 
 pytestmark = pytest.mark.qemu
 
@@ -49,15 +49,6 @@ def one_line(stderr: bytes, what: str) -> str:
     lines = text.splitlines()
     assert len(lines) == 1 and lines[0].startswith("cowd: "), f"{what}: not one line:\n{text}"
     return lines[0]
-
-
-def materialize(case: Case, seeds: dict[str, BuiltSeed], where: Path) -> Path:
-    seed = seeds[case.seed]
-    shutil.copytree(seed.dir, where)
-    top = where / seed.top.name
-    if case.mutate is not None:
-        top = case.mutate(top) or top
-    return top
 
 
 READER = '''

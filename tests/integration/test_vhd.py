@@ -7,9 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import shutil
 import struct
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,7 +29,16 @@ from formats import (
     vhd,
 )
 from formats.vhd import VhdImage
-from tests.support.peers import need, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
+from tests.support.peers import (
+    libvhdi_raw,
+    need,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    read_all,
+    run,
+    sha256,
+)
 
 MiB = 1 << 20
 
@@ -44,71 +51,6 @@ def qemu_size(path: Path) -> int:
     import json
 
     return int(json.loads(out)["virtual-size"])
-
-
-_fuse_state: list[str | None] = []
-
-
-def _fuse_problem(tmp: Path) -> str | None:
-    """Why vhdimount cannot run here (None when it can): probed once on a qemu image."""
-    if _fuse_state:
-        return _fuse_state[0]
-    reason: str | None = None
-    if shutil.which("vhdimount") is None:
-        reason = "vhdimount not installed (package libvhdi-utils; make check installs it)"
-    elif shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
-        reason = "fusermount3 not installed (package fuse3)"
-    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        reason = "/dev/fuse missing or not accessible"
-    else:
-        probe = tmp / "fuse-probe.vhd"
-        qemu_img("create", "-f", "vpc", probe, "1M")
-        try:
-            libvhdi_raw(probe, tmp, _probing=True)
-        except _MountFailed as e:
-            reason = f"vhdimount cannot mount here: {e}"
-        probe.unlink()
-    _fuse_state.append(reason)
-    return reason
-
-
-class _MountFailed(Exception):
-    pass
-
-
-def _unmount(mnt: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        p = subprocess.run([tool, "-u", str(mnt)], capture_output=True, timeout=30)
-        if p.returncode == 0:
-            return
-    subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
-
-
-def libvhdi_raw(image: Path, tmp: Path, *, _probing: bool = False) -> bytes:
-    """The virtual disk as libvhdi reads it: vhdimount exposes the chain as vhdi1 (the
-    deepest parent) .. vhdiN (the image itself)."""
-    if not _probing:
-        reason = _fuse_problem(tmp)
-        if reason:
-            pytest.skip(reason)
-    mnt = Path(tempfile.mkdtemp(prefix="vhdimnt-", dir=tmp))
-    p = subprocess.run(["vhdimount", str(image), str(mnt)], capture_output=True, timeout=60)
-    try:
-        if p.returncode != 0:
-            msg = (p.stdout + p.stderr).decode(errors="replace").strip()
-            if _probing:
-                raise _MountFailed(msg)
-            raise AssertionError(f"vhdimount {image} exited {p.returncode}: {msg}")
-        names = sorted((n for n in os.listdir(mnt) if n.startswith("vhdi")),
-                       key=lambda n: int(n[4:]))
-        assert names, f"vhdimount {image}: nothing in the mount point"
-        with open(mnt / names[-1], "rb") as f:
-            return f.read()
-    finally:
-        if p.returncode == 0:
-            _unmount(mnt)
-        os.rmdir(mnt)
 
 
 def vhdiinfo(image: Path) -> str:

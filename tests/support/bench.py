@@ -1,7 +1,6 @@
 """What the benchmarks' smoke tests share (tests/integration/test_bench_attach.py,
-tests/guest/test_bench.py): whether the machine can run them, the kernel's view of what a run
-left behind (read from sysfs and /proc directly, not through the benchmark's own helpers),
-and the forced clean-up after a failed run."""
+tests/guest/test_bench.py): whether the machine can run them, that a run left nothing behind
+(as the kernel sees it, tests/support/host.py), and the forced clean-up after a failed one."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from cowd.frontends.fuse.mount import fuse_problem
 from tests.support import ROOT
+from tests.support.host import loops_under, mounts_under, processes_naming
 from tests.support.peers import missing_tool
 
 
@@ -27,30 +27,14 @@ def bench_problem() -> str | None:
     return fuse_problem() or missing_tool("fio", "losetup", "mkfs.ext4", "mount", "umount")
 
 
-def loops_under(directory: Path) -> list[str]:
-    found = []
-    for name in os.listdir("/sys/block"):
-        with contextlib.suppress(OSError):
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().rstrip("\n")
-            if backing.startswith(f"{directory}/"):
-                found.append(f"/dev/{name}")
-    return found
-
-
-def mounts_under(directory: Path) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p == str(directory) or p.startswith(f"{directory}/")]
-
-
-def processes_naming(directory: Path) -> list[int]:
-    """Processes whose command line names a path in ``directory`` (the daemon's --run-dir)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-    return found
+def assert_nothing_left(tmp: Path, work_prefix: str) -> None:
+    """After a run in ``tmp``: no loop device, mount or process of it is left, and no work
+    directory (``work_prefix``...) in it."""
+    assert loops_under(tmp) == [], "loop devices left behind"
+    assert mounts_under(tmp) == [], "mounts left behind"
+    assert processes_naming(tmp) == [], "processes left behind"
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(work_prefix)] == [], \
+        "work directory left behind"
 
 
 def force_cleanup(tmp: Path) -> None:

@@ -22,8 +22,6 @@ import pytest
 from tests.support.peers import missing_tool, qemu_img
 from tools import guest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 MiB = 1 << 20
 
 # Put into a script with str.format (as a value, so its braces are not format fields).

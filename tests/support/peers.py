@@ -1,4 +1,6 @@
-"""Real peers (qemu-img, qemu-io) as oracles, and the skip reasons when one is missing."""
+"""Real peers as oracles (qemu-img, qemu-io; libvhdi's vhdimount for the differencing VHDs
+qemu cannot follow), the skip reasons when one is missing, and the command a user types
+(:data:`COWD`)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,16 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The console script a user types (installed editable into the venv by `make check`), or the
+# module where no script is installed beside this interpreter.
+_SCRIPT = Path(sys.executable).parent / "cowd"
+COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 
 
 def need(tool: str) -> None:
@@ -101,3 +110,64 @@ def qemu_check(image: str | os.PathLike[str],
     assert p.returncode == 0, (
         f"qemu-img check {image}: rc={p.returncode}\n{p.stdout.decode()}{p.stderr.decode()}")
     return p
+
+
+_vhdimount_problem: list[str | None] = []  # probed once per process
+
+
+def vhdimount_problem(tmp: Path) -> str | None:
+    """Why vhdimount cannot run here (None when it can): probed once, on a VHD qemu-img makes
+    in ``tmp``."""
+    if _vhdimount_problem:
+        return _vhdimount_problem[0]
+    reason: str | None = None
+    if shutil.which("vhdimount") is None:
+        reason = "vhdimount not installed (package libvhdi-utils; make check installs it)"
+    elif shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
+        reason = "fusermount3 not installed (package fuse3)"
+    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        reason = "/dev/fuse missing or not accessible"
+    else:
+        probe = tmp / "vhdimount-probe.vhd"
+        qemu_img("create", "-f", "vpc", probe, "1M")
+        try:
+            _vhdimount_read(probe, tmp)
+        except AssertionError as e:
+            reason = f"vhdimount cannot mount here: {e}"
+        probe.unlink()
+    _vhdimount_problem.append(reason)
+    return reason
+
+
+def libvhdi_raw(image: Path, tmp: Path) -> bytes:
+    """The virtual disk as libvhdi reads it: vhdimount exposes the chain as vhdi1 (the
+    deepest parent) .. vhdiN (the image itself).  Skips where vhdimount cannot run."""
+    reason = vhdimount_problem(tmp)
+    if reason:
+        pytest.skip(reason)
+    return _vhdimount_read(image, tmp)
+
+
+def _vhdimount_read(image: Path, tmp: Path) -> bytes:
+    mnt = Path(tempfile.mkdtemp(prefix="vhdimnt-", dir=tmp))
+    p = subprocess.run(["vhdimount", str(image), str(mnt)], capture_output=True, timeout=60)
+    try:
+        if p.returncode != 0:
+            msg = (p.stdout + p.stderr).decode(errors="replace").strip()
+            raise AssertionError(f"vhdimount {image} exited {p.returncode}: {msg}")
+        names = sorted((n for n in os.listdir(mnt) if n.startswith("vhdi")),
+                       key=lambda n: int(n[4:]))
+        assert names, f"vhdimount {image}: nothing in the mount point"
+        return (mnt / names[-1]).read_bytes()
+    finally:
+        if p.returncode == 0:
+            _unmount(mnt)
+        os.rmdir(mnt)
+
+
+def _unmount(mnt: Path) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool and subprocess.run([tool, "-u", str(mnt)], capture_output=True,
+                               timeout=30).returncode == 0:
+        return
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)

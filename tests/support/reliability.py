@@ -33,15 +33,17 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.support import ROOT
+from tests.support.peers import COWD, libvhdi_raw
 from tools import stress
 
-ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "cowd"
-COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's binding
 STRESS = ROOT / "tools" / "stress.py"
 MiB = 1 << 20
@@ -122,18 +124,40 @@ def start_daemon(image: Path, work: Path, *, extra: tuple[str, ...] = (),
                                 stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env} if env else None)
     d = Daemon(proc, sock, run_dir, log, image.name)
+    try:
+        wait_listening(proc, sock, log, wait_s)
+    except AssertionError:
+        d.kill()
+        raise
+    return d
+
+
+def wait_listening(proc: subprocess.Popen[bytes], sock: Path, log: Path,
+                   wait_s: float = 30) -> None:
+    """Return once ``cowd serve`` (``proc``, logging to ``log``) accepts connections on
+    ``sock``; fail with its log if it exits first or does not listen within ``wait_s``."""
     deadline = time.monotonic() + wait_s
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"cowd serve exited {proc.returncode}:\n{d.log_text()}")
+            text = log.read_text(errors="replace")
+            raise AssertionError(f"cowd serve exited {proc.returncode}:\n{text}")
         if sock.exists():
             with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(sock))
-                return d
+                return
         if time.monotonic() > deadline:
-            d.kill()
-            raise AssertionError(f"cowd serve did not listen in {wait_s} s:\n{d.log_text()}")
+            text = log.read_text(errors="replace")
+            raise AssertionError(f"cowd serve did not listen in {wait_s} s:\n{text}")
         time.sleep(0.02)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """The daemons a test started (it appends them): killed at teardown."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
 
 
 # ---- overlays ------------------------------------------------------------------------------
@@ -177,23 +201,7 @@ def read_disk(fmt: str, image: Path, work: Path) -> bytes:
         data = out.read_bytes()
         out.unlink()
         return data
-    return libvhdi_read(image, work)
-
-
-def libvhdi_read(image: Path, work: Path) -> bytes:
-    import tempfile
-
-    mnt = Path(tempfile.mkdtemp(prefix="vhdimnt-", dir=work))
-    sh("vhdimount", image, mnt, timeout=60)
-    try:
-        names = sorted((n for n in os.listdir(mnt) if n.startswith("vhdi")),
-                       key=lambda n: int(n[4:]))
-        return (mnt / names[-1]).read_bytes()
-    finally:
-        p = sh("fusermount3", "-u", mnt, check=False)
-        if p.returncode:
-            sh("umount", "-l", mnt, check=False)
-        os.rmdir(mnt)
+    return libvhdi_raw(image, work)
 
 
 def check_image(fmt: str, image: Path) -> tuple[int, str]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import ctypes
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from cowd.frontends.kmod import abi
+from tests.support import ROOT
 from tests.support.peers import need
 
-HEADER = Path(__file__).resolve().parents[2] / "kmod" / "cowd_uapi.h"
+HEADER = ROOT / "kmod" / "cowd_uapi.h"
 
 CTYPES = {"cowd_version": abi.Version, "cowd_create": abi.Create, "cowd_remove": abi.Remove,
           "cowd_reopen": abi.Reopen, "cowd_stats": abi.Stats}

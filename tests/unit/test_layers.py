@@ -1,7 +1,9 @@
 """The data path runs one way (STYLE.md): a module imports only from layers below it.
 
 Also the frontends' own rules: no frontend package imports another (cowd/attach/ is where they
-meet), and the sans-I/O codecs (NBD protocol, FUSE protocol, kmod ABI) import no trio.
+meet), and the sans-I/O codecs (NBD protocol, FUSE protocol, kmod ABI) import no trio.  And
+the tests' rule (tests/support/__init__.py): a test module imports helpers from tests/support,
+never from another test module.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
@@ -58,17 +60,19 @@ def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
 
 def imports_of(path: Path, top: str = "cowd", runtime_only: bool = False) -> set[str]:
     """Absolute names of what ``path`` imports (relative imports resolved against its
-    package, whose top-level package is ``top``); ``runtime_only`` leaves out the imports
+    package; ``from TOP import x`` names TOP.x); ``runtime_only`` leaves out the imports
     under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text(), str(path))
     skip = _type_checking_only(tree) if runtime_only else set()
-    if top == "cowd":
-        mod = module_name(path)
-        here = ["cowd", *mod.split(".")] if mod else ["cowd"]
-        if path.name != "__init__.py":
-            here.pop()  # a module's package
-    else:
-        here = [top]
+    # The package relative imports start from: a module's, or for __init__.py its own.
+    here = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+    return imported_names(tree, here, top, skip)
+
+
+def imported_names(tree: ast.Module, here: list[str], top: str,
+                   skip: set[ast.AST] | None = None) -> set[str]:
+    """imports_of's walk over a parsed module (``here``: its package's name parts)."""
+    skip = skip or set()
     names: set[str] = set()
     for node in ast.walk(tree):
         if node in skip:
@@ -206,3 +210,45 @@ def test_codecs_import_no_trio() -> None:
                 other = cowd_target(name)
                 if other is not None:
                     todo.append(other)
+
+
+# ---- tests/: helpers live in tests/support, and no module imports a test module ---------------
+
+def embedded_imports(tree: ast.Module) -> set[str]:
+    """What the Python source in a module's string constants imports (code run with
+    ``python -c``, e.g. a server started in a fresh interpreter); strings that do not parse
+    as Python are passed over."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                "import " in node.value:
+            try:
+                code = ast.parse(node.value)
+            except SyntaxError:
+                continue
+            names |= imported_names(code, [], "tests")
+    return names
+
+
+def is_test_module(name: str) -> bool:
+    """Anything in the tests package but tests.support (tests.integration.test_x,
+    tests.conftest, the tier packages themselves)."""
+    return (name == "tests" or name.startswith("tests.")) and \
+        name != "tests.support" and not name.startswith("tests.support.")
+
+
+def test_no_module_imports_a_test_module() -> None:
+    """A module under tests/ (a tier's test module, a support module, conftest.py) or tools/
+    imports tests.support, cowd, formats, tools, the standard library and third parties,
+    never a test module: what more than one test module uses moves to tests/support.  Code
+    in strings counts too: test_corpus's fork server once ran
+    ``import tests.integration.test_corpus`` in a fresh interpreter."""
+    bad = []
+    for top in ("tests", "tools"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            here = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+            names = imported_names(tree, here, top) | embedded_imports(tree)
+            bad += [f"{path.relative_to(ROOT)} imports {n}" for n in sorted(names)
+                    if is_test_module(n)]
+    assert not bad, "\n".join(["import helpers from tests/support instead:", *bad])
