@@ -165,6 +165,21 @@ def _default_run_dir() -> str:
     return os.environ.get("COWD_RUN_DIR", DEFAULT_RUN_DIR)
 
 
+def _workers(text: str) -> int:
+    """--workers: a count, or auto (one per core; none on a single core)."""
+    if text == "auto":
+        cores = len(os.sched_getaffinity(0))
+        return cores if cores > 1 else 0
+    if text.isdigit() and int(text) <= MAX_WORKERS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a count from 0 to {MAX_WORKERS} or auto, "
+                                     f"got {text!r}")
+
+
+# More workers than this is a typo, not a machine.
+MAX_WORKERS = 256
+
+
 def _daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=_default_run_dir(),
                    help="where the control socket lives (default $COWD_RUN_DIR or /run/cowd)")
@@ -177,6 +192,9 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
                    help="clusters resolved ahead on a sequential miss (default 16)")
     p.add_argument("--no-prime", action="store_true",
                    help="do not fill the remap cache from the metadata at start")
+    p.add_argument("--workers", type=_workers, default=0, metavar="N|auto",
+                   help="serve NBD connections from N worker processes (auto: one per core); "
+                   "0 serves them in the daemon itself (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
     _outside_option(p)
 
@@ -369,18 +387,20 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
     import trio
 
     from .daemon import DaemonConfig, run_daemon
+    from .process import settle_allocator
     from .rundir import PID_WAIT_S
 
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    settle_allocator()
     config = DaemonConfig(images=[] if background else args.images,
                           nbd=[] if background else args.nbd, run_dir=args.run_dir,
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
-                          exit_when_idle=background,
+                          exit_when_idle=background, workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
                           policy=open_policy(args))
     trio.run(run_daemon, config)

@@ -49,6 +49,7 @@ from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
+from .workers.host import WorkerPool
 
 log = logging.getLogger("cowd.daemon")
 
@@ -71,6 +72,8 @@ class DaemonConfig:
     # What the files the served images name may reach (formats/opener.py): confined to each
     # top image's folder unless the user allowed more.
     policy: OpenPolicy = field(default_factory=OpenPolicy)
+    # Worker processes serving NBD connections (cowd/workers/); 0: the daemon serves them.
+    workers: int = 0
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Daemon:
     disks: dict[str, Disk] = field(default_factory=dict)  # NBD export name -> disk
     started: float = field(default_factory=time.monotonic)
     nbd: Any = None  # the NbdServer, once started
+    workers: WorkerPool | None = None
     attacher: Attacher | None = None
     cleanup: list[str] = field(default_factory=list)  # what start-up cleaned up
     request_stop: Callable[[], None] = lambda: None
@@ -153,13 +157,18 @@ class Daemon:
                     disks[name]["nbd"] = a.nbd.stats()
             if self.attacher.fuse is not None:
                 fuse = self.attacher.fuse.stats()
+        nbd = dict(self.nbd.counters) if self.nbd is not None else None
+        workers = await self.workers.stats() if self.workers is not None else None
+        if workers is not None:
+            nbd = _sum_worker_stats(workers, disks)
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cache": self.cache.stats(),
-            "nbd": dict(self.nbd.counters) if self.nbd is not None else None,
+            "nbd": nbd,
             "fuse": fuse,
             "disks": disks,
+            "workers": workers,
         }
 
     async def close(self) -> None:
@@ -179,6 +188,27 @@ class Daemon:
         """``close`` even when the caller is cancelled: the flush must not be skipped."""
         with trio.CancelScope(shield=True):
             await self.close()
+
+
+def _sum_worker_stats(workers: list[dict[str, Any]],
+                      disks: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The NBD counters of every worker, summed; and each disk's worker counters (local
+    reads and writes, misses, what was forwarded), summed over the workers into
+    ``disks[name]["workers"]``.  Returns the NBD counters."""
+    nbd: dict[str, int] = {}
+    for w in workers:
+        doc = w.get("worker") or {}
+        for k, v in doc.get("nbd", {}).items():
+            nbd[k] = nbd.get(k, 0) + v
+        for d in doc.get("disks", {}).values():
+            into = disks.get(d.get("name"))
+            if into is None:
+                continue
+            total = into.setdefault("workers", {})
+            for k, v in d.items():
+                if isinstance(v, int):
+                    total[k] = total.get(k, 0) + v
+    return nbd
 
 
 def parse_address(spec: str) -> tuple[str, str, int]:
@@ -259,7 +289,7 @@ async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], st
 async def _serve_in(services: trio.Nursery, config: DaemonConfig,
                     addresses: list[tuple[str, str, int]], stop: trio.Event,
                     serving: list[bool], task_status: trio.TaskStatus[Daemon]) -> None:
-    from .frontends.nbd.server import NbdServer, open_nbd_listeners
+    from .frontends.nbd.server import NbdServer, open_nbd_listeners, peer_name
 
     run = RunDir.at(config.run_dir)
     ctl_path = run.control
@@ -287,6 +317,14 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for path in config.images:
             await daemon.add_disk(path)
 
+        # Workers first: the NBD socket appears only once they can serve.
+        workers: WorkerPool | None = None
+        if config.workers > 0:
+            workers = WorkerPool(config.workers, services)
+            daemon.workers = workers
+            await workers.start()
+            for name, disk in daemon.disks.items():
+                workers.add_disk(name, disk)
         ctl = await control.open_control_listener(ctl_path)
         stack.callback(_unlink_quiet, ctl_path)
         listeners = await open_nbd_listeners(addresses)
@@ -295,6 +333,11 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
                 stack.callback(_unlink_quiet, addr)
         nbd = NbdServer(daemon.disks)
         daemon.nbd = nbd
+
+        async def hand_off(stream: trio.SocketStream) -> None:
+            assert workers is not None
+            workers.hand_off(stream, peer_name(stream))
+            await trio.lowlevel.checkpoint()
         handlers: dict[str, control.Handler] = {
             "stats": daemon.stats, "ping": daemon.ping, "list": daemon.list_disks,
             "attach": attacher.attach, "detach": attacher.detach}
@@ -313,7 +356,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
 
         async def accept_loop() -> None:
             with accepting:
-                await trio.serve_listeners(nbd.handle, listeners, handler_nursery=services)
+                await trio.serve_listeners(nbd.handle if workers is None else hand_off, listeners,
+                                           handler_nursery=services)
 
         try:
             await services.start(control_loop)
@@ -335,6 +379,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             accepting.cancel()
         await attacher.quiesce()
         await nbd.shutdown(DRAIN_TIMEOUT_S)
+        if workers is not None:
+            await workers.stop()
     log.info("stopped")
 
 

@@ -1,5 +1,7 @@
 """Layer: cowd frontends.  The NBD server: a thin trio adapter around the sans-I/O codec in
-:mod:`cowd.frontends.nbd.protocol`, serving :class:`~cowd.disk.Disk` objects.
+:mod:`cowd.frontends.nbd.protocol`, serving disks: :class:`~cowd.disk.Disk` objects in the
+daemon, :class:`~cowd.workers.mapped.MappedDisk` objects in a worker process (both
+:class:`~cowd.disk.api.BlockDisk`).
 
 Theory of operation: one task per connection reads the socket and feeds the codec.  Per
 request the cost that matters is the fixed one (DESIGN.md: a Python server pays ~45 us of
@@ -50,7 +52,8 @@ from collections.abc import Mapping
 
 import trio
 
-from ...disk import Disk, DiskError
+from ...disk import DiskError
+from ...disk.api import BlockDisk
 from . import protocol as P
 from . import wire as W
 
@@ -61,7 +64,8 @@ log = logging.getLogger("cowd.nbd")
 MAX_INFLIGHT_BYTES = 64 << 20
 # A connection that has not finished negotiating after this long is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Connections served at once; more are closed as soon as they are accepted.
+# Connections served at once; more are closed as soon as they are accepted.  A daemon with
+# worker processes shares the bound out between them (cowd/workers/).
 MAX_CONNECTIONS = 512
 # Largest request we accept (the codec caps writes at NBD_MAX_WRITE_BYTES too).
 MAX_BLOCK_BYTES = W.NBD_MAX_WRITE_BYTES
@@ -137,7 +141,7 @@ class _ByteBudget:
                 await self._changed.wait()
 
 
-def export_info(name: str, disk: Disk) -> W.ExportInfo:
+def export_info(name: str, disk: BlockDisk) -> W.ExportInfo:
     preferred = max(512, min(disk.cluster_size, 2 << 20))
     return W.ExportInfo(
         name=name,
@@ -157,8 +161,10 @@ def export_info(name: str, disk: Disk) -> W.ExportInfo:
 
 
 class NbdServer:
-    def __init__(self, disks: Mapping[str, Disk]):
+    def __init__(self, disks: Mapping[str, BlockDisk], *,
+                 max_connections: int = MAX_CONNECTIONS):
         self.disks = disks
+        self.max_connections = max_connections
         self._conns: set[_Connection] = set()
         # Connections still negotiating, oldest first (a dict keeps insertion order).
         self._negotiating: dict[_Connection, None] = {}
@@ -180,7 +186,7 @@ class NbdServer:
         """True if a new connection may be served: below MAX_CONNECTIONS, or after evicting
         the oldest connection that has not finished negotiating (it has cost us nothing we
         owe it; a connection in transmission is never evicted)."""
-        if len(self._conns) < MAX_CONNECTIONS:
+        if len(self._conns) < self.max_connections:
             return True
         if not self._negotiating:
             return False
@@ -231,11 +237,11 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.codec = P.ServerConnection(server._lookup, list_exports=server._list,
-                                        peer=_peer_name(stream))
+                                        peer=peer_name(stream))
         self.send_lock = trio.Lock()
         self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self.buffers = _BufferPool()
-        self.disk: Disk | None = None
+        self.disk: BlockDisk | None = None
         self.broken = False
         self.negotiation_scope = trio.CancelScope(deadline=trio.current_time()
                                                   + HANDSHAKE_TIMEOUT_S)
@@ -489,7 +495,7 @@ class _Connection:
         await self.send(codec.ok_reply(req))
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def peer_name(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
         if sock is not None and sock.family == socket.AF_UNIX:

@@ -1,0 +1,590 @@
+"""Layer: cowd workers — the control plane's side: :class:`WorkerPool` and one
+:class:`WorkerLink` per worker process.
+
+The pool starts ``count`` workers (``python -m cowd.workers.worker``), describes every served
+disk to each (a :class:`~cowd.workers.wire.DiskSpec` with fresh descriptions of the chain's
+files), hands them client connections in turn, answers their misses and requests with the
+disk's :class:`~cowd.disk.Disk`, and restarts a worker that dies.  The contract it keeps is
+written in :mod:`cowd.workers`; how, here:
+
+- *Ordering.*  Every answer that carries remaps plans them (``Disk.segments``) and queues
+  them in one synchronous step: ``segments`` returns right after its plan, with no
+  checkpoint, and nothing awaits until the REMAPS are queued.
+- *The change gate.*  A request that changes a disk's mapping (a forwarded write, trim,
+  write-zeroes) first enters the disk's :class:`ChangeGate` with the granules it touches, then
+  invalidates every worker holding remaps of the disk — waiting for each one's
+  acknowledgement, except the requester's for a write — then asks the disk, then leaves.
+  A plan never sends remaps of a granule inside the gate: a miss there waits until the
+  change is done, and read-ahead, priming and a write's fresh remaps leave gated granules out.
+  So no worker can learn a remap from before a change after it acknowledged the change's
+  invalidation.
+- *Holders.*  A worker holds a disk once remaps of it were queued for it; invalidations go to
+  holders only.  A dead worker holds nothing.  A worker that does not acknowledge an
+  invalidation within ACK_TIMEOUT_S is killed (a mapped write through a stale remap is worse
+  than a dropped connection).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..disk import ChainFile, Disk, DiskError, Segment
+from ..frontends.nbd.server import MAX_CONNECTIONS
+from . import wire as W
+from .channel import Calls, ChannelStream
+
+log = logging.getLogger("cowd.workers")
+
+# Granules past a miss whose remaps go with the answer (a sequential reader's next misses).
+READAHEAD_GRANULES = 64
+# Priming sends a worker a disk's remaps in pieces of this many guest bytes, yielding between.
+PRIME_CHUNK_BYTES = 256 << 20
+# A worker that does not acknowledge an invalidation in this long is killed.
+ACK_TIMEOUT_S = 30.0
+# A worker that dies is started again after a pause that doubles from RESTART_MIN_S (a
+# worker that dies at once, every time, costs little) up to RESTART_MAX_S.
+RESTART_MIN_S = 0.1
+RESTART_MAX_S = 5.0
+# A worker that lived this long resets the pause.
+RESTART_STABLE_S = 30.0
+# A worker that has not answered its first query after this long is reported started
+# anyway (a loaded machine imports slowly; its connections wait in the channel meanwhile).
+START_TIMEOUT_S = 60.0
+# How long STOP lets workers drain before they are killed.
+STOP_TIMEOUT_S = 15.0
+
+
+# ---- the change gate ---------------------------------------------------------------------------
+
+
+class ChangeGate:
+    """Granule ranges of one disk whose mapping is being changed (a multiset of
+    [first, end) ranges; short: one per change in flight)."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int, object]] = []
+        self._left = trio.Event()
+
+    def overlaps(self, first: int, end: int, *, but: object = None) -> bool:
+        return any(a < end and first < b and who is not but for a, b, who in self._ranges)
+
+    def clear_prefix(self, first: int, end: int) -> int:
+        """The end of the longest run of granules from ``first`` that no change touches."""
+        for a, b, _ in self._ranges:
+            if a < end and first < b:
+                end = max(first, a) if a > first else first
+        return end
+
+    async def wait_clear(self, first: int, end: int) -> None:
+        while self.overlaps(first, end):
+            await self._left.wait()
+
+    @asynccontextmanager
+    async def changing(self, first: int, end: int) -> AsyncIterator[object]:
+        token = object()
+        entry = (first, end, token)
+        self._ranges.append(entry)
+        try:
+            yield token
+        finally:
+            self._ranges.remove(entry)
+            self._left.set()
+            self._left = trio.Event()
+
+
+# ---- served disks ------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A disk as the pool serves it to workers."""
+
+    disk_id: int
+    name: str
+    disk: Disk
+    files: list[ChainFile]
+    file_index: dict[int, int] = field(default_factory=dict)  # id(file) -> index
+    gate: ChangeGate = field(default_factory=ChangeGate)
+
+    def __post_init__(self) -> None:
+        self.file_index = {id(f): i for i, f in enumerate(self.files)}
+
+    def granules(self, guest_offset: int, guest_end: int) -> tuple[int, int]:
+        """Granules covering every cluster that [guest_offset, guest_end) touches (what a
+        change there may remap)."""
+        g = self.disk.granule
+        cs = max(1, self.disk.cluster_size)
+        return guest_offset // cs * cs // g, -(-(-(-guest_end // cs) * cs) // g)
+
+    def runs(self, segs: list[Segment], *, but_gated: object | None = None,
+             skip_gated: bool = True) -> list[W.RemapRun]:
+        """The remap runs of ``segs``: DATA in a file the workers have, and zeroes; what
+        cannot be expressed (compressed clusters) and granules inside the gate (other than
+        ``but_gated``'s own change) are left out."""
+        out: list[W.RemapRun] = []
+        g = self.disk.granule
+        readonly = self.disk.readonly
+        gate = self.gate
+        for seg in segs:
+            if seg.is_data:
+                fi = self.file_index.get(id(seg.file), -1)
+                if fi < 0:
+                    continue
+                flags = W.REMAP_WRITABLE if seg.writable and not readonly else 0
+                run = W.RemapRun(seg.guest_offset, seg.length, fi, flags, seg.file_offset)
+            elif seg.is_zero:
+                run = W.RemapRun(seg.guest_offset, seg.length, W.ZERO_FILE, 0, 0)
+            else:
+                continue
+            if skip_gated and gate.overlaps(run.guest_offset // g,
+                                            -(-(run.guest_offset + run.length) // g),
+                                            but=but_gated):
+                continue
+            if out and out[-1].guest_offset + out[-1].length == run.guest_offset and \
+                    out[-1].file_index == run.file_index and out[-1].flags == run.flags and \
+                    (run.file_index < 0 or
+                     out[-1].file_offset + out[-1].length == run.file_offset):
+                prev = out[-1]
+                out[-1] = W.RemapRun(prev.guest_offset, prev.length + run.length,
+                                     prev.file_index, prev.flags, prev.file_offset)
+            else:
+                out.append(run)
+        return out
+
+
+def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:
+    pos = start
+    for r in runs:
+        if r.guest_offset > pos:
+            break
+        pos = max(pos, r.guest_offset + r.length)
+        if pos >= end:
+            return True
+    return pos >= end
+
+
+def _fresh_fds(served: Served) -> tuple[int, ...]:
+    """New open file descriptions of the chain's files for one worker (not the daemon's own,
+    which carry its image locks)."""
+    fds: list[int] = []
+    try:
+        for f in served.files:
+            mode = os.O_RDWR if f.writable and not served.disk.readonly else os.O_RDONLY
+            fds.append(os.open(f"/proc/self/fd/{f.fd}", mode | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return tuple(fds)
+
+
+# ---- one worker ----------------------------------------------------------------------------
+
+
+class WorkerLink:
+    """One worker process and its channel, restarted when it dies."""
+
+    def __init__(self, pool: WorkerPool, index: int):
+        self.pool = pool
+        self.index = index
+        self.chan: ChannelStream | None = None
+        self.proc: trio.Process | None = None
+        self.holds: set[int] = set()  # disk ids this worker has remaps of
+        self.acks = Calls()  # invalidations waiting for INVALIDATED
+        self.queries = Calls()  # stats queries
+        self.starts = 0
+        self.deaths = 0
+        self.handed = 0  # connections handed to it, over its lives
+        self._to_close: set[int] = set()  # fds to close once sent
+        self.counters = {k: 0 for k in ("misses", "requests", "remap_runs_sent",
+                                        "invalidations_sent", "ack_timeouts")}
+
+    @property
+    def alive(self) -> bool:
+        return self.chan is not None and not self.chan.closed
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the worker, serve it, start it again when it dies, until the pool stops."""
+        pause = RESTART_MIN_S
+        started = False
+        while not self.pool.stopping:
+            born = trio.current_time()
+            try:
+                await self._life(task_status if not started else None)
+            finally:
+                started = True
+            if self.pool.stopping:
+                return
+            self.deaths += 1
+            lived = trio.current_time() - born
+            pause = RESTART_MIN_S if lived > RESTART_STABLE_S else min(RESTART_MAX_S, pause * 2)
+            log.warning("worker %d died (lived %.1f s); starting it again in %.1f s",
+                        self.index, lived, pause)
+            await trio.sleep(pause)
+
+    async def _life(self, task_status: trio.TaskStatus[None] | None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "cowd.workers.worker", "--channel",
+                 str(theirs.fileno()), "--index", str(self.index), "--max-connections",
+                 str(max(1, -(-MAX_CONNECTIONS // len(self.pool.links)))),
+                 "--log-level", logging.getLevelName(logging.getLogger().level)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.starts += 1
+        chan = ChannelStream(trio.socket.from_stdlib_socket(ours), f"worker {self.index}")
+        self.chan = chan
+        try:
+            for served in list(self.pool.disks.values()):
+                self.describe(served)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(chan.writer, self._to_close)
+                ready = self.queries.new()  # answered once the worker's loop runs
+                chan.send(W.StatsQuery(ready))
+                nursery.start_soon(self._started, ready, task_status)
+                try:
+                    await self._read(chan, nursery)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            chan.close()
+            self.holds.clear()
+            dead = ConnectionError(f"worker {self.index} is gone")
+            self.acks.fail_all(dead)
+            self.queries.fail_all(dead)
+            for fd in self._to_close:
+                os.close(fd)
+            self._to_close.clear()
+            with trio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _started(self, cookie: int, task_status: trio.TaskStatus[None] | None) -> None:
+        """Report the worker started once it answered its first query (it has imported and
+        runs its loop), so the daemon listens only when its workers can serve."""
+        with trio.move_on_after(START_TIMEOUT_S):
+            try:
+                await self.queries.wait(cookie)
+            except ConnectionError:
+                pass  # it died at once: run() starts it again
+        if task_status is not None:
+            task_status.started()
+
+    async def _reap(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        with trio.move_on_after(STOP_TIMEOUT_S if self.pool.stopping else 1.0):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        if self.chan is not None:
+            self.chan.close()
+
+    def describe(self, served: Served) -> None:
+        assert self.chan is not None
+        fds = _fresh_fds(served)
+        self._to_close.update(fds)
+        disk = served.disk
+        self.chan.send(W.DiskSpec(served.disk_id, served.name, disk.path, disk.size,
+                                  disk.cluster_size, disk.granule, disk.readonly,
+                                  tuple(f.writable for f in served.files), fds))
+
+    def hand_off(self, fd: int, peer: str) -> None:
+        assert self.chan is not None
+        self._to_close.add(fd)
+        self.chan.send(W.Connection(peer, (fd,)))
+        self.handed += 1
+
+    async def _read(self, chan: ChannelStream, nursery: trio.Nursery) -> None:
+        async for msg in chan.messages():
+            if isinstance(msg, W.Miss):
+                self.counters["misses"] += 1
+                nursery.start_soon(self._miss, msg)
+            elif isinstance(msg, W.Request):
+                self.counters["requests"] += 1
+                nursery.start_soon(self._request, msg)
+            elif isinstance(msg, W.Invalidated):
+                self.acks.complete(msg.cookie, True)
+            elif isinstance(msg, W.Stats):
+                self.queries.complete(msg.cookie, msg.stats)
+            elif isinstance(msg, W.Release):
+                self.holds.discard(msg.disk_id)
+            else:
+                raise W.ChannelError(f"worker {self.index}: unexpected message {msg!r}")
+
+    def _reply(self, cookie: int, err: int = 0, data: bytes | bytearray = b"") -> None:
+        if self.chan is not None:
+            self.chan.send(W.Reply(cookie, err, data))
+
+    def _send_runs(self, served: Served, runs: list[W.RemapRun]) -> None:
+        """Queue remaps (the caller planned them in this same synchronous step)."""
+        if not runs or self.chan is None:
+            return
+        self.holds.add(served.disk_id)
+        for raw in W.encode_remaps(served.disk_id, runs):
+            self.chan.send_raw(raw)
+        self.counters["remap_runs_sent"] += len(runs)
+
+    # -- misses ------------------------------------------------------------------------
+
+    async def _miss(self, m: W.Miss) -> None:
+        served = self.pool.disks.get(m.disk_id)
+        if served is None:
+            self._reply(m.cookie, errno.ENODEV, b"disk is no longer served")
+            return
+        disk = served.disk
+        g = disk.granule
+        end = m.guest_offset + m.length
+        if m.length <= 0 or m.guest_offset < 0 or end > disk.size:
+            self._reply(m.cookie, errno.EINVAL, f"{disk.path}: miss outside the disk "
+                        f"(offset={m.guest_offset}, length={m.length})".encode())
+            return
+        first, want = m.guest_offset // g, -(-end // g)
+        fresh = m.disk_id not in self.holds
+        try:
+            while True:
+                await served.gate.wait_clear(first, want)
+                ahead = served.gate.clear_prefix(want, min(-(-disk.size // g),
+                                                           want + READAHEAD_GRANULES))
+                segs = await disk.segments(first * g, min(disk.size, ahead * g) - first * g)
+                # -- from here to the queueing, no await (the ordering rule) --
+                if served.gate.overlaps(first, want):
+                    continue  # a change began while the plan waited for a lock
+                runs = served.runs(segs)
+                self._send_runs(served, runs)
+                break
+            if _covers(runs, m.guest_offset, end):
+                self._reply(m.cookie)
+            else:  # a cluster that cannot be remapped (compressed): the data itself
+                buf = bytearray(m.length)
+                await disk.read_into(m.guest_offset, buf)
+                self._reply(m.cookie, 0, buf)
+        except DiskError as e:
+            self._reply(m.cookie, e.errno or errno.EIO, str(e).encode())
+            return
+        if fresh and m.disk_id in self.holds:
+            self.pool.nursery.start_soon(self._prime, served)
+
+    async def _prime(self, served: Served) -> None:
+        """Send this worker the disk's remaps from the start, as many as its table takes."""
+        from .mapped import MAX_TABLE_ENTRIES
+
+        disk = served.disk
+        g = disk.granule
+        pos = 0
+        limit = min(disk.size, MAX_TABLE_ENTRIES * g)
+        try:
+            while pos < limit and self.alive and served.disk_id in self.holds:
+                end = min(limit, pos + PRIME_CHUNK_BYTES)
+                segs = await disk.segments(pos, end - pos)
+                self._send_runs(served, served.runs(segs))  # gated granules left out
+                pos = end
+                await trio.lowlevel.checkpoint()
+        except DiskError as e:
+            log.info("%s: priming worker %d stopped: %s", disk.path, self.index, e)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _request(self, r: W.Request) -> None:
+        served = self.pool.disks.get(r.disk_id)
+        if served is None:
+            self._reply(r.cookie, errno.ENODEV, b"disk is no longer served")
+            return
+        disk = served.disk
+        try:
+            if r.op == W.Op.READ:
+                buf = bytearray(max(0, r.length))
+                await disk.read_into(r.guest_offset, buf)
+                self._reply(r.cookie, 0, buf)
+                return
+            if r.op == W.Op.WRITE:
+                await self._write(served, r)
+            elif r.op in (W.Op.TRIM, W.Op.WRITE_ZEROES):
+                await self._zero(served, r)
+            elif r.op == W.Op.FLUSH:
+                await disk.flush()
+            elif r.op == W.Op.CACHE:
+                await disk.prefetch(r.guest_offset, r.length)
+            elif r.op == W.Op.BLOCK_STATUS:
+                runs = await disk.block_status(r.guest_offset, r.length)
+                self._reply(r.cookie, 0, W.status_runs([(n, hole) for n, hole, _z in runs]))
+                return
+            else:
+                self._reply(r.cookie, errno.EINVAL, f"unknown op {r.op}".encode())
+                return
+        except DiskError as e:
+            self._reply(r.cookie, e.errno or errno.EIO, str(e).encode())
+            return
+        except Exception:
+            log.exception("%s: a worker's %s failed", disk.path, r.op.name)
+            self._reply(r.cookie, errno.EIO, b"internal error")
+            return
+        self._reply(r.cookie)
+
+    async def _write(self, served: Served, r: W.Request) -> None:
+        disk = served.disk
+        end = r.guest_offset + r.length
+        if r.length <= 0 or r.guest_offset < 0 or end > disk.size:
+            await disk.write(r.guest_offset, r.data, fua=bool(r.flags & W.FLAG_FUA))  # its error
+            return
+        first, last = served.granules(r.guest_offset, end)
+        async with served.gate.changing(first, last) as token:
+            await self.pool.invalidate(served, first, last, requester=self,
+                                       ack_requester=False)
+            await disk.write(r.guest_offset, r.data, fua=bool(r.flags & W.FLAG_FUA))
+            # The written clusters' fresh remaps, so the next writes there stay local.
+            g = disk.granule
+            segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
+            self._send_runs(served, served.runs(segs, but_gated=token))
+
+    async def _zero(self, served: Served, r: W.Request) -> None:
+        disk = served.disk
+        end = r.guest_offset + r.length
+        if r.length <= 0 or r.guest_offset < 0 or end > disk.size:
+            first = last = 0
+        else:
+            first, last = served.granules(r.guest_offset, end)
+        async with served.gate.changing(first, last):
+            if last > first:
+                # Clusters may be freed: every holder, this worker too, must drop them first.
+                await self.pool.invalidate(served, first, last, requester=self,
+                                           ack_requester=True)
+            if r.op == W.Op.TRIM:
+                await disk.trim(r.guest_offset, r.length)
+                if r.flags & W.FLAG_FUA:
+                    await disk.flush()
+            else:
+                await disk.write_zeroes(r.guest_offset, r.length,
+                                        may_unmap=bool(r.flags & W.FLAG_MAY_UNMAP),
+                                        fua=bool(r.flags & W.FLAG_FUA))
+
+    async def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "alive": self.alive, "starts": self.starts,
+                               "deaths": self.deaths, "connections_handed": self.handed,
+                               "holds": sorted(self.holds), **self.counters}
+        if self.alive and self.chan is not None:
+            cookie = self.queries.new()
+            self.chan.send(W.StatsQuery(cookie))
+            with trio.move_on_after(2.0):
+                try:
+                    out["worker"] = await self.queries.wait(cookie)
+                except ConnectionError:
+                    pass
+        return out
+
+
+# ---- the pool ----------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """The control plane's workers; see the module docstring."""
+
+    def __init__(self, count: int, nursery: trio.Nursery):
+        if count < 1:
+            raise ValueError(f"a worker pool needs at least one worker (count={count})")
+        self.nursery = nursery
+        self.links = [WorkerLink(self, i) for i in range(count)]
+        self.disks: dict[int, Served] = {}
+        self._ids = itertools.count(1)
+        self._turn = itertools.cycle(range(count))
+        self.stopping = False
+
+    async def start(self) -> None:
+        for link in self.links:
+            await self.nursery.start(link.run)
+
+    def add_disk(self, name: str, disk: Disk) -> Served:
+        served = Served(next(self._ids), name, disk, disk.files())
+        self.disks[served.disk_id] = served
+        for link in self.links:
+            if link.alive:
+                link.describe(served)
+        return served
+
+    def remove_disk(self, disk: Disk) -> None:
+        for served in [s for s in self.disks.values() if s.disk is disk]:
+            del self.disks[served.disk_id]
+            for link in self.links:
+                if link.alive and link.chan is not None:
+                    link.chan.send(W.DiskGone(served.disk_id))
+                link.holds.discard(served.disk_id)
+
+    def hand_off(self, stream: trio.SocketStream, peer: str) -> None:
+        """Give a client connection to the next live worker (round robin)."""
+        for _ in range(len(self.links)):
+            link = self.links[next(self._turn)]
+            if link.alive:
+                fd = stream.socket.detach()
+                link.hand_off(fd, peer)
+                return
+        raise DiskError(errno.EAGAIN, "no worker is running")
+
+    async def invalidate(self, served: Served, first: int, end: int, *,
+                         requester: WorkerLink, ack_requester: bool) -> None:
+        """Tell every holder of ``served`` to drop granules [first, end), and wait for the
+        acknowledgements the contract needs (see the module docstring)."""
+        g = served.disk.granule
+        waits: list[tuple[WorkerLink, int]] = []
+        for link in self.links:
+            if not link.alive or served.disk_id not in link.holds or link.chan is None:
+                continue
+            ack = link is not requester or ack_requester
+            cookie = link.acks.new() if ack else 0
+            link.chan.send(W.Invalidate(cookie, served.disk_id, first * g, (end - first) * g,
+                                        ack))
+            link.counters["invalidations_sent"] += 1
+            if ack:
+                waits.append((link, cookie))
+        for link, cookie in waits:
+            with trio.move_on_after(ACK_TIMEOUT_S) as scope:
+                try:
+                    await link.acks.wait(cookie)
+                except ConnectionError:
+                    pass  # it died: a dead worker holds nothing
+            if scope.cancelled_caught:
+                link.counters["ack_timeouts"] += 1
+                log.error("worker %d did not acknowledge an invalidation in %g s; killing it",
+                          link.index, ACK_TIMEOUT_S)
+                link.holds.clear()
+                link.kill()
+
+    async def stop(self) -> None:
+        """Ask every worker to drain and exit; kill what has not after STOP_TIMEOUT_S."""
+        self.stopping = True
+        for link in self.links:
+            if link.alive and link.chan is not None:
+                link.chan.send(W.Stop())
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            for link in self.links:
+                if link.proc is not None:
+                    await link.proc.wait()
+        for link in self.links:
+            link.kill()
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return [await link.stats() for link in self.links]
+
+
+__all__ = ["ChangeGate", "Served", "WorkerLink", "WorkerPool"]

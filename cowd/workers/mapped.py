@@ -1,0 +1,407 @@
+"""Layer: cowd workers — a worker's view of one disk: :class:`MappedDisk`.
+
+It has the shape of :class:`~cowd.disk.api.BlockDisk`, so the NBD server serves it exactly as
+it serves a :class:`~cowd.disk.Disk`.  What it does itself is what the contract in
+:mod:`cowd.workers` allows — reads of ranges whose granules are all in its table, and
+in-place writes where they are all writable DATA — and everything else it asks of the control
+plane through a :class:`ControlPlane` (the worker's channel).
+
+The table maps a granule index (the disk's top-layer granule, the same unit as the control
+plane's remap cache) to the :class:`Run` s that cover it, in guest order: a run is DATA at a
+file offset (``fd`` >= 0) or zeroes (``fd`` == ZERO_FD).  It is filled only by REMAPS from
+the control plane and emptied by INVALIDATE (and, past :data:`MAX_TABLE_ENTRIES`, oldest
+first).  A granule that the control plane cannot express as runs (a compressed cluster) is
+never in the table; reads of it go to the control plane, which answers with the data.
+
+Trio-thread only.  No method awaits between looking runs up and doing their I/O, so an
+INVALIDATE processed by the worker's channel task never races a read or write in progress.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import os
+from collections.abc import Iterable
+from typing import NamedTuple, Protocol
+
+import trio
+
+from ..disk.backing_io import WouldBlock, pread_into, pwrite_from, zero_fill
+from ..disk.disk import MAX_REQUEST_BYTES, DiskError
+from . import wire as W
+
+# Granules one disk's table holds (each about 200 B): 4 GiB of a disk of 64 KiB granules.
+# Past it, the oldest entries go first; a miss brings them back.
+MAX_TABLE_ENTRIES = 1 << 16
+
+# The fd of a run that reads as zeroes.
+ZERO_FD = -1
+
+
+class Run(NamedTuple):
+    """Guest bytes [guest_offset, guest_end) are at ``file_offset`` of ``fd``, or zeroes
+    (``fd`` == ZERO_FD); ``writable``: the worker may pwrite them in place."""
+
+    guest_offset: int
+    guest_end: int
+    fd: int
+    file_offset: int
+    writable: bool
+
+
+_run = functools.partial(tuple.__new__, Run)
+
+
+class ControlPlane(Protocol):
+    """How a MappedDisk asks the control plane (the worker's channel)."""
+
+    async def miss(self, disk_id: int, guest_offset: int, length: int) -> W.Reply: ...
+
+    async def request(self, disk_id: int, op: W.Op, flags: int, guest_offset: int,
+                      length: int, data: bytes | bytearray | memoryview = b"") -> W.Reply: ...
+
+
+class Local(enum.Enum):
+    """What a local attempt at a request came to."""
+
+    DONE = 0
+    MISSING = 1  # a granule is not in the table
+    WOULD_BLOCK = 2  # (reads without waiting) data not in the page cache
+    SHORT = 3  # a read ended early: the file is shorter than the remap says
+    NOT_WRITABLE = 4  # (writes) a run is not writable in place
+    OUT_OF_RANGE = 5  # the request is not one the worker checks itself: let the plane say
+
+
+class MappedDisk:
+    """One disk as a worker serves it; see the module docstring."""
+
+    def __init__(self, spec: W.DiskSpec, plane: ControlPlane):
+        self.disk_id = spec.disk_id
+        self.name = spec.name
+        self._path = spec.path
+        self._size = spec.size
+        self._cluster_size = spec.cluster_size
+        self._readonly = spec.readonly
+        self.granule = spec.granule
+        self._fds = list(spec.fds)
+        self._fd_writable = [w and not spec.readonly for w in spec.files_writable]
+        self.plane = plane
+        self._table: dict[int, tuple[Run, ...]] = {}
+        self.mapping_generation = 0  # bumped by every invalidation
+        self.closed = False
+        self.counters = {k: 0 for k in (
+            "reads_local", "writes_local", "bytes_read", "bytes_written", "misses",
+            "remaps_installed", "invalidations", "evictions", "forwarded_reads",
+            "forwarded_writes", "forwarded_other", "would_block")}
+
+    # ---- the BlockDisk properties --------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cluster_size
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    # ---- the table -----------------------------------------------------------------------
+
+    def install(self, runs: Iterable[W.RemapRun]) -> int:
+        """Enter the granules that ``runs`` (in guest order) cover whole; returns how many."""
+        g = self.granule
+        size = self._size
+        table = self._table
+        fds = self._fds
+        writable_fd = self._fd_writable
+        parts: list[Run] = []
+        cur = -1  # the granule being assembled, -1: none (or one that cannot be whole)
+        expect = 0  # where its next run must start
+        installed = 0
+        for r in runs:
+            if r.file_index == W.ZERO_FILE:
+                fd, writable = ZERO_FD, False
+            elif 0 <= r.file_index < len(fds):
+                fd = fds[r.file_index]
+                writable = bool(r.flags & W.REMAP_WRITABLE) and writable_fd[r.file_index]
+            else:
+                raise W.ChannelError(f"worker channel: remap names file {r.file_index} of "
+                                     f"{len(fds)} (disk={self.disk_id})")
+            pos = r.guest_offset
+            end = min(size, r.guest_offset + r.length)
+            while pos < end:
+                idx = pos // g
+                gstart = idx * g
+                gend = min(size, gstart + g)
+                if idx != cur:
+                    cur, parts, expect = (idx, [], gstart) if pos == gstart else (-1, [], -1)
+                if pos != expect:
+                    cur = -1
+                piece_end = min(end, gend)
+                if cur >= 0:
+                    fo = r.file_offset + (pos - r.guest_offset) if fd != ZERO_FD else 0
+                    parts.append(_run((pos, piece_end, fd, fo, writable)))
+                    expect = piece_end
+                    if piece_end == gend:
+                        if idx not in table and len(table) >= MAX_TABLE_ENTRIES:
+                            del table[next(iter(table))]
+                            self.counters["evictions"] += 1
+                        table[idx] = tuple(parts)
+                        installed += 1
+                        cur = -1
+                pos = piece_end
+        self.counters["remaps_installed"] += installed
+        return installed
+
+    def invalidate(self, guest_offset: int, length: int) -> None:
+        """Forget the granules touching [guest_offset, guest_offset + length)."""
+        self.mapping_generation += 1
+        self.counters["invalidations"] += 1
+        if length <= 0:
+            return
+        g = self.granule
+        first = guest_offset // g
+        end = -(-(guest_offset + length) // g)
+        table = self._table
+        if end - first <= len(table):
+            for i in range(first, end):
+                table.pop(i, None)
+        else:
+            for i in [i for i in table if first <= i < end]:
+                del table[i]
+
+    def clear(self) -> None:
+        self.mapping_generation += 1
+        self._table.clear()
+
+    # ---- local I/O -----------------------------------------------------------------------
+
+    def _in_range(self, offset: int, length: int) -> bool:
+        return offset >= 0 and 0 < length <= MAX_REQUEST_BYTES and \
+            offset + length <= self._size and not self.closed
+
+    def _read_local(self, offset: int, view: memoryview, nowait: bool) -> Local:
+        n = len(view)
+        if not self._in_range(offset, n):
+            return Local.OUT_OF_RANGE
+        end = offset + n
+        g = self.granule
+        table = self._table
+        first = offset // g
+        last = (end - 1) // g
+        if first == last:
+            runs = table.get(first)
+            if runs is None:
+                return Local.MISSING
+            if len(runs) == 1:  # the common case: one run covers the request
+                fd, fo = runs[0].fd, runs[0].file_offset + (offset - runs[0].guest_offset)
+                if fd == ZERO_FD:
+                    zero_fill(view)
+                    return Local.DONE
+                try:
+                    got = pread_into(fd, view, fo, nowait)
+                except WouldBlock:
+                    return Local.WOULD_BLOCK
+                return Local.DONE if got == n else Local.SHORT
+            granules: list[tuple[Run, ...]] = [runs]
+        else:
+            granules = []
+            for i in range(first, last + 1):
+                runs = table.get(i)
+                if runs is None:
+                    return Local.MISSING
+                granules.append(runs)
+        run_fd = ZERO_FD
+        run_fo = run_at = run_n = 0
+        try:
+            for runs in granules:
+                for rs, re_, fd, fo, _w in runs:
+                    if re_ <= offset:
+                        continue
+                    if rs >= end:
+                        break
+                    a = rs if rs > offset else offset
+                    b = re_ if re_ < end else end
+                    if fd == ZERO_FD:
+                        zero_fill(view[a - offset:b - offset])
+                        continue
+                    fo += a - rs
+                    if fd == run_fd and fo == run_fo + run_n and a - offset == run_at + run_n:
+                        run_n += b - a
+                        continue
+                    if run_n and pread_into(run_fd, view[run_at:run_at + run_n], run_fo,
+                                            nowait) != run_n:
+                        return Local.SHORT
+                    run_fd, run_fo, run_at, run_n = fd, fo, a - offset, b - a
+            if run_n and pread_into(run_fd, view[run_at:run_at + run_n], run_fo,
+                                    nowait) != run_n:
+                return Local.SHORT
+        except WouldBlock:
+            return Local.WOULD_BLOCK
+        return Local.DONE
+
+    def _write_local(self, offset: int, view: memoryview) -> Local:
+        n = len(view)
+        if self._readonly or not self._in_range(offset, n):
+            return Local.OUT_OF_RANGE
+        end = offset + n
+        g = self.granule
+        table = self._table
+        pieces: list[tuple[int, int, int, int]] = []  # fd, file offset, at, length
+        for i in range(offset // g, (end - 1) // g + 1):
+            runs = table.get(i)
+            if runs is None:
+                return Local.MISSING
+            for rs, re_, fd, fo, writable in runs:
+                if re_ <= offset:
+                    continue
+                if rs >= end:
+                    break
+                if not writable:
+                    return Local.NOT_WRITABLE
+                a = rs if rs > offset else offset
+                b = re_ if re_ < end else end
+                pieces.append((fd, fo + (a - rs), a - offset, b - a))
+        for fd, fo, at, length in pieces:
+            pwrite_from(fd, view[at:at + length], fo)
+        return Local.DONE
+
+    # ---- the BlockDisk calls -------------------------------------------------------------
+
+    def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
+                      may_block: bool = False) -> bool:
+        view = memoryview(dest).cast("B")
+        try:
+            st = self._read_local(offset, view, not may_block)
+        except OSError as e:
+            raise DiskError(e.errno or errno.EIO, f"{self._path}: read failed: "
+                                                  f"{e.strerror}") from e
+        if st is Local.DONE:
+            c = self.counters
+            c["reads_local"] += 1
+            c["bytes_read"] += len(view)
+            return True
+        if st is Local.WOULD_BLOCK:
+            self.counters["would_block"] += 1
+        return False
+
+    def advise(self, offset: int, length: int) -> None:
+        """Start the mapped data of the range on its way into the page cache (advice only:
+        granules not in the table are left to the read's miss)."""
+        if not self._in_range(offset, length):
+            return
+        g = self.granule
+        end = offset + length
+        for i in range(offset // g, (end - 1) // g + 1):
+            for rs, re_, fd, fo, _w in self._table.get(i, ()):
+                a, b = max(rs, offset), min(re_, end)
+                if fd != ZERO_FD and a < b:
+                    try:
+                        os.posix_fadvise(fd, fo + (a - rs), b - a, os.POSIX_FADV_WILLNEED)
+                    except OSError:
+                        pass
+
+    def advise_write(self, offset: int, length: int) -> bool:
+        # The control plane advises the copy-up sources of the writes it is asked to do.
+        return False
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        view = memoryview(data).cast("B")
+        try:
+            st = self._write_local(offset, view)
+        except OSError as e:
+            raise DiskError(e.errno or errno.EIO, f"{self._path}: write failed: "
+                                                  f"{e.strerror}") from e
+        if st is not Local.DONE:
+            return False
+        c = self.counters
+        c["writes_local"] += 1
+        c["bytes_written"] += len(view)
+        return True
+
+    async def read_into(self, offset: int, dest: memoryview | bytearray) -> None:
+        view = memoryview(dest).cast("B")
+        if self.try_read_into(offset, view, may_block=True):
+            await trio.lowlevel.checkpoint()
+            return
+        if self._in_range(offset, len(view)):
+            # A miss: the control plane sends the remaps (and answers with the data when a
+            # granule cannot be remapped); then the read is local.
+            self.counters["misses"] += 1
+            reply = await self.plane.miss(self.disk_id, offset, len(view))
+            self._raise_for(reply)
+            if len(reply.data) == len(view):
+                view[:] = reply.data
+                return
+            if self.try_read_into(offset, view, may_block=True):
+                return
+        # Out of range (the control plane says how), a short file, or a table that lost the
+        # remaps again before the retry: the control plane reads it.
+        self.counters["forwarded_reads"] += 1
+        reply = await self.plane.request(self.disk_id, W.Op.READ, 0, offset, len(view))
+        self._raise_for(reply)
+        if len(reply.data) != len(view):
+            raise DiskError(errno.EIO, f"{self._path}: the control plane answered a read "
+                                       f"with the wrong length (length={len(reply.data)})")
+        view[:] = reply.data
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        if self.try_write(offset, view):
+            if fua:
+                await self.flush()
+            else:
+                await trio.lowlevel.checkpoint()
+            return
+        self.counters["forwarded_writes"] += 1
+        reply = await self.plane.request(self.disk_id, W.Op.WRITE, W.FLAG_FUA if fua else 0,
+                                         offset, len(view), view)
+        self._raise_for(reply)
+
+    async def _forward(self, op: W.Op, offset: int, length: int, flags: int = 0) -> W.Reply:
+        self.counters["forwarded_other"] += 1
+        reply = await self.plane.request(self.disk_id, op, flags, offset, length)
+        self._raise_for(reply)
+        return reply
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
+                           fua: bool = False) -> None:
+        flags = (W.FLAG_MAY_UNMAP if may_unmap else 0) | (W.FLAG_FUA if fua else 0)
+        await self._forward(W.Op.WRITE_ZEROES, offset, length, flags)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._forward(W.Op.TRIM, offset, length)
+
+    async def flush(self) -> None:
+        await self._forward(W.Op.FLUSH, 0, 0)
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        await self._forward(W.Op.CACHE, offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]:
+        reply = await self._forward(W.Op.BLOCK_STATUS, offset, length)
+        return [(n, hole, hole) for n, hole in W.parse_status_runs(reply.data)]
+
+    def _raise_for(self, reply: W.Reply) -> None:
+        if reply.errno:
+            raise DiskError(reply.errno, reply.message or f"{self._path}: "
+                            f"{os.strerror(reply.errno)}")
+
+    def stats(self) -> dict[str, object]:
+        return {"name": self.name, "entries": len(self._table), **self.counters}
+
+
+__all__ = ["MAX_TABLE_ENTRIES", "ZERO_FD", "ControlPlane", "Local", "MappedDisk", "Run"]

@@ -1,0 +1,434 @@
+"""Layer: cowd workers — the channel between the control plane and a worker, sans-I/O.
+
+One stream socketpair per worker carries length-prefixed messages both ways; file descriptors
+(a client connection, the files of a disk's chain) travel beside the bytes as SCM_RIGHTS, and
+a message says how many it carries.  :func:`encode` turns a message into bytes and the fds
+to send with them; a :class:`Decoder` turns received bytes and fds back into messages.  No
+I/O and no trio here (the adapters are :mod:`cowd.workers.worker` and :mod:`cowd.workers.host`).
+
+Framing: every message starts with :data:`HEADER` — total length in bytes (header included),
+type, the number of fds it carries, and a cookie (a request's id; 0 where none is needed) —
+followed by a body whose layout the type fixes.  The data path's messages (remaps, misses,
+requests, replies) are packed structs; the rare control messages (a disk's description,
+stats) carry a small JSON object.
+
+Invariants: the channel is trusted (both ends are this daemon's own processes), but a length
+is still checked against :data:`MAX_MESSAGE_BYTES` before anything is allocated for it, and a
+message that does not parse is a :class:`ChannelError` (the adapter drops the worker).  The
+fds that arrive are handed out in order; a message whose fds have not arrived is an error
+(SCM_RIGHTS delivers them with the first byte of the message that carries them).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+# Every message: total length (u32, header included), type (u16), fds carried (u16), cookie.
+HEADER = struct.Struct("<IHHQ")
+
+# The longest message: a request's or a reply's data of the largest NBD request (32 MiB, the
+# disk's MAX_REQUEST_BYTES) plus its fixed fields.
+MAX_MESSAGE_BYTES = (32 << 20) + 4096
+# Remap runs in one REMAPS message (32 B each): priming sends a disk in pieces of this many.
+MAX_RUNS_PER_MESSAGE = 16384
+# File descriptors one message may carry (a chain's files; kmod's bound is 16).
+MAX_FDS = 64
+
+# Remap flags
+REMAP_WRITABLE = 1  # DATA the top layer owns: the worker may pwrite it in place
+
+# File index of a ZERO run (reads as zeroes; never writable)
+ZERO_FILE = -1
+
+
+class MsgType(enum.IntEnum):
+    # control plane -> worker
+    DISK = 1  # a disk the worker may serve (+ the chain's fds)
+    DISK_GONE = 2  # forget a disk
+    CONNECTION = 3  # serve this client (+ its socket)
+    REMAPS = 4  # install runs
+    INVALIDATE = 5  # drop a range (acknowledge if asked)
+    REPLY = 6  # the answer to a MISS or a REQUEST
+    STOP = 7  # drain and exit
+    STATS_QUERY = 8
+    # worker -> control plane
+    MISS = 20
+    REQUEST = 21
+    INVALIDATED = 22
+    RELEASE = 23  # the worker dropped every remap of a disk
+    STATS = 24
+
+
+class Op(enum.IntEnum):
+    """What a REQUEST asks the control plane to do with its disk."""
+
+    READ = 1  # ranges the worker could not map (compressed clusters)
+    WRITE = 2  # carries the data; allocates, copies up, writes
+    FLUSH = 3
+    TRIM = 4
+    WRITE_ZEROES = 5
+    CACHE = 6  # prefetch
+    BLOCK_STATUS = 7  # the reply's data: STATUS_RUN records
+    PRIME = 8  # send this worker the disk's remaps, as many as its table takes
+
+
+# REQUEST flags
+FLAG_FUA = 1
+FLAG_MAY_UNMAP = 2  # WRITE_ZEROES may deallocate
+
+# Bodies of the data path's messages (after the header).
+REMAPS_HEAD = struct.Struct("<II")  # disk id, run count
+REMAP_RUN = struct.Struct("<QQiIQ")  # guest offset, length, file index, flags, file offset
+INVALIDATE_BODY = struct.Struct("<IBxxxQQ")  # disk id, ack wanted, guest offset, length
+REPLY_HEAD = struct.Struct("<i")  # errno (0: success); the rest is data or a message
+MISS_BODY = struct.Struct("<IQQ")  # disk id, guest offset, length
+REQUEST_HEAD = struct.Struct("<IHHQQ")  # disk id, op, flags, guest offset, length; then data
+DISK_ID = struct.Struct("<I")
+STATUS_RUN = struct.Struct("<QBxxxxxxx")  # length, 1 if a hole (reads as zeroes)
+
+
+class ChannelError(Exception):
+    """The peer sent something that is not a message of this channel: drop it."""
+
+
+# ---- messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemapRun:
+    """``length`` guest bytes from ``guest_offset`` live at ``file_offset`` of the disk's file
+    number ``file_index`` (ZERO_FILE: they read as zeroes)."""
+
+    guest_offset: int
+    length: int
+    file_index: int
+    flags: int
+    file_offset: int
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & REMAP_WRITABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """A disk a worker may serve: its export name, geometry, and one writable flag per file of
+    the chain (whose fds travel with the message, in the same order)."""
+
+    type: ClassVar[MsgType] = MsgType.DISK
+    disk_id: int
+    name: str
+    path: str
+    size: int
+    cluster_size: int
+    granule: int
+    readonly: bool
+    files_writable: tuple[bool, ...]
+    fds: tuple[int, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskGone:
+    type: ClassVar[MsgType] = MsgType.DISK_GONE
+    disk_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A client to serve: ``fd`` is its connected socket (the worker owns it from now)."""
+
+    type: ClassVar[MsgType] = MsgType.CONNECTION
+    peer: str
+    fds: tuple[int, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Remaps:
+    type: ClassVar[MsgType] = MsgType.REMAPS
+    disk_id: int
+    runs: tuple[RemapRun, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """Drop the remaps of [guest_offset, guest_offset + length); with ``ack``, answer
+    INVALIDATED(cookie) once done."""
+
+    type: ClassVar[MsgType] = MsgType.INVALIDATE
+    cookie: int
+    disk_id: int
+    guest_offset: int
+    length: int
+    ack: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """``errno`` 0: ``data`` is the result (read bytes, STATUS_RUN records, or nothing);
+    otherwise ``data`` is the error's message (UTF-8)."""
+
+    type: ClassVar[MsgType] = MsgType.REPLY
+    cookie: int
+    errno: int
+    data: bytes | bytearray | memoryview = b""
+
+    @property
+    def message(self) -> str:
+        return bytes(self.data).decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    type: ClassVar[MsgType] = MsgType.STOP
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    type: ClassVar[MsgType] = MsgType.STATS_QUERY
+    cookie: int
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Remaps wanted for [guest_offset, guest_offset + length) of a disk."""
+
+    type: ClassVar[MsgType] = MsgType.MISS
+    cookie: int
+    disk_id: int
+    guest_offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    type: ClassVar[MsgType] = MsgType.REQUEST
+    cookie: int
+    disk_id: int
+    op: Op
+    flags: int
+    guest_offset: int
+    length: int
+    data: bytes | bytearray | memoryview = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidated:
+    type: ClassVar[MsgType] = MsgType.INVALIDATED
+    cookie: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    type: ClassVar[MsgType] = MsgType.RELEASE
+    disk_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    type: ClassVar[MsgType] = MsgType.STATS
+    cookie: int
+    stats: dict[str, Any]
+
+
+Message = (DiskSpec | DiskGone | Connection | Remaps | Invalidate | Reply | Stop | StatsQuery
+           | Miss | Request | Invalidated | Release | Stats)
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+
+
+def _framed(mtype: MsgType, cookie: int, body: bytes | bytearray | memoryview,
+            nfds: int = 0) -> bytes:
+    total = HEADER.size + len(body)
+    if total > MAX_MESSAGE_BYTES:
+        raise ValueError(f"worker channel: message too long (type={mtype.name}, "
+                         f"length={total}, max={MAX_MESSAGE_BYTES})")
+    return HEADER.pack(total, mtype, nfds, cookie) + bytes(body)
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
+    """The bytes of ``msg`` and the fds to send with its first byte."""
+    if isinstance(msg, Remaps):
+        if len(msg.runs) > MAX_RUNS_PER_MESSAGE:
+            raise ValueError(f"worker channel: too many runs in one message "
+                             f"(runs={len(msg.runs)}, max={MAX_RUNS_PER_MESSAGE})")
+        packed = bytearray(REMAPS_HEAD.pack(msg.disk_id, len(msg.runs)))
+        pack = REMAP_RUN.pack
+        for r in msg.runs:
+            packed += pack(r.guest_offset, r.length, r.file_index, r.flags, r.file_offset)
+        return _framed(MsgType.REMAPS, 0, packed), ()
+    if isinstance(msg, Reply):
+        return _framed(MsgType.REPLY, msg.cookie,
+                       REPLY_HEAD.pack(msg.errno) + bytes(msg.data)), ()
+    if isinstance(msg, Miss):
+        return _framed(MsgType.MISS, msg.cookie,
+                       MISS_BODY.pack(msg.disk_id, msg.guest_offset, msg.length)), ()
+    if isinstance(msg, Request):
+        head = REQUEST_HEAD.pack(msg.disk_id, msg.op, msg.flags, msg.guest_offset, msg.length)
+        return _framed(MsgType.REQUEST, msg.cookie, head + bytes(msg.data)), ()
+    if isinstance(msg, Invalidate):
+        body = INVALIDATE_BODY.pack(msg.disk_id, msg.ack, msg.guest_offset, msg.length)
+        return _framed(MsgType.INVALIDATE, msg.cookie, body), ()
+    if isinstance(msg, Invalidated):
+        return _framed(MsgType.INVALIDATED, msg.cookie, b""), ()
+    if isinstance(msg, DiskSpec):
+        if len(msg.fds) != len(msg.files_writable) or len(msg.fds) > MAX_FDS:
+            raise ValueError(f"worker channel: a disk needs one fd per file, at most "
+                             f"{MAX_FDS} (fds={len(msg.fds)}, "
+                             f"files={len(msg.files_writable)})")
+        body = _json({"disk_id": msg.disk_id, "name": msg.name, "path": msg.path,
+                      "size": msg.size, "cluster_size": msg.cluster_size,
+                      "granule": msg.granule, "readonly": msg.readonly,
+                      "files_writable": list(msg.files_writable)})
+        return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
+    if isinstance(msg, DiskGone):
+        return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
+    if isinstance(msg, Release):
+        return _framed(MsgType.RELEASE, 0, DISK_ID.pack(msg.disk_id)), ()
+    if isinstance(msg, Connection):
+        if len(msg.fds) != 1:
+            raise ValueError(f"worker channel: a connection carries one fd "
+                             f"(fds={len(msg.fds)})")
+        return _framed(MsgType.CONNECTION, 0, _json({"peer": msg.peer}), 1), msg.fds
+    if isinstance(msg, Stats):
+        return _framed(MsgType.STATS, msg.cookie, _json(msg.stats)), ()
+    if isinstance(msg, StatsQuery):
+        return _framed(MsgType.STATS_QUERY, msg.cookie, b""), ()
+    if isinstance(msg, Stop):
+        return _framed(MsgType.STOP, 0, b""), ()
+    raise TypeError(f"not a worker channel message: {msg!r}")
+
+
+def encode_remaps(disk_id: int, runs: list[RemapRun]) -> list[bytes]:
+    """REMAPS messages for ``runs``, split at MAX_RUNS_PER_MESSAGE."""
+    return [encode(Remaps(disk_id, tuple(runs[i:i + MAX_RUNS_PER_MESSAGE])))[0]
+            for i in range(0, len(runs), MAX_RUNS_PER_MESSAGE)]
+
+
+def status_runs(runs: list[tuple[int, bool]]) -> bytes:
+    """A BLOCK_STATUS reply's data from (length, is_hole) runs."""
+    return b"".join(STATUS_RUN.pack(n, hole) for n, hole in runs)
+
+
+def parse_status_runs(data: bytes | bytearray | memoryview) -> list[tuple[int, bool]]:
+    if len(data) % STATUS_RUN.size:
+        raise ChannelError(f"worker channel: block status data is not whole runs "
+                           f"(length={len(data)})")
+    return [(n, bool(hole)) for n, hole in STATUS_RUN.iter_unpack(data)]
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+NEED_DATA: Literal["NEED_DATA"] = "NEED_DATA"
+
+
+class Decoder:
+    """Bytes and fds in (:meth:`feed`), messages out (:meth:`next_message`)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: list[int] | tuple[int, ...] = ()
+             ) -> None:
+        self._buf += data
+        self._fds.extend(fds)
+
+    def pending_fds(self) -> list[int]:
+        """The fds received and not yet handed out (the adapter closes them at the end)."""
+        out = list(self._fds)
+        self._fds.clear()
+        return out
+
+    def next_message(self) -> Message | Literal["NEED_DATA"]:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return NEED_DATA
+        total, mtype, nfds, cookie = HEADER.unpack_from(buf)
+        if total < HEADER.size or total > MAX_MESSAGE_BYTES:
+            raise ChannelError(f"worker channel: bad message length (length={total})")
+        if nfds > MAX_FDS:
+            raise ChannelError(f"worker channel: too many fds (fds={nfds})")
+        if len(buf) < total:
+            return NEED_DATA
+        if len(self._fds) < nfds:
+            raise ChannelError(f"worker channel: message arrived without its fds "
+                               f"(type={mtype}, fds={nfds}, arrived={len(self._fds)})")
+        body = memoryview(buf)[HEADER.size:total]
+        fds = tuple(self._fds.popleft() for _ in range(nfds))
+        try:
+            msg = _decode(mtype, cookie, body, fds)
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise ChannelError(f"worker channel: malformed message (type={mtype}): {e}") \
+                from None
+        finally:
+            body.release()
+        del buf[:total]
+        return msg
+
+
+def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> Message:
+    if mtype == MsgType.REMAPS:
+        disk_id, count = REMAPS_HEAD.unpack_from(body)
+        if count > MAX_RUNS_PER_MESSAGE or len(body) != REMAPS_HEAD.size + count * REMAP_RUN.size:
+            raise ValueError(f"run count does not match the length (runs={count})")
+        runs = tuple(RemapRun(*r) for r in REMAP_RUN.iter_unpack(body[REMAPS_HEAD.size:]))
+        return Remaps(disk_id, runs)
+    if mtype == MsgType.REPLY:
+        (err,) = REPLY_HEAD.unpack_from(body)
+        return Reply(cookie, err, bytes(body[REPLY_HEAD.size:]))
+    if mtype == MsgType.MISS:
+        return Miss(cookie, *MISS_BODY.unpack(body))
+    if mtype == MsgType.REQUEST:
+        disk_id, op, flags, offset, length = REQUEST_HEAD.unpack_from(body)
+        return Request(cookie, disk_id, Op(op), flags, offset, length,
+                       bytearray(body[REQUEST_HEAD.size:]))
+    if mtype == MsgType.INVALIDATE:
+        disk_id, ack, offset, length = INVALIDATE_BODY.unpack(body)
+        return Invalidate(cookie, disk_id, offset, length, bool(ack))
+    if mtype == MsgType.INVALIDATED:
+        return Invalidated(cookie)
+    if mtype == MsgType.DISK:
+        d = json.loads(bytes(body))
+        spec = DiskSpec(int(d["disk_id"]), str(d["name"]), str(d["path"]), int(d["size"]),
+                        int(d["cluster_size"]), int(d["granule"]), bool(d["readonly"]),
+                        tuple(bool(w) for w in d["files_writable"]), fds)
+        if len(fds) != len(spec.files_writable):
+            raise ValueError(f"a disk needs one fd per file (fds={len(fds)})")
+        return spec
+    if mtype == MsgType.DISK_GONE:
+        return DiskGone(*DISK_ID.unpack(body))
+    if mtype == MsgType.RELEASE:
+        return Release(*DISK_ID.unpack(body))
+    if mtype == MsgType.CONNECTION:
+        if len(fds) != 1:
+            raise ValueError(f"a connection carries one fd (fds={len(fds)})")
+        return Connection(str(json.loads(bytes(body))["peer"]), fds)
+    if mtype == MsgType.STATS:
+        stats = json.loads(bytes(body))
+        if not isinstance(stats, dict):
+            raise ValueError("stats are not an object")
+        return Stats(cookie, stats)
+    if mtype == MsgType.STATS_QUERY:
+        return StatsQuery(cookie)
+    if mtype == MsgType.STOP:
+        return Stop()
+    raise ValueError(f"unknown message type {mtype}")
+
+
+__all__ = [
+    "FLAG_FUA", "FLAG_MAY_UNMAP", "MAX_MESSAGE_BYTES", "MAX_RUNS_PER_MESSAGE", "NEED_DATA",
+    "REMAP_WRITABLE", "ZERO_FILE", "ChannelError", "Connection", "Decoder", "DiskGone",
+    "DiskSpec", "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op", "Release",
+    "RemapRun", "Remaps", "Reply", "Request", "Stats", "StatsQuery", "Stop", "encode",
+    "encode_remaps", "parse_status_runs", "status_runs",
+]

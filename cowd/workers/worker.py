@@ -1,0 +1,185 @@
+"""Layer: cowd workers — the worker process: ``python -m cowd.workers.worker --channel FD``.
+
+It serves the NBD connections the control plane hands it, with the NBD server the daemon
+itself uses, over :class:`~cowd.workers.mapped.MappedDisk` s (one per disk the control plane
+describes).  One task reads the channel and applies what arrives — disks, connections, remaps,
+invalidations, replies — in order; one task writes it.  See :mod:`cowd.workers` for the
+contract.
+
+Lifetime: the worker dies with its parent (PR_SET_PDEATHSIG) and ends at end of file on its
+channel (the control plane is gone: nothing more can be answered) or on STOP (it stops taking
+connections, drains them for the time STOP allows, then exits 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import trio
+
+from ..frontends.nbd.server import MAX_CONNECTIONS, NbdServer
+from . import wire as W
+from .channel import Calls, ChannelStream
+from .mapped import MappedDisk
+
+log = logging.getLogger("cowd.worker")
+
+PR_SET_PDEATHSIG = 1
+# How long a STOP lets the connections drain.
+STOP_DRAIN_S = 10.0
+
+
+class PlaneClient:
+    """The worker's :class:`~cowd.workers.mapped.ControlPlane`: requests over the channel,
+    replies matched by cookie."""
+
+    def __init__(self, chan: ChannelStream):
+        self.chan = chan
+        self.calls = Calls()
+
+    async def miss(self, disk_id: int, guest_offset: int, length: int) -> W.Reply:
+        cookie = self.calls.new()
+        self.chan.send(W.Miss(cookie, disk_id, guest_offset, length))
+        reply: W.Reply = await self.calls.wait(cookie)
+        return reply
+
+    async def request(self, disk_id: int, op: W.Op, flags: int, guest_offset: int,
+                      length: int, data: bytes | bytearray | memoryview = b"") -> W.Reply:
+        cookie = self.calls.new()
+        self.chan.send(W.Request(cookie, disk_id, op, flags, guest_offset, length, data))
+        reply: W.Reply = await self.calls.wait(cookie)
+        return reply
+
+
+class Worker:
+    def __init__(self, chan: ChannelStream, index: int, max_connections: int):
+        self.chan = chan
+        self.index = index
+        self.plane = PlaneClient(chan)
+        self.by_id: dict[int, MappedDisk] = {}
+        self.by_name: dict[str, MappedDisk] = {}  # what the NBD server exports
+        self.nbd = NbdServer(self.by_name, max_connections=max_connections)
+        self.started = time.monotonic()
+        self.connections = 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.chan.writer)
+            try:
+                await self._read(nursery)
+            finally:
+                self.plane.calls.fail_all(ConnectionError("the control plane is gone"))
+                nursery.cancel_scope.cancel()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        async for msg in self.chan.messages():
+            if isinstance(msg, W.Remaps):
+                disk = self.by_id.get(msg.disk_id)
+                if disk is not None:
+                    disk.install(msg.runs)
+            elif isinstance(msg, W.Reply):
+                self.plane.calls.complete(msg.cookie, msg)
+            elif isinstance(msg, W.Invalidate):
+                disk = self.by_id.get(msg.disk_id)
+                if disk is not None:
+                    disk.invalidate(msg.guest_offset, msg.length)
+                if msg.ack:
+                    self.chan.send(W.Invalidated(msg.cookie))
+            elif isinstance(msg, W.Connection):
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(
+                    socket.socket(fileno=msg.fds[0])))
+                nursery.start_soon(self._serve, stream)
+            elif isinstance(msg, W.DiskSpec):
+                self._add_disk(msg)
+            elif isinstance(msg, W.DiskGone):
+                self._remove_disk(msg.disk_id)
+            elif isinstance(msg, W.StatsQuery):
+                self.chan.send(W.Stats(msg.cookie, self.stats()))
+            elif isinstance(msg, W.Stop):
+                nursery.start_soon(self._stop)
+            else:
+                raise W.ChannelError(f"worker {self.index}: unexpected message {msg!r}")
+
+    def _add_disk(self, spec: W.DiskSpec) -> None:
+        old = self.by_id.get(spec.disk_id)
+        if old is not None:
+            self._remove_disk(spec.disk_id)
+        disk = MappedDisk(spec, self.plane)
+        self.by_id[spec.disk_id] = disk
+        self.by_name[spec.name] = disk
+
+    def _remove_disk(self, disk_id: int) -> None:
+        disk = self.by_id.pop(disk_id, None)
+        if disk is None:
+            return
+        if self.by_name.get(disk.name) is disk:
+            del self.by_name[disk.name]
+        disk.closed = True
+        disk.clear()
+        for fd in disk._fds:
+            os.close(fd)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            await self.nbd.handle(stream)
+        finally:
+            self.connections -= 1
+
+    async def _stop(self) -> None:
+        await self.nbd.shutdown(STOP_DRAIN_S)
+        self.chan.close()
+
+    def stats(self) -> dict[str, object]:
+        return {"index": self.index, "pid": os.getpid(), "connections": self.connections,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "channel": {"sent": self.chan.sent_messages,
+                            "received": self.chan.received_messages},
+                "nbd": dict(self.nbd.counters),
+                "disks": {str(i): d.stats() for i, d in self.by_id.items()}}
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cowd-worker", description="a cowd data-path worker "
+                                 "(started by the daemon; not for direct use)")
+    ap.add_argument("--channel", type=int, required=True, help="fd of the channel socket")
+    ap.add_argument("--index", type=int, default=0)
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help="connections served at once (its share of the daemon's bound)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"cowd worker {args.index}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the control plane decides when we stop
+
+    async def run() -> None:
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=args.channel))
+        chan = ChannelStream(sock, f"worker {args.index}")
+        try:
+            await Worker(chan, args.index, args.max_connections).run()
+        finally:
+            chan.close()
+
+    trio.run(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
