@@ -112,7 +112,9 @@ FORMATS_LAYERS = [
 # Inside a codec package, by layer, bottom first; its __init__.py (the codec's public names)
 # on top.  A module imports only from a layer strictly below its own: never a sibling of its
 # layer, never its package's __init__.py, and never formats/__init__.py.
-PACKAGE_LAYERS: dict[str, list[set[str]]] = {}
+PACKAGE_LAYERS: dict[str, list[set[str]]] = {
+    "qcow2": [{"__init__"}],
+}
 
 
 def formats_target(name: str) -> tuple[str, str] | None:

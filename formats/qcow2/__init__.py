@@ -97,7 +97,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .base import (
+from ..base import (
     NOTHING_BELOW,
     SECTOR,
     CheckResult,
@@ -108,9 +108,9 @@ from .base import (
     NearOpener,
     require,
 )
-from .errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
-from .names import canonical_format
-from .opener import PROTOCOL_RE
+from ..errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
+from ..names import canonical_format
+from ..opener import PROTOCOL_RE
 
 # ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
 
@@ -659,7 +659,7 @@ class Qcow2Image(Image):
         the image's folder unless the user said otherwise: formats/opener.py)."""
         if near is not None:
             return near(name, self.writable, "data_file", "data file")
-        from .opener import ChainOpener, OpenPolicy
+        from ..opener import ChainOpener, OpenPolicy
 
         with ChainOpener(self.path, OpenPolicy()) as opener:
             got = opener.open_named(self.path, opener.top_place(), name, self.writable,
