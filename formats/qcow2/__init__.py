@@ -89,12 +89,10 @@ import errno as errno_mod
 import itertools
 import os
 import struct
-import sys
 import zlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ..base import (
@@ -111,286 +109,71 @@ from ..base import (
 from ..errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
 from ..names import canonical_format
 from ..opener import PROTOCOL_RE
-
-# ---- on-disk constants (qcow2.txt / qemu's names) --------------------------------------------
-
-QCOW_MAGIC = b"QFI\xfb"
-QCOW2_V2_HEADER_LENGTH = 72  # version 2: fixed header, no feature fields
-QCOW2_V3_HEADER_MIN_LENGTH = 104  # version 3: up to and including header_length
-QCOW2_V3_HEADER_LENGTH = 112  # what create() writes: + compression_type + padding
-
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21  # qemu's implementation limit (2 MiB clusters)
-MIN_CLUSTER_BITS_EXTL2 = 14  # extended L2 entries need >= 16 KiB clusters
-DEFAULT_CLUSTER_SIZE = 65536
-
-# qemu's limits: the active (and every snapshot's) L1 table is at most 32 MiB, the refcount
-# table at most 8 MiB; a file that claims more is refused before anything is allocated.
-QCOW_MAX_L1_SIZE = 0x2000000
-QCOW_MAX_REFTABLE_SIZE = 0x800000
-QCOW_MAX_SNAPSHOTS = 65536
-# qemu bounds the snapshot table to 1 KiB per allowed snapshot.
-QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
-QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-QCOW_MAX_BACKING_FILE_NAME = 1023  # bytes; the spec's limit
-# A data-file name lives in the header cluster; any path longer than PATH_MAX is nonsense.
-QCOW_MAX_DATA_FILE_NAME = 4096
-# qemu allows up to 65535 persistent bitmaps and a 64 MiB bitmap directory.
-QCOW2_MAX_BITMAPS = 65535
-QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
-# L1/L2 entries address host clusters below 64 PiB (bits 9-55).
-QCOW_MAX_HOST_OFFSET = 1 << 56
-
-QCOW2_INCOMPAT_DIRTY = 1 << 0
-QCOW2_INCOMPAT_CORRUPT = 1 << 1
-QCOW2_INCOMPAT_DATA_FILE = 1 << 2
-QCOW2_INCOMPAT_COMPRESSION = 1 << 3
-QCOW2_INCOMPAT_EXTL2 = 1 << 4
-QCOW2_INCOMPAT_MASK = (
-    QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DATA_FILE
-    | QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2
+from .header import (
+    BitmapRegions,
+    Qcow2Header,
+    Qcow2Snapshot,
+    bitmap_regions,
+    check_table,
+    parse_header,
+    read_snapshots,
 )
-QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0
-QCOW2_AUTOCLEAR_BITMAPS = 1 << 0
-QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-# Auto-clear bits this code keeps valid while writing (all others are cleared on first write).
-AUTOCLEAR_KEPT = QCOW2_AUTOCLEAR_DATA_FILE_RAW
-
-QCOW2_COMPRESSION_TYPE_ZLIB = 0
-QCOW2_COMPRESSION_TYPE_ZSTD = 1
-COMPRESSION_NAMES = {QCOW2_COMPRESSION_TYPE_ZLIB: "zlib", QCOW2_COMPRESSION_TYPE_ZSTD: "zstd"}
-
-QCOW2_EXT_MAGIC_END = 0
-QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
-QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
-QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
-QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
-QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
-FEATURE_NAME_ENTRY_SIZE = 48  # type(1) + bit(1) + name(46)
-FEATURE_TYPES = {0: "incompatible", 1: "compatible", 2: "autoclear"}
-
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-QCOW_OFLAG_COPIED = 1 << 63
-QCOW_OFLAG_COMPRESSED = 1 << 62
-QCOW_OFLAG_ZERO = 1 << 0
-QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER = 32
-QCOW_L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
-QCOW_L2_BITMAP_ALL_ZEROES = QCOW_L2_BITMAP_ALL_ALLOC << 32
-QCOW2_COMPRESSED_SECTOR_SIZE = 512
-
-SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes, the fixed part of a table entry
-BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, the fixed part of a directory entry
-
-# ---- tunables ----------------------------------------------------------------------------
-
-# Bounded caches.  L2 tables are write-back (see the ordering rules), refcount blocks are
-# write-through.  A floor keeps a few tables even with 2 MiB clusters.
-L2_CACHE_BYTES = 32 << 20
-L2_CACHE_MIN_TABLES = 8
-REFCOUNT_CACHE_BYTES = 8 << 20
-REFCOUNT_CACHE_MIN_BLOCKS = 4
-# Host clusters reserved (refcount set and synced) per batch; amortises the fdatasync that
-# rule 1 needs.  At least RESERVE_BATCH_MIN_CLUSTERS, and at least what one request needs.
-RESERVE_BATCH_BYTES = 1 << 20
-RESERVE_BATCH_MIN_CLUSTERS = 2
-# Allocating writes gather data in memory up to this much before issuing the pwrites.
-WRITE_GATHER_BYTES = 8 << 20
-# Largest chunk of zeroes written at once where zero flags cannot be used.
-ZERO_CHUNK_BYTES = 1 << 20
-# zstd streams are fed in small pieces so that a hostile stream cannot make one call produce
-# unbounded output: a zstd block decodes to at most 128 KiB and needs at least 4 input bytes,
-# so one call yields at most (ZSTD_FEED_BYTES / 4) * 128 KiB = 8 MiB.
-ZSTD_FEED_BYTES = 256
-
-_LITTLE = sys.byteorder == "little"
-
-
-def _words(data: bytes | bytearray) -> array[int]:
-    """Big-endian 64-bit words -> native array."""
-    arr = array("Q")
-    arr.frombytes(data)
-    if _LITTLE:
-        arr.byteswap()
-    return arr
-
-
-def _words_bytes(arr: array[int]) -> bytes:
-    if _LITTLE:
-        arr = array("Q", arr)
-        arr.byteswap()
-    return arr.tobytes()
-
-
-def _div_round_up(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ---- header ------------------------------------------------------------------------------
-
-
-@dataclass
-class Qcow2Header:
-    """The parsed header and header extensions (no I/O: see :func:`parse_header`)."""
-
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = QCOW2_V2_HEADER_LENGTH
-    compression_type: int = QCOW2_COMPRESSION_TYPE_ZLIB
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    # (nb_bitmaps, bitmap_directory_size, bitmap_directory_offset)
-    bitmaps: tuple[int, int, int] | None = None
-
-
-def _feature_list(hdr: Qcow2Header, ftype: int, bits: int) -> str:
-    names = []
-    for bit in range(64):
-        if bits >> bit & 1:
-            names.append(hdr.feature_names.get((ftype, bit), f"bit {bit}"))
-    return ", ".join(names)
-
-
-def _decode_name(raw: bytes) -> str:
-    # qemu treats these as C strings: a NUL ends the name.
-    return os.fsdecode(raw.split(b"\0", 1)[0])
-
-
-def parse_header(path: str, head: bytes, file_size: int) -> Qcow2Header:
-    """Parse and validate the header cluster.
-
-    ``head`` is the file's first cluster (zero-padded where the file is shorter, as qemu reads
-    past the end of file as zeroes), or at least its first 104 bytes when cluster_bits is bad.
-    """
-    require(file_size >= QCOW2_V2_HEADER_LENGTH and len(head) >= QCOW2_V2_HEADER_LENGTH,
-            path, "file too short for a qcow2 header", "file_size", file_size)
-    (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-     nb_snap, snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head)
-    require(magic == QCOW_MAGIC, path, "not a qcow2 image (bad magic)", "magic", magic)
-    if version not in (2, 3):
-        raise UnsupportedImage(path, "unsupported qcow2 version", "version", version)
-    if cluster_bits > MAX_CLUSTER_BITS:
-        raise UnsupportedImage(path, "cluster size larger than 2 MiB", "cluster_bits", cluster_bits)
-    require(cluster_bits >= MIN_CLUSTER_BITS, path, "cluster size below 512 bytes",
-            "cluster_bits", cluster_bits)
-    cs = 1 << cluster_bits
-    require(len(head) >= cs, path, "header cluster not supplied", "cluster_bits", cluster_bits)
-    hdr = Qcow2Header(version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
-                      rt_clusters, nb_snap, snap_off)
-    if version >= 3:
-        require(file_size >= QCOW2_V3_HEADER_MIN_LENGTH, path,
-                "file too short for a version 3 header", "file_size", file_size)
-        (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
-         hdr.refcount_order, hdr.header_length) = struct.unpack_from(">QQQII", head, 72)
-        require(hdr.header_length >= QCOW2_V3_HEADER_MIN_LENGTH, path,
-                "header_length too small", "header_length", hdr.header_length)
-        require(hdr.header_length % 8 == 0, path, "header_length not a multiple of 8",
-                "header_length", hdr.header_length)
-        require(hdr.header_length <= cs, path, "header_length larger than a cluster",
-                "header_length", hdr.header_length)
-        require(hdr.header_length <= file_size, path, "header past end of file",
-                "header_length", hdr.header_length)
-        require(hdr.refcount_order <= 6, path, "refcount width above 64 bits",
-                "refcount_order", hdr.refcount_order)
-        if hdr.header_length > 104:
-            hdr.compression_type = head[104]
-    # Header extensions run from the end of the header to the backing file name (or to the
-    # end of the header cluster).
-    ext_end = bfo if bfo else cs
-    require(ext_end <= cs, path, "backing file name offset outside the header cluster",
-            "backing_file_offset", bfo)
-    pos = hdr.header_length
-    while pos + 8 <= ext_end:
-        etype, elen = struct.unpack_from(">II", head, pos)
-        pos += 8
-        if etype == QCOW2_EXT_MAGIC_END:
-            break
-        require(elen <= ext_end - pos, path, "header extension too large",
-                f"extension 0x{etype:08x} length", elen)
-        data = bytes(head[pos : pos + elen])
-        if etype == QCOW2_EXT_MAGIC_BACKING_FORMAT:
-            hdr.backing_format = _decode_name(data)
-        elif etype == QCOW2_EXT_MAGIC_FEATURE_TABLE:
-            for i in range(0, elen - FEATURE_NAME_ENTRY_SIZE + 1, FEATURE_NAME_ENTRY_SIZE):
-                ftype, bit = data[i], data[i + 1]
-                hdr.feature_names[(ftype, bit)] = _decode_name(data[i + 2 : i + 48])
-        elif etype == QCOW2_EXT_MAGIC_DATA_FILE:
-            require(elen <= QCOW_MAX_DATA_FILE_NAME, path, "data file name too long",
-                    "length", elen)
-            hdr.data_file = _decode_name(data)
-        elif etype == QCOW2_EXT_MAGIC_BITMAPS:
-            require(elen == 24, path, "bitmaps extension has a bad length", "length", elen)
-            nb, _reserved, dsize, doff = struct.unpack(">IIQQ", data)
-            hdr.bitmaps = (nb, dsize, doff)
-        # crypto header and unknown extensions: ignored (encryption is refused below)
-        pos += (elen + 7) & ~7
-    if bfo:
-        require(bfs <= QCOW_MAX_BACKING_FILE_NAME, path, "backing file name too long",
-                "backing_file_size", bfs)
-        require(bfo + bfs <= cs and bfo + bfs <= file_size, path,
-                "backing file name outside the header cluster", "backing_file_offset", bfo)
-        name = _decode_name(bytes(head[bfo : bfo + bfs]))
-        hdr.backing_file = name or None
-    if version < 3:
-        return hdr
-    unknown = hdr.incompatible_features & ~QCOW2_INCOMPAT_MASK
-    if unknown:
-        raise UnsupportedImage(path, "unsupported incompatible features: "
-                               + _feature_list(hdr, 0, unknown), "incompatible_features",
-                               hdr.incompatible_features)
-    if hdr.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
-        require(hdr.compression_type != QCOW2_COMPRESSION_TYPE_ZLIB, path,
-                "compression type bit set but compression_type is zlib",
-                "compression_type", hdr.compression_type)
-    else:
-        require(hdr.compression_type == QCOW2_COMPRESSION_TYPE_ZLIB, path,
-                "compression_type set without the compression type bit",
-                "compression_type", hdr.compression_type)
-    if hdr.compression_type not in COMPRESSION_NAMES:
-        raise UnsupportedImage(path, "unknown compression type", "compression_type",
-                               hdr.compression_type)
-    if hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2:
-        require(cluster_bits >= MIN_CLUSTER_BITS_EXTL2, path,
-                "extended L2 entries need clusters of 16 KiB or more", "cluster_bits",
-                cluster_bits)
-    if hdr.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
-        require(bool(hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE), path,
-                "data_file_raw set without an external data file", "autoclear_features",
-                hdr.autoclear_features)
-    return hdr
-
-
-@dataclass
-class Qcow2Snapshot:
-    """One entry of the snapshot table (only bounds-checked: only the active L1 serves I/O)."""
-
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    vm_state_size: int
-    disk_size: int | None
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
+from .layout import (
+    AUTOCLEAR_KEPT,
+    COMPRESSION_NAMES,
+    DEFAULT_CLUSTER_SIZE,
+    HEADER_AUTOCLEAR_FEATURES_AT,
+    HEADER_INCOMPATIBLE_FEATURES_AT,
+    HEADER_REFCOUNT_TABLE_AT,
+    L1E_OFFSET_MASK,
+    L2_CACHE_BYTES,
+    L2_CACHE_MIN_TABLES,
+    L2E_OFFSET_MASK,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    MIN_CLUSTER_BITS_EXTL2,
+    QCOW2_AUTOCLEAR_BITMAPS,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_COMPRESSION_TYPE_ZLIB,
+    QCOW2_EXT_MAGIC_BACKING_FORMAT,
+    QCOW2_EXT_MAGIC_DATA_FILE,
+    QCOW2_EXT_MAGIC_END,
+    QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW2_INCOMPAT_EXTL2,
+    QCOW2_V2_HEADER_LENGTH,
+    QCOW2_V3_HEADER_LENGTH,
+    QCOW2_V3_HEADER_MIN_LENGTH,
+    QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER,
+    QCOW_L2_BITMAP_ALL_ALLOC,
+    QCOW_L2_BITMAP_ALL_ZEROES,
+    QCOW_MAGIC,
+    QCOW_MAX_BACKING_FILE_NAME,
+    QCOW_MAX_HOST_OFFSET,
+    QCOW_MAX_L1_SIZE,
+    QCOW_MAX_REFTABLE_SIZE,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    REFCOUNT_CACHE_BYTES,
+    REFCOUNT_CACHE_MIN_BLOCKS,
+    REFT_OFFSET_MASK,
+    RESERVE_BATCH_BYTES,
+    RESERVE_BATCH_MIN_CLUSTERS,
+    WRITE_GATHER_BYTES,
+    ZERO_CHUNK_BYTES,
+    ZSTD_FEED_BYTES,
+    HostRange,
+    Region,
+    compressed_range,
+    div_round_up,
+    words,
+    words_bytes,
+)
 
 
 class _L2Table:
@@ -541,14 +324,14 @@ class Qcow2Image(Image):
         require(hdr.l1_size <= QCOW_MAX_L1_SIZE // 8, path, "L1 table too large",
                 "l1_size", hdr.l1_size)
         require(hdr.size < 1 << 63, path, "virtual size too large", "size", hdr.size)
-        needed = _div_round_up(hdr.size, cs << self.l2_bits)
+        needed = div_round_up(hdr.size, cs << self.l2_bits)
         require(hdr.l1_size >= needed, path, "L1 table too small for the virtual size",
                 "l1_size", hdr.l1_size)
         self.l1_table_offset = hdr.l1_table_offset
         if hdr.l1_size:
-            self._check_table(hdr.l1_table_offset, hdr.l1_size * 8, file_size, "L1 table",
-                              "l1_table_offset")
-            self.l1 = _words(self.file.pread_exact(hdr.l1_table_offset, hdr.l1_size * 8,
+            check_table(path, cs, hdr.l1_table_offset, hdr.l1_size * 8, file_size,
+                        "L1 table", "l1_table_offset")
+            self.l1 = words(self.file.pread_exact(hdr.l1_table_offset, hdr.l1_size * 8,
                                                    "L1 table"))
         # Refcount table.
         require(hdr.refcount_table_clusters <= QCOW_MAX_REFTABLE_SIZE // cs, path,
@@ -557,12 +340,13 @@ class Qcow2Image(Image):
         self.refcount_table_offset = hdr.refcount_table_offset
         self.refcount_table_clusters = hdr.refcount_table_clusters
         if hdr.refcount_table_clusters:
-            self._check_table(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
-                              file_size, "refcount table", "refcount_table_offset")
-            self.reftable = _words(self.file.pread_exact(
+            check_table(path, cs, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
+                        file_size, "refcount table", "refcount_table_offset")
+            self.reftable = words(self.file.pread_exact(
                 hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "refcount table"))
         # Snapshot table.
-        self._load_snapshots(hdr, file_size)
+        self.snapshots_offset = hdr.snapshots_offset
+        self.snapshots, self.snapshots_size = read_snapshots(path, self.file, hdr, file_size)
         self._check_overlaps()
 
         # External data file.
@@ -582,69 +366,20 @@ class Qcow2Image(Image):
         if hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY and self.writable:
             self._repair_dirty()
 
-    def _check_table(self, offset: int, length: int, file_size: int, what: str,
-                     fieldname: str) -> None:
-        require(offset % self._cs == 0, self.path, f"{what} offset not cluster aligned",
-                fieldname, offset)
-        require(offset + length <= file_size, self.path, f"{what} past end of file",
-                fieldname, offset)
-
-    def _load_snapshots(self, hdr: Qcow2Header, file_size: int) -> None:
-        path = self.path
-        require(hdr.nb_snapshots <= QCOW_MAX_SNAPSHOTS, path, "too many snapshots",
-                "nb_snapshots", hdr.nb_snapshots)
-        self.snapshots_offset = hdr.snapshots_offset
-        if not hdr.nb_snapshots:
-            return
-        require(hdr.snapshots_offset % self._cs == 0 and hdr.snapshots_offset != 0, path,
-                "snapshot table offset invalid", "snapshots_offset", hdr.snapshots_offset)
-        pos = hdr.snapshots_offset
-        for i in range(hdr.nb_snapshots):
-            require(pos + SNAPSHOT_HEADER.size <= file_size, path,
-                    "snapshot table past end of file", "snapshot", i)
-            (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
-             extra) = SNAPSHOT_HEADER.unpack(self.file.pread_exact(pos, SNAPSHOT_HEADER.size,
-                                                                   "snapshot table"))
-            require(extra <= QCOW_MAX_SNAPSHOT_EXTRA_DATA, path,
-                    "snapshot extra data too large", f"snapshot[{i}].extra_data_size", extra)
-            body_len = extra + id_len + name_len
-            entry_len = (SNAPSHOT_HEADER.size + body_len + 7) & ~7
-            require(pos + entry_len - hdr.snapshots_offset <= QCOW_MAX_SNAPSHOTS_SIZE, path,
-                    "snapshot table too large", "nb_snapshots", hdr.nb_snapshots)
-            require(pos + SNAPSHOT_HEADER.size + body_len <= file_size, path,
-                    "snapshot table past end of file", "snapshot", i)
-            body = self.file.pread_exact(pos + SNAPSHOT_HEADER.size, body_len, "snapshot table")
-            vm_state = vm_state32
-            disk_size = None
-            if extra >= 8:
-                vm_state = struct.unpack_from(">Q", body, 0)[0]
-            if extra >= 16:
-                disk_size = struct.unpack_from(">Q", body, 8)[0]
-            sid = body[extra : extra + id_len].decode("utf-8", "replace")
-            name = body[extra + id_len :].decode("utf-8", "replace")
-            require(l1_size <= QCOW_MAX_L1_SIZE // 8, path, "snapshot L1 table too large",
-                    f"snapshot[{i}].l1_size", l1_size)
-            if l1_size:
-                self._check_table(l1_off, l1_size * 8, file_size, "snapshot L1 table",
-                                  f"snapshot[{i}].l1_table_offset")
-            self.snapshots.append(Qcow2Snapshot(sid, name, l1_off, l1_size, vm_state,
-                                                disk_size, date_sec, date_nsec, vm_clock))
-            pos += entry_len
-        self.snapshots_size = pos - hdr.snapshots_offset
-
-    def _static_metadata(self) -> list[tuple[str, int, int]]:
-        """(what, file_offset, length) of the structures the header reaches directly."""
-        out = [("header", 0, self._cs)]
+    def _static_metadata(self) -> list[Region]:
+        """The structures the header reaches directly."""
+        out = [Region("header", 0, self._cs)]
         if len(self.l1):
-            out.append(("L1 table", self.l1_table_offset, len(self.l1) * 8))
+            out.append(Region("L1 table", self.l1_table_offset, len(self.l1) * 8))
         if self.refcount_table_clusters:
-            out.append(("refcount table", self.refcount_table_offset,
-                        self.refcount_table_clusters << self.cluster_bits))
+            out.append(Region("refcount table", self.refcount_table_offset,
+                              self.refcount_table_clusters << self.cluster_bits))
         if self.snapshots_size:
-            out.append(("snapshot table", self.snapshots_offset, self.snapshots_size))
+            out.append(Region("snapshot table", self.snapshots_offset, self.snapshots_size))
         for i, sn in enumerate(self.snapshots):
             if sn.l1_size:
-                out.append((f"snapshot[{i}] L1 table", sn.l1_table_offset, sn.l1_size * 8))
+                out.append(Region(f"snapshot[{i}] L1 table", sn.l1_table_offset,
+                                  sn.l1_size * 8))
         return out
 
     def _check_overlaps(self) -> None:
@@ -687,7 +422,7 @@ class Qcow2Image(Image):
                 fieldname, value)
         require(off + self._cs <= self.file.size(), self.path, "L2 table past end of file",
                 fieldname, value)
-        tbl = _L2Table(off, _words(self.file.pread_exact(off, self._cs, "L2 table")))
+        tbl = _L2Table(off, words(self.file.pread_exact(off, self._cs, "L2 table")))
         self._l2_insert(tbl)
         return tbl
 
@@ -703,7 +438,7 @@ class Qcow2Image(Image):
         # Rule 3: a table an on-disk L1 entry reaches may only point at durable data.
         if tbl.offset not in self._unpublished:
             self._sync_data()
-        self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+        self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
         tbl.dirty = False
 
     def _l2_mark_dirty(self, tbl: _L2Table) -> None:
@@ -712,13 +447,6 @@ class Qcow2Image(Image):
             self._l2_insert(tbl)
 
     # ---- mapping ---------------------------------------------------------------------------
-
-    def _parse_compressed(self, entry: int) -> tuple[int, int]:
-        """(file_offset, length_bytes) of a compressed cluster's stream."""
-        shift = 62 - (self.cluster_bits - 8)
-        coffset = entry & ((1 << shift) - 1)
-        nb_sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-        return coffset, nb_sectors * QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & (SECTOR - 1))
 
     def _piece(self, pos: int, end: int) -> tuple[Kind, int, int, bool, int]:
         """The run of one kind starting at ``pos`` inside one cluster (or one unallocated L2
@@ -800,7 +528,7 @@ class Qcow2Image(Image):
             if self.data_file is not None:
                 raise CorruptImage(self.path, "compressed cluster in an image with an "
                                    "external data file", "l2 entry", entry)
-            coff, clen = self._parse_compressed(entry)
+            coff, clen = compressed_range(entry, self.cluster_bits)
             cstart = (guest_offset >> self.cluster_bits) << self.cluster_bits
             return Extent(guest_offset, pos - guest_offset, Kind.COMPRESSED, self.file, coff,
                           compressed_length=clen, cluster_guest_offset=cstart)
@@ -1046,7 +774,7 @@ class Qcow2Image(Image):
             # Grow: a new, larger table in a contiguous run of free clusters.
             per_cluster = cs // 8
             grow = max(need, len(self.reftable) * 3 // 2, per_cluster)
-            ntc = _div_round_up(grow, per_cluster)
+            ntc = div_round_up(grow, per_cluster)
             if ntc * cs > QCOW_MAX_REFTABLE_SIZE:
                 raise ImageIOError(self.path, "refcount table would exceed its maximum size",
                                    errno_mod.EFBIG)
@@ -1080,11 +808,12 @@ class Qcow2Image(Image):
             new_table.extend([0] * (table_entries - len(new_table)))
             for r, c in new_blocks.items():
                 new_table[r] = c << cb
-            self.file.pwrite(table_run[0] << cb, _words_bytes(new_table))
+            self.file.pwrite(table_run[0] << cb, words_bytes(new_table))
         self.file.sync()
         if new_table is not None:
             old_off, old_clusters = self.refcount_table_offset, self.refcount_table_clusters
-            self.file.pwrite(48, struct.pack(">QI", table_run[0] << cb, len(table_run)))
+            self.file.pwrite(HEADER_REFCOUNT_TABLE_AT,
+                             struct.pack(">QI", table_run[0] << cb, len(table_run)))
             self.file.sync()
             self.reftable = new_table
             self.refcount_table_offset = table_run[0] << cb
@@ -1155,7 +884,7 @@ class Qcow2Image(Image):
     def _host_range(self, entry: int) -> tuple[int, int] | None:
         """The host bytes an entry holds a reference to (None: nothing refcounted)."""
         if entry & QCOW_OFLAG_COMPRESSED:
-            return self._parse_compressed(entry)
+            return compressed_range(entry, self.cluster_bits)
         if self.data_file is not None:
             return None
         off = entry & L2E_OFFSET_MASK
@@ -1193,7 +922,8 @@ class Qcow2Image(Image):
         if self.writable and self.version >= 3:
             try:
                 self.incompatible_features |= QCOW2_INCOMPAT_CORRUPT
-                self.file.pwrite(72, struct.pack(">Q", self.incompatible_features))
+                self.file.pwrite(HEADER_INCOMPATIBLE_FEATURES_AT,
+                                 struct.pack(">Q", self.incompatible_features))
                 self.file.sync()
             except FormatError:
                 pass
@@ -1215,15 +945,16 @@ class Qcow2Image(Image):
         if self.version >= 3 and self.autoclear_features & ~AUTOCLEAR_KEPT:
             had_bitmaps = bool(self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS)
             self.autoclear_features &= AUTOCLEAR_KEPT
-            self.file.pwrite(88, struct.pack(">Q", self.autoclear_features))
+            self.file.pwrite(HEADER_AUTOCLEAR_FEATURES_AT,
+                             struct.pack(">Q", self.autoclear_features))
             self.file.sync()
             if had_bitmaps:
                 # The bitmaps are now inconsistent and every reader ignores them (qemu says
                 # so and drops them): give their clusters back rather than leak them.
-                problems: list[str] = []
-                ranges = self._bitmap_ranges(problems, self.file.size())
-                if not problems:
-                    self._pending_free.extend((off, n) for off, n, _ in ranges)
+                found = self._bitmap_regions(self.file.size())
+                if not found.problems:
+                    self._pending_free.extend(HostRange(r.file_offset, r.length)
+                                              for r in found.regions)
         self._modified = True
 
     def _sync_image(self) -> None:
@@ -1464,7 +1195,7 @@ class Qcow2Image(Image):
         self._begin_modify()
         end = guest_offset + length
         g = 1 << self.subcluster_bits
-        a0 = _div_round_up(guest_offset, g) * g
+        a0 = div_round_up(guest_offset, g) * g
         b0 = end if end == self.virtual_size else end // g * g
         if a0 >= b0:
             self._write_zero_bytes(guest_offset, end)
@@ -1550,7 +1281,7 @@ class Qcow2Image(Image):
                 mapped = self._has_host(e) and not comp
                 host = (e & L2E_OFFSET_MASK) if mapped else cstart
                 if self.extended_l2:
-                    sc0, sc1 = (pos - cstart) >> sb, _div_round_up(cend - cstart, 1 << sb)
+                    sc0, sc1 = (pos - cstart) >> sb, div_round_up(cend - cstart, 1 << sb)
                     t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
                     batch.add(self.data_file, host + (pos - cstart), bytes(cend - pos))
                     updates.append((idx, host | QCOW_OFLAG_COPIED,
@@ -1580,7 +1311,7 @@ class Qcow2Image(Image):
             elif e & QCOW_OFLAG_COMPRESSED:
                 fallback.append((pos, cend))  # partial: copy the cluster up, then zero
             else:
-                sc0, sc1 = (pos - cstart) >> sb, _div_round_up(cend - cstart, 1 << sb)
+                sc0, sc1 = (pos - cstart) >> sb, div_round_up(cend - cstart, 1 << sb)
                 t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
                 updates.append((idx, e, (bm & ~t) | (t << 32)))
             pos = cend
@@ -1600,7 +1331,7 @@ class Qcow2Image(Image):
         self._begin_modify()
         cb = self.cluster_bits
         first = guest_offset >> cb << cb
-        last = _div_round_up(guest_offset + length, 1 << cb) << cb
+        last = div_round_up(guest_offset + length, 1 << cb) << cb
         self._for_each_table(first, min(last, self.virtual_size), self._allocate_table)
 
     def _allocate_table(self, l1i: int, start: int, end: int) -> None:
@@ -1610,7 +1341,7 @@ class Qcow2Image(Image):
         updates: list[tuple[int, int, int]] = []
         frees: list[tuple[int, int]] = []
         f = self._data_host()
-        for ci in range(start >> cb, _div_round_up(end, 1 << cb)):
+        for ci in range(start >> cb, div_round_up(end, 1 << cb)):
             cstart = ci << cb
             idx = ci & ((1 << self.l2_bits) - 1)
             valid = self._valid_bytes(cstart)
@@ -1635,7 +1366,7 @@ class Qcow2Image(Image):
                 continue
             if not comp:
                 self._check_bitmap(ci, e, bm)
-            nsub = _div_round_up(valid, 1 << sb)
+            nsub = div_round_up(valid, 1 << sb)
             valid_mask = (1 << nsub) - 1
             if owned:
                 if bm & valid_mask == valid_mask:
@@ -1675,7 +1406,7 @@ class Qcow2Image(Image):
             return
         for tbl in list(self._l2_cache.values()):
             if tbl.dirty and tbl.offset in self._unpublished:
-                self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+                self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
                 tbl.dirty = False
         if self.data_file is not None:
             self.data_file.sync()
@@ -1684,7 +1415,7 @@ class Qcow2Image(Image):
         wrote = False
         for tbl in list(self._l2_cache.values()):
             if tbl.dirty:
-                self.file.pwrite(tbl.offset, _words_bytes(tbl.entries))
+                self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
                 tbl.dirty = False
                 wrote = True
         if self._l1_dirty:
@@ -1704,7 +1435,7 @@ class Qcow2Image(Image):
             while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
                 j += 1
             lo, hi = indices[i], indices[j] + 1
-            self.file.pwrite(self.l1_table_offset + 8 * lo, _words_bytes(self.l1[lo:hi]))
+            self.file.pwrite(self.l1_table_offset + 8 * lo, words_bytes(self.l1[lo:hi]))
             i = j + 1
 
     def close(self) -> None:
@@ -1759,7 +1490,8 @@ class Qcow2Image(Image):
                                      + res.corruptions[0])
             return
         self.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
-        self.file.pwrite(72, struct.pack(">Q", self.incompatible_features))
+        self.file.pwrite(HEADER_INCOMPATIBLE_FEATURES_AT,
+                         struct.pack(">Q", self.incompatible_features))
         self.file.sync()
 
     # ---- check -----------------------------------------------------------------------------
@@ -1797,7 +1529,7 @@ class Qcow2Image(Image):
             if not sn.l1_size:
                 continue
             inc(sn.l1_table_offset, sn.l1_size * 8, f"snapshot[{i}] L1 table")
-            l1 = _words(self.file.pread_exact(sn.l1_table_offset, sn.l1_size * 8, "L1 table"))
+            l1 = words(self.file.pread_exact(sn.l1_table_offset, sn.l1_size * 8, "L1 table"))
             self._check_l1(l1, f"snapshot[{i}]", inc, res, file_size)
         if self.refcount_table_clusters:
             inc(self.refcount_table_offset, self.refcount_table_clusters * cs,
@@ -1832,7 +1564,7 @@ class Qcow2Image(Image):
                     fixes[ci] = want
         if fixes:
             used = max(list(expected) + list(actual) + [0]) + 1
-            self._alloc_floor = max(used, _div_round_up(file_size, cs))
+            self._alloc_floor = max(used, div_round_up(file_size, cs))
             try:
                 self._rc_apply(fixes, durable=True)
             finally:
@@ -1846,7 +1578,7 @@ class Qcow2Image(Image):
                 res.corruptions = [c for c in res.corruptions if "refcount too low" not in c]
         self._check_copied(res, repair or fix_errors)
         res.allocated_clusters = allocated
-        res.total_clusters = _div_round_up(self.virtual_size, cs)
+        res.total_clusters = div_round_up(self.virtual_size, cs)
         res.image_end_offset = (max(expected) + 1) * cs if expected else 0
         return res
 
@@ -1865,22 +1597,22 @@ class Qcow2Image(Image):
             inc(off, cs, f"{which} L2 table l1[{i}]")
             if off + cs > file_size:
                 continue
-            words = _words(self.file.pread_exact(off, cs, "L2 table"))
-            for j in range(0, len(words), step):
-                e = words[j]
-                if not e and (step == 1 or not words[j + 1]):
+            l2 = words(self.file.pread_exact(off, cs, "L2 table"))
+            for j in range(0, len(l2), step):
+                e = l2[j]
+                if not e and (step == 1 or not l2[j + 1]):
                     continue
                 where = f"{which} l1[{i}] l2[{j // step}]"
                 if e & QCOW_OFLAG_COMPRESSED:
                     if self.data_file is not None:
                         res.corruptions.append(f"{where}: compressed cluster with a data file")
                         continue
-                    coff, clen = self._parse_compressed(e)
+                    coff, clen = compressed_range(e, self.cluster_bits)
                     inc(coff, clen, f"{where} compressed cluster")
                     allocated += 1
                     continue
                 if step == 2:
-                    bm = words[j + 1]
+                    bm = l2[j + 1]
                     if (bm >> 32) & bm & QCOW_L2_BITMAP_ALL_ALLOC:
                         res.corruptions.append(f"{where}: subcluster allocated and zero")
                     if bm & QCOW_L2_BITMAP_ALL_ALLOC and not self._has_host(e):
@@ -1904,42 +1636,15 @@ class Qcow2Image(Image):
         # Like qemu: bitmaps count only while their auto-clear bit vouches for them.
         if not self.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
             return
-        for off, n, what in self._bitmap_ranges(res.corruptions, file_size):
-            inc(off, n, what)
+        found = self._bitmap_regions(file_size)
+        res.corruptions += found.problems
+        for r in found.regions:
+            inc(r.file_offset, r.length, r.what)
 
-    def _bitmap_ranges(self, problems: list[str],
-                       file_size: int) -> list[tuple[int, int, str]]:
-        """(file_offset, length, what) of every cluster the bitmaps extension reaches."""
-        hdr = self.hdr
-        if hdr is None or hdr.bitmaps is None:
-            return []
-        nb, dsize, doff = hdr.bitmaps
-        cs = self._cs
-        if (nb > QCOW2_MAX_BITMAPS or dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or doff % cs
-                or doff + dsize > file_size):
-            problems.append(f"bitmap directory invalid (offset 0x{doff:x}, size {dsize}, "
-                            f"count {nb})")
-            return []
-        out = [(doff, dsize, "bitmap directory")]
-        directory = self.file.pread_exact(doff, dsize, "bitmap directory")
-        pos = 0
-        for k in range(nb):
-            if pos + BITMAP_DIR_ENTRY.size > dsize:
-                problems.append(f"bitmap directory entry {k} truncated")
-                break
-            toff, tsize, _flags, _type, _gran, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
-                directory, pos)
-            pos += (BITMAP_DIR_ENTRY.size + extra + name_size + 7) & ~7
-            if toff % cs or tsize * 8 > QCOW_MAX_L1_SIZE or toff + tsize * 8 > file_size:
-                problems.append(f"bitmap {k} table invalid (offset 0x{toff:x})")
-                continue
-            out.append((toff, tsize * 8, f"bitmap {k} table"))
-            table = _words(self.file.pread_exact(toff, tsize * 8, "bitmap table"))
-            for bte in table:
-                boff = bte & BME_TABLE_ENTRY_OFFSET_MASK
-                if boff:
-                    out.append((boff, cs, f"bitmap {k} data"))
-        return out
+    def _bitmap_regions(self, file_size: int) -> BitmapRegions:
+        if self.hdr is None:
+            return BitmapRegions([], [])
+        return bitmap_regions(self.file, self.hdr, file_size)
 
     def _stored_refcounts(self, res: CheckResult) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -1987,10 +1692,10 @@ class Qcow2Image(Image):
                     l1_fixed = True
                     res.corruptions_fixed += 1
                     res.corruptions.pop()
-            words = _words(self.file.pread_exact(off, cs, "L2 table"))
+            l2 = words(self.file.pread_exact(off, cs, "L2 table"))
             changed = False
-            for j in range(0, len(words), step):
-                e = words[j]
+            for j in range(0, len(l2), step):
+                e = l2[j]
                 host = e & L2E_OFFSET_MASK
                 if e & QCOW_OFLAG_COMPRESSED or not host or host % cs:
                     continue
@@ -1999,16 +1704,16 @@ class Qcow2Image(Image):
                     res.corruptions.append(f"l1[{i}] l2[{j // step}]: COPIED flag wrong for "
                                            f"refcount {rc}")
                     if repair:
-                        words[j] = (e & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
+                        l2[j] = (e & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if rc == 1
                                                                else 0)
                         changed = True
                         res.corruptions_fixed += 1
                         res.corruptions.pop()
             if changed:
-                self.file.pwrite(off, _words_bytes(words))
+                self.file.pwrite(off, words_bytes(l2))
                 self._l2_cache.pop(off, None)
         if l1_fixed:
-            self.file.pwrite(self.l1_table_offset, _words_bytes(self.l1))
+            self.file.pwrite(self.l1_table_offset, words_bytes(self.l1))
         if repair:
             self.file.sync()
 
@@ -2082,7 +1787,7 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
         raise ValueError(f"{path}: extended L2 entries need clusters of 16 KiB or more")
     if virtual_size < 0:
         raise ValueError(f"{path}: negative size")
-    virtual_size = _div_round_up(virtual_size, SECTOR) * SECTOR  # like qemu-img create
+    virtual_size = div_round_up(virtual_size, SECTOR) * SECTOR  # like qemu-img create
     if data_file and PROTOCOL_RE.match(data_file):
         raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
     fmt_name = None
@@ -2093,18 +1798,18 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
         raise ValueError(f"{path}: backing file name longer than 1023 bytes")
 
     l2_bits = cb - (4 if extended_l2 else 3)
-    l1_entries = _div_round_up(virtual_size, cluster_size << l2_bits)
+    l1_entries = div_round_up(virtual_size, cluster_size << l2_bits)
     if l1_entries * 8 > QCOW_MAX_L1_SIZE:
         raise ValueError(f"{path}: virtual size too large for this cluster size "
                          f"(size={virtual_size}, cluster_size={cluster_size})")
-    l1_clusters = max(1, _div_round_up(l1_entries * 8, cluster_size))
+    l1_clusters = max(1, div_round_up(l1_entries * 8, cluster_size))
     refcount_order = refcount_bits.bit_length() - 1
     epb = cluster_size * 8 // refcount_bits
     rt_clusters, rb_count = 1, 1
     while True:
         total = 1 + rt_clusters + rb_count + l1_clusters
-        rb_new = _div_round_up(total, epb)
-        rt_new = max(1, _div_round_up(rb_new * 8, cluster_size))
+        rb_new = div_round_up(total, epb)
+        rt_new = max(1, div_round_up(rb_new * 8, cluster_size))
         if (rb_new, rt_new) == (rb_count, rt_clusters):
             break
         rb_count, rt_clusters = rb_new, rt_new
@@ -2157,7 +1862,7 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.pwrite(fd, head, 0)
-        os.pwrite(fd, _words_bytes(reftable), rt_off)
+        os.pwrite(fd, words_bytes(reftable), rt_off)
         os.pwrite(fd, bytes(blocks), rb_off)
         os.ftruncate(fd, l1_off + l1_clusters * cluster_size)
         os.fsync(fd)
@@ -2177,6 +1882,14 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
 
 __all__ = [
     "DEFAULT_CLUSTER_SIZE",
+    "L1E_OFFSET_MASK",
+    "QCOW2_AUTOCLEAR_BITMAPS",
+    "QCOW2_AUTOCLEAR_DATA_FILE_RAW",
+    "QCOW2_INCOMPAT_COMPRESSION",
+    "QCOW2_INCOMPAT_CORRUPT",
+    "QCOW2_INCOMPAT_DATA_FILE",
+    "QCOW2_INCOMPAT_DIRTY",
+    "REFT_OFFSET_MASK",
     "Qcow2Header",
     "Qcow2Image",
     "Qcow2Snapshot",
