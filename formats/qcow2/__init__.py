@@ -91,7 +91,7 @@ import os
 import struct
 import zlib
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -124,7 +124,6 @@ from .layout import (
     DEFAULT_CLUSTER_SIZE,
     HEADER_AUTOCLEAR_FEATURES_AT,
     HEADER_INCOMPATIBLE_FEATURES_AT,
-    HEADER_REFCOUNT_TABLE_AT,
     L1E_OFFSET_MASK,
     L2_CACHE_BYTES,
     L2_CACHE_MIN_TABLES,
@@ -153,17 +152,12 @@ from .layout import (
     QCOW_L2_BITMAP_ALL_ZEROES,
     QCOW_MAGIC,
     QCOW_MAX_BACKING_FILE_NAME,
-    QCOW_MAX_HOST_OFFSET,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_REFTABLE_SIZE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
-    REFCOUNT_CACHE_BYTES,
-    REFCOUNT_CACHE_MIN_BLOCKS,
     REFT_OFFSET_MASK,
-    RESERVE_BATCH_BYTES,
-    RESERVE_BATCH_MIN_CLUSTERS,
     WRITE_GATHER_BYTES,
     ZERO_CHUNK_BYTES,
     ZSTD_FEED_BYTES,
@@ -174,6 +168,7 @@ from .layout import (
     words,
     words_bytes,
 )
+from .refcounts import Clash, Refcounts
 
 
 class _L2Table:
@@ -199,28 +194,21 @@ class Qcow2Image(Image):
         self.l2_bits = 13
         self.extended_l2 = False
         self.subcluster_bits = 16
-        self.refcount_order = 4
-        self.refcount_bits = 16
-        self.rb_bits = 15  # log2(entries per refcount block)
         self.incompatible_features = 0
         self.compatible_features = 0
         self.autoclear_features = 0
         self.compression_type = QCOW2_COMPRESSION_TYPE_ZLIB
         self.l1_table_offset = 0
         self.l1: array[int] = array("Q")
-        self.refcount_table_offset = 0
-        self.refcount_table_clusters = 0
-        self.reftable: array[int] = array("Q")
         self.snapshots: list[Qcow2Snapshot] = []
         self.snapshots_offset = 0
         self.snapshots_size = 0
         self.data_file: HostFile | None = None
         self.data_file_name: str | None = None
         self.feature_names: dict[tuple[int, int], str] = {}
+        self.refcounts: Refcounts  # set by open
         self._l2_cache: OrderedDict[int, _L2Table] = OrderedDict()
         self._l2_cache_max = L2_CACHE_MIN_TABLES
-        self._rb_cache: OrderedDict[int, bytearray] = OrderedDict()
-        self._rb_cache_max = REFCOUNT_CACHE_MIN_BLOCKS
         self._cc_key: tuple[int, int] | None = None  # decompressed-cluster cache
         self._cc_data = b""
         # write state (see the module docstring's ordering rules)
@@ -228,13 +216,8 @@ class Qcow2Image(Image):
         self._data_dirty = False
         self._unpublished: set[int] = set()  # L2 tables no on-disk L1 entry reaches yet
         self._l1_dirty: set[int] = set()
-        self._pending_free: list[tuple[int, int]] = []  # (file_offset, length_bytes)
-        self._pool: deque[int] = deque()  # reserved host cluster indices, ascending
-        self._free_hint = 0
-        self._alloc_floor = 0
+        self._pending_free: list[HostRange] = []
         self._open_file_size = 0
-        self._touched = False  # refcounts were written: close gives back and truncates
-        self._rc_unsynced = False  # reserved refcounts not yet synced (rule 1)
         self._closed = False
 
     # ---- geometry helpers ----------------------------------------------------------------
@@ -303,9 +286,6 @@ class Qcow2Image(Image):
         self.extended_l2 = bool(hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2)
         self.l2_bits = cb - (4 if self.extended_l2 else 3)
         self.subcluster_bits = cb - 5 if self.extended_l2 else cb
-        self.refcount_order = hdr.refcount_order
-        self.refcount_bits = 1 << hdr.refcount_order
-        self.rb_bits = cb + 3 - hdr.refcount_order
         # qemu addresses qcow2 images in whole 512-byte sectors: a partial last sector of
         # hdr.size is not part of the disk (bs->total_sectors = size / 512).
         self.virtual_size = hdr.size // SECTOR * SECTOR
@@ -318,7 +298,6 @@ class Qcow2Image(Image):
                 raise UnsupportedImage(path, "unknown backing file format", "backing_format",
                                        self.backing_format) from None
         self._l2_cache_max = max(L2_CACHE_MIN_TABLES, L2_CACHE_BYTES // cs)
-        self._rb_cache_max = max(REFCOUNT_CACHE_MIN_BLOCKS, REFCOUNT_CACHE_BYTES // cs)
 
         # Active L1 table.
         require(hdr.l1_size <= QCOW_MAX_L1_SIZE // 8, path, "L1 table too large",
@@ -337,13 +316,17 @@ class Qcow2Image(Image):
         require(hdr.refcount_table_clusters <= QCOW_MAX_REFTABLE_SIZE // cs, path,
                 "refcount table too large", "refcount_table_clusters",
                 hdr.refcount_table_clusters)
-        self.refcount_table_offset = hdr.refcount_table_offset
-        self.refcount_table_clusters = hdr.refcount_table_clusters
+        reftable: array[int] = array("Q")
         if hdr.refcount_table_clusters:
             check_table(path, cs, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs,
                         file_size, "refcount table", "refcount_table_offset")
-            self.reftable = words(self.file.pread_exact(
+            reftable = words(self.file.pread_exact(
                 hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "refcount table"))
+        self.refcounts = Refcounts(
+            path, self.file, cluster_bits=cb, refcount_order=hdr.refcount_order,
+            reftable=reftable, reftable_offset=hdr.refcount_table_offset,
+            reftable_clusters=hdr.refcount_table_clusters, in_use=self._in_use,
+            corrupt=self._signal_corruption)
         # Snapshot table.
         self.snapshots_offset = hdr.snapshots_offset
         self.snapshots, self.snapshots_size = read_snapshots(path, self.file, hdr, file_size)
@@ -371,9 +354,10 @@ class Qcow2Image(Image):
         out = [Region("header", 0, self._cs)]
         if len(self.l1):
             out.append(Region("L1 table", self.l1_table_offset, len(self.l1) * 8))
-        if self.refcount_table_clusters:
-            out.append(Region("refcount table", self.refcount_table_offset,
-                              self.refcount_table_clusters << self.cluster_bits))
+        rc = self.refcounts
+        if rc.reftable_clusters:
+            out.append(Region("refcount table", rc.reftable_offset,
+                              rc.reftable_clusters << self.cluster_bits))
         if self.snapshots_size:
             out.append(Region("snapshot table", self.snapshots_offset, self.snapshots_size))
         for i, sn in enumerate(self.snapshots):
@@ -602,312 +586,32 @@ class Qcow2Image(Image):
                                "offset", file_offset) from None
         return bytes(out)
 
-    # ---- refcounts -------------------------------------------------------------------------
-
-    def _rb_load(self, rt_index: int) -> bytearray | None:
-        if rt_index >= len(self.reftable):
-            return None
-        e = self.reftable[rt_index]
-        off = e & REFT_OFFSET_MASK
-        if not off:
-            return None
-        buf = self._rb_cache.get(off)
-        if buf is not None:
-            self._rb_cache.move_to_end(off)
-            return buf
-        require(off % self._cs == 0, self.path, "refcount block offset not cluster aligned",
-                f"reftable[{rt_index}]", e)
-        require(off + self._cs <= self.file.size(), self.path,
-                "refcount block past end of file", f"reftable[{rt_index}]", e)
-        buf = bytearray(self.file.pread_exact(off, self._cs, "refcount block"))
-        self._rb_cache[off] = buf
-        while len(self._rb_cache) > self._rb_cache_max:
-            self._rb_cache.popitem(last=False)
-        return buf
-
-    def _rb_entry(self, buf: bytearray | bytes, i: int) -> int:
-        bits = self.refcount_bits
-        if bits >= 8:
-            w = bits >> 3
-            return int.from_bytes(buf[i * w : i * w + w], "big")
-        bit = i * bits
-        return (buf[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)
-
-    def _rb_set(self, buf: bytearray, i: int, value: int) -> tuple[int, int]:
-        """Set entry i; returns the byte span written."""
-        bits = self.refcount_bits
-        if bits >= 8:
-            w = bits >> 3
-            buf[i * w : i * w + w] = value.to_bytes(w, "big")
-            return i * w, i * w + w
-        bit = i * bits
-        mask = ((1 << bits) - 1) << (bit & 7)
-        b = bit >> 3
-        buf[b] = (buf[b] & ~mask) | ((value << (bit & 7)) & mask)
-        return b, b + 1
-
-    def _rb_find_zero(self, buf: bytearray, i: int) -> int | None:
-        n = 1 << self.rb_bits
-        bits = self.refcount_bits
-        if bits >= 8:
-            w = bits >> 3
-            zero = bytes(w)
-            p = i * w
-            while True:
-                p = buf.find(zero, p)
-                if p < 0:
-                    return None
-                if p % w == 0:
-                    return p // w
-                p += w - p % w
-        for j in range(i, n):
-            bit = j * bits
-            if buf[bit >> 3] == 0xFF:
-                continue
-            if not (buf[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1):
-                return j
-        return None
-
-    def _rc_get(self, ci: int) -> int:
-        buf = self._rb_load(ci >> self.rb_bits)
-        if buf is None:
-            return 0
-        return self._rb_entry(buf, ci & ((1 << self.rb_bits) - 1))
-
-    def _rt_has(self, r: int) -> bool:
-        return r < len(self.reftable) and bool(self.reftable[r] & REFT_OFFSET_MASK)
-
-    def _find_free(self, count: int, taken: set[int], start: int,
-                   contiguous: bool = False) -> list[int]:
-        """``count`` free host clusters (refcount 0, not in ``taken``) from ``start`` up."""
-        rbb = self.rb_bits
-        limit = QCOW_MAX_HOST_OFFSET >> self.cluster_bits
-        out: list[int] = []
-        ci = max(start, self._alloc_floor, 1)
-        while len(out) < count:
-            if ci >= limit:
-                raise ImageIOError(self.path, "no free host cluster below 64 PiB",
-                                   errno_mod.ENOSPC)
-            r = ci >> rbb
-            rend = (r + 1) << rbb
-            buf = self._rb_load(r)
-            if buf is None:
-                c = ci
-            else:
-                i = self._rb_find_zero(buf, ci & ((1 << rbb) - 1))
-                if i is None:
-                    ci = rend
-                    continue
-                c = (r << rbb) + i
-            ci = c + 1
-            if c in taken:
-                continue
-            if contiguous and out and c != out[-1] + 1:
-                out = []
-            out.append(c)
-        return out
-
-    def _rc_apply(self, updates: dict[int, int], *, durable: bool) -> None:
-        """Set refcounts (write-through).  Creates refcount blocks, and grows and relocates
-        the refcount table, where needed (rule 2).  ``durable`` syncs before returning."""
-        maxval = (1 << self.refcount_bits) - 1
-        for ci, v in updates.items():
-            if v > maxval:
-                raise ImageIOError(self.path, f"refcount overflow for cluster {ci} "
-                                   f"(refcount_bits={self.refcount_bits})", errno_mod.EOVERFLOW)
-        self._touched = True
-        rbb = self.rb_bits
-        missing = sorted({ci >> rbb for ci, v in updates.items()
-                          if v and not self._rt_has(ci >> rbb)})
-        if missing:
-            self._rc_grow(updates, missing)
-            return
-        self._rc_write_existing(updates)
-        if durable:
-            self.file.sync()
-
-    def _rc_write_existing(self, updates: dict[int, int]) -> None:
-        rbb = self.rb_bits
-        by_block: dict[int, list[tuple[int, int]]] = {}
-        for ci, v in updates.items():
-            by_block.setdefault(ci >> rbb, []).append((ci & ((1 << rbb) - 1), v))
-        for r, items in sorted(by_block.items()):
-            buf = self._rb_load(r)
-            if buf is None:
-                continue  # every item sets 0 (checked by the caller): already 0
-            lo, hi = len(buf), 0
-            for i, v in items:
-                a, b = self._rb_set(buf, i, v)
-                lo, hi = min(lo, a), max(hi, b)
-            if lo < hi:
-                self.file.pwrite((self.reftable[r] & REFT_OFFSET_MASK) + lo, buf[lo:hi])
-
-    def _rc_grow(self, updates: dict[int, int], missing: list[int]) -> None:
-        cb, rbb, cs = self.cluster_bits, self.rb_bits, self._cs
-        taken = {ci for ci, v in updates.items() if v}
-        new_blocks: dict[int, int] = {}  # reftable index -> host cluster of the new block
-        table_run: list[int] = []
-        table_entries = len(self.reftable)
-        queue = list(missing)
-
-        def covered(r: int) -> bool:
-            return self._rt_has(r) or r in new_blocks
-
-        while True:
-            while queue:
-                r = queue.pop()
-                if covered(r):
-                    continue
-                # Place the block inside the range it covers, so it counts itself.  Every
-                # cluster of a range without a block has refcount 0.
-                base = r << rbb
-                c = next((x for x in range(max(base, 1, self._alloc_floor), base + (1 << rbb))
-                          if x not in taken), None)
-                if c is None:
-                    c = self._find_free(1, taken, base + (1 << rbb))[0]
-                    queue.append(c >> rbb)
-                new_blocks[r] = c
-                taken.add(c)
-            need = max(new_blocks) + 1 if new_blocks else 0
-            if need <= table_entries:
-                break
-            # Grow: a new, larger table in a contiguous run of free clusters.
-            per_cluster = cs // 8
-            grow = max(need, len(self.reftable) * 3 // 2, per_cluster)
-            ntc = div_round_up(grow, per_cluster)
-            if ntc * cs > QCOW_MAX_REFTABLE_SIZE:
-                raise ImageIOError(self.path, "refcount table would exceed its maximum size",
-                                   errno_mod.EFBIG)
-            for c in table_run:
-                taken.discard(c)
-            table_run = self._find_free(ntc, taken, max(taken) + 1, contiguous=True)
-            taken.update(table_run)
-            table_entries = ntc * per_cluster
-            queue.extend(c >> rbb for c in table_run)
-        final = dict(updates)
-        for c in new_blocks.values():
-            final[c] = 1
-        for c in table_run:
-            final[c] = 1
-        # Unreachable new structures first, then updates of existing blocks (a refcount that
-        # reaches the disk early only leaks), then sync, then publish.
-        new_bufs: dict[int, bytearray] = {r: bytearray(cs) for r in new_blocks}
-        existing: dict[int, int] = {}
-        for ci, v in final.items():
-            r = ci >> rbb
-            if r in new_bufs:
-                self._rb_set(new_bufs[r], ci & ((1 << rbb) - 1), v)
-            else:
-                existing[ci] = v
-        for r, c in new_blocks.items():
-            self.file.pwrite(c << cb, new_bufs[r])
-        self._rc_write_existing(existing)
-        new_table: array[int] | None = None
-        if table_run:
-            new_table = array("Q", self.reftable)
-            new_table.extend([0] * (table_entries - len(new_table)))
-            for r, c in new_blocks.items():
-                new_table[r] = c << cb
-            self.file.pwrite(table_run[0] << cb, words_bytes(new_table))
-        self.file.sync()
-        if new_table is not None:
-            old_off, old_clusters = self.refcount_table_offset, self.refcount_table_clusters
-            self.file.pwrite(HEADER_REFCOUNT_TABLE_AT,
-                             struct.pack(">QI", table_run[0] << cb, len(table_run)))
-            self.file.sync()
-            self.reftable = new_table
-            self.refcount_table_offset = table_run[0] << cb
-            self.refcount_table_clusters = len(table_run)
-            for r, c in new_blocks.items():
-                self._rb_cache[c << cb] = new_bufs[r]
-            if old_clusters:
-                first = old_off >> cb
-                frees = {ci: self._rc_get(ci) - 1 for ci in range(first, first + old_clusters)}
-                self._rc_apply({ci: max(v, 0) for ci, v in frees.items()}, durable=False)
-                self._free_hint = min(self._free_hint, first)
-        else:
-            for r, c in sorted(new_blocks.items()):
-                self.reftable[r] = c << cb
-                self._rb_cache[c << cb] = new_bufs[r]
-                self.file.pwrite(self.refcount_table_offset + 8 * r, struct.pack(">Q", c << cb))
-            self.file.sync()
-        while len(self._rb_cache) > self._rb_cache_max:
-            self._rb_cache.popitem(last=False)
-
     # ---- allocation ------------------------------------------------------------------------
 
-    def _overlaps_metadata(self, clusters: list[int]) -> tuple[int, str] | None:
+    def _in_use(self, clusters: list[int]) -> Clash | None:
         """Cheap cross-check (qemu's "cached" overlap check): is a supposedly free cluster
         in use by a structure we know of?"""
         cb = self.cluster_bits
-        spans = [(off >> cb, (off + n - 1) >> cb, what)
-                 for what, off, n in self._static_metadata()]
+        spans = [(r.file_offset >> cb, (r.file_offset + r.length - 1) >> cb, r.what)
+                 for r in self._static_metadata()]
         for ci in clusters:
             for first, last, what in spans:
                 if first <= ci <= last:
-                    return ci, what
+                    return Clash(ci, what)
             if ci << cb in self._l2_cache:
-                return ci, "L2 table"
-            if ci << cb in self._rb_cache:
-                return ci, "refcount block"
+                return Clash(ci, "L2 table")
+            if self.refcounts.caches_block(ci << cb):
+                return Clash(ci, "refcount block")
         return None
 
-    def _reserve(self, n: int) -> None:
-        """Rule 1: refcount a batch of host clusters and make that durable."""
-        cs = self._cs
-        n = max(n, RESERVE_BATCH_MIN_CLUSTERS, RESERVE_BATCH_BYTES // cs)
-        chosen = self._find_free(n, set(), self._free_hint)
-        clash = self._overlaps_metadata(chosen)
-        if clash is not None:
-            self._signal_corruption(f"cluster with refcount 0 is in use by the {clash[1]}",
-                                    "cluster", clash[0])
-        # Not synced here: _sync_data() runs before any L2/L1 entry is written (rule 1).
-        self._rc_apply(dict.fromkeys(chosen, 1), durable=False)
-        self._rc_unsynced = True
-        self._pool.extend(chosen)
-        self._free_hint = chosen[-1] + 1
-
-    def _alloc_cluster(self) -> int:
-        """A reserved host cluster's file offset."""
-        if not self._pool:
-            self._reserve(1)
-        return self._pool.popleft() << self.cluster_bits
-
-    def _release_pool(self) -> None:
-        if not self._pool:
-            return
-        pool = sorted(self._pool)
-        self._pool.clear()
-        self._rc_apply(dict.fromkeys(pool, 0), durable=False)
-        self._free_hint = min(self._free_hint, pool[0])
-
-    def _host_range(self, entry: int) -> tuple[int, int] | None:
+    def _host_range(self, entry: int) -> HostRange | None:
         """The host bytes an entry holds a reference to (None: nothing refcounted)."""
         if entry & QCOW_OFLAG_COMPRESSED:
             return compressed_range(entry, self.cluster_bits)
         if self.data_file is not None:
             return None
         off = entry & L2E_OFFSET_MASK
-        return (off, self._cs) if off else None
-
-    def _apply_frees(self) -> None:
-        cb = self.cluster_bits
-        dec: dict[int, int] = {}
-        for off, n in self._pending_free:
-            for ci in range(off >> cb, ((off + n - 1) >> cb) + 1):
-                dec[ci] = dec.get(ci, 0) + 1
-        self._pending_free = []
-        self._cc_key = None  # a freed compressed cluster's bytes may be reused
-        newvals: dict[int, int] = {}
-        for ci, k in dec.items():
-            cur = self._rc_get(ci)
-            if cur < k:
-                self._signal_corruption("refcount would drop below zero", "cluster", ci)
-            newvals[ci] = cur - k
-        self._rc_apply(newvals, durable=False)
-        freed = [ci for ci, v in newvals.items() if v == 0]
-        if freed:
-            self._free_hint = min(self._free_hint, min(freed))
+        return HostRange(off, self._cs) if off else None
 
     def mark_corrupt(self, what: str, field: str | None = None,
                      value: object = None) -> CorruptImage:
@@ -959,7 +663,7 @@ class Qcow2Image(Image):
 
     def _sync_image(self) -> None:
         self.file.sync()
-        self._rc_unsynced = False
+        self.refcounts.unsynced = False
         if self.data_file is None:
             self._data_dirty = False
 
@@ -968,7 +672,7 @@ class Qcow2Image(Image):
         if self.data_file is not None and self._data_dirty:
             self.data_file.sync()
             self._data_dirty = False
-        if self._data_dirty or self._rc_unsynced:
+        if self._data_dirty or self.refcounts.unsynced:
             self._sync_image()
 
     def _l2_for_write(self, l1_index: int) -> _L2Table:
@@ -984,10 +688,10 @@ class Qcow2Image(Image):
             assert old is not None
             entries = array("Q", old.entries)
             self._l2_cache.pop(off, None)  # the snapshot's copy is not ours to cache
-            self._pending_free.append((off, self._cs))  # rule 4
+            self._pending_free.append(HostRange(off, self._cs))  # rule 4
         else:
             entries = array("Q", bytes(self._cs))
-        new_off = self._alloc_cluster()
+        new_off = self.refcounts.alloc()
         tbl = _L2Table(new_off, entries, dirty=True)
         self._unpublished.add(new_off)
         self.l1[l1_index] = new_off | QCOW_OFLAG_COPIED
@@ -1072,7 +776,7 @@ class Qcow2Image(Image):
         tbl = self._l2_for_write(l1i)
         batch = self._Batch(self)
         updates: list[tuple[int, int, int]] = []
-        frees: list[tuple[int, int]] = []
+        frees: list[HostRange] = []
         pos = start
         while pos < end:
             ci = pos >> cb
@@ -1090,7 +794,7 @@ class Qcow2Image(Image):
 
     def _commit_table(self, tbl: _L2Table, batch: Qcow2Image._Batch,
                       updates: list[tuple[int, int, int]],
-                      frees: list[tuple[int, int]]) -> None:
+                      frees: list[HostRange]) -> None:
         """End of a per-L2-table write, zero or allocate pass: the data first (rule 3: the
         L2 entries stay in the cache until flush), then the entries, then queue the frees
         for after the next flush (rule 4)."""
@@ -1116,7 +820,7 @@ class Qcow2Image(Image):
     def _plan_write_std(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
                         chunk: memoryview, batch: Qcow2Image._Batch,
                         updates: list[tuple[int, int, int]],
-                        frees: list[tuple[int, int]]) -> None:
+                        frees: list[HostRange]) -> None:
         e = tbl.entries[idx]
         f = self._data_host()
         cstart = ci << self.cluster_bits
@@ -1131,7 +835,7 @@ class Qcow2Image(Image):
             return
         valid = self._valid_bytes(cstart)
         buf = self._copy_up(cstart, 0, valid, a, b, chunk)
-        host = cstart if self.data_file is not None else self._alloc_cluster()
+        host = cstart if self.data_file is not None else self.refcounts.alloc()
         batch.add(f, host, buf)
         updates.append((idx, host | QCOW_OFLAG_COPIED, 0))
         old = self._host_range(e)
@@ -1141,7 +845,7 @@ class Qcow2Image(Image):
     def _plan_write_ext(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
                         chunk: memoryview, batch: Qcow2Image._Batch,
                         updates: list[tuple[int, int, int]],
-                        frees: list[tuple[int, int]]) -> None:
+                        frees: list[HostRange]) -> None:
         e, bm = tbl.entries[2 * idx], tbl.entries[2 * idx + 1]
         f = self._data_host()
         cb, sb = self.cluster_bits, self.subcluster_bits
@@ -1170,13 +874,13 @@ class Qcow2Image(Image):
             updates.append((idx, e, new_bm))
             return
         if not has_host and not comp:
-            new = cstart if self.data_file is not None else self._alloc_cluster()
+            new = cstart if self.data_file is not None else self.refcounts.alloc()
             r0, r1 = sc0 << sb, min(sc1 << sb, valid)
             batch.add(f, new + r0, self._copy_up(cstart, r0, r1, a, b, chunk))
             updates.append((idx, new | QCOW_OFLAG_COPIED, new_bm))
             return
         # Compressed or shared with a snapshot: copy the whole cluster.
-        new = self._alloc_cluster()
+        new = self.refcounts.alloc()
         batch.add(f, new, self._copy_up(cstart, 0, valid, a, b, chunk))
         updates.append((idx, new | QCOW_OFLAG_COPIED, QCOW_L2_BITMAP_ALL_ALLOC))
         old = self._host_range(e)
@@ -1258,7 +962,7 @@ class Qcow2Image(Image):
         tbl = self._l2_for_write(l1i)
         batch = self._Batch(self)
         updates: list[tuple[int, int, int]] = []
-        frees: list[tuple[int, int]] = []
+        frees: list[HostRange] = []
         pos = start
         while pos < end:
             ci = pos >> cb
@@ -1339,7 +1043,7 @@ class Qcow2Image(Image):
         tbl = self._l2_for_write(l1i)
         batch = self._Batch(self)
         updates: list[tuple[int, int, int]] = []
-        frees: list[tuple[int, int]] = []
+        frees: list[HostRange] = []
         f = self._data_host()
         for ci in range(start >> cb, div_round_up(end, 1 << cb)):
             cstart = ci << cb
@@ -1357,7 +1061,7 @@ class Qcow2Image(Image):
             if not self.extended_l2:
                 if owned:
                     continue
-                new = cstart if self.data_file is not None else self._alloc_cluster()
+                new = cstart if self.data_file is not None else self.refcounts.alloc()
                 batch.add(f, new, self.read(cstart, valid))
                 updates.append((idx, new | QCOW_OFLAG_COPIED, 0))
                 old = self._host_range(e)
@@ -1385,7 +1089,7 @@ class Qcow2Image(Image):
                 updates.append((idx, e, QCOW_L2_BITMAP_ALL_ALLOC))
                 continue
             new = (cstart if self.data_file is not None and not comp
-                   else self._alloc_cluster())
+                   else self.refcounts.alloc())
             batch.add(f, new, self.read(cstart, valid))
             updates.append((idx, new | QCOW_OFLAG_COPIED, QCOW_L2_BITMAP_ALL_ALLOC))
             old = self._host_range(e)
@@ -1426,7 +1130,9 @@ class Qcow2Image(Image):
             self.file.sync()
         self._unpublished.clear()
         if self._pending_free:
-            self._apply_frees()
+            pending, self._pending_free = self._pending_free, []
+            self._cc_key = None  # a freed compressed cluster's bytes may be reused
+            self.refcounts.apply_frees(pending)
 
     def _write_l1_entries(self, indices: list[int]) -> None:
         i = 0
@@ -1443,9 +1149,9 @@ class Qcow2Image(Image):
             return
         self._closed = True
         try:
-            if self.writable and (self._modified or self._touched):
+            if self.writable and (self._modified or self.refcounts.touched):
                 self.flush()
-                self._release_pool()
+                self.refcounts.release_pool()
                 self._truncate_tail()
                 self.file.sync()
         finally:
@@ -1453,27 +1159,10 @@ class Qcow2Image(Image):
                 self.data_file.close()
             self.file.close()
 
-    def _highest_used_cluster(self) -> int:
-        bits = self.refcount_bits
-        for r in range(len(self.reftable) - 1, -1, -1):
-            buf = self._rb_load(r)
-            if buf is None:
-                continue
-            n = len(buf.rstrip(b"\0"))
-            if not n:
-                continue
-            last_byte = buf[n - 1]
-            if bits >= 8:
-                i = (n - 1) // (bits >> 3)
-            else:
-                i = ((n - 1) * 8 + last_byte.bit_length() - 1) // bits
-            return (r << self.rb_bits) + i
-        return 0
-
     def _truncate_tail(self) -> None:
         """Drop unreferenced clusters at the end of the file (never below its size at open)."""
         try:
-            end = (self._highest_used_cluster() + 1) << self.cluster_bits
+            end = (self.refcounts.highest_used() + 1) << self.cluster_bits
         except CorruptImage:
             return  # best effort: a damaged refcount table keeps the file as it is
         end = max(end, self._open_file_size)
@@ -1505,7 +1194,7 @@ class Qcow2Image(Image):
             self.require_writable()
         if self.writable and self._modified:
             self.flush()
-            self._release_pool()
+            self.refcounts.release_pool()
         res = CheckResult(self.path)
         cb, cs = self.cluster_bits, self._cs
         file_size = self.file.size()
@@ -1531,10 +1220,11 @@ class Qcow2Image(Image):
             inc(sn.l1_table_offset, sn.l1_size * 8, f"snapshot[{i}] L1 table")
             l1 = words(self.file.pread_exact(sn.l1_table_offset, sn.l1_size * 8, "L1 table"))
             self._check_l1(l1, f"snapshot[{i}]", inc, res, file_size)
-        if self.refcount_table_clusters:
-            inc(self.refcount_table_offset, self.refcount_table_clusters * cs,
+        rc = self.refcounts
+        if rc.reftable_clusters:
+            inc(rc.reftable_offset, rc.reftable_clusters * cs,
                 "refcount table")
-        for r, e in enumerate(self.reftable):
+        for r, e in enumerate(rc.reftable):
             off = e & REFT_OFFSET_MASK
             if not off:
                 continue
@@ -1544,14 +1234,15 @@ class Qcow2Image(Image):
             inc(off, cs, f"refcount block {r}")
         self._check_bitmaps(inc, res, file_size)
 
-        actual = self._stored_refcounts(res)
+        actual, problems = rc.stored()
+        res.corruptions += problems
         fixes: dict[int, int] = {}
-        maxval = (1 << self.refcount_bits) - 1
+        maxval = (1 << rc.refcount_bits) - 1
         for ci in sorted(set(expected) | set(actual)):
             want, have = expected.get(ci, 0), actual.get(ci, 0)
             if want > maxval:
                 res.corruptions.append(f"cluster {ci}: {want} references exceed the "
-                                       f"{self.refcount_bits}-bit refcount")
+                                       f"{rc.refcount_bits}-bit refcount")
             elif have < want:
                 res.corruptions.append(f"cluster {ci}: refcount={have} but {want} "
                                        "references (refcount too low)")
@@ -1564,11 +1255,7 @@ class Qcow2Image(Image):
                     fixes[ci] = want
         if fixes:
             used = max(list(expected) + list(actual) + [0]) + 1
-            self._alloc_floor = max(used, div_round_up(file_size, cs))
-            try:
-                self._rc_apply(fixes, durable=True)
-            finally:
-                self._alloc_floor = 0
+            rc.apply_above(fixes, max(used, div_round_up(file_size, cs)))
             if repair:
                 res.leaks_fixed = len(res.leaks)
                 res.leaks = []
@@ -1646,33 +1333,6 @@ class Qcow2Image(Image):
             return BitmapRegions([], [])
         return bitmap_regions(self.file, self.hdr, file_size)
 
-    def _stored_refcounts(self, res: CheckResult) -> dict[int, int]:
-        out: dict[int, int] = {}
-        rbb, bits = self.rb_bits, self.refcount_bits
-        for r in range(len(self.reftable)):
-            try:
-                buf = self._rb_load(r)
-            except CorruptImage as e:
-                res.corruptions.append(str(e))
-                continue
-            if buf is None:
-                continue
-            base = r << rbb
-            if bits >= 8:
-                w = bits >> 3
-                for p in range(0, len(buf), w):
-                    if any(buf[p : p + w]):
-                        out[base + p // w] = int.from_bytes(buf[p : p + w], "big")
-            else:
-                per = 8 // bits
-                for p, byte in enumerate(buf):
-                    if byte:
-                        for k in range(per):
-                            v = (byte >> (k * bits)) & ((1 << bits) - 1)
-                            if v:
-                                out[base + p * per + k] = v
-        return out
-
     def _check_copied(self, res: CheckResult, repair: bool) -> None:
         """In the active tables, COPIED must be set exactly where the refcount is 1."""
         if self.data_file is not None:
@@ -1684,7 +1344,7 @@ class Qcow2Image(Image):
             off = l1e & L1E_OFFSET_MASK
             if not off or off % cs or off + cs > self.file.size():
                 continue
-            rc = self._rc_get(off >> cb)
+            rc = self.refcounts.get(off >> cb)
             if (rc == 1) != bool(l1e & QCOW_OFLAG_COPIED):
                 res.corruptions.append(f"l1[{i}]: COPIED flag wrong for refcount {rc}")
                 if repair:
@@ -1699,7 +1359,7 @@ class Qcow2Image(Image):
                 host = e & L2E_OFFSET_MASK
                 if e & QCOW_OFLAG_COMPRESSED or not host or host % cs:
                     continue
-                rc = self._rc_get(host >> cb)
+                rc = self.refcounts.get(host >> cb)
                 if (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
                     res.corruptions.append(f"l1[{i}] l2[{j // step}]: COPIED flag wrong for "
                                            f"refcount {rc}")
@@ -1724,7 +1384,7 @@ class Qcow2Image(Image):
             "compat": "1.1" if self.version >= 3 else "0.10",
             "version": self.version,
             "cluster_size": self._cs,
-            "refcount_bits": self.refcount_bits,
+            "refcount_bits": self.refcounts.refcount_bits,
             "lazy_refcounts": bool(self.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
             "extended_l2": self.extended_l2,
             "compression_type": COMPRESSION_NAMES.get(self.compression_type, "?"),
