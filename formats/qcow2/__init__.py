@@ -89,9 +89,7 @@ import errno as errno_mod
 import itertools
 import os
 import struct
-import zlib
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -109,6 +107,7 @@ from ..base import (
 from ..errors import CorruptImage, FormatError, ImageIOError, ImageReadOnly, UnsupportedImage
 from ..names import canonical_format
 from ..opener import PROTOCOL_RE
+from .compressed import decompress
 from .header import (
     BitmapRegions,
     Qcow2Header,
@@ -118,6 +117,7 @@ from .header import (
     parse_header,
     read_snapshots,
 )
+from .l2cache import L2Cache, L2Table
 from .layout import (
     AUTOCLEAR_KEPT,
     COMPRESSION_NAMES,
@@ -125,8 +125,6 @@ from .layout import (
     HEADER_AUTOCLEAR_FEATURES_AT,
     HEADER_INCOMPATIBLE_FEATURES_AT,
     L1E_OFFSET_MASK,
-    L2_CACHE_BYTES,
-    L2_CACHE_MIN_TABLES,
     L2E_OFFSET_MASK,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
@@ -160,7 +158,6 @@ from .layout import (
     REFT_OFFSET_MASK,
     WRITE_GATHER_BYTES,
     ZERO_CHUNK_BYTES,
-    ZSTD_FEED_BYTES,
     HostRange,
     Region,
     compressed_range,
@@ -169,18 +166,6 @@ from .layout import (
     words_bytes,
 )
 from .refcounts import Clash, Refcounts
-
-
-class _L2Table:
-    """One cached L2 table; ``entries`` holds native 64-bit words (2 per entry with extended
-    L2).  ``dirty`` means the cache is newer than the file."""
-
-    __slots__ = ("dirty", "entries", "offset")
-
-    def __init__(self, offset: int, entries: array[int], dirty: bool = False):
-        self.offset = offset
-        self.entries = entries
-        self.dirty = dirty
 
 
 class Qcow2Image(Image):
@@ -207,14 +192,12 @@ class Qcow2Image(Image):
         self.data_file_name: str | None = None
         self.feature_names: dict[tuple[int, int], str] = {}
         self.refcounts: Refcounts  # set by open
-        self._l2_cache: OrderedDict[int, _L2Table] = OrderedDict()
-        self._l2_cache_max = L2_CACHE_MIN_TABLES
+        self.l2_cache: L2Cache  # set by open
         self._cc_key: tuple[int, int] | None = None  # decompressed-cluster cache
         self._cc_data = b""
         # write state (see the module docstring's ordering rules)
         self._modified = False
         self._data_dirty = False
-        self._unpublished: set[int] = set()  # L2 tables no on-disk L1 entry reaches yet
         self._l1_dirty: set[int] = set()
         self._pending_free: list[HostRange] = []
         self._open_file_size = 0
@@ -297,7 +280,7 @@ class Qcow2Image(Image):
             except ValueError:
                 raise UnsupportedImage(path, "unknown backing file format", "backing_format",
                                        self.backing_format) from None
-        self._l2_cache_max = max(L2_CACHE_MIN_TABLES, L2_CACHE_BYTES // cs)
+        self.l2_cache = L2Cache(path, self.file, cb, before_writeback=self._sync_data)
 
         # Active L1 table.
         require(hdr.l1_size <= QCOW_MAX_L1_SIZE // 8, path, "L1 table too large",
@@ -389,46 +372,13 @@ class Qcow2Image(Image):
 
     # ---- L2 tables -------------------------------------------------------------------------
 
-    def _l2_get(self, l1_index: int) -> _L2Table | None:
+    def _l2_get(self, l1_index: int) -> L2Table | None:
         """The L2 table of an active L1 entry (None where the entry is unallocated)."""
         l1e = self.l1[l1_index]
         off = l1e & L1E_OFFSET_MASK
         if not off:
             return None
-        tbl = self._l2_cache.get(off)
-        if tbl is not None:
-            self._l2_cache.move_to_end(off)
-            return tbl
-        return self._l2_load(off, f"l1[{l1_index}]", l1e)
-
-    def _l2_load(self, off: int, fieldname: str, value: int) -> _L2Table:
-        require(off % self._cs == 0, self.path, "L2 table offset not cluster aligned",
-                fieldname, value)
-        require(off + self._cs <= self.file.size(), self.path, "L2 table past end of file",
-                fieldname, value)
-        tbl = _L2Table(off, words(self.file.pread_exact(off, self._cs, "L2 table")))
-        self._l2_insert(tbl)
-        return tbl
-
-    def _l2_insert(self, tbl: _L2Table) -> None:
-        self._l2_cache[tbl.offset] = tbl
-        self._l2_cache.move_to_end(tbl.offset)
-        while len(self._l2_cache) > self._l2_cache_max:
-            _, old = self._l2_cache.popitem(last=False)
-            if old.dirty:
-                self._l2_writeback(old)
-
-    def _l2_writeback(self, tbl: _L2Table) -> None:
-        # Rule 3: a table an on-disk L1 entry reaches may only point at durable data.
-        if tbl.offset not in self._unpublished:
-            self._sync_data()
-        self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
-        tbl.dirty = False
-
-    def _l2_mark_dirty(self, tbl: _L2Table) -> None:
-        tbl.dirty = True
-        if self._l2_cache.get(tbl.offset) is not tbl:
-            self._l2_insert(tbl)
+        return self.l2_cache.get(off, l1_index, l1e)
 
     # ---- mapping ---------------------------------------------------------------------------
 
@@ -534,57 +484,11 @@ class Qcow2Image(Image):
         key = (extent.file_offset, extent.compressed_length)
         if self._cc_key != key:
             stream = self.file.pread_data(extent.file_offset, extent.compressed_length)
-            self._cc_data = self._decompress(stream, extent.file_offset)
+            self._cc_data = decompress(self.path, self.compression_type, stream, self._cs,
+                                       extent.file_offset)
             self._cc_key = key
         at = extent.guest_offset - extent.cluster_guest_offset
         return self._cc_data[at : at + extent.length]
-
-    def _decompress(self, stream: bytes, file_offset: int) -> bytes:
-        cs = self._cs
-        if self.compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
-            # Raw deflate, 4 KiB window.  Like qemu, the output must fill the cluster exactly;
-            # trailing input (sector padding, the next cluster's stream) is ignored.
-            try:
-                out = zlib.decompressobj(-12).decompress(stream, cs)
-            except zlib.error as e:
-                raise CorruptImage(self.path, f"bad zlib stream in compressed cluster ({e})",
-                                   "offset", file_offset) from None
-            require(len(out) == cs, self.path, "compressed cluster decodes to too few bytes",
-                    "offset", file_offset)
-            return out
-        return self._zstd_decompress(stream, file_offset)
-
-    def _zstd_decompress(self, stream: bytes, file_offset: int) -> bytes:
-        import zstandard
-
-        cs = self._cs
-        out = bytearray()
-        rest = memoryview(stream)
-        try:
-            dctx = zstandard.ZstdDecompressor()
-            # One or more whole frames must decode to exactly one cluster; what follows the
-            # frame that completes the cluster is padding (or the next cluster's stream).
-            while len(out) < cs:
-                dobj = dctx.decompressobj()
-                fed = 0
-                while not dobj.eof:
-                    if fed >= len(rest):
-                        raise CorruptImage(self.path, "truncated zstd stream in compressed "
-                                           "cluster", "offset", file_offset)
-                    chunk = rest[fed : fed + ZSTD_FEED_BYTES]
-                    fed += len(chunk)
-                    out += dobj.decompress(bytes(chunk))
-                    require(len(out) <= cs, self.path, "compressed cluster decodes to more "
-                            "than a cluster", "offset", file_offset)
-                used = fed - len(dobj.unused_data)
-                if used <= 0:
-                    raise CorruptImage(self.path, "empty zstd frame in compressed cluster",
-                                       "offset", file_offset)
-                rest = rest[used:]
-        except zstandard.ZstdError as e:
-            raise CorruptImage(self.path, f"bad zstd stream in compressed cluster ({e})",
-                               "offset", file_offset) from None
-        return bytes(out)
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -598,7 +502,7 @@ class Qcow2Image(Image):
             for first, last, what in spans:
                 if first <= ci <= last:
                     return Clash(ci, what)
-            if ci << cb in self._l2_cache:
+            if ci << cb in self.l2_cache:
                 return Clash(ci, "L2 table")
             if self.refcounts.caches_block(ci << cb):
                 return Clash(ci, "refcount block")
@@ -675,7 +579,7 @@ class Qcow2Image(Image):
         if self._data_dirty or self.refcounts.unsynced:
             self._sync_image()
 
-    def _l2_for_write(self, l1_index: int) -> _L2Table:
+    def _l2_for_write(self, l1_index: int) -> L2Table:
         """The L2 table for ``l1_index``, allocated or copied so that this layer owns it."""
         l1e = self.l1[l1_index]
         off = l1e & L1E_OFFSET_MASK
@@ -687,24 +591,23 @@ class Qcow2Image(Image):
             old = self._l2_get(l1_index)
             assert old is not None
             entries = array("Q", old.entries)
-            self._l2_cache.pop(off, None)  # the snapshot's copy is not ours to cache
+            self.l2_cache.drop(off)  # the snapshot's copy is not ours to cache
             self._pending_free.append(HostRange(off, self._cs))  # rule 4
         else:
             entries = array("Q", bytes(self._cs))
         new_off = self.refcounts.alloc()
-        tbl = _L2Table(new_off, entries, dirty=True)
-        self._unpublished.add(new_off)
+        tbl = L2Table(new_off, entries, dirty=True)
         self.l1[l1_index] = new_off | QCOW_OFLAG_COPIED
         self._l1_dirty.add(l1_index)
-        self._l2_insert(tbl)
+        self.l2_cache.insert_unpublished(tbl)
         return tbl
 
-    def _get_entry(self, tbl: _L2Table, idx: int) -> tuple[int, int]:
+    def _get_entry(self, tbl: L2Table, idx: int) -> tuple[int, int]:
         if self.extended_l2:
             return tbl.entries[2 * idx], tbl.entries[2 * idx + 1]
         return tbl.entries[idx], 0
 
-    def _set_entry(self, tbl: _L2Table, idx: int, entry: int, bitmap: int = 0) -> None:
+    def _set_entry(self, tbl: L2Table, idx: int, entry: int, bitmap: int = 0) -> None:
         if self.extended_l2:
             tbl.entries[2 * idx] = entry
             tbl.entries[2 * idx + 1] = bitmap
@@ -792,7 +695,7 @@ class Qcow2Image(Image):
             pos = cend
         self._commit_table(tbl, batch, updates, frees)
 
-    def _commit_table(self, tbl: _L2Table, batch: Qcow2Image._Batch,
+    def _commit_table(self, tbl: L2Table, batch: Qcow2Image._Batch,
                       updates: list[tuple[int, int, int]],
                       frees: list[HostRange]) -> None:
         """End of a per-L2-table write, zero or allocate pass: the data first (rule 3: the
@@ -802,7 +705,7 @@ class Qcow2Image(Image):
         for idx, e, bm in updates:
             self._set_entry(tbl, idx, e, bm)
         if updates:
-            self._l2_mark_dirty(tbl)
+            self.l2_cache.mark_dirty(tbl)
         self._pending_free.extend(frees)
 
     def _copy_up(self, cstart: int, r0: int, r1: int, a: int, b: int,
@@ -817,7 +720,7 @@ class Qcow2Image(Image):
             buf += self.read(cstart + b, r1 - b)
         return buf
 
-    def _plan_write_std(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
+    def _plan_write_std(self, tbl: L2Table, idx: int, ci: int, a: int, b: int,
                         chunk: memoryview, batch: Qcow2Image._Batch,
                         updates: list[tuple[int, int, int]],
                         frees: list[HostRange]) -> None:
@@ -842,7 +745,7 @@ class Qcow2Image(Image):
         if old is not None:
             frees.append(old)
 
-    def _plan_write_ext(self, tbl: _L2Table, idx: int, ci: int, a: int, b: int,
+    def _plan_write_ext(self, tbl: L2Table, idx: int, ci: int, a: int, b: int,
                         chunk: memoryview, batch: Qcow2Image._Batch,
                         updates: list[tuple[int, int, int]],
                         frees: list[HostRange]) -> None:
@@ -1108,27 +1011,19 @@ class Qcow2Image(Image):
             if self.data_file is not None:
                 self.file.sync()
             return
-        for tbl in list(self._l2_cache.values()):
-            if tbl.dirty and tbl.offset in self._unpublished:
-                self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
-                tbl.dirty = False
+        self.l2_cache.write_unpublished()
         if self.data_file is not None:
             self.data_file.sync()
         self._data_dirty = False
         self._sync_image()
-        wrote = False
-        for tbl in list(self._l2_cache.values()):
-            if tbl.dirty:
-                self.file.pwrite(tbl.offset, words_bytes(tbl.entries))
-                tbl.dirty = False
-                wrote = True
+        wrote = self.l2_cache.write_dirty()
         if self._l1_dirty:
             self._write_l1_entries(sorted(self._l1_dirty))
             self._l1_dirty.clear()
             wrote = True
         if wrote:
             self.file.sync()
-        self._unpublished.clear()
+        self.l2_cache.all_published()
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
             self._cc_key = None  # a freed compressed cluster's bytes may be reused
@@ -1371,7 +1266,7 @@ class Qcow2Image(Image):
                         res.corruptions.pop()
             if changed:
                 self.file.pwrite(off, words_bytes(l2))
-                self._l2_cache.pop(off, None)
+                self.l2_cache.drop(off)
         if l1_fixed:
             self.file.pwrite(self.l1_table_offset, words_bytes(self.l1))
         if repair:

@@ -197,7 +197,7 @@ def apply_ops(s: Setup, ops: list[tuple[str, float, int, int]]) -> None:
                 img.flush()
             elif kind == "small-cache":
                 assert isinstance(img, q2.Qcow2Image)
-                img._l2_cache_max = 1  # force dirty L2 tables out through write-back
+                img.l2_cache.max_tables = 1  # force dirty L2 tables out through write-back
             else:
                 img.close_chain()
                 img = formats.open_image(str(s.top), writable=True)
@@ -549,7 +549,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
     r = random.Random(seed)
     img = formats.open_image(str(top), writable=True)
     assert isinstance(img, q2.Qcow2Image)
-    img._l2_cache_max = 1  # exercise dirty-table eviction
+    img.l2_cache.max_tables = 1  # exercise dirty-table eviction
     flushed: list[bytes] = [bytes(model)]
     # Each guest op: (index of the last completed flush, sector -> content it may now show)
     writes: list[tuple[int, int, bytes]] = []
