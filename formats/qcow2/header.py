@@ -216,12 +216,15 @@ def parse_header(path: str, head: bytes, file_size: int) -> Qcow2Header:
 
 
 def check_table(path: str, cluster_size: int, file_offset: int, length: int,
-                file_size: int, what: str, fieldname: str) -> None:
-    """A table the header (or the snapshot table) places: cluster aligned, inside the file."""
+                file_size: int, what: str, fieldname: str, value: object = None) -> None:
+    """A table the metadata places (the header, the snapshot table, an L1 or the refcount
+    table): cluster aligned and inside the file.  ``fieldname`` = ``value`` (by default the
+    offset) names where the offset was found, for the message."""
+    value = file_offset if value is None else value
     require(file_offset % cluster_size == 0, path, f"{what} offset not cluster aligned",
-            fieldname, file_offset)
+            fieldname, value)
     require(file_offset + length <= file_size, path, f"{what} past end of file",
-            fieldname, file_offset)
+            fieldname, value)
 
 
 # ---- the snapshot table ------------------------------------------------------------------

@@ -25,7 +25,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..base import HostFile, require
+from ..base import HostFile
+from .header import check_table
 from .layout import L2_CACHE_BYTES, L2_CACHE_MIN_TABLES, words, words_bytes
 
 
@@ -65,10 +66,8 @@ class L2Cache:
             self.tables.move_to_end(file_offset)
             return tbl
         cs = 1 << self.cluster_bits
-        require(file_offset % cs == 0, self.path, "L2 table offset not cluster aligned",
-                f"l1[{l1_index}]", l1_entry)
-        require(file_offset + cs <= self.file.size(), self.path, "L2 table past end of file",
-                f"l1[{l1_index}]", l1_entry)
+        check_table(self.path, cs, file_offset, cs, self.file.size(), "L2 table",
+                    f"l1[{l1_index}]", l1_entry)
         tbl = L2Table(file_offset, words(self.file.pread_exact(file_offset, cs, "L2 table")))
         self.insert(tbl)
         return tbl

@@ -36,8 +36,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
-from ..base import HostFile, require
+from ..base import HostFile
 from ..errors import CorruptImage, ImageIOError
+from .header import check_table
 from .layout import (
     HEADER_REFCOUNT_TABLE_AT,
     QCOW_MAX_HOST_OFFSET,
@@ -111,10 +112,8 @@ class Refcounts:
             self._blocks.move_to_end(off)
             return buf
         cs = 1 << self.cluster_bits
-        require(off % cs == 0, self.path, "refcount block offset not cluster aligned",
-                f"reftable[{rt_index}]", e)
-        require(off + cs <= self.file.size(), self.path,
-                "refcount block past end of file", f"reftable[{rt_index}]", e)
+        check_table(self.path, cs, off, cs, self.file.size(), "refcount block",
+                    f"reftable[{rt_index}]", e)
         buf = bytearray(self.file.pread_exact(off, cs, "refcount block"))
         self._blocks[off] = buf
         while len(self._blocks) > self._max_blocks:
