@@ -51,7 +51,7 @@ _probe_cache: dict[str, str | None] = {}
 
 
 def qcow2_problem() -> str | None:
-    """Why qcow2 overlays cannot be served yet (formats/qcow2.py is being written), or None."""
+    """Why qcow2 overlays cannot be served yet (formats/qcow2/ is being written), or None."""
     if "qcow2" not in _probe_cache:
         reason: str | None = None
         with tempfile.TemporaryDirectory() as d:
@@ -60,12 +60,12 @@ def qcow2_problem() -> str | None:
             try:
                 img = formats.open_one(str(p), True)
             except NotImplementedError:
-                reason = "formats/qcow2.py is not implemented yet (open raises NotImplementedError)"
+                reason = "formats/qcow2/ is not implemented yet (open raises NotImplementedError)"
             else:
                 if img.format_name != "qcow2":
                     reason = f"formats/ does not recognise qcow2 yet (probed as {img.format_name})"
                 elif not img.writable:
-                    reason = f"formats/qcow2.py cannot write yet ({img.read_only_reason})"
+                    reason = f"formats/qcow2/ cannot write yet ({img.read_only_reason})"
                 img.close()
         _probe_cache["qcow2"] = reason
     return _probe_cache["qcow2"]
