@@ -122,6 +122,7 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"image", "create"},
         {"__init__"},
     ],
+    "vhd": [{"__init__"}],
 }
 
 

@@ -68,7 +68,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import (
+from ..base import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_ZERO_RANGE,
     MAX_IO_BYTES,
@@ -83,7 +83,7 @@ from .base import (
     fallocate,
     require,
 )
-from .errors import CorruptImage, ImageIOError, UnsupportedImage
+from ..errors import CorruptImage, ImageIOError, UnsupportedImage
 
 # ---- on-disk constants (the spec's names) -----------------------------------------------------
 
