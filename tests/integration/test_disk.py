@@ -328,7 +328,7 @@ def make_tcow_chain(tmp: Path, rng: random.Random, size: int) -> tuple[Path, Pat
 
 
 def vhd_write_problem(tmp: Path) -> str | None:
-    """formats/vhd.py's writing is being written too: does a differencing write survive
+    """formats/vhd/'s writing is being written too: does a differencing write survive
     close and reopen yet?"""
     if "vhdwrite" not in _probe_cache:
         reason: str | None = None
@@ -340,9 +340,9 @@ def vhd_write_problem(tmp: Path) -> str | None:
             img.write(4096, b"\x07" * 5000)
             img.close_chain()
             if read_chain(d / "o.vhd")[4096:9096] != b"\x07" * 5000:
-                reason = "formats/vhd.py: a differencing write does not survive close and reopen"
+                reason = "formats/vhd/: a differencing write does not survive close and reopen"
         except formats.FormatError as e:
-            reason = f"formats/vhd.py cannot write a differencing image yet ({e})"
+            reason = f"formats/vhd/ cannot write a differencing image yet ({e})"
         shutil.rmtree(d)
         _probe_cache["vhdwrite"] = reason
     return _probe_cache["vhdwrite"]

@@ -122,7 +122,13 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"image", "create"},
         {"__init__"},
     ],
-    "vhd": [{"__init__"}],
+    "vhd": [
+        {"structures"},
+        {"parents"},
+        {"image"},
+        {"create"},
+        {"__init__"},
+    ],
 }
 
 
