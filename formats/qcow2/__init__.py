@@ -5,7 +5,7 @@ Spec: qemu's docs/interop/qcow2.txt.  On-disk constants keep the spec's (and qem
 
 This package's names are its public API: :class:`Qcow2Image` (the codec), :func:`create`,
 :func:`parse_header` and the on-disk constants callers use.  Its modules, bottom first (a
-module imports only from those above it in this list; tests/unit/test_layers.py checks):
+module imports only from the lines before its own; tests/unit/test_layers.py checks):
 
 - ``layout``: the spec's constants, the limits, the tunables, the table word codec;
 - ``header``: the header and its extensions, the snapshot table, the bitmap directory;

@@ -4,7 +4,7 @@ differencing disks: read, write, check and create.  Imports nothing from ``cowd`
 Spec: the "Virtual Hard Disk Image Format Specification", 1.0; on-disk constants keep its
 names.  This package's names are its public API: :class:`VhdImage` (the codec),
 :func:`create`, :func:`create_differencing`, the structures and sizing rules callers use.
-Its modules, bottom first (a module imports only from those above it in this list;
+Its modules, bottom first (a module imports only from the lines before its own;
 tests/unit/test_layers.py checks):
 
 - ``structures``: the on-disk layout — footer, dynamic disk header, parent locator entries,
