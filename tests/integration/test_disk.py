@@ -58,7 +58,7 @@ _probe_cache: dict[str, str | None] = {}
 
 
 def qcow2_problem() -> str | None:
-    """Why qcow2 overlays cannot be served yet (formats/qcow2.py is being written), or None."""
+    """Why qcow2 overlays cannot be served yet (formats/qcow2/ is being written), or None."""
     if "qcow2" not in _probe_cache:
         reason: str | None = None
         with tempfile.TemporaryDirectory() as d:
@@ -67,12 +67,12 @@ def qcow2_problem() -> str | None:
             try:
                 img = formats.open_one(str(p), True)
             except NotImplementedError:
-                reason = "formats/qcow2.py is not implemented yet (open raises NotImplementedError)"
+                reason = "formats/qcow2/ is not implemented yet (open raises NotImplementedError)"
             else:
                 if img.format_name != "qcow2":
                     reason = f"formats/ does not recognise qcow2 yet (probed as {img.format_name})"
                 elif not img.writable:
-                    reason = f"formats/qcow2.py cannot write yet ({img.read_only_reason})"
+                    reason = f"formats/qcow2/ cannot write yet ({img.read_only_reason})"
                 img.close()
         _probe_cache["qcow2"] = reason
     return _probe_cache["qcow2"]
@@ -298,7 +298,7 @@ def make_tcow_chain(tmp: Path, rng: random.Random, size: int) -> tuple[Path, Pat
 
 
 def vhd_write_problem(tmp: Path) -> str | None:
-    """formats/vhd.py's writing is being written too: does a differencing write survive
+    """formats/vhd/'s writing is being written too: does a differencing write survive
     close and reopen yet?"""
     if "vhdwrite" not in _probe_cache:
         reason: str | None = None
@@ -310,9 +310,9 @@ def vhd_write_problem(tmp: Path) -> str | None:
             img.write(4096, b"\x07" * 5000)
             img.close_chain()
             if read_chain(d / "o.vhd")[4096:9096] != b"\x07" * 5000:
-                reason = "formats/vhd.py: a differencing write does not survive close and reopen"
+                reason = "formats/vhd/: a differencing write does not survive close and reopen"
         except formats.FormatError as e:
-            reason = f"formats/vhd.py cannot write a differencing image yet ({e})"
+            reason = f"formats/vhd/ cannot write a differencing image yet ({e})"
         shutil.rmtree(d)
         _probe_cache["vhdwrite"] = reason
     return _probe_cache["vhdwrite"]

@@ -197,7 +197,7 @@ def apply_ops(s: Setup, ops: list[tuple[str, float, int, int]]) -> None:
                 img.flush()
             elif kind == "small-cache":
                 assert isinstance(img, q2.Qcow2Image)
-                img._l2_cache_max = 1  # force dirty L2 tables out through write-back
+                img.l2_cache.max_tables = 1  # force dirty L2 tables out through write-back
             else:
                 img.close_chain()
                 img = formats.open_image(str(s.top), writable=True)
@@ -242,7 +242,7 @@ def test_refcount_table_growth(tmp_path: Path) -> None:
               refcount_bits=64)
     img = formats.open_image(str(top), writable=True)
     assert isinstance(img, q2.Qcow2Image)
-    first_rt = (img.refcount_table_offset, img.refcount_table_clusters)
+    first_rt = (img.refcounts.reftable_offset, img.refcounts.reftable_clusters)
     order = list(range(0, size, 8192))
     random.Random(5).shuffle(order)
     for i, off in enumerate(order):
@@ -251,7 +251,7 @@ def test_refcount_table_growth(tmp_path: Path) -> None:
         model[off + 100 : off + 8292] = data[: min(8192, size - off - 100)]
         if i % 50 == 0:
             img.flush()
-    grown = (img.refcount_table_offset, img.refcount_table_clusters)
+    grown = (img.refcounts.reftable_offset, img.refcounts.reftable_clusters)
     img.close_chain()
     assert grown[1] > first_rt[1] and grown[0] != first_rt[0]
     s = Setup(tmp_path, top, model, base)
@@ -405,7 +405,7 @@ def test_check_finds_refcount_too_low(tmp_path: Path) -> None:
     assert isinstance(img, q2.Qcow2Image)
     assert img.check().clean
     data_off = img.resolve(0, 4096).file_offset
-    rb_off = img.reftable[0] & q2.REFT_OFFSET_MASK
+    rb_off = img.refcounts.reftable[0] & q2.REFT_OFFSET_MASK
     img.close()
     raw = bytearray(top.read_bytes())
     struct.pack_into(">H", raw, rb_off + 2 * (data_off // 4096), 0)
@@ -549,7 +549,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
     r = random.Random(seed)
     img = formats.open_image(str(top), writable=True)
     assert isinstance(img, q2.Qcow2Image)
-    img._l2_cache_max = 1  # exercise dirty-table eviction
+    img.l2_cache.max_tables = 1  # exercise dirty-table eviction
     flushed: list[bytes] = [bytes(model)]
     # Each guest op: (index of the last completed flush, sector -> content it may now show)
     writes: list[tuple[int, int, bytes]] = []

@@ -1,4 +1,4 @@
-"""VHD codec (formats/vhd.py) against real peers: qemu-img/qemu-io (fixed and dynamic images,
+"""VHD codec (formats/vhd/) against real peers: qemu-img/qemu-io (fixed and dynamic images,
 ``qemu-img convert -f vpc`` is the oracle) and libvhdi (vhdiinfo, vhdimount: the only peer
 that reads differencing VHDs)."""
 
@@ -29,6 +29,8 @@ from formats import (
     vhd,
 )
 from formats.vhd import VhdImage
+from formats.vhd import image as vhd_image
+from formats.vhd.structures import bit_runs, set_bits
 from tests.support.peers import (
     libvhdi_raw,
     need,
@@ -139,13 +141,13 @@ def test_checksum_and_footer_roundtrip() -> None:
 
 def test_bitmap_runs() -> None:
     bm = bytearray(512)
-    vhd._set_bits(bm, 3, 21)
+    set_bits(bm, 3, 21)
     assert bm[:3] == bytes([0b00011111, 0xFF, 0b11111000])
-    assert vhd._bit_runs(bm, 0, 4096) == (False, 3)
-    assert vhd._bit_runs(bm, 3, 4096) == (True, 18)
-    assert vhd._bit_runs(bm, 10, 15) == (True, 5)
-    assert vhd._bit_runs(bm, 21, 4096) == (False, 4096 - 21)
-    assert vhd._bit_runs(bytes([0xFF] * 512), 0, 4) == (True, 4)
+    assert bit_runs(bm, 0, 4096) == (False, 3)
+    assert bit_runs(bm, 3, 4096) == (True, 18)
+    assert bit_runs(bm, 10, 15) == (True, 5)
+    assert bit_runs(bm, 21, 4096) == (False, 4096 - 21)
+    assert bit_runs(bytes([0xFF] * 512), 0, 4) == (True, 4)
 
 
 @pytest.mark.parametrize("mib", [1, 3, 10, 33, 127, 512, 4095])
@@ -682,7 +684,7 @@ def test_saved_state_is_read_only(tmp: Path) -> None:
 
 
 def test_dirty_metadata_bound_flushes(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vhd, "VHD_MAX_DIRTY_BITMAP_BYTES", 2048)
+    monkeypatch.setattr(vhd_image, "VHD_MAX_DIRTY_BITMAP_BYTES", 2048)
     p = tmp / "d.vhd"
     vhd.create(str(p), 2 * MiB, block_size=64 << 10)
     img = open_one(str(p), writable=True)

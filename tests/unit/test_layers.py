@@ -99,14 +99,19 @@ def cowd_modules() -> list[Path]:
     return sorted((ROOT / "cowd").rglob("*.py"))
 
 
+def formats_modules() -> list[Path]:
+    return sorted((ROOT / "formats").rglob("*.py"))
+
+
 def test_formats_never_imports_cowd() -> None:
-    for path in (ROOT / "formats").glob("*.py"):
+    for path in formats_modules():
         bad = {n for n in imports_of(path, "formats") if n == "cowd" or n.startswith("cowd.")}
-        assert not bad, f"{path.name} imports {bad}: formats/ must stand alone"
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: formats/ must stand alone"
 
 
 # formats/ by layer, bottom first: the vocabulary, the chain's files and walker, the codecs,
-# and the package's entry points (which no module inside formats/ imports).
+# and the package's entry points (which no module inside formats/ imports).  A codec may be a
+# package (formats/qcow2/): it takes its package's place here.
 FORMATS_LAYERS = [
     {"errors", "names"},
     {"base"},
@@ -115,20 +120,77 @@ FORMATS_LAYERS = [
     {"__init__"},
 ]
 
+# Inside a codec package, by layer, bottom first; its __init__.py (the codec's public names)
+# on top.  A module imports only from a layer strictly below its own: never a sibling of its
+# layer, never its package's __init__.py, and never formats/__init__.py.
+PACKAGE_LAYERS: dict[str, list[set[str]]] = {
+    "qcow2": [
+        {"layout"},
+        {"header", "compressed"},
+        {"l2cache", "refcounts"},
+        {"reader"},
+        {"writer", "check"},
+        {"image", "create"},
+        {"__init__"},
+    ],
+    "vhd": [
+        {"structures"},
+        {"parents"},
+        {"image"},
+        {"create"},
+        {"__init__"},
+    ],
+}
+
+
+def formats_target(name: str) -> tuple[str, str] | None:
+    """('', module) for a module of formats/ ('formats.base.Kind' -> ('', 'base')), (package,
+    module) inside a codec package ('formats.qcow2.header' -> ('qcow2', 'header'); the
+    package's own names are its '__init__'); None when not formats'.  A name imported from
+    formats itself (formats.Kind) is formats' '__init__'."""
+    if name != "formats" and not name.startswith("formats."):
+        return None
+    parts = name.split(".")[1:]
+    if not parts or parts[0] not in set().union(*FORMATS_LAYERS):
+        return "", "__init__"
+    if parts[0] not in PACKAGE_LAYERS:
+        return "", parts[0]
+    known = set().union(*PACKAGE_LAYERS[parts[0]])
+    if len(parts) >= 2 and parts[1] in known - {"__init__"}:
+        return parts[0], parts[1]
+    return parts[0], "__init__"
+
 
 def test_formats_imports_point_down() -> None:
     rank = {m: i for i, layer in enumerate(FORMATS_LAYERS) for m in layer}
-    for path in sorted((ROOT / "formats").glob("*.py")):
-        mine = rank.get(path.stem)
-        assert mine is not None, f"formats/{path.name} is in no layer: add it to FORMATS_LAYERS"
+    for path in formats_modules():
+        rel = path.relative_to(ROOT / "formats")
+        where = f"formats/{rel}"
+        package = rel.parts[0] if len(rel.parts) > 1 else ""
+        if package:
+            assert package in PACKAGE_LAYERS, f"formats/{package}/ has no PACKAGE_LAYERS entry"
+            inner = {m: i for i, layer in enumerate(PACKAGE_LAYERS[package]) for m in layer}
+            mine_inner = inner.get(path.stem)
+            assert mine_inner is not None, (
+                f"{where} is in no layer: add it to PACKAGE_LAYERS[{package!r}]")
+            mine = rank[package]
+        else:
+            mine_inner = None
+            mine = rank.get(path.stem)
+            assert mine is not None, f"{where} is in no layer: add it to FORMATS_LAYERS"
         for name in imports_of(path, "formats"):
-            if name != "formats" and not name.startswith("formats."):
+            target = formats_target(name)
+            if target is None:
                 continue
-            other = name.split(".")[1] if "." in name else "__init__"
-            if other not in rank:  # a name imported from the package, e.g. formats.Kind
-                other = "__init__"
-            assert rank[other] <= mine, (
-                f"formats/{path.name} imports {name}: formats/{other} is above it")
+            pkg, other = target
+            if pkg and pkg == package:
+                assert mine_inner is not None
+                assert inner[other] < mine_inner, (
+                    f"{where} imports {name}: formats/{pkg}/{other} is not below it")
+                continue
+            top = pkg or other
+            assert rank[top] <= mine and not (package and top == "__init__"), (
+                f"{where} imports {name}: formats/{top} is above it")
 
 
 def layer_of(module: str) -> int:

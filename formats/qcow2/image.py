@@ -1,0 +1,164 @@
+"""Layer: formats.qcow2, the top of the codec (above writer.py and check.py).
+:class:`Qcow2Image`, the qcow2 codec: its life cycle — open (rebuilding a dirty image's
+refcounts), flush and close in the order of the crash-safety rules (formats/qcow2/__init__.py)
+— and check and info.
+
+The state and the mapping are Qcow2Reader's (reader.py), the writes Qcow2Writer's (writer.py);
+what they leave to this class is when the writes become durable:
+
+- ``flush`` is rules 3 to 5: new L2 tables nothing reaches yet, then a sync of the data file
+  and the image (data, copy-up, those tables and reserved refcounts are durable), then the
+  reachable L2 tables and the L1 entries, a sync, and last the frees that wait for it.
+- ``close`` flushes, gives back the clusters reserved and not used (rule 1's pool) and
+  truncates the unreferenced tail of the file, never below its size at open.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..base import CheckResult, HostFile, NearOpener
+from ..errors import CorruptImage
+from .check import Checker
+from .layout import (
+    COMPRESSION_NAMES,
+    HEADER_INCOMPATIBLE_FEATURES_AT,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DIRTY,
+    words_bytes,
+)
+from .writer import Qcow2Writer
+
+
+class Qcow2Image(Qcow2Writer):
+    """A qcow2 image (compat 0.10 and 1.1): see formats/qcow2/__init__.py."""
+
+    def __init__(self, path: str, file: HostFile, writable: bool):
+        super().__init__(path, file, writable)
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, file: HostFile, writable: bool,
+             near: NearOpener | None = None) -> Qcow2Image:
+        img = cls(path, file, writable)
+        try:
+            img._load(near)
+            if img.incompatible_features & QCOW2_INCOMPAT_DIRTY and img.writable:
+                img._repair_dirty()
+        except BaseException:
+            if img.data_file is not None:
+                img.data_file.close()
+            raise
+        return img
+
+    def _repair_dirty(self) -> None:
+        """Lazy refcounts left the image dirty: rebuild its refcounts from the L1/L2 tables
+        (like qemu does on open) and clear the bit; refcounts stay exact from then on."""
+        res = self.check(repair=True, fix_errors=True)
+        if res.corruptions:
+            self.writable = False
+            self.read_only_reason = ("dirty image whose refcounts could not be rebuilt: "
+                                     + res.corruptions[0])
+            return
+        self.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
+        self.file.pwrite(HEADER_INCOMPATIBLE_FEATURES_AT,
+                         struct.pack(">Q", self.incompatible_features))
+        self.file.sync()
+
+    # ---- flush and close -----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Rules 3-5: data and new L2 tables, sync, reachable L2 tables and L1, sync, frees."""
+        if not self.writable:
+            return
+        if not self._modified:
+            self._data_host().sync()
+            if self.data_file is not None:
+                self.file.sync()
+            return
+        self.l2_cache.write_unpublished()
+        if self.data_file is not None:
+            self.data_file.sync()
+        self._data_dirty = False
+        self._sync_image()
+        wrote = self.l2_cache.write_dirty()
+        if self._l1_dirty:
+            self._write_l1_entries(sorted(self._l1_dirty))
+            self._l1_dirty.clear()
+            wrote = True
+        if wrote:
+            self.file.sync()
+        self.l2_cache.all_published()
+        if self._pending_free:  # rule 4
+            pending, self._pending_free = self._pending_free, []
+            self._cc_key = None  # a freed compressed cluster's bytes may be reused
+            self.refcounts.apply_frees(pending)
+
+    def _write_l1_entries(self, indices: list[int]) -> None:
+        i = 0
+        while i < len(indices):
+            j = i
+            while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+                j += 1
+            lo, hi = indices[i], indices[j] + 1
+            self.file.pwrite(self.l1_table_offset + 8 * lo, words_bytes(self.l1[lo:hi]))
+            i = j + 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.writable and (self._modified or self.refcounts.touched):
+                self.flush()
+                self.refcounts.release_pool()
+                self._truncate_tail()
+                self.file.sync()
+        finally:
+            if self.data_file is not None:
+                self.data_file.close()
+            self.file.close()
+
+    def _truncate_tail(self) -> None:
+        """Drop unreferenced clusters at the end of the file (never below its size at open)."""
+        try:
+            end = (self.refcounts.highest_used() + 1) << self.cluster_bits
+        except CorruptImage:
+            return  # best effort: a damaged refcount table keeps the file as it is
+        end = max(end, self._open_file_size)
+        if self.file.size() > end:
+            self.file.truncate(end)
+
+    # ---- inspection ----------------------------------------------------------------------
+
+    def check(self, repair: bool = False, *, fix_errors: bool = False) -> CheckResult:
+        """qemu-img check's walk (check.py).  ``repair`` fixes leaks; ``fix_errors`` also
+        raises refcounts that are too low (what a dirty image needs)."""
+        if repair or fix_errors:
+            self.require_writable()
+        if self.writable and self._modified:
+            self.flush()
+            self.refcounts.release_pool()
+        return Checker(self).run(repair=repair, fix_errors=fix_errors)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "compat": "1.1" if self.version >= 3 else "0.10",
+            "version": self.version,
+            "cluster_size": self.cluster_size,
+            "refcount_bits": self.refcounts.refcount_bits,
+            "lazy_refcounts": bool(self.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
+            "extended_l2": self.extended_l2,
+            "compression_type": COMPRESSION_NAMES.get(self.compression_type, "?"),
+            "data_file": self.data_file_name,
+            "data_file_raw": bool(self.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW),
+            "dirty": bool(self.incompatible_features & QCOW2_INCOMPAT_DIRTY),
+            "corrupt": bool(self.incompatible_features & QCOW2_INCOMPAT_CORRUPT),
+            "snapshots": len(self.snapshots),
+            "backing_file": self.backing_name,
+            "backing_format": self.backing_format,
+            "l1_size": len(self.l1),
+        }
