@@ -59,8 +59,10 @@ class Below(Protocol):
         """Guest bytes the layers beneath present (0: nothing is beneath)."""
         ...
 
-    def read(self, guest_offset: int, length: int) -> bytes:
-        """The bytes beneath at [guest_offset, +length); zeroes past ``size``."""
+    def read_into(self, guest_offset: int, dest: memoryview) -> None:
+        """Fill ``dest`` with the bytes beneath at [guest_offset, +len(dest)); zeroes past
+        ``size``.  Into the caller's buffer: a copy-up reads straight into the cluster it
+        writes."""
         ...
 
     def zero_prefix(self, guest_offset: int, length: int) -> int:
@@ -74,8 +76,8 @@ class _NothingBelow:
 
     size = 0
 
-    def read(self, guest_offset: int, length: int) -> bytes:
-        return bytes(length)
+    def read_into(self, guest_offset: int, dest: memoryview) -> None:
+        dest[:] = bytes(len(dest))
 
     def zero_prefix(self, guest_offset: int, length: int) -> int:
         return length
@@ -147,6 +149,21 @@ class HostFile:
         if len(data) != length:
             raise CorruptImage(self.path, f"{what} past end of file", "offset", file_offset)
         return data
+
+    def pread_into(self, file_offset: int, dest: memoryview) -> None:
+        """Read guest data into ``dest``: what lies past the end of the file reads as
+        zeroes."""
+        got = 0
+        n = len(dest)
+        while got < n:
+            try:
+                k = os.preadv(self.fd, [dest[got:got + MAX_IO_BYTES]], file_offset + got)
+            except OSError as e:
+                raise io_error(self.path, f"read failed: {e.strerror}", e) from None
+            if not k:
+                dest[got:] = bytes(n - got)
+                return
+            got += k
 
     def pread_data(self, file_offset: int, length: int) -> bytes:
         """Read guest data: what lies past the end of the file reads as zeroes."""
@@ -323,8 +340,14 @@ class Image:
 
     def read(self, guest_offset: int, length: int) -> bytes:
         """Guest bytes: this layer's own, and ``below``'s where this layer has none."""
-        self.check_range(guest_offset, length)
         out = bytearray(length)
+        self.read_into(guest_offset, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, guest_offset: int, dest: memoryview) -> None:
+        """:meth:`read` into the caller's buffer (whatever it held is overwritten)."""
+        length = len(dest)
+        self.check_range(guest_offset, length)
         pos = guest_offset
         end = guest_offset + length
         while pos < end:
@@ -333,16 +356,17 @@ class Image:
             if n <= 0:
                 raise CorruptImage(self.path, "resolver made no progress", "offset", pos)
             at = pos - guest_offset
+            part = dest[at : at + n]
             if ext.kind is Kind.DATA:
                 assert ext.file is not None
-                out[at : at + n] = ext.file.pread_data(ext.file_offset, n)
+                ext.file.pread_into(ext.file_offset, part)
             elif ext.kind is Kind.COMPRESSED:
-                out[at : at + n] = self.read_compressed(ext)
+                part[:] = self.read_compressed(ext)
             elif ext.kind is Kind.UNALLOCATED:
-                out[at : at + n] = self.below.read(pos, n)
-            # ZERO: already zero
+                self.below.read_into(pos, part)
+            else:  # ZERO
+                part[:] = bytes(n)
             pos += n
-        return bytes(out)
 
     # ---- writing -------------------------------------------------------------------------
 

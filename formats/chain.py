@@ -60,12 +60,13 @@ class ChainBelow:
     def size(self) -> int:
         return self.parent.virtual_size
 
-    def read(self, guest_offset: int, length: int) -> bytes:
+    def read_into(self, guest_offset: int, dest: memoryview) -> None:
+        length = len(dest)
         n = max(0, min(length, self.parent.virtual_size - guest_offset))
-        if n <= 0:
-            return bytes(length)
-        data = self.parent.read(guest_offset, n)
-        return data if n == length else data + bytes(length - n)
+        if n > 0:
+            self.parent.read_into(guest_offset, dest[:n])
+        if n < length:
+            dest[n:] = bytes(length - n)
 
     def zero_prefix(self, guest_offset: int, length: int) -> int:
         if guest_offset >= self.parent.virtual_size:

@@ -609,11 +609,9 @@ class PlannedBelow:
         self.chain.plan_below(self.depth - 1, guest_offset, guest_offset + length, segs, st)
         return segs
 
-    def read(self, guest_offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.chain.read_segments(guest_offset, memoryview(buf),
-                                 self._plan(guest_offset, length), zeroed=True, owned=True)
-        return bytes(buf)
+    def read_into(self, guest_offset: int, dest: memoryview) -> None:
+        self.chain.read_segments(guest_offset, dest, self._plan(guest_offset, len(dest)),
+                                 zeroed=False, owned=True)
 
     def zero_prefix(self, guest_offset: int, length: int) -> int:
         n = 0

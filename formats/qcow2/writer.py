@@ -226,16 +226,24 @@ class Qcow2Writer(Qcow2Reader):
             fn(l1i, pos, tend)
             pos = tend
 
+    def _current(self, guest_offset: int, length: int) -> bytearray:
+        """What the chain shows at [guest_offset, +length) now, read into a fresh buffer
+        (no copy on the way: the buffer is what gets written)."""
+        buf = bytearray(length)
+        self.read_into(guest_offset, memoryview(buf))
+        return buf
+
     def _copy_up(self, cstart: int, r0: int, r1: int, a: int, b: int,
                  chunk: memoryview | bytes) -> bytearray:
         """Bytes [r0, r1) of the cluster at cstart: the chain's current content with
         ``chunk`` at [a, b)."""
-        buf = bytearray()
+        buf = bytearray(r1 - r0)
+        view = memoryview(buf)
         if a > r0:
-            buf += self.read(cstart + r0, a - r0)
-        buf += chunk
+            self.read_into(cstart + r0, view[:a - r0])
+        view[a - r0:b - r0] = chunk
         if r1 > b:
-            buf += self.read(cstart + b, r1 - b)
+            self.read_into(cstart + b, view[b - r0:])
         return buf
 
     # ---- write ---------------------------------------------------------------------------
@@ -506,7 +514,7 @@ class Qcow2Writer(Qcow2Reader):
             if owned:
                 return
             new = cstart if self.data_file is not None else self.refcounts.alloc()
-            change.write(new, self.read(cstart, valid))
+            change.write(new, self._current(cstart, valid))
             change.set_entry(idx, new | QCOW_OFLAG_COPIED, 0, self._host_range(e))
             return
         if not comp:
@@ -525,12 +533,12 @@ class Qcow2Writer(Qcow2Reader):
                 while j < nsub and not bm >> j & 1:
                     j += 1
                 r0, r1 = i << sb, min(j << sb, valid)
-                change.write(host + r0, self.read(cstart + r0, r1 - r0))
+                change.write(host + r0, self._current(cstart + r0, r1 - r0))
                 i = j
             change.set_entry(idx, e, QCOW_L2_BITMAP_ALL_ALLOC)
             return
         new = (cstart if self.data_file is not None and not comp
                else self.refcounts.alloc())
-        change.write(new, self.read(cstart, valid))
+        change.write(new, self._current(cstart, valid))
         change.set_entry(idx, new | QCOW_OFLAG_COPIED, QCOW_L2_BITMAP_ALL_ALLOC,
                          self._host_range(e))

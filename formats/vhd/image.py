@@ -458,7 +458,9 @@ class VhdImage(Image):
                 while pos < count * SECTOR:
                     k = min(count * SECTOR - pos, MAX_IO_BYTES)
                     guest = idx * self.block_size + s * SECTOR + pos
-                    self.file.pwrite(base + s * SECTOR + pos, self.below.read(guest, k))
+                    buf = bytearray(k)
+                    self.below.read_into(guest, memoryview(buf))
+                    self.file.pwrite(base + s * SECTOR + pos, buf)
                     pos += k
             s += count
 

@@ -194,8 +194,9 @@ class TcowImage(formats.Image):
                 else:
                     start = idx * cs
                     csize = min(cs, self.virtual_size - start)
-                    buf = bytearray(self.below.read(start, csize) if entry == TCOW_UNALLOCATED
-                                    else bytes(csize))
+                    buf = bytearray(csize)
+                    if entry == TCOW_UNALLOCATED:
+                        self.below.read_into(start, memoryview(buf))
                     buf[off:off + n] = view[done:done + n]
                     fo = max(self.data_start, -(-self.file.size() // cs) * cs)
                     self.file.pwrite(fo, buf)  # data before the entry that reaches it
