@@ -85,6 +85,29 @@ class Daemon:
             self.proc.kill()
         self.proc.wait(30)
 
+    def worker_pids(self) -> list[int]:
+        """The daemon's worker processes (its children running cowd.workers.worker)."""
+        pids = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+                for child in Path(f"/proc/{self.proc.pid}/task/{task}/children").read_text() \
+                        .split():
+                    with contextlib.suppress(OSError):
+                        if b"cowd.workers.worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                            pids.append(int(child))
+        return sorted(pids)
+
+    def kill_workers(self) -> list[int]:
+        """SIGKILL every worker (the daemon lives on and starts new ones)."""
+        pids = self.worker_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def tree_rss_kib(self) -> int:
+        return rss_kib(self.proc.pid) + sum(rss_kib(p) for p in self.worker_pids())
+
     def stop(self, timeout: float = 20) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -251,21 +274,32 @@ def wait_acks(journal: Path, n: int, timeout_s: float) -> None:
 
 
 def crash_iteration(s: Setup, it: int, rnd: random.Random, *, power_cut: bool = False,
-                    max_kill_s: float = 1.5) -> dict[str, Any]:
-    """One storm, one SIGKILL, every check; returns the iteration's figures."""
+                    max_kill_s: float = 1.5, workers: int = 0,
+                    kill_workers: bool = False) -> dict[str, Any]:
+    """One storm, one SIGKILL, every check; returns the iteration's figures.  With
+    ``workers``, the daemon serves from that many worker processes; with ``kill_workers``
+    the SIGKILL goes to every worker instead of the daemon, which must start them again and
+    go on serving, then stop cleanly."""
     work = s.work
     journal = work / f"journal{it}.txt"
     record = work / f"record{it}.bin" if power_cut else None
     before = s.overlay.read_bytes() if power_cut else b""
-    d = start_daemon(s.overlay, work, record=record)
+    d = start_daemon(s.overlay, work, record=record, extra=("--workers", str(workers)))
     w = run_writer(d.uri, journal, seconds=30, seed=rnd.randrange(1 << 30),
                    seq0=(it + 1) * 10_000_000)
     try:
         wait_acks(journal, 20, 20)
         delay = rnd.uniform(0.0, max_kill_s)
         time.sleep(delay)
-        d.kill()
+        if kill_workers:
+            killed = d.kill_workers()
+            assert len(killed) == workers, f"found workers {killed}, expected {workers}"
+        else:
+            d.kill()
         out, _ = w.communicate(timeout=30)
+        if kill_workers:
+            _wait_workers_again(d, killed, workers)
+            d.stop()
     finally:
         d.kill()
         if w.poll() is None:
@@ -289,6 +323,21 @@ def crash_iteration(s: Setup, it: int, rnd: random.Random, *, power_cut: bool = 
     journal.unlink()
     s.figures.append(fig)
     return fig
+
+
+def _wait_workers_again(d: Daemon, killed: list[int], workers: int,
+                        timeout_s: float = 30) -> None:
+    """The daemon starts new workers for the killed ones, and serves through them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = d.worker_pids()
+        if len(now) == workers and not set(now) & set(killed):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the daemon did not start new workers (killed {killed}, "
+                             f"now {d.worker_pids()}):\n{d.log_text()}")
+    sh("qemu-img", "info", "-f", "raw", d.uri, timeout=30)
 
 
 def power_cut_check(s: Setup, before: bytes, record: Path, j: Any,
@@ -484,23 +533,25 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def load_run(work: Path, seconds: float, size: int = 64 * MiB) -> dict[str, Any]:
+def load_run(work: Path, seconds: float, size: int = 64 * MiB,
+             workers: int = 0) -> dict[str, Any]:
     """8 connections x 64 in flight against a shadow model (tools/stress.py load), with the
-    daemon's RSS sampled every 0.5 s; then the overlay is checked and read back by qemu."""
+    daemon's RSS (its workers' included) sampled every 0.5 s; then the overlay is checked
+    and read back by qemu."""
     rnd = random.Random(5)
     base = work / "base.raw"
     base.write_bytes(rnd.randbytes(size))
     ov = work / "ov.qcow2"
     sh(*COWD, "create", "--base", base, "--overlay", "qcow", "-o", ov)
-    d = start_daemon(ov, work)
-    rss: list[int] = [rss_kib(d.proc.pid)]
+    d = start_daemon(ov, work, extra=("--workers", str(workers)))
+    rss: list[int] = [d.tree_rss_kib()]
     p = subprocess.Popen([SYSTEM_PYTHON, str(STRESS), "load", d.uri, str(base), "--seconds",
                           str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         while p.poll() is None:
             time.sleep(0.5)
             if d.alive():
-                rss.append(rss_kib(d.proc.pid))
+                rss.append(d.tree_rss_kib())
         out, err = p.communicate(timeout=seconds + 120)
     finally:
         if p.poll() is None:
