@@ -20,6 +20,8 @@ SUITES = {
     "all": ("tools.bench_all", "every path (loop, FUSE, NBD, qemu-nbd, kmod) against a plain "
             "loop device, results/bench/"),
     "nbd": ("tools.bench_nbd", "cowd's NBD server against qemu-nbd, fio's nbd engine"),
+    "scale": ("tools.bench_scale", "cold random I/O and 1..16 overlays: loop, qemu-nbd, cowd "
+              "in the daemon and with worker processes"),
     "fuse": ("tools.bench_fuse", "the FUSE frontend's mount options, loop on the FUSE file"),
     "kmod": ("tools.bench_kmod", "the kernel shim against a loop device, in a guest"),
     "attach": ("tools.bench_attach", "cowd attach --via fuse against a plain loop device"),

@@ -82,7 +82,6 @@ from cowd.rundir import pid_file_held
 from tools import benchlib
 from tools.benchlib import (
     HZ,
-    cpu_ticks,
     drop_caches,
     idle_ticks,
     in_work_dir,
@@ -228,11 +227,11 @@ class Device:
         """CPU seconds (user + system) of what serves the device, 0 for the kernel."""
         pid = self.daemon_pid()
         pids = (pid,) if pid else self.pids
-        total = 0
+        total = 0.0
         for p in pids:
             with contextlib.suppress(OSError):
-                total += cpu_ticks(p)
-        return total / HZ
+                total += benchlib.tree_cpu_seconds(p)  # a daemon's workers included
+        return total
 
     def counters(self) -> dict[str, int]:
         """The disk's remap cache lookups and its requests so far."""

@@ -73,7 +73,8 @@ class Server:
     WORK/run); ``tag`` tells apart the sockets of servers that run at the same time."""
 
     def __init__(self, kind: str, image: Path, work: Path, images: list[Path] | None = None,
-                 run_dir: Path | None = None, tag: str = "", cowd: list[str] | None = None):
+                 run_dir: Path | None = None, tag: str = "", cowd: list[str] | None = None,
+                 extra: tuple[str, ...] = ()):
         self.kind = kind
         self.cowd = cowd or COWD  # the command, for kind "cowd" (another checkout's: A/B)
         self.sock = work / f"{kind}{tag}.sock"
@@ -87,7 +88,7 @@ class Server:
             self.uris = [f"nbd+unix:///bench?socket={self.sock}"]
         else:
             cmd = [*self.cowd, "serve", *map(str, images), "--nbd", f"unix:{self.sock}",
-                   "--run-dir", str(self.run_dir)]
+                   "--run-dir", str(self.run_dir), *extra]
             self.uris = [f"nbd+unix:///{im.name}?socket={self.sock}" for im in images]
         self.uri = self.uris[0]
         self.log = work / f"{kind}{tag}.log"
@@ -181,7 +182,7 @@ def main() -> int:
                          "run in every repetition too: reports this cowd / that one")
     args = ap.parse_args()
     against = [args.against] if args.against else None
-    size = _size(args.size or ("128M" if args.quick else "1G"))
+    size = benchlib.parse_size(args.size or ("128M" if args.quick else "1G"))
     reps = args.reps or (1 if args.quick else 3)
     runtime = args.runtime or (1.5 if args.quick else 5.0)
     for tool in ("fio", "qemu-nbd", "qemu-img"):
@@ -256,11 +257,6 @@ def markdown(doc: dict[str, object]) -> str:
                         f"{s['ab_ratio']:.2f} ({s['ab_min']:.2f}-{s['ab_max']:.2f}) |")
     return "\n".join(rows)
 
-
-def _size(text: str) -> int:
-    t = text.upper().rstrip("B").rstrip("I")
-    mult = {"K": 10, "M": 20, "G": 30}.get(t[-1:], 0)
-    return int(t[:-1] if mult else t) << mult
 
 
 if __name__ == "__main__":

@@ -182,6 +182,13 @@ def cowd_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "cowd.cli"]
 
 
+def parse_size(text: str) -> int:
+    """``128M``, ``1G``, ``4096``: a size from the command line, in bytes."""
+    t = text.upper().rstrip("B").rstrip("I")
+    mult = {"K": 10, "M": 20, "G": 30}.get(t[-1:], 0)
+    return int(t[:-1] if mult else t) << mult
+
+
 # ---- the page cache and CPU counters ---------------------------------------------------------
 
 def drop_caches() -> None:
@@ -198,6 +205,26 @@ def cpu_ticks(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     return cpu_ticks(pid) / HZ
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a daemon's workers)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (a daemon and its worker processes; a
+    child that exits between two readings takes its share with it)."""
+    total = cpu_ticks(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_ticks(child)
+    return total / HZ
 
 
 def idle_ticks() -> tuple[int, int]:

@@ -324,6 +324,8 @@ class WorkerLink:
                 nursery.start_soon(self._miss, msg)
             elif isinstance(msg, W.Request):
                 self.counters["requests"] += 1
+                if msg.op == W.Op.WRITE:
+                    self._advise_write(msg)
                 nursery.start_soon(self._request, msg)
             elif isinstance(msg, W.Invalidated):
                 self.acks.complete(msg.cookie, True)
@@ -333,6 +335,15 @@ class WorkerLink:
                 self.holds.discard(msg.disk_id)
             else:
                 raise W.ChannelError(f"worker {self.index}: unexpected message {msg!r}")
+
+    def _advise_write(self, r: W.Request) -> None:
+        """Start the copy-up sources of a forwarded write on their way into the page cache
+        as it arrives: every write of one receive is advised before the first runs (they
+        run as tasks once the reader waits), so a cold base is read for all at once, as the
+        NBD server does for its own batches."""
+        served = self.pool.disks.get(r.disk_id)
+        if served is not None:
+            served.disk.advise_write(r.guest_offset, r.length)
 
     def _reply(self, cookie: int, err: int = 0, data: bytes | bytearray = b"") -> None:
         if self.chan is not None:
