@@ -192,9 +192,10 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
                    help="clusters resolved ahead on a sequential miss (default 16)")
     p.add_argument("--no-prime", action="store_true",
                    help="do not fill the remap cache from the metadata at start")
-    p.add_argument("--workers", type=_workers, default=0, metavar="N|auto",
-                   help="serve NBD connections from N worker processes (auto: one per core); "
-                   "0 serves them in the daemon itself (default 0)")
+    p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                   help="serve NBD connections (and --via nbd devices) from N worker "
+                   "processes; 0 serves them in the daemon itself (default auto: one per "
+                   "core, none on a single core)")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
     _outside_option(p)
 

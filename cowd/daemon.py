@@ -325,6 +325,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             await workers.start()
             for name, disk in daemon.disks.items():
                 workers.add_disk(name, disk)
+            attacher.workers = workers  # --via nbd's devices are served by them too
         ctl = await control.open_control_listener(ctl_path)
         stack.callback(_unlink_quiet, ctl_path)
         listeners = await open_nbd_listeners(addresses)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -35,9 +36,10 @@ from ..frontends.kmod.channel import (
     module_problem,
 )
 from ..frontends.loop import LoopInfo, is_busy, loop_info, losetup_attach, losetup_detach
-from ..frontends.nbd.attach import NbdDevice, nbd_problem
+from ..frontends.nbd.attach import NbdDevice, Serve, nbd_problem
 from ..frontends.nbd.server import NbdServer
 from ..rundir import RunDir, lexists, write_state
+from ..workers.host import WorkerPool
 
 log = logging.getLogger("cowd.attach")
 
@@ -107,6 +109,9 @@ class Attacher:
         self.fuse: FuseFrontend | None = None
         self.nbd_disks: dict[str, Disk] = {}  # export name -> Disk, for --via nbd
         self.nbd_server: NbdServer | None = None
+        # The daemon's worker processes, when it has them: they serve --via nbd's
+        # socketpairs (the daemon sets it once its pool runs).
+        self.workers: WorkerPool | None = None
         self.mount_dev = 0
         self.accepting = True
         self.op_lock = trio.Lock()
@@ -274,8 +279,13 @@ class Attacher:
             if self.nbd_server is None:
                 self.nbd_server = NbdServer(self.nbd_disks)
             self.nbd_disks[name] = disk
+            workers = self.workers
+            serve: Serve = self.nbd_server.handle
+            if workers is not None:
+                workers.add_disk(name, disk)
+                serve = functools.partial(_hand_off, workers, f"/dev/nbd ({name})")
             try:
-                ndev = await NbdDevice.connect(self.nursery, self.nbd_server, name)
+                ndev = await NbdDevice.connect(self.nursery, serve, name)
                 try:
                     rdev = (await trio.to_thread.run_sync(os.stat, ndev.device)).st_rdev
                 except BaseException:
@@ -284,6 +294,8 @@ class Attacher:
                     raise
             except BaseException:
                 del self.nbd_disks[name]
+                if workers is not None:
+                    workers.remove_disk(disk)
                 raise
         except BaseException:
             await disk.close()
@@ -423,6 +435,8 @@ class Attacher:
             await ndev.sync()  # the kernel's cached writes, then a FLUSH
         await ndev.disconnect()
         self.nbd_disks.pop(att.name, None)
+        if self.workers is not None:
+            self.workers.remove_disk(att.disk)
         await self._forget(att)
 
     async def _detach_all_nbd(self) -> None:
@@ -521,6 +535,13 @@ class Attacher:
                 os.unlink(self.run.state)
             if first is not None:
                 raise first
+
+
+
+async def _hand_off(workers: WorkerPool, peer: str, stream: trio.SocketStream) -> None:
+    """Serve a --via nbd device's socketpair from a worker process."""
+    workers.hand_off(stream, peer)
+    await trio.lowlevel.checkpoint()
 
 
 __all__ = [

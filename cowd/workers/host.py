@@ -117,6 +117,7 @@ class Served:
     files: list[ChainFile]
     file_index: dict[int, int] = field(default_factory=dict)  # id(file) -> index
     gate: ChangeGate = field(default_factory=ChangeGate)
+    readonly_told: bool = False  # the workers know the disk turned read-only
 
     def __post_init__(self) -> None:
         self.file_index = {id(f): i for i, f in enumerate(self.files)}
@@ -393,6 +394,7 @@ class WorkerLink:
                 await disk.read_into(m.guest_offset, buf)
                 self._reply(m.cookie, 0, buf)
         except DiskError as e:
+            self.pool.check_readonly(served)
             self._reply(m.cookie, e.errno or errno.EIO, str(e).encode())
             return
         if fresh and m.disk_id in self.holds:
@@ -446,6 +448,7 @@ class WorkerLink:
                 self._reply(r.cookie, errno.EINVAL, f"unknown op {r.op}".encode())
                 return
         except DiskError as e:
+            self.pool.check_readonly(served)  # before the reply: the worker learns it first
             self._reply(r.cookie, e.errno or errno.EIO, str(e).encode())
             return
         except Exception:
@@ -541,6 +544,19 @@ class WorkerPool:
                 if link.alive and link.chan is not None:
                     link.chan.send(W.DiskGone(served.disk_id))
                 link.holds.discard(served.disk_id)
+
+    def check_readonly(self, served: Served) -> None:
+        """A request failed: if it marked the disk corrupt (read-only from now on), tell every
+        worker, so none writes in place any more (queued before the failed request's reply,
+        so its worker knows when the client learns of it)."""
+        disk = served.disk
+        reason = disk.corrupt_reason
+        if reason is None or served.readonly_told:
+            return
+        served.readonly_told = True
+        for link in self.links:
+            if link.alive and link.chan is not None:
+                link.chan.send(W.DiskState(served.disk_id, True, reason))
 
     def hand_off(self, stream: trio.SocketStream, peer: str) -> None:
         """Give a client connection to the next live worker (round robin)."""

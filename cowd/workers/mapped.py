@@ -91,6 +91,7 @@ class MappedDisk:
         self._table: dict[int, tuple[Run, ...]] = {}
         self.mapping_generation = 0  # bumped by every invalidation
         self.closed = False
+        self.readonly_reason: str | None = None
         self.counters = {k: 0 for k in (
             "reads_local", "writes_local", "bytes_read", "bytes_written", "misses",
             "remaps_installed", "invalidations", "evictions", "forwarded_reads",
@@ -185,6 +186,14 @@ class MappedDisk:
     def clear(self) -> None:
         self.mapping_generation += 1
         self._table.clear()
+
+    def make_readonly(self, reason: str) -> None:
+        """The control plane turned the disk read-only: no write is done in place from now
+        on (they are forwarded, and refused there), and no writable remap is kept."""
+        self._readonly = True
+        self.readonly_reason = reason
+        self._fd_writable = [False] * len(self._fds)
+        self.clear()
 
     # ---- local I/O -----------------------------------------------------------------------
 

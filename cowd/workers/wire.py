@@ -56,6 +56,7 @@ class MsgType(enum.IntEnum):
     REPLY = 6  # the answer to a MISS or a REQUEST
     STOP = 7  # drain and exit
     STATS_QUERY = 8
+    DISK_STATE = 9  # a disk turned read-only (marked corrupt): no more writes in place
     # worker -> control plane
     MISS = 20
     REQUEST = 21
@@ -89,6 +90,7 @@ REPLY_HEAD = struct.Struct("<i")  # errno (0: success); the rest is data or a me
 MISS_BODY = struct.Struct("<IQQ")  # disk id, guest offset, length
 REQUEST_HEAD = struct.Struct("<IHHQQ")  # disk id, op, flags, guest offset, length; then data
 DISK_ID = struct.Struct("<I")
+DISK_STATE_HEAD = struct.Struct("<IB")  # disk id, read-only; then the reason (UTF-8)
 STATUS_RUN = struct.Struct("<QBxxxxxxx")  # length, 1 if a hole (reads as zeroes)
 
 
@@ -136,6 +138,17 @@ class DiskSpec:
 class DiskGone:
     type: ClassVar[MsgType] = MsgType.DISK_GONE
     disk_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskState:
+    """The disk is now read-only (``reason`` says why, e.g. marked corrupt): the worker
+    drops its writable remaps and forwards every write, which the control plane refuses."""
+
+    type: ClassVar[MsgType] = MsgType.DISK_STATE
+    disk_id: int
+    readonly: bool
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +248,8 @@ class Stats:
     stats: dict[str, Any]
 
 
-Message = (DiskSpec | DiskGone | Connection | Remaps | Invalidate | Reply | Stop | StatsQuery
-           | Miss | Request | Invalidated | Release | Stats)
+Message = (DiskSpec | DiskGone | DiskState | Connection | Remaps | Invalidate | Reply | Stop
+           | StatsQuery | Miss | Request | Invalidated | Release | Stats)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -292,6 +305,9 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
         return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
     if isinstance(msg, DiskGone):
         return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
+    if isinstance(msg, DiskState):
+        body = DISK_STATE_HEAD.pack(msg.disk_id, msg.readonly) + msg.reason.encode()
+        return _framed(MsgType.DISK_STATE, 0, body), ()
     if isinstance(msg, Release):
         return _framed(MsgType.RELEASE, 0, DISK_ID.pack(msg.disk_id)), ()
     if isinstance(msg, Connection):
@@ -407,6 +423,10 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
         return spec
     if mtype == MsgType.DISK_GONE:
         return DiskGone(*DISK_ID.unpack(body))
+    if mtype == MsgType.DISK_STATE:
+        disk_id, readonly = DISK_STATE_HEAD.unpack_from(body)
+        return DiskState(disk_id, bool(readonly),
+                         bytes(body[DISK_STATE_HEAD.size:]).decode("utf-8", "replace"))
     if mtype == MsgType.RELEASE:
         return Release(*DISK_ID.unpack(body))
     if mtype == MsgType.CONNECTION:
@@ -428,7 +448,8 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
 __all__ = [
     "FLAG_FUA", "FLAG_MAY_UNMAP", "MAX_MESSAGE_BYTES", "MAX_RUNS_PER_MESSAGE", "NEED_DATA",
     "REMAP_WRITABLE", "ZERO_FILE", "ChannelError", "Connection", "Decoder", "DiskGone",
-    "DiskSpec", "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op", "Release",
+    "DiskSpec", "DiskState", "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op",
+    "Release",
     "RemapRun", "Remaps", "Reply", "Request", "Stats", "StatsQuery", "Stop", "encode",
     "encode_remaps", "parse_status_runs", "status_runs",
 ]

@@ -102,6 +102,10 @@ class Worker:
                 self._add_disk(msg)
             elif isinstance(msg, W.DiskGone):
                 self._remove_disk(msg.disk_id)
+            elif isinstance(msg, W.DiskState):
+                disk = self.by_id.get(msg.disk_id)
+                if disk is not None and msg.readonly:
+                    disk.make_readonly(msg.reason)
             elif isinstance(msg, W.StatsQuery):
                 self.chan.send(W.Stats(msg.cookie, self.stats()))
             elif isinstance(msg, W.Stop):

@@ -20,6 +20,7 @@ MESSAGES: list[W.Message] = [
     W.DiskSpec(7, "vm1.qcow2", "/srv/vm1.qcow2", 1 << 30, 65536, 65536, False,
                (True, False), fds=(11, 12)),
     W.DiskGone(7),
+    W.DiskState(7, True, "base.qcow2: L2 table past end of file (marked corrupt)"),
     W.Connection("nbd client 127.0.0.1:4242", fds=(13,)),
     W.Remaps(7, RUNS),
     W.Remaps(7, ()),

@@ -51,6 +51,7 @@ import socket
 import struct
 import subprocess
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +59,12 @@ import trio
 
 from ...errors import UsageError
 from . import wire as W
-from .server import NbdServer
 
 log = logging.getLogger("cowd.nbdattach")
+
+# What serves the daemon's end of a device's socketpair: an NbdServer's ``handle``, or a
+# hand-off of the connection to a worker process (cowd/workers/).
+Serve = Callable[[trio.SocketStream], Awaitable[None]]
 
 # linux/nbd.h: _IO(0xab, n)
 NBD_SET_SOCK = 0xAB00
@@ -270,7 +274,7 @@ def _do_it(fd: int, outcome: list[int], tid: list[int]) -> None:
 
 
 class NbdDevice:
-    """One /dev/nbdN connected to one export of an :class:`NbdServer`."""
+    """One /dev/nbdN connected to one export of the daemon's NBD server."""
 
     def __init__(self, index: int, fd: int, size_bytes: int, flags: int):
         self.index = index
@@ -284,15 +288,15 @@ class NbdDevice:
         self.thread: threading.Thread | None = None
 
     @classmethod
-    async def connect(cls, nursery: trio.Nursery, server: NbdServer, export: str
-                      ) -> NbdDevice:
-        """Serve ``export`` on a new socketpair, negotiate it, and give the client end to the
-        first free /dev/nbdN.  A one-line UsageError if that fails."""
+    async def connect(cls, nursery: trio.Nursery, serve: Serve, export: str) -> NbdDevice:
+        """Serve ``export`` on a new socketpair (``serve``: an NbdServer's ``handle``, or a
+        hand-off to a worker process), negotiate it, and give the client end to the first
+        free /dev/nbdN.  A one-line UsageError if that fails."""
         ours, kernels = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             kernels.set_inheritable(False)
             server_stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-            nursery.start_soon(server.handle, server_stream)
+            nursery.start_soon(serve, server_stream)
             client = trio.socket.from_stdlib_socket(kernels)
             try:
                 got = await negotiate(trio.SocketStream(client), export)
