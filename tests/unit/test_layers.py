@@ -16,7 +16,7 @@ from tests.support import ROOT
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors", "imagelock", "process", "frontends", "frontends.nbd", "frontends.fuse",
+    {"errors", "imagelock", "trust", "qemuout", "process", "frontends", "frontends.nbd", "frontends.fuse",
      "frontends.kmod", "disk.api", "disk.backing_io", "disk.locks", "workers", "workers.wire",
      "workers.channel"},
     {"remap", "disk.pool"},
@@ -30,7 +30,7 @@ COWD_LAYERS = [
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
-    {"imagecmds", "cli", "__main__", ""},
+    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", ""},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
