@@ -16,10 +16,11 @@ import os
 import sys
 from typing import Any
 
-from formats import OpenPolicy
+from formats import OpenPolicy, canonical_format
 
 from . import imagecmds, qemuout, trust
 from .cliargs import wants_progress
+from .errors import UsageError
 
 
 def _say(line: str) -> None:
@@ -32,6 +33,12 @@ def _print_json(doc: object) -> None:
 
 def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
     cmd = args.command
+    for opt in ("format", "backing_format"):
+        if getattr(args, opt, None):
+            try:
+                setattr(args, opt, canonical_format(getattr(args, opt)))
+            except ValueError as e:
+                raise UsageError(f"-{'f' if opt == 'format' else 'F'}: {e}") from None
     if cmd == "create":
         return create(args, policy)
     if cmd == "info":

@@ -123,10 +123,7 @@ def lock_chain(img: Image, force_share: bool) -> None:
 def layer_facts(layer: Image, filename: str) -> qemuout.LayerFacts:
     """What info shows of one layer, in the library's terms."""
     facts = layer.info()
-    actual = _disk_usage(layer.file)
-    data_file = getattr(layer, "data_file", None)
-    if data_file is not None and data_file is not layer.file:
-        actual += _disk_usage(data_file)
+    actual = _disk_usage(layer.file)  # the image file's only, as qemu 7.2 counts it
     specific = qemuout.qcow2_specific(facts) if layer.format_name == "qcow2" else None
     snapshots = [qemuout.snapshot_info(sn.id, sn.name, sn.vm_state_size, sn.date_sec,
                                        sn.date_nsec, sn.vm_clock_nsec, sn.icount)
@@ -213,8 +210,11 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
         depth, layer, ext = placed.depth, placed.layer, placed.extent
         if ext.kind is Kind.DATA:
             assert ext.file is not None
+            name = names[depth]
+            if ext.file is not layer.file:  # a qcow2's data file, named as qemu names it
+                name = qemuout.path_combine(name, getattr(layer, "data_file_name", "") or "")
             e = MapEntry(pos, ext.length, depth, True, False, True, False,
-                         ext.file_offset, names[depth])
+                         ext.file_offset, name)
         elif ext.kind is Kind.COMPRESSED:
             e = MapEntry(pos, ext.length, depth, True, False, True, True, None, None)
         else:

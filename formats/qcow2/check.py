@@ -117,7 +117,9 @@ class Checker:
         self._check_copied(repair or fix_errors)
         res.allocated_clusters = allocated
         res.total_clusters = div_round_up(img.virtual_size, cs)
-        res.image_end_offset = (max(expected) + 1) * cs if expected else 0
+        # qemu's image end: past the last cluster in use or counted, within the horizon.
+        in_use = [c for c in expected] + [c for c, n in actual.items() if n and c < horizon]
+        res.image_end_offset = (max(in_use) + 1) * cs if in_use else 0
         return res
 
     def _count(self, file_offset: int, length: int, what: str) -> None:
