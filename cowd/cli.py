@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -230,6 +231,10 @@ def refuse_held_run_dir(run_dir: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["resize"] and len(argv) > 2 and re.match(r"^-\d", argv[-1]):
+        # A relative shrink ("-6M") is the size, not an option, as in qemu-img resize.
+        argv[-1:] = ["--", argv[-1]]
     args = parser.parse_args(argv)
     if args.version:
         print(version_text())
