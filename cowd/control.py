@@ -22,7 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import CowdError, RequestError, UsageError
+from .errors import CommandFailed, CowdError, RequestError, UsageError
 
 if TYPE_CHECKING:  # the client side (request) needs neither trio nor the format library
     import trio
@@ -36,7 +36,7 @@ DEFAULT_RUN_DIR = "/run/cowd"
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class DaemonUnavailable(UsageError):
+class DaemonUnavailable(CommandFailed):
     """No daemon answers (no socket, nobody listening, or it is shutting down)."""
 
 
@@ -102,6 +102,8 @@ async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]
         return {"ok": True, **await handler(req)}
     except DaemonUnavailable as e:
         return {"ok": False, "error": str(e), "unavailable": True}
+    except UsageError as e:  # the client exits 2 for it, as for its own usage errors
+        return {"ok": False, "error": str(e), "usage": True}
     except (CowdError, FormatError, OSError) as e:
         return {"ok": False, "error": str(e)}
     except Exception as e:
@@ -115,7 +117,7 @@ def clear_stale_socket(path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     if os.path.exists(path):
         if _is_alive(path):
-            raise UsageError(f"{path}: a daemon is already listening here")
+            raise CommandFailed(f"{path}: a daemon is already listening here")
         os.unlink(path)
 
 
@@ -164,11 +166,11 @@ def request(path: str, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str
                     raise DaemonUnavailable(f"{path}: daemon closed the control connection")
                 buf += chunk
                 if len(buf) > 64 * MAX_LINE_BYTES:
-                    raise UsageError(f"{path}: reply too long")
+                    raise CommandFailed(f"{path}: reply too long")
         except (BrokenPipeError, ConnectionResetError):
             raise DaemonUnavailable(f"{path}: daemon closed the control connection") from None
         except TimeoutError:
-            raise UsageError(f"{path}: the daemon did not answer {cmd!r} within "
+            raise CommandFailed(f"{path}: the daemon did not answer {cmd!r} within "
                              f"{timeout:g} s") from None
     finally:
         s.close()
@@ -176,5 +178,7 @@ def request(path: str, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str
     if not reply.get("ok"):
         if reply.get("unavailable"):
             raise DaemonUnavailable(str(reply.get("error", "daemon unavailable")))
+        if reply.get("usage"):
+            raise UsageError(str(reply.get("error", "bad request")))
         raise RequestError(0, str(reply.get("error", "unknown error")))
     return reply

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import formats
-from formats import Image, Kind, OpenPolicy
+from formats import HostFile, Image, Kind, OpenPolicy
+from formats.qcow2 import layout as qcow2_layout
 
-from . import imagelock
-from .errors import UsageError
+from . import imagelock, qemuout
+from .errors import CommandFailed, UsageError
 
 OVERLAY_SUFFIX = {"qcow2": ".qcow2", "vhd": ".vhd"}
 
@@ -50,15 +51,26 @@ def default_overlay_path(base: str, fmt: str) -> str:
 
 def create(base: str, overlay: str, out: str | None, base_format: str | None,
            cluster_size: int | None = None, absolute: bool = False, *,
-           policy: OpenPolicy | None = None) -> str:
+           policy: OpenPolicy | None = None, size: int | None = None) -> str:
     fmt = overlay_format_name(overlay)
     if not os.path.exists(base):
-        raise UsageError(f"{base}: base image not found")
+        raise CommandFailed(f"{base}: base image not found")
     if base_format is not None:
         try:
             base_format = formats.canonical_format(base_format)
         except ValueError as e:
             raise UsageError(f"--base-format: {e}") from None
+    if cluster_size is not None:
+        if fmt != "qcow2":
+            raise UsageError("--cluster-size: only for a qcow2 overlay (a differencing VHD's "
+                             "block size is its parent's)")
+        low, high = 1 << qcow2_layout.MIN_CLUSTER_BITS, 1 << qcow2_layout.MAX_CLUSTER_BITS
+        if not low <= cluster_size <= high or cluster_size & (cluster_size - 1):
+            raise UsageError(f"--cluster-size: must be a power of two from {low} to "
+                             f"{high} (cluster_size={cluster_size})")
+    if size is not None and fmt != "qcow2":
+        raise UsageError("--size: only for a qcow2 overlay (a differencing VHD has its "
+                         "parent's size)")
     path = out or default_overlay_path(base, fmt)
     if os.path.exists(path):
         raise UsageError(f"{path}: already exists (refusing to overwrite)")
@@ -74,7 +86,11 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
             probe.close()
     try:
         formats.create_overlay(path, base, fmt, base_format, cluster_size=cluster_size,
-                               absolute_backing=absolute, policy=policy)
+                               absolute_backing=absolute, policy=policy, size=size)
+    except ValueError as e:  # the library's refusal of what was asked (a size too small)
+        if os.path.exists(path):
+            os.unlink(path)
+        raise UsageError(str(e)) from None
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
@@ -90,66 +106,58 @@ def allocated_bytes(img: Image) -> int:
     return sum(e.length for e in img.extents() if e.kind is not Kind.UNALLOCATED)
 
 
-def info(path: str, fmt: str | None = None, policy: OpenPolicy | None = None) -> dict[str, Any]:
+def lock_chain(img: Image, force_share: bool) -> None:
+    """qemu's read locks on every layer (cowd/imagelock.py): an image another process
+    writes is refused, as qemu-img refuses it, unless the user forces sharing (-U)."""
+    if force_share:
+        return
+    layer: Image | None = img
+    while layer is not None:
+        try:
+            imagelock.lock_image(layer.file.fd, layer.path, writable=False)
+        except imagelock.ImageLocked as e:
+            raise CommandFailed(f"{e}; pass -U (--force-share) to read it anyway") from None
+        layer = layer.backing
+
+
+def layer_facts(layer: Image, filename: str) -> qemuout.LayerFacts:
+    """What info shows of one layer, in the library's terms."""
+    facts = layer.info()
+    actual = _disk_usage(layer.file)  # the image file's only, as qemu 7.2 counts it
+    specific = qemuout.qcow2_specific(facts) if layer.format_name == "qcow2" else None
+    snapshots = [qemuout.snapshot_info(sn.id, sn.name, sn.vm_state_size, sn.date_sec,
+                                       sn.date_nsec, sn.vm_clock_nsec, sn.icount)
+                 for sn in getattr(layer, "snapshots", [])]
+    return qemuout.LayerFacts(
+        filename=filename, format=layer.format_name, virtual_size=layer.virtual_size,
+        cluster_size=None if layer.format_name == "raw" else layer.cluster_size,
+        actual_size=actual, dirty=bool(facts.get("dirty", False)),
+        backing_name=layer.backing_name, backing_format=layer.backing_format,
+        snapshots=snapshots, specific=specific, allocated_bytes=allocated_bytes(layer),
+        cowd_specific=facts)
+
+
+def info(path: str, fmt: str | None = None, policy: OpenPolicy | None = None, *,
+         force_share: bool = False) -> list[dict[str, Any]]:
+    """qemu-img info's document of every layer of the chain, top first."""
     img = formats.open_image(path, False, fmt, policy=policy)
     try:
-        chain = []
+        lock_chain(img, force_share)
+        docs = []
         layer: Image | None = img
+        name = path
         while layer is not None:
-            chain.append({
-                "filename": layer.path,
-                "format": layer.format_name,
-                "virtual-size": layer.virtual_size,
-                "cluster-size": layer.cluster_size,
-                "actual-size": _disk_usage(layer.path),
-                "allocated-bytes": allocated_bytes(layer),
-                "backing-filename": layer.backing_name,
-                "backing-format": layer.backing_format,
-                "full-backing-filename": layer.backing_path,
-                "read-only-reason": layer.read_only_reason,
-                "format-specific": layer.info(),
-            })
+            doc = qemuout.info_doc(layer_facts(layer, name))
+            docs.append(doc)
+            name = doc.get("full-backing-filename", "")
             layer = layer.backing
-        return {**chain[0], "backing-chain": chain[1:]}
+        return docs
     finally:
         img.close_chain()
 
 
-def _disk_usage(path: str) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def human_size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
-    return f"{n} B"
-
-
-def format_info(doc: dict[str, Any]) -> str:
-    lines = []
-    layers = [doc, *doc["backing-chain"]]
-    for i, layer in enumerate(layers):
-        if i:
-            lines.append("")
-        lines += [
-            f"image: {layer['filename']}",
-            f"file format: {layer['format']}",
-            f"virtual size: {human_size(layer['virtual-size'])} ({layer['virtual-size']} bytes)",
-            f"disk size: {human_size(layer['actual-size'])}",
-            f"cluster size: {layer['cluster-size']}",
-            f"allocated in this layer: {human_size(layer['allocated-bytes'])}",
-        ]
-        if layer["backing-filename"]:
-            fmt = f" (format {layer['backing-format']})" if layer["backing-format"] else ""
-            lines.append(f"backing file: {layer['backing-filename']}{fmt}")
-            lines.append(f"backing file (resolved): {layer['full-backing-filename']}")
-        if layer["read-only-reason"]:
-            lines.append(f"read-only: {layer['read-only-reason']}")
-        for k, v in layer["format-specific"].items():
-            lines.append(f"    {k}: {v}")
-    return "\n".join(lines)
+def _disk_usage(file: HostFile) -> int:
+    return os.fstat(file.fd).st_blocks * 512
 
 
 # ---- map -----------------------------------------------------------------------------------
@@ -168,28 +176,33 @@ class MapEntry:
     filename: str | None
 
     def as_json(self) -> dict[str, Any]:
+        """qemu-img map's MapEntry (qemu 7.2 has no member for compression: cowd's key)."""
         d: dict[str, Any] = {
             "start": self.start, "length": self.length, "depth": self.depth,
             "present": self.present, "zero": self.zero, "data": self.data,
-            "compressed": self.compressed,
         }
         if self.offset is not None:
             d["offset"] = self.offset
+        if self.compressed:
+            d["cowd"] = {"compressed": True}
         return d
 
 
-def chain_depth(img: Image) -> int:
-    n = 0
-    layer = img.backing
-    while layer is not None:
-        n += 1
+def chain_names(img: Image, top_name: str) -> list[str]:
+    """Each layer's name as qemu shows it, by depth: the top as typed, each parent joined
+    to its child's name."""
+    names = [top_name]
+    layer = img
+    while layer.backing is not None:
+        names.append(qemuout.path_combine(names[-1], layer.backing_name or ""))
         layer = layer.backing
-    return n
+    return names
 
 
-def map_entries(img: Image) -> Iterator[MapEntry]:
+def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
     """The chain's map in qemu-img map's terms, merged into the longest equal runs."""
-    last_depth = chain_depth(img)
+    names = chain_names(img, top_name or img.path)
+    last_depth = len(names) - 1
     pending: MapEntry | None = None
     pos = 0
     while pos < img.virtual_size:
@@ -197,15 +210,20 @@ def map_entries(img: Image) -> Iterator[MapEntry]:
         depth, layer, ext = placed.depth, placed.layer, placed.extent
         if ext.kind is Kind.DATA:
             assert ext.file is not None
+            name = names[depth]
+            if ext.file is not layer.file:  # a qcow2's data file, named as qemu names it
+                name = qemuout.path_combine(name, getattr(layer, "data_file_name", "") or "")
             e = MapEntry(pos, ext.length, depth, True, False, True, False,
-                         ext.file_offset, ext.file.path)
+                         ext.file_offset, name)
         elif ext.kind is Kind.COMPRESSED:
             e = MapEntry(pos, ext.length, depth, True, False, True, True, None, None)
         else:
-            # ZERO: a zero flag in `layer`, or nothing anywhere in the chain (not present).
+            # ZERO: a zero flag or a hole in `layer` (with the file offset where the layer
+            # has one, as qemu shows it), or nothing anywhere in the chain (not present).
             present = layer.resolve(pos, ext.length).kind is not Kind.UNALLOCATED
+            offset = pos if present and layer.format_name == "raw" else None  # a hole
             e = MapEntry(pos, ext.length, depth if present else last_depth, present, True,
-                         False, False, None, None)
+                         False, False, offset, names[depth] if offset is not None else None)
         if pending and _continues(pending, e):
             pending.length += e.length
         else:
@@ -227,36 +245,47 @@ def _continues(a: MapEntry, b: MapEntry) -> bool:
     return a.offset + a.length == b.offset
 
 
-def map_image(path: str, fmt: str | None = None,
-              policy: OpenPolicy | None = None) -> list[MapEntry]:
+def map_image(path: str, fmt: str | None = None, policy: OpenPolicy | None = None, *,
+              force_share: bool = False) -> list[MapEntry]:
     img = formats.open_image(path, False, fmt, policy=policy)
     try:
-        return list(map_entries(img))
+        lock_chain(img, force_share)
+        return list(map_entries(img, path))
     finally:
         img.close_chain()
 
 
 def format_map(entries: list[MapEntry]) -> str:
-    rows = [f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File"]
+    rows = [qemuout.map_text_header()]
     for e in entries:
-        if e.data and e.offset is not None:
-            rows.append(f"{e.start:<#20x}{e.length:<#20x}{e.offset:<#20x}{e.filename}")
+        if e.data and e.offset is not None and e.filename is not None:
+            rows.append(qemuout.map_text_row(e.start, e.length, e.offset, e.filename))
     return "\n".join(rows)
 
 
 # ---- check ---------------------------------------------------------------------------------
 
 
-def check(path: str, repair: bool, fmt: str | None = None,
-          policy: OpenPolicy | None = None) -> formats.CheckResult:
-    img = formats.open_one(path, repair, fmt, policy=policy)
+def check(path: str, repair: str | None, fmt: str | None = None,
+          policy: OpenPolicy | None = None, *,
+          force_share: bool = False) -> tuple[formats.CheckResult | None, str]:
+    """qemu-img check of one image: its result (None: the format cannot be checked) and its
+    format.  ``repair``: None, "leaks" or "all" (also raise refcounts that are too low)."""
+    img = formats.open_one(path, repair is not None, fmt, policy=policy)
     try:
-        if repair:  # never repair an image a daemon or qemu is writing (cowd/imagelock.py)
-            try:
+        if not type(img).checkable:
+            return None, img.format_name
+        try:
+            if repair is not None:  # never repair an image someone else has open
                 imagelock.lock_image(img.file.fd, path, writable=True)
-            except imagelock.ImageLocked as e:
-                raise UsageError(str(e)) from None
-        return img.check(repair=repair)
+            elif not force_share:
+                imagelock.lock_image(img.file.fd, path, writable=False)
+        except imagelock.ImageLocked as e:
+            hint = "" if repair is not None else "; pass -U (--force-share) to read it anyway"
+            raise CommandFailed(f"{e}{hint}") from None
+        if repair == "all" and isinstance(img, formats.Qcow2Image):
+            return img.check(repair=True, fix_errors=True), img.format_name
+        return img.check(repair=repair is not None), img.format_name
     finally:
         img.close()
 
@@ -268,8 +297,10 @@ Progress = Callable[[int, int], None]
 
 
 def convert(src: str, out: str, out_format: str, src_format: str | None = None,
-            progress: Progress | None = None, policy: OpenPolicy | None = None) -> None:
-    """Copy the whole chain's guest bytes into a new standalone image; zeroes stay sparse."""
+            progress: Progress | None = None, policy: OpenPolicy | None = None, *,
+            force_share: bool = False) -> dict[str, Any]:
+    """Copy the whole chain's guest bytes into a new standalone image; zeroes stay sparse.
+    Returns what was done (cowd's JSON for convert: qemu-img convert prints none)."""
     try:
         out_format = formats.canonical_format(out_format)
     except ValueError as e:
@@ -278,9 +309,10 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
         raise UsageError(f"-O: cannot write {out_format} images (use raw, qcow2 or vhd)")
     if os.path.exists(out):
         raise UsageError(f"{out}: already exists (refusing to overwrite)")
-    img = formats.open_image(src, False, src_format,
-                             policy=policy)
+    img = formats.open_image(src, False, src_format, policy=policy)
+    written = 0
     try:
+        lock_chain(img, force_share)
         size = img.virtual_size
         if out_format == "raw":
             with open(out, "wb") as f:
@@ -299,6 +331,7 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
                     data = img.read(pos, n)
                     if data != zero[:n]:
                         dst.write(pos, data)
+                        written += n
                 pos += n
                 if progress:
                     progress(pos, size)
@@ -309,6 +342,8 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
             dst.flush()
         finally:
             dst.close()
+        return {"filename": out, "format": qemuout.qemu_format(out_format),
+                "virtual-size": size, "bytes-written": written}
     except BaseException:
         if os.path.exists(out):
             os.unlink(out)

@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from . import control
-from .errors import UsageError
+from .errors import CommandFailed
 
 PID_FILE = "cowd.pid"
 LOG_FILE = "cowd.log"
@@ -105,15 +105,15 @@ def check_private_dir(path: str, what: str, *, sticky_ok: bool = False) -> None:
     try:
         st = os.lstat(path)
     except OSError as e:
-        raise UsageError(f"{path}: cannot use this {what}: {e.strerror}") from None
+        raise CommandFailed(f"{path}: cannot use this {what}: {e.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise UsageError(f"{path}: this {what} is a symlink (refused: name the real folder)")
+        raise CommandFailed(f"{path}: this {what} is a symlink (refused: name the real folder)")
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path}: this {what} is not a folder")
+        raise CommandFailed(f"{path}: this {what} is not a folder")
     if st.st_uid not in (os.geteuid(), 0):
-        raise UsageError(f"{path}: this {what} is owned by another user (uid={st.st_uid})")
+        raise CommandFailed(f"{path}: this {what} is owned by another user (uid={st.st_uid})")
     if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
-        raise UsageError(f"{path}: other users can write this {what} "
+        raise CommandFailed(f"{path}: other users can write this {what} "
                          f"(mode={stat.S_IMODE(st.st_mode):o}); make it 0755 or 0700")
 
 
@@ -196,7 +196,7 @@ async def take_run_dir(run: RunDir, wait_s: float) -> PidFile:
     while not pid.try_acquire():
         if trio.current_time() >= deadline:
             holder = holder_pid(run.pid_file)
-            raise UsageError(f"{run.path}: a cowd daemon is already running here "
+            raise CommandFailed(f"{run.path}: a cowd daemon is already running here "
                              f"(pid={holder if holder is not None else '?'})")
         await trio.sleep(0.05)
     return pid
@@ -214,7 +214,7 @@ def file_lock(path: str, timeout_s: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise UsageError(f"{path}: another cowd command holds this lock "
+                    raise CommandFailed(f"{path}: another cowd command holds this lock "
                                      f"(waited {timeout_s:.0f} s)") from None
                 time.sleep(0.05)
         yield

@@ -31,6 +31,10 @@ from .qcow2 import Qcow2Image
 from .raw import RawImage
 from .vhd import VhdImage
 
+# The library's own version: bumped when what it reads or writes changes (a new format,
+# feature or operation), independently of cowd's.
+FORMATS_VERSION = "0.2.0"
+
 # Probe order matters: raw accepts anything and goes last.
 FORMATS: dict[str, type[Image]] = {
     "qcow2": Qcow2Image,
@@ -111,7 +115,7 @@ def _open_backing(opener: ChainOpener, layer: Image,
     for name in layer.backing_candidates():
         try:
             got = opener.open_named(layer.path, place, name, False, "backing_file",
-                                    "backing file")
+                                    "backing file", layer.file.dev_ino)
         except BackingOutside as e:
             outside = outside or e
             continue
@@ -190,9 +194,12 @@ def create_overlay(
     cluster_size: int | None = None,
     absolute_backing: bool = False,
     policy: OpenPolicy | None = None,
+    size: int | None = None,
 ) -> None:
     """Create an empty overlay over ``base_path`` recording it (relative where possible).
-    The base's own chain is opened as ``policy`` allows."""
+    The base's own chain is opened as ``policy`` allows.  ``size`` (qcow2 only): a virtual
+    size at least the base's (the guest sees zeroes past the base's end); ValueError for a
+    smaller one."""
     overlay_format = canonical_format(overlay_format)
     base = open_image(base_path, False, base_format, policy=policy)
     try:
@@ -205,7 +212,11 @@ def create_overlay(
         if overlay_format == "qcow2":
             from . import qcow2
 
-            qcow2.create(out_path, base.virtual_size, backing_name=name,
+            if size is not None and size < base.virtual_size:
+                raise ValueError(f"{out_path}: --size smaller than the base's virtual size "
+                                 f"(size={size}, base={base.virtual_size})")
+            qcow2.create(out_path, base.virtual_size if size is None else size,
+                         backing_name=name,
                          backing_format=base_fmt,
                          cluster_size=cluster_size or qcow2.DEFAULT_CLUSTER_SIZE)
         elif overlay_format == "vhd":
@@ -223,6 +234,7 @@ def create_overlay(
 
 __all__ = [
     "FORMATS",
+    "FORMATS_VERSION",
     "BackingOutside",
     "CheckResult",
     "CorruptImage",

@@ -263,6 +263,9 @@ class CheckResult:
     allocated_clusters: int = 0
     total_clusters: int = 0
     image_end_offset: int = 0
+    fragmented_clusters: int = 0  # data clusters not right after the previous one in the file
+    compressed_clusters: int = 0
+    check_errors: int = 0  # parts of the walk that could not be done (qemu's check-errors)
 
     @property
     def clean(self) -> bool:
@@ -273,6 +276,9 @@ class Image:
     """Base class of a format codec; see the module docstring for the contract."""
 
     format_name: ClassVar[str] = "?"
+    # Whether check() looks at anything (qemu-img check exits 63 for a format it cannot
+    # check: raw has no metadata to check).
+    checkable: ClassVar[bool] = False
 
     def __init__(self, path: str, file: HostFile, writable: bool):
         self.path = path

@@ -36,7 +36,8 @@ import errno as errno_mod
 import os
 import re
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .base import HostFile
 from .errors import BackingOutside, ImageIOError, UnsupportedImage
@@ -73,6 +74,10 @@ class OpenPolicy:
 
     confine: bool = True
     allow_devices: bool = False
+    # vouched(dev, ino, name): the user chose ``name`` as the backing file of the image
+    # whose file is (dev, ino) (``cowd create --absolute``, cowd/trust.py); such a name is
+    # opened where it points, and the layer it reaches confines its own names to its folder.
+    vouched: Callable[[int, int, str], bool] | None = None
 
 
 class _Outside(Exception):
@@ -131,6 +136,9 @@ class Place:
 
     display_path: str
     root_dir: str | None  # the layer's folder relative to the root ("" is the root itself)
+    # A layer reached through a vouched name: its own names are confined to its folder by
+    # an opener of their own (None: this opener's root).
+    opener: ChainOpener | None = field(default=None, compare=False)
 
     @property
     def display_dir(self) -> str:
@@ -153,8 +161,12 @@ class ChainOpener:
         # The root is the folder that was opened, as the kernel names it now, not the name
         # typed (which an owner of a parent folder could re-point at any moment).
         self.root = _fd_path(self._dir_fd) or os.path.realpath(folder)
+        self._subs: list[ChainOpener] = []  # re-rooted at layers reached by vouched names
 
     def close(self) -> None:
+        for sub in self._subs:
+            sub.close()
+        self._subs = []
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -189,9 +201,14 @@ class ChainOpener:
     # ---- names recorded in images ------------------------------------------------------
 
     def open_named(self, owner_path: str, owner: Place, name: str, writable: bool,
-                   field: str, what: str) -> tuple[HostFile, Place] | None:
+                   field: str, what: str,
+                   owner_id: tuple[int, int] | None = None) -> tuple[HostFile, Place] | None:
         """Open ``name`` recorded in the image at ``owner_path`` (found at ``owner``) as
-        ``what`` ("backing file", "data file"); None if it does not exist."""
+        ``what`` ("backing file", "data file"); None if it does not exist.  ``owner_id``:
+        the naming image's (st_dev, st_ino), for the policy's ``vouched``."""
+        if owner.opener is not None and owner.opener is not self:
+            return owner.opener.open_named(owner_path, owner, name, writable, field, what,
+                                           owner_id)
         if PROTOCOL_RE.match(name) and not _DRIVE_RE.match(name):
             raise UnsupportedImage(owner_path, f"{what} names a protocol, not a file", field,
                                    name)
@@ -205,11 +222,13 @@ class ChainOpener:
         else:
             rel = self._relative_name(owner.root_dir, name)
             if rel is None:
+                if self._vouched(owner_id, name):
+                    return self._open_vouched(display, writable, owner_path, field, name, what)
                 raise self._outside(owner_path, what, field, name)
             fd = self._open_confined(rel, writable, owner_path, what, field, name)
             if fd is None:
                 return None
-            place = Place(display, os.path.dirname(rel))
+            place = Place(display, os.path.dirname(rel), self)
         try:
             _check_type(fd, owner_path, field, name, allow_devices=self.policy.allow_devices,
                         what=what)
@@ -221,6 +240,28 @@ class ChainOpener:
             os.close(fd)
             raise
         return HostFile(display, writable, fd=fd), place
+
+    def _vouched(self, owner_id: tuple[int, int] | None, name: str) -> bool:
+        check = self.policy.vouched
+        return (check is not None and owner_id is not None and os.path.isabs(name)
+                and check(owner_id[0], owner_id[1], name))
+
+    def _open_vouched(self, display: str, writable: bool, owner_path: str, field: str,
+                      name: str, what: str) -> tuple[HostFile, Place] | None:
+        """A name the user chose, opened where it points (as if typed on the command line);
+        the layer found there gets an opener rooted at its own folder."""
+        fd = self._open_anywhere(display, writable, owner_path, field, name)
+        if fd is None:
+            return None
+        try:
+            _check_type(fd, owner_path, field, name, allow_devices=self.policy.allow_devices,
+                        what=what)
+            sub = ChainOpener(display, self.policy)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._subs.append(sub)
+        return HostFile(display, writable, fd=fd), Place(display, "", sub)
 
     def _outside(self, owner_path: str, what: str, field: str, name: str) -> BackingOutside:
         return BackingOutside(owner_path, f"{what} lies outside {self.root}", field, name)

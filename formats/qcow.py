@@ -87,6 +87,7 @@ def _be64_array(data: bytes) -> array[int]:
 
 class QcowImage(Image):
     format_name = "qcow"
+    checkable = True
 
     def __init__(self, path: str, file: HostFile, writable: bool):
         super().__init__(path, file, writable)

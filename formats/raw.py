@@ -1,12 +1,19 @@
 """Layer: formats.  Raw images: guest offset == file offset, no metadata, no backing.
 
-Holes in the host file are still reported as DATA: asking the filesystem (SEEK_HOLE) would
-make ``resolve`` depend on the host filesystem's allocation, and a hole reads as zeroes anyway.
+Holes: a raw image opened read-only (a base, or any image the read commands open) reports
+the holes of its host file as ZERO, found with SEEK_DATA/SEEK_HOLE (at most two lseeks per
+``resolve``), as qemu's file driver does, so that map, NBD block status and convert see them
+and convert keeps them sparse.  A writable raw image reports DATA everywhere: its holes
+change under its own writes, and a writer must be able to write in place anywhere.  A file
+system that cannot tell (EINVAL, EOPNOTSUPP) is all DATA.
 Writes go straight to the file; write-zeroes punches a hole where the filesystem can, but only
 when the caller allows unmapping (a raw *base* is never written by cowd: overlays are).
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 from .base import (
     FALLOC_FL_KEEP_SIZE,
@@ -26,6 +33,7 @@ RAW_CLUSTER_SIZE = 64 << 10
 
 class RawImage(Image):
     format_name = "raw"
+    find_holes = False  # report the host file's holes as ZERO (read-only opens)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> bool:
@@ -37,11 +45,38 @@ class RawImage(Image):
         img = cls(path, file, writable)
         img.virtual_size = file.size()
         img.cluster_size = RAW_CLUSTER_SIZE
+        img.find_holes = not writable and not file.is_block_device
         return img
 
     def resolve(self, guest_offset: int, length: int) -> Extent:
         n = max(0, min(length, self.virtual_size - guest_offset))
+        if self.find_holes and n:
+            hole = self._hole_run(guest_offset, n)
+            if hole is not None:
+                if hole[0]:
+                    return Extent(guest_offset, hole[1], Kind.ZERO)
+                n = hole[1]
         return Extent(guest_offset, n, Kind.DATA, self.file, guest_offset, writable=self.writable)
+
+    def _hole_run(self, guest_offset: int, n: int) -> tuple[bool, int] | None:
+        """(is a hole, run length at most n) at guest_offset; None where the file system
+        cannot tell (then nothing more is asked of it)."""
+        fd = self.file.fd
+        try:
+            data = os.lseek(fd, guest_offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from here to the end of the file
+                return True, n
+            self.find_holes = False
+            return None
+        if data > guest_offset:
+            return True, min(n, data - guest_offset)
+        try:
+            hole = os.lseek(fd, guest_offset, os.SEEK_HOLE)
+        except OSError:
+            self.find_holes = False
+            return None
+        return False, max(1, min(n, hole - guest_offset))
 
     def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         self.require_writable()

@@ -24,7 +24,7 @@ import trio
 
 from ..control import DaemonUnavailable
 from ..disk import Disk
-from ..errors import RequestError, UsageError
+from ..errors import CommandFailed, RequestError, UsageError
 from ..frontends.fuse.mount import mounts_at
 from ..frontends.fuse.protocol import FuseOptions
 from ..frontends.fuse.server import FuseFrontend, mount_fuse
@@ -216,11 +216,11 @@ class Attacher:
         # In a thread: a path into our own FUSE mount would need this thread to answer.
         real = await trio.to_thread.run_sync(os.path.realpath, image)
         if real == self.run.fuse_dir or real.startswith(self.run.fuse_dir + "/"):
-            raise UsageError(f"{image}: is a disk this daemon serves (its FUSE file); "
+            raise CommandFailed(f"{image}: is a disk this daemon serves (its FUSE file); "
                              "attach the image itself")
         for a in self.attachments.values():
             if a.realpath == real:
-                raise UsageError(f"{image}: already attached as {a.device}")
+                raise CommandFailed(f"{image}: already attached as {a.device}")
         return real
 
     async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1, *,
@@ -234,7 +234,7 @@ class Attacher:
         real = await self._check_new(image)
         problem = await trio.to_thread.run_sync(module_problem)
         if problem is not None:
-            raise UsageError(f"--via kmod: {problem}")
+            raise CommandFailed(f"--via kmod: {problem}")
         name = self._name_for(image)
         disk = await self.open_disk(image, readonly)
         try:
@@ -272,7 +272,7 @@ class Attacher:
         real = await self._check_new(image)
         problem = await trio.to_thread.run_sync(nbd_problem)
         if problem is not None:
-            raise UsageError(f"--via nbd: {problem}")
+            raise CommandFailed(f"--via nbd: {problem}")
         name = self._name_for(image)
         disk = await self.open_disk(image, readonly)
         try:
@@ -324,7 +324,7 @@ class Attacher:
                 async with self.op_lock:
                     await self._attach_kmod(image, bool(rec.get("readonly")), take_over=index)
                 lines.append(f"took over {dev} ({image})")
-            except (UsageError, RequestError, OSError) as e:
+            except (UsageError, CommandFailed, RequestError, OSError) as e:
                 lines.append(f"could not take over {dev} ({image}): {e}")
                 log.warning("could not take over %s (%s): %s", dev, image, e)
         return lines
@@ -343,7 +343,7 @@ class Attacher:
                 if info is None or info.backing_file != path or \
                         (info.backing_dev, info.backing_ino) != (self.mount_dev, inode):
                     # Not what we asked for; not ours to touch either.
-                    raise UsageError(f"{dev}: losetup named a device that does not read "
+                    raise CommandFailed(f"{dev}: losetup named a device that does not read "
                                      f"{path} (backing_file={info and info.backing_file})")
                 if not info.dio:
                     log.warning("%s: direct I/O is off (the page cache holds a second copy)",
@@ -399,7 +399,7 @@ class Attacher:
         info = await self._ours(att)
         if info is not None:
             if await trio.to_thread.run_sync(is_busy, att.device):
-                raise UsageError(f"{att.device}: in use (a mounted file system?); "
+                raise CommandFailed(f"{att.device}: in use (a mounted file system?); "
                                  "unmount it first")
             if not att.disk.readonly:
                 await att.disk.flush()
@@ -430,7 +430,7 @@ class Attacher:
 
     async def _detach_nbd(self, att: Attachment, ndev: NbdDevice) -> None:
         if await trio.to_thread.run_sync(is_busy, att.device):
-            raise UsageError(f"{att.device}: in use (a mounted file system?); unmount it first")
+            raise CommandFailed(f"{att.device}: in use (a mounted file system?); unmount it first")
         if not att.disk.readonly:
             await ndev.sync()  # the kernel's cached writes, then a FLUSH
         await ndev.disconnect()
@@ -498,7 +498,7 @@ class Attacher:
                                     "goes away when it is unmounted; its I/O fails until then)",
                                     att.device)
                     await losetup_detach(att.device)
-                except (OSError, UsageError) as e:
+                except (OSError, UsageError, CommandFailed) as e:
                     log.error("%s: %s", att.device, e)
             for att in list(self.attachments.values()):
                 if att.frontend == "fuse" and not await self._released(att.name,
@@ -517,7 +517,7 @@ class Attacher:
                 continue
             try:
                 await trio.to_thread.run_sync(kdev.remove)
-            except (UsageError, RequestError) as e:
+            except (UsageError, CommandFailed, RequestError) as e:
                 log.warning("%s: left for a new daemon to take over (%s)", att.device, e)
             kdev.close()
 

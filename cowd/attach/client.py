@@ -22,7 +22,7 @@ import trio
 
 from .. import control
 from ..control import DaemonUnavailable
-from ..errors import UsageError
+from ..errors import CommandFailed
 from ..rundir import PID_WAIT_S, PidFile, RunDir, file_lock, holder_pid, pid_file_held
 from .stale import Cleanup, cleanup_stale
 
@@ -89,11 +89,11 @@ def ensure_daemon(run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
             if proc is None and not pid_file_held(run.pid_file):
                 proc = spawn_daemon(run)
             if proc is not None and (rc := proc.poll()) is not None:
-                raise UsageError(f"the daemon exited while starting (status={rc}): "
+                raise CommandFailed(f"the daemon exited while starting (status={rc}): "
                                  f"{_log_tail(run)} (log: {run.log})")
             if time.monotonic() > deadline:
                 who = proc.pid if proc is not None else holder_pid(run.pid_file)
-                raise UsageError(f"the daemon did not answer within {limit_s:.0f} s "
+                raise CommandFailed(f"the daemon did not answer within {limit_s:.0f} s "
                                  f"(pid={who}, log: {run.log})")
             time.sleep(0.02)
     if proc is not None:
@@ -120,7 +120,7 @@ def client_attach(run: RunDir, image: str, via: str, readonly: bool,
             continue
         att: dict[str, Any] = reply["attached"]
         return att
-    raise UsageError(f"{run.path}: the daemon kept exiting; try again")
+    raise CommandFailed(f"{run.path}: the daemon kept exiting; try again")
 
 
 def wait_gone(run: RunDir, timeout_s: float) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import UsageError
+from ..errors import CommandFailed, UsageError
 from ..frontends.fuse.mount import fuse_problem
 from ..frontends.kmod.channel import kmod_problem
 from ..frontends.nbd.attach import nbd_problem
@@ -29,7 +29,7 @@ def choose_frontend(via: str) -> tuple[str, str | None]:
             raise UsageError(f"--via: expected auto, kmod, nbd or fuse (via={via!r})")
         problem = _PROBLEMS[via]()
         if problem is not None:
-            raise UsageError(f"--via {via}: {problem}")
+            raise CommandFailed(f"--via {via}: {problem}")
         return via, None
     reasons: list[str] = []
     for name in FRONTENDS:
@@ -38,7 +38,7 @@ def choose_frontend(via: str) -> tuple[str, str | None]:
             why = f" ({'; '.join(reasons)})" if reasons else ""
             return name, f"--via auto: using {name}{why}"
         reasons.append(f"{name}: {problem}")
-    raise UsageError("--via auto: no way to attach a disk on this machine ("
+    raise CommandFailed("--via auto: no way to attach a disk on this machine ("
                      + "; ".join(reasons) + ")")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from .. import control
-from ..errors import RequestError, UsageError
+from ..errors import CommandFailed, RequestError, UsageError
 from ..frontends.fuse.mount import mounts_at, unmount_stale
 from ..frontends.kmod.channel import remove_device
 from ..frontends.loop import is_busy, loops_backed_under, losetup_detach
@@ -81,7 +81,7 @@ def _remove_stale_kmod(done: Cleanup) -> None:
         try:
             remove_device(index)
             outcome = "removed"
-        except (UsageError, RequestError) as e:
+        except (UsageError, CommandFailed, RequestError) as e:
             outcome = f"could not remove ({e}):"
         done.kmod.append((dev, str(rec.get("image")), outcome))
 
@@ -130,10 +130,10 @@ async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
     if mounts:
         fstype, source = mounts[-1]
         if fstype != "fuse.cowd":
-            raise UsageError(f"{fuse_dir}: something else is mounted here (type={fstype}); "
+            raise CommandFailed(f"{fuse_dir}: something else is mounted here (type={fstype}); "
                              "not touching it")
         if not await _mount_is_dead(fuse_dir):
-            raise UsageError(f"{fuse_dir}: a live cowd FUSE mount that no daemon of this run "
+            raise CommandFailed(f"{fuse_dir}: a live cowd FUSE mount that no daemon of this run "
                              f"dir owns (source={source}); not touching it")
         # Loop devices first: once the mount is detached, their backing_file no longer
         # names this directory and they could not be told from anyone else's.

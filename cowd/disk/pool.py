@@ -20,7 +20,7 @@ from formats.base import Image, NearOpener
 from formats.errors import CorruptImage
 
 from .. import imagelock
-from ..errors import UsageError
+from ..errors import CommandFailed, UsageError
 
 # A remap granule is the layer's cluster size, but never smaller than this (a qcow2 image of
 # 512-byte clusters would otherwise need 128 lookups per 64 KiB) nor larger than
@@ -64,7 +64,7 @@ def lock_image(image: Image, writable: bool) -> None:
     try:
         imagelock.lock_image(image.file.fd, image.path, writable)
     except imagelock.ImageLocked as e:
-        raise UsageError(str(e)) from None
+        raise CommandFailed(str(e)) from None
 
 
 def file_key(path: str) -> tuple[int, int] | None:
@@ -99,13 +99,13 @@ class ImagePool:
         if layer is not None or self._top_writable(key):
             file.close()
         if self._top_writable(key):
-            raise UsageError(f"{file.path}: is served as a writable disk and cannot be a "
+            raise CommandFailed(f"{file.path}: is served as a writable disk and cannot be a "
                              "parent too")
         if layer is None:
             image = formats.open_file(file, False, fmt, near)
             try:
                 lock_image(image, writable=False)
-            except UsageError:
+            except (UsageError, CommandFailed):
                 image.close()
                 raise
             layer = Layer(image)
@@ -139,9 +139,9 @@ class ImagePool:
         if key is None:
             return
         if writable and key in self._parents:
-            raise UsageError(f"{path}: is a parent of a served disk and cannot be written")
+            raise CommandFailed(f"{path}: is a parent of a served disk and cannot be written")
         if key in self._tops and (writable or self._top_writable(key)):
-            raise UsageError(f"{path}: is already served")
+            raise CommandFailed(f"{path}: is already served")
 
     def add_top(self, key: tuple[int, int], writable: bool) -> None:
         entry = self._tops.setdefault(key, [0, False])

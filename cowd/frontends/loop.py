@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import UsageError
+from ..errors import CommandFailed
 
 # losetup attach/detach must finish this soon.
 LOSETUP_TIMEOUT_S = 60.0
@@ -130,7 +130,7 @@ async def _losetup(args: list[str]) -> subprocess.CompletedProcess[bytes]:
             return await trio.run_process(args, capture_stdout=True, capture_stderr=True,
                                           check=False, stdin=subprocess.DEVNULL)
     except trio.TooSlowError:
-        raise UsageError(f"{' '.join(args)}: did not finish within "
+        raise CommandFailed(f"{' '.join(args)}: did not finish within "
                          f"{LOSETUP_TIMEOUT_S:.0f} s") from None
 
 
@@ -141,17 +141,17 @@ async def losetup_attach(path: str, readonly: bool) -> str:
     args.append(path)
     p = await _losetup(args)
     if p.returncode != 0:
-        raise UsageError(f"losetup: {last_line(p.stderr)} (file={path})")
+        raise CommandFailed(f"losetup: {last_line(p.stderr)} (file={path})")
     dev = p.stdout.decode(errors="replace").strip()
     if loop_name(dev) is None:
-        raise UsageError(f"losetup: unexpected output (stdout={dev!r})")
+        raise CommandFailed(f"losetup: unexpected output (stdout={dev!r})")
     return dev
 
 
 async def losetup_detach(device: str) -> None:
     p = await _losetup(["losetup", "-d", device])
     if p.returncode != 0:
-        raise UsageError(f"losetup -d {device}: {last_line(p.stderr)}")
+        raise CommandFailed(f"losetup -d {device}: {last_line(p.stderr)}")
 
 
 __all__ = [

@@ -33,7 +33,6 @@ from .layout import (
     QCOW_L2_BITMAP_ALL_ALLOC,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
-    QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
     compressed_range,
     div_round_up,
@@ -85,7 +84,12 @@ class Checker:
         expected = self.expected
         fixes: dict[int, int] = {}
         maxval = (1 << rc.refcount_bits) - 1
-        for ci in sorted(set(expected) | set(actual)):
+        # Refcounts are compared up to the end of the file or of the last cluster something
+        # references, whichever is further, as qemu-img check does: a refcount set beyond
+        # both (a reserved batch the file never grew into, rule 1) is no leak, as nothing
+        # can reach it and the file does not hold it.
+        horizon = max(div_round_up(self.file_size, cs), max(expected, default=-1) + 1)
+        for ci in sorted(set(expected) | {c for c in actual if c < horizon}):
             want, have = expected.get(ci, 0), actual.get(ci, 0)
             if want > maxval:
                 res.corruptions.append(f"cluster {ci}: {want} references exceed the "
@@ -113,7 +117,9 @@ class Checker:
         self._check_copied(repair or fix_errors)
         res.allocated_clusters = allocated
         res.total_clusters = div_round_up(img.virtual_size, cs)
-        res.image_end_offset = (max(expected) + 1) * cs if expected else 0
+        # qemu's image end: past the last cluster in use or counted, within the horizon.
+        in_use = [c for c in expected] + [c for c, n in actual.items() if n and c < horizon]
+        res.image_end_offset = (max(in_use) + 1) * cs if in_use else 0
         return res
 
     def _count(self, file_offset: int, length: int, what: str) -> None:
@@ -128,10 +134,16 @@ class Checker:
             self.expected[ci] = self.expected.get(ci, 0) + 1
 
     def _walk_l1(self, l1: array[int], which: str) -> int:
-        """Count what an L1 table reaches; returns how many guest clusters it allocates."""
+        """Count what an L1 table reaches; returns how many guest clusters it allocates.
+
+        For the active table it also counts, as qemu-img check does, the fragmented
+        clusters (a data cluster not right after the previous one in the file, and every
+        compressed cluster) and the compressed ones."""
         img, res = self.img, self.res
         cs = img.cluster_size
+        active = which == "active"
         allocated = 0
+        next_contiguous = 0  # where the next data cluster lies if it follows the last one
         step = 2 if img.extended_l2 else 1
         for i, l1e in enumerate(l1):
             off = l1e & L1E_OFFSET_MASK
@@ -156,6 +168,9 @@ class Checker:
                     coff, clen = compressed_range(e, img.cluster_bits)
                     self._count(coff, clen, f"{where} compressed cluster")
                     allocated += 1
+                    if active:
+                        res.compressed_clusters += 1
+                        res.fragmented_clusters += 1  # compressed: never contiguous
                     continue
                 if step == 2:
                     bm = l2[j + 1]
@@ -163,16 +178,18 @@ class Checker:
                         res.corruptions.append(f"{where}: subcluster allocated and zero")
                     if bm & QCOW_L2_BITMAP_ALL_ALLOC and not img._has_host(e):
                         res.corruptions.append(f"{where}: allocated subclusters, no cluster")
+                if not img._has_host(e):
+                    continue  # unallocated, or a zero cluster with no host cluster
                 host = e & L2E_OFFSET_MASK
-                if not host:
-                    if img._has_host(e) and not (e & QCOW_OFLAG_ZERO and step == 1):
-                        allocated += 1
-                    continue
                 if host % cs:
                     res.corruptions.append(f"{where}: data offset 0x{host:x} unaligned")
                     continue
-                if not (e & QCOW_OFLAG_ZERO and step == 1):
-                    allocated += 1
+                # A host cluster (zero-flagged or not) is an allocated guest cluster.
+                allocated += 1
+                if active:
+                    if next_contiguous and host != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = host + cs
                 if img.data_file is None:
                     self._count(host, cs, f"{where} data cluster")
         return allocated

@@ -243,6 +243,7 @@ class Qcow2Snapshot:
     date_sec: int
     date_nsec: int
     vm_clock_nsec: int
+    icount: int = -1  # instructions executed at the snapshot (extra data); -1: not recorded
 
 
 class SnapshotTable(NamedTuple):
@@ -283,6 +284,7 @@ def read_snapshots(path: str, file: HostFile, hdr: Qcow2Header,
             vm_state = struct.unpack_from(">Q", body, 0)[0]
         if extra >= 16:
             disk_size = struct.unpack_from(">Q", body, 8)[0]
+        icount = struct.unpack_from(">q", body, 16)[0] if extra >= 24 else -1
         sid = body[extra : extra + id_len].decode("utf-8", "replace")
         name = body[extra + id_len :].decode("utf-8", "replace")
         require(l1_size <= QCOW_MAX_L1_SIZE // 8, path, "snapshot L1 table too large",
@@ -291,7 +293,7 @@ def read_snapshots(path: str, file: HostFile, hdr: Qcow2Header,
             check_table(path, cs, l1_off, l1_size * 8, file_size, "snapshot L1 table",
                         f"snapshot[{i}].l1_table_offset")
         snapshots.append(Qcow2Snapshot(sid, name, l1_off, l1_size, vm_state, disk_size,
-                                       date_sec, date_nsec, vm_clock))
+                                       date_sec, date_nsec, vm_clock, icount))
         pos += entry_len
     return SnapshotTable(snapshots, pos - hdr.snapshots_offset)
 

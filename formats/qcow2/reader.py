@@ -119,6 +119,7 @@ class Qcow2Reader(Image):
     """An open qcow2 image: its state, opening and validating, and ``resolve``."""
 
     format_name = "qcow2"
+    checkable = True
 
     def __init__(self, path: str, file: HostFile, writable: bool):
         super().__init__(path, file, writable)

@@ -123,6 +123,7 @@ class _Segment:
 
 class VhdImage(Image):
     format_name = "vhd"
+    checkable = True
 
     def __init__(self, path: str, file: HostFile, writable: bool):
         super().__init__(path, file, writable)

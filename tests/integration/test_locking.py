@@ -106,9 +106,15 @@ def test_served_overlay_is_locked_like_qemu(images: tuple[Path, Path], tmp_path:
     p = subprocess.run(["qemu-nbd", "--fork", "-k", str(tmp_path / "q.sock"), str(ov)],
                        capture_output=True, timeout=30)
     assert p.returncode != 0 and b"lock" in p.stderr, p
-    # cowd's own repair refuses too; a read-only check does not need to.
+    # cowd's own repair refuses too, exiting 1 (it could not check: not a check status), and
+    # so do the read commands unless -U, as qemu-img's do.
     p = subprocess.run([*COWD, "check", "--repair", str(ov)], capture_output=True, timeout=30)
-    assert p.returncode == 2 and b"in use by another process" in p.stderr, p
+    assert p.returncode == 1 and b"in use by another process" in p.stderr, p
+    for cmd in (("info",), ("map",), ("check",)):
+        p = subprocess.run([*COWD, *cmd, str(ov)], capture_output=True, timeout=30)
+        assert p.returncode == 1 and b"--force-share" in p.stderr, (cmd, p)
+        p = subprocess.run([*COWD, *cmd, "-U", str(ov)], capture_output=True, timeout=30)
+        assert p.returncode == 0, (cmd, p)
     d.stop()
     assert not lock_bytes(ov) and not lock_bytes(base)
     qemu_check(ov)
@@ -132,7 +138,7 @@ def _serve_refused(ov: Path, tmp_path: Path) -> str:
     p = subprocess.run([*COWD, "serve", str(ov), "--nbd", f"unix:{tmp_path / 'x.sock'}",
                         "--run-dir", str(tmp_path / "runx")], capture_output=True, timeout=30)
     err = p.stderr.decode()
-    assert p.returncode == 2, (p.returncode, err)
+    assert p.returncode == 1, (p.returncode, err)  # in use: not a usage error
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err
 

@@ -232,9 +232,9 @@ def test_backing_outside_refused_unless_allowed(escapes: dict[str, Path],
                  tmp_path / f"run-{name}")
         assert p.returncode == 1 and "outside" in one_line(p.stderr, f"{name} serve"), p
         # Allowed explicitly: opens, and reads the base.
-        p = cowd("info", "--json", "--allow-backing-outside", ov)
+        p = cowd("info", "--json", "--backing-chain", "--allow-backing-outside", ov)
         assert p.returncode == 0, p.stderr
-        assert json.loads(p.stdout)["backing-chain"][0]["virtual-size"] == MiB
+        assert json.loads(p.stdout)[1]["virtual-size"] == MiB
         d = start_daemon(ov, tmp_path, extra=("--allow-backing-outside",))
         d.stop()
     for name in ("inside-absolute", "inside-relative"):

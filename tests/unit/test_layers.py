@@ -16,9 +16,9 @@ from tests.support import ROOT
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors", "imagelock", "process", "frontends", "frontends.nbd", "frontends.fuse",
-     "frontends.kmod", "disk.api", "disk.backing_io", "disk.locks", "workers", "workers.wire",
-     "workers.channel"},
+    {"errors", "imagelock", "trust", "qemuout", "process", "frontends", "frontends.nbd",
+     "frontends.fuse", "frontends.kmod", "disk.api", "disk.backing_io", "disk.locks",
+     "workers", "workers.wire", "workers.channel"},
     {"remap", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
@@ -30,7 +30,7 @@ COWD_LAYERS = [
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
-    {"imagecmds", "cli", "__main__", ""},
+    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", ""},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
@@ -131,6 +131,7 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
+        {"resize"},
         {"__init__"},
     ],
     "vhd": [

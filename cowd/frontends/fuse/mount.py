@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from ...errors import UsageError
+from ...errors import CommandFailed
 from .protocol import INIT_TIMEOUT_S
 
 MS_NOSUID = 2
@@ -95,7 +95,7 @@ async def unmount_stale(mountpoint: str) -> bool:
             return False
         if libc().umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
             e = ctypes.get_errno()
-            raise UsageError(f"{mountpoint}: cannot unmount a dead cowd mount: {os.strerror(e)}")
+            raise CommandFailed(f"{mountpoint}: cannot unmount a dead cowd mount: {os.strerror(e)}")
         return True
     return False  # a live daemon that does not answer: not ours to judge
 
@@ -106,14 +106,14 @@ async def mount_syscall(fd: int, mountpoint: str, source: str, opts: str) -> Non
     if libc().mount(source.encode(), os.fsencode(mountpoint), b"fuse.cowd",
                   MS_NOSUID | MS_NODEV, data.encode()) != 0:
         e = ctypes.get_errno()
-        raise UsageError(f"{mountpoint}: cannot mount FUSE: {os.strerror(e)}")
+        raise CommandFailed(f"{mountpoint}: cannot mount FUSE: {os.strerror(e)}")
 
 
 async def mount_fusermount(mountpoint: str, source: str, opts: str) -> int:
     """fusermount3 mounts for us and passes the /dev/fuse fd back over a socket."""
     exe = shutil.which("fusermount3")
     if exe is None:
-        raise UsageError("fusermount3 not found (package fuse3); it mounts FUSE without root")
+        raise CommandFailed("fusermount3 not found (package fuse3); it mounts FUSE without root")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
@@ -122,14 +122,14 @@ async def mount_fusermount(mountpoint: str, source: str, opts: str) -> int:
             env=env, pass_fds=(theirs.fileno(),), check=False, capture_stderr=True)
         if p.returncode != 0:
             msg = p.stderr.decode(errors="replace").strip()
-            raise UsageError(f"{mountpoint}: fusermount3 failed: {msg}")
+            raise CommandFailed(f"{mountpoint}: fusermount3 failed: {msg}")
         ours.setblocking(False)
         try:
             _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
         except BlockingIOError:
             fds = []
         if not fds:
-            raise UsageError(f"{mountpoint}: fusermount3 passed no file descriptor")
+            raise CommandFailed(f"{mountpoint}: fusermount3 passed no file descriptor")
         return fds[0]
     finally:
         ours.close()

@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ProtocolError, UsageError
+from ...errors import CommandFailed, ProtocolError, UsageError
 
 if TYPE_CHECKING:
     from ...disk import Disk
@@ -352,9 +352,9 @@ class FuseFs:
 
     def add(self, name: str, disk: Disk) -> Node:
         if not valid_name(name):
-            raise UsageError(f"fuse: not a usable file name (name={name!r})")
+            raise CommandFailed(f"fuse: not a usable file name (name={name!r})")
         if name in self.by_name:
-            raise UsageError(f"fuse: a disk of that name is already mounted (name={name!r})")
+            raise CommandFailed(f"fuse: a disk of that name is already mounted (name={name!r})")
         node = Node(self._next_ino, name, disk)
         self._next_ino += 1
         self.nodes[node.ino] = node
@@ -364,9 +364,9 @@ class FuseFs:
     def remove(self, name: str, force: bool = False) -> Node:
         node = self.by_name.get(name)
         if node is None:
-            raise UsageError(f"fuse: no such disk (name={name!r})")
+            raise CommandFailed(f"fuse: no such disk (name={name!r})")
         if node.handles and not force:
-            raise UsageError(f"fuse: {name} is still open (handles={node.handles})")
+            raise CommandFailed(f"fuse: {name} is still open (handles={node.handles})")
         del self.by_name[name]
         del self.nodes[node.ino]
         node.removed = True

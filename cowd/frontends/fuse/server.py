@@ -64,7 +64,7 @@ from typing import Any
 import trio
 
 from ...disk import Disk, DiskError
-from ...errors import UsageError
+from ...errors import CommandFailed
 from .mount import (
     MNT_DETACH,
     UMOUNT_NOFOLLOW,
@@ -260,7 +260,7 @@ class FuseFrontend:
             opts += ",allow_other"
         use_fm = o.use_fusermount if o.use_fusermount is not None else os.geteuid() != 0
         if not await trio.Path(self.mountpoint).is_dir():
-            raise UsageError(f"{self.mountpoint}: mount point is not a directory")
+            raise CommandFailed(f"{self.mountpoint}: mount point is not a directory")
         if use_fm:
             self.fd = await mount_fusermount(self.mountpoint, self.source, opts)
             self._fusermount = True
@@ -268,7 +268,7 @@ class FuseFrontend:
             try:
                 self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             except OSError as e:
-                raise UsageError(f"/dev/fuse: cannot open: {e.strerror}") from None
+                raise CommandFailed(f"/dev/fuse: cannot open: {e.strerror}") from None
             try:
                 await mount_syscall(self.fd, self.mountpoint, self.source, opts)
             except BaseException:
@@ -592,7 +592,7 @@ async def mount_fuse(stack: AsyncExitStack, nursery: trio.Nursery, mountpoint: s
     with trio.move_on_after(INIT_TIMEOUT_S):
         await fe._initialized.wait()
     if not fe._initialized.is_set():
-        raise UsageError(f"{fe.mountpoint}: the kernel did not initialise the FUSE mount "
+        raise CommandFailed(f"{fe.mountpoint}: the kernel did not initialise the FUSE mount "
                          f"within {INIT_TIMEOUT_S:.0f} s")
     return fe
 

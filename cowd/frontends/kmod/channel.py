@@ -48,7 +48,7 @@ from typing import Any
 import trio
 
 from ...disk import ChainFile, Disk, DiskError, Segment
-from ...errors import UsageError
+from ...errors import CommandFailed
 from . import abi
 
 log = logging.getLogger("cowd.kmod")
@@ -154,7 +154,7 @@ def remove_device(index: int, force: bool = False) -> None:
         _ctl_call(abi.CTL_REMOVE, r, f"remove cowd{index}")
     except DiskError as e:
         if e.errno == errno.EBUSY:
-            raise UsageError(f"/dev/cowd{index}: in use (a mounted file system?); "
+            raise CommandFailed(f"/dev/cowd{index}: in use (a mounted file system?); "
                              "unmount it first") from e
         raise
 
@@ -174,7 +174,7 @@ def chain_files(disk: Disk) -> list[ChainFile]:
     files = disk.files()
     files.sort(key=lambda f: not f.writable)
     if len(files) > abi.MAX_FILES:
-        raise UsageError(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
+        raise CommandFailed(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
                          f"takes at most {abi.MAX_FILES} (files={len(files)})")
     return files
 
@@ -228,7 +228,7 @@ class KmodDevice:
         c.flags = abi.CREATE_READONLY if disk.readonly else 0
         c.disk_size = -(-disk.size // 512) * 512
         if c.disk_size != disk.size:
-            raise UsageError(f"{disk.path}: the kernel shim needs a size in whole 512-byte "
+            raise CommandFailed(f"{disk.path}: the kernel shim needs a size in whole 512-byte "
                              f"sectors (size={disk.size})")
         c.logical_block_size = 512
         c.cluster_bits = g.bit_length() - 1
@@ -256,7 +256,7 @@ class KmodDevice:
         _ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
         if r.disk_size != disk.size or 1 << r.cluster_bits != g or r.nr_files != len(files):
             os.close(r.channel_fd)
-            raise UsageError(f"/dev/cowd{index}: does not serve {disk.path} (size="
+            raise CommandFailed(f"/dev/cowd{index}: does not serve {disk.path} (size="
                              f"{r.disk_size}, cluster_bits={r.cluster_bits}, files={r.nr_files})")
         log.info("%s: took over /dev/cowd%d", disk.path, index)
         return cls(disk, index, r.channel_fd, g, files)

@@ -57,7 +57,7 @@ from typing import Any
 
 import trio
 
-from ...errors import UsageError
+from ...errors import CommandFailed
 from . import wire as W
 
 log = logging.getLogger("cowd.nbdattach")
@@ -301,7 +301,7 @@ class NbdDevice:
             try:
                 got = await negotiate(trio.SocketStream(client), export)
             except (HandshakeError, trio.BrokenResourceError, OSError) as e:
-                raise UsageError(f"--via nbd: {e}") from None
+                raise CommandFailed(f"--via nbd: {e}") from None
             kernels.setblocking(True)
             dev = await trio.to_thread.run_sync(cls._claim, kernels.fileno(), got)
         except BaseException:
@@ -340,7 +340,7 @@ class NbdDevice:
                 if e.errno in (errno.EBUSY, errno.EINVAL):  # someone else's
                     tried.append(f"nbd{index}: {e.strerror}")
                     continue
-                raise UsageError(f"{path}: NBD_SET_SOCK failed: {e.strerror}") from None
+                raise CommandFailed(f"{path}: NBD_SET_SOCK failed: {e.strerror}") from None
             try:
                 fcntl.ioctl(fd, NBD_SET_BLKSIZE, BLOCK_BYTES)
                 fcntl.ioctl(fd, NBD_SET_SIZE, size)
@@ -349,10 +349,10 @@ class NbdDevice:
                 with contextlib.suppress(OSError):
                     fcntl.ioctl(fd, NBD_CLEAR_SOCK)
                 os.close(fd)
-                raise UsageError(f"{path}: setting up the device failed: {e.strerror} "
+                raise CommandFailed(f"{path}: setting up the device failed: {e.strerror} "
                                  f"(size={size}, flags={flags:#x})") from None
             return cls(index, fd, size, flags)
-        raise UsageError("--via nbd: no free /dev/nbdN (" + ("; ".join(tried) or
+        raise CommandFailed("--via nbd: no free /dev/nbdN (" + ("; ".join(tried) or
                          "every device is connected; modprobe nbd nbds_max=N") + ")")
 
     async def _start(self) -> None:
@@ -372,9 +372,9 @@ class NbdDevice:
                 device_sectors(self.index) * 512 != self.size_bytes:
             if self.done.is_set():
                 err = self.outcome[0] if self.outcome else errno.EIO
-                raise UsageError(f"{self.device}: NBD_DO_IT failed: {os.strerror(err)}")
+                raise CommandFailed(f"{self.device}: NBD_DO_IT failed: {os.strerror(err)}")
             if trio.current_time() > deadline:
-                raise UsageError(f"{self.device}: not connected {CONNECT_TIMEOUT_S:g} s after "
+                raise CommandFailed(f"{self.device}: not connected {CONNECT_TIMEOUT_S:g} s after "
                                  f"NBD_DO_IT (size={self.size_bytes})")
             await trio.sleep(0.01)
 

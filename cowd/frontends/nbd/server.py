@@ -54,6 +54,7 @@ import trio
 
 from ...disk import DiskError
 from ...disk.api import BlockDisk
+from ...errors import CommandFailed
 from . import protocol as P
 from . import wire as W
 
@@ -512,13 +513,18 @@ async def open_nbd_listeners(addresses: list[tuple[str, str, int]]) -> list[trio
     """Bind every address: ('unix', path, 0) or ('tcp', host, port)."""
     listeners: list[trio.SocketListener] = []
     for kind, addr, port in addresses:
-        if kind == "unix":
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            await sock.bind(addr)
-            os.chmod(addr, 0o600)
-            sock.listen(128)
-            listeners.append(trio.SocketListener(sock))
-        else:
-            listeners.extend(await trio.open_tcp_listeners(port, host=addr))
+        try:
+            if kind == "unix":
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await sock.bind(addr)
+                os.chmod(addr, 0o600)
+                sock.listen(128)
+                listeners.append(trio.SocketListener(sock))
+            else:
+                listeners.extend(await trio.open_tcp_listeners(port, host=addr))
+        except OSError as e:  # EADDRINUSE, EACCES: say which address
+            where = addr if kind == "unix" else f"{addr}:{port}"
+            raise CommandFailed(f"--nbd {kind}:{where}: cannot listen: "
+                                f"{e.strerror or e}") from None
     return listeners
 

@@ -1,0 +1,81 @@
+"""cowd resize against qemu-img resize as the oracle: the same operation on a copy reads the
+same through `qemu-img convert`, and `qemu-img check` is clean after each; images another
+process has open are refused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import COWD, qemu_check, qemu_img, qemu_io, qemu_raw
+
+MiB = 1 << 20
+
+
+def cowd(*args: str | Path, rc: int = 0) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([*COWD, *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == rc, (args, p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.mark.parametrize("cluster_size,grow", [("512", "+30M"), ("4k", "+70M"),
+                                               ("64k", "3M")])
+def test_qcow2_grow_equals_qemu(tmp_path: Path, cluster_size: str, grow: str) -> None:
+    """512-byte clusters: the L1 table grows from 1 cluster to 16 (written crash-safely,
+    formats/qcow2/resize.py); 4k: a larger table in one cluster; 64k: within the table."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", ours, "2M")
+    qemu_io(ours, "write -P 3 0 1M", "write -P 4 1536k 4k")
+    shutil.copy(ours, theirs)
+    cowd("resize", ours, grow)
+    qemu_img("resize", theirs, grow)
+    qemu_check(ours)
+    assert qemu_raw(ours, tmp_path) == qemu_raw(theirs, tmp_path)
+    # Writable after growing: a write past the old end reads back through qemu.
+    qemu_io(ours, "write -P 9 2M 64k")
+    qemu_io(theirs, "write -P 9 2M 64k")
+    qemu_check(ours)
+    assert qemu_raw(ours, tmp_path) == qemu_raw(theirs, tmp_path)
+
+
+def test_raw_resize_and_shrink_rule(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(b"\x07" * (4 * MiB))
+    cowd("resize", img, "+4M")
+    assert img.stat().st_size == 8 * MiB
+    p = cowd("resize", img, "-6M", rc=2)
+    assert "--shrink" in p.stderr and len(p.stderr.splitlines()) == 1
+    cowd("resize", "--shrink", img, "-6M")
+    assert img.read_bytes() == b"\x07" * (2 * MiB)
+
+
+def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
+    img = tmp_path / "held.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    before = img.read_bytes()
+    holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(img)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            p = subprocess.run(["qemu-img", "info", str(img)], capture_output=True)
+            if p.returncode:
+                break
+            time.sleep(0.05)
+        p = cowd("resize", img, "+1M", rc=1)
+        assert "in use" in p.stderr and len(p.stderr.splitlines()) == 1
+        for cmd in ("info", "map", "check"):
+            p = cowd(cmd, img, rc=1)
+            assert "--force-share" in p.stderr
+            cowd(cmd, "-U", img)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.kill()
+        holder.wait(timeout=10)
+    assert img.read_bytes() == before
