@@ -139,7 +139,7 @@ AGAINST = "cowd-against"
 
 
 def one_rep(work: Path, base: Path, size: int, runtime: float, names: list[str],
-            against: list[str] | None = None) -> Results:
+            against: list[str] | None = None, workers: str | None = None) -> Results:
     out: Results = {}
     kinds = ["qemu-nbd", "cowd"] + ([AGAINST] if against else [])
     for name in names:  # the servers of one workload back to back: paired in time
@@ -150,11 +150,13 @@ def one_rep(work: Path, base: Path, size: int, runtime: float, names: list[str],
                 ov.unlink()
             sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(ov))
             drop_caches()
-            srv = Server(kind, ov, work, cowd=against if kind == AGAINST else None)
+            extra = ("--workers", workers) if kind == "cowd" and workers is not None else ()
+            srv = Server(kind, ov, work, cowd=against if kind == AGAINST else None,
+                         extra=extra)
             try:
-                cpu0, st0 = benchlib.cpu_seconds(srv.proc.pid), srv.stats()
+                cpu0, st0 = benchlib.tree_cpu_seconds(srv.proc.pid), srv.stats()
                 r = run_fio(srv.uri, rw, bs, qd, size, runtime)
-                cpu1, st1 = benchlib.cpu_seconds(srv.proc.pid), srv.stats()
+                cpu1, st1 = benchlib.tree_cpu_seconds(srv.proc.pid), srv.stats()
             finally:
                 srv.stop()
             r["cpu_s_per_GiB"] = (cpu1 - cpu0) / max(r["bytes"] / (1 << 30), 1e-9)
@@ -177,6 +179,8 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--only", action="append", choices=list(WORKLOADS),
                     help="run only this workload (repeatable)")
+    ap.add_argument("--workers", default=None, metavar="N|auto",
+                    help="this cowd's --workers (default: its own default, auto)")
     ap.add_argument("--against", default=None, metavar="COWD",
                     help="another cowd command (e.g. an older checkout's .venv/bin/cowd) to "
                          "run in every repetition too: reports this cowd / that one")
@@ -199,10 +203,11 @@ def main() -> int:
                 f.write(chunk[i % 7:] + chunk[: i % 7])  # distinct-ish blocks, cheap to make
         for i in range(reps):
             print(f"rep {i + 1}/{reps} ...", file=sys.stderr, flush=True)
-            reps_out.append(one_rep(work, base, size, runtime, names, against))
+            reps_out.append(one_rep(work, base, size, runtime, names, against, args.workers))
     table = summarise(reps_out, names)
     doc = {**benchlib.header(), "size": size, "reps": reps, "runtime_s": runtime,
-           "against": args.against, "repetitions": reps_out, "summary": table}
+           "workers": args.workers, "against": args.against, "repetitions": reps_out,
+           "summary": table}
     benchlib.write_json(args.out, doc)
     print(markdown(doc))
     return 0
