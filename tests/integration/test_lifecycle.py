@@ -61,12 +61,15 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
     holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(img)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
+        # Until qemu-io holds its lock (qemu-img info is refused then); a loaded machine
+        # can take seconds to start it.
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             p = subprocess.run(["qemu-img", "info", str(img)], capture_output=True)
             if p.returncode:
                 break
             time.sleep(0.05)
+        assert p.returncode, "qemu-io never took the image's lock"
         p = cowd("resize", img, "+1M", rc=1)
         assert "in use" in p.stderr and len(p.stderr.splitlines()) == 1
         for cmd in ("info", "map", "check"):
