@@ -58,7 +58,8 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
     img = tmp_path / "held.qcow2"
     qemu_img("create", "-f", "qcow2", img, "1M")
     before = img.read_bytes()
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(img)], stdin=subprocess.PIPE,
+    # qemu-io reading commands from a pipe we keep open: it holds the image until we close it.
+    holder = subprocess.Popen(["qemu-io", str(img)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Until qemu-io holds its lock (qemu-img info is refused then); a loaded machine
