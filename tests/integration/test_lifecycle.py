@@ -62,15 +62,14 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
     holder = subprocess.Popen(["qemu-io", str(img)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Until qemu-io holds its lock (qemu-img info is refused then); a loaded machine
-        # can take seconds to start it.
+        # Until qemu-io holds its locks, watched in /proc/locks: probing with qemu-img info
+        # would take a lock itself, and a qemu-io starting at that instant fails to open.
+        ino = img.stat().st_ino
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            p = subprocess.run(["qemu-img", "info", str(img)], capture_output=True)
-            if p.returncode:
-                break
+        while time.monotonic() < deadline and not _ofd_locked(ino):
+            assert holder.poll() is None, "qemu-io exited before it held the image"
             time.sleep(0.05)
-        assert p.returncode, "qemu-io never took the image's lock"
+        assert _ofd_locked(ino), "qemu-io never took the image's lock"
         p = cowd("resize", img, "+1M", rc=1)
         assert "in use" in p.stderr and len(p.stderr.splitlines()) == 1
         for cmd in ("info", "map", "check"):
@@ -83,3 +82,15 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
         holder.kill()
         holder.wait(timeout=10)
     assert img.read_bytes() == before
+
+
+def _ofd_locked(ino: int) -> bool:
+    """Whether an OFD lock (qemu's image locks) is held on a file of inode ``ino``."""
+    # /proc/locks: "1: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (major:minor:inode)
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "OFDLCK" and \
+                    fields[5].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
