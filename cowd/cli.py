@@ -19,6 +19,8 @@ from .errors import CowdError, UsageError
 if TYPE_CHECKING:
     from formats.opener import OpenPolicy
 
+    from .frontends.nbd.tls import TlsConfig
+
 # Imports are made where a command needs them: the client commands (attach, detach, list,
 # stats) need neither the format library nor trio, and a Python start that skips them is
 # ~0.1 s natively but seconds in an emulated guest, where the kernel paths are tested.
@@ -80,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top images to serve; the NBD export name is the file name")
     s.add_argument("--nbd", action="append", required=True, metavar="ADDR",
                    help="unix:PATH or tcp:[HOST:]PORT (repeatable; HOST defaults to 127.0.0.1)")
+    s.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="NBD_OPT_STARTTLS, as nbdkit names it: off (default), on (TLS at the "
+                   "client's choice; exports with --tls-authz are TLS-only), require (no "
+                   "option but STARTTLS before TLS)")
+    s.add_argument("--tls-certificates", metavar="DIR",
+                   help="X.509 credentials: DIR/ca-cert.pem, server-cert.pem, server-key.pem "
+                   "(qemu's and nbdkit's layout; ca-crl.pem optional)")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK credentials: a psktool keys file")
+    s.add_argument("--tls-verify-peer", action="store_true",
+                   help="with --tls-certificates: clients must present a certificate signed "
+                   "by DIR/ca-cert.pem")
+    s.add_argument("--tls-authz", nargs=2, action="append", default=[],
+                   metavar=("EXPORT", "IDENTITY"),
+                   help="only IDENTITY may open EXPORT, over TLS (repeatable): a client "
+                   "certificate's subject DN as qemu's authz-simple matches it (e.g. "
+                   "'CN=laptop,O=Example,C=GB') or a PSK username")
     _daemon_options(s)
 
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
@@ -371,6 +389,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
     from .daemon import DaemonConfig, run_daemon
     from .rundir import PID_WAIT_S
 
+    tls = None if background else tls_config(args)
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when
         fmt = "%(asctime)s " + fmt
@@ -382,9 +401,25 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readahead_clusters=args.readahead, prime=not args.no_prime,
                           exit_when_idle=background,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
-                          policy=open_policy(args))
+                          policy=open_policy(args), tls=tls)
     trio.run(run_daemon, config)
     return 0
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig:
+    """The NBD server's TLS configuration from serve's --tls flags (paths made absolute:
+    the serving process may run elsewhere); UsageError for flags that do not fit."""
+    from .frontends.nbd.tls import TlsConfig
+    from .frontends.nbd.wire import TlsPolicy
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    if args.tls_authz and args.tls == "off":
+        raise UsageError("--tls-authz needs --tls=on or --tls=require")
+    return TlsConfig(TlsPolicy(args.tls, frozenset((e, i) for e, i in args.tls_authz)),
+                     certificates_dir=absolute(args.tls_certificates),
+                     psk_file=absolute(args.tls_psk), verify_peer=args.tls_verify_peer)
 
 
 def format_stats(doc: dict[str, object]) -> str:

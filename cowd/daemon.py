@@ -36,7 +36,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -49,6 +49,9 @@ from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
+
+if TYPE_CHECKING:
+    from .frontends.nbd.tls import TlsConfig
 
 log = logging.getLogger("cowd.daemon")
 
@@ -71,6 +74,8 @@ class DaemonConfig:
     # What the files the served images name may reach (formats/opener.py): confined to each
     # top image's folder unless the user allowed more.
     policy: OpenPolicy = field(default_factory=OpenPolicy)
+    # TLS on the NBD listeners (cowd serve --tls ...); None: off.
+    tls: TlsConfig | None = None
 
 
 @dataclass
@@ -278,6 +283,10 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for line in daemon.cleanup:
             log.info("cleaned up after a dead daemon: %s", line)
         stack.push_async_callback(daemon.close_shielded)  # runs late: flush and close disks
+        # Before any image is opened: credentials that cannot be loaded are a one-line error.
+        nbd = NbdServer(daemon.disks, tls=config.tls)
+        stack.callback(nbd.close)
+        daemon.nbd = nbd
         attacher = Attacher(run, stack, services, daemon.open_disk, daemon.name_taken,
                             daemon.after_change)
         daemon.attacher = attacher
@@ -286,6 +295,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             daemon.cleanup.append(line)
         for path in config.images:
             await daemon.add_disk(path)
+        nbd.check_authz_exports()
 
         ctl = await control.open_control_listener(ctl_path)
         stack.callback(_unlink_quiet, ctl_path)
@@ -293,8 +303,6 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for kind, addr, _ in addresses:
             if kind == "unix":
                 stack.callback(_unlink_quiet, addr)
-        nbd = NbdServer(daemon.disks)
-        daemon.nbd = nbd
         handlers: dict[str, control.Handler] = {
             "stats": daemon.stats, "ping": daemon.ping, "list": daemon.list_disks,
             "attach": attacher.attach, "detach": attacher.detach}

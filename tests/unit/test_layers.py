@@ -23,7 +23,7 @@ COWD_LAYERS = [
     {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol"},
-    {"frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
+    {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
