@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-authz", nargs=2, action="append", default=[],
                    metavar=("EXPORT", "IDENTITY"),
                    help="only IDENTITY may open EXPORT, over TLS (repeatable): a client "
-                   "certificate's subject DN as qemu's authz-simple matches it (e.g. "
-                   "'CN=laptop,O=Example,C=GB') or a PSK username")
+                   "certificate's subject DN as qemu's --tls-authz compares it, in the "
+                   "certificate's order (e.g. 'C=GB,O=Example,CN=laptop'), or a PSK username")
     _daemon_options(s)
 
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
