@@ -30,6 +30,7 @@ the flush is logged, never fatal; the final close is shielded, so a caller that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
+from .sysmem import set_io_flusher
 
 if TYPE_CHECKING:
     from .frontends.nbd.tls import TlsConfig
@@ -76,6 +78,8 @@ class DaemonConfig:
     policy: OpenPolicy = field(default_factory=OpenPolicy)
     # TLS on the NBD listeners (cowd serve --tls ...); None: off.
     tls: TlsConfig | None = None
+    # What became of PR_SET_IO_FLUSHER (cowd/sysmem.py), set by run_daemon.
+    io_flusher: str = "not asked"
 
 
 @dataclass
@@ -163,6 +167,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cache": self.cache.stats(),
             "nbd": dict(self.nbd.counters) if self.nbd is not None else None,
+            "io_flusher": self.config.io_flusher,
             "fuse": fuse,
             "disks": disks,
         }
@@ -212,6 +217,9 @@ async def run_daemon(config: DaemonConfig,
     through flushing.
     """
     addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
+    # First, while this is the only thread: the threads trio starts later inherit the flag.
+    # (Said once serving starts: a start-up error stays one line.)
+    config = dataclasses.replace(config, io_flusher=set_io_flusher())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             stop = trio.Event()
@@ -274,8 +282,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         done = await cleanup_stale(run, keep_kmod=True)
         for kind, addr, _ in addresses:
             if kind == "unix":
+                check_socket_folder(addr)  # first: a missing folder is an error, not made
                 control.clear_stale_socket(addr)
-                check_socket_folder(addr)
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
         daemon = Daemon(config, pool, cache, cleanup=done.lines(run),
@@ -332,6 +340,11 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             what = ", ".join(daemon.disks) or "no disks yet"
             log.info("serving %s%s; control socket %s", what,
                      f" on {', '.join(config.nbd)}" if config.nbd else "", ctl_path)
+            if config.io_flusher == "set" or os.geteuid() != 0:
+                log.debug("PR_SET_IO_FLUSHER: %s", config.io_flusher)
+            else:
+                log.warning("PR_SET_IO_FLUSHER %s: writeback through this daemon's devices "
+                            "may deadlock under heavy memory pressure", config.io_flusher)
             serving[0] = True
             task_status.started(daemon)
             await stop.wait()

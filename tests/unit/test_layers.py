@@ -16,8 +16,8 @@ from tests.support import ROOT
 # cowd's modules by layer, bottom first, named relative to cowd/ (a package by its own name,
 # for its __init__.py).  A module may import from its own layer or below.
 COWD_LAYERS = [
-    {"errors", "imagelock", "frontends", "frontends.nbd", "frontends.fuse", "frontends.kmod",
-     "disk.backing_io", "disk.locks"},
+    {"errors", "sysmem", "imagelock", "frontends", "frontends.nbd", "frontends.fuse",
+     "frontends.kmod", "disk.backing_io", "disk.locks"},
     {"remap", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
