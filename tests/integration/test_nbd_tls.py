@@ -3,7 +3,7 @@ and qemu-io (qemu's GnuTLS client, tls-creds-x509 / tls-creds-psk objects), nbdi
 nbdcopy (libnbd, ``nbds://`` URIs), fio's nbd engine behind qemu-nbd as a TLS client, and
 qemu-nbd as the reference server for the authorization syntax.
 
-Credentials are made at test time by certtool and psktool (tests/support/tlscreds.py); every
+Credentials are made at test time by certtool and psktool (tools/tlscreds.py); every
 server listens on 127.0.0.1 and on a unix socket of the test's own.  Oracles: qemu-img
 convert of the image itself (the bytes read over TLS must equal it), qemu-io's pattern reads
 of what was written over TLS, and ``qemu-img check`` of the overlay afterwards.
@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import tlscreds
 from tests.support.peers import COWD, need, qemu_check, qemu_img, qemu_raw, run
 from tests.support.reliability import Daemon, start_daemon
+from tools import tlscreds
 
 pytestmark = pytest.mark.qemu
 

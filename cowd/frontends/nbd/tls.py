@@ -87,9 +87,13 @@ SEND_CORK_BYTES = 256 << 10
 BYE_TIMEOUT_S = 1.0
 
 # TLS 1.2 and 1.3 only; PSK adds the PSK key exchanges (ECDHE-PSK first), as qemu and nbdkit
-# do for their PSK credentials.
+# do for their PSK credentials.  A TLS 1.3 external PSK is bound to SHA-256, which rules out
+# AES-256-GCM (SHA-384); left to the client's order the session then gets ChaCha20, 3x slower
+# than AES-128-GCM on a CPU with AES instructions (measured: 280 against 800 MB/s through
+# nbdcopy), so for PSK the server's order wins and puts AES-128-GCM first.
 PRIORITY_X509 = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
-PRIORITY_PSK = PRIORITY_X509 + ":+ECDHE-PSK:+DHE-PSK:+PSK"
+PRIORITY_PSK = (PRIORITY_X509 + ":+ECDHE-PSK:+DHE-PSK:+PSK:%SERVER_PRECEDENCE:-CIPHER-ALL"
+                ":+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:+AES-128-CCM:+AES-256-CCM")
 
 
 class TlsError(CowdError):

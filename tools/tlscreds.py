@@ -1,12 +1,12 @@
-"""TLS credentials made at test time by GnuTLS's certtool and psktool (Debian's gnutls-bin),
+"""Layer: tools (the TLS tests and tools/bench_tls.py share it).  TLS credentials made at run
+time by GnuTLS's certtool and psktool (Debian's gnutls-bin),
 in the layouts the peers read: a server directory for cowd and qemu-nbd (ca-cert.pem,
 server-cert.pem, server-key.pem), client directories for qemu (tls-creds-x509 endpoint=client)
 and libnbd (``?tls-certificates=DIR``: ca-cert.pem, client-cert.pem, client-key.pem), and
 psktool keys files (``username:hexkey``).
 
-Keys are ECDSA P-256 unless asked otherwise (fast to make; the benchmark asks for RSA too).
-Nothing here is cowd's: the oracle for "which DN does a certificate have" is certtool's own
-``-i`` output.
+Keys are ECDSA P-256 unless asked otherwise (``kind="rsa"``: 2048 bits).  Nothing here is
+cowd's: the oracle for "which DN does a certificate have" is certtool's own ``-i`` output.
 """
 
 from __future__ import annotations
