@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from tools import benchlib, tlscreds
+from tools.bench_nbd import _size  # the same size syntax as the NBD benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 COWD = benchlib.cowd_command()
@@ -312,12 +313,6 @@ def main() -> int:
     benchlib.write_json(args.out, doc)
     print(markdown(doc))
     return 0
-
-
-def _size(text: str) -> int:
-    t = text.upper().rstrip("B").rstrip("I")
-    mult = {"K": 10, "M": 20, "G": 30}.get(t[-1:], 0)
-    return int(t[:-1] if mult else t) << mult
 
 
 if __name__ == "__main__":
