@@ -49,7 +49,7 @@ What it costs (tools/bench_tls.py, paired against qemu-nbd with the same credent
 with X.509, 1 MiB reads run at 0.42x plaintext and writes at 0.81x, 4 KiB random reads at
 0.82x, level with or ahead of qemu-nbd under TLS (1.12-1.26x); the server spends about as
 much CPU per GiB as qemu-nbd does (the cipher runs in GnuTLS's C code; the binding adds a
-ctypes call per 16 KiB record).  A handshake costs about 10 ms of wall time.
+ctypes call per 16 KiB record).  A whole TLS connection (nbdinfo) takes 10-20 ms.
 """
 
 from __future__ import annotations
