@@ -49,8 +49,10 @@ FIO_BYTES = 192 * MiB
 LIMIT_BYTES = 160 * MiB  # the daemon, fio's page cache and the hog together
 HOG_BYTES = 72 * MiB
 FIO_TIMEOUT_S = 420
+# No verify state file: fio would leave it in its working directory.
 FIO_JOB = ["--name=pressure", "--rw=randwrite", "--bs=64k", f"--size={FIO_BYTES}",
-           "--verify=crc32c", "--verify_fatal=1", "--randseed=4242", "--iodepth=1"]
+           "--verify=crc32c", "--verify_fatal=1", "--randseed=4242", "--iodepth=1",
+           "--verify_state_save=0"]
 
 
 @dataclass
