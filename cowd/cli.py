@@ -21,6 +21,8 @@ from .errors import CommandFailed, CowdError, UsageError
 if TYPE_CHECKING:
     from formats.opener import OpenPolicy
 
+    from .frontends.nbd.tls import TlsConfig
+
 # Imports are made where a command needs them: the client commands (attach, detach, list,
 # stats) need neither the format library nor trio, and a Python start that skips them is
 # ~0.1 s natively but seconds in an emulated guest, where the kernel paths are tested.
@@ -151,6 +153,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
     from .rundir import PID_WAIT_S
 
     refuse_held_run_dir(args.run_dir)
+    tls = None if background else tls_config(args)
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when
         fmt = "%(asctime)s " + fmt
@@ -163,9 +166,25 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readahead_clusters=args.readahead, prime=not args.no_prime,
                           exit_when_idle=background, workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
-                          policy=open_policy(args))
+                          policy=open_policy(args), tls=tls)
     trio.run(run_daemon, config)
     return 0
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig:
+    """The NBD server's TLS configuration from serve's --tls flags (paths made absolute:
+    the serving process may run elsewhere); UsageError for flags that do not fit."""
+    from .frontends.nbd.tls import TlsConfig
+    from .frontends.nbd.wire import TlsPolicy
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    if args.tls_authz and args.tls == "off":
+        raise UsageError("--tls-authz needs --tls=on or --tls=require")
+    return TlsConfig(TlsPolicy(args.tls, frozenset((e, i) for e, i in args.tls_authz)),
+                     certificates_dir=absolute(args.tls_certificates),
+                     psk_file=absolute(args.tls_psk), verify_peer=args.tls_verify_peer)
 
 
 def format_stats(doc: dict[str, object]) -> str:

@@ -215,6 +215,22 @@ def build_parser() -> Parser:
                    help="top images to serve; the NBD export name is the file name")
     s.add_argument("--nbd", action="append", required=True, metavar="ADDR",
                    help="unix:PATH or tcp:[HOST:]PORT (repeatable; HOST defaults to 127.0.0.1)")
+    s.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="NBD_OPT_STARTTLS, as nbdkit names it: off (default), on (TLS at the "
+                   "client's choice; exports with --tls-authz are TLS-only), require (no "
+                   "option but STARTTLS before TLS)")
+    s.add_argument("--tls-certificates", metavar="DIR",
+                   help="X.509 credentials: DIR/ca-cert.pem, server-cert.pem, server-key.pem "
+                   "(qemu's and nbdkit's layout; ca-crl.pem optional)")
+    s.add_argument("--tls-psk", metavar="FILE", help="PSK credentials: a psktool keys file")
+    s.add_argument("--tls-verify-peer", action="store_true",
+                   help="with --tls-certificates: clients must present a certificate signed "
+                   "by DIR/ca-cert.pem")
+    s.add_argument("--tls-authz", nargs=2, action="append", default=[],
+                   metavar=("EXPORT", "IDENTITY"),
+                   help="only IDENTITY may open EXPORT, over TLS (repeatable): a client "
+                   "certificate's subject DN as qemu's --tls-authz compares it, in the "
+                   "certificate's order (e.g. 'C=GB,O=Example,CN=laptop'), or a PSK username")
     _daemon_options(s)
 
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")

@@ -113,8 +113,8 @@ async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]
 
 def clear_stale_socket(path: str) -> None:
     """Make room for a unix socket at ``path``: refuse if a live daemon owns it, remove a
-    stale one left by a dead daemon."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    stale one left by a dead daemon.  The folder must exist (cowd creates no folder on a
+    socket's path: a typo would otherwise become a new directory tree)."""
     if os.path.exists(path):
         if _is_alive(path):
             raise CommandFailed(f"{path}: a daemon is already listening here")

@@ -30,13 +30,14 @@ the flush is logged, never fatal; the final close is shielded, so a caller that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -49,7 +50,11 @@ from .disk import Disk, ImagePool
 from .errors import UsageError
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
+from .sysmem import set_io_flusher
 from .workers.host import WorkerPool
+
+if TYPE_CHECKING:
+    from .frontends.nbd.tls import TlsConfig
 
 log = logging.getLogger("cowd.daemon")
 
@@ -74,6 +79,10 @@ class DaemonConfig:
     policy: OpenPolicy = field(default_factory=OpenPolicy)
     # Worker processes serving NBD connections (cowd/workers/); 0: the daemon serves them.
     workers: int = 0
+    # TLS on the NBD listeners (cowd serve --tls ...); None: off.
+    tls: TlsConfig | None = None
+    # What became of PR_SET_IO_FLUSHER (cowd/sysmem.py), set by run_daemon.
+    io_flusher: str = "not asked"
 
 
 @dataclass
@@ -166,6 +175,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "cache": self.cache.stats(),
             "nbd": nbd,
+            "io_flusher": self.config.io_flusher,
             "fuse": fuse,
             "disks": disks,
             "workers": workers,
@@ -237,6 +247,9 @@ async def run_daemon(config: DaemonConfig,
     through flushing.
     """
     addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
+    # First, while this is the only thread: the threads trio starts later inherit the flag.
+    # (Said once serving starts: a start-up error stays one line.)
+    config = dataclasses.replace(config, io_flusher=set_io_flusher())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             stop = trio.Event()
@@ -299,8 +312,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         done = await cleanup_stale(run, keep_kmod=True)
         for kind, addr, _ in addresses:
             if kind == "unix":
+                check_socket_folder(addr)  # first: a missing folder is an error, not made
                 control.clear_stale_socket(addr)
-                check_socket_folder(addr)
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
         daemon = Daemon(config, pool, cache, cleanup=done.lines(run),
@@ -308,6 +321,10 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for line in daemon.cleanup:
             log.info("cleaned up after a dead daemon: %s", line)
         stack.push_async_callback(daemon.close_shielded)  # runs late: flush and close disks
+        # Before any image is opened: credentials that cannot be loaded are a one-line error.
+        nbd = NbdServer(daemon.disks, tls=config.tls)
+        stack.callback(nbd.close)
+        daemon.nbd = nbd
         attacher = Attacher(run, stack, services, daemon.open_disk, daemon.name_taken,
                             daemon.after_change)
         daemon.attacher = attacher
@@ -316,11 +333,12 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             daemon.cleanup.append(line)
         for path in config.images:
             await daemon.add_disk(path)
+        nbd.check_authz_exports()
 
         # Workers first: the NBD socket appears only once they can serve.
         workers: WorkerPool | None = None
         if config.workers > 0:
-            workers = WorkerPool(config.workers, services)
+            workers = WorkerPool(config.workers, services, tls=config.tls)
             daemon.workers = workers
             await workers.start()
             for name, disk in daemon.disks.items():
@@ -332,8 +350,6 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         for kind, addr, _ in addresses:
             if kind == "unix":
                 stack.callback(_unlink_quiet, addr)
-        nbd = NbdServer(daemon.disks)
-        daemon.nbd = nbd
 
         async def hand_off(stream: trio.SocketStream) -> None:
             assert workers is not None
@@ -369,6 +385,11 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             what = ", ".join(daemon.disks) or "no disks yet"
             log.info("serving %s%s; control socket %s", what,
                      f" on {', '.join(config.nbd)}" if config.nbd else "", ctl_path)
+            if config.io_flusher == "set" or os.geteuid() != 0:
+                log.debug("PR_SET_IO_FLUSHER: %s", config.io_flusher)
+            else:
+                log.warning("PR_SET_IO_FLUSHER %s: writeback through this daemon's devices "
+                            "may deadlock under heavy memory pressure", config.io_flusher)
             serving[0] = True
             task_status.started(daemon)
             await stop.wait()

@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from . import control
-from .errors import CommandFailed
+from .errors import CommandFailed, UsageError
 
 PID_FILE = "cowd.pid"
 LOG_FILE = "cowd.log"
@@ -83,10 +83,17 @@ class RunDir:
         return os.path.join(self.path, START_LOCK)
 
     def make(self) -> None:
-        """Create the run dir if it is missing, then refuse it unless it is private
+        """Create the run dir if it is missing (that folder only: its parent must exist,
+        as for ``/run/cowd``), then refuse it unless it is private
         (:func:`check_private_dir`): its pid file, state file and sockets decide who
         controls the disks."""
-        os.makedirs(self.path, mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(self.path, 0o755)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise UsageError(f"{self.path}: cannot create this run dir: its parent folder "
+                             f"{os.path.dirname(self.path)} does not exist") from None
         check_private_dir(self.path, "run dir")
 
 
@@ -104,6 +111,9 @@ def check_private_dir(path: str, what: str, *, sticky_ok: bool = False) -> None:
     steps."""
     try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: this {what} does not exist (cowd does not create it: "
+                         "make it first)") from None
     except OSError as e:
         raise CommandFailed(f"{path}: cannot use this {what}: {e.strerror}") from None
     if stat.S_ISLNK(st.st_mode):

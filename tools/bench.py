@@ -8,6 +8,7 @@ what the suites share (the JSON header, fio, the page cache, clean-up) is
     .venv/bin/python -m tools.bench all --quick        # every path against loop (bench_all.py)
     .venv/bin/python -m tools.bench nbd --quick        # cowd's NBD server against qemu-nbd
     .venv/bin/python -m tools.bench formats --quick    # formats/ against qemu-img bench
+    .venv/bin/python -m tools.bench tls --quick        # TLS's cost, cowd and qemu-nbd
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ SUITES = {
     "kmod": ("tools.bench_kmod", "the kernel shim against a loop device, in a guest"),
     "attach": ("tools.bench_attach", "cowd attach --via fuse against a plain loop device"),
     "formats": ("tools.bench_formats", "the format library against qemu-img bench"),
+    "tls": ("tools.bench_tls", "what TLS costs cowd's NBD server and qemu-nbd (nbdcopy, "
+            "qemu-img bench)"),
     "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy"),
 }
 

@@ -26,10 +26,12 @@ written in :mod:`cowd.workers`; how, here:
 
 from __future__ import annotations
 
+import base64
 import errno
 import itertools
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -42,6 +44,7 @@ import trio
 
 from ..disk import ChainFile, Disk, DiskError, Segment
 from ..frontends.nbd.server import MAX_CONNECTIONS
+from ..frontends.nbd.tls import TlsConfig
 from . import wire as W
 from .channel import Calls, ChannelStream
 
@@ -242,6 +245,7 @@ class WorkerLink:
                 [sys.executable, "-m", "cowd.workers.worker", "--channel",
                  str(theirs.fileno()), "--index", str(self.index), "--max-connections",
                  str(max(1, -(-MAX_CONNECTIONS // len(self.pool.links)))),
+                 *self.pool.tls_args(),
                  "--log-level", logging.getLevelName(logging.getLogger().level)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         except BaseException:
@@ -515,15 +519,23 @@ class WorkerLink:
 class WorkerPool:
     """The control plane's workers; see the module docstring."""
 
-    def __init__(self, count: int, nursery: trio.Nursery):
+    def __init__(self, count: int, nursery: trio.Nursery, *, tls: TlsConfig | None = None):
         if count < 1:
             raise ValueError(f"a worker pool needs at least one worker (count={count})")
         self.nursery = nursery
+        # The NBD listeners' TLS, which each worker loads for itself (it negotiates, so it
+        # does the handshake); handed over on its command line as a pickle of the paths.
+        self.tls = tls
         self.links = [WorkerLink(self, i) for i in range(count)]
         self.disks: dict[int, Served] = {}
         self._ids = itertools.count(1)
         self._turn = itertools.cycle(range(count))
         self.stopping = False
+
+    def tls_args(self) -> list[str]:
+        if self.tls is None or not self.tls.enabled:
+            return []
+        return ["--tls-config", base64.b64encode(pickle.dumps(self.tls)).decode()]
 
     async def start(self) -> None:
         for link in self.links:

@@ -14,10 +14,10 @@ connections, drains them for the time STOP allows, then exits 0).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
+import base64
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -27,13 +27,14 @@ from collections.abc import Sequence
 import trio
 
 from ..frontends.nbd.server import MAX_CONNECTIONS, NbdServer
+from ..frontends.nbd.tls import TlsConfig
+from ..process import die_with_parent, settle_allocator
 from . import wire as W
 from .channel import Calls, ChannelStream
 from .mapped import MappedDisk
 
 log = logging.getLogger("cowd.worker")
 
-PR_SET_PDEATHSIG = 1
 # How long a STOP lets the connections drain.
 STOP_DRAIN_S = 10.0
 
@@ -61,13 +62,14 @@ class PlaneClient:
 
 
 class Worker:
-    def __init__(self, chan: ChannelStream, index: int, max_connections: int):
+    def __init__(self, chan: ChannelStream, index: int, max_connections: int,
+                 tls: TlsConfig | None = None):
         self.chan = chan
         self.index = index
         self.plane = PlaneClient(chan)
         self.by_id: dict[int, MappedDisk] = {}
         self.by_name: dict[str, MappedDisk] = {}  # what the NBD server exports
-        self.nbd = NbdServer(self.by_name, max_connections=max_connections)
+        self.nbd = NbdServer(self.by_name, tls, max_connections=max_connections)
         self.started = time.monotonic()
         self.connections = 0
 
@@ -152,13 +154,6 @@ class Worker:
                 "disks": {str(i): d.stats() for i, d in self.by_id.items()}}
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cowd-worker", description="a cowd data-path worker "
                                  "(started by the daemon; not for direct use)")
@@ -167,8 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                     help="connections served at once (its share of the daemon's bound)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--tls-config", default=None,
+                    help="the daemon's TLS configuration (base64 of its pickle: paths only)")
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
+    settle_allocator()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"cowd worker {args.index}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the control plane decides when we stop
@@ -177,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=args.channel))
         chan = ChannelStream(sock, f"worker {args.index}")
         try:
-            await Worker(chan, args.index, args.max_connections).run()
+            tls = pickle.loads(base64.b64decode(args.tls_config)) if args.tls_config else None
+            await Worker(chan, args.index, args.max_connections, tls).run()
         finally:
             chan.close()
 

@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import formats
 from formats import BackingOutside, FormatError, OpenPolicy
 from tests.support.attach import attach_problem
 from tests.support.peers import COWD, missing_tool, qemu_img
-from tests.support.reliability import start_daemon
+from tests.support.reliability import start_daemon, wait_listening
 
 MiB = 1 << 20
 SIZE = MiB
@@ -487,3 +488,86 @@ def test_run_dir_and_socket_folder_must_be_private(tmp_path: Path) -> None:
     d = start_daemon(base, sock_dir)
     assert d.alive()
     d.stop()
+
+
+def test_missing_socket_folder_is_an_error_not_created(tmp_path: Path) -> None:
+    """A unix socket's folder that does not exist is refused in one line (exit 2), and is
+    not created: a typo must not become a new directory tree.  A run dir is created, but
+    only itself: its parent must exist."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(SIZE))
+    missing = tmp_path / "no" / "such"
+    p = cowd("serve", base, "--nbd", f"unix:{missing / 'a.sock'}", "--run-dir",
+             tmp_path / "run", timeout=30)
+    assert "does not exist" in assert_refusal(p, str(missing)) and p.returncode == 2
+    assert not (tmp_path / "no").exists()
+    p = cowd("serve", base, "--nbd", f"unix:{tmp_path / 'a.sock'}", "--run-dir",
+             tmp_path / "no" / "run", timeout=30)
+    assert "parent folder" in assert_refusal(p, "run dir") and p.returncode == 2
+    assert not (tmp_path / "no").exists()
+    p = cowd("stats", "--run-dir", tmp_path / "no" / "run", timeout=30)
+    assert p.returncode != 0 and not (tmp_path / "no").exists()
+
+
+# ---- cowd serve as an unprivileged user ------------------------------------------------------
+
+
+@needs_root
+def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
+    """A user serves images it owns, with its own run dir and socket, touching nothing
+    outside them: reads equal qemu-img's, writes land in the user's overlay, SIGTERM exits
+    0, and the daemon says it did not ask for PR_SET_IO_FLUSHER (root's business)."""
+    if missing_tool("qemu-io", "nbdinfo"):
+        pytest.skip(str(missing_tool("qemu-io", "nbdinfo")))
+    home = attack.folder
+    base = home / "base.raw"
+    base.write_bytes(os.urandom(SIZE))
+    top = Path(cowd("create", "--base", base, "--overlay", "qcow").stdout.decode().strip())
+    run_dir = home / "run"
+    run_dir.mkdir(mode=0o700)
+    give(attack, base, top, run_dir)
+    sock = home / "nbd.sock"
+    before = {p: p.stat().st_mtime_ns for p in (base,)}
+    tmp_before = set(os.listdir("/tmp"))
+    log = home / "serve.log"
+    as_user = ["setpriv", f"--reuid={attack.uid}", f"--regid={attack.gid}", "--clear-groups",
+               "--inh-caps=-all", "--"]
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([*as_user, *COWD, "serve", str(top), "--nbd", f"unix:{sock}",
+                                 "--run-dir", str(run_dir)], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=home, env={**os.environ, "HOME": str(home)})
+    try:
+        wait_listening(proc, sock, log)
+        st = os.stat(f"/proc/{proc.pid}")
+        assert st.st_uid == attack.uid
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and sock.stat().st_uid == attack.uid
+        uri = f"nbd+unix:///{top.name}?socket={sock}"
+        out = tmp_path / "read.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", uri, out)
+        assert out.read_bytes() == base.read_bytes()
+        p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x6b 4096 8192", uri],
+                           capture_output=True, timeout=60)
+        assert p.returncode == 0 and b"error" not in p.stdout.lower(), p
+        stats = subprocess.run([*as_user, *COWD, "stats", "--json", "--run-dir", str(run_dir)],
+                               capture_output=True, timeout=30, cwd=home)
+        assert stats.returncode == 0, stats.stderr
+        assert '"io_flusher": "not set: not root' in stats.stdout.decode(), stats.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text and "WARNING" not in text, text
+    # Only its run dir, socket and log changed; the overlay is the user's, and holds the write.
+    assert {p: p.stat().st_mtime_ns for p in (base,)} == before
+    assert set(os.listdir(home)) == {"base.raw", top.name, "run", "serve.log"} | {
+        n for n in os.listdir(home) if n.startswith(".")}
+    assert set(os.listdir(run_dir)) <= {"cowd.log"}, os.listdir(run_dir)
+    assert set(os.listdir("/tmp")) - tmp_before == set() or all(
+        not n.startswith("cowd") for n in set(os.listdir("/tmp")) - tmp_before)
+    assert top.stat().st_uid == attack.uid
+    expect = bytearray(base.read_bytes())
+    expect[4096:4096 + 8192] = b"\x6b" * 8192
+    out = tmp_path / "after.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", top, out)
+    assert out.read_bytes() == expect

@@ -13,6 +13,8 @@ checks it), and nothing here imports a test module.
   in place; ``corruption``: randomly corrupted images for the fuzz tests.
 - ``trees``: file trees written to a disk and compared back.
 - ``guest``: the virtme-ng guest tests' harness; ``bench``: the benchmarks' smoke tests.
+- ``nbdspec``: the NBD protocol as a client writes it (the spec's numbers, encoders, reply
+  parsers), independent of cowd's codec, for the codec's unit tests.
 """
 
 from pathlib import Path

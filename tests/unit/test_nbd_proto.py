@@ -41,108 +41,71 @@ from cowd.frontends.nbd.wire import (
     OptionHandled,
     Request,
 )
+from tests.support.nbdspec import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    EINVAL,
+    EIO,
+    ENOMEM,
+    ENOSPC,
+    ENOTSUP,
+    EOVERFLOW,
+    EPERM,
+    ESHUTDOWN,
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    FLAG_REQ_ONE,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION,
+    INFO_EXPORT,
+    INFO_NAME,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META,
+    OPT_PEEK,
+    OPT_SET_META,
+    OPT_STARTTLS,
+    OPT_STRUCTURED,
+    REP_ACK,
+    REP_ERR_BLOCK_SIZE_REQD,
+    REP_ERR_INVALID,
+    REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN,
+    REP_ERR_TOO_BIG,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META,
+    REP_SERVER,
+    SIMPLE_MAGIC,
+    STRUCT_MAGIC,
+    TF,
+    KiB,
+    MiB,
+    client_flags,
+    info_data,
+    meta_data,
+    opt,
+    opt_header,
+    parse_option_replies,
+    parse_structured,
+    req,
+    tflags,
+)
 from tests.support.peers import need, run
-
-# ---- the spec's numbers, written out independently of the module -------------------------
-
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = b"IHAVEOPT"
-REP_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
-STRUCT_MAGIC = 0x668E33EF
-
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_PEEK, OPT_STARTTLS = 1, 2, 3, 4, 5
-OPT_INFO, OPT_GO, OPT_STRUCTURED, OPT_LIST_META, OPT_SET_META = 6, 7, 8, 9, 10
-REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
-ERR = 2**31
-REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = ERR + 1, ERR + 2, ERR + 3
-REP_ERR_UNKNOWN, REP_ERR_SHUTDOWN, REP_ERR_BLOCK_SIZE_REQD, REP_ERR_TOO_BIG = (
-    ERR + 6, ERR + 7, ERR + 8, ERR + 9)
-INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
-
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
-CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 5, 6, 7
-FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
-
-EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
-
-KiB = 1024
-MiB = 1024 * KiB
-
-# Transmission flag bits by name (bit numbers from the spec).
-TF = {"has_flags": 0, "read_only": 1, "flush": 2, "fua": 3, "rotational": 4, "trim": 5,
-      "write_zeroes": 6, "df": 7, "multi_conn": 8, "resize": 9, "cache": 10, "fast_zero": 11}
-
-
-def tflags(*names: str) -> int:
-    return sum(1 << TF[n] for n in names)
-
-
-# ---- client-side encoders --------------------------------------------------------------------
-
-
-def opt(option: int, data: bytes = b"") -> bytes:
-    return IHAVEOPT + struct.pack(">II", option, len(data)) + data
-
-
-def opt_header(option: int, length: int) -> bytes:
-    return IHAVEOPT + struct.pack(">II", option, length)
-
-
-def info_data(name: str | bytes, infos: Sequence[int] = ()) -> bytes:
-    raw = name.encode() if isinstance(name, str) else name
-    return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos))
-            + b"".join(struct.pack(">H", i) for i in infos))
-
-
-def meta_data(name: str, queries: Sequence[str | bytes]) -> bytes:
-    raw = name.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
-    for q in queries:
-        qb = q.encode() if isinstance(q, str) else q
-        out += struct.pack(">I", len(qb)) + qb
-    return out
-
-
-def req(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 0x1122,
-        data: bytes = b"") -> bytes:
-    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data
-
-
-def client_flags(fixed: bool = True, no_zeroes: bool = True) -> bytes:
-    return struct.pack(">I", (1 if fixed else 0) | (2 if no_zeroes else 0))
-
-
-# ---- server-reply parsers --------------------------------------------------------------------
-
-
-def parse_option_replies(buf: bytes) -> list[tuple[int, int, bytes]]:
-    out = []
-    pos = 0
-    while pos < len(buf):
-        magic, option, rtype, length = struct.unpack_from(">QIII", buf, pos)
-        assert magic == REP_MAGIC, hex(magic)
-        pos += 20
-        out.append((option, rtype, buf[pos:pos + length]))
-        pos += length
-        assert pos <= len(buf)
-    return out
-
-
-def parse_structured(buf: bytes) -> list[tuple[int, int, int, bytes]]:
-    """(flags, type, cookie, payload) for each structured chunk in buf."""
-    out = []
-    pos = 0
-    while pos < len(buf):
-        magic, flags, rtype, cookie, length = struct.unpack_from(">IHHQI", buf, pos)
-        assert magic == STRUCT_MAGIC, hex(magic)
-        pos += 20
-        out.append((flags, rtype, cookie, buf[pos:pos + length]))
-        pos += length
-    assert pos == len(buf)
-    return out
-
 
 # ---- fixtures and drivers --------------------------------------------------------------------
 
@@ -718,13 +681,32 @@ def test_block_size_constraints_enforced() -> None:
     assert events[0].error == EINVAL and events[0].data is None
 
 
-def test_huge_write_is_a_protocol_error_without_allocation() -> None:
-    for length in (32 * MiB + 1, 0xFFFFFFFF):
-        conn = negotiate()
-        conn.receive_data(req(CMD_WRITE, 0, length) + b"abc")
-        with pytest.raises(NbdProtocolError, match="payload too long"):
-            conn.next_event()
-        assert conn.buffered_bytes == 0
+def test_huge_write_is_refused_for_that_request_only_without_allocation() -> None:
+    """A write above the advertised maximum (even one that would not fit the 32 MiB payload
+    bound) is NBD_EINVAL for that request: its payload is counted down as it arrives, never
+    stored, and the next request is parsed as usual (nbdkit does the same)."""
+    chunk = bytes(1 * MiB)
+    big = ExportInfo("big", 256 * MiB)
+    for length in (32 * MiB + 1, 96 * MiB):
+        conn = ServerConnection({"big": big})
+        conn.data_to_send()
+        feed(conn, client_flags() + opt(OPT_GO, info_data("big", [INFO_BLOCK_SIZE])))
+        conn.receive_data(req(CMD_WRITE, 0, length, cookie=7))
+        assert drain(conn) == ([], b"")
+        sent = 0
+        while sent < length:
+            n = min(len(chunk), length - sent)
+            conn.receive_data(chunk[:n])
+            sent += n
+            assert conn.buffered_bytes <= nbd_wire.RECEIVE_BUFFER_LIMIT
+            events, _ = drain(conn)
+            assert events == [] or sent == length
+        assert [(e.cookie, e.error, e.data) for e in events] == [(7, EINVAL, None)]
+        assert one_request(conn, req(CMD_READ, 0, 4096, cookie=8)).error == 0
+    # A 4 GiB length costs nothing up front either.
+    conn = negotiate()
+    conn.receive_data(req(CMD_WRITE, 0, 0xFFFFFFFF) + b"abc")
+    assert drain(conn) == ([], b"") and conn.buffered_bytes == 0
 
 
 def test_max_write_accepted() -> None:

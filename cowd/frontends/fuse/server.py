@@ -9,20 +9,24 @@ to answer is the one that would block); teardown unmounts only the mount this ob
 Theory of operation
 -------------------
 Workers: each worker task owns a request buffer (max_write plus a page; the kernel refuses
-smaller reads) and a reply buffer.  The worker holding the read lock reads a request
-(non-blocking; it waits for readability only when the device is empty) and runs the first
-step of its handler by hand (``coro.send(None)``).  Most requests finish in that step —
-``Disk.read_into`` and in-place writes do no ``await`` on their fast paths — and the worker
-goes on to the next request with no task switch, up to MAX_INLINE_REQUESTS in a row before it
-lets other tasks run.  A request that must wait (a flush in a worker thread, an allocating
-write behind a granule lock) makes its worker release the read lock, so another worker reads
-on, and is then finished by the same worker in the same task (:class:`_Resume` forwards the
-trap its first step yielded, exactly as ``await`` would have).  When every worker is busy
-another is started, up to ``max_workers``: a lock hand-over to the next worker per request
-would cost a trio scheduling pass and an epoll call each (about half the warm 4 KiB read
-rate, docs/fuse-options.md).  Data is not copied more than the kernel makes us: a WRITE's
-payload is handed to ``Disk.write`` as a view into the request buffer; a READ is read into
-the reply buffer right behind its header and sent with one ``write(2)``.
+smaller reads) and a reply buffer.  The buffers of all ``max_workers`` workers are made when
+the frontend is built, their pages touched and, where the kernel allows, locked
+(cowd/sysmem.py): a worker started under load, which may be while the kernel is reclaiming
+memory by writing back through this very mount, allocates nothing.  The worker holding the
+read lock reads a request (non-blocking; it waits for readability only when the device is
+empty) and runs the first step of its handler by hand (``coro.send(None)``).  Most requests
+finish in that step — ``Disk.read_into`` and in-place writes do no ``await`` on their fast
+paths — and the worker goes on to the next request with no task switch, up to
+MAX_INLINE_REQUESTS in a row before it lets other tasks run.  A request that must wait (a
+flush in a worker thread, an allocating write behind a granule lock) makes its worker
+release the read lock, so another worker reads on, and is then finished by the same worker
+in the same task (:class:`_Resume` forwards the trap its first step yielded, exactly as
+``await`` would have).  When every worker is busy another is started, up to ``max_workers``:
+a lock hand-over to the next worker per request would cost a trio scheduling pass and an
+epoll call each (about half the warm 4 KiB read rate, docs/fuse-options.md).  Data is not
+copied more than the kernel makes us: a WRITE's payload is handed to ``Disk.write`` as a
+view into the request buffer; a READ is read into the reply buffer right behind its header
+and sent with one ``write(2)``.
 
 Lifetime: :func:`mount_fuse` opens ``/dev/fuse``, mounts (``mount(2)`` as root, otherwise
 ``fusermount3``), starts the workers in the caller's nursery, waits for the kernel's INIT and
@@ -65,6 +69,7 @@ import trio
 
 from ...disk import Disk, DiskError
 from ...errors import CommandFailed
+from ...sysmem import resident_buffer
 from .mount import (
     MNT_DETACH,
     UMOUNT_NOFOLLOW,
@@ -151,11 +156,12 @@ class _Resume:
 
 
 class _Worker:
-    __slots__ = ("reply", "request")
+    __slots__ = ("locked", "reply", "request")
 
     def __init__(self, request_bytes: int, reply_bytes: int):
-        self.request = bytearray(request_bytes)
-        self.reply = bytearray(reply_bytes)
+        self.request, locked_request = resident_buffer(request_bytes)
+        self.reply, locked_reply = resident_buffer(reply_bytes)
+        self.locked = locked_request and locked_reply
 
 
 class FuseFrontend:
@@ -181,6 +187,11 @@ class FuseFrontend:
         self._workers = 0
         self._idle = 0
         self._closed = False
+        # Every worker's buffers, made now (see "Workers" above); _spawn takes from here.
+        self._spare = [_Worker(max(FUSE_MIN_READ_BUFFER, options.max_write_bytes + PAGE_BYTES),
+                               OUT_HEADER.size + options.max_read_bytes)
+                       for _ in range(options.max_workers)]
+        self.buffers_locked = all(w.locked for w in self._spare)
         self.counters: dict[str, int] = {
             "requests": 0, "reads": 0, "writes": 0, "fsyncs": 0, "fallocates": 0,
             "bytes_read": 0, "bytes_written": 0, "errors": 0, "protocol_errors": 0,
@@ -222,6 +233,7 @@ class FuseFrontend:
             "files": {n.name: {"inode": n.ino, "open_handles": n.handles}
                       for n in self.fs.nodes.values()},
             "workers": self._workers,
+            "buffers_locked": self.buffers_locked,
             **self.counters,
         }
 
@@ -343,9 +355,7 @@ class FuseFrontend:
 
     def _spawn(self) -> None:
         assert self._nursery is not None
-        o = self.options
-        w = _Worker(max(FUSE_MIN_READ_BUFFER, o.max_write_bytes + PAGE_BYTES),
-                    OUT_HEADER.size + o.max_read_bytes)
+        w = self._spare.pop()  # there is one per worker the options allow
         self._workers += 1
         self._idle += 1
         self.counters["workers_max"] = max(self.counters["workers_max"], self._workers)
@@ -412,6 +422,7 @@ class FuseFrontend:
         finally:
             self._workers -= 1
             self._idle -= 1
+            self._spare.append(w)
 
     def _send(self, data: bytes | bytearray | memoryview) -> None:
         try:

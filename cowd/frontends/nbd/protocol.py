@@ -10,9 +10,10 @@ free reply builders) is :mod:`cowd.frontends.nbd.wire`, imported as ``W``.
 
 What is supported: the fixed newstyle handshake (``NBD_FLAG_FIXED_NEWSTYLE`` and
 ``NBD_FLAG_NO_ZEROES``), the options ``NBD_OPT_EXPORT_NAME``, ``ABORT``, ``LIST``, ``STARTTLS``
-(always refused: NOTLS mode), ``INFO``, ``GO``, ``STRUCTURED_REPLY``, ``LIST_META_CONTEXT``
-and ``SET_META_CONTEXT`` (the one context ``base:allocation``); every other option is answered
-``NBD_REP_ERR_UNSUP`` and negotiation goes on.  In transmission: every command of the spec's
+(by the :class:`~cowd.frontends.nbd.wire.TlsPolicy` given: see "TLS" below), ``INFO``, ``GO``,
+``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and ``SET_META_CONTEXT`` (the one context
+``base:allocation``); every other option is answered ``NBD_REP_ERR_UNSUP`` and negotiation
+goes on.  In transmission: every command of the spec's
 base protocol plus ``CACHE``, ``WRITE_ZEROES`` (with ``NO_HOLE``/``FAST_ZERO``) and
 ``BLOCK_STATUS``; simple and structured replies.  Extended headers are not offered.
 
@@ -63,10 +64,36 @@ if valid, exactly ``length`` bytes are allocated once and ``receive_data`` copie
 incoming bytes straight into that buffer (state ``WRITE_PAYLOAD``), so the event hands the
 caller the buffer without a second copy.  If the write is refused, its payload is counted
 down without being stored (``WRITE_DISCARD``) and the event carries the error.  A write
-longer than :data:`NBD_MAX_WRITE_BYTES` (2^25, the size the spec says a server must not
-treat as a denial of service) is a protocol error: we advertise a maximum block size no
-larger than that, and reading and discarding up to 4 GiB per request would let one client
-occupy the connection for as long as it likes; the spec allows a hard disconnect here.
+longer than the advertised maximum block size (at most :data:`NBD_MAX_WRITE_BYTES`, 2^25)
+is refused the same way, with ``NBD_EINVAL``, whatever its length up to 4 GiB: nbdkit does
+the same, the spec asks servers to fail such requests cleanly, and counting bytes down costs
+no memory, so the client only occupies its own connection for the time its bytes take.
+
+TLS (the spec's "TLS support" section; the policy is a :class:`TlsPolicy`)
+----------------------------------------------------------------------------
+- ``off`` (NOTLS): ``NBD_OPT_STARTTLS`` is refused with ``NBD_REP_ERR_POLICY``.
+- ``require`` (FORCEDTLS): before TLS, every option but ``STARTTLS`` and ``ABORT`` is
+  answered ``NBD_REP_ERR_TLS_REQD``, unknown ones and ``INFO``/``GO`` included, decided from
+  the option header alone so that no payload is buffered for an unauthenticated client (it
+  is counted down, or the client is dropped past :data:`NBD_MAX_OPTION_DISCARD`);
+  ``NBD_OPT_EXPORT_NAME``, which cannot be answered with an error, ends the connection.
+- ``on`` (SELECTIVETLS): options are answered as usual before TLS, except that an export
+  with an authorization list is TLS-only: ``INFO``/``GO`` on it get ``NBD_REP_ERR_TLS_REQD``
+  (and no ``NBD_REP_INFO``), ``EXPORT_NAME`` ends the connection, ``LIST`` omits it, and the
+  meta context options get ``NBD_REP_ERR_POLICY`` (the spec keeps ``TLS_REQD`` for the
+  three options that choose an export).
+- ``STARTTLS`` with data is ``NBD_REP_ERR_INVALID``, and so is a second one once TLS is on.
+  Otherwise the ACK is queued and :class:`StartTls` returned: the adapter sends the ACK, runs
+  the handshake and calls :meth:`ServerConnection.tls_established` with the identity the TLS
+  layer verified.  Plaintext that arrived after ``STARTTLS`` (the client must wait for the
+  ACK) is never parsed: ``tls_established`` makes it a protocol error, so nothing a
+  man in the middle slipped in before the handshake is taken as coming over TLS.  All
+  negotiated state from before TLS (structured replies, meta contexts) is forgotten, as the
+  spec requires; the client flags from the handshake are kept.
+- After TLS, an export whose authorization list does not hold the client's identity is
+  refused like any forbidden export: ``NBD_REP_ERR_POLICY`` for ``INFO``/``GO`` and the meta
+  context options, omitted from ``LIST``, a hard disconnect for ``EXPORT_NAME``.
+  ``NBD_REP_ERR_TLS_REQD`` is never sent once TLS is on.
 
 Incoming bytes that belong to a pending payload or discard are consumed eagerly by
 ``receive_data``; all other bytes are appended to the receive buffer and parsed lazily by
@@ -108,6 +135,7 @@ class _State(enum.Enum):
     HANDSHAKE = "handshake"  # greeting queued, waiting for the client flags
     OPTIONS = "options"  # waiting for an option header / option data
     OPTION_DISCARD = "option-discard"  # counting down an option payload we will not store
+    TLS_HANDSHAKE = "tls-handshake"  # STARTTLS acknowledged; the adapter runs the handshake
     TRANSMISSION = "transmission"  # waiting for a request header
     WRITE_PAYLOAD = "write-payload"  # filling an accepted write's payload buffer
     WRITE_DISCARD = "write-discard"  # counting down a refused write's payload
@@ -147,7 +175,8 @@ class ServerConnection:
     its values), or a lookup callable returning ``None`` for unknown names (then
     ``list_exports``, if given, answers ``NBD_OPT_LIST``; without it LIST is refused with
     ``NBD_REP_ERR_POLICY``).  ``default_export`` names the export a client gets when it asks
-    for the empty name.  ``peer`` is used in error messages.  A mapping's keys should equal
+    for the empty name.  ``peer`` is used in error messages.  ``tls`` is the TLS policy
+    (default: no TLS); see "TLS" in the module docstring.  A mapping's keys should equal
     the exports' names (LIST shows ``ExportInfo.name``; GO looks the key up).
 
     Use from an adapter (one reader task owns ``receive_data``/``next_event``; the reply
@@ -168,7 +197,8 @@ class ServerConnection:
 
     def __init__(self, exports: ExportSource, *,
                  list_exports: Callable[[], Iterable[W.ExportInfo]] | None = None,
-                 default_export: str | None = None, peer: str = "nbd client"):
+                 default_export: str | None = None, peer: str = "nbd client",
+                 tls: W.TlsPolicy | None = None):
         if isinstance(exports, Mapping):
             mapping = exports
             self._lookup: ExportLookup = mapping.get
@@ -178,6 +208,11 @@ class ServerConnection:
             self._list = list_exports
         self._default_export = default_export
         self.peer = peer
+        self._tls = tls if tls is not None else W.TlsPolicy()
+        #: True once the TLS handshake completed; ``tls_identity`` is the peer's identity as
+        #: the TLS layer verified it (None: no client certificate was asked for).
+        self.tls_active = False
+        self.tls_identity: str | None = None
 
         self._state = _State.HANDSHAKE
         self._buf = bytearray()
@@ -217,7 +252,7 @@ class ServerConnection:
     def phase(self) -> str:
         """``handshake``, ``options``, ``transmission``, ``done``, ``closed`` or ``error``."""
         st = self._state
-        if st is _State.OPTION_DISCARD:
+        if st in (_State.OPTION_DISCARD, _State.TLS_HANDSHAKE):
             return "options"
         if st in (_State.WRITE_PAYLOAD, _State.WRITE_DISCARD):
             return "transmission"
@@ -279,6 +314,26 @@ class ServerConnection:
         except W.NbdProtocolError as e:
             self._fail(e)
             raise
+
+    def tls_established(self, identity: str | None) -> None:
+        """The TLS handshake that :class:`StartTls` asked for completed, with ``identity``
+        verified for the peer (a client certificate's subject DN or a PSK username; None if
+        none was asked for).  Negotiation starts over under TLS with no state from before
+        it.  Raises :class:`NbdProtocolError` (then close) if plaintext arrived after
+        ``NBD_OPT_STARTTLS``: it must not be parsed as if it had come over TLS."""
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise W.NbdUsageError(f"tls_established in phase {self.phase!r}, not after StartTls")
+        if self._buf:
+            e = self._protocol_error("data after NBD_OPT_STARTTLS before its reply",
+                                     "bytes", len(self._buf))
+            self._fail(e)
+            raise e
+        self.tls_active = True
+        self.tls_identity = identity
+        self.structured = False
+        self.meta_contexts = {}
+        self._meta_export = None
+        self._state = _State.OPTIONS
 
     def start_shutdown(self) -> None:
         """The server is going down: further options are refused with
@@ -358,6 +413,8 @@ class ServerConnection:
                 self.client_flags = flags
                 self._state = _State.OPTIONS
                 continue
+            if st is _State.TLS_HANDSHAKE:
+                return NEED_DATA  # the adapter owes tls_established(); plaintext waits there
             # DONE (stays DONE: later bytes are still ignored) or CLOSED
             return W.ConnectionClosed()
 
@@ -392,9 +449,6 @@ class ServerConnection:
         # Decide from the header alone whether the payload is stored, discarded or refused,
         # so that a huge announced length is never waited for in the buffer.
         name = W.OPTION_NAMES.get(option, f"option {option}")
-        if option == W.NBD_OPT_EXPORT_NAME and length > W.NBD_MAX_STRING:
-            # EXPORT_NAME cannot be answered with an error: the spec says terminate.
-            raise self._protocol_error("NBD_OPT_EXPORT_NAME name too long", "length", length)
         if option == W.NBD_OPT_ABORT:
             # Any data is to be ignored; nothing after ABORT is read, so nothing is buffered.
             self._count_option()
@@ -402,7 +456,17 @@ class ServerConnection:
             self._reply(option, W.NBD_REP_ACK)
             self._state = _State.DONE
             return W.Aborted()
-        if option not in _IMPLEMENTED_OPTIONS:
+        if (self._tls.mode == W.TLS_REQUIRE and not self.tls_active
+                and option != W.NBD_OPT_STARTTLS):
+            # FORCEDTLS: decided from the header, so an unauthenticated client's payload is
+            # counted down, never stored.
+            if option == W.NBD_OPT_EXPORT_NAME:
+                raise self._protocol_error("NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
+            reply, msg = W.NBD_REP_ERR_TLS_REQD, f"TLS is required: send NBD_OPT_STARTTLS ({name})"
+        elif option == W.NBD_OPT_EXPORT_NAME and length > W.NBD_MAX_STRING:
+            # EXPORT_NAME cannot be answered with an error: the spec says terminate.
+            raise self._protocol_error("NBD_OPT_EXPORT_NAME name too long", "length", length)
+        elif option not in _IMPLEMENTED_OPTIONS:
             reply, msg = W.NBD_REP_ERR_UNSUP, f"{name} not supported"
         elif length > W.NBD_MAX_OPTION_LENGTH:
             reply, msg = W.NBD_REP_ERR_TOO_BIG, f"{name} data longer than {W.NBD_MAX_OPTION_LENGTH}"
@@ -413,7 +477,9 @@ class ServerConnection:
             self._count_option()
             del self._buf[:W.OPTION_HEADER_SIZE]
             if length > W.NBD_MAX_OPTION_DISCARD:
-                self._reply(option, W.NBD_REP_ERR_TOO_BIG, W.encode_string(msg))
+                if reply != W.NBD_REP_ERR_TLS_REQD:
+                    reply = W.NBD_REP_ERR_TOO_BIG
+                self._reply(option, reply, W.encode_string(msg))
                 raise self._protocol_error(f"{name} data too long to skip", "length", length)
             self._start_option_discard(option, length, reply, msg)
             return _CONTINUE
@@ -447,14 +513,39 @@ class ServerConnection:
                 self._reply(option, W.NBD_REP_ACK)
                 return W.OptionHandled(option, W.NBD_REP_ACK)
             if option == W.NBD_OPT_STARTTLS:
-                if data:
-                    raise _OptionError(W.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-                raise _OptionError(W.NBD_REP_ERR_POLICY, "TLS is not offered by this server")
+                return self._starttls(data)
             if option in (W.NBD_OPT_LIST_META_CONTEXT, W.NBD_OPT_SET_META_CONTEXT):
                 return self._meta_context(option, data)
             raise AssertionError(f"unhandled implemented option {option}")
         except _OptionError as e:
             return self._refuse(option, e.reply, e.message)
+
+    def _starttls(self, data: bytes) -> W.Event:
+        if data:
+            raise _OptionError(W.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if not self._tls.offered:
+            raise _OptionError(W.NBD_REP_ERR_POLICY, "TLS is not offered by this server")
+        if self.tls_active:
+            raise _OptionError(W.NBD_REP_ERR_INVALID, "TLS is already on")
+        self._reply(W.NBD_OPT_STARTTLS, W.NBD_REP_ACK)
+        self._state = _State.TLS_HANDSHAKE
+        return W.StartTls()
+
+    def _refusal(self, export: W.ExportInfo) -> _OptionError | None:
+        """Why this client may not use ``export`` (TLS-only before TLS, or not on its
+        authorization list after), or None."""
+        if not self._tls.offered:
+            return None
+        if not self.tls_active:
+            if self._tls.tls_only(export.name):
+                return _OptionError(W.NBD_REP_ERR_TLS_REQD,
+                                    f"export {export.name!r} needs TLS: send NBD_OPT_STARTTLS")
+            return None
+        if self._tls.allows(export.name, self.tls_identity):
+            return None
+        who = self.tls_identity if self.tls_identity is not None else "a client with no identity"
+        return _OptionError(W.NBD_REP_ERR_POLICY,
+                            f"{who} is not authorized for export {export.name!r}")
 
     def _resolve(self, name: str) -> W.ExportInfo | None:
         if not name and self._default_export is not None:
@@ -482,6 +573,10 @@ class ServerConnection:
         export = self._resolve(name)
         if export is None:
             raise self._protocol_error("NBD_OPT_EXPORT_NAME names no export", "name", name)
+        refusal = self._refusal(export)
+        if refusal is not None:
+            # EXPORT_NAME cannot be answered with an error: the spec says terminate.
+            raise self._protocol_error(f"NBD_OPT_EXPORT_NAME refused: {refusal.message}")
         done = self._enter_transmission(export, W.NBD_OPT_EXPORT_NAME, False)
         self._out += W.EXPORT_REPLY_STRUCT.pack(export.size_bytes, done.transmission_flags)
         if not self.client_flags & W.NBD_FLAG_C_NO_ZEROES:
@@ -504,6 +599,9 @@ class ServerConnection:
         export = self._resolve(name)
         if export is None:
             raise _OptionError(W.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+        refusal = self._refusal(export)
+        if refusal is not None:
+            raise refusal
         block_size_requested = W.NBD_INFO_BLOCK_SIZE in requests
         block_size_info = W.INFO_BLOCK_SIZE_STRUCT.pack(
             W.NBD_INFO_BLOCK_SIZE, export.min_block_bytes, export.preferred_block_bytes,
@@ -547,6 +645,8 @@ class ServerConnection:
         if self._list is None:
             raise _OptionError(W.NBD_REP_ERR_POLICY, "export listing is disabled")
         for export in self._list():
+            if self._refusal(export) is not None:
+                continue  # the spec lets LIST omit TLS-only exports; and forbidden ones
             raw_name = export.name.encode("utf-8")
             self._reply(W.NBD_OPT_LIST, W.NBD_REP_SERVER,
                         W.U32.pack(len(raw_name)) + raw_name + export.description.encode("utf-8"))
@@ -598,6 +698,10 @@ class ServerConnection:
         export = self._resolve(name)
         if export is None:
             raise _OptionError(W.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+        refusal = self._refusal(export)
+        if refusal is not None:
+            # TLS_REQD is kept for the options that choose an export (the spec's SELECTIVETLS).
+            raise _OptionError(W.NBD_REP_ERR_POLICY, refusal.message)
         found = not queries and not setting  # LIST with no query lists everything
         for q in queries:
             namespace, colon, leaf = q.partition(":")
@@ -690,11 +794,11 @@ class ServerConnection:
             self._state = _State.DONE
             return W.Disconnect(cookie)
         error = self._validate(cmd, flags, offset, length)
+        if cmd == W.NBD_CMD_WRITE and length > W.NBD_MAX_WRITE_BYTES and not error:
+            error = W.NBD_EINVAL  # never stored: counted down below (the max is advertised)
         req = W.Request(cookie, cmd, flags, offset, length, error)
         if cmd != W.NBD_CMD_WRITE:
             return req
-        if length > W.NBD_MAX_WRITE_BYTES:
-            raise self._protocol_error("NBD_CMD_WRITE payload too long", "length", length)
         take = min(len(self._buf), length)
         if error:
             del self._buf[:take]

@@ -33,6 +33,14 @@ Errors: a protocol error or a broken socket ends one connection (after its in-fl
 requests are answered, or have failed to be).  Anything else escaping a connection is a bug:
 it is logged with its traceback and ends that connection only, never the daemon.
 
+TLS (cowd/frontends/nbd/tls.py): the server is given one immutable TlsConfig and loads its
+credentials once.  The codec decides what may happen before TLS (the spec's FORCEDTLS and
+SELECTIVETLS rules) and returns StartTls after acknowledging NBD_OPT_STARTTLS; the
+connection then runs the TLS handshake on its socket, inside the same negotiation scope as
+the rest of option haggling (so HANDSHAKE_TIMEOUT_S and the eviction of negotiating
+connections bound it too), replaces its stream with the TLS stream and tells the codec the
+identity the handshake verified.  A failed handshake ends that connection only.
+
 Every connection to one export shares the one Disk object, whose flush covers every write
 acknowledged on any connection: multi-conn is advertised.
 
@@ -54,9 +62,10 @@ import trio
 
 from ...disk import DiskError
 from ...disk.api import BlockDisk
-from ...errors import CommandFailed
+from ...errors import CommandFailed, UsageError
 from . import protocol as P
 from . import wire as W
+from .tls import ServerCredentials, TlsConfig, TlsError, TlsStream
 
 log = logging.getLogger("cowd.nbd")
 
@@ -162,17 +171,48 @@ def export_info(name: str, disk: BlockDisk) -> W.ExportInfo:
 
 
 class NbdServer:
-    def __init__(self, disks: Mapping[str, BlockDisk], *,
+    """Serves ``disks`` (export name -> disk; the mapping may change while serving) on the
+    streams given to :meth:`handle`.  ``tls`` is the whole TLS configuration (default:
+    off); its credentials are loaded here, in the serving process (a worker loads its own),
+    and freed by :meth:`close`."""
+
+    def __init__(self, disks: Mapping[str, BlockDisk], tls: TlsConfig | None = None, *,
                  max_connections: int = MAX_CONNECTIONS):
         self.disks = disks
         self.max_connections = max_connections
+        self.tls = tls if tls is not None else TlsConfig()
+        self.tls_credentials: ServerCredentials | None = (
+            self.tls.load() if self.tls.enabled else None)
         self._conns: set[_Connection] = set()
         # Connections still negotiating, oldest first (a dict keeps insertion order).
         self._negotiating: dict[_Connection, None] = {}
         self._accepting = True
+        self._live = 0  # handlers running (an evicted one still holds its TLS session)
+        self._closing = False
         self.counters = {"connections": 0, "refused": 0, "protocol_errors": 0,
                          "handshake_timeouts": 0, "handshakes_evicted": 0,
-                         "send_timeouts": 0, "handler_errors": 0}
+                         "send_timeouts": 0, "handler_errors": 0, "tls_handshakes": 0,
+                         "tls_failures": 0}
+
+    def check_authz_exports(self) -> None:
+        """Every export an authorization list names must be served (a typo would otherwise
+        leave the export it meant open to everyone)."""
+        for export, identity in sorted(self.tls.policy.authz):
+            if export not in self.disks:
+                served = ", ".join(sorted(self.disks)) or "none"
+                raise UsageError(f"--tls-authz {export} {identity}: no export named "
+                                 f"{export!r} (exports: {served})")
+
+    def close(self) -> None:
+        """Free the TLS credentials once no connection uses them (now, or when the last
+        handler ends: a session must never outlive its credentials)."""
+        self._closing = True
+        self._free_credentials_if_idle()
+
+    def _free_credentials_if_idle(self) -> None:
+        if self._closing and not self._live and self.tls_credentials is not None:
+            self.tls_credentials.close()
+            self.tls_credentials = None
 
     def _lookup(self, name: str) -> W.ExportInfo | None:
         if name == "" and len(self.disks) == 1:
@@ -204,6 +244,7 @@ class NbdServer:
             await trio.aclose_forcefully(stream)
             return
         conn = _Connection(self, stream)
+        self._live += 1
         self._conns.add(conn)
         self._negotiating[conn] = None
         self.counters["connections"] += 1
@@ -217,7 +258,11 @@ class NbdServer:
         finally:
             self._conns.discard(conn)
             self._negotiating.pop(conn, None)
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(conn.stream)  # a TLS stream closes its socket
+            finally:
+                self._live -= 1
+                self._free_credentials_if_idle()
 
     async def shutdown(self, deadline_s: float) -> None:
         """Refuse new work and wait (bounded) until in-flight requests are answered.  A
@@ -236,9 +281,9 @@ class NbdServer:
 class _Connection:
     def __init__(self, server: NbdServer, stream: trio.abc.Stream):
         self.server = server
-        self.stream = stream
+        self.stream = stream  # becomes a TlsStream after STARTTLS
         self.codec = P.ServerConnection(server._lookup, list_exports=server._list,
-                                        peer=peer_name(stream))
+                                        peer=peer_name(stream), tls=server.tls.policy)
         self.send_lock = trio.Lock()
         self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self.buffers = _BufferPool()
@@ -310,8 +355,24 @@ class _Connection:
             self.server.counters["protocol_errors"] += 1
             log.info("%s", e)
             await self._flush_codec_output()
+        except TlsError as e:
+            self.server.counters["tls_failures"] += 1
+            log.info("%s: %s", self.codec.peer, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
+
+    async def _start_tls(self) -> None:
+        """After the codec acknowledged NBD_OPT_STARTTLS (the ACK is sent): the handshake,
+        then negotiation starts over on the TLS stream."""
+        creds = self.server.tls_credentials
+        transport = self.stream
+        if creds is None or not isinstance(transport, trio.SocketStream):
+            raise TlsError("TLS: this connection cannot do TLS (no credentials or no socket)")
+        tls = await TlsStream.server_handshake(transport, creds)
+        self.stream = tls
+        self.server.counters["tls_handshakes"] += 1
+        log.debug("%s: %s, identity %s", self.codec.peer, tls.description, tls.identity)
+        self.codec.tls_established(tls.identity)
 
     async def _events(self) -> W.Event:
         """The next codec event, reading from the socket as needed."""
@@ -331,6 +392,8 @@ class _Connection:
                 return ev
             if isinstance(ev, W.Aborted | W.ConnectionClosed):
                 return None
+            if isinstance(ev, W.StartTls):
+                await self._start_tls()
             # OptionHandled: the reply is already sent; negotiation goes on.
 
     async def _send_batch(self, batch: list[bytes | bytearray]) -> None:

@@ -2,8 +2,10 @@
 
 The NBD protocol's numbers under the spec's names (NetworkBlockDevice/nbd, ``doc/proto.md``),
 the struct layouts of its fixed headers, the limits that bound every length a peer controls,
-the two error classes, :class:`ExportInfo` (what a server tells a client about an export), the
-events that :class:`~cowd.frontends.nbd.protocol.ServerConnection` returns, and the builders of
+the two error classes, :class:`ExportInfo` (what a server tells a client about an export),
+:class:`TlsPolicy` (what TLS the server offers and which client identity may open which
+export: names only, no credentials), the events that
+:class:`~cowd.frontends.nbd.protocol.ServerConnection` returns, and the builders of
 transmission-phase replies and structured reply chunks.  The state machine that turns a byte
 stream into these events is :mod:`cowd.frontends.nbd.protocol`; the kernel client's handshake
 in :mod:`cowd.frontends.nbd.attach` speaks with the same constants.
@@ -167,9 +169,10 @@ NBD_MAX_OPTION_DISCARD = 1 << 20
 NBD_MAX_OPTIONS = 4096
 # Meta context queries per LIST/SET_META_CONTEXT; more is answered NBD_REP_ERR_TOO_BIG.
 NBD_MAX_META_QUERIES = 128
-# Largest write payload we read (2^25: the spec says a length below this SHOULD NOT be
+# Largest write payload we store (2^25: the spec says a length below this SHOULD NOT be
 # deemed a denial of service, and it is the maximum block size we advertise by default).
-# A longer write is a protocol error (see "Theory of operation").
+# A longer write is refused with NBD_EINVAL for that request only: its payload is read and
+# dropped as it arrives, never buffered (see "Theory of operation" in protocol.py).
 NBD_MAX_WRITE_BYTES = 32 << 20
 # Default block size constraints (the spec's defaults for min and preferred).
 DEFAULT_MIN_BLOCK_BYTES = 1
@@ -381,6 +384,51 @@ class ExportInfo:
         return flags
 
 
+# The three TLS modes, under nbdkit's names for its --tls flag.  "off" is the spec's NOTLS
+# mode; "on" its SELECTIVETLS mode (TLS at the client's choice, except on exports that have
+# an authorization list: those are TLS-only); "require" its FORCEDTLS mode.
+TLS_OFF = "off"
+TLS_ON = "on"
+TLS_REQUIRE = "require"
+TLS_MODES = (TLS_OFF, TLS_ON, TLS_REQUIRE)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """What TLS a server offers and which client may open which export (names only: the
+    credentials are the adapter's business, cowd/frontends/nbd/tls.py).
+
+    ``authz`` holds (export name, client identity) pairs.  An export named in it is
+    TLS-only and may be opened only by the identities paired with it; an export not named in
+    it may be opened by any client (any TLS client, under ``require``).  An identity is what
+    the TLS layer reports for the peer: the subject DN of a verified client certificate
+    (RFC 4514, as qemu's authz objects compare it) or a PSK username.
+    """
+
+    mode: str = TLS_OFF
+    authz: frozenset[tuple[str, str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.mode not in TLS_MODES:
+            raise ValueError(f"TLS mode must be one of {', '.join(TLS_MODES)} ({self.mode!r})")
+        if self.authz and self.mode == TLS_OFF:
+            raise ValueError("an authorization list needs TLS (mode='off')")
+
+    @property
+    def offered(self) -> bool:
+        return self.mode != TLS_OFF
+
+    def tls_only(self, export_name: str) -> bool:
+        """True if ``export_name`` may be opened only over TLS."""
+        return self.mode == TLS_REQUIRE or any(e == export_name for e, _ in self.authz)
+
+    def allows(self, export_name: str, identity: str | None) -> bool:
+        """May a TLS client with ``identity`` (None: no verified identity) open the export?"""
+        if not any(e == export_name for e, _ in self.authz):
+            return True
+        return identity is not None and (export_name, identity) in self.authz
+
+
 # --------------------------------------------------------------------------------------------
 # Events
 # --------------------------------------------------------------------------------------------
@@ -415,6 +463,14 @@ class NegotiationDone:
 @dataclass(frozen=True, slots=True)
 class Aborted:
     """The client sent ``NBD_OPT_ABORT``; the ACK is queued.  Send it, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """``NBD_OPT_STARTTLS`` was acknowledged (the ACK is queued).  Send it, then run the TLS
+    handshake as the server on the transport and call
+    :meth:`~cowd.frontends.nbd.protocol.ServerConnection.tls_established`; until then the
+    codec takes no event from plaintext (every further byte must arrive over TLS)."""
 
 
 @dataclass(slots=True)
@@ -454,7 +510,8 @@ class ConnectionClosed:
     """The peer closed its side at a message boundary (or after DISC/ABORT)."""
 
 
-Event = OptionHandled | NegotiationDone | Aborted | Request | Disconnect | ConnectionClosed
+Event = (OptionHandled | NegotiationDone | Aborted | StartTls | Request | Disconnect
+         | ConnectionClosed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +607,10 @@ __all__ = [
     "NBD_MAX_WRITE_BYTES",
     "RECEIVE_BUFFER_LIMIT",
     "RECEIVE_CHUNK_BYTES",
+    "TLS_MODES",
+    "TLS_OFF",
+    "TLS_ON",
+    "TLS_REQUIRE",
     "Aborted",
     "ConnectionClosed",
     "Disconnect",
@@ -560,6 +621,8 @@ __all__ = [
     "NegotiationDone",
     "OptionHandled",
     "Request",
+    "StartTls",
+    "TlsPolicy",
     "block_status_chunk",
     "encode_string",
     "error_chunk",

@@ -1,0 +1,253 @@
+"""`cowd attach --via fuse` under memory pressure: fio's buffered writes with ``--verify`` and
+a memory hog share one memory cgroup whose limit is far below what they would like, so the
+kernel must reclaim by writing dirty pages back through /dev/loopN -- that is, through the
+daemon.  Two cases:
+
+- ``writers``: the daemon runs outside the limited cgroup (its own, as a service should):
+  it must keep serving the writeback that frees its clients' memory.
+- ``daemon-too``: the daemon shares the limited cgroup, so serving a write-back needs memory
+  that only write-back can free.  Without PR_SET_IO_FLUSHER this deadlocks: measured on the
+  project machine, whose root lacks CAP_SYS_RESOURCE, the daemon sat in
+  ``folio_wait_writeback`` under ``try_charge_memcg`` (its pwrite to the overlay charging a
+  page-cache page) waiting for a loop page only it could write.  This case runs only where
+  the daemon could set the flag, and is skipped with that reason elsewhere.
+
+Everything is bounded by timeouts: a hang fails the test, and the teardown lifts the limit
+and, if the daemon is stuck, aborts its own FUSE connection (fusectl, found by the mount's
+device number) so that the stuck processes can finish and be killed.
+
+Oracles: fio's own verify pass through the device, then, after ``cowd detach``, fio's
+``--verify_only`` of the same job over the overlay as qemu-img converts it: every block fio
+wrote and was acknowledged (the job ends with an fsync) must be there; ``qemu-img check``.
+The cgroup is v2's ``memory.max`` where the memory controller is delegated there, else v1's
+``memory.limit_in_bytes`` (the project machines run a v1 memory hierarchy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.attach import Env, attach_problem
+from tests.support.host import alive
+from tests.support.peers import missing_tool, qemu_check, qemu_img, run
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
+
+MiB = 1 << 20
+DISK_BYTES = 256 * MiB
+FIO_BYTES = 192 * MiB
+LIMIT_BYTES = 160 * MiB  # the daemon, fio's page cache and the hog together
+HOG_BYTES = 72 * MiB
+FIO_TIMEOUT_S = 420
+# No verify state file: fio would leave it in its working directory.
+FIO_JOB = ["--name=pressure", "--rw=randwrite", "--bs=64k", f"--size={FIO_BYTES}",
+           "--verify=crc32c", "--verify_fatal=1", "--randseed=4242", "--iodepth=1",
+           "--verify_state_save=0"]
+
+
+@dataclass
+class Cgroup:
+    path: Path
+    limit_file: str  # memory.max (v2) or memory.limit_in_bytes (v1)
+    pressure_file: str  # memory.events (v2: "max N") or memory.failcnt (v1)
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def limit(self, nbytes: int | None) -> None:
+        value = str(nbytes) if nbytes is not None else (
+            "max" if self.limit_file == "memory.max" else "-1")
+        (self.path / self.limit_file).write_text(value + "\n")
+
+    def times_at_limit(self) -> int:
+        text = (self.path / self.pressure_file).read_text()
+        if self.pressure_file == "memory.failcnt":
+            return int(text)
+        events = dict(line.split() for line in text.splitlines())
+        return int(events.get("max", 0)) + int(events.get("oom", 0))
+
+
+def _own_cgroup(controller: str) -> str | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return path
+    return None
+
+
+def cgroup_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (a memory cgroup)"
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.subtree_control").exists() and "memory" in (
+            v2 / "cgroup.subtree_control").read_text().split():
+        return None
+    v1 = _own_cgroup("memory")
+    if v1 is not None and (Path("/sys/fs/cgroup/memory") / v1.lstrip("/")).is_dir():
+        return None
+    return "no memory cgroup controller this test can use (v2 delegated, or v1)"
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str) -> Iterator[Cgroup]:
+    """A child memory cgroup, removed after (its processes moved back to the parent)."""
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.subtree_control").exists() and "memory" in (
+            v2 / "cgroup.subtree_control").read_text().split():
+        cg = Cgroup(v2 / name, "memory.max", "memory.events")
+    else:
+        own = _own_cgroup("memory")
+        assert own is not None
+        cg = Cgroup(Path("/sys/fs/cgroup/memory") / own.lstrip("/") / name,
+                    "memory.limit_in_bytes", "memory.failcnt")
+    cg.path.mkdir()
+    try:
+        yield cg
+    finally:
+        with contextlib.suppress(OSError):
+            cg.limit(None)
+        parent = cg.path.parent / "cgroup.procs"
+        for _ in range(50):
+            pids = (cg.path / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    parent.write_text(pid + "\n")
+            time.sleep(0.1)
+        cg.path.rmdir()
+
+
+HOG = r"""
+import os, sys, time
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("1000")  # if the kernel must kill, it kills the hog
+n = int(sys.argv[1])
+hog = bytearray(n)
+for i in range(0, n, 4096):
+    hog[i] = 1
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def fuse_connection(mountpoint: Path) -> str | None:
+    """The FUSE connection (fusectl's name: the mount's device minor) of the mount at
+    ``mountpoint``, from mountinfo (stat() of a stuck mount would hang)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint) and " - fuse" in line:
+            return fields[2].split(":")[1]
+    return None
+
+
+def abort_fuse_connection(conn: str) -> None:
+    """Abort our own stuck FUSE connection (fusectl mounted for it if it was not)."""
+    mounted_here = False
+    if not (FUSECTL / conn).exists() and run("mount", "-t", "fusectl", "none", FUSECTL,
+                                              check=False).returncode == 0:
+        mounted_here = True
+    try:
+        if (FUSECTL / conn).exists():
+            (FUSECTL / conn / "abort").write_text("1\n")
+    finally:
+        if mounted_here:
+            run("umount", FUSECTL, check=False)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("where", ["writers", "daemon-too"])
+def test_fio_verify_through_fuse_loop_under_a_memory_limit(where: str, tmp_path: Path) -> None:
+    problem = attach_problem() or missing_tool("fio") or cgroup_problem()
+    if problem:
+        pytest.skip(problem)
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(DISK_BYTES)
+    hog: subprocess.Popen[bytes] | None = None
+    fio: subprocess.Popen[bytes] | None = None
+    with Env.under(tmp_path) as env, memory_cgroup(f"cowd-pressure-{os.getpid()}") as cg:
+        ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow",
+                           run_dir=False).stdout.strip())
+        dev = env.attach(ov, "--via", "fuse")
+        pid = env.daemon_pid()
+        assert pid is not None
+        conn = fuse_connection(env.fuse_dir)
+        stats = env.stats()
+        io_flusher = stats["io_flusher"]
+        fuse = stats["fuse"]
+        assert isinstance(fuse, dict) and "buffers_locked" in fuse
+        if where == "daemon-too" and io_flusher != "set":
+            pytest.skip(f"PR_SET_IO_FLUSHER {io_flusher}: without it a daemon that shares "
+                        "the memory cgroup of its devices' writers deadlocks (see the module "
+                        "docstring)")
+        stuck = False
+        try:
+            if where == "daemon-too":
+                cg.add(pid)
+            cg.limit(LIMIT_BYTES)
+            hog = subprocess.Popen([sys.executable, "-c", HOG, str(HOG_BYTES)],
+                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   preexec_fn=lambda: cg.add(os.getpid()))
+            assert hog.stdout is not None and hog.stdout.readline() == b"ready\n"
+            fio_log = tmp_path / "fio.json"
+            with open(fio_log, "wb") as out:
+                fio = subprocess.Popen(
+                    ["fio", *FIO_JOB, f"--filename={dev}", "--ioengine=psync", "--direct=0",
+                     "--do_verify=1", "--end_fsync=1", "--output-format=json"],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=lambda: cg.add(os.getpid()))
+                try:
+                    rc = fio.wait(FIO_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    stuck = True
+                    raise AssertionError(f"fio hung for {FIO_TIMEOUT_S} s under the limit "
+                                         f"(io_flusher: {io_flusher})\n{env.log()}") from None
+            report = fio_log.read_text(errors="replace")
+            assert rc == 0, f"fio failed under memory pressure:\n{report[-3000:]}\n{env.log()}"
+            job = json.loads(report[report.index("{"):])["jobs"][0]
+            assert job["error"] == 0 and job["write"]["io_bytes"] == FIO_BYTES, job
+            pressure = cg.times_at_limit()
+            assert pressure > 0, "the cgroup never reached its limit: no pressure was made"
+            assert alive(pid), "the daemon died under memory pressure"
+        finally:
+            with contextlib.suppress(OSError):
+                cg.limit(None)
+            if stuck and conn is not None:
+                abort_fuse_connection(conn)  # the only way out of a writeback deadlock
+            _stop(fio)
+            _stop(hog)
+        env.detach(dev)
+    qemu_check(ov)
+    # Nothing acknowledged was lost: fio checks every block of its job in the overlay as
+    # qemu reads it.
+    raw = tmp_path / "after.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
+    p = run("fio", *FIO_JOB, f"--filename={raw}", "--ioengine=psync", "--verify_only",
+            timeout=300, check=False)
+    assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:]
+    print(f"memory pressure: limit hit {pressure} times, PR_SET_IO_FLUSHER {io_flusher}, "
+          f"FUSE buffers locked: {fuse['buffers_locked']}")
