@@ -379,6 +379,10 @@ class Disk:
         except WouldBlock:
             # For advise() and the read after it.
             self._kept_plans.keep(offset, len(dest), self.mapping_generation, segs)
+            if sequential:
+                # A stream that outran the page cache: its data ahead is what it waits for
+                # next (the read that follows uses the kept plan and does not come back here).
+                self._streams.advise_ahead(segs, len(dest))
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
