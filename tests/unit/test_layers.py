@@ -24,7 +24,7 @@ COWD_LAYERS = [
     {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol", "workers.mapped"},
-    {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach",
+    {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.session",
      "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
     {"workers.worker", "workers.host"},
