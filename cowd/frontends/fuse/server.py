@@ -101,7 +101,7 @@ class FuseFrontend(FuseSession):
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name)
 
-    def add_disk(self, name: str, disk: Disk) -> str:
+    def add_disk(self, name: str, disk: BlockDisk) -> str:
         """Serve ``disk`` as file ``name`` in the mount; returns its path."""
         self.fs.add(name, disk)
         return self.path_of(name)
@@ -240,16 +240,17 @@ class FuseFrontend(FuseSession):
     def negotiated(self) -> bool:
         return self.fs.negotiated is not None
 
-    async def namespace(self, req: Request) -> bytes | bytearray | None:
+    async def namespace(self, req: Request, raw: memoryview) -> bytes | bytearray | None:
         reply = self.fs.handle(req)
         if req.opcode == FUSE_INIT and self.fs.negotiated is not None:
             self._initialized.set()
         await trio.lowlevel.checkpoint_if_cancelled()
         return reply
 
-    def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
+    async def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
         node, _h = self.fs.node_of(fh)
         node.inflight += 1
+        await trio.lowlevel.checkpoint_if_cancelled()
         return node.disk, node
 
     async def release(self, token: object) -> None:

@@ -153,12 +153,14 @@ class FuseSession:
         """INIT is done: data requests may be served."""
         return True
 
-    async def namespace(self, req: Request) -> bytes | bytearray | None:
-        """The reply to a request that touches no disk data (None: it has none)."""
+    async def namespace(self, req: Request, raw: memoryview) -> bytes | bytearray | None:
+        """The reply to a request that touches no disk data (None: it has none); ``raw`` is
+        the request as read (valid until this returns)."""
         raise NotImplementedError
 
-    def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
-        """The disk a data request is for, and a token for :meth:`release` (raise Fail)."""
+    async def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
+        """The disk a data request is for, and a token for :meth:`release` (raise Fail).
+        Returns without a checkpoint when it can (the inline first step goes on)."""
         raise NotImplementedError
 
     async def release(self, token: object) -> None:
@@ -279,7 +281,7 @@ class FuseSession:
             return
         if req.opcode not in DATA_OPS or not self.negotiated():
             try:
-                reply = await self.namespace(req)
+                reply = await self.namespace(req, data)
             except FuseProtocolError as e:
                 self.counters["protocol_errors"] += 1
                 log.error("%s", e)
@@ -291,7 +293,7 @@ class FuseSession:
         try:
             if req.opcode == FUSE_READ:
                 fh, offset, size = unpack_body(READ_IN, req.body, "READ")[:3]
-                disk, token = self.target(req, fh)
+                disk, token = await self.target(req, fh)
                 await self._read(req.unique, disk, offset, size, w)
                 return
             if req.opcode == FUSE_WRITE:
@@ -300,7 +302,7 @@ class FuseSession:
                 if len(payload) != size:
                     raise FuseProtocolError(f"fuse: WRITE payload length does not match "
                                             f"(size={size}, payload={len(payload)})")
-                disk, token = self.target(req, fh)
+                disk, token = await self.target(req, fh)
                 if offset < disk.size < offset + size:
                     # Crossing the end: write what fits and answer short, as a block device
                     # does (the kernel's buffered path splits such a write the same way).
@@ -322,7 +324,7 @@ class FuseSession:
                 self._send(reply_ok(req.unique))
                 return
             fh = unpack_body(FSYNC_IN, req.body, "request")[0]
-            disk, token = self.target(req, fh)
+            disk, token = await self.target(req, fh)
             if req.opcode == FUSE_FSYNC:
                 self.counters["fsyncs"] += 1
                 await disk.flush()
