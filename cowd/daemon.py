@@ -340,7 +340,9 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         if config.workers > 0:
             workers = WorkerPool(config.workers, services, tls=config.tls)
             daemon.workers = workers
-            await workers.start()
+            # `cowd serve` listens once its workers can serve; the daemon `cowd attach`
+            # starts answers its control socket at once (a kmod attach needs no worker).
+            await workers.start(wait=not config.exit_when_idle)
             for name, disk in daemon.disks.items():
                 workers.add_disk(name, disk)
             attacher.workers = workers  # --via nbd's devices are served by them too

@@ -147,6 +147,7 @@ class WorkerLink:
             await trio.sleep(pause)
 
     async def _life(self, task_status: trio.TaskStatus[None] | None) -> None:
+        """One life of the worker: spawn it, describe the disks, serve its channel."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await trio.lowlevel.open_process(
@@ -446,9 +447,15 @@ class WorkerPool:
             return []
         return ["--tls-config", base64.b64encode(pickle.dumps(self.tls)).decode()]
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Start every worker; with ``wait``, return once each answers (its imports done:
+        seconds, tens of them in a slow guest).  Without, they start behind the caller's
+        back: what is handed to a worker meanwhile waits in its channel."""
         for link in self.links:
-            await self.nursery.start(link.run)
+            if wait:
+                await self.nursery.start(link.run)
+            else:
+                self.nursery.start_soon(link.run)
 
     def add_disk(self, name: str, disk: Disk, scope: str = W.SCOPE_SERVE, *,
                  publish: bool = True) -> Served:
