@@ -70,7 +70,10 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
         return 0
     from . import lifecycle
 
-    return lifecycle.run(args, policy)
+    verb = {"commit": "committing", "rebase": "rebasing", "resize": "resizing"}[cmd]
+    progress = imagecmds.terminal_progress(f"{verb} {args.image}") \
+        if wants_progress(args) else None
+    return lifecycle.run(args, policy, progress)
 
 
 def create(args: argparse.Namespace, policy: OpenPolicy) -> int:

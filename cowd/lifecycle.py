@@ -1,25 +1,36 @@
-"""Layer: cowd (CLI support).  The image lifecycle commands: resize (commit and rebase are
-not written yet: issue 13).
+"""Layer: cowd (CLI support).  The image lifecycle commands: commit, rebase, resize.
 
-Every command here opens the image writable and takes qemu's writer lock bytes first
-(cowd/imagelock.py), so an image that a cowd daemon serves or a qemu process has open is
-refused in one line, exit 1, before anything is written.  The on-disk order of each change
-is the codec's (formats/qcow2/resize.py says it for growing a qcow2).
+Every command here opens the images it writes writable and takes qemu's writer lock bytes
+on them first, and the reader's on the layers it only reads (cowd/imagelock.py), so an
+image that a cowd daemon serves or a qemu process has open is refused in one line, exit 1,
+before anything is written.  The on-disk order of each change is the format library's:
+formats/commit.py says it for commit, formats/rebase.py for rebase, formats/qcow2/resize.py
+for growing a qcow2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import formats
 from formats import Image, OpenPolicy
+from formats.commit import Progress
 
 from . import imagelock
 from .errors import CommandFailed, UsageError
 
 
-def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
+def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None) -> int:
+    quiet = args.progress is False
+    if args.command == "commit":
+        doc = commit(args.image, args.base, args.keep, args.format, policy, progress)
+        if args.output == "json":
+            print(json.dumps(doc, indent=4))
+        elif not quiet:
+            print("Image committed.")
+        return 0
     if args.command == "resize":
         doc = resize(args.image, args.size, args.shrink, args.format, policy)
         if args.output == "json":
@@ -38,11 +49,79 @@ def _lock_writer(img: Image) -> None:
         raise CommandFailed(str(e)) from None
 
 
+def _lock_chain(top: Image) -> None:
+    """qemu's lock bytes on every layer: a writer's on the layers open writable, a
+    reader's on the rest (no -U here: what is read is written somewhere)."""
+    layer: Image | None = top
+    while layer is not None:
+        try:
+            imagelock.lock_image(layer.file.fd, layer.path, writable=layer.writable)
+        except imagelock.ImageLocked as e:
+            raise CommandFailed(str(e)) from None
+        layer = layer.backing
+
+
+def _chain_ids(top: Image) -> list[tuple[int, int]]:
+    ids = []
+    layer: Image | None = top
+    while layer is not None:
+        ids.append(layer.file.dev_ino)
+        layer = layer.backing
+    return ids
+
+
+def _depth_of(path: str, top: Image, name: str) -> int:
+    """The depth of the image ``name`` in ``top``'s chain (the same file, whatever the
+    name), as ``-b`` names it."""
+    try:
+        st = os.stat(name)
+    except OSError as e:
+        raise UsageError(f"{name}: -b: cannot find it: {e.strerror}") from None
+    for depth, ident in enumerate(_chain_ids(top)):
+        if ident == (st.st_dev, st.st_ino):
+            if depth == 0:
+                raise UsageError(f"{name}: -b names the image itself, not one of its backing "
+                                 f"files (image={path})")
+            return depth
+    raise UsageError(f"{name}: not in the backing chain of {path} (-b={name})")
+
+
+def commit(path: str, base: str | None, keep: bool, fmt: str | None, policy: OpenPolicy,
+           progress: Progress | None = None) -> dict[str, object]:
+    """Merge ``path`` into its backing file, or down to ``base`` (every layer between too).
+    As qemu-img commit: the overlay is emptied afterwards unless ``keep`` (-d) or ``base``
+    (-b implies -d: the layers between would show through an empty top)."""
+    probe = formats.open_image(path, False, fmt, policy=policy)
+    try:
+        if probe.backing is None:
+            raise CommandFailed(f"{path}: has no backing file: nothing to commit into")
+        depth = 1 if base is None else _depth_of(path, probe, base)
+        ids = _chain_ids(probe)
+    finally:
+        probe.close_chain()
+    empty = not keep and base is None
+    img = formats.open_image(path, empty, fmt, policy=policy,
+                             writable_depths=frozenset({depth}))
+    try:
+        if _chain_ids(img) != ids:
+            raise CommandFailed(f"{path}: its backing chain changed while it was opened; "
+                                "try again")
+        _lock_chain(img)
+        from formats.commit import commit as commit_chain
+
+        done = commit_chain(img, depth, empty_top=empty, progress=progress)
+    finally:
+        img.close_chain()
+    return {"filename": path, "base": done.target, "depth": done.depth,
+            "grown-from": done.grown_from, "bytes-copied": done.bytes_copied,
+            "bytes-zeroed": done.bytes_zeroed, "emptied": done.emptied}
+
+
 def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
            policy: OpenPolicy) -> dict[str, object]:
-    """Set the virtual size: absolute, or +N/-N relative to the current one.  Growing: raw
-    (ftruncate) and qcow2 (the header, and a larger L1 table when needed).  Shrinking: raw
-    only, and only with ``shrink`` (as qemu-img)."""
+    """Set the virtual size: absolute, or +N/-N relative to the current one.  Growing:
+    formats/lifecycle.py (raw: ftruncate; qcow2: the header, and a larger L1 table when
+    needed).  Shrinking: raw only, and only with ``shrink`` (as qemu-img)."""
     img = formats.open_one(path, True, fmt, policy=policy)
     try:
         _lock_writer(img)
@@ -57,17 +136,16 @@ def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
         if new < old and not shrink:
             raise UsageError(f"{path}: shrinking loses the data past the new end: pass "
                              f"--shrink if you mean it (size={new}, current={old})")
-        if img.format_name == "raw":
-            img.file.truncate(new)
-            img.file.sync()
-        elif isinstance(img, formats.Qcow2Image) and new >= old:
-            from formats.qcow2.resize import grow
+        if new >= old:
+            from formats.lifecycle import grow
 
             grow(img, new)
+        elif img.format_name == "raw":
+            img.file.truncate(new)
+            img.file.sync()
         else:
-            what = "shrinking" if new < old else "growing"
-            raise CommandFailed(f"{path}: {what} a {img.format_name} image is not supported "
-                                f"yet (size={new}, current={old})")
+            raise CommandFailed(f"{path}: shrinking a {img.format_name} image is not "
+                                f"supported (size={new}, current={old})")
         return {"filename": path, "format": img.format_name, "old-size": old,
                 "virtual-size": new}
     finally:

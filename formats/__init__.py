@@ -105,8 +105,8 @@ def _near(opener: ChainOpener, image_path: str, place: Place) -> NearOpener:
 ParentOpener = Callable[[HostFile, str | None, NearOpener], Image]
 
 
-def _open_backing(opener: ChainOpener, layer: Image,
-                  place: Place) -> tuple[HostFile, Place]:
+def _open_backing(opener: ChainOpener, layer: Image, place: Place,
+                  writable: bool = False) -> tuple[HostFile, Place]:
     """The first of ``layer``'s backing candidates (a VHD has several parent locators) that
     exists and that the policy lets it reach; a candidate outside is skipped, and refused
     only when no other one is found."""
@@ -114,7 +114,7 @@ def _open_backing(opener: ChainOpener, layer: Image,
     outside: BackingOutside | None = None
     for name in layer.backing_candidates():
         try:
-            got = opener.open_named(layer.path, place, name, False, "backing_file",
+            got = opener.open_named(layer.path, place, name, writable, "backing_file",
                                     "backing file", layer.file.dev_ino)
         except BackingOutside as e:
             outside = outside or e
@@ -135,8 +135,11 @@ def open_image(
     *,
     open_parent: ParentOpener | None = None,
     policy: OpenPolicy | None = None,
+    writable_depths: frozenset[int] = frozenset(),
 ) -> Image:
-    """Open ``path`` and its backing chain.  Only the top image is ever writable.
+    """Open ``path`` and its backing chain.  The top image is writable as ``writable``
+    says; a parent only where its depth (1: the top's backing file) is in
+    ``writable_depths`` (``commit`` writes into one), and never through ``open_parent``.
 
     Every file an image names (backing files, data files) is opened by one
     :class:`~formats.opener.ChainOpener`: by default beneath the folder ``path`` is named
@@ -156,7 +159,8 @@ def open_image(
                 return top
             if depth > MAX_CHAIN_DEPTH:
                 raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
-            pfile, pplace = _open_backing(opener, layer, place)
+            pwritable = depth in writable_depths
+            pfile, pplace = _open_backing(opener, layer, place, pwritable)
             if pfile.dev_ino in seen:
                 pfile.close()
                 raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
@@ -164,10 +168,10 @@ def open_image(
             seen.add(pfile.dev_ino)
             near = _near(opener, pfile.path, pplace)
             pfmt = layer.backing_format
-            if open_parent is not None:
+            if open_parent is not None and not pwritable:
                 parent = open_parent(pfile, pfmt, near)
             else:
-                parent = open_file(pfile, False, pfmt, near)
+                parent = open_file(pfile, pwritable, pfmt, near)
             layer.backing = parent
             layer.below = ChainBelow(parent)
             layer.backing_path = pfile.path

@@ -12,7 +12,8 @@ tests/unit/test_layers.py checks):
 - ``parents``: a differencing disk's parent — reading its locators, the paths to try;
 - ``image``: :class:`VhdImage`, the codec — open and validate, resolve, write (new blocks
   after the trailing footer, metadata written at flush), flush, check, info;
-- ``create``: new fixed, dynamic and differencing disks.
+- ``create``: new fixed, dynamic and differencing disks; ``empty``: a differencing disk's
+  blocks all dropped (commit).
 """
 
 from .create import create, create_differencing

@@ -117,6 +117,8 @@ FORMATS_LAYERS = [
     {"base"},
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
+    {"lifecycle"},
+    {"commit"},
     {"__init__"},
 ]
 
@@ -131,14 +133,14 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize"},
+        {"resize", "empty"},
         {"__init__"},
     ],
     "vhd": [
         {"structures"},
         {"parents"},
         {"image"},
-        {"create"},
+        {"create", "empty"},
         {"__init__"},
     ],
 }
