@@ -31,6 +31,12 @@ def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None)
         elif not quiet:
             print("Image committed.")
         return 0
+    if args.command == "rebase":
+        doc = rebase(args.image, args.backing, args.backing_format, args.unsafe, args.format,
+                     policy, progress)
+        if args.output == "json":
+            print(json.dumps(doc, indent=4))
+        return 0
     if args.command == "resize":
         doc = resize(args.image, args.size, args.shrink, args.format, policy)
         if args.output == "json":
@@ -38,8 +44,7 @@ def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None)
         else:
             print("Image resized.")
         return 0
-    raise CommandFailed(f"{args.command}: not written yet (issue 13); use qemu-img "
-                        f"{args.command} meanwhile")
+    raise UsageError(f"unknown command {args.command!r}")
 
 
 def _lock_writer(img: Image) -> None:
@@ -150,3 +155,62 @@ def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
                 "virtual-size": new}
     finally:
         img.close()
+
+
+def _confined_name(path: str, name: str, policy: OpenPolicy) -> None:
+    """A name that names no file yet (rebase -u): refused where it would leave the
+    overlay's folder, as the opener would refuse it once the file exists."""
+    if not policy.confine:
+        return
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == ".." or norm.startswith("../"):
+        raise CommandFailed(f"{path}: the new backing file lies outside the overlay's folder "
+                            f"(backing_file={name!r}); pass --allow-backing-outside if you "
+                            "mean it")
+
+
+def rebase(path: str, backing: str, backing_fmt: str | None, unsafe: bool, fmt: str | None,
+           policy: OpenPolicy, progress: Progress | None = None) -> dict[str, object]:
+    """Record ``backing`` ("": none) as ``path``'s backing file, as qemu-img rebase: safe
+    mode copies into the overlay every range where the old chain and the new one differ
+    first (formats/rebase.py), ``unsafe`` (-u) rewrites the record only.  The new name is
+    taken relative to the overlay's folder and confined to it like every backing name."""
+    name = backing or None
+    if unsafe:
+        img = formats.open_one(path, True, fmt, policy=policy)
+    else:
+        img = formats.open_image(path, True, fmt, policy=policy)
+    new: Image | None = None
+    try:
+        _lock_chain(img)
+        if name is not None:
+            new = formats.open_named_chain(img, name, backing_fmt, policy=policy)
+            if new is None:
+                where = os.path.dirname(os.path.abspath(path))
+                if not unsafe:
+                    raise CommandFailed(f"{path}: the new backing file does not exist "
+                                        f"(backing_file={name!r}, relative to {where})")
+                if backing_fmt is None:
+                    raise UsageError(f"{path}: the new backing file does not exist, so its "
+                                     f"format cannot be probed: give it with -F "
+                                     f"(backing_file={name!r})")
+                _confined_name(path, name, policy)
+            else:
+                _lock_chain(new)
+                backing_fmt = backing_fmt or new.format_name
+        from formats.lifecycle import set_backing
+        from formats.rebase import rebase as rebase_chain
+
+        compared = copied = 0
+        if unsafe:
+            set_backing(img, name, backing_fmt if name else None, new)
+        else:
+            done = rebase_chain(img, new, name, backing_fmt if name else None, progress)
+            compared, copied = done.bytes_compared, done.bytes_copied
+    finally:
+        if new is not None:
+            new.close_chain()
+        img.close_chain()
+    return {"filename": path, "backing-filename": name, "backing-format":
+            backing_fmt if name else None, "unsafe": unsafe, "bytes-compared": compared,
+            "bytes-copied": copied}

@@ -152,38 +152,74 @@ def open_image(
     try:
         place = opener.top_place()
         top = open_file(opener.open_top(writable), writable, fmt, _near(opener, path, place))
-        seen = {top.file.dev_ino}
-        layer = top
-        for depth in range(1, MAX_CHAIN_DEPTH + 2):
-            if not layer.backing_candidates():
-                return top
-            if depth > MAX_CHAIN_DEPTH:
-                raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
-            pwritable = depth in writable_depths
-            pfile, pplace = _open_backing(opener, layer, place, pwritable)
-            if pfile.dev_ino in seen:
-                pfile.close()
-                raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
-                                   layer.backing_name)
-            seen.add(pfile.dev_ino)
-            near = _near(opener, pfile.path, pplace)
-            pfmt = layer.backing_format
-            if open_parent is not None and not pwritable:
-                parent = open_parent(pfile, pfmt, near)
-            else:
-                parent = open_file(pfile, pwritable, pfmt, near)
-            layer.backing = parent
-            layer.below = ChainBelow(parent)
-            layer.backing_path = pfile.path
-            layer.check_backing(parent)
-            layer, place = parent, pplace
-        raise AssertionError("unreachable")
+        _link_parents(opener, top, place, {top.file.dev_ino}, open_parent, writable_depths)
+        return top
     except BaseException:
         if top is not None:
             if open_parent is None:
                 top.close_chain()
             else:
                 top.close()
+        raise
+    finally:
+        opener.close()
+
+
+def _link_parents(opener: ChainOpener, top: Image, place: Place, seen: set[tuple[int, int]],
+                  open_parent: ParentOpener | None = None,
+                  writable_depths: frozenset[int] = frozenset()) -> None:
+    """Open ``top``'s backing chain (``top`` found at ``place``; ``seen``: the files already
+    in the chain) and link each layer to its parent."""
+    layer = top
+    for depth in range(1, MAX_CHAIN_DEPTH + 2):
+        if not layer.backing_candidates():
+            return
+        if depth > MAX_CHAIN_DEPTH:
+            raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
+        pwritable = depth in writable_depths
+        pfile, pplace = _open_backing(opener, layer, place, pwritable)
+        if pfile.dev_ino in seen:
+            pfile.close()
+            raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
+                               layer.backing_name)
+        seen.add(pfile.dev_ino)
+        near = _near(opener, pfile.path, pplace)
+        pfmt = layer.backing_format
+        if open_parent is not None and not pwritable:
+            parent = open_parent(pfile, pfmt, near)
+        else:
+            parent = open_file(pfile, pwritable, pfmt, near)
+        layer.backing = parent
+        layer.below = ChainBelow(parent)
+        layer.backing_path = pfile.path
+        layer.check_backing(parent)
+        layer, place = parent, pplace
+    raise AssertionError("unreachable")
+
+
+def open_named_chain(owner: Image, name: str, fmt: str | None = None, *,
+                     policy: OpenPolicy | None = None) -> Image | None:
+    """The image ``owner`` would reach by recording ``name`` as its backing file, with its
+    own chain, read-only and confined exactly as ``owner``'s own chain would be (the new
+    backing file of a rebase); None when no such file exists.  A chain that reaches
+    ``owner`` itself is refused (a loop)."""
+    opener = ChainOpener(owner.path, policy or DEFAULT_POLICY)
+    img: Image | None = None
+    try:
+        got = opener.open_named(owner.path, opener.top_place(), name, False, "backing_file",
+                                "backing file", owner.file.dev_ino)
+        if got is None:
+            return None
+        file, place = got
+        if file.dev_ino == owner.file.dev_ino:
+            file.close()
+            raise CorruptImage(owner.path, "backing chain loops back", "backing_file", name)
+        img = open_file(file, False, fmt, _near(opener, file.path, place))
+        _link_parents(opener, img, place, {owner.file.dev_ino, img.file.dev_ino})
+        return img
+    except BaseException:
+        if img is not None:
+            img.close_chain()
         raise
     finally:
         opener.close()
@@ -260,6 +296,7 @@ __all__ = [
     "create_overlay",
     "open_file",
     "open_image",
+    "open_named_chain",
     "open_one",
     "resolve_in_chain",
 ]

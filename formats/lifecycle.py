@@ -13,11 +13,13 @@ from __future__ import annotations
 from .base import Image
 from .errors import UnsupportedImage
 from .qcow2 import Qcow2Image
+from .qcow2.backing import set_backing as qcow2_set_backing
 from .qcow2.empty import make_empty as qcow2_make_empty
 from .qcow2.resize import grow as qcow2_grow
 from .raw import RawImage
 from .vhd import VhdImage
 from .vhd.empty import make_empty as vhd_make_empty
+from .vhd.reparent import set_parent as vhd_set_parent
 
 
 def grow(img: Image, new_size: int) -> None:
@@ -50,3 +52,25 @@ def make_empty(img: Image) -> None:
     else:
         raise UnsupportedImage(img.path, f"emptying a {img.format_name} image is not "
                                "supported", "format", img.format_name)
+
+
+def set_backing(img: Image, name: str | None, fmt: str | None, parent: Image | None) -> None:
+    """Record ``name`` (None: no backing file) of format ``fmt`` as ``img``'s backing file,
+    in one crash-safe switch.  ``parent``: that file, opened (a differencing VHD records its
+    parent's unique id; None where it is not at hand, e.g. an unsafe rebase onto a file not
+    there yet, which only qcow2 can record).  The open chain is not relinked: reopen."""
+    img.require_writable()
+    if isinstance(img, Qcow2Image):
+        qcow2_set_backing(img, name, fmt)
+    elif isinstance(img, VhdImage) and img.differencing:
+        if name is None:
+            raise UnsupportedImage(img.path, "a differencing VHD cannot be made standalone in "
+                                   "place (cowd convert it to a new image instead)",
+                                   "backing_file", "")
+        if not isinstance(parent, VhdImage):
+            raise UnsupportedImage(img.path, "a differencing VHD's parent must be a VHD that "
+                                   "exists (its unique id is recorded)", "backing_file", name)
+        vhd_set_parent(img, parent, name)
+    else:
+        raise UnsupportedImage(img.path, f"a {img.format_name} image records no backing "
+                               "file", "format", img.format_name)

@@ -20,7 +20,8 @@ module imports only from the lines before its own; tests/unit/test_layers.py che
 - ``image``: :class:`Qcow2Image`, the codec: open (a dirty image's refcounts rebuilt), flush
   and close (rules 3 to 5), check, info; ``create``: a new, empty image;
 - ``resize``: growing the virtual size (a larger L1 table: rules 1 to 4); ``empty``: every
-  cluster of the active layer unallocated (commit: the L1 table cleared, then rule 4).
+  cluster of the active layer unallocated (commit: the L1 table cleared, then rule 4);
+  ``backing``: another backing file recorded (rebase: the name first, then one switch).
 
 The image's job is split by layer of one class (reader, writer, image) because each layer
 needs the state of the one below, and by component where a job has state of its own (the

@@ -9,11 +9,13 @@ tests/unit/test_layers.py checks):
 
 - ``structures``: the on-disk layout — footer, dynamic disk header, parent locator entries,
   the BAT and sector bitmaps, checksums — and the size and CHS geometry rules (no I/O);
-- ``parents``: a differencing disk's parent — reading its locators, the paths to try;
+- ``parents``: a differencing disk's parent — reading its locators, the paths to try, and
+  the locators to write for a new one;
 - ``image``: :class:`VhdImage`, the codec — open and validate, resolve, write (new blocks
   after the trailing footer, metadata written at flush), flush, check, info;
 - ``create``: new fixed, dynamic and differencing disks; ``empty``: a differencing disk's
-  blocks all dropped (commit).
+  blocks all dropped (commit); ``reparent``: another parent recorded (rebase: a new header,
+  switched by the footer).
 """
 
 from .create import create, create_differencing

@@ -118,7 +118,7 @@ FORMATS_LAYERS = [
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
     {"lifecycle"},
-    {"commit"},
+    {"commit", "rebase"},
     {"__init__"},
 ]
 
@@ -133,14 +133,14 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize", "empty"},
+        {"resize", "empty", "backing"},
         {"__init__"},
     ],
     "vhd": [
         {"structures"},
         {"parents"},
         {"image"},
-        {"create", "empty"},
+        {"create", "empty", "reparent"},
         {"__init__"},
     ],
 }
