@@ -4,8 +4,8 @@ behind one name each, for commit, rebase and resize (formats/commit.py, rebase.p
 cowd's lifecycle commands).
 
 Each format's module says its crash-safe order: formats/qcow2/resize.py, empty.py,
-backing.py; formats/vhd/resize.py, empty.py, reparent.py.  A format that cannot do one
-raises UnsupportedImage naming what it is.
+backing.py; formats/vhd/resize.py, empty.py, reparent.py (the first and the last by
+switch.py).  A format that cannot do one raises UnsupportedImage naming what it is.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .raw import RawImage
 from .vhd import VhdImage
 from .vhd.empty import make_empty as vhd_make_empty
 from .vhd.reparent import set_parent as vhd_set_parent
+from .vhd.resize import grow as vhd_grow
 
 
 def grow(img: Image, new_size: int) -> None:
@@ -36,6 +37,8 @@ def grow(img: Image, new_size: int) -> None:
         img.virtual_size = new_size
     elif isinstance(img, Qcow2Image):
         qcow2_grow(img, new_size)
+    elif isinstance(img, VhdImage):
+        vhd_grow(img, new_size)
     else:
         raise UnsupportedImage(img.path, f"growing a {img.format_name} image is not "
                                "supported", "size", new_size)

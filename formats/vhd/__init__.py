@@ -14,8 +14,10 @@ tests/unit/test_layers.py checks):
 - ``image``: :class:`VhdImage`, the codec — open and validate, resolve, write (new blocks
   after the trailing footer, metadata written at flush), flush, check, info;
 - ``create``: new fixed, dynamic and differencing disks; ``empty``: a differencing disk's
-  blocks all dropped (commit); ``reparent``: another parent recorded (rebase: a new header,
-  switched by the footer).
+  blocks all dropped (commit); ``switch``: new metadata written apart, then the footer
+  switched to it (the crash-safe step of the two below);
+- ``reparent``: another parent recorded (rebase); ``resize``: a larger virtual size (a
+  larger BAT; a fixed disk's footer moved).
 """
 
 from .create import create, create_differencing

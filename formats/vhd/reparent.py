@@ -6,23 +6,11 @@ the new parent show the same bytes through this disk).
 Theory of operation (crash-safe)
 --------------------------------
 The dynamic disk header is 1024 bytes (two sectors under one checksum), so rewriting it in
-place could be torn by a power cut into a header no reader accepts.  Instead a new header and
-new locator data are written where nothing reads them, and the footer — one sector, found
-at the end of the file and copied at offset 0 — is switched to them:
-
-1. A copy of the current footer is written at the new end of the file, past the current
-   trailing footer (which stays: the file ends in a valid footer all along, as when a block
-   is allocated), then the new header and the new locators' data between the two; synced.
-   The file now reads as before: the footers still name the old header.
-2. The trailing footer, with Data Offset naming the new header (and a new checksum): one
-   sector, synced.  Readers take the trailing footer (cowd, libvhdi): the disk has the new
-   parent from here on.
-3. The footer copy at offset 0, the same sector, synced.  Between 2 and 3 the two copies
-   differ; ``check`` reports it and ``check --repair`` rewrites the copy from the footer in
-   use, which is what 3 does.
-
-The old header and locators stay in the file, unreferenced.  Nothing that maps guest bytes
-(BAT, blocks, bitmaps) changes.
+place could be torn by a power cut into a header no reader accepts.  Instead a new header
+(the parent's unique id, time stamp and name) and new locator data are written past the
+trailing footer, and the footer is switched to them: switch.py says the order (new
+structures and synced; the trailing footer; the copy at offset 0).  Nothing that maps guest
+bytes (BAT, blocks, bitmaps) changes.
 """
 
 from __future__ import annotations
@@ -30,7 +18,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from ..base import SECTOR
 from ..errors import UnsupportedImage
 from .image import VhdImage
 from .parents import (
@@ -40,11 +27,8 @@ from .parents import (
     read_locators,
     unicode_name,
 )
-from .structures import DYNAMIC_HEADER_SIZE, FOOTER_SIZE, Region, vhd_time_stamp
-
-
-def _round(n: int) -> int:
-    return (n + SECTOR - 1) // SECTOR * SECTOR
+from .structures import DYNAMIC_HEADER_SIZE, Region, vhd_time_stamp
+from .switch import free_offset, switch_footer
 
 
 def set_parent(img: VhdImage, parent: VhdImage, name: str) -> None:
@@ -65,24 +49,12 @@ def set_parent(img: VhdImage, parent: VhdImage, name: str) -> None:
     header = replace(img.header, parent_unique_id=parent.footer.unique_id,
                      parent_time_stamp=vhd_time_stamp(os.fstat(parent.file.fd).st_mtime),
                      parent_unicode_name=unicode_name(name))
-    tail = img._tail_footer_offset
-    start = tail + FOOTER_SIZE if tail is not None else _round(img.file.size())
+    start = free_offset(img)
     placed = place_locators(header, locators, start + DYNAMIC_HEADER_SIZE)
-    end = _round(max(off + len(blob) for off, blob in placed))
-    img.file.pwrite(end, img._footer_bytes)  # 1: the file keeps ending in a footer
-    img.file.pwrite(start, header.pack())
-    for off, blob in placed:
-        img.file.pwrite(off, blob)
-    img.file.sync()
-    footer = replace(img.footer, data_offset=start)
-    raw = footer.pack()
-    img.file.pwrite(end, raw)  # 2
-    img.file.sync()
-    img.file.pwrite(0, raw)  # 3
-    img.file.sync()
-    # The codec's state (this module is part of the codec).
-    img.footer, img._footer_bytes, img.header = footer, raw, header
-    img._tail_footer_offset = img._data_end = end
+    switch_footer(img, replace(img.footer, data_offset=start),
+                  [(start, header.pack()), *placed])
+    img.header = header
+    end = img._data_end
     regions = [r for r in img._metadata_regions
                if r.what in ("footer copy", "BAT")]
     regions.append(Region(start, start + DYNAMIC_HEADER_SIZE, "dynamic disk header"))

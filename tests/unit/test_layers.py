@@ -140,7 +140,8 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"structures"},
         {"parents"},
         {"image"},
-        {"create", "empty", "reparent"},
+        {"create", "empty", "switch"},
+        {"reparent", "resize"},
         {"__init__"},
     ],
 }
