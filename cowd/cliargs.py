@@ -27,6 +27,8 @@ ALLOW_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
 ALLOW_DEVICE_ENV = "COWD_ALLOW_BACKING_DEVICE"
 
 OUTPUT_FORMATS = ("human", "json")
+# convert -t: qemu-img's cache modes that say whether the output is flushed at the end.
+CONVERT_CACHE_MODES = ("writeback", "unsafe")
 
 
 class Parser(argparse.ArgumentParser):
@@ -166,6 +168,10 @@ def build_parser() -> Parser:
     v.add_argument("output_path", metavar="OUTPUT")
     v.add_argument("-O", dest="out_format", required=True, help="raw, qcow2 or vhd")
     v.add_argument("-f", "--format", help="source format (default: probed)")
+    v.add_argument("-t", dest="cache", choices=CONVERT_CACHE_MODES, default="writeback",
+                   help="writeback (default): the output is flushed to disk before convert "
+                   "returns; unsafe: it is left in the page cache (qemu-img convert's "
+                   "default)")
     _progress_options(v)
     _output_option(v)
     _share_option(v)

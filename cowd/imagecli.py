@@ -64,7 +64,8 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
         progress = imagecmds.terminal_progress(f"converting {args.image}") \
             if wants_progress(args) else None
         stats = imagecmds.convert(args.image, args.output_path, args.out_format, args.format,
-                                  progress, policy, force_share=args.force_share)
+                                  progress, policy, force_share=args.force_share,
+                                  flush=args.cache != "unsafe")
         if args.output == "json":
             _print_json(stats)
         return 0

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind, NearOpener
-from .chain import ChainBelow, Placed, resolve_in_chain
+from .chain import ChainBelow, Placed, read_placed, resolve_in_chain
 from .errors import (
     BackingOutside,
     CorruptImage,
@@ -298,5 +298,6 @@ __all__ = [
     "open_image",
     "open_named_chain",
     "open_one",
+    "read_placed",
     "resolve_in_chain",
 ]

@@ -26,6 +26,8 @@ SUITES = {
     "kmod": ("tools.bench_kmod", "the kernel shim against a loop device, in a guest"),
     "attach": ("tools.bench_attach", "cowd attach --via fuse against a plain loop device"),
     "formats": ("tools.bench_formats", "the format library against qemu-img bench"),
+    "convert": ("tools.bench_convert", "cowd convert against qemu-img convert (also: "
+                "formats --convert)"),
     "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy"),
 }
 

@@ -419,6 +419,15 @@ class Refcounts:
             self._reserve(1)
         return self._pool.popleft() << self.cluster_bits
 
+    def alloc_many(self, count: int) -> list[int]:
+        """``count`` reserved host clusters' file offsets, in the order reserved (adjacent
+        where the free space is: a long write goes out in few pwrites)."""
+        if len(self._pool) < count:
+            self._reserve(count - len(self._pool))
+        pop = self._pool.popleft
+        cb = self.cluster_bits
+        return [pop() << cb for _ in range(count)]
+
     def release_pool(self) -> None:
         """Give back the reserved clusters not handed out (close, check)."""
         if not self._pool:
