@@ -216,6 +216,24 @@ def build_parser() -> Parser:
     _output_option(rs)
     _outside_option(rs)
 
+    sn = sub.add_parser("snapshot", help="list, create, delete or apply a qcow2 image's "
+                        "internal snapshots (qemu-img snapshot)")
+    act = sn.add_mutually_exclusive_group(required=True)
+    act.add_argument("-l", dest="list", action="store_true",
+                     help="list the snapshots (qemu-img snapshot -l's table; --output=json: "
+                     "qemu's SnapshotInfo list)")
+    act.add_argument("-c", dest="create", metavar="SNAPSHOT",
+                     help="create a snapshot of the disk as it is now, named SNAPSHOT")
+    act.add_argument("-d", dest="delete", metavar="SNAPSHOT",
+                     help="delete the snapshot with this ID or name")
+    act.add_argument("-a", dest="apply", metavar="SNAPSHOT",
+                     help="revert the disk to the snapshot with this ID or name")
+    sn.add_argument("-f", "--format", help="the image's format (default: probed)")
+    sn.add_argument("image", metavar="IMAGE")
+    _output_option(sn)
+    _share_option(sn)
+    _outside_option(sn)
+
     s = sub.add_parser("serve", help="serve images over NBD in the foreground")
     s.add_argument("images", nargs="+", metavar="IMAGE",
                    help="top images to serve; the NBD export name is the file name")
@@ -269,6 +287,9 @@ def build_parser() -> Parser:
 
     dm = sub.add_parser("daemon", help="the daemon `cowd attach` starts, in the foreground; it "
                         "exits when it serves nothing")
+    dm.add_argument("--no-idle-exit", action="store_true",
+                    help="keep running when no disk is attached (for a service manager: "
+                    "contrib/cowd.service)")
     _daemon_options(dm)
     return p
 

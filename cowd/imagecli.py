@@ -71,9 +71,9 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
         return 0
     from . import lifecycle
 
-    verb = {"commit": "committing", "rebase": "rebasing", "resize": "resizing"}[cmd]
+    verb = {"commit": "committing", "rebase": "rebasing", "resize": "resizing"}.get(cmd)
     progress = imagecmds.terminal_progress(f"{verb} {args.image}") \
-        if wants_progress(args) else None
+        if verb and wants_progress(args) else None
     return lifecycle.run(args, policy, progress)
 
 

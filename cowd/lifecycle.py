@@ -1,11 +1,12 @@
-"""Layer: cowd (CLI support).  The image lifecycle commands: commit, rebase, resize.
+"""Layer: cowd (CLI support).  The image lifecycle commands: commit, rebase, resize,
+snapshot.
 
 Every command here opens the images it writes writable and takes qemu's writer lock bytes
 on them first, and the reader's on the layers it only reads (cowd/imagelock.py), so an
 image that a cowd daemon serves or a qemu process has open is refused in one line, exit 1,
 before anything is written.  The on-disk order of each change is the format library's:
-formats/commit.py says it for commit, formats/rebase.py for rebase, formats/qcow2/resize.py
-for growing a qcow2.
+formats/commit.py says it for commit, formats/rebase.py for rebase, formats/lifecycle.py
+names each format's resize, and formats/qcow2/snapshot.py says it for internal snapshots.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import CommandFailed, UsageError
 
 
 def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None) -> int:
-    quiet = args.progress is False
+    quiet = getattr(args, "progress", None) is False
     if args.command == "commit":
         doc = commit(args.image, args.base, args.keep, args.format, policy, progress)
         if args.output == "json":
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None)
         if args.output == "json":
             print(json.dumps(doc, indent=4))
         return 0
+    if args.command == "snapshot":
+        return snapshot(args, policy)
     if args.command == "resize":
         doc = resize(args.image, args.size, args.shrink, args.format, policy)
         if args.output == "json":
@@ -214,3 +217,55 @@ def rebase(path: str, backing: str, backing_fmt: str | None, unsafe: bool, fmt: 
     return {"filename": path, "backing-filename": name, "backing-format":
             backing_fmt if name else None, "unsafe": unsafe, "bytes-compared": compared,
             "bytes-copied": copied}
+
+
+def snapshot(args: argparse.Namespace, policy: OpenPolicy) -> int:
+    """qemu-img snapshot: -l lists (nothing for a format without snapshots, as qemu), -c,
+    -d and -a change a qcow2 image's internal snapshots (formats/qcow2/snapshot.py)."""
+    from . import qemuout
+
+    path = args.image
+    if args.list:
+        img = formats.open_one(path, False, args.format, policy=policy)
+        try:
+            if not args.force_share:
+                try:
+                    imagelock.lock_image(img.file.fd, path, writable=False)
+                except imagelock.ImageLocked as e:
+                    raise CommandFailed(f"{e}; pass -U (--force-share) to read it "
+                                        "anyway") from None
+            docs = [qemuout.snapshot_info(sn.id, sn.name, sn.vm_state_size, sn.date_sec,
+                                          sn.date_nsec, sn.vm_clock_nsec, sn.icount)
+                    for sn in getattr(img, "snapshots", [])]
+        finally:
+            img.close()
+        if args.output == "json":
+            print(json.dumps(docs, indent=4))
+        elif docs:
+            print("\n".join(["Snapshot list:", *qemuout.snapshot_table(docs)]))
+        return 0
+    if args.force_share:
+        raise UsageError(f"{path}: -U (--force-share) only reads: it goes with -l")
+    from formats.qcow2 import snapshot as snapshots
+
+    img = formats.open_image(path, True, args.format, policy=policy)
+    try:
+        _lock_chain(img)
+        if not isinstance(img, formats.Qcow2Image):
+            raise CommandFailed(f"{path}: {img.format_name} images have no internal "
+                                f"snapshots (qcow2 has; format={img.format_name})")
+        try:
+            if args.create is not None:
+                done = snapshots.create(img, args.create)
+            elif args.delete is not None:
+                done = snapshots.delete(img, args.delete)
+            else:
+                done = snapshots.apply(img, args.apply)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    finally:
+        img.close_chain()
+    if args.output == "json":
+        print(json.dumps({"filename": path, "id": done.id, "name": done.name,
+                          "action": done.action}, indent=4))
+    return 0

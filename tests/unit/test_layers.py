@@ -133,7 +133,7 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize", "empty", "backing"},
+        {"resize", "empty", "backing", "snapshot"},
         {"__init__"},
     ],
     "vhd": [
