@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -196,11 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--reps must be at least {MIN_REPS} (a median of fewer says nothing)")
     if size < 16 << 20 or size % (1 << 20):
         ap.error("--size must be whole MiB and at least 16 MiB")
-    for tool in ("qemu-img", "qemu-io"):
-        if shutil.which(tool) is None:
-            print(f"bench_convert: {tool} not installed (make deps installs qemu-utils)",
-                  file=sys.stderr)
-            return 1
+    if benchlib.missing_tool("bench_convert", "qemu-img", "qemu-io"):
+        return 1
     load_before = [round(x, 2) for x in os.getloadavg()]
     head = benchlib.header()
     started = time.monotonic()

@@ -48,7 +48,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -533,11 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size must be a multiple of 64 KiB and at least 4 MiB")
     if reps < 1:
         ap.error("--reps must be at least 1")
-    for tool in ("qemu-img", "qemu-io"):
-        if shutil.which(tool) is None:
-            print(f"bench_formats: {tool} not installed (make deps installs qemu-utils)",
-                  file=sys.stderr)
-            return 1
+    if benchlib.missing_tool("bench_formats", "qemu-img", "qemu-io"):
+        return 1
 
     caches = Caches(not args.no_drop_caches)
     head = benchlib.header("formats")

@@ -13,13 +13,16 @@ Run it as ``python -c 'from tests.support.killpoints import killed_main; ...'`` 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNT_PREFIX = "killpoints: "
+RUN_TIMEOUT_S = 300  # one run of an image command on a test-sized image
 
 
 def command(kill_at: int, *cowd_args: str) -> list[str]:
@@ -27,6 +30,26 @@ def command(kill_at: int, *cowd_args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from "
             "tests.support.killpoints import killed_main; sys.exit(killed_main(sys.argv[2:]))",
             str(ROOT), str(kill_at), *cowd_args]
+
+
+def count_changes(*cowd_args: str, cwd: str | os.PathLike[str] | None = None) -> int:
+    """Run ``cowd cowd_args`` whole (it must succeed) and count its changes to files."""
+    p = subprocess.run(command(0, *cowd_args), cwd=cwd, capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT_S)
+    assert p.returncode == 0, (cowd_args, p.stderr)
+    return count_from(p.stderr)
+
+
+def kill_points(changes: int, count: int, seed: int = 0xC0D) -> list[int]:
+    """``count`` of the points 1..``changes`` (all of them when fewer), drawn at random."""
+    return sorted(random.Random(seed).sample(range(1, changes + 1), min(count, changes)))
+
+
+def run_killed(point: int, *cowd_args: str, cwd: str | os.PathLike[str] | None = None) -> None:
+    """Run ``cowd cowd_args`` killed before its change ``point``; it must die of it."""
+    p = subprocess.run(command(point, *cowd_args), cwd=cwd, capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT_S)
+    assert p.returncode == -9, (cowd_args, point, p.returncode, p.stderr)
 
 
 def count_from(stderr: str) -> int:
