@@ -33,7 +33,7 @@ from .vhd import VhdImage
 
 # The library's own version: bumped when what it reads or writes changes (a new format,
 # feature or operation), independently of cowd's.
-FORMATS_VERSION = "0.2.0"
+FORMATS_VERSION = "0.3.0"
 
 # Probe order matters: raw accepts anything and goes last.
 FORMATS: dict[str, type[Image]] = {
