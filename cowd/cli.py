@@ -44,7 +44,8 @@ def open_policy(args: argparse.Namespace) -> OpenPolicy:
     return OpenPolicy(confine=not outside, allow_devices=devices, vouched=is_vouched)
 
 
-IMAGE_COMMANDS = ("create", "info", "map", "check", "convert", "commit", "rebase", "resize")
+IMAGE_COMMANDS = ("create", "info", "map", "check", "convert", "commit", "rebase", "resize",
+                  "snapshot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,7 +165,8 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
-                          exit_when_idle=background, workers=args.workers,
+                          exit_when_idle=background and not args.no_idle_exit,
+                          workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
                           policy=open_policy(args), tls=tls)
     trio.run(run_daemon, config)

@@ -29,6 +29,8 @@ SUITES = {
     "formats": ("tools.bench_formats", "the format library against qemu-img bench"),
     "tls": ("tools.bench_tls", "what TLS costs cowd's NBD server and qemu-nbd (nbdcopy, "
             "qemu-img bench)"),
+    "convert": ("tools.bench_convert", "cowd convert against qemu-img convert (also: "
+                "formats --convert)"),
     "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy"),
 }
 

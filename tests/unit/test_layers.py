@@ -119,6 +119,8 @@ FORMATS_LAYERS = [
     {"base"},
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
+    {"lifecycle"},
+    {"commit", "rebase"},
     {"__init__"},
 ]
 
@@ -133,14 +135,15 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize"},
+        {"resize", "empty", "backing", "snapshot"},
         {"__init__"},
     ],
     "vhd": [
         {"structures"},
         {"parents"},
         {"image"},
-        {"create"},
+        {"create", "empty", "switch"},
+        {"reparent", "resize"},
         {"__init__"},
     ],
 }
