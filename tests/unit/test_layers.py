@@ -116,6 +116,7 @@ def test_formats_never_imports_cowd() -> None:
 FORMATS_LAYERS = [
     {"errors", "names"},
     {"base"},
+    {"remote"},
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
     {"__init__"},
@@ -133,6 +134,13 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"writer", "check"},
         {"image", "create"},
         {"resize"},
+        {"__init__"},
+    ],
+    "remote": [
+        {"url"},
+        {"nbd", "http"},
+        {"cache"},
+        {"file"},
         {"__init__"},
     ],
     "vhd": [
