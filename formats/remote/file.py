@@ -23,7 +23,7 @@ fails with ``ImageIOError`` (ETIMEDOUT or the server's errno), never with zeroes
 that changed (HTTP 412, another size) fails every read of this base from then on.
 
 A full cache (its byte budget reached) keeps no new block: fetched blocks are kept in memory
-(``TRANSIENT_BLOCKS`` at most, most recent first) for the reads that asked for them.
+(``TRANSIENT_BYTES`` at most, most recent first) for the reads that asked for them.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ RETRY_MAX_S = 2.0
 # One try of a read waits at most this long for the server before a new connection.
 TRY_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_S = 30.0
-# Blocks a full cache keeps in memory for the reads that fetched them.
-TRANSIENT_BLOCKS = 64
+# Bytes a full cache keeps in memory for the reads that fetched them: more than the longest
+# request (cowd's 32 MiB), so a read's blocks are all still there when it reads them.
+TRANSIENT_BYTES = 64 << 20
 
 
 class NotCached(Exception):
@@ -96,8 +97,6 @@ class RemoteBase:
         self.timeout_s = config.timeout_s
         self.refs = 0
         self.stale: str | None = None  # why every read fails (the remote changed)
-        # May fetch() be called inline here?  The daemon says no in its event loop.
-        self.fetch_inline: Callable[[], bool] = lambda: True
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._transient: OrderedDict[int, bytes] = OrderedDict()
@@ -191,34 +190,58 @@ class RemoteBase:
             b = present.find(0, b + 1, b1)
         return out
 
-    def read_into(self, fd: int, file_offset: int, view: memoryview) -> int:
-        """Read cached bytes into ``view`` (from ``fd``, a descriptor of the cache file);
-        fetch what is missing first (inline) or raise :class:`NotCached`.  Returns the bytes
-        read (fewer only past the remote's end)."""
+    def ready(self, file_offset: int, length: int) -> bool:
+        """Make the blocks of a range of the cache file readable: True when all are held
+        (the caller may pread the cache file), False when some are only in memory (a full
+        cache: read them with :meth:`read_into`).  Missing blocks are fetched inline, or
+        :class:`NotCached` is raised where the caller may not wait."""
         if self.stale is not None:
-            raise ImageIOError(self.url, self.stale, errno_mod.ESTALE)
-        n = len(view)
-        if not n:
-            return 0
+            raise ImageIOError(self.url, self.stale, errno_mod.EIO)
         bs = self.block_size
         b0 = file_offset // bs
-        b1 = min(self.blocks, -(-(file_offset + n) // bs))
+        b1 = min(self.blocks, -(-(file_offset + length) // bs))
+        if b0 >= b1:
+            return True
         present = self.files.present
         self.files.used[b0:b1] = b"\1" * (b1 - b0)
-        if b0 < b1 and present.find(0, b0, b1) >= 0:
-            gaps = self.missing(file_offset, n)
-            if gaps:
-                if not self.fetch_inline():
-                    raise NotCached(self, gaps)
-                for first, end in gaps:
-                    self.fetch(first, end)
-            if present.find(0, b0, b1) >= 0:
-                return self._read_transient(fd, file_offset, view)
-            if gaps:
-                return _pread_all(fd, view, file_offset)  # fetched for this read: no hit
-        got = _pread_all(fd, view, file_offset)
-        self.counters["hit_bytes"] += got
-        return got
+        if present.find(0, b0, b1) < 0:
+            self.counters["hit_bytes"] += length
+            return True
+        gaps = self.missing(file_offset, length)
+        if gaps:
+            if not _fetch_inline():
+                raise NotCached(self, gaps)
+            for first, end in gaps:
+                self.fetch(first, end)
+        else:
+            self.counters["hit_bytes"] += length
+        return present.find(0, b0, b1) < 0
+
+    def held_runs(self, file_offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """The range cut into runs ``(file_offset, length, held)`` at block boundaries:
+        what may be read from the cache file by anyone (a worker, the kernel)."""
+        out: list[tuple[int, int, bool]] = []
+        bs = self.block_size
+        present = self.files.present
+        pos = file_offset
+        end = file_offset + length
+        while pos < end:
+            b = pos // bs
+            held = b >= self.blocks or bool(present[b])
+            nxt = (present.find(0 if held else 1, b + 1, self.blocks) if b < self.blocks
+                   else -1)
+            stop = end if nxt < 0 else min(end, nxt * bs)
+            out.append((pos, stop - pos, held))
+            pos = stop
+        return out
+
+    def read_into(self, fd: int, file_offset: int, view: memoryview) -> int:
+        """Read a range of the cache file into ``view`` (``fd`` is a descriptor of it),
+        fetching what is missing as :meth:`ready` does.  Returns the bytes read (fewer only
+        past the remote's end)."""
+        if self.ready(file_offset, len(view)):
+            return _pread_all(fd, view, file_offset)
+        return self._read_transient(fd, file_offset, view)
 
     def _read_transient(self, fd: int, file_offset: int, view: memoryview) -> int:
         """A read that needs blocks a full cache did not keep: those from memory."""
@@ -251,7 +274,7 @@ class RemoteBase:
         """Fetch blocks [first, end) from the server into the cache (blocking; retried with
         back-off until the deadline).  ImageIOError when they cannot be had in time."""
         if self.stale is not None:
-            raise ImageIOError(self.url, self.stale, errno_mod.ESTALE)
+            raise ImageIOError(self.url, self.stale, errno_mod.EIO)
         bs = self.block_size
         per = max(1, MAX_FETCH_BYTES // bs)
         for a in range(first, end, per):
@@ -281,7 +304,7 @@ class RemoteBase:
                     conn.close()
                 self.stale = f"the remote base changed while in use ({e.strerror})"
                 self.counters["failures"] += 1
-                raise ImageIOError(self.url, self.stale, errno_mod.ESTALE) from None
+                raise ImageIOError(self.url, self.stale, errno_mod.EIO) from None
             except OSError as e:
                 if conn is not None:
                     conn.close()
@@ -290,8 +313,7 @@ class RemoteBase:
                     self.counters["failures"] += 1
                     raise ImageIOError(self.url, f"read of {length} bytes at {offset} failed "
                                        f"after {tries} tries in {self.timeout_s:g} s: "
-                                       f"{e.strerror or e}",
-                                       e.errno or errno_mod.EIO) from None
+                                       f"{e.strerror or e}", errno_mod.EIO) from None
                 self.counters["retries"] += 1
                 time.sleep(pause)
                 pause = min(RETRY_MAX_S, pause * 2)
@@ -310,7 +332,7 @@ class RemoteBase:
             b = first + i // bs
             self._transient[b] = data[i:i + bs]
             self._transient.move_to_end(b)
-        while len(self._transient) > TRANSIENT_BLOCKS:
+        while len(self._transient) > max(1, TRANSIENT_BYTES // bs):
             self._transient.popitem(last=False)
 
     # ---- lifetime ------------------------------------------------------------------------
@@ -328,6 +350,20 @@ class RemoteBase:
         self._close_connections()
         self.files.close()
         os.close(self._root_fd)
+
+
+def _always() -> bool:
+    return True
+
+
+# May a read fetch inline, here and now?  The daemon says no in its event loop
+# (cowd/disk/remote.py), where a miss raises NotCached instead.
+_fetch_inline: Callable[[], bool] = _always
+
+
+def set_fetch_inline(check: Callable[[], bool]) -> None:
+    global _fetch_inline
+    _fetch_inline = check
 
 
 def _pread_all(fd: int, view: memoryview, offset: int) -> int:

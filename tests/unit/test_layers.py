@@ -19,7 +19,7 @@ COWD_LAYERS = [
     {"errors", "imagelock", "trust", "qemuout", "process", "sysmem", "frontends",
      "frontends.nbd", "frontends.fuse", "frontends.kmod", "disk.api", "disk.backing_io",
      "disk.locks", "workers", "workers.wire", "workers.channel"},
-    {"remap", "disk.pool"},
+    {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
@@ -31,7 +31,8 @@ COWD_LAYERS = [
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
-    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", ""},
+    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", "",
+     "remoteargs", "remotecmds"},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
