@@ -2,7 +2,8 @@
 
 The golden image is tools/mkbase's bootable base (build/vm/base.img), exported by nbdkit's
 file plugin with its delay filter adding ``--latency`` to every read (10 ms and 50 ms by
-default: a WAN's round trip), on loopback.  For each latency, paired in each repetition:
+default: a WAN's round trip) and its rate filter capping the bandwidth (``--rate``, 100
+Mbit/s), on loopback.  For each latency, paired in each repetition:
 
 - *first boot*, through ``cowd serve`` of a fresh qcow2 overlay over the remote base
   (qemu's NBD client on the daemon's socket), with a cold cache and with a warm one (the
@@ -39,13 +40,15 @@ NBDKIT_START_S = 15.0
 
 
 @contextlib.contextmanager
-def delayed_server(base: Path, latency_ms: int, work: Path) -> Iterator[str]:
-    """nbdkit exporting ``base`` with ``latency_ms`` added to every read; its URL."""
+def delayed_server(base: Path, latency_ms: int, rate: str, work: Path) -> Iterator[str]:
+    """nbdkit exporting ``base`` with ``latency_ms`` added to every read and its bandwidth
+    capped at ``rate`` bits per second (nbdkit's delay and rate filters); its URL."""
     sock = work / f"nbdkit-{latency_ms}.sock"
     sock.unlink(missing_ok=True)
     log = open(work / "nbdkit.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(sock), "--filter=delay",
-                             "file", f"file={base}", f"delay-read={latency_ms}ms"],
+                             "--filter=rate", "file", f"file={base}",
+                             f"delay-read={latency_ms}ms", f"rate={rate}"],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + NBDKIT_START_S
@@ -96,7 +99,7 @@ def cowd_boot(url: str, work: Path, initrd: Path, env: dict[str, str],
     (b,) = stats["remote"]["bases"]
     shutil.rmtree(run_dir, ignore_errors=True)
     ov.unlink()
-    return {"seconds": seconds, "wall_seconds": wall, "fetched_bytes": b["fetched_bytes"]}
+    return {"seconds": seconds, "total_seconds": wall, "fetched_bytes": b["fetched_bytes"]}
 
 
 def copy_first_boot(url: str, work: Path, initrd: Path) -> dict[str, Any]:
@@ -108,7 +111,8 @@ def copy_first_boot(url: str, work: Path, initrd: Path) -> dict[str, Any]:
     seconds = _boot(f"file={local},format=raw,if=virtio", local, initrd)
     size = local.stat().st_size
     local.unlink()
-    return {"seconds": copy_s + seconds, "copy_seconds": copy_s, "fetched_bytes": size}
+    return {"seconds": seconds, "total_seconds": copy_s + seconds, "copy_seconds": copy_s,
+            "fetched_bytes": size}
 
 
 def qemu_alone_boot(url: str, work: Path, initrd: Path) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def qemu_alone_boot(url: str, work: Path, initrd: Path) -> dict[str, Any]:
                     str(ov)], check=True, capture_output=True)
     seconds = _boot(f"file={ov},format=qcow2,if=virtio", ov, initrd)
     ov.unlink()
-    return {"seconds": seconds, "fetched_bytes": None}
+    return {"seconds": seconds, "total_seconds": seconds, "fetched_bytes": None}
 
 
 def _read_files(dev: str, mnt: Path) -> float:
@@ -149,7 +153,7 @@ def cowd_files(url: str, work: Path, env: dict[str, str], tag: str) -> dict[str,
     total = time.monotonic() - t0
     (b,) = stats["remote"]["bases"]
     ov.unlink()
-    return {"seconds": total, "read_seconds": read_s, "fetched_bytes": b["fetched_bytes"]}
+    return {"seconds": read_s, "total_seconds": total, "fetched_bytes": b["fetched_bytes"]}
 
 
 def copy_first_files(url: str, work: Path) -> dict[str, Any]:
@@ -157,16 +161,18 @@ def copy_first_files(url: str, work: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(local)],
                    check=True, capture_output=True, timeout=1800)
+    copy_s = time.monotonic() - t0
     dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(local)],
                          check=True, capture_output=True, text=True).stdout.strip()
     try:
-        _read_files(dev, work / "mnt")
+        read_s = _read_files(dev, work / "mnt")
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
     total = time.monotonic() - t0
     size = local.stat().st_size
     local.unlink()
-    return {"seconds": total, "fetched_bytes": size}
+    return {"seconds": read_s, "total_seconds": total, "copy_seconds": copy_s,
+            "fetched_bytes": size}
 
 
 def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -179,7 +185,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for rep in range(args.reps):
             cache = work / f"cache-{latency}-{rep}"
             env = {**os.environ, "COWD_REMOTE_CACHE_DIR": str(cache)}
-            with delayed_server(base, latency, work) as url:
+            with delayed_server(base, latency, args.rate, work) as url:
                 row: dict[str, Any] = {"latency_ms": latency, "rep": rep,
                                        "loadavg": os.getloadavg()[0]}
                 if not args.no_boot:
@@ -198,13 +204,22 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "base_bytes": base.stat().st_size, "results": results}
 
 
+WHAT = {"boot_cold": "first boot, cowd serve, cold cache",
+        "boot_warm": "first boot, cowd serve, warm cache",
+        "boot_qemu_alone": "first boot, qemu reads the remote chain itself",
+        "boot_copy_first": "qemu-img convert the base, then boot the copy",
+        "files_cold": "read all files, cowd attach --via fuse, cold cache",
+        "files_warm": "read all files, cowd attach --via fuse, warm cache",
+        "files_copy_first": "qemu-img convert the base, then loop-mount and read"}
+
+
 def table(doc: dict[str, Any]) -> str:
     size = doc["base_bytes"]
     keys = [k for k in ("boot_cold", "boot_warm", "boot_qemu_alone", "boot_copy_first",
                         "files_cold", "files_warm", "files_copy_first")
             if any(k in r for r in doc["results"])]
-    out = ["| latency | workload | seconds, median (min-max) | bytes fetched / base size |",
-           "|---|---|---|---|"]
+    out = ["| latency | workload | boot or read, s: median (min-max) | with start-up or "
+           "copy, s | bytes fetched / base size |", "|---|---|---|---|---|"]
     for latency in sorted({r["latency_ms"] for r in doc["results"]}):
         rows = [r for r in doc["results"] if r["latency_ms"] == latency]
         for k in keys:
@@ -212,8 +227,9 @@ def table(doc: dict[str, Any]) -> str:
             fetched = [r[k]["fetched_bytes"] for r in rows]
             frac = "-" if fetched[0] is None else \
                 f"{statistics.median(fetched) / size:.3f}"
-            out.append(f"| {latency} ms | {k} | {statistics.median(secs):.2f} "
-                       f"({min(secs):.2f}-{max(secs):.2f}) | {frac} |")
+            total = statistics.median(r[k]["total_seconds"] for r in rows)
+            out.append(f"| {latency} ms | {WHAT[k]} | {statistics.median(secs):.2f} "
+                       f"({min(secs):.2f}-{max(secs):.2f}) | {total:.2f} | {frac} |")
     return "\n".join(out)
 
 
@@ -224,6 +240,9 @@ def main() -> int:
                    help="the golden image (tools/mkbase; default build/vm/base.img)")
     p.add_argument("--latency", type=int, action="append",
                    help="added read latency in ms (repeatable; default 10 and 50)")
+    p.add_argument("--rate", default="100M",
+                   help="the server's bandwidth in bits per second (nbdkit rate filter; "
+                   "default 100M)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one repetition at 10 ms")
     p.add_argument("--no-boot", action="store_true", help="the small-file read only")
