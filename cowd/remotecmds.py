@@ -25,6 +25,10 @@ PREFETCH_RUN_BYTES = 4 << 20
 PREFETCH_THREADS = 4
 
 
+def _open_index(folder: str) -> int:
+    return os.open(os.path.join(folder, "index"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def _caches(root: str) -> list[dict[str, Any]]:
     from formats.remote.cache import HEADER_BYTES, CacheError, Header
 
@@ -38,8 +42,7 @@ def _caches(root: str) -> list[dict[str, Any]]:
             continue
         folder = os.path.join(root, name)
         try:
-            fd = os.open(os.path.join(folder, "index"), os.O_RDONLY | os.O_NOFOLLOW |
-                         os.O_CLOEXEC)
+            fd = _open_index(folder)
         except OSError:
             continue
         try:
@@ -157,8 +160,7 @@ def drop(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
         for folder in _folders(args, policy):
             name = os.path.basename(folder)
             try:
-                fd = os.open(os.path.join(folder, "index"), os.O_RDONLY | os.O_NOFOLLOW |
-                             os.O_CLOEXEC)
+                fd = _open_index(folder)
             except FileNotFoundError:
                 continue
             try:

@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.peers import COWD, qemu_img
-from tests.support.remote import Cowd, make_base, nbdkit, nginx, remote_problem
+from tests.support.remote import Cowd, cowd_fixture, make_base, nbdkit, nginx, remote_marks
 
-pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
-
-_problem = remote_problem()
-if _problem:
-    pytestmark.append(pytest.mark.skip(reason=_problem))
-
-
-@pytest.fixture
-def cowd(tmp_path: Path) -> Cowd:
-    return Cowd(tmp_path, tmp_path / "cache")
+pytestmark = remote_marks(240)
+cowd = cowd_fixture()
 
 
 def read_export(sock: Path, export: str, out: Path,

@@ -18,6 +18,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support.peers import COWD, missing_tool
 
@@ -39,6 +42,35 @@ def remote_problem() -> str | None:
     return None
 
 
+def remote_marks(timeout_s: float) -> list[pytest.MarkDecorator]:
+    """A remote-base test module's marks: qemu, its deadline, the skip reason if any."""
+    marks = [pytest.mark.qemu, pytest.mark.timeout(timeout_s)]
+    problem = remote_problem()
+    if problem:
+        marks.append(pytest.mark.skip(reason=problem))
+    return marks
+
+
+def cowd_fixture() -> Any:
+    """The ``cowd`` fixture of a test module: :class:`Cowd` in the test's tmp_path."""
+
+    @pytest.fixture(name="cowd")
+    def fixture(tmp_path: Path) -> Cowd:
+        return Cowd(tmp_path, tmp_path / "cache")
+
+    return fixture
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -56,13 +88,7 @@ class Server:
     extra: dict[str, Path] = field(default_factory=dict)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, 10)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -248,13 +274,7 @@ class Cowd:
             time.sleep(0.2)  # the socket exists a moment before it accepts
             yield sock
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, signal.SIGTERM, 60)  # the daemon drains and flushes
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
 
@@ -275,5 +295,18 @@ def make_base(tmp: Path, size_mib: int = 64, name: str = "base.raw") -> Path:
     return base
 
 
-__all__ = ["Cowd", "Server", "bytes_sent_to", "free_port", "make_base", "nbdkit", "nbdkit_argv",
-           "nginx", "qemu_nbd", "remote_problem"]
+__all__ = [
+    "Cowd",
+    "Server",
+    "bytes_sent_to",
+    "cowd_fixture",
+    "free_port",
+    "make_base",
+    "nbdkit",
+    "nbdkit_argv",
+    "nginx",
+    "qemu_nbd",
+    "remote_marks",
+    "remote_problem",
+    "stop_process",
+]
