@@ -728,7 +728,9 @@ class Disk:
             for _ in range(MAX_FETCH_ROUNDS):
                 segs: list[Segment] = []
                 try:
-                    self.chain.plan_below(0, a, b, segs, PlanState(owned=True))
+                    # Best effort: a layer busy in a thread stops the plan (the codec's
+                    # copy-up then fetches what is left: _library_write).
+                    self.chain.plan_below(0, a, b, segs, PlanState())
                     for seg in segs:
                         remote = self._chain[seg.depth].remote if seg.depth >= 0 else None
                         if remote is not None and seg.kind is Kind.DATA:
