@@ -103,8 +103,8 @@ def cowd_cmd() -> list[str]:
 # ---- every byte, every server ----------------------------------------------------------------
 
 
-SERVERS = ["nbdkit-raw", "nbdkit-qcow2", "nbdkit-unix-raw", "qemu-nbd-qcow2-bytes",
-           "qemu-nbd-guest-view", "nginx-raw", "nginx-qcow2"]
+SERVERS = ["nbdkit-raw", "nbdkit-qcow2", "nbdkit-vhd", "nbdkit-unix-raw",
+           "qemu-nbd-qcow2-bytes", "qemu-nbd-guest-view", "nginx-raw", "nginx-qcow2"]
 
 
 def _server(kind: str, tmp: Path, raw: Path, qcow: Path):  # type: ignore[no-untyped-def]
@@ -112,6 +112,10 @@ def _server(kind: str, tmp: Path, raw: Path, qcow: Path):  # type: ignore[no-unt
         return nbdkit(tmp, raw)
     if kind == "nbdkit-qcow2":
         return nbdkit(tmp, qcow)
+    if kind == "nbdkit-vhd":
+        vhd = raw.parent / "base.vhd"
+        qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", raw, vhd)
+        return nbdkit(tmp, vhd)
     if kind == "nbdkit-unix-raw":
         return nbdkit(tmp, raw, unix=True)
     if kind == "qemu-nbd-qcow2-bytes":
@@ -136,7 +140,8 @@ def test_overlay_over_remote_base_reads_as_qemu(tmp_path: Path, cowd: Cowd, kind
         info = qemu_img("info", "--output=json", ov).stdout
         assert json.loads(info)["backing-filename"] == url
         want_fmt = "qcow2" if kind in ("nbdkit-qcow2", "qemu-nbd-qcow2-bytes",
-                                       "nginx-qcow2") else "raw"
+                                       "nginx-qcow2") else "vpc" if kind == "nbdkit-vhd" \
+            else "raw"
         assert json.loads(info)["backing-filename-format"] == want_fmt
         qemu_io(ov, "write -P 0x5a 1M 200k", "write -P 0x33 40M 64k", fmt="qcow2")
         oracle = qemu_chain(ov, tmp_path)  # qemu opens the remote chain itself

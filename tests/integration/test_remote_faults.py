@@ -7,6 +7,7 @@ keeps serving its other disks; reconnection is automatic.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -133,3 +134,29 @@ def test_changed_remote_fails_the_open_in_one_line(tmp_path: Path, cowd: Cowd) -
                            text=True, env=cowd.env, timeout=60)
         assert '"caches": []' in p.stdout
         assert not out.exists()
+
+
+def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
+                                                               cowd: Cowd) -> None:
+    """nginx's file is replaced (same size, new ETag) while a disk over it is served: reads
+    that need a block not cached yet fail with EIO (If-Match answered 412), never the new
+    version's bytes mixed with the old one's."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    with nginx(tmp_path, files) as srv:
+        ov = tmp_path / "ov.qcow2"
+        cowd("create", "--base", f"{srv.url}/base.raw", "--overlay", "qcow", "-o", ov)
+        with cowd.serve(ov, extra=["--workers", "0", "--remote-timeout", "3"]) as sock:
+            uri = f"nbd+unix:///{ov.name}?socket={sock}"
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 1 0 64k", uri],
+                               capture_output=True, text=True, timeout=60)
+            assert "read 65536/65536" in p.stdout, p.stdout + p.stderr
+            st = raw.stat()
+            raw.write_bytes(b"\x7f" * st.st_size)  # a new version, same size
+            os.utime(raw, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag: mtime
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x7f 6M 64k", uri],
+                               capture_output=True, text=True, timeout=60)
+            assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
+            (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+            assert b["stale"] and "changed" in b["stale"]
