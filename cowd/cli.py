@@ -39,9 +39,11 @@ def open_policy(args: argparse.Namespace) -> OpenPolicy:
         os.environ[ALLOW_OUTSIDE_ENV] = "1"
     if devices:
         os.environ[ALLOW_DEVICE_ENV] = "1"
+    from .remoteargs import remote_config
     from .trust import is_vouched
 
-    return OpenPolicy(confine=not outside, allow_devices=devices, vouched=is_vouched)
+    return OpenPolicy(confine=not outside, allow_devices=devices, vouched=is_vouched,
+                      remote=remote_config(args))
 
 
 IMAGE_COMMANDS = ("create", "info", "map", "check", "convert", "commit", "rebase", "resize",
@@ -55,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         return imagecli.run(args, open_policy(args))
     if args.command == "serve":
         return serve(args)
+    if args.command == "cache":
+        from . import remotecmds
+
+        return remotecmds.run(args, open_policy(args))
     if args.command == "stats":
         from .control import control_path, request
 
@@ -96,6 +102,9 @@ def attach_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"--kmod-timeout: expected 0.001..86400 seconds "
                              f"(got {args.kmod_timeout:g})")
         kmod["kmod_timeout_ms"] = round(args.kmod_timeout * 1000)
+    from .remoteargs import export_flags
+
+    export_flags(args)  # remote-base settings, for the daemon this may start
     via, note = choose_frontend(args.via)
     if note:
         _say(note)
@@ -209,6 +218,13 @@ def format_stats(doc: dict[str, object]) -> str:
         lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
         if d.get("prime_seconds") is not None:
             lines.append(f"  primed in {d['prime_seconds']:.3f} s")
+    remote = doc.get("remote")
+    if isinstance(remote, dict):
+        for b in remote.get("bases", []):
+            lines.append(f"remote base {b['url']}: hit rate {b['hit_rate']}, fetched "
+                         f"{b['fetched_bytes']} bytes, saved {b['saved_bytes']} bytes, "
+                         f"cache holds {b['held_bytes']} of {b['size']} bytes "
+                         f"({b['cache']}), retries {b['retries']}, failures {b['failures']}")
     return "\n".join(lines)
 
 

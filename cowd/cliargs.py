@@ -257,6 +257,9 @@ def build_parser() -> Parser:
                    "certificate's order (e.g. 'C=GB,O=Example,CN=laptop'), or a PSK username")
     _daemon_options(s)
 
+    from .remoteargs import add_cache_command
+
+    add_cache_command(sub)
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
     _output_option(t)
     _run_dir_option(t)
@@ -341,6 +344,9 @@ def _outside_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-backing-device", action="store_true",
                    help="let an image name a block device as its backing or data file "
                    f"(refused by default; also ${ALLOW_DEVICE_ENV}=1)")
+    from .remoteargs import add_remote_options
+
+    add_remote_options(p)
 
 
 def _run_dir_option(p: argparse.ArgumentParser) -> None:

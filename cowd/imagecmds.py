@@ -53,7 +53,9 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
            cluster_size: int | None = None, absolute: bool = False, *,
            policy: OpenPolicy | None = None, size: int | None = None) -> str:
     fmt = overlay_format_name(overlay)
-    if not os.path.exists(base):
+    from formats.remote import looks_remote
+
+    if not looks_remote(base) and not os.path.exists(base):
         raise CommandFailed(f"{base}: base image not found")
     if base_format is not None:
         try:

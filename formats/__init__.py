@@ -147,11 +147,21 @@ def open_image(
     ``open_parent`` lets a caller share parent images between chains (the daemon opens a
     base once for many overlays); by default each parent is opened read-only here.
     """
-    opener = ChainOpener(path, policy or DEFAULT_POLICY)
+    from .remote import looks_remote
+
+    remote_top = looks_remote(path)
+    # A remote top (``cowd create --base URL``) has no folder: its names must be remote.
+    opener = ChainOpener(os.path.join(os.getcwd(), "-") if remote_top else path,
+                         policy or DEFAULT_POLICY)
     top: Image | None = None
     try:
-        place = opener.top_place()
-        top = open_file(opener.open_top(writable), writable, fmt, _near(opener, path, place))
+        if remote_top:
+            place = Place(path, None, remote=True)
+            tfile = opener.open_remote_top(path)
+        else:
+            place = opener.top_place()
+            tfile = opener.open_top(writable)
+        top = open_file(tfile, writable, fmt, _near(opener, path, place))
         _link_parents(opener, top, place, {top.file.dev_ino}, open_parent, writable_depths)
         return top
     except BaseException:
@@ -244,7 +254,11 @@ def create_overlay(
     base = open_image(base_path, False, base_format, policy=policy)
     try:
         base_fmt = base.format_name
-        if absolute_backing:
+        from .remote import looks_remote
+
+        if looks_remote(base_path):
+            name = base_path  # a remote base: its URL, as qemu records it
+        elif absolute_backing:
             name = os.path.abspath(base_path)
         else:
             name = os.path.relpath(os.path.abspath(base_path),

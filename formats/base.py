@@ -120,6 +120,10 @@ def io_error(path: str, what: str, e: OSError) -> ImageIOError:
 class HostFile:
     """An open host file (an image, an external data file).  Thin, explicit syscalls."""
 
+    # A hole in the file reads as zeroes (a raw image reports it as ZERO); not so for a
+    # remote base's cache file, whose holes are blocks not fetched yet (formats/remote/).
+    sparse_is_zero = True
+
     def __init__(self, path: str, writable: bool, *, fd: int | None = None):
         self.path = path
         self.writable = writable

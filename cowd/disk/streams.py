@@ -22,6 +22,7 @@ import os
 from formats.base import Kind
 
 from .chain import Segment
+from .remote import FETCHER
 
 # Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
 # ended count as sequential (a few concurrent streams, and queue-depth reordering).
@@ -122,10 +123,14 @@ class KeptPlans:
 
 
 def advise_segments(segs: list[Segment]) -> None:
-    """Start reading the DATA of ``segs`` into the page cache without waiting."""
+    """Start reading the DATA of ``segs`` into the page cache without waiting (and, for a
+    remote base, fetching the blocks its cache lacks: cowd/disk/remote.py)."""
     for seg in segs:
         f = seg.file
         if f is not None and seg.kind is Kind.DATA:
+            remote = getattr(f, "remote", None)
+            if remote is not None:
+                FETCHER.advise(remote, seg.file_offset, seg.length)
             try:
                 os.posix_fadvise(f.fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
             except OSError:

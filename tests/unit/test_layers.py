@@ -19,7 +19,7 @@ COWD_LAYERS = [
     {"errors", "imagelock", "trust", "qemuout", "process", "sysmem", "frontends",
      "frontends.nbd", "frontends.fuse", "frontends.kmod", "disk.api", "disk.backing_io",
      "disk.locks", "workers", "workers.wire", "workers.channel"},
-    {"remap", "disk.pool"},
+    {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
@@ -32,7 +32,8 @@ COWD_LAYERS = [
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
-    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", ""},
+    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", "",
+     "remoteargs", "remotecmds"},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
@@ -117,6 +118,7 @@ def test_formats_never_imports_cowd() -> None:
 FORMATS_LAYERS = [
     {"errors", "names"},
     {"base"},
+    {"remote"},
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
     {"lifecycle"},
@@ -136,6 +138,13 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"writer", "check"},
         {"image", "create"},
         {"resize", "empty", "backing", "snapshot"},
+        {"__init__"},
+    ],
+    "remote": [
+        {"url"},
+        {"nbd", "http"},
+        {"cache"},
+        {"file"},
         {"__init__"},
     ],
     "vhd": [
