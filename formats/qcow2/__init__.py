@@ -18,7 +18,10 @@ module imports only from the lines before its own; tests/unit/test_layers.py che
 - ``writer``: ``Qcow2Writer``, write / write_zeroes / discard / allocate and copy-up (rules 3,
   4, 6); ``check``: ``Checker``, qemu-img check's walk and repair;
 - ``image``: :class:`Qcow2Image`, the codec: open (a dirty image's refcounts rebuilt), flush
-  and close (rules 3 to 5), check, info; ``create``: a new, empty image.
+  and close (rules 3 to 5), check, info; ``create``: a new, empty image;
+- ``resize``: growing the virtual size; ``lend``: :class:`~.lend.Lender`, host clusters lent
+  to an outside writer (the kernel shim) and adopted as allocations once written, with its
+  own crash-safety order (rules 1, 3, 4 and 6 as they apply to it).
 
 The image's job is split by layer of one class (reader, writer, image) because each layer
 needs the state of the one below, and by component where a job has state of its own (the
@@ -84,6 +87,7 @@ from .layout import (
     QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
 )
+from .lend import Lender, lend_problem
 
 __all__ = [
     "DEFAULT_CLUSTER_SIZE",
@@ -101,9 +105,11 @@ __all__ = [
     "QCOW_OFLAG_COPIED",
     "QCOW_OFLAG_ZERO",
     "REFT_OFFSET_MASK",
+    "Lender",
     "Qcow2Header",
     "Qcow2Image",
     "Qcow2Snapshot",
     "create",
+    "lend_problem",
     "parse_header",
 ]

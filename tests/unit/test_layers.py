@@ -132,7 +132,7 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize"},
+        {"resize", "lend"},
         {"__init__"},
     ],
     "vhd": [
