@@ -65,6 +65,7 @@ from formats.errors import (
     UnsupportedImage,
 )
 from formats.opener import OpenPolicy
+from formats.qcow2 import Lender, Qcow2Image, lend_problem
 
 from ..errors import RequestError
 from ..remap import Origin, RemapCache
@@ -127,11 +128,13 @@ class Disk:
         # Plans of reads that had to wait for the disk: advise() and the read that follows
         # use the plan instead of planning again.
         self._kept_plans = KeptPlans()
+        self._lender: Lender | None = None  # clusters lent to an outside writer (kmod)
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
-                                    "lock_waits", "allocations")}
+                                    "lock_waits", "allocations", "lent", "adopted",
+                                    "given_back")}
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -632,6 +635,79 @@ class Disk:
             raise self._translate(e) from e
         self._cache.note_request(req.lookups, self.counters)
         return segs
+
+    # ---- lending clusters to an outside writer (the kernel shim's pool) --------------------
+
+    def lend_problem(self) -> str | None:
+        """Why this disk cannot lend clusters of its top layer to an outside writer, or
+        None (formats/qcow2/lend.py: a writable qcow2 overlay without a data file)."""
+        if self.readonly or self.corrupt_reason is not None:
+            return "the disk is read-only"
+        return lend_problem(self._top.image)
+
+    def _get_lender(self) -> Lender:
+        if self._lender is None:
+            why = self.lend_problem()
+            if why is not None:
+                raise DiskError(errno.EOPNOTSUPP, f"{self.path}: cannot lend clusters ({why})")
+            image = self._top.image
+            assert isinstance(image, Qcow2Image)
+            self._lender = Lender(image)
+        return self._lender
+
+    @property
+    def lent_clusters(self) -> int:
+        """Clusters lent and not yet adopted or given back."""
+        return self._lender.lent if self._lender is not None else 0
+
+    async def lend(self, clusters: int) -> list[tuple[ChainFile, int, int]]:
+        """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
+        refcounts durable before this returns (it syncs: in a thread).  Returns the runs as
+        (file, file_offset, length), contiguous in the file."""
+        self._check_write(0, 0)
+        lender = self._get_lender()
+        top = self._top
+        try:
+            async with self.chain.exclusive([top], will_await=True):
+                runs = await self.chain.run(lender.lend, clusters, offload=True)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._ops["lent"] += clusters
+        return [(top.image.file, off, n) for off, n in runs]
+
+    async def adopt(self, guest_offset: int, length: int, file_offset: int) -> None:
+        """Top-layer clusters [guest_offset, guest_offset + length) now live at
+        ``file_offset`` onwards of the top file, where the outside writer wrote them whole
+        (lent clusters; the last one may run past the disk's end).  Like an allocation:
+        durable at the next flush."""
+        self._check_write(guest_offset, 0)
+        lender = self._get_lender()
+        end = min(guest_offset + length, self.size)
+        first, gend = self._granules(guest_offset, end)
+        try:
+            async with self._locks.hold(first, gend), \
+                    self.chain.exclusive(will_await=False):
+                c0, c1 = self._cluster_granules(guest_offset, end)
+                self._invalidate(c0, c1)
+                lender.adopt(guest_offset, length, file_offset)
+                self._refill(c0, c1)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._ops["adopted"] += length // max(1, self.cluster_size)
+
+    async def give_back(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Clusters of ``runs`` (file offset, length) lent and never adopted are free again;
+        only once the outside writer can no longer write them.  Returns how many."""
+        self._check_open()
+        lender = self._get_lender()
+        before = lender.lent
+        try:
+            async with self.chain.exclusive([self._top], will_await=False):
+                lender.give_back(runs)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._ops["given_back"] += before - lender.lent
+        return before - lender.lent
 
     # ---- mapping, prefetch, priming --------------------------------------------------------
 

@@ -155,8 +155,9 @@ class Lender:
         self._lent.difference_update(hosts)
         self.adopted += len(hosts)
 
-    def give_back(self, runs: Iterable[HostRange]) -> None:
-        """Lent clusters of ``runs`` that were never adopted get refcount 0 (step 4 above);
+    def give_back(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Lent clusters of ``runs`` (file offset, length) that were never adopted get
+        refcount 0 (step 4 above);
         clusters of the runs that are not lent (adopted, or never lent) are left alone."""
         cb = self.img.cluster_bits
         back = sorted({ci for off, n in runs for ci in range(off >> cb, (off + n) >> cb)}
