@@ -246,6 +246,7 @@ class Attacher:
             try:
                 await self.nursery.start(kdev.serve)
                 await kdev.prime()
+                await kdev.start_pool()  # first writes allocated in the kernel
                 if take_over < 0:
                     await kdev.rescan_partitions()
                 rdev = (await trio.to_thread.run_sync(os.stat, kdev.device)).st_rdev
@@ -422,7 +423,12 @@ class Attacher:
             log.info("detached %s (%s)", att.device, att.image)
 
     async def _detach_kmod(self, att: Attachment, kdev: KmodDevice) -> None:
-        await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
+        await kdev.stop_pool()  # the kernel's allocations recorded, its unused pool given back
+        try:
+            await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
+        except BaseException:
+            await kdev.start_pool()
+            raise
         kdev.close()
         if not att.disk.readonly:
             await att.disk.flush()  # the kernel's writes sit in the files' page cache
@@ -516,6 +522,8 @@ class Attacher:
             if kdev is None:
                 continue
             try:
+                with trio.CancelScope(shield=True):  # bounded: REVOKE_TIMEOUT_S
+                    await kdev.stop_pool()  # nothing the kernel allocated left unrecorded
                 await trio.to_thread.run_sync(kdev.remove)
             except (UsageError, CommandFailed, RequestError) as e:
                 log.warning("%s: left for a new daemon to take over (%s)", att.device, e)
