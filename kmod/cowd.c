@@ -61,7 +61,7 @@
 
 #include "cowd_uapi.h"
 
-#define COWD_MODULE_VERSION	"0.1.0"
+#define COWD_MODULE_VERSION	"0.2.0"
 #define COWD_PART_SHIFT		4	/* 15 partitions per disk */
 #define COWD_DEFAULT_ENTRIES	(1U << 18)
 #define COWD_DEFAULT_DEPTH	128
@@ -1079,7 +1079,8 @@ static void cowd_work(struct work_struct *work)
 			cowd_end(cmd, status);
 			return;
 		}
-		if (write && dev->pool_clusters && dev->state == COWD_LIVE &&
+		/* (a pool ever granted: an empty one counts the write as a fallback) */
+		if (write && dev->stats.pool_grants && dev->state == COWD_LIVE &&
 		    cowd_try_alloc(dev, cmd))
 			return;
 	}
@@ -1200,16 +1201,24 @@ static bool cowd_chan_ready(struct cowd_dev *dev)
 	return !list_empty(&dev->unsent) || !list_empty(&dev->events);
 }
 
+/* Zero a kernel -> daemon message of @size bytes at @p and fill in its header. */
+static void cowd_msg_init(void *p, u32 size, u16 type, u16 version)
+{
+	struct cowd_msg_hdr *hdr = p;
+
+	memset(p, 0, size);
+	hdr->size = size;
+	hdr->type = type;
+	hdr->version = version;
+}
+
 /* Build an event's message in @p (ALLOC or REVOKED); returns its size. */
 static size_t cowd_event_msg(const struct cowd_event *ev, u16 version, void *p)
 {
 	if (ev->type == COWD_MSG_ALLOC) {
 		struct cowd_alloc *m = p;
 
-		memset(m, 0, sizeof(*m));
-		m->hdr.size = sizeof(*m);
-		m->hdr.type = COWD_MSG_ALLOC;
-		m->hdr.version = version;
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_ALLOC, version);
 		m->seq = ev->seq;
 		m->file = ev->file;
 		m->pool_left = ev->pool_left;
@@ -1220,10 +1229,7 @@ static size_t cowd_event_msg(const struct cowd_event *ev, u16 version, void *p)
 	} else {
 		struct cowd_revoked *m = p;
 
-		memset(m, 0, sizeof(*m));
-		m->hdr.size = sizeof(*m);
-		m->hdr.type = COWD_MSG_REVOKED;
-		m->hdr.version = version;
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_REVOKED, version);
 		m->cookie = ev->cookie;
 		m->dropped = ev->dropped;
 		m->seq = ev->seq;
@@ -1292,10 +1298,7 @@ static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count,
 		struct cowd_miss *m = (struct cowd_miss *)(out + used);
 
 		c = list_first_entry(&dev->unsent, struct cowd_cmd, miss_node);
-		memset(m, 0, sizeof(*m));
-		m->hdr.size = sizeof(*m);
-		m->hdr.type = COWD_MSG_MISS;
-		m->hdr.version = version;
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_MISS, version);
 		m->cookie = c->cookie;
 		m->op = c->op;
 		m->offset = c->offset;

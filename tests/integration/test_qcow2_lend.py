@@ -23,7 +23,7 @@ from formats import qcow2 as q2
 from formats.errors import UnsupportedImage
 from formats.qcow2.layout import HostRange
 from tests.support.peers import qemu_check, qemu_img, qemu_raw, run, sha256
-from tests.support.powerloss import IoLog, check_crash_points
+from tests.support.powerloss import IoLog, check_crash_points, record_flush
 
 pytestmark = pytest.mark.qemu
 
@@ -293,11 +293,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path,
             lender.adopt(g, cs, host)
         else:
             img.flush()
-            m = bytearray(flushed[-1])
-            for fi, woff, wdata in writes:
-                if fi == len(flushed) - 1:
-                    m[woff:woff + len(wdata)] = wdata
-            flushed.append(bytes(m))
+            record_flush(flushed, writes)
             log.events.append(("flushed", len(flushed) - 1))
         del step
     img.flush()

@@ -26,7 +26,7 @@ from formats import Kind
 from formats import qcow2 as q2
 from tests.support.corruption import corrupted_copy
 from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
-from tests.support.powerloss import IoLog, check_crash_points
+from tests.support.powerloss import IoLog, check_crash_points, record_flush
 
 pytestmark = pytest.mark.qemu
 
@@ -531,11 +531,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
                 img.discard(off, n)
         else:
             img.flush()
-            m = bytearray(flushed[-1])
-            for fi, woff, wdata in writes:
-                if fi == len(flushed) - 1:
-                    m[woff : woff + len(wdata)] = wdata
-            flushed.append(bytes(m))
+            record_flush(flushed, writes)
             log.events.append(("flushed", len(flushed) - 1))
             continue
         model[off : off + n] = writes[-1][2]

@@ -45,6 +45,16 @@ class IoLog:
             pos += n
 
 
+def record_flush(flushed: list[bytes], writes: list[tuple[int, int, bytes]]) -> None:
+    """A flush completed: append to ``flushed`` the guest disk it made durable (the last one
+    and every write issued since)."""
+    m = bytearray(flushed[-1])
+    for fi, woff, wdata in writes:
+        if fi == len(flushed) - 1:
+            m[woff : woff + len(wdata)] = wdata
+    flushed.append(bytes(m))
+
+
 def crash_image(initial: bytes, events: list[tuple[Any, ...]], cut: int,
                 r: random.Random) -> bytes:
     last_sync = max((i for i in range(cut) if events[i][0] == "s"), default=-1)

@@ -266,10 +266,10 @@ class KmodDevice:
         # The allocation pool (see the module docstring).  _outstanding: host offsets of
         # clusters granted to the kernel and not yet reported in an ALLOC.
         self.pool_target = 0
+        self._pool_asked: int | None = None
         self.pool_problem: str | None = "not started"
         self._pool_on = False
         self._outstanding: set[int] = set()
-        self._kernel_pool = 0  # clusters the kernel holds, as far as we know
         self._refilling = False
         self._seq_read = 0  # the last ALLOC read from the channel
         self._seq_adopted = 0  # ... and the last one adopted
@@ -279,6 +279,7 @@ class KmodDevice:
         self._adopt_send, self._adopt_recv = trio.open_memory_channel[
             abi.Alloc | abi.Revoked](math.inf)
         self._revokes: dict[int, trio.Event] = {}
+        self._bad_allocs: set[int] = set()  # seqs of ALLOCs naming clusters never granted
         self._nursery: trio.Nursery | None = None
         self._cookies = itertools.count(1)
         self.pool_ops = {k: 0 for k in ("refills", "granted", "alloc_msgs", "adopted",
@@ -486,22 +487,28 @@ class KmodDevice:
             return "the overlay's file is not writable in the kernel"
         return None
 
-    async def start_pool(self) -> None:
-        """Lend the kernel a pool of clusters if the disk allows (see the module docstring);
-        otherwise first writes stay misses, and ``pool_problem`` says why."""
-        self.pool_problem = self._pool_problem()
+    async def start_pool(self, clusters: int | None = None) -> None:
+        """Lend the kernel a pool of ``clusters`` (default: POOL_BYTES of them, at most a
+        quarter of its table) if the disk allows (see the module docstring); otherwise, or
+        with 0, first writes stay misses, and ``pool_problem`` says why."""
+        if clusters is None:  # the size asked for before (a detach refused), or the default
+            clusters = self._pool_asked if self._pool_asked is not None else \
+                POOL_BYTES // self.granule
+        self._pool_asked = clusters
+        self.pool_problem = self._pool_problem() if clusters else "no pool asked for"
         if self.pool_problem is not None:
             log.info("cowd%d: no allocation pool: %s", self.index, self.pool_problem)
+            await trio.lowlevel.checkpoint()
             return
         bound = self.table_bound() // POOL_TABLE_FRACTION
-        self.pool_target = max(1, min(POOL_BYTES // self.granule, bound,
-                                      abi.MAX_POOL_CLUSTERS // 2))
+        self.pool_target = max(1, min(clusters, bound, abi.MAX_POOL_CLUSTERS // 2))
         self._pool_on = True
         await self._refill()
 
     async def _refill(self) -> None:
         """Lend and GRANT what the kernel's pool lacks of its target (one round trip)."""
-        want = self.pool_target - self._kernel_pool
+        # What the kernel holds (and allocations under way or failed): granted, not reported.
+        want = self.pool_target - len(self._outstanding)
         if not self._pool_on or self._refilling or want <= 0:
             return
         self._refilling = True
@@ -518,7 +525,6 @@ class KmodDevice:
                     part = min(n - (pos - off), abi.MAX_POOL_CLUSTERS // 2 * g)
                     msgs.append(abi.pack_grant(fi, pos, part))
                 self._outstanding.update(range(off, off + n, g))
-            self._kernel_pool += want
             self.pool_ops["refills"] += 1
             self.pool_ops["granted"] += want
             self._send(msgs)
@@ -542,21 +548,33 @@ class KmodDevice:
                 if isinstance(m, abi.Alloc):
                     await self._adopt(m)
                     self._seq_adopted = m.seq
-                    self._kernel_pool = m.pool_left
                     continue
                 self._ack()
                 ev = self._revokes.pop(m.cookie, None)
                 if ev is not None:
                     ev.set()
             self._ack()
-            self._maybe_refill()
 
     def _maybe_refill(self) -> None:
-        """Refill in a task of its own (lending syncs the image) when the kernel's pool is
-        under its low-water mark."""
+        """Refill in a task of its own (lending syncs the image) when what the kernel holds
+        is under the low-water mark (the reader calls it as ALLOCs arrive)."""
         if self._pool_on and not self._refilling and self._nursery is not None and \
-                self._kernel_pool < max(1, self.pool_target // POOL_LOW_FRACTION):
+                len(self._outstanding) < max(1, self.pool_target // POOL_LOW_FRACTION):
             self._nursery.start_soon(self._refill)
+
+    def _reported(self, m: abi.Alloc) -> bool:
+        """An ALLOC read: its clusters are no longer in the kernel's pool.  False if they
+        were not granted (the kernel's bug: never adopted, and no flush may succeed)."""
+        g = self.granule
+        hosts = range(m.file_offset, m.file_offset + m.length, g)
+        self.pool_ops["alloc_msgs"] += 1
+        if m.file >= len(self._files) or self._files[m.file] is not self.disk.files()[0] or \
+                m.length % g or not self._outstanding.issuperset(hosts):
+            self._adopt_error(f"the kernel reported clusters it was not granted (file="
+                              f"{m.file}, file_offset={m.file_offset:#x}, length={m.length})")
+            return False
+        self._outstanding.difference_update(hosts)
+        return True
 
     def _ack(self) -> None:
         if self._seq_adopted > self._seq_acked:
@@ -567,21 +585,15 @@ class KmodDevice:
             self._adopted_event = trio.Event()
 
     async def _adopt(self, m: abi.Alloc) -> None:
-        g = self.granule
-        hosts = range(m.file_offset, m.file_offset + m.length, g)
-        self.pool_ops["alloc_msgs"] += 1
-        if m.file >= len(self._files) or self._files[m.file] is not self.disk.files()[0] or \
-                m.length % g or not self._outstanding.issuperset(hosts):
-            self._adopt_error(f"the kernel reported clusters it was not granted (file="
-                              f"{m.file}, file_offset={m.file_offset:#x}, length={m.length})")
+        if m.seq in self._bad_allocs:
+            self._bad_allocs.discard(m.seq)
             return
-        self._outstanding.difference_update(hosts)
         try:
             await self.disk.adopt(m.guest_offset, m.length, m.file_offset)
         except DiskError as e:
             self._adopt_error(str(e))
             return
-        self.pool_ops["adopted"] += len(hosts)
+        self.pool_ops["adopted"] += m.length // self.granule
 
     def _adopt_error(self, why: str) -> None:
         """The kernel completed writes this daemon cannot record: no flush may claim them."""
@@ -615,7 +627,6 @@ class KmodDevice:
         g = self.granule
         unused = sorted(self._outstanding)
         self._outstanding.clear()
-        self._kernel_pool = 0
         if unused:
             self.pool_ops["given_back"] += await self.disk.give_back([(h, g) for h in unused])
 
@@ -686,15 +697,21 @@ class KmodDevice:
                 raise
             # The kernel puts its events first: an ALLOC goes to the adopter before any miss
             # read with it is answered.
+            allocs = False
             for m in abi.unpack_messages(data, self.version):
                 if isinstance(m, abi.Miss):
                     self.ops["misses"] += 1
                     nursery.start_soon(self._answer, m.cookie, m.op, m.offset, m.length,
                                        self._seq_read)
-                else:
-                    if isinstance(m, abi.Alloc):
-                        self._seq_read = m.seq
-                    self._adopt_send.send_nowait(m)
+                    continue
+                if isinstance(m, abi.Alloc):
+                    self._seq_read = m.seq
+                    allocs = True
+                    if not self._reported(m):
+                        self._bad_allocs.add(m.seq)
+                self._adopt_send.send_nowait(m)
+            if allocs:
+                self._maybe_refill()
 
     async def _answer(self, cookie: int, op: int, offset: int, length: int,
                       seq_read: int = 0) -> None:
