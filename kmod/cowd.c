@@ -808,36 +808,93 @@ static void cowd_take_pool(struct cowd_dev *dev, struct cowd_cmd *cmd, unsigned 
 	}
 }
 
-/* Copy bytes [from, to) of a cluster from its old place (or zeroes) to its new one. */
-static int cowd_copy_up(struct cowd_dev *dev, const struct cowd_piece *pc, u64 from, u64 to,
-			char *buf)
+/* Write zeroes at [pos, pos + len) of @f from the zero page: no buffer to allocate. */
+static int cowd_write_zeroes(struct file *f, loff_t pos, size_t len)
 {
-	loff_t spos = pc->src_offset + from, dpos = pc->file_offset + from;
-	size_t len = to - from, done = 0;
+	struct bio_vec bv[16];
+	struct iov_iter iter;
+	unsigned int i, n;
 	ssize_t ret;
 
-	if (pc->src_flags & COWD_REMAP_ZERO) {
-		memset(buf, 0, len);
-	} else {
-		while (done < len) {
-			ret = kernel_read(dev->files[pc->src_file], buf + done, len - done, &spos);
-			if (ret < 0)
-				return ret;
-			if (ret == 0) {		/* past the end of the source file: zeroes */
-				memset(buf + done, 0, len - done);
-				break;
-			}
-			done += ret;
-		}
-	}
-	for (done = 0; done < len; done += ret) {
-		ret = kernel_write(dev->files[pc->file], buf + done, len - done, &dpos);
+	while (len) {
+		size_t chunk = min_t(size_t, len, ARRAY_SIZE(bv) * PAGE_SIZE);
+
+		n = DIV_ROUND_UP(chunk, PAGE_SIZE);
+		for (i = 0; i < n; i++)
+			bvec_set_page(&bv[i], ZERO_PAGE(0),
+				      min_t(size_t, PAGE_SIZE, chunk - i * PAGE_SIZE), 0);
+		iov_iter_bvec(&iter, ITER_SOURCE, bv, n, chunk);
+		file_start_write(f);
+		ret = vfs_iter_write(f, &iter, &pos, 0);
+		file_end_write(f);
 		if (ret < 0)
 			return ret;
-		if (ret == 0)
+		if (!ret)
 			return -EIO;
+		len -= ret;
 	}
 	return 0;
+}
+
+/*
+ * Copy bytes [from, to) of a cluster from its old place to its new one.  copy_file_range
+ * first: a clone where the file system shares blocks (both files on one XFS or btrfs: no
+ * data moves), else a splice (one copy, no buffer); a plain read and write if neither
+ * works.  Past the source's end the cluster reads as zeroes.  A ZERO source needs no
+ * bytes where the new cluster lies past the end of its file (a hole there reads as zeroes).
+ */
+static int cowd_copy_up(struct cowd_dev *dev, const struct cowd_piece *pc, u64 from, u64 to)
+{
+	struct file *dst = dev->files[pc->file], *src = dev->files[pc->src_file];
+	loff_t spos = pc->src_offset + from, dpos = pc->file_offset + from;
+	size_t len = to - from;
+	unsigned int flags = 0;
+	ssize_t ret;
+	void *buf;
+
+	if (pc->src_flags & COWD_REMAP_ZERO) {
+		if (dpos >= i_size_read(file_inode(dst)))
+			return 0;
+		return cowd_write_zeroes(dst, dpos, len);
+	}
+	while (len) {
+		ret = vfs_copy_file_range(src, spos, dst, dpos, len, flags);
+		if (ret == -EXDEV || ret == -EOPNOTSUPP || ret == -EINVAL) {
+			if (flags)
+				break;	/* no splice either: the plain copy below */
+			flags = COPY_FILE_SPLICE;
+			continue;
+		}
+		if (ret < 0)
+			return ret;
+		if (!ret)	/* past the end of the source file */
+			return cowd_write_zeroes(dst, dpos, len);
+		spos += ret;
+		dpos += ret;
+		len -= ret;
+	}
+	if (!len)
+		return 0;
+	buf = kmalloc(PAGE_SIZE, GFP_KERNEL);	/* in the caller's NOIO scope */
+	if (!buf)
+		return -ENOMEM;
+	while (len) {
+		size_t n = min_t(size_t, len, PAGE_SIZE);
+
+		ret = kernel_read(src, buf, n, &spos);
+		if (ret < 0)
+			break;
+		if (ret < n)
+			memset(buf + ret, 0, n - ret);	/* past the end: zeroes */
+		ret = kernel_write(dst, buf, n, &dpos);
+		if (ret >= 0 && ret < n)
+			ret = -EIO;
+		if (ret < 0)
+			break;
+		len -= n;
+	}
+	kfree(buf);
+	return ret < 0 ? ret : 0;
 }
 
 /*
@@ -851,7 +908,6 @@ static blk_status_t cowd_alloc_io(struct cowd_dev *dev, struct cowd_cmd *cmd,
 	u64 csize = 1ULL << dev->cluster_bits;
 	u64 end = cmd->offset + cmd->length;
 	u64 cstart = round_down(cmd->offset, csize);
-	char *buf = NULL;
 	unsigned int p;
 	int err = 0;
 
@@ -860,19 +916,13 @@ static blk_status_t cowd_alloc_io(struct cowd_dev *dev, struct cowd_cmd *cmd,
 		u64 a = max(cmd->offset, cstart) - cstart;
 		u64 b = min(end, cstart + csize) - cstart;
 
-		if (!(pc->src_flags & COWD_PIECE_ALLOC) || (a == 0 && b == csize))
+		if (!(pc->src_flags & COWD_PIECE_ALLOC))
 			continue;
-		if (!buf) {
-			buf = kvmalloc(csize, GFP_KERNEL);	/* in the caller's NOIO scope */
-			if (!buf)
-				return BLK_STS_RESOURCE;
-		}
 		if (a)
-			err = cowd_copy_up(dev, pc, 0, a, buf);
+			err = cowd_copy_up(dev, pc, 0, a);
 		if (!err && b < csize)
-			err = cowd_copy_up(dev, pc, b, csize, buf);
+			err = cowd_copy_up(dev, pc, b, csize);
 	}
-	kvfree(buf);
 	if (err) {
 		pr_err_ratelimited("cowd%d: copy-up for a write at %llu failed: %d\n",
 				   dev->index, cmd->offset, err);

@@ -675,24 +675,40 @@ class Disk:
         self._ops["lent"] += clusters
         return [(top.image.file, off, n) for off, n in runs]
 
-    async def adopt(self, guest_offset: int, length: int, file_offset: int) -> None:
-        """Top-layer clusters [guest_offset, guest_offset + length) now live at
-        ``file_offset`` onwards of the top file, where the outside writer wrote them whole
-        (lent clusters; the last one may run past the disk's end).  Like an allocation:
-        durable at the next flush."""
-        self._check_write(guest_offset, 0)
+    async def adopt(self, runs: Sequence[tuple[int, int, int]]) -> None:
+        """Each run (guest_offset, length, file_offset): top-layer clusters [guest_offset,
+        guest_offset + length) now live at ``file_offset`` onwards of the top file, where
+        the outside writer wrote them whole (lent clusters; the last one may run past the
+        disk's end).  Like an allocation: durable at the next flush.  The runs of one call
+        name distinct clusters; with no lock held they are adopted inline, in one step."""
+        for guest_offset, _n, _fo in runs:
+            self._check_write(guest_offset, 0)
         lender = self._get_lender()
-        end = min(guest_offset + length, self.size)
-        first, gend = self._granules(guest_offset, end)
+        busy: list[tuple[int, int, int]] = []
         try:
-            async with self._locks.hold(first, gend), \
-                    self.chain.exclusive(will_await=False):
-                c0, c1 = self._cluster_granules(guest_offset, end)
-                self._invalidate(c0, c1)
-                lender.adopt(guest_offset, length, file_offset)
-                self._refill(c0, c1)
+            for run in runs:
+                if self.chain.locked_any() or self._locks.any_held(*self._run_granules(run)):
+                    busy.append(run)
+                else:
+                    self._adopt_run(lender, run)
+            for run in busy:  # a writer or flush holds them: one at a time, under the lock
+                async with self._locks.hold(*self._run_granules(run)), \
+                        self.chain.exclusive(will_await=False):
+                    self._adopt_run(lender, run)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
+        if not busy:
+            await trio.lowlevel.checkpoint()
+
+    def _run_granules(self, run: tuple[int, int, int]) -> tuple[int, int]:
+        return self._granules(run[0], min(run[0] + run[1], self.size))
+
+    def _adopt_run(self, lender: Lender, run: tuple[int, int, int]) -> None:
+        guest_offset, length, file_offset = run
+        c0, c1 = self._cluster_granules(guest_offset, min(guest_offset + length, self.size))
+        self._invalidate(c0, c1)
+        lender.adopt(guest_offset, length, file_offset)
+        self._refill(c0, c1)
         self._ops["adopted"] += length // max(1, self.cluster_size)
 
     async def give_back(self, runs: Sequence[tuple[int, int]]) -> int:

@@ -1006,6 +1006,7 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
     hosts = [(f, h) for f, off, n in runs for h in range(off, off + n, cs)]
     assert all(f.writable for f, _ in hosts)
     fd = os.open(chain.top, os.O_RDWR)
+    batch = []
     try:
         for g in (0, 5 * cs, 6 * cs):  # in the base, and two adjacent ones
             if (await disk.segments(g, cs))[0].writable:
@@ -1016,14 +1017,29 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
             whole[100:1100] = data
             os.pwrite(fd, whole, host)
             model[g + 100:g + 1100] = data
-            await disk.adopt(g, cs, host)
-            segs = await disk.segments(g, cs)
-            assert segs[0].writable and segs[0].file_offset == host
+            batch.append((g, cs, host))
     finally:
         os.close(fd)
+    await disk.adopt(batch[:1])
+    release = trio.Event()
+
+    async def writer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with disk._locks.hold(0, disk.size // disk.granule):
+            task_status.started()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:  # a writer holds the disk: the rest waits
+        await nursery.start(writer)
+        nursery.start_soon(disk.adopt, batch[1:])
+        await trio.sleep(0.05)
+        assert disk.stats()["ops"]["adopted"] == 1
+        release.set()
+    for g, _n, host in batch:
+        segs = await disk.segments(g, cs)
+        assert segs[0].writable and segs[0].file_offset == host
     assert await disk.read(0, 8 * cs) == bytes(model[:8 * cs])
     with pytest.raises(DiskError) as e:
-        await disk.adopt(cs, cs, hosts[0][1] + (1 << 30))  # never lent
+        await disk.adopt([(cs, cs, hosts[0][1] + (1 << 30))])  # never lent
     assert e.value.errno == errno.EINVAL
     await disk.flush()
     assert await disk.give_back([(h, cs) for _f, h in hosts]) == len(hosts)

@@ -165,3 +165,19 @@ def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
 
     assert HEADER.parent / "cowd.ko" == channel.MODULE_PATH
     assert (HEADER.parent / "cowd.c").exists()
+
+
+def test_dkms_packages_the_module_at_its_version() -> None:
+    """kmod/dkms.conf names the module's own version and every source the build needs."""
+    conf = (HEADER.parent / "dkms.conf").read_text()
+    src = (HEADER.parent / "cowd.c").read_text()
+    dkms_version = re.search(r'^PACKAGE_VERSION="([^"]+)"', conf, re.M)
+    module_version = re.search(r'#define COWD_MODULE_VERSION\s+"([^"]+)"', src)
+    assert dkms_version and module_version
+    assert dkms_version.group(1) == module_version.group(1)
+    assert re.search(r'^BUILT_MODULE_NAME\[0\]="cowd"', conf, re.M)
+    sources = re.search(r"^DKMS_SOURCES := (.*)$", (HEADER.parent / "Makefile").read_text(),
+                        re.M)
+    assert sources
+    for name in ("Kbuild", "cowd.c", "cowd_uapi.h", "dkms.conf"):
+        assert name in sources.group(1).split(), name

@@ -544,15 +544,18 @@ class KmodDevice:
                     batch.append(self._adopt_recv.receive_nowait())
                 except trio.WouldBlock:
                     break
+            allocs: list[abi.Alloc] = []
             for m in batch:
                 if isinstance(m, abi.Alloc):
-                    await self._adopt(m)
-                    self._seq_adopted = m.seq
+                    allocs.append(m)
                     continue
+                await self._adopt(allocs)  # those before the REVOKED
+                allocs = []
                 self._ack()
                 ev = self._revokes.pop(m.cookie, None)
                 if ev is not None:
                     ev.set()
+            await self._adopt(allocs)
             self._ack()
 
     def _maybe_refill(self) -> None:
@@ -584,16 +587,20 @@ class KmodDevice:
             self._adopted_event.set()
             self._adopted_event = trio.Event()
 
-    async def _adopt(self, m: abi.Alloc) -> None:
-        if m.seq in self._bad_allocs:
-            self._bad_allocs.discard(m.seq)
+    async def _adopt(self, allocs: list[abi.Alloc]) -> None:
+        """Record a batch of ALLOCs in the image (in one step when nothing else holds the
+        disk) and advance the adopted seq through them."""
+        if not allocs:
             return
+        good = [m for m in allocs if m.seq not in self._bad_allocs]
+        self._bad_allocs.difference_update(m.seq for m in allocs)
         try:
-            await self.disk.adopt(m.guest_offset, m.length, m.file_offset)
+            await self.disk.adopt([(m.guest_offset, m.length, m.file_offset) for m in good])
         except DiskError as e:
             self._adopt_error(str(e))
-            return
-        self.pool_ops["adopted"] += m.length // self.granule
+        else:
+            self.pool_ops["adopted"] += sum(m.length for m in good) // self.granule
+        self._seq_adopted = allocs[-1].seq
 
     def _adopt_error(self, why: str) -> None:
         """The kernel completed writes this daemon cannot record: no flush may claim them."""
