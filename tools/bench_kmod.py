@@ -315,10 +315,10 @@ def table(res: Figures, disk_mib: int) -> str:
     trips = {p: _trips(res.get(p, {})) for p in ("kmod", *extra)}
     if trips["kmod"] is not None:
         row = (f"| daemon round trips per MiB of first writes (misses + refills) | - | "
-               f"{trips['kmod'] / written_mib:.2f} | - | one per refill |")
+               f"{trips['kmod'] / written_mib:.3f} | - | one per refill |")
         for p in extra:
             t = trips.get(p)
-            row += f" {'-' if t is None else f'{t / written_mib:.2f}'} | - |"
+            row += f" {'-' if t is None else f'{t / written_mib:.3f}'} | - |"
         lines.append(row)
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ The reader hands ALLOCs, in order, to one adopter task, which records them in th
 (:meth:`Disk.adopt`: L2 entries, durable at the next flush) and ACKs the last seq of each
 batch; the kernel holds every FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC until
 that ACK, so a flush the daemon answers covers every allocation it must.  When an ALLOC says
-the kernel's pool fell under ``pool_target / 4`` the adopter starts a refill (one lend and one
+the kernel's pool fell under ``pool_target / 2`` the reader starts a refill (one lend and one
 GRANT per refill, not one round trip per cluster).  Before the device is removed (detach,
 shutdown) :meth:`stop_pool` REVOKEs the pool: the kernel drops what it holds, lets its
 allocations under way finish, and queues REVOKED behind their ALLOCs; what was granted and
@@ -92,10 +92,17 @@ MODULE_WAIT_S = 10.0
 BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
 # The allocation pool: clusters lent to the kernel at a time (what a killed daemon can leak),
 # at most a quarter of the kernel's table (it pins what it allocates until acknowledged, and
-# at most half its table), refilled when the kernel says it holds less than a quarter of it.
+# at most half its table), refilled when the kernel holds less than half of it: random first
+# writes under TCG took the last quarter before a refill landed (a write miss each).
 POOL_BYTES = 32 << 20
 POOL_TABLE_FRACTION = 4
-POOL_LOW_FRACTION = 4
+POOL_LOW_FRACTION = 2
+# A write miss while the pool is on means first writes outran a refill: the target doubles,
+# up to this many times the size asked for (what a killed daemon can leak grows with it).
+POOL_GROWTH = 4
+# ALLOCs adopted in one step (then an ACK and a checkpoint): a big batch adopted at once kept
+# the reader and a refill waiting while the kernel's pool ran dry.
+ADOPT_CHUNK = 32
 # How long stop_pool waits for the kernel's REVOKED (its drain is of I/O under way: quick).
 REVOKE_TIMEOUT_S = 60.0
 # COWD_KMOD_ABI=1 makes this daemon speak the version-1 ABI (no pool): what an old daemon
@@ -266,6 +273,7 @@ class KmodDevice:
         # The allocation pool (see the module docstring).  _outstanding: host offsets of
         # clusters granted to the kernel and not yet reported in an ALLOC.
         self.pool_target = 0
+        self._pool_max = 0
         self._pool_asked: int | None = None
         self.pool_problem: str | None = "not started"
         self._pool_on = False
@@ -283,7 +291,8 @@ class KmodDevice:
         self._nursery: trio.Nursery | None = None
         self._cookies = itertools.count(1)
         self.pool_ops = {k: 0 for k in ("refills", "granted", "alloc_msgs", "adopted",
-                                        "acks", "given_back", "revokes")}
+                                        "acks", "given_back", "revokes", "refill_ms_max",
+                                        "growths")}
 
     # -- creation --------------------------------------------------------------------------
 
@@ -500,8 +509,9 @@ class KmodDevice:
             log.info("cowd%d: no allocation pool: %s", self.index, self.pool_problem)
             await trio.lowlevel.checkpoint()
             return
-        bound = self.table_bound() // POOL_TABLE_FRACTION
-        self.pool_target = max(1, min(clusters, bound, abi.MAX_POOL_CLUSTERS // 2))
+        bound = min(self.table_bound() // POOL_TABLE_FRACTION, abi.MAX_POOL_CLUSTERS // 2)
+        self.pool_target = max(1, min(clusters, bound))
+        self._pool_max = max(1, min(clusters * POOL_GROWTH, bound))
         self._pool_on = True
         await self._refill()
 
@@ -512,6 +522,7 @@ class KmodDevice:
         if not self._pool_on or self._refilling or want <= 0:
             return
         self._refilling = True
+        t0 = time.monotonic()
         try:
             runs = await self.disk.lend(want)
             if not self._pool_on:  # stopped meanwhile: give them straight back
@@ -528,6 +539,8 @@ class KmodDevice:
             self.pool_ops["refills"] += 1
             self.pool_ops["granted"] += want
             self._send(msgs)
+            ms = round((time.monotonic() - t0) * 1000)
+            self.pool_ops["refill_ms_max"] = max(self.pool_ops["refill_ms_max"], ms)
         except DiskError as e:
             log.warning("cowd%d: no more clusters for the kernel's pool: %s", self.index, e)
             self.pool_problem = str(e)
@@ -588,19 +601,21 @@ class KmodDevice:
             self._adopted_event = trio.Event()
 
     async def _adopt(self, allocs: list[abi.Alloc]) -> None:
-        """Record a batch of ALLOCs in the image (in one step when nothing else holds the
-        disk) and advance the adopted seq through them."""
-        if not allocs:
-            return
-        good = [m for m in allocs if m.seq not in self._bad_allocs]
-        self._bad_allocs.difference_update(m.seq for m in allocs)
-        try:
-            await self.disk.adopt([(m.guest_offset, m.length, m.file_offset) for m in good])
-        except DiskError as e:
-            self._adopt_error(str(e))
-        else:
-            self.pool_ops["adopted"] += sum(m.length for m in good) // self.granule
-        self._seq_adopted = allocs[-1].seq
+        """Record ALLOCs in the image, ADOPT_CHUNK at a time (each in one step when nothing
+        else holds the disk), advancing the adopted seq and ACKing after each chunk."""
+        for i in range(0, len(allocs), ADOPT_CHUNK):
+            chunk = allocs[i:i + ADOPT_CHUNK]
+            good = [m for m in chunk if m.seq not in self._bad_allocs]
+            self._bad_allocs.difference_update(m.seq for m in chunk)
+            try:
+                await self.disk.adopt([(m.guest_offset, m.length, m.file_offset)
+                                       for m in good])
+            except DiskError as e:
+                self._adopt_error(str(e))
+            else:
+                self.pool_ops["adopted"] += sum(m.length for m in good) // self.granule
+            self._seq_adopted = chunk[-1].seq
+            self._ack()
 
     def _adopt_error(self, why: str) -> None:
         """The kernel completed writes this daemon cannot record: no flush may claim them."""
@@ -788,6 +803,9 @@ class KmodDevice:
             return
         msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY, version=self.version))
         self._send(msgs)
+        if self._pool_on and not self._refilling and self.pool_target < self._pool_max:
+            self.pool_target = min(self.pool_target * 2, self._pool_max)
+            self.pool_ops["growths"] += 1
         self._maybe_refill()  # the kernel's pool may have run dry
 
     async def _zero_miss(self, cookie: int, op: int, offset: int, length: int) -> None:
