@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo check check-quick deps venv lint bench clean-venv
+.PHONY: demo check check-quick deps venv lint bench clean-venv install
 
 deps: $(STAMP_DEPS)
 $(STAMP_DEPS): packages.txt tools/install-deps
@@ -36,6 +36,13 @@ check-quick: venv
 	$(VENV)/bin/ruff check cowd formats tools tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The man page, bash completion and systemd unit (contrib/, generated from the parser by
+# tools/gen_manpage.py) into PREFIX: the venv by default, `make install PREFIX=/usr/local`
+# as root for the whole system (the unit then goes to /etc/systemd/system).  Idempotent.
+PREFIX ?= $(VENV)
+install: venv
+	tools/install-extras $(PREFIX)
 
 lint: venv
 	$(VENV)/bin/ruff check cowd formats tools tests

@@ -39,12 +39,15 @@ def open_policy(args: argparse.Namespace) -> OpenPolicy:
         os.environ[ALLOW_OUTSIDE_ENV] = "1"
     if devices:
         os.environ[ALLOW_DEVICE_ENV] = "1"
+    from .remoteargs import remote_config
     from .trust import is_vouched
 
-    return OpenPolicy(confine=not outside, allow_devices=devices, vouched=is_vouched)
+    return OpenPolicy(confine=not outside, allow_devices=devices, vouched=is_vouched,
+                      remote=remote_config(args))
 
 
-IMAGE_COMMANDS = ("create", "info", "map", "check", "convert", "commit", "rebase", "resize")
+IMAGE_COMMANDS = ("create", "info", "map", "check", "convert", "commit", "rebase", "resize",
+                  "snapshot")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         return imagecli.run(args, open_policy(args))
     if args.command == "serve":
         return serve(args)
+    if args.command == "cache":
+        from . import remotecmds
+
+        return remotecmds.run(args, open_policy(args))
     if args.command == "stats":
         from .control import control_path, request
 
@@ -97,6 +104,9 @@ def attach_cmd(args: argparse.Namespace) -> int:
         kmod["kmod_timeout_ms"] = round(args.kmod_timeout * 1000)
     if args.kmod_pool is not None:
         kmod["kmod_pool"] = args.kmod_pool
+    from .remoteargs import export_flags
+
+    export_flags(args)  # remote-base settings, for the daemon this may start
     via, note = choose_frontend(args.via)
     if note:
         _say(note)
@@ -166,7 +176,8 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
-                          exit_when_idle=background, workers=args.workers,
+                          exit_when_idle=background and not args.no_idle_exit,
+                          workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
                           policy=open_policy(args), tls=tls)
     trio.run(run_daemon, config)
@@ -209,6 +220,13 @@ def format_stats(doc: dict[str, object]) -> str:
         lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
         if d.get("prime_seconds") is not None:
             lines.append(f"  primed in {d['prime_seconds']:.3f} s")
+    remote = doc.get("remote")
+    if isinstance(remote, dict):
+        for b in remote.get("bases", []):
+            lines.append(f"remote base {b['url']}: hit rate {b['hit_rate']}, fetched "
+                         f"{b['fetched_bytes']} bytes, saved {b['saved_bytes']} bytes, "
+                         f"cache holds {b['held_bytes']} of {b['size']} bytes "
+                         f"({b['cache']}), retries {b['retries']}, failures {b['failures']}")
     return "\n".join(lines)
 
 

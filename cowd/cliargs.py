@@ -27,6 +27,8 @@ ALLOW_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
 ALLOW_DEVICE_ENV = "COWD_ALLOW_BACKING_DEVICE"
 
 OUTPUT_FORMATS = ("human", "json")
+# convert -t: qemu-img's cache modes that say whether the output is flushed at the end.
+CONVERT_CACHE_MODES = ("writeback", "unsafe")
 
 
 class Parser(argparse.ArgumentParser):
@@ -166,6 +168,10 @@ def build_parser() -> Parser:
     v.add_argument("output_path", metavar="OUTPUT")
     v.add_argument("-O", dest="out_format", required=True, help="raw, qcow2 or vhd")
     v.add_argument("-f", "--format", help="source format (default: probed)")
+    v.add_argument("-t", dest="cache", choices=CONVERT_CACHE_MODES, default="writeback",
+                   help="writeback (default): the output is flushed to disk before convert "
+                   "returns; unsafe: it is left in the page cache (qemu-img convert's "
+                   "default)")
     _progress_options(v)
     _output_option(v)
     _share_option(v)
@@ -210,6 +216,24 @@ def build_parser() -> Parser:
     _output_option(rs)
     _outside_option(rs)
 
+    sn = sub.add_parser("snapshot", help="list, create, delete or apply a qcow2 image's "
+                        "internal snapshots (qemu-img snapshot)")
+    act = sn.add_mutually_exclusive_group(required=True)
+    act.add_argument("-l", dest="list", action="store_true",
+                     help="list the snapshots (qemu-img snapshot -l's table; --output=json: "
+                     "qemu's SnapshotInfo list)")
+    act.add_argument("-c", dest="create", metavar="SNAPSHOT",
+                     help="create a snapshot of the disk as it is now, named SNAPSHOT")
+    act.add_argument("-d", dest="delete", metavar="SNAPSHOT",
+                     help="delete the snapshot with this ID or name")
+    act.add_argument("-a", dest="apply", metavar="SNAPSHOT",
+                     help="revert the disk to the snapshot with this ID or name")
+    sn.add_argument("-f", "--format", help="the image's format (default: probed)")
+    sn.add_argument("image", metavar="IMAGE")
+    _output_option(sn)
+    _share_option(sn)
+    _outside_option(sn)
+
     s = sub.add_parser("serve", help="serve images over NBD in the foreground")
     s.add_argument("images", nargs="+", metavar="IMAGE",
                    help="top images to serve; the NBD export name is the file name")
@@ -233,6 +257,9 @@ def build_parser() -> Parser:
                    "certificate's order (e.g. 'C=GB,O=Example,CN=laptop'), or a PSK username")
     _daemon_options(s)
 
+    from .remoteargs import add_cache_command
+
+    add_cache_command(sub)
     t = sub.add_parser("stats", help="cache counters of the running daemon, per disk")
     _output_option(t)
     _run_dir_option(t)
@@ -284,6 +311,9 @@ def build_parser() -> Parser:
 
     dm = sub.add_parser("daemon", help="the daemon `cowd attach` starts, in the foreground; it "
                         "exits when it serves nothing")
+    dm.add_argument("--no-idle-exit", action="store_true",
+                    help="keep running when no disk is attached (for a service manager: "
+                    "contrib/cowd.service)")
     _daemon_options(dm)
     return p
 
@@ -319,6 +349,9 @@ def _outside_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-backing-device", action="store_true",
                    help="let an image name a block device as its backing or data file "
                    f"(refused by default; also ${ALLOW_DEVICE_ENV}=1)")
+    from .remoteargs import add_remote_options
+
+    add_remote_options(p)
 
 
 def _run_dir_option(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,7 @@ from . import control
 from .attach.attacher import EXIT_AFTER_REPLY_S, STARTUP_IDLE_S, Attacher
 from .attach.stale import cleanup_stale
 from .disk import Disk, ImagePool
+from .disk.remote import FETCHER
 from .errors import UsageError
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
@@ -179,6 +180,7 @@ class Daemon:
             "fuse": fuse,
             "disks": disks,
             "workers": workers,
+            "remote": {"bases": FETCHER.stats(), **FETCHER.counters},
         }
 
     async def close(self) -> None:
@@ -290,6 +292,7 @@ async def _serve(config: DaemonConfig, addresses: list[tuple[str, str, int]], st
     # is caught inside the nursery and re-raised outside it, unwrapped (see run_daemon).
     error: Exception | None = None
     async with trio.open_nursery() as services:
+        FETCHER.serve_in(services)  # remote bases: background fetches (cowd/disk/remote.py)
         try:
             await _serve_in(services, config, addresses, stop, serving, task_status)
         except Exception as e:
@@ -340,7 +343,9 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         if config.workers > 0:
             workers = WorkerPool(config.workers, services, tls=config.tls)
             daemon.workers = workers
-            await workers.start()
+            # `cowd serve` listens once its workers can serve; the daemon `cowd attach`
+            # starts answers its control socket at once (a kmod attach needs no worker).
+            await workers.start(wait=not config.exit_when_idle)
             for name, disk in daemon.disks.items():
                 workers.add_disk(name, disk)
             attacher.workers = workers  # --via nbd's devices are served by them too

@@ -64,13 +64,17 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
         progress = imagecmds.terminal_progress(f"converting {args.image}") \
             if wants_progress(args) else None
         stats = imagecmds.convert(args.image, args.output_path, args.out_format, args.format,
-                                  progress, policy, force_share=args.force_share)
+                                  progress, policy, force_share=args.force_share,
+                                  flush=args.cache != "unsafe")
         if args.output == "json":
             _print_json(stats)
         return 0
     from . import lifecycle
 
-    return lifecycle.run(args, policy)
+    verb = {"commit": "committing", "rebase": "rebasing", "resize": "resizing"}.get(cmd)
+    progress = imagecmds.terminal_progress(f"{verb} {args.image}") \
+        if verb and wants_progress(args) else None
+    return lifecycle.run(args, policy, progress)
 
 
 def create(args: argparse.Namespace, policy: OpenPolicy) -> int:

@@ -53,7 +53,9 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
            cluster_size: int | None = None, absolute: bool = False, *,
            policy: OpenPolicy | None = None, size: int | None = None) -> str:
     fmt = overlay_format_name(overlay)
-    if not os.path.exists(base):
+    from formats.remote import looks_remote
+
+    if not looks_remote(base) and not os.path.exists(base):
         raise CommandFailed(f"{base}: base image not found")
     if base_format is not None:
         try:
@@ -298,9 +300,18 @@ Progress = Callable[[int, int], None]
 
 def convert(src: str, out: str, out_format: str, src_format: str | None = None,
             progress: Progress | None = None, policy: OpenPolicy | None = None, *,
-            force_share: bool = False) -> dict[str, Any]:
+            force_share: bool = False, flush: bool = True) -> dict[str, Any]:
     """Copy the whole chain's guest bytes into a new standalone image; zeroes stay sparse.
-    Returns what was done (cowd's JSON for convert: qemu-img convert prints none)."""
+    Returns what was done (cowd's JSON for convert: qemu-img convert prints none).
+
+    Theory of operation (speed): the chain is walked in runs of up to CONVERT_CHUNK_BYTES
+    that one layer answers (formats.resolve_in_chain); a run the metadata says reads as
+    zeroes (zero clusters, unallocated with nothing beneath, a raw layer's holes) is never
+    read nor written; a data run is read from the layer that holds it straight into one
+    reused buffer and written with one request, unless it is all zeroes (a memcmp).  The
+    qcow2 writer takes a long write over fresh clusters in one allocation and one pwrite
+    (formats/qcow2/writer.py).  ``flush`` (qemu-img's ``-t writeback``; its convert default
+    is ``unsafe``, no flush) makes the output durable before returning."""
     try:
         out_format = formats.canonical_format(out_format)
     except ValueError as e:
@@ -310,7 +321,6 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
     if os.path.exists(out):
         raise UsageError(f"{out}: already exists (refusing to overwrite)")
     img = formats.open_image(src, False, src_format, policy=policy)
-    written = 0
     try:
         lock_chain(img, force_share)
         size = img.virtual_size
@@ -322,19 +332,9 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
         else:
             formats.vhd.create(out, size, kind="dynamic")
         dst = formats.open_one(out, True, out_format)
+        dst.file.skip_sync = not flush
         try:
-            pos = 0
-            zero = bytes(CONVERT_CHUNK_BYTES)
-            while pos < size:
-                n = min(CONVERT_CHUNK_BYTES, size - pos)
-                if not _all_unallocated_or_zero(img, pos, n):
-                    data = img.read(pos, n)
-                    if data != zero[:n]:
-                        dst.write(pos, data)
-                        written += n
-                pos += n
-                if progress:
-                    progress(pos, size)
+            written = _copy_chain(img, dst, progress)
             # qcow2 and VHD disks are whole 512-byte sectors: a raw source of another size
             # gets its last sector zero-padded, as qemu-img convert does.
             if not size <= dst.virtual_size < size + 512:
@@ -352,14 +352,28 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
         img.close_chain()
 
 
-def _all_unallocated_or_zero(img: Image, pos: int, n: int) -> bool:
-    end = pos + n
-    while pos < end:
-        ext = formats.resolve_in_chain(img, pos, end - pos).extent
-        if ext.kind is not Kind.ZERO:
-            return False
-        pos += ext.length
-    return True
+def _copy_chain(img: Image, dst: Image, progress: Progress | None) -> int:
+    """convert's loop (see there); returns the guest bytes written as data."""
+    size = img.virtual_size
+    buf = bytearray(CONVERT_CHUNK_BYTES)
+    zeroes = bytes(CONVERT_CHUNK_BYTES)
+    written = 0
+    pos = 0
+    while pos < size:
+        placed = formats.resolve_in_chain(img, pos, min(CONVERT_CHUNK_BYTES, size - pos))
+        n = placed.extent.length
+        if placed.extent.kind is not Kind.ZERO:
+            view = memoryview(buf)[:n]
+            formats.read_placed(placed, pos, view)
+            # bytearray == bytes is a memcmp; a memoryview compare goes byte by byte.
+            full = n == CONVERT_CHUNK_BYTES
+            if not ((buf == zeroes) if full else (buf[:n] == zeroes[:n])):
+                dst.write(pos, view)
+                written += n
+        pos += n
+        if progress:
+            progress(pos, size)
+    return written
 
 
 def terminal_progress(label: str) -> Progress | None:

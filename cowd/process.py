@@ -1,12 +1,12 @@
 """Layer: cowd (process set-up, no trio).  What the daemon and its workers set once for their
-whole process, through libc: the allocator's behaviour for large buffers, and dying with the
-parent.
+whole process, through libc: the allocator's behaviour for large buffers.
 
 Why the allocator: glibc's malloc raises its mmap threshold dynamically (up to 32 MiB) after
 the first large buffer is freed, and from then on serves large buffers from its heap, where a
-few small live objects pin the freed space: a daemon that passed 256 KiB reads and replies
-between processes kept 100 MB of it after a burst (measured with malloc_trim and tracemalloc:
-nothing of it was live).  A fixed threshold keeps buffers of LARGE_BUFFER_BYTES and more in
+few small live objects pin the freed space: a daemon passing 256 KiB replies to its workers
+grew from 34 to 83 MB over a burst of hostile clients and stayed there, and stayed at 34 MB
+with the threshold fixed (tests/integration/test_nbd_server.py's hang-up test, 2026-12-06).
+A fixed threshold keeps buffers of LARGE_BUFFER_BYTES and more in
 mmaps of their own, returned to the kernel when freed; the hot paths reuse their large
 buffers (the NBD server's reply pool), so the page faults of fresh mappings are rare.
 """
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
-import signal
 
 # Buffers at least this large get mmaps of their own (and give them back when freed).
 LARGE_BUFFER_BYTES = 128 << 10
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-_PR_SET_PDEATHSIG = 1
 
 
 def _libc() -> ctypes.CDLL:
@@ -39,13 +36,4 @@ def settle_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent exits (PR_SET_PDEATHSIG); exit at once if the
-    parent is already gone."""
-    parent = os.getppid()
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
-__all__ = ["LARGE_BUFFER_BYTES", "die_with_parent", "settle_allocator"]
+__all__ = ["LARGE_BUFFER_BYTES", "settle_allocator"]

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from .base import MAX_CHAIN_DEPTH, CheckResult, Extent, HostFile, Image, Kind, NearOpener
-from .chain import ChainBelow, Placed, resolve_in_chain
+from .chain import ChainBelow, Placed, read_placed, resolve_in_chain
 from .errors import (
     BackingOutside,
     CorruptImage,
@@ -33,7 +33,7 @@ from .vhd import VhdImage
 
 # The library's own version: bumped when what it reads or writes changes (a new format,
 # feature or operation), independently of cowd's.
-FORMATS_VERSION = "0.2.0"
+FORMATS_VERSION = "0.3.0"
 
 # Probe order matters: raw accepts anything and goes last.
 FORMATS: dict[str, type[Image]] = {
@@ -105,8 +105,8 @@ def _near(opener: ChainOpener, image_path: str, place: Place) -> NearOpener:
 ParentOpener = Callable[[HostFile, str | None, NearOpener], Image]
 
 
-def _open_backing(opener: ChainOpener, layer: Image,
-                  place: Place) -> tuple[HostFile, Place]:
+def _open_backing(opener: ChainOpener, layer: Image, place: Place,
+                  writable: bool = False) -> tuple[HostFile, Place]:
     """The first of ``layer``'s backing candidates (a VHD has several parent locators) that
     exists and that the policy lets it reach; a candidate outside is skipped, and refused
     only when no other one is found."""
@@ -114,7 +114,7 @@ def _open_backing(opener: ChainOpener, layer: Image,
     outside: BackingOutside | None = None
     for name in layer.backing_candidates():
         try:
-            got = opener.open_named(layer.path, place, name, False, "backing_file",
+            got = opener.open_named(layer.path, place, name, writable, "backing_file",
                                     "backing file", layer.file.dev_ino)
         except BackingOutside as e:
             outside = outside or e
@@ -135,8 +135,11 @@ def open_image(
     *,
     open_parent: ParentOpener | None = None,
     policy: OpenPolicy | None = None,
+    writable_depths: frozenset[int] = frozenset(),
 ) -> Image:
-    """Open ``path`` and its backing chain.  Only the top image is ever writable.
+    """Open ``path`` and its backing chain.  The top image is writable as ``writable``
+    says; a parent only where its depth (1: the top's backing file) is in
+    ``writable_depths`` (``commit`` writes into one), and never through ``open_parent``.
 
     Every file an image names (backing files, data files) is opened by one
     :class:`~formats.opener.ChainOpener`: by default beneath the folder ``path`` is named
@@ -144,42 +147,89 @@ def open_image(
     ``open_parent`` lets a caller share parent images between chains (the daemon opens a
     base once for many overlays); by default each parent is opened read-only here.
     """
-    opener = ChainOpener(path, policy or DEFAULT_POLICY)
+    from .remote import looks_remote
+
+    remote_top = looks_remote(path)
+    # A remote top (``cowd create --base URL``) has no folder: its names must be remote.
+    opener = ChainOpener(os.path.join(os.getcwd(), "-") if remote_top else path,
+                         policy or DEFAULT_POLICY)
     top: Image | None = None
     try:
-        place = opener.top_place()
-        top = open_file(opener.open_top(writable), writable, fmt, _near(opener, path, place))
-        seen = {top.file.dev_ino}
-        layer = top
-        for depth in range(1, MAX_CHAIN_DEPTH + 2):
-            if not layer.backing_candidates():
-                return top
-            if depth > MAX_CHAIN_DEPTH:
-                raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
-            pfile, pplace = _open_backing(opener, layer, place)
-            if pfile.dev_ino in seen:
-                pfile.close()
-                raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
-                                   layer.backing_name)
-            seen.add(pfile.dev_ino)
-            near = _near(opener, pfile.path, pplace)
-            pfmt = layer.backing_format
-            if open_parent is not None:
-                parent = open_parent(pfile, pfmt, near)
-            else:
-                parent = open_file(pfile, False, pfmt, near)
-            layer.backing = parent
-            layer.below = ChainBelow(parent)
-            layer.backing_path = pfile.path
-            layer.check_backing(parent)
-            layer, place = parent, pplace
-        raise AssertionError("unreachable")
+        if remote_top:
+            place = Place(path, None, remote=True)
+            tfile = opener.open_remote_top(path)
+        else:
+            place = opener.top_place()
+            tfile = opener.open_top(writable)
+        top = open_file(tfile, writable, fmt, _near(opener, path, place))
+        _link_parents(opener, top, place, {top.file.dev_ino}, open_parent, writable_depths)
+        return top
     except BaseException:
         if top is not None:
             if open_parent is None:
                 top.close_chain()
             else:
                 top.close()
+        raise
+    finally:
+        opener.close()
+
+
+def _link_parents(opener: ChainOpener, top: Image, place: Place, seen: set[tuple[int, int]],
+                  open_parent: ParentOpener | None = None,
+                  writable_depths: frozenset[int] = frozenset()) -> None:
+    """Open ``top``'s backing chain (``top`` found at ``place``; ``seen``: the files already
+    in the chain) and link each layer to its parent."""
+    layer = top
+    for depth in range(1, MAX_CHAIN_DEPTH + 2):
+        if not layer.backing_candidates():
+            return
+        if depth > MAX_CHAIN_DEPTH:
+            raise CorruptImage(top.path, "backing chain too deep", "depth", depth)
+        pwritable = depth in writable_depths
+        pfile, pplace = _open_backing(opener, layer, place, pwritable)
+        if pfile.dev_ino in seen:
+            pfile.close()
+            raise CorruptImage(layer.path, "backing chain loops back", "backing_file",
+                               layer.backing_name)
+        seen.add(pfile.dev_ino)
+        near = _near(opener, pfile.path, pplace)
+        pfmt = layer.backing_format
+        if open_parent is not None and not pwritable:
+            parent = open_parent(pfile, pfmt, near)
+        else:
+            parent = open_file(pfile, pwritable, pfmt, near)
+        layer.backing = parent
+        layer.below = ChainBelow(parent)
+        layer.backing_path = pfile.path
+        layer.check_backing(parent)
+        layer, place = parent, pplace
+    raise AssertionError("unreachable")
+
+
+def open_named_chain(owner: Image, name: str, fmt: str | None = None, *,
+                     policy: OpenPolicy | None = None) -> Image | None:
+    """The image ``owner`` would reach by recording ``name`` as its backing file, with its
+    own chain, read-only and confined exactly as ``owner``'s own chain would be (the new
+    backing file of a rebase); None when no such file exists.  A chain that reaches
+    ``owner`` itself is refused (a loop)."""
+    opener = ChainOpener(owner.path, policy or DEFAULT_POLICY)
+    img: Image | None = None
+    try:
+        got = opener.open_named(owner.path, opener.top_place(), name, False, "backing_file",
+                                "backing file", owner.file.dev_ino)
+        if got is None:
+            return None
+        file, place = got
+        if file.dev_ino == owner.file.dev_ino:
+            file.close()
+            raise CorruptImage(owner.path, "backing chain loops back", "backing_file", name)
+        img = open_file(file, False, fmt, _near(opener, file.path, place))
+        _link_parents(opener, img, place, {owner.file.dev_ino, img.file.dev_ino})
+        return img
+    except BaseException:
+        if img is not None:
+            img.close_chain()
         raise
     finally:
         opener.close()
@@ -204,7 +254,11 @@ def create_overlay(
     base = open_image(base_path, False, base_format, policy=policy)
     try:
         base_fmt = base.format_name
-        if absolute_backing:
+        from .remote import looks_remote
+
+        if looks_remote(base_path):
+            name = base_path  # a remote base: its URL, as qemu records it
+        elif absolute_backing:
             name = os.path.abspath(base_path)
         else:
             name = os.path.relpath(os.path.abspath(base_path),
@@ -256,6 +310,8 @@ __all__ = [
     "create_overlay",
     "open_file",
     "open_image",
+    "open_named_chain",
     "open_one",
+    "read_placed",
     "resolve_in_chain",
 ]

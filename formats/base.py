@@ -120,6 +120,10 @@ def io_error(path: str, what: str, e: OSError) -> ImageIOError:
 class HostFile:
     """An open host file (an image, an external data file).  Thin, explicit syscalls."""
 
+    # A hole in the file reads as zeroes (a raw image reports it as ZERO); not so for a
+    # remote base's cache file, whose holes are blocks not fetched yet (formats/remote/).
+    sparse_is_zero = True
+
     def __init__(self, path: str, writable: bool, *, fd: int | None = None):
         self.path = path
         self.writable = writable
@@ -130,6 +134,9 @@ class HostFile:
             except OSError as e:
                 raise io_error(path, f"cannot open: {e.strerror}", e) from None
         self.fd = fd
+        # No fdatasync at all: for a file nobody needs durable before it is closed (the new
+        # output of ``convert -t unsafe``, which a crash leaves partial whatever the order).
+        self.skip_sync = False
         st = os.fstat(fd)
         self.dev_ino = (st.st_dev, st.st_ino)
         # A block device's st_size is 0: its size is where its end is.
@@ -201,7 +208,7 @@ class HostFile:
             done += n
 
     def sync(self) -> None:
-        if not self.writable:
+        if not self.writable or self.skip_sync:
             return
         try:
             os.fdatasync(self.fd)

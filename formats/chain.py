@@ -13,7 +13,7 @@ commands (map, convert's sparseness).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .base import Extent, Image, Kind
 from .errors import CorruptImage
@@ -30,11 +30,16 @@ class Placed:
     extent: Extent
 
 
-def resolve_in_chain(top: Image, guest_offset: int, length: int) -> Placed:
-    """The longest run from ``guest_offset`` (at most ``length``) that one layer answers."""
+def resolve_in_chain(top: Image, guest_offset: int, length: int,
+                     stop_depth: int | None = None) -> Placed:
+    """The longest run from ``guest_offset`` (at most ``length``) that one layer answers.
+    With ``stop_depth``, the layers from that depth down are not asked: a run that no layer
+    above answers is UNALLOCATED at ``stop_depth`` (its ``layer`` is the one there)."""
     layer = top
     depth = 0
     while True:
+        if depth == stop_depth:
+            return Placed(depth, layer, Extent(guest_offset, length, Kind.UNALLOCATED))
         ext = layer.resolve(guest_offset, length)
         if ext.length <= 0:
             raise CorruptImage(layer.path, "resolver made no progress", "offset", guest_offset)
@@ -47,6 +52,27 @@ def resolve_in_chain(top: Image, guest_offset: int, length: int) -> Placed:
         length = min(length, nxt.virtual_size - guest_offset)
         layer = nxt
         depth += 1
+
+
+def read_placed(placed: Placed, guest_offset: int, dest: memoryview) -> None:
+    """Fill ``dest`` with the guest bytes at [guest_offset, +len(dest)), a part of the run
+    ``placed`` answers, from the layer that holds them (no other layer is read)."""
+    ext = placed.extent
+    n = len(dest)
+    if guest_offset < ext.guest_offset or guest_offset + n > ext.end:
+        raise ValueError(f"{placed.layer.path}: {guest_offset}+{n} outside the run "
+                         f"{ext.guest_offset}+{ext.length}")
+    if ext.kind is Kind.DATA:
+        assert ext.file is not None
+        ext.file.pread_into(ext.file_offset + (guest_offset - ext.guest_offset), dest)
+    elif ext.kind is Kind.COMPRESSED:
+        dest[:] = placed.layer.read_compressed(replace(ext, guest_offset=guest_offset,
+                                                       length=n))
+    elif ext.kind is Kind.ZERO:
+        dest[:] = bytes(n)
+    else:
+        raise ValueError(f"{placed.layer.path}: the run at {ext.guest_offset} is not "
+                         "answered above stop_depth: read it from the layers beneath")
 
 
 class ChainBelow:
@@ -75,4 +101,4 @@ class ChainBelow:
         return placed.extent.length if placed.extent.kind is Kind.ZERO else 0
 
 
-__all__ = ["ChainBelow", "Placed", "resolve_in_chain"]
+__all__ = ["ChainBelow", "Placed", "read_placed", "resolve_in_chain"]

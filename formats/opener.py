@@ -24,6 +24,10 @@ Theory of operation
   before the check refuses it; ``O_NONBLOCK`` is cleared afterwards.
 - Without confinement (``--allow-backing-outside``) names are opened as qemu opens them,
   relative to the naming image's folder, and the type check still applies.
+- A remote name (``nbd://``, ``nbd+unix://``, ``http(s)://``: formats/remote/url.py) is
+  opened only when the policy carries a remote configuration whose host list allows it
+  (``--allow-remote-backing``), through the local cache (formats/remote/); a remote layer's
+  own names must be remote too (it has no folder here).  Every other protocol is refused.
 
 Hard links are the one way into the root that no open can tell apart: Linux's
 ``fs.protected_hardlinks=1`` (Debian's default) stops a user linking a file they cannot read.
@@ -38,9 +42,13 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .base import HostFile
 from .errors import BackingOutside, ImageIOError, UnsupportedImage
+
+if TYPE_CHECKING:
+    from .remote import RemoteConfig
 
 # openat2(2): the syscall number on every Linux architecture that has one table (x86-64,
 # arm64, riscv: 437), RESOLVE_* from linux/openat2.h.
@@ -78,6 +86,9 @@ class OpenPolicy:
     # whose file is (dev, ino) (``cowd create --absolute``, cowd/trust.py); such a name is
     # opened where it points, and the layer it reaches confines its own names to its folder.
     vouched: Callable[[int, int, str], bool] | None = None
+    # Remote bases (formats/remote/): None refuses every remote name; otherwise the user's
+    # settings, with the hosts an image may name.
+    remote: RemoteConfig | None = None
 
 
 class _Outside(Exception):
@@ -139,6 +150,8 @@ class Place:
     # A layer reached through a vouched name: its own names are confined to its folder by
     # an opener of their own (None: this opener's root).
     opener: ChainOpener | None = field(default=None, compare=False)
+    # A remote layer: it has no folder here, so its own names must be remote too.
+    remote: bool = False
 
     @property
     def display_dir(self) -> str:
@@ -210,8 +223,10 @@ class ChainOpener:
             return owner.opener.open_named(owner_path, owner, name, writable, field, what,
                                            owner_id)
         if PROTOCOL_RE.match(name) and not _DRIVE_RE.match(name):
-            raise UnsupportedImage(owner_path, f"{what} names a protocol, not a file", field,
-                                   name)
+            return self._open_remote(owner_path, name, writable, field, what)
+        if owner.remote:
+            raise UnsupportedImage(owner_path, f"{what} of a remote base names a local file",
+                                   field, name)
         display = os.path.normpath(name if os.path.isabs(name)
                                    else os.path.join(owner.display_dir, name))
         if owner.root_dir is None:
@@ -240,6 +255,40 @@ class ChainOpener:
             os.close(fd)
             raise
         return HostFile(display, writable, fd=fd), place
+
+    def open_remote_top(self, name: str) -> HostFile:
+        """A remote image the user named (``cowd create --base URL``): no host list
+        applies, the user chose it."""
+        return self._open_remote(name, name, False, "file", "image", user_named=True)[0]
+
+    def _open_remote(self, owner_path: str, name: str, writable: bool, field: str,
+                     what: str, user_named: bool = False) -> tuple[HostFile, Place]:
+        """A remote name, as the policy allows (see the module docstring)."""
+        from . import remote
+
+        if not remote.looks_remote(name):
+            raise UnsupportedImage(owner_path, f"{what} names a protocol, not a file", field,
+                                   name)
+        try:
+            parsed = remote.parse(name)
+        except remote.BadRemoteName as e:
+            raise UnsupportedImage(owner_path, f"{what} is a URL cowd will not use: {e}",
+                                   field, name) from None
+        config = self.policy.remote
+        if config is None or not (user_named or remote.allowed(parsed, config.hosts)):
+            hint = ("pass --allow-remote-backing to use it" if config is None or
+                    not config.hosts else f"{parsed.where} is not in the allowed hosts")
+            raise UnsupportedImage(owner_path, f"{what} is a remote base ({hint})", field,
+                                   name)
+        if writable:
+            raise UnsupportedImage(owner_path, f"{what} is remote and cannot be written",
+                                   field, name)
+        try:
+            file = remote.open_remote(parsed, config)
+        except OSError as e:
+            raise ImageIOError(owner_path, f"cannot read {what} {name!r}: {e.strerror or e}",
+                               e.errno or errno_mod.EIO) from None
+        return file, Place(name, None, remote=True)
 
     def _vouched(self, owner_id: tuple[int, int] | None, name: str) -> bool:
         check = self.policy.vouched

@@ -45,7 +45,7 @@ class RawImage(Image):
         img = cls(path, file, writable)
         img.virtual_size = file.size()
         img.cluster_size = RAW_CLUSTER_SIZE
-        img.find_holes = not writable and not file.is_block_device
+        img.find_holes = not writable and not file.is_block_device and file.sparse_is_zero
         return img
 
     def resolve(self, guest_offset: int, length: int) -> Extent:

@@ -9,6 +9,7 @@ what the suites share (the JSON header, fio, the page cache, clean-up) is
     .venv/bin/python -m tools.bench nbd --quick        # cowd's NBD server against qemu-nbd
     .venv/bin/python -m tools.bench formats --quick    # formats/ against qemu-img bench
     .venv/bin/python -m tools.bench tls --quick        # TLS's cost, cowd and qemu-nbd
+    .venv/bin/python -m tools.bench remote --quick     # bases on another machine (issue 17)
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ SUITES = {
     "formats": ("tools.bench_formats", "the format library against qemu-img bench"),
     "tls": ("tools.bench_tls", "what TLS costs cowd's NBD server and qemu-nbd (nbdcopy, "
             "qemu-img bench)"),
+    "convert": ("tools.bench_convert", "cowd convert against qemu-img convert (also: "
+                "formats --convert)"),
     "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy"),
+    "remote": ("tools.bench_remote", "first boot and a small-file read over a remote base "
+               "(nbdkit with 10/50 ms latency), cold and warm cache, against copying the "
+               "base first and qemu alone"),
 }
 
 

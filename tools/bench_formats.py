@@ -36,6 +36,7 @@ temporary directory under /var/tmp that is removed at the end.
 
 Usage: python -m tools.bench formats [--quick] [--size 256M] [--reps 3] [--out FILE]
                                     [--no-drop-caches]
+       python -m tools.bench formats --convert [...]   (tools/bench_convert.py)
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -506,7 +506,15 @@ def markdown(doc: dict[str, object], res: Results) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--convert" in given:  # the convert mode: tools/bench_convert.py, its own flags
+        from tools import bench_convert
+
+        return bench_convert.main([a for a in given if a != "--convert"])
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--convert", action="store_true",
+                    help="measure cowd convert against qemu-img convert instead "
+                    "(tools/bench_convert.py; --help after it for its flags)")
     ap.add_argument("--quick", action="store_true",
                     help="one repetition of small images (a smoke run, under 30 s)")
     ap.add_argument("--size", type=parse_size, default=None,
@@ -524,11 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size must be a multiple of 64 KiB and at least 4 MiB")
     if reps < 1:
         ap.error("--reps must be at least 1")
-    for tool in ("qemu-img", "qemu-io"):
-        if shutil.which(tool) is None:
-            print(f"bench_formats: {tool} not installed (make deps installs qemu-utils)",
-                  file=sys.stderr)
-            return 1
+    if benchlib.missing_tool("bench_formats", "qemu-img", "qemu-io"):
+        return 1
 
     caches = Caches(not args.no_drop_caches)
     head = benchlib.header("formats")

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 from tools import benchlib, tlscreds
-from tools.bench_nbd import _size  # the same size syntax as the NBD benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 COWD = benchlib.cowd_command()
@@ -288,7 +287,7 @@ def main() -> int:
     if problem:
         print(f"bench_tls: {problem}", file=sys.stderr)
         return 1
-    size = _size(args.size or ("64M" if args.quick else "512M"))
+    size = benchlib.parse_size(args.size or ("64M" if args.quick else "512M"))
     reps = args.reps or (1 if args.quick else 3)
     runtime = 1.5 if args.quick else RANDREAD_S
     reps_out = []

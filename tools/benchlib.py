@@ -182,6 +182,16 @@ def cowd_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "cowd.cli"]
 
 
+def missing_tool(suite: str, *tools: str) -> bool:
+    """Say on stderr which of ``tools`` is not installed (True), or nothing (False)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            print(f"{suite}: {tool} not installed (make deps installs it from packages.txt)",
+                  file=sys.stderr)
+            return True
+    return False
+
+
 def parse_size(text: str) -> int:
     """``128M``, ``1G``, ``4096``: a size from the command line, in bytes."""
     t = text.upper().rstrip("B").rstrip("I")

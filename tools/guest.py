@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -32,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "guest"
 KMOD = ROOT / "kmod"
 
-# cowd's runtime dependencies (import names) that the guest's Python needs, trio's own among
-# them (attrs, sortedcontainers, sniffio, outcome, idna).
-RUNTIME_PACKAGES = ("trio", "attr", "attrs", "sortedcontainers", "sniffio", "outcome", "idna",
-                    "zstandard", "exceptiongroup")
+# The guest's Python gets cowd's runtime dependencies, found from cowd's installed metadata
+# (pyproject's `dependencies` and theirs, recursively: :func:`runtime_packages`), so a new
+# dependency reaches the guest without an edit here (a fixed list once missed urllib3 and
+# xxhash, and every guest attach failed on the import).
+RUNTIME_DIST = "cowd"
 # Parts of the standard library cowd never imports (with stripping, the tar is ~35 MB).
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
                "ensurepip", "lib2to3", "pydoc_data", "unittest", "__phello__"}
@@ -83,6 +86,34 @@ def _site_dirs() -> list[Path]:
     return [Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
 
 
+def runtime_packages(dist: str = RUNTIME_DIST) -> set[str]:
+    """The top-level import names of ``dist``'s runtime dependencies, transitively (extras
+    and requirements whose environment marker does not hold here are left out)."""
+    from packaging.markers import Marker  # pytest's own dependency, in every venv we run in
+
+    names: set[str] = set()
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        d = importlib.metadata.distribution(name)
+        if key != dist:
+            names.update(f.parts[0].removesuffix(".py") for f in d.files or ()
+                         if len(f.parts) > 1 or f.parts[0].endswith((".py", ".so"))
+                         if not f.parts[0].endswith((".dist-info", ".egg-info", ".pth"))
+                         and f.parts[0] not in ("..", "__pycache__"))
+        for req in d.requires or ():
+            spec, _, marker = req.partition(";")
+            if marker and not Marker(marker).evaluate({"extra": ""}):
+                continue
+            todo.append(re.match(r"[A-Za-z0-9_.-]+", spec.strip()).group(0))  # type: ignore[union-attr]
+    return names
+
+
 def _runtime_sources() -> list[tuple[Path, str]]:
     """(source, name in the tar) for everything the guest's Python needs."""
     out: list[tuple[Path, str]] = []
@@ -114,11 +145,12 @@ def _runtime_sources() -> list[tuple[Path, str]]:
                     path.name.startswith(SO_SKIP_PREFIXES):
                 continue
             out.append((path, f"{dest}/{rel}"))
+    packages = runtime_packages()
     for site in _site_dirs():
         for entry in sorted(site.iterdir()):
             name = entry.name
             stem = name.split(".")[0].split("-")[0]
-            if stem not in RUNTIME_PACKAGES or name.endswith((".dist-info", ".pth")):
+            if stem not in packages or name.endswith((".dist-info", ".pth")):
                 continue
             files = [entry] if entry.is_file() else sorted(entry.rglob("*"))
             for path in files:

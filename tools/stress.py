@@ -171,13 +171,13 @@ def verify(image: bytes, old: bytes, journal: Journal, limit: int = 10) -> list[
                 problems.append(f"sector {s}: holds the sector written to offset {dec[1]} "
                                 f"(seq={dec[0]})")
             else:
-                w = next((w for w in ws if w.seq == dec[0]), None)
-                if w is None:
+                sent = next((w for w in ws if w.seq == dec[0]), None)
+                if sent is None:
                     problems.append(f"sector {s}: seq={dec[0]} was never sent to it")
                 else:
                     for d in durables:
-                        if w.acked is not None and w.acked < d.sent:
-                            problems.append(f"sector {s}: shows seq={w.seq}, which was "
+                        if sent.acked is not None and sent.acked < d.sent:
+                            problems.append(f"sector {s}: shows seq={sent.seq}, which was "
                                             f"overwritten by durable seq={d.seq}")
                             break
         if len(problems) >= limit:
@@ -383,8 +383,8 @@ def load(uri: str, model_path: str, *, seconds: float, seed: int, conns: int = 8
             counters["mismatches"] += 1
             mismatches.append(f"final read {pos}+{n} differs from the model")
     h.shutdown()
-    with open(model_path + ".final", "wb") as f:
-        f.write(model)
+    with open(model_path + ".final", "wb") as out:
+        out.write(model)
     return {**counters, "seconds": seconds, "conns": conns, "depth": depth,
             "mismatch_examples": mismatches}
 

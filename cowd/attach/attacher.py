@@ -39,6 +39,7 @@ from ..frontends.loop import LoopInfo, is_busy, loop_info, losetup_attach, loset
 from ..frontends.nbd.attach import NbdDevice, Serve, nbd_problem
 from ..frontends.nbd.server import NbdServer
 from ..rundir import RunDir, lexists, write_state
+from ..workers import wire as W
 from ..workers.host import WorkerPool
 
 log = logging.getLogger("cowd.attach")
@@ -143,6 +144,8 @@ class Attacher:
         self.fuse = fe
         st = await trio.to_thread.run_sync(os.stat, fe.mountpoint)
         self.mount_dev = st.st_dev
+        if self.workers is not None:
+            self.workers.serve_fuse(fe)  # each worker serves a clone of its descriptor
         return fe
 
     def _remove_fuse_dir(self) -> None:
@@ -287,7 +290,7 @@ class Attacher:
             workers = self.workers
             serve: Serve = self.nbd_server.handle
             if workers is not None:
-                workers.add_disk(name, disk)
+                workers.add_disk(name, disk, W.SCOPE_DEVICE)
                 serve = functools.partial(_hand_off, workers, f"/dev/nbd ({name})")
             try:
                 ndev = await NbdDevice.connect(self.nursery, serve, name)
@@ -338,9 +341,18 @@ class Attacher:
         real = await self._check_new(image)
         name = self._name_for(image)
         disk = await self.open_disk(image, readonly)
+        workers = self.workers
         try:
             fe = await self._frontend()
-            path = fe.add_disk(name, disk)
+            if workers is None:
+                path = fe.add_disk(name, disk)
+            else:
+                # The workers serve the file too: the daemon's own requests on it must keep
+                # their contract (GatedDisk), and they learn its inode before it can be opened.
+                served = workers.add_disk(name, disk, W.SCOPE_DEVICE, publish=False)
+                path = fe.add_disk(name, workers.gated(served))
+                served.fuse_ino = fe.fs.by_name[name].ino
+                workers.publish(served)
             try:
                 inode = fe.stats()["files"][name]["inode"]
                 dev = await losetup_attach(path, disk.readonly)
@@ -356,6 +368,8 @@ class Attacher:
                 rdev = (await trio.to_thread.run_sync(os.stat, dev)).st_rdev
             except BaseException:
                 await fe.remove_disk(name, force=True)
+                if workers is not None:
+                    workers.remove_disk(disk)
                 raise
         except BaseException:
             await disk.close()
@@ -415,6 +429,8 @@ class Attacher:
             log.warning("%s: still open %g s after losetup -d; removing it anyway",
                         att.file, RELEASE_TIMEOUT_S)
         await fe.remove_disk(att.name, force=True)
+        if self.workers is not None:
+            self.workers.remove_disk(att.disk)
         await self._forget(att)
 
     async def _forget(self, att: Attachment) -> None:
@@ -552,7 +568,7 @@ class Attacher:
 
 async def _hand_off(workers: WorkerPool, peer: str, stream: trio.SocketStream) -> None:
     """Serve a --via nbd device's socketpair from a worker process."""
-    workers.hand_off(stream, peer)
+    workers.hand_off(stream, peer, W.SCOPE_DEVICE)
     await trio.lowlevel.checkpoint()
 
 

@@ -190,6 +190,8 @@ class Chain:
         self.counters = RemapCounters()  # lookups made for this disk
         self.lock_waits = 0
         self._trio_thread = threading.get_ident()
+        # Some layer is a remote base (its reads may raise NotCached: cowd/disk/remote.py).
+        self.remote = any(lay.remote is not None for lay in layers)
         if len(layers) > 1:
             self.top.image.below = PlannedBelow(self, 1)
 
@@ -559,7 +561,16 @@ class Chain:
         past the end of the file means the file was truncated (or replaced) under us: EIO,
         and the disk — and a top image's own header, where the format has a corrupt flag —
         is marked corrupt, never silent zeroes."""
-        image = self.layers[depth].image
+        layer = self.layers[depth]
+        image = layer.image
+        remote = layer.remote
+        if remote is not None and not remote.ready(file_offset, len(view)):
+            # A full cache kept some of these blocks in memory only (raises NotCached where
+            # the blocks must be fetched first: cowd/disk/remote.py).
+            got = remote.read_into(fd, file_offset, view)
+            if got < len(view) and not zeroed:
+                zero_fill(view[got:])
+            return
         past = read_run(fd, view, file_offset, zeroed, nowait,
                         cluster_bytes=max(image.cluster_size, 1))
         if past < 0:

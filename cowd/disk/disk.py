@@ -40,6 +40,16 @@ it — and only it — goes to a worker thread under the pool's ``CapacityLimite
 ever need to wait for the disk; the chain's locking keeps that correct, and the tests run
 both ways.
 
+Remote bases (formats/remote/, cowd/disk/remote.py): a plan or a read that needs a block
+of a remote layer's cache that is not held yet raises ``NotCached`` in the trio thread; the
+async paths fetch it (in threads, never blocking the loop) and plan again, the synchronous
+ones (``try_read_into``, ``try_write``, ``advise``) start the fetch in the background and
+say "not now".  A write that copies up from a remote layer has its copy-up sources fetched
+first.  ``segments`` — the remaps handed to workers and the kernel shim — never names a
+remote block the cache does not hold: such runs are left unmapped, so their reads come back
+here as misses and are answered with the data.  A block that cannot be fetched before the
+deadline fails the request with EIO, never zeroes.
+
 Errors: every failure of a request raises :class:`DiskError` (a ``RequestError``) carrying the
 errno a frontend replies with.  ``ImageIOError`` keeps its errno; ``ImageReadOnly`` and writes
 to a read-only disk are EPERM; reads out of range are EINVAL, writes past the end ENOSPC;
@@ -55,7 +65,7 @@ from typing import Any
 
 import trio
 
-from formats.base import Kind
+from formats.base import Extent, Kind
 from formats.errors import (
     CorruptImage,
     FormatError,
@@ -66,13 +76,15 @@ from formats.errors import (
 )
 from formats.opener import OpenPolicy
 from formats.qcow2 import Lender, Qcow2Image, lend_problem
+from formats.remote import NotCached
 
 from ..errors import RequestError
 from ..remap import Origin, RemapCache
 from .backing_io import WouldBlock, pwrite_from
-from .chain import Chain, ChainFile, InPlace, PlanState, Segment
+from .chain import Chain, ChainFile, InPlace, PlanState, Segment, clip
 from .locks import GranuleLocks
 from .pool import ImagePool, Layer
+from .remote import FETCHER, fetch_missing
 from .streams import KeptPlans, Streams, advise_segments
 
 # Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
@@ -93,6 +105,10 @@ DEFAULT_READAHEAD_CLUSTERS = 16
 # Priming works through a layer in pieces of this many granules, yielding to other tasks in
 # between, so a big image does not stall the daemon.
 PRIME_CHUNK_GRANULES = 4096
+
+# A request that needs remote blocks fetches and plans again at most this many times (each
+# round fetches something: metadata, then data).
+MAX_FETCH_ROUNDS = 64
 
 # Run codec writes (allocation, write-zeroes, trim) in worker threads?  No: a thread hop
 # costs more than an allocation (see the module docstring).
@@ -151,8 +167,25 @@ class Disk:
         file that is another disk's parent, is a ``UsageError``.
         """
         await trio.lowlevel.checkpoint()
-        chain = Chain.open(path, pool=pool, cache=cache, writable=not readonly, fmt=fmt,
-                           policy=policy)
+        warm = None
+        if policy is not None and policy.remote is not None and policy.remote.hosts != set():
+            # A remote base's connection and the metadata its codec reads at open are had
+            # in a thread (the same open, without the pool), so the open below finds them in
+            # the cache instead of waiting for the network in the event loop.
+            warm = await trio.to_thread.run_sync(_warm_chain, path, fmt, policy)
+        try:
+            for _ in range(MAX_FETCH_ROUNDS):
+                try:
+                    chain = Chain.open(path, pool=pool, cache=cache, writable=not readonly,
+                                       fmt=fmt, policy=policy)
+                    break
+                except NotCached as miss:
+                    await fetch_missing(miss)
+            else:
+                raise DiskError(errno.EIO, f"{path}: a remote base kept missing blocks")
+        finally:
+            if warm is not None:
+                warm.close_chain()
         return cls(chain, readahead_clusters=readahead_clusters, offload_writes=offload_writes)
 
     async def close(self) -> None:
@@ -280,8 +313,12 @@ class Disk:
         requests in one wakeup, with no task or checkpoint each."""
         view = memoryview(dest).cast("B")
         self._check_read(offset, len(view))
-        return bool(len(view)) and self._try_read(offset, view, zeroed=False,
-                                                  nowait=not may_block)
+        try:
+            return bool(len(view)) and self._try_read(offset, view, zeroed=False,
+                                                      nowait=not may_block)
+        except NotCached as miss:
+            FETCHER.start(miss)  # read_into waits for it
+            return False
 
     def advise(self, offset: int, length: int) -> None:
         """Start reading the range's data into the page cache without waiting
@@ -296,6 +333,9 @@ class Disk:
             try:
                 if self.chain.plan(offset, offset + length, segs, req) is not None:
                     return
+            except NotCached as miss:
+                FETCHER.start(miss)  # a remote layer's metadata
+                return
             except (FormatError, OSError, ValueError):
                 return  # advice only: the read itself reports the error
             self._kept_plans.keep(offset, length, self.mapping_generation, segs)
@@ -344,8 +384,8 @@ class Disk:
             inplace, lib = self.chain.plan_write(offset, end, count=True)
             if self._locks.any_held(first, gend):
                 return False
-            if lib and (self.offload_writes or self.chain.locked_any()):
-                return False
+            if lib and (self.offload_writes or self.chain.locked_any() or self.chain.remote):
+                return False  # (over a remote base: its copy-up sources are fetched first)
             # Allocation runs inline too (measured: cheaper than a thread hop or a task, see
             # the module docstring); with no await until the end, nothing can interleave.
             self._pwrite_all(inplace, view, offset)
@@ -382,6 +422,10 @@ class Disk:
         except WouldBlock:
             # For advise() and the read after it.
             self._kept_plans.keep(offset, len(dest), self.mapping_generation, segs)
+            if sequential:
+                # A stream that outran the page cache: its data ahead is what it waits for
+                # next (the read that follows uses the kept plan and does not come back here).
+                self._streams.advise_ahead(segs, len(dest))
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
@@ -415,8 +459,28 @@ class Disk:
         if length == 0:
             await trio.lowlevel.checkpoint()
             return
-        if self._try_read(offset, dest, zeroed):
-            return
+        for _ in range(MAX_FETCH_ROUNDS):
+            try:
+                if self._try_read(offset, dest, zeroed):
+                    return
+                await self._read_locked(offset, dest)
+                return
+            except NotCached as miss:
+                await self._fetch(miss)
+                zeroed = False
+        raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks "
+                        f"(offset={offset}, length={length})")
+
+    async def _fetch(self, miss: NotCached) -> None:
+        """Fetch a remote layer's missing blocks (cowd/disk/remote.py); EIO past the
+        deadline."""
+        try:
+            await fetch_missing(miss)
+        except (FormatError, OSError) as e:
+            raise self._translate(e) from e
+
+    async def _read_locked(self, offset: int, dest: memoryview) -> None:
+        length = len(dest)
         # A layer is busy in a worker thread (a flush, an offloaded copy-up): plan and read
         # again under every lock.  Part of ``dest`` may hold bytes of the first attempt, so
         # zero explicitly instead of trusting ``zeroed``.  (Waiting for one lock and trying
@@ -475,6 +539,8 @@ class Disk:
                         inplace, lib = self.chain.plan_write(offset, end, count=False)
                         self._pwrite_all(inplace, view, offset)
                         for gs, ge in lib:
+                            if self.chain.remote:
+                                await self._ready_copy_up(gs, ge, whole=False)
                             lookups += await self._library_write(
                                 gs, view[gs - offset:ge - offset])
                     self._cache.note_request(lookups, self.counters)
@@ -492,6 +558,14 @@ class Disk:
     async def _library_write(self, guest_offset: int, view: memoryview) -> int:
         """``Image.write`` for one piece (caller holds its granules); refills the touched
         clusters' entries.  Returns the resolver calls made."""
+        for _ in range(MAX_FETCH_ROUNDS):
+            try:
+                return await self._library_write_once(guest_offset, view)
+            except NotCached as miss:  # a copy-up source the fetch before did not cover
+                await self._fetch(miss)
+        raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks")
+
+    async def _library_write_once(self, guest_offset: int, view: memoryview) -> int:
         offload = self.offload_writes
         async with self.chain.exclusive(will_await=offload):
             if not offload:
@@ -536,11 +610,13 @@ class Disk:
                 n = min(ZERO_CHUNK_BYTES, end - pos)
                 first, gend = self._granules(pos, pos + n)
                 c0, c1 = self._cluster_granules(pos, pos + n)
-                async with self._locks.hold(first, gend), \
-                        self.chain.exclusive(will_await=offload):
-                    self._invalidate(c0, c1)
-                    await self.chain.run(call, pos, n, offload=offload)
-                    self._invalidate(c0, c1)
+                async with self._locks.hold(first, gend):
+                    if self.chain.remote:
+                        await self._ready_copy_up(pos, pos + n, whole=False)
+                    async with self.chain.exclusive(will_await=offload):
+                        self._invalidate(c0, c1)
+                        await self.chain.run(call, pos, n, offload=offload)
+                        self._invalidate(c0, c1)
                 pos += n
                 if pos < end:
                     await trio.lowlevel.checkpoint()
@@ -600,11 +676,11 @@ class Disk:
         self._check_read(offset, length, limit=None)
         req = PlanState(ahead=ahead)
         try:
-            segs = await self.chain.plan_locked(offset, offset + length, req)
+            segs = await self._plan_fetching(offset, offset + length, req)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._cache.note_request(req.lookups, self.counters)
-        return segs
+        return self._unmap_uncached(segs) if self.chain.remote else segs
 
     async def allocate(self, offset: int, length: int) -> list[Segment]:
         """Make every top-layer cluster touching the range DATA that the top layer owns,
@@ -624,17 +700,67 @@ class Disk:
         try:
             async with self._locks.hold(first, gend):
                 for gs, ge in self.chain.plan_write(offset, end, count=False).allocating:
+                    if self.chain.remote:
+                        await self._ready_copy_up(gs, ge, whole=True)
                     async with self.chain.exclusive(will_await=offload):
                         c0, c1 = self._cluster_granules(gs, ge)
                         self._invalidate(c0, c1)
                         await self.chain.run(top.image.allocate, gs, ge - gs, offload=offload)
                         self._refill(c0, c1)
                     self._ops["allocations"] += 1
-                segs = await self.chain.plan_locked(offset, end, req)
+                segs = await self._plan_fetching(offset, end, req)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._cache.note_request(req.lookups, self.counters)
-        return segs
+        return self._unmap_uncached(segs) if self.chain.remote else segs
+
+    async def _plan_fetching(self, start: int, end: int, req: PlanState) -> list[Segment]:
+        """``Chain.plan_locked``, fetching a remote layer's metadata as it is needed."""
+        for _ in range(MAX_FETCH_ROUNDS):
+            try:
+                return await self.chain.plan_locked(start, end, req)
+            except NotCached as miss:
+                await self._fetch(miss)
+        raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks")
+
+    async def _ready_copy_up(self, start: int, end: int, whole: bool) -> None:
+        """Fetch the remote blocks a codec will copy up for [start, end): the top clusters
+        the range covers in part (all it touches with ``whole``, as ``allocate`` copies)."""
+        cs = max(1, self.cluster_size)
+        head, tail = start - start % cs, -(-end // cs) * cs
+        pieces = [(head, min(tail, self.size))] if whole else \
+            [(a, min(a + cs, self.size)) for a in {head, tail - cs}
+             if (a < start or min(a + cs, self.size) > end) and a < self.size]
+        for a, b in pieces:
+            for _ in range(MAX_FETCH_ROUNDS):
+                segs: list[Segment] = []
+                try:
+                    # Best effort: a layer busy in a thread stops the plan (the codec's
+                    # copy-up then fetches what is left: _library_write).
+                    self.chain.plan_below(0, a, b, segs, PlanState())
+                    for seg in segs:
+                        remote = self._chain[seg.depth].remote if seg.depth >= 0 else None
+                        if remote is not None and seg.kind is Kind.DATA:
+                            remote.ready(seg.file_offset, seg.length)
+                    break
+                except NotCached as miss:
+                    await self._fetch(miss)
+
+    def _unmap_uncached(self, segs: list[Segment]) -> list[Segment]:
+        """Leave out of a plan (as unmappable runs) the DATA of remote layers whose blocks
+        the cache does not hold: a worker or the kernel must not read those from the cache
+        file, they come here as misses (see the module docstring)."""
+        out: list[Segment] = []
+        for seg in segs:
+            remote = self._chain[seg.depth].remote if seg.depth >= 0 else None
+            if remote is None or seg.kind is not Kind.DATA:
+                out.append(seg)
+                continue
+            for fo, n, held in remote.held_runs(seg.file_offset, seg.length):
+                g = seg.guest_offset + (fo - seg.file_offset)
+                ext = clip(seg.extent, g, n) if held else Extent(g, n, Kind.UNALLOCATED)
+                out.append(Segment(g, n, seg.depth, ext))
+        return out
 
     # ---- lending clusters to an outside writer (the kernel shim's pool) --------------------
 
@@ -738,7 +864,7 @@ class Disk:
         end = offset + min(length, MAX_STATUS_BYTES)
         req = PlanState(ahead_origin=Origin.PREFETCH, end=end, to_end=True)
         try:
-            segs = await self.chain.plan_locked(offset, end, req)
+            segs = await self._plan_fetching(offset, end, req)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         out: list[tuple[int, bool, bool]] = []
@@ -768,8 +894,8 @@ class Disk:
             while pos < end:
                 n = min(end - pos, MAX_REQUEST_BYTES)
                 req = PlanState(ahead_origin=Origin.PREFETCH, end=pos + n, to_end=True)
-                segs = await self.chain.plan_locked(pos, pos + n, req)
-                advise_segments(segs)
+                segs = await self._plan_fetching(pos, pos + n, req)
+                advise_segments(segs)  # (starts fetching a remote layer's missing blocks)
                 self._cache.note_request(req.lookups, self.counters)
                 pos += n
                 await trio.lowlevel.checkpoint()
@@ -799,11 +925,16 @@ class Disk:
                             complete = False
                             break
                         chunk_end = min(layer.size, pos + PRIME_CHUNK_GRANULES * g)
-                        if layer.lock.locked():
-                            async with layer.lock:
+                        try:
+                            if layer.lock.locked():
+                                async with layer.lock:
+                                    self.chain.prime_chunk(layer, pos, chunk_end,
+                                                           want_allocated)
+                            else:
                                 self.chain.prime_chunk(layer, pos, chunk_end, want_allocated)
-                        else:
-                            self.chain.prime_chunk(layer, pos, chunk_end, want_allocated)
+                        except NotCached as miss:
+                            await self._fetch(miss)  # a remote layer's metadata: again
+                            continue
                         pos = chunk_end
                         await trio.lowlevel.checkpoint()
         except (FormatError, OSError, ValueError) as e:
@@ -837,6 +968,18 @@ class Disk:
             "ops": {**self._ops, "lock_waits": self._ops["lock_waits"] + self.chain.lock_waits,
                     "plans_reused": self._kept_plans.reused},
         }
+
+
+def _warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
+    """Open the chain read-only with the library (in a thread: remote layers connect and
+    fetch what their codecs read at open); None when it cannot be opened (the real open
+    says why)."""
+    import formats
+
+    try:
+        return formats.open_image(path, False, fmt, policy=policy)
+    except (FormatError, OSError):
+        return None
 
 
 __all__ = ["DEFAULT_READAHEAD_CLUSTERS", "MAX_REQUEST_BYTES", "Disk", "DiskError"]

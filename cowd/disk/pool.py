@@ -18,6 +18,7 @@ import trio
 import formats
 from formats.base import Image, NearOpener
 from formats.errors import CorruptImage
+from formats.remote import RemoteBase
 
 from .. import imagelock
 from ..errors import CommandFailed, UsageError
@@ -53,6 +54,9 @@ class Layer:
         self.refs = 0
         self.file_key = image.file.dev_ino
         self.primed = False  # a shared parent is primed once (it never changes)
+        # A remote base (formats/remote/): its file is a local cache whose blocks must be
+        # held before they are read (cowd/disk/remote.py).
+        self.remote: RemoteBase | None = getattr(image.file, "remote", None)
 
     def __repr__(self) -> str:
         return f"<Layer {self.layer_id} {self.image.path!r} granule={self.granule}>"

@@ -22,15 +22,18 @@ import os
 from formats.base import Kind
 
 from .chain import Segment
+from .remote import FETCHER
 
 # Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
 # ended count as sequential (a few concurrent streams, and queue-depth reordering).
 SEQUENTIAL_STREAMS = 8
 
 # Data read-ahead for a sequential stream: advise the kernel this many requests' worth of
-# bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES.
-DATA_READAHEAD_REQUESTS = 4
-DATA_READAHEAD_MAX_BYTES = 8 << 20
+# bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES: enough that a cold base is
+# read faster than a loop device with direct I/O reads it, and no more (the measurements
+# are in docs/disk-costs.md, "Sequential read-ahead").
+DATA_READAHEAD_REQUESTS = 8
+DATA_READAHEAD_MAX_BYTES = 32 << 20
 
 # Plans of reads that had to wait for the disk, kept for the advice and the read that follow
 # (a frontend's batch: NBD answers up to a few hundred requests per wakeup).
@@ -69,10 +72,12 @@ class Streams:
         and no remap lookups are made for it.  Advises DATA_READAHEAD_REQUESTS requests'
         worth, half a window at a time."""
         last = next((seg for seg in reversed(segs) if seg.kind is Kind.DATA), None)
-        if last is None or last.file is None:
-            return
-        fd = last.file.fd
-        end = last.file_offset + last.length
+        if last is not None and last.file is not None:
+            self.advise_after(last.file.fd, last.file_offset + last.length, length)
+
+    def advise_after(self, fd: int, end: int, length: int) -> None:
+        """:meth:`advise_ahead` for a stream whose last read ended at file offset ``end`` of
+        ``fd`` (what a worker's MappedDisk knows of its runs)."""
         window = min(max(length, self.granule) * DATA_READAHEAD_REQUESTS,
                      DATA_READAHEAD_MAX_BYTES)
         afd, advised_to = self._advised
@@ -118,10 +123,14 @@ class KeptPlans:
 
 
 def advise_segments(segs: list[Segment]) -> None:
-    """Start reading the DATA of ``segs`` into the page cache without waiting."""
+    """Start reading the DATA of ``segs`` into the page cache without waiting (and, for a
+    remote base, fetching the blocks its cache lacks: cowd/disk/remote.py)."""
     for seg in segs:
         f = seg.file
         if f is not None and seg.kind is Kind.DATA:
+            remote = getattr(f, "remote", None)
+            if remote is not None:
+                FETCHER.advise(remote, seg.file_offset, seg.length)
             try:
                 os.posix_fadvise(f.fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
             except OSError:

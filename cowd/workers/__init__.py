@@ -55,8 +55,8 @@ Failure
 ~~~~~~~
 A killed worker loses nothing acknowledged: its acknowledged writes are in the page cache (or
 durable, after a flush, which the control plane did); its connections drop, the control
-plane forgets its remaps and starts a new worker.  Workers die with the control plane
-(PR_SET_PDEATHSIG) and on end of file on their channel.
+plane forgets its remaps and starts a new worker.  Workers end with the control plane: its
+death closes their channel, and they exit at its end of file.
 
 Modules
 -------

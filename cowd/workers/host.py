@@ -27,6 +27,7 @@ written in :mod:`cowd.workers`; how, here:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import itertools
 import logging
@@ -37,16 +38,20 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ..disk import ChainFile, Disk, DiskError, Segment
+from ..disk import Disk, DiskError
+from ..frontends.fuse.mount import clone_fuse_fd
+from ..frontends.fuse.protocol import IN_HEADER, FuseProtocolError, parse_request, reply_error
+from ..frontends.fuse.server import FuseFrontend
 from ..frontends.nbd.server import MAX_CONNECTIONS
 from ..frontends.nbd.tls import TlsConfig
 from . import wire as W
 from .channel import Calls, ChannelStream
+from .gated import GatedDisk, zero_range
+from .served import Served
 
 log = logging.getLogger("cowd.workers")
 
@@ -67,105 +72,6 @@ RESTART_STABLE_S = 30.0
 START_TIMEOUT_S = 60.0
 # How long STOP lets workers drain before they are killed.
 STOP_TIMEOUT_S = 15.0
-
-
-# ---- the change gate ---------------------------------------------------------------------------
-
-
-class ChangeGate:
-    """Granule ranges of one disk whose mapping is being changed (a multiset of
-    [first, end) ranges; short: one per change in flight)."""
-
-    def __init__(self) -> None:
-        self._ranges: list[tuple[int, int, object]] = []
-        self._left = trio.Event()
-
-    def overlaps(self, first: int, end: int, *, but: object = None) -> bool:
-        return any(a < end and first < b and who is not but for a, b, who in self._ranges)
-
-    def clear_prefix(self, first: int, end: int) -> int:
-        """The end of the longest run of granules from ``first`` that no change touches."""
-        for a, b, _ in self._ranges:
-            if a < end and first < b:
-                end = max(first, a) if a > first else first
-        return end
-
-    async def wait_clear(self, first: int, end: int) -> None:
-        while self.overlaps(first, end):
-            await self._left.wait()
-
-    @asynccontextmanager
-    async def changing(self, first: int, end: int) -> AsyncIterator[object]:
-        token = object()
-        entry = (first, end, token)
-        self._ranges.append(entry)
-        try:
-            yield token
-        finally:
-            self._ranges.remove(entry)
-            self._left.set()
-            self._left = trio.Event()
-
-
-# ---- served disks ------------------------------------------------------------------------------
-
-
-@dataclass
-class Served:
-    """A disk as the pool serves it to workers."""
-
-    disk_id: int
-    name: str
-    disk: Disk
-    files: list[ChainFile]
-    file_index: dict[int, int] = field(default_factory=dict)  # id(file) -> index
-    gate: ChangeGate = field(default_factory=ChangeGate)
-    readonly_told: bool = False  # the workers know the disk turned read-only
-
-    def __post_init__(self) -> None:
-        self.file_index = {id(f): i for i, f in enumerate(self.files)}
-
-    def granules(self, guest_offset: int, guest_end: int) -> tuple[int, int]:
-        """Granules covering every cluster that [guest_offset, guest_end) touches (what a
-        change there may remap)."""
-        g = self.disk.granule
-        cs = max(1, self.disk.cluster_size)
-        return guest_offset // cs * cs // g, -(-(-(-guest_end // cs) * cs) // g)
-
-    def runs(self, segs: list[Segment], *, but_gated: object | None = None,
-             skip_gated: bool = True) -> list[W.RemapRun]:
-        """The remap runs of ``segs``: DATA in a file the workers have, and zeroes; what
-        cannot be expressed (compressed clusters) and granules inside the gate (other than
-        ``but_gated``'s own change) are left out."""
-        out: list[W.RemapRun] = []
-        g = self.disk.granule
-        readonly = self.disk.readonly
-        gate = self.gate
-        for seg in segs:
-            if seg.is_data:
-                fi = self.file_index.get(id(seg.file), -1)
-                if fi < 0:
-                    continue
-                flags = W.REMAP_WRITABLE if seg.writable and not readonly else 0
-                run = W.RemapRun(seg.guest_offset, seg.length, fi, flags, seg.file_offset)
-            elif seg.is_zero:
-                run = W.RemapRun(seg.guest_offset, seg.length, W.ZERO_FILE, 0, 0)
-            else:
-                continue
-            if skip_gated and gate.overlaps(run.guest_offset // g,
-                                            -(-(run.guest_offset + run.length) // g),
-                                            but=but_gated):
-                continue
-            if out and out[-1].guest_offset + out[-1].length == run.guest_offset and \
-                    out[-1].file_index == run.file_index and out[-1].flags == run.flags and \
-                    (run.file_index < 0 or
-                     out[-1].file_offset + out[-1].length == run.file_offset):
-                prev = out[-1]
-                out[-1] = W.RemapRun(prev.guest_offset, prev.length + run.length,
-                                     prev.file_index, prev.flags, prev.file_offset)
-            else:
-                out.append(run)
-        return out
 
 
 def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:
@@ -234,11 +140,14 @@ class WorkerLink:
             self.deaths += 1
             lived = trio.current_time() - born
             pause = RESTART_MIN_S if lived > RESTART_STABLE_S else min(RESTART_MAX_S, pause * 2)
-            log.warning("worker %d died (lived %.1f s); starting it again in %.1f s",
-                        self.index, lived, pause)
+            rc = self.proc.returncode if self.proc is not None else None
+            how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+            log.warning("worker %d died (%s, lived %.1f s); starting it again in %.1f s",
+                        self.index, how, lived, pause)
             await trio.sleep(pause)
 
     async def _life(self, task_status: trio.TaskStatus[None] | None) -> None:
+        """One life of the worker: spawn it, describe the disks, serve its channel."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await trio.lowlevel.open_process(
@@ -247,7 +156,11 @@ class WorkerLink:
                  str(max(1, -(-MAX_CONNECTIONS // len(self.pool.links)))),
                  *self.pool.tls_args(),
                  "--log-level", logging.getLevelName(logging.getLogger().level)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                # This very interpreter (argv[0] still names the venv's, for its site
+                # packages): a user may run a python reached through folders it could not
+                # exec by path (a root-owned pyenv behind the venv's symlink).
+                executable="/proc/self/exe")
         except BaseException:
             ours.close()
             raise
@@ -259,6 +172,8 @@ class WorkerLink:
         try:
             for served in list(self.pool.disks.values()):
                 self.describe(served)
+            if self.pool.fuse is not None and self.pool.fuse.mounted:
+                self.serve_fuse(self.pool.fuse)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(chan.writer, self._to_close)
                 ready = self.queries.new()  # answered once the worker's loop runs
@@ -314,13 +229,21 @@ class WorkerLink:
         disk = served.disk
         self.chan.send(W.DiskSpec(served.disk_id, served.name, disk.path, disk.size,
                                   disk.cluster_size, disk.granule, disk.readonly,
-                                  tuple(f.writable for f in served.files), fds))
+                                  tuple(f.writable for f in served.files), served.scope,
+                                  served.fuse_ino, fds))
 
-    def hand_off(self, fd: int, peer: str) -> None:
+    def hand_off(self, fd: int, peer: str, scope: str) -> None:
         assert self.chan is not None
         self._to_close.add(fd)
-        self.chan.send(W.Connection(peer, (fd,)))
+        self.chan.send(W.Connection(peer, scope, (fd,)))
         self.handed += 1
+
+    def serve_fuse(self, fe: FuseFrontend) -> None:
+        """Give the worker a clone of the FUSE mount's descriptor to serve."""
+        assert self.chan is not None
+        clone = clone_fuse_fd(fe.fd)
+        self._to_close.add(clone)
+        self.chan.send(W.FuseSession(dataclasses.asdict(fe.options), (clone,)))
 
     async def _read(self, chan: ChannelStream, nursery: trio.Nursery) -> None:
         async for msg in chan.messages():
@@ -338,6 +261,9 @@ class WorkerLink:
                 self.queries.complete(msg.cookie, msg.stats)
             elif isinstance(msg, W.Release):
                 self.holds.discard(msg.disk_id)
+            elif isinstance(msg, W.FuseForward):
+                # Answered here, in order: the namespace is the daemon's (handles, lookups).
+                chan.send(W.Reply(msg.cookie, 0, self.pool.fuse_reply(msg.request)))
             else:
                 raise W.ChannelError(f"worker {self.index}: unexpected message {msg!r}")
 
@@ -463,40 +389,23 @@ class WorkerLink:
 
     async def _write(self, served: Served, r: W.Request) -> None:
         disk = served.disk
-        end = r.guest_offset + r.length
-        if r.length <= 0 or r.guest_offset < 0 or end > disk.size:
-            await disk.write(r.guest_offset, r.data, fua=bool(r.flags & W.FLAG_FUA))  # its error
-            return
-        first, last = served.granules(r.guest_offset, end)
-        async with served.gate.changing(first, last) as token:
-            await self.pool.invalidate(served, first, last, requester=self,
-                                       ack_requester=False)
+        # The requester needs no acknowledgement: the invalidation reaches it before the
+        # reply does, and a write frees no cluster a worker may write in place.
+        async with self.pool.changing(served, r.guest_offset, r.length, requester=self,
+                                      ack_requester=False) as token:
             await disk.write(r.guest_offset, r.data, fua=bool(r.flags & W.FLAG_FUA))
-            # The written clusters' fresh remaps, so the next writes there stay local.
-            g = disk.granule
-            segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
-            self._send_runs(served, served.runs(segs, but_gated=token))
+            if token is not None:
+                # The written clusters' fresh remaps, so the next writes there stay local.
+                first, last = served.granules(r.guest_offset, r.guest_offset + r.length)
+                g = disk.granule
+                segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
+                self._send_runs(served, served.runs(segs, but_gated=token))
 
     async def _zero(self, served: Served, r: W.Request) -> None:
-        disk = served.disk
-        end = r.guest_offset + r.length
-        if r.length <= 0 or r.guest_offset < 0 or end > disk.size:
-            first = last = 0
-        else:
-            first, last = served.granules(r.guest_offset, end)
-        async with served.gate.changing(first, last):
-            if last > first:
-                # Clusters may be freed: every holder, this worker too, must drop them first.
-                await self.pool.invalidate(served, first, last, requester=self,
-                                           ack_requester=True)
-            if r.op == W.Op.TRIM:
-                await disk.trim(r.guest_offset, r.length)
-                if r.flags & W.FLAG_FUA:
-                    await disk.flush()
-            else:
-                await disk.write_zeroes(r.guest_offset, r.length,
-                                        may_unmap=bool(r.flags & W.FLAG_MAY_UNMAP),
-                                        fua=bool(r.flags & W.FLAG_FUA))
+        # Clusters may be freed: every holder, this worker too, must drop them first.
+        async with self.pool.changing(served, r.guest_offset, r.length, requester=self,
+                                      ack_requester=True):
+            await zero_range(served.disk, r.op, r.guest_offset, r.length, r.flags)
 
     async def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "alive": self.alive, "starts": self.starts,
@@ -531,23 +440,39 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._turn = itertools.cycle(range(count))
         self.stopping = False
+        self.fuse: FuseFrontend | None = None  # the FUSE mount the workers also serve
 
     def tls_args(self) -> list[str]:
         if self.tls is None or not self.tls.enabled:
             return []
         return ["--tls-config", base64.b64encode(pickle.dumps(self.tls)).decode()]
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Start every worker; with ``wait``, return once each answers (its imports done:
+        seconds, tens of them in a slow guest).  Without, they start behind the caller's
+        back: what is handed to a worker meanwhile waits in its channel."""
         for link in self.links:
-            await self.nursery.start(link.run)
+            if wait:
+                await self.nursery.start(link.run)
+            else:
+                self.nursery.start_soon(link.run)
 
-    def add_disk(self, name: str, disk: Disk) -> Served:
-        served = Served(next(self._ids), name, disk, disk.files())
+    def add_disk(self, name: str, disk: Disk, scope: str = W.SCOPE_SERVE, *,
+                 publish: bool = True) -> Served:
+        """Serve ``disk`` from the workers as an export of ``scope`` named ``name``; with
+        ``publish`` (else call :meth:`publish` once its FUSE inode is known) describe it to
+        every worker now."""
+        served = Served(next(self._ids), name, disk, disk.files(), scope)
+        if publish:
+            self.publish(served)
+        return served
+
+    def publish(self, served: Served) -> None:
+        """Describe ``served`` to every worker (and to every worker started later)."""
         self.disks[served.disk_id] = served
         for link in self.links:
             if link.alive:
                 link.describe(served)
-        return served
 
     def remove_disk(self, disk: Disk) -> None:
         for served in [s for s in self.disks.values() if s.disk is disk]:
@@ -570,18 +495,72 @@ class WorkerPool:
             if link.alive and link.chan is not None:
                 link.chan.send(W.DiskState(served.disk_id, True, reason))
 
-    def hand_off(self, stream: trio.SocketStream, peer: str) -> None:
-        """Give a client connection to the next live worker (round robin)."""
+    def hand_off(self, stream: trio.SocketStream, peer: str,
+                 scope: str = W.SCOPE_SERVE) -> None:
+        """Give a client connection to the next live worker (round robin); it sees the
+        disks of ``scope`` only."""
         for _ in range(len(self.links)):
             link = self.links[next(self._turn)]
             if link.alive:
                 fd = stream.socket.detach()
-                link.hand_off(fd, peer)
+                link.hand_off(fd, peer, scope)
                 return
         raise DiskError(errno.EAGAIN, "no worker is running")
 
+    def serve_fuse(self, fe: FuseFrontend) -> None:
+        """The FUSE mount is up: every worker, and every worker started from now on, serves
+        a clone of its descriptor (namespace requests come back here: fuse_reply)."""
+        self.fuse = fe
+        for link in self.links:
+            if link.alive:
+                link.serve_fuse(fe)
+
+    def fuse_reply(self, raw: bytes | bytearray | memoryview) -> bytes:
+        """The mount's answer to a namespace request a worker read (b"": none is due)."""
+        fe = self.fuse
+        view = memoryview(raw)
+        try:
+            req = parse_request(view)
+        except FuseProtocolError as e:
+            log.error("%s", e)
+            return bytes(reply_error(IN_HEADER.unpack_from(view)[2], errno.EIO)) \
+                if len(view) >= IN_HEADER.size else b""
+        if fe is None:
+            return bytes(reply_error(req.unique, errno.ENOSYS))
+        try:
+            reply = fe.fs.handle(req)
+        except FuseProtocolError as e:
+            log.error("%s", e)
+            reply = reply_error(req.unique, errno.EIO)
+        return bytes(reply) if reply is not None else b""
+
+    def gated(self, served: Served) -> GatedDisk:
+        """The daemon's own view of a disk its workers also serve (see GatedDisk)."""
+        return GatedDisk(served, self.changing)
+
+    @asynccontextmanager
+    async def changing(self, served: Served, guest_offset: int, length: int, *,
+                       requester: WorkerLink | None, ack_requester: bool
+                       ) -> AsyncIterator[object | None]:
+        """Around anything that may change or free the mapping of [guest_offset, +length):
+        enter the disk's change gate and invalidate every holder (acknowledged, but for the
+        requester's unless ``ack_requester``; no requester: the daemon itself, every
+        holder).  Yields the gate's token, or None for a range outside the disk (the disk
+        then refuses the request with its own error; nothing changes)."""
+        disk = served.disk
+        end = guest_offset + length
+        if length <= 0 or guest_offset < 0 or end > disk.size:
+            await trio.lowlevel.checkpoint()
+            yield None
+            return
+        first, last = served.granules(guest_offset, end)
+        async with served.gate.changing(first, last) as token:
+            await self.invalidate(served, first, last, requester=requester,
+                                  ack_requester=ack_requester)
+            yield token
+
     async def invalidate(self, served: Served, first: int, end: int, *,
-                         requester: WorkerLink, ack_requester: bool) -> None:
+                         requester: WorkerLink | None, ack_requester: bool) -> None:
         """Tell every holder of ``served`` to drop granules [first, end), and wait for the
         acknowledgements the contract needs (see the module docstring)."""
         g = served.disk.granule
@@ -626,4 +605,4 @@ class WorkerPool:
         return [await link.stats() for link in self.links]
 
 
-__all__ = ["ChangeGate", "Served", "WorkerLink", "WorkerPool"]
+__all__ = ["WorkerLink", "WorkerPool"]

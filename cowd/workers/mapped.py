@@ -30,6 +30,7 @@ import trio
 
 from ..disk.backing_io import WouldBlock, pread_into, pwrite_from, zero_fill
 from ..disk.disk import MAX_REQUEST_BYTES, DiskError
+from ..disk.streams import Streams
 from . import wire as W
 
 # Granules one disk's table holds (each about 200 B): 4 GiB of a disk of 64 KiB granules.
@@ -89,6 +90,7 @@ class MappedDisk:
         self._fd_writable = [w and not spec.readonly for w in spec.files_writable]
         self.plane = plane
         self._table: dict[int, tuple[Run, ...]] = {}
+        self._streams = Streams(spec.granule)  # sequential readers: data read-ahead
         self.mapping_generation = 0  # bumped by every invalidation
         self.closed = False
         self.readonly_reason: str | None = None
@@ -301,10 +303,24 @@ class MappedDisk:
             c = self.counters
             c["reads_local"] += 1
             c["bytes_read"] += len(view)
-            return True
-        if st is Local.WOULD_BLOCK:
+        elif st is Local.WOULD_BLOCK:
             self.counters["would_block"] += 1
-        return False
+        if not may_block and st in (Local.DONE, Local.WOULD_BLOCK):
+            # The first try of a read (the frontend tries without waiting first, then
+            # again): the one that counts for the stream.
+            self._stream_ahead(offset, len(view))
+        return st is Local.DONE
+
+    def _stream_ahead(self, offset: int, length: int) -> None:
+        """A read that continues a sequential stream: have the kernel fetch the data after
+        the last DATA run it read (as Disk does for its own streams)."""
+        end = offset + length
+        if not self._streams.note(offset, end):
+            return
+        for rs, re_, fd, fo, _w in reversed(self._table.get((end - 1) // self.granule, ())):
+            if fd != ZERO_FD and rs < end:
+                self._streams.advise_after(fd, fo + (min(re_, end) - rs), length)
+                return
 
     def advise(self, offset: int, length: int) -> None:
         """Start the mapped data of the range on its way into the page cache (advice only:

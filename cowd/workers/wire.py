@@ -45,6 +45,14 @@ REMAP_WRITABLE = 1  # DATA the top layer owns: the worker may pwrite it in place
 # File index of a ZERO run (reads as zeroes; never writable)
 ZERO_FILE = -1
 
+# Who may reach a disk in a worker: the exports of `cowd serve` (its NBD listeners' clients),
+# or a device's own channel (a --via nbd socketpair, a file of the FUSE mount).  A connection
+# is handed over with its scope and sees the disks of that scope only, as the daemon's own
+# two NBD servers do.
+SCOPE_SERVE = "serve"
+SCOPE_DEVICE = "device"
+SCOPES = (SCOPE_SERVE, SCOPE_DEVICE)
+
 
 class MsgType(enum.IntEnum):
     # control plane -> worker
@@ -57,12 +65,14 @@ class MsgType(enum.IntEnum):
     STOP = 7  # drain and exit
     STATS_QUERY = 8
     DISK_STATE = 9  # a disk turned read-only (marked corrupt): no more writes in place
+    FUSE_SESSION = 10  # serve this clone of the FUSE mount's descriptor (+ the fd)
     # worker -> control plane
     MISS = 20
     REQUEST = 21
     INVALIDATED = 22
     RELEASE = 23  # the worker dropped every remap of a disk
     STATS = 24
+    FUSE_FORWARD = 25  # a FUSE namespace request for the daemon to answer (REPLY: the reply)
 
 
 class Op(enum.IntEnum):
@@ -131,6 +141,8 @@ class DiskSpec:
     granule: int
     readonly: bool
     files_writable: tuple[bool, ...]
+    scope: str = SCOPE_SERVE
+    fuse_ino: int = 0  # its inode in the FUSE mount (0: not a FUSE file)
     fds: tuple[int, ...] = field(default=(), compare=False)
 
 
@@ -157,7 +169,29 @@ class Connection:
 
     type: ClassVar[MsgType] = MsgType.CONNECTION
     peer: str
+    scope: str = SCOPE_SERVE
     fds: tuple[int, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FuseSession:
+    """Serve this clone of the FUSE mount's descriptor (``fds``: the clone) with the mount's
+    options (``options``: FuseOptions' fields)."""
+
+    type: ClassVar[MsgType] = MsgType.FUSE_SESSION
+    options: dict[str, Any]
+    fds: tuple[int, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FuseForward:
+    """A FUSE request that touches no disk data, as read from the device: the daemon, which
+    owns the mount's namespace, answers with REPLY(cookie) carrying the reply's bytes (none
+    for a request the kernel wants no reply to)."""
+
+    type: ClassVar[MsgType] = MsgType.FUSE_FORWARD
+    cookie: int
+    request: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +282,9 @@ class Stats:
     stats: dict[str, Any]
 
 
-Message = (DiskSpec | DiskGone | DiskState | Connection | Remaps | Invalidate | Reply | Stop
-           | StatsQuery | Miss | Request | Invalidated | Release | Stats)
+Message = (DiskSpec | DiskGone | DiskState | Connection | FuseSession | Remaps | Invalidate
+           | Reply | Stop | StatsQuery | Miss | Request | Invalidated | Release | Stats
+           | FuseForward)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -301,7 +336,8 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
         body = _json({"disk_id": msg.disk_id, "name": msg.name, "path": msg.path,
                       "size": msg.size, "cluster_size": msg.cluster_size,
                       "granule": msg.granule, "readonly": msg.readonly,
-                      "files_writable": list(msg.files_writable)})
+                      "files_writable": list(msg.files_writable), "scope": msg.scope,
+                      "fuse_ino": msg.fuse_ino})
         return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
     if isinstance(msg, DiskGone):
         return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
@@ -314,7 +350,15 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
         if len(msg.fds) != 1:
             raise ValueError(f"worker channel: a connection carries one fd "
                              f"(fds={len(msg.fds)})")
-        return _framed(MsgType.CONNECTION, 0, _json({"peer": msg.peer}), 1), msg.fds
+        return _framed(MsgType.CONNECTION, 0, _json({"peer": msg.peer, "scope": msg.scope}),
+                       1), msg.fds
+    if isinstance(msg, FuseSession):
+        if len(msg.fds) != 1:
+            raise ValueError(f"worker channel: a FUSE session carries one fd "
+                             f"(fds={len(msg.fds)})")
+        return _framed(MsgType.FUSE_SESSION, 0, _json(msg.options), 1), msg.fds
+    if isinstance(msg, FuseForward):
+        return _framed(MsgType.FUSE_FORWARD, msg.cookie, bytes(msg.request)), ()
     if isinstance(msg, Stats):
         return _framed(MsgType.STATS, msg.cookie, _json(msg.stats)), ()
     if isinstance(msg, StatsQuery):
@@ -392,6 +436,12 @@ class Decoder:
         return msg
 
 
+def _scope(value: object) -> str:
+    if value not in SCOPES:
+        raise ValueError(f"unknown scope {value!r}")
+    return str(value)
+
+
 def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> Message:
     if mtype == MsgType.REMAPS:
         disk_id, count = REMAPS_HEAD.unpack_from(body)
@@ -417,7 +467,8 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
         d = json.loads(bytes(body))
         spec = DiskSpec(int(d["disk_id"]), str(d["name"]), str(d["path"]), int(d["size"]),
                         int(d["cluster_size"]), int(d["granule"]), bool(d["readonly"]),
-                        tuple(bool(w) for w in d["files_writable"]), fds)
+                        tuple(bool(w) for w in d["files_writable"]), _scope(d["scope"]),
+                        int(d["fuse_ino"]), fds)
         if len(fds) != len(spec.files_writable):
             raise ValueError(f"a disk needs one fd per file (fds={len(fds)})")
         return spec
@@ -432,7 +483,17 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
     if mtype == MsgType.CONNECTION:
         if len(fds) != 1:
             raise ValueError(f"a connection carries one fd (fds={len(fds)})")
-        return Connection(str(json.loads(bytes(body))["peer"]), fds)
+        d = json.loads(bytes(body))
+        return Connection(str(d["peer"]), _scope(d["scope"]), fds)
+    if mtype == MsgType.FUSE_SESSION:
+        if len(fds) != 1:
+            raise ValueError(f"a FUSE session carries one fd (fds={len(fds)})")
+        options = json.loads(bytes(body))
+        if not isinstance(options, dict):
+            raise ValueError("FUSE options are not an object")
+        return FuseSession(options, fds)
+    if mtype == MsgType.FUSE_FORWARD:
+        return FuseForward(cookie, bytes(body))
     if mtype == MsgType.STATS:
         stats = json.loads(bytes(body))
         if not isinstance(stats, dict):
@@ -447,9 +508,9 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
 
 __all__ = [
     "FLAG_FUA", "FLAG_MAY_UNMAP", "MAX_MESSAGE_BYTES", "MAX_RUNS_PER_MESSAGE", "NEED_DATA",
-    "REMAP_WRITABLE", "ZERO_FILE", "ChannelError", "Connection", "Decoder", "DiskGone",
-    "DiskSpec", "DiskState", "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op",
-    "Release",
-    "RemapRun", "Remaps", "Reply", "Request", "Stats", "StatsQuery", "Stop", "encode",
-    "encode_remaps", "parse_status_runs", "status_runs",
+    "REMAP_WRITABLE", "SCOPES", "SCOPE_DEVICE", "SCOPE_SERVE", "ZERO_FILE", "ChannelError",
+    "Connection", "Decoder", "DiskGone", "DiskSpec", "DiskState", "FuseForward", "FuseSession",
+    "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op", "Release", "RemapRun",
+    "Remaps", "Reply", "Request", "Stats", "StatsQuery", "Stop", "encode", "encode_remaps",
+    "parse_status_runs", "status_runs",
 ]

@@ -6,9 +6,11 @@ describes).  One task reads the channel and applies what arrives — disks, conn
 invalidations, replies — in order; one task writes it.  See :mod:`cowd.workers` for the
 contract.
 
-Lifetime: the worker dies with its parent (PR_SET_PDEATHSIG) and ends at end of file on its
-channel (the control plane is gone: nothing more can be answered) or on STOP (it stops taking
-connections, drains them for the time STOP allows, then exits 0).
+Lifetime: the worker ends at end of file on its channel (the control plane is gone, killed or
+not: the kernel closes its end, and nothing more can be answered) or on STOP (it stops taking
+connections, drains them for the time STOP allows, then exits 0).  Not PR_SET_PDEATHSIG:
+that signal follows the *thread* that forked, and trio starts processes from a worker thread
+that exits when idle, which killed every worker ten seconds after it was started.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import trio
 
+from ..frontends.fuse.protocol import FuseOptions
 from ..frontends.nbd.server import MAX_CONNECTIONS, NbdServer
 from ..frontends.nbd.tls import TlsConfig
-from ..process import die_with_parent, settle_allocator
+from ..process import settle_allocator
 from . import wire as W
 from .channel import Calls, ChannelStream
+from .fuse import WorkerFuseSession
 from .mapped import MappedDisk
 
 log = logging.getLogger("cowd.worker")
@@ -60,6 +64,13 @@ class PlaneClient:
         reply: W.Reply = await self.calls.wait(cookie)
         return reply
 
+    async def fuse(self, raw: bytes) -> bytes | None:
+        """The daemon's reply to a FUSE namespace request (None: the kernel wants none)."""
+        cookie = self.calls.new()
+        self.chan.send(W.FuseForward(cookie, raw))
+        reply: W.Reply = await self.calls.wait(cookie)
+        return bytes(reply.data) or None
+
 
 class Worker:
     def __init__(self, chan: ChannelStream, index: int, max_connections: int,
@@ -68,8 +79,16 @@ class Worker:
         self.index = index
         self.plane = PlaneClient(chan)
         self.by_id: dict[int, MappedDisk] = {}
-        self.by_name: dict[str, MappedDisk] = {}  # what the NBD server exports
-        self.nbd = NbdServer(self.by_name, tls, max_connections=max_connections)
+        # What a connection of each scope may open (W.SCOPE_SERVE: `cowd serve`'s exports,
+        # over its TLS; W.SCOPE_DEVICE: a --via nbd device's socketpair), served by an NBD
+        # server of its own, as the daemon's two are.
+        self.exports: dict[str, dict[str, MappedDisk]] = {s: {} for s in W.SCOPES}
+        self.nbd = {W.SCOPE_SERVE: NbdServer(self.exports[W.SCOPE_SERVE], tls,
+                                             max_connections=max_connections),
+                    W.SCOPE_DEVICE: NbdServer(self.exports[W.SCOPE_DEVICE],
+                                              max_connections=max_connections)}
+        self.by_ino: dict[int, MappedDisk] = {}  # the FUSE mount's files
+        self.fuse: list[WorkerFuseSession] = []
         self.started = time.monotonic()
         self.connections = 0
 
@@ -99,7 +118,12 @@ class Worker:
             elif isinstance(msg, W.Connection):
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(
                     socket.socket(fileno=msg.fds[0])))
-                nursery.start_soon(self._serve, stream)
+                nursery.start_soon(self._serve, stream, msg.scope)
+            elif isinstance(msg, W.FuseSession):
+                session = WorkerFuseSession(msg.fds[0], FuseOptions(**msg.options),
+                                            self.by_ino, self.plane.fuse)
+                self.fuse.append(session)
+                await nursery.start(session._serve)
             elif isinstance(msg, W.DiskSpec):
                 self._add_disk(msg)
             elif isinstance(msg, W.DiskGone):
@@ -121,28 +145,36 @@ class Worker:
             self._remove_disk(spec.disk_id)
         disk = MappedDisk(spec, self.plane)
         self.by_id[spec.disk_id] = disk
-        self.by_name[spec.name] = disk
+        self.exports[spec.scope][spec.name] = disk
+        if spec.fuse_ino:
+            self.by_ino[spec.fuse_ino] = disk
+            for session in self.fuse:
+                session.file_added()
 
     def _remove_disk(self, disk_id: int) -> None:
         disk = self.by_id.pop(disk_id, None)
         if disk is None:
             return
-        if self.by_name.get(disk.name) is disk:
-            del self.by_name[disk.name]
+        for exports in self.exports.values():
+            if exports.get(disk.name) is disk:
+                del exports[disk.name]
+        for ino in [i for i, d in self.by_ino.items() if d is disk]:
+            del self.by_ino[ino]
         disk.closed = True
         disk.clear()
         for fd in disk._fds:
             os.close(fd)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, scope: str) -> None:
         self.connections += 1
         try:
-            await self.nbd.handle(stream)
+            await self.nbd[scope].handle(stream)
         finally:
             self.connections -= 1
 
     async def _stop(self) -> None:
-        await self.nbd.shutdown(STOP_DRAIN_S)
+        for server in self.nbd.values():
+            await server.shutdown(STOP_DRAIN_S)
         self.chan.close()
 
     def stats(self) -> dict[str, object]:
@@ -150,8 +182,17 @@ class Worker:
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "channel": {"sent": self.chan.sent_messages,
                             "received": self.chan.received_messages},
-                "nbd": dict(self.nbd.counters),
+                "nbd": _summed(s.counters for s in self.nbd.values()),
+                "fuse": _summed(f.counters for f in self.fuse),
                 "disks": {str(i): d.stats() for i, d in self.by_id.items()}}
+
+
+def _summed(counters: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counters:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,7 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tls-config", default=None,
                     help="the daemon's TLS configuration (base64 of its pickle: paths only)")
     args = ap.parse_args(argv)
-    die_with_parent()
     settle_allocator()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"cowd worker {args.index}: %(message)s")

@@ -19,9 +19,13 @@ module imports only from the lines before its own; tests/unit/test_layers.py che
   4, 6); ``check``: ``Checker``, qemu-img check's walk and repair;
 - ``image``: :class:`Qcow2Image`, the codec: open (a dirty image's refcounts rebuilt), flush
   and close (rules 3 to 5), check, info; ``create``: a new, empty image;
-- ``resize``: growing the virtual size; ``lend``: :class:`~.lend.Lender`, host clusters lent
-  to an outside writer (the kernel shim) and adopted as allocations once written, with its
-  own crash-safety order (rules 1, 3, 4 and 6 as they apply to it).
+- ``resize``: growing the virtual size (a larger L1 table: rules 1 to 4); ``empty``: every
+  cluster of the active layer unallocated (commit: the L1 table cleared, then rule 4);
+  ``backing``: another backing file recorded (rebase: the name first, then one switch);
+  ``snapshot``: internal snapshots created, deleted, applied (new tables apart, one header
+  sector switched, frees after); ``lend``: :class:`~.lend.Lender`, host clusters lent to an
+  outside writer (the kernel shim) and adopted as allocations once written, with its own
+  crash-safety order (rules 1, 3, 4 and 6 as they apply to it).
 
 The image's job is split by layer of one class (reader, writer, image) because each layer
 needs the state of the one below, and by component where a job has state of its own (the

@@ -17,6 +17,7 @@ from array import array
 from ..base import SECTOR
 from ..names import canonical_format
 from ..opener import PROTOCOL_RE
+from .header import FEATURE_TABLE, QEMU_FORMAT_NAMES, pack_extension
 from .layout import (
     DEFAULT_CLUSTER_SIZE,
     MAX_CLUSTER_BITS,
@@ -37,24 +38,6 @@ from .layout import (
     div_round_up,
     words_bytes,
 )
-
-# qemu's names for formats recorded in the backing-format extension.
-_QEMU_FORMAT_NAMES = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "vhd": "vpc"}
-
-_FEATURE_TABLE = [
-    (0, 0, "dirty bit"),
-    (0, 1, "corrupt bit"),
-    (0, 2, "external data file"),
-    (0, 3, "compression type"),
-    (0, 4, "extended L2 entries"),
-    (1, 0, "lazy refcounts"),
-    (2, 0, "bitmaps"),
-    (2, 1, "raw external data"),
-]
-
-
-def _ext(etype: int, data: bytes) -> bytes:
-    return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)
 
 
 def create(path: str, virtual_size: int, *, backing_name: str | None = None,
@@ -89,7 +72,7 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
         raise ValueError(f"{path}: data file names a protocol, not a file ({data_file!r})")
     fmt_name = None
     if backing_format:
-        fmt_name = _QEMU_FORMAT_NAMES[canonical_format(backing_format)]
+        fmt_name = QEMU_FORMAT_NAMES[canonical_format(backing_format)]
     name_bytes = os.fsencode(backing_name) if backing_name else b""
     if len(name_bytes) > QCOW_MAX_BACKING_FILE_NAME:
         raise ValueError(f"{path}: backing file name longer than 1023 bytes")
@@ -124,12 +107,12 @@ def create(path: str, virtual_size: int, *, backing_name: str | None = None,
     header_length = QCOW2_V3_HEADER_LENGTH if version == 3 else QCOW2_V2_HEADER_LENGTH
     exts = b""
     if fmt_name:
-        exts += _ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, fmt_name.encode())
+        exts += pack_extension(QCOW2_EXT_MAGIC_BACKING_FORMAT, fmt_name.encode())
     if data_file:
-        exts += _ext(QCOW2_EXT_MAGIC_DATA_FILE, os.fsencode(data_file))
-    table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in _FEATURE_TABLE)
-    feature_ext = _ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, table) if version == 3 else b""
-    end_ext = _ext(QCOW2_EXT_MAGIC_END, b"")
+        exts += pack_extension(QCOW2_EXT_MAGIC_DATA_FILE, os.fsencode(data_file))
+    feature_ext = pack_extension(QCOW2_EXT_MAGIC_FEATURE_TABLE,
+                                 FEATURE_TABLE) if version == 3 else b""
+    end_ext = pack_extension(QCOW2_EXT_MAGIC_END, b"")
     if header_length + len(exts) + len(feature_ext) + len(end_ext) + len(name_bytes) <= (
             cluster_size):
         exts += feature_ext  # only a help for other tools: dropped when space is short

@@ -60,6 +60,55 @@ from .layout import (
 
 # ---- the header cluster ------------------------------------------------------------------
 
+# qemu's names for formats recorded in the backing-format extension.
+QEMU_FORMAT_NAMES = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "vhd": "vpc"}
+
+# The feature name table qemu writes (type, bit, name): only a help for other tools.
+FEATURE_TABLE = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+])
+
+
+def pack_extension(etype: int, data: bytes) -> bytes:
+    """A header extension as stored: type, length, the data padded to 8 bytes."""
+    return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)
+
+
+class Extension(NamedTuple):
+    etype: int
+    data: bytes
+
+
+class ExtensionArea(NamedTuple):
+    """The header extensions as found (no end marker), and where the area ends: past the
+    end marker, or where the walk stopped (the backing file name or the cluster's end)."""
+
+    extensions: list[Extension]
+    end: int
+
+
+def read_extensions(head: bytes, header_length: int, stop: int) -> ExtensionArea:
+    """The extensions of an already validated header cluster (parse_header checked them),
+    in order, unknown ones included, for rewriting the area."""
+    out = []
+    pos = header_length
+    while pos + 8 <= stop:
+        etype, elen = struct.unpack_from(">II", head, pos)
+        pos += 8
+        if etype == QCOW2_EXT_MAGIC_END:
+            break
+        out.append(Extension(etype, bytes(head[pos : pos + elen])))
+        pos += (elen + 7) & ~7
+    return ExtensionArea(out, min(pos, stop))
+
+
 
 class BitmapsExtension(NamedTuple):
     """The bitmaps header extension: where the bitmap directory is."""

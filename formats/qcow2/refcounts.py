@@ -432,6 +432,29 @@ class Refcounts:
             self._reserve(1)
         return self._pool.popleft() << self.cluster_bits
 
+    def alloc_many(self, count: int) -> list[int]:
+        """``count`` reserved host clusters' file offsets, in the order reserved (adjacent
+        where the free space is: a long write goes out in few pwrites)."""
+        if len(self._pool) < count:
+            self._reserve(count - len(self._pool))
+        pop = self._pool.popleft
+        cb = self.cluster_bits
+        return [pop() << cb for _ in range(count)]
+
+    def alloc_run(self, count: int, floor: int = 0) -> int:
+        """``count`` adjacent host clusters above every cluster in use (and ``floor``),
+        refcount 1 and synced (rule 1), for a table that must be contiguous (an L1 table, a
+        snapshot table): the first one's index."""
+        start = max(self.highest_used() + 1, floor)
+        self.apply({start + i: 1 for i in range(count)}, durable=True)
+        if self.highest_used() >= start + count:
+            # apply() placed a refcount block or a larger table there (rule 2): take
+            # clusters above whatever is in use now.
+            self.apply({start + i: 0 for i in range(count)}, durable=True)
+            start = self.highest_used() + 1
+            self.apply({start + i: 1 for i in range(count)}, durable=True)
+        return start
+
     def release_pool(self) -> None:
         """Give back the reserved clusters not handed out (close, check)."""
         if not self._pool:

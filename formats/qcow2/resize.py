@@ -58,14 +58,7 @@ def grow(img: Qcow2Image, new_size: int) -> None:
     rc = img.refcounts
     old_clusters = div_round_up(l1_size * 8, cs) if l1_size else 0
     new_clusters = div_round_up(needed * 8, cs)
-    start = max(rc.highest_used() + 1, div_round_up(img.file.size(), cs))
-    rc.apply({start + i: 1 for i in range(new_clusters)}, durable=True)  # 1 (rule 1)
-    # apply() may have placed a new refcount block or table at `start` (rule 2): take
-    # clusters above whatever is in use now.
-    if rc.highest_used() >= start + new_clusters:
-        rc.apply({start + i: 0 for i in range(new_clusters)}, durable=True)
-        start = rc.highest_used() + 1
-        rc.apply({start + i: 1 for i in range(new_clusters)}, durable=True)
+    start = rc.alloc_run(new_clusters, div_round_up(img.file.size(), cs))  # 1 (rule 1)
     new_offset = start * cs
     table = array("Q", img.l1) + array("Q", bytes(8 * (needed - len(img.l1))))
     body = words_bytes(table)

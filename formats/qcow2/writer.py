@@ -56,6 +56,11 @@ from .layout import (
 )
 from .reader import Qcow2Reader
 
+# A write that covers at least this many whole clusters holding nothing yet takes the bulk
+# path (_write_fresh): one allocation and one pwrite per adjacent run, from the caller's
+# buffer.  Below it the per-cluster path is as fast.
+FRESH_RUN_MIN_CLUSTERS = 2
+
 # ---- plans -------------------------------------------------------------------------------
 
 
@@ -266,16 +271,49 @@ class Qcow2Writer(Qcow2Reader):
         tbl = self._l2_for_write(l1i)
         change = TableChange(self, tbl)
         write_cluster = self._write_cluster_ext if self.extended_l2 else self._write_cluster
+        fresh_ok = not self.extended_l2 and self.data_file is None
         pos = start
         while pos < end:
             ci = pos >> cb
             cstart = ci << cb
-            cend = min(end, cstart + (1 << cb))
             idx = ci & ((1 << self.l2_bits) - 1)
+            if fresh_ok and pos == cstart:
+                k = self._fresh_run(tbl, idx, (end - pos) >> cb)
+                if k >= FRESH_RUN_MIN_CLUSTERS:
+                    self._write_fresh(change, idx, k, view[pos - start : pos - start + (k << cb)])
+                    pos += k << cb
+                    continue
+            cend = min(end, cstart + (1 << cb))
             write_cluster(change, idx, ci, pos - cstart, cend - cstart,
                           view[pos - start : cend - start])
             pos = cend
         change.commit()
+
+    def _fresh_run(self, tbl: L2Table, idx: int, limit: int) -> int:
+        """How many clusters from entry ``idx`` (at most ``limit``) hold no host cluster:
+        unallocated, or zero-flagged without one.  A write that covers them whole needs no
+        copy-up and frees nothing."""
+        entries = tbl.entries
+        k = 0
+        stop = min(limit, len(entries) - idx)
+        while k < stop and entries[idx + k] in (0, QCOW_OFLAG_ZERO):
+            k += 1
+        return k
+
+    def _write_fresh(self, change: TableChange, idx: int, count: int,
+                     chunk: memoryview) -> None:
+        """Record ``chunk`` written over ``count`` whole fresh clusters from entry ``idx``:
+        new host clusters, written from the caller's buffer in one pwrite per adjacent run
+        (no copy-up, no per-cluster buffer)."""
+        cb = self.cluster_bits
+        hosts = self.refcounts.alloc_many(count)
+        run = 0
+        for i in range(1, count + 1):
+            if i == count or hosts[i] != hosts[i - 1] + (1 << cb):
+                change.write(hosts[run], chunk[run << cb : i << cb])
+                run = i
+        for i, host in enumerate(hosts):
+            change.set_entry(idx + i, host | QCOW_OFLAG_COPIED)
 
     def _write_cluster(self, change: TableChange, idx: int, ci: int, a: int, b: int,
                        chunk: memoryview) -> None:

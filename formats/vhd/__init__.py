@@ -9,10 +9,15 @@ tests/unit/test_layers.py checks):
 
 - ``structures``: the on-disk layout — footer, dynamic disk header, parent locator entries,
   the BAT and sector bitmaps, checksums — and the size and CHS geometry rules (no I/O);
-- ``parents``: a differencing disk's parent — reading its locators, the paths to try;
+- ``parents``: a differencing disk's parent — reading its locators, the paths to try, and
+  the locators to write for a new one;
 - ``image``: :class:`VhdImage`, the codec — open and validate, resolve, write (new blocks
   after the trailing footer, metadata written at flush), flush, check, info;
-- ``create``: new fixed, dynamic and differencing disks.
+- ``create``: new fixed, dynamic and differencing disks; ``empty``: a differencing disk's
+  blocks all dropped (commit); ``switch``: new metadata written apart, then the footer
+  switched to it (the crash-safe step of the two below);
+- ``reparent``: another parent recorded (rebase); ``resize``: a larger virtual size (a
+  larger BAT; a fixed disk's footer moved).
 """
 
 from .create import create, create_differencing

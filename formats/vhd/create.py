@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.parse
 import uuid
 
 from ..base import SECTOR
 from .image import VhdImage
-from .parents import windows_relative
+from .parents import new_locators, place_locators, unicode_name
 from .structures import (
     DEFAULT_BLOCK_SIZE,
     DISK_TYPE_DIFFERENCING,
@@ -28,18 +27,12 @@ from .structures import (
     FOOTER_SIZE,
     MAX_GEOMETRY,
     NO_DATA_OFFSET,
-    PARENT_NAME_BYTES,
-    PLATFORM_MACX,
-    PLATFORM_W2KU,
-    PLATFORM_W2RU,
     VHD_MAX_BAT_BYTES,
     VHD_MAX_BLOCK_SIZE,
-    VHD_MAX_LOCATOR_BYTES,
     VHD_MIN_BLOCK_SIZE,
     DynamicHeader,
     Footer,
     Geometry,
-    ParentLocator,
     size_for_create,
     vhd_time_stamp,
 )
@@ -135,29 +128,12 @@ def create_differencing(path: str, parent: VhdImage, parent_name: str) -> None:
     block_size = parent.block_size or DEFAULT_BLOCK_SIZE
     entries = (size + block_size - 1) // block_size
     footer = _new_footer(DISK_TYPE_DIFFERENCING, size, geometry, FOOTER_SIZE)
-    name16 = parent_name.encode("utf-16-be")
-    if len(name16) > PARENT_NAME_BYTES:  # keep the file name; the locators hold the path
-        name16 = os.path.basename(parent_name).encode("utf-16-be")[:PARENT_NAME_BYTES]
     header = DynamicHeader(table_offset=FOOTER_SIZE + DYNAMIC_HEADER_SIZE,
                            max_table_entries=entries, block_size=block_size,
                            parent_unique_id=pf.unique_id,
                            parent_time_stamp=vhd_time_stamp(os.stat(parent_abs).st_mtime),
-                           parent_unicode_name=name16.ljust(PARENT_NAME_BYTES, b"\0"))
-    blobs = [
-        (PLATFORM_W2RU, windows_relative(relative).encode("utf-16-le")),
-        (PLATFORM_W2KU, parent_abs.replace("/", "\\").encode("utf-16-le")),
-        (PLATFORM_MACX, ("file://" + urllib.parse.quote(parent_abs)).encode("utf-8")),
-    ]
+                           parent_unicode_name=unicode_name(parent_name))
     offset = header.table_offset + (entries * 4 + SECTOR - 1) // SECTOR * SECTOR
-    extra = []
-    for code, blob in blobs:
-        if len(blob) > VHD_MAX_LOCATOR_BYTES:
-            raise ValueError(f"parent path too long for a VHD locator: {parent_abs!r}")
-        space = max(SECTOR, (len(blob) + SECTOR - 1) // SECTOR * SECTOR)
-        # Platform Data Space: the spec says sectors, Windows writes bytes; readers (and
-        # Windows) accept bytes as long as they cover the data, so we write bytes.
-        header.parent_locators.append(ParentLocator(code, space, len(blob), 0, offset))
-        extra.append((offset, blob))
-        offset += space
+    extra = place_locators(header, new_locators(parent_abs, relative), offset)
     parts, file_size = _dynamic_layout(footer, header, extra)
     _write_new_file(path, parts, file_size)

@@ -1,5 +1,6 @@
 """Layer: formats.vhd, above structures.py.  A differencing disk's parent: reading the
-parent locators, and turning the names they and the Parent Unicode Name hold into paths to try.
+parent locators, and turning the names they and the Parent Unicode Name hold into paths to try;
+the locators and the name to write for a new parent (create, reparent).
 
 Locators are W2ru (a relative Windows path, UTF-16 LE), W2ku (an absolute one) and MacX (a
 UTF-8 file:// URL; blktap writes relative ones as file://./name).  Windows paths become POSIX
@@ -13,6 +14,7 @@ be, is the opener's business (formats/opener.py), not this module's.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from typing import NamedTuple
@@ -20,12 +22,14 @@ from typing import NamedTuple
 from ..base import SECTOR, HostFile, require
 from ..errors import CorruptImage
 from .structures import (
+    PARENT_NAME_BYTES,
     PLATFORM_MACX,
     PLATFORM_NONE,
     PLATFORM_W2KU,
     PLATFORM_W2RU,
     VHD_MAX_LOCATOR_BYTES,
     DynamicHeader,
+    ParentLocator,
     Region,
 )
 
@@ -72,6 +76,54 @@ def windows_relative(name: str) -> str:
     """How Windows records a relative parent path: backslashes, ``.\\`` before a plain one."""
     p = name.replace("/", "\\")
     return p if p.startswith("..\\") or p.startswith(".\\") else ".\\" + p
+
+
+class LocatorData(NamedTuple):
+    """A parent locator to write: its platform code and its data."""
+
+    platform_code: bytes
+    data: bytes
+
+
+def new_locators(parent_abs: str, relative: str) -> list[LocatorData]:
+    """The locators cowd writes for a parent at ``parent_abs``, named ``relative`` from the
+    child's folder: W2ru (the relative path, Windows style), W2ku (the absolute path) and
+    MacX (a file:// URL).  ValueError when one is longer than a locator may be."""
+    out = [
+        LocatorData(PLATFORM_W2RU, windows_relative(relative).encode("utf-16-le")),
+        LocatorData(PLATFORM_W2KU, parent_abs.replace("/", "\\").encode("utf-16-le")),
+        LocatorData(PLATFORM_MACX,
+                    ("file://" + urllib.parse.quote(parent_abs)).encode("utf-8")),
+    ]
+    for loc in out:
+        if len(loc.data) > VHD_MAX_LOCATOR_BYTES:
+            raise ValueError(f"parent path too long for a VHD locator: {parent_abs!r}")
+    return out
+
+
+def unicode_name(parent_name: str) -> bytes:
+    """The Parent Unicode Name field for ``parent_name``: UTF-16 BE, NUL-padded; the file
+    name alone when the path does not fit (the locators hold the path)."""
+    name16 = parent_name.encode("utf-16-be")
+    if len(name16) > PARENT_NAME_BYTES:
+        name16 = os.path.basename(parent_name).encode("utf-16-be")[:PARENT_NAME_BYTES]
+    return name16.ljust(PARENT_NAME_BYTES, b"\0")
+
+
+def place_locators(header: DynamicHeader, locators: list[LocatorData],
+                   offset: int) -> list[tuple[int, bytes]]:
+    """Record ``locators`` in ``header``, their data from file ``offset`` on, each in whole
+    sectors; returns (offset, data) of each, to write."""
+    header.parent_locators = []
+    out = []
+    for code, blob in locators:
+        space = max(SECTOR, (len(blob) + SECTOR - 1) // SECTOR * SECTOR)
+        # Platform Data Space: the spec says sectors, Windows writes bytes; readers (and
+        # Windows) accept bytes as long as they cover the data, so we write bytes.
+        header.parent_locators.append(ParentLocator(code, space, len(blob), 0, offset))
+        out.append((offset, blob))
+        offset += space
+    return out
 
 
 class ParentPath(NamedTuple):

@@ -136,8 +136,9 @@ t1=$(date +%s.%N)
 [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "Input/output error" $S/eio.txt
 check eio_after_timeout $? "rc=$rc after=$(awk "BEGIN {{ print $t1 - $t0 }}") $(head -1 $S/eio.txt)"
 (timeout 900 cowd daemon --run-dir $RUN > $S/daemon3.txt 2>&1 &)
-sleep 2  # (until the new daemon holds the run dir, status says the old one is gone)
-for i in $(seq 600); do  # running: it has taken the device over
+# `cowd status` exits 0 only once a daemon answers, and the new one answers after its takeover
+# (`cowd list` would show the dead daemon's device at once).
+for i in $(seq 600); do
   cowd status --run-dir $RUN >/dev/null 2>&1 && break; sleep 0.2
 done
 timeout 120 cmp -n 1048576 -i 0:8388608 $S/payload $dev5 && \

@@ -244,7 +244,9 @@ def test_sigkilled_daemon_is_cleaned_up(env: Env, tmp_path: Path) -> None:
     assert env.socket.exists() and env.pid_file.exists()
     with pytest.raises(OSError) as e:
         os.statvfs(env.fuse_dir)
-    assert e.value.errno == errno.ENOTCONN
+    # A dead mount: not connected, or aborted when the daemon's workers (which held clones
+    # of its descriptor) died after it with the request pending.
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     # No daemon answers: only what the dead one left, marked stale, with how to clean it.
     assert all(d.get("stale") for d in env.list())
 

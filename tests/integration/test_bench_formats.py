@@ -78,3 +78,30 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
             assert f["what"] in shown, f["key"]
     # every sequential first-write row carries both ratios
     assert sum(" vs -t writeback; " in line for line in table) == len(WRITE_TAGS)
+
+
+@pytest.mark.qemu
+def test_quick_convert_run_pairs_every_output(tmp_path: Path) -> None:
+    """``formats --convert --quick``: every output format and durability pairing has one
+    cowd and one qemu-img time and a ratio per repetition, and the table shows them."""
+    need("qemu-img")
+    need("qemu-io")
+    out = tmp_path / "bench-convert.json"
+    scratch = Path("/var/tmp")
+    before = {n.name for n in scratch.iterdir() if n.name.startswith("cowd-bench-convert-")}
+    p = subprocess.run([*SCRIPT, "--convert", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=tool_env())
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    doc = json.loads(out.read_text())
+    for key in ("date", "commit", "machine", "qemu_img", "loadavg"):
+        assert doc[key], key
+    keys = {f["key"] for f in doc["figures"]}
+    assert keys == {"raw.unsafe", "raw.writeback", "qcow2.unsafe", "qcow2.writeback"}
+    for f in doc["figures"]:
+        reps = doc["params"]["reps"]
+        assert len(f["cowd_s"]) == len(f["qemu_s"]) == len(f["ratios"]) == reps >= 3
+        assert all(v > 0 for v in f["cowd_s"] + f["qemu_s"])
+        assert f["key"].replace(".", ", ") in p.stdout
+    after = {n.name for n in scratch.iterdir() if n.name.startswith("cowd-bench-convert-")}
+    assert after <= before, "work directory left behind"

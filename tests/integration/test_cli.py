@@ -11,6 +11,8 @@ import pytest
 
 from tests.support.peers import COWD, qemu_check, qemu_img, qemu_io, qemu_raw, sha256
 
+MiB = 1 << 20
+
 
 def cowd(*args: str | os.PathLike[str], rc: int = 0) -> subprocess.CompletedProcess[str]:
     p = subprocess.run([*COWD, *map(str, args)], capture_output=True, text=True, timeout=120)
@@ -85,6 +87,29 @@ def test_convert_round_trips(base: Path, tmp_path: Path) -> None:
             qemu_check(out)
             assert json.loads(qemu_img("info", "--output=json", out).stdout).get(
                 "backing-filename") is None
+
+
+@pytest.mark.parametrize("flags", [[], ["-t", "unsafe"]], ids=["writeback", "unsafe"])
+def test_convert_long_runs_stay_sparse(tmp_path: Path, flags: list[str]) -> None:
+    """Runs longer than convert's chunk, zero clusters, a raw base's hole and an unaligned
+    write: the output reads as qemu reads the chain, and only data is allocated in it."""
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-f", "raw", base, "24M")
+    qemu_io(base, "write -P 1 0 12M", fmt="raw")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw",
+             top)
+    qemu_io(top, "write -P 2 5M 4M", "write -z 10M 1M", "write -P 3 20971520 5000")
+    want = qemu_raw(top, tmp_path)
+    data_bytes = 12 * MiB - MiB + 8192  # the base's data less the zeroed MiB, + the write
+    for fmt, qfmt in (("raw", "raw"), ("qcow2", "qcow2"), ("vhd", "vpc")):
+        out = tmp_path / f"out.{fmt}"
+        cowd("convert", *flags, top, out, "-O", fmt)
+        assert qemu_raw(out, tmp_path, fmt=qfmt)[: len(want)] == want, fmt
+        if fmt == "qcow2":
+            qemu_check(out)
+        used = out.stat().st_blocks * 512
+        assert used < data_bytes + 4 * MiB, (fmt, used)  # holes and zeroes not written
 
 
 def test_check_reports_clean_and_exit_codes(base: Path, tmp_path: Path) -> None:

@@ -20,6 +20,17 @@ _SCRIPT = Path(sys.executable).parent / "cowd"
 COWD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cowd.cli"]
 
 
+def cowd_cli(*args: str | os.PathLike[str], rc: int = 0,
+             cwd: str | os.PathLike[str] | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``cowd`` a user types; it must exit ``rc`` and never print a traceback."""
+    p = subprocess.run([*COWD, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == rc, (args, p.returncode, p.stdout, p.stderr)
+    return p
+
+
 def need(tool: str) -> None:
     """Skip with the concrete reason when a peer tool is missing (make check installs it)."""
     if shutil.which(tool) is None:

@@ -421,7 +421,7 @@ def recorded_main(argv: list[str]) -> int:
         if ours(fd) and mode & (fb.FALLOC_FL_PUNCH_HOLE | fb.FALLOC_FL_ZERO_RANGE):
             note(b"Z", offset, length)
 
-    os.pwrite = pwrite  # type: ignore[assignment]
+    os.pwrite = pwrite
     os.fdatasync = sync(real_fdatasync)
     os.fsync = sync(real_fsync)
     os.ftruncate = ftruncate

@@ -19,19 +19,21 @@ COWD_LAYERS = [
     {"errors", "imagelock", "trust", "qemuout", "process", "sysmem", "frontends",
      "frontends.nbd", "frontends.fuse", "frontends.kmod", "disk.api", "disk.backing_io",
      "disk.locks", "workers", "workers.wire", "workers.channel"},
-    {"remap", "disk.pool"},
+    {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
-     "frontends.fuse.protocol", "workers.mapped"},
-    {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach",
+     "frontends.fuse.protocol", "workers.mapped", "workers.served", "workers.gated"},
+    {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.session",
      "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
+    {"workers.fuse"},
     {"workers.worker", "workers.host"},
     {"rundir"},
     {"attach", "attach.probes", "attach.stale", "attach.attacher", "attach.client"},
     {"daemon"},
-    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", ""},
+    {"imagecmds", "imagecli", "lifecycle", "cliargs", "daemoncli", "cli", "__main__", "",
+     "remoteargs", "remotecmds"},
 ]
 
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
@@ -116,8 +118,11 @@ def test_formats_never_imports_cowd() -> None:
 FORMATS_LAYERS = [
     {"errors", "names"},
     {"base"},
+    {"remote"},
     {"opener", "chain"},
     {"raw", "qcow", "qcow2", "vhd"},
+    {"lifecycle"},
+    {"commit", "rebase"},
     {"__init__"},
 ]
 
@@ -132,14 +137,22 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize", "lend"},
+        {"resize", "empty", "backing", "snapshot", "lend"},
+        {"__init__"},
+    ],
+    "remote": [
+        {"url"},
+        {"nbd", "http"},
+        {"cache"},
+        {"file"},
         {"__init__"},
     ],
     "vhd": [
         {"structures"},
         {"parents"},
         {"image"},
-        {"create"},
+        {"create", "empty", "switch"},
+        {"reparent", "resize"},
         {"__init__"},
     ],
 }

@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import socket
+import struct
 from typing import Any
 
 import trio
@@ -26,6 +28,9 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
+# linux/fuse.h: _IOR(229, 0, uint32_t): attach a new /dev/fuse descriptor to the connection of
+# the one whose number it is given.
+FUSE_DEV_IOC_CLONE = 0x8004E500
 
 
 # ---- mounting ------------------------------------------------------------------------------
@@ -40,6 +45,20 @@ def libc() -> Any:
         _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return _libc
+
+
+def clone_fuse_fd(session_fd: int) -> int:
+    """A new descriptor of ``session_fd``'s FUSE connection (``FUSE_DEV_IOC_CLONE``): the
+    kernel hands each request to whichever descriptor reads first, and takes the reply on
+    the one it was read from.  Non-blocking, close-on-exec."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("I", session_fd))
+    except OSError as e:
+        os.close(fd)
+        raise CommandFailed(f"/dev/fuse: cannot clone the mount's descriptor: "
+                            f"{e.strerror}") from None
+    return fd
 
 
 def _unescape_mountinfo(field: str) -> str:

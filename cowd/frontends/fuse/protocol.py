@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import CommandFailed, ProtocolError, UsageError
 
 if TYPE_CHECKING:
-    from ...disk import Disk
+    from ...disk.api import BlockDisk
 
 log = logging.getLogger("cowd.fuse")
 
@@ -305,7 +305,7 @@ def valid_name(name: str) -> bool:
 class Node:
     ino: int
     name: str
-    disk: Disk
+    disk: BlockDisk
     handles: int = 0  # open file handles
     inflight: int = 0  # requests being served
     removed: bool = False
@@ -350,7 +350,7 @@ class FuseFs:
 
     # -- namespace ---------------------------------------------------------------------------
 
-    def add(self, name: str, disk: Disk) -> Node:
+    def add(self, name: str, disk: BlockDisk) -> Node:
         if not valid_name(name):
             raise CommandFailed(f"fuse: not a usable file name (name={name!r})")
         if name in self.by_name:

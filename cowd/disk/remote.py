@@ -1,0 +1,167 @@
+"""Layer: cowd disk, bottom.  Fetching remote bases' blocks for the daemon without blocking
+its event loop (formats/remote/ is the library side: the cache and the clients).
+
+Theory of operation
+-------------------
+In the daemon, a read of a remote layer's cache file that needs a block the cache does not
+hold raises :class:`~formats.remote.NotCached` in the trio thread (formats/remote/file.py:
+``fetch_inline`` is false there) instead of waiting for the network.  The disk catches it,
+awaits :meth:`Fetcher.fetch` — the blocks are fetched by ``RemoteBase.fetch`` in worker
+threads (``trio.to_thread``, at most ``MAX_FETCH_THREADS`` at once), retried with back-off
+until the configured deadline — and plans again.  Misses of the same block wait for the one
+fetch in flight (single flight).  A frontend that answers a batch first *advises* its
+reads: a remote block that is missing starts fetching in the background then (the fetcher's
+nursery), so the misses of a batch travel together.
+
+Read-ahead: a miss right after the end of the previous fetch of the same remote (a
+sequential reader) fetches ``READAHEAD_MIN_BLOCKS`` more blocks, doubling on each further
+sequential miss up to ``READAHEAD_MAX_BLOCKS``; a miss elsewhere starts again from nothing.
+
+Contract: everything here runs in the trio thread but the fetches themselves; a block's
+presence only ever goes from missing to held while disks use it (nothing in the daemon drops
+blocks: only a sole user trims a cache, when it opens), so a remap of a cached block handed
+to a worker or the kernel stays good for as long as the disk is open.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import trio
+
+from formats.errors import ImageIOError
+from formats.remote import NotCached, RemoteBase, open_bases
+from formats.remote import file as remote_file
+
+# Fetches running at once over all remotes (each holds one connection and one thread).
+MAX_FETCH_THREADS = 8
+READAHEAD_MIN_BLOCKS = 4
+READAHEAD_MAX_BLOCKS = 64
+# Background fetches started by advice and not yet done; more advice is ignored past this.
+MAX_BACKGROUND = 64
+
+
+class _Flight:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class Fetcher:
+    """The daemon's fetches of remote blocks; see the module docstring.  Trio-thread only."""
+
+    def __init__(self) -> None:
+        self.limiter = trio.CapacityLimiter(MAX_FETCH_THREADS)
+        self._flights: dict[tuple[int, int], _Flight] = {}  # (id(base), block) -> fetch
+        self._seq: dict[int, tuple[int, int]] = {}  # id(base) -> (end of last fetch, window)
+        self._nursery: trio.Nursery | None = None
+        self._background = 0
+        self.counters = {"fetch_waits": 0, "background_fetches": 0, "readahead_blocks": 0}
+
+    def serve_in(self, nursery: trio.Nursery) -> None:
+        """Let advice start fetches in ``nursery`` (the daemon's); without one, advice
+        fetches nothing and reads fetch when they run."""
+        self._nursery = nursery
+        trio_thread = threading.get_ident()
+        remote_file.set_fetch_inline(lambda: threading.get_ident() != trio_thread)
+
+    async def fetch(self, miss: NotCached) -> None:
+        """Fetch the blocks ``miss`` names (joining fetches already in flight); raises the
+        fetch's ImageIOError when they cannot be had before the deadline."""
+        self.counters["fetch_waits"] += 1
+        base = miss.remote
+        waits: list[_Flight] = []
+        async with trio.open_nursery() as nursery:
+            for first, end in miss.blocks:
+                end = self._ahead(base, first, end)
+                run_start = -1
+                for b in range(first, end + 1):
+                    flight = self._flights.get((id(base), b)) if b < end else None
+                    free = b < end and flight is None and not base.files.present[b]
+                    if free and run_start < 0:
+                        run_start = b
+                    if not free and run_start >= 0:
+                        nursery.start_soon(self._run, base, run_start, b, self._claim(
+                            base, run_start, b))
+                        run_start = -1
+                    if flight is not None and flight not in waits:
+                        waits.append(flight)
+        for flight in waits:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+
+    def _ahead(self, base: RemoteBase, first: int, end: int) -> int:
+        """``end`` grown by read-ahead when the miss continues the last fetch."""
+        last_end, window = self._seq.get(id(base), (-1, 0))
+        window = min(READAHEAD_MAX_BLOCKS, max(READAHEAD_MIN_BLOCKS, window * 2)) \
+            if first == last_end else 0
+        grown = min(base.blocks, end + window)
+        self.counters["readahead_blocks"] += grown - end
+        self._seq[id(base)] = (grown, window)
+        return grown
+
+    def _claim(self, base: RemoteBase, first: int, end: int) -> _Flight:
+        flight = _Flight()
+        for b in range(first, end):
+            self._flights[(id(base), b)] = flight
+        return flight
+
+    async def _run(self, base: RemoteBase, first: int, end: int, flight: _Flight) -> None:
+        try:
+            await trio.to_thread.run_sync(base.fetch, first, end, limiter=self.limiter)
+        except ImageIOError as e:
+            flight.error = e
+        finally:
+            for b in range(first, end):
+                self._flights.pop((id(base), b), None)
+            flight.done.set()
+        if flight.error is not None:
+            raise flight.error
+
+    def start(self, miss: NotCached) -> None:
+        """Fetch in the background (advice): errors are left for the read that follows."""
+        if self._nursery is None or self._background >= MAX_BACKGROUND:
+            return
+        self._background += 1
+        self.counters["background_fetches"] += 1
+        self._nursery.start_soon(self._quiet, miss)
+
+    async def _quiet(self, miss: NotCached) -> None:
+        try:
+            await fetch_missing(miss)
+        except ImageIOError:
+            pass  # the read that follows fetches again and reports it
+        finally:
+            self._background -= 1
+
+    def advise(self, base: RemoteBase, file_offset: int, length: int) -> None:
+        """A read of this range of ``base``'s cache file is coming: start what it misses."""
+        if self._nursery is None:
+            return
+        gaps = base.missing(file_offset, length)
+        if gaps:
+            self.start(NotCached(base, gaps))
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [base.stats() for base in open_bases()]
+
+
+FETCHER = Fetcher()
+
+
+async def fetch_missing(miss: NotCached) -> None:
+    """:meth:`Fetcher.fetch` of the process's fetcher, errors as one ImageIOError."""
+    try:
+        await FETCHER.fetch(miss)
+    except BaseExceptionGroup as eg:
+        first = eg.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+__all__ = ["FETCHER", "Fetcher", "NotCached", "fetch_missing"]

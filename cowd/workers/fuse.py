@@ -1,0 +1,69 @@
+"""Layer: cowd workers — a worker's share of the FUSE mount: :class:`WorkerFuseSession`.
+
+The daemon mounts the directory, completes INIT and owns the namespace (which files exist,
+their handles).  It then gives each worker a clone of the mount's descriptor
+(``FUSE_DEV_IOC_CLONE``): the kernel hands a request to whichever descriptor reads first and
+takes its reply there.  A worker serves what it reads with the daemon's own request loop
+(:class:`~cowd.frontends.fuse.session.FuseSession`): data requests (READ, WRITE, FSYNC,
+FALLOCATE, LSEEK, SYNCFS) against the :class:`~cowd.workers.mapped.MappedDisk` of the file's
+inode — the FUSE request names it, so no handle table is needed here — and every other
+request it passes to the daemon whole, as read (FUSE_FORWARD), writing back the reply the
+daemon computes.  Open handles, lookups and INIT thus stay the daemon's alone.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+from ..disk.api import BlockDisk
+from ..frontends.fuse.protocol import Fail, FuseOptions, Request
+from ..frontends.fuse.session import FuseSession
+from .mapped import MappedDisk
+
+# How long a data request for an inode this worker has not been told of waits for it.
+NEW_FILE_WAIT_S = 10.0
+
+# Asks the daemon to answer a namespace request (its raw bytes); the reply's bytes, or None.
+Forward = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class WorkerFuseSession(FuseSession):
+    """One clone of the FUSE mount's descriptor in a worker; see the module docstring."""
+
+    def __init__(self, fd: int, options: FuseOptions, by_ino: dict[int, MappedDisk],
+                 forward: Forward):
+        super().__init__(options)
+        self.fd = fd
+        self.by_ino = by_ino  # the worker's FUSE files by inode (it keeps them current)
+        self._forward = forward
+        self.files_changed = trio.Event()  # set (and renewed) when by_ino gains a file
+
+    async def namespace(self, req: Request, raw: memoryview) -> bytes | bytearray | None:
+        return await self._forward(bytes(raw))
+
+    async def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
+        disk = self.by_ino.get(req.nodeid)
+        if disk is None:
+            # The daemon describes a FUSE file to every worker before the file can be
+            # opened, but this worker's channel may not have delivered it yet when a request
+            # for it arrives on the device: wait for it, a bounded while.
+            with trio.move_on_after(NEW_FILE_WAIT_S):
+                while (disk := self.by_ino.get(req.nodeid)) is None:
+                    await self.files_changed.wait()
+        if disk is None or disk.closed:
+            raise Fail(errno.EIO if disk is not None else errno.EBADF)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return disk, None
+
+    def file_added(self) -> None:
+        self.files_changed.set()
+        self.files_changed = trio.Event()
+
+    def all_disks(self) -> Iterable[BlockDisk]:
+        return list(self.by_ino.values())
+
+
+__all__ = ["WorkerFuseSession"]
