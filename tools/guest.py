@@ -28,17 +28,17 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "guest"
 KMOD = ROOT / "kmod"
 
-# The guest's Python gets cowd's runtime dependencies, found from cowd's installed metadata
-# (pyproject's `dependencies` and theirs, recursively: :func:`runtime_packages`), so a new
-# dependency reaches the guest without an edit here (a fixed list once missed urllib3 and
-# xxhash, and every guest attach failed on the import).
-RUNTIME_DIST = "cowd"
+# The guest's Python gets cowd's runtime dependencies: pyproject's `dependencies` and theirs
+# (:func:`runtime_packages`), so a new dependency reaches the guest without an edit here (a
+# fixed list once missed urllib3 and xxhash, and every guest attach failed on the import).
+
 # Parts of the standard library cowd never imports (with stripping, the tar is ~35 MB).
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
                "ensurepip", "lib2to3", "pydoc_data", "unittest", "__phello__"}
@@ -86,14 +86,23 @@ def _site_dirs() -> list[Path]:
     return [Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
 
 
-def runtime_packages(dist: str = RUNTIME_DIST) -> set[str]:
-    """The top-level import names of ``dist``'s runtime dependencies, transitively (extras
-    and requirements whose environment marker does not hold here are left out)."""
+def runtime_packages() -> set[str]:
+    """The top-level import names of cowd's runtime dependencies (pyproject.toml's
+    ``dependencies``) and of theirs, transitively through their installed metadata
+    (requirements whose environment marker does not hold here are left out)."""
     from packaging.markers import Marker  # pytest's own dependency, in every venv we run in
 
+    def name_of(req: str) -> str | None:
+        spec, _, marker = req.partition(";")
+        if marker and not Marker(marker).evaluate({"extra": ""}):
+            return None
+        m = re.match(r"[A-Za-z0-9_.-]+", spec.strip())
+        return m.group(0) if m else None
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [n for r in project["dependencies"] if (n := name_of(r))]
     names: set[str] = set()
     seen: set[str] = set()
-    todo = [dist]
     while todo:
         name = todo.pop()
         key = re.sub(r"[-_.]+", "-", name).lower()
@@ -101,16 +110,11 @@ def runtime_packages(dist: str = RUNTIME_DIST) -> set[str]:
             continue
         seen.add(key)
         d = importlib.metadata.distribution(name)
-        if key != dist:
-            names.update(f.parts[0].removesuffix(".py") for f in d.files or ()
-                         if len(f.parts) > 1 or f.parts[0].endswith((".py", ".so"))
-                         if not f.parts[0].endswith((".dist-info", ".egg-info", ".pth"))
-                         and f.parts[0] not in ("..", "__pycache__"))
-        for req in d.requires or ():
-            spec, _, marker = req.partition(";")
-            if marker and not Marker(marker).evaluate({"extra": ""}):
-                continue
-            todo.append(re.match(r"[A-Za-z0-9_.-]+", spec.strip()).group(0))  # type: ignore[union-attr]
+        names.update(f.parts[0].removesuffix(".py") for f in d.files or ()
+                     if len(f.parts) > 1 or f.parts[0].endswith((".py", ".so"))
+                     if not f.parts[0].endswith((".dist-info", ".egg-info", ".pth"))
+                     and f.parts[0] not in ("..", "__pycache__"))
+        todo += [n for r in d.requires or () if (n := name_of(r))]
     return names
 
 

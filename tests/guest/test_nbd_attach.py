@@ -194,7 +194,7 @@ def test_refusal_without_nbd(tmp_path: Path) -> None:
     base.write_bytes(bytes(MiB))
     p = subprocess.run([*COWD, "attach", str(base), "--via", "nbd", "--run-dir",
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2, p.stderr
+    assert p.returncode == 1, p.stderr  # the machine lacks something: not a usage error
     assert p.stderr.strip() == f"cowd: --via nbd: {problem}"
     assert not (tmp_path / "run").exists()
     assert N.free_devices() == []
