@@ -102,6 +102,8 @@ def attach_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"--kmod-timeout: expected 0.001..86400 seconds "
                              f"(got {args.kmod_timeout:g})")
         kmod["kmod_timeout_ms"] = round(args.kmod_timeout * 1000)
+    if args.kmod_pool is not None:
+        kmod["kmod_pool"] = args.kmod_pool
     from .remoteargs import export_flags
 
     export_flags(args)  # remote-base settings, for the daemon this may start
@@ -109,7 +111,7 @@ def attach_cmd(args: argparse.Namespace) -> int:
     if note:
         _say(note)
     if kmod and via != "kmod":
-        raise UsageError(f"--kmod-entries/--kmod-timeout: only with the kernel shim "
+        raise UsageError(f"--kmod-entries/--kmod-timeout/--kmod-pool: only with the kernel shim "
                          f"(attaching via {via})")
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):

@@ -279,6 +279,11 @@ def build_parser() -> Parser:
     a.add_argument("--kmod-timeout", type=_seconds(86400.0), default=None, metavar="SECONDS",
                    help="--via kmod: how long the disk's misses wait for a new daemon when "
                    "its daemon dies, before they fail with EIO (default 120)")
+    a.add_argument("--kmod-pool", type=_count(0, 1 << 15), default=None, metavar="CLUSTERS",
+                   help="--via kmod: clusters of a qcow2 overlay lent to the kernel at a time "
+                   "for the first writes it allocates itself (default: 32 MiB of them, at most "
+                   "a quarter of the table; 0: none, every first write asks the daemon); a "
+                   "killed daemon leaks at most this many (cowd check --repair frees them)")
     _output_option(a)
     _outside_option(a)
     _run_dir_option(a)

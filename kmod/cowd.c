@@ -20,11 +20,25 @@
  * removed.  A takeover first empties the table and waits for mapped I/O in flight: the old
  * daemon's unflushed allocations may not exist in the image the new daemon reads.
  *
+ * The allocation pool (ABI v2, cowd_uapi.h)
+ * -----------------------------------------
+ * A v2 daemon GRANTs runs of clusters it reserved in a writable file.  A write that finds
+ * every cluster's entry but some read-only or ZERO takes one pool cluster for each of those
+ * (all or none), copies each one's unwritten head and tail up from its old entry (or writes
+ * zeroes), writes the request's data as a mapped write and completes; only then are the new
+ * entries installed, writable and pinned, and an ALLOC event queued for the daemon (seq
+ * numbered).  While a request allocates, other writes touching its clusters wait for it
+ * (reads go on reading the old entries, which stay right until the install).  Pinned entries
+ * live on dev->pinned instead of the LRU list: no eviction, REMAP or INVALIDATE touches them
+ * until the daemon ACKs their seq (it has recorded them: a REMAP it made before that may be
+ * stale; one made after is not).  FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC wait
+ * on dev->held until it is acknowledged, so the daemon's answer covers those allocations.
+ *
  * Locking
  * -------
  * cowd_ctl_mutex guards the index idr.  dev->lock (a spinlock, process context only) guards
- * the table, the LRU list, the miss lists, the state, chan_open and the counters.  File I/O
- * never runs under it; mapped I/O is counted per epoch when it looks the table up, and an
+ * the table, the LRU and pinned lists, the miss lists, the pool, the event queue, the state,
+ * chan_open and the counters.  File I/O never runs under it; mapped I/O is counted per epoch when it looks the table up, and an
  * invalidation (INVALIDATE, a takeover) waits for the I/O of the epochs before it: after it,
  * nothing uses a dropped entry, so the daemon may free or reuse those clusters.  Requests are completed only by their worker, by a REPLY (in write()), or
  * by a failure sweep that first took them off every list under dev->lock.
@@ -47,7 +61,7 @@
 
 #include "cowd_uapi.h"
 
-#define COWD_MODULE_VERSION	"0.1.0"
+#define COWD_MODULE_VERSION	"0.2.0"
 #define COWD_PART_SHIFT		4	/* 15 partitions per disk */
 #define COWD_DEFAULT_ENTRIES	(1U << 18)
 #define COWD_DEFAULT_DEPTH	128
@@ -56,6 +70,10 @@
 #define COWD_MAX_RETRIES	16	/* RETRY replies that still leave a miss: then EIO */
 #define COWD_READ_BATCH		256	/* misses returned by one read() */
 #define COWD_MAX_QUEUES		4	/* worker queues per device (bounded by online CPUs) */
+
+/* Internal flag bits beside COWD_REMAP_* (never seen by the daemon). */
+#define COWD_ENTRY_PINNED	(1U << 31)	/* cowd_entry: allocated here, not yet ACKed */
+#define COWD_PIECE_ALLOC	(1U << 30)	/* cowd_piece.src_flags: take a pool cluster */
 
 enum cowd_state {
 	COWD_LIVE,	/* a daemon holds the channel */
@@ -66,17 +84,40 @@ enum cowd_state {
 
 struct cowd_entry {
 	struct hlist_node hash;
-	struct list_head lru;
+	struct list_head lru;	/* on dev->lru, or on dev->pinned while pinned */
 	u64 cluster;
 	u64 file_offset;
 	u32 file;
-	u32 flags;	/* COWD_REMAP_* */
+	u32 flags;	/* COWD_REMAP_*, COWD_ENTRY_PINNED */
+	u64 pin_seq;	/* pinned: the ALLOC that reported it */
 };
 
 struct cowd_piece {
 	u64 file_offset;
 	u32 file;
-	u32 flags;
+	u32 flags;	/* COWD_REMAP_* */
+	/* an allocating write: where the cluster's other bytes come from (its old entry) */
+	u64 src_offset;
+	u32 src_file;
+	u32 src_flags;	/* COWD_PIECE_ALLOC, COWD_REMAP_ZERO */
+};
+
+/* A run of pool clusters (dev->lock). */
+struct cowd_run {
+	struct list_head node;
+	u64 file_offset;
+	u64 count;
+	u32 file;
+};
+
+/* A kernel -> daemon message waiting on dev->events (dev->lock). */
+struct cowd_event {
+	struct list_head node;
+	u16 type;		/* COWD_MSG_ALLOC or COWD_MSG_REVOKED */
+	u32 file, pool_left;	/* ALLOC */
+	u64 seq;		/* ALLOC: its seq; REVOKED: the last ALLOC's */
+	u64 guest_offset, length, file_offset;	/* ALLOC */
+	u64 cookie, dropped;	/* REVOKED */
 };
 
 struct cowd_dev;
@@ -93,6 +134,8 @@ struct cowd_cmd {
 	u64 offset, length;
 	u32 op;
 	u64 flush_gen;			/* FLUSH: dev->write_gen when it was issued */
+	u64 hold_seq;			/* FLUSH, DISCARD, WRITE_ZEROES: dev->alloc_seq then */
+	u64 alloc_epoch;		/* allocating: dev->pool_epoch when it took clusters */
 	bool outstanding;		/* own miss queued or sent (dev->lock) */
 	bool waiting;			/* on another miss's waiters (dev->lock) */
 	/*
@@ -171,6 +214,24 @@ struct cowd_dev {
 	struct mutex drain_mutex;
 	wait_queue_head_t inflight_wait;
 
+	/*
+	 * The allocation pool (v2, dev->lock).  chan_version is the ABI version the channel
+	 * speaks (set by CREATE and REOPEN, while no channel is open).  pool_epoch changes at a
+	 * takeover: an allocation that took clusters before it installs nothing.  alloc_seq is
+	 * the last ALLOC queued, acked_seq the last one the daemon acknowledged.
+	 */
+	u32 chan_version;
+	struct list_head pool;		/* struct cowd_run, in grant order */
+	u32 pool_runs;
+	u64 pool_clusters;
+	u64 pool_epoch;
+	struct list_head events;	/* struct cowd_event, oldest first */
+	u64 alloc_seq, acked_seq;
+	struct list_head pinned;	/* pinned entries by pin_seq */
+	u32 nr_pinned;
+	struct list_head held;		/* cmds (miss_node) waiting for acked_seq >= hold_seq */
+	struct list_head allocating;	/* cmds (miss_node) allocating from the pool now */
+
 	struct cowd_stats stats;	/* counters (dev->lock), except the two below */
 	atomic64_t mapped_read_bytes, mapped_write_bytes;
 };
@@ -221,29 +282,43 @@ static void cowd_free_list(struct list_head *freed)
 }
 
 /*
- * Install one cluster's remap.  @spare holds preallocated entries; a full table reuses its
- * least recently used entry instead.
+ * The entry for @cluster, made if there is none: from @spare (preallocated entries), or a
+ * full table's least recently used one.  Pinned entries are never on the LRU list, and at
+ * most half the table is pinned (cowd_pool_fits), so a full table always has one to reuse.
  */
-static void cowd_install(struct cowd_dev *dev, u64 cluster, u32 file, u64 file_offset,
-			 u32 flags, struct list_head *spare)
+static struct cowd_entry *cowd_get_entry(struct cowd_dev *dev, u64 cluster,
+					 struct list_head *spare)
 {
 	struct cowd_entry *e;
 
 	lockdep_assert_held(&dev->lock);
 	e = cowd_find(dev, cluster);
-	if (!e) {
-		if (dev->nr_entries >= dev->max_entries) {
-			e = list_first_entry(&dev->lru, struct cowd_entry, lru);
-			hlist_del(&e->hash);
-			dev->nr_entries--;
-			dev->stats.expiries++;
-		} else {
-			e = list_first_entry(spare, struct cowd_entry, lru);
-		}
-		e->cluster = cluster;
-		hlist_add_head(&e->hash, cowd_bucket(dev, cluster));
-		dev->nr_entries++;
+	if (e)
+		return e;
+	if (dev->nr_entries >= dev->max_entries) {
+		e = list_first_entry(&dev->lru, struct cowd_entry, lru);
+		hlist_del(&e->hash);
+		dev->nr_entries--;
+		dev->stats.expiries++;
+	} else {
+		e = list_first_entry(spare, struct cowd_entry, lru);
+		list_del_init(&e->lru);
 	}
+	e->cluster = cluster;
+	e->flags = 0;
+	hlist_add_head(&e->hash, cowd_bucket(dev, cluster));
+	dev->nr_entries++;
+	return e;
+}
+
+/* Install one cluster's remap from the daemon; a pinned entry is newer than it and stays. */
+static void cowd_install(struct cowd_dev *dev, u64 cluster, u32 file, u64 file_offset,
+			 u32 flags, struct list_head *spare)
+{
+	struct cowd_entry *e = cowd_get_entry(dev, cluster, spare);
+
+	if (e->flags & COWD_ENTRY_PINNED)
+		return;
 	list_move_tail(&e->lru, &dev->lru);
 	e->file = file;
 	e->file_offset = file_offset;
@@ -313,7 +388,10 @@ out:
 	return err;
 }
 
-/* Forget every entry of clusters [first, end); the whole table when it is smaller. */
+/*
+ * Forget every entry of clusters [first, end) but the pinned ones (the daemon does not know
+ * those clusters yet, so it cannot mean them; a takeover unpins everything first).
+ */
 static void cowd_invalidate_range(struct cowd_dev *dev, u64 first, u64 end)
 {
 	struct cowd_entry *e, *n;
@@ -332,7 +410,7 @@ static void cowd_invalidate_range(struct cowd_dev *dev, u64 first, u64 end)
 	} else {
 		for (c = first; c < end; c++) {
 			e = cowd_find(dev, c);
-			if (e) {
+			if (e && !(e->flags & COWD_ENTRY_PINNED)) {
 				cowd_drop(dev, e, &freed);
 				dev->stats.invalidations++;
 			}
@@ -435,6 +513,7 @@ static void cowd_take_all(struct cowd_dev *dev, struct list_head *owners)
 	lockdep_assert_held(&dev->lock);
 	list_splice_init(&dev->sent, owners);
 	list_splice_init(&dev->unsent, owners);
+	list_splice_init(&dev->held, owners);
 	list_for_each_entry(c, owners, miss_node) {
 		struct cowd_cmd *w;
 
@@ -445,18 +524,37 @@ static void cowd_take_all(struct cowd_dev *dev, struct list_head *owners)
 	}
 }
 
+/*
+ * The outstanding miss, or (for a write) the allocation under way, that a new @op request on
+ * [off, off + len) must wait for.  Two writes conflict when they touch one cluster: each may
+ * allocate it whole (the daemon for a WRITE miss, the kernel from its pool).
+ */
 static struct cowd_cmd *cowd_overlapping_miss(struct cowd_dev *dev, u32 op, u64 off, u64 len)
 {
-	struct list_head *lists[] = { &dev->unsent, &dev->sent };
+	struct list_head *lists[] = { &dev->unsent, &dev->sent, &dev->allocating };
+	u64 csize = 1ULL << dev->cluster_bits;
 	struct cowd_cmd *c;
 	int i;
 
 	lockdep_assert_held(&dev->lock);
-	for (i = 0; i < ARRAY_SIZE(lists); i++)
-		list_for_each_entry(c, lists[i], miss_node)
-			if ((c->op == COWD_OP_WRITE || (c->op == op && op == COWD_OP_READ)) &&
-			    c->offset < off + len && off < c->offset + c->length)
+	for (i = 0; i < ARRAY_SIZE(lists); i++) {
+		if (lists[i] == &dev->allocating && op != COWD_OP_WRITE)
+			break;
+		list_for_each_entry(c, lists[i], miss_node) {
+			u64 a = off, b = off + len, ca = c->offset, cb = c->offset + c->length;
+
+			if (c->op != COWD_OP_WRITE && !(c->op == op && op == COWD_OP_READ))
+				continue;
+			if (op == COWD_OP_WRITE) {
+				a = round_down(a, csize);
+				b = round_up(b, csize);
+				ca = round_down(ca, csize);
+				cb = round_up(cb, csize);
+			}
+			if (ca < b && a < cb)
 				return c;
+		}
+	}
 	return NULL;
 }
 
@@ -468,6 +566,27 @@ static void cowd_queue_miss(struct cowd_dev *dev, struct cowd_cmd *cmd)
 	list_add_tail(&cmd->miss_node, &dev->unsent);
 	dev->stats.misses++;
 	dev->stats.pending++;
+}
+
+/*
+ * FLUSH, DISCARD and WRITE_ZEROES are the daemon's to do; one issued after an ALLOC that the
+ * daemon has not acknowledged waits for that ACK (cowd_apply_ack sends it on), so that the
+ * daemon has recorded every allocation the request must cover or follow.
+ */
+static void cowd_queue_daemon_op(struct cowd_dev *dev, struct cowd_cmd *cmd)
+{
+	lockdep_assert_held(&dev->lock);
+	cmd->hold_seq = dev->alloc_seq;
+	if (cmd->hold_seq <= dev->acked_seq) {
+		cowd_queue_miss(dev, cmd);
+		return;
+	}
+	cmd->cookie = dev->next_cookie++;
+	cmd->outstanding = true;
+	list_add_tail(&cmd->miss_node, &dev->held);
+	dev->stats.misses++;
+	dev->stats.pending++;
+	dev->stats.held++;
 }
 
 /* Copy the request's bytes between its pages and the files, piece by piece. */
@@ -606,12 +725,362 @@ static bool cowd_lookup(struct cowd_dev *dev, struct cowd_cmd *cmd, bool write,
 			return false;
 		cmd->pieces[n].file = e->file;
 		cmd->pieces[n].file_offset = e->file_offset;
-		cmd->pieces[n].flags = e->flags;
+		cmd->pieces[n].flags = e->flags & COWD_REMAP_FLAGS;
+		cmd->pieces[n].src_flags = 0;
 		n++;
-		list_move_tail(&e->lru, &dev->lru);
+		if (!(e->flags & COWD_ENTRY_PINNED))
+			list_move_tail(&e->lru, &dev->lru);
 	}
 	*npieces = n;
 	return true;
+}
+
+/* ---- allocating from the pool (v2) --------------------------------------------------- */
+
+/*
+ * Plan a write that allocates: every cluster @cmd touches has an entry; writable ones are
+ * written in place, read-only and ZERO ones take a pool cluster (COWD_PIECE_ALLOC, the old
+ * entry as the source of the copy-up).  Returns how many take one, or -1 when a cluster has
+ * no entry (only the daemon knows where its bytes are).
+ */
+static int cowd_plan_alloc(struct cowd_dev *dev, struct cowd_cmd *cmd, unsigned int *npieces)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 pos, end = cmd->offset + cmd->length;
+	unsigned int n = 0;
+	int nalloc = 0;
+
+	lockdep_assert_held(&dev->lock);
+	for (pos = cmd->offset; pos < end; pos = round_down(pos, csize) + csize) {
+		struct cowd_entry *e = cowd_find(dev, pos >> dev->cluster_bits);
+		struct cowd_piece *pc = &cmd->pieces[n++];
+
+		if (!e)
+			return -1;
+		if (e->flags & COWD_REMAP_WRITABLE) {
+			pc->file = e->file;
+			pc->file_offset = e->file_offset;
+			pc->flags = e->flags & COWD_REMAP_FLAGS;
+			pc->src_flags = 0;
+		} else {
+			pc->src_file = e->file;
+			pc->src_offset = e->file_offset;
+			pc->src_flags = COWD_PIECE_ALLOC | (e->flags & COWD_REMAP_ZERO);
+			nalloc++;
+		}
+	}
+	*npieces = n;
+	return nalloc;
+}
+
+/* Can the pool give @nalloc clusters, with at most half the table pinned afterwards? */
+static bool cowd_pool_fits(struct cowd_dev *dev, int nalloc)
+{
+	lockdep_assert_held(&dev->lock);
+	return dev->pool_clusters >= nalloc && dev->nr_pinned + nalloc <= dev->max_entries / 2;
+}
+
+/* Give each COWD_PIECE_ALLOC piece the next pool cluster (cowd_pool_fits said there are). */
+static void cowd_take_pool(struct cowd_dev *dev, struct cowd_cmd *cmd, unsigned int npieces,
+			   struct list_head *used_runs)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	unsigned int p;
+
+	lockdep_assert_held(&dev->lock);
+	for (p = 0; p < npieces; p++) {
+		struct cowd_piece *pc = &cmd->pieces[p];
+		struct cowd_run *run;
+
+		if (!(pc->src_flags & COWD_PIECE_ALLOC))
+			continue;
+		run = list_first_entry(&dev->pool, struct cowd_run, node);
+		pc->file = run->file;
+		pc->file_offset = run->file_offset;
+		pc->flags = COWD_REMAP_WRITABLE;
+		run->file_offset += csize;
+		dev->pool_clusters--;
+		dev->stats.pool_allocs++;
+		if (!--run->count) {
+			list_move_tail(&run->node, used_runs);
+			dev->pool_runs--;
+		}
+	}
+}
+
+/* Write zeroes at [pos, pos + len) of @f from the zero page: no buffer to allocate. */
+static int cowd_write_zeroes(struct file *f, loff_t pos, size_t len)
+{
+	struct bio_vec bv[16];
+	struct iov_iter iter;
+	unsigned int i, n;
+	ssize_t ret;
+
+	while (len) {
+		size_t chunk = min_t(size_t, len, ARRAY_SIZE(bv) * PAGE_SIZE);
+
+		n = DIV_ROUND_UP(chunk, PAGE_SIZE);
+		for (i = 0; i < n; i++)
+			bvec_set_page(&bv[i], ZERO_PAGE(0),
+				      min_t(size_t, PAGE_SIZE, chunk - i * PAGE_SIZE), 0);
+		iov_iter_bvec(&iter, ITER_SOURCE, bv, n, chunk);
+		file_start_write(f);
+		ret = vfs_iter_write(f, &iter, &pos, 0);
+		file_end_write(f);
+		if (ret < 0)
+			return ret;
+		if (!ret)
+			return -EIO;
+		len -= ret;
+	}
+	return 0;
+}
+
+/*
+ * Copy bytes [from, to) of a cluster from its old place to its new one.  copy_file_range
+ * first: a clone where the file system shares blocks (both files on one XFS or btrfs: no
+ * data moves), else a splice (one copy, no buffer); a plain read and write if neither
+ * works.  Past the source's end the cluster reads as zeroes.  A ZERO source needs no
+ * bytes where the new cluster lies past the end of its file (a hole there reads as zeroes).
+ */
+static int cowd_copy_up(struct cowd_dev *dev, const struct cowd_piece *pc, u64 from, u64 to)
+{
+	struct file *dst = dev->files[pc->file], *src = dev->files[pc->src_file];
+	loff_t spos = pc->src_offset + from, dpos = pc->file_offset + from;
+	size_t len = to - from;
+	unsigned int flags = 0;
+	ssize_t ret;
+	void *buf;
+
+	if (pc->src_flags & COWD_REMAP_ZERO) {
+		if (dpos >= i_size_read(file_inode(dst)))
+			return 0;
+		return cowd_write_zeroes(dst, dpos, len);
+	}
+	while (len) {
+		ret = vfs_copy_file_range(src, spos, dst, dpos, len, flags);
+		if (ret == -EXDEV || ret == -EOPNOTSUPP || ret == -EINVAL) {
+			if (flags)
+				break;	/* no splice either: the plain copy below */
+			flags = COPY_FILE_SPLICE;
+			continue;
+		}
+		if (ret < 0)
+			return ret;
+		if (!ret)	/* past the end of the source file */
+			return cowd_write_zeroes(dst, dpos, len);
+		spos += ret;
+		dpos += ret;
+		len -= ret;
+	}
+	if (!len)
+		return 0;
+	buf = kmalloc(PAGE_SIZE, GFP_KERNEL);	/* in the caller's NOIO scope */
+	if (!buf)
+		return -ENOMEM;
+	while (len) {
+		size_t n = min_t(size_t, len, PAGE_SIZE);
+
+		ret = kernel_read(src, buf, n, &spos);
+		if (ret < 0)
+			break;
+		if (ret < n)
+			memset(buf + ret, 0, n - ret);	/* past the end: zeroes */
+		ret = kernel_write(dst, buf, n, &dpos);
+		if (ret >= 0 && ret < n)
+			ret = -EIO;
+		if (ret < 0)
+			break;
+		len -= n;
+	}
+	kfree(buf);
+	return ret < 0 ? ret : 0;
+}
+
+/*
+ * An allocating write's I/O: each new cluster gets the bytes the request does not write
+ * copied up (head and tail), then the request is written like a mapped write.  Every new
+ * cluster is then whole, as cowd_grant promises the daemon.
+ */
+static blk_status_t cowd_alloc_io(struct cowd_dev *dev, struct cowd_cmd *cmd,
+				  unsigned int npieces)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 end = cmd->offset + cmd->length;
+	u64 cstart = round_down(cmd->offset, csize);
+	unsigned int p;
+	int err = 0;
+
+	for (p = 0; p < npieces && !err; p++, cstart += csize) {
+		struct cowd_piece *pc = &cmd->pieces[p];
+		u64 a = max(cmd->offset, cstart) - cstart;
+		u64 b = min(end, cstart + csize) - cstart;
+
+		if (!(pc->src_flags & COWD_PIECE_ALLOC))
+			continue;
+		if (a)
+			err = cowd_copy_up(dev, pc, 0, a);
+		if (!err && b < csize)
+			err = cowd_copy_up(dev, pc, b, csize);
+	}
+	if (err) {
+		pr_err_ratelimited("cowd%d: copy-up for a write at %llu failed: %d\n",
+				   dev->index, cmd->offset, err);
+		return errno_to_blk_status(err);
+	}
+	return cowd_do_io(dev, cmd, true, npieces);
+}
+
+/*
+ * After an allocating write's I/O: install its new entries, pinned, and queue the ALLOC
+ * events that report them (one per run of clusters adjacent in the guest and in the file),
+ * unless the write failed or a takeover came in between: then the pool clusters it took are
+ * never reported, and the daemon gives back (or, if it died, leaks) what it never heard of.
+ */
+static void cowd_finish_alloc(struct cowd_dev *dev, struct cowd_cmd *cmd,
+			      unsigned int npieces, blk_status_t status,
+			      struct list_head *spare, struct list_head *evs)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 cluster = cmd->offset >> dev->cluster_bits;
+	struct cowd_event *ev = NULL;
+	bool queued = false;
+	LIST_HEAD(waiters);
+	struct cowd_cmd *w;
+	unsigned int p;
+
+	spin_lock(&dev->lock);
+	list_del_init(&cmd->miss_node);
+	list_for_each_entry(w, &cmd->waiters, wait_node)
+		w->waiting = false;
+	list_splice_init(&cmd->waiters, &waiters);
+	if (status == BLK_STS_OK)
+		dev->write_gen++;
+	if (status == BLK_STS_OK && cmd->alloc_epoch == dev->pool_epoch &&
+	    dev->state != COWD_REMOVED) {
+		for (p = 0; p < npieces; p++) {
+			struct cowd_piece *pc = &cmd->pieces[p];
+			struct cowd_entry *e;
+
+			if (!(pc->src_flags & COWD_PIECE_ALLOC)) {
+				ev = NULL;
+				continue;
+			}
+			if (ev && ev->file == pc->file &&
+			    ev->file_offset + ev->length == pc->file_offset) {
+				ev->length += csize;
+			} else {
+				ev = list_first_entry(evs, struct cowd_event, node);
+				list_move_tail(&ev->node, &dev->events);
+				ev->type = COWD_MSG_ALLOC;
+				ev->seq = ++dev->alloc_seq;
+				ev->file = pc->file;
+				ev->pool_left = min_t(u64, dev->pool_clusters, U32_MAX);
+				ev->guest_offset = (cluster + p) << dev->cluster_bits;
+				ev->length = csize;
+				ev->file_offset = pc->file_offset;
+				dev->stats.alloc_msgs++;
+				queued = true;
+			}
+			e = cowd_get_entry(dev, cluster + p, spare);
+			e->file = pc->file;
+			e->file_offset = pc->file_offset;
+			e->flags = COWD_REMAP_WRITABLE | COWD_ENTRY_PINNED;
+			e->pin_seq = ev->seq;
+			list_move_tail(&e->lru, &dev->pinned);
+			dev->nr_pinned++;
+		}
+	}
+	spin_unlock(&dev->lock);
+	cowd_requeue(dev, &waiters);
+	if (queued)
+		wake_up_interruptible(&dev->chan_wait);
+}
+
+static void cowd_free_events(struct list_head *evs)
+{
+	struct cowd_event *ev, *n;
+
+	list_for_each_entry_safe(ev, n, evs, node)
+		kfree(ev);
+}
+
+static void cowd_free_runs(struct list_head *runs)
+{
+	struct cowd_run *r, *n;
+
+	list_for_each_entry_safe(r, n, runs, node)
+		kfree(r);
+}
+
+/*
+ * A write that is not all writable in the table: allocate from the pool if it can (called
+ * with dev->lock held).  Returns true when it took the request — waiting for another
+ * allocation or miss on its clusters, or done — with dev->lock released; false, still
+ * holding it, when the request must go to the daemon as a miss.  Memory for the new entries
+ * and events is taken without sleeping under the lock; if there is none, the miss it is.
+ */
+static bool cowd_try_alloc(struct cowd_dev *dev, struct cowd_cmd *cmd)
+{
+	unsigned int npieces, epoch, noio;
+	LIST_HEAD(spare);
+	LIST_HEAD(evs);
+	LIST_HEAD(used_runs);
+	struct cowd_cmd *other;
+	blk_status_t status;
+	int nalloc, i;
+
+	lockdep_assert_held(&dev->lock);
+	nalloc = cowd_plan_alloc(dev, cmd, &npieces);
+	if (nalloc <= 0)
+		return false;
+	other = cowd_overlapping_miss(dev, COWD_OP_WRITE, cmd->offset, cmd->length);
+	if (other) {
+		cmd->waiting = true;
+		list_add_tail(&cmd->wait_node, &other->waiters);
+		dev->stats.coalesced++;
+		spin_unlock(&dev->lock);
+		return true;
+	}
+	if (!cowd_pool_fits(dev, nalloc))
+		goto fallback;
+	for (i = 0; i < nalloc; i++) {
+		struct cowd_entry *e = kmem_cache_alloc(cowd_entry_cache,
+							 GFP_NOWAIT | __GFP_NOWARN);
+		struct cowd_event *ev = kzalloc(sizeof(*ev), GFP_NOWAIT | __GFP_NOWARN);
+
+		if (e)
+			list_add(&e->lru, &spare);
+		if (ev)
+			list_add(&ev->node, &evs);
+		if (!e || !ev) {
+			cowd_free_list(&spare);
+			cowd_free_events(&evs);
+			goto fallback;
+		}
+	}
+	cowd_take_pool(dev, cmd, npieces, &used_runs);
+	cmd->alloc_epoch = dev->pool_epoch;
+	list_add_tail(&cmd->miss_node, &dev->allocating);
+	epoch = dev->epoch & 1;
+	atomic_inc(&dev->inflight[epoch]);
+	spin_unlock(&dev->lock);
+	cowd_free_runs(&used_runs);
+
+	noio = memalloc_noio_save();
+	status = cowd_alloc_io(dev, cmd, npieces);
+	memalloc_noio_restore(noio);
+	cowd_finish_alloc(dev, cmd, npieces, status, &spare, &evs);
+	if (atomic_dec_and_test(&dev->inflight[epoch]))
+		wake_up_all(&dev->inflight_wait);
+	cowd_free_list(&spare);
+	cowd_free_events(&evs);
+	cowd_end(cmd, status);
+	return true;
+
+fallback:
+	dev->stats.pool_fallbacks++;
+	return false;
 }
 
 static void cowd_work(struct work_struct *work)
@@ -660,6 +1129,10 @@ static void cowd_work(struct work_struct *work)
 			cowd_end(cmd, status);
 			return;
 		}
+		/* (a pool ever granted: an empty one counts the write as a fallback) */
+		if (write && dev->stats.pool_grants && dev->state == COWD_LIVE &&
+		    cowd_try_alloc(dev, cmd))
+			return;
 	}
 	if (dev->state == COWD_DEAD)
 		goto fail_locked;
@@ -680,7 +1153,10 @@ static void cowd_work(struct work_struct *work)
 			goto fail_locked;
 		}
 	}
-	cowd_queue_miss(dev, cmd);
+	if (op == COWD_OP_READ || op == COWD_OP_WRITE)
+		cowd_queue_miss(dev, cmd);
+	else
+		cowd_queue_daemon_op(dev, cmd);
 	spin_unlock(&dev->lock);
 	wake_up_interruptible(&dev->chan_wait);
 	return;
@@ -769,19 +1245,73 @@ static const struct block_device_operations cowd_bdev_fops = {
 
 /* ---- the channel --------------------------------------------------------------------- */
 
+/* Something for the daemon to read (dev->lock, or a racy peek for a wait condition). */
+static bool cowd_chan_ready(struct cowd_dev *dev)
+{
+	return !list_empty(&dev->unsent) || !list_empty(&dev->events);
+}
+
+/* Zero a kernel -> daemon message of @size bytes at @p and fill in its header. */
+static void cowd_msg_init(void *p, u32 size, u16 type, u16 version)
+{
+	struct cowd_msg_hdr *hdr = p;
+
+	memset(p, 0, size);
+	hdr->size = size;
+	hdr->type = type;
+	hdr->version = version;
+}
+
+/* Build an event's message in @p (ALLOC or REVOKED); returns its size. */
+static size_t cowd_event_msg(const struct cowd_event *ev, u16 version, void *p)
+{
+	if (ev->type == COWD_MSG_ALLOC) {
+		struct cowd_alloc *m = p;
+
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_ALLOC, version);
+		m->seq = ev->seq;
+		m->file = ev->file;
+		m->pool_left = ev->pool_left;
+		m->guest_offset = ev->guest_offset;
+		m->length = ev->length;
+		m->file_offset = ev->file_offset;
+		return sizeof(*m);
+	} else {
+		struct cowd_revoked *m = p;
+
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_REVOKED, version);
+		m->cookie = ev->cookie;
+		m->dropped = ev->dropped;
+		m->seq = ev->seq;
+		return sizeof(*m);
+	}
+}
+
+/* The largest message read() returns: a read must have room for one. */
+#define COWD_MAX_READ_MSG	max(sizeof(struct cowd_miss), sizeof(struct cowd_alloc))
+
+/*
+ * Whole messages, the events first (so an ALLOC is read no later than a miss queued after
+ * it), then misses, at most COWD_READ_BATCH of each.
+ */
 static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
 {
 	struct cowd_dev *dev = file->private_data;
-	size_t max = min_t(size_t, count / sizeof(struct cowd_miss), COWD_READ_BATCH);
-	struct cowd_miss *out;
+	size_t cap = min_t(size_t, count,
+			   COWD_READ_BATCH * (sizeof(struct cowd_miss) + COWD_MAX_READ_MSG));
+	struct cowd_event *ev;
 	struct cowd_cmd *c;
 	LIST_HEAD(taken);
-	size_t n = 0;
+	LIST_HEAD(taken_ev);
+	size_t n = 0, used = 0;
+	u16 version;
+	char *out;
 	int err;
 
-	if (!max)
+	if (count < (READ_ONCE(dev->chan_version) >= 2 ? COWD_MAX_READ_MSG :
+		     sizeof(struct cowd_miss)))
 		return -EINVAL;
-	out = kvmalloc_array(max, sizeof(*out), GFP_KERNEL);
+	out = kvmalloc(cap, GFP_KERNEL);
 	if (!out)
 		return -ENOMEM;
 	for (;;) {
@@ -791,36 +1321,47 @@ static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count,
 			err = -ENODEV;
 			goto out;
 		}
-		if (!list_empty(&dev->unsent))
+		if (cowd_chan_ready(dev))
 			break;
 		spin_unlock(&dev->lock);
 		if (file->f_flags & O_NONBLOCK) {
 			err = -EAGAIN;
 			goto out;
 		}
-		err = wait_event_interruptible(dev->chan_wait,
-					       !list_empty(&dev->unsent) ||
+		err = wait_event_interruptible(dev->chan_wait, cowd_chan_ready(dev) ||
 					       READ_ONCE(dev->state) == COWD_REMOVED);
 		if (err)
 			goto out;
 	}
-	while (n < max && !list_empty(&dev->unsent)) {
+	version = dev->chan_version;
+	while (n < COWD_READ_BATCH && !list_empty(&dev->events)) {
+		ev = list_first_entry(&dev->events, struct cowd_event, node);
+		if (cap - used < COWD_MAX_READ_MSG)
+			break;
+		used += cowd_event_msg(ev, version, out + used);
+		list_move_tail(&ev->node, &taken_ev);
+		n++;
+	}
+	n = 0;
+	while (n < COWD_READ_BATCH && !list_empty(&dev->unsent) &&
+	       cap - used >= sizeof(struct cowd_miss)) {
+		struct cowd_miss *m = (struct cowd_miss *)(out + used);
+
 		c = list_first_entry(&dev->unsent, struct cowd_cmd, miss_node);
-		memset(&out[n], 0, sizeof(out[n]));
-		out[n].hdr.size = sizeof(out[n]);
-		out[n].hdr.type = COWD_MSG_MISS;
-		out[n].hdr.version = COWD_ABI_VERSION;
-		out[n].cookie = c->cookie;
-		out[n].op = c->op;
-		out[n].offset = c->offset;
-		out[n].length = c->length;
+		cowd_msg_init(m, sizeof(*m), COWD_MSG_MISS, version);
+		m->cookie = c->cookie;
+		m->op = c->op;
+		m->offset = c->offset;
+		m->length = c->length;
+		used += sizeof(*m);
 		list_move_tail(&c->miss_node, &taken);
 		n++;
 	}
 	spin_unlock(&dev->lock);
-	if (copy_to_user(buf, out, n * sizeof(*out))) {
+	if (copy_to_user(buf, out, used)) {
 		spin_lock(&dev->lock);
 		list_splice(&taken, &dev->unsent);	/* give them back, in order */
+		list_splice(&taken_ev, &dev->events);
 		spin_unlock(&dev->lock);
 		err = -EFAULT;
 		goto out;
@@ -831,7 +1372,8 @@ static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count,
 	else
 		list_splice_tail_init(&taken, &dev->sent);
 	spin_unlock(&dev->lock);
-	err = n * sizeof(*out);
+	cowd_free_events(&taken_ev);
+	err = used;
 out:
 	kvfree(out);
 	return err;
@@ -941,10 +1483,162 @@ static int cowd_apply_reply(struct cowd_dev *dev, const struct cowd_reply *m,
 	}
 }
 
+/* ---- the pool's messages (v2) --------------------------------------------------------- */
+
+static int cowd_apply_grant(struct cowd_dev *dev, const struct cowd_grant *m)
+{
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 count = m->length >> dev->cluster_bits;
+	struct cowd_run *run;
+	int err = 0;
+
+	if (m->flags || m->file >= dev->nr_files || !m->length || m->length & (csize - 1) ||
+	    m->file_offset & (SECTOR_SIZE - 1) || m->file_offset > LLONG_MAX - m->length)
+		return -EINVAL;
+	if (!(dev->file_flags[m->file] & COWD_FILE_WRITABLE) || dev->readonly)
+		return -EPERM;
+	run = kmalloc(sizeof(*run), GFP_KERNEL);
+	if (!run)
+		return -ENOMEM;
+	run->file = m->file;
+	run->file_offset = m->file_offset;
+	run->count = count;
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED)
+		err = -ENODEV;
+	else if (dev->pool_clusters + count > COWD_MAX_POOL_CLUSTERS ||
+		 dev->pool_runs >= COWD_MAX_POOL_RUNS)
+		err = -ENOSPC;
+	if (!err) {
+		list_add_tail(&run->node, &dev->pool);
+		dev->pool_runs++;
+		dev->pool_clusters += count;
+		dev->stats.pool_grants++;
+	}
+	spin_unlock(&dev->lock);
+	if (err)
+		kfree(run);
+	return err;
+}
+
+/* The daemon recorded every ALLOC up to m->seq: unpin them, send on what waited for it. */
+static int cowd_apply_ack(struct cowd_dev *dev, const struct cowd_ack *m)
+{
+	struct cowd_entry *e, *en;
+	struct cowd_cmd *c, *cn;
+	bool wake = false;
+
+	if (m->reserved0)
+		return -EINVAL;
+	spin_lock(&dev->lock);
+	if (m->seq > dev->alloc_seq) {
+		spin_unlock(&dev->lock);
+		return -EINVAL;
+	}
+	if (m->seq > dev->acked_seq) {
+		dev->acked_seq = m->seq;
+		list_for_each_entry_safe(e, en, &dev->pinned, lru) {
+			if (e->pin_seq > m->seq)
+				break;
+			e->flags &= ~COWD_ENTRY_PINNED;
+			list_move_tail(&e->lru, &dev->lru);
+			dev->nr_pinned--;
+		}
+		list_for_each_entry_safe(c, cn, &dev->held, miss_node) {
+			if (c->hold_seq <= m->seq) {
+				list_move_tail(&c->miss_node, &dev->unsent);
+				wake = true;
+			}
+		}
+	}
+	spin_unlock(&dev->lock);
+	if (wake)
+		wake_up_interruptible(&dev->chan_wait);
+	return 0;
+}
+
+/* Under dev->lock: drop every pool run onto @freed; returns the clusters they held. */
+static u64 cowd_drop_pool(struct cowd_dev *dev, struct list_head *freed)
+{
+	u64 dropped = dev->pool_clusters;
+
+	lockdep_assert_held(&dev->lock);
+	list_splice_tail_init(&dev->pool, freed);
+	dev->pool_clusters = 0;
+	dev->pool_runs = 0;
+	return dropped;
+}
+
+/*
+ * Empty the pool and wait for the allocations under way (they count as mapped I/O), then
+ * queue REVOKED behind their ALLOCs: the daemon that reads it knows which of the clusters it
+ * granted were written (reported) and which never will be.
+ */
+static int cowd_apply_revoke(struct cowd_dev *dev, const struct cowd_revoke *m)
+{
+	struct cowd_event *ev;
+	LIST_HEAD(freed);
+	u64 dropped;
+
+	if (m->reserved0)
+		return -EINVAL;
+	ev = kzalloc(sizeof(*ev), GFP_KERNEL);
+	if (!ev)
+		return -ENOMEM;
+	spin_lock(&dev->lock);
+	dropped = cowd_drop_pool(dev, &freed);
+	spin_unlock(&dev->lock);
+	cowd_free_runs(&freed);
+	cowd_drain_mapped(dev);
+	ev->type = COWD_MSG_REVOKED;
+	ev->cookie = m->cookie;
+	ev->dropped = dropped;
+	spin_lock(&dev->lock);
+	if (dev->state == COWD_REMOVED) {
+		spin_unlock(&dev->lock);
+		kfree(ev);
+		return -ENODEV;
+	}
+	ev->seq = dev->alloc_seq;
+	list_add_tail(&ev->node, &dev->events);
+	spin_unlock(&dev->lock);
+	wake_up_interruptible(&dev->chan_wait);
+	return 0;
+}
+
+/*
+ * A takeover (the caller holds cowd_ctl_mutex, no channel is open): forget the old daemon's
+ * pool, its unread events and its pins — it never recorded those allocations, so their
+ * writes count as unflushed (lost_writes) and their clusters are leaks — and start a new
+ * pool epoch, so that an allocation still under way installs nothing.  Its held requests
+ * go to the new daemon.  The entries themselves are dropped by the caller's invalidation.
+ */
+static void cowd_reset_pool(struct cowd_dev *dev)
+{
+	struct cowd_entry *e;
+	LIST_HEAD(runs);
+	LIST_HEAD(evs);
+
+	spin_lock(&dev->lock);
+	dev->pool_epoch++;
+	cowd_drop_pool(dev, &runs);
+	list_splice_init(&dev->events, &evs);
+	list_for_each_entry(e, &dev->pinned, lru)
+		e->flags &= ~COWD_ENTRY_PINNED;
+	list_splice_tail_init(&dev->pinned, &dev->lru);
+	dev->nr_pinned = 0;
+	dev->acked_seq = dev->alloc_seq;
+	list_splice_tail_init(&dev->held, &dev->unsent);
+	spin_unlock(&dev->lock);
+	cowd_free_runs(&runs);
+	cowd_free_events(&evs);
+}
+
 static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t count,
 			       loff_t *ppos)
 {
 	struct cowd_dev *dev = file->private_data;
+	u16 version = READ_ONCE(dev->chan_version);
 	size_t pos = 0;
 	int err = 0;
 
@@ -954,17 +1648,33 @@ static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t
 			struct cowd_remap remap;
 			struct cowd_invalidate inval;
 			struct cowd_reply reply;
+			struct cowd_grant grant;
+			struct cowd_ack ack;
+			struct cowd_revoke revoke;
 		} m;
 		size_t want;
 
 		if (copy_from_user(&m.hdr, buf + pos, sizeof(m.hdr)))
 			return pos ? pos : -EFAULT;
-		if (m.hdr.version != COWD_ABI_VERSION || m.hdr.size < sizeof(m.hdr) ||
+		if (m.hdr.version != version || m.hdr.size < sizeof(m.hdr) ||
 		    m.hdr.size > count - pos) {
 			err = -EINVAL;
 			break;
 		}
+		if (m.hdr.type >= COWD_MSG_GRANT && version < 2) {
+			err = -EINVAL;
+			break;
+		}
 		switch (m.hdr.type) {
+		case COWD_MSG_GRANT:
+			want = sizeof(m.grant);
+			break;
+		case COWD_MSG_ACK:
+			want = sizeof(m.ack);
+			break;
+		case COWD_MSG_REVOKE:
+			want = sizeof(m.revoke);
+			break;
 		case COWD_MSG_REMAP:
 			want = sizeof(m.remap);
 			break;
@@ -990,12 +1700,26 @@ static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t
 			err = -EFAULT;
 			break;
 		}
-		if (m.hdr.type == COWD_MSG_REMAP)
+		switch (m.hdr.type) {
+		case COWD_MSG_REMAP:
 			err = cowd_apply_remap(dev, &m.remap);
-		else if (m.hdr.type == COWD_MSG_INVALIDATE)
+			break;
+		case COWD_MSG_INVALIDATE:
 			err = cowd_apply_invalidate(dev, &m.inval);
-		else
-			err = cowd_apply_reply(dev, &m.reply, buf + pos + want, m.hdr.size - want);
+			break;
+		case COWD_MSG_GRANT:
+			err = cowd_apply_grant(dev, &m.grant);
+			break;
+		case COWD_MSG_ACK:
+			err = cowd_apply_ack(dev, &m.ack);
+			break;
+		case COWD_MSG_REVOKE:
+			err = cowd_apply_revoke(dev, &m.revoke);
+			break;
+		default:
+			err = cowd_apply_reply(dev, &m.reply, buf + pos + want,
+					       m.hdr.size - want);
+		}
 		if (err)
 			break;
 		pos += m.hdr.size;
@@ -1015,7 +1739,7 @@ static __poll_t cowd_chan_poll(struct file *file, struct poll_table_struct *wait
 	spin_lock(&dev->lock);
 	if (dev->state == COWD_REMOVED)
 		mask |= EPOLLHUP | EPOLLERR;
-	else if (!list_empty(&dev->unsent))
+	else if (cowd_chan_ready(dev))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	spin_unlock(&dev->lock);
 	return mask;
@@ -1031,17 +1755,22 @@ static long cowd_chan_ioctl(struct file *file, unsigned int cmd, unsigned long a
 		return -ENOTTY;
 	if (get_user(size, (u32 __user *)arg) || get_user(version, (u32 __user *)arg + 1))
 		return -EFAULT;
-	if (size != sizeof(st) || version != COWD_ABI_VERSION)
+	if (size != sizeof(st) || version < COWD_ABI_MIN_VERSION || version > COWD_ABI_VERSION)
 		return -EINVAL;
 	spin_lock(&dev->lock);
 	st = dev->stats;
 	st.entries = dev->nr_entries;
 	st.max_entries = dev->max_entries;
+	st.pool_clusters = dev->pool_clusters;
+	st.unacked = dev->nr_pinned;
 	spin_unlock(&dev->lock);
 	st.size = sizeof(st);
-	st.version = COWD_ABI_VERSION;
+	st.version = version;
 	st.mapped_read_bytes = atomic64_read(&dev->mapped_read_bytes);
 	st.mapped_write_bytes = atomic64_read(&dev->mapped_write_bytes);
+	if (version < 2)	/* a version-1 caller reads these as its reserved fields */
+		memset((char *)&st + offsetof(struct cowd_stats, pool_clusters), 0,
+		       sizeof(st) - offsetof(struct cowd_stats, pool_clusters));
 	memset(st.reserved, 0, sizeof(st.reserved));
 	return copy_to_user((void __user *)arg, &st, sizeof(st)) ? -EFAULT : 0;
 }
@@ -1054,16 +1783,20 @@ static void cowd_free(struct kref *ref)
 static int cowd_chan_release(struct inode *inode, struct file *file)
 {
 	struct cowd_dev *dev = file->private_data;
+	LIST_HEAD(runs);
 
 	spin_lock(&dev->lock);
 	dev->chan_open = false;
 	/* Misses the dead daemon read but never answered go to the next one. */
 	list_splice_init(&dev->sent, &dev->unsent);
+	/* No allocation without a daemon to report it to: writes miss until a takeover. */
+	cowd_drop_pool(dev, &runs);
 	if (dev->state == COWD_LIVE) {
 		dev->state = COWD_ORPHAN;
 		schedule_delayed_work(&dev->timeout_work, msecs_to_jiffies(dev->timeout_ms));
 	}
 	spin_unlock(&dev->lock);
+	cowd_free_runs(&runs);
 	kref_put(&dev->ref, cowd_free);
 	return 0;
 }
@@ -1144,8 +1877,16 @@ static void cowd_teardown(struct cowd_dev *dev)
 
 	list_for_each_entry_safe(e, n, &dev->lru, lru)
 		kmem_cache_free(cowd_entry_cache, e);
+	list_for_each_entry_safe(e, n, &dev->pinned, lru)
+		kmem_cache_free(cowd_entry_cache, e);
 	INIT_LIST_HEAD(&dev->lru);
+	INIT_LIST_HEAD(&dev->pinned);
 	dev->nr_entries = 0;
+	dev->nr_pinned = 0;
+	cowd_free_runs(&dev->pool);
+	INIT_LIST_HEAD(&dev->pool);
+	cowd_free_events(&dev->events);
+	INIT_LIST_HEAD(&dev->events);
 	kvfree(dev->buckets);
 	dev->buckets = NULL;
 	cowd_put_files(dev);
@@ -1197,7 +1938,8 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 
 	if (copy_from_user(&c, uarg, sizeof(c)))
 		return -EFAULT;
-	if (c.size != sizeof(c) || c.version != COWD_ABI_VERSION)
+	if (c.size != sizeof(c) || c.version < COWD_ABI_MIN_VERSION ||
+	    c.version > COWD_ABI_VERSION)
 		return -EINVAL;
 	err = cowd_check_create(&c);
 	if (err)
@@ -1211,6 +1953,12 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 	INIT_LIST_HEAD(&dev->unsent);
 	INIT_LIST_HEAD(&dev->sent);
 	INIT_LIST_HEAD(&dev->lru);
+	INIT_LIST_HEAD(&dev->pool);
+	INIT_LIST_HEAD(&dev->events);
+	INIT_LIST_HEAD(&dev->pinned);
+	INIT_LIST_HEAD(&dev->held);
+	INIT_LIST_HEAD(&dev->allocating);
+	dev->chan_version = c.version;
 	init_waitqueue_head(&dev->chan_wait);
 	init_waitqueue_head(&dev->inflight_wait);
 	mutex_init(&dev->drain_mutex);
@@ -1367,7 +2115,8 @@ static int cowd_ctl_remove(struct cowd_remove __user *uarg)
 
 	if (copy_from_user(&r, uarg, sizeof(r)))
 		return -EFAULT;
-	if (r.size != sizeof(r) || r.version != COWD_ABI_VERSION || r.flags & ~COWD_REMOVE_FLAGS ||
+	if (r.size != sizeof(r) || r.version < COWD_ABI_MIN_VERSION ||
+	    r.version > COWD_ABI_VERSION || r.flags & ~COWD_REMOVE_FLAGS ||
 	    r.reserved[0] || r.reserved[1])
 		return -EINVAL;
 	mutex_lock(&cowd_ctl_mutex);
@@ -1395,7 +2144,8 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 
 	if (copy_from_user(&r, uarg, sizeof(r)))
 		return -EFAULT;
-	if (r.size != sizeof(r) || r.version != COWD_ABI_VERSION || r.flags || r.reserved0 ||
+	if (r.size != sizeof(r) || r.version < COWD_ABI_MIN_VERSION ||
+	    r.version > COWD_ABI_VERSION || r.flags || r.reserved0 ||
 	    r.reserved[0] || r.reserved[1] || r.channel_fd || r.disk_size || r.cluster_bits ||
 	    r.nr_files)
 		return -EINVAL;
@@ -1414,7 +2164,11 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 	spin_unlock(&dev->lock);
 	cancel_delayed_work_sync(&dev->timeout_work);
 
-	/* Forget the old daemon's remaps, then let mapped I/O already started finish. */
+	/*
+	 * Forget the old daemon's pool and pins, then its remaps, then let mapped I/O already
+	 * started finish (an allocation among it installs nothing: a new pool epoch).
+	 */
+	cowd_reset_pool(dev);
 	cowd_invalidate_range(dev, 0, U64_MAX);
 	cowd_drain_mapped(dev);
 	spin_lock(&dev->lock);
@@ -1438,6 +2192,7 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 		goto out;
 	}
 	spin_lock(&dev->lock);
+	dev->chan_version = r.version;
 	dev->state = COWD_LIVE;
 	dev->stats.takeovers++;
 	spin_unlock(&dev->lock);
@@ -1459,16 +2214,19 @@ out:
 static int cowd_ctl_version(struct cowd_version __user *uarg)
 {
 	struct cowd_version v;
+	u32 version;
 
 	if (copy_from_user(&v, uarg, sizeof(v)))
 		return -EFAULT;
-	if (v.size != sizeof(v) || v.version != COWD_ABI_VERSION)
+	if (v.size != sizeof(v) || v.version < COWD_ABI_MIN_VERSION ||
+	    v.version > COWD_ABI_VERSION)
 		return -EINVAL;
+	version = v.version;
 	memset(&v, 0, sizeof(v));
 	v.size = sizeof(v);
-	v.version = COWD_ABI_VERSION;
+	v.version = version;
 	v.abi_version = COWD_ABI_VERSION;
-	v.features = COWD_FEATURES;
+	v.features = version >= 2 ? COWD_FEATURES : COWD_FEATURES_V1;
 	strscpy(v.module_version, COWD_MODULE_VERSION, sizeof(v.module_version));
 	return copy_to_user(uarg, &v, sizeof(v)) ? -EFAULT : 0;
 }

@@ -8,10 +8,11 @@
  *                   a logical block size, a remap granularity (a cluster: 2^cluster_bits
  *                   bytes) and the image files as fds; remove one; hand a device's channel to a
  *                   new daemon (takeover); report the ABI version and features.
- *   channel fd      one per device, returned by CREATE and REOPEN.  read() returns miss
- *                   messages (struct cowd_miss, whole messages only); write() takes a sequence
- *                   of daemon messages (REMAP, INVALIDATE, REPLY), applied in order; poll()
- *                   says POLLIN when misses wait.  An ioctl reads the device's counters.
+ *   channel fd      one per device, returned by CREATE and REOPEN.  read() returns whole
+ *                   messages: the kernel's events (v2: ALLOC, REVOKED) first, then misses
+ *                   (struct cowd_miss); write() takes a sequence of daemon messages (REMAP,
+ *                   INVALIDATE, REPLY; v2 also GRANT, ACK, REVOKE), applied in order; poll()
+ *                   says POLLIN when something waits to be read.  An ioctl reads the counters.
  *
  * Rules for every struct here: it starts with its own size (and a version where it is an ioctl
  * argument), reserved fields must be zero, unknown flag bits are rejected with EINVAL.  The
@@ -21,6 +22,25 @@
  * files: (file index, file offset), readable or also writable, or ZERO (reads as zeroes; a
  * write to it is a miss).  Mapped reads and writes are done by the kernel with file I/O on the
  * fds; everything else is a miss that the daemon answers.
+ *
+ * Versions.  A device speaks the version its CREATE (or the REOPEN that took it over) named,
+ * COWD_ABI_MIN_VERSION..COWD_ABI_VERSION, in every message both ways; a version-1 daemon sees
+ * exactly the version-1 ABI.  Version 2 adds the allocation pool (COWD_FEAT_POOL):
+ *
+ *   The daemon GRANTs runs of clusters it reserved in a writable file (their refcounts made
+ *   durable first).  A write to clusters whose entries are read-only or ZERO then takes
+ *   clusters from the pool, copies the rest of each cluster up from the entry (or writes
+ *   zeroes), writes its data and completes, with no round trip; the new mappings are
+ *   installed writable and *pinned* (no REMAP replaces them, no INVALIDATE or LRU eviction
+ *   drops them) and reported to the daemon in ALLOC messages (runs, numbered by seq).  The
+ *   daemon records them in its metadata and ACKs the last seq it recorded, which unpins them.
+ *   A FLUSH, DISCARD or WRITE_ZEROES issued after an ALLOC is held in the kernel until that
+ *   ALLOC is acknowledged, so the daemon's flush covers every allocation the flush covers.
+ *   An empty pool (or a write it cannot serve) falls back to a WRITE miss.  REVOKE empties
+ *   the pool, waits for allocations under way and queues REVOKED after their ALLOCs: from
+ *   then on the daemon knows every cluster it granted is either reported or never written.
+ *   When the channel closes the pool is dropped; a takeover also forgets unread ALLOCs and
+ *   pinned entries (those writes are lost like any unflushed one: see cowd_reopen).
  */
 #ifndef _UAPI_LINUX_COWD_H
 #define _UAPI_LINUX_COWD_H
@@ -28,7 +48,8 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define COWD_ABI_VERSION	1
+#define COWD_ABI_VERSION	2
+#define COWD_ABI_MIN_VERSION	1	/* the oldest version a daemon may speak */
 
 #define COWD_CTL_NAME		"cowd-ctl"	/* /dev/cowd-ctl */
 #define COWD_DISK_NAME		"cowd"		/* /dev/cowd0, /dev/cowd0p1, ... */
@@ -42,19 +63,23 @@
 #define COWD_MAX_QUEUE_DEPTH	1024
 #define COWD_MAX_DATA_BYTES	(1U << 20)	/* largest request, hence largest DATA reply */
 #define COWD_MAX_TIMEOUT_MS	(24U * 3600 * 1000)
+#define COWD_MAX_POOL_CLUSTERS	(1U << 16)	/* clusters granted and not yet taken */
+#define COWD_MAX_POOL_RUNS	4096		/* GRANT runs held at once */
 
 /* Features reported by COWD_CTL_VERSION. */
 #define COWD_FEAT_TAKEOVER	(1ULL << 0)	/* COWD_CTL_REOPEN */
 #define COWD_FEAT_DATA_REPLY	(1ULL << 1)	/* COWD_REPLY_DATA */
 #define COWD_FEAT_DISCARD	(1ULL << 2)	/* DISCARD and WRITE_ZEROES misses */
-#define COWD_FEATURES		(COWD_FEAT_TAKEOVER | COWD_FEAT_DATA_REPLY | COWD_FEAT_DISCARD)
+#define COWD_FEAT_POOL		(1ULL << 3)	/* v2: GRANT, ALLOC, ACK, REVOKE, REVOKED */
+#define COWD_FEATURES_V1	(COWD_FEAT_TAKEOVER | COWD_FEAT_DATA_REPLY | COWD_FEAT_DISCARD)
+#define COWD_FEATURES		(COWD_FEATURES_V1 | COWD_FEAT_POOL)
 
 struct cowd_version {
 	__u32 size;		/* in: sizeof(struct cowd_version) */
-	__u32 version;		/* in: COWD_ABI_VERSION */
-	__u32 abi_version;	/* out */
+	__u32 version;		/* in: the caller's version (COWD_ABI_MIN_VERSION..) */
+	__u32 abi_version;	/* out: COWD_ABI_VERSION */
 	__u32 reserved0;
-	__u64 features;		/* out: COWD_FEAT_* */
+	__u64 features;		/* out: COWD_FEAT_* the caller's version can use */
 	char module_version[32];	/* out: NUL-terminated */
 	__u64 reserved[4];
 };
@@ -69,7 +94,7 @@ struct cowd_version {
 
 struct cowd_create {
 	__u32 size;		/* in: sizeof(struct cowd_create) */
-	__u32 version;		/* in: COWD_ABI_VERSION */
+	__u32 version;		/* in: the version the device's channel speaks */
 	__u64 flags;		/* in: COWD_CREATE_* */
 	__u64 disk_size;	/* in: bytes, a multiple of logical_block_size */
 	__u32 logical_block_size;	/* in: 512 or 4096 */
@@ -101,12 +126,14 @@ struct cowd_remove {
 /*
  * Takeover: a new daemon asks for the channel of a device whose daemon has gone (its channel
  * is closed).  The kernel first forgets every remap (the old daemon's unflushed allocations
- * may not exist in the image) and waits for mapped I/O in flight; misses that waited are sent
- * again on the new channel.
+ * may not exist in the image) and, v2, its pool, its unread ALLOCs and its pinned entries (the
+ * clusters they name are leaks in the image), and waits for mapped I/O in flight; misses that
+ * waited are sent again on the new channel.  If writes completed since the last flush, the
+ * next FLUSH fails with EIO (they may be lost).
  */
 struct cowd_reopen {
 	__u32 size;
-	__u32 version;
+	__u32 version;		/* the version the new channel speaks */
 	__u32 index;		/* in */
 	__u32 flags;		/* in: none defined, must be 0 */
 	__s32 channel_fd;	/* out */
@@ -137,11 +164,16 @@ struct cowd_reopen {
 #define COWD_MSG_REMAP		2	/* daemon -> kernel */
 #define COWD_MSG_INVALIDATE	3	/* daemon -> kernel */
 #define COWD_MSG_REPLY		4	/* daemon -> kernel */
+#define COWD_MSG_GRANT		5	/* daemon -> kernel, v2 */
+#define COWD_MSG_ALLOC		6	/* kernel -> daemon, v2 */
+#define COWD_MSG_ACK		7	/* daemon -> kernel, v2 */
+#define COWD_MSG_REVOKE		8	/* daemon -> kernel, v2 */
+#define COWD_MSG_REVOKED	9	/* kernel -> daemon, v2 */
 
 struct cowd_msg_hdr {
 	__u32 size;		/* bytes of the whole message, payload included */
 	__u16 type;		/* COWD_MSG_* */
-	__u16 version;		/* COWD_ABI_VERSION */
+	__u16 version;		/* the channel's version */
 };
 
 /* cowd_miss.flags */
@@ -194,9 +226,56 @@ struct cowd_reply {
 	/* COWD_REPLY_DATA: exactly the miss's length bytes follow */
 };
 
+/* ---- the allocation pool (v2) ------------------------------------------------------- */
+
+/* Add one run of whole clusters of a COWD_FILE_WRITABLE file to the pool: cluster i of the
+ * run is at file_offset + i * cluster size.  The daemon has reserved them (nothing else will
+ * write them) and made that durable; the kernel writes each at most once, whole. */
+struct cowd_grant {
+	struct cowd_msg_hdr hdr;
+	__u32 file;		/* index into cowd_create.fds */
+	__u32 flags;		/* none defined: 0 */
+	__u64 file_offset;	/* logical-block aligned */
+	__u64 length;		/* a multiple of the cluster size */
+};
+
+/* Guest clusters [guest_offset, +length) now live at file_offset onwards of the file, one
+ * after another: written whole (copy-up and data) before this message was queued. */
+struct cowd_alloc {
+	struct cowd_msg_hdr hdr;
+	__u64 seq;		/* 1, 2, ... per device, never reused; ACK names it */
+	__u32 file;
+	__u32 pool_left;	/* clusters left in the pool when this was queued */
+	__u64 guest_offset;	/* cluster aligned */
+	__u64 length;		/* whole clusters */
+	__u64 file_offset;
+};
+
+/* Every ALLOC up to seq is in the daemon's metadata (its next flush makes it durable). */
+struct cowd_ack {
+	struct cowd_msg_hdr hdr;
+	__u64 seq;
+	__u64 reserved0;
+};
+
+/* Empty the pool; the write() returns once no allocation is under way, and a REVOKED with
+ * the same cookie follows every ALLOC queued before it. */
+struct cowd_revoke {
+	struct cowd_msg_hdr hdr;
+	__u64 cookie;
+	__u64 reserved0;
+};
+
+struct cowd_revoked {
+	struct cowd_msg_hdr hdr;
+	__u64 cookie;		/* the REVOKE's */
+	__u64 dropped;		/* clusters the pool held, dropped unwritten */
+	__u64 seq;		/* the last ALLOC queued before this */
+};
+
 struct cowd_stats {
 	__u32 size;		/* in: sizeof(struct cowd_stats) */
-	__u32 version;		/* in: COWD_ABI_VERSION */
+	__u32 version;		/* in: the caller's version (v1: the v2 counters read as 0) */
 	__u64 hits;		/* clusters served from the table */
 	__u64 misses;		/* miss messages queued for the daemon */
 	__u64 coalesced;	/* requests that waited on another request's miss */
@@ -212,7 +291,14 @@ struct cowd_stats {
 	__u64 errors;		/* requests completed with an error */
 	__u64 pending;		/* misses not yet answered */
 	__u64 takeovers;
-	__u64 reserved[8];
+	__u64 pool_clusters;	/* v2: in the pool now */
+	__u64 pool_grants;	/* v2: GRANT messages applied */
+	__u64 pool_allocs;	/* v2: clusters allocated from the pool */
+	__u64 pool_fallbacks;	/* v2: writes that needed clusters the pool could not give */
+	__u64 alloc_msgs;	/* v2: ALLOC messages queued */
+	__u64 unacked;		/* v2: allocated clusters not yet acknowledged (pinned) */
+	__u64 held;		/* v2: FLUSH/DISCARD/WRITE_ZEROES held for an ACK */
+	__u64 reserved[1];
 };
 
 #define COWD_CHAN_STATS		_IOWR('C', 0x10, struct cowd_stats)

@@ -188,9 +188,11 @@ class Attacher:
         readonly = bool(req.get("readonly", False))
         entries = req.get("kmod_entries", DEFAULT_MAX_ENTRIES)
         timeout_ms = req.get("kmod_timeout_ms", DEFAULT_DAEMON_TIMEOUT_MS)
+        pool = req.get("kmod_pool", -1)  # -1: the default size
         for name, v, low, top in (
                 ("kmod_entries", entries, abi.MIN_ENTRIES, abi.MAX_ENTRIES),
-                ("kmod_timeout_ms", timeout_ms, 1, abi.MAX_TIMEOUT_MS)):
+                ("kmod_timeout_ms", timeout_ms, 1, abi.MAX_TIMEOUT_MS),
+                ("kmod_pool", pool, -1, abi.MAX_POOL_CLUSTERS // 2)):
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= top:
                 raise UsageError(f"attach: {name} must be {low}..{top} ({name}={v!r})")
         if not isinstance(image, str) or not os.path.isabs(image):
@@ -205,7 +207,7 @@ class Attacher:
                 try:
                     if via == "kmod":
                         att = await self._attach_kmod(image, readonly, max_entries=entries,
-                                                      timeout_ms=timeout_ms)
+                                                      timeout_ms=timeout_ms, pool=pool)
                     elif via == "nbd":
                         att = await self._attach_nbd(image, readonly)
                     else:
@@ -228,12 +230,14 @@ class Attacher:
 
     async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1, *,
                            max_entries: int = DEFAULT_MAX_ENTRIES,
-                           timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS) -> Attachment:
+                           timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS,
+                           pool: int = -1) -> Attachment:
         """Attach through the kernel shim: /dev/cowdN, its channel served in the daemon's
         nursery, the kernel's remap table (``max_entries`` clusters) primed; without a
-        daemon its misses wait ``timeout_ms`` for a new one.  ``take_over``: the index of a
-        device a dead daemon left, to serve again instead of creating one (it keeps the
-        bound and timeout it was created with)."""
+        daemon its misses wait ``timeout_ms`` for a new one; ``pool`` clusters lent to the
+        kernel for its allocations (-1: the default).  ``take_over``: the index of a device
+        a dead daemon left, to serve again instead of creating one (it keeps the bound and
+        timeout it was created with; its pool is the default one)."""
         real = await self._check_new(image)
         problem = await trio.to_thread.run_sync(module_problem)
         if problem is not None:
@@ -249,6 +253,7 @@ class Attacher:
             try:
                 await self.nursery.start(kdev.serve)
                 await kdev.prime()
+                await kdev.start_pool(None if pool < 0 else pool)  # first writes in the kernel
                 if take_over < 0:
                     await kdev.rescan_partitions()
                 rdev = (await trio.to_thread.run_sync(os.stat, kdev.device)).st_rdev
@@ -438,7 +443,12 @@ class Attacher:
             log.info("detached %s (%s)", att.device, att.image)
 
     async def _detach_kmod(self, att: Attachment, kdev: KmodDevice) -> None:
-        await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
+        await kdev.stop_pool()  # the kernel's allocations recorded, its unused pool given back
+        try:
+            await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
+        except BaseException:
+            await kdev.start_pool()
+            raise
         kdev.close()
         if not att.disk.readonly:
             await att.disk.flush()  # the kernel's writes sit in the files' page cache
@@ -532,6 +542,8 @@ class Attacher:
             if kdev is None:
                 continue
             try:
+                with trio.CancelScope(shield=True):  # bounded: REVOKE_TIMEOUT_S
+                    await kdev.stop_pool()  # nothing the kernel allocated left unrecorded
                 await trio.to_thread.run_sync(kdev.remove)
             except (UsageError, CommandFailed, RequestError) as e:
                 log.warning("%s: left for a new daemon to take over (%s)", att.device, e)

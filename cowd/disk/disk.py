@@ -75,6 +75,7 @@ from formats.errors import (
     UnsupportedImage,
 )
 from formats.opener import OpenPolicy
+from formats.qcow2 import Lender, Qcow2Image, lend_problem
 from formats.remote import NotCached
 
 from ..errors import RequestError
@@ -143,11 +144,13 @@ class Disk:
         # Plans of reads that had to wait for the disk: advise() and the read that follows
         # use the plan instead of planning again.
         self._kept_plans = KeptPlans()
+        self._lender: Lender | None = None  # clusters lent to an outside writer (kmod)
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
-                                    "lock_waits", "allocations")}
+                                    "lock_waits", "allocations", "lent", "adopted",
+                                    "given_back")}
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -758,6 +761,95 @@ class Disk:
                 ext = clip(seg.extent, g, n) if held else Extent(g, n, Kind.UNALLOCATED)
                 out.append(Segment(g, n, seg.depth, ext))
         return out
+
+    # ---- lending clusters to an outside writer (the kernel shim's pool) --------------------
+
+    def lend_problem(self) -> str | None:
+        """Why this disk cannot lend clusters of its top layer to an outside writer, or
+        None (formats/qcow2/lend.py: a writable qcow2 overlay without a data file)."""
+        if self.readonly or self.corrupt_reason is not None:
+            return "the disk is read-only"
+        return lend_problem(self._top.image)
+
+    def _get_lender(self) -> Lender:
+        if self._lender is None:
+            why = self.lend_problem()
+            if why is not None:
+                raise DiskError(errno.EOPNOTSUPP, f"{self.path}: cannot lend clusters ({why})")
+            image = self._top.image
+            assert isinstance(image, Qcow2Image)
+            self._lender = Lender(image)
+        return self._lender
+
+    @property
+    def lent_clusters(self) -> int:
+        """Clusters lent and not yet adopted or given back."""
+        return self._lender.lent if self._lender is not None else 0
+
+    async def lend(self, clusters: int) -> list[tuple[ChainFile, int, int]]:
+        """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
+        refcounts durable before this returns (it syncs: in a thread).  Returns the runs as
+        (file, file_offset, length), contiguous in the file."""
+        self._check_write(0, 0)
+        lender = self._get_lender()
+        top = self._top
+        try:
+            async with self.chain.exclusive([top], will_await=True):
+                runs = await self.chain.run(lender.lend, clusters, offload=True)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._ops["lent"] += clusters
+        return [(top.image.file, off, n) for off, n in runs]
+
+    async def adopt(self, runs: Sequence[tuple[int, int, int]]) -> None:
+        """Each run (guest_offset, length, file_offset): top-layer clusters [guest_offset,
+        guest_offset + length) now live at ``file_offset`` onwards of the top file, where
+        the outside writer wrote them whole (lent clusters; the last one may run past the
+        disk's end).  Like an allocation: durable at the next flush.  The runs of one call
+        name distinct clusters; with no lock held they are adopted inline, in one step."""
+        for guest_offset, _n, _fo in runs:
+            self._check_write(guest_offset, 0)
+        lender = self._get_lender()
+        busy: list[tuple[int, int, int]] = []
+        try:
+            for run in runs:
+                if self.chain.locked_any() or self._locks.any_held(*self._run_granules(run)):
+                    busy.append(run)
+                else:
+                    self._adopt_run(lender, run)
+            for run in busy:  # a writer or flush holds them: one at a time, under the lock
+                async with self._locks.hold(*self._run_granules(run)), \
+                        self.chain.exclusive(will_await=False):
+                    self._adopt_run(lender, run)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        if not busy:
+            await trio.lowlevel.checkpoint()
+
+    def _run_granules(self, run: tuple[int, int, int]) -> tuple[int, int]:
+        return self._granules(run[0], min(run[0] + run[1], self.size))
+
+    def _adopt_run(self, lender: Lender, run: tuple[int, int, int]) -> None:
+        guest_offset, length, file_offset = run
+        c0, c1 = self._cluster_granules(guest_offset, min(guest_offset + length, self.size))
+        self._invalidate(c0, c1)
+        lender.adopt(guest_offset, length, file_offset)
+        self._refill(c0, c1)
+        self._ops["adopted"] += length // max(1, self.cluster_size)
+
+    async def give_back(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Clusters of ``runs`` (file offset, length) lent and never adopted are free again;
+        only once the outside writer can no longer write them.  Returns how many."""
+        self._check_open()
+        lender = self._get_lender()
+        before = lender.lent
+        try:
+            async with self.chain.exclusive([self._top], will_await=False):
+                lender.give_back(runs)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._ops["given_back"] += before - lender.lent
+        return before - lender.lent
 
     # ---- mapping, prefetch, priming --------------------------------------------------------
 

@@ -23,7 +23,9 @@ module imports only from the lines before its own; tests/unit/test_layers.py che
   cluster of the active layer unallocated (commit: the L1 table cleared, then rule 4);
   ``backing``: another backing file recorded (rebase: the name first, then one switch);
   ``snapshot``: internal snapshots created, deleted, applied (new tables apart, one header
-  sector switched, frees after).
+  sector switched, frees after); ``lend``: :class:`~.lend.Lender`, host clusters lent to an
+  outside writer (the kernel shim) and adopted as allocations once written, with its own
+  crash-safety order (rules 1, 3, 4 and 6 as they apply to it).
 
 The image's job is split by layer of one class (reader, writer, image) because each layer
 needs the state of the one below, and by component where a job has state of its own (the
@@ -89,6 +91,7 @@ from .layout import (
     QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
 )
+from .lend import Lender, lend_problem
 
 __all__ = [
     "DEFAULT_CLUSTER_SIZE",
@@ -106,9 +109,11 @@ __all__ = [
     "QCOW_OFLAG_COPIED",
     "QCOW_OFLAG_ZERO",
     "REFT_OFFSET_MASK",
+    "Lender",
     "Qcow2Header",
     "Qcow2Image",
     "Qcow2Snapshot",
     "create",
+    "lend_problem",
     "parse_header",
 ]

@@ -398,20 +398,33 @@ class Refcounts:
 
     # ---- allocation and frees ------------------------------------------------------------
 
-    def _reserve(self, n: int) -> None:
-        """Rule 1: refcount a batch of host clusters before any of them is handed out."""
-        n = max(n, RESERVE_BATCH_MIN_CLUSTERS, RESERVE_BATCH_BYTES >> self.cluster_bits)
+    def take(self, n: int) -> list[int]:
+        """Rule 1: ``n`` free host clusters (ascending, contiguous where free space allows)
+        get refcount 1 before anyone may reference them.  Not synced here: :attr:`unsynced`
+        says a sync is owed before an L2/L1 entry reaches one (the image's _sync_data), or
+        the caller syncs itself (clusters lent to an outside writer: formats/qcow2/lend.py)."""
         chosen = self._find_free(n, set(), self._free_hint)
         clash = self._in_use(chosen)
         if clash is not None:
             self._corrupt(f"cluster with refcount 0 is in use by the {clash.what}",
                           "cluster", clash.cluster)
-        # Not synced here: the image's _sync_data() runs before any L2/L1 entry is written
-        # (rule 1).
         self.apply(dict.fromkeys(chosen, 1), durable=False)
         self.unsynced = True
-        self._pool.extend(chosen)
         self._free_hint = chosen[-1] + 1
+        return chosen
+
+    def give(self, clusters: list[int]) -> None:
+        """Set back to 0 the refcounts of clusters :meth:`take` handed out and nothing
+        references (never reached by an L2/L1 entry: no unlink to wait for, rule 4)."""
+        if not clusters:
+            return
+        self.apply(dict.fromkeys(clusters, 0), durable=False)
+        self._free_hint = min(self._free_hint, min(clusters))
+
+    def _reserve(self, n: int) -> None:
+        """Rule 1: refcount a batch of host clusters before any of them is handed out."""
+        n = max(n, RESERVE_BATCH_MIN_CLUSTERS, RESERVE_BATCH_BYTES >> self.cluster_bits)
+        self._pool.extend(self.take(n))
 
     def alloc(self) -> int:
         """A reserved host cluster's file offset."""
@@ -448,8 +461,7 @@ class Refcounts:
             return
         pool = sorted(self._pool)
         self._pool.clear()
-        self.apply(dict.fromkeys(pool, 0), durable=False)
-        self._free_hint = min(self._free_hint, pool[0])
+        self.give(pool)
 
     def apply_frees(self, pending: list[HostRange]) -> None:
         """Drop one reference for each range (rule 4: the unlinks are durable by now)."""

@@ -988,3 +988,74 @@ async def test_a_page_cache_miss_is_planned_once(tmp_path: Path, rng: random.Ran
     assert disk.stats()["ops"]["plans_reused"] == 2
     await disk.close()
     chain.check()
+
+
+async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
+                                                         rng: random.Random) -> None:
+    """The kernel shim's pool without the kernel: clusters lent by the disk, written whole by
+    another file descriptor (copy-up from the disk's own view, then new bytes), adopted;
+    the disk reads them at once, qemu-img after the flush, and what was lent and not used
+    is given back (qemu-img check finds no leak)."""
+    chain = make_chain("qcow2", tmp_path, rng)
+    disk = await Disk.open(str(chain.top), fmt=chain.fmt, pool=ImagePool(), cache=new_cache())
+    assert disk.lend_problem() is None
+    cs = disk.cluster_size
+    model = bytearray(chain.initial)
+    runs = await disk.lend(6)
+    assert disk.lent_clusters == 6
+    hosts = [(f, h) for f, off, n in runs for h in range(off, off + n, cs)]
+    assert all(f.writable for f, _ in hosts)
+    fd = os.open(chain.top, os.O_RDWR)
+    batch = []
+    try:
+        for g in (0, 5 * cs, 6 * cs):  # in the base, and two adjacent ones
+            if (await disk.segments(g, cs))[0].writable:
+                continue  # the overlay owns it already: written in place, not lent
+            _f, host = hosts.pop(0)
+            data = rng.randbytes(1000)
+            whole = bytearray(await disk.read(g, cs))  # the copy-up
+            whole[100:1100] = data
+            os.pwrite(fd, whole, host)
+            model[g + 100:g + 1100] = data
+            batch.append((g, cs, host))
+    finally:
+        os.close(fd)
+    await disk.adopt(batch[:1])
+    release = trio.Event()
+
+    async def writer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with disk._locks.hold(0, disk.size // disk.granule):
+            task_status.started()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:  # a writer holds the disk: the rest waits
+        await nursery.start(writer)
+        nursery.start_soon(disk.adopt, batch[1:])
+        await trio.sleep(0.05)
+        assert disk.stats()["ops"]["adopted"] == 1
+        release.set()
+    for g, _n, host in batch:
+        segs = await disk.segments(g, cs)
+        assert segs[0].writable and segs[0].file_offset == host
+    assert await disk.read(0, 8 * cs) == bytes(model[:8 * cs])
+    with pytest.raises(DiskError) as e:
+        await disk.adopt([(cs, cs, hosts[0][1] + (1 << 30))])  # never lent
+    assert e.value.errno == errno.EINVAL
+    await disk.flush()
+    assert await disk.give_back([(h, cs) for _f, h in hosts]) == len(hosts)
+    assert disk.lent_clusters == 0
+    ops = disk.stats()["ops"]
+    assert ops["lent"] == 6 and ops["adopted"] + ops["given_back"] == 6
+    await disk.close()
+    chain.check()
+    assert qemu_raw(chain.top, tmp_path) == bytes(model)
+
+
+async def test_lending_refused_by_other_formats(tmp_path: Path, rng: random.Random) -> None:
+    chain = make_chain("tcow", tmp_path, rng)
+    disk = await Disk.open(str(chain.top), pool=ImagePool(), cache=new_cache())
+    assert disk.lend_problem() == "only qcow2 images lend clusters"
+    with pytest.raises(DiskError) as e:
+        await disk.lend(1)
+    assert e.value.errno == errno.EOPNOTSUPP
+    await disk.close()

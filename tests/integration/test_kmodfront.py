@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
+import trio.lowlevel
 
 from cowd.disk import Disk, ImagePool
 from cowd.frontends.kmod import abi
 from cowd.frontends.kmod.channel import KmodDevice, chain_files, granule_for
 from cowd.remap import RemapCache
-from tests.support.peers import need, qemu_img, qemu_io, qemu_raw
+from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw
 
 MiB = 1 << 20
 
@@ -139,3 +143,160 @@ async def test_write_miss_gives_writable_remaps(tmp_path: Path) -> None:
     await dev.disk.flush()
     await dev.disk.close()
     assert qemu_raw(top, tmp_path, "qcow2") == base.read_bytes()
+
+
+class ModelKernel:
+    """The kernel's end of a version-2 channel, as far as the pool goes: a SOCK_SEQPACKET
+    socketpair carries whole messages each way.  It keeps the table from REMAPs (pinned
+    clusters skip them, as in cowd.c), the pool from GRANTs, allocates first writes from the
+    pool (copy-up from its table, the cluster written whole with its own file descriptor,
+    then an ALLOC), holds a FLUSH until the ALLOCs before it are ACKed, and answers REVOKE."""
+
+    def __init__(self, dev_files: list[int], granule: int):
+        self.daemon_fd, self.fd = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.files = [os.open(f"/proc/self/fd/{fd}", os.O_RDWR if i == 0 else os.O_RDONLY)
+                      for i, fd in enumerate(dev_files)]
+        self.g = granule
+        self.table: dict[int, tuple[int, int, int]] = {}
+        self.pinned: dict[int, int] = {}  # cluster -> seq
+        self.pool: list[tuple[int, int]] = []  # (file, file_offset) per cluster
+        self.seq = self.acked = 0
+        self.cookies = 0
+        self.replies: dict[int, int] = {}
+        self.revoked: list[tuple[int, int]] = []
+        self.grants = 0
+        self.changed = trio.Event()  # set (and replaced) after each packet from the daemon
+
+    async def until(self, what: Callable[[], bool]) -> None:
+        with trio.fail_after(10):
+            while not what():
+                await self.changed.wait()
+
+    def send(self, msg: bytes) -> None:
+        self.fd.send(msg)
+
+    async def run(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            data = self.fd.recv(1 << 21)
+            if not data:
+                return
+            pos = 0
+            while pos < len(data):
+                size, mtype, _ver = abi.HDR.unpack_from(data, pos)
+                m = data[pos:pos + size]
+                pos += size
+                if mtype == abi.MSG_REMAP:
+                    _s, _t, _v, file, flags, gofs, length, fofs = abi.REMAP.unpack(m)
+                    for i in range(length // self.g):
+                        c = gofs // self.g + i
+                        if c not in self.pinned:
+                            self.table[c] = (-1 if flags & abi.REMAP_ZERO else file,
+                                             fofs + i * self.g, flags)
+                elif mtype == abi.MSG_GRANT:
+                    _s, _t, _v, file, _fl, fofs, length = abi.GRANT.unpack(m)
+                    self.pool += [(file, fofs + i * self.g) for i in range(length // self.g)]
+                    self.grants += 1
+                elif mtype == abi.MSG_ACK:
+                    seq = abi.ACK.unpack(m)[3]
+                    assert self.acked <= seq <= self.seq
+                    self.acked = seq
+                    self.pinned = {c: s for c, s in self.pinned.items() if s > seq}
+                elif mtype == abi.MSG_REVOKE:
+                    cookie = abi.REVOKE.unpack(m)[3]
+                    self.revoked.append((cookie, len(self.pool)))
+                    self.send(abi.REVOKED.pack(32, abi.MSG_REVOKED, 2, cookie, len(self.pool),
+                                               self.seq))
+                    self.pool = []
+                elif mtype == abi.MSG_REPLY:
+                    _s, _t, _v, cookie, result, _r = abi.REPLY.unpack(m[:abi.REPLY.size])
+                    self.replies[cookie] = result
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def first_write(self, guest_offset: int, data: bytes) -> bool:
+        """A write inside one cluster whose entry is read-only: allocate it from the pool
+        (False: no entry, a writable one, or an empty pool: a miss in the real kernel)."""
+        c = guest_offset // self.g
+        entry = self.table.get(c)
+        if entry is None or entry[2] & abi.REMAP_WRITABLE or not self.pool:
+            return False
+        file, fofs, _flags = entry
+        whole = bytearray(self.g) if file < 0 else bytearray(
+            os.pread(self.files[file], self.g, fofs).ljust(self.g, b"\0"))
+        at = guest_offset - c * self.g
+        whole[at:at + len(data)] = data
+        hfile, host = self.pool.pop(0)
+        os.pwrite(self.files[hfile], whole, host)
+        self.seq += 1
+        self.table[c] = (hfile, host, abi.REMAP_WRITABLE)
+        self.pinned[c] = self.seq
+        self.send(abi.ALLOC.pack(48, abi.MSG_ALLOC, 2, self.seq, hfile, len(self.pool),
+                                 c * self.g, self.g, host))
+        return True
+
+    async def flush(self) -> int:
+        """A FLUSH: held until every ALLOC before it is acknowledged, then a miss."""
+        seq = self.seq
+        await self.until(lambda: self.acked >= seq)
+        self.cookies += 1
+        cookie = 1000 + self.cookies
+        self.send(abi.MISS.pack(40, abi.MSG_MISS, 2, cookie, abi.OP_FLUSH, 0, 0, 0))
+        await self.until(lambda: cookie in self.replies)
+        return self.replies[cookie]
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.fd.close()
+
+
+async def test_pool_allocations_are_adopted_and_flushed(tmp_path: Path) -> None:
+    """The daemon's side of the pool against a model kernel: it grants a pool after priming,
+    adopts the kernel's allocations in order and ACKs them, answers a held FLUSH only with
+    them durable, refills below the low-water mark, and on stop_pool gives back what the
+    kernel never used — the image reads as the writes made it and has no leak."""
+    need("qemu-img")
+    rng = random.Random(16)
+    base = tmp_path / "base.raw"
+    base.write_bytes(rng.randbytes(4 * MiB))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", base.name, "-o",
+             "cluster_size=65536", str(top))
+    disk = await Disk.open(str(top), fmt="qcow2", pool=ImagePool(), cache=RemapCache(4096))
+    files = chain_files(disk)
+    g = granule_for(disk)
+    kernel = ModelKernel([f.fd for f in files], g)
+    dev = KmodDevice(disk, 0, kernel.daemon_fd.detach(), g, files, version=2)
+    dev._table_bound = 64  # a pool of 16 clusters, refilled under 4
+    model = bytearray(base.read_bytes())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel.run)
+        await nursery.start(dev.serve)
+        await dev.prime()
+        await dev.start_pool()
+        assert dev.pool_problem is None and dev.pool_target == 16
+        await kernel.until(lambda: len(kernel.pool) == 16)
+        for written, c in enumerate(rng.sample(range(4 * MiB // g), 40), 1):
+            off = c * g + rng.randrange(g // 512) * 512
+            data = rng.randbytes(512)
+            await kernel.until(lambda: bool(kernel.pool))  # (being refilled)
+            assert kernel.first_write(off, data)
+            model[off:off + 512] = data
+            if written % 7 == 0:
+                assert await kernel.flush() == abi.REPLY_DONE
+        assert await kernel.flush() == abi.REPLY_DONE
+        assert dev.pool_ops["adopted"] == 40 and dev.pool_ops["refills"] >= 3
+        assert kernel.grants == dev.pool_ops["refills"]
+        assert not kernel.pinned  # every allocation acknowledged
+        # A flush answered DONE made the allocations durable: qemu-img reads them now.
+        assert qemu_raw(top, tmp_path, "qcow2") == bytes(model)
+        await dev.stop_pool()
+        assert kernel.revoked and disk.lent_clusters == 0
+        assert dev.pool_ops["given_back"] == kernel.revoked[-1][1]
+        nursery.cancel_scope.cancel()
+    dev.close()
+    kernel.close()
+    await disk.close()
+    qemu_check(top)
+    assert qemu_raw(top, tmp_path, "qcow2") == bytes(model)

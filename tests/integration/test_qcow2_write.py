@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
-from formats import HostFile, Kind
+from formats import Kind
 from formats import qcow2 as q2
 from tests.support.corruption import corrupted_copy
 from tests.support.peers import qemu_check, qemu_img, qemu_io, qemu_raw, read_all, run, sha256
+from tests.support.powerloss import IoLog, check_crash_points, record_flush
 
 pytestmark = pytest.mark.qemu
 
@@ -492,48 +493,6 @@ def test_create_refuses_bad_options(tmp_path: Path) -> None:
 # ---- power loss --------------------------------------------------------------------------
 
 
-class IoLog:
-    """Records every pwrite (split into 512-byte sectors: each may land on its own), every
-    fdatasync (a barrier for its file) and the workload's own markers."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: str):
-        self.path = path
-        self.events: list[tuple[Any, ...]] = []
-        orig_pwrite, orig_sync = HostFile.pwrite, HostFile.sync
-
-        def pwrite(f: HostFile, off: int, data: bytes | bytearray | memoryview) -> None:
-            if f.path == path:
-                b = bytes(data)
-                pos = 0
-                while pos < len(b):
-                    n = min(len(b) - pos, 512 - (off + pos) % 512)
-                    self.events.append(("w", off + pos, b[pos : pos + n]))
-                    pos += n
-            orig_pwrite(f, off, data)
-
-        def sync(f: HostFile) -> None:
-            orig_sync(f)
-            if f.path == path:
-                self.events.append(("s",))
-
-        monkeypatch.setattr(HostFile, "pwrite", pwrite)
-        monkeypatch.setattr(HostFile, "sync", sync)
-
-
-def crash_image(initial: bytes, events: list[tuple[Any, ...]], cut: int,
-                r: random.Random) -> bytes:
-    last_sync = max((i for i in range(cut) if events[i][0] == "s"), default=-1)
-    img = bytearray(initial)
-    for i, ev in enumerate(events[:cut]):
-        if ev[0] != "w" or (i > last_sync and r.random() < 0.5):
-            continue
-        off, data = ev[1], ev[2]
-        if off + len(data) > len(img):
-            img.extend(bytes(off + len(data) - len(img)))
-        img[off : off + len(data)] = data
-    return bytes(img)
-
-
 @pytest.mark.parametrize(("kw", "seed"), [({"cluster_size": 4096}, 1),
                                           ({"cluster_size": 512, "refcount_bits": 64}, 2),
                                           ({"cluster_size": 16384, "extended_l2": True}, 3),
@@ -572,11 +531,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
                 img.discard(off, n)
         else:
             img.flush()
-            m = bytearray(flushed[-1])
-            for fi, woff, wdata in writes:
-                if fi == len(flushed) - 1:
-                    m[woff : woff + len(wdata)] = wdata
-            flushed.append(bytes(m))
+            record_flush(flushed, writes)
             log.events.append(("flushed", len(flushed) - 1))
             continue
         model[off : off + n] = writes[-1][2]
@@ -585,31 +540,7 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path, monkeypatch: pytest
     events = log.events
     monkeypatch.undo()
     assert qemu_raw(top, tmp_path) == model
-    cuts = sorted({r.randrange(len(events) + 1) for _ in range(30)}
-                  | {i + 1 for i, e in enumerate(events) if e[0] == "s"}
-                  | {i for i, e in enumerate(events) if e[0] in ("flushed", "op")})
-    cuts = cuts[:: max(1, len(cuts) // 50)]
-    crashed = tmp_path / "crashed.qcow2"
-    for cut in cuts:
-        crashed.write_bytes(crash_image(initial, events, cut, r))
-        rc = qemu_img("check", crashed, check=False).returncode
-        assert rc in (0, 3), f"cut {cut}/{len(events)}: qemu-img check rc={rc}"
-        got = qemu_raw(crashed, tmp_path)
-        done = max((e[1] for e in events[:cut] if e[0] == "flushed"), default=0)
-        issued = max((e[1] for e in events[:cut] if e[0] == "op"), default=-1)
-        allowed: dict[int, list[bytes]] = {}
-        for fi, woff, wdata in writes[: issued + 1]:
-            # Writes not yet covered by a completed flush may or may not show.
-            if fi >= done:
-                for p in range(0, len(wdata), 512):
-                    allowed.setdefault(woff + p, []).append(wdata[p : p + 512])
-        base_view = flushed[done]
-        for sec in range(0, size, 512):
-            g = got[sec : sec + 512]
-            if g != base_view[sec : sec + 512]:
-                assert g in allowed.get(sec, []), (
-                    f"cut {cut}/{len(events)}: sector {sec} shows neither flushed nor "
-                    "later-written data")
+    check_crash_points(tmp_path, initial, events, writes, flushed, r)
 
 
 @settings(max_examples=60, deadline=None,

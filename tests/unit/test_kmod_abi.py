@@ -32,6 +32,15 @@ CODECS = {
                                          "reserved1", "guest_offset", "length"]),
     "cowd_reply": (abi.REPLY, ["hdr.size", "hdr.type", "hdr.version", "cookie", "result",
                                "reserved0"]),
+    "cowd_grant": (abi.GRANT, ["hdr.size", "hdr.type", "hdr.version", "file", "flags",
+                               "file_offset", "length"]),
+    "cowd_alloc": (abi.ALLOC, ["hdr.size", "hdr.type", "hdr.version", "seq", "file",
+                               "pool_left", "guest_offset", "length", "file_offset"]),
+    "cowd_ack": (abi.ACK, ["hdr.size", "hdr.type", "hdr.version", "seq", "reserved0"]),
+    "cowd_revoke": (abi.REVOKE, ["hdr.size", "hdr.type", "hdr.version", "cookie",
+                                 "reserved0"]),
+    "cowd_revoked": (abi.REVOKED, ["hdr.size", "hdr.type", "hdr.version", "cookie",
+                                   "dropped", "seq"]),
 }
 
 CONSTANTS = {name[len("COWD_"):]: name for name in re.findall(
@@ -112,14 +121,41 @@ def test_constants_and_ioctls_match(c_says: dict[str, int]) -> None:
 
 def test_messages_round_trip() -> None:
     m = abi.pack_remap(2, abi.REMAP_WRITABLE, 1 << 16, 3 << 16, 5 << 16)
-    assert abi.REMAP.unpack(m) == (40, abi.MSG_REMAP, 1, 2, abi.REMAP_WRITABLE, 1 << 16,
+    assert abi.REMAP.unpack(m) == (40, abi.MSG_REMAP, 2, 2, abi.REMAP_WRITABLE, 1 << 16,
                                    3 << 16, 5 << 16)
-    r = abi.pack_reply(77, -5, payload_bytes=4096)
+    r = abi.pack_reply(77, -5, payload_bytes=4096, version=1)
     assert abi.REPLY.unpack(r) == (abi.REPLY.size + 4096, abi.MSG_REPLY, 1, 77, -5, 0)
     miss = abi.MISS.pack(40, abi.MSG_MISS, 1, 9, abi.OP_WRITE, 0, 4096, 512)
-    assert abi.unpack_misses(miss * 2) == [(9, abi.OP_WRITE, 4096, 512)] * 2
+    assert abi.unpack_misses(miss * 2, version=1) == [(9, abi.OP_WRITE, 4096, 512)] * 2
     with pytest.raises(ValueError, match="unexpected message"):
-        abi.unpack_misses(abi.MISS.pack(40, abi.MSG_REMAP, 1, 9, 0, 0, 0, 0))
+        abi.unpack_misses(miss)  # a version-1 message on a version-2 channel
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_misses(abi.MISS.pack(40, abi.MSG_REMAP, 1, 9, 0, 0, 0, 0), version=1)
+    assert abi.GRANT.unpack(abi.pack_grant(0, 1 << 20, 1 << 18)) == (
+        32, abi.MSG_GRANT, 2, 0, 0, 1 << 20, 1 << 18)
+    assert abi.ACK.unpack(abi.pack_ack(12)) == (24, abi.MSG_ACK, 2, 12, 0)
+    assert abi.REVOKE.unpack(abi.pack_revoke(3)) == (24, abi.MSG_REVOKE, 2, 3, 0)
+
+
+def test_a_read_mixes_events_and_misses() -> None:
+    """What a version-2 read() returns: ALLOC and REVOKED events, then misses, each whole;
+    whole and split anywhere, the bytes parse the same way or fail cleanly."""
+    alloc = abi.ALLOC.pack(48, abi.MSG_ALLOC, 2, 7, 0, 30, 1 << 16, 2 << 16, 9 << 16)
+    revoked = abi.REVOKED.pack(32, abi.MSG_REVOKED, 2, 4, 30, 7)
+    miss = abi.MISS.pack(40, abi.MSG_MISS, 2, 9, abi.OP_FLUSH, 0, 0, 0)
+    buf = alloc + revoked + miss
+    assert abi.unpack_messages(buf) == [
+        abi.Alloc(7, 0, 30, 1 << 16, 2 << 16, 9 << 16), abi.Revoked(4, 30, 7),
+        abi.Miss(9, abi.OP_FLUSH, 0, 0)]
+    for cut in range(1, len(buf)):
+        if cut in (48, 80):
+            continue
+        with pytest.raises(ValueError):
+            abi.unpack_messages(buf[:cut])
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_messages(alloc, version=1)  # a version-1 channel has no events
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_misses(alloc)
 
 
 def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
@@ -129,3 +165,19 @@ def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
 
     assert HEADER.parent / "cowd.ko" == channel.MODULE_PATH
     assert (HEADER.parent / "cowd.c").exists()
+
+
+def test_dkms_packages_the_module_at_its_version() -> None:
+    """kmod/dkms.conf names the module's own version and every source the build needs."""
+    conf = (HEADER.parent / "dkms.conf").read_text()
+    src = (HEADER.parent / "cowd.c").read_text()
+    dkms_version = re.search(r'^PACKAGE_VERSION="([^"]+)"', conf, re.M)
+    module_version = re.search(r'#define COWD_MODULE_VERSION\s+"([^"]+)"', src)
+    assert dkms_version and module_version
+    assert dkms_version.group(1) == module_version.group(1)
+    assert re.search(r'^BUILT_MODULE_NAME\[0\]="cowd"', conf, re.M)
+    sources = re.search(r"^DKMS_SOURCES := (.*)$", (HEADER.parent / "Makefile").read_text(),
+                        re.M)
+    assert sources
+    for name in ("Kbuild", "cowd.c", "cowd_uapi.h", "dkms.conf"):
+        assert name in sources.group(1).split(), name

@@ -137,7 +137,7 @@ PACKAGE_LAYERS: dict[str, list[set[str]]] = {
         {"reader"},
         {"writer", "check"},
         {"image", "create"},
-        {"resize", "empty", "backing", "snapshot"},
+        {"resize", "empty", "backing", "snapshot", "lend"},
         {"__init__"},
     ],
     "remote": [

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import NamedTuple
 
-ABI_VERSION = 1
+ABI_VERSION = 2
+ABI_MIN_VERSION = 1
 CTL_PATH = "/dev/cowd-ctl"
 DISK_NAME = "cowd"
 
@@ -24,11 +26,15 @@ MAX_ENTRIES = 1 << 22
 MAX_QUEUE_DEPTH = 1024
 MAX_DATA_BYTES = 1 << 20
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_POOL_CLUSTERS = 1 << 16
+MAX_POOL_RUNS = 4096
 
 FEAT_TAKEOVER = 1 << 0
 FEAT_DATA_REPLY = 1 << 1
 FEAT_DISCARD = 1 << 2
-FEATURES = FEAT_TAKEOVER | FEAT_DATA_REPLY | FEAT_DISCARD
+FEAT_POOL = 1 << 3
+FEATURES_V1 = FEAT_TAKEOVER | FEAT_DATA_REPLY | FEAT_DISCARD
+FEATURES = FEATURES_V1 | FEAT_POOL
 
 CREATE_READONLY = 1 << 0
 FILE_WRITABLE = 1 << 0
@@ -46,6 +52,11 @@ MSG_MISS = 1
 MSG_REMAP = 2
 MSG_INVALIDATE = 3
 MSG_REPLY = 4
+MSG_GRANT = 5
+MSG_ALLOC = 6
+MSG_ACK = 7
+MSG_REVOKE = 8
+MSG_REVOKED = 9
 
 REMAP_WRITABLE = 1 << 0
 REMAP_ZERO = 1 << 1
@@ -86,12 +97,15 @@ class Reopen(ctypes.Structure):
 
 STATS_FIELDS = ("hits", "misses", "coalesced", "retries", "expiries", "pushes",
                 "invalidations", "entries", "max_entries", "data_replies", "mapped_read_bytes",
-                "mapped_write_bytes", "errors", "pending", "takeovers")
+                "mapped_write_bytes", "errors", "pending", "takeovers",
+                # v2: the allocation pool
+                "pool_clusters", "pool_grants", "pool_allocs", "pool_fallbacks", "alloc_msgs",
+                "unacked", "held")
 
 
 class Stats(ctypes.Structure):
     _fields_ = ([("size", _u32), ("version", _u32)] + [(n, _u64) for n in STATS_FIELDS]
-                + [("reserved", _u64 * 8)])
+                + [("reserved", _u64 * 1)])
 
 
 def _ioc_rw(nr: int, size: int) -> int:
@@ -115,29 +129,109 @@ REMAP = struct.Struct("<IHHIIQQQ")
 INVALIDATE = struct.Struct("<IHHIIQQ")
 # cowd_reply: hdr, cookie, result, reserved0 (then the payload)
 REPLY = struct.Struct("<IHHQiI")
+# v2, the allocation pool.  cowd_grant: hdr, file, flags, file_offset, length
+GRANT = struct.Struct("<IHHIIQQ")
+# cowd_alloc: hdr, seq, file, pool_left, guest_offset, length, file_offset
+ALLOC = struct.Struct("<IHHQIIQQQ")
+# cowd_ack: hdr, seq, reserved0
+ACK = struct.Struct("<IHHQQ")
+# cowd_revoke: hdr, cookie, reserved0
+REVOKE = struct.Struct("<IHHQQ")
+# cowd_revoked: hdr, cookie, dropped, seq
+REVOKED = struct.Struct("<IHHQQQ")
+
+# Every pack_* takes the version the channel speaks (its CREATE's or REOPEN's).
 
 
-def pack_remap(file: int, flags: int, guest_offset: int, length: int, file_offset: int) -> bytes:
-    return REMAP.pack(REMAP.size, MSG_REMAP, ABI_VERSION, file, flags, guest_offset, length,
+def pack_remap(file: int, flags: int, guest_offset: int, length: int, file_offset: int,
+               version: int = ABI_VERSION) -> bytes:
+    return REMAP.pack(REMAP.size, MSG_REMAP, version, file, flags, guest_offset, length,
                       file_offset)
 
 
-def pack_invalidate(guest_offset: int, length: int) -> bytes:
-    return INVALIDATE.pack(INVALIDATE.size, MSG_INVALIDATE, ABI_VERSION, 0, 0, guest_offset,
+def pack_invalidate(guest_offset: int, length: int, version: int = ABI_VERSION) -> bytes:
+    return INVALIDATE.pack(INVALIDATE.size, MSG_INVALIDATE, version, 0, 0, guest_offset,
                            length)
 
 
-def pack_reply(cookie: int, result: int, payload_bytes: int = 0) -> bytes:
+def pack_reply(cookie: int, result: int, payload_bytes: int = 0,
+               version: int = ABI_VERSION) -> bytes:
     """The reply header; ``payload_bytes`` of data follow it for REPLY_DATA."""
-    return REPLY.pack(REPLY.size + payload_bytes, MSG_REPLY, ABI_VERSION, cookie, result, 0)
+    return REPLY.pack(REPLY.size + payload_bytes, MSG_REPLY, version, cookie, result, 0)
 
 
-def unpack_misses(buf: bytes | memoryview) -> list[tuple[int, int, int, int]]:
-    """``(cookie, op, offset, length)`` of each miss read from the channel."""
-    out = []
-    for size, mtype, version, cookie, op, _flags, offset, length in MISS.iter_unpack(buf):
-        if size != MISS.size or mtype != MSG_MISS or version != ABI_VERSION:
+def pack_grant(file: int, file_offset: int, length: int) -> bytes:
+    return GRANT.pack(GRANT.size, MSG_GRANT, 2, file, 0, file_offset, length)
+
+
+def pack_ack(seq: int) -> bytes:
+    return ACK.pack(ACK.size, MSG_ACK, 2, seq, 0)
+
+
+def pack_revoke(cookie: int) -> bytes:
+    return REVOKE.pack(REVOKE.size, MSG_REVOKE, 2, cookie, 0)
+
+
+class Miss(NamedTuple):
+    cookie: int
+    op: int
+    offset: int
+    length: int
+
+
+class Alloc(NamedTuple):
+    """Guest clusters [guest_offset, +length) now live at file_offset of file ``file``."""
+
+    seq: int
+    file: int
+    pool_left: int
+    guest_offset: int
+    length: int
+    file_offset: int
+
+
+class Revoked(NamedTuple):
+    cookie: int
+    dropped: int
+    seq: int
+
+
+Message = Miss | Alloc | Revoked
+
+
+def unpack_messages(buf: bytes | memoryview, version: int = ABI_VERSION) -> list[Message]:
+    """The messages of one read() of the channel, in order (whole messages only)."""
+    out: list[Message] = []
+    view = memoryview(buf)
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < HDR.size:
+            raise ValueError(f"channel: truncated message header (bytes={len(view) - pos})")
+        size, mtype, mversion = HDR.unpack_from(view, pos)
+        codec = {MSG_MISS: MISS, MSG_ALLOC: ALLOC, MSG_REVOKED: REVOKED}.get(mtype)
+        if codec is None or size != codec.size or mversion != version or \
+                pos + size > len(view) or (mtype != MSG_MISS and version < 2):
             raise ValueError(f"channel: unexpected message (size={size}, type={mtype}, "
-                             f"version={version})")
-        out.append((cookie, op, offset, length))
+                             f"version={mversion})")
+        fields = codec.unpack_from(view, pos)[3:]
+        if mtype == MSG_MISS:
+            cookie, op, _flags, offset, length = fields
+            out.append(Miss(cookie, op, offset, length))
+        elif mtype == MSG_ALLOC:
+            out.append(Alloc(*fields))
+        else:
+            out.append(Revoked(*fields))
+        pos += size
+    return out
+
+
+def unpack_misses(buf: bytes | memoryview, version: int = ABI_VERSION
+                  ) -> list[tuple[int, int, int, int]]:
+    """``(cookie, op, offset, length)`` of each miss read from a channel that sends nothing
+    else (a version-1 channel, or one never granted a pool)."""
+    out = []
+    for m in unpack_messages(buf, version):
+        if not isinstance(m, Miss):
+            raise ValueError(f"channel: unexpected message ({type(m).__name__})")
+        out.append((m.cookie, m.op, m.offset, m.length))
     return out

@@ -21,15 +21,33 @@ place.  DISCARD and WRITE_ZEROES are done by the daemon, which invalidates the t
 before it replies DONE; FLUSH makes the disk durable (data, then the metadata that reaches it)
 before DONE.  At attach, :meth:`prime` pushes the whole disk's remaps, up to the kernel's bound.
 
+*The allocation pool* (ABI v2, the header's "Versions").  When the top layer can lend clusters
+(a qcow2 overlay whose cluster is the remap granule: formats/qcow2/lend.py) the daemon lends
+``pool_target`` clusters (their refcounts durable first) and GRANTs them; the kernel then does
+first writes itself — copy-up, data, completion — and reports each run in an ALLOC message.
+The reader hands ALLOCs, in order, to one adopter task, which records them in the image
+(:meth:`Disk.adopt`: L2 entries, durable at the next flush) and ACKs the last seq of each
+batch; the kernel holds every FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC until
+that ACK, so a flush the daemon answers covers every allocation it must.  When an ALLOC says
+the kernel's pool fell under ``pool_target / 2`` the reader starts a refill (one lend and one
+GRANT per refill, not one round trip per cluster).  Before the device is removed (detach,
+shutdown) :meth:`stop_pool` REVOKEs the pool: the kernel drops what it holds, lets its
+allocations under way finish, and queues REVOKED behind their ALLOCs; what was granted and
+never reported is then given back.  A daemon killed with a pool leaks its clusters (and loses
+its unflushed allocations, as any unflushed write): ``cowd check --repair`` frees them.
+
 *Ordering.*  Each handler computes its messages from the disk's state and appends them to one
 outgoing buffer in the same synchronous step (no await in between), and the buffer goes to the
 kernel in order: a remap computed after an allocation always lands after the remap computed
-before it, so a stale read-only remap never overwrites a writable one.
+before it, so a stale read-only remap never overwrites a writable one.  A plan that had to
+wait (a lock) is made again if the disk's mapping changed meanwhile (an adoption), and the
+kernel ignores remaps of clusters it allocated and the daemon has not acknowledged yet.  A
+DATA reply is read only once every ALLOC read before its miss is adopted.
 
 *Daemon death.*  If the daemon dies, the kernel keeps the device and its waiting requests
 (``daemon_timeout_ms``); a new daemon takes it over with :meth:`KmodDevice.take_over` (the
-kernel first forgets every remap: the dead daemon's unflushed allocations are not in the image
-the new one reads).
+kernel first forgets every remap and its pool: the dead daemon's unflushed allocations are not
+in the image the new one reads).
 """
 
 from __future__ import annotations
@@ -37,7 +55,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -70,6 +90,24 @@ DEFAULT_GRANULE_BYTES = 64 << 10
 MODULE_PATH = Path(__file__).resolve().parents[3] / "kmod" / "cowd.ko"
 MODULE_WAIT_S = 10.0
 BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
+# The allocation pool: clusters lent to the kernel at a time (what a killed daemon can leak),
+# at most a quarter of the kernel's table (it pins what it allocates until acknowledged, and
+# at most half its table), refilled when the kernel holds less than half of it: random first
+# writes under TCG took the last quarter before a refill landed (a write miss each).
+POOL_BYTES = 32 << 20
+POOL_TABLE_FRACTION = 4
+POOL_LOW_FRACTION = 2
+# A write miss while the pool is on means first writes outran a refill: the target doubles,
+# up to this many times the size asked for (what a killed daemon can leak grows with it).
+POOL_GROWTH = 4
+# ALLOCs adopted in one step (then an ACK and a checkpoint): a big batch adopted at once kept
+# the reader and a refill waiting while the kernel's pool ran dry.
+ADOPT_CHUNK = 32
+# How long stop_pool waits for the kernel's REVOKED (its drain is of I/O under way: quick).
+REVOKE_TIMEOUT_S = 60.0
+# COWD_KMOD_ABI=1 makes this daemon speak the version-1 ABI (no pool): what an old daemon
+# does, for the tests of the kernel's compatibility and for measurements without the pool.
+ABI_ENV = "COWD_KMOD_ABI"
 
 
 # ---- the module and its control device --------------------------------------------------------
@@ -140,11 +178,26 @@ def _ctl_call(request: int, arg: ctypes.Structure, what: str) -> None:
         os.close(fd)
 
 
-def module_version() -> tuple[int, int, str]:
-    """(ABI version, feature bits, module version) of the loaded shim."""
-    v = abi.Version(size=ctypes.sizeof(abi.Version), version=abi.ABI_VERSION)
+def module_version(version: int = abi.ABI_VERSION) -> tuple[int, int, str]:
+    """(ABI version, feature bits for ``version``, module version) of the loaded shim."""
+    v = abi.Version(size=ctypes.sizeof(abi.Version), version=version)
     _ctl_call(abi.CTL_VERSION, v, "version")
     return v.abi_version, v.features, v.module_version.decode()
+
+
+def channel_version() -> int:
+    """The ABI version this daemon speaks to the loaded module: ours, unless the module is
+    older (it refuses our version) or COWD_KMOD_ABI asks for an older one."""
+    want = os.environ.get(ABI_ENV, "")
+    if want.isdigit() and abi.ABI_MIN_VERSION <= int(want) <= abi.ABI_VERSION:
+        return int(want)
+    try:
+        module_version(abi.ABI_VERSION)
+    except DiskError as e:
+        if e.errno == errno.EINVAL:
+            return abi.ABI_MIN_VERSION  # a module that knows only version 1
+        raise
+    return abi.ABI_VERSION
 
 
 def remove_device(index: int, force: bool = False) -> None:
@@ -199,11 +252,12 @@ class KmodDevice:
     """One /dev/cowdN and its channel; see the module docstring."""
 
     def __init__(self, disk: Disk, index: int, chan_fd: int, granule: int,
-                 files: list[ChainFile]):
+                 files: list[ChainFile], version: int = abi.ABI_VERSION):
         self.disk = disk
         self.index = index
         self.device = f"/dev/{abi.DISK_NAME}{index}"
         self.granule = granule
+        self.version = version
         self._chan = chan_fd
         self._files = files
         self._file_index = {id(f): i for i, f in enumerate(files)}
@@ -215,7 +269,30 @@ class KmodDevice:
         self._table_bound = 0
         self.ops = {k: 0 for k in ("misses", "read_misses", "write_misses", "flushes",
                                    "discards", "write_zeroes", "data_replies", "error_replies",
-                                   "remaps_sent", "rejected")}
+                                   "remaps_sent", "rejected", "replans")}
+        # The allocation pool (see the module docstring).  _outstanding: host offsets of
+        # clusters granted to the kernel and not yet reported in an ALLOC.
+        self.pool_target = 0
+        self._pool_max = 0
+        self._pool_asked: int | None = None
+        self.pool_problem: str | None = "not started"
+        self._pool_on = False
+        self._outstanding: set[int] = set()
+        self._refilling = False
+        self._seq_read = 0  # the last ALLOC read from the channel
+        self._seq_adopted = 0  # ... and the last one adopted
+        self._adopted_event = trio.Event()
+        self._seq_acked = 0
+        self.adopt_failed: str | None = None  # sticky: every later FLUSH fails
+        self._adopt_send, self._adopt_recv = trio.open_memory_channel[
+            abi.Alloc | abi.Revoked](math.inf)
+        self._revokes: dict[int, trio.Event] = {}
+        self._bad_allocs: set[int] = set()  # seqs of ALLOCs naming clusters never granted
+        self._nursery: trio.Nursery | None = None
+        self._cookies = itertools.count(1)
+        self.pool_ops = {k: 0 for k in ("refills", "granted", "alloc_msgs", "adopted",
+                                        "acks", "given_back", "revokes", "refill_ms_max",
+                                        "growths")}
 
     # -- creation --------------------------------------------------------------------------
 
@@ -224,7 +301,8 @@ class KmodDevice:
                daemon_timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS) -> KmodDevice:
         files = chain_files(disk)
         g = granule_for(disk)
-        c = abi.Create(size=ctypes.sizeof(abi.Create), version=abi.ABI_VERSION)
+        version = channel_version()
+        c = abi.Create(size=ctypes.sizeof(abi.Create), version=version)
         c.flags = abi.CREATE_READONLY if disk.readonly else 0
         c.disk_size = -(-disk.size // 512) * 512
         if c.disk_size != disk.size:
@@ -244,22 +322,24 @@ class KmodDevice:
         finally:
             for fd in fds:
                 os.close(fd)
-        log.info("%s: /dev/cowd%d (cluster %d B, %d files)", disk.path, c.index, g, len(files))
-        return cls(disk, c.index, c.channel_fd, g, files)
+        log.info("%s: /dev/cowd%d (cluster %d B, %d files, ABI %d)", disk.path, c.index, g,
+                 len(files), version)
+        return cls(disk, c.index, c.channel_fd, g, files, version)
 
     @classmethod
     def take_over(cls, disk: Disk, index: int) -> KmodDevice:
         """Serve /dev/cowd``index``, whose daemon died, for ``disk`` (the same image)."""
         files = chain_files(disk)
         g = granule_for(disk)
-        r = abi.Reopen(size=ctypes.sizeof(abi.Reopen), version=abi.ABI_VERSION, index=index)
+        version = channel_version()
+        r = abi.Reopen(size=ctypes.sizeof(abi.Reopen), version=version, index=index)
         _ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
         if r.disk_size != disk.size or 1 << r.cluster_bits != g or r.nr_files != len(files):
             os.close(r.channel_fd)
             raise CommandFailed(f"/dev/cowd{index}: does not serve {disk.path} (size="
                              f"{r.disk_size}, cluster_bits={r.cluster_bits}, files={r.nr_files})")
-        log.info("%s: took over /dev/cowd%d", disk.path, index)
-        return cls(disk, index, r.channel_fd, g, files)
+        log.info("%s: took over /dev/cowd%d (ABI %d)", disk.path, index, version)
+        return cls(disk, index, r.channel_fd, g, files, version)
 
     async def rescan_partitions(self) -> None:
         """Ask the kernel to read the partition table (BLKRRPART).  In a thread: the kernel's
@@ -286,15 +366,20 @@ class KmodDevice:
         remove_device(self.index, force)
 
     def kernel_stats(self) -> dict[str, int]:
-        st = abi.Stats(size=ctypes.sizeof(abi.Stats), version=abi.ABI_VERSION)
+        st = abi.Stats(size=ctypes.sizeof(abi.Stats), version=self.version)
         if self._closed:
             return {}
         _ioctl(self._chan, abi.CHAN_STATS, st, f"stats of cowd{self.index}")
         return {name: int(getattr(st, name)) for name in abi.STATS_FIELDS}
 
     def stats(self) -> dict[str, Any]:
-        return {"device": self.device, "granule": self.granule, "ops": dict(self.ops),
+        return {"device": self.device, "granule": self.granule, "abi": self.version,
+                "ops": dict(self.ops),
                 "prime_seconds": self.prime_seconds, "primed_entries": self.primed_entries,
+                "pool": {"on": self._pool_on, "problem": self.pool_problem,
+                         "target_clusters": self.pool_target,
+                         "outstanding_clusters": len(self._outstanding),
+                         "adopt_failed": self.adopt_failed, **self.pool_ops},
                 "kernel": self.kernel_stats()}
 
     # -- remaps ----------------------------------------------------------------------------
@@ -343,9 +428,10 @@ class KmodDevice:
             if writable_only and not flags & abi.REMAP_WRITABLE:
                 continue
             if fi < 0:
-                out.append(abi.pack_remap(0, flags, cs, ce - cs, 0))
+                out.append(abi.pack_remap(0, flags, cs, ce - cs, 0, self.version))
             else:
-                out.append(abi.pack_remap(fi, flags, cs, ce - cs, fo + (cs - rs)))
+                out.append(abi.pack_remap(fi, flags, cs, ce - cs, fo + (cs - rs),
+                                          self.version))
             covered += max(0, min(ce, need_end) - cs)
         self.ops["remaps_sent"] += len(out)
         return out, covered
@@ -374,7 +460,7 @@ class KmodDevice:
         g = self.granule
         while pos < size and pushed < max_entries:
             end = min(size, pos + PRIME_CHUNK_BYTES, pos + (max_entries - pushed) * g)
-            segs = await self.disk.segments(pos, end - pos)
+            segs = await self._segments(pos, end - pos)
             msgs, covered = self._remaps(segs, pos, end)
             self._send(msgs)
             pushed += -(-covered // g)
@@ -383,6 +469,188 @@ class KmodDevice:
         self.prime_seconds = time.monotonic() - t0
         self.primed_entries = pushed
         return pushed
+
+    async def _segments(self, offset: int, length: int) -> list[Segment]:
+        """The disk's plan of the range, made again if the mapping changed while it waited
+        (an adoption: remaps from the older plan could undo it in the kernel's table)."""
+        while True:
+            gen = self.disk.mapping_generation
+            segs = await self.disk.segments(offset, length)
+            if gen == self.disk.mapping_generation:
+                return segs
+            self.ops["replans"] += 1
+
+    # -- the allocation pool -------------------------------------------------------------
+
+    def _pool_problem(self) -> str | None:
+        if self.version < 2:
+            return f"the channel speaks ABI {self.version}"
+        why = self.disk.lend_problem()
+        if why is not None:
+            return why
+        if self.disk.cluster_size != self.granule:
+            return (f"the overlay's cluster ({self.disk.cluster_size} B) is not the remap "
+                    f"granule ({self.granule} B)")
+        top = self.disk.files()[0]
+        if self._file_index.get(id(top)) is None or not top.writable:
+            return "the overlay's file is not writable in the kernel"
+        return None
+
+    async def start_pool(self, clusters: int | None = None) -> None:
+        """Lend the kernel a pool of ``clusters`` (default: POOL_BYTES of them, at most a
+        quarter of its table) if the disk allows (see the module docstring); otherwise, or
+        with 0, first writes stay misses, and ``pool_problem`` says why."""
+        if clusters is None:  # the size asked for before (a detach refused), or the default
+            clusters = self._pool_asked if self._pool_asked is not None else \
+                POOL_BYTES // self.granule
+        self._pool_asked = clusters
+        self.pool_problem = self._pool_problem() if clusters else "no pool asked for"
+        if self.pool_problem is not None:
+            log.info("cowd%d: no allocation pool: %s", self.index, self.pool_problem)
+            await trio.lowlevel.checkpoint()
+            return
+        bound = min(self.table_bound() // POOL_TABLE_FRACTION, abi.MAX_POOL_CLUSTERS // 2)
+        self.pool_target = max(1, min(clusters, bound))
+        self._pool_max = max(1, min(clusters * POOL_GROWTH, bound))
+        self._pool_on = True
+        await self._refill()
+
+    async def _refill(self) -> None:
+        """Lend and GRANT what the kernel's pool lacks of its target (one round trip)."""
+        # What the kernel holds (and allocations under way or failed): granted, not reported.
+        want = self.pool_target - len(self._outstanding)
+        if not self._pool_on or self._refilling or want <= 0:
+            return
+        self._refilling = True
+        t0 = time.monotonic()
+        try:
+            runs = await self.disk.lend(want)
+            if not self._pool_on:  # stopped meanwhile: give them straight back
+                await self.disk.give_back([(off, n) for _f, off, n in runs])
+                return
+            msgs = []
+            g = self.granule
+            for f, off, n in runs:
+                fi = self._file_index[id(f)]
+                for pos in range(off, off + n, abi.MAX_POOL_CLUSTERS // 2 * g):
+                    part = min(n - (pos - off), abi.MAX_POOL_CLUSTERS // 2 * g)
+                    msgs.append(abi.pack_grant(fi, pos, part))
+                self._outstanding.update(range(off, off + n, g))
+            self.pool_ops["refills"] += 1
+            self.pool_ops["granted"] += want
+            self._send(msgs)
+            ms = round((time.monotonic() - t0) * 1000)
+            self.pool_ops["refill_ms_max"] = max(self.pool_ops["refill_ms_max"], ms)
+        except DiskError as e:
+            log.warning("cowd%d: no more clusters for the kernel's pool: %s", self.index, e)
+            self.pool_problem = str(e)
+            self._pool_on = False
+        finally:
+            self._refilling = False
+
+    async def _adopter(self) -> None:
+        """Record the kernel's allocations in order, ACK each batch, refill when low."""
+        async for first in self._adopt_recv:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._adopt_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            allocs: list[abi.Alloc] = []
+            for m in batch:
+                if isinstance(m, abi.Alloc):
+                    allocs.append(m)
+                    continue
+                await self._adopt(allocs)  # those before the REVOKED
+                allocs = []
+                self._ack()
+                ev = self._revokes.pop(m.cookie, None)
+                if ev is not None:
+                    ev.set()
+            await self._adopt(allocs)
+            self._ack()
+
+    def _maybe_refill(self) -> None:
+        """Refill in a task of its own (lending syncs the image) when what the kernel holds
+        is under the low-water mark (the reader calls it as ALLOCs arrive)."""
+        if self._pool_on and not self._refilling and self._nursery is not None and \
+                len(self._outstanding) < max(1, self.pool_target // POOL_LOW_FRACTION):
+            self._nursery.start_soon(self._refill)
+
+    def _reported(self, m: abi.Alloc) -> bool:
+        """An ALLOC read: its clusters are no longer in the kernel's pool.  False if they
+        were not granted (the kernel's bug: never adopted, and no flush may succeed)."""
+        g = self.granule
+        hosts = range(m.file_offset, m.file_offset + m.length, g)
+        self.pool_ops["alloc_msgs"] += 1
+        if m.file >= len(self._files) or self._files[m.file] is not self.disk.files()[0] or \
+                m.length % g or not self._outstanding.issuperset(hosts):
+            self._adopt_error(f"the kernel reported clusters it was not granted (file="
+                              f"{m.file}, file_offset={m.file_offset:#x}, length={m.length})")
+            return False
+        self._outstanding.difference_update(hosts)
+        return True
+
+    def _ack(self) -> None:
+        if self._seq_adopted > self._seq_acked:
+            self._send([abi.pack_ack(self._seq_adopted)])
+            self._seq_acked = self._seq_adopted
+            self.pool_ops["acks"] += 1
+            self._adopted_event.set()
+            self._adopted_event = trio.Event()
+
+    async def _adopt(self, allocs: list[abi.Alloc]) -> None:
+        """Record ALLOCs in the image, ADOPT_CHUNK at a time (each in one step when nothing
+        else holds the disk), advancing the adopted seq and ACKing after each chunk."""
+        for i in range(0, len(allocs), ADOPT_CHUNK):
+            chunk = allocs[i:i + ADOPT_CHUNK]
+            good = [m for m in chunk if m.seq not in self._bad_allocs]
+            self._bad_allocs.difference_update(m.seq for m in chunk)
+            try:
+                await self.disk.adopt([(m.guest_offset, m.length, m.file_offset)
+                                       for m in good])
+            except DiskError as e:
+                self._adopt_error(str(e))
+            else:
+                self.pool_ops["adopted"] += sum(m.length for m in good) // self.granule
+            self._seq_adopted = chunk[-1].seq
+            self._ack()
+
+    def _adopt_error(self, why: str) -> None:
+        """The kernel completed writes this daemon cannot record: no flush may claim them."""
+        log.error("cowd%d: an allocation made in the kernel is not recorded: %s", self.index,
+                  why)
+        self.adopt_failed = self.adopt_failed or why
+
+    async def _adopted_through(self, seq: int) -> None:
+        """Wait until every ALLOC up to ``seq`` is adopted."""
+        while self._seq_adopted < seq:
+            await self._adopted_event.wait()
+
+    async def stop_pool(self) -> None:
+        """REVOKE the kernel's pool and give back what it never wrote (before the device
+        is removed, or when this daemon stops)."""
+        if not self._pool_on and not self._outstanding:
+            await trio.lowlevel.checkpoint()
+            return
+        self._pool_on = False
+        cookie = next(self._cookies)
+        done = self._revokes[cookie] = trio.Event()
+        self._send([abi.pack_revoke(cookie)])
+        await self._flush_out()
+        self.pool_ops["revokes"] += 1
+        with trio.move_on_after(REVOKE_TIMEOUT_S):
+            await done.wait()
+        if not done.is_set():
+            log.warning("cowd%d: no REVOKED from the kernel; %d lent clusters stay leaked",
+                        self.index, len(self._outstanding))
+            return
+        g = self.granule
+        unused = sorted(self._outstanding)
+        self._outstanding.clear()
+        if unused:
+            self.pool_ops["given_back"] += await self.disk.give_back([(h, g) for h in unused])
 
     # -- the channel -----------------------------------------------------------------------
 
@@ -416,11 +684,14 @@ class KmodDevice:
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Answer misses until the channel closes or the device goes away."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._writer)
+            nursery.start_soon(self._adopter)
             task_status.started()
             try:
                 await self._reader(nursery)
             finally:
+                self._nursery = None
                 nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
@@ -431,7 +702,7 @@ class KmodDevice:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         os.set_blocking(self._chan, False)
-        bufsize = READ_BATCH * abi.MISS.size
+        bufsize = READ_BATCH * (abi.MISS.size + abi.ALLOC.size)
         while not self._closed:
             try:
                 await trio.lowlevel.wait_readable(self._chan)
@@ -446,20 +717,38 @@ class KmodDevice:
                     log.info("cowd%d: removed", self.index)
                     return
                 raise
-            for cookie, op, offset, length in abi.unpack_misses(data):
-                self.ops["misses"] += 1
-                nursery.start_soon(self._answer, cookie, op, offset, length)
+            # The kernel puts its events first: an ALLOC goes to the adopter before any miss
+            # read with it is answered.
+            allocs = False
+            for m in abi.unpack_messages(data, self.version):
+                if isinstance(m, abi.Miss):
+                    self.ops["misses"] += 1
+                    nursery.start_soon(self._answer, m.cookie, m.op, m.offset, m.length,
+                                       self._seq_read)
+                    continue
+                if isinstance(m, abi.Alloc):
+                    self._seq_read = m.seq
+                    allocs = True
+                    if not self._reported(m):
+                        self._bad_allocs.add(m.seq)
+                self._adopt_send.send_nowait(m)
+            if allocs:
+                self._maybe_refill()
 
-    async def _answer(self, cookie: int, op: int, offset: int, length: int) -> None:
+    async def _answer(self, cookie: int, op: int, offset: int, length: int,
+                      seq_read: int = 0) -> None:
         try:
             if op == abi.OP_READ:
-                await self._read_miss(cookie, offset, length)
+                await self._read_miss(cookie, offset, length, seq_read)
             elif op == abi.OP_WRITE:
                 await self._write_miss(cookie, offset, length)
             elif op == abi.OP_FLUSH:
                 self.ops["flushes"] += 1
+                if self.adopt_failed is not None:
+                    raise DiskError(errno.EIO, f"{self.disk.path}: writes the kernel made "
+                                    f"are not in the image ({self.adopt_failed})")
                 await self.disk.flush()
-                self._send([abi.pack_reply(cookie, abi.REPLY_DONE)])
+                self._send([abi.pack_reply(cookie, abi.REPLY_DONE, version=self.version)])
             elif op in (abi.OP_DISCARD, abi.OP_WRITE_ZEROES):
                 await self._zero_miss(cookie, op, offset, length)
             else:
@@ -470,9 +759,10 @@ class KmodDevice:
     def _reply_error(self, cookie: int, err: int, why: str) -> None:
         self.ops["error_replies"] += 1
         log.warning("cowd%d: failing a request (errno=%d): %s", self.index, err, why)
-        self._send([abi.pack_reply(cookie, -(err or errno.EIO))])
+        self._send([abi.pack_reply(cookie, -(err or errno.EIO), version=self.version)])
 
-    async def _read_miss(self, cookie: int, offset: int, length: int) -> None:
+    async def _read_miss(self, cookie: int, offset: int, length: int, seq_read: int = 0
+                         ) -> None:
         self.ops["read_misses"] += 1
         g = self.granule
         start, want_end = self._aligned(offset, length)  # the request's own clusters
@@ -481,7 +771,7 @@ class KmodDevice:
         ahead = max(0, min(READAHEAD_CLUSTERS,
                            self.table_bound() // 2 - (want_end - start) // g))
         end = min(self.disk.size, want_end + ahead * g)
-        segs = await self.disk.segments(start, end - start)
+        segs = await self._segments(start, end - start)
         # The read-ahead's remaps first, the request's last: the kernel looks the request up
         # again when the RETRY right after them arrives, and a full table evicts the least
         # recently pushed.
@@ -489,15 +779,17 @@ class KmodDevice:
         own, covered = self._remaps(segs, start, want_end)
         msgs += own
         if covered >= want_end - start:
-            msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
+            msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY, version=self.version))
             self._send(msgs)
             return
-        # Some cluster cannot be remapped (compressed, or cut by a parent's end): the data.
+        # Some cluster cannot be remapped (compressed, or cut by a parent's end): the data,
+        # read once the kernel's allocations reported before this miss are in the image.
         self._send(msgs)
+        await self._adopted_through(seq_read)
         buf = bytearray(length)
         await self.disk.read_into(offset, buf)
         self.ops["data_replies"] += 1
-        self._send([abi.pack_reply(cookie, abi.REPLY_DATA, length), bytes(buf)])
+        self._send([abi.pack_reply(cookie, abi.REPLY_DATA, length, self.version), bytes(buf)])
 
     async def _write_miss(self, cookie: int, offset: int, length: int) -> None:
         self.ops["write_misses"] += 1
@@ -509,14 +801,18 @@ class KmodDevice:
             self._reply_error(cookie, errno.EIO, f"clusters at {start}+{end - start} are "
                               "not writable in place after allocation")
             return
-        msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY))
+        msgs.append(abi.pack_reply(cookie, abi.REPLY_RETRY, version=self.version))
         self._send(msgs)
+        if self._pool_on and not self._refilling and self.pool_target < self._pool_max:
+            self.pool_target = min(self.pool_target * 2, self._pool_max)
+            self.pool_ops["growths"] += 1
+        self._maybe_refill()  # the kernel's pool may have run dry
 
     async def _zero_miss(self, cookie: int, op: int, offset: int, length: int) -> None:
         # The range's clusters may be freed (and reused by the next allocation): first the
         # kernel forgets their remaps, and its INVALIDATE returns only when no mapped I/O
         # uses them any more.
-        self._send([abi.pack_invalidate(offset, length)])
+        self._send([abi.pack_invalidate(offset, length, self.version)])
         await self._flush_out()
         if op == abi.OP_DISCARD:
             self.ops["discards"] += 1
@@ -525,8 +821,8 @@ class KmodDevice:
             self.ops["write_zeroes"] += 1
             await self.disk.write_zeroes(offset, length)
         # Again after: a miss answered meanwhile may have pushed a mapping from before.
-        self._send([abi.pack_invalidate(offset, length),
-                    abi.pack_reply(cookie, abi.REPLY_DONE)])
+        self._send([abi.pack_invalidate(offset, length, self.version),
+                    abi.pack_reply(cookie, abi.REPLY_DONE, version=self.version)])
 
 
 def kmod_problem() -> str | None:
