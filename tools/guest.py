@@ -230,19 +230,19 @@ def prologue(tar: Path) -> str:
         f"printf '#!/bin/sh\\nexec {py}/bin/python3 -m cowd.cli \"$@\"\\n' > {py}/bin/cowd",
         f"chmod +x {py}/bin/cowd",
         f"cd {shlex.quote(str(ROOT))}",
-        # The device of a disk run() attached, by the serial vng gives it (no udev here).
-        "guest_disk() { for d in /sys/block/sd*; do grep -qs \"$1\" $d/device/vpd_pg80 "
-        "&& echo /dev/${d##*/} && return 0; done; return 1; }",
+        # The device of the Nth disk run() attached (virtio-blk, named in order; no udev).
+        "guest_disk() { local d; d=$(ls /sys/block | grep '^vd' | sort | sed -n \"${1}p\"); "
+        "[ -n \"$d\" ] && echo /dev/$d; }",
     ]) + "\n"
 
 
 def run(script: str, *, rwdirs: list[str] | None = None, memory: str = DEFAULT_MEMORY,
         cpus: int = 2, timeout: float = 900.0, log: Path | None = None,
-        disks: dict[str, Path] | None = None) -> subprocess.CompletedProcess[str]:
+        disks: list[Path] | None = None) -> subprocess.CompletedProcess[str]:
     """Boot the kernel with headers, run ``script`` (bash) in it, return its output (also
-    written to ``log`` as it comes, default build/guest/last.log).  ``disks``: name -> a host
-    file the guest sees as a SCSI disk whose serial is the name (``guest_disk NAME`` in the
-    script prints its device).  The script's exit status
+    written to ``log`` as it comes, default build/guest/last.log).  ``disks``: host files the
+    guest sees as virtio-blk disks, in this order (``guest_disk N`` in the script prints the
+    device of the Nth, from 1; the root is 9p, so they are the only ones).  The script's exit status
     is not passed out by vng: print markers and check for them.  On a timeout the guest is
     killed and what it printed so far is returned, with returncode -9."""
     _ver, vmlinuz = kernel()
@@ -257,8 +257,10 @@ def run(script: str, *, rwdirs: list[str] | None = None, memory: str = DEFAULT_M
     cmd = [vng, "--run", vmlinuz, "--disable-kvm", "--memory", memory, "--cpus", str(cpus)]
     for d in rwdirs or []:
         cmd += ["--rwdir", d]
-    for name, file in (disks or {}).items():
-        cmd += ["--disk", f"{name}={file}"]
+    for file in disks or []:
+        if "=" in str(file) or "," in str(file):
+            raise ValueError(f"{file}: vng takes no disk path with '=' or ','")
+        cmd += ["--disk", str(file)]
     cmd += ["--exec", f"bash {shlex.quote(str(path))} 2>&1"]
     log = log or BUILD / "last.log"
     try:
