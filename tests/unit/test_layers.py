@@ -22,8 +22,9 @@ COWD_LAYERS = [
     {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
     {"disk.streams"},
-    {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
-     "frontends.fuse.protocol", "workers.mapped", "workers.served", "workers.gated"},
+    {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.options", "frontends.nbd.protocol",
+     "frontends.kmod.abi", "frontends.fuse.protocol", "workers.mapped", "workers.served",
+     "workers.gated"},
     {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.session",
      "frontends.fuse.server",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
@@ -39,8 +40,8 @@ COWD_LAYERS = [
 # The frontend packages (cowd/frontends/NAME/ or cowd/frontends/NAME.py).
 FRONTENDS = {"nbd", "fuse", "kmod", "loop"}
 # The codecs: bytes in, events out, no event loop.
-CODECS = ["frontends.nbd.wire", "frontends.nbd.protocol", "frontends.fuse.protocol",
-          "frontends.kmod.abi"]
+CODECS = ["frontends.nbd.wire", "frontends.nbd.options", "frontends.nbd.protocol",
+          "frontends.fuse.protocol", "frontends.kmod.abi"]
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,9 @@ with :meth:`~ServerConnection.next_event` until :data:`NEED_DATA`, sends what
 :meth:`~ServerConnection.data_to_send` returns (handshake and option replies), and answers
 each :class:`Request` with the bytes the reply methods return.  The vocabulary (constants
 under the spec's names, struct layouts, limits, errors, :class:`ExportInfo`, the events, the
-free reply builders) is :mod:`cowd.frontends.nbd.wire`, imported as ``W``.
+free reply builders) is :mod:`cowd.frontends.nbd.wire`, imported as ``W``.  The options that
+ask about exports (``LIST``, ``INFO``/``GO``, meta contexts) are parsed and answered by
+:mod:`cowd.frontends.nbd.options`; this module frames them and owns all negotiated state.
 
 What is supported: the fixed newstyle handshake (``NBD_FLAG_FIXED_NEWSTYLE`` and
 ``NBD_FLAG_NO_ZEROES``), the options ``NBD_OPT_EXPORT_NAME``, ``ABORT``, ``LIST``, ``STARTTLS``
@@ -78,10 +80,8 @@ TLS (the spec's "TLS support" section; the policy is a :class:`TlsPolicy`)
   is counted down, or the client is dropped past :data:`NBD_MAX_OPTION_DISCARD`);
   ``NBD_OPT_EXPORT_NAME``, which cannot be answered with an error, ends the connection.
 - ``on`` (SELECTIVETLS): options are answered as usual before TLS, except that an export
-  with an authorization list is TLS-only: ``INFO``/``GO`` on it get ``NBD_REP_ERR_TLS_REQD``
-  (and no ``NBD_REP_INFO``), ``EXPORT_NAME`` ends the connection, ``LIST`` omits it, and the
-  meta context options get ``NBD_REP_ERR_POLICY`` (the spec keeps ``TLS_REQD`` for the
-  three options that choose an export).
+  with an authorization list is TLS-only.  That, and which exports a client may use once TLS
+  is on, is "Who may use which export" in :mod:`.options`.
 - ``STARTTLS`` with data is ``NBD_REP_ERR_INVALID``, and so is a second one once TLS is on.
   Otherwise the ACK is queued and :class:`StartTls` returned: the adapter sends the ACK, runs
   the handshake and calls :meth:`ServerConnection.tls_established` with the identity the TLS
@@ -90,10 +90,6 @@ TLS (the spec's "TLS support" section; the policy is a :class:`TlsPolicy`)
   man in the middle slipped in before the handshake is taken as coming over TLS.  All
   negotiated state from before TLS (structured replies, meta contexts) is forgotten, as the
   spec requires; the client flags from the handshake are kept.
-- After TLS, an export whose authorization list does not hold the client's identity is
-  refused like any forbidden export: ``NBD_REP_ERR_POLICY`` for ``INFO``/``GO`` and the meta
-  context options, omitted from ``LIST``, a hard disconnect for ``EXPORT_NAME``.
-  ``NBD_REP_ERR_TLS_REQD`` is never sent once TLS is on.
 
 Incoming bytes that belong to a pending payload or discard are consumed eagerly by
 ``receive_data``; all other bytes are appended to the receive buffer and parsed lazily by
@@ -105,22 +101,20 @@ what makes the eager copy safe and the result independent of chunking.
 from __future__ import annotations
 
 import enum
-import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from . import wire as W
-
-# Options this server implements; anything else is NBD_REP_ERR_UNSUP.
-_IMPLEMENTED_OPTIONS = frozenset({
-    W.NBD_OPT_EXPORT_NAME, W.NBD_OPT_ABORT, W.NBD_OPT_LIST, W.NBD_OPT_STARTTLS, W.NBD_OPT_INFO,
-    W.NBD_OPT_GO, W.NBD_OPT_STRUCTURED_REPLY, W.NBD_OPT_LIST_META_CONTEXT,
-    W.NBD_OPT_SET_META_CONTEXT,
-})
-
-ExportLookup = Callable[[str], W.ExportInfo | None]
-ExportSource = Mapping[str, W.ExportInfo] | ExportLookup
+from .options import (
+    IMPLEMENTED_OPTIONS,
+    ExportLookup,
+    Exports,
+    ExportSource,
+    OptionError,
+    decode_string,
+    option_reply,
+)
 
 
 class _Sentinel(enum.Enum):
@@ -142,15 +136,6 @@ class _State(enum.Enum):
     DONE = "done"  # after DISC or ABORT: further bytes are ignored
     CLOSED = "closed"  # the peer's EOF was reported
     ERROR = "error"  # a protocol error was raised
-
-
-class _OptionError(Exception):
-    """Internal: refuse the current option with ``reply`` and go on negotiating."""
-
-    def __init__(self, reply: int, message: str):
-        super().__init__(message)
-        self.reply = reply
-        self.message = message
 
 
 # Flags each command may carry besides FUA (which needs NBD_FLAG_SEND_FUA) and the ones that
@@ -199,16 +184,10 @@ class ServerConnection:
                  list_exports: Callable[[], Iterable[W.ExportInfo]] | None = None,
                  default_export: str | None = None, peer: str = "nbd client",
                  tls: W.TlsPolicy | None = None):
-        if isinstance(exports, Mapping):
-            mapping = exports
-            self._lookup: ExportLookup = mapping.get
-            self._list: Callable[[], Iterable[W.ExportInfo]] | None = lambda: mapping.values()
-        else:
-            self._lookup = exports
-            self._list = list_exports
-        self._default_export = default_export
+        self._exports = Exports(exports, list_exports=list_exports,
+                                default_export=default_export,
+                                tls=tls if tls is not None else W.TlsPolicy())
         self.peer = peer
-        self._tls = tls if tls is not None else W.TlsPolicy()
         #: True once the TLS handshake completed; ``tls_identity`` is the peer's identity as
         #: the TLS layer verified it (None: no client certificate was asked for).
         self.tls_active = False
@@ -421,8 +400,7 @@ class ServerConnection:
     # ---- option haggling --------------------------------------------------------------------
 
     def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
-        self._out += W.OPTION_REPLY_HEADER_STRUCT.pack(W.NBD_REP_MAGIC, option, reply, len(payload))
-        self._out += payload
+        self._out += option_reply(option, reply, payload)
 
     def _refuse(self, option: int, reply: int, message: str,
                 export_name: str | None = None) -> W.OptionHandled:
@@ -456,7 +434,7 @@ class ServerConnection:
             self._reply(option, W.NBD_REP_ACK)
             self._state = _State.DONE
             return W.Aborted()
-        if (self._tls.mode == W.TLS_REQUIRE and not self.tls_active
+        if (self._exports.tls.mode == W.TLS_REQUIRE and not self.tls_active
                 and option != W.NBD_OPT_STARTTLS):
             # FORCEDTLS: decided from the header, so an unauthenticated client's payload is
             # counted down, never stored.
@@ -466,7 +444,7 @@ class ServerConnection:
         elif option == W.NBD_OPT_EXPORT_NAME and length > W.NBD_MAX_STRING:
             # EXPORT_NAME cannot be answered with an error: the spec says terminate.
             raise self._protocol_error("NBD_OPT_EXPORT_NAME name too long", "length", length)
-        elif option not in _IMPLEMENTED_OPTIONS:
+        elif option not in IMPLEMENTED_OPTIONS:
             reply, msg = W.NBD_REP_ERR_UNSUP, f"{name} not supported"
         elif length > W.NBD_MAX_OPTION_LENGTH:
             reply, msg = W.NBD_REP_ERR_TOO_BIG, f"{name} data longer than {W.NBD_MAX_OPTION_LENGTH}"
@@ -500,15 +478,17 @@ class ServerConnection:
             return self._export_name(data)
         try:
             if self._shutting_down:
-                raise _OptionError(W.NBD_REP_ERR_SHUTDOWN, "server is shutting down")
+                raise OptionError(W.NBD_REP_ERR_SHUTDOWN, "server is shutting down")
             if option in (W.NBD_OPT_INFO, W.NBD_OPT_GO):
                 return self._info_or_go(option, data)
             if option == W.NBD_OPT_LIST:
-                return self._list_option(data)
+                self._out += self._exports.answer_list(data, tls_active=self.tls_active,
+                                                       identity=self.tls_identity)
+                return W.OptionHandled(option, W.NBD_REP_ACK)
             if option == W.NBD_OPT_STRUCTURED_REPLY:
                 if data:
-                    raise _OptionError(W.NBD_REP_ERR_INVALID,
-                                       "NBD_OPT_STRUCTURED_REPLY takes no data")
+                    raise OptionError(W.NBD_REP_ERR_INVALID,
+                                      "NBD_OPT_STRUCTURED_REPLY takes no data")
                 self.structured = True
                 self._reply(option, W.NBD_REP_ACK)
                 return W.OptionHandled(option, W.NBD_REP_ACK)
@@ -517,63 +497,33 @@ class ServerConnection:
             if option in (W.NBD_OPT_LIST_META_CONTEXT, W.NBD_OPT_SET_META_CONTEXT):
                 return self._meta_context(option, data)
             raise AssertionError(f"unhandled implemented option {option}")
-        except _OptionError as e:
+        except OptionError as e:
+            self._out += e.replies
             return self._refuse(option, e.reply, e.message)
 
     def _starttls(self, data: bytes) -> W.Event:
         if data:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        if not self._tls.offered:
-            raise _OptionError(W.NBD_REP_ERR_POLICY, "TLS is not offered by this server")
+            raise OptionError(W.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if not self._exports.tls.offered:
+            raise OptionError(W.NBD_REP_ERR_POLICY, "TLS is not offered by this server")
         if self.tls_active:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "TLS is already on")
+            raise OptionError(W.NBD_REP_ERR_INVALID, "TLS is already on")
         self._reply(W.NBD_OPT_STARTTLS, W.NBD_REP_ACK)
         self._state = _State.TLS_HANDSHAKE
         return W.StartTls()
 
-    def _refusal(self, export: W.ExportInfo) -> _OptionError | None:
-        """Why this client may not use ``export`` (TLS-only before TLS, or not on its
-        authorization list after), or None."""
-        if not self._tls.offered:
-            return None
-        if not self.tls_active:
-            if self._tls.tls_only(export.name):
-                return _OptionError(W.NBD_REP_ERR_TLS_REQD,
-                                    f"export {export.name!r} needs TLS: send NBD_OPT_STARTTLS")
-            return None
-        if self._tls.allows(export.name, self.tls_identity):
-            return None
-        who = self.tls_identity if self.tls_identity is not None else "a client with no identity"
-        return _OptionError(W.NBD_REP_ERR_POLICY,
-                            f"{who} is not authorized for export {export.name!r}")
-
-    def _resolve(self, name: str) -> W.ExportInfo | None:
-        if not name and self._default_export is not None:
-            name = self._default_export
-        return self._lookup(name)
-
-    @staticmethod
-    def _decode(raw: bytes, what: str) -> str:
-        if len(raw) > W.NBD_MAX_STRING:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, f"{what} longer than {W.NBD_MAX_STRING}")
-        if b"\0" in raw:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, f"{what} contains NUL")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, f"{what} is not UTF-8") from None
-
     def _export_name(self, data: bytes) -> W.NegotiationDone:
         try:
-            name = self._decode(data, "export name")
-        except _OptionError as e:
+            name = decode_string(data, "export name")
+        except OptionError as e:
             raise self._protocol_error(f"NBD_OPT_EXPORT_NAME: {e.message}") from None
         if self._shutting_down:
             raise self._protocol_error("NBD_OPT_EXPORT_NAME while the server shuts down")
-        export = self._resolve(name)
+        export = self._exports.resolve(name)
         if export is None:
             raise self._protocol_error("NBD_OPT_EXPORT_NAME names no export", "name", name)
-        refusal = self._refusal(export)
+        refusal = self._exports.refusal(export, tls_active=self.tls_active,
+                                        identity=self.tls_identity)
         if refusal is not None:
             # EXPORT_NAME cannot be answered with an error: the spec says terminate.
             raise self._protocol_error(f"NBD_OPT_EXPORT_NAME refused: {refusal.message}")
@@ -584,49 +534,13 @@ class ServerConnection:
         return done
 
     def _info_or_go(self, option: int, data: bytes) -> W.Event:
-        # 32-bit name length, name, 16-bit count, count x 16-bit information requests.
-        if len(data) < 6:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "option data shorter than 6 bytes")
-        (name_len,) = W.U32.unpack_from(data)
-        if name_len > len(data) - 6:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "export name runs past the option data")
-        name = self._decode(data[4:4 + name_len], "export name")
-        (count,) = W.U16.unpack_from(data, 4 + name_len)
-        if 4 + name_len + 2 + 2 * count != len(data):
-            raise _OptionError(W.NBD_REP_ERR_INVALID,
-                               "information request count does not match the option length")
-        requests = set(struct.unpack_from(f">{count}H", data, 6 + name_len))
-        export = self._resolve(name)
-        if export is None:
-            raise _OptionError(W.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        refusal = self._refusal(export)
-        if refusal is not None:
-            raise refusal
-        block_size_requested = W.NBD_INFO_BLOCK_SIZE in requests
-        block_size_info = W.INFO_BLOCK_SIZE_STRUCT.pack(
-            W.NBD_INFO_BLOCK_SIZE, export.min_block_bytes, export.preferred_block_bytes,
-            export.max_block_bytes)
-        if option == W.NBD_OPT_GO and not block_size_requested and export.min_block_bytes > 1:
-            # Non-default alignment: the client must promise to honour it (the spec suggests
-            # sending the constraints first, to save a round trip).
-            self._reply(option, W.NBD_REP_INFO, block_size_info)
-            raise _OptionError(W.NBD_REP_ERR_BLOCK_SIZE_REQD,
-                               f"export {export.name!r} needs NBD_INFO_BLOCK_SIZE")
-        flags = export.transmission_flags(self.structured)
-        self._reply(option, W.NBD_REP_INFO,
-                    W.INFO_EXPORT_STRUCT.pack(W.NBD_INFO_EXPORT, export.size_bytes, flags))
-        if W.NBD_INFO_NAME in requests:
-            self._reply(option, W.NBD_REP_INFO,
-                        W.U16.pack(W.NBD_INFO_NAME) + export.name.encode("utf-8"))
-        if W.NBD_INFO_DESCRIPTION in requests and export.description:
-            self._reply(option, W.NBD_REP_INFO,
-                        W.U16.pack(W.NBD_INFO_DESCRIPTION) + export.description.encode("utf-8"))
-        # Sent whether asked for or not (the spec allows unrequested information).
-        self._reply(option, W.NBD_REP_INFO, block_size_info)
-        self._reply(option, W.NBD_REP_ACK)
+        answer = self._exports.answer_info(option, data, structured=self.structured,
+                                           tls_active=self.tls_active, identity=self.tls_identity)
+        self._out += answer.replies
         if option == W.NBD_OPT_INFO:
-            return W.OptionHandled(option, W.NBD_REP_ACK, export.name)
-        return self._enter_transmission(export, W.NBD_OPT_GO, block_size_requested)
+            return W.OptionHandled(option, W.NBD_REP_ACK, answer.export.name)
+        return self._enter_transmission(answer.export, W.NBD_OPT_GO,
+                                        answer.block_size_requested)
 
     def _enter_transmission(self, export: W.ExportInfo, via: int,
                             block_size_requested: bool) -> W.NegotiationDone:
@@ -639,86 +553,19 @@ class ServerConnection:
         return W.NegotiationDone(export, self.structured, dict(self.meta_contexts),
                                self.transmission_flags, via, block_size_requested)
 
-    def _list_option(self, data: bytes) -> W.OptionHandled:
-        if data:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-        if self._list is None:
-            raise _OptionError(W.NBD_REP_ERR_POLICY, "export listing is disabled")
-        for export in self._list():
-            if self._refusal(export) is not None:
-                continue  # the spec lets LIST omit TLS-only exports; and forbidden ones
-            raw_name = export.name.encode("utf-8")
-            self._reply(W.NBD_OPT_LIST, W.NBD_REP_SERVER,
-                        W.U32.pack(len(raw_name)) + raw_name + export.description.encode("utf-8"))
-        self._reply(W.NBD_OPT_LIST, W.NBD_REP_ACK)
-        return W.OptionHandled(W.NBD_OPT_LIST, W.NBD_REP_ACK)
-
-    def _parse_meta_request(self, data: bytes) -> tuple[str, list[str]]:
-        # 32-bit name length, name, 32-bit query count, queries (32-bit length, string).
-        pos = 0
-        end = len(data)
-
-        def u32() -> int:
-            nonlocal pos
-            if end - pos < 4:
-                raise _OptionError(W.NBD_REP_ERR_INVALID, "meta context request truncated")
-            (v,) = W.U32.unpack_from(data, pos)
-            pos += 4
-            return int(v)
-
-        def string(n: int, what: str) -> str:
-            nonlocal pos
-            if n > end - pos:
-                raise _OptionError(W.NBD_REP_ERR_INVALID, f"{what} runs past the option data")
-            s = self._decode(data[pos:pos + n], what)
-            pos += n
-            return s
-
-        name = string(u32(), "export name")
-        count = u32()
-        if count > (end - pos) // 4:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "query count runs past the option data")
-        if count > W.NBD_MAX_META_QUERIES:
-            raise _OptionError(W.NBD_REP_ERR_TOO_BIG,
-                               f"more than {W.NBD_MAX_META_QUERIES} meta context queries")
-        queries = [string(u32(), "meta context query") for _ in range(count)]
-        if pos != end:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "trailing bytes after the queries")
-        return name, queries
-
     def _meta_context(self, option: int, data: bytes) -> W.OptionHandled:
-        setting = option == W.NBD_OPT_SET_META_CONTEXT
-        if setting:
+        if option == W.NBD_OPT_SET_META_CONTEXT:
             # SET replaces the selection even when it fails.
             self.meta_contexts = {}
             self._meta_export = None
-        if not self.structured:
-            raise _OptionError(W.NBD_REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-        name, queries = self._parse_meta_request(data)
-        export = self._resolve(name)
-        if export is None:
-            raise _OptionError(W.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        refusal = self._refusal(export)
-        if refusal is not None:
-            # TLS_REQD is kept for the options that choose an export (the spec's SELECTIVETLS).
-            raise _OptionError(W.NBD_REP_ERR_POLICY, refusal.message)
-        found = not queries and not setting  # LIST with no query lists everything
-        for q in queries:
-            namespace, colon, leaf = q.partition(":")
-            if not colon or not namespace:
-                raise _OptionError(W.NBD_REP_ERR_INVALID, f"query lacks a namespace: {q!r}")
-            if namespace == "base":
-                # "base:" is a wildcard for LIST and ignored by SET; unknown leaves ignored.
-                found |= leaf == "allocation" or (leaf == "" and not setting)
-        if found:
-            if setting:
-                self.meta_contexts = {W.BASE_ALLOCATION_ID: W.BASE_ALLOCATION}
-                self._meta_export = export.name
-            self._reply(option, W.NBD_REP_META_CONTEXT,
-                        W.U32.pack(W.BASE_ALLOCATION_ID if setting else 0)
-                        + W.BASE_ALLOCATION.encode("ascii"))
-        self._reply(option, W.NBD_REP_ACK)
-        return W.OptionHandled(option, W.NBD_REP_ACK, export.name)
+        answer = self._exports.answer_meta_context(option, data, structured=self.structured,
+                                                   tls_active=self.tls_active,
+                                                   identity=self.tls_identity)
+        self._out += answer.replies
+        if answer.selected:
+            self.meta_contexts = dict(answer.selected)
+            self._meta_export = answer.export_name
+        return W.OptionHandled(option, W.NBD_REP_ACK, answer.export_name)
 
     # ---- transmission -----------------------------------------------------------------------
 
