@@ -17,7 +17,6 @@ when that file system is unmounted; its I/O fails meanwhile, as it already did.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,11 +26,14 @@ import trio
 
 from .. import control
 from ..errors import CommandFailed, RequestError, UsageError
-from ..frontends.fuse.mount import mounts_at, unmount_stale
+from ..frontends.fuse.mount import mount_is_dead, mounts_at, unmount_stale
 from ..frontends.kmod.channel import remove_device
 from ..frontends.loop import is_busy, loops_backed_under, losetup_detach
 from ..frontends.nbd.attach import clear_stale, device_index
 from ..rundir import RunDir, lexists, read_state
+
+# How long a dead daemon's FUSE mount may take to answer the probe before it counts as live.
+DEAD_MOUNT_PROBE_S = 10.0
 
 log = logging.getLogger("cowd.attach")
 
@@ -102,19 +104,6 @@ def _clear_stale_nbd(done: Cleanup) -> None:
             done.nbd.append((device, str(rec.get("image")), outcome))
 
 
-async def _mount_is_dead(path: str) -> bool:
-    def probe() -> int:
-        try:
-            os.statvfs(path)  # always a request (stat may be answered from the cache)
-        except OSError as e:
-            return e.errno or 0
-        return 0
-
-    with trio.move_on_after(10):
-        return await trio.to_thread.run_sync(probe, abandon_on_cancel=True) == errno.ENOTCONN
-    return False  # a live mount that does not answer
-
-
 async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
     """Undo what a dead daemon left in ``run``.  The caller owns the pid file (so no live
     daemon serves ``run``); anything that does not look like a dead cowd's is refused.
@@ -132,7 +121,7 @@ async def cleanup_stale(run: RunDir, keep_kmod: bool = False) -> Cleanup:
         if fstype != "fuse.cowd":
             raise CommandFailed(f"{fuse_dir}: something else is mounted here (type={fstype}); "
                              "not touching it")
-        if not await _mount_is_dead(fuse_dir):
+        if not await mount_is_dead(fuse_dir, DEAD_MOUNT_PROBE_S):
             raise CommandFailed(f"{fuse_dir}: a live cowd FUSE mount that no daemon of this run "
                              f"dir owns (source={source}); not touching it")
         # Loop devices first: once the mount is detached, their backing_file no longer

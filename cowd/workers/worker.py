@@ -98,8 +98,11 @@ class Worker:
             try:
                 await self._read(nursery)
             finally:
-                self.plane.calls.fail_all(ConnectionError("the control plane is gone"))
+                # Cancel first: a task waiting on the control plane (a FUSE namespace request,
+                # a miss) then ends cancelled, not with an error that the nursery would raise
+                # as this worker's traceback; its request dies with the worker's descriptors.
                 nursery.cancel_scope.cancel()
+                self.plane.calls.fail_all(ConnectionError("the control plane is gone"))
 
     async def _read(self, nursery: trio.Nursery) -> None:
         async for msg in self.chan.messages():

@@ -98,25 +98,33 @@ async def unmount_stale(mountpoint: str) -> bool:
     if not mounts or mounts[-1][0] != "fuse.cowd":
         await trio.lowlevel.checkpoint()
         return False
+    if not await mount_is_dead(mountpoint, INIT_TIMEOUT_S):
+        return False
+    if libc().umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+        e = ctypes.get_errno()
+        raise CommandFailed(f"{mountpoint}: cannot unmount a dead cowd mount: {os.strerror(e)}")
+    return True
+
+
+async def mount_is_dead(mountpoint: str, answer_within_s: float) -> bool:
+    """Whether the FUSE mount at ``mountpoint`` has lost its daemon: a statfs (always a
+    request; stat may be answered from cached attributes for ATTR_TIMEOUT_S after the daemon
+    died) fails with ENOTCONN (every descriptor of the connection is closed) or ECONNABORTED
+    (they were closed while this very request waited: a dead daemon's workers outlive it by a
+    moment).  A mount that does not answer within ``answer_within_s`` is live: not ours to judge."""
 
     def probe() -> int:
         try:
-            # statfs always asks the daemon; stat may be answered from cached attributes
-            # for ATTR_TIMEOUT_S after the daemon died.
             os.statvfs(mountpoint)
         except OSError as e:
             return e.errno or 0
         return 0
 
-    with trio.move_on_after(INIT_TIMEOUT_S):
-        err = await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
-        if err != errno.ENOTCONN:
-            return False
-        if libc().umount2(os.fsencode(mountpoint), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
-            e = ctypes.get_errno()
-            raise CommandFailed(f"{mountpoint}: cannot unmount a dead cowd mount: {os.strerror(e)}")
-        return True
-    return False  # a live daemon that does not answer: not ours to judge
+    with trio.move_on_after(answer_within_s):
+        return await trio.to_thread.run_sync(probe, abandon_on_cancel=True) in (
+            errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+    return False
 
 
 async def mount_syscall(fd: int, mountpoint: str, source: str, opts: str) -> None:
