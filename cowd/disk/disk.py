@@ -40,6 +40,10 @@ it — and only it — goes to a worker thread under the pool's ``CapacityLimite
 ever need to wait for the disk; the chain's locking keeps that correct, and the tests run
 both ways.
 
+Lending (the kernel shim's allocation pool) is :class:`~cowd.disk.lending.Lending`, shown as
+``disk.lending``: it adopts the outside writer's clusters under the same range lock and with
+the same cache invalidation as a write here (``_change_mapping``).
+
 Remote bases (formats/remote/, cowd/disk/remote.py): a plan or a read that needs a block
 of a remote layer's cache that is not held yet raises ``NotCached`` in the trio thread; the
 async paths fetch it (in threads, never blocking the loop) and plan again, the synchronous
@@ -50,10 +54,11 @@ remote block the cache does not hold: such runs are left unmapped, so their read
 here as misses and are answered with the data.  A block that cannot be fetched before the
 deadline fails the request with EIO, never zeroes.
 
-Errors: every failure of a request raises :class:`DiskError` (a ``RequestError``) carrying the
-errno a frontend replies with.  ``ImageIOError`` keeps its errno; ``ImageReadOnly`` and writes
-to a read-only disk are EPERM; reads out of range are EINVAL, writes past the end ENOSPC;
-``CorruptImage`` is EIO and marks the disk corrupt (read-only from then on).
+Errors: every failure of a request raises :class:`~cowd.disk.api.DiskError` (a
+``RequestError``) carrying the errno a frontend replies with.  ``ImageIOError`` keeps its
+errno; ``ImageReadOnly`` and writes to a read-only disk are EPERM; reads out of range are
+EINVAL, writes past the end ENOSPC; ``CorruptImage`` is EIO and marks the disk corrupt
+(read-only from then on).
 """
 
 from __future__ import annotations
@@ -75,13 +80,13 @@ from formats.errors import (
     UnsupportedImage,
 )
 from formats.opener import OpenPolicy
-from formats.qcow2 import Lender, Qcow2Image, lend_problem
 from formats.remote import NotCached
 
-from ..errors import RequestError
 from ..remap import Origin, RemapCache
+from .api import DiskError
 from .backing_io import WouldBlock, pwrite_from
 from .chain import Chain, ChainFile, InPlace, PlanState, Segment, clip
+from .lending import Lending
 from .locks import GranuleLocks
 from .pool import ImagePool, Layer
 from .remote import FETCHER, fetch_missing
@@ -115,10 +120,6 @@ MAX_FETCH_ROUNDS = 64
 OFFLOAD_WRITES = False
 
 
-class DiskError(RequestError):
-    """A request failed; ``errno`` is what the frontend answers with."""
-
-
 class Disk:
     """One virtual disk served by the daemon; see the module docstring."""
 
@@ -144,13 +145,19 @@ class Disk:
         # Plans of reads that had to wait for the disk: advise() and the read that follows
         # use the plan instead of planning again.
         self._kept_plans = KeptPlans()
-        self._lender: Lender | None = None  # clusters lent to an outside writer (kmod)
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
                                     "lock_waits", "allocations", "lent", "adopted",
                                     "given_back")}
+        # Clusters lent to an outside writer (the kernel shim's pool): cowd/disk/lending.py.
+        self.lending = Lending(
+            chain, self._locks, self._ops,
+            writable=lambda: not self.readonly and self.corrupt_reason is None,
+            check_open=self._check_open, check_write=self._check_write,
+            translate=self._translate, granules=self._granules,
+            change_mapping=self._change_mapping)
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -580,11 +587,18 @@ class Disk:
     def _library_write_inline(self, guest_offset: int, view: memoryview) -> int:
         """The library write with no await in it: the caller makes sure nothing else can
         touch the chain meanwhile (no lock held, or it holds them)."""
-        top = self._top
-        c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
         self._ops["library_writes"] += 1
+        return self._change_mapping(guest_offset, guest_offset + len(view),
+                                    self._top.image.write, guest_offset, view)
+
+    def _change_mapping(self, offset: int, end: int, call: Callable[..., object],
+                        *args: Any) -> int:
+        """``call(*args)`` (no await: the caller makes sure nothing else touches the chain)
+        changes the top layer's mapping of the clusters [offset, end) touches: their entries
+        invalidated before, refilled after.  Returns the resolver calls made."""
+        c0, c1 = self._cluster_granules(offset, end)
         self._invalidate(c0, c1)
-        top.image.write(guest_offset, view)
+        call(*args)
         return self._refill(c0, c1)
 
     def _invalidate(self, c0: int, c1: int) -> None:
@@ -761,95 +775,6 @@ class Disk:
                 ext = clip(seg.extent, g, n) if held else Extent(g, n, Kind.UNALLOCATED)
                 out.append(Segment(g, n, seg.depth, ext))
         return out
-
-    # ---- lending clusters to an outside writer (the kernel shim's pool) --------------------
-
-    def lend_problem(self) -> str | None:
-        """Why this disk cannot lend clusters of its top layer to an outside writer, or
-        None (formats/qcow2/lend.py: a writable qcow2 overlay without a data file)."""
-        if self.readonly or self.corrupt_reason is not None:
-            return "the disk is read-only"
-        return lend_problem(self._top.image)
-
-    def _get_lender(self) -> Lender:
-        if self._lender is None:
-            why = self.lend_problem()
-            if why is not None:
-                raise DiskError(errno.EOPNOTSUPP, f"{self.path}: cannot lend clusters ({why})")
-            image = self._top.image
-            assert isinstance(image, Qcow2Image)
-            self._lender = Lender(image)
-        return self._lender
-
-    @property
-    def lent_clusters(self) -> int:
-        """Clusters lent and not yet adopted or given back."""
-        return self._lender.lent if self._lender is not None else 0
-
-    async def lend(self, clusters: int) -> list[tuple[ChainFile, int, int]]:
-        """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
-        refcounts durable before this returns (it syncs: in a thread).  Returns the runs as
-        (file, file_offset, length), contiguous in the file."""
-        self._check_write(0, 0)
-        lender = self._get_lender()
-        top = self._top
-        try:
-            async with self.chain.exclusive([top], will_await=True):
-                runs = await self.chain.run(lender.lend, clusters, offload=True)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["lent"] += clusters
-        return [(top.image.file, off, n) for off, n in runs]
-
-    async def adopt(self, runs: Sequence[tuple[int, int, int]]) -> None:
-        """Each run (guest_offset, length, file_offset): top-layer clusters [guest_offset,
-        guest_offset + length) now live at ``file_offset`` onwards of the top file, where
-        the outside writer wrote them whole (lent clusters; the last one may run past the
-        disk's end).  Like an allocation: durable at the next flush.  The runs of one call
-        name distinct clusters; with no lock held they are adopted inline, in one step."""
-        for guest_offset, _n, _fo in runs:
-            self._check_write(guest_offset, 0)
-        lender = self._get_lender()
-        busy: list[tuple[int, int, int]] = []
-        try:
-            for run in runs:
-                if self.chain.locked_any() or self._locks.any_held(*self._run_granules(run)):
-                    busy.append(run)
-                else:
-                    self._adopt_run(lender, run)
-            for run in busy:  # a writer or flush holds them: one at a time, under the lock
-                async with self._locks.hold(*self._run_granules(run)), \
-                        self.chain.exclusive(will_await=False):
-                    self._adopt_run(lender, run)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        if not busy:
-            await trio.lowlevel.checkpoint()
-
-    def _run_granules(self, run: tuple[int, int, int]) -> tuple[int, int]:
-        return self._granules(run[0], min(run[0] + run[1], self.size))
-
-    def _adopt_run(self, lender: Lender, run: tuple[int, int, int]) -> None:
-        guest_offset, length, file_offset = run
-        c0, c1 = self._cluster_granules(guest_offset, min(guest_offset + length, self.size))
-        self._invalidate(c0, c1)
-        lender.adopt(guest_offset, length, file_offset)
-        self._refill(c0, c1)
-        self._ops["adopted"] += length // max(1, self.cluster_size)
-
-    async def give_back(self, runs: Sequence[tuple[int, int]]) -> int:
-        """Clusters of ``runs`` (file offset, length) lent and never adopted are free again;
-        only once the outside writer can no longer write them.  Returns how many."""
-        self._check_open()
-        lender = self._get_lender()
-        before = lender.lent
-        try:
-            async with self.chain.exclusive([self._top], will_await=False):
-                lender.give_back(runs)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["given_back"] += before - lender.lent
-        return before - lender.lent
 
     # ---- mapping, prefetch, priming --------------------------------------------------------
 
