@@ -8,6 +8,7 @@ A disk request goes down this package in one direction; each job has its module:
   write-zeroes, trim, flush, block status, prefetch, priming, the kernel shim's questions);
 - :mod:`~cowd.disk.lending`: :class:`Lending` (``disk.lending``), the top layer's clusters
   lent to an outside writer (the kernel shim's allocation pool), adopted when written;
+- :mod:`~cowd.disk.hooks`: :class:`DiskHooks`, what a disk hands that part of it;
 - :mod:`~cowd.disk.chain`: :class:`Chain`, the owner of one disk's layers and the only place
   that walks them: plans guest ranges into :class:`Segment` runs through the remap cache,
   and is the copy-up reader (``below``) the codecs write through;
@@ -24,6 +25,7 @@ from .api import DiskError
 from .backing_io import pread_into
 from .chain import BELOW_CHAIN, Chain, ChainFile, Segment
 from .disk import DEFAULT_READAHEAD_CLUSTERS, MAX_REQUEST_BYTES, Disk
+from .hooks import DiskHooks
 from .lending import Adoption, FileRange, Lending, LentRun
 from .pool import ImagePool, Layer
 
@@ -36,6 +38,7 @@ __all__ = [
     "ChainFile",
     "Disk",
     "DiskError",
+    "DiskHooks",
     "FileRange",
     "ImagePool",
     "Layer",

@@ -42,7 +42,9 @@ both ways.
 
 Lending (the kernel shim's allocation pool) is :class:`~cowd.disk.lending.Lending`, shown as
 ``disk.lending``: it adopts the outside writer's clusters under the same range lock and with
-the same cache invalidation as a write here (``_change_mapping``).
+the same cache invalidation as a write here (``_change_mapping``).  The disk hands it what it
+needs (:class:`~cowd.disk.hooks.DiskHooks`: its checks, error translation, counters and
+mapping steps).
 
 Remote bases (formats/remote/, cowd/disk/remote.py): a plan or a read that needs a block
 of a remote layer's cache that is not held yet raises ``NotCached`` in the trio thread; the
@@ -86,6 +88,7 @@ from ..remap import Origin, RemapCache
 from .api import DiskError
 from .backing_io import WouldBlock, pwrite_from
 from .chain import Chain, ChainFile, InPlace, PlanState, Segment, clip
+from .hooks import DiskHooks
 from .lending import Lending
 from .locks import GranuleLocks
 from .pool import ImagePool, Layer
@@ -151,13 +154,15 @@ class Disk:
                                     "prefetches", "bytes_read", "bytes_written",
                                     "lock_waits", "allocations", "lent", "adopted",
                                     "given_back")}
-        # Clusters lent to an outside writer (the kernel shim's pool): cowd/disk/lending.py.
-        self.lending = Lending(
+        # Jobs in modules of their own (see the module docstring), given this disk's hooks.
+        hooks = DiskHooks(
             chain, self._locks, self._ops,
             writable=lambda: not self.readonly and self.corrupt_reason is None,
-            check_open=self._check_open, check_write=self._check_write,
-            translate=self._translate, granules=self._granules,
-            change_mapping=self._change_mapping)
+            check_open=self._check_open, check_read=self._check_read,
+            check_write=self._check_write, translate=self._translate,
+            granules=self._granules, change_mapping=self._change_mapping,
+            plan_fetching=self._plan_fetching, fetch=self._fetch)
+        self.lending = Lending(hooks)  # clusters lent to the kernel shim's pool
 
     # ---- opening and closing ---------------------------------------------------------------
 

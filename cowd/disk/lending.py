@@ -20,7 +20,7 @@ disk: with no lock held, a batch of adoptions is one synchronous step.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import trio
@@ -29,8 +29,8 @@ from formats.errors import FormatError
 from formats.qcow2 import Lender, Qcow2Image, lend_problem
 
 from .api import DiskError
-from .chain import Chain, ChainFile
-from .locks import GranuleLocks
+from .chain import ChainFile
+from .hooks import DiskHooks
 
 
 class LentRun(NamedTuple):
@@ -60,37 +60,18 @@ class FileRange(NamedTuple):
 
 class Lending:
     """The top layer's clusters lent to an outside writer; see the module docstring.
+    Made by the disk, with its :class:`~cowd.disk.hooks.DiskHooks`."""
 
-    Made by the disk with what lending needs of it: ``writable()`` (not read-only, not
-    marked corrupt), its request checks, its error translation, its granule helpers, and
-    ``change_mapping(offset, end, call, *args)``, which calls ``call(*args)`` in one step
-    between invalidating and refilling the cache entries of the top clusters that
-    [offset, end) touches.  ``ops`` is the disk's counters (lent, adopted, given_back).
-    """
-
-    def __init__(self, chain: Chain, locks: GranuleLocks, ops: dict[str, int], *,
-                 writable: Callable[[], bool],
-                 check_open: Callable[[], None],
-                 check_write: Callable[[int, int], None],
-                 translate: Callable[[Exception], DiskError],
-                 granules: Callable[[int, int], tuple[int, int]],
-                 change_mapping: Callable[..., int]):
-        self.chain = chain
-        self._top = chain.top
-        self._locks = locks
-        self._ops = ops
-        self._writable = writable
-        self._check_open = check_open
-        self._check_write = check_write
-        self._translate = translate
-        self._granules = granules
-        self._change_mapping = change_mapping
+    def __init__(self, hooks: DiskHooks):
+        self._hooks = hooks
+        self.chain = hooks.chain
+        self._top = hooks.chain.top
         self._lender: Lender | None = None  # made at the first lend
 
     def problem(self) -> str | None:
         """Why this disk cannot lend clusters of its top layer to an outside writer, or
         None (formats/qcow2/lend.py: a writable qcow2 overlay without a data file)."""
-        if not self._writable():
+        if not self._hooks.writable():
             return "the disk is read-only"
         return lend_problem(self._top.image)
 
@@ -114,15 +95,15 @@ class Lending:
         """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
         refcounts durable before this returns (it syncs: in a thread).  Returns the runs,
         each contiguous in the file."""
-        self._check_write(0, 0)
+        self._hooks.check_write(0, 0)
         lender = self._get_lender()
         top = self._top
         try:
             async with self.chain.exclusive([top], will_await=True):
                 runs = await self.chain.run(lender.lend, clusters, offload=True)
         except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["lent"] += clusters
+            raise self._hooks.translate(e) from e
+        self._hooks.ops["lent"] += clusters
         return [LentRun(top.image.file, off, n) for off, n in runs]
 
     async def adopt(self, runs: Sequence[Adoption]) -> None:
@@ -132,21 +113,21 @@ class Lending:
         durable at the next flush.  The runs of one call name distinct clusters; with no
         lock held they are adopted inline, in one step."""
         for run in runs:
-            self._check_write(run.guest_offset, 0)
+            self._hooks.check_write(run.guest_offset, 0)
         lender = self._get_lender()
         busy: list[Adoption] = []
         try:
             for run in runs:
-                if self.chain.locked_any() or self._locks.any_held(*self._run_granules(run)):
+                if self.chain.locked_any() or self._hooks.locks.any_held(*self._run_granules(run)):
                     busy.append(run)
                 else:
                     self._adopt_run(lender, run)
             for run in busy:  # a writer or flush holds them: one at a time, under the lock
-                async with self._locks.hold(*self._run_granules(run)), \
+                async with self._hooks.locks.hold(*self._run_granules(run)), \
                         self.chain.exclusive(will_await=False):
                     self._adopt_run(lender, run)
         except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
+            raise self._hooks.translate(e) from e
         if not busy:
             await trio.lowlevel.checkpoint()
 
@@ -154,25 +135,25 @@ class Lending:
         return min(run.guest_offset + run.length, self._top.size)
 
     def _run_granules(self, run: Adoption) -> tuple[int, int]:
-        return self._granules(run.guest_offset, self._run_end(run))
+        return self._hooks.granules(run.guest_offset, self._run_end(run))
 
     def _adopt_run(self, lender: Lender, run: Adoption) -> None:
-        self._change_mapping(run.guest_offset, self._run_end(run), lender.adopt,
+        self._hooks.change_mapping(run.guest_offset, self._run_end(run), lender.adopt,
                              run.guest_offset, run.length, run.file_offset)
-        self._ops["adopted"] += run.length // max(1, self._top.image.cluster_size)
+        self._hooks.ops["adopted"] += run.length // max(1, self._top.image.cluster_size)
 
     async def give_back(self, runs: Iterable[FileRange]) -> int:
         """Clusters of ``runs`` lent and never adopted are free again; only once the
         outside writer can no longer write them.  Returns how many."""
-        self._check_open()
+        self._hooks.check_open()
         lender = self._get_lender()
         before = lender.lent
         try:
             async with self.chain.exclusive([self._top], will_await=False):
                 lender.give_back(runs)
         except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["given_back"] += before - lender.lent
+            raise self._hooks.translate(e) from e
+        self._hooks.ops["given_back"] += before - lender.lent
         return before - lender.lent
 
 

@@ -21,7 +21,7 @@ COWD_LAYERS = [
      "disk.locks", "workers", "workers.wire", "workers.channel"},
     {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
-    {"disk.streams"},
+    {"disk.streams", "disk.hooks"},
     {"disk.lending"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol", "workers.mapped", "workers.served", "workers.gated"},
