@@ -1,5 +1,5 @@
-"""Layer: cowd disk.  What a frontend may call on a disk: :class:`BlockDisk`, and the error it
-gets back: :class:`DiskError`.
+"""Layer: cowd disk.  What a frontend may call on a disk: :class:`BlockDisk`, the longest
+request it may make (MAX_REQUEST_BYTES), and the error it gets back: :class:`DiskError`.
 
 Two classes have this shape: :class:`~cowd.disk.disk.Disk`, the disk itself in the control
 plane, and :class:`~cowd.workers.mapped.MappedDisk`, a worker's view of one (mapped I/O done
@@ -16,6 +16,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..errors import RequestError
+
+# Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
+# size); it bounds the buffer one request can make the daemon allocate.
+MAX_REQUEST_BYTES = 32 << 20
 
 
 class DiskError(RequestError):
@@ -61,4 +65,4 @@ class BlockDisk(Protocol):
     async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]: ...
 
 
-__all__ = ["BlockDisk", "DiskError"]
+__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError"]

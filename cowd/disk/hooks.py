@@ -1,6 +1,6 @@
 """Layer: cowd disk, below :mod:`cowd.disk.disk` and the parts it makes.  What a
 :class:`~cowd.disk.disk.Disk` hands the parts that do one of its jobs in a module of their
-own (:mod:`cowd.disk.lending`): :class:`DiskHooks`, the disk's
+own (:mod:`cowd.disk.mapping`, :mod:`cowd.disk.lending`): :class:`DiskHooks`, the disk's
 state and steps they share with it, named here instead of read from its private attributes.
 
 The hooks are the disk's own: a check raises the disk's :class:`~cowd.disk.api.DiskError`,

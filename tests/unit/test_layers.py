@@ -22,7 +22,7 @@ COWD_LAYERS = [
     {"remap", "disk.remote", "disk.pool"},
     {"disk.chain"},
     {"disk.streams", "disk.hooks"},
-    {"disk.lending"},
+    {"disk.lending", "disk.mapping"},
     {"disk", "disk.disk", "frontends.nbd.wire", "frontends.nbd.protocol", "frontends.kmod.abi",
      "frontends.fuse.protocol", "workers.mapped", "workers.served", "workers.gated"},
     {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.session",
