@@ -1,4 +1,5 @@
-"""Layer: cowd disk.  What a frontend may call on a disk: :class:`BlockDisk`.
+"""Layer: cowd disk.  What a frontend may call on a disk: :class:`BlockDisk`, the longest
+request it may make (MAX_REQUEST_BYTES), and the error it gets back: :class:`DiskError`.
 
 Two classes have this shape: :class:`~cowd.disk.disk.Disk`, the disk itself in the control
 plane, and :class:`~cowd.workers.mapped.MappedDisk`, a worker's view of one (mapped I/O done
@@ -7,13 +8,22 @@ server) is written against this protocol and serves either unchanged.
 
 The synchronous calls never wait: ``try_read_into``/``try_write`` return False when the
 request needs something that would (a lock, the disk, the control plane), and the frontend
-then awaits ``read_into``/``write``.  Errors are :class:`~cowd.disk.disk.DiskError` with the
-errno to answer.
+then awaits ``read_into``/``write``.  Errors are :class:`DiskError` with the errno to answer.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from ..errors import RequestError
+
+# Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
+# size); it bounds the buffer one request can make the daemon allocate.
+MAX_REQUEST_BYTES = 32 << 20
+
+
+class DiskError(RequestError):
+    """A request failed; ``errno`` is what the frontend answers with."""
 
 
 class BlockDisk(Protocol):
@@ -55,4 +65,4 @@ class BlockDisk(Protocol):
     async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]: ...
 
 
-__all__ = ["BlockDisk"]
+__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError"]

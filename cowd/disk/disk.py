@@ -3,7 +3,14 @@
 Frontends (NBD, FUSE, the kernel channel) call a disk's methods with guest offsets.  The
 disk checks the request, asks its :class:`~cowd.disk.chain.Chain` for a plan (the chain owns
 the layers and is the only place that walks them) and does the I/O of the plan through
-:mod:`cowd.disk.backing_io`.
+:mod:`cowd.disk.backing_io`.  Two jobs live in modules of their own, as parts the disk makes
+and hands what they need of it (:class:`~cowd.disk.hooks.DiskHooks`: its checks, error
+translation, counters and mapping steps).  :mod:`cowd.disk.mapping` (``disk.mapping``)
+answers the questions that move no guest bytes — ``segments``, ``block_status``,
+``prefetch``, ``prime``, which the disk's methods of those names pass on;
+:mod:`cowd.disk.lending` (``disk.lending``) lends the top layer's clusters to the kernel
+shim's allocation pool and adopts them once written, under the same range lock and with the
+same cache invalidation as a write here (``_change_mapping``).
 
 Theory of operation
 -------------------
@@ -50,22 +57,22 @@ remote block the cache does not hold: such runs are left unmapped, so their read
 here as misses and are answered with the data.  A block that cannot be fetched before the
 deadline fails the request with EIO, never zeroes.
 
-Errors: every failure of a request raises :class:`DiskError` (a ``RequestError``) carrying the
-errno a frontend replies with.  ``ImageIOError`` keeps its errno; ``ImageReadOnly`` and writes
-to a read-only disk are EPERM; reads out of range are EINVAL, writes past the end ENOSPC;
-``CorruptImage`` is EIO and marks the disk corrupt (read-only from then on).
+Errors: every failure of a request raises :class:`~cowd.disk.api.DiskError` (a
+``RequestError``) carrying the errno a frontend replies with.  ``ImageIOError`` keeps its
+errno; ``ImageReadOnly`` and writes to a read-only disk are EPERM; reads out of range are
+EINVAL, writes past the end ENOSPC; ``CorruptImage`` is EIO and marks the disk corrupt
+(read-only from then on).
 """
 
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
-from formats.base import Extent, Kind
+from formats.base import Kind
 from formats.errors import (
     CorruptImage,
     FormatError,
@@ -75,36 +82,25 @@ from formats.errors import (
     UnsupportedImage,
 )
 from formats.opener import OpenPolicy
-from formats.qcow2 import Lender, Qcow2Image, lend_problem
 from formats.remote import NotCached
 
-from ..errors import RequestError
-from ..remap import Origin, RemapCache
+from ..remap import RemapCache
+from .api import MAX_REQUEST_BYTES, DiskError
 from .backing_io import WouldBlock, pwrite_from
-from .chain import Chain, ChainFile, InPlace, PlanState, Segment, clip
+from .chain import Chain, ChainFile, InPlace, PlanState, Segment
+from .hooks import DiskHooks
+from .lending import Lending
 from .locks import GranuleLocks
+from .mapping import DiskMap
 from .pool import ImagePool, Layer
 from .remote import FETCHER, fetch_missing
 from .streams import KeptPlans, Streams, advise_segments
-
-# Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
-# size); it bounds the buffer one request can make the daemon allocate.
-MAX_REQUEST_BYTES = 32 << 20
 
 # write_zeroes and trim carry no payload and may span the whole disk (mkfs discards
 # everything); they are worked through in pieces of this size, each under its range lock.
 ZERO_CHUNK_BYTES = 32 << 20
 
-# block_status answers at most this much of the asked range (NBD lets the server answer a
-# prefix) and at most this many extents, so a status walk of a huge sparse disk is bounded.
-MAX_STATUS_BYTES = 256 << 20
-MAX_STATUS_EXTENTS = 4096
-
 DEFAULT_READAHEAD_CLUSTERS = 16
-
-# Priming works through a layer in pieces of this many granules, yielding to other tasks in
-# between, so a big image does not stall the daemon.
-PRIME_CHUNK_GRANULES = 4096
 
 # A request that needs remote blocks fetches and plans again at most this many times (each
 # round fetches something: metadata, then data).
@@ -113,10 +109,6 @@ MAX_FETCH_ROUNDS = 64
 # Run codec writes (allocation, write-zeroes, trim) in worker threads?  No: a thread hop
 # costs more than an allocation (see the module docstring).
 OFFLOAD_WRITES = False
-
-
-class DiskError(RequestError):
-    """A request failed; ``errno`` is what the frontend answers with."""
 
 
 class Disk:
@@ -144,13 +136,22 @@ class Disk:
         # Plans of reads that had to wait for the disk: advise() and the read that follows
         # use the plan instead of planning again.
         self._kept_plans = KeptPlans()
-        self._lender: Lender | None = None  # clusters lent to an outside writer (kmod)
         self._closed = False
         self._ops = {k: 0 for k in ("reads", "writes", "writes_in_place", "library_writes",
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
                                     "lock_waits", "allocations", "lent", "adopted",
                                     "given_back")}
+        # Jobs in modules of their own (see the module docstring), given this disk's hooks.
+        hooks = DiskHooks(
+            chain, self._locks, self._ops,
+            writable=lambda: not self.readonly and self.corrupt_reason is None,
+            check_open=self._check_open, check_read=self._check_read,
+            check_write=self._check_write, translate=self._translate,
+            granules=self._granules, change_mapping=self._change_mapping,
+            plan_fetching=self._plan_fetching, fetch=self._fetch)
+        self.mapping = DiskMap(hooks)  # segments, block status, prefetch, priming
+        self.lending = Lending(hooks)  # clusters lent to the kernel shim's pool
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -580,11 +581,18 @@ class Disk:
     def _library_write_inline(self, guest_offset: int, view: memoryview) -> int:
         """The library write with no await in it: the caller makes sure nothing else can
         touch the chain meanwhile (no lock held, or it holds them)."""
-        top = self._top
-        c0, c1 = self._cluster_granules(guest_offset, guest_offset + len(view))
         self._ops["library_writes"] += 1
+        return self._change_mapping(guest_offset, guest_offset + len(view),
+                                    self._top.image.write, guest_offset, view)
+
+    def _change_mapping(self, offset: int, end: int, call: Callable[..., object],
+                        *args: Any) -> int:
+        """``call(*args)`` (no await: the caller makes sure nothing else touches the chain)
+        changes the top layer's mapping of the clusters [offset, end) touches: their entries
+        invalidated before, refilled after.  Returns the resolver calls made."""
+        c0, c1 = self._cluster_granules(offset, end)
         self._invalidate(c0, c1)
-        top.image.write(guest_offset, view)
+        call(*args)
         return self._refill(c0, c1)
 
     def _invalidate(self, c0: int, c1: int) -> None:
@@ -669,18 +677,8 @@ class Disk:
     # ---- the kernel shim's questions --------------------------------------------------------
 
     async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Segment]:
-        """Where [offset, offset + length) lives: its :class:`Segment` runs in guest order
-        (``depth`` is the layer's index in the chain, BELOW_CHAIN: zeroes).  A miss also
-        resolves ``ahead`` more granules into the cache.  The kernel frontend turns these
-        into remaps."""
-        self._check_read(offset, length, limit=None)
-        req = PlanState(ahead=ahead)
-        try:
-            segs = await self._plan_fetching(offset, offset + length, req)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._cache.note_request(req.lookups, self.counters)
-        return self._unmap_uncached(segs) if self.chain.remote else segs
+        """Where the range lives, as remaps may name it (:meth:`DiskMap.segments`)."""
+        return await self.mapping.segments(offset, length, ahead)
 
     async def allocate(self, offset: int, length: int) -> list[Segment]:
         """Make every top-layer cluster touching the range DATA that the top layer owns,
@@ -712,7 +710,7 @@ class Disk:
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
         self._cache.note_request(req.lookups, self.counters)
-        return self._unmap_uncached(segs) if self.chain.remote else segs
+        return self.mapping.mappable(segs)
 
     async def _plan_fetching(self, start: int, end: int, req: PlanState) -> list[Segment]:
         """``Chain.plan_locked``, fetching a remote layer's metadata as it is needed."""
@@ -746,203 +744,19 @@ class Disk:
                 except NotCached as miss:
                     await self._fetch(miss)
 
-    def _unmap_uncached(self, segs: list[Segment]) -> list[Segment]:
-        """Leave out of a plan (as unmappable runs) the DATA of remote layers whose blocks
-        the cache does not hold: a worker or the kernel must not read those from the cache
-        file, they come here as misses (see the module docstring)."""
-        out: list[Segment] = []
-        for seg in segs:
-            remote = self._chain[seg.depth].remote if seg.depth >= 0 else None
-            if remote is None or seg.kind is not Kind.DATA:
-                out.append(seg)
-                continue
-            for fo, n, held in remote.held_runs(seg.file_offset, seg.length):
-                g = seg.guest_offset + (fo - seg.file_offset)
-                ext = clip(seg.extent, g, n) if held else Extent(g, n, Kind.UNALLOCATED)
-                out.append(Segment(g, n, seg.depth, ext))
-        return out
-
-    # ---- lending clusters to an outside writer (the kernel shim's pool) --------------------
-
-    def lend_problem(self) -> str | None:
-        """Why this disk cannot lend clusters of its top layer to an outside writer, or
-        None (formats/qcow2/lend.py: a writable qcow2 overlay without a data file)."""
-        if self.readonly or self.corrupt_reason is not None:
-            return "the disk is read-only"
-        return lend_problem(self._top.image)
-
-    def _get_lender(self) -> Lender:
-        if self._lender is None:
-            why = self.lend_problem()
-            if why is not None:
-                raise DiskError(errno.EOPNOTSUPP, f"{self.path}: cannot lend clusters ({why})")
-            image = self._top.image
-            assert isinstance(image, Qcow2Image)
-            self._lender = Lender(image)
-        return self._lender
-
-    @property
-    def lent_clusters(self) -> int:
-        """Clusters lent and not yet adopted or given back."""
-        return self._lender.lent if self._lender is not None else 0
-
-    async def lend(self, clusters: int) -> list[tuple[ChainFile, int, int]]:
-        """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
-        refcounts durable before this returns (it syncs: in a thread).  Returns the runs as
-        (file, file_offset, length), contiguous in the file."""
-        self._check_write(0, 0)
-        lender = self._get_lender()
-        top = self._top
-        try:
-            async with self.chain.exclusive([top], will_await=True):
-                runs = await self.chain.run(lender.lend, clusters, offload=True)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["lent"] += clusters
-        return [(top.image.file, off, n) for off, n in runs]
-
-    async def adopt(self, runs: Sequence[tuple[int, int, int]]) -> None:
-        """Each run (guest_offset, length, file_offset): top-layer clusters [guest_offset,
-        guest_offset + length) now live at ``file_offset`` onwards of the top file, where
-        the outside writer wrote them whole (lent clusters; the last one may run past the
-        disk's end).  Like an allocation: durable at the next flush.  The runs of one call
-        name distinct clusters; with no lock held they are adopted inline, in one step."""
-        for guest_offset, _n, _fo in runs:
-            self._check_write(guest_offset, 0)
-        lender = self._get_lender()
-        busy: list[tuple[int, int, int]] = []
-        try:
-            for run in runs:
-                if self.chain.locked_any() or self._locks.any_held(*self._run_granules(run)):
-                    busy.append(run)
-                else:
-                    self._adopt_run(lender, run)
-            for run in busy:  # a writer or flush holds them: one at a time, under the lock
-                async with self._locks.hold(*self._run_granules(run)), \
-                        self.chain.exclusive(will_await=False):
-                    self._adopt_run(lender, run)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        if not busy:
-            await trio.lowlevel.checkpoint()
-
-    def _run_granules(self, run: tuple[int, int, int]) -> tuple[int, int]:
-        return self._granules(run[0], min(run[0] + run[1], self.size))
-
-    def _adopt_run(self, lender: Lender, run: tuple[int, int, int]) -> None:
-        guest_offset, length, file_offset = run
-        c0, c1 = self._cluster_granules(guest_offset, min(guest_offset + length, self.size))
-        self._invalidate(c0, c1)
-        lender.adopt(guest_offset, length, file_offset)
-        self._refill(c0, c1)
-        self._ops["adopted"] += length // max(1, self.cluster_size)
-
-    async def give_back(self, runs: Sequence[tuple[int, int]]) -> int:
-        """Clusters of ``runs`` (file offset, length) lent and never adopted are free again;
-        only once the outside writer can no longer write them.  Returns how many."""
-        self._check_open()
-        lender = self._get_lender()
-        before = lender.lent
-        try:
-            async with self.chain.exclusive([self._top], will_await=False):
-                lender.give_back(runs)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._ops["given_back"] += before - lender.lent
-        return before - lender.lent
-
-    # ---- mapping, prefetch, priming --------------------------------------------------------
+    # ---- block status, prefetch, priming (cowd/disk/mapping.py) ---------------------------
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]:
-        """NBD base:allocation for a prefix of [offset, offset + length): a list of
-        ``(length, is_hole, is_zero)``.  DATA and compressed clusters anywhere in the chain
-        are data; ZERO clusters and ranges no layer has are holes that read as zeroes."""
-        self._check_read(offset, length, limit=None)
-        if length == 0:
-            await trio.lowlevel.checkpoint()
-            return []
-        end = offset + min(length, MAX_STATUS_BYTES)
-        req = PlanState(ahead_origin=Origin.PREFETCH, end=end, to_end=True)
-        try:
-            segs = await self._plan_fetching(offset, end, req)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        out: list[tuple[int, bool, bool]] = []
-        for seg in segs:
-            n = seg.length
-            hole = seg.kind is Kind.ZERO
-            if out and out[-1][1] == hole:
-                out[-1] = (out[-1][0] + n, hole, hole)
-            elif len(out) >= MAX_STATUS_EXTENTS:
-                break
-            else:
-                out.append((n, hole, hole))
-        self._cache.note_request(req.lookups, self.counters)
-        self._ops["block_status"] += 1
-        return out
+        """NBD base:allocation for a prefix of the range: :meth:`DiskMap.block_status`."""
+        return await self.mapping.block_status(offset, length)
 
     async def prefetch(self, offset: int, length: int) -> None:
-        """NBD CACHE: fill the remap cache for the range (and ask the kernel to read the data
-        ahead).  Work is bounded by the cache: a range longer than half of what the cache
-        can map is prefetched only up to that point."""
-        self._check_read(offset, length, limit=None)
-        g = self._top.granule
-        reach = max(g, self._cache.max_entries // 2 * g)
-        end = offset + min(length, reach)
-        pos = offset
-        try:
-            while pos < end:
-                n = min(end - pos, MAX_REQUEST_BYTES)
-                req = PlanState(ahead_origin=Origin.PREFETCH, end=pos + n, to_end=True)
-                segs = await self._plan_fetching(pos, pos + n, req)
-                advise_segments(segs)  # (starts fetching a remote layer's missing blocks)
-                self._cache.note_request(req.lookups, self.counters)
-                pos += n
-                await trio.lowlevel.checkpoint()
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        if length == 0:
-            await trio.lowlevel.checkpoint()
-        self._ops["prefetches"] += 1
+        """NBD CACHE: fill the remap cache for the range (:meth:`DiskMap.prefetch`)."""
+        await self.mapping.prefetch(offset, length)
 
     async def prime(self) -> float:
-        """Walk every layer's metadata and cache every granule that holds anything, then
-        (room permitting) the empty ones an overlay read falls through; returns the seconds
-        it took.  Never evicts: it stops when the cache is full."""
-        self._check_open()
-        t0 = time.perf_counter()
-        cache = self._cache
-        complete = True
-        try:
-            for want_allocated in (True, False):
-                for depth, layer in enumerate(self._chain):
-                    if depth > 0 and layer.primed:
-                        continue
-                    g = layer.granule
-                    pos = 0
-                    while pos < layer.size:
-                        if len(cache) >= cache.max_entries:
-                            complete = False
-                            break
-                        chunk_end = min(layer.size, pos + PRIME_CHUNK_GRANULES * g)
-                        try:
-                            if layer.lock.locked():
-                                async with layer.lock:
-                                    self.chain.prime_chunk(layer, pos, chunk_end,
-                                                           want_allocated)
-                            else:
-                                self.chain.prime_chunk(layer, pos, chunk_end, want_allocated)
-                        except NotCached as miss:
-                            await self._fetch(miss)  # a remote layer's metadata: again
-                            continue
-                        pos = chunk_end
-                        await trio.lowlevel.checkpoint()
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        if complete:
-            for layer in self._chain[1:]:
-                layer.primed = True
-        self.prime_seconds = time.perf_counter() - t0
+        """Cache every layer's mapping (:meth:`DiskMap.prime`); returns the seconds taken."""
+        self.prime_seconds = await self.mapping.prime()
         return self.prime_seconds
 
     # ---- reporting -------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from typing import NamedTuple, Protocol
 
 import trio
 
+from ..disk.api import MAX_REQUEST_BYTES, DiskError
 from ..disk.backing_io import WouldBlock, pread_into, pwrite_from, zero_fill
-from ..disk.disk import MAX_REQUEST_BYTES, DiskError
 from ..disk.streams import Streams
 from . import wire as W
 

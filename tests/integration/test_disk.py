@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
-from cowd.disk import MAX_REQUEST_BYTES, Disk, DiskError, ImagePool
+from cowd.disk import MAX_REQUEST_BYTES, Adoption, Disk, DiskError, FileRange, ImagePool
 from cowd.errors import CommandFailed, UsageError
 from cowd.remap import RemapCache
 from formats.base import NearOpener
@@ -998,12 +998,13 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
     is given back (qemu-img check finds no leak)."""
     chain = make_chain("qcow2", tmp_path, rng)
     disk = await Disk.open(str(chain.top), fmt=chain.fmt, pool=ImagePool(), cache=new_cache())
-    assert disk.lend_problem() is None
+    lending = disk.lending
+    assert lending.problem() is None
     cs = disk.cluster_size
     model = bytearray(chain.initial)
-    runs = await disk.lend(6)
-    assert disk.lent_clusters == 6
-    hosts = [(f, h) for f, off, n in runs for h in range(off, off + n, cs)]
+    runs = await lending.lend(6)
+    assert lending.lent_clusters == 6
+    hosts = [(r.file, h) for r in runs for h in range(r.file_offset, r.file_offset + r.length, cs)]
     assert all(f.writable for f, _ in hosts)
     fd = os.open(chain.top, os.O_RDWR)
     batch = []
@@ -1017,10 +1018,10 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
             whole[100:1100] = data
             os.pwrite(fd, whole, host)
             model[g + 100:g + 1100] = data
-            batch.append((g, cs, host))
+            batch.append(Adoption(g, cs, host))
     finally:
         os.close(fd)
-    await disk.adopt(batch[:1])
+    await lending.adopt(batch[:1])
     release = trio.Event()
 
     async def writer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1030,20 +1031,20 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
 
     async with trio.open_nursery() as nursery:  # a writer holds the disk: the rest waits
         await nursery.start(writer)
-        nursery.start_soon(disk.adopt, batch[1:])
+        nursery.start_soon(lending.adopt, batch[1:])
         await trio.sleep(0.05)
         assert disk.stats()["ops"]["adopted"] == 1
         release.set()
-    for g, _n, host in batch:
-        segs = await disk.segments(g, cs)
-        assert segs[0].writable and segs[0].file_offset == host
+    for a in batch:
+        segs = await disk.segments(a.guest_offset, cs)
+        assert segs[0].writable and segs[0].file_offset == a.file_offset
     assert await disk.read(0, 8 * cs) == bytes(model[:8 * cs])
     with pytest.raises(DiskError) as e:
-        await disk.adopt([(cs, cs, hosts[0][1] + (1 << 30))])  # never lent
+        await lending.adopt([Adoption(cs, cs, hosts[0][1] + (1 << 30))])  # never lent
     assert e.value.errno == errno.EINVAL
     await disk.flush()
-    assert await disk.give_back([(h, cs) for _f, h in hosts]) == len(hosts)
-    assert disk.lent_clusters == 0
+    assert await lending.give_back([FileRange(h, cs) for _f, h in hosts]) == len(hosts)
+    assert lending.lent_clusters == 0
     ops = disk.stats()["ops"]
     assert ops["lent"] == 6 and ops["adopted"] + ops["given_back"] == 6
     await disk.close()
@@ -1054,8 +1055,8 @@ async def test_lent_clusters_written_outside_and_adopted(tmp_path: Path,
 async def test_lending_refused_by_other_formats(tmp_path: Path, rng: random.Random) -> None:
     chain = make_chain("tcow", tmp_path, rng)
     disk = await Disk.open(str(chain.top), pool=ImagePool(), cache=new_cache())
-    assert disk.lend_problem() == "only qcow2 images lend clusters"
+    assert disk.lending.problem() == "only qcow2 images lend clusters"
     with pytest.raises(DiskError) as e:
-        await disk.lend(1)
+        await disk.lending.lend(1)
     assert e.value.errno == errno.EOPNOTSUPP
     await disk.close()

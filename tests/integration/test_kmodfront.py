@@ -292,7 +292,7 @@ async def test_pool_allocations_are_adopted_and_flushed(tmp_path: Path) -> None:
         # A flush answered DONE made the allocations durable: qemu-img reads them now.
         assert qemu_raw(top, tmp_path, "qcow2") == bytes(model)
         await dev.stop_pool()
-        assert kernel.revoked and disk.lent_clusters == 0
+        assert kernel.revoked and disk.lending.lent_clusters == 0
         assert dev.pool_ops["given_back"] == kernel.revoked[-1][1]
         nursery.cancel_scope.cancel()
     dev.close()

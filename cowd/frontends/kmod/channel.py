@@ -26,7 +26,7 @@ before DONE.  At attach, :meth:`prime` pushes the whole disk's remaps, up to the
 ``pool_target`` clusters (their refcounts durable first) and GRANTs them; the kernel then does
 first writes itself — copy-up, data, completion — and reports each run in an ALLOC message.
 The reader hands ALLOCs, in order, to one adopter task, which records them in the image
-(:meth:`Disk.adopt`: L2 entries, durable at the next flush) and ACKs the last seq of each
+(``disk.lending.adopt``: L2 entries, durable at the next flush) and ACKs the last seq of each
 batch; the kernel holds every FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC until
 that ACK, so a flush the daemon answers covers every allocation it must.  When an ALLOC says
 the kernel's pool fell under ``pool_target / 2`` the reader starts a refill (one lend and one
@@ -67,7 +67,7 @@ from typing import Any
 
 import trio
 
-from ...disk import ChainFile, Disk, DiskError, Segment
+from ...disk import Adoption, ChainFile, Disk, DiskError, FileRange, Segment
 from ...errors import CommandFailed
 from . import abi
 
@@ -485,7 +485,7 @@ class KmodDevice:
     def _pool_problem(self) -> str | None:
         if self.version < 2:
             return f"the channel speaks ABI {self.version}"
-        why = self.disk.lend_problem()
+        why = self.disk.lending.problem()
         if why is not None:
             return why
         if self.disk.cluster_size != self.granule:
@@ -524,14 +524,15 @@ class KmodDevice:
         self._refilling = True
         t0 = time.monotonic()
         try:
-            runs = await self.disk.lend(want)
+            runs = await self.disk.lending.lend(want)
             if not self._pool_on:  # stopped meanwhile: give them straight back
-                await self.disk.give_back([(off, n) for _f, off, n in runs])
+                await self.disk.lending.give_back(
+                    [FileRange(r.file_offset, r.length) for r in runs])
                 return
             msgs = []
             g = self.granule
-            for f, off, n in runs:
-                fi = self._file_index[id(f)]
+            for r in runs:
+                fi, off, n = self._file_index[id(r.file)], r.file_offset, r.length
                 for pos in range(off, off + n, abi.MAX_POOL_CLUSTERS // 2 * g):
                     part = min(n - (pos - off), abi.MAX_POOL_CLUSTERS // 2 * g)
                     msgs.append(abi.pack_grant(fi, pos, part))
@@ -608,8 +609,8 @@ class KmodDevice:
             good = [m for m in chunk if m.seq not in self._bad_allocs]
             self._bad_allocs.difference_update(m.seq for m in chunk)
             try:
-                await self.disk.adopt([(m.guest_offset, m.length, m.file_offset)
-                                       for m in good])
+                await self.disk.lending.adopt([Adoption(m.guest_offset, m.length, m.file_offset)
+                                               for m in good])
             except DiskError as e:
                 self._adopt_error(str(e))
             else:
@@ -650,7 +651,8 @@ class KmodDevice:
         unused = sorted(self._outstanding)
         self._outstanding.clear()
         if unused:
-            self.pool_ops["given_back"] += await self.disk.give_back([(h, g) for h in unused])
+            self.pool_ops["given_back"] += await self.disk.lending.give_back(
+                [FileRange(h, g) for h in unused])
 
     # -- the channel -----------------------------------------------------------------------
 
