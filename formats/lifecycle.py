@@ -1,5 +1,6 @@
 """Layer: formats, above the codecs.  The changes of an image's life cycle that each format
-makes its own way — grow the virtual size, empty an overlay, record another backing file —
+makes its own way — grow or shrink the virtual size, empty an overlay, record another
+backing file —
 behind one name each, for commit, rebase and resize (formats/commit.py, rebase.py and
 cowd's lifecycle commands).
 
@@ -16,6 +17,7 @@ from .qcow2 import Qcow2Image
 from .qcow2.backing import set_backing as qcow2_set_backing
 from .qcow2.empty import make_empty as qcow2_make_empty
 from .qcow2.resize import grow as qcow2_grow
+from .qcow2.resize import shrink as qcow2_shrink
 from .raw import RawImage
 from .vhd import VhdImage
 from .vhd.empty import make_empty as vhd_make_empty
@@ -41,6 +43,27 @@ def grow(img: Image, new_size: int) -> None:
         vhd_grow(img, new_size)
     else:
         raise UnsupportedImage(img.path, f"growing a {img.format_name} image is not "
+                               "supported", "size", new_size)
+
+
+def shrink(img: Image, new_size: int) -> None:
+    """Make ``img`` (open writable, with its backing chain) ``new_size`` bytes, at most its
+    current size, dropping what lies past it (qemu-img resize --shrink).  Durable when it
+    returns.  raw: truncated; qcow2: formats/qcow2/resize.py; VHD and qcow (v1): refused,
+    as qemu refuses them."""
+    img.require_writable()
+    if new_size > img.virtual_size:
+        raise ValueError(f"{img.path}: shrink() cannot grow (size={new_size})")
+    if new_size == img.virtual_size:
+        return
+    if isinstance(img, RawImage):
+        img.file.truncate(new_size)
+        img.file.sync()
+        img.virtual_size = new_size
+    elif isinstance(img, Qcow2Image):
+        qcow2_shrink(img, new_size)
+    else:
+        raise UnsupportedImage(img.path, f"shrinking a {img.format_name} image is not "
                                "supported", "size", new_size)
 
 
