@@ -27,7 +27,8 @@ from .vhd.resize import grow as vhd_grow
 
 def grow(img: Image, new_size: int) -> None:
     """Make ``img`` (open writable) ``new_size`` bytes, at least its current size; the new
-    bytes read as zeroes in this layer.  Durable when it returns."""
+    bytes read as zeroes (qcow2 over a larger backing file: zero clusters hide it, as qemu;
+    the backing chain must be open for that).  Durable when it returns."""
     img.require_writable()
     if new_size < img.virtual_size:
         raise ValueError(f"{img.path}: grow() cannot shrink (size={new_size})")
@@ -38,7 +39,18 @@ def grow(img: Image, new_size: int) -> None:
         img.file.sync()
         img.virtual_size = new_size
     elif isinstance(img, Qcow2Image):
+        old_size = img.virtual_size
+        shows = img.below.size > old_size  # the backing file would show past the old end
+        if shows and img.version < 3:
+            raise UnsupportedImage(img.path, "cannot grow a compat=0.10 image over a larger "
+                                   "backing file: it has no zero clusters to hide it (as "
+                                   "qemu-img)", "size", new_size)
         qcow2_grow(img, new_size)
+        if shows:
+            # As qemu: zero clusters over the new range (written after the header's switch,
+            # as qemu writes them; a crash between shows the backing file there).
+            img.write_zeroes(old_size, new_size - old_size)
+            img.flush()
     elif isinstance(img, VhdImage):
         vhd_grow(img, new_size)
     else:
