@@ -127,12 +127,14 @@ def commit(path: str, base: str | None, keep: bool, fmt: str | None, policy: Ope
 
 def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
            policy: OpenPolicy) -> dict[str, object]:
-    """Set the virtual size: absolute, or +N/-N relative to the current one.  Growing:
-    formats/lifecycle.py (raw: ftruncate; qcow2: the header, and a larger L1 table when
-    needed).  Shrinking: raw only, and only with ``shrink`` (as qemu-img)."""
-    img = formats.open_one(path, True, fmt, policy=policy)
+    """Set the virtual size: absolute, or +N/-N relative to the current one
+    (formats/lifecycle.py: raw: ftruncate; qcow2: the header, a larger L1 table when
+    growing needs one, and the clusters past the new end dropped when shrinking).
+    Shrinking needs ``shrink`` (as qemu-img).  The backing chain is opened, as qemu-img
+    opens it: a shrink copies a partial last cluster up through it."""
+    img = formats.open_image(path, True, fmt, policy=policy)
     try:
-        _lock_writer(img)
+        _lock_chain(img)
         old = img.virtual_size
         sign, n = size
         new = old + n if sign == "+" else old - n if sign == "-" else n
@@ -144,20 +146,17 @@ def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
         if new < old and not shrink:
             raise UsageError(f"{path}: shrinking loses the data past the new end: pass "
                              f"--shrink if you mean it (size={new}, current={old})")
-        if new >= old:
-            from formats.lifecycle import grow
+        from formats.lifecycle import grow
+        from formats.lifecycle import shrink as shrink_image
 
+        if new >= old:
             grow(img, new)
-        elif img.format_name == "raw":
-            img.file.truncate(new)
-            img.file.sync()
         else:
-            raise CommandFailed(f"{path}: shrinking a {img.format_name} image is not "
-                                f"supported (size={new}, current={old})")
+            shrink_image(img, new)
         return {"filename": path, "format": img.format_name, "old-size": old,
                 "virtual-size": new}
     finally:
-        img.close()
+        img.close_chain()
 
 
 def _confined_name(path: str, name: str, policy: OpenPolicy) -> None:

@@ -1,5 +1,6 @@
 """Layer: formats, above the codecs.  The changes of an image's life cycle that each format
-makes its own way — grow the virtual size, empty an overlay, record another backing file —
+makes its own way — grow or shrink the virtual size, empty an overlay, record another
+backing file —
 behind one name each, for commit, rebase and resize (formats/commit.py, rebase.py and
 cowd's lifecycle commands).
 
@@ -16,6 +17,7 @@ from .qcow2 import Qcow2Image
 from .qcow2.backing import set_backing as qcow2_set_backing
 from .qcow2.empty import make_empty as qcow2_make_empty
 from .qcow2.resize import grow as qcow2_grow
+from .qcow2.resize import shrink as qcow2_shrink
 from .raw import RawImage
 from .vhd import VhdImage
 from .vhd.empty import make_empty as vhd_make_empty
@@ -25,7 +27,8 @@ from .vhd.resize import grow as vhd_grow
 
 def grow(img: Image, new_size: int) -> None:
     """Make ``img`` (open writable) ``new_size`` bytes, at least its current size; the new
-    bytes read as zeroes in this layer.  Durable when it returns."""
+    bytes read as zeroes (qcow2 over a larger backing file: zero clusters hide it, as qemu;
+    the backing chain must be open for that).  Durable when it returns."""
     img.require_writable()
     if new_size < img.virtual_size:
         raise ValueError(f"{img.path}: grow() cannot shrink (size={new_size})")
@@ -36,11 +39,43 @@ def grow(img: Image, new_size: int) -> None:
         img.file.sync()
         img.virtual_size = new_size
     elif isinstance(img, Qcow2Image):
+        old_size = img.virtual_size
+        shows = img.below.size > old_size  # the backing file would show past the old end
+        if shows and img.version < 3:
+            raise UnsupportedImage(img.path, "cannot grow a compat=0.10 image over a larger "
+                                   "backing file: it has no zero clusters to hide it (as "
+                                   "qemu-img)", "size", new_size)
         qcow2_grow(img, new_size)
+        if shows:
+            # As qemu: zero clusters over the new range (written after the header's switch,
+            # as qemu writes them; a crash between shows the backing file there).
+            img.write_zeroes(old_size, new_size - old_size)
+            img.flush()
     elif isinstance(img, VhdImage):
         vhd_grow(img, new_size)
     else:
         raise UnsupportedImage(img.path, f"growing a {img.format_name} image is not "
+                               "supported", "size", new_size)
+
+
+def shrink(img: Image, new_size: int) -> None:
+    """Make ``img`` (open writable, with its backing chain) ``new_size`` bytes, at most its
+    current size, dropping what lies past it (qemu-img resize --shrink).  Durable when it
+    returns.  raw: truncated; qcow2: formats/qcow2/resize.py; VHD and qcow (v1): refused,
+    as qemu refuses them."""
+    img.require_writable()
+    if new_size > img.virtual_size:
+        raise ValueError(f"{img.path}: shrink() cannot grow (size={new_size})")
+    if new_size == img.virtual_size:
+        return
+    if isinstance(img, RawImage):
+        img.file.truncate(new_size)
+        img.file.sync()
+        img.virtual_size = new_size
+    elif isinstance(img, Qcow2Image):
+        qcow2_shrink(img, new_size)
+    else:
+        raise UnsupportedImage(img.path, f"shrinking a {img.format_name} image is not "
                                "supported", "size", new_size)
 
 

@@ -28,15 +28,8 @@ from __future__ import annotations
 
 from array import array
 
-from .header import check_table
 from .image import Qcow2Image
-from .layout import (
-    L1E_OFFSET_MASK,
-    QCOW_OFLAG_COPIED,
-    HostRange,
-    div_round_up,
-    words,
-)
+from .layout import L1E_OFFSET_MASK, div_round_up
 
 
 def make_empty(img: Qcow2Image) -> None:
@@ -51,29 +44,5 @@ def make_empty(img: Qcow2Image) -> None:
     img.file.pwrite(img.l1_table_offset, bytes(table_bytes))  # 2
     img.file.sync()
     img.l1 = array("Q", bytes(8 * len(old)))
-    for l1e in old:
-        img.l2_cache.drop(l1e & L1E_OFFSET_MASK)
-    file_size = img.file.size()
-    step = 2 if img.extended_l2 else 1
-    for i, l1e in enumerate(old):  # 3 (rule 4)
-        table = l1e & L1E_OFFSET_MASK
-        if not table:
-            continue
-        frees = []
-        if l1e & QCOW_OFLAG_COPIED:
-            check_table(img.path, cs, table, cs, file_size, "L2 table", f"l1[{i}]", l1e)
-            entries = words(img.file.pread_exact(table, cs, "L2 table"))
-            for e in entries[::step]:
-                held = img._host_range(e)
-                if held is not None:
-                    frees.append(held)
-        frees.append(HostRange(table, cs))
-        img.refcounts.apply_frees(frees)
-    img._cc_key = None  # a freed compressed cluster's bytes may be reused
-    img.refcounts.release_pool()  # rule 1's reserved batch: unused, and nothing reaches it
-    img.file.sync()
-    end = (img.refcounts.highest_used() + 1) * cs  # 4
-    if img.file.size() > end:
-        img.file.truncate(end)
-        img.file.sync()
-
+    img.free_l2_tables([(i, e) for i, e in enumerate(old) if e & L1E_OFFSET_MASK])  # 3
+    img.cut_unused_tail()  # 4

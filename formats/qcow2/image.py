@@ -11,6 +11,9 @@ what they leave to this class is when the writes become durable:
   reachable L2 tables and the L1 entries, a sync, and last the frees that wait for it.
 - ``close`` flushes, gives back the clusters reserved and not used (rule 1's pool) and
   truncates the unreferenced tail of the file, never below its size at open.
+- ``free_l2_tables`` and ``cut_unused_tail`` are the last steps of the changes that unlink
+  whole L2 tables from the active L1 table (empty.py, resize.py's shrink): rule 4's frees,
+  then the file cut after the last cluster still in use.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ from typing import Any
 from ..base import CheckResult, HostFile, NearOpener
 from ..errors import CorruptImage
 from .check import Checker
+from .header import check_table
 from .layout import (
     COMPRESSION_NAMES,
     HEADER_INCOMPATIBLE_FEATURES_AT,
+    L1E_OFFSET_MASK,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DIRTY,
+    QCOW_OFLAG_COPIED,
+    HostRange,
+    words,
     words_bytes,
 )
 from .writer import Qcow2Writer
@@ -131,6 +139,42 @@ class Qcow2Image(Qcow2Writer):
         end = max(end, self._open_file_size)
         if self.file.size() > end:
             self.file.truncate(end)
+
+    def free_l2_tables(self, dropped: list[tuple[int, int]]) -> None:
+        """Rule 4, once the L1 entries that reached them are durably cleared: each table of
+        ``dropped`` ((l1_index, the old L1 entry)) is read back from the file and its
+        references dropped.  A table this layer owned alone (COPIED) gives back its data
+        clusters and compressed streams and then its own cluster; a table shared with an
+        internal snapshot loses one reference and its data stays the snapshot's.  A crash
+        part way leaks what was not freed yet."""
+        cs = self.cluster_size
+        file_size = self.file.size()
+        step = 2 if self.extended_l2 else 1
+        for i, l1e in dropped:
+            table = l1e & L1E_OFFSET_MASK
+            self.l2_cache.drop(table)
+            frees = []
+            if l1e & QCOW_OFLAG_COPIED:
+                check_table(self.path, cs, table, cs, file_size, "L2 table", f"l1[{i}]", l1e)
+                entries = words(self.file.pread_exact(table, cs, "L2 table"))
+                for e in entries[::step]:
+                    held = self._host_range(e)
+                    if held is not None:
+                        frees.append(held)
+            frees.append(HostRange(table, cs))
+            self.refcounts.apply_frees(frees)
+        self._cc_key = None  # a freed compressed cluster's bytes may be reused
+
+    def cut_unused_tail(self) -> None:
+        """Give back rule 1's reserved batch (unused, and nothing reaches it), make the
+        refcounts durable, then cut the file after the last cluster still in use (nothing
+        reaches past it, and no refcount on disk counts a cluster there)."""
+        self.refcounts.release_pool()
+        self.file.sync()
+        end = (self.refcounts.highest_used() + 1) * self.cluster_size
+        if self.file.size() > end:
+            self.file.truncate(end)
+            self.file.sync()
 
     # ---- inspection ----------------------------------------------------------------------
 

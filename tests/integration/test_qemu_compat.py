@@ -239,6 +239,9 @@ def test_every_subcommand_with_bad_values(tmp_path: Path) -> None:
     ov = tmp_path / "ov.qcow2"
     run_in(tmp_path, "create", "--base", "base.raw", "-o", "ov.qcow2")
     missing = str(tmp_path / "missing.qcow2")
+    snapped = tmp_path / "snapped.qcow2"  # a shrink is refused while it has snapshots
+    qemu_img("create", "-f", "qcow2", snapped, "1M")
+    qemu_img("snapshot", "-c", "s", snapped)
     run_dir = str(tmp_path / "run")
     usage = [  # exit 2: the command line asks for something impossible
         ("create", "--base", "base.raw", "--cluster-size", "4M", "-o", "a.qcow2"),
@@ -279,7 +282,7 @@ def test_every_subcommand_with_bad_values(tmp_path: Path) -> None:
         ("commit", str(tmp_path / "base.raw")), ("rebase", "-b", "nothere.raw", str(ov)),
         ("rebase", "-b", "../x.raw", str(ov)), ("snapshot", "-c", "x", missing),
         ("snapshot", "-d", "nothere", str(ov)), ("snapshot", "-c", "x", "base.raw"),
-        ("resize", "--shrink", str(ov), "-1M"),
+        ("resize", "--shrink", str(snapped), "-512k"),
         ("convert", missing, str(tmp_path / "out.raw"), "-O", "raw"),
         ("create", "--base", missing),
         ("detach", "/dev/loop999", "--run-dir", run_dir),
