@@ -54,6 +54,9 @@ STARTUP_IDLE_S = 30.0
 EXIT_AFTER_REPLY_S = 0.1
 # After `losetup -d` the kernel closes the FUSE file asynchronously; wait this long for it.
 RELEASE_TIMEOUT_S = 10.0
+# A --via nbd device waits this long for a worker of a daemon still starting them (a second
+# or two on a normal machine), then is served by the daemon itself.
+WORKER_READY_WAIT_S = 20.0
 
 
 @dataclass(eq=False)
@@ -289,7 +292,10 @@ class Attacher:
             self.nbd_disks[name] = disk
             workers = self.workers
             serve: Serve = self.nbd_server.handle
-            if workers is not None:
+            # The device's handshake is timed (NbdDevice.connect): a worker that is still
+            # importing (a slow guest, a daemon just started in the background) could not
+            # answer it in time, so such a device is served by the daemon itself.
+            if workers is not None and await workers.wait_ready(WORKER_READY_WAIT_S):
                 workers.add_disk(name, disk, W.SCOPE_DEVICE)
                 serve = functools.partial(_hand_off, workers, f"/dev/nbd ({name})")
             try:

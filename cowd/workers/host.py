@@ -117,6 +117,7 @@ class WorkerLink:
         self.starts = 0
         self.deaths = 0
         self.handed = 0  # connections handed to it, over its lives
+        self.ready = False  # this life answered its first query: imports done, loop running
         self._to_close: set[int] = set()  # fds to close once sent
         self.counters = {k: 0 for k in ("misses", "requests", "remap_runs_sent",
                                         "invalidations_sent", "ack_timeouts")}
@@ -184,6 +185,7 @@ class WorkerLink:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            self.ready = False
             chan.close()
             self.holds.clear()
             dead = ConnectionError(f"worker {self.index} is gone")
@@ -203,6 +205,9 @@ class WorkerLink:
                 await self.queries.wait(cookie)
             except ConnectionError:
                 pass  # it died at once: run() starts it again
+            else:
+                self.ready = True
+                self.pool.any_ready.set()
         if task_status is not None:
             task_status.started()
 
@@ -441,6 +446,7 @@ class WorkerPool:
         self._turn = itertools.cycle(range(count))
         self.stopping = False
         self.fuse: FuseFrontend | None = None  # the FUSE mount the workers also serve
+        self.any_ready = trio.Event()  # set once a worker first answered
 
     def tls_args(self) -> list[str]:
         if self.tls is None or not self.tls.enabled:
@@ -495,16 +501,25 @@ class WorkerPool:
             if link.alive and link.chan is not None:
                 link.chan.send(W.DiskState(served.disk_id, True, reason))
 
+    async def wait_ready(self, within_s: float) -> bool:
+        """Whether a worker runs its loop, waiting up to ``within_s`` for the first one (a
+        daemon started in the background does not wait for its workers' imports)."""
+        with trio.move_on_after(within_s):
+            await self.any_ready.wait()
+        return any(link.ready for link in self.links)
+
     def hand_off(self, stream: trio.SocketStream, peer: str,
                  scope: str = W.SCOPE_SERVE) -> None:
-        """Give a client connection to the next live worker (round robin); it sees the
-        disks of ``scope`` only."""
-        for _ in range(len(self.links)):
-            link = self.links[next(self._turn)]
-            if link.alive:
-                fd = stream.socket.detach()
-                link.hand_off(fd, peer, scope)
-                return
+        """Give a client connection to the next live worker (round robin; one whose loop
+        runs first, else one still starting: the connection waits in its channel); it sees
+        the disks of ``scope`` only."""
+        for want_ready in (True, False):
+            for _ in range(len(self.links)):
+                link = self.links[next(self._turn)]
+                if link.alive and (link.ready or not want_ready):
+                    fd = stream.socket.detach()
+                    link.hand_off(fd, peer, scope)
+                    return
         raise DiskError(errno.EAGAIN, "no worker is running")
 
     def serve_fuse(self, fe: FuseFrontend) -> None:
