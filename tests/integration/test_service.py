@@ -37,7 +37,7 @@ def test_install_extras_is_idempotent(tmp_path: Path) -> None:
     if shutil.which("man"):
         p = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
                            timeout=60, env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"})
-        assert p.returncode == 0 and "cowd commit" in p.stdout, p.stderr
+        assert p.returncode == 0 and "cowd commit" in " ".join(p.stdout.split()), p.stderr
     if shutil.which("systemd-analyze"):
         p = subprocess.run(["systemd-analyze", "verify", str(prefix /
                             "lib/systemd/system/cowd.service")], capture_output=True,
