@@ -28,6 +28,7 @@ The cgroup is v2's ``memory.max`` where the memory controller is delegated there
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -51,6 +52,8 @@ DISK_BYTES = 256 * MiB
 FIO_BYTES = 192 * MiB
 LIMIT_BYTES = 160 * MiB  # the daemon, fio's page cache and the hog together
 HOG_BYTES = 72 * MiB
+# How long an emptied cgroup may take to be removable (its exited processes released).
+CGROUP_RELEASE_S = 30.0
 FIO_TIMEOUT_S = 420
 # No verify state file: fio would leave it in its working directory.
 FIO_JOB = ["--name=pressure", "--rw=randwrite", "--bs=64k", f"--size={FIO_BYTES}",
@@ -119,16 +122,22 @@ def memory_cgroup(name: str) -> Iterator[Cgroup]:
     finally:
         with contextlib.suppress(OSError):
             cg.limit(None)
+        # Processes are moved back to the parent; the directory goes once the kernel has
+        # let go of them too (rmdir says EBUSY while an exited process of ours is still
+        # being released, seen in a slow guest), within CGROUP_RELEASE_S.
         parent = cg.path.parent / "cgroup.procs"
-        for _ in range(50):
-            pids = (cg.path / "cgroup.procs").read_text().split()
-            if not pids:
-                break
-            for pid in pids:
+        deadline = time.monotonic() + CGROUP_RELEASE_S
+        while True:
+            for pid in (cg.path / "cgroup.procs").read_text().split():
                 with contextlib.suppress(OSError):
                     parent.write_text(pid + "\n")
+            try:
+                cg.path.rmdir()
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
             time.sleep(0.1)
-        cg.path.rmdir()
 
 
 HOG = r"""
