@@ -8,8 +8,6 @@ view as it was (formats/commit.py's order: copy, flush, then empty)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from tests.support.peers import (
     qemu_check,
     qemu_img,
     qemu_io,
+    qemu_io_holding,
     qemu_raw,
 )
 from tests.support.reliability import Daemon, start_daemon
@@ -200,18 +199,9 @@ def test_commit_refused_while_served_or_held(tmp_path: Path, daemons: list[Daemo
         p = cowd("commit", *flags, "top.qcow2", rc=1, cwd=tmp_path)
         assert "in use" in p.stderr and len(p.stderr.splitlines()) == 1
     d.stop()
-    holder = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "sleep 60000",
-                               str(tmp_path / "base.raw")], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
+    with qemu_io_holding(tmp_path / "base.raw", fmt="raw"):
         p = cowd("commit", "top.qcow2", rc=1, cwd=tmp_path)
         assert "in use" in p.stderr and "base.raw" in p.stderr
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.kill()
-        holder.wait(timeout=10)
     for n, data in snapshot.items():
         assert (tmp_path / n).read_bytes() == data, n
 

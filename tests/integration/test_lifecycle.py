@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from tests.support.peers import (
     qemu_check,
     qemu_img,
     qemu_io,
+    qemu_io_holding,
     qemu_raw,
     sha256,
 )
@@ -226,18 +226,7 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
     img = tmp_path / "held.qcow2"
     qemu_img("create", "-f", "qcow2", img, "1M")
     before = img.read_bytes()
-    # qemu-io reading commands from a pipe we keep open: it holds the image until we close it.
-    holder = subprocess.Popen(["qemu-io", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # Until qemu-io holds its locks, watched in /proc/locks: probing with qemu-img info
-        # would take a lock itself, and a qemu-io starting at that instant fails to open.
-        ino = img.stat().st_ino
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _ofd_locked(ino):
-            assert holder.poll() is None, "qemu-io exited before it held the image"
-            time.sleep(0.05)
-        assert _ofd_locked(ino), "qemu-io never took the image's lock"
+    with qemu_io_holding(img):
         p = cowd("resize", img, "+1M", rc=1)
         assert "in use" in p.stderr and len(p.stderr.splitlines()) == 1
         p = cowd("resize", "--shrink", img, "512k", rc=1)
@@ -246,24 +235,7 @@ def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:
             p = cowd(cmd, img, rc=1)
             assert "--force-share" in p.stderr
             cowd(cmd, "-U", img)
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.kill()
-        holder.wait(timeout=10)
     assert img.read_bytes() == before
-
-
-def _ofd_locked(ino: int) -> bool:
-    """Whether an OFD lock (qemu's image locks) is held on a file of inode ``ino``."""
-    # /proc/locks: "1: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (major:minor:inode)
-    with open("/proc/locks") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 5 and fields[1] == "OFDLCK" and \
-                    fields[5].rsplit(":", 1)[-1] == str(ino):
-                return True
-    return False
 
 
 # ---- VHD growth (qemu's vpc driver cannot resize: qemu and libvhdi read the result) -------

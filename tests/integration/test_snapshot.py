@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.support import killpoints
-from tests.support.peers import cowd_cli, qemu_check, qemu_img, qemu_io, qemu_raw
+from tests.support.peers import cowd_cli, qemu_check, qemu_img, qemu_io, qemu_io_holding, qemu_raw
 
 pytestmark = pytest.mark.qemu
 
@@ -94,23 +93,10 @@ def test_snapshot_errors(tmp_path: Path) -> None:
     assert "snapshot" in p.stderr and len(p.stderr.splitlines()) == 1
     p = cowd("snapshot", img, rc=2)  # no action
     assert len(p.stderr.splitlines()) == 1
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            if qemu_img("info", img, check=False).returncode:
-                break
-            import time
-
-            time.sleep(0.05)
+    with qemu_io_holding(img):
         p = cowd("snapshot", "-c", "x", img, rc=1)
         assert "in use" in p.stderr
         cowd("snapshot", "-l", "-U", img)
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.kill()
-        holder.wait(timeout=10)
 
 
 # ---- killed mid-way ----------------------------------------------------------------------

@@ -4,12 +4,15 @@ qemu cannot follow), the skip reasons when one is missing, and the command a use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,37 @@ def _unmount(mnt: Path) -> None:
                                timeout=30).returncode == 0:
         return
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: str | os.PathLike[str], fmt: str | None = None) -> Iterator[None]:
+    """qemu-io holding ``image`` open for writing (its OFD image locks taken: watched in
+    /proc/locks, since probing with qemu-img would take a lock itself) until the block ends."""
+    ino = os.stat(image).st_ino
+    holder = subprocess.Popen(["qemu-io", *(["-f", fmt] if fmt else []), os.fspath(image)],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ofd_locked(ino):
+            assert holder.poll() is None, "qemu-io exited before it held the image"
+            time.sleep(0.05)
+        assert ofd_locked(ino), "qemu-io never took the image's lock"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def ofd_locked(ino: int) -> bool:
+    """Whether an OFD lock (qemu's image locks) is held on a file of inode ``ino``."""
+    # /proc/locks: "1: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (major:minor:inode)
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "OFDLCK" and \
+                    fields[5].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
