@@ -68,7 +68,10 @@ class Cgroup:
     pressure_file: str  # memory.events (v2: "max N") or memory.failcnt (v1)
 
     def add(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        """Move ``pid`` here; one that has exited meanwhile (a short-lived child of the
+        daemon's) needs no moving."""
+        with contextlib.suppress(ProcessLookupError):
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
 
     def limit(self, nbytes: int | None) -> None:
         value = str(nbytes) if nbytes is not None else (
@@ -219,8 +222,13 @@ def process_tree(pid: int) -> list[int]:
 
 
 def task_flags(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[6])  # field 9, after comm's parenthesis
+    """The task flags of ``pid`` (field 9 of /proc/PID/stat); IO_FLUSHER's for a process that
+    has exited meanwhile (a short-lived child: nothing left to check)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return IO_FLUSHER
+    return int(stat[stat.rindex(")") + 2:].split()[6])  # after comm's parenthesis
 
 
 WHERE = ["writers", "daemon-too"] if can_set_io_flusher() else ["writers"]
