@@ -14,28 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import reliability
-from tests.support.peers import COWD, need, qemu_check, qemu_img
+from tests.support.peers import COWD, QemuHolder, lock_bytes, need, qemu_check, qemu_img
 from tests.support.reliability import Daemon, start_daemon
 
 daemons = reliability.daemons  # the fixture: the daemons a test started, killed at teardown
 
 pytestmark = pytest.mark.qemu
-
-
-def lock_bytes(path: Path) -> list[tuple[str, int, int]]:
-    """(mode, start, end) of the OFD locks on ``path`` from /proc/locks."""
-    import os
-
-    st = os.stat(path)
-    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    out = []
-    with open("/proc/locks") as f:
-        for line in f:
-            p = line.split()
-            if "OFDLCK" in p and ident in p:
-                i = p.index(ident)
-                out.append((p[i - 2], int(p[i + 1]), int(p[i + 2])))
-    return sorted(out)
 
 
 def expand(locks: list[tuple[str, int, int]]) -> set[int]:
@@ -52,39 +36,12 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     return base, ov
 
 
-class QemuHolder:
-    """qemu-io keeping an image open until its stdin closes."""
-
-    def __init__(self, *args: str | Path):
-        need("qemu-io")
-        self.p = subprocess.Popen(["qemu-io", *map(str, args)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait_locked(self, path: Path) -> list[tuple[str, int, int]]:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            locks = lock_bytes(path)
-            if locks:
-                return locks
-            assert self.p.poll() is None, f"qemu-io exited {self.p.returncode}"
-            time.sleep(0.02)
-        raise AssertionError("qemu-io took no locks")
-
-    def close(self) -> None:
-        if self.p.stdin:
-            self.p.stdin.close()
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-
-
 @pytest.mark.timeout(60)
 def test_served_overlay_is_locked_like_qemu(images: tuple[Path, Path], tmp_path: Path,
                                             daemons: list[Daemon]) -> None:
     base, ov = images
     # The bytes qemu-io takes as a writer of a qcow2 and as its base's reader.
+    need("qemu-io")
     q = QemuHolder(ov)
     qemu_top, qemu_base = expand(q.wait_locked(ov)), expand(lock_bytes(base))
     q.close()
@@ -146,6 +103,7 @@ def _serve_refused(ov: Path, tmp_path: Path) -> str:
 @pytest.mark.timeout(60)
 def test_serve_refuses_an_image_qemu_writes(images: tuple[Path, Path], tmp_path: Path) -> None:
     base, ov = images
+    need("qemu-io")
     q = QemuHolder(ov)
     q.wait_locked(ov)
     try:

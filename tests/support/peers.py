@@ -187,35 +187,57 @@ def _unmount(mnt: Path) -> None:
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
-@contextlib.contextmanager
-def qemu_io_holding(image: str | os.PathLike[str], fmt: str | None = None) -> Iterator[None]:
-    """qemu-io holding ``image`` open for writing (its OFD image locks taken: watched in
-    /proc/locks, since probing with qemu-img would take a lock itself) until the block ends."""
-    ino = os.stat(image).st_ino
-    holder = subprocess.Popen(["qemu-io", *(["-f", fmt] if fmt else []), os.fspath(image)],
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not ofd_locked(ino):
-            assert holder.poll() is None, "qemu-io exited before it held the image"
-            time.sleep(0.05)
-        assert ofd_locked(ino), "qemu-io never took the image's lock"
-        yield
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.kill()
-        holder.wait(timeout=10)
 
-
-def ofd_locked(ino: int) -> bool:
-    """Whether an OFD lock (qemu's image locks) is held on a file of inode ``ino``."""
-    # /proc/locks: "1: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (major:minor:inode)
+def lock_bytes(path: Path) -> list[tuple[str, int, int]]:
+    """(mode, start, end) of the OFD locks (qemu's image locks) on ``path`` from
+    /proc/locks."""
+    st = os.stat(path)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
     with open("/proc/locks") as f:
         for line in f:
-            fields = line.split()
-            if len(fields) > 5 and fields[1] == "OFDLCK" and \
-                    fields[5].rsplit(":", 1)[-1] == str(ino):
-                return True
-    return False
+            p = line.split()
+            if "OFDLCK" in p and ident in p:
+                i = p.index(ident)
+                out.append((p[i - 2], int(p[i + 1]), int(p[i + 2])))
+    return sorted(out)
+
+
+class QemuHolder:
+    """qemu-io keeping an image open until its stdin closes."""
+
+    def __init__(self, *args: str | Path):
+        self.p = subprocess.Popen(["qemu-io", *map(str, args)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_locked(self, path: Path, within_s: float = 10.0) -> list[tuple[str, int, int]]:
+        """The locks on ``path`` once qemu-io holds some (watched in /proc/locks: probing
+        with qemu-img would take a lock itself)."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            locks = lock_bytes(path)
+            if locks:
+                return locks
+            assert self.p.poll() is None, f"qemu-io exited {self.p.returncode}"
+            time.sleep(0.02)
+        raise AssertionError("qemu-io took no locks")
+
+    def close(self) -> None:
+        if self.p.stdin:
+            self.p.stdin.close()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: Path, fmt: str | None = None) -> Iterator[None]:
+    """qemu-io holding ``image`` open for writing, its locks taken, until the block ends."""
+    holder = QemuHolder(*(["-f", fmt] if fmt else []), image)
+    try:
+        holder.wait_locked(image, within_s=60)
+        yield
+    finally:
+        holder.close()
