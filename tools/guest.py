@@ -35,10 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "guest"
 KMOD = ROOT / "kmod"
 
-# The guest's Python gets cowd's runtime dependencies: pyproject's `dependencies` and theirs
-# (:func:`runtime_packages`), so a new dependency reaches the guest without an edit here (a
-# fixed list once missed urllib3 and xxhash, and every guest attach failed on the import).
-
 # Parts of the standard library cowd never imports (with stripping, the tar is ~35 MB).
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
                "ensurepip", "lib2to3", "pydoc_data", "unittest", "__phello__"}
@@ -89,7 +85,9 @@ def _site_dirs() -> list[Path]:
 def runtime_packages() -> set[str]:
     """The top-level import names of cowd's runtime dependencies (pyproject.toml's
     ``dependencies``) and of theirs, transitively through their installed metadata
-    (requirements whose environment marker does not hold here are left out)."""
+    (requirements whose environment marker does not hold here are left out): what the
+    guest's Python is given, so a new dependency reaches the guest without an edit here (a
+    fixed list once missed urllib3 and xxhash, and every guest attach failed on the import)."""
     from packaging.markers import Marker  # pytest's own dependency, in every venv we run in
 
     def name_of(req: str) -> str | None:

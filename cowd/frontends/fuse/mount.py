@@ -124,7 +124,6 @@ async def mount_is_dead(mountpoint: str, answer_within_s: float) -> bool:
         return await trio.to_thread.run_sync(probe, abandon_on_cancel=True) in (
             errno.ENOTCONN, errno.ECONNABORTED)
     return False
-    return False
 
 
 async def mount_syscall(fd: int, mountpoint: str, source: str, opts: str) -> None:
