@@ -229,11 +229,17 @@ def vhd_case(a: Attack) -> Case:
 CASES = {"backing": backing_case, "data-file": data_file_case, "vhd-parent": vhd_case}
 
 
-def library_race(c: Case, opens: int) -> tuple[int, int]:
+def library_race(c: Case, opens: int, until_both_s: float = 120) -> tuple[int, int]:
     """Open and read the chain ``opens`` times in this process (the tightest race there
-    is); (good reads, refusals)."""
+    is), and on until both outcomes were seen or ``until_both_s`` passed; (good reads,
+    refusals).  A VHD has several parent locators and a refused one falls through to the
+    next, so a refusal needs the swap to catch every locator's open: on a loaded machine
+    3000 opens once saw none."""
     good = refused = 0
-    for _ in range(opens):
+    deadline = time.monotonic() + until_both_s
+    n = 0
+    while n < opens or (not (good and refused) and time.monotonic() < deadline):
+        n += 1
         try:
             img = formats.open_image(str(c.top))
         except FormatError as e:
