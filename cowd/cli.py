@@ -116,7 +116,8 @@ def attach_cmd(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):
         raise CommandFailed(f"{args.image}: no such image file")
-    att = client.client_attach(RunDir.at(args.run_dir), image, via, args.readonly, _say, **kmod)
+    att = client.client_attach(RunDir.at(args.run_dir), image, via, args.readonly, _say,
+                               not args.no_boot_trace, **kmod)
     print(json.dumps(att, indent=2) if args.output == "json" else att["device"])
     return 0
 
@@ -176,6 +177,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
+                          boot_trace=not args.no_boot_trace,
                           exit_when_idle=background and not args.no_idle_exit,
                           workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
