@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cliargs import ALLOW_DEVICE_ENV, ALLOW_OUTSIDE_ENV, build_parser, env_flag
 from .errors import CommandFailed, CowdError, UsageError
@@ -222,6 +222,9 @@ def format_stats(doc: dict[str, object]) -> str:
         lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
         if d.get("prime_seconds") is not None:
             lines.append(f"  primed in {d['prime_seconds']:.3f} s")
+        bt = d.get("boot_trace")
+        if isinstance(bt, dict):
+            lines.append(format_boot_trace(bt))
     remote = doc.get("remote")
     if isinstance(remote, dict):
         for b in remote.get("bases", []):
@@ -230,6 +233,18 @@ def format_stats(doc: dict[str, object]) -> str:
                          f"cache holds {b['held_bytes']} of {b['size']} bytes "
                          f"({b['cache']}), retries {b['retries']}, failures {b['failures']}")
     return "\n".join(lines)
+
+
+def format_boot_trace(bt: dict[str, Any]) -> str:
+    """One line of a disk's boot trace (cowd/disk/boottrace.py) for `cowd stats`."""
+    def share(v: object) -> str:
+        return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "-"
+
+    return (f"  boot trace: {bt['state']}, {bt['entries']} entries; this boot read "
+            f"{bt['base_granules_read']} base granules, {bt['covered']} traced "
+            f"({share(bt['covered_share'])}), {bt['prefetched_before_read']} prefetched "
+            f"before read ({share(bt['prefetched_before_read_share'])}); prefetch "
+            f"{bt['prefetch']} ({bt['prefetched']} granules); saved: {bt['saved']}")
 
 
 def version_text() -> str:
