@@ -56,6 +56,7 @@ were seen.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import struct
@@ -348,6 +349,7 @@ class BootTrace:
             return
         if self.loaded_valid:
             self.saved = "kept the loaded trace"
+            self._log_summary()
             return
         if not self.touched:
             self.saved = "nothing read from the base"
@@ -367,6 +369,12 @@ class BootTrace:
             return
         self.saved = f"wrote {len(order)} granules"
         log.info("%s: boot trace written (%d granules)", path, len(order))
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        """One line at close (tools/vm/bench_boot.py reads it): this boot's figures."""
+        log.info("%s: boot trace at close: %s", self.base_path,
+                 json.dumps(self.stats(), sort_keys=True))
 
     # -- reporting --------------------------------------------------------------------------
 
