@@ -56,6 +56,7 @@ were seen.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -90,6 +91,9 @@ MAX_TRACE_BYTES = HEADER.size + 4 * MAX_TRACE_ENTRIES + CHECKSUM.size
 # Prefetch reads in flight at once, and the most bytes one reads (adjacent granules merged).
 PREFETCH_IN_FLIGHT = 2
 PREFETCH_RUN_BYTES = 1 << 20
+
+
+_TMP_SEQ = itertools.count()
 
 
 class TraceError(ValueError):
@@ -169,7 +173,8 @@ def read_trace(path: str, identity: BaseIdentity) -> tuple[int, list[int]]:
 def write_trace(path: str, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``: temp file, fsync, rename, fsync folder."""
     folder = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # Unique per process and call: two disks of one base may close at the same time.
+    tmp = f"{path}.tmp-{os.getpid()}-{next(_TMP_SEQ)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o644)
     try:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from cowd.disk.boottrace import TRACE_GRANULE_BYTES, BaseIdentity, decode, read_trace
+from cowd.disk.boottrace import (
+    TRACE_GRANULE_BYTES,
+    BaseIdentity,
+    decode,
+    encode,
+    read_trace,
+    write_trace,
+)
 from tests.support import nbdserve
 from tests.support.attach import Env, attach_problem
 from tests.support.nbdserve import Served, nbdsh
@@ -64,9 +71,13 @@ def _convert(d: Served, tmp: Path, name: str) -> bytes:
     return out.read_bytes()
 
 
+def _identity(base: Path) -> BaseIdentity:
+    with open(base, "rb") as f:
+        return BaseIdentity.of_fd(f.fileno())
+
+
 def _trace(base: Path) -> list[int]:
-    granule, indices = read_trace(str(base) + ".cowd-trace",
-                                  BaseIdentity.of_fd(os.open(base, os.O_RDONLY)))
+    granule, indices = read_trace(str(base) + ".cowd-trace", _identity(base))
     assert granule == G
     return indices
 
@@ -247,3 +258,17 @@ def test_fuse_attach_records_and_prefetches(tmp_path: Path) -> None:
         bt = next(iter(env.stats()["disks"].values()))["boot_trace"]  # type: ignore[union-attr]
         assert bt["prefetched_before_read"] >= len(ORDER), bt
         env.detach(dev)
+
+
+def test_write_trace_is_atomic_and_read_trace_follows_no_symlink(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    ident = _identity(base)
+    path = str(base) + ".cowd-trace"
+    write_trace(path, encode(ident, G, [3, 1, 2]))
+    write_trace(path, encode(ident, G, [4]))  # replaces it
+    assert read_trace(path, ident) == (G, [4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.raw", "base.raw.cowd-trace"]
+    link = tmp_path / "link.raw.cowd-trace"
+    link.symlink_to(path)
+    with pytest.raises(OSError):
+        read_trace(str(link), ident)
