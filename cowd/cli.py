@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cliargs import ALLOW_DEVICE_ENV, ALLOW_OUTSIDE_ENV, build_parser, env_flag
 from .errors import CommandFailed, CowdError, UsageError
@@ -116,7 +116,8 @@ def attach_cmd(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):
         raise CommandFailed(f"{args.image}: no such image file")
-    att = client.client_attach(RunDir.at(args.run_dir), image, via, args.readonly, _say, **kmod)
+    att = client.client_attach(RunDir.at(args.run_dir), image, via, args.readonly, _say,
+                               not args.no_boot_trace, **kmod)
     print(json.dumps(att, indent=2) if args.output == "json" else att["device"])
     return 0
 
@@ -176,6 +177,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           readonly=args.readonly, cache_entries=args.cache_entries,
                           cache_max_age_s=args.cache_max_age,
                           readahead_clusters=args.readahead, prime=not args.no_prime,
+                          boot_trace=not args.no_boot_trace,
                           exit_when_idle=background and not args.no_idle_exit,
                           workers=args.workers,
                           pid_wait_s=PID_WAIT_S if background else 1.0,
@@ -220,6 +222,9 @@ def format_stats(doc: dict[str, object]) -> str:
         lines.append("  ops:   " + ", ".join(f"{k}={v}" for k, v in d["ops"].items()))
         if d.get("prime_seconds") is not None:
             lines.append(f"  primed in {d['prime_seconds']:.3f} s")
+        bt = d.get("boot_trace")
+        if isinstance(bt, dict):
+            lines.append(format_boot_trace(bt))
     remote = doc.get("remote")
     if isinstance(remote, dict):
         for b in remote.get("bases", []):
@@ -228,6 +233,18 @@ def format_stats(doc: dict[str, object]) -> str:
                          f"cache holds {b['held_bytes']} of {b['size']} bytes "
                          f"({b['cache']}), retries {b['retries']}, failures {b['failures']}")
     return "\n".join(lines)
+
+
+def format_boot_trace(bt: dict[str, Any]) -> str:
+    """One line of a disk's boot trace (cowd/disk/boottrace.py) for `cowd stats`."""
+    def share(v: object) -> str:
+        return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "-"
+
+    return (f"  boot trace: {bt['state']}, {bt['entries']} entries; this boot read "
+            f"{bt['base_granules_read']} base granules, {bt['covered']} traced "
+            f"({share(bt['covered_share'])}), {bt['prefetched_before_read']} prefetched "
+            f"before read ({share(bt['prefetched_before_read_share'])}); prefetch "
+            f"{bt['prefetch']} ({bt['prefetched']} granules); saved: {bt['saved']}")
 
 
 def version_text() -> str:

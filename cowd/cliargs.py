@@ -272,6 +272,7 @@ def build_parser() -> Parser:
                    "file under a loop device, /dev/loopN); auto takes the first this kernel "
                    "supports and says which (default: auto)")
     a.add_argument("--readonly", action="store_true", help="attach read-only")
+    _boot_trace_option(a)
     a.add_argument("--kmod-entries", type=_count(4, 1 << 22), default=None, metavar="N",
                    help="--via kmod: the kernel's remap table bound in clusters (default "
                    "1048576, 4 to 4194304); a disk with more clusters is served with "
@@ -360,6 +361,13 @@ def _run_dir_option(p: argparse.ArgumentParser) -> None:
                    "(default $COWD_RUN_DIR or /run/cowd)")
 
 
+def _boot_trace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-boot-trace", action="store_true",
+                   help="neither record the base's first reads into BASE.cowd-trace nor "
+                   "prefetch from that trace (default: both, where the base's folder is "
+                   "writable)")
+
+
 def _daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=default_run_dir(),
                    help="where the control socket lives (default $COWD_RUN_DIR or /run/cowd)")
@@ -373,6 +381,7 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
                    help="clusters resolved ahead on a sequential miss (default 16)")
     p.add_argument("--no-prime", action="store_true",
                    help="do not fill the remap cache from the metadata at start")
+    _boot_trace_option(p)
     p.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
                    help="serve NBD connections (and --via nbd devices) from N worker "
                    "processes; 0 serves them in the daemon itself (default auto: one per "

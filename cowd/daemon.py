@@ -73,6 +73,9 @@ class DaemonConfig:
     cache_max_age_s: float = 600.0
     readahead_clusters: int = 16
     prime: bool = True
+    # Boot-trace priming (cowd/disk/boottrace.py): record the base's first touches, prefetch
+    # from the trace a disk of the same base left.
+    boot_trace: bool = True
     exit_when_idle: bool = False  # the background daemon `cowd attach` starts
     pid_wait_s: float = 1.0  # how long to wait for a previous owner of the run dir
     # What the files the served images name may reach (formats/opener.py): confined to each
@@ -98,6 +101,7 @@ class Daemon:
     attacher: Attacher | None = None
     cleanup: list[str] = field(default_factory=list)  # what start-up cleaned up
     request_stop: Callable[[], None] = lambda: None
+    nursery: trio.Nursery | None = None  # where disks' boot-trace prefetches run
 
     def name_taken(self, name: str) -> bool:
         return name in self.disks or (self.attacher is not None
@@ -109,11 +113,15 @@ class Daemon:
             raise UsageError(f"{path}: another served image is also called {name!r}")
         return name
 
-    async def open_disk(self, path: str, readonly: bool) -> Disk:
+    async def open_disk(self, path: str, readonly: bool, boot_trace: bool = True) -> Disk:
         disk = await Disk.open(path, pool=self.pool, cache=self.cache,
                                readonly=self.config.readonly or readonly,
                                readahead_clusters=self.config.readahead_clusters,
-                               policy=self.config.policy)
+                               policy=self.config.policy,
+                               boot_trace=self.config.boot_trace and boot_trace)
+        # The prefetch first: priming reads metadata, the trace's reads are the guest's data.
+        if self.nursery is not None:
+            disk.trace.start(self.nursery)
         if self.config.prime:
             try:
                 await disk.prime()
@@ -155,7 +163,8 @@ class Daemon:
         return {"pid": os.getpid(), "disks": attached + exported}
 
     async def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
-        await trio.lowlevel.checkpoint()
+        # First: the workers' stats bring their boot-trace first touches to the disks.
+        workers = await self.workers.stats() if self.workers is not None else None
         disks = {name: {**d.stats(), "frontend": "nbd-export"} for name, d in self.disks.items()}
         fuse = None
         if self.attacher is not None:
@@ -168,7 +177,7 @@ class Daemon:
             if self.attacher.fuse is not None:
                 fuse = self.attacher.fuse.stats()
         nbd = dict(self.nbd.counters) if self.nbd is not None else None
-        workers = await self.workers.stats() if self.workers is not None else None
+        await trio.lowlevel.checkpoint()
         if workers is not None:
             nbd = _sum_worker_stats(workers, disks)
         return {
@@ -320,7 +329,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         pool = ImagePool()
         cache = RemapCache(max_entries=config.cache_entries, max_age_s=config.cache_max_age_s)
         daemon = Daemon(config, pool, cache, cleanup=done.lines(run),
-                        request_stop=lambda: services.start_soon(_stop_soon, stop))
+                        request_stop=lambda: services.start_soon(_stop_soon, stop),
+                        nursery=services)
         for line in daemon.cleanup:
             log.info("cleaned up after a dead daemon: %s", line)
         stack.push_async_callback(daemon.close_shielded)  # runs late: flush and close disks
@@ -407,6 +417,7 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         await attacher.quiesce()
         await nbd.shutdown(DRAIN_TIMEOUT_S)
         if workers is not None:
+            await workers.stats()  # their last boot-trace first touches, before they go
             await workers.stop()
     log.info("stopped")
 

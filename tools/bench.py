@@ -32,7 +32,8 @@ SUITES = {
             "qemu-img bench)"),
     "convert": ("tools.bench_convert", "cowd convert against qemu-img convert (also: "
                 "formats --convert)"),
-    "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy"),
+    "boot": ("tools.vm.bench_boot", "VM boots from a cowd disk against a raw copy (--trace: "
+             "with and without boot-trace priming, cache dropped)"),
     "remote": ("tools.bench_remote", "first boot and a small-file read over a remote base "
                "(nbdkit with 10/50 ms latency), cold and warm cache, against copying the "
                "base first and qemu alone"),

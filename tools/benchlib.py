@@ -201,10 +201,11 @@ def parse_size(text: str) -> int:
 
 # ---- the page cache and CPU counters ---------------------------------------------------------
 
-def drop_caches() -> None:
-    """Write back and drop the page cache (root only: OSError otherwise)."""
+def drop_caches(what: int = 3) -> None:
+    """Write back and drop the page cache (root only: OSError otherwise); ``what`` is the
+    kernel's: 1 the page cache only, 3 also dentries and inodes."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text(f"{what}\n")
 
 
 def cpu_ticks(pid: int) -> int:

@@ -85,7 +85,7 @@ class Attachment:
             rec["tid"] = self.nbd.tid[0]  # what sysfs shows as the device's pid
         return rec
 
-OpenDisk = Callable[[str, bool], Awaitable[Disk]]
+OpenDisk = Callable[[str, bool, bool], Awaitable[Disk]]  # (image, readonly, boot_trace)
 
 
 class Attacher:
@@ -192,6 +192,10 @@ class Attacher:
         entries = req.get("kmod_entries", DEFAULT_MAX_ENTRIES)
         timeout_ms = req.get("kmod_timeout_ms", DEFAULT_DAEMON_TIMEOUT_MS)
         pool = req.get("kmod_pool", -1)  # -1: the default size
+        boot_trace = req.get("boot_trace", True)
+        if not isinstance(boot_trace, bool):
+            raise UsageError(f"attach: boot_trace must be true or false "
+                             f"(boot_trace={boot_trace!r})")
         for name, v, low, top in (
                 ("kmod_entries", entries, abi.MIN_ENTRIES, abi.MAX_ENTRIES),
                 ("kmod_timeout_ms", timeout_ms, 1, abi.MAX_TIMEOUT_MS),
@@ -210,11 +214,12 @@ class Attacher:
                 try:
                     if via == "kmod":
                         att = await self._attach_kmod(image, readonly, max_entries=entries,
-                                                      timeout_ms=timeout_ms, pool=pool)
+                                                      timeout_ms=timeout_ms, pool=pool,
+                                                      boot_trace=boot_trace)
                     elif via == "nbd":
-                        att = await self._attach_nbd(image, readonly)
+                        att = await self._attach_nbd(image, readonly, boot_trace)
                     else:
-                        att = await self._attach(image, readonly)
+                        att = await self._attach(image, readonly, boot_trace)
                 finally:
                     self.after_change()
         return {"attached": att.record()}
@@ -234,7 +239,7 @@ class Attacher:
     async def _attach_kmod(self, image: str, readonly: bool, take_over: int = -1, *,
                            max_entries: int = DEFAULT_MAX_ENTRIES,
                            timeout_ms: int = DEFAULT_DAEMON_TIMEOUT_MS,
-                           pool: int = -1) -> Attachment:
+                           pool: int = -1, boot_trace: bool = True) -> Attachment:
         """Attach through the kernel shim: /dev/cowdN, its channel served in the daemon's
         nursery, the kernel's remap table (``max_entries`` clusters) primed; without a
         daemon its misses wait ``timeout_ms`` for a new one; ``pool`` clusters lent to the
@@ -246,7 +251,7 @@ class Attacher:
         if problem is not None:
             raise CommandFailed(f"--via kmod: {problem}")
         name = self._name_for(image)
-        disk = await self.open_disk(image, readonly)
+        disk = await self.open_disk(image, readonly, boot_trace)
         try:
             if take_over >= 0:
                 kdev = KmodDevice.take_over(disk, take_over)
@@ -277,7 +282,8 @@ class Attacher:
                  kdev.prime_seconds or 0.0)
         return att
 
-    async def _attach_nbd(self, image: str, readonly: bool) -> Attachment:
+    async def _attach_nbd(self, image: str, readonly: bool, boot_trace: bool = True
+                          ) -> Attachment:
         """Attach through the kernel's nbd client: the Disk is an export of this attacher's
         NBD server, served over a socketpair whose other end /dev/nbdN reads."""
         real = await self._check_new(image)
@@ -285,7 +291,7 @@ class Attacher:
         if problem is not None:
             raise CommandFailed(f"--via nbd: {problem}")
         name = self._name_for(image)
-        disk = await self.open_disk(image, readonly)
+        disk = await self.open_disk(image, readonly, boot_trace)
         try:
             if self.nbd_server is None:
                 self.nbd_server = NbdServer(self.nbd_disks)
@@ -343,10 +349,10 @@ class Attacher:
                 log.warning("could not take over %s (%s): %s", dev, image, e)
         return lines
 
-    async def _attach(self, image: str, readonly: bool) -> Attachment:
+    async def _attach(self, image: str, readonly: bool, boot_trace: bool = True) -> Attachment:
         real = await self._check_new(image)
         name = self._name_for(image)
-        disk = await self.open_disk(image, readonly)
+        disk = await self.open_disk(image, readonly, boot_trace)
         workers = self.workers
         try:
             fe = await self._frontend()
@@ -436,6 +442,7 @@ class Attacher:
                         att.file, RELEASE_TIMEOUT_S)
         await fe.remove_disk(att.name, force=True)
         if self.workers is not None:
+            await self.workers.stats()  # their boot-trace first touches, before they forget
             self.workers.remove_disk(att.disk)
         await self._forget(att)
 
@@ -468,6 +475,7 @@ class Attacher:
         await ndev.disconnect()
         self.nbd_disks.pop(att.name, None)
         if self.workers is not None:
+            await self.workers.stats()  # their boot-trace first touches, before they forget
             self.workers.remove_disk(att.disk)
         await self._forget(att)
 

@@ -106,14 +106,16 @@ def ensure_daemon(run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def client_attach(run: RunDir, image: str, via: str, readonly: bool,
-                  say: Callable[[str], None], **kmod: int) -> dict[str, Any]:
+                  say: Callable[[str], None], boot_trace: bool = True,
+                  **kmod: int) -> dict[str, Any]:
     """Attach ``image`` through the run dir's daemon (started if none runs); ``kmod``:
     kmod_entries / kmod_timeout_ms for --via kmod."""
     for _ in range(ATTACH_ATTEMPTS):
         ensure_daemon(run, say)
         try:
             reply = control.request(run.control, "attach", timeout=ATTACH_REQUEST_TIMEOUT_S,
-                                    image=image, via=via, readonly=readonly, **kmod)
+                                    image=image, via=via, readonly=readonly,
+                                    **({} if boot_trace else {"boot_trace": False}), **kmod)
         except DaemonUnavailable:
             # It was exiting (its last disk was just detached): wait and start another.
             wait_gone(run, EXIT_WAIT_S)

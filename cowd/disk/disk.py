@@ -87,6 +87,7 @@ from formats.remote import NotCached
 from ..remap import RemapCache
 from .api import MAX_REQUEST_BYTES, DiskError
 from .backing_io import WouldBlock, pwrite_from
+from .boottrace import BootTrace
 from .chain import Chain, ChainFile, InPlace, PlanState, Segment
 from .hooks import DiskHooks
 from .lending import Lending
@@ -114,7 +115,8 @@ OFFLOAD_WRITES = False
 class Disk:
     """One virtual disk served by the daemon; see the module docstring."""
 
-    def __init__(self, chain: Chain, *, readahead_clusters: int, offload_writes: bool):
+    def __init__(self, chain: Chain, *, readahead_clusters: int, offload_writes: bool,
+                 boot_trace: bool = False):
         self.path = chain.path
         self.chain = chain
         self._chain = chain.layers
@@ -152,6 +154,15 @@ class Disk:
             plan_fetching=self._plan_fetching, fetch=self._fetch)
         self.mapping = DiskMap(hooks)  # segments, block status, prefetch, priming
         self.lending = Lending(hooks)  # clusters lent to the kernel shim's pool
+        # Boot-trace priming (cowd/disk/boottrace.py): the bottom layer's reads are noted.
+        bottom = self._chain[-1]
+        why_not = ("no base: a disk of one layer" if len(self._chain) < 2 else
+                   "a remote base" if bottom.remote is not None else None)
+        self._trace_depth = len(self._chain) - 1
+        self._trace_file = bottom.image.file
+        self.trace = BootTrace(None if why_not else bottom.image.file.fd,
+                               None if why_not else bottom.image.path,
+                               enabled=boot_trace and why_not is None, why_not=why_not)
 
     # ---- opening and closing ---------------------------------------------------------------
 
@@ -161,11 +172,14 @@ class Disk:
                    readahead_clusters: int = DEFAULT_READAHEAD_CLUSTERS,
                    fmt: str | None = None,
                    offload_writes: bool = OFFLOAD_WRITES,
-                   policy: OpenPolicy | None = None) -> Disk:
+                   policy: OpenPolicy | None = None,
+                   boot_trace: bool = False) -> Disk:
         """Open ``path`` (writable unless ``readonly``) and its chain, parents from ``pool``.
 
         Format errors propagate as ``formats.FormatError``; serving a file twice, or writing a
-        file that is another disk's parent, is a ``UsageError``.
+        file that is another disk's parent, is a ``UsageError``.  ``boot_trace``: record the
+        base's first touches and load its trace (cowd/disk/boottrace.py; the caller starts
+        the prefetch with ``disk.trace.start(nursery)``).
         """
         await trio.lowlevel.checkpoint()
         warm = None
@@ -187,12 +201,19 @@ class Disk:
         finally:
             if warm is not None:
                 warm.close_chain()
-        return cls(chain, readahead_clusters=readahead_clusters, offload_writes=offload_writes)
+        disk = cls(chain, readahead_clusters=readahead_clusters,
+                   offload_writes=offload_writes, boot_trace=boot_trace)
+        if disk.trace.enabled:
+            await trio.to_thread.run_sync(disk.trace.load)
+        return disk
 
     async def close(self) -> None:
         """Flush (if writable) and release the images.  Idempotent."""
         if self._closed:
             return
+        await self.trace.stop()
+        if self.trace.enabled:
+            await trio.to_thread.run_sync(self.trace.save)
         err: BaseException | None = None
         if not self.readonly and self.corrupt_reason is None:
             try:
@@ -224,6 +245,11 @@ class Disk:
     @property
     def layers(self) -> Sequence[Layer]:
         return tuple(self._chain)
+
+    @property
+    def trace_file(self) -> ChainFile:
+        """The file whose reads the boot trace notes: the bottom layer's."""
+        return self._trace_file
 
     def files(self) -> list[ChainFile]:
         """The chain's open files that can hold data, top first, each once (what the kernel
@@ -430,6 +456,8 @@ class Disk:
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
+        if self.trace.recording:
+            self._note_base(segs)
         self._done_read(req, len(dest))
         if sequential:
             self._streams.advise_ahead(segs, len(dest))
@@ -447,8 +475,17 @@ class Disk:
             return False
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
+        if self.trace.recording:
+            self._note_base(segs)
         self._done_read(PlanState(), len(dest))
         return True
+
+    def _note_base(self, segs: list[Segment]) -> None:
+        """The boot trace's note of the plan's runs in the base's file."""
+        depth, base = self._trace_depth, self._trace_file
+        for seg in segs:
+            if seg.depth == depth and seg.extent.file is base:
+                self.trace.note(seg.file_offset, seg.length)
 
     def _done_read(self, req: PlanState, length: int) -> None:
         self._cache.note_request(req.lookups, self.counters)
@@ -496,6 +533,8 @@ class Disk:
                 self.chain.read_segments(offset, dest, segs, False, owned=True)
         except (FormatError, OSError, ValueError) as e:
             raise self._translate(e) from e
+        if self.trace.recording:
+            self._note_base(segs)
         self._done_read(req, length)
 
     # ---- writing ---------------------------------------------------------------------------
@@ -773,6 +812,7 @@ class Disk:
             "flush_failed": self.flush_failed,
             "readahead_clusters": self.readahead_clusters,
             "prime_seconds": self.prime_seconds,
+            "boot_trace": self.trace.stats(),
             "layers": [
                 {"path": lay.image.path, "format": lay.image.format_name,
                  "layer_id": lay.layer_id, "granule": lay.granule, "shared_by": lay.refs}

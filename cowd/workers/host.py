@@ -424,7 +424,29 @@ class WorkerLink:
                     out["worker"] = await self.queries.wait(cookie)
                 except ConnectionError:
                     pass
+            self._take_touches(out.get("worker"))
         return out
+
+    def _take_touches(self, reply: Any) -> None:
+        """Hand the worker's boot-trace first touches (drained by the query) to the disks,
+        keeping only reads of each disk's base file.  The worker's JSON is checked: it is
+        another process."""
+        disks = reply.get("disks") if isinstance(reply, dict) else None
+        if not isinstance(disks, dict):
+            return
+        for key, d in disks.items():
+            touches = d.pop("first_touches", None) if isinstance(d, dict) else None
+            served = self.pool.disks.get(int(key)) if key.isdigit() else None
+            if not touches or served is None or not isinstance(touches, list):
+                continue
+            disk = served.disk
+            if not disk.trace.recording:
+                continue
+            base = [i for i, f in enumerate(served.files) if f is disk.trace_file]
+            if base:
+                disk.trace.note_worker(
+                    e[:1] + e[2:] for e in touches
+                    if isinstance(e, list) and len(e) == 4 and e[1] == base[0])
 
 
 # ---- the pool ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import enum
 import errno
 import functools
 import os
+import time
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
@@ -30,6 +31,7 @@ import trio
 
 from ..disk.api import MAX_REQUEST_BYTES, DiskError
 from ..disk.backing_io import WouldBlock, pread_into, pwrite_from, zero_fill
+from ..disk.boottrace import MAX_TRACE_ENTRIES, TRACE_GRANULE_BYTES
 from ..disk.streams import Streams
 from . import wire as W
 
@@ -94,6 +96,11 @@ class MappedDisk:
         self.mapping_generation = 0  # bumped by every invalidation
         self.closed = False
         self.readonly_reason: str | None = None
+        # Boot trace (cowd/disk/boottrace.py): first touches of parents' data runs, as
+        # (CLOCK_MONOTONIC ns, file index, file offset, length), drained by the stats query.
+        self._touched: set[tuple[int, int]] = set()
+        self._touches: list[list[int]] = []
+        self.tracing = True
         self.counters = {k: 0 for k in (
             "reads_local", "writes_local", "bytes_read", "bytes_written", "misses",
             "remaps_installed", "invalidations", "evictions", "forwarded_reads",
@@ -197,6 +204,29 @@ class MappedDisk:
         self._fd_writable = [False] * len(self._fds)
         self.clear()
 
+    # ---- boot trace ----------------------------------------------------------------------
+
+    def _touch(self, fd: int, file_offset: int, length: int) -> None:
+        """Note a read of a parent's data (before it is done: a failed read was still
+        asked for).  Only granules first touched here are kept, at most MAX_TRACE_ENTRIES."""
+        g = TRACE_GRANULE_BYTES
+        touched = self._touched
+        for i in range(file_offset // g, (file_offset + length - 1) // g + 1):
+            if (fd, i) not in touched:
+                if len(touched) >= MAX_TRACE_ENTRIES:
+                    self.tracing = False
+                    return
+                touched.add((fd, i))
+                try:
+                    index = self._fds.index(fd)
+                except ValueError:
+                    return
+                self._touches.append([time.monotonic_ns(), index, i * g, g])
+
+    def drain_touches(self) -> list[list[int]]:
+        out, self._touches = self._touches, []
+        return out
+
     # ---- local I/O -----------------------------------------------------------------------
 
     def _in_range(self, offset: int, length: int) -> bool:
@@ -221,6 +251,8 @@ class MappedDisk:
                 if fd == ZERO_FD:
                     zero_fill(view)
                     return Local.DONE
+                if self.tracing and not runs[0].writable:
+                    self._touch(fd, fo, n)
                 try:
                     got = pread_into(fd, view, fo, nowait)
                 except WouldBlock:
@@ -249,6 +281,8 @@ class MappedDisk:
                         zero_fill(view[a - offset:b - offset])
                         continue
                     fo += a - rs
+                    if not _w and self.tracing:
+                        self._touch(fd, fo, b - a)
                     if fd == run_fd and fo == run_fo + run_n and a - offset == run_at + run_n:
                         run_n += b - a
                         continue
@@ -426,7 +460,8 @@ class MappedDisk:
                             f"{os.strerror(reply.errno)}")
 
     def stats(self) -> dict[str, object]:
-        return {"name": self.name, "entries": len(self._table), **self.counters}
+        return {"name": self.name, "entries": len(self._table), **self.counters,
+                "first_touches": self.drain_touches()}
 
 
 __all__ = ["MAX_TABLE_ENTRIES", "ZERO_FD", "ControlPlane", "Local", "MappedDisk", "Run"]

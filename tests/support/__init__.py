@@ -8,6 +8,8 @@ checks it), and nothing here imports a test module.
 - ``attach``: ``cowd attach`` in a run dir of a test's own (``Env``), and why it cannot run.
 - ``reliability``: the daemon as ``cowd serve`` (``start_daemon``, ``wait_listening``, the
   ``daemons`` fixture), the write storm, SIGKILL and the journal's oracle, with tools.stress.
+- ``nbdserve``: ``cowd serve`` driven by real NBD clients (the ``serve`` fixture, in the
+  daemon and from two workers; ``Served``; ``nbdsh``), for the NBD server and boot-trace tests.
 - ``killpoints``: a cowd command killed (SIGKILL) just before its N-th change to a file, for
   the crash tests of the image commands (commit, rebase, resize).
 - ``corpus``: the malformed-image corpus (seeds, cases, what a child does with one);

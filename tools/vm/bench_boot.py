@@ -27,6 +27,13 @@ to --out, a Markdown table to stdout.
 
     .venv/bin/python -m tools.bench boot               # 5 repetitions (~4 min)
     .venv/bin/python -m tools.bench boot --quick       # 1 repetition
+    .venv/bin/python -m tools.bench boot --trace --reps 3   # boot-trace priming (issue 16)
+
+``--trace``: raw against nbd and fuse each with and without the boot trace
+(cowd/disk/boottrace.py), the page cache dropped (``drop_caches`` 1) before every boot; one
+recording boot first (not counted) leaves ``base.img.cowd-trace``, which every traced boot
+loads; the share of each boot's base reads that the trace covered and that were prefetched
+before the guest asked comes from the line the daemon logs when it closes the disk.
 
 Needs root (cowd attach), /dev/fuse, loop devices, qemu-system-x86, linux-image-amd64.
 """
@@ -34,7 +41,9 @@ Needs root (cowd attach), /dev/fuse, loop devices, qemu-system-x86, linux-image-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -43,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +73,9 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
+def one_boot(path: str, work: Path, base: Path, rep: int,
+             cowd_extra: Sequence[str] = (), label: str | None = None,
+             drop: int = 0) -> dict[str, Any]:
     """One first boot on a fresh disk over ``base`` through ``path`` (one of PATHS).  The disk
     is made beside the base (cowd refuses a backing file outside the overlay's directory
     tree) and removed afterwards; initramfs.img must be beside the base (tools/mkbase puts it
@@ -82,9 +94,13 @@ def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
         subprocess.run([*boot.cowd_command(), "create", "--base", str(base), "--overlay",
                         "qcow", "-o", str(disk)], check=True, capture_output=True)
         via = {"qemu-qcow2": "qemu", "nbd": "nbd", "fuse": "fuse"}[path]
-    run_dir = work / f"{path}-{rep}.run"
+    if drop:
+        # Cold: the disk just made (and the base it was copied from) leaves the page cache.
+        benchlib.drop_caches(drop)
+    run_dir = work / f"{label or path}-{rep}.run"
     plan = boot.BootPlan(images=[disk], via=via, run_dir=run_dir,
-                         initrd=where / "initramfs.img")
+                         initrd=where / "initramfs.img", serve_extra=list(cowd_extra),
+                         attach_extra=list(cowd_extra))
     start = time.monotonic()
     try:
         [res] = boot.run_plan(plan)
@@ -100,16 +116,31 @@ def one_boot(path: str, work: Path, base: Path, rep: int) -> dict[str, Any]:
         tail = "\n".join(res.console.splitlines()[-20:])
         raise boot.BootError(f"{path} repetition {rep}: {res.reason} (console: {saved})\n"
                              f"{tail}")
+    trace = _trace_at_close(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"path": path, "rep": rep, "seconds": res.seconds,
+    return {"path": label or path, "rep": rep, "seconds": res.seconds,
             "qemu_seconds": res.total_seconds, "wall_seconds": wall,
-            "qemu_cpu_seconds": res.qemu_cpu_seconds, "loadavg": os.getloadavg()[0]}
+            "qemu_cpu_seconds": res.qemu_cpu_seconds, "loadavg": os.getloadavg()[0],
+            "boot_trace": trace}
 
 
-def summarize(boots: list[dict[str, Any]], reps: int) -> list[dict[str, Any]]:
+def _trace_at_close(run_dir: Path) -> dict[str, Any] | None:
+    """The disk's boot-trace figures that the daemon logged when it closed the disk
+    (cowd/disk/boottrace.py), from `cowd serve`'s log or the attach daemon's."""
+    for name in ("serve.log", "cowd.log"):
+        with contextlib.suppress(OSError):
+            for line in (run_dir / name).read_text(errors="replace").splitlines():
+                if "boot trace at close: " in line:
+                    doc: dict[str, Any] = json.loads(line.split("boot trace at close: ", 1)[1])
+                    return doc
+    return None
+
+
+def summarize(boots: list[dict[str, Any]], reps: int,
+              paths: Sequence[str] = PATHS) -> list[dict[str, Any]]:
     by = {(b["path"], b["rep"]): b for b in boots}
     rows = []
-    for path in PATHS:
+    for path in paths:
         secs = [by[path, r]["seconds"] for r in range(reps)]
         ratios = [by[path, r]["seconds"] / by["raw", r]["seconds"] for r in range(reps)]
         rows.append({"path": path, "median_seconds": statistics.median(secs),
@@ -118,14 +149,39 @@ def summarize(boots: list[dict[str, Any]], reps: int) -> list[dict[str, Any]]:
                      "median_qemu_cpu_seconds": statistics.median(
                          by[path, r]["qemu_cpu_seconds"] for r in range(reps)),
                      "ratio_median": statistics.median(ratios),
-                     "ratio_min": min(ratios), "ratio_max": max(ratios)})
+                     "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "min_seconds": min(secs), "max_seconds": max(secs)})
+        traces = [by[path, r]["boot_trace"] for r in range(reps)
+                  if by[path, r].get("boot_trace")]
+        if traces:
+            rows[-1]["boot_trace"] = {
+                k: statistics.median(t[k] or 0 for t in traces)
+                for k in ("entries", "base_granules_read", "covered", "covered_share",
+                          "prefetched", "prefetched_before_read",
+                          "prefetched_before_read_share")}
     return rows
+
+
+# --trace: the boot-trace priming measurement (issue 16).  Every boot on a fresh overlay of
+# the same base with the page cache dropped first; "-off" boots with --no-boot-trace, "-trace"
+# boots load the trace one recording boot (not counted) left beside the base.
+TRACE_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "raw": ("raw", ()),
+    "nbd-off": ("nbd", ("--no-boot-trace",)),
+    "nbd-trace": ("nbd", ()),
+    "fuse-off": ("fuse", ("--no-boot-trace",)),
+    "fuse-trace": ("fuse", ()),
+}
 
 
 WHAT = {"raw": "qemu, raw copy of the base (baseline)",
         "qemu-qcow2": "qemu opens the qcow2 overlay itself",
         "nbd": "cowd serve + qemu's NBD client",
-        "fuse": "cowd attach --via fuse (/dev/loopN)"}
+        "fuse": "cowd attach --via fuse (/dev/loopN)",
+        "nbd-off": "cowd serve + NBD, --no-boot-trace",
+        "nbd-trace": "cowd serve + NBD, trace loaded",
+        "fuse-off": "cowd attach --via fuse, --no-boot-trace",
+        "fuse-trace": "cowd attach --via fuse, trace loaded"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -138,10 +194,32 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def trace_table(rows: list[dict[str, Any]]) -> str:
+    """--trace: boot time median (min-max), ratio to raw, and the trace's figures."""
+    out = ["| root disk | boot to marker, median (min-max) | / raw, median (min-max) | "
+           "base granules read | traced | prefetched before read |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        bt = r.get("boot_trace")
+        figs = (f"{bt['base_granules_read']:.0f} | {100 * bt['covered_share']:.1f}% | "
+                f"{100 * bt['prefetched_before_read_share']:.1f}% "
+                f"({bt['prefetched_before_read']:.0f} of {bt['prefetched']:.0f} prefetched)"
+                if bt else "- | - | -")
+        out.append(f"| {WHAT[r['path']]} | {r['median_seconds']:.2f} s "
+                   f"({r['min_seconds']:.2f}-{r['max_seconds']:.2f}) | "
+                   f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                   f"{figs} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="one repetition")
+    p.add_argument("--trace", action="store_true",
+                   help="boot-trace priming: raw against nbd and fuse with and without the "
+                   "trace, the page cache dropped before every boot, after one recording "
+                   "boot")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench-boot.json")
     args = p.parse_args()
     reps = 1 if args.quick else args.reps
@@ -153,9 +231,22 @@ def main() -> int:
     try:
         info = image.build(work)
         base = Path(info.base)
+        if args.trace:
+            rec = one_boot("nbd", work, base, 0, label="record", drop=1)
+            trace = base.with_name(base.name + ".cowd-trace")
+            if not trace.exists():
+                raise boot.BootError(f"{trace}: the recording boot left no trace")
+            print(f"recording boot: {rec['seconds']:.2f} s, trace "
+                  f"{rec['boot_trace'] and rec['boot_trace']['saved']}",
+                  file=sys.stderr, flush=True)
+        paths = list(TRACE_PATHS) if args.trace else list(PATHS)
         for rep in range(reps):
-            for path in PATHS:
-                b = one_boot(path, work, base, rep)
+            for path in paths:
+                if args.trace:
+                    via, extra = TRACE_PATHS[path]
+                    b = one_boot(via, work, base, rep, extra, label=path, drop=1)
+                else:
+                    b = one_boot(path, work, base, rep)
                 boots.append(b)
                 print(f"rep {rep} {path}: {b['seconds']:.2f} s to the marker "
                       f"(wall {b['wall_seconds']:.2f} s, qemu CPU "
@@ -169,16 +260,16 @@ def main() -> int:
         return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = summarize(boots, reps)
+    rows = summarize(boots, reps, paths)
     doc = {**benchlib.header(),
            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "kernel_host": platform.release(), "cpu": _cpu_model(),
            "cpus": os.cpu_count(), "guest_kernel": str(boot.DEFAULT_KERNEL),
-           "reps": reps, "summary": rows, "boots": boots}
+           "reps": reps, "trace": args.trace, "summary": rows, "boots": boots}
     benchlib.write_json(args.out, doc, indent=2)
     print(f"{doc['date']}, commit {doc['commit']}, {doc['cpus']} x {doc['cpu']}, "
           f"median of {reps}")
-    print(table(rows))
+    print(trace_table(rows) if args.trace else table(rows))
     return 0
 
 

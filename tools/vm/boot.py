@@ -331,9 +331,10 @@ def _cowd(*args: str, run_dir: Path, timeout: float = 120) -> str:
 
 
 @contextlib.contextmanager
-def cowd_attached(image: Path, via: str, run_dir: Path) -> Iterator[str]:
+def cowd_attached(image: Path, via: str, run_dir: Path,
+                  extra: Sequence[str] = ()) -> Iterator[str]:
     """``cowd attach IMAGE --via VIA`` (a block device) for the block, ``cowd detach`` after."""
-    dev = _cowd("attach", str(image), "--via", via, run_dir=run_dir)
+    dev = _cowd("attach", str(image), "--via", via, *extra, run_dir=run_dir)
     if not dev.startswith("/dev/"):
         raise BootError(f"cowd attach: expected a device, got {dev!r}")
     ok = False
@@ -368,6 +369,7 @@ class BootPlan:
     run_dir: Path | None = None  # default: a fresh temporary directory, removed afterwards
     console_dir: Path | None = None
     serve_extra: list[str] = field(default_factory=list)
+    attach_extra: list[str] = field(default_factory=list)  # fuse, kmod: cowd attach's flags
 
 
 def _kill_stale_qemus(run_dir: Path) -> None:
@@ -447,7 +449,7 @@ def run_plan(plan: BootPlan, say: Callable[[BootResult], None] | None = None
         return res
 
     def one_attached(i: int) -> BootResult:
-        with cowd_attached(images[i], plan.via, run_dir) as dev:
+        with cowd_attached(images[i], plan.via, run_dir, plan.attach_extra) as dev:
             return one(i, block_drive(dev))
 
     try:
