@@ -10,7 +10,9 @@ cache (qemu-nbd's default cache mode), since cowd's data path is buffered pread/
 
 A/B: ``--against OTHER/.venv/bin/cowd`` also runs another checkout's cowd (say, the commit
 before a change) in every repetition, right after this one on a fresh overlay of the same
-base, and reports this cowd / that cowd per workload: a paired ratio from one run.
+base, and reports this cowd / that cowd per workload: a paired ratio from one run.  The
+command runs as given (``--workers`` applies to this cowd only: give the other its own
+options in a wrapper script), started in the work directory.
 
 Usage: python -m tools.bench nbd [--quick] [--size 1G] [--reps 3] [--against COWD]
                                  [--out results/bench-nbd.json]
@@ -93,8 +95,10 @@ class Server:
         self.uri = self.uris[0]
         self.log = work / f"{kind}{tag}.log"
         with open(self.log, "wb") as log:
+            # cwd: the work dir, never a checkout: ``python -m cowd.cli`` puts the cwd first
+            # on sys.path, so an --against command started in this repo would run this code.
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, cwd=work)
         try:
             wait_socket(self.sock, self.proc, START_TIMEOUT_S)
         except RuntimeError as e:
