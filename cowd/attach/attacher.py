@@ -33,8 +33,8 @@ from ..frontends.kmod.channel import (
     DEFAULT_DAEMON_TIMEOUT_MS,
     DEFAULT_MAX_ENTRIES,
     KmodDevice,
-    module_problem,
 )
+from ..frontends.kmod.module import module_problem
 from ..frontends.loop import LoopInfo, is_busy, loop_info, losetup_attach, losetup_detach
 from ..frontends.nbd.attach import NbdDevice, Serve, nbd_problem
 from ..frontends.nbd.server import NbdServer

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ..errors import CommandFailed, UsageError
 from ..frontends.fuse.mount import fuse_problem
-from ..frontends.kmod.channel import kmod_problem
+from ..frontends.kmod.module import kmod_problem
 from ..frontends.nbd.attach import nbd_problem
 
 FRONTENDS = ("kmod", "nbd", "fuse")

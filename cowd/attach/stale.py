@@ -27,7 +27,7 @@ import trio
 from .. import control
 from ..errors import CommandFailed, RequestError, UsageError
 from ..frontends.fuse.mount import mount_is_dead, mounts_at, unmount_stale
-from ..frontends.kmod.channel import remove_device
+from ..frontends.kmod.module import remove_device
 from ..frontends.loop import is_busy, loops_backed_under, losetup_detach
 from ..frontends.nbd.attach import clear_stale, device_index
 from ..rundir import RunDir, lexists, read_state

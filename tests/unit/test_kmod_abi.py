@@ -161,9 +161,9 @@ def test_a_read_mixes_events_and_misses() -> None:
 def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:
     """`make -C kmod` leaves kmod/cowd.ko; the channel must look there, wherever the package
     that holds it sits (a move of cowd/frontends/ once sent it to a folder that never had it)."""
-    from cowd.frontends.kmod import channel
+    from cowd.frontends.kmod import module
 
-    assert HEADER.parent / "cowd.ko" == channel.MODULE_PATH
+    assert HEADER.parent / "cowd.ko" == module.MODULE_PATH
     assert (HEADER.parent / "cowd.c").exists()
 
 

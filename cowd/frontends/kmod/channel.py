@@ -59,10 +59,7 @@ import itertools
 import logging
 import math
 import os
-import shutil
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -70,6 +67,7 @@ import trio
 from ...disk import Adoption, ChainFile, Disk, DiskError, FileRange, Segment
 from ...errors import CommandFailed
 from . import abi
+from .module import channel_version, checked_ioctl, ctl_call, remove_device
 
 log = logging.getLogger("cowd.kmod")
 
@@ -86,9 +84,6 @@ DEFAULT_DAEMON_TIMEOUT_MS = 120_000  # a restarted daemon under load can take ~4
 # Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
 MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
 DEFAULT_GRANULE_BYTES = 64 << 10
-# Where `make -C kmod` leaves the module: kmod/ at the top of the checkout.
-MODULE_PATH = Path(__file__).resolve().parents[3] / "kmod" / "cowd.ko"
-MODULE_WAIT_S = 10.0
 BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
 # The allocation pool: clusters lent to the kernel at a time (what a killed daemon can leak),
 # at most a quarter of the kernel's table (it pins what it allocates until acknowledged, and
@@ -105,111 +100,6 @@ POOL_GROWTH = 4
 ADOPT_CHUNK = 32
 # How long stop_pool waits for the kernel's REVOKED (its drain is of I/O under way: quick).
 REVOKE_TIMEOUT_S = 60.0
-# COWD_KMOD_ABI=1 makes this daemon speak the version-1 ABI (no pool): what an old daemon
-# does, for the tests of the kernel's compatibility and for measurements without the pool.
-ABI_ENV = "COWD_KMOD_ABI"
-
-
-# ---- the module and its control device --------------------------------------------------------
-
-def module_problem() -> str | None:
-    """Why ``--via kmod`` cannot work here (after trying to load the module), or None."""
-    if os.path.exists(abi.CTL_PATH):
-        return None
-    err = load_module()
-    if err is not None:
-        return err
-    return None if os.path.exists(abi.CTL_PATH) else f"{abi.CTL_PATH} did not appear"
-
-
-def load_module() -> str | None:
-    """Load the shim: ``modprobe cowd`` if installed, else ``insmod`` of the module built in
-    this checkout (``make -C kmod``).  Returns why it failed, or None."""
-    release = os.uname().release
-    modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/sbin:/usr/sbin")
-    if modprobe is not None:
-        p = subprocess.run([modprobe, "-q", "cowd"], capture_output=True, timeout=30,
-                           stdin=subprocess.DEVNULL)
-        if p.returncode == 0:
-            return _wait_for_ctl()
-    if not MODULE_PATH.exists():
-        return (f"the kernel shim is not loaded and not built ({MODULE_PATH} absent; "
-                f"run `make -C kmod` against the headers of {release})")
-    insmod = shutil.which("insmod") or shutil.which("insmod", path="/sbin:/usr/sbin")
-    modinfo = shutil.which("modinfo") or shutil.which("modinfo", path="/sbin:/usr/sbin")
-    if insmod is None or modinfo is None:
-        return "insmod/modinfo not found (Debian package kmod)"
-    p = subprocess.run([modinfo, "-F", "vermagic", str(MODULE_PATH)], capture_output=True,
-                       timeout=30, stdin=subprocess.DEVNULL)
-    built_for = (p.stdout.decode(errors="replace").split() or ["?"])[0]
-    if built_for != release:
-        return (f"{MODULE_PATH} is built for kernel {built_for}; this kernel is {release} "
-                f"(and cannot load it: run `make -C kmod KVER={release}` with its headers)")
-    p = subprocess.run([insmod, str(MODULE_PATH)], capture_output=True, timeout=30,
-                       stdin=subprocess.DEVNULL)
-    if p.returncode != 0:
-        msg = p.stderr.decode(errors="replace").strip().splitlines()
-        why = msg[-1] if msg else f"exit status {p.returncode}"
-        return f"insmod {MODULE_PATH} failed on kernel {release}: {why}"
-    return _wait_for_ctl()
-
-
-def _wait_for_ctl() -> str | None:
-    deadline = time.monotonic() + MODULE_WAIT_S
-    while not os.path.exists(abi.CTL_PATH):
-        if time.monotonic() > deadline:
-            return f"module loaded but {abi.CTL_PATH} did not appear in {MODULE_WAIT_S:g} s"
-        time.sleep(0.05)
-    return None
-
-
-def _ioctl(fd: int, request: int, arg: ctypes.Structure, what: str) -> None:
-    try:
-        fcntl.ioctl(fd, request, arg, True)
-    except OSError as e:
-        raise DiskError(e.errno or errno.EIO, f"{abi.CTL_PATH}: {what}: {e.strerror}") from e
-
-
-def _ctl_call(request: int, arg: ctypes.Structure, what: str) -> None:
-    fd = os.open(abi.CTL_PATH, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        _ioctl(fd, request, arg, what)
-    finally:
-        os.close(fd)
-
-
-def module_version(version: int = abi.ABI_VERSION) -> tuple[int, int, str]:
-    """(ABI version, feature bits for ``version``, module version) of the loaded shim."""
-    v = abi.Version(size=ctypes.sizeof(abi.Version), version=version)
-    _ctl_call(abi.CTL_VERSION, v, "version")
-    return v.abi_version, v.features, v.module_version.decode()
-
-
-def channel_version() -> int:
-    """The ABI version this daemon speaks to the loaded module: ours, unless the module is
-    older (it refuses our version) or COWD_KMOD_ABI asks for an older one."""
-    want = os.environ.get(ABI_ENV, "")
-    if want.isdigit() and abi.ABI_MIN_VERSION <= int(want) <= abi.ABI_VERSION:
-        return int(want)
-    try:
-        module_version(abi.ABI_VERSION)
-    except DiskError as e:
-        if e.errno == errno.EINVAL:
-            return abi.ABI_MIN_VERSION  # a module that knows only version 1
-        raise
-    return abi.ABI_VERSION
-
-
-def remove_device(index: int, force: bool = False) -> None:
-    r = abi.Remove(size=ctypes.sizeof(abi.Remove), version=abi.ABI_VERSION, index=index,
-                   flags=abi.REMOVE_FORCE if force else 0)
-    try:
-        _ctl_call(abi.CTL_REMOVE, r, f"remove cowd{index}")
-    except DiskError as e:
-        if e.errno == errno.EBUSY:
-            raise CommandFailed(f"/dev/cowd{index}: in use (a mounted file system?); "
-                             "unmount it first") from e
-        raise
 
 
 # ---- turning segments into remaps -------------------------------------------------------------
@@ -318,7 +208,7 @@ class KmodDevice:
             for i, f in enumerate(files):
                 c.fds[i] = fds[i]
                 c.file_flags[i] = abi.FILE_WRITABLE if f.writable and not disk.readonly else 0
-            _ctl_call(abi.CTL_CREATE, c, f"create a device for {disk.path}")
+            ctl_call(abi.CTL_CREATE, c, f"create a device for {disk.path}")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -333,7 +223,7 @@ class KmodDevice:
         g = granule_for(disk)
         version = channel_version()
         r = abi.Reopen(size=ctypes.sizeof(abi.Reopen), version=version, index=index)
-        _ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
+        ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
         if r.disk_size != disk.size or 1 << r.cluster_bits != g or r.nr_files != len(files):
             os.close(r.channel_fd)
             raise CommandFailed(f"/dev/cowd{index}: does not serve {disk.path} (size="
@@ -369,7 +259,7 @@ class KmodDevice:
         st = abi.Stats(size=ctypes.sizeof(abi.Stats), version=self.version)
         if self._closed:
             return {}
-        _ioctl(self._chan, abi.CHAN_STATS, st, f"stats of cowd{self.index}")
+        checked_ioctl(self._chan, abi.CHAN_STATS, st, f"stats of cowd{self.index}")
         return {name: int(getattr(st, name)) for name in abi.STATS_FIELDS}
 
     def stats(self) -> dict[str, Any]:
@@ -825,10 +715,3 @@ class KmodDevice:
         # Again after: a miss answered meanwhile may have pushed a mapping from before.
         self._send([abi.pack_invalidate(offset, length, self.version),
                     abi.pack_reply(cookie, abi.REPLY_DONE, version=self.version)])
-
-
-def kmod_problem() -> str | None:
-    """Why `--via kmod` cannot work here (after trying to load the module), or None."""
-    if os.geteuid() != 0:
-        return "the kernel shim needs root"
-    return module_problem()
