@@ -13,7 +13,17 @@ then awaits ``read_into``/``write``.  Errors are :class:`DiskError` with the err
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol
+
+from formats.errors import (
+    CorruptImage,
+    FormatError,
+    ImageIOError,
+    ImageReadOnly,
+    SyncFailed,
+    UnsupportedImage,
+)
 
 from ..errors import RequestError
 
@@ -24,6 +34,34 @@ MAX_REQUEST_BYTES = 32 << 20
 
 class DiskError(RequestError):
     """A request failed; ``errno`` is what the frontend answers with."""
+
+
+def disk_error(e: Exception, path: str) -> DiskError:
+    """The DiskError a request answers with when the library (or the host) raised ``e``."""
+    if isinstance(e, DiskError):
+        return e
+    if isinstance(e, ImageReadOnly):
+        return DiskError(errno.EPERM, str(e))
+    if isinstance(e, SyncFailed):
+        # After a failed fdatasync (in a flush, or one a codec makes by itself in a write)
+        # the kernel may have dropped the dirty pages it could not write and marked them
+        # clean, so the next fdatasync can succeed without the data: like qemu's
+        # file-posix, the disk fails every later flush too (Disk._translate notes it).  A
+        # failed pwrite, e.g. ENOSPC, loses nothing: the codec keeps its dirty state and
+        # the next flush writes it again.
+        return DiskError(e.errno or errno.EIO, str(e))
+    if isinstance(e, ImageIOError):
+        return DiskError(e.errno or errno.EIO, str(e))
+    if isinstance(e, CorruptImage):
+        return DiskError(errno.EIO, f"{e} (disk marked corrupt, now read-only)")
+    if isinstance(e, UnsupportedImage):
+        return DiskError(errno.EOPNOTSUPP, str(e))
+    if isinstance(e, FormatError):
+        return DiskError(errno.EIO, str(e))
+    if isinstance(e, OSError):
+        where = e.filename or path
+        return DiskError(e.errno or errno.EIO, f"{where}: {e.strerror or e}")
+    return DiskError(errno.EINVAL, f"{path}: {e}")
 
 
 class BlockDisk(Protocol):
@@ -65,4 +103,4 @@ class BlockDisk(Protocol):
     async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]: ...
 
 
-__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError"]
+__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError", "disk_error"]

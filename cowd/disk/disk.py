@@ -47,15 +47,8 @@ it — and only it — goes to a worker thread under the pool's ``CapacityLimite
 ever need to wait for the disk; the chain's locking keeps that correct, and the tests run
 both ways.
 
-Remote bases (formats/remote/, cowd/disk/remote.py): a plan or a read that needs a block
-of a remote layer's cache that is not held yet raises ``NotCached`` in the trio thread; the
-async paths fetch it (in threads, never blocking the loop) and plan again, the synchronous
-ones (``try_read_into``, ``try_write``, ``advise``) start the fetch in the background and
-say "not now".  A write that copies up from a remote layer has its copy-up sources fetched
-first.  ``segments`` — the remaps handed to workers and the kernel shim — never names a
-remote block the cache does not hold: such runs are left unmapped, so their reads come back
-here as misses and are answered with the data.  A block that cannot be fetched before the
-deadline fails the request with EIO, never zeroes.
+Remote bases: what the disk does with a block its cache does not hold yet (fetch and plan
+again, or say "not now" on the synchronous paths) is told in :mod:`cowd.disk.remote`.
 
 Errors: every failure of a request raises :class:`~cowd.disk.api.DiskError` (a
 ``RequestError``) carrying the errno a frontend replies with.  ``ImageIOError`` keeps its
@@ -76,16 +69,13 @@ from formats.base import Kind
 from formats.errors import (
     CorruptImage,
     FormatError,
-    ImageIOError,
-    ImageReadOnly,
     SyncFailed,
-    UnsupportedImage,
 )
 from formats.opener import OpenPolicy
 from formats.remote import NotCached
 
 from ..remap import RemapCache
-from .api import MAX_REQUEST_BYTES, DiskError
+from .api import MAX_REQUEST_BYTES, DiskError, disk_error
 from .backing_io import WouldBlock, pwrite_from
 from .boottrace import BootTrace
 from .chain import Chain, ChainFile, InPlace, PlanState, Segment
@@ -94,7 +84,7 @@ from .lending import Lending
 from .locks import GranuleLocks
 from .mapping import DiskMap
 from .pool import ImagePool, Layer
-from .remote import FETCHER, fetch_missing
+from .remote import FETCHER, fetch_missing, warm_chain
 from .streams import KeptPlans, Streams, advise_segments
 
 # write_zeroes and trim carry no payload and may span the whole disk (mkfs discards
@@ -187,7 +177,7 @@ class Disk:
             # A remote base's connection and the metadata its codec reads at open are had
             # in a thread (the same open, without the pool), so the open below finds them in
             # the cache instead of waiting for the network in the event loop.
-            warm = await trio.to_thread.run_sync(_warm_chain, path, fmt, policy)
+            warm = await trio.to_thread.run_sync(warm_chain, path, fmt, policy)
         try:
             for _ in range(MAX_FETCH_ROUNDS):
                 try:
@@ -289,32 +279,14 @@ class Disk:
                                           f"(length={length}, max={limit})")
 
     def _translate(self, e: Exception) -> DiskError:
-        if isinstance(e, DiskError):
-            return e
-        if isinstance(e, ImageReadOnly):
-            return DiskError(errno.EPERM, str(e))
+        """The request's DiskError for a library failure (:func:`~cowd.disk.api.disk_error`),
+        noting the two that change the disk for good: a failed fdatasync (every later flush
+        fails too) and a corrupt image (read-only from then on)."""
         if isinstance(e, SyncFailed):
-            # After a failed fdatasync (in a flush, or one a codec makes by itself in a
-            # write) the kernel may have dropped the dirty pages it could not write and
-            # marked them clean, so the next fdatasync can succeed without the data: like
-            # qemu's file-posix, every later flush of this disk fails too.  (A failed
-            # pwrite, e.g. ENOSPC, loses nothing: the codec keeps its dirty state and the
-            # next flush writes it again.)
             self.flush_failed = self.flush_failed or str(e)
-            return DiskError(e.errno or errno.EIO, str(e))
-        if isinstance(e, ImageIOError):
-            return DiskError(e.errno or errno.EIO, str(e))
-        if isinstance(e, CorruptImage):
+        elif isinstance(e, CorruptImage):
             self.corrupt_reason = str(e)
-            return DiskError(errno.EIO, f"{e} (disk marked corrupt, now read-only)")
-        if isinstance(e, UnsupportedImage):
-            return DiskError(errno.EOPNOTSUPP, str(e))
-        if isinstance(e, FormatError):
-            return DiskError(errno.EIO, str(e))
-        if isinstance(e, OSError):
-            where = e.filename or self.path
-            return DiskError(e.errno or errno.EIO, f"{where}: {e.strerror or e}")
-        return DiskError(errno.EINVAL, f"{self.path}: {e}")
+        return disk_error(e, self.path)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -822,18 +794,6 @@ class Disk:
             "ops": {**self._ops, "lock_waits": self._ops["lock_waits"] + self.chain.lock_waits,
                     "plans_reused": self._kept_plans.reused},
         }
-
-
-def _warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
-    """Open the chain read-only with the library (in a thread: remote layers connect and
-    fetch what their codecs read at open); None when it cannot be opened (the real open
-    says why)."""
-    import formats
-
-    try:
-        return formats.open_image(path, False, fmt, policy=policy)
-    except (FormatError, OSError):
-        return None
 
 
 __all__ = ["DEFAULT_READAHEAD_CLUSTERS", "MAX_REQUEST_BYTES", "Disk", "DiskError"]

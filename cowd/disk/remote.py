@@ -17,6 +17,16 @@ Read-ahead: a miss right after the end of the previous fetch of the same remote 
 sequential reader) fetches ``READAHEAD_MIN_BLOCKS`` more blocks, doubling on each further
 sequential miss up to ``READAHEAD_MAX_BLOCKS``; a miss elsewhere starts again from nothing.
 
+*In the disk* (cowd/disk/disk.py): the async paths fetch (as above) and plan again; the
+synchronous ones (``try_read_into``, ``try_write``, ``advise``) start the fetch in the
+background and say "not now".  A write that copies up from a remote layer has its copy-up
+sources fetched first.  ``segments`` — the remaps handed to workers and the kernel shim —
+never names a remote block the cache does not hold: such runs are left unmapped, so their
+reads come back to the daemon as misses and are answered with the data.  A block that cannot
+be fetched before the deadline fails the request with EIO, never zeroes.  Opening a disk
+over a remote base first opens its chain once in a thread (:func:`warm_chain`), so the
+metadata its codecs read at open is in the cache before the event loop's open needs it.
+
 Contract: everything here runs in the trio thread but the fetches themselves; a block's
 presence only ever goes from missing to held while disks use it (nothing in the daemon drops
 blocks: only a sole user trims a cache, when it opens), so a remap of a cached block handed
@@ -30,7 +40,9 @@ from typing import Any
 
 import trio
 
-from formats.errors import ImageIOError
+import formats
+from formats.errors import FormatError, ImageIOError
+from formats.opener import OpenPolicy
 from formats.remote import NotCached, RemoteBase, open_bases
 from formats.remote import file as remote_file
 
@@ -164,4 +176,14 @@ async def fetch_missing(miss: NotCached) -> None:
         raise first from None
 
 
-__all__ = ["FETCHER", "Fetcher", "NotCached", "fetch_missing"]
+def warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
+    """Open the chain read-only with the library (in a thread: remote layers connect and
+    fetch what their codecs read at open); None when it cannot be opened (the real open
+    says why)."""
+    try:
+        return formats.open_image(path, False, fmt, policy=policy)
+    except (FormatError, OSError):
+        return None
+
+
+__all__ = ["FETCHER", "Fetcher", "NotCached", "fetch_missing", "warm_chain"]
