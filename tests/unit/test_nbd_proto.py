@@ -151,8 +151,8 @@ def handshake(**kw: Any) -> ServerConnection:
 
 
 def negotiate(export: str = "disk", structured: bool = True, meta: bool = True,
-              infos: Sequence[int] = (INFO_BLOCK_SIZE,)) -> ServerConnection:
-    conn = handshake()
+              infos: Sequence[int] = (INFO_BLOCK_SIZE,), **kw: Any) -> ServerConnection:
+    conn = handshake(**kw)
     data = b""
     if structured:
         data += opt(OPT_STRUCTURED)
@@ -592,6 +592,37 @@ def test_write_request_carries_payload_in_any_chunking() -> None:
     f = conn.next_event()
     assert isinstance(f, Request) and f.command == CMD_FLUSH and f.cookie == 9
     assert conn.next_event() is NEED_DATA
+
+
+def test_write_payload_from_the_adapters_buffers_stale_bytes_overwritten() -> None:
+    """payload_buffer: a recycled buffer (old bytes in it) is what the event carries, every
+    byte replaced by the write's; a refused write takes no buffer."""
+    asked: list[int] = []
+
+    def recycled(n: int) -> bytearray:
+        asked.append(n)
+        return bytearray(b"\xee" * n)
+
+    conn = negotiate(payload_buffer=recycled)
+    payload = os.urandom(5000)
+    wire = req(CMD_WRITE, 4096, 5000, data=payload)
+    for i in range(0, len(wire), 777):  # header and payload split anywhere
+        conn.receive_data(wire[i:i + 777])
+    events, _ = drain(conn)
+    assert len(events) == 1 and isinstance(events[0], Request)
+    assert isinstance(events[0].data, bytearray) and events[0].data == payload
+    assert asked == [5000]
+    r = one_request(conn, req(CMD_WRITE, 1 * MiB - 100, 200, data=bytes(200)))
+    assert r.error == ENOSPC and r.data is None and asked == [5000]
+
+
+def test_receive_chunk_is_under_the_allocators_mmap_threshold() -> None:
+    """Each receive's fresh buffer must come from the heap, not an mmap of its own (see
+    RECEIVE_CHUNK_BYTES)."""
+    from cowd.frontends.nbd.wire import RECEIVE_CHUNK_BYTES
+    from cowd.process import LARGE_BUFFER_BYTES
+
+    assert RECEIVE_CHUNK_BYTES < LARGE_BUFFER_BYTES
 
 
 @pytest.mark.parametrize("cmd, offset, length, errno", [

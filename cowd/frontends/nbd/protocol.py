@@ -62,14 +62,16 @@ is not worth reading at all (the spec lets a server hard-disconnect a client it 
 denial of service): we queue ``NBD_REP_ERR_TOO_BIG`` and raise :class:`NbdProtocolError`.
 
 ``TRANSMISSION`` parses 28-byte request headers.  A ``WRITE`` header is validated first;
-if valid, exactly ``length`` bytes are allocated once and ``receive_data`` copies the
-incoming bytes straight into that buffer (state ``WRITE_PAYLOAD``), so the event hands the
-caller the buffer without a second copy.  If the write is refused, its payload is counted
-down without being stored (``WRITE_DISCARD``) and the event carries the error.  A write
-longer than the advertised maximum block size (at most :data:`NBD_MAX_WRITE_BYTES`, 2^25)
-is refused the same way, with ``NBD_EINVAL``, whatever its length up to 4 GiB: nbdkit does
-the same, the spec asks servers to fail such requests cleanly, and counting bytes down costs
-no memory, so the client only occupies its own connection for the time its bytes take.
+if valid, a buffer of exactly ``length`` bytes is had once (from the adapter's
+``payload_buffer``, which may recycle the buffers of writes it finished) and
+``receive_data`` copies the incoming bytes straight into it (state ``WRITE_PAYLOAD``), so
+the event hands the caller the buffer without a second copy.  If the write is refused,
+its payload is counted down without being stored (``WRITE_DISCARD``) and the event carries
+the error.  A write longer than the advertised maximum block size (at most
+:data:`NBD_MAX_WRITE_BYTES`, 2^25) is refused the same way, with ``NBD_EINVAL``, whatever
+its length up to 4 GiB: nbdkit does the same, the spec asks servers to fail such requests
+cleanly, and counting bytes down costs no memory, so the client only occupies its own
+connection for the time its bytes take.
 
 TLS (the spec's "TLS support" section; the policy is a :class:`TlsPolicy`)
 ----------------------------------------------------------------------------
@@ -183,11 +185,15 @@ class ServerConnection:
     def __init__(self, exports: ExportSource, *,
                  list_exports: Callable[[], Iterable[W.ExportInfo]] | None = None,
                  default_export: str | None = None, peer: str = "nbd client",
-                 tls: W.TlsPolicy | None = None):
+                 tls: W.TlsPolicy | None = None,
+                 payload_buffer: Callable[[int], bytearray] = bytearray):
         self._exports = Exports(exports, list_exports=list_exports,
                                 default_export=default_export,
                                 tls=tls if tls is not None else W.TlsPolicy())
         self.peer = peer
+        # Where a write's payload goes: a bytearray of exactly the given length, whose old
+        # contents are all overwritten (the adapter may hand back recycled buffers).
+        self._payload_buffer = payload_buffer
         #: True once the TLS handshake completed; ``tls_identity`` is the peer's identity as
         #: the TLS layer verified it (None: no client certificate was asked for).
         self.tls_active = False
@@ -655,7 +661,7 @@ class ServerConnection:
             self._pending = req
             self._state = _State.WRITE_DISCARD
             return self._need_data()
-        payload = bytearray(length)
+        payload = self._payload_buffer(length)
         if take:
             with memoryview(self._buf) as mv:
                 payload[:take] = mv[:take]
