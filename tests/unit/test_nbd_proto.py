@@ -616,13 +616,15 @@ def test_write_payload_from_the_adapters_buffers_stale_bytes_overwritten() -> No
     assert r.error == ENOSPC and r.data is None and asked == [5000]
 
 
-def test_receive_chunk_is_under_the_allocators_mmap_threshold() -> None:
-    """Each receive's fresh buffer must come from the heap, not an mmap of its own (see
-    RECEIVE_CHUNK_BYTES)."""
+def test_receive_chunks_are_under_the_allocators_mmap_threshold() -> None:
+    """Each receive's fresh buffer (a client's socket, a worker's channel) must come from the
+    heap, not an mmap of its own (see RECEIVE_CHUNK_BYTES)."""
     from cowd.frontends.nbd.wire import RECEIVE_CHUNK_BYTES
     from cowd.process import LARGE_BUFFER_BYTES
+    from cowd.workers.channel import RECEIVE_BYTES
 
     assert RECEIVE_CHUNK_BYTES < LARGE_BUFFER_BYTES
+    assert RECEIVE_BYTES < LARGE_BUFFER_BYTES
 
 
 @pytest.mark.parametrize("cmd, offset, length, errno", [
