@@ -329,6 +329,7 @@ class Bench:
                     detached: Callable[[Path], None] | None = None) -> Iterator[Device]:
         """``detached``: called with the overlay once it is detached (to check it)."""
         ov = self.overlay(tag, warm)
+        benchlib.forget_boot_trace(ov)
         try:
             out = sh(*COWD, "attach", str(ov), "--via", self.via, "--run-dir",
                      str(self.run_dir))

@@ -89,6 +89,7 @@ class Server:
                    "bench", "--shared", "8", "--persistent", str(image)]
             self.uris = [f"nbd+unix:///bench?socket={self.sock}"]
         else:
+            benchlib.forget_boot_trace(images[0])
             cmd = [*self.cowd, "serve", *map(str, images), "--nbd", f"unix:{self.sock}",
                    "--run-dir", str(self.run_dir), *extra]
             self.uris = [f"nbd+unix:///{im.name}?socket={self.sock}" for im in images]

@@ -119,6 +119,7 @@ class Server:
                         "endpoint=server", "--tls-creds", "tls0"]
             cmd.append(str(image))
         else:
+            benchlib.forget_boot_trace(image)
             cmd = [*COWD, "serve", str(image), "--nbd", f"tcp:{self.port}", "--run-dir",
                    str(work / f"run-{mode}")]
             if mode == "x509":

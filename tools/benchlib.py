@@ -201,6 +201,20 @@ def parse_size(text: str) -> int:
 
 # ---- the page cache and CPU counters ---------------------------------------------------------
 
+def forget_boot_trace(image: Path) -> None:
+    """Remove the boot trace (``BASE.cowd-trace``, cowd/disk/boottrace.py) of the base under
+    ``image``'s chain, before a cowd serves it: an earlier run's trace would have the new
+    server prefetch the base, so a cold run would read a warm cache.  (Traces are measured
+    where they are the point: ``tools.bench boot --trace``.)"""
+    p = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(image)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    if p.returncode != 0:
+        return  # not an image qemu-img reads: nothing of ours to forget
+    bottom = json.loads(p.stdout)[-1]["filename"]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(bottom + ".cowd-trace")
+
+
 def drop_caches(what: int = 3) -> None:
     """Write back and drop the page cache (root only: OSError otherwise); ``what`` is the
     kernel's: 1 the page cache only, 3 also dentries and inodes."""
