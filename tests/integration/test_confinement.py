@@ -564,10 +564,13 @@ def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
         rc = proc.wait(30)
     text = log.read_text()
     assert rc == 0 and "Traceback" not in text and "WARNING" not in text, text
-    # Only its run dir, socket and log changed; the overlay is the user's, and holds the write.
+    # Only its run dir, socket, log and the base's boot trace (cowd/disk/boottrace.py: beside
+    # the base, in the user's folder) changed; the overlay is the user's, and holds the write.
     assert {p: p.stat().st_mtime_ns for p in (base,)} == before
-    assert set(os.listdir(home)) == {"base.raw", top.name, "run", "serve.log"} | {
+    trace = home / "base.raw.cowd-trace"
+    assert set(os.listdir(home)) == {"base.raw", top.name, "run", "serve.log", trace.name} | {
         n for n in os.listdir(home) if n.startswith(".")}
+    assert trace.stat().st_uid == attack.uid
     assert set(os.listdir(run_dir)) <= {"cowd.log"}, os.listdir(run_dir)
     assert set(os.listdir("/tmp")) - tmp_before == set() or all(
         not n.startswith("cowd") for n in set(os.listdir("/tmp")) - tmp_before)
