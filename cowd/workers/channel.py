@@ -110,8 +110,10 @@ class ChannelStream:
                 j = i
                 while j < len(batch) and not batch[j][1] and j - i < 256:
                     j += 1
-                await self._send_all(b"".join(bytes(r) if isinstance(r, memoryview) else r
-                                              for r, _ in batch[i:j]))
+                if j - i == 1:  # one message (a large one, often): no copy
+                    await self._send_all(raw)
+                else:
+                    await self._send_all(b"".join(batch[k][0] for k in range(i, j)))
                 i = j
 
     async def _send_all(self, data: bytes | bytearray | memoryview) -> None:

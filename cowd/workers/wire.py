@@ -291,19 +291,28 @@ Message = (DiskSpec | DiskGone | DiskState | Connection | FuseSession | Remaps |
 
 
 def _framed(mtype: MsgType, cookie: int, body: bytes | bytearray | memoryview,
-            nfds: int = 0) -> bytes:
-    total = HEADER.size + len(body)
+            nfds: int = 0, payload: bytes | bytearray | memoryview = b"") -> bytearray:
+    """The message: header, ``body``, then ``payload`` (a request's or reply's data), each
+    copied once into one buffer (a 1 MiB write forwarded by a worker was copied four times,
+    each copy a fresh mapping: cowd/process.py)."""
+    start = HEADER.size + len(body)
+    total = start + len(payload)
     if total > MAX_MESSAGE_BYTES:
         raise ValueError(f"worker channel: message too long (type={mtype.name}, "
                          f"length={total}, max={MAX_MESSAGE_BYTES})")
-    return HEADER.pack(total, mtype, nfds, cookie) + bytes(body)
+    out = bytearray(total)
+    HEADER.pack_into(out, 0, total, mtype, nfds, cookie)
+    out[HEADER.size:start] = body
+    if payload:
+        out[start:] = payload
+    return out
 
 
 def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
+def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
     """The bytes of ``msg`` and the fds to send with its first byte."""
     if isinstance(msg, Remaps):
         if len(msg.runs) > MAX_RUNS_PER_MESSAGE:
@@ -315,14 +324,14 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
             packed += pack(r.guest_offset, r.length, r.file_index, r.flags, r.file_offset)
         return _framed(MsgType.REMAPS, 0, packed), ()
     if isinstance(msg, Reply):
-        return _framed(MsgType.REPLY, msg.cookie,
-                       REPLY_HEAD.pack(msg.errno) + bytes(msg.data)), ()
+        return _framed(MsgType.REPLY, msg.cookie, REPLY_HEAD.pack(msg.errno),
+                       payload=msg.data), ()
     if isinstance(msg, Miss):
         return _framed(MsgType.MISS, msg.cookie,
                        MISS_BODY.pack(msg.disk_id, msg.guest_offset, msg.length)), ()
     if isinstance(msg, Request):
         head = REQUEST_HEAD.pack(msg.disk_id, msg.op, msg.flags, msg.guest_offset, msg.length)
-        return _framed(MsgType.REQUEST, msg.cookie, head + bytes(msg.data)), ()
+        return _framed(MsgType.REQUEST, msg.cookie, head, payload=msg.data), ()
     if isinstance(msg, Invalidate):
         body = INVALIDATE_BODY.pack(msg.disk_id, msg.ack, msg.guest_offset, msg.length)
         return _framed(MsgType.INVALIDATE, msg.cookie, body), ()
@@ -368,7 +377,7 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
     raise TypeError(f"not a worker channel message: {msg!r}")
 
 
-def encode_remaps(disk_id: int, runs: list[RemapRun]) -> list[bytes]:
+def encode_remaps(disk_id: int, runs: list[RemapRun]) -> list[bytearray]:
     """REMAPS messages for ``runs``, split at MAX_RUNS_PER_MESSAGE."""
     return [encode(Remaps(disk_id, tuple(runs[i:i + MAX_RUNS_PER_MESSAGE])))[0]
             for i in range(0, len(runs), MAX_RUNS_PER_MESSAGE)]
