@@ -28,7 +28,7 @@ log = logging.getLogger("cowd.workers")
 # One receive: big enough for a batch of small messages, or a good piece of a large one, and
 # under the allocator's mmap threshold (cowd/process.py) so that its fresh buffer comes from
 # the heap instead of an mmap, an mremap and a munmap per receive.
-RECEIVE_BYTES = 64 << 10
+RECEIVE_BYTES = 256 << 10
 # Ancillary space for the fds of one receive (several fd-carrying messages may arrive in one).
 RECEIVE_FDS = 4 * W.MAX_FDS
 # Bytes the writer sends per call at most (large replies go out in pieces of this size).

@@ -618,7 +618,7 @@ def test_write_payload_from_the_adapters_buffers_stale_bytes_overwritten() -> No
 
 def test_receive_chunks_are_under_the_allocators_mmap_threshold() -> None:
     """Each receive's fresh buffer (a client's socket, a worker's channel) must come from the
-    heap, not an mmap of its own (see RECEIVE_CHUNK_BYTES)."""
+    heap, not an mmap of its own (see RECEIVE_CHUNK_BYTES and cowd/process.py)."""
     from cowd.frontends.nbd.wire import RECEIVE_CHUNK_BYTES
     from cowd.process import LARGE_BUFFER_BYTES
     from cowd.workers.channel import RECEIVE_BYTES
