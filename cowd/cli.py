@@ -225,6 +225,11 @@ def format_stats(doc: dict[str, object]) -> str:
         bt = d.get("boot_trace")
         if isinstance(bt, dict):
             lines.append(format_boot_trace(bt))
+        km = d.get("kmod")
+        touch = km.get("touch") if isinstance(km, dict) else None
+        if isinstance(touch, dict):  # the kernel's share of the boot trace
+            lines.append(f"  kernel first reads: {touch['state']}; {touch['records']} records "
+                         f"in {touch['messages']} messages, {touch['deferred']} deferred")
     remote = doc.get("remote")
     if isinstance(remote, dict):
         for b in remote.get("bases", []):

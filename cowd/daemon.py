@@ -163,8 +163,13 @@ class Daemon:
         return {"pid": os.getpid(), "disks": attached + exported}
 
     async def stats(self, _req: dict[str, Any]) -> dict[str, Any]:
-        # First: the workers' stats bring their boot-trace first touches to the disks.
+        # First: the workers' stats bring their boot-trace first touches to the disks, and so
+        # do the kernel's TOUCH records still on the kmod channels.
         workers = await self.workers.stats() if self.workers is not None else None
+        if self.attacher is not None:
+            for a in list(self.attacher.attachments.values()):
+                if a.kmod is not None:
+                    await a.kmod.drain()
         disks = {name: {**d.stats(), "frontend": "nbd-export"} for name, d in self.disks.items()}
         fuse = None
         if self.attacher is not None:

@@ -34,6 +34,17 @@
  * stale; one made after is not).  FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC wait
  * on dev->held until it is acknowledged, so the daemon's answer covers those allocations.
  *
+ * Boot-trace recording (ABI v2, COWD_FEAT_TOUCH)
+ * -----------------------------------------------
+ * A daemon that asks names one file (its base) and a granule size; a mapped READ hit then sets
+ * the bit of every granule of that file it reads (a bitmap over the file, not over the guest:
+ * the daemon's trace is of the base file's granules, one guest cluster may straddle two of them
+ * and two clusters may share one).  A bit newly set queues a record on dev->touch's ring, under
+ * the dev->lock the lookup already holds: the hot path of a read that touches nothing new is a
+ * bit test per piece.  read() hands the records out in TOUCH messages; the reader is woken only
+ * when the ring goes from empty to not (or recording ends), so a burst of first reads costs one
+ * wake-up and arrives in one batch.  A full ring clears the bit again instead of waiting.
+ *
  * Locking
  * -------
  * cowd_ctl_mutex guards the index idr.  dev->lock (a spinlock, process context only) guards
@@ -61,7 +72,7 @@
 
 #include "cowd_uapi.h"
 
-#define COWD_MODULE_VERSION	"0.2.0"
+#define COWD_MODULE_VERSION	"0.3.0"
 #define COWD_PART_SHIFT		4	/* 15 partitions per disk */
 #define COWD_DEFAULT_ENTRIES	(1U << 18)
 #define COWD_DEFAULT_DEPTH	128
@@ -70,6 +81,7 @@
 #define COWD_MAX_RETRIES	16	/* RETRY replies that still leave a miss: then EIO */
 #define COWD_READ_BATCH		256	/* misses returned by one read() */
 #define COWD_MAX_QUEUES		4	/* worker queues per device (bounded by online CPUs) */
+#define COWD_TOUCH_BATCH	256	/* TOUCH records returned by one read() */
 
 /* Internal flag bits beside COWD_REMAP_* (never seen by the daemon). */
 #define COWD_ENTRY_PINNED	(1U << 31)	/* cowd_entry: allocated here, not yet ACKed */
@@ -118,6 +130,23 @@ struct cowd_event {
 	u64 seq;		/* ALLOC: its seq; REVOKED: the last ALLOC's */
 	u64 guest_offset, length, file_offset;	/* ALLOC */
 	u64 cookie, dropped;	/* REVOKED */
+};
+
+/*
+ * Boot-trace recording (COWD_FEAT_TOUCH), all of it under dev->lock.  map: a bit per
+ * granule of file @file set at its first mapped read; ring: the records not yet read
+ * (@count from @head).  @on while recording; @end once COWD_MAX_TOUCHES records were queued,
+ * until the TOUCH that says so is read.  map and ring are freed outside the lock by whoever
+ * swaps the whole state out (cowd_swap_touches).
+ */
+struct cowd_touches {
+	bool on, end;
+	u32 file, bits;
+	u64 granules;			/* bits in map */
+	unsigned long *map;
+	struct cowd_touch_rec *ring;	/* COWD_TOUCH_QUEUE records */
+	u32 head, count, total;
+	u64 deferred;			/* first reads not queued (ring full) since the last TOUCH */
 };
 
 struct cowd_dev;
@@ -231,6 +260,8 @@ struct cowd_dev {
 	u32 nr_pinned;
 	struct list_head held;		/* cmds (miss_node) waiting for acked_seq >= hold_seq */
 	struct list_head allocating;	/* cmds (miss_node) allocating from the pool now */
+
+	struct cowd_touches touch;	/* boot-trace recording (dev->lock) */
 
 	struct cowd_stats stats;	/* counters (dev->lock), except the two below */
 	atomic64_t mapped_read_bytes, mapped_write_bytes;
@@ -735,6 +766,123 @@ static bool cowd_lookup(struct cowd_dev *dev, struct cowd_cmd *cmd, bool write,
 	return true;
 }
 
+/* ---- boot-trace recording (v2) ------------------------------------------------------ */
+
+/*
+ * Record the first mapped read of each granule of the traced file that the READ hit @cmd
+ * reads (dev->lock held; the caller checked dev->touch.on).  Returns true when the channel's
+ * reader must be woken: the ring was empty, or recording just ended.
+ */
+static bool cowd_note_touches(struct cowd_dev *dev, struct cowd_cmd *cmd, unsigned int npieces)
+{
+	struct cowd_touches *t = &dev->touch;
+	u64 csize = 1ULL << dev->cluster_bits;
+	u64 pos = cmd->offset, end = cmd->offset + cmd->length;
+	bool wake = false;
+	unsigned int p;
+	u64 now = 0;
+
+	lockdep_assert_held(&dev->lock);
+	for (p = 0; p < npieces && pos < end && t->on; p++) {
+		const struct cowd_piece *pc = &cmd->pieces[p];
+		u64 in_cluster = pos & (csize - 1);
+		u64 len = min_t(u64, csize - in_cluster, end - pos);
+		u64 a = pc->file_offset + in_cluster, b = a + len, g;
+
+		pos += len;
+		if (pc->file != t->file || pc->flags & COWD_REMAP_ZERO)
+			continue;
+		for (g = a >> t->bits; g < t->granules && (g << t->bits) < b; g++) {
+			u64 ga = max_t(u64, a, g << t->bits);
+			u64 gb = min_t(u64, b, (g + 1) << t->bits);
+			struct cowd_touch_rec *r;
+
+			if (__test_and_set_bit(g, t->map))
+				continue;
+			if (t->count == COWD_TOUCH_QUEUE) {
+				__clear_bit(g, t->map);	/* recorded at its next read */
+				t->deferred++;
+				continue;
+			}
+			if (!now)
+				now = ktime_get_ns();	/* CLOCK_MONOTONIC, as the daemon's */
+			r = &t->ring[(t->head + t->count) % COWD_TOUCH_QUEUE];
+			r->t_ns = now;
+			r->file_offset = ga;
+			r->length = gb - ga;
+			r->reserved0 = 0;
+			if (!t->count++)
+				wake = true;
+			if (++t->total == COWD_MAX_TOUCHES) {
+				t->on = false;
+				t->end = true;
+				wake = true;
+				break;
+			}
+		}
+	}
+	return wake;
+}
+
+/*
+ * A recording of granules of 2^@bits bytes of file @file, not yet installed (or, with
+ * @on false, none).  The caller checked @file and @bits against the device.
+ */
+static int cowd_alloc_touches(struct cowd_dev *dev, bool on, u32 file, u32 bits,
+			      struct cowd_touches *t)
+{
+	u64 granules;
+
+	memset(t, 0, sizeof(*t));
+	if (!on)
+		return 0;
+	granules = DIV_ROUND_UP_ULL(i_size_read(file_inode(dev->files[file])), 1ULL << bits);
+	if (granules > COWD_MAX_TOUCH_GRANULES)
+		return -EFBIG;
+	t->map = kvcalloc(BITS_TO_LONGS(max_t(u64, granules, 1)), sizeof(long), GFP_KERNEL);
+	t->ring = kvmalloc_array(COWD_TOUCH_QUEUE, sizeof(*t->ring), GFP_KERNEL);
+	if (!t->map || !t->ring) {
+		kvfree(t->map);
+		kvfree(t->ring);
+		return -ENOMEM;
+	}
+	t->on = true;
+	t->file = file;
+	t->bits = bits;
+	t->granules = granules;
+	return 0;
+}
+
+static void cowd_free_touches(struct cowd_touches *t)
+{
+	kvfree(t->map);
+	kvfree(t->ring);
+	memset(t, 0, sizeof(*t));
+}
+
+/* Install @new (recording, or none) and return the old state in @new, to be freed. */
+static void cowd_swap_touches(struct cowd_dev *dev, struct cowd_touches *new)
+{
+	struct cowd_touches old;
+
+	lockdep_assert_held(&dev->lock);
+	old = dev->touch;
+	dev->touch = *new;
+	*new = old;
+}
+
+/* Stop recording and free it (TOUCH_STOP, channel release, removal). */
+static void cowd_stop_touches(struct cowd_dev *dev)
+{
+	struct cowd_touches t;
+
+	memset(&t, 0, sizeof(t));
+	spin_lock(&dev->lock);
+	cowd_swap_touches(dev, &t);
+	spin_unlock(&dev->lock);
+	cowd_free_touches(&t);
+}
+
 /* ---- allocating from the pool (v2) --------------------------------------------------- */
 
 /*
@@ -1093,7 +1241,7 @@ static void cowd_work(struct work_struct *work)
 	unsigned int npieces = 0, noio, epoch;
 	struct cowd_cmd *other;
 	blk_status_t status;
-	bool hit;
+	bool hit, wake;
 
 	cmd->op = op;
 	cmd->offset = blk_rq_pos(rq) << SECTOR_SHIFT;
@@ -1112,9 +1260,12 @@ static void cowd_work(struct work_struct *work)
 		cmd->ready = false;
 		if (hit) {
 			dev->stats.hits += npieces;
+			wake = !write && dev->touch.on && cowd_note_touches(dev, cmd, npieces);
 			epoch = dev->epoch & 1;
 			atomic_inc(&dev->inflight[epoch]);
 			spin_unlock(&dev->lock);
+			if (wake)
+				wake_up_interruptible(&dev->chan_wait);
 
 			noio = memalloc_noio_save();
 			status = cowd_do_io(dev, cmd, write, npieces);
@@ -1248,7 +1399,8 @@ static const struct block_device_operations cowd_bdev_fops = {
 /* Something for the daemon to read (dev->lock, or a racy peek for a wait condition). */
 static bool cowd_chan_ready(struct cowd_dev *dev)
 {
-	return !list_empty(&dev->unsent) || !list_empty(&dev->events);
+	return !list_empty(&dev->unsent) || !list_empty(&dev->events) ||
+	       READ_ONCE(dev->touch.count) || READ_ONCE(dev->touch.end);
 }
 
 /* Zero a kernel -> daemon message of @size bytes at @p and fill in its header. */
@@ -1289,16 +1441,54 @@ static size_t cowd_event_msg(const struct cowd_event *ev, u16 version, void *p)
 
 /* The largest message read() returns: a read must have room for one. */
 #define COWD_MAX_READ_MSG	max(sizeof(struct cowd_miss), sizeof(struct cowd_alloc))
+/* A TOUCH with one record fits in that; one read returns at most this much of them. */
+#define COWD_TOUCH_MSG_MAX	(sizeof(struct cowd_touch) + \
+				 COWD_TOUCH_BATCH * sizeof(struct cowd_touch_rec))
+
+/*
+ * One TOUCH message of the queued records that fit in @room bytes at @p (dev->lock held;
+ * @room holds at least a message with one record); returns its size.  When it carries the
+ * end of the recording, the recording goes to @done, for the caller to free.
+ */
+static size_t cowd_touch_msg(struct cowd_dev *dev, u16 version, void *p, size_t room,
+			     struct cowd_touches *done)
+{
+	struct cowd_touches *t = &dev->touch;
+	struct cowd_touch *m = p;
+	struct cowd_touch_rec *out = (struct cowd_touch_rec *)(m + 1);
+	u32 n, i;
+
+	lockdep_assert_held(&dev->lock);
+	n = min_t(size_t, min_t(u32, t->count, COWD_TOUCH_BATCH),
+		  (room - sizeof(*m)) / sizeof(*out));
+	cowd_msg_init(m, sizeof(*m) + n * sizeof(*out), COWD_MSG_TOUCH, version);
+	for (i = 0; i < n; i++)
+		out[i] = t->ring[(t->head + i) % COWD_TOUCH_QUEUE];
+	t->head = (t->head + n) % COWD_TOUCH_QUEUE;
+	t->count -= n;
+	m->count = n;
+	m->deferred = t->deferred;
+	t->deferred = 0;
+	if (t->end && !t->count) {
+		m->flags = COWD_TOUCH_END;
+		memset(done, 0, sizeof(*done));
+		cowd_swap_touches(dev, done);	/* nothing more will be recorded */
+	}
+	return m->hdr.size;
+}
 
 /*
  * Whole messages, the events first (so an ALLOC is read no later than a miss queued after
- * it), then misses, at most COWD_READ_BATCH of each.
+ * it), then misses, at most COWD_READ_BATCH of each, then a TOUCH with the records that fit
+ * (they are only hints: they go last, and are lost if the copy to the daemon fails).
  */
 static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
 {
 	struct cowd_dev *dev = file->private_data;
 	size_t cap = min_t(size_t, count,
-			   COWD_READ_BATCH * (sizeof(struct cowd_miss) + COWD_MAX_READ_MSG));
+			   COWD_READ_BATCH * (sizeof(struct cowd_miss) + COWD_MAX_READ_MSG) +
+			   COWD_TOUCH_MSG_MAX);
+	struct cowd_touches done = {};
 	struct cowd_event *ev;
 	struct cowd_cmd *c;
 	LIST_HEAD(taken);
@@ -1357,7 +1547,11 @@ static ssize_t cowd_chan_read(struct file *file, char __user *buf, size_t count,
 		list_move_tail(&c->miss_node, &taken);
 		n++;
 	}
+	if ((dev->touch.count || dev->touch.end) &&
+	    cap - used >= sizeof(struct cowd_touch) + sizeof(struct cowd_touch_rec))
+		used += cowd_touch_msg(dev, version, out + used, cap - used, &done);
 	spin_unlock(&dev->lock);
+	cowd_free_touches(&done);
 	if (copy_to_user(buf, out, used)) {
 		spin_lock(&dev->lock);
 		list_splice(&taken, &dev->unsent);	/* give them back, in order */
@@ -1651,6 +1845,7 @@ static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t
 			struct cowd_grant grant;
 			struct cowd_ack ack;
 			struct cowd_revoke revoke;
+			struct cowd_touch_stop touch_stop;
 		} m;
 		size_t want;
 
@@ -1674,6 +1869,9 @@ static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t
 			break;
 		case COWD_MSG_REVOKE:
 			want = sizeof(m.revoke);
+			break;
+		case COWD_MSG_TOUCH_STOP:
+			want = sizeof(m.touch_stop);
 			break;
 		case COWD_MSG_REMAP:
 			want = sizeof(m.remap);
@@ -1715,6 +1913,11 @@ static ssize_t cowd_chan_write(struct file *file, const char __user *buf, size_t
 			break;
 		case COWD_MSG_REVOKE:
 			err = cowd_apply_revoke(dev, &m.revoke);
+			break;
+		case COWD_MSG_TOUCH_STOP:
+			err = m.touch_stop.reserved0 ? -EINVAL : 0;
+			if (!err)
+				cowd_stop_touches(dev);
 			break;
 		default:
 			err = cowd_apply_reply(dev, &m.reply, buf + pos + want,
@@ -1797,6 +2000,7 @@ static int cowd_chan_release(struct inode *inode, struct file *file)
 	}
 	spin_unlock(&dev->lock);
 	cowd_free_runs(&runs);
+	cowd_stop_touches(dev);		/* nobody to read it; a takeover may start another */
 	kref_put(&dev->ref, cowd_free);
 	return 0;
 }
@@ -1889,6 +2093,7 @@ static void cowd_teardown(struct cowd_dev *dev)
 	INIT_LIST_HEAD(&dev->events);
 	kvfree(dev->buckets);
 	dev->buckets = NULL;
+	cowd_stop_touches(dev);
 	cowd_put_files(dev);
 	dev->nr_files = 0;
 	kref_put(&dev->ref, cowd_free);
@@ -1919,6 +2124,11 @@ static int cowd_check_create(const struct cowd_create *c)
 		    (c->fds[i] || c->file_flags[i]))
 			return -EINVAL;
 	}
+	if (c->flags & COWD_CREATE_TOUCH ?
+	    (c->version < 2 || c->touch_file >= c->nr_files ||
+	     c->touch_bits < COWD_MIN_TOUCH_BITS || c->touch_bits > COWD_MAX_TOUCH_BITS) :
+	    (c->touch_file || c->touch_bits))
+		return -EINVAL;
 	for (i = 0; i < ARRAY_SIZE(c->reserved); i++)
 		if (c->reserved[i])
 			return -EINVAL;
@@ -1997,6 +2207,10 @@ static int cowd_ctl_create(struct cowd_create __user *uarg)
 		dev->file_flags[i] = c.file_flags[i];
 		err = -EBADF;
 	}
+	err = cowd_alloc_touches(dev, c.flags & COWD_CREATE_TOUCH, c.touch_file, c.touch_bits,
+				 &dev->touch);
+	if (err)
+		goto out_files;
 
 	err = -ENOMEM;
 	dev->buckets = kvcalloc(1U << dev->hash_bits, sizeof(*dev->buckets), GFP_KERNEL);
@@ -2103,6 +2317,7 @@ out_idr:
 out_buckets:
 	kvfree(dev->buckets);
 out_files:
+	cowd_free_touches(&dev->touch);
 	cowd_put_files(dev);
 	kref_put(&dev->ref, cowd_free);
 	return err;
@@ -2137,6 +2352,7 @@ static int cowd_ctl_remove(struct cowd_remove __user *uarg)
 
 static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 {
+	struct cowd_touches touch;
 	struct cowd_reopen r;
 	struct cowd_dev *dev;
 	struct file *chan;
@@ -2145,9 +2361,13 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 	if (copy_from_user(&r, uarg, sizeof(r)))
 		return -EFAULT;
 	if (r.size != sizeof(r) || r.version < COWD_ABI_MIN_VERSION ||
-	    r.version > COWD_ABI_VERSION || r.flags || r.reserved0 ||
-	    r.reserved[0] || r.reserved[1] || r.channel_fd || r.disk_size || r.cluster_bits ||
-	    r.nr_files)
+	    r.version > COWD_ABI_VERSION || r.flags & ~COWD_REOPEN_FLAGS || r.reserved0 ||
+	    r.reserved[0] || r.channel_fd || r.disk_size || r.cluster_bits || r.nr_files)
+		return -EINVAL;
+	if (r.flags & COWD_REOPEN_TOUCH ?
+	    (r.version < 2 || r.touch_bits < COWD_MIN_TOUCH_BITS ||
+	     r.touch_bits > COWD_MAX_TOUCH_BITS) :
+	    (r.touch_file || r.touch_bits))
 		return -EINVAL;
 	mutex_lock(&cowd_ctl_mutex);	/* held throughout: removal cannot run meanwhile */
 	dev = idr_find(&cowd_idr, r.index);
@@ -2176,9 +2396,17 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 		dev->lost_writes = true;
 	spin_unlock(&dev->lock);
 
+	err = -EINVAL;
+	if (r.touch_file >= dev->nr_files)
+		goto out_closed;
+	err = cowd_alloc_touches(dev, r.flags & COWD_REOPEN_TOUCH, r.touch_file, r.touch_bits,
+				 &touch);
+	if (err)
+		goto out_closed;
 	chan = cowd_new_channel(dev, &fd);
 	if (IS_ERR(chan)) {
 		err = PTR_ERR(chan);
+		cowd_free_touches(&touch);
 		goto out_closed;
 	}
 	r.channel_fd = fd;
@@ -2188,6 +2416,7 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 	if (copy_to_user(uarg, &r, sizeof(r))) {
 		put_unused_fd(fd);
 		fput(chan);	/* its release marks the device orphaned again */
+		cowd_free_touches(&touch);
 		err = -EFAULT;
 		goto out;
 	}
@@ -2195,7 +2424,9 @@ static int cowd_ctl_reopen(struct cowd_reopen __user *uarg)
 	dev->chan_version = r.version;
 	dev->state = COWD_LIVE;
 	dev->stats.takeovers++;
+	cowd_swap_touches(dev, &touch);
 	spin_unlock(&dev->lock);
+	cowd_free_touches(&touch);	/* none: the old channel's release stopped it */
 	fd_install(fd, chan);
 	wake_up_interruptible(&dev->chan_wait);
 	err = 0;

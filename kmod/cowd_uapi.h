@@ -10,8 +10,9 @@
  *                   new daemon (takeover); report the ABI version and features.
  *   channel fd      one per device, returned by CREATE and REOPEN.  read() returns whole
  *                   messages: the kernel's events (v2: ALLOC, REVOKED) first, then misses
- *                   (struct cowd_miss); write() takes a sequence of daemon messages (REMAP,
- *                   INVALIDATE, REPLY; v2 also GRANT, ACK, REVOKE), applied in order; poll()
+ *                   (struct cowd_miss), then v2's TOUCH records; write() takes a sequence of
+ *                   daemon messages (REMAP, INVALIDATE, REPLY; v2 also GRANT, ACK, REVOKE,
+ *                   TOUCH_STOP), applied in order; poll()
  *                   says POLLIN when something waits to be read.  An ioctl reads the counters.
  *
  * Rules for every struct here: it starts with its own size (and a version where it is an ioctl
@@ -41,6 +42,21 @@
  *   then on the daemon knows every cluster it granted is either reported or never written.
  *   When the channel closes the pool is dropped; a takeover also forgets unread ALLOCs and
  *   pinned entries (those writes are lost like any unflushed one: see cowd_reopen).
+ *
+ * Boot-trace recording (v2, COWD_FEAT_TOUCH).  The daemon records the order in which a guest
+ * first reads the granules of its base file (cowd/disk/boottrace.py), but the kernel does
+ * mapped reads without it.  A daemon that asks (COWD_CREATE_TOUCH, or COWD_REOPEN_TOUCH at a
+ * takeover) names the traced file (touch_file, an index into fds) and its granule (2^touch_bits
+ * bytes); the kernel keeps a bit per granule of that file and, at the first mapped READ that
+ * reads a granule, queues a record (CLOCK_MONOTONIC time, file offset and length of the bytes
+ * read in that granule).  read() returns the queued records in TOUCH messages, after the
+ * events and misses, many records each; the reader is woken when the first record is queued
+ * after a read emptied the queue (records then wait for the daemon's next read).  Records
+ * are hints: a granule whose record did not fit the queue (COWD_TOUCH_QUEUE unread) has its
+ * bit cleared and is recorded at its next read (counted in cowd_touch.deferred).  Recording
+ * stops after COWD_MAX_TOUCHES records (the last TOUCH says COWD_TOUCH_END), at a TOUCH_STOP
+ * from the daemon (its trace is full or saved; unread records are dropped), and when the
+ * channel closes.  A daemon that does not ask, or speaks version 1, sees no TOUCH.
  */
 #ifndef _UAPI_LINUX_COWD_H
 #define _UAPI_LINUX_COWD_H
@@ -65,14 +81,20 @@
 #define COWD_MAX_TIMEOUT_MS	(24U * 3600 * 1000)
 #define COWD_MAX_POOL_CLUSTERS	(1U << 16)	/* clusters granted and not yet taken */
 #define COWD_MAX_POOL_RUNS	4096		/* GRANT runs held at once */
+#define COWD_MIN_TOUCH_BITS	12		/* boot-trace granule: 4 KiB .. */
+#define COWD_MAX_TOUCH_BITS	26		/* .. 64 MiB (the daemon's trace format's) */
+#define COWD_MAX_TOUCH_GRANULES	(1U << 24)	/* of the traced file: a 2 MiB bitmap */
+#define COWD_MAX_TOUCHES	(1U << 15)	/* records per recording (the trace's bound) */
+#define COWD_TOUCH_QUEUE	4096		/* records queued and not yet read */
 
 /* Features reported by COWD_CTL_VERSION. */
 #define COWD_FEAT_TAKEOVER	(1ULL << 0)	/* COWD_CTL_REOPEN */
 #define COWD_FEAT_DATA_REPLY	(1ULL << 1)	/* COWD_REPLY_DATA */
 #define COWD_FEAT_DISCARD	(1ULL << 2)	/* DISCARD and WRITE_ZEROES misses */
 #define COWD_FEAT_POOL		(1ULL << 3)	/* v2: GRANT, ALLOC, ACK, REVOKE, REVOKED */
+#define COWD_FEAT_TOUCH		(1ULL << 4)	/* v2: *_TOUCH flags, TOUCH, TOUCH_STOP */
 #define COWD_FEATURES_V1	(COWD_FEAT_TAKEOVER | COWD_FEAT_DATA_REPLY | COWD_FEAT_DISCARD)
-#define COWD_FEATURES		(COWD_FEATURES_V1 | COWD_FEAT_POOL)
+#define COWD_FEATURES		(COWD_FEATURES_V1 | COWD_FEAT_POOL | COWD_FEAT_TOUCH)
 
 struct cowd_version {
 	__u32 size;		/* in: sizeof(struct cowd_version) */
@@ -86,7 +108,8 @@ struct cowd_version {
 
 /* cowd_create.flags */
 #define COWD_CREATE_READONLY	(1ULL << 0)	/* the block device is read-only */
-#define COWD_CREATE_FLAGS	(COWD_CREATE_READONLY)
+#define COWD_CREATE_TOUCH	(1ULL << 1)	/* v2: record first reads of touch_file */
+#define COWD_CREATE_FLAGS	(COWD_CREATE_READONLY | COWD_CREATE_TOUCH)
 
 /* cowd_create.file_flags[i] */
 #define COWD_FILE_WRITABLE	(1U << 0)	/* remaps into this file may be writable */
@@ -108,7 +131,9 @@ struct cowd_create {
 	__u32 file_flags[COWD_MAX_FILES];	/* in: COWD_FILE_* */
 	__u32 index;		/* out: N of /dev/cowdN */
 	__s32 channel_fd;	/* out: the device's channel, O_CLOEXEC */
-	__u64 reserved[4];
+	__u32 touch_file;	/* in, COWD_CREATE_TOUCH: the traced file's index (else 0) */
+	__u32 touch_bits;	/* in, COWD_CREATE_TOUCH: log2 of its granule (else 0) */
+	__u64 reserved[3];
 };
 
 /* cowd_remove.flags */
@@ -123,25 +148,32 @@ struct cowd_remove {
 	__u64 reserved[2];
 };
 
+/* cowd_reopen.flags */
+#define COWD_REOPEN_TOUCH	(1U << 0)	/* v2: record first reads of touch_file */
+#define COWD_REOPEN_FLAGS	(COWD_REOPEN_TOUCH)
+
 /*
  * Takeover: a new daemon asks for the channel of a device whose daemon has gone (its channel
  * is closed).  The kernel first forgets every remap (the old daemon's unflushed allocations
  * may not exist in the image) and, v2, its pool, its unread ALLOCs and its pinned entries (the
  * clusters they name are leaks in the image), and waits for mapped I/O in flight; misses that
  * waited are sent again on the new channel.  If writes completed since the last flush, the
- * next FLUSH fails with EIO (they may be lost).
+ * next FLUSH fails with EIO (they may be lost).  Recording starts afresh if the new daemon
+ * asks (the old one's stopped when its channel closed).
  */
 struct cowd_reopen {
 	__u32 size;
 	__u32 version;		/* the version the new channel speaks */
 	__u32 index;		/* in */
-	__u32 flags;		/* in: none defined, must be 0 */
+	__u32 flags;		/* in: COWD_REOPEN_* */
 	__s32 channel_fd;	/* out */
 	__u32 reserved0;
 	__u64 disk_size;	/* out: so the daemon can check it opened the same disk */
 	__u32 cluster_bits;	/* out */
 	__u32 nr_files;		/* out */
-	__u64 reserved[2];
+	__u32 touch_file;	/* in, COWD_REOPEN_TOUCH: as cowd_create's (else 0) */
+	__u32 touch_bits;	/* in, COWD_REOPEN_TOUCH (else 0) */
+	__u64 reserved[1];
 };
 
 #define COWD_CTL_VERSION	_IOWR('C', 0x00, struct cowd_version)
@@ -169,6 +201,8 @@ struct cowd_reopen {
 #define COWD_MSG_ACK		7	/* daemon -> kernel, v2 */
 #define COWD_MSG_REVOKE		8	/* daemon -> kernel, v2 */
 #define COWD_MSG_REVOKED	9	/* kernel -> daemon, v2 */
+#define COWD_MSG_TOUCH		10	/* kernel -> daemon, v2 (COWD_FEAT_TOUCH) */
+#define COWD_MSG_TOUCH_STOP	11	/* daemon -> kernel, v2 (COWD_FEAT_TOUCH) */
 
 struct cowd_msg_hdr {
 	__u32 size;		/* bytes of the whole message, payload included */
@@ -271,6 +305,34 @@ struct cowd_revoked {
 	__u64 cookie;		/* the REVOKE's */
 	__u64 dropped;		/* clusters the pool held, dropped unwritten */
 	__u64 seq;		/* the last ALLOC queued before this */
+};
+
+/* ---- boot-trace recording (v2, COWD_FEAT_TOUCH) --------------------------------------- */
+
+/* The first mapped read of one granule of the traced file. */
+struct cowd_touch_rec {
+	__u64 t_ns;		/* CLOCK_MONOTONIC (the daemon's time.monotonic_ns) of the read */
+	__u64 file_offset;	/* in the traced file: where the read's bytes in the granule begin */
+	__u32 length;		/* those bytes (at most the granule) */
+	__u32 reserved0;
+};
+
+/* cowd_touch.flags */
+#define COWD_TOUCH_END		(1U << 0)	/* recording stopped at COWD_MAX_TOUCHES */
+
+struct cowd_touch {
+	struct cowd_msg_hdr hdr;	/* size = sizeof(struct cowd_touch) + count records */
+	__u32 count;		/* records that follow, in first-touch order (at least 1, unless END) */
+	__u32 flags;		/* COWD_TOUCH_* */
+	__u64 deferred;		/* first reads left unrecorded since the last TOUCH (the queue
+				 * was full): their granules are recorded at their next read */
+	/* struct cowd_touch_rec records[count]; */
+};
+
+/* Stop recording and drop the records not yet read (the daemon's trace is full or saved). */
+struct cowd_touch_stop {
+	struct cowd_msg_hdr hdr;
+	__u64 reserved0;
 };
 
 struct cowd_stats {

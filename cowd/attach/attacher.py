@@ -457,6 +457,7 @@ class Attacher:
 
     async def _detach_kmod(self, att: Attachment, kdev: KmodDevice) -> None:
         await kdev.stop_pool()  # the kernel's allocations recorded, its unused pool given back
+        await kdev.drain()  # its last boot-trace first touches, before the disk saves them
         try:
             await trio.to_thread.run_sync(kdev.remove)  # refused while the device is open
         except BaseException:
@@ -558,6 +559,7 @@ class Attacher:
             try:
                 with trio.CancelScope(shield=True):  # bounded: REVOKE_TIMEOUT_S
                     await kdev.stop_pool()  # nothing the kernel allocated left unrecorded
+                    await kdev.drain()  # nor a first touch it queued for the boot trace
                 await trio.to_thread.run_sync(kdev.remove)
             except (UsageError, CommandFailed, RequestError) as e:
                 log.warning("%s: left for a new daemon to take over (%s)", att.device, e)

@@ -16,8 +16,10 @@ path.  Worker processes (``--workers``, the default on more than one core) read 
 ranges themselves; they note their first touches too (:mod:`cowd.workers.mapped`) and the
 daemon drains them with its stats query (on ``cowd stats``, before a detach and at stop),
 merged with its own by CLOCK_MONOTONIC time.  The kernel shim (``--via kmod``) reads mapped
-ranges in the kernel and asks the daemon only for remaps: nothing of its reads is seen, so
-a kmod disk records nothing (its disks still prefetch from a trace others recorded).
+ranges in the kernel and asks the daemon only for remaps; a module with ``COWD_FEAT_TOUCH``
+keeps a bitmap of the base file's granules and reports each one's first mapped read in the
+same [t_ns, file_offset, length] form (:mod:`cowd.frontends.kmod.channel`), which the daemon
+hands to :meth:`BootTrace.note_worker` as it reads the channel and before a detach.
 
 The trace file (all integers little-endian)
 -------------------------------------------

@@ -18,6 +18,11 @@ pool); SIGKILL the daemon under a writer that fsyncs each record (its first writ
 from the pool), a new daemon takes the device over, the writer finishes; a 16-entry table
 whose 4-cluster pool runs dry under fio verify (refills and write misses) and a whole-disk
 read through evictions; rmmod; no WARN or BUG in dmesg.
+
+Boot-trace recording in the kernel (COWD_FEAT_TOUCH): an overlay of a base of its own is
+read with O_DIRECT at known granules in a known order (mapped reads: the daemon answers no
+miss), detached, and the trace it leaves beside the base decodes to those granules in that
+order; a second overlay of the base loads that trace and prefetches it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import pytest
 
+from cowd.disk import boottrace
 from tests.support.guest import (
     SHELL,
     parse_checks,
@@ -54,13 +60,27 @@ PAUSE_AT = 40  # the record whose fsync waits for the SIGKILL
 GUEST_TIMEOUT_S = 1500
 SMALL_TABLE = 16  # ov5's kernel remap table bound (clusters): 1 MiB of a 64 MiB disk
 DEAD_S = 3  # ov5's daemon timeout: its misses fail this long after its daemon dies
+# patterned_base writes 1 MiB of data every 4 MiB and leaves holes between: the holes are
+# ZERO remaps (no file read, nothing to trace), so reading all of ov1 traces these granules.
+DATA_GRANULES = BASE_BYTES // (4 * MiB) * (MiB // (64 << 10))
+# Boot-trace recording: tbase.img (random data throughout: no holes), read through tov1.qcow2
+# at these 64 KiB granules
+# ("granule:count", in this order; 120 twice: recorded once), then 4 KiB inside granule 150
+# and granule 199.  Outside PROBED (the first and last 2 MiB, where the partition scan and
+# udev's blkid probes read) the trace must be exactly TRACE_ORDER.
+TRACE_BASE_BYTES = 16 * MiB
+TRACE_GRANULE = 64 << 10
+TRACE_READS = "37:1 120:1 100:2 40:1 64:1 120:1"
+TRACE_ORDER = [37, 120, 100, 101, 40, 64, 150, 199]
+PROBED = 2 * MiB // TRACE_GRANULE
 
 SCRIPT = r"""
 D=/tmp/g; S={shared}; RUN=/run/cowd-test
 # cowd attach waits 50 s for the daemon it starts; under TCG on a loaded host a Python start
 # (the daemon's, then its workers') can take longer: a second attach waits for the same one.
 att() {{ timeout 600 cowd attach "$@" || {{ sleep 5; timeout 600 cowd attach "$@"; }}; }}
-mkdir -p $D && cp $S/base.img $S/ov[123567].qcow2 $S/base.vhd $S/ov4.vhd $D/
+mkdir -p $D && cp $S/base.img $S/ov[123567].qcow2 $S/base.vhd $S/ov4.vhd $S/tbase.img \
+  $S/tov[12].qcow2 $D/
 {shell}! grep -q "^cowd " /proc/modules; check not_loaded $?
 t attach
 dev=$(att $D/ov1.qcow2 --via kmod --run-dir $RUN); check attach $? "$dev"
@@ -92,6 +112,33 @@ timeout 300 fio --name=dry --filename=$dev6 --rw=randwrite --bs=4k --iodepth=32 
   --verify_fatal=1 --randrepeat=1 --output=$S/fio-dry.txt >/dev/null; check pool_dry_fio $?
 cowd stats --run-dir $RUN --json > $S/stats-dry.json
 timeout 120 cowd detach $dev6 --run-dir $RUN; check detach6 $?
+t trace
+dev8=$(att $D/tov1.qcow2 --via kmod --run-dir $RUN); check attach_trace $? "$dev8"
+command -v udevadm >/dev/null && timeout 60 udevadm settle
+rc=0
+for r in {trace_reads}; do
+  timeout 60 dd if=$dev8 of=/dev/null bs=64k skip=${{r%:*}} count=${{r#*:}} iflag=direct \
+    status=none || rc=1
+done
+timeout 60 dd if=$dev8 of=/dev/null bs=4k skip=$((150 * 16 + 3)) count=1 iflag=direct \
+  status=none || rc=1
+timeout 60 dd if=$dev8 of=/dev/null bs=64k skip=199 count=1 iflag=direct status=none || rc=1
+check trace_reads $rc
+cowd stats --run-dir $RUN --json > $S/stats-trace1.json; check trace_stats $?
+timeout 120 cowd detach $dev8 --run-dir $RUN; check detach_trace $?
+cp $D/tbase.img.cowd-trace $S/; check trace_written $?
+dev9=$(att $D/tov2.qcow2 --via kmod --run-dir $RUN); check attach_traced $? "$dev9"
+for i in $(seq 150); do  # the prefetch runs beside the attach: wait for it to finish
+  cowd stats --run-dir $RUN --json > $S/stats-trace2.json
+  python3 -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1]))["disks"]["tov2.qcow2"]["boot_trace"]["prefetch"] != "done")' \
+    $S/stats-trace2.json && break
+  sleep 0.2
+done
+python3 -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1]))["disks"]["tov2.qcow2"]["boot_trace"]["prefetch"] != "done")' \
+  $S/stats-trace2.json; check trace_prefetched $?
+timeout 120 cowd detach $dev9 --run-dir $RUN; check detach_traced $?
 timeout 120 cowd detach $dev2 --run-dir $RUN; check detach2 $?
 t vhd
 for i in $(seq 50); do [ -e $RUN/cowd.pid ] && sleep 0.2; done
@@ -234,9 +281,13 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     (d / "payload").write_bytes(rng.randbytes(MiB))
     small_tree(d / "tree", rng, dirs=8, files=40)
     (d / "writer.py").write_text(WRITER)
+    (d / "tbase.img").write_bytes(random.Random(8).randbytes(TRACE_BASE_BYTES))
+    subprocess.run([sys.executable, "-m", "cowd.cli", "create", "--base", str(d / "tbase.img"),
+                    "-o", str(d / "tov1.qcow2")], check=True, capture_output=True)
+    shutil.copy(d / "tov1.qcow2", d / "tov2.qcow2")
     script = SCRIPT.format(shell=SHELL, shared=d, writer=d / "writer.py", records=RECORDS,
                            record=RECORD, pause_at=PAUSE_AT,
-                           entries=SMALL_TABLE, dead_s=DEAD_S)
+                           entries=SMALL_TABLE, dead_s=DEAD_S, trace_reads=TRACE_READS)
     res = guest.run(script, rwdirs=[str(d)], timeout=GUEST_TIMEOUT_S, memory="1G",
                     log=d / "guest.log")
     return d, parse_checks(res.stdout), sha
@@ -246,7 +297,9 @@ GUEST_CHECKS = [
     "not_loaded", "attach", "attach_loaded_module", "read_base", "stats", "mkfs", "mount",
     "copy_tree", "tree_same", "umount", "detach", "attach2", "fio_verify", "discard_zero",
     "write_zeroes", "untouched_base_range", "attach_small_pool", "pool_dry_fio", "detach6",
-    "detach2", "attach_vhd", "read_vhd", "write_vhd", "detach_vhd", "attach3", "killed",
+    "attach_trace", "trace_reads", "trace_stats", "detach_trace", "trace_written",
+    "attach_traced", "trace_prefetched", "detach_traced", "detach2", "attach_vhd",
+    "read_vhd", "write_vhd", "detach_vhd", "attach3", "killed",
     "writer", "detach3", "attach_small_table", "read_evicting", "write_evicting", "killed5",
     "eio_after_timeout", "served_again", "detach5", "rmmod", "dkms_install", "dkms_modprobe",
     "dkms_module_path", "attach_dkms", "read_dkms", "detach_dkms", "rmmod_dkms",
@@ -281,6 +334,12 @@ def test_primed_reads_stay_in_the_kernel(guest_run: tuple[Path, dict[str, str], 
     assert k["mapped_read_bytes"] >= BASE_BYTES
     assert k["misses"] == 0, k
     assert k["hits"] >= BASE_BYTES // (64 << 10)
+    # ... and yet the boot trace saw every granule of the base's data read: the kernel
+    # reported each one's first read (COWD_FEAT_TOUCH), once.
+    touch, trace = disk["kmod"]["touch"], disk["boot_trace"]
+    assert touch["state"] == "recording", touch
+    assert trace["base_granules_read"] == DATA_GRANULES, trace
+    assert touch["records"] == DATA_GRANULES and touch["deferred"] == 0, touch
 
 
 def _kmod_stats(d: Path, name: str, image: str) -> dict[str, Any]:
@@ -313,6 +372,9 @@ def test_an_old_daemon_keeps_the_old_abi(
     assert k["abi"] == 1 and not k["pool"]["on"], k["pool"]
     assert k["kernel"]["pool_grants"] == 0 == k["kernel"]["pool_allocs"]
     assert k["ops"]["write_misses"] > 0
+    # nor recorded anything: a version-1 channel has no TOUCH
+    assert k["touch"]["state"] == "off: the channel speaks ABI 1", k["touch"]
+    assert k["touch"]["records"] == 0
 
 
 def test_pool_ran_dry_and_the_disk_went_on(
@@ -384,7 +446,9 @@ def test_acknowledged_records_survive_sigkill(
     for i in acked:
         rec = raw[i * RECORD:(i + 1) * RECORD]
         assert rec == i.to_bytes(8, "little") * (RECORD // 8), f"record {i} lost or torn"
-    assert _kmod_stats(d, "stats-takeover.json", "ov3.qcow2")["kernel"]["takeovers"] == 1
+    after = _kmod_stats(d, "stats-takeover.json", "ov3.qcow2")
+    assert after["kernel"]["takeovers"] == 1
+    assert after["touch"]["state"] == "recording", after["touch"]  # asked for at REOPEN
     # The records up to the kill were first writes allocated in the kernel, the last one
     # reported and not flushed: its fsync failed after the takeover and it was written again.
     before = _kmod_stats(d, "stats-prekill.json", "ov3.qcow2")
@@ -444,3 +508,27 @@ def test_fio_and_vhd_data(guest_run: tuple[Path, dict[str, str], str]) -> None:
 def test_guest_tool_finds_kernel() -> None:
     ver, vmlinuz = guest.kernel()
     assert os.path.exists(vmlinuz) and ver in vmlinuz
+
+
+def test_kmod_reads_make_the_boot_trace(guest_run: tuple[Path, dict[str, str], str]) -> None:
+    """The granules read through /dev/cowdN (mapped reads: no miss, no daemon read of the
+    base) are the trace left beside the base, in first-touch order, each once; `cowd stats`
+    showed them recorded before the detach; a second overlay of the base loaded the trace
+    (its identity matched the base in the guest) and prefetched every traced granule."""
+    d, _, _ = guest_run
+    granule, order = boottrace.decode((d / "tbase.img.cowd-trace").read_bytes(), None)
+    assert granule == TRACE_GRANULE
+    last = TRACE_BASE_BYTES // TRACE_GRANULE
+    probed = [g for g in order if g < PROBED or g >= last - PROBED]
+    assert [g for g in order if g not in probed] == TRACE_ORDER, order
+    assert len(order) == len(set(order))
+    first = json.loads((d / "stats-trace1.json").read_text())["disks"]["tov1.qcow2"]
+    k = first["kmod"]
+    assert k["kernel"]["misses"] == 0 and k["ops"]["data_replies"] == 0, k
+    assert k["touch"]["state"] == "recording" and k["touch"]["records"] == len(order), k
+    assert first["boot_trace"]["base_granules_read"] == len(order), first["boot_trace"]
+    second = json.loads((d / "stats-trace2.json").read_text())["disks"]["tov2.qcow2"]
+    bt = second["boot_trace"]
+    assert bt["state"] == "loaded" and bt["entries"] == len(order), bt
+    assert bt["prefetch"] == "done" and bt["prefetched"] >= len(TRACE_ORDER), bt
+    assert second["kmod"]["touch"]["state"] == "recording", second["kmod"]

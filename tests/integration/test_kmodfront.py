@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import pytest
 import trio
 import trio.lowlevel
 
-from cowd.disk import Disk, ImagePool
-from cowd.frontends.kmod import abi
-from cowd.frontends.kmod.channel import KmodDevice, chain_files, granule_for
+from cowd.disk import Disk, ImagePool, boottrace
+from cowd.frontends.kmod import abi, channel
+from cowd.frontends.kmod.channel import KmodDevice, TouchPlan, chain_files, granule_for
 from cowd.remap import RemapCache
 from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw
 
@@ -165,6 +166,7 @@ class ModelKernel:
         self.replies: dict[int, int] = {}
         self.revoked: list[tuple[int, int]] = []
         self.grants = 0
+        self.touch_stops = 0
         self.changed = trio.Event()  # set (and replaced) after each packet from the daemon
 
     async def until(self, what: Callable[[], bool]) -> None:
@@ -211,6 +213,9 @@ class ModelKernel:
                 elif mtype == abi.MSG_REPLY:
                     _s, _t, _v, cookie, result, _r = abi.REPLY.unpack(m[:abi.REPLY.size])
                     self.replies[cookie] = result
+                elif mtype == abi.MSG_TOUCH_STOP:
+                    assert m == abi.pack_touch_stop()
+                    self.touch_stops += 1
             self.changed.set()
             self.changed = trio.Event()
 
@@ -244,6 +249,14 @@ class ModelKernel:
         self.send(abi.MISS.pack(40, abi.MSG_MISS, 2, cookie, abi.OP_FLUSH, 0, 0, 0))
         await self.until(lambda: cookie in self.replies)
         return self.replies[cookie]
+
+    def touch(self, records: list[tuple[int, int, int]], end: bool = False,
+              deferred: int = 0) -> None:
+        """A TOUCH message of (t_ns, file_offset, length) records, as cowd.c builds it."""
+        self.send(abi.TOUCH.pack(abi.TOUCH.size + len(records) * abi.TOUCH_REC.size,
+                                 abi.MSG_TOUCH, 2, len(records),
+                                 abi.TOUCH_END if end else 0, deferred)
+                  + b"".join(abi.TOUCH_REC.pack(t, off, n, 0) for t, off, n in records))
 
     def close(self) -> None:
         for fd in self.files:
@@ -300,3 +313,122 @@ async def test_pool_allocations_are_adopted_and_flushed(tmp_path: Path) -> None:
     await disk.close()
     qemu_check(top)
     assert qemu_raw(top, tmp_path, "qcow2") == bytes(model)
+
+
+async def _until(what: Callable[[], bool]) -> None:
+    """Poll the daemon's state (a TOUCH makes it send nothing the model kernel could see)."""
+    with trio.fail_after(10):
+        while not what():  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def _traced_disk(tmp_path: Path) -> tuple[Path, Disk]:
+    need("qemu-img")
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(7).randbytes(4 * MiB))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", base.name, "-o",
+             "cluster_size=65536", str(top))
+    disk = await Disk.open(str(top), fmt="qcow2", pool=ImagePool(), cache=RemapCache(4096),
+                           boot_trace=True)
+    return base, disk
+
+
+async def test_touch_plan_names_the_base_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """CREATE asks the kernel to record the base's file (its index in the device's file
+    list) in the trace's granules only where it can: a version-2 channel to a module with
+    COWD_FEAT_TOUCH, for a disk whose trace records."""
+    _base, disk = await _traced_disk(tmp_path)
+    files = chain_files(disk)
+    monkeypatch.setattr(channel, "module_features", lambda version: abi.FEATURES)
+    plan = channel.touch_plan(disk, files, 2)
+    assert plan == TouchPlan(files.index(disk.trace_file), 16) and plan.file == 1
+    assert "ABI 1" in str(channel.touch_plan(disk, files, 1))
+    monkeypatch.setattr(channel, "module_features", lambda version: abi.FEATURES & ~abi.FEAT_TOUCH)
+    assert "older module" in str(channel.touch_plan(disk, files, 2))
+    disk.trace.recording = False
+    assert "records no boot trace" in str(channel.touch_plan(disk, files, 2))
+    await disk.close()
+    one = await Disk.open(str(tmp_path / "base.raw"), fmt="raw", pool=ImagePool(),
+                          cache=RemapCache(64), boot_trace=True)
+    assert "no base" in str(channel.touch_plan(one, chain_files(one), 2))
+    await one.close()
+
+
+async def test_kernel_first_touches_make_the_boot_trace(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's side of recording against a model kernel: TOUCH records reach the disk's
+    boot trace as the reader reads them and when drain() reads what the reader has not; they
+    merge with the daemon's own base reads by time, and the trace written at close is the
+    first-touch order of both.  A trace that fills up sends TOUCH_STOP; a TOUCH_END ends the
+    recording without one."""
+    base, disk = await _traced_disk(tmp_path)
+    files = chain_files(disk)
+    g = granule_for(disk)
+    base_index = files.index(disk.trace_file)
+    kernel = ModelKernel([f.fd for f in files], g)
+    dev = KmodDevice(disk, 0, kernel.daemon_fd.detach(), g, files, version=2,
+                     touch=TouchPlan(base_index, 16))
+    assert dev.touch_state == "recording"
+    t0 = time.monotonic_ns()
+    async with trio.open_nursery() as nursery:
+        # No reader yet: only drain() can see the kernel's first batch.
+        dev._nursery = nursery
+        kernel.touch([(t0 + 1, 5 * g + 512, 4096), (t0 + 2, 2 * g, g)])
+        await dev.drain()
+        assert list(disk.trace.touched) == [5, 2]
+        await dev.drain()  # nothing more: returns at once
+        dev._nursery = None
+        nursery.start_soon(kernel.run)
+        await nursery.start(dev.serve)
+        # The daemon's own read of the base (say a DATA reply) between the kernel's.
+        await disk.read_into(7 * g, bytearray(4096))
+        t1 = time.monotonic_ns()
+        kernel.touch([(t1 + 1, 9 * g, 8192), (t1 + 2, 5 * g, 4096)], deferred=3)
+        kernel.touch([(t1 + 3, 3 * g + g // 2, g)])  # the tail of one granule, the head of 4
+        await _until(lambda: dev.touch_ops["records"] == 5)
+        assert dev.touch_ops == {"messages": 3, "records": 5, "deferred": 3}
+        # A full trace stops the kernel's recording.
+        monkeypatch.setattr(boottrace, "MAX_TRACE_ENTRIES", len(disk.trace.touched) + 1)
+        kernel.touch([(t1 + 4, 11 * g, 512), (t1 + 5, 12 * g, 512)])
+        await kernel.until(lambda: kernel.touch_stops == 1)
+        assert dev.touch_state == "stopped: the trace is full"
+        kernel.touch([(t1 + 6, 13 * g, 512)])  # (sent before the kernel stopped)
+        await _until(lambda: dev.touch_ops["records"] == 8)
+        assert kernel.touch_stops == 1
+        nursery.cancel_scope.cancel()
+    dev.close()
+    kernel.close()
+    monkeypatch.undo()
+    await disk.close()
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        identity = boottrace.BaseIdentity.of_fd(fd)
+    finally:
+        os.close(fd)
+    granule, order = boottrace.read_trace(str(base) + ".cowd-trace", identity)
+    assert granule == g and order == [5, 2, 7, 9, 3, 4, 11]
+
+
+async def test_touch_end_ends_recording(tmp_path: Path) -> None:
+    """The kernel's last TOUCH (its bound reached) says so: the daemon sends no TOUCH_STOP,
+    and drain() no longer reads for it."""
+    _base, disk = await _traced_disk(tmp_path)
+    files = chain_files(disk)
+    g = granule_for(disk)
+    kernel = ModelKernel([f.fd for f in files], g)
+    dev = KmodDevice(disk, 0, kernel.daemon_fd.detach(), g, files, version=2,
+                     touch=TouchPlan(files.index(disk.trace_file), 16))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel.run)
+        await nursery.start(dev.serve)
+        kernel.touch([(time.monotonic_ns(), 0, 512)], end=True)
+        await _until(lambda: dev.touch_ops["messages"] == 1)
+        assert dev.touch_state.startswith("ended: the kernel's bound")
+        assert list(disk.trace.touched) == [0] and disk.trace.recording
+        assert kernel.touch_stops == 0
+        nursery.cancel_scope.cancel()
+    dev.close()
+    kernel.close()
+    await disk.close()

@@ -41,13 +41,35 @@ CODECS = {
                                  "reserved0"]),
     "cowd_revoked": (abi.REVOKED, ["hdr.size", "hdr.type", "hdr.version", "cookie",
                                    "dropped", "seq"]),
+    "cowd_touch": (abi.TOUCH, ["hdr.size", "hdr.type", "hdr.version", "count", "flags",
+                               "deferred"]),
+    "cowd_touch_rec": (abi.TOUCH_REC, ["t_ns", "file_offset", "length", "reserved0"]),
+    "cowd_touch_stop": (abi.TOUCH_STOP, ["hdr.size", "hdr.type", "hdr.version",
+                                         "reserved0"]),
 }
+
+# Messages the C compiler lays out from the header with these field values, printed as hex:
+# the Python codecs must give the same bytes.  (A TOUCH as the kernel builds it: the header,
+# then its records right after it.)
+C_BYTES = {
+    "touch_stop": ("struct cowd_touch_stop m = { .hdr = { sizeof(m), COWD_MSG_TOUCH_STOP, 2 } };",
+                   abi.pack_touch_stop()),
+    "touch": ("struct { struct cowd_touch t; struct cowd_touch_rec r[2]; } m = "
+              "{ { { sizeof(m), COWD_MSG_TOUCH, 2 }, 2, COWD_TOUCH_END, 7 }, "
+              "{ { 123456789012ULL, 0x30000ULL, 4096, 0 }, { 5, 0x7fff0000ULL, 65536, 0 } } };",
+              abi.TOUCH.pack(abi.TOUCH.size + 2 * abi.TOUCH_REC.size, abi.MSG_TOUCH, 2, 2,
+                             abi.TOUCH_END, 7)
+              + abi.TOUCH_REC.pack(123456789012, 0x30000, 4096, 0)
+              + abi.TOUCH_REC.pack(5, 0x7FFF0000, 65536, 0)),
+}
+
 
 CONSTANTS = {name[len("COWD_"):]: name for name in re.findall(
     r"#define\s+(COWD_[A-Z0-9_]+)\s", HEADER.read_text())
     if not name.endswith("_H") and name not in ("COWD_CTL_NAME", "COWD_DISK_NAME")}
 # Header constants the mirror names differently or does not need.
-NOT_MIRRORED = {"CREATE_FLAGS", "FILE_FLAGS", "REMOVE_FLAGS", "REMAP_FLAGS", "MISS_FUA"}
+NOT_MIRRORED = {"CREATE_FLAGS", "FILE_FLAGS", "REMOVE_FLAGS", "REMAP_FLAGS", "MISS_FUA",
+                "REOPEN_FLAGS"}
 
 
 def _c_program() -> str:
@@ -67,6 +89,11 @@ def _c_program() -> str:
                          f"sizeof(((struct {cname} *)0)->{fname}));")
     for short, cname in CONSTANTS.items():
         lines.append(f'printf("const {short} %llu\\n", (unsigned long long)({cname}));')
+    for name, (decl, _want) in C_BYTES.items():
+        lines += ["{", decl, f'printf("bytes {name} ");',
+                  "for (size_t i = 0; i < sizeof(m); i++) "
+                  "printf(\"%02x\", ((unsigned char *)&m)[i]);",
+                  'printf(" 0\\n");', "}"]
     lines += ["return 0;", "}"]
     return "\n".join(lines) + "\n"
 
@@ -81,6 +108,13 @@ def c_says(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return {k: int(v) for k, v in (line.rsplit(" ", 1) for line in out.splitlines())}
+
+
+@pytest.fixture(scope="module")
+def c_bytes(c_says: dict[str, int]) -> dict[str, bytes]:
+    """The bytes of each C_BYTES message as the C compiler laid it out."""
+    return {k.split(" ")[1]: bytes.fromhex(k.split(" ")[2]) for k in c_says
+            if k.startswith("bytes ")}
 
 
 def test_ioctl_structs_match(c_says: dict[str, int]) -> None:
@@ -114,7 +148,8 @@ def test_constants_and_ioctls_match(c_says: dict[str, int]) -> None:
     assert checked >= 30
     # The flag masks the kernel checks against are the union of the mirrored bits.
     assert c_says["const REMAP_FLAGS"] == abi.REMAP_WRITABLE | abi.REMAP_ZERO
-    assert c_says["const CREATE_FLAGS"] == abi.CREATE_READONLY
+    assert c_says["const CREATE_FLAGS"] == abi.CREATE_READONLY | abi.CREATE_TOUCH
+    assert c_says["const REOPEN_FLAGS"] == abi.REOPEN_TOUCH
     assert c_says["const FILE_FLAGS"] == abi.FILE_WRITABLE
     assert c_says["const REMOVE_FLAGS"] == abi.REMOVE_FORCE
 
@@ -156,6 +191,87 @@ def test_a_read_mixes_events_and_misses() -> None:
         abi.unpack_messages(alloc, version=1)  # a version-1 channel has no events
     with pytest.raises(ValueError, match="unexpected message"):
         abi.unpack_misses(alloc)
+
+
+def test_touch_messages_byte_by_byte(c_bytes: dict[str, bytes]) -> None:
+    """TOUCH and TOUCH_STOP as gcc lays them out from the header equal the mirror's bytes,
+    and the mirror parses the kernel's TOUCH back to its records."""
+    assert set(c_bytes) == set(C_BYTES)
+    for name, (_decl, want) in C_BYTES.items():
+        assert c_bytes[name] == want, name
+    assert abi.pack_touch_stop() == bytes.fromhex("10000000" "0b00" "0200" "0000000000000000")
+    (touch,) = abi.unpack_messages(c_bytes["touch"])
+    assert touch == abi.Touch([[123456789012, 0x30000, 4096], [5, 0x7FFF0000, 65536]], 7,
+                              True)
+
+
+def test_the_touch_fields_take_reserved_space() -> None:
+    """CREATE and REOPEN keep their sizes (an old daemon's structs are still the right
+    size), and a daemon that records nothing leaves the new fields zero, as the kernel wants
+    of a daemon that does not ask."""
+    # the sizes (and so the ioctl numbers) of ABI 2 before recording existed
+    assert ctypes.sizeof(abi.Create) == 600 and ctypes.sizeof(abi.Reopen) == 56
+    assert (abi.CTL_CREATE, abi.CTL_REOPEN) == (0xC2584301, 0xC0384303)
+    assert abi.Create.touch_file.offset == abi.Create.channel_fd.offset + 4
+    assert abi.Reopen.touch_bits.offset == abi.Reopen.nr_files.offset + 8
+    c = abi.Create(size=ctypes.sizeof(abi.Create), version=2)
+    assert bytes(c)[abi.Create.touch_file.offset:] == bytes(32)
+
+
+def test_the_kernels_recording_bounds_are_the_traces() -> None:
+    """The kernel records as many first touches as a trace file holds, in the granules the
+    trace format allows, and queues what one drain reads several times over."""
+    from cowd.disk import boottrace
+
+    assert abi.MAX_TOUCHES == boottrace.MAX_TRACE_ENTRIES
+    assert 1 << abi.MIN_TOUCH_BITS == boottrace.MIN_GRANULE_BYTES
+    assert 1 << abi.MAX_TOUCH_BITS == boottrace.MAX_GRANULE_BYTES
+    assert abi.TOUCH_QUEUE % abi.TOUCH_BATCH == 0 and abi.TOUCH_QUEUE > abi.TOUCH_BATCH
+    # (cowd.c's own bound on one read's records: the daemon's read buffer has room for it)
+    batch = re.search(r"#define COWD_TOUCH_BATCH\s+(\d+)", (HEADER.parent / "cowd.c").read_text())
+    assert batch and int(batch.group(1)) == abi.TOUCH_BATCH
+
+
+def _touch(records: list[tuple[int, int, int]], flags: int = 0, deferred: int = 0,
+           version: int = 2) -> bytes:
+    return abi.TOUCH.pack(abi.TOUCH.size + len(records) * abi.TOUCH_REC.size, abi.MSG_TOUCH,
+                          version, len(records), flags, deferred) + \
+        b"".join(abi.TOUCH_REC.pack(t, off, n, 0) for t, off, n in records)
+
+
+def test_a_read_ends_with_touch_records() -> None:
+    """A version-2 read with an ALLOC, a miss and a TOUCH of three records parses whole;
+    cut anywhere else it fails cleanly; a TOUCH whose size, flags or reserved field is wrong,
+    or on a version-1 channel, is refused."""
+    alloc = abi.ALLOC.pack(48, abi.MSG_ALLOC, 2, 7, 0, 30, 1 << 16, 2 << 16, 9 << 16)
+    miss = abi.MISS.pack(40, abi.MSG_MISS, 2, 9, abi.OP_READ, 0, 0, 4096)
+    recs = [(10, 0x10000, 4096), (11, 0x250000, 65536), (11, 0x50000, 512)]
+    touch = _touch(recs, deferred=3)
+    buf = alloc + miss + touch
+    assert len(touch) == 24 + 3 * 24
+    msgs = abi.unpack_messages(buf)
+    assert msgs[:2] == [abi.Alloc(7, 0, 30, 1 << 16, 2 << 16, 9 << 16),
+                        abi.Miss(9, abi.OP_READ, 0, 4096)]
+    assert msgs[2] == abi.Touch([list(r) for r in recs], 3, False)
+    for cut in range(1, len(buf)):
+        if cut in (48, 88):
+            continue
+        with pytest.raises(ValueError):
+            abi.unpack_messages(buf[:cut])
+    assert abi.unpack_messages(_touch([], flags=abi.TOUCH_END)) == [abi.Touch([], 0, True)]
+    bad = [
+        touch[:-24],  # the size says three records, two follow
+        _touch(recs, flags=2),  # an unknown flag
+        touch[:-4] + b"\1\0\0\0",  # a record's reserved field
+        abi.TOUCH.pack(abi.TOUCH.size + 24, abi.MSG_TOUCH, 2, 2, 0, 0) + touch[24:48],
+    ]
+    for b in bad:
+        with pytest.raises(ValueError):
+            abi.unpack_messages(b)
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_messages(_touch(recs, version=1), version=1)
+    with pytest.raises(ValueError, match="unexpected message"):
+        abi.unpack_misses(touch)
 
 
 def test_the_daemon_looks_for_the_module_where_make_builds_it() -> None:

@@ -28,15 +28,23 @@ MAX_DATA_BYTES = 1 << 20
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_POOL_CLUSTERS = 1 << 16
 MAX_POOL_RUNS = 4096
+MIN_TOUCH_BITS = 12
+MAX_TOUCH_BITS = 26
+MAX_TOUCH_GRANULES = 1 << 24
+MAX_TOUCHES = 1 << 15
+TOUCH_QUEUE = 4096
 
 FEAT_TAKEOVER = 1 << 0
 FEAT_DATA_REPLY = 1 << 1
 FEAT_DISCARD = 1 << 2
 FEAT_POOL = 1 << 3
+FEAT_TOUCH = 1 << 4
 FEATURES_V1 = FEAT_TAKEOVER | FEAT_DATA_REPLY | FEAT_DISCARD
-FEATURES = FEATURES_V1 | FEAT_POOL
+FEATURES = FEATURES_V1 | FEAT_POOL | FEAT_TOUCH
 
 CREATE_READONLY = 1 << 0
+CREATE_TOUCH = 1 << 1
+REOPEN_TOUCH = 1 << 0
 FILE_WRITABLE = 1 << 0
 REMOVE_FORCE = 1 << 0
 
@@ -57,6 +65,8 @@ MSG_ALLOC = 6
 MSG_ACK = 7
 MSG_REVOKE = 8
 MSG_REVOKED = 9
+MSG_TOUCH = 10
+MSG_TOUCH_STOP = 11
 
 REMAP_WRITABLE = 1 << 0
 REMAP_ZERO = 1 << 1
@@ -64,6 +74,8 @@ REMAP_ZERO = 1 << 1
 REPLY_DONE = 0
 REPLY_RETRY = 1
 REPLY_DATA = 2
+
+TOUCH_END = 1 << 0
 
 _u32 = ctypes.c_uint32
 _u64 = ctypes.c_uint64
@@ -81,7 +93,8 @@ class Create(ctypes.Structure):
                 ("logical_block_size", _u32), ("cluster_bits", _u32), ("max_entries", _u32),
                 ("queue_depth", _u32), ("daemon_timeout_ms", _u32), ("nr_files", _u32),
                 ("fds", _s32 * MAX_FILES), ("file_flags", _u32 * MAX_FILES),
-                ("index", _u32), ("channel_fd", _s32), ("reserved", _u64 * 4)]
+                ("index", _u32), ("channel_fd", _s32), ("touch_file", _u32),
+                ("touch_bits", _u32), ("reserved", _u64 * 3)]
 
 
 class Remove(ctypes.Structure):
@@ -92,7 +105,8 @@ class Remove(ctypes.Structure):
 class Reopen(ctypes.Structure):
     _fields_ = [("size", _u32), ("version", _u32), ("index", _u32), ("flags", _u32),
                 ("channel_fd", _s32), ("reserved0", _u32), ("disk_size", _u64),
-                ("cluster_bits", _u32), ("nr_files", _u32), ("reserved", _u64 * 2)]
+                ("cluster_bits", _u32), ("nr_files", _u32), ("touch_file", _u32),
+                ("touch_bits", _u32), ("reserved", _u64 * 1)]
 
 
 STATS_FIELDS = ("hits", "misses", "coalesced", "retries", "expiries", "pushes",
@@ -139,6 +153,15 @@ ACK = struct.Struct("<IHHQQ")
 REVOKE = struct.Struct("<IHHQQ")
 # cowd_revoked: hdr, cookie, dropped, seq
 REVOKED = struct.Struct("<IHHQQQ")
+# v2, boot-trace recording.  cowd_touch: hdr, count, flags, deferred (then count records)
+TOUCH = struct.Struct("<IHHIIQ")
+# cowd_touch_rec: t_ns, file_offset, length, reserved0
+TOUCH_REC = struct.Struct("<QQII")
+# cowd_touch_stop: hdr, reserved0
+TOUCH_STOP = struct.Struct("<IHHQ")
+# The most bytes of TOUCH one read() returns (the kernel's COWD_TOUCH_BATCH records).
+TOUCH_BATCH = 256
+TOUCH_READ_BYTES = TOUCH.size + TOUCH_BATCH * TOUCH_REC.size
 
 # Every pack_* takes the version the channel speaks (its CREATE's or REOPEN's).
 
@@ -172,6 +195,10 @@ def pack_revoke(cookie: int) -> bytes:
     return REVOKE.pack(REVOKE.size, MSG_REVOKE, 2, cookie, 0)
 
 
+def pack_touch_stop() -> bytes:
+    return TOUCH_STOP.pack(TOUCH_STOP.size, MSG_TOUCH_STOP, 2, 0)
+
+
 class Miss(NamedTuple):
     cookie: int
     op: int
@@ -196,7 +223,31 @@ class Revoked(NamedTuple):
     seq: int
 
 
-Message = Miss | Alloc | Revoked
+class Touch(NamedTuple):
+    """First mapped reads of the traced file: ``[t_ns, file_offset, length]`` each, in
+    first-touch order (the shape ``BootTrace.note_worker`` takes)."""
+
+    records: list[list[int]]
+    deferred: int  # first reads the kernel's full queue left for their next read
+    end: bool  # the kernel stopped recording (its bound): nothing follows
+
+
+Message = Miss | Alloc | Revoked | Touch
+
+
+def _unpack_touch(view: memoryview, pos: int, size: int) -> Touch:
+    _size, _type, _version, count, flags, deferred = TOUCH.unpack_from(view, pos)
+    if size != TOUCH.size + count * TOUCH_REC.size or flags & ~TOUCH_END:
+        raise ValueError(f"channel: malformed TOUCH (size={size}, count={count}, "
+                         f"flags={flags:#x})")
+    records = []
+    for t_ns, file_offset, length, reserved in TOUCH_REC.iter_unpack(
+            view[pos + TOUCH.size:pos + size]):
+        if reserved:
+            raise ValueError(f"channel: TOUCH record with a reserved field set "
+                             f"(reserved0={reserved})")
+        records.append([t_ns, file_offset, length])
+    return Touch(records, deferred, bool(flags & TOUCH_END))
 
 
 def unpack_messages(buf: bytes | memoryview, version: int = ABI_VERSION) -> list[Message]:
@@ -208,11 +259,17 @@ def unpack_messages(buf: bytes | memoryview, version: int = ABI_VERSION) -> list
         if len(view) - pos < HDR.size:
             raise ValueError(f"channel: truncated message header (bytes={len(view) - pos})")
         size, mtype, mversion = HDR.unpack_from(view, pos)
-        codec = {MSG_MISS: MISS, MSG_ALLOC: ALLOC, MSG_REVOKED: REVOKED}.get(mtype)
-        if codec is None or size != codec.size or mversion != version or \
+        codec = {MSG_MISS: MISS, MSG_ALLOC: ALLOC, MSG_REVOKED: REVOKED,
+                 MSG_TOUCH: TOUCH}.get(mtype)
+        if codec is None or (size != codec.size and mtype != MSG_TOUCH) or \
+                size < codec.size or mversion != version or \
                 pos + size > len(view) or (mtype != MSG_MISS and version < 2):
             raise ValueError(f"channel: unexpected message (size={size}, type={mtype}, "
                              f"version={mversion})")
+        if mtype == MSG_TOUCH:
+            out.append(_unpack_touch(view, pos, size))
+            pos += size
+            continue
         fields = codec.unpack_from(view, pos)[3:]
         if mtype == MSG_MISS:
             cookie, op, _flags, offset, length = fields

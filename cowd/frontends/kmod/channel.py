@@ -44,6 +44,17 @@ wait (a lock) is made again if the disk's mapping changed meanwhile (an adoption
 kernel ignores remaps of clusters it allocated and the daemon has not acknowledged yet.  A
 DATA reply is read only once every ALLOC read before its miss is adopted.
 
+*Boot-trace recording* (ABI v2, ``COWD_FEAT_TOUCH``).  The kernel maps the guest's reads
+itself, so the disk's boot trace (:mod:`cowd.disk.boottrace`) would see none of them: when the
+trace records, CREATE (or a takeover's REOPEN) names the base's file and the trace's granule,
+and the kernel reports the first mapped read of each granule of that file in TOUCH messages
+(CLOCK_MONOTONIC time, file offset, length: what a worker process reports).  The reader hands
+them to ``disk.trace.note_worker``, where they merge with the daemon's own reads (a DATA
+reply's) by time.  :meth:`drain` reads what the kernel queued and the reader has not read yet,
+before a detach saves the trace and before ``cowd stats`` reports it.  When the trace is full
+the daemon sends TOUCH_STOP; the kernel stops by itself at its bound and when the channel
+closes.  An older module, or a version-1 channel, records nothing (``touch_state`` says why).
+
 *Daemon death.*  If the daemon dies, the kernel keeps the device and its waiting requests
 (``daemon_timeout_ms``); a new daemon takes it over with :meth:`KmodDevice.take_over` (the
 kernel first forgets every remap and its pool: the dead daemon's unflushed allocations are not
@@ -60,14 +71,14 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
 from ...disk import Adoption, ChainFile, Disk, DiskError, FileRange, Segment
 from ...errors import CommandFailed
 from . import abi
-from .module import channel_version, checked_ioctl, ctl_call, remove_device
+from .module import channel_version, checked_ioctl, ctl_call, module_features, remove_device
 
 log = logging.getLogger("cowd.kmod")
 
@@ -100,6 +111,9 @@ POOL_GROWTH = 4
 ADOPT_CHUNK = 32
 # How long stop_pool waits for the kernel's REVOKED (its drain is of I/O under way: quick).
 REVOKE_TIMEOUT_S = 60.0
+# Reads of the channel one drain() makes at most (each returns up to 256 TOUCH records, and
+# the kernel queues at most 4096).
+DRAIN_READS = 32
 
 
 # ---- turning segments into remaps -------------------------------------------------------------
@@ -138,11 +152,42 @@ def _fresh_fds(files: list[ChainFile], readonly: bool) -> list[int]:
     return fds
 
 
+class TouchPlan(NamedTuple):
+    """What the kernel records for the boot trace: first reads of ``files[file]`` in
+    granules of 2^``bits`` bytes."""
+
+    file: int
+    bits: int
+
+
+def touch_plan(disk: Disk, files: list[ChainFile], version: int) -> TouchPlan | str:
+    """What to ask the kernel to record for the disk's boot trace, or why nothing."""
+    trace = disk.trace
+    if not trace.recording:
+        return f"the disk records no boot trace ({trace.state})"
+    if version < 2:
+        return f"the channel speaks ABI {version}"
+    if not module_features(version) & abi.FEAT_TOUCH:
+        return "the loaded module cannot record (no COWD_FEAT_TOUCH: an older module)"
+    index = next((i for i, f in enumerate(files) if f is disk.trace_file), None)
+    if index is None:
+        return "the base's file is not one the kernel reads"
+    bits = trace.granule.bit_length() - 1
+    if 1 << bits != trace.granule or not abi.MIN_TOUCH_BITS <= bits <= abi.MAX_TOUCH_BITS:
+        return f"the kernel takes no such granule (granule={trace.granule})"
+    granules = -(-os.fstat(disk.trace_file.fd).st_size >> bits)
+    if granules > abi.MAX_TOUCH_GRANULES:
+        return (f"the base has more granules than the kernel's bitmap holds (granules="
+                f"{granules}, max={abi.MAX_TOUCH_GRANULES})")
+    return TouchPlan(index, bits)
+
+
 class KmodDevice:
     """One /dev/cowdN and its channel; see the module docstring."""
 
     def __init__(self, disk: Disk, index: int, chan_fd: int, granule: int,
-                 files: list[ChainFile], version: int = abi.ABI_VERSION):
+                 files: list[ChainFile], version: int = abi.ABI_VERSION,
+                 touch: TouchPlan | str = "not asked for"):
         self.disk = disk
         self.index = index
         self.device = f"/dev/{abi.DISK_NAME}{index}"
@@ -183,6 +228,11 @@ class KmodDevice:
         self.pool_ops = {k: 0 for k in ("refills", "granted", "alloc_msgs", "adopted",
                                         "acks", "given_back", "revokes", "refill_ms_max",
                                         "growths")}
+        # Boot-trace recording (see the module docstring).
+        self._touching = isinstance(touch, TouchPlan)
+        self.touch_state = "recording" if isinstance(touch, TouchPlan) else f"off: {touch}"
+        self.touch_ops = {k: 0 for k in ("messages", "records", "deferred")}
+        self._bufsize = READ_BATCH * (abi.MISS.size + abi.ALLOC.size) + abi.TOUCH_READ_BYTES
 
     # -- creation --------------------------------------------------------------------------
 
@@ -203,6 +253,10 @@ class KmodDevice:
         c.max_entries = min(max_entries, abi.MAX_ENTRIES)
         c.daemon_timeout_ms = daemon_timeout_ms
         c.nr_files = len(files)
+        touch = touch_plan(disk, files, version)
+        if isinstance(touch, TouchPlan):
+            c.flags |= abi.CREATE_TOUCH
+            c.touch_file, c.touch_bits = touch
         fds = _fresh_fds(files, disk.readonly)
         try:
             for i, f in enumerate(files):
@@ -214,7 +268,7 @@ class KmodDevice:
                 os.close(fd)
         log.info("%s: /dev/cowd%d (cluster %d B, %d files, ABI %d)", disk.path, c.index, g,
                  len(files), version)
-        return cls(disk, c.index, c.channel_fd, g, files, version)
+        return cls(disk, c.index, c.channel_fd, g, files, version, touch)
 
     @classmethod
     def take_over(cls, disk: Disk, index: int) -> KmodDevice:
@@ -223,13 +277,17 @@ class KmodDevice:
         g = granule_for(disk)
         version = channel_version()
         r = abi.Reopen(size=ctypes.sizeof(abi.Reopen), version=version, index=index)
+        touch = touch_plan(disk, files, version)
+        if isinstance(touch, TouchPlan):
+            r.flags = abi.REOPEN_TOUCH
+            r.touch_file, r.touch_bits = touch
         ctl_call(abi.CTL_REOPEN, r, f"take over cowd{index}")
         if r.disk_size != disk.size or 1 << r.cluster_bits != g or r.nr_files != len(files):
             os.close(r.channel_fd)
             raise CommandFailed(f"/dev/cowd{index}: does not serve {disk.path} (size="
                              f"{r.disk_size}, cluster_bits={r.cluster_bits}, files={r.nr_files})")
         log.info("%s: took over /dev/cowd%d (ABI %d)", disk.path, index, version)
-        return cls(disk, index, r.channel_fd, g, files, version)
+        return cls(disk, index, r.channel_fd, g, files, version, touch)
 
     async def rescan_partitions(self) -> None:
         """Ask the kernel to read the partition table (BLKRRPART).  In a thread: the kernel's
@@ -270,6 +328,7 @@ class KmodDevice:
                          "target_clusters": self.pool_target,
                          "outstanding_clusters": len(self._outstanding),
                          "adopt_failed": self.adopt_failed, **self.pool_ops},
+                "touch": {"state": self.touch_state, **self.touch_ops},
                 "kernel": self.kernel_stats()}
 
     # -- remaps ----------------------------------------------------------------------------
@@ -594,38 +653,76 @@ class KmodDevice:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         os.set_blocking(self._chan, False)
-        bufsize = READ_BATCH * (abi.MISS.size + abi.ALLOC.size)
         while not self._closed:
             try:
                 await trio.lowlevel.wait_readable(self._chan)
             except (trio.ClosedResourceError, OSError):
                 return
             try:
-                data = os.read(self._chan, bufsize)
+                data = os.read(self._chan, self._bufsize)
             except BlockingIOError:
-                continue
+                continue  # (drain() read it)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     log.info("cowd%d: removed", self.index)
                     return
                 raise
-            # The kernel puts its events first: an ALLOC goes to the adopter before any miss
-            # read with it is answered.
-            allocs = False
-            for m in abi.unpack_messages(data, self.version):
-                if isinstance(m, abi.Miss):
-                    self.ops["misses"] += 1
-                    nursery.start_soon(self._answer, m.cookie, m.op, m.offset, m.length,
-                                       self._seq_read)
-                    continue
-                if isinstance(m, abi.Alloc):
-                    self._seq_read = m.seq
-                    allocs = True
-                    if not self._reported(m):
-                        self._bad_allocs.add(m.seq)
-                self._adopt_send.send_nowait(m)
-            if allocs:
-                self._maybe_refill()
+            self._dispatch(data, nursery)
+
+    def _dispatch(self, data: bytes, nursery: trio.Nursery) -> None:
+        """The messages of one read, in order and in one step (no await: a read that
+        :meth:`drain` makes is dispatched in the order it was read)."""
+        # The kernel puts its events first: an ALLOC goes to the adopter before any miss
+        # read with it is answered.
+        allocs = False
+        for m in abi.unpack_messages(data, self.version):
+            if isinstance(m, abi.Miss):
+                self.ops["misses"] += 1
+                nursery.start_soon(self._answer, m.cookie, m.op, m.offset, m.length,
+                                   self._seq_read)
+                continue
+            if isinstance(m, abi.Touch):
+                self._touched(m)
+                continue
+            if isinstance(m, abi.Alloc):
+                self._seq_read = m.seq
+                allocs = True
+                if not self._reported(m):
+                    self._bad_allocs.add(m.seq)
+            self._adopt_send.send_nowait(m)
+        if allocs:
+            self._maybe_refill()
+
+    def _touched(self, m: abi.Touch) -> None:
+        """The kernel's first mapped reads of the base: into the disk's boot trace."""
+        trace = self.disk.trace
+        self.touch_ops["messages"] += 1
+        self.touch_ops["records"] += len(m.records)
+        self.touch_ops["deferred"] += m.deferred
+        if m.records:
+            trace.note_worker(m.records)
+        if m.end:
+            self._touching = False
+            self.touch_state = f"ended: the kernel's bound ({abi.MAX_TOUCHES} records)"
+        elif self._touching and not trace.recording:
+            self._touching = False
+            self.touch_state = "stopped: the trace is full"
+            self._send([abi.pack_touch_stop()])
+
+    async def drain(self) -> None:
+        """Read and dispatch what the channel holds now, as the reader would: the kernel's
+        last first-touch records reach the boot trace before a detach saves it or ``cowd
+        stats`` reports it (the reader may not have run since the kernel queued them)."""
+        nursery = self._nursery
+        if self._touching and nursery is not None and not self._closed:
+            os.set_blocking(self._chan, False)  # (the reader's too, once it has started)
+            for _ in range(DRAIN_READS):
+                try:
+                    data = os.read(self._chan, self._bufsize)
+                except OSError:  # EAGAIN: nothing more (ENODEV: the reader says so)
+                    break
+                self._dispatch(data, nursery)
+        await trio.lowlevel.checkpoint()
 
     async def _answer(self, cookie: int, op: int, offset: int, length: int,
                       seq_read: int = 0) -> None:

@@ -102,6 +102,16 @@ def module_version(version: int = abi.ABI_VERSION) -> tuple[int, int, str]:
     return v.abi_version, v.features, v.module_version.decode()
 
 
+def module_features(version: int) -> int:
+    """The loaded module's feature bits for a channel of ``version`` (0 if it refuses it)."""
+    try:
+        return module_version(version)[1]
+    except DiskError as e:
+        if e.errno == errno.EINVAL:
+            return 0
+        raise
+
+
 def channel_version() -> int:
     """The ABI version this daemon speaks to the loaded module: ours, unless the module is
     older (it refuses our version) or COWD_KMOD_ABI asks for an older one."""
