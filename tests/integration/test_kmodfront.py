@@ -22,8 +22,9 @@ import trio
 import trio.lowlevel
 
 from cowd.disk import Disk, ImagePool, boottrace
-from cowd.frontends.kmod import abi, channel
-from cowd.frontends.kmod.channel import KmodDevice, TouchPlan, chain_files, granule_for
+from cowd.frontends.kmod import abi, module
+from cowd.frontends.kmod.channel import KmodDevice
+from cowd.frontends.kmod.module import TouchPlan, chain_files, granule_for
 from cowd.remap import RemapCache
 from tests.support.peers import need, qemu_check, qemu_img, qemu_io, qemu_raw
 
@@ -341,18 +342,18 @@ async def test_touch_plan_names_the_base_file(tmp_path: Path,
     COWD_FEAT_TOUCH, for a disk whose trace records."""
     _base, disk = await _traced_disk(tmp_path)
     files = chain_files(disk)
-    monkeypatch.setattr(channel, "module_features", lambda version: abi.FEATURES)
-    plan = channel.touch_plan(disk, files, 2)
+    monkeypatch.setattr(module, "module_features", lambda version: abi.FEATURES)
+    plan = module.touch_plan(disk, files, 2)
     assert plan == TouchPlan(files.index(disk.trace_file), 16) and plan.file == 1
-    assert "ABI 1" in str(channel.touch_plan(disk, files, 1))
-    monkeypatch.setattr(channel, "module_features", lambda version: abi.FEATURES & ~abi.FEAT_TOUCH)
-    assert "older module" in str(channel.touch_plan(disk, files, 2))
+    assert "ABI 1" in str(module.touch_plan(disk, files, 1))
+    monkeypatch.setattr(module, "module_features", lambda version: abi.FEATURES & ~abi.FEAT_TOUCH)
+    assert "older module" in str(module.touch_plan(disk, files, 2))
     disk.trace.recording = False
-    assert "records no boot trace" in str(channel.touch_plan(disk, files, 2))
+    assert "records no boot trace" in str(module.touch_plan(disk, files, 2))
     await disk.close()
     one = await Disk.open(str(tmp_path / "base.raw"), fmt="raw", pool=ImagePool(),
                           cache=RemapCache(64), boot_trace=True)
-    assert "no base" in str(channel.touch_plan(one, chain_files(one), 2))
+    assert "no base" in str(module.touch_plan(one, chain_files(one), 2))
     await one.close()
 
 

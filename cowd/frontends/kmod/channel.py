@@ -71,14 +71,24 @@ import logging
 import math
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import trio
 
 from ...disk import Adoption, ChainFile, Disk, DiskError, FileRange, Segment
 from ...errors import CommandFailed
 from . import abi
-from .module import channel_version, checked_ioctl, ctl_call, module_features, remove_device
+from .module import (
+    TouchPlan,
+    chain_files,
+    channel_version,
+    checked_ioctl,
+    ctl_call,
+    fresh_fds,
+    granule_for,
+    remove_device,
+    touch_plan,
+)
 
 log = logging.getLogger("cowd.kmod")
 
@@ -92,9 +102,6 @@ PRIME_CHUNK_BYTES = 64 << 20
 # a new daemon after this one dies.
 DEFAULT_MAX_ENTRIES = 1 << 20
 DEFAULT_DAEMON_TIMEOUT_MS = 120_000  # a restarted daemon under load can take ~40 s to start
-# Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
-MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
-DEFAULT_GRANULE_BYTES = 64 << 10
 BLKRRPART = 0x125F  # linux/fs.h _IO(0x12, 95)
 # The allocation pool: clusters lent to the kernel at a time (what a killed daemon can leak),
 # at most a quarter of the kernel's table (it pins what it allocates until acknowledged, and
@@ -114,72 +121,6 @@ REVOKE_TIMEOUT_S = 60.0
 # Reads of the channel one drain() makes at most (each returns up to 256 TOUCH records, and
 # the kernel queues at most 4096).
 DRAIN_READS = 32
-
-
-# ---- turning segments into remaps -------------------------------------------------------------
-
-def granule_for(disk: Disk) -> int:
-    """The remap granularity: the smallest cluster in the chain (whole clusters of every layer
-    are contiguous in their file), at least 512 B and at most 2 MiB."""
-    sizes = [layer.image.cluster_size for layer in disk.layers if layer.image.cluster_size > 0]
-    g = min(sizes) if sizes else DEFAULT_GRANULE_BYTES
-    return max(512, min(g, MAX_GRANULE_BYTES))
-
-
-def chain_files(disk: Disk) -> list[ChainFile]:
-    """Every host file of the chain that can hold data, the writable ones first."""
-    files = disk.files()
-    files.sort(key=lambda f: not f.writable)
-    if len(files) > abi.MAX_FILES:
-        raise CommandFailed(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
-                         f"takes at most {abi.MAX_FILES} (files={len(files)})")
-    return files
-
-
-def _fresh_fds(files: list[ChainFile], readonly: bool) -> list[int]:
-    """New open file descriptions of ``files`` for the kernel to keep.  Not the daemon's own:
-    its image locks (qemu's OFD byte locks, cowd/imagelock.py) live on those, and a lock on a
-    description the kernel holds would outlive a killed daemon and lock out the next one."""
-    fds: list[int] = []
-    try:
-        for f in files:
-            mode = os.O_RDWR if f.writable and not readonly else os.O_RDONLY
-            fds.append(os.open(f"/proc/self/fd/{f.fd}", mode | os.O_CLOEXEC))
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
-
-
-class TouchPlan(NamedTuple):
-    """What the kernel records for the boot trace: first reads of ``files[file]`` in
-    granules of 2^``bits`` bytes."""
-
-    file: int
-    bits: int
-
-
-def touch_plan(disk: Disk, files: list[ChainFile], version: int) -> TouchPlan | str:
-    """What to ask the kernel to record for the disk's boot trace, or why nothing."""
-    trace = disk.trace
-    if not trace.recording:
-        return f"the disk records no boot trace ({trace.state})"
-    if version < 2:
-        return f"the channel speaks ABI {version}"
-    if not module_features(version) & abi.FEAT_TOUCH:
-        return "the loaded module cannot record (no COWD_FEAT_TOUCH: an older module)"
-    index = next((i for i, f in enumerate(files) if f is disk.trace_file), None)
-    if index is None:
-        return "the base's file is not one the kernel reads"
-    bits = trace.granule.bit_length() - 1
-    if 1 << bits != trace.granule or not abi.MIN_TOUCH_BITS <= bits <= abi.MAX_TOUCH_BITS:
-        return f"the kernel takes no such granule (granule={trace.granule})"
-    granules = -(-os.fstat(disk.trace_file.fd).st_size >> bits)
-    if granules > abi.MAX_TOUCH_GRANULES:
-        return (f"the base has more granules than the kernel's bitmap holds (granules="
-                f"{granules}, max={abi.MAX_TOUCH_GRANULES})")
-    return TouchPlan(index, bits)
 
 
 class KmodDevice:
@@ -257,7 +198,7 @@ class KmodDevice:
         if isinstance(touch, TouchPlan):
             c.flags |= abi.CREATE_TOUCH
             c.touch_file, c.touch_bits = touch
-        fds = _fresh_fds(files, disk.readonly)
+        fds = fresh_fds(files, disk.readonly)
         try:
             for i, f in enumerate(files):
                 c.fds[i] = fds[i]

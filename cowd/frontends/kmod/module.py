@@ -1,9 +1,10 @@
 """Layer: cowd frontend for the kernel shim: the module and its control device.
 
 Loading the shim (``modprobe``, else ``insmod`` of the module built in this checkout), the
-calls on ``/dev/cowd-ctl`` that create, take over and remove devices, and which ABI
-version this daemon speaks to the loaded module.  The channel of one device — misses in,
-remaps out — is :mod:`cowd.frontends.kmod.channel`.
+calls on ``/dev/cowd-ctl`` that create, take over and remove devices, which ABI version
+this daemon speaks to the loaded module, and what a device is made with (the remap granule,
+the chain's files as fresh descriptions, what the kernel records for the boot trace).  The
+channel of one device — misses in, remaps out — is :mod:`cowd.frontends.kmod.channel`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from ...disk import DiskError
+from ...disk import ChainFile, Disk, DiskError
 from ...errors import CommandFailed
 from . import abi
 
@@ -27,6 +29,9 @@ MODULE_WAIT_S = 10.0
 # COWD_KMOD_ABI=1 makes this daemon speak the version-1 ABI (no pool): what an old daemon
 # does, for the tests of the kernel's compatibility and for measurements without the pool.
 ABI_ENV = "COWD_KMOD_ABI"
+# Largest remap granule the kernel takes; the smallest cluster above it is cut down to it.
+MAX_GRANULE_BYTES = 1 << abi.MAX_CLUSTER_BITS
+DEFAULT_GRANULE_BYTES = 64 << 10
 
 
 def module_problem() -> str | None:
@@ -144,3 +149,69 @@ def kmod_problem() -> str | None:
     if os.geteuid() != 0:
         return "the kernel shim needs root"
     return module_problem()
+
+
+# ---- what a device is made with ---------------------------------------------------------------
+
+def granule_for(disk: Disk) -> int:
+    """The remap granularity: the smallest cluster in the chain (whole clusters of every layer
+    are contiguous in their file), at least 512 B and at most 2 MiB."""
+    sizes = [layer.image.cluster_size for layer in disk.layers if layer.image.cluster_size > 0]
+    g = min(sizes) if sizes else DEFAULT_GRANULE_BYTES
+    return max(512, min(g, MAX_GRANULE_BYTES))
+
+
+def chain_files(disk: Disk) -> list[ChainFile]:
+    """Every host file of the chain that can hold data, the writable ones first."""
+    files = disk.files()
+    files.sort(key=lambda f: not f.writable)
+    if len(files) > abi.MAX_FILES:
+        raise CommandFailed(f"{disk.path}: the chain has {len(files)} files; the kernel shim "
+                         f"takes at most {abi.MAX_FILES} (files={len(files)})")
+    return files
+
+
+def fresh_fds(files: list[ChainFile], readonly: bool) -> list[int]:
+    """New open file descriptions of ``files`` for the kernel to keep.  Not the daemon's own:
+    its image locks (qemu's OFD byte locks, cowd/imagelock.py) live on those, and a lock on a
+    description the kernel holds would outlive a killed daemon and lock out the next one."""
+    fds: list[int] = []
+    try:
+        for f in files:
+            mode = os.O_RDWR if f.writable and not readonly else os.O_RDONLY
+            fds.append(os.open(f"/proc/self/fd/{f.fd}", mode | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+class TouchPlan(NamedTuple):
+    """What the kernel records for the boot trace: first reads of ``files[file]`` in
+    granules of 2^``bits`` bytes."""
+
+    file: int
+    bits: int
+
+
+def touch_plan(disk: Disk, files: list[ChainFile], version: int) -> TouchPlan | str:
+    """What to ask the kernel to record for the disk's boot trace, or why nothing."""
+    trace = disk.trace
+    if not trace.recording:
+        return f"the disk records no boot trace ({trace.state})"
+    if version < 2:
+        return f"the channel speaks ABI {version}"
+    if not module_features(version) & abi.FEAT_TOUCH:
+        return "the loaded module cannot record (no COWD_FEAT_TOUCH: an older module)"
+    index = next((i for i, f in enumerate(files) if f is disk.trace_file), None)
+    if index is None:
+        return "the base's file is not one the kernel reads"
+    bits = trace.granule.bit_length() - 1
+    if 1 << bits != trace.granule or not abi.MIN_TOUCH_BITS <= bits <= abi.MAX_TOUCH_BITS:
+        return f"the kernel takes no such granule (granule={trace.granule})"
+    granules = -(-os.fstat(disk.trace_file.fd).st_size >> bits)
+    if granules > abi.MAX_TOUCH_GRANULES:
+        return (f"the base has more granules than the kernel's bitmap holds (granules="
+                f"{granules}, max={abi.MAX_TOUCH_GRANULES})")
+    return TouchPlan(index, bits)
