@@ -210,9 +210,11 @@ def forget_boot_trace(image: Path) -> None:
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     if p.returncode != 0:
         return  # not an image qemu-img reads: nothing of ours to forget
+    from cowd.disk.boottrace import trace_path  # here: the other benches need no cowd
+
     bottom = json.loads(p.stdout)[-1]["filename"]
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(bottom + ".cowd-trace")
+        os.unlink(trace_path(bottom))
 
 
 def drop_caches(what: int = 3) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.peers import COWD, run
+from tests.support.peers import COWD, run, stop_process
 from tests.support.reliability import wait_listening
 
 
@@ -150,13 +150,7 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
         yield start
     finally:
         for d in started:
-            if d.proc.poll() is None:
-                d.proc.send_signal(signal.SIGTERM)
-                try:
-                    d.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    d.proc.kill()
-                    d.proc.wait()
+            stop_process(d.proc, signal.SIGTERM, 15)
 
 
 @functools.cache

@@ -60,6 +60,17 @@ def run(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
     return p
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout_s: float) -> None:
+    """Signal ``proc`` (if it still runs) and wait up to ``timeout_s``; then SIGKILL it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def qemu_img(*args: str | os.PathLike[str],
              check: bool = True) -> subprocess.CompletedProcess[bytes]:
     need("qemu-img")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import COWD, missing_tool
+from tests.support.peers import COWD, missing_tool, stop_process
 
 # How long a server may take to listen.
 START_TIMEOUT_S = 15.0
@@ -59,16 +59,6 @@ def cowd_fixture() -> Any:
         return Cowd(tmp_path, tmp_path / "cache")
 
     return fixture
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout_s: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -308,5 +298,4 @@ __all__ = [
     "qemu_nbd",
     "remote_marks",
     "remote_problem",
-    "stop_process",
 ]
