@@ -503,9 +503,9 @@ class _Connection:
     def _recycle_payload(self, req: W.Request) -> None:
         """A write is done with its payload (the disk copies what it keeps before it
         returns): the buffer goes back to the pool the codec takes payloads from, sparing the
-        next write of that size a fresh allocation (with the allocator's fixed mmap
-        threshold, cowd/process.py, a fresh 1 MiB buffer is an mmap, 256 page faults and a
-        munmap: it made 1 MiB writes 4x slower)."""
+        next write of that size a fresh allocation (above the allocator's mmap threshold,
+        cowd/process.py, a fresh 1 MiB buffer is an mmap, 256 page faults and a munmap: with
+        the fresh receive buffers, what made 1 MiB writes 4x slower)."""
         if isinstance(req.data, bytearray):
             self.buffers.put(req.data)
         req.data = None
@@ -542,10 +542,8 @@ class _Connection:
                 assert req.data is not None
                 try:
                     await disk.write(req.offset, req.data, fua=req.fua)
-                except DiskError:
+                finally:
                     self._recycle_payload(req)
-                    raise
-                self._recycle_payload(req)
             elif cmd == W.NBD_CMD_FLUSH:
                 await disk.flush()
             elif cmd == W.NBD_CMD_TRIM:
