@@ -5,7 +5,7 @@ to an outside writer (the kernel shim's allocation pool): :class:`Lending`, whic
 The codec does the lending (formats/qcow2/lend.py: a writable qcow2 overlay without a data
 file; its crash-safety order is there).  This module does what the disk adds around it: the
 disk's checks and errno, the layers' locks, and the remap cache.  ``lend`` reserves clusters
-(their refcounts durable first: it syncs, in a thread) and returns them as :class:`LentRun`
+(their refcounts set, not synced: the codec's step 1) and returns them as :class:`LentRun`
 s of the top file; the outside writer writes each lent cluster whole and reports it; ``adopt``
 records each :class:`Adoption` in the image (an allocation like the disk's own, durable at
 the next flush) and changes the top layer's mapping as a write does (cache entries
@@ -92,15 +92,15 @@ class Lending:
         return self._lender.lent if self._lender is not None else 0
 
     async def lend(self, clusters: int) -> list[LentRun]:
-        """Reserve ``clusters`` free clusters of the top layer for an outside writer, their
-        refcounts durable before this returns (it syncs: in a thread).  Returns the runs,
-        each contiguous in the file."""
+        """Reserve ``clusters`` free clusters of the top layer for an outside writer (their
+        refcounts set, durable at the next sync: formats/qcow2/lend.py, step 1).  Returns
+        the runs, each contiguous in the file."""
         self._hooks.check_write(0, 0)
         lender = self._get_lender()
         top = self._top
         try:
-            async with self.chain.exclusive([top], will_await=True):
-                runs = await self.chain.run(lender.lend, clusters, offload=True)
+            async with self.chain.exclusive([top], will_await=False):
+                runs = lender.lend(clusters)
         except (FormatError, OSError, ValueError) as e:
             raise self._hooks.translate(e) from e
         self._hooks.ops["lent"] += clusters

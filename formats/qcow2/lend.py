@@ -15,9 +15,13 @@ Crash-safety order (the package's rules, formats/qcow2/__init__.py; power loss a
 --------------------------------------------------------------------------------------------
 1. ``lend``: the first modification's rule 6 (auto-clear bits cleared, header synced), then
    the clusters' refcounts are set to 1 (rule 1; a new refcount block or table follows rule
-   2) and the image is synced *before* the clusters are handed out.  From here a crash
-   leaks them (``qemu-img check`` counts leaks, ``cowd check --repair`` frees them); no L1 or
-   L2 entry names them, so no guest byte depends on them.
+   2), and they are handed out.  No sync of its own, as for any reservation (rule 1): no L1
+   or L2 entry names them before ``adopt``, and the flush (or table eviction) that writes
+   the first such entry syncs the image first, refcounts included.  A crash before that
+   sync finds each lent cluster with refcount 0 (free, whatever the outside writer put
+   there: no entry reaches it) or 1 (a leak: ``qemu-img check`` counts it, ``cowd check
+   --repair`` frees it).  (It synced here once: with the page cache full of an outside
+   writer's data, that sync wrote all of it out and held every write of the disk meanwhile.)
 2. The outside writer writes each lent cluster whole into the same image file (the same
    inode, so the image's fdatasync covers its writes) and reports it only after its writes
    returned.  Until ``adopt``, the cluster is garbage in a leaked cluster.
@@ -89,8 +93,8 @@ class Lender:
         return len(self._lent)
 
     def lend(self, clusters: int) -> list[HostRange]:
-        """Reserve ``clusters`` free host clusters for the outside writer (steps 1 above:
-        durable before this returns); their runs, contiguous in the file, in file order."""
+        """Reserve ``clusters`` free host clusters for the outside writer (step 1 above);
+        their runs, contiguous in the file, in file order."""
         img = self.img
         if clusters <= 0:
             return []
@@ -100,7 +104,6 @@ class Lender:
         img.require_writable()
         img._begin_modify()  # rule 6
         chosen = img.refcounts.take(clusters)  # rule 1 (and rule 2 inside)
-        img._sync_image()  # the refcounts are durable before anyone writes the clusters
         self._lent.update(chosen)
         cb = img.cluster_bits
         runs: list[HostRange] = []

@@ -21,19 +21,19 @@ place.  DISCARD and WRITE_ZEROES are done by the daemon, which invalidates the t
 before it replies DONE; FLUSH makes the disk durable (data, then the metadata that reaches it)
 before DONE.  At attach, :meth:`prime` pushes the whole disk's remaps, up to the kernel's bound.
 
-*The allocation pool* (ABI v2, the header's "Versions").  When the top layer can lend clusters
+*The allocation pool* (ABI v2, the header's "Versions"). When the top layer can lend clusters
 (a qcow2 overlay whose cluster is the remap granule: formats/qcow2/lend.py) the daemon lends
-``pool_target`` clusters (their refcounts durable first) and GRANTs them; the kernel then does
-first writes itself — copy-up, data, completion — and reports each run in an ALLOC message.
-The reader hands ALLOCs, in order, to one adopter task, which records them in the image
-(``disk.lending.adopt``: L2 entries, durable at the next flush) and ACKs the last seq of each
-batch; the kernel holds every FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC until
-that ACK, so a flush the daemon answers covers every allocation it must.  When an ALLOC says
-the kernel's pool fell under ``pool_target / 2`` the reader starts a refill (one lend and one
-GRANT per refill, not one round trip per cluster).  Before the device is removed (detach,
+``pool_target`` clusters (their refcounts set, durable with the next sync) and GRANTs them; the
+kernel then does first writes itself — copy-up, data, completion — and reports each run in an
+ALLOC message. The reader hands ALLOCs, in order, to one adopter task, which records them in
+the image (``disk.lending.adopt``: L2 entries, durable at the next flush) and ACKs the last seq
+of each batch; the kernel holds every FLUSH, DISCARD and WRITE_ZEROES issued after an ALLOC
+until that ACK, so a flush the daemon answers covers every allocation it must. When an ALLOC
+says the kernel's pool fell under ``pool_target / 2`` the reader starts a refill (one lend and
+one GRANT per refill, not one round trip per cluster). Before the device is removed (detach,
 shutdown) :meth:`stop_pool` REVOKEs the pool: the kernel drops what it holds, lets its
 allocations under way finish, and queues REVOKED behind their ALLOCs; what was granted and
-never reported is then given back.  A daemon killed with a pool leaks its clusters (and loses
+never reported is then given back. A daemon killed with a pool leaks its clusters (and loses
 its unflushed allocations, as any unflushed write): ``cowd check --repair`` frees them.
 
 *Ordering.*  Each handler computes its messages from the disk's state and appends them to one
@@ -463,8 +463,8 @@ class KmodDevice:
             self._ack()
 
     def _maybe_refill(self) -> None:
-        """Refill in a task of its own (lending syncs the image) when what the kernel holds
-        is under the low-water mark (the reader calls it as ALLOCs arrive)."""
+        """Refill in a task of its own (lending may wait for the top layer's lock) when what
+        the kernel holds is under the low-water mark (the reader calls it as ALLOCs arrive)."""
         if self._pool_on and not self._refilling and self._nursery is not None and \
                 len(self._outstanding) < max(1, self.pool_target // POOL_LOW_FRACTION):
             self._nursery.start_soon(self._refill)
