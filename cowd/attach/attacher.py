@@ -315,7 +315,8 @@ class Attacher:
             except BaseException:
                 del self.nbd_disks[name]
                 if workers is not None:
-                    workers.remove_disk(disk)
+                    with trio.CancelScope(shield=True):
+                        await workers.forget_disk(disk)
                 raise
         except BaseException:
             await disk.close()
@@ -381,7 +382,8 @@ class Attacher:
             except BaseException:
                 await fe.remove_disk(name, force=True)
                 if workers is not None:
-                    workers.remove_disk(disk)
+                    with trio.CancelScope(shield=True):
+                        await workers.forget_disk(disk)
                 raise
         except BaseException:
             await disk.close()
@@ -443,7 +445,7 @@ class Attacher:
         await fe.remove_disk(att.name, force=True)
         if self.workers is not None:
             await self.workers.stats()  # their boot-trace first touches, before they forget
-            self.workers.remove_disk(att.disk)
+            await self.workers.forget_disk(att.disk)
         await self._forget(att)
 
     async def _forget(self, att: Attachment) -> None:
@@ -477,7 +479,7 @@ class Attacher:
         self.nbd_disks.pop(att.name, None)
         if self.workers is not None:
             await self.workers.stats()  # their boot-trace first touches, before they forget
-            self.workers.remove_disk(att.disk)
+            await self.workers.forget_disk(att.disk)
         await self._forget(att)
 
     async def _detach_all_nbd(self) -> None:

@@ -24,14 +24,21 @@ control plane (answers to misses, read-ahead, priming).  With them it may, and m
 1. read a guest range whose granules are all in its table (pread of the runs, zeroes for zero
    runs), and advise the kernel of such reads (posix_fadvise);
 2. write a guest range whose granules are all in its table as *writable* DATA (pwrite in
-   place: the clusters belong to the top layer alone, qcow2's COPIED, so no metadata changes).
+   place: the clusters belong to the top layer alone, qcow2's COPIED, so no metadata changes);
+3. write whole granules that are in its table but not writable into clusters the control
+   plane *lent* it (LEND: free clusters of the top file, refcounted, that no entry reaches),
+   one lent cluster per granule, written whole (so no copy-up), and then ask the control
+   plane to ADOPT them — to map them as an allocation of its own would be mapped — and
+   answer the client only after that reply.  Only where the top layer can lend
+   (cowd/disk/lending.py: a writable qcow2 overlay without a data file) and its granule is
+   one cluster (DiskSpec.lend_file).
 
 Everything else goes to the control plane: a read or write touching a granule it has no remap
 for (a MISS: the answer is remaps, then the worker tries again; a granule that cannot be
 remapped, such as a compressed cluster, is answered with its data), and every request that may
-change metadata or durability — a write to anything not writable in place (it carries its data:
-the control plane allocates, copies up and writes in one step, as it does for its own
-frontends), write-zeroes, trim, flush, block status, cache.
+change metadata or durability — any other write to anything not writable in place (it carries
+its data: the control plane allocates, copies up and writes in one step, as it does for its
+own frontends), write-zeroes, trim, flush, block status, cache.
 
 What the control plane promises in return
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -50,13 +57,23 @@ What the control plane promises in return
 - *Durability.*  A worker's in-place writes go to the same files through the same page cache;
   the control plane's flush (fdatasync, then metadata) covers every write that completed
   before the flush was asked for, on any worker.  FUA is an in-place write and then a flush.
+  An adopted cluster is an allocation like the control plane's own: its L2 entry is written
+  by the next flush, after the sync that makes its data durable (formats/qcow2/lend.py).
+- *Lent clusters.*  The control plane records what it lent each worker and frees what was
+  never adopted once the worker can no longer write it: when it died, after it dropped the
+  disk (it answered a query sent after DISK_GONE), at the daemon's stop — and before every
+  flush a worker asks for, it takes back (RECLAIM) what the workers hold unwritten, so a
+  daemon killed after a flush leaves no leaked cluster.
 
 Failure
 ~~~~~~~
 A killed worker loses nothing acknowledged: its acknowledged writes are in the page cache (or
-durable, after a flush, which the control plane did); its connections drop, the control
-plane forgets its remaps and starts a new worker.  Workers end with the control plane: its
-death closes their channel, and they exit at its end of file.
+durable, after a flush, which the control plane did) and its first writes were adopted before
+they were acknowledged; its connections drop, the control plane forgets its remaps, frees
+the clusters it was lent and did not write, and starts a new worker.  A daemon killed between
+a LEND and the next flush leaks the lent clusters that no write took (``cowd check --repair``
+frees them), as it leaks its own reserved batch (formats/qcow2's rule 1).  Workers end with
+the control plane: its death closes their channel, and they exit at its end of file.
 
 Modules
 -------

@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from ..disk import Disk, DiskError
+from ..disk.lending import Adoption, FileRange
 from ..frontends.fuse.mount import clone_fuse_fd
 from ..frontends.fuse.protocol import IN_HEADER, FuseProtocolError, parse_request, reply_error
 from ..frontends.fuse.server import FuseFrontend
@@ -72,6 +73,9 @@ RESTART_STABLE_S = 30.0
 START_TIMEOUT_S = 60.0
 # How long STOP lets workers drain before they are killed.
 STOP_TIMEOUT_S = 15.0
+# The most clusters of one disk lent to one worker and not yet adopted: what a worker's death
+# leaves to give back, and what a crash of the daemon can leak (cowd check --repair frees it).
+MAX_LENT_BYTES = 64 << 20
 
 
 def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:
@@ -119,8 +123,12 @@ class WorkerLink:
         self.handed = 0  # connections handed to it, over its lives
         self.ready = False  # this life answered its first query: imports done, loop running
         self._to_close: set[int] = set()  # fds to close once sent
+        # Per disk id, the file offsets of the clusters lent to this worker and not adopted
+        # yet: given back once it can no longer write them (it died, or dropped the disk).
+        self.lent: dict[int, set[int]] = {}
         self.counters = {k: 0 for k in ("misses", "requests", "remap_runs_sent",
-                                        "invalidations_sent", "ack_timeouts")}
+                                        "invalidations_sent", "ack_timeouts",
+                                        "clusters_lent", "clusters_adopted")}
 
     @property
     def alive(self) -> bool:
@@ -196,6 +204,7 @@ class WorkerLink:
             self._to_close.clear()
             with trio.CancelScope(shield=True):
                 await self._reap()
+                await self.give_back()  # the process is gone: it writes nothing any more
 
     async def _started(self, cookie: int, task_status: trio.TaskStatus[None] | None) -> None:
         """Report the worker started once it answered its first query (it has imported and
@@ -227,6 +236,23 @@ class WorkerLink:
         if self.chan is not None:
             self.chan.close()
 
+    async def give_back(self, disk_ids: list[int] | None = None) -> None:
+        """Free the clusters lent to this worker and never adopted, of every disk (or of
+        ``disk_ids``).  Only once the worker can no longer write them: its process is dead,
+        or it answered a message sent after the disk's DISK_GONE (its descriptors of the
+        disk are closed).  A disk already closed keeps them (leaked clusters)."""
+        for disk_id in list(self.lent) if disk_ids is None else disk_ids:
+            offsets = self.lent.pop(disk_id, set())
+            served = self.pool.disks.get(disk_id) or self.pool.leaving.get(disk_id)
+            if not offsets or served is None:
+                continue
+            cs = served.disk.cluster_size
+            try:
+                await served.disk.lending.give_back(FileRange(off, cs) for off in offsets)
+            except DiskError as e:
+                log.info("%s: %d clusters lent to worker %d stay allocated (leaked): %s",
+                         served.disk.path, len(offsets), self.index, e)
+
     def describe(self, served: Served) -> None:
         assert self.chan is not None
         fds = _fresh_fds(served)
@@ -235,7 +261,7 @@ class WorkerLink:
         self.chan.send(W.DiskSpec(served.disk_id, served.name, disk.path, disk.size,
                                   disk.cluster_size, disk.granule, disk.readonly,
                                   tuple(f.writable for f in served.files), served.scope,
-                                  served.fuse_ino, fds))
+                                  served.fuse_ino, served.lend_file(), fds))
 
     def hand_off(self, fd: int, peer: str, scope: str) -> None:
         assert self.chan is not None
@@ -262,6 +288,8 @@ class WorkerLink:
                 nursery.start_soon(self._request, msg)
             elif isinstance(msg, W.Invalidated):
                 self.acks.complete(msg.cookie, True)
+            elif isinstance(msg, W.Reclaimed):
+                self.acks.complete(msg.cookie, msg.runs)
             elif isinstance(msg, W.Stats):
                 self.queries.complete(msg.cookie, msg.stats)
             elif isinstance(msg, W.Release):
@@ -371,7 +399,13 @@ class WorkerLink:
                 await self._write(served, r)
             elif r.op in (W.Op.TRIM, W.Op.WRITE_ZEROES):
                 await self._zero(served, r)
+            elif r.op == W.Op.LEND:
+                self._reply(r.cookie, 0, W.lent_runs(await self._lend(served, r.length)))
+                return
+            elif r.op == W.Op.ADOPT:
+                await self._adopt(served, r)
             elif r.op == W.Op.FLUSH:
+                await self.pool.reclaim(served)
                 await disk.flush()
             elif r.op == W.Op.CACHE:
                 await disk.prefetch(r.guest_offset, r.length)
@@ -406,11 +440,97 @@ class WorkerLink:
                 segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
                 self._send_runs(served, served.runs(segs, but_gated=token))
 
+    async def _lend(self, served: Served, clusters: int) -> list[W.LentRun]:
+        """Lend this worker up to ``clusters`` free clusters of the disk's top file (the
+        codec's crash-safety order: formats/qcow2/lend.py), as many as MAX_LENT_BYTES
+        leaves room for."""
+        disk = served.disk
+        lent = self.lent.setdefault(served.disk_id, set())
+        cs = disk.cluster_size
+        clusters = min(clusters, MAX_LENT_BYTES // cs - len(lent))
+        if served.lend_file() < 0 or clusters <= 0:
+            return []
+        runs = await disk.lending.lend(clusters)
+        out = []
+        for run in runs:
+            lent.update(range(run.file_offset, run.file_offset + run.length, cs))
+            out.append(W.LentRun(run.file_offset, run.length))
+        self.counters["clusters_lent"] += clusters
+        return out
+
+    async def _adopt(self, served: Served, r: W.Request) -> None:
+        """The worker wrote lent clusters whole for its write of [guest_offset, +length):
+        map them (disk.lending.adopt: an allocation, durable at the next flush) inside the
+        change gate, as a forwarded write would be, then send the fresh remaps."""
+        disk = served.disk
+        adoptions = W.parse_adoptions(r.data)
+        lent = self.lent.get(served.disk_id, set())
+        cs = disk.cluster_size
+        end = r.guest_offset + r.length
+        for a in adoptions:
+            offsets = range(a.file_offset, a.file_offset + a.length, cs)
+            if a.guest_offset < r.guest_offset or a.guest_offset + a.length > end or \
+                    not all(off in lent for off in offsets):
+                raise DiskError(errno.EINVAL, f"{disk.path}: a worker adopted clusters it "
+                                f"was not lent (guest_offset={a.guest_offset}, "
+                                f"file_offset={a.file_offset})")
+        async with self.pool.changing(served, r.guest_offset, r.length, requester=self,
+                                      ack_requester=False) as token:
+            await disk.lending.adopt([Adoption(a.guest_offset, a.length, a.file_offset)
+                                      for a in adoptions])
+            for a in adoptions:
+                lent.difference_update(range(a.file_offset, a.file_offset + a.length, cs))
+                self.counters["clusters_adopted"] += a.length // cs
+            if token is not None:
+                first, last = served.granules(r.guest_offset, end)
+                g = disk.granule
+                segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
+                self._send_runs(served, served.runs(segs, but_gated=token))
+        if r.flags & W.FLAG_FUA:
+            await disk.flush()
+
     async def _zero(self, served: Served, r: W.Request) -> None:
         # Clusters may be freed: every holder, this worker too, must drop them first.
         async with self.pool.changing(served, r.guest_offset, r.length, requester=self,
                                       ack_requester=True):
             await zero_range(served.disk, r.op, r.guest_offset, r.length, r.flags)
+
+    async def reclaim(self, served: Served) -> None:
+        """Take back the clusters of ``served`` lent to this worker and not written yet,
+        and free them (see WorkerPool.reclaim)."""
+        if not self.lent.get(served.disk_id) or not self.alive or self.chan is None:
+            return
+        cookie = self.acks.new()
+        self.chan.send(W.Reclaim(cookie, served.disk_id))
+        runs: tuple[W.LentRun, ...] = ()
+        with trio.move_on_after(ACK_TIMEOUT_S):
+            try:
+                runs = await self.acks.wait(cookie)
+            except ConnectionError:
+                return  # dead: its life's end gives back what it held
+        cs = served.disk.cluster_size
+        lent = self.lent.get(served.disk_id, set())
+        back = [off for run in runs for off in range(run.file_offset,
+                                                      run.file_offset + run.length, cs)
+                if off in lent]
+        lent.difference_update(back)
+        await served.disk.lending.give_back(FileRange(off, cs) for off in back)
+
+    async def ping(self, within_s: float) -> bool:
+        """Whether the worker answers a query within ``within_s``: once it has, it has
+        applied every message sent before it (the channel is a FIFO)."""
+        if not self.alive or self.chan is None:
+            return False
+        cookie = self.queries.new()
+        self.chan.send(W.StatsQuery(cookie))
+        with trio.move_on_after(within_s):
+            try:
+                reply = await self.queries.wait(cookie)
+            except ConnectionError:
+                return False
+            self._take_touches(reply)
+            return True
+        return False
 
     async def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "alive": self.alive, "starts": self.starts,
@@ -464,6 +584,8 @@ class WorkerPool:
         self.tls = tls
         self.links = [WorkerLink(self, i) for i in range(count)]
         self.disks: dict[int, Served] = {}
+        # Disks removed whose lent clusters some worker may still hold (forget_disk).
+        self.leaving: dict[int, Served] = {}
         self._ids = itertools.count(1)
         self._turn = itertools.cycle(range(count))
         self.stopping = False
@@ -502,13 +624,39 @@ class WorkerPool:
             if link.alive:
                 link.describe(served)
 
-    def remove_disk(self, disk: Disk) -> None:
+    async def reclaim(self, served: Served) -> None:
+        """Before a flush of ``served``: every worker gives up the clusters it was lent and
+        has not written, and they are freed, so that the flush leaves none lent: a daemon
+        killed after it leaves no leak (qemu-img check stays clean, as without workers).
+        A write under way keeps the clusters it took (it adopts them)."""
+        for link in self.links:
+            await link.reclaim(served)
+
+    async def forget_disk(self, disk: Disk) -> None:
+        """Stop serving ``disk`` from the workers (before it closes): every worker drops it,
+        and the clusters it was lent and never adopted are given back once it answers a
+        query sent after the DISK_GONE (its descriptors of the disk are closed then), or
+        once it is dead.  A worker that does not answer in ACK_TIMEOUT_S is killed."""
         for served in [s for s in self.disks.values() if s.disk is disk]:
             del self.disks[served.disk_id]
+            self.leaving[served.disk_id] = served
             for link in self.links:
                 if link.alive and link.chan is not None:
                     link.chan.send(W.DiskGone(served.disk_id))
                 link.holds.discard(served.disk_id)
+            try:
+                for link in self.links:
+                    if not link.lent.get(served.disk_id):
+                        link.lent.pop(served.disk_id, None)
+                        continue
+                    if link.alive and not await link.ping(ACK_TIMEOUT_S):
+                        log.error("worker %d did not answer in %g s; killing it",
+                                  link.index, ACK_TIMEOUT_S)
+                        link.kill()
+                        continue  # its life's end gives back, if the disk is open then
+                    await link.give_back([served.disk_id])
+            finally:
+                del self.leaving[served.disk_id]
 
     def check_readonly(self, served: Served) -> None:
         """A request failed: if it marked the disk corrupt (read-only from now on), tell every
@@ -626,7 +774,8 @@ class WorkerPool:
                 link.kill()
 
     async def stop(self) -> None:
-        """Ask every worker to drain and exit; kill what has not after STOP_TIMEOUT_S."""
+        """Ask every worker to drain and exit; kill what has not after STOP_TIMEOUT_S; then
+        give back what they were lent (the disks close after this)."""
         self.stopping = True
         for link in self.links:
             if link.alive and link.chan is not None:
@@ -637,6 +786,11 @@ class WorkerPool:
                     await link.proc.wait()
         for link in self.links:
             link.kill()
+        with trio.CancelScope(shield=True):
+            for link in self.links:
+                if link.proc is not None:
+                    await link.proc.wait()
+                await link.give_back()
 
     async def stats(self) -> list[dict[str, Any]]:
         return [await link.stats() for link in self.links]

@@ -2,9 +2,10 @@
 
 It has the shape of :class:`~cowd.disk.api.BlockDisk`, so the NBD server serves it exactly as
 it serves a :class:`~cowd.disk.Disk`.  What it does itself is what the contract in
-:mod:`cowd.workers` allows — reads of ranges whose granules are all in its table, and
-in-place writes where they are all writable DATA — and everything else it asks of the control
-plane through a :class:`ControlPlane` (the worker's channel).
+:mod:`cowd.workers` allows — reads of ranges whose granules are all in its table, in-place
+writes where they are all writable DATA, and first writes of whole granules into the clusters
+its pool holds (lent by the control plane, adopted after the write) — and everything else it
+asks of the control plane through a :class:`ControlPlane` (the worker's channel).
 
 The table maps a granule index (the disk's top-layer granule, the same unit as the control
 plane's remap cache) to the :class:`Run` s that cover it, in guest order: a run is DATA at a
@@ -22,9 +23,11 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple, Protocol
 
 import trio
@@ -41,6 +44,17 @@ MAX_TABLE_ENTRIES = 1 << 16
 
 # The fd of a run that reads as zeroes.
 ZERO_FD = -1
+
+# Lent clusters (first writes the worker does itself, see MappedDisk._write_lent): a disk's
+# pool is topped up once it holds less than half a batch.  The batch starts at
+# LEND_FIRST_BYTES and doubles with every top-up up to LEND_MAX_BYTES (32 MiB is 0.01 s of
+# sequential first writes on this project's host); a flush takes the pool back (RECLAIM)
+# and starts it small again, so a writer that flushes often holds little.  The control
+# plane bounds what one worker holds (host.py's MAX_LENT_BYTES).
+LEND_FIRST_BYTES = 2 << 20
+LEND_MAX_BYTES = 32 << 20
+
+log = logging.getLogger("cowd.worker")
 
 
 class Run(NamedTuple):
@@ -64,6 +78,9 @@ class ControlPlane(Protocol):
 
     async def request(self, disk_id: int, op: W.Op, flags: int, guest_offset: int,
                       length: int, data: bytes | bytearray | memoryview = b"") -> W.Reply: ...
+
+    def background(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run ``task`` beside the requests (the worker's nursery)."""
 
 
 class Local(enum.Enum):
@@ -90,6 +107,13 @@ class MappedDisk:
         self.granule = spec.granule
         self._fds = list(spec.fds)
         self._fd_writable = [w and not spec.readonly for w in spec.files_writable]
+        # Lent clusters of the lend file: [file offset, length] runs in file order.
+        self._lend_fd = spec.fds[spec.lend_file] if spec.lend_file >= 0 and \
+            not spec.readonly and spec.granule == spec.cluster_size else None
+        self._pool: deque[list[int]] = deque()
+        self._pool_bytes = 0
+        self._lend_batch = LEND_FIRST_BYTES  # the next top-up's target
+        self._lending = False  # a LEND is under way
         self.plane = plane
         self._table: dict[int, tuple[Run, ...]] = {}
         self._streams = Streams(spec.granule)  # sequential readers: data read-ahead
@@ -104,7 +128,8 @@ class MappedDisk:
         self.counters = {k: 0 for k in (
             "reads_local", "writes_local", "bytes_read", "bytes_written", "misses",
             "remaps_installed", "invalidations", "evictions", "forwarded_reads",
-            "forwarded_writes", "forwarded_other", "would_block")}
+            "forwarded_writes", "forwarded_other", "would_block", "writes_lent",
+            "clusters_lent", "clusters_written")}
 
     # ---- the BlockDisk properties --------------------------------------------------------
 
@@ -202,7 +227,22 @@ class MappedDisk:
         self._readonly = True
         self.readonly_reason = reason
         self._fd_writable = [False] * len(self._fds)
+        self._drop_pool()
         self.clear()
+
+    def _drop_pool(self) -> None:
+        """Lend no more: what is lent stays so in the control plane, which gives it back
+        once this worker drops the disk or dies."""
+        self._lend_fd = None
+        self.reclaim()
+
+    def reclaim(self) -> list[W.LentRun]:
+        """Give up the pool (what no write took yet), and start small again."""
+        runs = [W.LentRun(off, n) for off, n in self._pool]
+        self._pool.clear()
+        self._pool_bytes = 0
+        self._lend_batch = LEND_FIRST_BYTES
+        return runs
 
     # ---- boot trace ----------------------------------------------------------------------
 
@@ -304,7 +344,10 @@ class MappedDisk:
         end = offset + n
         g = self.granule
         table = self._table
-        pieces: list[tuple[int, int, int, int]] = []  # fd, file offset, at, length
+        # Every granule is looked up before the first byte is written (all or nothing), and
+        # runs that continue each other in the file are one pwrite: a 1 MiB write to
+        # clusters allocated in order is one syscall, not sixteen.
+        pieces: list[list[int]] = []  # [fd, file offset, at, length]
         for i in range(offset // g, (end - 1) // g + 1):
             runs = table.get(i)
             if runs is None:
@@ -318,10 +361,143 @@ class MappedDisk:
                     return Local.NOT_WRITABLE
                 a = rs if rs > offset else offset
                 b = re_ if re_ < end else end
-                pieces.append((fd, fo + (a - rs), a - offset, b - a))
+                fo += a - rs
+                if pieces:
+                    last = pieces[-1]
+                    if last[0] == fd and last[1] + last[3] == fo:
+                        last[3] += b - a
+                        continue
+                pieces.append([fd, fo, a - offset, b - a])
         for fd, fo, at, length in pieces:
             pwrite_from(fd, view[at:at + length], fo)
         return Local.DONE
+
+    # ---- first writes into lent clusters -------------------------------------------------
+
+    def _plan_lent(self, offset: int, n: int
+                   ) -> tuple[list[list[int]], list[W.Adoption]] | Local:
+        """The pwrites (``[fd, file offset, at, length]``, runs that continue each other
+        merged) and adoptions of a write of whole granules, every one in the table: granules
+        the top layer owns in place, the others into clusters taken from the pool; or why
+        not: MISSING (a granule is not in the table), OUT_OF_RANGE (not whole granules of
+        the disk, or the pool is too small: the write is forwarded)."""
+        g = self.granule
+        end = offset + n
+        if offset % g or end % g or self._readonly or not self._in_range(offset, n):
+            return Local.OUT_OF_RANGE
+        table = self._table
+        granules: list[tuple[Run, ...]] = []
+        lent = 0
+        for i in range(offset // g, end // g):
+            runs = table.get(i)
+            if runs is None:
+                return Local.MISSING
+            granules.append(runs)
+            lent += not all(r.writable for r in runs)
+        if lent * g > self._pool_bytes:
+            return Local.OUT_OF_RANGE
+        pieces: list[list[int]] = []
+        adopt: list[W.Adoption] = []
+        pool = self._pool
+        lend_fd = self._lend_fd
+        assert lend_fd is not None
+        at = 0
+        for runs in granules:
+            if all(r.writable for r in runs):
+                spans = [(r.fd, r.file_offset, r.guest_end - r.guest_offset) for r in runs]
+            else:
+                head = pool[0]
+                fo = head[0]
+                head[0] += g
+                head[1] -= g
+                if not head[1]:
+                    pool.popleft()
+                spans = [(lend_fd, fo, g)]
+                guest = offset + at
+                last = adopt[-1] if adopt else None
+                if last is not None and last.guest_offset + last.length == guest and \
+                        last.file_offset + last.length == fo:
+                    adopt[-1] = W.Adoption(last.guest_offset, last.length + g, last.file_offset)
+                else:
+                    adopt.append(W.Adoption(guest, g, fo))
+            for fd, fo, length in spans:
+                if pieces and pieces[-1][0] == fd and pieces[-1][1] + pieces[-1][3] == fo:
+                    pieces[-1][3] += length
+                else:
+                    pieces.append([fd, fo, at, length])
+                at += length
+        self._pool_bytes -= lent * g
+        return pieces, adopt
+
+    async def _write_lent(self, offset: int, view: memoryview, fua: bool) -> bool:
+        """A write that allocates, done here: the data goes into lent clusters whole (no
+        copy-up: whole granules only), then the control plane adopts them (maps them, as
+        its own allocation would, inside its change gate) and sends their remaps before it
+        answers.  So the payload never crosses the channel, and the first writes of
+        several workers run on their cores.  False: not done (forward it)."""
+        if self._lend_fd is None:
+            return False
+        plan = self._plan_lent(offset, len(view))
+        self._top_up()
+        if plan is Local.MISSING:
+            # Remaps first (they come with read-ahead, and the first one primes the whole
+            # table), so that the next writes plan here without asking.
+            self.counters["misses"] += 1
+            self._raise_for(await self.plane.miss(self.disk_id, offset, len(view)))
+            plan = self._plan_lent(offset, len(view))
+        if isinstance(plan, Local):
+            return False
+        pieces, adopt = plan
+        if not adopt:
+            return False
+        try:
+            for fd, fo, at, length in pieces:
+                pwrite_from(fd, view[at:at + length], fo)
+        except OSError as e:
+            raise DiskError(e.errno or errno.EIO, f"{self._path}: write failed: "
+                                                  f"{e.strerror}") from e
+        reply = await self.plane.request(self.disk_id, W.Op.ADOPT, W.FLAG_FUA if fua else 0,
+                                         offset, len(view), W.adoptions(adopt))
+        self._raise_for(reply)
+        c = self.counters
+        c["writes_lent"] += 1
+        c["clusters_written"] += sum(a.length for a in adopt) // self.granule
+        c["bytes_written"] += len(view)
+        return True
+
+    def _top_up(self) -> None:
+        """Ask for more lent clusters in the background once the pool runs low."""
+        if self._lending or self._lend_fd is None or \
+                self._pool_bytes >= self._lend_batch // 2:
+            return
+        self._lending = True
+        self.plane.background(self._lend)
+
+    async def _lend(self) -> None:
+        g = self.granule
+        try:
+            want = (self._lend_batch - self._pool_bytes) // g
+            self._lend_batch = min(LEND_MAX_BYTES, self._lend_batch * 2)
+            reply = await self.plane.request(self.disk_id, W.Op.LEND, 0, 0, want)
+            if self.closed or self._lend_fd is None:
+                return
+            if reply.errno:
+                log.info("%s: no more clusters lent to this worker: %s", self._path,
+                         reply.message)
+                self._drop_pool()
+                return
+            runs = W.parse_lent_runs(reply.data)
+            for run in runs:
+                if run.length % g or run.file_offset % g:
+                    raise W.ChannelError(f"{self._path}: lent clusters not whole granules "
+                                         f"(file_offset={run.file_offset})")
+                self._pool.append([run.file_offset, run.length])
+                self._pool_bytes += run.length
+                self.counters["clusters_lent"] += run.length // g
+        except ConnectionError:
+            pass  # the control plane is gone: so is this worker, soon
+        finally:
+            self._lending = False
 
     # ---- the BlockDisk calls -------------------------------------------------------------
 
@@ -424,6 +600,8 @@ class MappedDisk:
                 await self.flush()
             else:
                 await trio.lowlevel.checkpoint()
+            return
+        if await self._write_lent(offset, view, fua):
             return
         self.counters["forwarded_writes"] += 1
         reply = await self.plane.request(self.disk_id, W.Op.WRITE, W.FLAG_FUA if fua else 0,

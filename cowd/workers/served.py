@@ -73,6 +73,17 @@ class Served:
     def __post_init__(self) -> None:
         self.file_index = {id(f): i for i, f in enumerate(self.files)}
 
+    def lend_file(self) -> int:
+        """The index of the file whose free clusters a worker may be lent for its first
+        writes (the top layer's), or -1: the disk cannot lend (cowd/disk/lending.py says
+        why), or a granule is not one cluster (a worker writes lent clusters whole, one
+        per granule it maps)."""
+        disk = self.disk
+        if disk.readonly or disk.granule != disk.cluster_size or \
+                disk.lending.problem() is not None:
+            return -1
+        return self.file_index.get(id(disk.chain.top.image.file), -1)
+
     def granules(self, guest_offset: int, guest_end: int) -> tuple[int, int]:
         """Granules covering every cluster that [guest_offset, guest_end) touches (what a
         change there may remap)."""

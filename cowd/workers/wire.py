@@ -66,6 +66,7 @@ class MsgType(enum.IntEnum):
     STATS_QUERY = 8
     DISK_STATE = 9  # a disk turned read-only (marked corrupt): no more writes in place
     FUSE_SESSION = 10  # serve this clone of the FUSE mount's descriptor (+ the fd)
+    RECLAIM = 11  # give back the disk's lent clusters not written yet (before a flush)
     # worker -> control plane
     MISS = 20
     REQUEST = 21
@@ -73,6 +74,7 @@ class MsgType(enum.IntEnum):
     RELEASE = 23  # the worker dropped every remap of a disk
     STATS = 24
     FUSE_FORWARD = 25  # a FUSE namespace request for the daemon to answer (REPLY: the reply)
+    RECLAIMED = 26  # the answer to RECLAIM: the lent clusters given up (LENT_RUNs)
 
 
 class Op(enum.IntEnum):
@@ -86,6 +88,8 @@ class Op(enum.IntEnum):
     CACHE = 6  # prefetch
     BLOCK_STATUS = 7  # the reply's data: STATUS_RUN records
     PRIME = 8  # send this worker the disk's remaps, as many as its table takes
+    LEND = 9  # lend the worker ``length`` free clusters of the top file (reply: LENT_RUNs)
+    ADOPT = 10  # the worker wrote lent clusters whole (data: ADOPTIONs): map them
 
 
 # REQUEST flags
@@ -102,6 +106,8 @@ REQUEST_HEAD = struct.Struct("<IHHQQ")  # disk id, op, flags, guest offset, leng
 DISK_ID = struct.Struct("<I")
 DISK_STATE_HEAD = struct.Struct("<IB")  # disk id, read-only; then the reason (UTF-8)
 STATUS_RUN = struct.Struct("<QBxxxxxxx")  # length, 1 if a hole (reads as zeroes)
+LENT_RUN = struct.Struct("<QQ")  # file offset, length: lent clusters of the disk's lend_file
+ADOPTION = struct.Struct("<QQQ")  # guest offset, length, file offset: written there whole
 
 
 class ChannelError(Exception):
@@ -143,6 +149,10 @@ class DiskSpec:
     files_writable: tuple[bool, ...]
     scope: str = SCOPE_SERVE
     fuse_ino: int = 0  # its inode in the FUSE mount (0: not a FUSE file)
+    # The file whose free clusters the control plane lends for first writes (the top
+    # layer's, by index), or -1: the disk lends none (not a qcow2 top, read-only, a data
+    # file, or a remap granule other than the cluster).
+    lend_file: int = -1
     fds: tuple[int, ...] = field(default=(), compare=False)
 
 
@@ -264,6 +274,24 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Reclaim:
+    """Give up the disk's lent clusters not written yet; answer RECLAIMED(cookie) with
+    them (the control plane frees them before it flushes: a daemon killed after the flush
+    leaves them free, not leaked)."""
+
+    type: ClassVar[MsgType] = MsgType.RECLAIM
+    cookie: int
+    disk_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    type: ClassVar[MsgType] = MsgType.RECLAIMED
+    cookie: int
+    runs: tuple[LentRun, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Invalidated:
     type: ClassVar[MsgType] = MsgType.INVALIDATED
     cookie: int
@@ -284,7 +312,7 @@ class Stats:
 
 Message = (DiskSpec | DiskGone | DiskState | Connection | FuseSession | Remaps | Invalidate
            | Reply | Stop | StatsQuery | Miss | Request | Invalidated | Release | Stats
-           | FuseForward)
+           | FuseForward | Reclaim | Reclaimed)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -337,6 +365,10 @@ def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
         return _framed(MsgType.INVALIDATE, msg.cookie, body), ()
     if isinstance(msg, Invalidated):
         return _framed(MsgType.INVALIDATED, msg.cookie, b""), ()
+    if isinstance(msg, Reclaim):
+        return _framed(MsgType.RECLAIM, msg.cookie, DISK_ID.pack(msg.disk_id)), ()
+    if isinstance(msg, Reclaimed):
+        return _framed(MsgType.RECLAIMED, msg.cookie, lent_runs(list(msg.runs))), ()
     if isinstance(msg, DiskSpec):
         if len(msg.fds) != len(msg.files_writable) or len(msg.fds) > MAX_FDS:
             raise ValueError(f"worker channel: a disk needs one fd per file, at most "
@@ -346,7 +378,7 @@ def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
                       "size": msg.size, "cluster_size": msg.cluster_size,
                       "granule": msg.granule, "readonly": msg.readonly,
                       "files_writable": list(msg.files_writable), "scope": msg.scope,
-                      "fuse_ino": msg.fuse_ino})
+                      "fuse_ino": msg.fuse_ino, "lend_file": msg.lend_file})
         return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
     if isinstance(msg, DiskGone):
         return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
@@ -393,6 +425,47 @@ def parse_status_runs(data: bytes | bytearray | memoryview) -> list[tuple[int, b
         raise ChannelError(f"worker channel: block status data is not whole runs "
                            f"(length={len(data)})")
     return [(n, bool(hole)) for n, hole in STATUS_RUN.iter_unpack(data)]
+
+
+@dataclass(frozen=True, slots=True)
+class LentRun:
+    """``length`` bytes of free clusters from ``file_offset`` of the disk's lend_file, lent
+    to one worker (a LEND reply is a list of them, in file order)."""
+
+    file_offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """Guest bytes [guest_offset, guest_offset + length) (whole clusters) were written into
+    lent clusters from ``file_offset`` of the lend_file onwards (an ADOPT's data)."""
+
+    guest_offset: int
+    length: int
+    file_offset: int
+
+
+def lent_runs(runs: list[LentRun]) -> bytes:
+    return b"".join(LENT_RUN.pack(r.file_offset, r.length) for r in runs)
+
+
+def parse_lent_runs(data: bytes | bytearray | memoryview) -> list[LentRun]:
+    if len(data) % LENT_RUN.size:
+        raise ChannelError(f"worker channel: a LEND reply is not whole runs "
+                           f"(length={len(data)})")
+    return [LentRun(off, n) for off, n in LENT_RUN.iter_unpack(data)]
+
+
+def adoptions(runs: list[Adoption]) -> bytes:
+    return b"".join(ADOPTION.pack(a.guest_offset, a.length, a.file_offset) for a in runs)
+
+
+def parse_adoptions(data: bytes | bytearray | memoryview) -> list[Adoption]:
+    if len(data) % ADOPTION.size:
+        raise ChannelError(f"worker channel: an ADOPT is not whole adoptions "
+                           f"(length={len(data)})")
+    return [Adoption(g, n, off) for g, n, off in ADOPTION.iter_unpack(data)]
 
 
 # ---- decoding ----------------------------------------------------------------------------------
@@ -472,14 +545,22 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
         return Invalidate(cookie, disk_id, offset, length, bool(ack))
     if mtype == MsgType.INVALIDATED:
         return Invalidated(cookie)
+    if mtype == MsgType.RECLAIM:
+        return Reclaim(cookie, *DISK_ID.unpack(body))
+    if mtype == MsgType.RECLAIMED:
+        return Reclaimed(cookie, tuple(parse_lent_runs(body)))
     if mtype == MsgType.DISK:
         d = json.loads(bytes(body))
         spec = DiskSpec(int(d["disk_id"]), str(d["name"]), str(d["path"]), int(d["size"]),
                         int(d["cluster_size"]), int(d["granule"]), bool(d["readonly"]),
                         tuple(bool(w) for w in d["files_writable"]), _scope(d["scope"]),
-                        int(d["fuse_ino"]), fds)
+                        int(d["fuse_ino"]), int(d["lend_file"]), fds)
         if len(fds) != len(spec.files_writable):
             raise ValueError(f"a disk needs one fd per file (fds={len(fds)})")
+        if not -1 <= spec.lend_file < len(fds) or \
+                (spec.lend_file >= 0 and not spec.files_writable[spec.lend_file]):
+            raise ValueError(f"the lending file is not a writable file of the disk "
+                             f"(lend_file={spec.lend_file})")
         return spec
     if mtype == MsgType.DISK_GONE:
         return DiskGone(*DISK_ID.unpack(body))
@@ -517,9 +598,10 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
 
 __all__ = [
     "FLAG_FUA", "FLAG_MAY_UNMAP", "MAX_MESSAGE_BYTES", "MAX_RUNS_PER_MESSAGE", "NEED_DATA",
-    "REMAP_WRITABLE", "SCOPES", "SCOPE_DEVICE", "SCOPE_SERVE", "ZERO_FILE", "ChannelError",
-    "Connection", "Decoder", "DiskGone", "DiskSpec", "DiskState", "FuseForward", "FuseSession",
-    "Invalidate", "Invalidated", "Message", "Miss", "MsgType", "Op", "Release", "RemapRun",
-    "Remaps", "Reply", "Request", "Stats", "StatsQuery", "Stop", "encode", "encode_remaps",
-    "parse_status_runs", "status_runs",
+    "REMAP_WRITABLE", "SCOPES", "SCOPE_DEVICE", "SCOPE_SERVE", "ZERO_FILE", "Adoption",
+    "ChannelError", "Connection", "Decoder", "DiskGone", "DiskSpec", "DiskState",
+    "FuseForward", "FuseSession", "Invalidate", "Invalidated", "LentRun", "Message", "Miss",
+    "MsgType", "Op", "Reclaim", "Reclaimed", "Release", "RemapRun", "Remaps", "Reply",
+    "Request", "Stats", "StatsQuery", "Stop", "adoptions", "encode", "encode_remaps",
+    "lent_runs", "parse_adoptions", "parse_lent_runs", "parse_status_runs", "status_runs",
 ]

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import trio
 
@@ -50,6 +50,11 @@ class PlaneClient:
     def __init__(self, chan: ChannelStream):
         self.chan = chan
         self.calls = Calls()
+        self.nursery: trio.Nursery | None = None  # the worker's, once it runs
+
+    def background(self, task: Callable[[], Awaitable[None]]) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(task)
 
     async def miss(self, disk_id: int, guest_offset: int, length: int) -> W.Reply:
         cookie = self.calls.new()
@@ -95,6 +100,7 @@ class Worker:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.chan.writer)
+            self.plane.nursery = nursery
             try:
                 await self._read(nursery)
             finally:
@@ -135,6 +141,9 @@ class Worker:
                 disk = self.by_id.get(msg.disk_id)
                 if disk is not None and msg.readonly:
                     disk.make_readonly(msg.reason)
+            elif isinstance(msg, W.Reclaim):
+                disk = self.by_id.get(msg.disk_id)
+                self.chan.send(W.Reclaimed(msg.cookie, tuple(disk.reclaim() if disk else ())))
             elif isinstance(msg, W.StatsQuery):
                 self.chan.send(W.Stats(msg.cookie, self.stats()))
             elif isinstance(msg, W.Stop):

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -686,6 +687,87 @@ print("acked", flush=True)
     model[7 << 20:(7 << 20) + 200000] = b"\x63" * 200000
     model[1 << 20:(1 << 20) + 100000] = b"\x64" * 100000
     model[2 << 20:(2 << 20) + 65536] = bytes(65536)
+    c.check()
+    assert c.oracle() == model
+
+
+LENT_WRITES = '''
+h = connect(NAME)
+g = connect(NAME)
+# Whole clusters, never written: first writes.  Odd ones on h, even on g (both workers'
+# pools); the first four one at a time (a worker's first lendable write asks for its pool),
+# the rest in flight at once.  0..128k mixes the overlay's own cluster 0 (written in place)
+# with a first write in one request.
+cookies = []
+for i, (off, n) in enumerate(PIECES):
+    c = h if i % 2 else g
+    if i < 4:
+        c.pwrite(bytes([0x70 + i]) * n, off)
+    else:
+        cookies.append((c, c.aio_pwrite(bytes([0x70 + i]) * n, off)))
+for c, ck in cookies:
+    while not c.aio_command_completed(ck):
+        c.poll(-1)
+# Multi-conn: what h wrote reads back on g, and the other way round.
+for i, (off, n) in enumerate(PIECES):
+    assert (g if i % 2 else h).pread(n, off) == bytes([0x70 + i]) * n, (off, n)
+h.flush()
+print("flushed", flush=True)
+'''
+
+# (guest offset, length): whole 64 KiB clusters of the top layer, first written here (and one
+# request that starts on the overlay's own cluster 0).
+LENT_PIECES = [(0, 2 * CLUSTER), (1 * MiB, MiB), (4 * MiB, 64 * CLUSTER), (9 * MiB, CLUSTER),
+               (12 * MiB, 3 * MiB), (20 * MiB, 256 * CLUSTER), (17 * MiB, 2 * CLUSTER)]
+
+
+def _workers_of(d: Served) -> list[dict[str, Any]]:
+    workers = d.stats()["workers"]
+    assert isinstance(workers, list)
+    return workers
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("end", ["sigkill-after-flush", "stop", "worker-killed"])
+def test_first_writes_in_lent_clusters(serve: Callable[..., Served], tmp_path: Path,
+                                       end: str) -> None:
+    """First writes of whole clusters.  With workers they are written by the worker into
+    clusters the daemon lent it (the payload never crosses the channel) and then adopted:
+    the bytes qemu reads equal a model, a write on one connection reads back on the other,
+    and every way the daemon can end leaves qemu-img check clean — a flush takes back
+    what the workers were lent and did not write (SIGKILL after it leaks nothing), a clean
+    stop gives it back, and so does a worker's death (the daemon starts another)."""
+    c = make_chain(tmp_path, "qcow2", size=36 * MiB)
+    model = bytearray(c.oracle())
+    d = serve(c.top)
+    nbdsh(LENT_WRITES, SOCK=str(d.sock), NAME=c.name, PIECES=LENT_PIECES)
+    for i, (off, n) in enumerate(LENT_PIECES):
+        model[off:off + n] = bytes([0x70 + i]) * n
+    w = d.disk_stats().get("workers", {})
+    if d.workers:  # a worker's first lendable write goes before its pool arrives
+        assert w["writes_lent"] > 0 and w["clusters_written"] > 0, w
+    if end == "sigkill-after-flush":
+        d.kill()
+    elif end == "worker-killed":
+        if d.workers:
+            for wk in _workers_of(d):
+                os.kill(wk["worker"]["pid"], 9)
+            deadline = time.monotonic() + 60  # until the daemon has started both again
+            while not all(wk["starts"] == 2 and wk["alive"] and "worker" in wk
+                          for wk in _workers_of(d)):
+                assert time.monotonic() < deadline, _workers_of(d)
+                time.sleep(0.2)
+        # A new connection (to a new worker): more first writes, then a clean stop.
+        nbdsh(LENT_WRITES, SOCK=str(d.sock), NAME=c.name, PIECES=[(30 * MiB, 2 * MiB)])
+        model[30 * MiB:32 * MiB] = bytes([0x70]) * (2 * MiB)
+        d.stop()
+    else:
+        nbdsh('''
+h = connect(NAME)
+h.pwrite(b"\\x99" * (2 << 20), 32 << 20)  # lent, not flushed: the stop flushes it
+''', SOCK=str(d.sock), NAME=c.name)
+        model[32 * MiB:34 * MiB] = b"\x99" * (2 * MiB)
+        d.stop()
     c.check()
     assert c.oracle() == model
 

@@ -21,6 +21,8 @@ MESSAGES: list[W.Message] = [
                (True, False), fds=(11, 12)),
     W.DiskSpec(8, "vm2.qcow2", "/srv/vm2.qcow2", 1 << 20, 4096, 65536, True, (False,),
                scope=W.SCOPE_DEVICE, fuse_ino=3, fds=(14,)),
+    W.DiskSpec(9, "vm3.qcow2", "/srv/vm3.qcow2", 1 << 30, 65536, 65536, False,
+               (True, False), lend_file=0, fds=(17, 18)),
     W.DiskGone(7),
     W.DiskState(7, True, "base.qcow2: L2 table past end of file (marked corrupt)"),
     W.Connection("nbd client 127.0.0.1:4242", fds=(13,)),
@@ -40,6 +42,13 @@ MESSAGES: list[W.Message] = [
     W.Request(9, 7, W.Op.WRITE, W.FLAG_FUA, 8192, 3, b"abc"),
     W.Request(10, 7, W.Op.FLUSH, 0, 0, 0),
     W.Request(11, 7, W.Op.BLOCK_STATUS, 0, 0, 1 << 40),
+    W.Request(12, 7, W.Op.LEND, 0, 0, 512),
+    W.Request(13, 7, W.Op.ADOPT, W.FLAG_FUA, 1 << 20, 2 << 20, W.adoptions(
+        [W.Adoption(1 << 20, 65536, 5 << 20), W.Adoption(2 << 20, 1 << 20, 9 << 20)])),
+    W.Reply(14, 0, W.lent_runs([W.LentRun(5 << 20, 32 << 20), W.LentRun(1 << 40, 65536)])),
+    W.Reclaim(15, 7),
+    W.Reclaimed(15, (W.LentRun(6 << 20, 1 << 20), W.LentRun(8 << 20, 65536))),
+    W.Reclaimed(16, ()),
     W.Invalidated(99),
     W.Release(7),
     W.Stats(4, {"reads": 3, "disks": {"7": {"entries": 10}}}),
@@ -162,3 +171,25 @@ def test_encode_refuses_what_cannot_be_framed() -> None:
         W.encode(W.DiskSpec(1, "x", "/x", 512, 512, 512, True, (True, False), fds=(3,)))
     with pytest.raises(ValueError, match="one fd"):
         W.encode(W.Connection("x", fds=()))
+
+
+def test_lending_payloads_round_trip() -> None:
+    """A LEND reply's runs and an ADOPT's adoptions read back as written; data that is not
+    whole records is a ChannelError, and a disk's lending file must be one of its writable
+    files."""
+    runs = [W.LentRun(5 << 20, 32 << 20), W.LentRun(1 << 40, 65536)]
+    assert W.parse_lent_runs(W.lent_runs(runs)) == runs
+    adopt = [W.Adoption(0, 65536, 1 << 20), W.Adoption(1 << 30, 2 << 20, 7 << 20)]
+    assert W.parse_adoptions(W.adoptions(adopt)) == adopt
+    assert W.parse_lent_runs(b"") == [] and W.parse_adoptions(b"") == []
+    with pytest.raises(W.ChannelError, match="whole runs"):
+        W.parse_lent_runs(W.lent_runs(runs)[:-1])
+    with pytest.raises(W.ChannelError, match="whole adoptions"):
+        W.parse_adoptions(W.adoptions(adopt) + b"x")
+    for lend_file, writable in ((1, (True, False)), (2, (True, False)), (-2, (True,))):
+        raw, fds = W.encode(W.DiskSpec(1, "x", "/x", 512, 512, 512, False, writable,
+                                       lend_file=lend_file, fds=(3,) * len(writable)))
+        dec = W.Decoder()
+        dec.feed(raw, fds)
+        with pytest.raises(W.ChannelError, match="lending file"):
+            dec.next_message()
