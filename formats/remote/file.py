@@ -87,6 +87,12 @@ class RemoteConfig:
 Connection = NbdConnection | HttpConnection
 
 
+def _validator_of(conn: Connection) -> str:
+    """What identifies the version a connection sees (an NBD export: its size; HTTP: size,
+    ETag, Last-Modified)."""
+    return conn.validator if isinstance(conn, HttpConnection) else f"size={conn.size}"
+
+
 class RemoteBase:
     """One remote base in this process: its cache and its connections (thread-safe)."""
 
@@ -105,8 +111,8 @@ class RemoteBase:
                                         "other_process_blocks")}
         first = self._connect(time.monotonic() + config.timeout_s)
         self.size = first.size
-        validator = first.validator if isinstance(first, HttpConnection) \
-            else f"size={first.size}"
+        # What says it is the version the cache holds: every later connection must see it.
+        self.validator = validator = _validator_of(first)
         self._idle.append(first)
         root_fd = cache_mod.check_root(config.cache_root)
         self.files = CacheFiles(root_fd, cache_mod.cache_key_dir(name.key), config.cache_root)
@@ -143,10 +149,13 @@ class RemoteBase:
                 return self._idle.pop()
         self.counters["reconnects"] += 1
         conn = self._connect(deadline)
-        if conn.size != self.size:
+        now = _validator_of(conn)
+        if now != self.validator:
+            # A new connection learns the file as it is now (its probe carries no If-Match):
+            # a file replaced by one of the same size has another ETag or Last-Modified.
             conn.close()
-            raise Changed(errno_mod.ESTALE, f"the remote base changed size "
-                          f"({self.size} -> {conn.size})")
+            raise Changed(errno_mod.ESTALE, f"the remote base changed ({self.validator} -> "
+                          f"{now})")
         return conn
 
     def _give(self, conn: Connection) -> None:

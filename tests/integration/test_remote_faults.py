@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from formats.errors import ImageIOError
+from formats.remote.file import RemoteBase, RemoteConfig
+from formats.remote.url import parse
 from tests.support.peers import COWD, qemu_img
 from tests.support.remote import Cowd, cowd_fixture, make_base, nbdkit, nginx, remote_marks
 
@@ -160,3 +163,31 @@ def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
             assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
             (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
             assert b["stale"] and "changed" in b["stale"]
+
+
+def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
+    """nginx's file replaced (same size, new ETag) between two connections of one remote
+    base: the second connection (a reconnect after an error, or a second fetch in flight)
+    refuses the new version with EIO instead of filling the cache with its bytes."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    old = raw.read_bytes()
+    with nginx(tmp_path, files) as srv:
+        base = RemoteBase(parse(f"{srv.url}/base.raw"),
+                          RemoteConfig(cache_root=str(tmp_path / "cache"), timeout_s=3.0))
+        try:
+            buf = bytearray(65536)
+            assert base.read_into(base.files.data_fd, 0, memoryview(buf)) == len(buf)
+            assert bytes(buf) == old[:65536]
+            st = raw.stat()
+            raw.write_bytes(b"\x7f" * st.st_size)
+            os.utime(raw, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag: mtime
+            base._close_connections()  # the next fetch connects again
+            with pytest.raises(ImageIOError) as e:
+                base.read_into(base.files.data_fd, 6 << 20, memoryview(buf))
+            assert "changed" in str(e.value), e.value
+            assert bytes(buf) == old[:65536]  # nothing of the new version was read
+            assert base.stale
+        finally:
+            base.close()
