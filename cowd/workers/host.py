@@ -237,10 +237,9 @@ class WorkerLink:
             self.chan.close()
 
     async def give_back(self, disk_ids: list[int] | None = None) -> None:
-        """Free the clusters lent to this worker and never adopted, of every disk (or of
-        ``disk_ids``).  Only once the worker can no longer write them: its process is dead,
-        or it answered a message sent after the disk's DISK_GONE (its descriptors of the
-        disk are closed).  A disk already closed keeps them (leaked clusters)."""
+        """Free what this worker was lent and never adopted (of ``disk_ids``, or all) once
+        it can no longer write it: dead, or it answered a message sent after DISK_GONE (its
+        fds of the disk are closed).  A disk already closed keeps them (leaked clusters)."""
         for disk_id in list(self.lent) if disk_ids is None else disk_ids:
             offsets = self.lent.pop(disk_id, set())
             served = self.pool.disks.get(disk_id) or self.pool.leaving.get(disk_id)
@@ -441,9 +440,8 @@ class WorkerLink:
                 self._send_runs(served, served.runs(segs, but_gated=token))
 
     async def _lend(self, served: Served, clusters: int) -> list[W.LentRun]:
-        """Lend this worker up to ``clusters`` free clusters of the disk's top file (the
-        codec's crash-safety order: formats/qcow2/lend.py), as many as MAX_LENT_BYTES
-        leaves room for."""
+        """Lend this worker up to ``clusters`` free clusters of the disk's top file
+        (formats/qcow2/lend.py), as many as MAX_LENT_BYTES leaves room for."""
         disk = served.disk
         lent = self.lent.setdefault(served.disk_id, set())
         cs = disk.cluster_size
@@ -496,8 +494,8 @@ class WorkerLink:
             await zero_range(served.disk, r.op, r.guest_offset, r.length, r.flags)
 
     async def reclaim(self, served: Served) -> None:
-        """Take back the clusters of ``served`` lent to this worker and not written yet,
-        and free them (see WorkerPool.reclaim)."""
+        """Take back and free what this worker holds of ``served`` unwritten (see
+        WorkerPool.reclaim)."""
         if not self.lent.get(served.disk_id) or not self.alive or self.chan is None:
             return
         cookie = self.acks.new()
@@ -510,11 +508,14 @@ class WorkerLink:
                 return  # dead: its life's end gives back what it held
         cs = served.disk.cluster_size
         lent = self.lent.get(served.disk_id, set())
-        back = [off for run in runs for off in range(run.file_offset,
-                                                      run.file_offset + run.length, cs)
-                if off in lent]
+        back = [off for run in runs
+                for off in range(run.file_offset, run.file_offset + run.length, cs) if off in lent]
         lent.difference_update(back)
-        await served.disk.lending.give_back(FileRange(off, cs) for off in back)
+        try:
+            await served.disk.lending.give_back(FileRange(off, cs) for off in back)
+        except DiskError as e:  # the flush that follows says what is wrong with the disk
+            log.info("%s: %d clusters taken back stay allocated: %s", served.disk.path,
+                     len(back), e)
 
     async def ping(self, within_s: float) -> bool:
         """Whether the worker answers a query within ``within_s``: once it has, it has

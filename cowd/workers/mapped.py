@@ -92,6 +92,7 @@ class Local(enum.Enum):
     SHORT = 3  # a read ended early: the file is shorter than the remap says
     NOT_WRITABLE = 4  # (writes) a run is not writable in place
     OUT_OF_RANGE = 5  # the request is not one the worker checks itself: let the plane say
+    POOL_SHORT = 6  # (first writes) the pool holds fewer lent clusters than the write needs
 
 
 class MappedDisk:
@@ -380,7 +381,8 @@ class MappedDisk:
         merged) and adoptions of a write of whole granules, every one in the table: granules
         the top layer owns in place, the others into clusters taken from the pool; or why
         not: MISSING (a granule is not in the table), OUT_OF_RANGE (not whole granules of
-        the disk, or the pool is too small: the write is forwarded)."""
+        the disk: the write is forwarded), POOL_SHORT (forwarded too, and the pool topped
+        up)."""
         g = self.granule
         end = offset + n
         if offset % g or end % g or self._readonly or not self._in_range(offset, n):
@@ -395,7 +397,7 @@ class MappedDisk:
             granules.append(runs)
             lent += not all(r.writable for r in runs)
         if lent * g > self._pool_bytes:
-            return Local.OUT_OF_RANGE
+            return Local.POOL_SHORT
         pieces: list[list[int]] = []
         adopt: list[W.Adoption] = []
         pool = self._pool
@@ -438,13 +440,14 @@ class MappedDisk:
         if self._lend_fd is None:
             return False
         plan = self._plan_lent(offset, len(view))
-        self._top_up()
         if plan is Local.MISSING:
             # Remaps first (they come with read-ahead, and the first one primes the whole
             # table), so that the next writes plan here without asking.
             self.counters["misses"] += 1
             self._raise_for(await self.plane.miss(self.disk_id, offset, len(view)))
             plan = self._plan_lent(offset, len(view))
+        if plan is Local.POOL_SHORT or not isinstance(plan, Local):
+            self._top_up()  # only for writes that lent clusters can take
         if isinstance(plan, Local):
             return False
         pieces, adopt = plan
