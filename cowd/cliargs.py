@@ -337,9 +337,11 @@ def _share_option(p: argparse.ArgumentParser) -> None:
 def _progress_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-p", dest="progress", action="store_const", const=True,
-                   help="show a progress bar on stderr (default: when stderr is a terminal)")
+                   help="show progress: a bar on stderr when it is a terminal (the "
+                   "default there), else qemu-img's plain lines on stdout (on stderr with "
+                   "--output=json)")
     g.add_argument("-q", dest="progress", action="store_const", const=False,
-                   help="quiet: no progress bar")
+                   help="quiet: no progress and no 'Image ...' line")
 
 
 def _outside_option(p: argparse.ArgumentParser) -> None:
