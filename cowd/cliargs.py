@@ -304,8 +304,11 @@ def build_parser() -> Parser:
     _output_option(st)
     _run_dir_option(st)
 
-    sp = sub.add_parser("stop", help="drain and stop the daemon of the run dir (flushes every "
-                        "disk; refused while a device it serves is in use)")
+    sp = sub.add_parser("stop", help="drain and stop the daemon of the run dir (SIGTERM, then "
+                        "wait): every disk is flushed and closed. A device still in use does "
+                        "not stop it: a loop or NBD device is detached or disconnected anyway, "
+                        "with a warning in the daemon's log (its I/O fails from then on); a "
+                        "kernel-shim device is left for a new daemon to take over")
     sp.add_argument("--timeout", type=_seconds(3600.0), default=60.0, metavar="SECONDS",
                     help="how long to wait for it to exit (default 60)")
     _run_dir_option(sp)
