@@ -2,7 +2,9 @@
 bash completion, the systemd unit) lands where it says, idempotently, with the unit naming
 the installed cowd; `systemd-analyze verify` accepts the unit; and the daemon the unit
 starts (`cowd daemon --no-idle-exit`) keeps running with no disk, where the one `cowd
-attach` starts would exit when idle, and stops on `cowd stop`."""
+attach` starts would exit when idle, and stops on `cowd stop`.  The daemon commands'
+answers a user sees: `cowd --version`, `cowd status`'s exit codes and lines, a second daemon
+in a run dir and a port already bound refused in one line."""
 
 from __future__ import annotations
 
