@@ -54,6 +54,22 @@ def test_create_qcow_overlay_is_a_qcow2_qemu_reads(base: Path, tmp_path: Path) -
     assert sha256(base) == before
 
 
+def test_create_size_larger_than_the_base_equals_qemu(base: Path, tmp_path: Path) -> None:
+    """--size makes an overlay larger than its base, as `qemu-img create -b BASE -F raw
+    OVERLAY SIZE`: the same virtual size, the range past the base reads as zeroes, and
+    qemu-img check is clean."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    cowd("create", "--base", base, "--overlay", "qcow", "-o", ours, "--size", "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", theirs, "8M")
+    sizes = [json.loads(qemu_img("info", "--output=json", f).stdout)["virtual-size"]
+             for f in (ours, theirs)]
+    assert sizes == [8 * MiB, 8 * MiB], sizes
+    qemu_check(ours)
+    data = qemu_raw(ours, tmp_path)
+    assert data == qemu_raw(theirs, tmp_path)
+    assert data == base.read_bytes() + bytes(8 * MiB - base.stat().st_size)
+
+
 def test_info_and_map_match_qemu(base: Path, tmp_path: Path) -> None:
     ov = tmp_path / "ov.qcow2"
     cowd("create", "--base", base, "--overlay", "qcow", "-o", ov)
