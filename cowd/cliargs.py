@@ -304,8 +304,11 @@ def build_parser() -> Parser:
     _output_option(st)
     _run_dir_option(st)
 
-    sp = sub.add_parser("stop", help="drain and stop the daemon of the run dir (flushes every "
-                        "disk; refused while a device it serves is in use)")
+    sp = sub.add_parser("stop", help="drain and stop the daemon of the run dir (SIGTERM, then "
+                        "wait): every disk is flushed and closed. A device still in use does "
+                        "not stop it: a loop or NBD device is detached or disconnected anyway, "
+                        "with a warning in the daemon's log (its I/O fails from then on); a "
+                        "kernel-shim device is left for a new daemon to take over")
     sp.add_argument("--timeout", type=_seconds(3600.0), default=60.0, metavar="SECONDS",
                     help="how long to wait for it to exit (default 60)")
     _run_dir_option(sp)
@@ -337,9 +340,11 @@ def _share_option(p: argparse.ArgumentParser) -> None:
 def _progress_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-p", dest="progress", action="store_const", const=True,
-                   help="show a progress bar on stderr (default: when stderr is a terminal)")
+                   help="show progress: a bar on stderr when it is a terminal (the "
+                   "default there), else qemu-img's plain lines on stdout (on stderr with "
+                   "--output=json)")
     g.add_argument("-q", dest="progress", action="store_const", const=False,
-                   help="quiet: no progress bar")
+                   help="quiet: no progress and no 'Image ...' line")
 
 
 def _outside_option(p: argparse.ArgumentParser) -> None:

@@ -61,8 +61,7 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
     if cmd == "check":
         return check(args, policy)
     if cmd == "convert":
-        progress = imagecmds.terminal_progress(f"converting {args.image}") \
-            if wants_progress(args) else None
+        progress = _progress(args, f"converting {args.image}")
         stats = imagecmds.convert(args.image, args.output_path, args.out_format, args.format,
                                   progress, policy, force_share=args.force_share,
                                   flush=args.cache != "unsafe")
@@ -72,9 +71,17 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
     from . import lifecycle
 
     verb = {"commit": "committing", "rebase": "rebasing", "resize": "resizing"}.get(cmd)
-    progress = imagecmds.terminal_progress(f"{verb} {args.image}") \
-        if verb and wants_progress(args) else None
+    progress = _progress(args, f"{verb} {args.image}") if verb else None
     return lifecycle.run(args, policy, progress)
+
+
+def _progress(args: argparse.Namespace, label: str) -> imagecmds.Progress | None:
+    """-p (or a terminal): qemu-img's plain progress goes to stdout as qemu-img writes it,
+    unless stdout carries --output=json."""
+    if not wants_progress(args):
+        return None
+    plain_out = sys.stderr if getattr(args, "output", None) == "json" else sys.stdout
+    return imagecmds.progress_printer(label, plain_out)
 
 
 def create(args: argparse.Namespace, policy: OpenPolicy) -> int:

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import formats
 from formats import HostFile, Image, Kind, OpenPolicy
@@ -376,10 +376,36 @@ def _copy_chain(img: Image, dst: Image, progress: Progress | None) -> int:
     return written
 
 
-def terminal_progress(label: str) -> Progress | None:
-    """A one-line progress bar on stderr when it is a terminal, else nothing."""
-    if not sys.stderr.isatty():
-        return None
+def progress_printer(label: str, plain_out: TextIO) -> Progress:
+    """What -p shows (and a terminal by default): a one-line bar on stderr when stderr is a
+    terminal; otherwise qemu-img's plain form on ``plain_out`` — ``    (12.00/100%)\r`` at
+    the start and each time more than a whole percent more is done, ``\n`` at the end —
+    which qemu-img -p writes to stdout whether or not it is a terminal, and scripts read."""
+    if sys.stderr.isatty():
+        return _terminal_bar(label)
+    return _qemu_plain_progress(plain_out)
+
+
+def _qemu_plain_progress(out: TextIO) -> Progress:
+    # qemu's util/qemu-progress.c with min_skip 1.0, as convert, commit and rebase use it.
+    last = [-1.0]
+
+    def show(done: int, total: int) -> None:
+        pct = done * 100 / total if total else 100.0
+        if last[0] < 0:
+            out.write("    (0.00/100%)\r")
+            last[0] = 0.0
+        if pct > last[0] + 1.0 or (done >= total and last[0] < 100.0):
+            out.write(f"    ({pct:3.2f}/100%)\r")
+            last[0] = pct
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show
+
+
+def _terminal_bar(label: str) -> Progress:
     start = time.monotonic()
     last = [0.0]
 

@@ -41,10 +41,10 @@ def run(args: argparse.Namespace, policy: OpenPolicy, progress: Progress | None)
     if args.command == "snapshot":
         return snapshot(args, policy)
     if args.command == "resize":
-        doc = resize(args.image, args.size, args.shrink, args.format, policy)
+        doc = resize(args.image, args.size, args.shrink, args.format, policy, progress)
         if args.output == "json":
             print(json.dumps(doc, indent=4))
-        else:
+        elif not quiet:
             print("Image resized.")
         return 0
     raise UsageError(f"unknown command {args.command!r}")
@@ -126,12 +126,13 @@ def commit(path: str, base: str | None, keep: bool, fmt: str | None, policy: Ope
 
 
 def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
-           policy: OpenPolicy) -> dict[str, object]:
+           policy: OpenPolicy, progress: Progress | None = None) -> dict[str, object]:
     """Set the virtual size: absolute, or +N/-N relative to the current one
     (formats/lifecycle.py: raw: ftruncate; qcow2: the header, a larger L1 table when
     growing needs one, and the clusters past the new end dropped when shrinking).
     Shrinking needs ``shrink`` (as qemu-img).  The backing chain is opened, as qemu-img
-    opens it: a shrink copies a partial last cluster up through it."""
+    opens it: a shrink copies a partial last cluster up through it.  ``progress`` sees
+    one step: the format's resize is one metadata change (qemu-img resize has no -p)."""
     img = formats.open_image(path, True, fmt, policy=policy)
     try:
         _lock_chain(img)
@@ -149,10 +150,14 @@ def resize(path: str, size: tuple[str, int], shrink: bool, fmt: str | None,
         from formats.lifecycle import grow
         from formats.lifecycle import shrink as shrink_image
 
+        if progress is not None:
+            progress(0, 1)
         if new >= old:
             grow(img, new)
         else:
             shrink_image(img, new)
+        if progress is not None:
+            progress(1, 1)
         return {"filename": path, "format": img.format_name, "old-size": old,
                 "virtual-size": new}
     finally:

@@ -248,7 +248,12 @@ def test_sigkilled_daemon_is_cleaned_up(env: Env, tmp_path: Path) -> None:
     # of its descriptor) died after it with the request pending.
     assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     # No daemon answers: only what the dead one left, marked stale, with how to clean it.
-    assert all(d.get("stale") for d in env.list())
+    left = env.list()  # (an empty list would say nothing: the device must be there)
+    assert [d["device"] for d in left] == [dev] and all(d.get("stale") for d in left), left
+    text = env.cowd("list").stdout
+    assert f"no cowd daemon runs in {env.run_dir}; a dead one left these devices:" in text
+    assert f"\n  {dev}  " in text and str(ov) in text, text
+    assert f"clean them up with `cowd detach DEVICE --run-dir {env.run_dir}`" in text, text
 
     # A fresh attach cleans up first, then works.
     p = env.cowd("attach", ov, "--via", "fuse")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def test_create_qcow_overlay_is_a_qcow2_qemu_reads(base: Path, tmp_path: Path) -
     p2 = cowd("create", "--base", base, "--overlay", "qcow2")
     assert Path(p2.stdout.strip()) == tmp_path / "base-overlay-2.qcow2"
     assert sha256(base) == before
+
+
+def test_create_size_larger_than_the_base_equals_qemu(base: Path, tmp_path: Path) -> None:
+    """--size makes an overlay larger than its base, as `qemu-img create -b BASE -F raw
+    OVERLAY SIZE`: the same virtual size, the range past the base reads as zeroes, and
+    qemu-img check is clean."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    cowd("create", "--base", base, "--overlay", "qcow", "-o", ours, "--size", "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", theirs, "8M")
+    sizes = [json.loads(qemu_img("info", "--output=json", f).stdout)["virtual-size"]
+             for f in (ours, theirs)]
+    assert sizes == [8 * MiB, 8 * MiB], sizes
+    qemu_check(ours)
+    data = qemu_raw(ours, tmp_path)
+    assert data == qemu_raw(theirs, tmp_path)
+    assert data == base.read_bytes() + bytes(8 * MiB - base.stat().st_size)
 
 
 def test_info_and_map_match_qemu(base: Path, tmp_path: Path) -> None:
@@ -110,6 +127,35 @@ def test_convert_long_runs_stay_sparse(tmp_path: Path, flags: list[str]) -> None
             qemu_check(out)
         used = out.stat().st_blocks * 512
         assert used < data_bytes + 4 * MiB, (fmt, used)  # holes and zeroes not written
+
+
+# qemu-img -p's plain progress, which it writes to stdout even when that is no terminal.
+QEMU_PROGRESS = re.compile(r"    \(0\.00/100%\)\r(    \(\d{1,3}\.\d\d/100%\)\r)*"
+                           r"    \(100\.00/100%\)\r\n")
+
+
+def cowd_raw(*args: str | os.PathLike[str]) -> tuple[str, str]:
+    """stdout and stderr with their carriage returns (text mode would make them newlines)."""
+    p = subprocess.run([*COWD, *map(str, args)], capture_output=True, timeout=120, check=True)
+    return p.stdout.decode(), p.stderr.decode()
+
+
+def test_convert_progress_on_a_pipe_as_qemu(base: Path, tmp_path: Path) -> None:
+    """convert -p with stdout and stderr on pipes prints what qemu-img convert -p prints
+    there; -q and no flag print nothing; with --output=json the progress moves to stderr
+    and stdout stays one JSON document."""
+    q = qemu_img("convert", "-p", "-O", "qcow2", base, tmp_path / "theirs.qcow2")
+    assert QEMU_PROGRESS.fullmatch(q.stdout.decode()), q.stdout
+    out, err = cowd_raw("convert", "-p", "-O", "qcow2", base, tmp_path / "ours.qcow2")
+    assert QEMU_PROGRESS.fullmatch(out), repr(out)
+    assert err == ""
+    for flags in (["-q"], []):
+        p = cowd("convert", *flags, "-O", "raw", base, tmp_path / f"q{len(flags)}.raw")
+        assert (p.stdout, p.stderr) == ("", "")
+    out, err = cowd_raw("convert", "-p", "--output=json", "-O", "raw", base, tmp_path / "j.raw")
+    assert json.loads(out)["virtual-size"] == 4 * MiB
+    assert QEMU_PROGRESS.fullmatch(err), repr(err)
+    assert qemu_raw(tmp_path / "ours.qcow2", tmp_path) == base.read_bytes()
 
 
 def test_check_reports_clean_and_exit_codes(base: Path, tmp_path: Path) -> None:

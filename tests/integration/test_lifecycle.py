@@ -7,6 +7,8 @@ qemu-img cannot do) read back by qemu and libvhdi, and killed before each of its
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -220,6 +222,38 @@ def test_raw_resize_and_shrink_rule(tmp_path: Path) -> None:
     assert "--shrink" in p.stderr and len(p.stderr.splitlines()) == 1
     cowd("resize", "--shrink", img, "-6M")
     assert img.read_bytes() == b"\x07" * (2 * MiB)
+
+
+# qemu-img -p's plain progress, which it writes to stdout even when that is no terminal:
+# "    (12.00/100%)\r" from 0.00 to 100.00, then a newline.
+QEMU_PROGRESS = re.compile(r"    \(0\.00/100%\)\r(    \(\d{1,3}\.\d\d/100%\)\r)*"
+                           r"    \(100\.00/100%\)\r\n")
+
+
+def cowd_raw(*args: str | os.PathLike[str]) -> tuple[str, str]:
+    """stdout and stderr with their carriage returns (text mode would make them newlines)."""
+    p = subprocess.run([*COWD, *map(str, args)], capture_output=True, timeout=120, check=True)
+    return p.stdout.decode(), p.stderr.decode()
+
+
+def test_resize_quiet_and_progress_as_qemu(tmp_path: Path) -> None:
+    """-q prints nothing, as qemu-img resize -q; without it the line qemu-img prints; -p
+    on a pipe (no terminal) prints qemu-img's plain progress before that line."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_img("create", "-f", "qcow2", ours, "1M")
+    shutil.copy(ours, theirs)
+    p, q = cowd("resize", "-q", ours, "+1M"), qemu_img("resize", "-q", theirs, "+1M")
+    assert (p.stdout, p.stderr) == ("", "") and (q.stdout, q.stderr) == (b"", b"")
+    p, q = cowd("resize", ours, "+1M"), qemu_img("resize", theirs, "+1M")
+    assert p.stdout == q.stdout.decode() == "Image resized.\n" and p.stderr == ""
+    out, err = cowd_raw("resize", "-p", ours, "+1M")
+    progress, line = out[:-len("Image resized.\n")], out[-len("Image resized.\n"):]
+    assert QEMU_PROGRESS.fullmatch(progress), repr(out)
+    assert line == "Image resized.\n" and err == ""
+    q = qemu_img("convert", "-p", "-O", "raw", theirs, tmp_path / "theirs.raw")
+    assert QEMU_PROGRESS.fullmatch(q.stdout.decode()), q.stdout  # the shape is qemu's
+    qemu_check(ours)
+    assert json.loads(qemu_img("info", "--output=json", ours).stdout)["virtual-size"] == 4 * MiB
 
 
 def test_resize_refused_while_qemu_holds_the_image(tmp_path: Path) -> None:

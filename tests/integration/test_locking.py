@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests.support import reliability
-from tests.support.peers import COWD, QemuHolder, lock_bytes, need, qemu_check, qemu_img
+from tests.support.peers import (
+    COWD,
+    QemuHolder,
+    lock_bytes,
+    need,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_io_holding,
+)
 from tests.support.reliability import Daemon, start_daemon
 
 daemons = reliability.daemons  # the fixture: the daemons a test started, killed at teardown
@@ -128,3 +137,25 @@ def test_serve_refuses_an_image_qemu_writes(images: tuple[Path, Path], tmp_path:
         d.stop()
     finally:
         q.close()
+
+
+def test_convert_refuses_an_image_qemu_writes(tmp_path: Path) -> None:
+    """As qemu-img convert: the source another process has open for writing is refused in
+    one line (exit 1, no output file left) unless -U, which reads what qemu-img -U reads."""
+    img = tmp_path / "held.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "4M")
+    qemu_io(img, "write -P 5 0 64k", "write -P 6 3M 4k")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    with qemu_io_holding(img):
+        q = qemu_img("convert", "-O", "raw", img, theirs, check=False)
+        assert q.returncode != 0 and b"lock" in q.stderr, q
+        p = subprocess.run([*COWD, "convert", "-O", "raw", str(img), str(ours)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1, p
+        assert "--force-share" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+        assert not ours.exists()
+        p = subprocess.run([*COWD, "convert", "-U", "-O", "raw", str(img), str(ours)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        qemu_img("convert", "-U", "-O", "raw", img, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
