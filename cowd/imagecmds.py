@@ -104,8 +104,9 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
 
 
 def allocated_bytes(img: Image) -> int:
-    """Guest bytes this layer holds itself (DATA, COMPRESSED or ZERO: not falling through)."""
-    return sum(e.length for e in img.extents() if e.kind is not Kind.UNALLOCATED)
+    """Guest bytes this layer holds as data: what qemu-img map shows at depth 0 with data
+    and not zero (not zero clusters, not a raw file's holes)."""
+    return sum(e.length for e in img.extents() if e.kind in (Kind.DATA, Kind.COMPRESSED))
 
 
 def lock_chain(img: Image, force_share: bool) -> None:
