@@ -74,14 +74,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     io("dynamic.vhd", "write -P 13 0 64k", "write -P 14 4M 64k", fmt="vpc")
     q("create", "-f", "qcow", "v1.qcow", "8M")
     io("v1.qcow", "write -P 15 0 64k", fmt="qcow")
+    # A fixed VHD is a raw file with a footer: holes where nothing was written, which
+    # qemu's map reports as zero (vpc asks the file beneath: BDRV_BLOCK_RECURSE).
+    q("create", "-f", "vpc", "-o", "subformat=fixed", "fixed.vhd", "8M")
+    io("fixed.vhd", "write -P 16 1M 64k", "write -P 17 6M 4k", fmt="vpc")
     names = ["full.raw", "sparse.raw", "v2.qcow2", "v3.qcow2", "extl2.qcow2",
              "datafile.qcow2", "compressed.qcow2", "snap.qcow2", "over-raw.qcow2",
-             "over-qcow2.qcow2", "dynamic.vhd", "v1.qcow"]
+             "over-qcow2.qcow2", "dynamic.vhd", "fixed.vhd", "v1.qcow"]
     return d, names
 
 
 def fmt_args(name: str) -> list[str]:
-    """A VHD named for both tools (a fixed one would probe as raw: its footer is at the end)."""
+    """A VHD named for both tools: a fixed one probes as raw (its footer is at the end)."""
     return ["-f", "vpc"] if name.endswith(".vhd") else []
 
 
