@@ -119,9 +119,14 @@ def allocated_bytes(img: Image) -> int:
 
 def reports_host_holes(layer: Image) -> bool:
     """Does qemu's block status look under this layer's data at its host file's holes (and
-    call them zero)?  For a fixed VHD (vpc answers BDRV_BLOCK_RECURSE); not for dynamic VHD,
-    qcow or qcow2.  Raw layers report their holes themselves."""
-    return isinstance(layer, formats.VhdImage) and layer.fixed
+    call them zero)?  For a fixed VHD (vpc answers BDRV_BLOCK_RECURSE) and a qcow2 that looks
+    metadata-preallocated (qcow2 answers it then); not for dynamic VHD, qcow or a qcow2
+    whose clusters were all written.  Raw layers report their holes themselves."""
+    if isinstance(layer, formats.VhdImage):
+        return layer.fixed
+    if isinstance(layer, formats.Qcow2Image):
+        return layer.looks_metadata_preallocated()
+    return False
 
 
 def host_runs(ext: formats.Extent) -> Iterator[tuple[int, int, bool]]:

@@ -78,9 +78,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     # qemu's map reports as zero (vpc asks the file beneath: BDRV_BLOCK_RECURSE).
     q("create", "-f", "vpc", "-o", "subformat=fixed", "fixed.vhd", "8M")
     io("fixed.vhd", "write -P 16 1M 64k", "write -P 17 6M 4k", fmt="vpc")
+    # Every cluster allocated, few written: qemu finds the holes under allocated clusters.
+    q("create", "-f", "qcow2", "-o", "preallocation=metadata", "prealloc.qcow2", "8M")
+    io("prealloc.qcow2", "write -P 18 2M 64k", "write -P 19 5M 128k")
     names = ["full.raw", "sparse.raw", "v2.qcow2", "v3.qcow2", "extl2.qcow2",
              "datafile.qcow2", "compressed.qcow2", "snap.qcow2", "over-raw.qcow2",
-             "over-qcow2.qcow2", "dynamic.vhd", "fixed.vhd", "v1.qcow"]
+             "over-qcow2.qcow2", "dynamic.vhd", "fixed.vhd", "v1.qcow", "prealloc.qcow2"]
     return d, names
 
 
@@ -162,6 +165,43 @@ def test_map_json_equals_qemu(corpus: tuple[Path, list[str]]) -> None:
             theirs = merge_unallocated(theirs)
         compare(without_cowd(ours), theirs, name)
         assert run_in(d, "map", *fmt, name).stdout == qemu_in(d, "map", *fmt, name).stdout, name
+
+
+def test_map_holes_under_qcow2_data_as_qemu(tmp_path: Path) -> None:
+    """qemu looks at the host file's holes under allocated clusters only when the image
+    looks metadata-preallocated (far more clusters in use than on disk): both sides of that
+    threshold, and the refcount widths counted bit by bit and word by word."""
+    def punched(name: str, size: str, written: str) -> None:
+        qemu_img("create", "-f", "qcow2", tmp_path / name, size)
+        qemu_io(tmp_path / name, f"write -P 1 0 {written}")
+        host = json.loads(qemu_img("map", "--output=json", tmp_path / name).stdout)[0]
+        with open(tmp_path / name, "r+b") as f:  # a hole under the third data cluster
+            assert fallocate_punch(f.fileno(), host["offset"] + 128 * 1024, 64 * 1024)
+
+    punched("few.qcow2", "8M", "1M")  # metadata clusters are sparse: looks preallocated
+    punched("many.qcow2", "16M", "8M")  # far more data than metadata: it does not
+    names = ["few.qcow2", "many.qcow2"]
+    for bits in (1, 4, 64):
+        name = f"prealloc-{bits}.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o",
+                 f"preallocation=metadata,refcount_bits={bits}", tmp_path / name, "64M")
+        qemu_io(tmp_path / name, "write -P 2 1M 64k")
+        names.append(name)
+    for name in names:
+        theirs = json.loads(qemu_in(tmp_path, "map", "--output=json", name).stdout)
+        ours = json.loads(run_in(tmp_path, "map", "--output=json", name).stdout)
+        compare(without_cowd(ours), theirs, name)
+        assert run_in(tmp_path, "map", name).stdout == qemu_in(tmp_path, "map", name).stdout
+
+
+def fallocate_punch(fd: int, offset: int, length: int) -> bool:
+    from formats.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        pytest.skip(f"the test folder cannot punch holes ({e})")
+    return True
 
 
 def merge_unallocated(entries: list[dict[str, object]]) -> list[dict[str, object]]:
