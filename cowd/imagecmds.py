@@ -104,8 +104,43 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
 
 
 def allocated_bytes(img: Image) -> int:
-    """Guest bytes this layer holds itself (DATA, COMPRESSED or ZERO: not falling through)."""
-    return sum(e.length for e in img.extents() if e.kind is not Kind.UNALLOCATED)
+    """Guest bytes this layer holds as data: what qemu-img map shows at depth 0 with data
+    and not zero (not zero clusters, not a raw file's holes, not the host file's holes
+    under a layer whose holes qemu reports: :func:`reports_host_holes`)."""
+    look_under = reports_host_holes(img)
+    n = 0
+    for e in img.extents():
+        if e.kind is Kind.COMPRESSED or (e.kind is Kind.DATA and not look_under):
+            n += e.length
+        elif e.kind is Kind.DATA:
+            n += sum(length for _, length, hole in host_runs(e) if not hole)
+    return n
+
+
+def reports_host_holes(layer: Image) -> bool:
+    """Does qemu's block status look under this layer's data at its host file's holes (and
+    call them zero)?  For a fixed VHD (vpc answers BDRV_BLOCK_RECURSE) and a qcow2 that looks
+    metadata-preallocated (qcow2 answers it then); not for dynamic VHD, qcow or a qcow2
+    whose clusters were all written.  Raw layers report their holes themselves."""
+    if isinstance(layer, formats.VhdImage):
+        return layer.fixed
+    if isinstance(layer, formats.Qcow2Image):
+        return layer.looks_metadata_preallocated()
+    return False
+
+
+def host_runs(ext: formats.Extent) -> Iterator[tuple[int, int, bool]]:
+    """A DATA extent split where its host file's holes begin and end: (guest offset,
+    length, is a hole).  One run, not a hole, where the file cannot tell."""
+    assert ext.kind is Kind.DATA and ext.file is not None
+    pos = 0
+    while pos < ext.length:
+        run = ext.file.hole_run(ext.file_offset + pos, ext.length - pos)
+        if run is None:
+            yield ext.guest_offset + pos, ext.length - pos, False
+            return
+        yield ext.guest_offset + pos, run[1], run[0]
+        pos += run[1]
 
 
 def lock_chain(img: Image, force_share: bool) -> None:
@@ -130,9 +165,13 @@ def layer_facts(layer: Image, filename: str) -> qemuout.LayerFacts:
     snapshots = [qemuout.snapshot_info(sn.id, sn.name, sn.vm_state_size, sn.date_sec,
                                        sn.date_nsec, sn.vm_clock_nsec, sn.icount)
                  for sn in getattr(layer, "snapshots", [])]
+    # qemu reports no cluster size for raw and for a fixed VHD (vpc_get_info sets it only
+    # for a dynamic or differencing one, whose blocks are its clusters).
+    no_clusters = layer.format_name == "raw" or (isinstance(layer, formats.VhdImage)
+                                                 and layer.fixed)
     return qemuout.LayerFacts(
         filename=filename, format=layer.format_name, virtual_size=layer.virtual_size,
-        cluster_size=None if layer.format_name == "raw" else layer.cluster_size,
+        cluster_size=None if no_clusters else layer.cluster_size,
         actual_size=actual, dirty=bool(facts.get("dirty", False)),
         backing_name=layer.backing_name, backing_format=layer.backing_format,
         snapshots=snapshots, specific=specific, allocated_bytes=allocated_bytes(layer),
@@ -205,33 +244,45 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
     """The chain's map in qemu-img map's terms, merged into the longest equal runs."""
     names = chain_names(img, top_name or img.path)
     last_depth = len(names) - 1
+    look_under: dict[int, bool] = {}  # reports_host_holes by depth, asked once a layer
     pending: MapEntry | None = None
     pos = 0
     while pos < img.virtual_size:
         placed = formats.resolve_in_chain(img, pos, img.virtual_size - pos)
         depth, layer, ext = placed.depth, placed.layer, placed.extent
+        runs: list[MapEntry] = []
         if ext.kind is Kind.DATA:
             assert ext.file is not None
             name = names[depth]
             if ext.file is not layer.file:  # a qcow2's data file, named as qemu names it
                 name = qemuout.path_combine(name, getattr(layer, "data_file_name", "") or "")
-            e = MapEntry(pos, ext.length, depth, True, False, True, False,
-                         ext.file_offset, name)
+            if depth not in look_under:
+                look_under[depth] = reports_host_holes(layer)
+            if look_under[depth]:
+                # qemu's data-and-zero: the host file's holes under the layer's data.
+                runs = [MapEntry(start, n, depth, True, hole, True, False,
+                                 ext.file_offset + start - pos, name)
+                        for start, n, hole in host_runs(ext)]
+            else:
+                runs = [MapEntry(pos, ext.length, depth, True, False, True, False,
+                                 ext.file_offset, name)]
         elif ext.kind is Kind.COMPRESSED:
-            e = MapEntry(pos, ext.length, depth, True, False, True, True, None, None)
+            runs = [MapEntry(pos, ext.length, depth, True, False, True, True, None, None)]
         else:
             # ZERO: a zero flag or a hole in `layer` (with the file offset where the layer
             # has one, as qemu shows it), or nothing anywhere in the chain (not present).
             present = layer.resolve(pos, ext.length).kind is not Kind.UNALLOCATED
             offset = pos if present and layer.format_name == "raw" else None  # a hole
-            e = MapEntry(pos, ext.length, depth if present else last_depth, present, True,
-                         False, False, offset, names[depth] if offset is not None else None)
-        if pending and _continues(pending, e):
-            pending.length += e.length
-        else:
-            if pending:
-                yield pending
-            pending = e
+            runs = [MapEntry(pos, ext.length, depth if present else last_depth, present, True,
+                             False, False, offset,
+                             names[depth] if offset is not None else None)]
+        for e in runs:
+            if pending and _continues(pending, e):
+                pending.length += e.length
+            else:
+                if pending:
+                    yield pending
+                pending = e
         pos += ext.length
     if pending:
         yield pending
@@ -259,8 +310,8 @@ def map_image(path: str, fmt: str | None = None, policy: OpenPolicy | None = Non
 
 def format_map(entries: list[MapEntry]) -> str:
     rows = [qemuout.map_text_header()]
-    for e in entries:
-        if e.data and e.offset is not None and e.filename is not None:
+    for e in entries:  # qemu's text shows data that does not read as zeroes
+        if e.data and not e.zero and e.offset is not None and e.filename is not None:
             rows.append(qemuout.map_text_row(e.start, e.length, e.offset, e.filename))
     return "\n".join(rows)
 

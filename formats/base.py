@@ -230,6 +230,27 @@ class HostFile:
             return False
         return True
 
+    def hole_run(self, file_offset: int, length: int) -> tuple[bool, int] | None:
+        """(is a hole, run length at most ``length``) at ``file_offset``, found with
+        SEEK_DATA/SEEK_HOLE (two lseeks at most); past the end of the file is a hole.
+        None where the file cannot tell (a block device, a file system without
+        SEEK_DATA, a remote base's cache file whose holes are not zeroes)."""
+        if self.is_block_device or not self.sparse_is_zero or length <= 0:
+            return None
+        try:
+            data = os.lseek(self.fd, file_offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno_mod.ENXIO:  # no data from here to the end of the file
+                return True, length
+            return None
+        if data > file_offset:
+            return True, min(length, data - file_offset)
+        try:
+            hole = os.lseek(self.fd, file_offset, os.SEEK_HOLE)
+        except OSError:
+            return None
+        return False, max(1, min(length, hole - file_offset))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

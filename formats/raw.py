@@ -12,9 +12,6 @@ when the caller allows unmapping (a raw *base* is never written by cowd: overlay
 
 from __future__ import annotations
 
-import errno
-import os
-
 from .base import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_ZERO_RANGE,
@@ -61,22 +58,10 @@ class RawImage(Image):
     def _hole_run(self, guest_offset: int, n: int) -> tuple[bool, int] | None:
         """(is a hole, run length at most n) at guest_offset; None where the file system
         cannot tell (then nothing more is asked of it)."""
-        fd = self.file.fd
-        try:
-            data = os.lseek(fd, guest_offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data from here to the end of the file
-                return True, n
+        run = self.file.hole_run(guest_offset, n)
+        if run is None:
             self.find_holes = False
-            return None
-        if data > guest_offset:
-            return True, min(n, data - guest_offset)
-        try:
-            hole = os.lseek(fd, guest_offset, os.SEEK_HOLE)
-        except OSError:
-            self.find_holes = False
-            return None
-        return False, max(1, min(n, hole - guest_offset))
+        return run
 
     def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         self.require_writable()

@@ -18,6 +18,7 @@ what they leave to this class is when the writes become durable:
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -35,6 +36,7 @@ from .layout import (
     QCOW2_INCOMPAT_DIRTY,
     QCOW_OFLAG_COPIED,
     HostRange,
+    div_round_up,
     words,
     words_bytes,
 )
@@ -47,6 +49,7 @@ class Qcow2Image(Qcow2Writer):
     def __init__(self, path: str, file: HostFile, writable: bool):
         super().__init__(path, file, writable)
         self._closed = False
+        self._metadata_preallocated: bool | None = None  # looks_metadata_preallocated's
 
     @classmethod
     def open(cls, path: str, file: HostFile, writable: bool,
@@ -187,6 +190,21 @@ class Qcow2Image(Qcow2Writer):
             self.flush()
             self.refcounts.release_pool()
         return Checker(self).run(repair=repair, fix_errors=fix_errors)
+
+    def looks_metadata_preallocated(self) -> bool:
+        """Are noticeably more clusters in use than the file has on disk (qemu's
+        qcow2_detect_metadata_preallocation: at least max(10/9 of them, 2 more))?  Then
+        qemu's block status looks under allocated clusters at the file's holes and reports
+        them as zero; so does cowd's map.  Asked once per open, by reporting only: the
+        data path never needs it."""
+        if self._metadata_preallocated is None:
+            cb = self.cluster_bits
+            real_clusters = (os.fstat(self.file.fd).st_blocks * 512) >> cb
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = div_round_up(self.file.size(), 1 << cb)
+            self._metadata_preallocated = (
+                self.refcounts.count_in_use(end_cluster) >= threshold)
+        return self._metadata_preallocated
 
     def info(self) -> dict[str, Any]:
         return {

@@ -53,6 +53,9 @@ from .layout import (
     words_bytes,
 )
 
+# array typecodes of the word-sized refcount widths: a zero word is zero whatever the order.
+_WORD_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
 
 class Clash(NamedTuple):
     """A cluster with refcount 0 that a known structure uses."""
@@ -208,6 +211,24 @@ class Refcounts:
                 out = []
             out.append(c)
         return out
+
+    def count_in_use(self, end_cluster: int) -> int:
+        """How many host clusters below ``end_cluster`` have a refcount that is not 0
+        (a block at a time: an array's count of zero words where the entries are words)."""
+        rbb, bits = self.rb_bits, self.refcount_bits
+        per_block = 1 << rbb
+        n = 0
+        for r in range(min(len(self.reftable), div_round_up(end_cluster, per_block))):
+            buf = self._block(r)
+            if buf is None:
+                continue
+            entries = min(per_block, end_cluster - (r << rbb))
+            if bits >= 8:
+                words_of = array(_WORD_TYPECODES[bits], buf[: entries * (bits >> 3)])
+                n += entries - words_of.count(0)
+            else:
+                n += sum(1 for i in range(entries) if self._entry(buf, i))
+        return n
 
     def highest_used(self) -> int:
         """The highest host cluster with a refcount (0 when none has)."""

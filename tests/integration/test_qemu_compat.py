@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cowd.qemuout import size_to_str
 from formats.qcow2 import parse_header
 from tests.support.peers import COWD, qemu_img, qemu_io
 
@@ -73,10 +74,29 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     io("dynamic.vhd", "write -P 13 0 64k", "write -P 14 4M 64k", fmt="vpc")
     q("create", "-f", "qcow", "v1.qcow", "8M")
     io("v1.qcow", "write -P 15 0 64k", fmt="qcow")
+    # A fixed VHD is a raw file with a footer: holes where nothing was written, which
+    # qemu's map reports as zero (vpc asks the file beneath: BDRV_BLOCK_RECURSE).
+    q("create", "-f", "vpc", "-o", "subformat=fixed", "fixed.vhd", "8M")
+    io("fixed.vhd", "write -P 16 1M 64k", "write -P 17 6M 4k", fmt="vpc")
+    # Every cluster allocated, few written: qemu finds the holes under allocated clusters.
+    q("create", "-f", "qcow2", "-o", "preallocation=metadata", "prealloc.qcow2", "8M")
+    io("prealloc.qcow2", "write -P 18 2M 64k", "write -P 19 5M 128k")
     names = ["full.raw", "sparse.raw", "v2.qcow2", "v3.qcow2", "extl2.qcow2",
              "datafile.qcow2", "compressed.qcow2", "snap.qcow2", "over-raw.qcow2",
-             "over-qcow2.qcow2", "dynamic.vhd", "v1.qcow"]
+             "over-qcow2.qcow2", "dynamic.vhd", "fixed.vhd", "v1.qcow", "prealloc.qcow2"]
     return d, names
+
+
+def fmt_args(name: str) -> list[str]:
+    """A VHD named for both tools: a fixed one probes as raw (its footer is at the end)."""
+    return ["-f", "vpc"] if name.endswith(".vhd") else []
+
+
+def qemu_data_bytes(d: Path, name: str) -> int:
+    """The bytes the top layer holds as data, by qemu-img map: what cowd's "allocated in
+    this layer" must count (not holes, not zero clusters)."""
+    entries = json.loads(qemu_in(d, "map", "--output=json", *fmt_args(name), name).stdout)
+    return sum(e["length"] for e in entries if e["depth"] == 0 and e["data"] and not e["zero"])
 
 
 def without_cowd(doc: object) -> object:
@@ -106,14 +126,14 @@ def compare(ours: object, theirs: object, where: str) -> None:
 def test_info_json_equals_qemu(corpus: tuple[Path, list[str]]) -> None:
     d, names = corpus
     for name in names:
-        fmt = ["-f", "vpc"] if name.endswith(".vhd") else []
+        fmt = fmt_args(name)
         theirs = json.loads(qemu_in(d, "info", "--output=json", *fmt, name).stdout)
-        ours = json.loads(run_in(d, "info", "--output=json", name).stdout)
-        assert "allocated-bytes" in ours["cowd"]
+        ours = json.loads(run_in(d, "info", "--output=json", *fmt, name).stdout)
+        assert ours["cowd"]["allocated-bytes"] == qemu_data_bytes(d, name), name
         compare(without_cowd(ours), theirs, name)
         chain_theirs = json.loads(qemu_in(d, "info", "--output=json", "--backing-chain", *fmt,
                                           name).stdout)
-        chain_ours = json.loads(run_in(d, "info", "--output=json", "--backing-chain",
+        chain_ours = json.loads(run_in(d, "info", "--output=json", "--backing-chain", *fmt,
                                        name).stdout)
         compare(without_cowd(chain_ours), chain_theirs, f"{name} --backing-chain")
 
@@ -121,29 +141,67 @@ def test_info_json_equals_qemu(corpus: tuple[Path, list[str]]) -> None:
 def test_info_text_has_no_python_reprs(corpus: tuple[Path, list[str]]) -> None:
     d, names = corpus
     for name in names:
-        text = run_in(d, "info", "--backing-chain", name).stdout
+        fmt = fmt_args(name)
+        text = run_in(d, "info", "--backing-chain", *fmt, name).stdout
         for word in ("None", "True", "False", "{", "'"):
             assert word not in text, (name, word, text)
-        theirs = qemu_in(d, "info", name).stdout.splitlines()
-        ours = text.splitlines()
-        # The same lines in the same order, cowd's own line last.
-        assert [ln for ln in ours if not ln.startswith("allocated in this layer")][
-            : len(theirs)] == theirs or name.endswith(".vhd"), (name, ours, theirs)
+        theirs = qemu_in(d, "info", *fmt, name).stdout.splitlines()
+        ours = run_in(d, "info", *fmt, name).stdout.splitlines()
+        # qemu's lines in qemu's order, then cowd's own line: the top layer's data.
+        allocated = f"allocated in this layer: {size_to_str(qemu_data_bytes(d, name))}"
+        assert ours == [*theirs, allocated], (name, ours, theirs)
 
 
 def test_map_json_equals_qemu(corpus: tuple[Path, list[str]]) -> None:
     d, names = corpus
     for name in names:
-        fmt = ["-f", "vpc"] if name.endswith(".vhd") else []
+        fmt = fmt_args(name)
         theirs = json.loads(qemu_in(d, "map", "--output=json", *fmt, name).stdout)
-        ours = json.loads(run_in(d, "map", "--output=json", name).stdout)
+        ours = json.loads(run_in(d, "map", "--output=json", *fmt, name).stdout)
         if name == "extl2.qcow2":
             # qemu gives unallocated subclusters of an allocated cluster the cluster's host
             # offset (and so splits the run there); cowd has no offset for what is not
             # there.  The rest must agree.
             theirs = merge_unallocated(theirs)
         compare(without_cowd(ours), theirs, name)
-        assert run_in(d, "map", name).stdout == qemu_in(d, "map", *fmt, name).stdout, name
+        assert run_in(d, "map", *fmt, name).stdout == qemu_in(d, "map", *fmt, name).stdout, name
+
+
+def test_map_holes_under_qcow2_data_as_qemu(tmp_path: Path) -> None:
+    """qemu looks at the host file's holes under allocated clusters only when the image
+    looks metadata-preallocated (far more clusters in use than on disk): both sides of that
+    threshold, and the refcount widths counted bit by bit and word by word."""
+    def punched(name: str, size: str, written: str) -> None:
+        qemu_img("create", "-f", "qcow2", tmp_path / name, size)
+        qemu_io(tmp_path / name, f"write -P 1 0 {written}")
+        host = json.loads(qemu_img("map", "--output=json", tmp_path / name).stdout)[0]
+        with open(tmp_path / name, "r+b") as f:  # a hole under the third data cluster
+            assert fallocate_punch(f.fileno(), host["offset"] + 128 * 1024, 64 * 1024)
+
+    punched("few.qcow2", "8M", "1M")  # metadata clusters are sparse: looks preallocated
+    punched("many.qcow2", "16M", "8M")  # far more data than metadata: it does not
+    names = ["few.qcow2", "many.qcow2"]
+    for bits in (1, 4, 64):
+        name = f"prealloc-{bits}.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o",
+                 f"preallocation=metadata,refcount_bits={bits}", tmp_path / name, "64M")
+        qemu_io(tmp_path / name, "write -P 2 1M 64k")
+        names.append(name)
+    for name in names:
+        theirs = json.loads(qemu_in(tmp_path, "map", "--output=json", name).stdout)
+        ours = json.loads(run_in(tmp_path, "map", "--output=json", name).stdout)
+        compare(without_cowd(ours), theirs, name)
+        assert run_in(tmp_path, "map", name).stdout == qemu_in(tmp_path, "map", name).stdout
+
+
+def fallocate_punch(fd: int, offset: int, length: int) -> bool:
+    from formats.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        pytest.skip(f"the test folder cannot punch holes ({e})")
+    return True
 
 
 def merge_unallocated(entries: list[dict[str, object]]) -> list[dict[str, object]]:
