@@ -240,11 +240,17 @@ class Device:
         doc = json.loads(sh(*COWD, "stats", "--json", "--run-dir", str(self.run_dir)))
         disk = doc["disks"][self.disk]
         remap, ops = disk["remap"], disk["ops"]
+        # Requests the worker processes did themselves (reads and in-place writes of mapped
+        # clusters, first writes into lent clusters) besides those the daemon's Disk did.
+        w = {k: int(v) for k, v in (disk.get("workers") or {}).items()
+             if isinstance(v, int | float)}
         return {"hits": int(remap["hits"]), "misses": int(remap["misses"]),
                 "requests": int(remap["requests"]),
                 "metadata_lookups": int(remap["metadata_lookups"]),
-                "reads": int(ops["reads"]), "writes": int(ops["writes"]),
-                "writes_in_place": int(ops["writes_in_place"])}
+                "reads": int(ops["reads"]) + w.get("reads_local", 0),
+                "writes": int(ops["writes"]) + w.get("writes_local", 0)
+                + w.get("writes_lent", 0),
+                "writes_in_place": int(ops["writes_in_place"]) + w.get("writes_local", 0)}
 
 
 class Bench:
