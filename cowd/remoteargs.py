@@ -73,19 +73,36 @@ def add_remote_options(p: argparse.ArgumentParser) -> None:
                    f"${CA_FILE_ENV})")
 
 
+def _byte_range(text: str) -> tuple[int, int]:
+    """--range OFFSET:LENGTH (sizes as for --size): (offset, length), length above 0."""
+    from .cliargs import parse_size
+
+    off, sep, length = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected OFFSET:LENGTH, got {text!r}")
+    try:
+        r = (parse_size(off), parse_size(length))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
+    if r[1] == 0:
+        raise argparse.ArgumentTypeError(f"an empty range: {text!r}")
+    return r
+
+
 def add_cache_command(sub: argparse._SubParsersAction) -> None:
     from .cliargs import _output_option
 
     c = sub.add_parser("cache", help="remote bases' local caches: show, prefetch, drop")
     c.add_argument("action", choices=("show", "prefetch", "drop", "verify"),
-                   help="show: every cache (or those of the URLs given); prefetch: fetch "
+                   help="show: every cache (or those of the bases named: URLs, or overlays over "
+                   "one); prefetch: fetch "
                    "blocks of a remote base into its cache; drop: delete a cache (refused "
                    "while in use); verify: check every cached block's checksum")
     c.add_argument("url", nargs="*", metavar="URL",
                    help="remote bases (nbd://, nbd+unix://, http(s)://) or overlays over one")
     c.add_argument("--all", action="store_true",
                    help="prefetch: every block of the base; drop: every cache")
-    c.add_argument("--range", metavar="OFFSET:LENGTH",
+    c.add_argument("--range", metavar="OFFSET:LENGTH", type=_byte_range,
                    help="prefetch: these bytes of the base (sizes as for --size)")
     _output_option(c)
     add_remote_options(c)

@@ -91,10 +91,35 @@ def _remote_of(arg: str, policy: OpenPolicy) -> Any:
     return file
 
 
+def _remote_name_of(arg: str, policy: OpenPolicy) -> Any:
+    """The remote base a URL or an overlay names, without connecting to it: the chain is
+    opened with remote names refused, and the first refusal carries the name."""
+    import dataclasses
+
+    import formats
+    from formats import remote
+    from formats.errors import UnsupportedImage
+
+    if remote.looks_remote(arg):
+        try:
+            return remote.parse(arg)
+        except remote.BadRemoteName as e:
+            raise UsageError(f"{arg}: {e}") from None
+    try:
+        img = formats.open_image(arg, False, policy=dataclasses.replace(policy, remote=None))
+    except UnsupportedImage as e:
+        if isinstance(e.value, str) and remote.looks_remote(e.value):
+            try:
+                return remote.parse(e.value)
+            except remote.BadRemoteName:
+                pass
+        raise
+    img.close_chain()
+    raise CommandFailed(f"{arg}: no remote base in its chain")
+
+
 def prefetch(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
     from formats.remote.file import RemoteFile
-
-    from .cliargs import parse_size
 
     if not args.url:
         raise UsageError("cache prefetch: name a remote base (URL) or an overlay over one")
@@ -108,12 +133,8 @@ def prefetch(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
         try:
             start, end = 0, base.size
             if args.range:
-                try:
-                    off, _, length = args.range.partition(":")
-                    start = parse_size(off)
-                    end = min(base.size, start + parse_size(length))
-                except (ValueError, argparse.ArgumentTypeError) as e:
-                    raise UsageError(f"--range: {e}") from None
+                start = min(base.size, args.range[0])
+                end = min(base.size, start + args.range[1])
             before = base.counters["fetched_bytes"]
             gaps = base.missing(start, end - start)
             per = max(1, PREFETCH_RUN_BYTES // base.block_size)
@@ -198,11 +219,17 @@ def verify(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
     assert policy.remote is not None
+    if args.range is not None and args.action != "prefetch":
+        raise UsageError(f"cache {args.action}: --range is for prefetch only")
     if args.action == "show":
         caches = _caches(policy.remote.cache_root)
         if args.url:
-            keep = set(args.url)
-            caches = [c for c in caches if c["url"] in keep]
+            # Only the caches of the bases named (a URL, or an overlay over one); a name
+            # with no remote base is refused rather than shown as "no caches".
+            from formats.remote.cache import cache_key_dir
+
+            keep = {cache_key_dir(_remote_name_of(arg, policy).key) for arg in args.url}
+            caches = [c for c in caches if os.path.basename(c["folder"]) in keep]
         doc: dict[str, Any] = {"root": policy.remote.cache_root, "caches": caches}
     elif args.action == "prefetch":
         doc = prefetch(args, policy)

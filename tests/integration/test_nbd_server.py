@@ -479,6 +479,46 @@ def test_nbdinfo_map_raw(serve: Callable[..., Served], tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_nbdinfo_map_sparse_raw_base(serve: Callable[..., Served], tmp_path: Path) -> None:
+    """A sparse raw base (holes left by truncate and punched by fallocate) under a qcow2
+    overlay: base:allocation finds the base's holes as qemu does (SEEK_DATA/SEEK_HOLE), with
+    qemu-img map of the chain and qemu-nbd serving it as the oracles."""
+    need("fallocate")
+    size = 8 * MiB
+    rng = random.Random(11)
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+        for off, n in ((0, MiB), (3 * MiB, 640 << 10), (5 * MiB, 2 * MiB)):
+            f.seek(off)
+            f.write(rng.randbytes(n))
+    run("fallocate", "--punch-hole", "--offset", str(5 * MiB + 256 * 1024), "--length",
+        str(256 << 10), base)
+    top = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", top)
+    # Overlay data over a base hole, over base data, and a zero cluster over base data.
+    qemu_io(top, "write -P 0x21 2M 64k", "write -P 0x22 512k 64k", "write -z 3M 64k",
+            fmt="qcow2")
+    want = qemu_map(top, "qcow2")
+    assert (2 * MiB, 64 << 10, False, False) in want, want  # overlay data in a base hole
+    assert any(r[0] >= 5 * MiB and r[2:] == (True, True) for r in want), want  # punched
+    sock = tmp_path / "qemu-nbd.sock"
+    q = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), str(top)],
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nbdinfo_map(f"nbd+unix:///?socket={sock}") == want
+    finally:
+        q.terminate()
+        q.wait(timeout=10)
+    d = serve(top)
+    assert nbdinfo_map(d.uri()) == want
+    d.stop()
+
+
+@pytest.mark.timeout(60)
 def test_nbdcopy_round_trip(chain: Chain, serve: Callable[..., Served], tmp_path: Path) -> None:
     need("nbdcopy")
     oracle = chain.oracle()

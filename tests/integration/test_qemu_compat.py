@@ -333,6 +333,13 @@ def test_every_subcommand_with_bad_values(tmp_path: Path) -> None:
         ("stats", "--output", "csv", "--run-dir", run_dir),
         ("stop", "--timeout", "0", "--run-dir", run_dir),
         ("list", "--bogus"), ("frobnicate",), (),
+        ("status", "--output", "csv", "--run-dir", run_dir),
+        ("cache", "show", "--range", "x"), ("cache", "verify", "--range", "0:4k", str(ov)),
+        ("cache", "drop", "--all", "--range", "0:4k"),
+        ("cache", "prefetch", "nbd://127.0.0.1:1/x", "--range", "1M"),
+        ("cache", "prefetch", "nbd://127.0.0.1:1/x", "--range", "1M:lots"),
+        ("cache", "prefetch", "nbd://127.0.0.1:1/x", "--range", "1M:0"),
+        ("cache", "frobnicate"),
     ]
     failed = [  # exit 1: well formed, but an image is missing or no daemon runs
         ("info", missing), ("map", missing), ("check", missing), ("commit", missing),
@@ -346,6 +353,7 @@ def test_every_subcommand_with_bad_values(tmp_path: Path) -> None:
         ("detach", "/dev/loop999", "--run-dir", run_dir),
         ("stats", "--run-dir", run_dir), ("stop", "--run-dir", run_dir),
         ("attach", missing, "--via", "fuse", "--run-dir", run_dir),
+        ("cache", "show", "base.raw"), ("cache", "show", missing),
     ]
     for rc, cases in ((2, usage), (1, failed)):
         for args in cases:

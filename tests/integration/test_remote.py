@@ -188,6 +188,14 @@ def test_cache_is_shared_and_survives(tmp_path: Path, cowd: Cowd,
         shown = json.loads(cowd("cache", "show", "--json").stdout)
         (c,) = shown["caches"]
         assert c["url"] == srv.url and c["size"] == len(want) and not c["in_use"]
+        # Named: only the caches of those bases, found from an overlay without connecting.
+        for name in (srv.url, ovs[1]):
+            assert json.loads(cowd("cache", "show", name, "--json").stdout)["caches"] == [c]
+        other = json.loads(cowd("cache", "show", "nbd://127.0.0.1:1/other", "--json").stdout)
+        assert other["caches"] == []
+        local = tmp_path / "local.raw"
+        local.write_bytes(bytes(4096))
+        assert "no remote base" in cowd("cache", "show", local, rc=1).stderr
         cowd("cache", "drop", srv.url)
         assert json.loads(cowd("cache", "show", "--json").stdout)["caches"] == []
         p = json.loads(cowd("cache", "prefetch", srv.url, "--all", "--json").stdout)
