@@ -1,8 +1,9 @@
 """cowd resize against qemu-img resize as the oracle: the same operation on a copy reads the
 same through `qemu-img convert`, and `qemu-img check` is clean after each; images another
 process has open are refused.  qcow2 shrinks (grown back after: the dropped range reads as
-qemu reads it), and killed before sampled writes of a large shrink.  VHD growth (which
-qemu-img cannot do) read back by qemu and libvhdi, and killed before each of its writes."""
+qemu reads it), and killed before sampled writes of a large shrink; qcow2 growth that moves
+the L1 table killed before each of its writes.  VHD growth (which qemu-img cannot do) read
+back by qemu and libvhdi, and killed before each of its writes."""
 
 from __future__ import annotations
 
@@ -211,6 +212,42 @@ def test_sigkill_during_qcow2_shrink(tmp_path: Path) -> None:
         qemu_img("check", "-r", "leaks", work)
         qemu_check(work)
         assert qemu_raw(work, tmp_path) == keep, point
+
+
+@pytest.mark.parametrize("cluster_size,grow", [("512", "+300M"), ("4k", "+70M")])
+def test_sigkill_during_qcow2_grow(tmp_path: Path, cluster_size: str, grow: str) -> None:
+    """Killed before each of its writes (tests/support/killpoints.py; a grow makes few), a
+    grow whose L1 table must move (512-byte clusters: 1 cluster to 151; 4k clusters: 1
+    entry to 36) leaves an image qemu-img check
+    accepts, leaks at worst, with the old size or the new, the old bytes unchanged and the
+    grown range zeroes; both sizes are seen, and finishing the grow afterwards works."""
+    from tests.support import killpoints
+
+    src = _make(tmp_path, "src.qcow2", f"cluster_size={cluster_size}", "2M",
+                ["write -P 3 0 1M", "write -P 4 1536k 4k"])
+    old = 2 * MiB
+    new = old + int(grow[1:-1]) * MiB
+    keep = qemu_raw(src, tmp_path)
+    work = tmp_path / "work.qcow2"
+    shutil.copy(src, work)
+    changes = killpoints.count_changes("resize", str(work), grow)
+    assert changes >= 5  # new refcounts, the new table, the header, the frees, their syncs
+    sizes_seen = set()
+    for point in killpoints.kill_points(changes, 25):
+        shutil.copy(src, work)
+        killpoints.run_killed(point, "resize", str(work), grow)
+        p = qemu_img("check", work, check=False)
+        assert p.returncode in (0, 3), (point, p.stdout, p.stderr)  # 3: leaks only
+        assert b"ERROR" not in p.stdout + p.stderr, (point, p.stdout, p.stderr)
+        data = qemu_raw(work, tmp_path)
+        assert len(data) in (old, new), (point, len(data))
+        assert data[:old] == keep and data[old:] == bytes(len(data) - old), point
+        sizes_seen.add(len(data))
+        cowd("resize", work, str(new))  # finishing it afterwards works
+        qemu_img("check", "-r", "leaks", work)
+        qemu_check(work)
+        assert qemu_raw(work, tmp_path) == keep + bytes(new - old), point
+    assert sizes_seen == {old, new}, sizes_seen
 
 
 def test_raw_resize_and_shrink_rule(tmp_path: Path) -> None:

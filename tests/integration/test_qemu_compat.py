@@ -1,6 +1,7 @@
 """cowd's info/map/check JSON against qemu-img 7.2's on a corpus, key by key and value by
-value; check's counts on images with leaks and corruptions; and every subcommand with bad
-values: one line on stderr, no traceback, the README's exit status."""
+value; check's counts on images with leaks and corruptions; the JSON of create, convert,
+resize, commit, rebase and snapshot -l against what qemu-img reads back; and every
+subcommand with bad values: one line on stderr, no traceback, the README's exit status."""
 
 from __future__ import annotations
 
@@ -286,6 +287,120 @@ def test_check_counts_equal_qemu_on_damaged_images(tmp_path: Path) -> None:
         ours = run_in(tmp_path, "check", "--output=json", str(p), rc=None)
         assert ours.returncode == theirs.returncode, (what, ours.stderr, theirs.stdout)
         compare(json.loads(ours.stdout), json.loads(theirs.stdout), what)
+
+
+# ---- the other commands' --output=json, against what qemu-img reads back ---------------------
+
+# id: (cowd arguments, run with --output=json in the images' folder; {key of cowd's document:
+# (image, key of `qemu-img info --output=json` of it, read before or after the command)}).
+# "-p" where a command has progress: it must go to stderr, never into the document.
+LIFECYCLE_JSON_CASES: dict[str, tuple[list[str], dict[str, tuple[str, str, str]]]] = {
+    "create": (["create", "--base", "c-base.raw", "-o", "c-new.qcow2", "--size", "3M"],
+               {k: ("c-new.qcow2", k, "after")
+                for k in ("filename", "format", "virtual-size", "backing-filename",
+                          "full-backing-filename", "backing-filename-format")}),
+    "convert": (["convert", "-p", "-O", "qcow2", "v-over.qcow2", "v-out.qcow2"],
+                {k: ("v-out.qcow2", k, "after") for k in ("filename", "format",
+                                                          "virtual-size")}),
+    "resize": (["resize", "-p", "r.qcow2", "+1536k"],
+               {"filename": ("r.qcow2", "filename", "after"),
+                "format": ("r.qcow2", "format", "after"),
+                "virtual-size": ("r.qcow2", "virtual-size", "after"),
+                "old-size": ("r.qcow2", "virtual-size", "before")}),
+    "commit": (["commit", "-p", "m-over.qcow2"],
+               {"filename": ("m-over.qcow2", "filename", "after"),
+                "base": ("m-over.qcow2", "full-backing-filename", "after"),
+                "grown-from": ("m-base.raw", "virtual-size", "before")}),
+    "rebase": (["rebase", "-p", "-b", "b-new.qcow2", "-F", "qcow2", "b-over.qcow2"],
+               {"filename": ("b-over.qcow2", "filename", "after"),
+                "backing-filename": ("b-over.qcow2", "backing-filename", "after"),
+                "backing-format": ("b-over.qcow2", "backing-filename-format", "after")}),
+    "rebase-unsafe": (["rebase", "-u", "-b", "u-new.raw", "-F", "raw", "u-over.qcow2"],
+                      {"filename": ("u-over.qcow2", "filename", "after"),
+                       "backing-filename": ("u-over.qcow2", "backing-filename", "after"),
+                       "backing-format": ("u-over.qcow2", "backing-filename-format",
+                                          "after")}),
+}
+
+
+def lifecycle_json_images(d: Path) -> None:
+    """Small images, made by qemu-img and qemu-io, for LIFECYCLE_JSON_CASES (and snapshot -l:
+    s.qcow2 with two snapshots, s.raw with none)."""
+    def q(*args: str) -> None:
+        subprocess.run(["qemu-img", *args], check=True, capture_output=True, cwd=d)
+
+    def io(name: str, *cmds: str) -> None:
+        subprocess.run(["qemu-io", *(a for c in cmds for a in ("-c", c)), name],
+                       check=True, capture_output=True, cwd=d)
+
+    for base in ("c-base.raw", "v-base.raw", "m-base.raw", "b-old.raw", "u-old.raw",
+                 "u-new.raw", "s.raw"):
+        q("create", "-f", "raw", base, "2M")
+    q("create", "-f", "qcow2", "-b", "v-base.raw", "-F", "raw", "v-over.qcow2", "3M")
+    io("v-over.qcow2", "write -P 1 64k 64k")
+    q("create", "-f", "qcow2", "-o", "cluster_size=4k", "r.qcow2", "1M")
+    io("r.qcow2", "write -P 2 0 8k")
+    q("create", "-f", "qcow2", "-b", "m-base.raw", "-F", "raw", "m-over.qcow2", "3M")
+    io("m-over.qcow2", "write -P 3 2560k 64k")
+    q("create", "-f", "qcow2", "b-new.qcow2", "2M")
+    q("create", "-f", "qcow2", "-b", "b-old.raw", "-F", "raw", "b-over.qcow2")
+    io("b-over.qcow2", "write -P 4 0 4k")
+    q("create", "-f", "qcow2", "-b", "u-old.raw", "-F", "raw", "u-over.qcow2")
+    q("create", "-f", "qcow2", "s.qcow2", "1M")
+    q("snapshot", "-c", "first", "s.qcow2")
+    io("s.qcow2", "write -P 5 0 4k")
+    q("snapshot", "-c", "second one", "s.qcow2")
+
+
+def qemu_snapshot_ids_names(d: Path, name: str) -> list[tuple[str, str]]:
+    """(ID, TAG) of each row of `qemu-img snapshot -l`'s table (a tag may hold spaces: the
+    columns after it are VM SIZE (2 words), DATE (2), VM CLOCK and ICOUNT)."""
+    out = qemu_in(d, "snapshot", "-l", name).stdout.splitlines()
+    if not out:
+        return []
+    assert out[0] == "Snapshot list:" and out[1].split()[:2] == ["ID", "TAG"], out
+    rows = []
+    for line in out[2:]:
+        words = line.split()
+        rows.append((words[0], " ".join(words[1:-6])))
+    return rows
+
+
+def test_lifecycle_json_as_qemu_reads_the_result(tmp_path: Path) -> None:
+    """create, convert, resize, commit, rebase and snapshot -l with --output=json: stdout is
+    one JSON document (progress on stderr), and its values are what qemu-img reads back from
+    the result (`qemu-img info --output=json`; `qemu-img snapshot -l`'s IDs and tags).
+    qemu-img 7.2 has no JSON for any of these commands (only info, map, check and measure
+    have --output), so the documents are cowd's own schema, in qemu's key spelling: what is
+    compared is their values, not their shape."""
+    d = tmp_path
+    lifecycle_json_images(d)
+
+    def qemu_info(name: str) -> dict[str, object]:
+        doc = json.loads(qemu_in(d, "info", "--output=json", name).stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    for case, (args, truth) in LIFECYCLE_JSON_CASES.items():
+        before = {img: qemu_info(img) for img, _, when in truth.values() if when == "before"}
+        p = run_in(d, *args, "--output=json")
+        try:  # only the document: anything else around it fails to parse
+            ours = json.loads(p.stdout)
+        except json.JSONDecodeError as e:
+            pytest.fail(f"{case}: stdout is not one JSON document ({e}): {p.stdout!r}")
+        after = {img: qemu_info(img) for img, _, when in truth.values() if when == "after"}
+        for key, (img, qemu_key, when) in truth.items():
+            theirs = (before if when == "before" else after)[img][qemu_key]
+            mine = ours[key]
+            if key in ("base", "full-backing-filename"):  # a path: the same file
+                assert os.path.samefile(d / mine, d / str(theirs)), (case, key, mine, theirs)
+            else:
+                assert type(mine) is type(theirs) and mine == theirs, (case, key, mine, theirs)
+    for name in ("s.qcow2", "s.raw"):
+        ours = json.loads(run_in(d, "snapshot", "-l", "--output=json", name).stdout)
+        mine = [(sn["id"], sn["name"]) for sn in ours]
+        assert mine == qemu_snapshot_ids_names(d, name), (name, ours)
+    assert len(mine) == 0 and len(qemu_snapshot_ids_names(d, "s.qcow2")) == 2
 
 
 # ---- bad values: one line, no traceback, the README's exit status ----------------------------
