@@ -76,9 +76,11 @@ class Attachment:
     nbd: NbdDevice | None = None  # frontend "nbd": /dev/nbdN and its DO_IT thread
 
     def record(self) -> dict[str, Any]:
+        # size: the guest's bytes, which the device shows (also in the state file, where a
+        # dead daemon's leftovers are listed from).
         rec = {"name": self.name, "image": self.image, "device": self.device,
-               "frontend": self.frontend, "readonly": self.readonly, "file": self.file,
-               "attached_at": round(self.attached_at, 3)}
+               "frontend": self.frontend, "readonly": self.readonly, "size": self.disk.size,
+               "file": self.file, "attached_at": round(self.attached_at, 3)}
         if self.kmod is not None:
             rec["index"] = self.kmod.index
         if self.nbd is not None and self.nbd.tid:

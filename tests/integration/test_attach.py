@@ -17,14 +17,18 @@ lazily unmount that mount.  Needs root, /dev/fuse and loop devices; skips with t
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +38,16 @@ from cowd.errors import CommandFailed, UsageError
 from cowd.frontends import loop
 from tests.support.attach import LOOP_DEV, Env, attach_problem
 from tests.support.host import alive, loops_under, mounted_at
-from tests.support.peers import COWD, libvhdi_raw, qemu_check, qemu_img, run, sha256
+from tests.support.peers import (
+    COWD,
+    libvhdi_raw,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+    qemu_raw,
+    run,
+    sha256,
+)
 from tests.support.trees import make_tree, same_tree
 
 MiB = 1 << 20
@@ -285,6 +298,77 @@ def test_sigkilled_daemon_is_cleaned_up(env: Env, tmp_path: Path) -> None:
     qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, raw)
     assert same_tree(tree, tree_from_raw(raw, tmp_path / "dump"))
     assert run("debugfs", "-R", "cat /after-restart.txt", raw).stdout == b"again\n"
+
+
+def cowd_json(env: Env, *args: str | os.PathLike[str]) -> Any:
+    """A cowd command's stdout, which must be exactly one JSON document (json.loads refuses
+    anything before or after it)."""
+    return json.loads(env.cowd(*args).stdout)
+
+
+def bytes_read(env: Env, name: str) -> int:
+    """The disk's bytes read: the daemon's own reads and its FUSE workers' (the workers
+    answer most reads in processes of their own and count them apart)."""
+    disk = cowd_json(env, "stats", "--output=json")["disks"][name]
+    n = disk["ops"]["bytes_read"] + disk.get("workers", {}).get("bytes_read", 0)
+    assert isinstance(n, int)
+    return n
+
+
+@pytest.mark.root
+@needs_attach
+def test_json_of_attach_list_stats_detach(env: Env, tmp_path: Path) -> None:
+    """--output=json (and its alias --json) of attach, list, stats and detach, held against
+    the kernel (the block device, its size) and qemu-img (the image's size and bytes)."""
+    base = make_base(tmp_path, 8 * MiB)
+    ovs = [Path(env.cowd("create", "--base", base, "--overlay", "qcow", "--size", "12M",
+                         run_dir=False).stdout.strip()) for _ in range(2)]
+    for i, ov in enumerate(ovs):  # each overlay differs from the base and from the other
+        qemu_io(ov, f"write -P 0x{0x5a + i:x} 1M 64k", f"write -P 0x{0xa5 - i:x} 11M 4k",
+                fmt="qcow2")
+
+    atts = [cowd_json(env, "attach", ovs[0], "--via", "fuse", "--output=json"),
+            cowd_json(env, "attach", ovs[1], "--via", "fuse", "--json")]
+    for att, ov in zip(atts, ovs, strict=True):
+        dev = att["device"]
+        assert LOOP_DEV.fullmatch(dev) and stat.S_ISBLK(os.stat(dev).st_mode), att
+        virtual = json.loads(qemu_img("info", "-U", "--output=json", ov).stdout)
+        kernel_size = int(run("blockdev", "--getsize64", dev).stdout)
+        assert att["size"] == kernel_size == virtual["virtual-size"] == 12 * MiB, att
+        assert (att["image"], att["frontend"], att["readonly"]) == (str(ov), "fuse", False)
+        check_device(env, dev, ov.name)
+    assert atts[0]["device"] != atts[1]["device"]
+
+    listed = cowd_json(env, "list", "--output=json")
+    assert sorted((d["device"], d["image"], d["frontend"], d["size"]) for d in listed) == \
+        sorted((a["device"], a["image"], "fuse", 12 * MiB) for a in atts)
+
+    # stats names each disk; a read through the device moves its counter by at least the
+    # bytes the page cache did not already hold (none: the buffers are dropped first), and
+    # the bytes read are qemu-img's.
+    disks = cowd_json(env, "stats", "--json")["disks"]
+    assert set(disks) == {a["name"] for a in atts}
+    for att, ov in zip(atts, ovs, strict=True):
+        d = disks[att["name"]]
+        assert (d["path"], d["device"], d["frontend"], d["size"]) == \
+            (str(ov), att["device"], "fuse", 12 * MiB), d
+        before = bytes_read(env, att["name"])
+        run("blockdev", "--flushbufs", att["device"])
+        device_sha = sha256(att["device"])
+        assert bytes_read(env, att["name"]) - before >= 12 * MiB
+        assert device_sha == hashlib.sha256(qemu_raw(ov, tmp_path, fmt="qcow2")).hexdigest()
+
+    gone = cowd_json(env, "detach", atts[0]["device"], "--output=json")
+    assert (gone["device"], gone["image"], gone["size"]) == \
+        (atts[0]["device"], str(ovs[0]), 12 * MiB), gone
+    assert [d["device"] for d in cowd_json(env, "list", "--json")] == [atts[1]["device"]]
+    assert set(cowd_json(env, "stats", "--json")["disks"]) == {atts[1]["name"]}
+    gone = cowd_json(env, "detach", ovs[1], "--json")
+    assert (gone["device"], gone["image"]) == (atts[1]["device"], str(ovs[1])), gone
+    env.assert_daemon_gone()
+    assert cowd_json(env, "list", "--output=json") == []
+    for ov in ovs:
+        qemu_check(ov)
 
 
 # ---- refusals: one line, and nothing that is not cowd's is touched ----------------------------
