@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -358,8 +358,9 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
     Theory of operation (speed): the chain is walked in runs of up to CONVERT_CHUNK_BYTES
     that one layer answers (formats.resolve_in_chain); a run the metadata says reads as
     zeroes (zero clusters, unallocated with nothing beneath, a raw layer's holes) is never
-    read nor written; a data run is read from the layer that holds it straight into one
-    reused buffer and written with one request, unless it is all zeroes (a memcmp).  The
+    read nor written, nor are the host file's holes under a data run (SEEK_DATA/SEEK_HOLE);
+    a data run is read from the layer that holds it straight into one reused buffer and
+    written with one request, unless it is all zeroes (a memcmp).  The
     qcow2 writer takes a long write over fresh clusters in one allocation and one pwrite
     (formats/qcow2/writer.py).  ``flush`` (qemu-img's ``-t writeback``; its convert default
     is ``unsafe``, no flush) makes the output durable before returning."""
@@ -412,16 +413,24 @@ def _copy_chain(img: Image, dst: Image, progress: Progress | None) -> int:
     pos = 0
     while pos < size:
         placed = formats.resolve_in_chain(img, pos, min(CONVERT_CHUNK_BYTES, size - pos))
-        n = placed.extent.length
-        if placed.extent.kind is not Kind.ZERO:
+        ext = placed.extent
+        # A data run's host file may have holes under it (a qcow2's raw data file that
+        # was never written there or was punched): they read as zeroes, so they are not
+        # read nor written, as qemu-img convert leaves them sparse.  Two lseeks a chunk.
+        runs: Iterable[tuple[int, int, bool]] = (
+            () if ext.kind is Kind.ZERO
+            else host_runs(ext) if ext.kind is Kind.DATA else ((pos, ext.length, False),))
+        for start, n, hole in runs:
+            if hole:
+                continue
             view = memoryview(buf)[:n]
-            formats.read_placed(placed, pos, view)
+            formats.read_placed(placed, start, view)
             # bytearray == bytes is a memcmp; a memoryview compare goes byte by byte.
             full = n == CONVERT_CHUNK_BYTES
             if not ((buf == zeroes) if full else (buf[:n] == zeroes[:n])):
-                dst.write(pos, view)
+                dst.write(start, view)
                 written += n
-        pos += n
+        pos += ext.length
         if progress:
             progress(pos, size)
     return written
