@@ -272,10 +272,13 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
             # ZERO: a zero flag or a hole in `layer` (with the file offset where the layer
             # has one, as qemu shows it), or nothing anywhere in the chain (not present).
             present = layer.resolve(pos, ext.length).kind is not Kind.UNALLOCATED
-            offset = pos if present and layer.format_name == "raw" else None  # a hole
-            runs = [MapEntry(pos, ext.length, depth if present else last_depth, present, True,
-                             False, False, offset,
-                             names[depth] if offset is not None else None)]
+            if present and isinstance(layer, formats.Qcow2Image):
+                runs = list(_qcow2_zero_runs(layer, pos, ext.length, depth, names[depth]))
+            else:
+                offset = pos if present and layer.format_name == "raw" else None  # a hole
+                runs = [MapEntry(pos, ext.length, depth if present else last_depth, present,
+                                 True, False, False, offset,
+                                 names[depth] if offset is not None else None)]
         for e in runs:
             if pending and _continues(pending, e):
                 pending.length += e.length
@@ -286,6 +289,22 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
         pos += ext.length
     if pending:
         yield pending
+
+
+def _qcow2_zero_runs(layer: formats.Qcow2Image, pos: int, length: int, depth: int,
+                     name: str) -> Iterator[MapEntry]:
+    """A qcow2 layer's zero run, a cluster at a time: qemu shows the host offset of a zero
+    cluster that keeps one (in the data file where there is one); the caller merges."""
+    if layer.data_file_name:
+        name = qemuout.path_combine(name, layer.data_file_name)
+    cluster = layer.cluster_size
+    end = pos + length
+    while pos < end:
+        n = min(end, (pos // cluster + 1) * cluster) - pos
+        offset = layer.zero_host_offset(pos)
+        yield MapEntry(pos, n, depth, True, True, False, False, offset,
+                       name if offset is not None else None)
+        pos += n
 
 
 def _continues(a: MapEntry, b: MapEntry) -> bool:

@@ -57,9 +57,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     q("create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "8M")
     io("v2.qcow2", "write -P 1 0 128k", "write -P 2 1M 64k")
     q("create", "-f", "qcow2", "v3.qcow2", "8M")
-    io("v3.qcow2", "write -P 3 64k 192k", "write -z 2M 64k", "write -P 4 4M 4k")
+    # A zero cluster over written data keeps its host cluster: map shows its offset.
+    io("v3.qcow2", "write -P 3 64k 192k", "write -z 2M 64k", "write -P 4 4M 4k",
+       "write -P 20 6M 128k", "write -z 6M 64k")
     q("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "extl2.qcow2", "8M")
-    io("extl2.qcow2", "write -P 5 4k 8k", "write -z 1M 16k", "write -P 6 3M 128k")
+    io("extl2.qcow2", "write -P 5 4k 8k", "write -z 1M 16k", "write -P 6 3M 128k",
+       "write -P 21 5M 256k", "write -z 5M 32k")
     q("create", "-f", "qcow2", "-o", "data_file=dat.raw", "datafile.qcow2", "8M")
     io("datafile.qcow2", "write -P 7 0 64k", "write -P 8 5M 64k")
     q("convert", "-c", "-f", "raw", "-O", "qcow2", "sparse.raw", "compressed.qcow2")
@@ -200,7 +203,8 @@ def test_raw_data_file_holes_in_map_and_convert_as_qemu(tmp_path: Path) -> None:
     clusters) whose data file has holes under allocated clusters: never written (qemu
     preallocates the metadata for data_file_raw) and punched under written data.  qemu 7.2
     does not look into the data file in map (its data clusters are not refcounted, so the
-    image never looks metadata-preallocated): cowd's map must not either.  convert -O raw
+    image never looks metadata-preallocated): cowd's map must not either; a zero cluster
+    over written data shows its offset in the data file.  convert -O raw
     must leave those holes sparse as qemu-img convert does: the same bytes, the same
     st_blocks (cowd wrote every data cluster of the data file out)."""
     variants = {"raw-on.qcow2": "data_file_raw=on", "raw-off.qcow2": "data_file_raw=off",
@@ -211,7 +215,8 @@ def test_raw_data_file_holes_in_map_and_convert_as_qemu(tmp_path: Path) -> None:
         assert qemu_in(tmp_path, "create", "-q", "-f", "qcow2", "-o",
                        f"data_file={data.name},{opts}", name, "8M").returncode == 0
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M",
-                        "-c", "write -P 0x32 3M 192k", "-c", "write -P 0x33 5M 64k", name],
+                        "-c", "write -P 0x32 3M 192k", "-c", "write -P 0x33 5M 64k",
+                        "-c", "write -P 0x34 6M 128k", "-c", "write -z 6M 64k", name],
                        check=True, capture_output=True, cwd=tmp_path, timeout=60)
         with open(data, "r+b") as f:  # under written clusters: data clusters read zeroes
             fallocate_punch(f.fileno(), 256 << 10, 256 << 10)
