@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -272,10 +272,13 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
             # ZERO: a zero flag or a hole in `layer` (with the file offset where the layer
             # has one, as qemu shows it), or nothing anywhere in the chain (not present).
             present = layer.resolve(pos, ext.length).kind is not Kind.UNALLOCATED
-            offset = pos if present and layer.format_name == "raw" else None  # a hole
-            runs = [MapEntry(pos, ext.length, depth if present else last_depth, present, True,
-                             False, False, offset,
-                             names[depth] if offset is not None else None)]
+            if present and isinstance(layer, formats.Qcow2Image):
+                runs = list(_qcow2_zero_runs(layer, pos, ext.length, depth, names[depth]))
+            else:
+                offset = pos if present and layer.format_name == "raw" else None  # a hole
+                runs = [MapEntry(pos, ext.length, depth if present else last_depth, present,
+                                 True, False, False, offset,
+                                 names[depth] if offset is not None else None)]
         for e in runs:
             if pending and _continues(pending, e):
                 pending.length += e.length
@@ -286,6 +289,22 @@ def map_entries(img: Image, top_name: str | None = None) -> Iterator[MapEntry]:
         pos += ext.length
     if pending:
         yield pending
+
+
+def _qcow2_zero_runs(layer: formats.Qcow2Image, pos: int, length: int, depth: int,
+                     name: str) -> Iterator[MapEntry]:
+    """A qcow2 layer's zero run, a cluster at a time: qemu shows the host offset of a zero
+    cluster that keeps one (in the data file where there is one); the caller merges."""
+    if layer.data_file_name:
+        name = qemuout.path_combine(name, layer.data_file_name)
+    cluster = layer.cluster_size
+    end = pos + length
+    while pos < end:
+        n = min(end, (pos // cluster + 1) * cluster) - pos
+        offset = layer.zero_host_offset(pos)
+        yield MapEntry(pos, n, depth, True, True, False, False, offset,
+                       name if offset is not None else None)
+        pos += n
 
 
 def _continues(a: MapEntry, b: MapEntry) -> bool:
@@ -358,8 +377,9 @@ def convert(src: str, out: str, out_format: str, src_format: str | None = None,
     Theory of operation (speed): the chain is walked in runs of up to CONVERT_CHUNK_BYTES
     that one layer answers (formats.resolve_in_chain); a run the metadata says reads as
     zeroes (zero clusters, unallocated with nothing beneath, a raw layer's holes) is never
-    read nor written; a data run is read from the layer that holds it straight into one
-    reused buffer and written with one request, unless it is all zeroes (a memcmp).  The
+    read nor written, nor are the host file's holes under a data run (SEEK_DATA/SEEK_HOLE);
+    a data run is read from the layer that holds it straight into one reused buffer and
+    written with one request, unless it is all zeroes (a memcmp).  The
     qcow2 writer takes a long write over fresh clusters in one allocation and one pwrite
     (formats/qcow2/writer.py).  ``flush`` (qemu-img's ``-t writeback``; its convert default
     is ``unsafe``, no flush) makes the output durable before returning."""
@@ -412,16 +432,24 @@ def _copy_chain(img: Image, dst: Image, progress: Progress | None) -> int:
     pos = 0
     while pos < size:
         placed = formats.resolve_in_chain(img, pos, min(CONVERT_CHUNK_BYTES, size - pos))
-        n = placed.extent.length
-        if placed.extent.kind is not Kind.ZERO:
+        ext = placed.extent
+        # A data run's host file may have holes under it (a qcow2's raw data file that
+        # was never written there or was punched): they read as zeroes, so they are not
+        # read nor written, as qemu-img convert leaves them sparse.  Two lseeks a chunk.
+        runs: Iterable[tuple[int, int, bool]] = (
+            () if ext.kind is Kind.ZERO
+            else host_runs(ext) if ext.kind is Kind.DATA else ((pos, ext.length, False),))
+        for start, n, hole in runs:
+            if hole:
+                continue
             view = memoryview(buf)[:n]
-            formats.read_placed(placed, pos, view)
+            formats.read_placed(placed, start, view)
             # bytearray == bytes is a memcmp; a memoryview compare goes byte by byte.
             full = n == CONVERT_CHUNK_BYTES
             if not ((buf == zeroes) if full else (buf[:n] == zeroes[:n])):
-                dst.write(pos, view)
+                dst.write(start, view)
                 written += n
-        pos += n
+        pos += ext.length
         if progress:
             progress(pos, size)
     return written

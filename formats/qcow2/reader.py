@@ -443,6 +443,20 @@ class Qcow2Reader(Image):
                           start_file, writable=writable)
         return Extent(guest_offset, pos - guest_offset, kind)
 
+    def zero_host_offset(self, guest_offset: int) -> int | None:
+        """The host offset of the byte at ``guest_offset`` in a run :meth:`resolve`
+        answered ZERO, where its cluster keeps one (qemu's ZERO_ALLOC: qemu-img map shows
+        it), else None.  Reporting only: the data path never asks."""
+        cb = self.cluster_bits
+        ci = guest_offset >> cb
+        tbl = self._l2_get(ci >> self.l2_bits)
+        if tbl is None:
+            return None
+        idx = ci & ((1 << self.l2_bits) - 1)
+        e = tbl.entries[2 * idx if self.extended_l2 else idx]
+        host = e & L2E_OFFSET_MASK
+        return host + (guest_offset - (ci << cb)) if host else None
+
     def read_compressed(self, extent: Extent) -> bytes:
         key = (extent.file_offset, extent.compressed_length)
         if self._cc_key != key:

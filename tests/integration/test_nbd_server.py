@@ -519,6 +519,40 @@ def test_nbdinfo_map_sparse_raw_base(serve: Callable[..., Served], tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
+def test_nbdinfo_map_qcow2_raw_data_file(serve: Callable[..., Served], tmp_path: Path) -> None:
+    """A qcow2 with a raw external data file (data_file_raw=on: every cluster allocated)
+    whose data file has holes, never written and punched under written data: qemu-nbd's
+    base:allocation does not look into the data file (qcow2 answers no RECURSE there), and
+    neither must cowd's; a zero cluster over written data is a hole in both."""
+    need("fallocate")
+    data = tmp_path / "d.raw"
+    top = tmp_path / "df.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on",
+             top, "8M")
+    qemu_io(top, "write -P 0x41 0 1M", "write -P 0x42 4M 512k", "write -z 6M 64k",
+            fmt="qcow2")
+    run("fallocate", "--punch-hole", "--offset", str(256 << 10), "--length", str(256 << 10),
+        data)
+    want = qemu_map(top, "qcow2")
+    assert (0, 6 * MiB, False, False) in want, want  # the data file's holes are data
+    assert (6 * MiB, 64 << 10, True, True) in want, want
+    sock = tmp_path / "qemu-nbd.sock"
+    q = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), str(top)],
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nbdinfo_map(f"nbd+unix:///?socket={sock}") == want
+    finally:
+        q.terminate()
+        q.wait(timeout=10)
+    d = serve(top)
+    assert nbdinfo_map(d.uri()) == want
+    d.stop()
+
+
+@pytest.mark.timeout(60)
 def test_nbdcopy_round_trip(chain: Chain, serve: Callable[..., Served], tmp_path: Path) -> None:
     need("nbdcopy")
     oracle = chain.oracle()

@@ -57,9 +57,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     q("create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "8M")
     io("v2.qcow2", "write -P 1 0 128k", "write -P 2 1M 64k")
     q("create", "-f", "qcow2", "v3.qcow2", "8M")
-    io("v3.qcow2", "write -P 3 64k 192k", "write -z 2M 64k", "write -P 4 4M 4k")
+    # A zero cluster over written data keeps its host cluster: map shows its offset.
+    io("v3.qcow2", "write -P 3 64k 192k", "write -z 2M 64k", "write -P 4 4M 4k",
+       "write -P 20 6M 128k", "write -z 6M 64k")
     q("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "extl2.qcow2", "8M")
-    io("extl2.qcow2", "write -P 5 4k 8k", "write -z 1M 16k", "write -P 6 3M 128k")
+    io("extl2.qcow2", "write -P 5 4k 8k", "write -z 1M 16k", "write -P 6 3M 128k",
+       "write -P 21 5M 256k", "write -z 5M 32k")
     q("create", "-f", "qcow2", "-o", "data_file=dat.raw", "datafile.qcow2", "8M")
     io("datafile.qcow2", "write -P 7 0 64k", "write -P 8 5M 64k")
     q("convert", "-c", "-f", "raw", "-O", "qcow2", "sparse.raw", "compressed.qcow2")
@@ -193,6 +196,52 @@ def test_map_holes_under_qcow2_data_as_qemu(tmp_path: Path) -> None:
         ours = json.loads(run_in(tmp_path, "map", "--output=json", name).stdout)
         compare(without_cowd(ours), theirs, name)
         assert run_in(tmp_path, "map", name).stdout == qemu_in(tmp_path, "map", name).stdout
+
+
+def test_raw_data_file_holes_in_map_and_convert_as_qemu(tmp_path: Path) -> None:
+    """A qcow2 with an external data file (data_file_raw on and off, 64 KiB and 4 KiB
+    clusters) whose data file has holes under allocated clusters: never written (qemu
+    preallocates the metadata for data_file_raw) and punched under written data.  qemu 7.2
+    does not look into the data file in map (its data clusters are not refcounted, so the
+    image never looks metadata-preallocated): cowd's map must not either; a zero cluster
+    over written data shows its offset in the data file.  convert -O raw
+    must leave those holes sparse as qemu-img convert does: the same bytes, the same
+    st_blocks (cowd wrote every data cluster of the data file out)."""
+    variants = {"raw-on.qcow2": "data_file_raw=on", "raw-off.qcow2": "data_file_raw=off",
+                "raw-on-4k.qcow2": "data_file_raw=on,cluster_size=4096"}
+    for name, opts in variants.items():
+        data = tmp_path / (name + ".data")
+        # qemu opens a relative data file from its current folder: run it from tmp_path.
+        assert qemu_in(tmp_path, "create", "-q", "-f", "qcow2", "-o",
+                       f"data_file={data.name},{opts}", name, "8M").returncode == 0
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M",
+                        "-c", "write -P 0x32 3M 192k", "-c", "write -P 0x33 5M 64k",
+                        "-c", "write -P 0x34 6M 128k", "-c", "write -z 6M 64k", name],
+                       check=True, capture_output=True, cwd=tmp_path, timeout=60)
+        with open(data, "r+b") as f:  # under written clusters: data clusters read zeroes
+            fallocate_punch(f.fileno(), 256 << 10, 256 << 10)
+            fallocate_punch(f.fileno(), 3 * MiB + (64 << 10), 64 << 10)
+        theirs = json.loads(qemu_in(tmp_path, "map", "--output=json", name).stdout)
+        ours = json.loads(run_in(tmp_path, "map", "--output=json", name).stdout)
+        compare(without_cowd(ours), theirs, name)
+        assert run_in(tmp_path, "map", name).stdout == qemu_in(tmp_path, "map", name).stdout
+        q_out, c_out = tmp_path / (name + ".q.raw"), tmp_path / (name + ".c.raw")
+        assert qemu_in(tmp_path, "convert", "-O", "raw", name, q_out.name).returncode == 0
+        run_in(tmp_path, "convert", "-O", "raw", name, c_out.name)
+        assert c_out.read_bytes() == q_out.read_bytes(), name
+        # The same data and holes (SEEK_DATA/SEEK_HOLE, read by qemu-img map), and the
+        # same space within a few file system blocks (extent tree blocks differ with the
+        # order of the writes).
+        assert raw_layout(c_out) == raw_layout(q_out), name
+        q_bytes, c_bytes = os.stat(q_out).st_blocks * 512, os.stat(c_out).st_blocks * 512
+        assert q_bytes < 2 * MiB, (name, q_bytes)  # qemu did keep the holes
+        assert abs(c_bytes - q_bytes) <= 16 << 10, (name, c_bytes, q_bytes)
+
+
+def raw_layout(path: Path) -> list[tuple[int, int, bool]]:
+    """(start, length, is zero) of a raw file, as qemu-img map finds its holes."""
+    entries = json.loads(qemu_img("map", "--output=json", "-f", "raw", path).stdout)
+    return [(e["start"], e["length"], e["zero"]) for e in entries]
 
 
 def fallocate_punch(fd: int, offset: int, length: int) -> bool:
