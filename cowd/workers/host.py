@@ -433,11 +433,17 @@ class WorkerLink:
                                       ack_requester=False) as token:
             await disk.write(r.guest_offset, r.data, fua=bool(r.flags & W.FLAG_FUA))
             if token is not None:
-                # The written clusters' fresh remaps, so the next writes there stay local.
-                first, last = served.granules(r.guest_offset, r.guest_offset + r.length)
-                g = disk.granule
-                segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
-                self._send_runs(served, served.runs(segs, but_gated=token))
+                await self._send_fresh(served, r.guest_offset, r.guest_offset + r.length, token)
+
+    async def _send_fresh(self, served: Served, guest_offset: int, guest_end: int,
+                          token: object) -> None:
+        """The remaps of the clusters a change of this worker's (``token``) just wrote, so
+        its next writes there stay local."""
+        disk = served.disk
+        first, last = served.granules(guest_offset, guest_end)
+        g = disk.granule
+        segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
+        self._send_runs(served, served.runs(segs, but_gated=token))
 
     async def _lend(self, served: Served, clusters: int) -> list[W.LentRun]:
         """Lend this worker up to ``clusters`` free clusters of the disk's top file
@@ -480,10 +486,7 @@ class WorkerLink:
                 lent.difference_update(range(a.file_offset, a.file_offset + a.length, cs))
                 self.counters["clusters_adopted"] += a.length // cs
             if token is not None:
-                first, last = served.granules(r.guest_offset, end)
-                g = disk.granule
-                segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
-                self._send_runs(served, served.runs(segs, but_gated=token))
+                await self._send_fresh(served, r.guest_offset, end, token)
         if r.flags & W.FLAG_FUA:
             await disk.flush()
 

@@ -95,6 +95,18 @@ class Local(enum.Enum):
     POOL_SHORT = 6  # (first writes) the pool holds fewer lent clusters than the write needs
 
 
+def _add_piece(pieces: list[list[int]], fd: int, file_offset: int, at: int,
+               length: int) -> None:
+    """Append a pwrite ``[fd, file offset, at, length]`` (``at``: in the request), merged
+    into the last one where it continues it in the file and in the request."""
+    if pieces:
+        last = pieces[-1]
+        if last[0] == fd and last[1] + last[3] == file_offset and last[2] + last[3] == at:
+            last[3] += length
+            return
+    pieces.append([fd, file_offset, at, length])
+
+
 class MappedDisk:
     """One disk as a worker serves it; see the module docstring."""
 
@@ -362,16 +374,18 @@ class MappedDisk:
                     return Local.NOT_WRITABLE
                 a = rs if rs > offset else offset
                 b = re_ if re_ < end else end
-                fo += a - rs
-                if pieces:
-                    last = pieces[-1]
-                    if last[0] == fd and last[1] + last[3] == fo:
-                        last[3] += b - a
-                        continue
-                pieces.append([fd, fo, a - offset, b - a])
-        for fd, fo, at, length in pieces:
-            pwrite_from(fd, view[at:at + length], fo)
+                _add_piece(pieces, fd, fo + (a - rs), a - offset, b - a)
+        self._pwrite_pieces(view, pieces)
         return Local.DONE
+
+    def _pwrite_pieces(self, view: memoryview, pieces: list[list[int]]) -> None:
+        """Write ``view[at:at + length]`` at each piece's ``[fd, file offset, at, length]``."""
+        try:
+            for fd, fo, at, length in pieces:
+                pwrite_from(fd, view[at:at + length], fo)
+        except OSError as e:
+            raise DiskError(e.errno or errno.EIO, f"{self._path}: write failed: "
+                                                  f"{e.strerror}") from e
 
     # ---- first writes into lent clusters -------------------------------------------------
 
@@ -423,10 +437,7 @@ class MappedDisk:
                 else:
                     adopt.append(W.Adoption(guest, g, fo))
             for fd, fo, length in spans:
-                if pieces and pieces[-1][0] == fd and pieces[-1][1] + pieces[-1][3] == fo:
-                    pieces[-1][3] += length
-                else:
-                    pieces.append([fd, fo, at, length])
+                _add_piece(pieces, fd, fo, at, length)
                 at += length
         self._pool_bytes -= lent * g
         return pieces, adopt
@@ -453,12 +464,7 @@ class MappedDisk:
         pieces, adopt = plan
         if not adopt:
             return False
-        try:
-            for fd, fo, at, length in pieces:
-                pwrite_from(fd, view[at:at + length], fo)
-        except OSError as e:
-            raise DiskError(e.errno or errno.EIO, f"{self._path}: write failed: "
-                                                  f"{e.strerror}") from e
+        self._pwrite_pieces(view, pieces)
         reply = await self.plane.request(self.disk_id, W.Op.ADOPT, W.FLAG_FUA if fua else 0,
                                          offset, len(view), W.adoptions(adopt))
         self._raise_for(reply)
@@ -557,11 +563,7 @@ class MappedDisk:
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         view = memoryview(data).cast("B")
-        try:
-            st = self._write_local(offset, view)
-        except OSError as e:
-            raise DiskError(e.errno or errno.EIO, f"{self._path}: write failed: "
-                                                  f"{e.strerror}") from e
+        st = self._write_local(offset, view)  # a failed pwrite: DiskError
         if st is not Local.DONE:
             return False
         c = self.counters
