@@ -502,6 +502,13 @@ def test_nbdinfo_map_sparse_raw_base(serve: Callable[..., Served], tmp_path: Pat
     want = qemu_map(top, "qcow2")
     assert (2 * MiB, 64 << 10, False, False) in want, want  # overlay data in a base hole
     assert any(r[0] >= 5 * MiB and r[2:] == (True, True) for r in want), want  # punched
+    _map_as_qemu_nbd(top, want, serve, tmp_path)
+
+
+def _map_as_qemu_nbd(top: Path, want: list[tuple[int, int, bool, bool]],
+                     serve: Callable[..., Served], tmp_path: Path) -> None:
+    """base:allocation of ``top`` as nbdinfo reads it equals ``want`` (qemu-img map's)
+    through qemu-nbd serving the same image, then through cowd."""
     sock = tmp_path / "qemu-nbd.sock"
     q = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), str(top)],
                          stderr=subprocess.DEVNULL)
@@ -536,20 +543,7 @@ def test_nbdinfo_map_qcow2_raw_data_file(serve: Callable[..., Served], tmp_path:
     want = qemu_map(top, "qcow2")
     assert (0, 6 * MiB, False, False) in want, want  # the data file's holes are data
     assert (6 * MiB, 64 << 10, True, True) in want, want
-    sock = tmp_path / "qemu-nbd.sock"
-    q = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), str(top)],
-                         stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert nbdinfo_map(f"nbd+unix:///?socket={sock}") == want
-    finally:
-        q.terminate()
-        q.wait(timeout=10)
-    d = serve(top)
-    assert nbdinfo_map(d.uri()) == want
-    d.stop()
+    _map_as_qemu_nbd(top, want, serve, tmp_path)
 
 
 @pytest.mark.timeout(60)
