@@ -12,6 +12,7 @@ of what was written over TLS, and ``qemu-img check`` of the overlay afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -57,6 +58,7 @@ def free_port() -> int:
 @dataclass
 class Creds:
     root: Path
+    ca: tlscreds.Ca  # signed server, alice and bob (and signs the CRL test's CRL)
     server: Path  # cowd's / qemu-nbd's credentials directory
     alice: Path  # client directories (qemu endpoint=client, libnbd tls-certificates)
     bob: Path
@@ -93,7 +95,7 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
     (nocert / "ca-cert.pem").write_bytes((server / "ca-cert.pem").read_bytes())
     psk = tlscreds.psk_file(root / "keys.psk", "alice", "bob")
     wrong_psk = tlscreds.psk_file(root / "wrong.psk", "alice")
-    return Creds(root, server, alice, bob, mallory, nocert, psk, wrong_psk,
+    return Creds(root, ca, server, alice, bob, mallory, nocert, psk, wrong_psk,
                  der_order(tlscreds.certificate_dn(alice / "client-cert.pem")),
                  der_order(tlscreds.certificate_dn(bob / "client-cert.pem")))
 
@@ -162,16 +164,32 @@ class Served:
 def served(creds: Creds, tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def start(image: Image, *flags: str, more: tuple[Path, ...] = ()) -> Served:
+    def start(image: Image, *flags: str, more: tuple[Path, ...] = (),
+              workers: str | None = None) -> Served:
+        """``cowd serve`` on a TCP port with ``flags``; ``workers`` (WORKERS) is checked:
+        the daemon runs that many worker processes once it listens."""
         port = free_port()
+        if workers is not None:
+            flags = (*flags, "--workers", workers)
         d = start_daemon(image.top, tmp_path, more_images=more,
                          extra=("--nbd", f"tcp:{port}", *flags))
         started.append(d)
+        if workers is not None:
+            deadline = time.monotonic() + 20
+            while len(d.worker_pids()) != int(workers):
+                assert time.monotonic() < deadline, (workers, d.worker_pids(), d.log_text())
+                time.sleep(0.05)
         return Served(d, port, creds)
 
     yield start
     for d in started:
         d.kill()
+
+
+# Worker processes the tests that matter run with: two (the default on a machine with two
+# cores: each connection is handed to a worker, which loads its own credentials and runs the
+# handshake) and none (the daemon serves every connection itself).
+WORKERS = ["2", "0"]
 
 
 def x509_flags(creds: Creds, *more: str) -> tuple[str, ...]:
@@ -195,6 +213,27 @@ def qemu_io_tls(s: Served, export: str, *cmds: str, **kw: Any) -> str:
     return out
 
 
+def cowd_stats(s: Served) -> dict[str, Any]:
+    """``cowd stats --json`` of the daemon behind ``s``."""
+    doc: dict[str, Any] = json.loads(run(*COWD, "stats", "--json", "--run-dir",
+                                         s.daemon.run_dir).stdout)
+    return doc
+
+
+def tls_handshakes_where(s: Served, workers: str) -> int:
+    """The TLS handshakes the daemon counted, checked to have been done where ``workers``
+    says: in the worker processes (each counts its own), or in the daemon itself."""
+    doc = cowd_stats(s)
+    if workers == "0":
+        assert doc["workers"] is None, doc["workers"]
+    else:
+        assert len(doc["workers"]) == int(workers), doc["workers"]
+        in_workers = sum(w["worker"]["nbd"]["tls_handshakes"] for w in doc["workers"])
+        assert in_workers == doc["nbd"]["tls_handshakes"], doc
+    n: int = doc["nbd"]["tls_handshakes"]
+    return n
+
+
 def refused(*args: str | Path, timeout: float = 60) -> str:
     """Run a client that must fail; its output (for the reason)."""
     p = run(*args, check=False, timeout=timeout)
@@ -206,17 +245,18 @@ def refused(*args: str | Path, timeout: float = 60) -> str:
 # ==== X.509 and PSK against qemu and libnbd ===================================================
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("kind", ["x509", "psk"])
-def test_read_and_write_over_tls(kind: str, creds: Creds, image: Image, served: Any,
-                                 tmp_path: Path) -> None:
+def test_read_and_write_over_tls(kind: str, workers: str, creds: Creds, image: Image,
+                                 served: Any, tmp_path: Path) -> None:
     need("nbdinfo")
     need("nbdcopy")
     expect = bytearray(image.oracle())
     if kind == "x509":
-        s = served(image, *x509_flags(creds, "--tls-verify-peer"))
+        s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
         kw: dict[str, Any] = {}
     else:
-        s = served(image, "--tls", "require", "--tls-psk", str(creds.psk))
+        s = served(image, "--tls", "require", "--tls-psk", str(creds.psk), workers=workers)
         kw = {"psk": creds.psk, "who": "bob"}
     # nbdinfo says TLS; the bytes qemu-img reads over TLS are the image's bytes.
     info = run("nbdinfo", s.uri(image.name, **kw), timeout=60).stdout.decode()
@@ -235,16 +275,20 @@ def test_read_and_write_over_tls(kind: str, creds: Creds, image: Image, served: 
     expect[:2 * MiB] = src.read_bytes()
     run("nbdcopy", s.uri(image.name, **kw), str(part), timeout=60)
     assert part.read_bytes() == expect
+    # nbdinfo, qemu-img, qemu-io and two nbdcopy runs (each may open several connections).
+    assert tls_handshakes_where(s, workers) >= 5
     text = s.daemon.stop()
     assert "Traceback" not in text
     qemu_check(image.top)
     assert image.oracle() == expect
 
 
-def test_require_refuses_plaintext_and_wrong_credentials(creds: Creds, image: Image,
-                                                         served: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_require_refuses_plaintext_and_wrong_credentials(workers: str, creds: Creds,
+                                                         image: Image, served: Any,
+                                                         tmp_path: Path) -> None:
     need("nbdinfo")
-    s = served(image, *x509_flags(creds, "--tls-verify-peer"))
+    s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
     plain = f"nbd://127.0.0.1:{s.port}/{image.name}"
     # Plaintext: libnbd, qemu-img and a raw socket that goes straight to NBD_OPT_EXPORT_NAME.
     refused("nbdinfo", plain)
@@ -261,11 +305,12 @@ def test_require_refuses_plaintext_and_wrong_credentials(creds: Creds, image: Im
     # The server still serves a good client, and said why it refused the others (qemu checks
     # mallory's certificate against mallory's CA itself and never connects).
     assert qemu_convert(s, image.name, tmp_path / "ok.raw") == image.oracle()
+    assert tls_handshakes_where(s, workers) >= 1
     text = s.daemon.stop()
     assert text.count("TLS handshake failed: Certificate is required") >= 3, text
     assert "NBD_OPT_EXPORT_NAME before TLS" in text
 
-    p = served(image, "--tls", "require", "--tls-psk", str(creds.psk))
+    p = served(image, "--tls", "require", "--tls-psk", str(creds.psk), workers=workers)
     refused("nbdinfo", p.uri(image.name, "alice", psk=creds.wrong_psk))  # wrong key
     refused("nbdinfo", p.uri(image.name, "carol", psk=creds.wrong_psk))  # unknown user
     refused("qemu-img", "info", *p.qemu_opts(image.name, "alice", psk=creds.wrong_psk))
