@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -138,14 +139,18 @@ class Served:
     port: int
     creds: Creds
 
-    def uri(self, export: str, who: str = "alice", psk: Path | None = None) -> str:
+    def client_dir(self, who: str | Path) -> Path:
+        """A client credentials directory: one of Creds' by name, or the one given."""
+        return who if isinstance(who, Path) else Path(getattr(self.creds, who))
+
+    def uri(self, export: str, who: str | Path = "alice", psk: Path | None = None) -> str:
         """libnbd's URI: X.509 with ``who``'s client directory, or PSK as ``who``."""
         if psk is not None:
             return f"nbds://{who}@127.0.0.1:{self.port}/{export}?tls-psk-file={psk}"
         return (f"nbds://127.0.0.1:{self.port}/{export}"
-                f"?tls-certificates={getattr(self.creds, who)}")
+                f"?tls-certificates={self.client_dir(who)}")
 
-    def qemu_opts(self, export: str, who: str = "alice",
+    def qemu_opts(self, export: str, who: str | Path = "alice",
                   psk: Path | None = None) -> list[str]:
         """qemu-img/qemu-io arguments opening the export over TLS (before the command's
         own arguments: --object and --image-opts)."""
@@ -155,7 +160,7 @@ class Served:
             (pskdir / "keys.psk").write_bytes(psk.read_bytes())  # qemu's layout: DIR/keys.psk
             obj = f"tls-creds-psk,id=tls0,dir={pskdir},username={who},endpoint=client"
         else:
-            obj = f"tls-creds-x509,id=tls0,dir={getattr(self.creds, who)},endpoint=client"
+            obj = f"tls-creds-x509,id=tls0,dir={self.client_dir(who)},endpoint=client"
         return ["--object", obj, "--image-opts",
                 f"driver=nbd,host=127.0.0.1,port={self.port},export={export},tls-creds=tls0"]
 
@@ -317,6 +322,63 @@ def test_require_refuses_plaintext_and_wrong_credentials(workers: str, creds: Cr
     refused("nbdinfo", f"nbd://127.0.0.1:{p.port}/{image.name}")
     run("nbdinfo", p.uri(image.name, "alice", psk=creds.psk), timeout=60)
     p.daemon.stop()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_revoked_client_certificate_is_refused(workers: str, creds: Creds, image: Image,
+                                               served: Any, tmp_path: Path) -> None:
+    """``ca-crl.pem`` in the credentials directory (a CRL made by certtool that revokes
+    bob's certificate): with --tls-verify-peer bob is refused by qemu-img and nbdinfo while
+    alice reads the image's bytes; the same directory without the CRL admits bob, so it is
+    the CRL that refuses him.  Each worker process loads the CRL itself."""
+    need("nbdinfo")
+    need("nbdcopy")
+    server = tmp_path / "server-crl"
+    shutil.copytree(creds.server, server)
+    s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
+    run("nbdinfo", s.uri(image.name, "bob"), timeout=60)  # (creds.server: no CRL)
+    s.daemon.stop()
+
+    tlscreds.revoke(creds.ca, [creds.bob / "client-cert.pem"], server / "ca-crl.pem")
+    s = served(image, "--tls", "require", "--tls-certificates", str(server),
+               "--tls-verify-peer", workers=workers)
+    refused("nbdinfo", s.uri(image.name, "bob"))
+    refused("qemu-img", "info", *s.qemu_opts(image.name, "bob"))
+    expect = image.oracle()
+    assert qemu_convert(s, image.name, tmp_path / "alice.raw") == expect
+    part = tmp_path / "part.raw"
+    run("nbdcopy", s.uri(image.name, "alice"), str(part), timeout=60)
+    assert part.read_bytes() == expect
+    text = s.daemon.stop()
+    assert text.count("the client's certificate is revoked (ca-crl.pem)") >= 2, text
+
+
+@pytest.mark.parametrize("key_kind", tlscreds.OPENSSL_KEY_KINDS)
+def test_credentials_made_by_openssl(key_kind: str, image: Image, served: Any,
+                                     tmp_path: Path) -> None:
+    """The README says openssl's certificates work too: a CA, a server and two client
+    certificates made by the openssl command, the server's key in each form openssl writes
+    one (``key_kind``).  qemu-img reads the image's bytes over TLS with --tls-verify-peer,
+    nbdinfo connects, and ``--tls-authz`` names a client by the subject openssl was given
+    (``/C=GB/O=Example/CN=laptop`` is ``C=GB,O=Example,CN=laptop``): the other client is
+    refused by that name."""
+    need("nbdinfo")
+    problem = tlscreds.openssl_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path / "openssl"
+    ca = tlscreds.openssl_ca(root / "ca")
+    server = tlscreds.openssl_server_dir(ca, root / "server", key_kind=key_kind)
+    laptop = tlscreds.openssl_client_dir(ca, root / "laptop", "laptop")
+    other = tlscreds.openssl_client_dir(ca, root / "other", "other", key_kind="rsa")
+    laptop_dn = "C=GB,O=Example,CN=laptop"
+    s = served(image, "--tls", "require", "--tls-certificates", str(server),
+               "--tls-verify-peer", "--tls-authz", image.name, laptop_dn)
+    assert qemu_convert(s, image.name, tmp_path / "read.raw", who=laptop) == image.oracle()
+    run("nbdinfo", s.uri(image.name, laptop), timeout=60)
+    text = refused("qemu-img", "info", *s.qemu_opts(image.name, other))
+    assert "C=GB,O=Example,CN=other is not authorized" in text, text
+    s.daemon.stop()
 
 
 # ==== authorization ==========================================================================
