@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from cowd.frontends.nbd.server import HANDSHAKE_TIMEOUT_S
 from tests.support.peers import COWD, need, qemu_check, qemu_img, qemu_raw, run
 from tests.support.reliability import Daemon, start_daemon
 from tools import tlscreds
@@ -516,6 +517,55 @@ def _starttls(port: int) -> socket.socket:
     reply = c.recv(20, socket.MSG_WAITALL)
     assert struct.unpack(">QIII", reply)[2] == REP_ACK, reply
     return c
+
+
+def _wait_closed_by_server(c: socket.socket, deadline_s: float) -> bytes:
+    """Read until the server closes ``c`` (EOF or a reset); what it sent before that.  Fails
+    if it is still open after ``deadline_s`` seconds."""
+    c.settimeout(deadline_s)
+    got = b""
+    try:
+        while chunk := c.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the server did not close a stalled handshake in {deadline_s} s "
+                             f"(it sent {got!r})") from None
+    return got
+
+
+def test_a_stalled_tls_handshake_is_cut_after_the_handshake_timeout(creds: Creds,
+                                                                    image: Image,
+                                                                    served: Any,
+                                                                    tmp_path: Path) -> None:
+    """Two clients stop in the middle of the TLS handshake, after the STARTTLS ACK: one sends
+    nothing, one the first bytes of a ClientHello.  The server closes each after
+    HANDSHAKE_TIMEOUT_S (server.py) — not before, and not much after — and counts both in
+    ``handshake_timeouts``; meanwhile another client reads the whole disk over TLS."""
+    s = served(image, *x509_flags(creds))
+    expect = image.oracle()
+    assert cowd_stats(s)["nbd"]["handshake_timeouts"] == 0
+    t0 = time.monotonic()  # before the server's clock for these connections starts
+    silent = _starttls(s.port)
+    partial = _starttls(s.port)
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header and the message type
+    try:
+        assert qemu_convert(s, image.name, tmp_path / "good.raw") == expect
+        assert time.monotonic() - t0 < HANDSHAKE_TIMEOUT_S, "the good client was held up"
+        for c in (silent, partial):
+            got = _wait_closed_by_server(c, t0 + HANDSHAKE_TIMEOUT_S + 10 - time.monotonic())
+            took = time.monotonic() - t0
+            # Nothing but, at most, a TLS alert record (content type 21) before the close.
+            assert got == b"" or got[:1] == b"\x15", got
+            assert HANDSHAKE_TIMEOUT_S <= took < HANDSHAKE_TIMEOUT_S + 5, took
+    finally:
+        silent.close()
+        partial.close()
+    stats = cowd_stats(s)["nbd"]
+    assert stats["handshake_timeouts"] == 2, stats
+    assert stats["tls_handshakes"] >= 1, stats  # the good client's
+    s.daemon.stop()
 
 
 def test_stalled_and_flooding_handshakes_do_not_starve_others(creds: Creds, image: Image,
