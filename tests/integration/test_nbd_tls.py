@@ -31,6 +31,41 @@ from typing import Any
 import pytest
 
 from cowd.frontends.nbd.server import HANDSHAKE_TIMEOUT_S
+from tests.support.nbdspec import (
+    CMD_DISC,
+    CMD_READ,
+    ERR,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION,
+    INFO_NAME,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META,
+    OPT_PEEK,
+    OPT_SET_META,
+    OPT_STARTTLS,
+    OPT_STRUCTURED,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_POLICY,
+    REP_ERR_TLS_REQD,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_MAGIC,
+    REP_META,
+    REP_SERVER,
+    SIMPLE_MAGIC,
+    client_flags,
+    info_data,
+    meta_data,
+    opt,
+    req,
+)
 from tests.support.peers import COWD, need, qemu_check, qemu_img, qemu_raw, run
 from tests.support.reliability import Daemon, start_daemon
 from tools import tlscreds
@@ -40,11 +75,7 @@ pytestmark = pytest.mark.qemu
 MiB = 1 << 20
 SIZE = 16 * MiB
 
-# The NBD handshake as a client writes it (doc/proto.md), for the raw-socket flood clients.
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = b"IHAVEOPT"
-OPT_STARTTLS = 5
-REP_ACK = 1
+OPT_EXTENDED_HEADERS = 11  # the spec's number; cowd does not offer the extension
 
 
 def free_port() -> int:
@@ -616,6 +647,250 @@ def test_stalled_and_flooding_handshakes_do_not_starve_others(creds: Creds, imag
     stats = run(*COWD, "stats", "--json", "--run-dir", s.daemon.run_dir).stdout.decode()
     evicted = int(re.search(r'"handshakes_evicted": (\d+)', stats).group(1))  # type: ignore[union-attr]
     assert evicted >= 88, stats  # 600 + the flood's + ours - 512 slots
+    s.daemon.stop()
+
+
+# ==== every option before STARTTLS, on a real socket =========================================
+
+
+class RawNbd:
+    """An NBD client written from the spec (tests/support/nbdspec.py) on a real socket to the
+    running daemon: plaintext, then TLS (Python's ssl) after STARTTLS."""
+
+    def __init__(self, port: int):
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=20)
+        greeting = self.recv(18)
+        assert greeting[:16] == NBDMAGIC + IHAVEOPT, greeting
+        (handshake_flags,) = struct.unpack(">H", greeting[16:])
+        assert handshake_flags & 3 == 3, handshake_flags  # FIXED_NEWSTYLE, NO_ZEROES
+        self.sock.sendall(client_flags(fixed=True, no_zeroes=True))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def send_option(self, option: int, data: bytes = b"") -> None:
+        self.sock.sendall(opt(option, data))
+
+    def replies(self, option: int) -> list[tuple[int, bytes]]:
+        """The replies to ``option``, up to its ACK or error (each must echo ``option``)."""
+        out = []
+        while True:
+            magic, echoed, rtype, length = struct.unpack(">QIII", self.recv(20))
+            assert magic == REP_MAGIC, hex(magic)
+            assert echoed == option, (echoed, option, rtype)
+            out.append((rtype, self.recv(length)))
+            if rtype == REP_ACK or rtype & ERR:
+                return out
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        self.send_option(option, data)
+        return self.replies(option)
+
+    def closed_silently(self) -> bytes:
+        """Whatever the server sends before it closes the connection (it must close)."""
+        got = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
+
+    def starttls(self, creds: Creds, client: Path | None = None) -> None:
+        assert self.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(creds.server / "ca-cert.pem"))
+        if client is not None:
+            ctx.load_cert_chain(str(client / "client-cert.pem"), str(client / "client-key.pem"))
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+
+    def go(self, name: str) -> int:
+        """NBD_OPT_GO on ``name`` (asking for the block sizes); the export's size."""
+        replies = self.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE]))
+        assert replies[-1] == (REP_ACK, b""), replies
+        sizes = [struct.unpack(">HQH", p)[1] for t, p in replies
+                 if t == REP_INFO and p[:2] == b"\0\0"]  # NBD_INFO_EXPORT
+        assert len(sizes) == 1, replies
+        return sizes[0]
+
+    def read(self, size: int, chunk: int = MiB) -> bytes:
+        """The export's bytes by NBD_CMD_READ (simple replies), then NBD_CMD_DISC."""
+        out = bytearray()
+        for offset in range(0, size, chunk):
+            n = min(chunk, size - offset)
+            self.sock.sendall(req(CMD_READ, offset, n, cookie=offset))
+            magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+            assert (magic, error, cookie) == (SIMPLE_MAGIC, 0, offset), (magic, error, cookie)
+            out += self.recv(n)
+        self.sock.sendall(req(CMD_DISC))
+        return bytes(out)
+
+
+def assert_error(replies: list[tuple[int, bytes]], expected: int, what: str) -> None:
+    """One error reply of type ``expected``, whose data (the spec: optional) is a message
+    string: UTF-8, no NUL, at most 4096 bytes."""
+    assert [t for t, _ in replies] == [expected], (what, replies)
+    message = replies[0][1]
+    assert len(message) <= 4096 and b"\0" not in message, (what, message)
+    message.decode("utf-8")
+
+
+def options_before_tls(name: str) -> list[tuple[str, int, bytes]]:
+    """Every option a client may send, with data as a client would send it, and some with
+    data no server would take: under FORCEDTLS each gets NBD_REP_ERR_TLS_REQD whatever its
+    data, which is read and discarded (the next option must parse)."""
+    return [
+        ("LIST", OPT_LIST, b""),
+        ("LIST with data", OPT_LIST, b"junk"),
+        ("PEEK_EXPORT", OPT_PEEK, b""),
+        ("INFO", OPT_INFO, info_data(name, [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE])),
+        ("GO", OPT_GO, info_data(name, [INFO_BLOCK_SIZE])),
+        ("GO to no export", OPT_GO, info_data("nosuch", [])),
+        ("INFO with broken data", OPT_INFO, b"\xff\xff\xff\xff"),
+        ("STRUCTURED_REPLY", OPT_STRUCTURED, b""),
+        ("LIST_META_CONTEXT", OPT_LIST_META, meta_data(name, ["base:allocation"])),
+        ("SET_META_CONTEXT", OPT_SET_META, meta_data(name, ["base:allocation", "base:"])),
+        ("EXTENDED_HEADERS", OPT_EXTENDED_HEADERS, b""),
+        # Data that is itself an option: were it parsed, EXPORT_NAME would end the session.
+        ("unknown option", 0x4242, opt(OPT_EXPORT_NAME, name.encode())),
+        ("GO with 200 KiB of data", OPT_GO, os.urandom(200 << 10)),
+    ]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_require_answers_every_option_before_starttls_on_the_wire(workers: str, creds: Creds,
+                                                                 image: Image, served: Any
+                                                                 ) -> None:
+    """``--tls=require`` (the spec's FORCEDTLS) against the daemon itself, on a real socket:
+    before STARTTLS every option but STARTTLS and ABORT gets exactly one
+    NBD_REP_ERR_TLS_REQD (with a message string at most), sent one at a time and all at once;
+    STARTTLS with data is NBD_REP_ERR_INVALID; EXPORT_NAME ends the session without a byte;
+    ABORT gets its ACK (or the close the spec lets a client expect).  After STARTTLS the
+    same session lists and opens the export, reads the image's bytes, and a second STARTTLS
+    is NBD_REP_ERR_INVALID (TLS_REQD is never sent once TLS is on)."""
+    s = served(image, *x509_flags(creds), workers=workers)
+    name = image.name
+    expect = image.oracle()
+    cases = options_before_tls(name)
+
+    # One option at a time: each reply is the option's own, and nothing follows it.
+    c = RawNbd(s.port)
+    for what, option, data in cases:
+        assert_error(c.option(option, data), REP_ERR_TLS_REQD, what)
+    assert_error(c.option(OPT_STARTTLS, b"data"), REP_ERR_INVALID, "STARTTLS with data")
+    c.starttls(creds)
+    assert_error(c.option(OPT_STARTTLS), REP_ERR_INVALID, "a second STARTTLS")
+    listed = c.option(OPT_LIST)
+    assert [t for t, _ in listed] == [REP_SERVER, REP_ACK], listed
+    assert listed[0][1].startswith(struct.pack(">I", len(name)) + name.encode()), listed
+    assert [t for t, _ in c.option(OPT_STRUCTURED)] == [REP_ACK]
+    assert c.go(name) == SIZE
+    c.close()
+
+    # All at once, STARTTLS last: the replies come back in order, then TLS and the bytes.
+    c = RawNbd(s.port)
+    c.sock.sendall(b"".join(opt(option, data) for _, option, data in cases))
+    for what, option, _ in cases:
+        assert_error(c.replies(option), REP_ERR_TLS_REQD, what)
+    c.starttls(creds)
+    assert c.go(name) == SIZE
+    assert c.read(SIZE) == expect
+    c.close()
+
+    # EXPORT_NAME cannot be refused: the session ends, without the export's size or any
+    # byte (first option, and after a refused one).
+    for before in ([], [(OPT_LIST, b"")]):
+        c = RawNbd(s.port)
+        for option, data in before:
+            assert_error(c.option(option, data), REP_ERR_TLS_REQD, "LIST")
+        c.send_option(OPT_EXPORT_NAME, name.encode())
+        assert c.closed_silently() == b""
+        c.close()
+
+    # ABORT: an ACK then the close, or the close (the spec allows both), and nothing else.
+    for before in ([], [(OPT_INFO, info_data(name))]):
+        c = RawNbd(s.port)
+        for option, data in before:
+            assert_error(c.option(option, data), REP_ERR_TLS_REQD, "INFO")
+        c.send_option(OPT_ABORT)
+        got = c.closed_silently()
+        assert got in (b"", opt_reply(OPT_ABORT, REP_ACK)), got
+        c.close()
+
+    text = s.daemon.stop()
+    assert text.count("NBD_OPT_EXPORT_NAME before TLS") == 2, text
+
+
+def opt_reply(option: int, rtype: int, data: bytes = b"") -> bytes:
+    """An option reply as the spec frames it."""
+    return struct.pack(">QIII", REP_MAGIC, option, rtype, len(data)) + data
+
+
+def test_tls_on_answers_tls_only_exports_on_the_wire(creds: Creds, image: Image, served: Any,
+                                                     ) -> None:
+    """``--tls=on`` (SELECTIVETLS) with an authorization list on one export, on a real
+    socket: before TLS, INFO and GO on that export get NBD_REP_ERR_TLS_REQD and EXPORT_NAME
+    ends the session, while the other export answers INFO, GO (its bytes) and LIST shows
+    only it; no other option gets TLS_REQD (the spec keeps it for the three that choose an
+    export).  After STARTTLS alice (on the list) reads the export's bytes; bob gets
+    NBD_REP_ERR_POLICY, never TLS_REQD."""
+    name = image.name
+    other = image.dir / "open.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", other)
+    s = served(image, "--tls", "on", "--tls-certificates", str(creds.server),
+               "--tls-verify-peer", "--tls-authz", name, creds.alice_dn, more=(other,))
+    expect = image.oracle()
+    open_expect = qemu_raw(other, image.dir, fmt="qcow2")
+
+    c = RawNbd(s.port)
+    assert_error(c.option(OPT_INFO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_TLS_REQD,
+                 "INFO on the TLS-only export")
+    assert_error(c.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_TLS_REQD,
+                 "GO on the TLS-only export")
+    info = c.option(OPT_INFO, info_data("open.qcow2", [INFO_BLOCK_SIZE]))
+    assert info[-1] == (REP_ACK, b"") and {t for t, _ in info[:-1]} == {REP_INFO}, info
+    listed = c.option(OPT_LIST)
+    assert [t for t, _ in listed] == [REP_SERVER, REP_ACK], listed
+    assert listed[0][1].startswith(struct.pack(">I", 10) + b"open.qcow2"), listed
+    assert [t for t, _ in c.option(OPT_STRUCTURED)] == [REP_ACK]
+    assert_error(c.option(OPT_LIST_META, meta_data(name, ["base:allocation"])),
+                 REP_ERR_POLICY, "LIST_META_CONTEXT on the TLS-only export")
+    meta = c.option(OPT_LIST_META, meta_data("open.qcow2", ["base:allocation"]))
+    assert [t for t, _ in meta] == [REP_META, REP_ACK], meta
+    assert_error(c.option(0x4242, b"x" * 10), REP_ERR_UNSUP, "an unknown option")
+    c.close()
+
+    c = RawNbd(s.port)  # plaintext reads the open export
+    assert c.go("open.qcow2") == SIZE
+    assert c.read(SIZE) == open_expect
+    c.close()
+
+    c = RawNbd(s.port)
+    c.send_option(OPT_EXPORT_NAME, name.encode())
+    assert c.closed_silently() == b""
+    c.close()
+
+    c = RawNbd(s.port)
+    c.starttls(creds, creds.alice)
+    assert c.go(name) == SIZE
+    assert c.read(SIZE) == expect
+    c.close()
+
+    c = RawNbd(s.port)
+    c.starttls(creds, creds.bob)
+    assert_error(c.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_POLICY,
+                 "GO on the export bob is not authorized for")
+    assert c.go("open.qcow2") == SIZE
+    c.close()
     s.daemon.stop()
 
 
