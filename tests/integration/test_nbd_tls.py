@@ -3,10 +3,12 @@ and qemu-io (qemu's GnuTLS client, tls-creds-x509 / tls-creds-psk objects), nbdi
 nbdcopy (libnbd, ``nbds://`` URIs), fio's nbd engine behind qemu-nbd as a TLS client, and
 qemu-nbd as the reference server for the authorization syntax.
 
-Credentials are made at test time by certtool and psktool (tools/tlscreds.py); every
-server listens on 127.0.0.1 and on a unix socket of the test's own.  Oracles: qemu-img
-convert of the image itself (the bytes read over TLS must equal it), qemu-io's pattern reads
-of what was written over TLS, and ``qemu-img check`` of the overlay afterwards.
+Credentials are made at test time by certtool and psktool, and by openssl for the test of
+openssl's credentials (tools/tlscreds.py); every server listens on 127.0.0.1 and on a unix
+socket of the test's own.  Oracles: qemu-img convert of the image itself (the bytes read over
+TLS must equal it), qemu-io's pattern reads of what was written over TLS, and ``qemu-img
+check`` of the overlay afterwards.  The option-phase tests speak NBD on a raw socket, from
+the spec's numbers (tests/support/nbdspec.py), with Python's ssl as the TLS client.
 """
 
 from __future__ import annotations
