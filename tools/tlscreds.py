@@ -1,9 +1,11 @@
 """Layer: tools (the TLS tests and tools/bench_tls.py share it).  TLS credentials made at run
-time by GnuTLS's certtool and psktool (Debian's gnutls-bin),
-in the layouts the peers read: a server directory for cowd and qemu-nbd (ca-cert.pem,
+time by GnuTLS's certtool and psktool (Debian's gnutls-bin), or by the ``openssl`` command
+(:func:`openssl_ca`: the README says its certificates work too), in the layouts the peers
+read: a server directory for cowd and qemu-nbd (ca-cert.pem,
 server-cert.pem, server-key.pem), client directories for qemu (tls-creds-x509 endpoint=client)
 and libnbd (``?tls-certificates=DIR``: ca-cert.pem, client-cert.pem, client-key.pem), and
-psktool keys files (``username:hexkey``).
+psktool keys files (``username:hexkey``), and certificate revocation lists
+(:func:`revoke`: ``ca-crl.pem`` in a server directory).
 
 Keys are ECDSA P-256 unless asked otherwise (``kind="rsa"``: 2048 bits).  Nothing here is
 cowd's: the oracle for "which DN does a certificate have" is certtool's own ``-i`` output.
@@ -11,6 +13,7 @@ cowd's: the oracle for "which DN does a certificate have" is certtool's own ``-i
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +22,7 @@ from pathlib import Path
 
 CERTTOOL = "certtool"
 PSKTOOL = "psktool"
+OPENSSL = "openssl"
 
 
 def tls_tools_problem() -> str | None:
@@ -29,12 +33,23 @@ def tls_tools_problem() -> str | None:
     return None
 
 
-def _certtool(*args: str | Path) -> str:
-    p = subprocess.run([CERTTOOL, *map(str, args)], capture_output=True, text=True,
-                       timeout=60, check=False)
+def openssl_problem() -> str | None:
+    """Why certificates cannot be made with openssl here (None: they can)."""
+    if shutil.which(OPENSSL) is None:
+        return f"{OPENSSL} not installed (Debian package openssl, in packages.txt)"
+    return None
+
+
+def _run(tool: str, *args: str | Path) -> str:
+    p = subprocess.run([tool, *map(str, args)], capture_output=True, text=True, timeout=60,
+                       check=False)
     if p.returncode != 0:
-        raise RuntimeError(f"certtool {' '.join(map(str, args))}: {p.stderr.strip()}")
+        raise RuntimeError(f"{tool} {' '.join(map(str, args))}: {p.stderr.strip()}")
     return p.stdout
+
+
+def _certtool(*args: str | Path) -> str:
+    return _run(CERTTOOL, *args)
 
 
 def _key(path: Path, kind: str) -> None:
@@ -108,6 +123,128 @@ def certificate_dn(cert: Path) -> str:
     if m is None:
         raise RuntimeError(f"certtool -i {cert}: no Subject line")
     return m.group(1).strip()
+
+
+def revoke(ca: Ca, certs: list[Path], out: Path) -> Path:
+    """A CRL signed by ``ca`` that revokes ``certs`` (certtool --generate-crl), written to
+    ``out`` (a server directory's ``ca-crl.pem``)."""
+    revoked = out.with_name(out.name + ".revoked")
+    revoked.write_bytes(b"".join(c.read_bytes() for c in certs))
+    tpl = out.with_name(out.name + ".tpl")
+    tpl.write_text("crl_next_update = 2\ncrl_number = 1\n")
+    _certtool("--generate-crl", "--load-ca-privkey", ca.key, "--load-ca-certificate", ca.cert,
+              "--load-certificate", revoked, "--template", tpl, "--outfile", out)
+    tpl.unlink()
+    revoked.unlink()
+    return out
+
+
+# ---- the same with the openssl command ---------------------------------------------------------
+
+# The extensions each kind of certificate gets (openssl's x509v3_config syntax), as certtool's
+# templates above give them: a CA that signs certificates and CRLs, a TLS server for localhost
+# and 127.0.0.1, a TLS client.
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:{hostname},IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+# How openssl writes a private key, by the command a user is likely to have typed:
+# "ec": ``openssl ecparam -genkey`` (an EC PARAMETERS block, then a SEC1 EC PRIVATE KEY);
+# "rsa": ``openssl genpkey`` (PKCS#8 PRIVATE KEY); "rsa-pkcs1": ``openssl genrsa
+# -traditional`` (PKCS#1 RSA PRIVATE KEY).
+OPENSSL_KEY_KINDS = ("ec", "rsa", "rsa-pkcs1")
+
+
+def _openssl_key(path: Path, kind: str) -> None:
+    if kind == "ec":
+        _run(OPENSSL, "ecparam", "-name", "prime256v1", "-genkey", "-out", path)
+    elif kind == "rsa":
+        _run(OPENSSL, "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+             "-out", path)
+    elif kind == "rsa-pkcs1":
+        _run(OPENSSL, "genrsa", "-traditional", "-out", path, "2048")
+    else:
+        raise ValueError(f"openssl key kind {kind!r} (one of {OPENSSL_KEY_KINDS})")
+    path.chmod(0o600)
+
+
+@dataclass
+class OpensslCa:
+    dir: Path
+    cert: Path
+    key: Path
+    config: Path
+
+    def issue(self, out: Path, name: str, subject: str, extensions: str,
+              key_kind: str) -> tuple[Path, Path]:
+        """``out/NAME-cert.pem`` and ``out/NAME-key.pem``: a certificate with ``subject``
+        (openssl's ``/C=../O=../CN=..`` form) and the config's ``extensions`` section, made
+        from a certificate request as a CA would."""
+        key = out / f"{name}-key.pem"
+        cert = out / f"{name}-cert.pem"
+        csr = out / f"{name}.csr"
+        _openssl_key(key, key_kind)
+        _run(OPENSSL, "req", "-new", "-key", key, "-subj", subject, "-config", self.config,
+             "-out", csr)
+        _run(OPENSSL, "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+             "-set_serial", f"0x{os.urandom(8).hex()}", "-days", "2", "-extfile", self.config,
+             "-extensions", extensions, "-out", cert)
+        csr.unlink()
+        return cert, key
+
+
+def openssl_ca(dir: Path, cn: str = "cowd openssl CA", hostname: str = "localhost",
+               key_kind: str = "ec") -> OpensslCa:
+    """A self-signed CA made by the openssl command (its config beside it)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    config = dir / "openssl.cnf"
+    config.write_text(_OPENSSL_CONFIG.format(hostname=hostname))
+    key = dir / "ca-key.pem"
+    cert = dir / "ca-cert.pem"
+    _openssl_key(key, key_kind)
+    _run(OPENSSL, "req", "-x509", "-new", "-key", key, "-subj", f"/CN={cn}", "-days", "2",
+         "-config", config, "-extensions", "ca", "-out", cert)
+    return OpensslCa(dir, cert, key, config)
+
+
+def openssl_server_dir(ca: OpensslCa, dir: Path, key_kind: str = "ec",
+                       hostname: str = "localhost") -> Path:
+    """A server credentials directory (the layout of :func:`server_dir`) made by openssl."""
+    dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ca.cert, dir / "ca-cert.pem")
+    ca.issue(dir, "server", f"/O=cowd tests/CN={hostname}", "server", key_kind)
+    return dir
+
+
+def openssl_client_dir(ca: OpensslCa, dir: Path, cn: str, organization: str = "Example",
+                       country: str = "GB", key_kind: str = "ec") -> Path:
+    """A client credentials directory (the layout of :func:`client_dir`) made by openssl,
+    with the subject C=<country>, O=<organization>, CN=<cn>."""
+    dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ca.cert, dir / "ca-cert.pem")
+    ca.issue(dir, "client", f"/C={country}/O={organization}/CN={cn}", "client", key_kind)
+    return dir
 
 
 def psk_file(path: Path, *usernames: str) -> Path:

@@ -3,17 +3,21 @@ and qemu-io (qemu's GnuTLS client, tls-creds-x509 / tls-creds-psk objects), nbdi
 nbdcopy (libnbd, ``nbds://`` URIs), fio's nbd engine behind qemu-nbd as a TLS client, and
 qemu-nbd as the reference server for the authorization syntax.
 
-Credentials are made at test time by certtool and psktool (tools/tlscreds.py); every
-server listens on 127.0.0.1 and on a unix socket of the test's own.  Oracles: qemu-img
-convert of the image itself (the bytes read over TLS must equal it), qemu-io's pattern reads
-of what was written over TLS, and ``qemu-img check`` of the overlay afterwards.
+Credentials are made at test time by certtool and psktool, and by openssl for the test of
+openssl's credentials (tools/tlscreds.py); every server listens on 127.0.0.1 and on a unix
+socket of the test's own.  Oracles: qemu-img convert of the image itself (the bytes read over
+TLS must equal it), qemu-io's pattern reads of what was written over TLS, and ``qemu-img
+check`` of the overlay afterwards.  The option-phase tests speak NBD on a raw socket, from
+the spec's numbers (tests/support/nbdspec.py), with Python's ssl as the TLS client.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -28,6 +32,42 @@ from typing import Any
 
 import pytest
 
+from cowd.frontends.nbd.server import HANDSHAKE_TIMEOUT_S
+from tests.support.nbdspec import (
+    CMD_DISC,
+    CMD_READ,
+    ERR,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION,
+    INFO_NAME,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META,
+    OPT_PEEK,
+    OPT_SET_META,
+    OPT_STARTTLS,
+    OPT_STRUCTURED,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_POLICY,
+    REP_ERR_TLS_REQD,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_MAGIC,
+    REP_META,
+    REP_SERVER,
+    SIMPLE_MAGIC,
+    client_flags,
+    info_data,
+    meta_data,
+    opt,
+    req,
+)
 from tests.support.peers import COWD, need, qemu_check, qemu_img, qemu_raw, run
 from tests.support.reliability import Daemon, start_daemon
 from tools import tlscreds
@@ -37,11 +77,7 @@ pytestmark = pytest.mark.qemu
 MiB = 1 << 20
 SIZE = 16 * MiB
 
-# The NBD handshake as a client writes it (doc/proto.md), for the raw-socket flood clients.
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = b"IHAVEOPT"
-OPT_STARTTLS = 5
-REP_ACK = 1
+OPT_EXTENDED_HEADERS = 11  # the spec's number; cowd does not offer the extension
 
 
 def free_port() -> int:
@@ -57,6 +93,7 @@ def free_port() -> int:
 @dataclass
 class Creds:
     root: Path
+    ca: tlscreds.Ca  # signed server, alice and bob (and signs the CRL test's CRL)
     server: Path  # cowd's / qemu-nbd's credentials directory
     alice: Path  # client directories (qemu endpoint=client, libnbd tls-certificates)
     bob: Path
@@ -93,7 +130,7 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
     (nocert / "ca-cert.pem").write_bytes((server / "ca-cert.pem").read_bytes())
     psk = tlscreds.psk_file(root / "keys.psk", "alice", "bob")
     wrong_psk = tlscreds.psk_file(root / "wrong.psk", "alice")
-    return Creds(root, server, alice, bob, mallory, nocert, psk, wrong_psk,
+    return Creds(root, ca, server, alice, bob, mallory, nocert, psk, wrong_psk,
                  der_order(tlscreds.certificate_dn(alice / "client-cert.pem")),
                  der_order(tlscreds.certificate_dn(bob / "client-cert.pem")))
 
@@ -136,14 +173,18 @@ class Served:
     port: int
     creds: Creds
 
-    def uri(self, export: str, who: str = "alice", psk: Path | None = None) -> str:
+    def client_dir(self, who: str | Path) -> Path:
+        """A client credentials directory: one of Creds' by name, or the one given."""
+        return who if isinstance(who, Path) else Path(getattr(self.creds, who))
+
+    def uri(self, export: str, who: str | Path = "alice", psk: Path | None = None) -> str:
         """libnbd's URI: X.509 with ``who``'s client directory, or PSK as ``who``."""
         if psk is not None:
             return f"nbds://{who}@127.0.0.1:{self.port}/{export}?tls-psk-file={psk}"
         return (f"nbds://127.0.0.1:{self.port}/{export}"
-                f"?tls-certificates={getattr(self.creds, who)}")
+                f"?tls-certificates={self.client_dir(who)}")
 
-    def qemu_opts(self, export: str, who: str = "alice",
+    def qemu_opts(self, export: str, who: str | Path = "alice",
                   psk: Path | None = None) -> list[str]:
         """qemu-img/qemu-io arguments opening the export over TLS (before the command's
         own arguments: --object and --image-opts)."""
@@ -153,7 +194,7 @@ class Served:
             (pskdir / "keys.psk").write_bytes(psk.read_bytes())  # qemu's layout: DIR/keys.psk
             obj = f"tls-creds-psk,id=tls0,dir={pskdir},username={who},endpoint=client"
         else:
-            obj = f"tls-creds-x509,id=tls0,dir={getattr(self.creds, who)},endpoint=client"
+            obj = f"tls-creds-x509,id=tls0,dir={self.client_dir(who)},endpoint=client"
         return ["--object", obj, "--image-opts",
                 f"driver=nbd,host=127.0.0.1,port={self.port},export={export},tls-creds=tls0"]
 
@@ -162,16 +203,32 @@ class Served:
 def served(creds: Creds, tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def start(image: Image, *flags: str, more: tuple[Path, ...] = ()) -> Served:
+    def start(image: Image, *flags: str, more: tuple[Path, ...] = (),
+              workers: str | None = None) -> Served:
+        """``cowd serve`` on a TCP port with ``flags``; ``workers`` (WORKERS) is checked:
+        the daemon runs that many worker processes once it listens."""
         port = free_port()
+        if workers is not None:
+            flags = (*flags, "--workers", workers)
         d = start_daemon(image.top, tmp_path, more_images=more,
                          extra=("--nbd", f"tcp:{port}", *flags))
         started.append(d)
+        if workers is not None:
+            deadline = time.monotonic() + 20
+            while len(d.worker_pids()) != int(workers):
+                assert time.monotonic() < deadline, (workers, d.worker_pids(), d.log_text())
+                time.sleep(0.05)
         return Served(d, port, creds)
 
     yield start
     for d in started:
         d.kill()
+
+
+# Worker processes the tests that matter run with: two (the default on a machine with two
+# cores: each connection is handed to a worker, which loads its own credentials and runs the
+# handshake) and none (the daemon serves every connection itself).
+WORKERS = ["2", "0"]
 
 
 def x509_flags(creds: Creds, *more: str) -> tuple[str, ...]:
@@ -195,6 +252,27 @@ def qemu_io_tls(s: Served, export: str, *cmds: str, **kw: Any) -> str:
     return out
 
 
+def cowd_stats(s: Served) -> dict[str, Any]:
+    """``cowd stats --json`` of the daemon behind ``s``."""
+    doc: dict[str, Any] = json.loads(run(*COWD, "stats", "--json", "--run-dir",
+                                         s.daemon.run_dir).stdout)
+    return doc
+
+
+def tls_handshakes_where(s: Served, workers: str) -> int:
+    """The TLS handshakes the daemon counted, checked to have been done where ``workers``
+    says: in the worker processes (each counts its own), or in the daemon itself."""
+    doc = cowd_stats(s)
+    if workers == "0":
+        assert doc["workers"] is None, doc["workers"]
+    else:
+        assert len(doc["workers"]) == int(workers), doc["workers"]
+        in_workers = sum(w["worker"]["nbd"]["tls_handshakes"] for w in doc["workers"])
+        assert in_workers == doc["nbd"]["tls_handshakes"], doc
+    n: int = doc["nbd"]["tls_handshakes"]
+    return n
+
+
 def refused(*args: str | Path, timeout: float = 60) -> str:
     """Run a client that must fail; its output (for the reason)."""
     p = run(*args, check=False, timeout=timeout)
@@ -206,17 +284,18 @@ def refused(*args: str | Path, timeout: float = 60) -> str:
 # ==== X.509 and PSK against qemu and libnbd ===================================================
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("kind", ["x509", "psk"])
-def test_read_and_write_over_tls(kind: str, creds: Creds, image: Image, served: Any,
-                                 tmp_path: Path) -> None:
+def test_read_and_write_over_tls(kind: str, workers: str, creds: Creds, image: Image,
+                                 served: Any, tmp_path: Path) -> None:
     need("nbdinfo")
     need("nbdcopy")
     expect = bytearray(image.oracle())
     if kind == "x509":
-        s = served(image, *x509_flags(creds, "--tls-verify-peer"))
+        s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
         kw: dict[str, Any] = {}
     else:
-        s = served(image, "--tls", "require", "--tls-psk", str(creds.psk))
+        s = served(image, "--tls", "require", "--tls-psk", str(creds.psk), workers=workers)
         kw = {"psk": creds.psk, "who": "bob"}
     # nbdinfo says TLS; the bytes qemu-img reads over TLS are the image's bytes.
     info = run("nbdinfo", s.uri(image.name, **kw), timeout=60).stdout.decode()
@@ -235,16 +314,20 @@ def test_read_and_write_over_tls(kind: str, creds: Creds, image: Image, served: 
     expect[:2 * MiB] = src.read_bytes()
     run("nbdcopy", s.uri(image.name, **kw), str(part), timeout=60)
     assert part.read_bytes() == expect
+    # nbdinfo, qemu-img, qemu-io and two nbdcopy runs (each may open several connections).
+    assert tls_handshakes_where(s, workers) >= 5
     text = s.daemon.stop()
     assert "Traceback" not in text
     qemu_check(image.top)
     assert image.oracle() == expect
 
 
-def test_require_refuses_plaintext_and_wrong_credentials(creds: Creds, image: Image,
-                                                         served: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_require_refuses_plaintext_and_wrong_credentials(workers: str, creds: Creds,
+                                                         image: Image, served: Any,
+                                                         tmp_path: Path) -> None:
     need("nbdinfo")
-    s = served(image, *x509_flags(creds, "--tls-verify-peer"))
+    s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
     plain = f"nbd://127.0.0.1:{s.port}/{image.name}"
     # Plaintext: libnbd, qemu-img and a raw socket that goes straight to NBD_OPT_EXPORT_NAME.
     refused("nbdinfo", plain)
@@ -261,17 +344,75 @@ def test_require_refuses_plaintext_and_wrong_credentials(creds: Creds, image: Im
     # The server still serves a good client, and said why it refused the others (qemu checks
     # mallory's certificate against mallory's CA itself and never connects).
     assert qemu_convert(s, image.name, tmp_path / "ok.raw") == image.oracle()
+    assert tls_handshakes_where(s, workers) >= 1
     text = s.daemon.stop()
     assert text.count("TLS handshake failed: Certificate is required") >= 3, text
     assert "NBD_OPT_EXPORT_NAME before TLS" in text
 
-    p = served(image, "--tls", "require", "--tls-psk", str(creds.psk))
+    p = served(image, "--tls", "require", "--tls-psk", str(creds.psk), workers=workers)
     refused("nbdinfo", p.uri(image.name, "alice", psk=creds.wrong_psk))  # wrong key
     refused("nbdinfo", p.uri(image.name, "carol", psk=creds.wrong_psk))  # unknown user
     refused("qemu-img", "info", *p.qemu_opts(image.name, "alice", psk=creds.wrong_psk))
     refused("nbdinfo", f"nbd://127.0.0.1:{p.port}/{image.name}")
     run("nbdinfo", p.uri(image.name, "alice", psk=creds.psk), timeout=60)
     p.daemon.stop()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_revoked_client_certificate_is_refused(workers: str, creds: Creds, image: Image,
+                                               served: Any, tmp_path: Path) -> None:
+    """``ca-crl.pem`` in the credentials directory (a CRL made by certtool that revokes
+    bob's certificate): with --tls-verify-peer bob is refused by qemu-img and nbdinfo while
+    alice reads the image's bytes; the same directory without the CRL admits bob, so it is
+    the CRL that refuses him.  Each worker process loads the CRL itself."""
+    need("nbdinfo")
+    need("nbdcopy")
+    server = tmp_path / "server-crl"
+    shutil.copytree(creds.server, server)
+    s = served(image, *x509_flags(creds, "--tls-verify-peer"), workers=workers)
+    run("nbdinfo", s.uri(image.name, "bob"), timeout=60)  # (creds.server: no CRL)
+    s.daemon.stop()
+
+    tlscreds.revoke(creds.ca, [creds.bob / "client-cert.pem"], server / "ca-crl.pem")
+    s = served(image, "--tls", "require", "--tls-certificates", str(server),
+               "--tls-verify-peer", workers=workers)
+    refused("nbdinfo", s.uri(image.name, "bob"))
+    refused("qemu-img", "info", *s.qemu_opts(image.name, "bob"))
+    expect = image.oracle()
+    assert qemu_convert(s, image.name, tmp_path / "alice.raw") == expect
+    part = tmp_path / "part.raw"
+    run("nbdcopy", s.uri(image.name, "alice"), str(part), timeout=60)
+    assert part.read_bytes() == expect
+    text = s.daemon.stop()
+    assert text.count("the client's certificate is revoked (ca-crl.pem)") >= 2, text
+
+
+@pytest.mark.parametrize("key_kind", tlscreds.OPENSSL_KEY_KINDS)
+def test_credentials_made_by_openssl(key_kind: str, image: Image, served: Any,
+                                     tmp_path: Path) -> None:
+    """The README says openssl's certificates work too: a CA, a server and two client
+    certificates made by the openssl command, the server's key in each form openssl writes
+    one (``key_kind``).  qemu-img reads the image's bytes over TLS with --tls-verify-peer,
+    nbdinfo connects, and ``--tls-authz`` names a client by the subject openssl was given
+    (``/C=GB/O=Example/CN=laptop`` is ``C=GB,O=Example,CN=laptop``): the other client is
+    refused by that name."""
+    need("nbdinfo")
+    problem = tlscreds.openssl_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path / "openssl"
+    ca = tlscreds.openssl_ca(root / "ca")
+    server = tlscreds.openssl_server_dir(ca, root / "server", key_kind=key_kind)
+    laptop = tlscreds.openssl_client_dir(ca, root / "laptop", "laptop")
+    other = tlscreds.openssl_client_dir(ca, root / "other", "other", key_kind="rsa")
+    laptop_dn = "C=GB,O=Example,CN=laptop"
+    s = served(image, "--tls", "require", "--tls-certificates", str(server),
+               "--tls-verify-peer", "--tls-authz", image.name, laptop_dn)
+    assert qemu_convert(s, image.name, tmp_path / "read.raw", who=laptop) == image.oracle()
+    run("nbdinfo", s.uri(image.name, laptop), timeout=60)
+    text = refused("qemu-img", "info", *s.qemu_opts(image.name, other))
+    assert "C=GB,O=Example,CN=other is not authorized" in text, text
+    s.daemon.stop()
 
 
 # ==== authorization ==========================================================================
@@ -411,6 +552,55 @@ def _starttls(port: int) -> socket.socket:
     return c
 
 
+def _wait_closed_by_server(c: socket.socket, deadline_s: float) -> bytes:
+    """Read until the server closes ``c`` (EOF or a reset); what it sent before that.  Fails
+    if it is still open after ``deadline_s`` seconds."""
+    c.settimeout(deadline_s)
+    got = b""
+    try:
+        while chunk := c.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the server did not close a stalled handshake in {deadline_s} s "
+                             f"(it sent {got!r})") from None
+    return got
+
+
+def test_a_stalled_tls_handshake_is_cut_after_the_handshake_timeout(creds: Creds,
+                                                                    image: Image,
+                                                                    served: Any,
+                                                                    tmp_path: Path) -> None:
+    """Two clients stop in the middle of the TLS handshake, after the STARTTLS ACK: one sends
+    nothing, one the first bytes of a ClientHello.  The server closes each after
+    HANDSHAKE_TIMEOUT_S (server.py) — not before, and not much after — and counts both in
+    ``handshake_timeouts``; meanwhile another client reads the whole disk over TLS."""
+    s = served(image, *x509_flags(creds))
+    expect = image.oracle()
+    assert cowd_stats(s)["nbd"]["handshake_timeouts"] == 0
+    t0 = time.monotonic()  # before the server's clock for these connections starts
+    silent = _starttls(s.port)
+    partial = _starttls(s.port)
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header and the message type
+    try:
+        assert qemu_convert(s, image.name, tmp_path / "good.raw") == expect
+        assert time.monotonic() - t0 < HANDSHAKE_TIMEOUT_S, "the good client was held up"
+        for c in (silent, partial):
+            got = _wait_closed_by_server(c, t0 + HANDSHAKE_TIMEOUT_S + 10 - time.monotonic())
+            took = time.monotonic() - t0
+            # Nothing but, at most, a TLS alert record (content type 21) before the close.
+            assert got == b"" or got[:1] == b"\x15", got
+            assert HANDSHAKE_TIMEOUT_S <= took < HANDSHAKE_TIMEOUT_S + 5, took
+    finally:
+        silent.close()
+        partial.close()
+    stats = cowd_stats(s)["nbd"]
+    assert stats["handshake_timeouts"] == 2, stats
+    assert stats["tls_handshakes"] >= 1, stats  # the good client's
+    s.daemon.stop()
+
+
 def test_stalled_and_flooding_handshakes_do_not_starve_others(creds: Creds, image: Image,
                                                               served: Any,
                                                               tmp_path: Path) -> None:
@@ -459,6 +649,250 @@ def test_stalled_and_flooding_handshakes_do_not_starve_others(creds: Creds, imag
     stats = run(*COWD, "stats", "--json", "--run-dir", s.daemon.run_dir).stdout.decode()
     evicted = int(re.search(r'"handshakes_evicted": (\d+)', stats).group(1))  # type: ignore[union-attr]
     assert evicted >= 88, stats  # 600 + the flood's + ours - 512 slots
+    s.daemon.stop()
+
+
+# ==== every option before STARTTLS, on a real socket =========================================
+
+
+class RawNbd:
+    """An NBD client written from the spec (tests/support/nbdspec.py) on a real socket to the
+    running daemon: plaintext, then TLS (Python's ssl) after STARTTLS."""
+
+    def __init__(self, port: int):
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=20)
+        greeting = self.recv(18)
+        assert greeting[:16] == NBDMAGIC + IHAVEOPT, greeting
+        (handshake_flags,) = struct.unpack(">H", greeting[16:])
+        assert handshake_flags & 3 == 3, handshake_flags  # FIXED_NEWSTYLE, NO_ZEROES
+        self.sock.sendall(client_flags(fixed=True, no_zeroes=True))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def send_option(self, option: int, data: bytes = b"") -> None:
+        self.sock.sendall(opt(option, data))
+
+    def replies(self, option: int) -> list[tuple[int, bytes]]:
+        """The replies to ``option``, up to its ACK or error (each must echo ``option``)."""
+        out = []
+        while True:
+            magic, echoed, rtype, length = struct.unpack(">QIII", self.recv(20))
+            assert magic == REP_MAGIC, hex(magic)
+            assert echoed == option, (echoed, option, rtype)
+            out.append((rtype, self.recv(length)))
+            if rtype == REP_ACK or rtype & ERR:
+                return out
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        self.send_option(option, data)
+        return self.replies(option)
+
+    def closed_silently(self) -> bytes:
+        """Whatever the server sends before it closes the connection (it must close)."""
+        got = b""
+        try:
+            while chunk := self.sock.recv(4096):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        return got
+
+    def starttls(self, creds: Creds, client: Path | None = None) -> None:
+        assert self.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(creds.server / "ca-cert.pem"))
+        if client is not None:
+            ctx.load_cert_chain(str(client / "client-cert.pem"), str(client / "client-key.pem"))
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+
+    def go(self, name: str) -> int:
+        """NBD_OPT_GO on ``name`` (asking for the block sizes); the export's size."""
+        replies = self.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE]))
+        assert replies[-1] == (REP_ACK, b""), replies
+        sizes = [struct.unpack(">HQH", p)[1] for t, p in replies
+                 if t == REP_INFO and p[:2] == b"\0\0"]  # NBD_INFO_EXPORT
+        assert len(sizes) == 1, replies
+        return sizes[0]
+
+    def read(self, size: int, chunk: int = MiB) -> bytes:
+        """The export's bytes by NBD_CMD_READ (simple replies), then NBD_CMD_DISC."""
+        out = bytearray()
+        for offset in range(0, size, chunk):
+            n = min(chunk, size - offset)
+            self.sock.sendall(req(CMD_READ, offset, n, cookie=offset))
+            magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+            assert (magic, error, cookie) == (SIMPLE_MAGIC, 0, offset), (magic, error, cookie)
+            out += self.recv(n)
+        self.sock.sendall(req(CMD_DISC))
+        return bytes(out)
+
+
+def assert_error(replies: list[tuple[int, bytes]], expected: int, what: str) -> None:
+    """One error reply of type ``expected``, whose data (the spec: optional) is a message
+    string: UTF-8, no NUL, at most 4096 bytes."""
+    assert [t for t, _ in replies] == [expected], (what, replies)
+    message = replies[0][1]
+    assert len(message) <= 4096 and b"\0" not in message, (what, message)
+    message.decode("utf-8")
+
+
+def options_before_tls(name: str) -> list[tuple[str, int, bytes]]:
+    """Every option a client may send, with data as a client would send it, and some with
+    data no server would take: under FORCEDTLS each gets NBD_REP_ERR_TLS_REQD whatever its
+    data, which is read and discarded (the next option must parse)."""
+    return [
+        ("LIST", OPT_LIST, b""),
+        ("LIST with data", OPT_LIST, b"junk"),
+        ("PEEK_EXPORT", OPT_PEEK, b""),
+        ("INFO", OPT_INFO, info_data(name, [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE])),
+        ("GO", OPT_GO, info_data(name, [INFO_BLOCK_SIZE])),
+        ("GO to no export", OPT_GO, info_data("nosuch", [])),
+        ("INFO with broken data", OPT_INFO, b"\xff\xff\xff\xff"),
+        ("STRUCTURED_REPLY", OPT_STRUCTURED, b""),
+        ("LIST_META_CONTEXT", OPT_LIST_META, meta_data(name, ["base:allocation"])),
+        ("SET_META_CONTEXT", OPT_SET_META, meta_data(name, ["base:allocation", "base:"])),
+        ("EXTENDED_HEADERS", OPT_EXTENDED_HEADERS, b""),
+        # Data that is itself an option: were it parsed, EXPORT_NAME would end the session.
+        ("unknown option", 0x4242, opt(OPT_EXPORT_NAME, name.encode())),
+        ("GO with 200 KiB of data", OPT_GO, os.urandom(200 << 10)),
+    ]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_require_answers_every_option_before_starttls_on_the_wire(workers: str, creds: Creds,
+                                                                 image: Image, served: Any
+                                                                 ) -> None:
+    """``--tls=require`` (the spec's FORCEDTLS) against the daemon itself, on a real socket:
+    before STARTTLS every option but STARTTLS and ABORT gets exactly one
+    NBD_REP_ERR_TLS_REQD (with a message string at most), sent one at a time and all at once;
+    STARTTLS with data is NBD_REP_ERR_INVALID; EXPORT_NAME ends the session without a byte;
+    ABORT gets its ACK (or the close the spec lets a client expect).  After STARTTLS the
+    same session lists and opens the export, reads the image's bytes, and a second STARTTLS
+    is NBD_REP_ERR_INVALID (TLS_REQD is never sent once TLS is on)."""
+    s = served(image, *x509_flags(creds), workers=workers)
+    name = image.name
+    expect = image.oracle()
+    cases = options_before_tls(name)
+
+    # One option at a time: each reply is the option's own, and nothing follows it.
+    c = RawNbd(s.port)
+    for what, option, data in cases:
+        assert_error(c.option(option, data), REP_ERR_TLS_REQD, what)
+    assert_error(c.option(OPT_STARTTLS, b"data"), REP_ERR_INVALID, "STARTTLS with data")
+    c.starttls(creds)
+    assert_error(c.option(OPT_STARTTLS), REP_ERR_INVALID, "a second STARTTLS")
+    listed = c.option(OPT_LIST)
+    assert [t for t, _ in listed] == [REP_SERVER, REP_ACK], listed
+    assert listed[0][1].startswith(struct.pack(">I", len(name)) + name.encode()), listed
+    assert [t for t, _ in c.option(OPT_STRUCTURED)] == [REP_ACK]
+    assert c.go(name) == SIZE
+    c.close()
+
+    # All at once, STARTTLS last: the replies come back in order, then TLS and the bytes.
+    c = RawNbd(s.port)
+    c.sock.sendall(b"".join(opt(option, data) for _, option, data in cases))
+    for what, option, _ in cases:
+        assert_error(c.replies(option), REP_ERR_TLS_REQD, what)
+    c.starttls(creds)
+    assert c.go(name) == SIZE
+    assert c.read(SIZE) == expect
+    c.close()
+
+    # EXPORT_NAME cannot be refused: the session ends, without the export's size or any
+    # byte (first option, and after a refused one).
+    for before in ([], [(OPT_LIST, b"")]):
+        c = RawNbd(s.port)
+        for option, data in before:
+            assert_error(c.option(option, data), REP_ERR_TLS_REQD, "LIST")
+        c.send_option(OPT_EXPORT_NAME, name.encode())
+        assert c.closed_silently() == b""
+        c.close()
+
+    # ABORT: an ACK then the close, or the close (the spec allows both), and nothing else.
+    for before in ([], [(OPT_INFO, info_data(name))]):
+        c = RawNbd(s.port)
+        for option, data in before:
+            assert_error(c.option(option, data), REP_ERR_TLS_REQD, "INFO")
+        c.send_option(OPT_ABORT)
+        got = c.closed_silently()
+        assert got in (b"", opt_reply(OPT_ABORT, REP_ACK)), got
+        c.close()
+
+    text = s.daemon.stop()
+    assert text.count("NBD_OPT_EXPORT_NAME before TLS") == 2, text
+
+
+def opt_reply(option: int, rtype: int, data: bytes = b"") -> bytes:
+    """An option reply as the spec frames it."""
+    return struct.pack(">QIII", REP_MAGIC, option, rtype, len(data)) + data
+
+
+def test_tls_on_answers_tls_only_exports_on_the_wire(creds: Creds, image: Image, served: Any,
+                                                     ) -> None:
+    """``--tls=on`` (SELECTIVETLS) with an authorization list on one export, on a real
+    socket: before TLS, INFO and GO on that export get NBD_REP_ERR_TLS_REQD and EXPORT_NAME
+    ends the session, while the other export answers INFO, GO (its bytes) and LIST shows
+    only it; no other option gets TLS_REQD (the spec keeps it for the three that choose an
+    export).  After STARTTLS alice (on the list) reads the export's bytes; bob gets
+    NBD_REP_ERR_POLICY, never TLS_REQD."""
+    name = image.name
+    other = image.dir / "open.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", other)
+    s = served(image, "--tls", "on", "--tls-certificates", str(creds.server),
+               "--tls-verify-peer", "--tls-authz", name, creds.alice_dn, more=(other,))
+    expect = image.oracle()
+    open_expect = qemu_raw(other, image.dir, fmt="qcow2")
+
+    c = RawNbd(s.port)
+    assert_error(c.option(OPT_INFO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_TLS_REQD,
+                 "INFO on the TLS-only export")
+    assert_error(c.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_TLS_REQD,
+                 "GO on the TLS-only export")
+    info = c.option(OPT_INFO, info_data("open.qcow2", [INFO_BLOCK_SIZE]))
+    assert info[-1] == (REP_ACK, b"") and {t for t, _ in info[:-1]} == {REP_INFO}, info
+    listed = c.option(OPT_LIST)
+    assert [t for t, _ in listed] == [REP_SERVER, REP_ACK], listed
+    assert listed[0][1].startswith(struct.pack(">I", 10) + b"open.qcow2"), listed
+    assert [t for t, _ in c.option(OPT_STRUCTURED)] == [REP_ACK]
+    assert_error(c.option(OPT_LIST_META, meta_data(name, ["base:allocation"])),
+                 REP_ERR_POLICY, "LIST_META_CONTEXT on the TLS-only export")
+    meta = c.option(OPT_LIST_META, meta_data("open.qcow2", ["base:allocation"]))
+    assert [t for t, _ in meta] == [REP_META, REP_ACK], meta
+    assert_error(c.option(0x4242, b"x" * 10), REP_ERR_UNSUP, "an unknown option")
+    c.close()
+
+    c = RawNbd(s.port)  # plaintext reads the open export
+    assert c.go("open.qcow2") == SIZE
+    assert c.read(SIZE) == open_expect
+    c.close()
+
+    c = RawNbd(s.port)
+    c.send_option(OPT_EXPORT_NAME, name.encode())
+    assert c.closed_silently() == b""
+    c.close()
+
+    c = RawNbd(s.port)
+    c.starttls(creds, creds.alice)
+    assert c.go(name) == SIZE
+    assert c.read(SIZE) == expect
+    c.close()
+
+    c = RawNbd(s.port)
+    c.starttls(creds, creds.bob)
+    assert_error(c.option(OPT_GO, info_data(name, [INFO_BLOCK_SIZE])), REP_ERR_POLICY,
+                 "GO on the export bob is not authorized for")
+    assert c.go("open.qcow2") == SIZE
+    c.close()
     s.daemon.stop()
 
 

@@ -177,6 +177,19 @@ GNUTLS_E_INTERRUPTED = -52
 GNUTLS_E_SHORT_MEMORY_BUFFER = -51
 GNUTLS_E_PREMATURE_TERMINATION = -110
 GNUTLS_E_FATAL_ALERT_RECEIVED = -12
+GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR = -348
+# Why a client certificate failed verification (gnutls_certificate_status_t bits), in the
+# words the server's log gives them.
+GNUTLS_CERT_STATUS = (
+    (1 << 5, "revoked (ca-crl.pem)"),
+    (1 << 6, "not signed by ca-cert.pem"),
+    (1 << 7, "signed by a certificate that is not a CA"),
+    (1 << 8, "signed with an insecure algorithm"),
+    (1 << 9, "not yet valid"),
+    (1 << 10, "expired"),
+    (1 << 11, "its signature does not verify"),
+    (1 << 18, "not for TLS clients (key purpose)"),
+)
 GNUTLS_E_WARNING_ALERT_RECEIVED = -16
 
 
@@ -208,6 +221,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "gnutls_certificate_set_x509_key_file": (_I, [_P, _S, _S, _I]),
     "gnutls_certificate_server_set_request": (None, [_P, _I]),
     "gnutls_session_set_verify_cert": (None, [_P, _S, _U]),
+    "gnutls_session_get_verify_cert_status": (_U, [_P]),
     "gnutls_certificate_get_peers": (ctypes.POINTER(_Datum), [_P, ctypes.POINTER(_U)]),
     "gnutls_x509_crt_init": (_I, [_PP]),
     "gnutls_x509_crt_deinit": (None, [_P]),
@@ -509,6 +523,11 @@ class TlsStream(trio.abc.Stream):
             alert = self._lib.alert_get_name(self._lib.alert_get(self._session))
             if alert:
                 text += f": the client sent '{alert.decode(errors='replace')}'"
+        elif rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR:
+            status = self._lib.session_get_verify_cert_status(self._session)
+            why = [words for bit, words in GNUTLS_CERT_STATUS if status & bit]
+            text += f": the client's certificate is {', '.join(why) or 'not valid'}"
+            text += f" (status=0x{status:x})"
         return text
 
     def _peer_identity(self) -> str | None:
