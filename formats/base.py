@@ -322,6 +322,13 @@ class Image:
         self.backing_path: str | None = None  # the resolved host path, set by the opener
         self.read_only_reason: str | None = None  # why a writable open was refused, if so
 
+    @property
+    def copy_up_size(self) -> int:
+        """What a first write copies up from the parents, in guest bytes: a write that covers
+        whole aligned units of it copies nothing.  The allocation unit, unless the format
+        allocates in larger pieces than it copies (a qcow2 subcluster with extended L2)."""
+        return self.cluster_size
+
     # ---- probing and opening -------------------------------------------------------------
 
     @classmethod

@@ -351,10 +351,11 @@ class Disk:
             lib = self.chain.plan_write(offset, offset + length, count=False).allocating
         except (FormatError, OSError, ValueError):
             return False  # the write itself reports it
-        # Only the clusters the write covers partly are copied up: the head of the first
-        # and the tail of the last cluster of each piece.  Advise those (whole clusters
-        # that the write replaces need nothing from the parents).
-        cs = self.cluster_size
+        # Only the copy-up units (clusters; subclusters with extended L2) the write covers
+        # partly are copied up: the head of the first and the tail of the last unit of each
+        # piece.  Advise those (whole units that the write replaces need nothing from the
+        # parents; advising a 4 KiB write's whole 128 KiB cluster read 32x what it needed).
+        cs = self._top.image.copy_up_size
         fetch = False
         for gs, ge in lib:
             head = gs - gs % cs
@@ -733,9 +734,10 @@ class Disk:
         raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks")
 
     async def _ready_copy_up(self, start: int, end: int, whole: bool) -> None:
-        """Fetch the remote blocks a codec will copy up for [start, end): the top clusters
-        the range covers in part (all it touches with ``whole``, as ``allocate`` copies)."""
-        cs = max(1, self.cluster_size)
+        """Fetch the remote blocks a codec will copy up for [start, end): the top's copy-up
+        units the range covers in part (all the clusters it touches with ``whole``, as
+        ``allocate`` copies)."""
+        cs = max(1, self.cluster_size if whole else self._top.image.copy_up_size)
         head, tail = start - start % cs, -(-end // cs) * cs
         pieces = [(head, min(tail, self.size))] if whole else \
             [(a, min(a + cs, self.size)) for a in {head, tail - cs}

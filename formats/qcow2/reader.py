@@ -51,6 +51,7 @@ import functools
 import itertools
 import struct
 from array import array
+from collections.abc import Iterator
 from typing import NamedTuple, NoReturn
 
 from ..base import SECTOR, Extent, HostFile, Image, Kind, NearOpener, require
@@ -159,6 +160,11 @@ class Qcow2Reader(Image):
         if entry & L2E_OFFSET_MASK:
             return True
         return self.data_file is not None and bool(entry & QCOW_OFLAG_COPIED)
+
+    @property
+    def copy_up_size(self) -> int:
+        """A subcluster: with extended L2, a write of whole subclusters copies nothing."""
+        return 1 << self.subcluster_bits
 
     # ---- probing and opening -------------------------------------------------------------
 
@@ -385,20 +391,19 @@ class Qcow2Reader(Image):
                                f"l2 entry of guest cluster {ci}", e)
         sb = self.subcluster_bits
         sc = (guest_offset - cstart) >> sb
-
-        def state(i: int) -> Kind:
-            if bm >> i & 1:
-                return DATA
-            if bm >> (32 + i) & 1:
-                return ZERO
-            return UNALLOCATED
-
-        kind = state(sc)
-        j = sc + 1
-        while j < QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER and cstart + (j << sb) < cend:
-            if state(j) is not kind:
-                break
-            j += 1
+        # The run of subclusters in sc's state, with bit arithmetic (a loop over 32 bits per
+        # piece cost more than the rest of a first write): `same` has a bit per subcluster
+        # in that state; the run ends at the first clear bit above sc.
+        alloc = bm & QCOW_L2_BITMAP_ALL_ALLOC
+        zero = (bm >> 32) & QCOW_L2_BITMAP_ALL_ALLOC
+        if alloc >> sc & 1:
+            kind, same = DATA, alloc
+        elif zero >> sc & 1:
+            kind, same = ZERO, zero
+        else:
+            kind, same = UNALLOCATED, ~(alloc | zero)
+        other = ~same & QCOW_L2_BITMAP_ALL_ALLOC & ~((1 << sc) - 1)
+        j = (other & -other).bit_length() - 1 if other else QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
         run_end = min(cend, cstart + (j << sb))
         if kind is DATA:
             return _new_piece((DATA, host + (guest_offset - cstart), run_end,
@@ -421,7 +426,31 @@ class Qcow2Reader(Image):
         end = min(guest_offset + length, vs)
         if guest_offset >= end:
             return Extent(guest_offset, 0, UNALLOCATED)
-        kind, start_file, pos, writable, entry = self._piece(guest_offset, end)
+        return self._extent(guest_offset, end, self._piece(guest_offset, end))[0]
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """As :meth:`Image.extents`, looking each piece up once: the piece that ends one
+        extent's run starts the next (resolving afresh looked it up twice, and an extended
+        L2 cluster's refill after a first write is a run of pieces)."""
+        vs = self.virtual_size
+        end = vs if end is None else min(end, vs)
+        if start < 0 or start > vs:
+            raise ValueError(f"{self.path}: offset {start} outside the disk "
+                             f"(virtual_size={vs})")
+        pos = start
+        nxt: Piece | None = None
+        while pos < end:
+            ext, nxt = self._extent(pos, end, nxt or self._piece(pos, end))
+            if ext.length <= 0:
+                raise CorruptImage(self.path, "resolver made no progress", "offset", pos)
+            yield ext
+            pos = ext.end
+
+    def _extent(self, guest_offset: int, end: int, first: Piece) -> tuple[Extent, Piece | None]:
+        """The extent starting with piece ``first`` at ``guest_offset`` (pieces merged while
+        kind and mapping continue, up to ``end``), and the piece after it if one was looked
+        up."""
+        kind, start_file, pos, writable, entry = first
         if kind is COMPRESSED:
             if self.data_file is not None:
                 raise CorruptImage(self.path, "compressed cluster in an image with an "
@@ -429,19 +458,21 @@ class Qcow2Reader(Image):
             coff, clen = compressed_range(entry, self.cluster_bits)
             cstart = (guest_offset >> self.cluster_bits) << self.cluster_bits
             return Extent(guest_offset, pos - guest_offset, COMPRESSED, self.file, coff,
-                          compressed_length=clen, cluster_guest_offset=cstart)
+                          compressed_length=clen, cluster_guest_offset=cstart), None
         piece = self._piece
+        after: Piece | None = None
         while pos < end:
-            k, foff, nxt, w, _ = piece(pos, end)
-            if k is not kind or w != writable:
-                break
-            if k is DATA and foff != start_file + (pos - guest_offset):
+            p = piece(pos, end)
+            k, foff, nxt, w, _ = p
+            if k is not kind or w != writable or \
+                    (k is DATA and foff != start_file + (pos - guest_offset)):
+                after = p
                 break
             pos = nxt
         if kind is DATA:
             return Extent(guest_offset, pos - guest_offset, DATA, self._data_host(),
-                          start_file, writable=writable)
-        return Extent(guest_offset, pos - guest_offset, kind)
+                          start_file, writable=writable), after
+        return Extent(guest_offset, pos - guest_offset, kind), after
 
     def zero_host_offset(self, guest_offset: int) -> int | None:
         """The host offset of the byte at ``guest_offset`` in a run :meth:`resolve`
