@@ -361,6 +361,7 @@ class BootTrace:
         self.prefetch_state = "not started"
         self.fetched_bytes = 0  # a remote base's: bytes the prefetch found missing, fetched
         self._stopped: str | None = None  # why the prefetch stopped early (a failure)
+        self._filling = 0  # a remote base's: bytes of the prefetch's fetches in flight
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._done.set()
@@ -506,10 +507,16 @@ class BootTrace:
         bs = remote.block_size
         want = sum(min(end * bs, remote.size) - first * bs for first, end in gaps)
         budget = remote.config.cache_budget_bytes
-        if budget is not None and remote.files.held_bytes + want > budget:
+        # (Counting this prefetch's fills in flight: the two runs must not both take the
+        # last room.)
+        if budget is not None and remote.files.held_bytes + self._filling + want > budget:
             raise _CacheFull(f"the cache is full (held_bytes={remote.files.held_bytes}, "
                              f"budget_bytes={budget})")
-        await fetch_missing(NotCached(remote, gaps), prefetch=True)
+        self._filling += want
+        try:
+            await fetch_missing(NotCached(remote, gaps), prefetch=True)
+        finally:
+            self._filling -= want
         # (What it found missing: a block the guest's miss was fetching already is counted
         # here too, fetched once.)
         self.fetched_bytes += want

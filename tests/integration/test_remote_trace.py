@@ -317,3 +317,60 @@ def test_worker_reads_of_cached_blocks_are_traced(cowd: Cowd, tmp_path: Path) ->
         ident = RemoteIdentity(url, cache["size"], cache["validator"])
         assert read_trace(cache["folder"] + ".cowd-trace", ident) == \
             (G, list(range(first, first + count)))
+
+
+def test_a_full_cache_stops_the_prefetch(cowd: Cowd, tmp_path: Path) -> None:
+    """With room for four granules (--remote-cache-size), the prefetch fills the cache up to
+    its budget and stops there, in one log line; the guest's reads are still right."""
+    files = tmp_path / "files"
+    files.mkdir()
+    origin = Origin("nbdkit", tmp_path, files, make_base(files, SIZE_MIB))
+    budget = 4 * G
+    with origin.start() as srv:
+        url, _path = _record(cowd, origin, srv, 0)
+        second = _overlay(cowd, url, "second.qcow2")
+        cowd("cache", "drop", url)
+        mark = _log_size(cowd)
+        with cowd.serve(second, extra=["--workers", "0", "--remote-cache-size",
+                                       str(budget)]) as sock:
+            bt = _wait_prefetched(cowd)
+            assert str(bt["prefetch"]).startswith("stopped: the cache is full"), bt
+            b = _remote(cowd)
+            assert 0 < b["held_bytes"] <= budget, b
+            # Nothing fetched past the budget to be kept in memory only.
+            assert b["uncached_bytes"] == 0 and b["fetched_bytes"] == b["held_bytes"], b
+            assert bt["prefetched"] == b["held_bytes"] // G, bt
+            got_disk = _nbd_read(sock, second.name, tmp_path)
+        assert got_disk == _qemu_chain(second, tmp_path)
+        log = _log_since(cowd, mark)
+        assert log.count("boot-trace prefetch stopped: the cache is full") == 1, log
+
+
+def test_concurrent_fills_keep_the_cache_within_its_budget(tmp_path: Path) -> None:
+    """Eight threads fetch distinct blocks at once (the fetcher's eight, a prefetch beside
+    the guest's misses) into a cache with room for four: it keeps four, the rest is served
+    from memory, and each block reads as nbdkit serves it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from formats.remote.file import RemoteBase, RemoteConfig
+    from formats.remote.url import parse
+
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, SIZE_MIB)
+    want = raw.read_bytes()
+    with nbdkit(tmp_path, raw) as srv:
+        base = RemoteBase(parse(srv.url), RemoteConfig(cache_root=str(tmp_path / "cache"),
+                                                       cache_budget_bytes=4 * G))
+        try:
+            blocks = [3 * k + 1 for k in range(16)]
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda b: base.fetch(b, b + 1), blocks))
+            assert base.files.held_bytes == 4 * G, base.files.held_bytes
+            assert base.counters["uncached_bytes"] == 12 * G
+            for b in blocks:  # from the cache file, or from memory
+                buf = bytearray(G)
+                assert base.read_into(base.files.data_fd, b * G, memoryview(buf)) == G
+                assert bytes(buf) == want[b * G:(b + 1) * G]
+        finally:
+            base.close()
