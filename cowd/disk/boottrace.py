@@ -65,10 +65,11 @@ A remote base's (``CACHE_ROOT/<cache folder>.cowd-trace``)::
          …    8  xxh3_64 of every byte before it
 
 Written atomically: a temporary file in the base's folder (the cache root), fsync, rename,
-fsync of the folder.  Only where that folder is writable by the daemon; elsewhere nothing is written
-(one log line; ``cowd stats`` says why) — a run dir copy would outlive the base it names
-and serve no other daemon.  A disk that loaded a valid trace leaves it as it is: the trace
-is the *first* boot's first touches; a missing, stale or corrupt trace is replaced.
+fsync of the folder.  Only where that folder is writable by the daemon; elsewhere nothing
+is written (one log line; ``cowd stats`` says why) — a run dir copy would outlive the base
+it names and serve no other daemon.  A disk that loaded a valid trace leaves it as it is:
+the trace is the *first* boot's first touches; a missing, stale or corrupt trace is
+replaced.
 
 Prefetching: at most :data:`PREFETCH_IN_FLIGHT` reads (or cache fills) of at most
 :data:`PREFETCH_RUN_BYTES` (adjacent traced granules merged) run in worker threads; a
@@ -78,9 +79,9 @@ errors).  It yields to the guest only by being small: two reads in flight next t
 guest's (for a remote base: two of the fetcher's eight threads), and the trio loop
 checkpoints between them.
 
-Contract: trio-thread only (the prefetch threads only ``pread`` or fetch).  ``note`` is on the read
-path: a set lookup per base segment, and nothing once :data:`MAX_TRACE_ENTRIES` granules
-were seen.
+Contract: trio-thread only (the prefetch threads only ``pread`` or fetch).  ``note`` is on
+the read path: a set lookup per base segment, and nothing once :data:`MAX_TRACE_ENTRIES`
+granules were seen.
 """
 
 from __future__ import annotations
