@@ -374,3 +374,50 @@ def test_concurrent_fills_keep_the_cache_within_its_budget(tmp_path: Path) -> No
                 assert bytes(buf) == want[b * G:(b + 1) * G]
         finally:
             base.close()
+
+
+def test_a_remote_qcow2_base_traces_its_data_clusters(cowd: Cowd, tmp_path: Path,
+                                                      workers: int) -> None:
+    """A qcow2 base on nbdkit (its bytes: cowd decodes it): the trace holds the granules of
+    the remote *file* that the guest's reads reached (qemu-img map's host offsets, in read
+    order; metadata is not traced), and the next overlay's prefetch fills them before the
+    guest reads them."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, SIZE_MIB)
+    qcow = files / "base.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, qcow)
+    # Guest granules the qcow2 holds (make_base's data runs), none the overlay hides.
+    order = [150, 97, 50, 193, 241, 60]
+    host: dict[int, int] = {}
+    for e in json.loads(qemu_img("map", "--output=json", "-f", "qcow2", qcow).stdout):
+        if e["data"]:
+            for off in range(e["start"], e["start"] + e["length"], G):
+                host[off // G] = (e["offset"] + off - e["start"]) // G
+    assert all(i in host for i in order)
+    want_trace = [host[i] for i in order]
+    origin = Origin("nbdkit", tmp_path, files, qcow)
+    with origin.start() as srv:
+        url = origin.url(srv)
+        first = _overlay(cowd, url, "first.qcow2")
+        with cowd.serve(first, extra=["--workers", str(workers)]) as sock:
+            _read_in_order(sock, first.name, order)
+        cache = _cache(cowd)
+        path = cache["folder"] + ".cowd-trace"
+        assert read_trace(path, RemoteIdentity(url, cache["size"], cache["validator"])) == \
+            (G, want_trace)
+
+        second = _overlay(cowd, url, "second.qcow2")
+        cowd("cache", "drop", url)
+        with cowd.serve(second, extra=["--workers", str(workers)]) as sock:
+            bt = _wait_prefetched(cowd)
+            assert (bt["state"], bt["prefetch"], bt["prefetched"]) == \
+                ("loaded", "done", len(order)), bt
+            assert bt["prefetch_fetched_bytes"] == len(order) * G, bt
+            fetched = _remote(cowd)["fetched_bytes"]
+            _read_in_order(sock, second.name, order)
+            assert _remote(cowd)["fetched_bytes"] == fetched  # all from the cache
+            bt = _disk(cowd)["boot_trace"]
+            assert bt["prefetched_before_read"] == len(order), bt
+            got_disk = _nbd_read(sock, second.name, tmp_path)
+        assert got_disk == _qemu_chain(second, tmp_path)
