@@ -9,6 +9,17 @@ it and reads the base's traced ranges into the page cache, in trace order, ahead
 guest.  The trace only orders prefetches: no data path depends on it, and a stale or corrupt
 one is ignored with one log line.
 
+A *remote* base (formats/remote/: an NBD export or an HTTP file read through a local cache)
+has no local path to write beside: its trace lives beside its cache folder, as
+``CACHE_ROOT/<cache folder>.cowd-trace``, and names the remote's identity (URL, size and
+validator — NBD: the export's size; HTTP: size, ETag, Last-Modified), so a trace of another
+version of the remote is stale.  It is kept when the cache is dropped or trimmed (it orders
+the refill).  Its prefetch is a *cache fill*: the traced blocks the cache does not hold are
+fetched into it (one fetch each, through the daemon's fetcher, single flight with the
+guest's misses, no read-ahead); traced runs it holds already are read into the page cache as
+a local base's are.  A full cache (its budget reached) stops the prefetch: it would keep
+nothing.
+
 What is seen
 ------------
 The daemon's own reads (FUSE and NBD served by the daemon) are noted in :class:`Disk`'s read
@@ -21,9 +32,9 @@ keeps a bitmap of the base file's granules and reports each one's first mapped r
 same [t_ns, file_offset, length] form (:mod:`cowd.frontends.kmod.channel`), which the daemon
 hands to :meth:`BootTrace.note_worker` as it reads the channel and before a detach.
 
-The trace file (all integers little-endian)
--------------------------------------------
-::
+The trace files (all integers little-endian)
+--------------------------------------------
+A local base's (``BASE.cowd-trace``)::
 
     offset size
          0    8  magic b"COWDTRC1"
@@ -38,21 +49,39 @@ The trace file (all integers little-endian)
                  first touch first, each once
       48+4n   8  xxh3_64 of every byte before it
 
-Written atomically: a temporary file in the base's folder, fsync, rename, fsync of the
-folder.  Only where that folder is writable by the daemon; elsewhere nothing is written
-(one log line; ``cowd stats`` says why) — a run dir copy would outlive the base it names
-and serve no other daemon.  A disk that loaded a valid trace leaves it as it is: the trace
-is the *first* boot's first touches; a missing, stale or corrupt trace is replaced.
+A remote base's (``CACHE_ROOT/<cache folder>.cowd-trace``)::
 
-Prefetching: at most :data:`PREFETCH_IN_FLIGHT` reads of at most
+    offset size
+         0    8  magic b"COWDTRR1"
+         8    4  version (1)
+        12    4  granule_bytes (a power of two, 4 KiB .. 64 MiB)
+        16    8  the remote's size in bytes
+        24    4  count (at most MAX_TRACE_ENTRIES)
+        28    2  U, the URL's length in bytes (at most MAX_IDENTITY_BYTES)
+        30    2  V, the validator's length in bytes (at most MAX_IDENTITY_BYTES)
+        32    U  the URL (UTF-8)                 \\ the remote's identity with the size: a
+      32+U    V  the validator (UTF-8)           /  trace whose identity differs is stale
+    32+U+V  4*n  granule indices of the remote *file*, first touch first, each once
+         …    8  xxh3_64 of every byte before it
+
+Written atomically: a temporary file in the base's folder (the cache root), fsync, rename,
+fsync of the folder.  Only where that folder is writable by the daemon; elsewhere nothing
+is written (one log line; ``cowd stats`` says why) — a run dir copy would outlive the base
+it names and serve no other daemon.  A disk that loaded a valid trace leaves it as it is:
+the trace is the *first* boot's first touches; a missing, stale or corrupt trace is
+replaced.
+
+Prefetching: at most :data:`PREFETCH_IN_FLIGHT` reads (or cache fills) of at most
 :data:`PREFETCH_RUN_BYTES` (adjacent traced granules merged) run in worker threads; a
-granule the guest already read is skipped; the prefetcher stops when the trace is done or
-the disk closes.  It yields to the guest only by being small: two reads in flight next to
-the guest's, and the trio loop checkpoints between them.
+granule the guest already read is skipped; the prefetcher stops when the trace is done, the
+disk closes or a read or fetch fails (one log line; the guest's own reads report their
+errors).  It yields to the guest only by being small: two reads in flight next to the
+guest's (for a remote base: two of the fetcher's eight threads), and the trio loop
+checkpoints between them.
 
-Contract: trio-thread only (the prefetch threads only ``pread``).  ``note`` is on the read
-path: a set lookup per base segment, and nothing once :data:`MAX_TRACE_ENTRIES` granules
-were seen.
+Contract: trio-thread only (the prefetch threads only ``pread`` or fetch).  ``note`` is on
+the read path: a set lookup per base segment, and nothing once :data:`MAX_TRACE_ENTRIES`
+granules were seen.
 """
 
 from __future__ import annotations
@@ -70,11 +99,20 @@ from typing import Any, NamedTuple
 import trio
 import xxhash
 
+from formats.errors import FormatError
+from formats.remote import NotCached, RemoteBase
+
+from .remote import fetch_missing
+
 log = logging.getLogger("cowd.boottrace")
 
 MAGIC = b"COWDTRC1"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQqQII")
+# A remote base's trace: magic, version, granule, size, count, URL length, validator length.
+REMOTE_MAGIC = b"COWDTRR1"
+REMOTE_VERSION = 1
+REMOTE_HEADER = struct.Struct("<8sIIQIHH")
 CHECKSUM = struct.Struct("<Q")
 SUFFIX = ".cowd-trace"
 
@@ -88,7 +126,12 @@ MAX_GRANULE_BYTES = 64 << 20
 # (a few thousand 64 KiB granules); 32768 granules (2 GiB) covers any boot, and bounds the
 # file at 128 KiB and the memory of a disk's sets.  Past it a boot is a copy, not a boot.
 MAX_TRACE_ENTRIES = 1 << 15
-MAX_TRACE_BYTES = HEADER.size + 4 * MAX_TRACE_ENTRIES + CHECKSUM.size
+# The longest URL or validator a remote trace names (the cache header keeps 1024 bytes of
+# each; an HTTP validator is a size, an ETag and a date).
+MAX_IDENTITY_BYTES = 4096
+MAX_LOCAL_TRACE_BYTES = HEADER.size + 4 * MAX_TRACE_ENTRIES + CHECKSUM.size
+MAX_TRACE_BYTES = REMOTE_HEADER.size + 2 * MAX_IDENTITY_BYTES + 4 * MAX_TRACE_ENTRIES \
+    + CHECKSUM.size
 
 # Prefetch reads in flight at once, and the most bytes one reads (adjacent granules merged).
 PREFETCH_IN_FLIGHT = 2
@@ -115,25 +158,56 @@ class BaseIdentity(NamedTuple):
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+class RemoteIdentity(NamedTuple):
+    """What names one version of a remote base: its URL, size and validator (what its
+    cache is kept for: formats/remote/cache.py)."""
+
+    url: str
+    size: int
+    validator: str
+
+    @classmethod
+    def of(cls, remote: RemoteBase) -> RemoteIdentity:
+        return cls(remote.url, remote.size, remote.validator)
+
+
+Identity = BaseIdentity | RemoteIdentity
+
+
 # ---- the codec (no I/O) -----------------------------------------------------------------------
 
 
-def encode(identity: BaseIdentity, granule_bytes: int, indices: Iterable[int]) -> bytes:
-    """The trace file's bytes for ``indices`` (the first MAX_TRACE_ENTRIES)."""
+def encode(identity: Identity, granule_bytes: int, indices: Iterable[int]) -> bytes:
+    """The trace file's bytes for ``indices`` (the first MAX_TRACE_ENTRIES): a local base's
+    layout for a :class:`BaseIdentity`, a remote base's for a :class:`RemoteIdentity`
+    (ValueError if its URL or validator is longer than MAX_IDENTITY_BYTES)."""
     idx = list(indices)[:MAX_TRACE_ENTRIES]
-    head = HEADER.pack(MAGIC, VERSION, granule_bytes, identity.size, identity.mtime_ns,
-                       identity.ino, len(idx), 0)
+    if isinstance(identity, RemoteIdentity):
+        url = identity.url.encode()
+        val = identity.validator.encode()
+        if len(url) > MAX_IDENTITY_BYTES or len(val) > MAX_IDENTITY_BYTES:
+            raise ValueError(f"{identity.url}: URL or validator too long for a trace "
+                             f"(max={MAX_IDENTITY_BYTES} bytes)")
+        head = REMOTE_HEADER.pack(REMOTE_MAGIC, REMOTE_VERSION, granule_bytes, identity.size,
+                                  len(idx), len(url), len(val)) + url + val
+    else:
+        head = HEADER.pack(MAGIC, VERSION, granule_bytes, identity.size, identity.mtime_ns,
+                           identity.ino, len(idx), 0)
     body = head + struct.pack(f"<{len(idx)}I", *idx)
     return body + CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
 
 
-def decode(data: bytes, identity: BaseIdentity | None) -> tuple[int, list[int]]:
+def decode(data: bytes, identity: Identity | None) -> tuple[int, list[int]]:
     """(granule_bytes, indices) of a trace file; TraceError if anything is wrong, or (with
-    ``identity``) if it was recorded on another base."""
+    ``identity``) if it was recorded on another base or another version of it."""
+    if len(data) < 8 + CHECKSUM.size:
+        raise TraceError(f"truncated (length={len(data)})")
+    if data[:8] == REMOTE_MAGIC:
+        return _decode_remote(data, identity)
     if len(data) < HEADER.size + CHECKSUM.size:
         raise TraceError(f"truncated (length={len(data)})")
-    if len(data) > MAX_TRACE_BYTES:
-        raise TraceError(f"too long (length={len(data)}, max={MAX_TRACE_BYTES})")
+    if len(data) > MAX_LOCAL_TRACE_BYTES:
+        raise TraceError(f"too long (length={len(data)}, max={MAX_LOCAL_TRACE_BYTES})")
     magic, version, granule, size, mtime_ns, ino, count, reserved = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise TraceError(f"bad magic (magic={magic!r})")
@@ -144,13 +218,12 @@ def decode(data: bytes, identity: BaseIdentity | None) -> tuple[int, list[int]]:
     end = HEADER.size + 4 * count
     if len(data) != end + CHECKSUM.size:
         raise TraceError(f"truncated (length={len(data)}, expected={end + CHECKSUM.size})")
-    (want,) = CHECKSUM.unpack_from(data, end)
-    if xxhash.xxh3_64_intdigest(data[:end]) != want:
-        raise TraceError("checksum mismatch")
+    _check_sum(data, end)
     if reserved != 0:
         raise TraceError(f"reserved field set (reserved={reserved})")
-    if granule & (granule - 1) or not MIN_GRANULE_BYTES <= granule <= MAX_GRANULE_BYTES:
-        raise TraceError(f"bad granule (granule_bytes={granule})")
+    _check_granule(granule)
+    if isinstance(identity, RemoteIdentity):
+        raise TraceError("stale: a trace of a local base, this base is remote")
     if identity is not None and (size, mtime_ns, ino) != tuple(identity):
         raise TraceError(f"stale: the base changed (size={size}, mtime_ns={mtime_ns}, "
                          f"ino={ino}; now {identity.size}, {identity.mtime_ns}, "
@@ -158,11 +231,64 @@ def decode(data: bytes, identity: BaseIdentity | None) -> tuple[int, list[int]]:
     return granule, list(struct.unpack_from(f"<{count}I", data, HEADER.size))
 
 
+def _decode_remote(data: bytes, identity: Identity | None) -> tuple[int, list[int]]:
+    if len(data) < REMOTE_HEADER.size + CHECKSUM.size:
+        raise TraceError(f"truncated (length={len(data)})")
+    if len(data) > MAX_TRACE_BYTES:
+        raise TraceError(f"too long (length={len(data)}, max={MAX_TRACE_BYTES})")
+    _magic, version, granule, size, count, url_len, val_len = REMOTE_HEADER.unpack_from(data)
+    if version != REMOTE_VERSION:
+        raise TraceError(f"unknown version (version={version})")
+    if count > MAX_TRACE_ENTRIES:
+        raise TraceError(f"too many entries (count={count}, max={MAX_TRACE_ENTRIES})")
+    if url_len > MAX_IDENTITY_BYTES or val_len > MAX_IDENTITY_BYTES:
+        raise TraceError(f"identity too long (url_length={url_len}, "
+                         f"validator_length={val_len}, max={MAX_IDENTITY_BYTES})")
+    start = REMOTE_HEADER.size + url_len + val_len
+    end = start + 4 * count
+    if len(data) != end + CHECKSUM.size:
+        raise TraceError(f"truncated (length={len(data)}, expected={end + CHECKSUM.size})")
+    _check_sum(data, end)
+    _check_granule(granule)
+    try:
+        url = data[REMOTE_HEADER.size:REMOTE_HEADER.size + url_len].decode()
+        val = data[REMOTE_HEADER.size + url_len:start].decode()
+    except UnicodeDecodeError:
+        raise TraceError("identity is not UTF-8") from None
+    if isinstance(identity, BaseIdentity):
+        raise TraceError("stale: a trace of a remote base, this base is local")
+    if identity is not None:
+        if url != identity.url:
+            raise TraceError(f"stale: a trace of another remote (url={url!r}; now "
+                             f"{identity.url!r})")
+        if (size, val) != (identity.size, identity.validator):
+            raise TraceError(f"stale: the remote base changed (size={size}, validator="
+                             f"{val!r}; now {identity.size}, {identity.validator!r})")
+    return granule, list(struct.unpack_from(f"<{count}I", data, start))
+
+
+def _check_sum(data: bytes, end: int) -> None:
+    (want,) = CHECKSUM.unpack_from(data, end)
+    if xxhash.xxh3_64_intdigest(data[:end]) != want:
+        raise TraceError("checksum mismatch")
+
+
+def _check_granule(granule: int) -> None:
+    if granule & (granule - 1) or not MIN_GRANULE_BYTES <= granule <= MAX_GRANULE_BYTES:
+        raise TraceError(f"bad granule (granule_bytes={granule})")
+
+
 def trace_path(base_path: str) -> str:
     return base_path + SUFFIX
 
 
-def read_trace(path: str, identity: BaseIdentity) -> tuple[int, list[int]]:
+def remote_trace_path(remote: RemoteBase) -> str:
+    """Beside the remote's cache folder (named by a hash of the remote: nothing an image
+    chooses), in the cache root that only its user can write."""
+    return remote.files.folder + SUFFIX
+
+
+def read_trace(path: str, identity: Identity) -> tuple[int, list[int]]:
     """Load and check a trace file (bounded read, no symlinks); TraceError or OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -208,15 +334,21 @@ class BootTrace:
     """One disk's boot trace: what it loaded, what this boot touched, what it prefetched.
 
     ``base_fd``/``base_path``: the bottom layer's file; None when there is nothing to trace
-    (a disk with one layer, a remote base, or the feature off: ``state`` says which)."""
+    (a disk with one layer, or the feature off: ``state`` says which).  ``remote``: the
+    bottom layer's remote base (formats/remote/), when it is one: its trace lives beside its
+    cache and its prefetch fills the cache (see the module docstring)."""
 
     def __init__(self, base_fd: int | None, base_path: str | None, *, enabled: bool,
-                 why_not: str | None = None):
+                 why_not: str | None = None, remote: RemoteBase | None = None):
         self.base_fd = base_fd
         self.base_path = base_path
+        self.remote = remote
         self.enabled = enabled and base_fd is not None and base_path is not None
         self.state = why_not or ("off (--no-boot-trace)" if not enabled else "not loaded")
-        self.identity: BaseIdentity | None = None
+        # Where the trace file is (None: nothing to trace).
+        self.path = None if base_path is None else \
+            remote_trace_path(remote) if remote is not None else trace_path(base_path)
+        self.identity: Identity | None = None
         self.granule = TRACE_GRANULE_BYTES
         self.loaded: list[int] = []
         self.loaded_set: frozenset[int] = frozenset()
@@ -228,6 +360,9 @@ class BootTrace:
         self.recording = self.enabled
         self.prefetched_at: dict[int, int] = {}  # granule -> when its read completed
         self.prefetch_state = "not started"
+        self.fetched_bytes = 0  # a remote base's: bytes the prefetch found missing, fetched
+        self._stopped: str | None = None  # why the prefetch stopped early (a failure)
+        self._filling = 0  # a remote base's: bytes of the prefetch's fetches in flight
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._done.set()
@@ -235,12 +370,13 @@ class BootTrace:
     # -- loading ----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the trace beside the base (blocking: call from a thread, or at open)."""
+        """Read the disk's trace file (blocking: call from a thread, or at open)."""
         if not self.enabled:
             return
-        assert self.base_fd is not None and self.base_path is not None
-        self.identity = BaseIdentity.of_fd(self.base_fd)
-        path = trace_path(self.base_path)
+        assert self.base_fd is not None and self.path is not None
+        self.identity = RemoteIdentity.of(self.remote) if self.remote is not None else \
+            BaseIdentity.of_fd(self.base_fd)
+        path = self.path
         try:
             granule, indices = read_trace(path, self.identity)
         except FileNotFoundError:
@@ -310,9 +446,7 @@ class BootTrace:
         nursery.start_soon(self._prefetch)
 
     async def _prefetch(self) -> None:
-        assert self._scope is not None and self.base_fd is not None
-        fd = self.base_fd
-        g = self.granule
+        assert self._scope is not None
         limiter = trio.CapacityLimiter(PREFETCH_IN_FLIGHT)
         self.prefetch_state = "running"
         try:
@@ -322,25 +456,71 @@ class BootTrace:
                         if all(first + k in self.touched for k in range(count)):
                             continue
                         await limiter.acquire_on_behalf_of(first)
-                        n.start_soon(self._read_run, fd, first, count, g, limiter)
-                self.prefetch_state = "done"
-            if self._scope.cancelled_caught:
+                        n.start_soon(self._prefetch_run, first, count, limiter)
+            if self._stopped is not None:
+                self.prefetch_state = self._stopped
+            elif self._scope.cancelled_caught:
                 self.prefetch_state = "stopped (disk closed)"
-        except OSError as e:
-            self.prefetch_state = f"failed: {e}"
-            log.warning("%s: boot-trace prefetch stopped: %s", self.base_path, e)
+            else:
+                self.prefetch_state = "done"
         finally:
             self._done.set()
 
-    async def _read_run(self, fd: int, first: int, count: int, g: int,
-                        limiter: trio.CapacityLimiter) -> None:
+    async def _prefetch_run(self, first: int, count: int,
+                            limiter: trio.CapacityLimiter) -> None:
+        """One run of the trace: read into the page cache, or (a remote base) fetched into
+        its cache.  A failure stops the whole prefetch (the guest's reads report theirs)."""
+        assert self.base_fd is not None and self._scope is not None
+        g = self.granule
         try:
-            await trio.to_thread.run_sync(_read_ahead, fd, first * g, count * g)
+            if self.remote is not None:
+                await self._fill(self.remote, first * g, count * g)
+            else:
+                await trio.to_thread.run_sync(_read_ahead, self.base_fd, first * g, count * g)
             now = time.monotonic_ns()
             for k in range(count):
                 self.prefetched_at.setdefault(first + k, now)
+        except _CacheFull as e:
+            self._stop(f"stopped: {e}", logging.INFO)
+        except (OSError, FormatError) as e:
+            self._stop(f"failed: {e}", logging.WARNING)
         finally:
             limiter.release_on_behalf_of(first)
+
+    def _stop(self, why: str, level: int) -> None:
+        assert self._scope is not None
+        if self._stopped is None:
+            self._stopped = why
+            log.log(level, "%s: boot-trace prefetch %s", self.path, why)
+        self._scope.cancel()
+
+    async def _fill(self, remote: RemoteBase, file_offset: int, length: int) -> None:
+        """Fetch the range's blocks that the remote's cache does not hold into it (one
+        fetch each, no read-ahead); a range it holds is read into the page cache."""
+        length = min(length, remote.size - file_offset)
+        if length <= 0:
+            return
+        gaps = remote.missing(file_offset, length)
+        if not gaps:
+            assert self.base_fd is not None
+            await trio.to_thread.run_sync(_read_ahead, self.base_fd, file_offset, length)
+            return
+        bs = remote.block_size
+        want = sum(min(end * bs, remote.size) - first * bs for first, end in gaps)
+        budget = remote.config.cache_budget_bytes
+        # (Counting this prefetch's fills in flight: the two runs must not both take the
+        # last room.)
+        if budget is not None and remote.files.held_bytes + self._filling + want > budget:
+            raise _CacheFull(f"the cache is full (held_bytes={remote.files.held_bytes}, "
+                             f"budget_bytes={budget})")
+        self._filling += want
+        try:
+            await fetch_missing(NotCached(remote, gaps), prefetch=True)
+        finally:
+            self._filling -= want
+        # (What it found missing: a block the guest's miss was fetching already is counted
+        # here too, fetched once.)
+        self.fetched_bytes += want
 
     async def stop(self) -> None:
         if self._scope is not None:
@@ -350,9 +530,9 @@ class BootTrace:
     # -- saving -----------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write this boot's first touches beside the base, unless a valid trace was loaded
-        (blocking: call from a thread)."""
-        if not self.enabled or self.identity is None or self.base_path is None:
+        """Write this boot's first touches to the trace file, unless a valid trace was
+        loaded (blocking: call from a thread)."""
+        if not self.enabled or self.identity is None or self.path is None:
             return
         if self.loaded_valid:
             self.saved = "kept the loaded trace"
@@ -361,7 +541,7 @@ class BootTrace:
         if not self.touched:
             self.saved = "nothing read from the base"
             return
-        path = trace_path(self.base_path)
+        path = self.path
         folder = os.path.dirname(path) or "."
         if not os.access(folder, os.W_OK):
             self.saved = f"skipped: {folder} is not writable"
@@ -370,7 +550,7 @@ class BootTrace:
         order = sorted(self.touched, key=self.touched.__getitem__)
         try:
             write_trace(path, encode(self.identity, self.granule, order))
-        except OSError as e:
+        except (OSError, ValueError) as e:
             self.saved = f"failed: {e}"
             log.warning("%s: boot trace not written: %s", path, e)
             return
@@ -390,9 +570,9 @@ class BootTrace:
         covered = sum(1 for i in touched if i in self.loaded_set)
         before = sum(1 for i, t in touched.items()
                      if self.prefetched_at.get(i, t + 1) <= t)
-        return {
+        out = {
             "state": self.state,
-            "path": trace_path(self.base_path) if self.base_path else None,
+            "path": self.path,
             "granule": self.granule,
             "entries": len(self.loaded),
             "base_granules_read": len(touched),
@@ -405,6 +585,14 @@ class BootTrace:
             "prefetch": self.prefetch_state,
             "saved": self.saved,
         }
+        if self.remote is not None:
+            out["remote"] = self.remote.url
+            out["prefetch_fetched_bytes"] = self.fetched_bytes
+        return out
+
+
+class _CacheFull(Exception):
+    """A remote base's cache is at its budget: a prefetch would keep nothing."""
 
 
 def _read_ahead(fd: int, offset: int, length: int) -> None:
@@ -428,4 +616,5 @@ def _read_ahead(fd: int, offset: int, length: int) -> None:
 
 
 __all__ = ["MAX_TRACE_ENTRIES", "TRACE_GRANULE_BYTES", "BaseIdentity", "BootTrace",
-           "TraceError", "decode", "encode", "read_trace", "trace_path", "write_trace"]
+           "RemoteIdentity", "TraceError", "decode", "encode", "read_trace",
+           "remote_trace_path", "trace_path", "write_trace"]

@@ -144,15 +144,16 @@ class Disk:
             plan_fetching=self._plan_fetching, fetch=self._fetch)
         self.mapping = DiskMap(hooks)  # segments, block status, prefetch, priming
         self.lending = Lending(hooks)  # clusters lent to the kernel shim's pool
-        # Boot-trace priming (cowd/disk/boottrace.py): the bottom layer's reads are noted.
+        # Boot-trace priming (cowd/disk/boottrace.py): the bottom layer's reads are noted
+        # (a remote base's too: its trace lives beside its cache, its prefetch fills it).
         bottom = self._chain[-1]
-        why_not = ("no base: a disk of one layer" if len(self._chain) < 2 else
-                   "a remote base" if bottom.remote is not None else None)
+        why_not = "no base: a disk of one layer" if len(self._chain) < 2 else None
         self._trace_depth = len(self._chain) - 1
         self._trace_file = bottom.image.file
         self.trace = BootTrace(None if why_not else bottom.image.file.fd,
                                None if why_not else bottom.image.path,
-                               enabled=boot_trace and why_not is None, why_not=why_not)
+                               enabled=boot_trace and why_not is None, why_not=why_not,
+                               remote=None if why_not else bottom.remote)
 
     # ---- opening and closing ---------------------------------------------------------------
 

@@ -71,7 +71,8 @@ class Fetcher:
         self._seq: dict[int, tuple[int, int]] = {}  # id(base) -> (end of last fetch, window)
         self._nursery: trio.Nursery | None = None
         self._background = 0
-        self.counters = {"fetch_waits": 0, "background_fetches": 0, "readahead_blocks": 0}
+        self.counters = {"fetch_waits": 0, "background_fetches": 0, "readahead_blocks": 0,
+                         "trace_fetches": 0}
 
     def serve_in(self, nursery: trio.Nursery) -> None:
         """Let advice start fetches in ``nursery`` (the daemon's); without one, advice
@@ -80,15 +81,18 @@ class Fetcher:
         trio_thread = threading.get_ident()
         remote_file.set_fetch_inline(lambda: threading.get_ident() != trio_thread)
 
-    async def fetch(self, miss: NotCached) -> None:
+    async def fetch(self, miss: NotCached, prefetch: bool = False) -> None:
         """Fetch the blocks ``miss`` names (joining fetches already in flight); raises the
-        fetch's ImageIOError when they cannot be had before the deadline."""
-        self.counters["fetch_waits"] += 1
+        fetch's ImageIOError when they cannot be had before the deadline.  ``prefetch``: a
+        boot trace's cache fill (cowd/disk/boottrace.py), which neither grows by read-ahead
+        nor counts as the guest's sequential stream."""
+        self.counters["trace_fetches" if prefetch else "fetch_waits"] += 1
         base = miss.remote
         waits: list[_Flight] = []
         async with trio.open_nursery() as nursery:
             for first, end in miss.blocks:
-                end = self._ahead(base, first, end)
+                if not prefetch:
+                    end = self._ahead(base, first, end)
                 run_start = -1
                 for b in range(first, end + 1):
                     flight = self._flights.get((id(base), b)) if b < end else None
@@ -165,10 +169,10 @@ class Fetcher:
 FETCHER = Fetcher()
 
 
-async def fetch_missing(miss: NotCached) -> None:
+async def fetch_missing(miss: NotCached, prefetch: bool = False) -> None:
     """:meth:`Fetcher.fetch` of the process's fetcher, errors as one ImageIOError."""
     try:
-        await FETCHER.fetch(miss)
+        await FETCHER.fetch(miss, prefetch)
     except BaseExceptionGroup as eg:
         first = eg.exceptions[0]
         while isinstance(first, BaseExceptionGroup):

@@ -106,6 +106,7 @@ class RemoteBase:
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._transient: OrderedDict[int, bytes] = OrderedDict()
+        self._storing = 0  # bytes being stored by fetches in flight (under _lock)
         self.counters = {k: 0 for k in ("hit_bytes", "fetched_bytes", "fetches", "retries",
                                         "failures", "reconnects", "uncached_bytes",
                                         "other_process_blocks")}
@@ -329,12 +330,22 @@ class RemoteBase:
 
     def _keep(self, first: int, data: bytes) -> None:
         budget = self.config.cache_budget_bytes
-        if budget is None or self.files.held_bytes + len(data) <= budget:
+        # The room is taken under the lock before the (slow, durable) store: fetches in
+        # other threads must not all take the last of it.
+        with self._lock:
+            room = budget is None or \
+                self.files.held_bytes + self._storing + len(data) <= budget
+            if room:
+                self._storing += len(data)
+        if room:
             try:
                 self.files.store(first, data)
                 return
             except OSError:
                 pass  # a full file system: serve it from memory, like a full cache
+            finally:
+                with self._lock:
+                    self._storing -= len(data)
         self.counters["uncached_bytes"] += len(data)
         bs = self.block_size
         for i in range(0, len(data), bs):

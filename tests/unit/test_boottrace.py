@@ -16,6 +16,7 @@ from cowd.disk.boottrace import (
     TRACE_GRANULE_BYTES,
     BaseIdentity,
     BootTrace,
+    RemoteIdentity,
     TraceError,
     decode,
     encode,
@@ -161,3 +162,74 @@ def test_off_and_no_base_record_nothing() -> None:
     assert not off.recording and off.state.startswith("off")
     none = BootTrace(None, None, enabled=True, why_not="no base: a disk of one layer")
     assert not none.enabled and none.state == "no base: a disk of one layer"
+
+
+# ---- a remote base's trace (beside its cache: URL, size and validator as identity) ----------
+
+RID = RemoteIdentity(url="http://golden.lan/base.raw", size=1 << 30,
+                     validator='size=1073741824 etag="66a-5f0" last-modified=Mon, 07 Dec 2026')
+
+
+@given(st.lists(st.integers(0, 0xFFFFFFFF), max_size=300, unique=True))
+def test_remote_round_trip(indices: list[int]) -> None:
+    data = encode(RID, G, indices)
+    assert decode(data, RID) == (G, indices)
+    assert decode(data, None) == (G, indices)
+
+
+def test_remote_layout_is_the_documented_one() -> None:
+    data = encode(RID, G, [5, 1, 3])
+    url, val = RID.url.encode(), RID.validator.encode()
+    assert data[:8] == b"COWDTRR1"
+    assert struct.unpack_from("<IIQIHH", data, 8) == (1, G, RID.size, 3, len(url), len(val))
+    assert data[32:32 + len(url)] == url
+    assert data[32 + len(url):32 + len(url) + len(val)] == val
+    assert struct.unpack_from("<3I", data, 32 + len(url) + len(val)) == (5, 1, 3)
+    assert len(data) == 32 + len(url) + len(val) + 12 + 8
+
+
+@pytest.mark.parametrize("other,why", [
+    (RID._replace(validator=RID.validator.replace("5f0", "5f1")), "the remote base changed"),
+    (RID._replace(size=RID.size + 65536), "the remote base changed"),
+    (RID._replace(url="http://golden.lan/other.raw"), "a trace of another remote"),
+    (BaseIdentity(RID.size, 0, 0), "a trace of a remote base"),
+])
+def test_remote_stale_identity(other: RemoteIdentity | BaseIdentity, why: str) -> None:
+    with pytest.raises(TraceError, match=f"stale: {why}"):
+        decode(encode(RID, G, [1, 2]), other)
+
+
+def test_a_local_trace_is_stale_for_a_remote_base() -> None:
+    with pytest.raises(TraceError, match="stale: a trace of a local base"):
+        decode(encode(ID, G, [1, 2]), RID)
+
+
+def test_remote_damage_rejected() -> None:
+    data = encode(RID, G, [1, 2, 3])
+    for pos in range(len(data)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x20
+        with pytest.raises(TraceError):
+            decode(bytes(bad), RID)
+    for cut in range(len(data)):
+        with pytest.raises(TraceError):
+            decode(data[:cut], RID)
+    with pytest.raises(TraceError, match="truncated"):
+        decode(data + b"\0", RID)
+    body = bytearray(data[:-8])
+    struct.pack_into("<H", body, 28, 5000)  # a URL length past the bound
+    with pytest.raises(TraceError, match="identity too long"):
+        decode(_reseal(bytes(body)), RID)
+    body = bytearray(data[:-8])
+    struct.pack_into("<I", body, 24, MAX_TRACE_ENTRIES + 1)
+    with pytest.raises(TraceError, match="too many entries"):
+        decode(_reseal(bytes(body)), RID)
+    body = bytearray(data[:-8])
+    body[32] = 0xFF  # the URL's first byte: not UTF-8
+    with pytest.raises(TraceError, match="not UTF-8"):
+        decode(_reseal(bytes(body)), None)
+
+
+def test_remote_identity_bounded() -> None:
+    with pytest.raises(ValueError, match="too long"):
+        encode(RID._replace(url="http://x/" + "a" * 5000), G, [1])
