@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -191,3 +192,149 @@ def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
             assert base.stale
         finally:
             base.close()
+
+
+# ---- a stalled server, a slow one, and the request's one deadline -----------------------------
+
+# The daemon with its worker processes (the default: NBD connections are handed to workers,
+# whose misses the daemon fetches) and without.
+WORKERS = [pytest.param([], id="workers"), pytest.param(["--workers", "0"], id="no-workers")]
+
+
+def chain_oracle(ov: Path, tmp: Path) -> bytes:
+    """qemu-img convert of the chain, qemu reading the remote base itself."""
+    out = tmp / "oracle.raw"
+    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", ov, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_stalled_server_is_eio_at_the_deadline_then_recovers(tmp_path: Path, cowd: Cowd,
+                                                             workers: list[str]) -> None:
+    """nbdkit stopped (SIGSTOP: connections open, nothing answered) while a disk over it is
+    read: the read fails with EIO once the deadline has passed (not at once, not never, not
+    zeroes); another disk of the daemon is served meanwhile; after SIGCONT the same read
+    gives qemu's bytes over the same connections or new ones, without a restart."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    deadline_s = 3.0
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(nbdkit(tmp_path, raw))
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
+        want = chain_oracle(ov, tmp_path)
+        local, local_data = local_disk(tmp_path)
+        sock = stack.enter_context(cowd.serve(ov, local, extra=[
+            "--remote-timeout", str(deadline_s), *workers]))
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        stopped = True
+
+        def cont() -> None:
+            if stopped:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+
+        stack.callback(cont)
+        t0 = time.monotonic()
+        reader = subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                                   f"nbd+unix:///{ov.name}?socket={sock}",
+                                   str(tmp_path / "bad.raw")], stderr=subprocess.PIPE)
+        stack.callback(lambda: reader.poll() is None and reader.kill())
+        # While that read waits for the stalled server, the other disk is served.
+        out = tmp_path / "local-read.raw"
+        p = read_export(sock, local.name, out, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == local_data
+        assert reader.poll() is None, "the read did not wait for the stalled server"
+        _, err = reader.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert reader.returncode != 0 and b"Input/output error" in err, err
+        assert deadline_s - 0.5 <= took < deadline_s + 10, took
+        (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+        assert b["failures"] >= 1 and b["fetched_bytes"] == 0, b
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        stopped = False
+        good = tmp_path / "good.raw"
+        p = read_export(sock, ov.name, good, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert good.read_bytes() == want
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_slow_server_below_the_deadline_gives_the_bytes(tmp_path: Path, cowd: Cowd,
+                                                        workers: list[str]) -> None:
+    """nbdkit's delay filter holds every read 0.4 s (well under the 5 s deadline): slow,
+    never a failure; the bytes are qemu's."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=400ms"]) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "8M")
+        want = chain_oracle(ov, tmp_path)
+        with cowd.serve(ov, extra=["--remote-timeout", "5", *workers]) as sock:
+            got = tmp_path / "got.raw"
+            p = read_export(sock, ov.name, got, timeout=120)
+            assert p.returncode == 0, p.stderr
+            assert got.read_bytes() == want
+            (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+            assert b["failures"] == 0 and b["fetched_bytes"] >= len(want), b
+
+
+def test_deadline_bounds_the_whole_request_library(tmp_path: Path) -> None:
+    """One read that needs four 4 MiB fetches from a server that takes 1.2 s for each: with
+    a 2.5 s deadline it fails at about 2.5 s (one deadline for the request), not after
+    4.8 s with the bytes (a deadline for each piece)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=1200ms"]) as srv:
+        base = RemoteBase(parse(srv.url), RemoteConfig(cache_root=str(tmp_path / "cache"),
+                                                       timeout_s=2.5))
+        try:
+            buf = bytearray(16 << 20)
+            t0 = time.monotonic()
+            with pytest.raises(ImageIOError) as e:
+                base.read_into(base.files.data_fd, 0, memoryview(buf))
+            took = time.monotonic() - t0
+            assert 2.0 <= took < 3.5, took
+            assert "deadline" in str(e.value) and srv.url in str(e.value), e.value
+            # What was fetched in time is kept, and is the base's.
+            held = base.files.held_bytes
+            assert 0 < held < len(buf)
+            assert base.read_into(base.files.data_fd, 0, memoryview(buf)[:held]) == held
+            assert bytes(buf[:held]) == raw.read_bytes()[:held]
+        finally:
+            base.close()
+
+
+def test_deadline_bounds_the_whole_request_served(tmp_path: Path, cowd: Cowd) -> None:
+    """The same through the daemon (its fetcher, a worker process's miss): one 16 MiB NBD
+    read over a server that takes 1.2 s per 4 MiB piece fails with EIO near the 2.5 s
+    deadline; a small read afterwards still gives the base's bytes."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=1200ms"]) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
+        with cowd.serve(ov, extra=["--remote-timeout", "2.5"]) as sock:
+            uri = f"nbd+unix:///{ov.name}?socket={sock}"
+            t0 = time.monotonic()
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 16M", uri],
+                               capture_output=True, text=True, timeout=60)
+            took = time.monotonic() - t0
+            assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
+            assert took < 4.5, took
+            want = raw.read_bytes()[15 << 20:(15 << 20) + 65536]
+            ref = tmp_path / "ref.raw"
+            ref.write_bytes(want)
+            p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
+                                f"json:{{\"driver\":\"raw\",\"offset\":{15 << 20},"
+                                f"\"size\":65536,\"file\":{{\"driver\":\"nbd\","
+                                f"\"server\":{{\"type\":\"unix\",\"path\":\"{sock}\"}},"
+                                f"\"export\":\"{ov.name}\"}}}}"],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stdout + p.stderr
