@@ -24,6 +24,10 @@ from tests.support.remote import Cowd, cowd_fixture, make_base, nbdkit, nginx, r
 pytestmark = remote_marks(240)
 cowd = cowd_fixture()
 
+# The daemon with its worker processes (the default: NBD connections are handed to workers,
+# whose misses the daemon fetches) and without.
+WORKERS = [pytest.param([], id="workers"), pytest.param(["--workers", "0"], id="no-workers")]
+
 
 def read_export(sock: Path, export: str, out: Path,
                 timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
@@ -42,7 +46,9 @@ def local_disk(tmp: Path) -> tuple[Path, bytes]:
     return ov, data
 
 
-def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd,
+                                          workers: list[str]) -> None:
     files = tmp_path / "files"
     files.mkdir()
     raw = make_base(files, 16)
@@ -54,7 +60,7 @@ def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
         ov = tmp_path / "ov.qcow2"
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
         local, local_data = local_disk(tmp_path)
-        with cowd.serve(ov, local, extra=["--remote-timeout", "3"]) as sock:
+        with cowd.serve(ov, local, extra=["--remote-timeout", "3", *workers]) as sock:
             t0 = time.monotonic()
             p = read_export(sock, ov.name, tmp_path / "bad.raw")
             took = time.monotonic() - t0
@@ -73,8 +79,10 @@ def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
             assert good.read_bytes() == raw.read_bytes()
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("restart", [True, False])
-def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool) -> None:
+def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool,
+                                workers: list[str]) -> None:
     """nbdkit (rate-limited, so the read takes seconds) is SIGKILLed in the middle of a
     whole-disk read; started again on the same port within the deadline the read completes
     with the right bytes; not started again, it fails with EIO.  Never wrong data."""
@@ -87,12 +95,9 @@ def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool) -> No
         srv = stack.enter_context(nbdkit(tmp_path, raw, filters=["rate"],
                                          params=["rate=16M"]))
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "32M")
-        # --workers 0: on this branch's base a worker process dies ten seconds after it
-        # starts (PR_SET_PDEATHSIG follows trio's forking thread; fixed on main), which
-        # drops the reader's connection whatever the remote does.
         sock = stack.enter_context(cowd.serve(ov, extra=["--remote-timeout",
                                                          "20" if restart else "3",
-                                                         "--workers", "0"]))
+                                                         *workers]))
         out = tmp_path / "out.raw"
         reader = subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw",
                                    f"nbd+unix:///{ov.name}?socket={sock}", str(out)],
@@ -140,8 +145,9 @@ def test_changed_remote_fails_the_open_in_one_line(tmp_path: Path, cowd: Cowd) -
         assert not out.exists()
 
 
-def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
-                                                               cowd: Cowd) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path, cowd: Cowd,
+                                                               workers: list[str]) -> None:
     """nginx's file is replaced (same size, new ETag) while a disk over it is served: reads
     that need a block not cached yet fail with EIO (If-Match answered 412), never the new
     version's bytes mixed with the old one's."""
@@ -151,7 +157,7 @@ def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
     with nginx(tmp_path, files) as srv:
         ov = tmp_path / "ov.qcow2"
         cowd("create", "--base", f"{srv.url}/base.raw", "--overlay", "qcow", "-o", ov)
-        with cowd.serve(ov, extra=["--workers", "0", "--remote-timeout", "3"]) as sock:
+        with cowd.serve(ov, extra=[*workers, "--remote-timeout", "3"]) as sock:
             uri = f"nbd+unix:///{ov.name}?socket={sock}"
             p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 1 0 64k", uri],
                                capture_output=True, text=True, timeout=60)
@@ -195,11 +201,6 @@ def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
 
 
 # ---- a stalled server, a slow one, and the request's one deadline -----------------------------
-
-# The daemon with its worker processes (the default: NBD connections are handed to workers,
-# whose misses the daemon fetches) and without.
-WORKERS = [pytest.param([], id="workers"), pytest.param(["--workers", "0"], id="no-workers")]
-
 
 def chain_oracle(ov: Path, tmp: Path) -> bytes:
     """qemu-img convert of the chain, qemu reading the remote base itself."""
