@@ -37,6 +37,7 @@ to a worker or the kernel stays good for as long as the disk is open.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from typing import Any
@@ -186,10 +187,14 @@ async def fetch_missing(miss: NotCached) -> None:
 def warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
     """Open the chain read-only with the library (in a thread: remote layers connect and
     fetch what their codecs read at open); None when it cannot be opened (the real open
-    says why)."""
+    says why).  A remote base that changed since it was cached is the exception: this open
+    drops the old cache, so the real open would find none and go on with the new version
+    over an overlay made on the old one.  That error (ESTALE) is raised here."""
     try:
         return formats.open_image(path, False, fmt, policy=policy)
-    except (FormatError, OSError):
+    except (FormatError, OSError) as e:
+        if getattr(e, "errno", None) == errno.ESTALE:
+            raise
         return None
 
 
