@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,74 @@ def test_deadline_bounds_the_whole_request_served(tmp_path: Path, cowd: Cowd) ->
                                 f"\"export\":\"{ov.name}\"}}}}"],
                                capture_output=True, text=True, timeout=60)
             assert p.returncode == 0, p.stdout + p.stderr
+
+
+# ---- a changed base, through the daemon ----------------------------------------------------
+
+
+def _changed_base(tmp: Path, cowd: Cowd, server: str) -> Iterator[tuple[Path, str, str]]:
+    """An overlay over a base on ``server``, its cache filled by one ``cowd convert``, then
+    the base changed on the server: nginx's file rewritten (same size, new ETag), or nbdkit
+    started again on the same port exporting one of another size.  Yields the overlay, the
+    base's URL and what the changed validator must mention."""
+    files = tmp / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    with contextlib.ExitStack() as stack:
+        if server == "nginx":
+            srv = stack.enter_context(nginx(tmp, files))
+            url = f"{srv.url}/base.raw"
+        else:
+            srv = stack.enter_context(nbdkit(tmp, raw))
+            url = srv.url
+        ov = tmp / "ov.qcow2"
+        cowd("create", "--base", url, "--overlay", "qcow", "-o", ov)
+        cowd("convert", ov, tmp / "a.raw", "-O", "raw", "--allow-remote-backing")
+        if server == "nginx":
+            st = raw.stat()
+            raw.write_bytes(b"\x7f" * st.st_size)  # a new version, same size
+            os.utime(raw, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag: mtime
+            what = "etag="
+        else:
+            srv.stop()
+            bigger = files / "bigger.raw"
+            bigger.write_bytes(raw.read_bytes() + b"\1" * 65536)
+            stack.enter_context(nbdkit(tmp, bigger, port=srv.port))
+            what = "size=8454144"
+        yield ov, url, what
+
+
+@pytest.mark.parametrize("server", ["nginx", "nbdkit"])
+def test_changed_base_fails_serve_in_one_line(tmp_path: Path, cowd: Cowd,
+                                              server: str) -> None:
+    for ov, url, what in _changed_base(tmp_path, cowd, server):
+        sock = tmp_path / "x.sock"
+        p = subprocess.run([*COWD, "serve", str(ov), "--nbd", f"unix:{sock}", "--run-dir",
+                            str(tmp_path / "run"), "--allow-remote-backing"],
+                           capture_output=True, text=True, timeout=60, env=cowd.env,
+                           stdin=subprocess.DEVNULL)
+        line = p.stderr.strip()
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert "\n" not in line and "Traceback" not in line, line
+        assert ov.name in line and url in line and "changed" in line and what in line, line
+        assert not sock.exists()
+
+
+@pytest.mark.parametrize("server", ["nginx", "nbdkit"])
+def test_changed_base_fails_attach_in_one_line(tmp_path: Path, cowd: Cowd,
+                                               server: str) -> None:
+    from tests.support.attach import Env, attach_problem
+
+    problem = attach_problem()
+    if problem:
+        pytest.skip(problem)
+    for ov, url, what in _changed_base(tmp_path, cowd, server):
+        with Env.under(tmp_path) as env:
+            p = env.cowd("attach", ov, "--via", "fuse", "--allow-remote-backing",
+                         "--remote-cache-dir", cowd.cache, rc=1)
+            line = p.stderr.strip()
+            assert "\n" not in line, line
+            assert ov.name in line and url in line and "changed" in line and what in line, \
+                line
+            assert p.stdout == ""
+            assert env.list() == []
