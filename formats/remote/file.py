@@ -112,7 +112,7 @@ class RemoteBase:
         self._transient: OrderedDict[int, bytes] = OrderedDict()
         self.counters = {k: 0 for k in ("hit_bytes", "fetched_bytes", "fetches", "retries",
                                         "failures", "reconnects", "uncached_bytes",
-                                        "other_process_blocks")}
+                                        "other_process_blocks", "worker_hit_bytes")}
         first = self._connect(time.monotonic() + config.timeout_s)
         self.size = first.size
         # What says it is the version the cache holds: every later connection must see it.
@@ -353,6 +353,13 @@ class RemoteBase:
             self._transient.popitem(last=False)
 
     # ---- lifetime ------------------------------------------------------------------------
+
+    def note_hits(self, length: int, *, by_worker: bool = False) -> None:
+        """Count ``length`` bytes read from the cache elsewhere (a worker process reads a
+        cached block by fd, without this object: cowd/workers/host.py reports them)."""
+        self.counters["hit_bytes"] += length
+        if by_worker:
+            self.counters["worker_hit_bytes"] += length
 
     def stats(self) -> dict[str, object]:
         fetched = self.counters["fetched_bytes"]
