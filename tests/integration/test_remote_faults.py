@@ -1,7 +1,9 @@
 """Remote bases under faults (issue 17): nbdkit's error, rate and delay filters in front of
-the base, a server killed mid-read and started again, a base replaced on the server.  A read
-ends with the right bytes or EIO, never with zeroes or another version's bytes; the daemon
-keeps serving its other disks; reconnection is automatic.
+the base, a server stalled (SIGSTOP) and resumed, killed mid-read and started again, a base
+replaced on the server (through cowd convert, serve and attach).  A read ends with the right
+bytes or EIO at the request's deadline, never with zeroes or another version's bytes; the
+daemon keeps serving its other disks; reconnection is automatic.  The daemon's tests run
+with its worker processes (the default) and without.
 """
 
 from __future__ import annotations
