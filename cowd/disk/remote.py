@@ -8,10 +8,12 @@ hold raises :class:`~formats.remote.NotCached` in the trio thread (formats/remot
 ``fetch_inline`` is false there) instead of waiting for the network.  The disk catches it,
 awaits :meth:`Fetcher.fetch` — the blocks are fetched by ``RemoteBase.fetch`` in worker
 threads (``trio.to_thread``, at most ``MAX_FETCH_THREADS`` at once), retried with back-off
-until the configured deadline — and plans again.  Misses of the same block wait for the one
-fetch in flight (single flight).  A frontend that answers a batch first *advises* its
-reads: a remote block that is missing starts fetching in the background then (the fetcher's
-nursery), so the misses of a batch travel together.
+until the configured deadline, one for all the blocks of the miss (each 4 MiB piece and
+the wait for a fetch thread count against it, not a deadline each) — and plans again.
+Misses of the same block wait for the one fetch in flight (single flight).  A frontend
+that answers a batch first *advises* its reads: a remote block that is missing starts
+fetching in the background then (the fetcher's nursery), so the misses of a batch travel
+together.
 
 Read-ahead: a miss right after the end of the previous fetch of the same remote (a
 sequential reader) fetches ``READAHEAD_MIN_BLOCKS`` more blocks, doubling on each further
@@ -35,7 +37,9 @@ to a worker or the kernel stays good for as long as the disk is open.
 
 from __future__ import annotations
 
+import errno
 import threading
+import time
 from typing import Any
 
 import trio
@@ -83,11 +87,13 @@ class Fetcher:
 
     async def fetch(self, miss: NotCached, prefetch: bool = False) -> None:
         """Fetch the blocks ``miss`` names (joining fetches already in flight); raises the
-        fetch's ImageIOError when they cannot be had before the deadline.  ``prefetch``: a
-        boot trace's cache fill (cowd/disk/boottrace.py), which neither grows by read-ahead
-        nor counts as the guest's sequential stream."""
+        fetch's ImageIOError when they cannot be had before the deadline: one deadline,
+        ``timeout_s`` from now, for all of them (a wait for a fetch thread counts too).
+        ``prefetch``: a boot trace's cache fill (cowd/disk/boottrace.py), which neither
+        grows by read-ahead nor counts as the guest's sequential stream."""
         self.counters["trace_fetches" if prefetch else "fetch_waits"] += 1
         base = miss.remote
+        deadline = time.monotonic() + base.timeout_s
         waits: list[_Flight] = []
         async with trio.open_nursery() as nursery:
             for first, end in miss.blocks:
@@ -100,8 +106,8 @@ class Fetcher:
                     if free and run_start < 0:
                         run_start = b
                     if not free and run_start >= 0:
-                        nursery.start_soon(self._run, base, run_start, b, self._claim(
-                            base, run_start, b))
+                        nursery.start_soon(self._run, base, run_start, b, deadline,
+                                           self._claim(base, run_start, b))
                         run_start = -1
                     if flight is not None and flight not in waits:
                         waits.append(flight)
@@ -126,9 +132,11 @@ class Fetcher:
             self._flights[(id(base), b)] = flight
         return flight
 
-    async def _run(self, base: RemoteBase, first: int, end: int, flight: _Flight) -> None:
+    async def _run(self, base: RemoteBase, first: int, end: int, deadline: float,
+                   flight: _Flight) -> None:
         try:
-            await trio.to_thread.run_sync(base.fetch, first, end, limiter=self.limiter)
+            await trio.to_thread.run_sync(base.fetch, first, end, deadline,
+                                          limiter=self.limiter)
         except ImageIOError as e:
             flight.error = e
         finally:
@@ -183,10 +191,14 @@ async def fetch_missing(miss: NotCached, prefetch: bool = False) -> None:
 def warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
     """Open the chain read-only with the library (in a thread: remote layers connect and
     fetch what their codecs read at open); None when it cannot be opened (the real open
-    says why)."""
+    says why).  A remote base that changed since it was cached is the exception: this open
+    drops the old cache, so the real open would find none and go on with the new version
+    over an overlay made on the old one.  That error (ESTALE) is raised here."""
     try:
         return formats.open_image(path, False, fmt, policy=policy)
-    except (FormatError, OSError):
+    except (FormatError, OSError) as e:
+        if getattr(e, "errno", None) == errno.ESTALE:
+            raise
         return None
 
 

@@ -42,6 +42,8 @@ from typing import Any
 
 import trio
 
+from formats.remote import RemoteBase, RemoteFile
+
 from ..disk import Disk, DiskError
 from ..disk.lending import Adoption, FileRange
 from ..frontends.fuse.mount import clone_fuse_fd
@@ -102,6 +104,11 @@ def _fresh_fds(served: Served) -> tuple[int, ...]:
             os.close(fd)
         raise
     return tuple(fds)
+
+
+def _remote_of(f: object) -> RemoteBase | None:
+    """The remote base (formats/remote/) a chain file reads through, or None."""
+    return f.remote if isinstance(f, RemoteFile) else None
 
 
 # ---- one worker ----------------------------------------------------------------------------
@@ -260,7 +267,9 @@ class WorkerLink:
         self.chan.send(W.DiskSpec(served.disk_id, served.name, disk.path, disk.size,
                                   disk.cluster_size, disk.granule, disk.readonly,
                                   tuple(f.writable for f in served.files), served.scope,
-                                  served.fuse_ino, served.lend_file(), fds))
+                                  served.fuse_ino, served.lend_file(),
+                                  tuple(_remote_of(f) is not None for f in served.files),
+                                  fds))
 
     def hand_off(self, fd: int, peer: str, scope: str) -> None:
         assert self.chan is not None
@@ -533,6 +542,7 @@ class WorkerLink:
             except ConnectionError:
                 return False
             self._take_touches(reply)
+            self._take_remote_hits(reply)
             return True
         return False
 
@@ -549,7 +559,30 @@ class WorkerLink:
                 except ConnectionError:
                     pass
             self._take_touches(out.get("worker"))
+            self._take_remote_hits(out.get("worker"))
         return out
+
+    def _take_remote_hits(self, reply: Any) -> None:
+        """Add what the worker read from remote bases' caches (drained by the query, per
+        file index of each disk) to those bases' counters, so ``cowd stats``'s hit rate
+        and bytes saved count the reads the workers served too.  The worker's JSON is
+        checked: it is another process."""
+        disks = reply.get("disks") if isinstance(reply, dict) else None
+        if not isinstance(disks, dict):
+            return
+        for key, d in disks.items():
+            hits = d.pop("remote_hit_bytes", None) if isinstance(d, dict) else None
+            served = self.pool.disks.get(int(key)) if key.isdigit() else None
+            if not hits or served is None or not isinstance(hits, list):
+                continue
+            for e in hits:
+                if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)
+                        and isinstance(e[1], int) and 0 <= e[0] < len(served.files)
+                        and e[1] > 0):
+                    continue
+                remote = _remote_of(served.files[e[0]])
+                if remote is not None:
+                    remote.note_hits(e[1], by_worker=True)
 
     def _take_touches(self, reply: Any) -> None:
         """Hand the worker's boot-trace first touches (drained by the query) to the disks,

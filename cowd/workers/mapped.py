@@ -120,6 +120,11 @@ class MappedDisk:
         self.granule = spec.granule
         self._fds = list(spec.fds)
         self._fd_writable = [w and not spec.readonly for w in spec.files_writable]
+        # Remote bases' cache files (fd -> file index) and the bytes read from each since
+        # the last stats query (file index -> bytes): cache hits the daemon never sees.
+        self._remote_fds = {fd: i for i, fd in enumerate(spec.fds)
+                            if i < len(spec.files_remote) and spec.files_remote[i]}
+        self._remote_hits: dict[int, int] = {}
         # Lent clusters of the lend file: [file offset, length] runs in file order.
         self._lend_fd = spec.fds[spec.lend_file] if spec.lend_file >= 0 and \
             not spec.readonly and spec.granule == spec.cluster_size else None
@@ -310,7 +315,11 @@ class MappedDisk:
                     got = pread_into(fd, view, fo, nowait)
                 except WouldBlock:
                     return Local.WOULD_BLOCK
-                return Local.DONE if got == n else Local.SHORT
+                if got != n:
+                    return Local.SHORT
+                if fd in self._remote_fds:
+                    self._count_remote({fd: n})
+                return Local.DONE
             granules: list[tuple[Run, ...]] = [runs]
         else:
             granules = []
@@ -321,6 +330,8 @@ class MappedDisk:
                 granules.append(runs)
         run_fd = ZERO_FD
         run_fo = run_at = run_n = 0
+        remote_fds = self._remote_fds
+        remote: dict[int, int] = {}  # fd -> bytes, counted once the whole read is done
         try:
             for runs in granules:
                 for rs, re_, fd, fo, _w in runs:
@@ -336,6 +347,8 @@ class MappedDisk:
                     fo += a - rs
                     if not _w and self.tracing:
                         self._touch(fd, fo, b - a)
+                    if fd in remote_fds:
+                        remote[fd] = remote.get(fd, 0) + (b - a)
                     if fd == run_fd and fo == run_fo + run_n and a - offset == run_at + run_n:
                         run_n += b - a
                         continue
@@ -348,7 +361,20 @@ class MappedDisk:
                 return Local.SHORT
         except WouldBlock:
             return Local.WOULD_BLOCK
+        if remote:
+            self._count_remote(remote)
         return Local.DONE
+
+    def _count_remote(self, by_fd: dict[int, int]) -> None:
+        for fd, n in by_fd.items():
+            i = self._remote_fds[fd]
+            self._remote_hits[i] = self._remote_hits.get(i, 0) + n
+
+    def drain_remote_hits(self) -> list[list[int]]:
+        """[file index, bytes] read from remote bases' caches since the last call."""
+        out = [[i, n] for i, n in self._remote_hits.items()]
+        self._remote_hits = {}
+        return out
 
     def _write_local(self, offset: int, view: memoryview) -> Local:
         n = len(view)
@@ -644,7 +670,8 @@ class MappedDisk:
 
     def stats(self) -> dict[str, object]:
         return {"name": self.name, "entries": len(self._table), **self.counters,
-                "first_touches": self.drain_touches()}
+                "first_touches": self.drain_touches(),
+                "remote_hit_bytes": self.drain_remote_hits()}
 
 
 __all__ = ["MAX_TABLE_ENTRIES", "ZERO_FD", "ControlPlane", "Local", "MappedDisk", "Run"]

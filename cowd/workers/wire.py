@@ -153,6 +153,9 @@ class DiskSpec:
     # layer's, by index), or -1: the disk lends none (not a qcow2 top, read-only, a data
     # file, or a remap granule other than the cluster).
     lend_file: int = -1
+    # One flag per file: it is a remote base's cache file (formats/remote/), whose reads the
+    # worker counts as cache hits for ``cowd stats`` (empty: none is).
+    files_remote: tuple[bool, ...] = ()
     fds: tuple[int, ...] = field(default=(), compare=False)
 
 
@@ -378,7 +381,8 @@ def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
                       "size": msg.size, "cluster_size": msg.cluster_size,
                       "granule": msg.granule, "readonly": msg.readonly,
                       "files_writable": list(msg.files_writable), "scope": msg.scope,
-                      "fuse_ino": msg.fuse_ino, "lend_file": msg.lend_file})
+                      "fuse_ino": msg.fuse_ino, "lend_file": msg.lend_file,
+                      "files_remote": list(msg.files_remote)})
         return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
     if isinstance(msg, DiskGone):
         return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
@@ -554,9 +558,13 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
         spec = DiskSpec(int(d["disk_id"]), str(d["name"]), str(d["path"]), int(d["size"]),
                         int(d["cluster_size"]), int(d["granule"]), bool(d["readonly"]),
                         tuple(bool(w) for w in d["files_writable"]), _scope(d["scope"]),
-                        int(d["fuse_ino"]), int(d["lend_file"]), fds)
+                        int(d["fuse_ino"]), int(d["lend_file"]),
+                        tuple(bool(r) for r in d.get("files_remote", ())), fds)
         if len(fds) != len(spec.files_writable):
             raise ValueError(f"a disk needs one fd per file (fds={len(fds)})")
+        if spec.files_remote and len(spec.files_remote) != len(fds):
+            raise ValueError(f"a disk's remote flags are not one per file "
+                             f"(files_remote={len(spec.files_remote)}, fds={len(fds)})")
         if not -1 <= spec.lend_file < len(fds) or \
                 (spec.lend_file >= 0 and not spec.files_writable[spec.lend_file]):
             raise ValueError(f"the lending file is not a writable file of the disk "

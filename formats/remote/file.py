@@ -18,9 +18,13 @@ blocks missing, which the daemon fetches in a thread and then retries (cowd/remo
 
 Faults: a read that fails (a dropped connection, a stalled server past the per-try timeout,
 an error reply) is tried again on a new connection after a pause that doubles from
-``RETRY_MIN_S`` up to ``RETRY_MAX_S``, until the request's deadline (``timeout_s``): then it
-fails with ``ImageIOError`` (ETIMEDOUT or the server's errno), never with zeroes.  A remote
-that changed (HTTP 412, another size) fails every read of this base from then on.
+``RETRY_MIN_S`` up to ``RETRY_MAX_S``, until the request's deadline: then it fails with
+``ImageIOError`` (EIO, saying why), never with zeroes.  The deadline (``timeout_s`` after the
+request began) is one for the whole request: every run of blocks it misses and every
+``MAX_FETCH_BYTES`` piece of a run is fetched before that same instant, so a request that
+needs many pieces from a slow server fails at the deadline instead of waiting one deadline
+per piece.  A remote that changed (HTTP 412, another size) fails every read of this base
+from then on.
 
 A full cache (its byte budget reached) keeps no new block: fetched blocks are kept in memory
 (``TRANSIENT_BYTES`` at most, most recent first) for the reads that asked for them.
@@ -109,7 +113,7 @@ class RemoteBase:
         self._storing = 0  # bytes being stored by fetches in flight (under _lock)
         self.counters = {k: 0 for k in ("hit_bytes", "fetched_bytes", "fetches", "retries",
                                         "failures", "reconnects", "uncached_bytes",
-                                        "other_process_blocks")}
+                                        "other_process_blocks", "worker_hit_bytes")}
         first = self._connect(time.monotonic() + config.timeout_s)
         self.size = first.size
         # What says it is the version the cache holds: every later connection must see it.
@@ -221,8 +225,9 @@ class RemoteBase:
         if gaps:
             if not _fetch_inline():
                 raise NotCached(self, gaps)
+            deadline = time.monotonic() + self.timeout_s  # one for the whole read
             for first, end in gaps:
-                self.fetch(first, end)
+                self.fetch(first, end, deadline)
         else:
             self.counters["hit_bytes"] += length
         return present.find(0, b0, b1) < 0
@@ -280,22 +285,24 @@ class RemoteBase:
 
     # ---- fetching ------------------------------------------------------------------------
 
-    def fetch(self, first: int, end: int) -> None:
+    def fetch(self, first: int, end: int, deadline: float | None = None) -> None:
         """Fetch blocks [first, end) from the server into the cache (blocking; retried with
-        back-off until the deadline).  ImageIOError when they cannot be had in time."""
+        back-off).  ``deadline`` (``time.monotonic()``; default ``timeout_s`` from now) is
+        the request's: all of the blocks must be had before it, or ImageIOError."""
         if self.stale is not None:
             raise ImageIOError(self.url, self.stale, errno_mod.EIO)
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         bs = self.block_size
         per = max(1, MAX_FETCH_BYTES // bs)
         for a in range(first, end, per):
             b = min(end, a + per)
             off = a * bs
             length = min(b * bs, self.size) - off
-            data = self._fetch_range(off, length)
+            data = self._fetch_range(off, length, deadline)
             self._keep(a, data)
 
-    def _fetch_range(self, offset: int, length: int) -> bytes:
-        deadline = time.monotonic() + self.timeout_s
+    def _fetch_range(self, offset: int, length: int, deadline: float) -> bytes:
         pause = RETRY_MIN_S
         tries = 0
         while True:
@@ -322,7 +329,8 @@ class RemoteBase:
                 if left <= pause:
                     self.counters["failures"] += 1
                     raise ImageIOError(self.url, f"read of {length} bytes at {offset} failed "
-                                       f"after {tries} tries in {self.timeout_s:g} s: "
+                                       f"after {tries} tries, the request's deadline "
+                                       f"({self.timeout_s:g} s) reached: "
                                        f"{e.strerror or e}", errno_mod.EIO) from None
                 self.counters["retries"] += 1
                 time.sleep(pause)
@@ -356,6 +364,13 @@ class RemoteBase:
             self._transient.popitem(last=False)
 
     # ---- lifetime ------------------------------------------------------------------------
+
+    def note_hits(self, length: int, *, by_worker: bool = False) -> None:
+        """Count ``length`` bytes read from the cache elsewhere (a worker process reads a
+        cached block by fd, without this object: cowd/workers/host.py reports them)."""
+        self.counters["hit_bytes"] += length
+        if by_worker:
+            self.counters["worker_hit_bytes"] += length
 
     def stats(self) -> dict[str, object]:
         fetched = self.counters["fetched_bytes"]

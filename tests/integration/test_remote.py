@@ -179,7 +179,7 @@ def test_cache_is_shared_and_survives(tmp_path: Path, cowd: Cowd,
             for ov in ovs:
                 assert nbd_read(sock, ov.name, tmp_path) == want
             (b1,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
-        # (Served by the daemon itself: workers read held blocks by fd, uncounted.)
+        # (Served by the daemon itself; test_worker_cache_hits_count_in_stats has workers.)
         with cowd.serve(*ovs, extra=["--workers", "0"]) as sock:
             assert nbd_read(sock, ovs[0].name, tmp_path) == want
             (b2,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
@@ -205,6 +205,38 @@ def test_cache_is_shared_and_survives(tmp_path: Path, cowd: Cowd,
         with cowd.serve(ovs[0]):
             p2 = cowd("cache", "drop", srv.url, rc=1)
             assert "in use" in p2.stderr
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "0"]], ids=["workers", "no-workers"])
+def test_worker_cache_hits_count_in_stats(tmp_path: Path, cowd: Cowd,
+                                          workers: list[str]) -> None:
+    """The disk read twice through cowd serve: the second read is all cache hits, most of
+    them read by the worker processes from the cache file by fd; cowd stats counts them
+    (hit bytes, bytes saved, hit rate; ``worker_hit_bytes`` for the workers' share) and
+    fetches nothing more.  The bytes are qemu's both times."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    with nbdkit(tmp_path, raw) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
+        want = qemu_chain(ov, tmp_path)
+        with cowd.serve(ov, extra=workers) as sock:
+            assert nbd_read(sock, ov.name, tmp_path) == want
+            (b1,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+            assert b1["fetched_bytes"] >= len(want) // 2
+            assert nbd_read(sock, ov.name, tmp_path) == want
+            (b2,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+    assert b2["fetched_bytes"] == b1["fetched_bytes"] and b2["fetches"] == b1["fetches"]
+    hits = b2["hit_bytes"] - b1["hit_bytes"]
+    by_workers = b2["worker_hit_bytes"] - b1["worker_hit_bytes"]
+    assert hits >= len(want) // 2, (b1, b2)  # (reads of zeroes may be skipped by status)
+    assert b2["saved_bytes"] == b2["hit_bytes"]
+    assert b2["hit_rate"] > b1["hit_rate"]
+    if workers:  # --workers 0: the daemon reads them all itself
+        assert b2["worker_hit_bytes"] == 0
+    else:
+        assert by_workers >= hits // 2, (b1, b2)
 
 
 def test_ext4_through_attach_on_a_remote_base(tmp_path: Path, cowd: Cowd) -> None:

@@ -1,15 +1,19 @@
 """Remote bases under faults (issue 17): nbdkit's error, rate and delay filters in front of
-the base, a server killed mid-read and started again, a base replaced on the server.  A read
-ends with the right bytes or EIO, never with zeroes or another version's bytes; the daemon
-keeps serving its other disks; reconnection is automatic.
+the base, a server stalled (SIGSTOP) and resumed, killed mid-read and started again, a base
+replaced on the server (through cowd convert, serve and attach).  A read ends with the right
+bytes or EIO at the request's deadline, never with zeroes or another version's bytes; the
+daemon keeps serving its other disks; reconnection is automatic.  The daemon's tests run
+with its worker processes (the default) and without.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,10 @@ from tests.support.remote import Cowd, cowd_fixture, make_base, nbdkit, nginx, r
 
 pytestmark = remote_marks(240)
 cowd = cowd_fixture()
+
+# The daemon with its worker processes (the default: NBD connections are handed to workers,
+# whose misses the daemon fetches) and without.
+WORKERS = [pytest.param([], id="workers"), pytest.param(["--workers", "0"], id="no-workers")]
 
 
 def read_export(sock: Path, export: str, out: Path,
@@ -41,7 +49,9 @@ def local_disk(tmp: Path) -> tuple[Path, bytes]:
     return ov, data
 
 
-def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd,
+                                          workers: list[str]) -> None:
     files = tmp_path / "files"
     files.mkdir()
     raw = make_base(files, 16)
@@ -53,7 +63,7 @@ def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
         ov = tmp_path / "ov.qcow2"
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
         local, local_data = local_disk(tmp_path)
-        with cowd.serve(ov, local, extra=["--remote-timeout", "3"]) as sock:
+        with cowd.serve(ov, local, extra=["--remote-timeout", "3", *workers]) as sock:
             t0 = time.monotonic()
             p = read_export(sock, ov.name, tmp_path / "bad.raw")
             took = time.monotonic() - t0
@@ -72,11 +82,14 @@ def test_error_filter_is_eio_and_recovers(tmp_path: Path, cowd: Cowd) -> None:
             assert good.read_bytes() == raw.read_bytes()
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("restart", [True, False])
-def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool) -> None:
-    """nbdkit (rate-limited, so the read takes seconds) is SIGKILLed in the middle of a
-    whole-disk read; started again on the same port within the deadline the read completes
-    with the right bytes; not started again, it fails with EIO.  Never wrong data."""
+def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool,
+                                workers: list[str]) -> None:
+    """nbdkit (rate-limited to 64 Mbit/s, so the read takes seconds) is SIGKILLed in the
+    middle of a whole-disk read; started again on the same port within the deadline the read
+    completes with the right bytes; not started again, it fails with EIO.  Never wrong
+    data."""
     files = tmp_path / "files"
     files.mkdir()
     raw = make_base(files, 32)
@@ -84,14 +97,11 @@ def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool) -> No
     ov = tmp_path / "ov.qcow2"
     with contextlib.ExitStack() as stack:
         srv = stack.enter_context(nbdkit(tmp_path, raw, filters=["rate"],
-                                         params=["rate=16M"]))
+                                         params=["rate=64M"]))
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "32M")
-        # --workers 0: on this branch's base a worker process dies ten seconds after it
-        # starts (PR_SET_PDEATHSIG follows trio's forking thread; fixed on main), which
-        # drops the reader's connection whatever the remote does.
         sock = stack.enter_context(cowd.serve(ov, extra=["--remote-timeout",
                                                          "20" if restart else "3",
-                                                         "--workers", "0"]))
+                                                         *workers]))
         out = tmp_path / "out.raw"
         reader = subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw",
                                    f"nbd+unix:///{ov.name}?socket={sock}", str(out)],
@@ -103,7 +113,7 @@ def test_server_killed_mid_read(tmp_path: Path, cowd: Cowd, restart: bool) -> No
         if restart:
             time.sleep(1.5)
             stack.enter_context(nbdkit(tmp_path, raw, filters=["rate"],
-                                       params=["rate=16M"], port=srv.port))
+                                       params=["rate=64M"], port=srv.port))
         _, err = reader.communicate(timeout=120)
         if restart:
             assert reader.returncode == 0, err
@@ -139,8 +149,9 @@ def test_changed_remote_fails_the_open_in_one_line(tmp_path: Path, cowd: Cowd) -
         assert not out.exists()
 
 
-def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
-                                                               cowd: Cowd) -> None:
+@pytest.mark.parametrize("workers", WORKERS)
+def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path, cowd: Cowd,
+                                                               workers: list[str]) -> None:
     """nginx's file is replaced (same size, new ETag) while a disk over it is served: reads
     that need a block not cached yet fail with EIO (If-Match answered 412), never the new
     version's bytes mixed with the old one's."""
@@ -150,7 +161,7 @@ def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path,
     with nginx(tmp_path, files) as srv:
         ov = tmp_path / "ov.qcow2"
         cowd("create", "--base", f"{srv.url}/base.raw", "--overlay", "qcow", "-o", ov)
-        with cowd.serve(ov, extra=["--workers", "0", "--remote-timeout", "3"]) as sock:
+        with cowd.serve(ov, extra=[*workers, "--remote-timeout", "3"]) as sock:
             uri = f"nbd+unix:///{ov.name}?socket={sock}"
             p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 1 0 64k", uri],
                                capture_output=True, text=True, timeout=60)
@@ -191,3 +202,215 @@ def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
             assert base.stale
         finally:
             base.close()
+
+
+# ---- a stalled server, a slow one, and the request's one deadline -----------------------------
+
+def chain_oracle(ov: Path, tmp: Path) -> bytes:
+    """qemu-img convert of the chain, qemu reading the remote base itself."""
+    out = tmp / "oracle.raw"
+    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", ov, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_stalled_server_is_eio_at_the_deadline_then_recovers(tmp_path: Path, cowd: Cowd,
+                                                             workers: list[str]) -> None:
+    """nbdkit stopped (SIGSTOP: connections open, nothing answered) while a disk over it is
+    read: the read fails with EIO once the deadline has passed (not at once, not never, not
+    zeroes); another disk of the daemon is served meanwhile; after SIGCONT the same read
+    gives qemu's bytes over the same connections or new ones, without a restart."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    deadline_s = 3.0
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(nbdkit(tmp_path, raw))
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
+        want = chain_oracle(ov, tmp_path)
+        local, local_data = local_disk(tmp_path)
+        sock = stack.enter_context(cowd.serve(ov, local, extra=[
+            "--remote-timeout", str(deadline_s), *workers]))
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        stopped = True
+
+        def cont() -> None:
+            if stopped:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+
+        stack.callback(cont)
+        t0 = time.monotonic()
+        reader = subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                                   f"nbd+unix:///{ov.name}?socket={sock}",
+                                   str(tmp_path / "bad.raw")], stderr=subprocess.PIPE)
+        stack.callback(lambda: reader.poll() is None and reader.kill())
+        # While that read waits for the stalled server, the other disk is served.
+        out = tmp_path / "local-read.raw"
+        p = read_export(sock, local.name, out, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == local_data
+        assert reader.poll() is None, "the read did not wait for the stalled server"
+        _, err = reader.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert reader.returncode != 0 and b"Input/output error" in err, err
+        assert deadline_s - 0.5 <= took < deadline_s + 10, took
+        (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+        assert b["failures"] >= 1 and b["fetched_bytes"] == 0, b
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        stopped = False
+        good = tmp_path / "good.raw"
+        p = read_export(sock, ov.name, good, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert good.read_bytes() == want
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_slow_server_below_the_deadline_gives_the_bytes(tmp_path: Path, cowd: Cowd,
+                                                        workers: list[str]) -> None:
+    """nbdkit's delay filter holds every read 0.4 s (well under the 5 s deadline): slow,
+    never a failure; the bytes are qemu's."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=400ms"]) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "8M")
+        want = chain_oracle(ov, tmp_path)
+        with cowd.serve(ov, extra=["--remote-timeout", "5", *workers]) as sock:
+            got = tmp_path / "got.raw"
+            p = read_export(sock, ov.name, got, timeout=120)
+            assert p.returncode == 0, p.stderr
+            assert got.read_bytes() == want
+            (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
+            assert b["failures"] == 0 and b["fetched_bytes"] >= len(want), b
+
+
+def test_deadline_bounds_the_whole_request_library(tmp_path: Path) -> None:
+    """One read that needs four 4 MiB fetches from a server that takes 1.2 s for each: with
+    a 2.5 s deadline it fails at about 2.5 s (one deadline for the request), not after
+    4.8 s with the bytes (a deadline for each piece)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=1200ms"]) as srv:
+        base = RemoteBase(parse(srv.url), RemoteConfig(cache_root=str(tmp_path / "cache"),
+                                                       timeout_s=2.5))
+        try:
+            buf = bytearray(16 << 20)
+            t0 = time.monotonic()
+            with pytest.raises(ImageIOError) as e:
+                base.read_into(base.files.data_fd, 0, memoryview(buf))
+            took = time.monotonic() - t0
+            assert 2.0 <= took < 4.5, took  # (a deadline per piece: the bytes after 4.8 s)
+            assert "deadline" in str(e.value) and srv.url in str(e.value), e.value
+            # What was fetched in time is kept, and is the base's.
+            held = base.files.held_bytes
+            assert 0 < held < len(buf)
+            assert base.read_into(base.files.data_fd, 0, memoryview(buf)[:held]) == held
+            assert bytes(buf[:held]) == raw.read_bytes()[:held]
+        finally:
+            base.close()
+
+
+def test_deadline_bounds_the_whole_request_served(tmp_path: Path, cowd: Cowd) -> None:
+    """The same through the daemon (its fetcher, a worker process's miss): one 16 MiB NBD
+    read over a server that takes 1.2 s per 4 MiB piece fails with EIO near the 2.5 s
+    deadline; a small read afterwards still gives the base's bytes."""
+    files = tmp_path / "files"
+    files.mkdir()
+    raw = make_base(files, 16)
+    with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=1200ms"]) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
+        with cowd.serve(ov, extra=["--remote-timeout", "2.5"]) as sock:
+            uri = f"nbd+unix:///{ov.name}?socket={sock}"
+            t0 = time.monotonic()
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 16M", uri],
+                               capture_output=True, text=True, timeout=60)
+            took = time.monotonic() - t0
+            assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
+            assert took < 6.0, took  # qemu-io's start included
+            want = raw.read_bytes()[15 << 20:(15 << 20) + 65536]
+            ref = tmp_path / "ref.raw"
+            ref.write_bytes(want)
+            p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
+                                f"json:{{\"driver\":\"raw\",\"offset\":{15 << 20},"
+                                f"\"size\":65536,\"file\":{{\"driver\":\"nbd\","
+                                f"\"server\":{{\"type\":\"unix\",\"path\":\"{sock}\"}},"
+                                f"\"export\":\"{ov.name}\"}}}}"],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stdout + p.stderr
+
+
+# ---- a changed base, through the daemon ----------------------------------------------------
+
+
+def _changed_base(tmp: Path, cowd: Cowd, server: str) -> Iterator[tuple[Path, str, str]]:
+    """An overlay over a base on ``server``, its cache filled by one ``cowd convert``, then
+    the base changed on the server: nginx's file rewritten (same size, new ETag), or nbdkit
+    started again on the same port exporting one of another size.  Yields the overlay, the
+    base's URL and what the changed validator must mention."""
+    files = tmp / "files"
+    files.mkdir()
+    raw = make_base(files, 8)
+    with contextlib.ExitStack() as stack:
+        if server == "nginx":
+            srv = stack.enter_context(nginx(tmp, files))
+            url = f"{srv.url}/base.raw"
+        else:
+            srv = stack.enter_context(nbdkit(tmp, raw))
+            url = srv.url
+        ov = tmp / "ov.qcow2"
+        cowd("create", "--base", url, "--overlay", "qcow", "-o", ov)
+        cowd("convert", ov, tmp / "a.raw", "-O", "raw", "--allow-remote-backing")
+        if server == "nginx":
+            st = raw.stat()
+            raw.write_bytes(b"\x7f" * st.st_size)  # a new version, same size
+            os.utime(raw, (st.st_atime + 10, st.st_mtime + 10))  # nginx's ETag: mtime
+            what = "etag="
+        else:
+            srv.stop()
+            bigger = files / "bigger.raw"
+            bigger.write_bytes(raw.read_bytes() + b"\1" * 65536)
+            stack.enter_context(nbdkit(tmp, bigger, port=srv.port))
+            what = "size=8454144"
+        yield ov, url, what
+
+
+@pytest.mark.parametrize("server", ["nginx", "nbdkit"])
+def test_changed_base_fails_serve_in_one_line(tmp_path: Path, cowd: Cowd,
+                                              server: str) -> None:
+    for ov, url, what in _changed_base(tmp_path, cowd, server):
+        sock = tmp_path / "x.sock"
+        p = subprocess.run([*COWD, "serve", str(ov), "--nbd", f"unix:{sock}", "--run-dir",
+                            str(tmp_path / "run"), "--allow-remote-backing"],
+                           capture_output=True, text=True, timeout=60, env=cowd.env,
+                           stdin=subprocess.DEVNULL)
+        line = p.stderr.strip()
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert "\n" not in line and "Traceback" not in line, line
+        assert ov.name in line and url in line and "changed" in line and what in line, line
+        assert not sock.exists()
+
+
+@pytest.mark.parametrize("server", ["nginx", "nbdkit"])
+def test_changed_base_fails_attach_in_one_line(tmp_path: Path, cowd: Cowd,
+                                               server: str) -> None:
+    from tests.support.attach import Env, attach_problem
+
+    problem = attach_problem()
+    if problem:
+        pytest.skip(problem)
+    for ov, url, what in _changed_base(tmp_path, cowd, server):
+        with Env.under(tmp_path) as env:
+            p = env.cowd("attach", ov, "--via", "fuse", "--allow-remote-backing",
+                         "--remote-cache-dir", cowd.cache, rc=1)
+            line = p.stderr.strip()
+            assert "\n" not in line, line
+            assert ov.name in line and url in line and "changed" in line and what in line, \
+                line
+            assert p.stdout == ""
+            assert env.list() == []

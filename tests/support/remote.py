@@ -126,29 +126,35 @@ def _started(argv: Sequence[str], log: Path, url: str, *, port: int = 0,
 
 
 def nbdkit_argv(image: Path, *, filters: Sequence[str] = (), params: Sequence[str] = (),
-                sock: Path | None = None, port: int = 0,
-                host: str = "127.0.0.1") -> list[str]:
+                sock: Path | None = None, port: int = 0, host: str = "127.0.0.1",
+                options: Sequence[str] = ()) -> list[str]:
     where = ["-U", str(sock)] if sock is not None else ["-p", str(port), "-i", host]
-    return ["nbdkit", "-f", "-r", *where, *[f"--filter={f}" for f in filters],
+    return ["nbdkit", "-f", "-r", *where, *options, *[f"--filter={f}" for f in filters],
             "file", f"file={image}", *params]
 
 
 @contextlib.contextmanager
 def nbdkit(tmp: Path, image: Path, *, filters: Sequence[str] = (),
            params: Sequence[str] = (), unix: bool = False, port: int = 0,
-           host: str = "127.0.0.1", netns: str | None = None) -> Iterator[Server]:
-    """nbdkit's file plugin exporting ``image`` read-only (its bytes, whatever format)."""
+           host: str = "127.0.0.1", netns: str | None = None,
+           options: Sequence[str] = ()) -> Iterator[Server]:
+    """nbdkit's file plugin exporting ``image`` read-only (its bytes, whatever format);
+    ``options`` are nbdkit's own (``--tls=require``...), ``params`` the plugin's and the
+    filters'.  With ``--tls=require`` in ``options`` the URL is ``nbds://``."""
     if unix:
         sock = tmp / f"nbdkit-{image.stem}.sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        with _started(nbdkit_argv(image, filters=filters, params=params, sock=sock),
+        with _started(nbdkit_argv(image, filters=filters, params=params, sock=sock,
+                                  options=options),
                       tmp / "nbdkit.log", f"nbd+unix:///?socket={sock}", path=sock) as s:
             yield s
         return
     port = port or free_port(host)
-    with _started(nbdkit_argv(image, filters=filters, params=params, port=port, host=host),
-                  tmp / "nbdkit.log", f"nbd://{host}:{port}/", port=port, host=host,
+    scheme = "nbds" if "--tls=require" in options else "nbd"
+    with _started(nbdkit_argv(image, filters=filters, params=params, port=port, host=host,
+                              options=options),
+                  tmp / "nbdkit.log", f"{scheme}://{host}:{port}/", port=port, host=host,
                   netns=netns) as s:
         yield s
 

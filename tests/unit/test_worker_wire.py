@@ -23,6 +23,8 @@ MESSAGES: list[W.Message] = [
                scope=W.SCOPE_DEVICE, fuse_ino=3, fds=(14,)),
     W.DiskSpec(9, "vm3.qcow2", "/srv/vm3.qcow2", 1 << 30, 65536, 65536, False,
                (True, False), lend_file=0, fds=(17, 18)),
+    W.DiskSpec(10, "vm4.qcow2", "/srv/vm4.qcow2", 1 << 30, 65536, 65536, False,
+               (True, False), files_remote=(False, True), fds=(19, 20)),
     W.DiskGone(7),
     W.DiskState(7, True, "base.qcow2: L2 table past end of file (marked corrupt)"),
     W.Connection("nbd client 127.0.0.1:4242", fds=(13,)),
@@ -186,6 +188,12 @@ def test_lending_payloads_round_trip() -> None:
         W.parse_lent_runs(W.lent_runs(runs)[:-1])
     with pytest.raises(W.ChannelError, match="whole adoptions"):
         W.parse_adoptions(W.adoptions(adopt) + b"x")
+    raw, fds = W.encode(W.DiskSpec(1, "x", "/x", 512, 512, 512, False, (True, False),
+                                   files_remote=(True,), fds=(3, 4)))
+    dec = W.Decoder()
+    dec.feed(raw, fds)
+    with pytest.raises(W.ChannelError, match="remote flags"):
+        dec.next_message()
     for lend_file, writable in ((1, (True, False)), (2, (True, False)), (-2, (True,))):
         raw, fds = W.encode(W.DiskSpec(1, "x", "/x", 512, 512, 512, False, writable,
                                        lend_file=lend_file, fds=(3,) * len(writable)))
