@@ -19,33 +19,16 @@ from tests.support.remote import (
     Cowd,
     cowd_fixture,
     make_base,
+    nbd_read,
     nbdkit,
     nginx,
+    qemu_chain,
     qemu_nbd,
     remote_marks,
 )
 
 pytestmark = remote_marks(240)
 cowd = cowd_fixture()
-
-
-def qemu_chain(image: Path, tmp: Path) -> bytes:
-    """The oracle: qemu-img convert of the chain, qemu opening the remote base itself (one
-    request at a time: qemu 7.2's curl driver hangs on some overlapping concurrent reads)."""
-    out = tmp / "oracle.raw"
-    qemu_img("convert", "-m", "1", "-U", "-f", "qcow2", "-O", "raw", image, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
-def nbd_read(sock: Path, export: str, tmp: Path) -> bytes:
-    """The served disk as qemu-img's NBD client reads it."""
-    out = tmp / f"read-{export}.raw"
-    qemu_img("convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{export}?socket={sock}", out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 @pytest.fixture

@@ -30,8 +30,10 @@ from tests.support.remote import (
     Server,
     cowd_fixture,
     make_base,
+    nbd_read,
     nbdkit,
     nginx,
+    qemu_chain,
     remote_marks,
 )
 
@@ -116,24 +118,6 @@ def _read_in_order(sock: Path, name: str, order: list[int]) -> None:
     script = "h = connect(NAME)\nfor i in ORDER:\n" \
              "    h.pread(4096, i * G + 8192)\n    h.pread(512, i * G + G - 512)\n"
     nbdsh(script, NAME=name, ORDER=order, G=G, SOCK=str(sock))
-
-
-def _nbd_read(sock: Path, name: str, tmp: Path) -> bytes:
-    out = tmp / f"read-{name}.raw"
-    qemu_img("convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{name}?socket={sock}", out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
-def _qemu_chain(image: Path, tmp: Path) -> bytes:
-    """The oracle: qemu-img convert of the chain, qemu opening the remote base itself (one
-    request at a time: qemu 7.2's curl driver hangs on some overlapping concurrent reads)."""
-    out = tmp / "oracle.raw"
-    qemu_img("convert", "-m", "1", "-U", "-f", "qcow2", "-O", "raw", image, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def _disk(cowd: Cowd) -> dict[str, Any]:
@@ -232,8 +216,8 @@ def test_second_overlay_fills_the_cache_in_trace_order(cowd: Cowd, origin: Origi
             assert f"boot trace: loaded, {len(ORDER)} entries" in text, text
             assert f"{len(ORDER)} prefetched before read (100.0%)" in text, text
             # Every byte as qemu reads the chain.
-            got_disk = _nbd_read(sock, second.name, cowd.tmp)
-        assert got_disk == _qemu_chain(second, cowd.tmp)
+            got_disk = nbd_read(sock, second.name, cowd.tmp)
+        assert got_disk == qemu_chain(second, cowd.tmp)
         # A loaded trace is kept (it is the first boot's).
         assert Path(path).read_bytes() == recorded
 
@@ -271,12 +255,12 @@ def test_a_replaced_remote_base_ignores_the_stale_trace(cowd: Cowd, tmp_path: Pa
             time.sleep(0.5)  # a prefetch, were there one, would have started by now
             assert (_remote(cowd)["fetched_bytes"], origin.sent() - sent0) == (0, 0)
             _read_in_order(sock, second.name, ORDER[:3])
-            got_disk = _nbd_read(sock, second.name, tmp_path)
+            got_disk = nbd_read(sock, second.name, tmp_path)
             bt = _disk(cowd)["boot_trace"]
             assert (bt["prefetched"], bt["prefetched_before_read"]) == (0, 0), bt
         log = _log_since(cowd, mark)
         assert log.count("boot trace ignored: stale: the remote base changed") == 1, log
-        assert got_disk == _qemu_chain(second, tmp_path)
+        assert got_disk == qemu_chain(second, tmp_path)
         i = ORDER[0]
         assert got_disk[i * G:(i + 1) * G] == new_bytes[i * G:(i + 1) * G] != \
             old_bytes[i * G:(i + 1) * G]
@@ -340,8 +324,8 @@ def test_a_full_cache_stops_the_prefetch(cowd: Cowd, tmp_path: Path) -> None:
             # Nothing fetched past the budget to be kept in memory only.
             assert b["uncached_bytes"] == 0 and b["fetched_bytes"] == b["held_bytes"], b
             assert bt["prefetched"] == b["held_bytes"] // G, bt
-            got_disk = _nbd_read(sock, second.name, tmp_path)
-        assert got_disk == _qemu_chain(second, tmp_path)
+            got_disk = nbd_read(sock, second.name, tmp_path)
+        assert got_disk == qemu_chain(second, tmp_path)
         log = _log_since(cowd, mark)
         assert log.count("boot-trace prefetch stopped: the cache is full") == 1, log
 
@@ -419,5 +403,5 @@ def test_a_remote_qcow2_base_traces_its_data_clusters(cowd: Cowd, tmp_path: Path
             assert _remote(cowd)["fetched_bytes"] == fetched  # all from the cache
             bt = _disk(cowd)["boot_trace"]
             assert bt["prefetched_before_read"] == len(order), bt
-            got_disk = _nbd_read(sock, second.name, tmp_path)
-        assert got_disk == _qemu_chain(second, tmp_path)
+            got_disk = nbd_read(sock, second.name, tmp_path)
+        assert got_disk == qemu_chain(second, tmp_path)

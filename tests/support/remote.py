@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.peers import COWD, missing_tool, stop_process
+from tests.support.peers import COWD, missing_tool, qemu_img, stop_process
 
 # How long a server may take to listen.
 START_TIMEOUT_S = 15.0
@@ -305,3 +305,22 @@ __all__ = [
     "remote_marks",
     "remote_problem",
 ]
+
+
+def qemu_chain(image: Path, tmp: Path) -> bytes:
+    """The oracle: qemu-img convert of the chain, qemu opening the remote base itself (one
+    request at a time: qemu 7.2's curl driver hangs on some overlapping concurrent reads)."""
+    out = tmp / "oracle.raw"
+    qemu_img("convert", "-m", "1", "-U", "-f", "qcow2", "-O", "raw", image, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def nbd_read(sock: Path, export: str, tmp: Path) -> bytes:
+    """The served disk as qemu-img's NBD client reads it."""
+    out = tmp / f"read-{export}.raw"
+    qemu_img("convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{export}?socket={sock}", out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
