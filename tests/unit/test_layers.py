@@ -18,8 +18,9 @@ from tests.support import ROOT
 COWD_LAYERS = [
     {"errors", "imagelock", "trust", "qemuout", "process", "sysmem", "frontends",
      "frontends.nbd", "frontends.fuse", "frontends.kmod", "disk.api", "disk.backing_io",
-     "disk.locks", "disk.boottrace", "workers", "workers.wire", "workers.channel"},
+     "disk.locks", "workers", "workers.wire", "workers.channel"},
     {"remap", "disk.remote", "disk.pool"},
+    {"disk.boottrace"},
     {"disk.chain"},
     {"disk.streams", "disk.hooks"},
     {"disk.lending", "disk.mapping"},
