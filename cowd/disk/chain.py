@@ -35,7 +35,7 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import trio
 
@@ -47,6 +47,9 @@ from formats.opener import OpenPolicy
 from ..remap import Extents, Origin, RemapCache, RemapCounters
 from .backing_io import read_run, zero_fill
 from .pool import ImagePool, Layer, file_key, lock_image
+
+if TYPE_CHECKING:
+    from .remote import Deadline
 
 T = TypeVar("T")
 
@@ -157,8 +160,8 @@ class PlanState:
     """One planning pass: what a miss resolves beyond the granule it needs, and where a pass
     that met a busy layer stopped."""
 
-    __slots__ = ("ahead", "ahead_origin", "cache_writes", "end", "lookups", "owned", "resume",
-                 "resume_len", "to_end")
+    __slots__ = ("ahead", "ahead_origin", "cache_writes", "deadline", "end", "lookups", "owned",
+                 "resume", "resume_len", "to_end")
 
     def __init__(self, ahead: int = 0, ahead_origin: int = Origin.READAHEAD,
                  end: int = 0, to_end: bool = False, *, owned: bool = False,
@@ -172,6 +175,9 @@ class PlanState:
         self.resume_len = 0
         self.owned = owned  # the caller holds every layer's lock
         self.cache_writes = cache_writes  # False in a worker thread: peek, never insert
+        # The request's deadline for fetching a remote layer's blocks, over all its rounds
+        # (cowd/disk/remote.py's Deadline), when the caller has one.
+        self.deadline: Deadline | None = None
 
 
 class Chain:

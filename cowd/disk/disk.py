@@ -84,7 +84,7 @@ from .lending import Lending
 from .locks import GranuleLocks
 from .mapping import DiskMap
 from .pool import ImagePool, Layer
-from .remote import FETCHER, fetch_missing, warm_chain
+from .remote import FETCHER, Deadline, fetch_missing, warm_chain
 from .streams import KeptPlans, Streams, advise_segments
 
 # write_zeroes and trim carry no payload and may span the whole disk (mkfs discards
@@ -180,13 +180,14 @@ class Disk:
             # the cache instead of waiting for the network in the event loop.
             warm = await trio.to_thread.run_sync(warm_chain, path, fmt, policy)
         try:
+            deadline = Deadline()
             for _ in range(MAX_FETCH_ROUNDS):
                 try:
                     chain = Chain.open(path, pool=pool, cache=cache, writable=not readonly,
                                        fmt=fmt, policy=policy)
                     break
                 except NotCached as miss:
-                    await fetch_missing(miss)
+                    await fetch_missing(miss, deadline=deadline)
             else:
                 raise DiskError(errno.EIO, f"{path}: a remote base kept missing blocks")
         finally:
@@ -298,11 +299,13 @@ class Disk:
         await self._read(offset, memoryview(buf), zeroed=True)
         return bytes(buf)
 
-    async def read_into(self, offset: int, dest: memoryview | bytearray) -> None:
-        """Read ``len(dest)`` bytes at ``offset`` into ``dest`` (the zero-copy :meth:`read`)."""
+    async def read_into(self, offset: int, dest: memoryview | bytearray,
+                        deadline: Deadline | None = None) -> None:
+        """Read ``len(dest)`` bytes at ``offset`` into ``dest`` (the zero-copy :meth:`read`);
+        ``deadline``: the request's, when it fetched already (a worker's miss)."""
         view = memoryview(dest).cast("B")
         self._check_read(offset, len(view))
-        await self._read(offset, view, zeroed=False)
+        await self._read(offset, view, zeroed=False, deadline=deadline)
 
     def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
                       may_block: bool = False) -> bool:
@@ -466,11 +469,13 @@ class Disk:
         self._ops["reads"] += 1
         self._ops["bytes_read"] += length
 
-    async def _read(self, offset: int, dest: memoryview, zeroed: bool) -> None:
+    async def _read(self, offset: int, dest: memoryview, zeroed: bool,
+                    deadline: Deadline | None = None) -> None:
         length = len(dest)
         if length == 0:
             await trio.lowlevel.checkpoint()
             return
+        deadline = deadline or Deadline()
         for _ in range(MAX_FETCH_ROUNDS):
             try:
                 if self._try_read(offset, dest, zeroed):
@@ -478,16 +483,16 @@ class Disk:
                 await self._read_locked(offset, dest)
                 return
             except NotCached as miss:
-                await self._fetch(miss)
+                await self._fetch(miss, deadline)
                 zeroed = False
         raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks "
                         f"(offset={offset}, length={length})")
 
-    async def _fetch(self, miss: NotCached) -> None:
+    async def _fetch(self, miss: NotCached, deadline: Deadline | None = None) -> None:
         """Fetch a remote layer's missing blocks (cowd/disk/remote.py); EIO past the
-        deadline."""
+        deadline (the request's, over all its rounds, when it passes one)."""
         try:
-            await fetch_missing(miss)
+            await fetch_missing(miss, deadline=deadline)
         except (FormatError, OSError) as e:
             raise self._translate(e) from e
 
@@ -572,11 +577,12 @@ class Disk:
     async def _library_write(self, guest_offset: int, view: memoryview) -> int:
         """``Image.write`` for one piece (caller holds its granules); refills the touched
         clusters' entries.  Returns the resolver calls made."""
+        deadline = Deadline()
         for _ in range(MAX_FETCH_ROUNDS):
             try:
                 return await self._library_write_once(guest_offset, view)
             except NotCached as miss:  # a copy-up source the fetch before did not cover
-                await self._fetch(miss)
+                await self._fetch(miss, deadline)
         raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks")
 
     async def _library_write_once(self, guest_offset: int, view: memoryview) -> int:
@@ -689,9 +695,10 @@ class Disk:
 
     # ---- the kernel shim's questions --------------------------------------------------------
 
-    async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Segment]:
+    async def segments(self, offset: int, length: int, ahead: int = 0,
+                       deadline: Deadline | None = None) -> list[Segment]:
         """Where the range lives, as remaps may name it (:meth:`DiskMap.segments`)."""
-        return await self.mapping.segments(offset, length, ahead)
+        return await self.mapping.segments(offset, length, ahead, deadline)
 
     async def allocate(self, offset: int, length: int) -> list[Segment]:
         """Make every top-layer cluster touching the range DATA that the top layer owns,
@@ -726,12 +733,16 @@ class Disk:
         return self.mapping.mappable(segs)
 
     async def _plan_fetching(self, start: int, end: int, req: PlanState) -> list[Segment]:
-        """``Chain.plan_locked``, fetching a remote layer's metadata as it is needed."""
+        """``Chain.plan_locked``, fetching a remote layer's metadata as it is needed (by the
+        request's deadline, ``req.deadline``, when it has one)."""
+        if req.deadline is None:
+            req.deadline = Deadline()
+        deadline = req.deadline
         for _ in range(MAX_FETCH_ROUNDS):
             try:
                 return await self.chain.plan_locked(start, end, req)
             except NotCached as miss:
-                await self._fetch(miss)
+                await self._fetch(miss, deadline)
         raise DiskError(errno.EIO, f"{self.path}: a remote base kept missing blocks")
 
     async def _ready_copy_up(self, start: int, end: int, whole: bool) -> None:
@@ -743,6 +754,7 @@ class Disk:
         pieces = [(head, min(tail, self.size))] if whole else \
             [(a, min(a + cs, self.size)) for a in {head, tail - cs}
              if (a < start or min(a + cs, self.size) > end) and a < self.size]
+        deadline = Deadline()
         for a, b in pieces:
             for _ in range(MAX_FETCH_ROUNDS):
                 segs: list[Segment] = []
@@ -756,7 +768,7 @@ class Disk:
                             remote.ready(seg.file_offset, seg.length)
                     break
                 except NotCached as miss:
-                    await self._fetch(miss)
+                    await self._fetch(miss, deadline)
 
     # ---- block status, prefetch, priming (cowd/disk/mapping.py) ---------------------------
 

@@ -34,6 +34,7 @@ from ..remap import Origin
 from .api import MAX_REQUEST_BYTES
 from .chain import PlanState, Segment, clip
 from .hooks import DiskHooks
+from .remote import Deadline
 from .streams import advise_segments
 
 # block_status answers at most this much of the asked range (NBD lets the server answer a
@@ -54,13 +55,16 @@ class DiskMap:
         self._hooks = hooks
         self.chain = hooks.chain
 
-    async def segments(self, offset: int, length: int, ahead: int = 0) -> list[Segment]:
+    async def segments(self, offset: int, length: int, ahead: int = 0,
+                       deadline: Deadline | None = None) -> list[Segment]:
         """Where [offset, offset + length) lives: its :class:`Segment` runs in guest order
         (``depth`` is the layer's index in the chain, BELOW_CHAIN: zeroes), :meth:`mappable`.
         A miss also resolves ``ahead`` more granules into the cache.  The kernel frontend
-        and the workers turn these into remaps."""
+        and the workers turn these into remaps.  ``deadline``: the request's, for a remote
+        layer's fetches (a worker's miss plans, then may read)."""
         self._hooks.check_read(offset, length, None)
         req = PlanState(ahead=ahead)
+        req.deadline = deadline
         try:
             segs = await self._hooks.plan_fetching(offset, offset + length, req)
         except (FormatError, OSError, ValueError) as e:

@@ -85,15 +85,18 @@ class Fetcher:
         trio_thread = threading.get_ident()
         remote_file.set_fetch_inline(lambda: threading.get_ident() != trio_thread)
 
-    async def fetch(self, miss: NotCached, prefetch: bool = False) -> None:
+    async def fetch(self, miss: NotCached, prefetch: bool = False,
+                    deadline: float | None = None) -> None:
         """Fetch the blocks ``miss`` names (joining fetches already in flight); raises the
-        fetch's ImageIOError when they cannot be had before the deadline: one deadline,
-        ``timeout_s`` from now, for all of them (a wait for a fetch thread counts too).
+        fetch's ImageIOError when they cannot be had before the deadline: one deadline for
+        all of them (a wait for a fetch thread counts too), ``timeout_s`` from now unless
+        the request's :class:`Deadline` gives an earlier round's (CLOCK_MONOTONIC).
         ``prefetch``: a boot trace's cache fill (cowd/disk/boottrace.py), which neither
         grows by read-ahead nor counts as the guest's sequential stream."""
         self.counters["trace_fetches" if prefetch else "fetch_waits"] += 1
         base = miss.remote
-        deadline = time.monotonic() + base.timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + base.timeout_s
         waits: list[_Flight] = []
         async with trio.open_nursery() as nursery:
             for first, end in miss.blocks:
@@ -177,10 +180,30 @@ class Fetcher:
 FETCHER = Fetcher()
 
 
-async def fetch_missing(miss: NotCached, prefetch: bool = False) -> None:
-    """:meth:`Fetcher.fetch` of the process's fetcher, errors as one ImageIOError."""
+class Deadline:
+    """One request's deadline for all its fetch rounds.  A request over a remote qcow2 or
+    VHD may miss several times (an L2 table or BAT block, then the data it names: fetched,
+    then planned again); the first miss sets the deadline, ``timeout_s`` of that base from
+    then, and every later round must finish by it, so a request fails with EIO after one
+    ``--remote-timeout``, not one per round."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def of(self, miss: NotCached) -> float:
+        if self.at is None:
+            self.at = time.monotonic() + miss.remote.timeout_s
+        return self.at
+
+
+async def fetch_missing(miss: NotCached, prefetch: bool = False,
+                        deadline: Deadline | None = None) -> None:
+    """:meth:`Fetcher.fetch` of the process's fetcher (by ``deadline``, when the request
+    has one), errors as one ImageIOError."""
     try:
-        await FETCHER.fetch(miss, prefetch)
+        await FETCHER.fetch(miss, prefetch, None if deadline is None else deadline.of(miss))
     except BaseExceptionGroup as eg:
         first = eg.exceptions[0]
         while isinstance(first, BaseExceptionGroup):
@@ -202,4 +225,4 @@ def warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
         return None
 
 
-__all__ = ["FETCHER", "Fetcher", "NotCached", "fetch_missing", "warm_chain"]
+__all__ = ["FETCHER", "Deadline", "Fetcher", "NotCached", "fetch_missing", "warm_chain"]

@@ -46,6 +46,7 @@ from formats.remote import RemoteBase, RemoteFile
 
 from ..disk import Disk, DiskError
 from ..disk.lending import Adoption, FileRange
+from ..disk.remote import Deadline
 from ..frontends.fuse.mount import clone_fuse_fd
 from ..frontends.fuse.protocol import IN_HEADER, FuseProtocolError, parse_request, reply_error
 from ..frontends.fuse.server import FuseFrontend
@@ -346,12 +347,14 @@ class WorkerLink:
             return
         first, want = m.guest_offset // g, -(-end // g)
         fresh = m.disk_id not in self.holds
+        deadline = Deadline()  # one for the plan's fetches and the read's (a remote base)
         try:
             while True:
                 await served.gate.wait_clear(first, want)
                 ahead = served.gate.clear_prefix(want, min(-(-disk.size // g),
                                                            want + READAHEAD_GRANULES))
-                segs = await disk.segments(first * g, min(disk.size, ahead * g) - first * g)
+                segs = await disk.segments(first * g, min(disk.size, ahead * g) - first * g,
+                                           deadline=deadline)
                 # -- from here to the queueing, no await (the ordering rule) --
                 if served.gate.overlaps(first, want):
                     continue  # a change began while the plan waited for a lock
@@ -362,7 +365,7 @@ class WorkerLink:
                 self._reply(m.cookie)
             else:  # a cluster that cannot be remapped (compressed): the data itself
                 buf = bytearray(m.length)
-                await disk.read_into(m.guest_offset, buf)
+                await disk.read_into(m.guest_offset, buf, deadline)
                 self._reply(m.cookie, 0, buf)
         except DiskError as e:
             self.pool.check_readonly(served)

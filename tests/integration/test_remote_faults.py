@@ -345,6 +345,42 @@ def test_deadline_bounds_the_whole_request_served(tmp_path: Path, cowd: Cowd) ->
             assert p.returncode == 0, p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+def test_deadline_bounds_every_round_of_a_request(tmp_path: Path, cowd: Cowd,
+                                                  workers: list[str]) -> None:
+    """A read of a remote qcow2 base whose L2 table is not cached takes two fetch rounds:
+    the table, then the data it names (planned again in between).  With a server that
+    takes 1.5 s per read and a 2.5 s deadline, each round alone is in time; the request is
+    not: EIO near 2.5 s (a deadline per round answered after 3 s).  Once the table is
+    cached, the same read gives the bytes qemu-io wrote (one round)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    base = files / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "1G")
+    # 8 MiB at the start, then a cluster in the second L2 table's range (512 MiB+): its
+    # table lands after the 8 MiB, far from the header, L1 and first table the open reads.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 8M",
+                    "-c", "write -P 0x5a 600M 64K", str(base)], check=True,
+                   capture_output=True, timeout=60)
+    with nbdkit(tmp_path, base, filters=["delay"], params=["delay-read=1500ms"]) as srv:
+        ov = tmp_path / "ov.qcow2"
+        qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", srv.url, ov)
+        # --no-prime: priming would read every L2 table of the base before the request.
+        with cowd.serve(ov, extra=["--remote-timeout", "2.5", "--no-prime", *workers]) as sock:
+            uri = f"nbd+unix:///{ov.name}?socket={sock}"
+            t0 = time.monotonic()
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 600M 64K", uri],
+                               capture_output=True, text=True, timeout=60)
+            took = time.monotonic() - t0
+            out = p.stdout + p.stderr
+            assert "Input/output error" in out, out
+            assert took < 4.5, took  # qemu-io's start included; two rounds took 3 s+
+            p = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 600M 64K", uri],
+                               capture_output=True, text=True, timeout=60)
+            out = p.stdout + p.stderr
+            assert "read 65536/65536 bytes" in out and "fail" not in out.lower(), out
+
+
 # ---- a changed base, through the daemon ----------------------------------------------------
 
 
