@@ -166,6 +166,9 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
     from .rundir import PID_WAIT_S
 
     refuse_held_run_dir(args.run_dir)
+    if args.fuse_io_uring not in ("auto", "off"):  # a default from the environment
+        raise UsageError(f"COWD_FUSE_IO_URING: expected auto or off "
+                         f"(COWD_FUSE_IO_URING={args.fuse_io_uring!r})")
     tls = None if background else tls_config(args)
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when

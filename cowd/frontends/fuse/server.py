@@ -13,7 +13,12 @@ and answer).
 
 Lifetime: :func:`mount_fuse` opens ``/dev/fuse``, mounts (``mount(2)`` as root, otherwise
 ``fusermount3``), starts the workers in the caller's nursery, waits for the kernel's INIT and
-registers :meth:`FuseFrontend.close` on the caller's exit stack.  Teardown unmounts only the
+registers :meth:`FuseFrontend.close` on the caller's exit stack.  FUSE over io_uring
+(.ring): before the mount it makes the ring and its entries (so INIT may accept the kernel's
+FUSE_OVER_IO_URING offer, unless ``FuseOptions.io_uring`` is off); after INIT it registers
+them and serves them beside the ``read(2)`` workers, or records why not
+(``uring_reason``: the kernel lacks it, ``enable_uring`` is N, io_uring refused) for the log
+and ``cowd stats``.  Teardown unmounts only the
 mount this object made (the mount's source names this process and a random token, and is
 checked in /proc/self/mountinfo first), lazily (MNT_DETACH, as libfuse does), waits up to
 ``DRAIN_TIMEOUT_S`` for the kernel to end the connection (it does when the last open file —

@@ -8,6 +8,10 @@ process's session on a clone of the daemon's descriptor (``FUSE_DEV_IOC_CLONE``)
 data requests of the files it is told about and passes every namespace request to the daemon
 (cowd/workers/fuse.py).  The kernel hands each request to whichever descriptor of the
 connection reads first, and takes its reply on that descriptor.
+Where the kernel serves the connection over io_uring
+(.ring), the same handlers run on requests taken from ring entries: :meth:`FuseSession.dispatch`
+answers through a :class:`Replier` (a worker's writes to the device, or a ring entry's
+commit), and the device is still read for what the ring does not carry (FORGET, interrupts).
 
 Theory of operation
 -------------------
