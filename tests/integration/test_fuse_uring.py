@@ -194,12 +194,3 @@ def test_turned_off_while_the_kernel_offers_it(env: Env, tmp_path: Path,
     assert fuse["io_uring"] == {"active": False, "reason": "turned off (--fuse-io-uring=off)"}
     assert "served over /dev/fuse reads (turned off (--fuse-io-uring=off))" in text
     assert fuse["reads"] > 0
-
-
-def test_possible_cpus_parses_kernel_cpu_lists() -> None:
-    from cowd.frontends.fuse.ring import possible_cpus
-
-    assert possible_cpus("0\n") == 1
-    assert possible_cpus("0-1\n") == 2
-    assert possible_cpus("0-3,8-11\n") == 8
-    assert possible_cpus("0,2,4-5") == 4

@@ -116,13 +116,15 @@ def enable_uring_state() -> str | None:
 class _Entry(Replier):
     """One ring entry: its buffers (registered with the kernel) and the request in it."""
 
-    __slots__ = ("commit_id", "headers", "index", "iov", "locked", "payload", "qid", "ring")
+    __slots__ = ("answered", "commit_id", "headers", "index", "iov", "locked", "payload", "qid",
+                 "ring")
 
     def __init__(self, ring: FuseRing, index: int, qid: int, payload_bytes: int):
         self.ring = ring
         self.index = index
         self.qid = qid
         self.commit_id = 0
+        self.answered = True
         self.headers, locked_headers = resident_buffer(URING_REQ_HEADER_BYTES)
         self.reply, locked_reply = resident_buffer(OUT_HEADER.size + payload_bytes)
         self.locked = locked_headers and locked_reply
@@ -137,6 +139,7 @@ class _Entry(Replier):
         self.iov = iov
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.answered = True
         self.ring.commit(self, data)
 
 
@@ -147,6 +150,7 @@ class FuseRing:
                  payload_bytes: int):
         self.session = session
         self.ring = ring
+        self.fd = -1  # the mount's /dev/fuse descriptor, from register()
         self.queues = queues
         self.depth = depth
         self.entries = [_Entry(self, i, i // depth, payload_bytes)
@@ -254,6 +258,14 @@ class FuseRing:
     # -- serving ----------------------------------------------------------------------------------
 
     async def _serve(self, e: _Entry) -> None:
+        e.answered = False
+        await self._serve_request(e)
+        if not e.answered:
+            # Only requests the ring never carries (FORGET, INTERRUPT) go unanswered; an
+            # entry left without a commit would never take a request again.
+            e.send(reply_error(IN_HEADER.unpack_from(e.headers)[2], errno.ENOSYS))
+
+    async def _serve_request(self, e: _Entry) -> None:
         s = self.session
         s.counters["requests"] += 1
         self.counters["ring_requests"] += 1
