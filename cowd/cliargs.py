@@ -394,11 +394,11 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
                    "processes; 0 serves them in the daemon itself (default auto: one per "
                    "core, none on a single core)")
     p.add_argument("--fuse-io-uring", choices=("auto", "off"),
-                   default=os.environ.get(FUSE_IO_URING_ENV) or "auto",
+                   default=os.environ.get(FUSE_IO_URING_ENV) or "off",
                    help="auto: the FUSE mount takes its requests from an io_uring where the "
                    "kernel offers FUSE-over-io_uring (Linux 6.14+ with the fuse module's "
                    "enable_uring=Y), from /dev/fuse reads elsewhere; off: always /dev/fuse "
-                   f"(default auto, or ${FUSE_IO_URING_ENV})")
+                   f"(default off, or ${FUSE_IO_URING_ENV}: not faster yet, see the README)")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
     _outside_option(p)
 

@@ -87,7 +87,7 @@ class DaemonConfig:
     # TLS on the NBD listeners (cowd serve --tls ...); None: off.
     tls: TlsConfig | None = None
     # The FUSE mount answers the kernel's FUSE-over-io_uring offer (--fuse-io-uring).
-    fuse_io_uring: bool = True
+    fuse_io_uring: bool = False
     # What became of PR_SET_IO_FLUSHER (cowd/sysmem.py), set by run_daemon.
     io_flusher: str = "not asked"
 

@@ -1,7 +1,7 @@
 """`cowd attach --via fuse` with the FUSE file served over io_uring (FUSE_OVER_IO_URING, Linux
 6.14+ with the fuse module's ``enable_uring=Y``), and the /dev/fuse fallback where the kernel
-does not offer it (``enable_uring=N``) or the user turned it off (``--fuse-io-uring=off``,
-here through its environment variable, which the daemon `cowd attach` starts inherits).
+does not offer it (``enable_uring=N``) or it is off (``--fuse-io-uring=off``, the default;
+here set through its environment variable, which the daemon `cowd attach` starts inherits).
 
 Oracles: fio's own verify pass through the loop device on the FUSE file; after `cowd detach`,
 ``qemu-img check`` of the overlay, the device's bytes (read through the FUSE file before the
@@ -135,7 +135,9 @@ def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[dict
 @pytest.mark.root
 @pytest.mark.skipif(_problem() is not None, reason=_problem() or "")
 @pytest.mark.skipif(_ring_problem() is not None, reason=_ring_problem() or "")
-def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path) -> None:
+def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")  # (off by default)
     ov = make_overlay(tmp_path)
     with enable_uring("Y"):
         before, after = write_verify_compare(env, tmp_path, ov, "ring")
@@ -156,9 +158,11 @@ def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(_problem() is not None, reason=_problem() or "")
-def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path) -> None:
-    """enable_uring=N (or a kernel without the parameter): requests are read from /dev/fuse,
-    with the same bytes, and stats and log say why."""
+def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fuse-io-uring=auto where enable_uring=N (or a kernel without the parameter):
+    requests are read from /dev/fuse, with the same bytes, and stats and log say why."""
+    monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")
     ov = make_overlay(tmp_path)
     with enable_uring("N"):
         before, after = write_verify_compare(env, tmp_path, ov, "fallback")
@@ -174,11 +178,16 @@ def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path) -> Non
 
 @pytest.mark.root
 @pytest.mark.skipif(_problem() is not None, reason=_problem() or "")
-def test_turned_off_while_the_kernel_offers_it(env: Env, tmp_path: Path,
+@pytest.mark.parametrize("setting", ["off", None], ids=["off", "default"])
+def test_turned_off_while_the_kernel_offers_it(env: Env, tmp_path: Path, setting: str | None,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """COWD_FUSE_IO_URING=off (--fuse-io-uring's default) for the daemon attach starts: the
-    offer is declined, /dev/fuse serves, and `cowd stats` says so in its text too."""
-    monkeypatch.setenv("COWD_FUSE_IO_URING", "off")
+    """COWD_FUSE_IO_URING=off, or nothing (--fuse-io-uring's default is off), for the daemon
+    attach starts: the offer is declined, /dev/fuse serves, and `cowd stats` says so in its
+    text too."""
+    if setting is None:
+        monkeypatch.delenv("COWD_FUSE_IO_URING", raising=False)
+    else:
+        monkeypatch.setenv("COWD_FUSE_IO_URING", setting)
     base = tmp_path / "small.raw"
     qemu_img("create", "-q", "-f", "raw", base, str(4 * MiB))
     qemu_io(base, "write -P 0x33 0 4M", fmt="raw")
@@ -191,6 +200,7 @@ def test_turned_off_while_the_kernel_offers_it(env: Env, tmp_path: Path,
             text = env.cowd("stats").stdout
         finally:
             env.detach(dev)
-    assert fuse["io_uring"] == {"active": False, "reason": "turned off (--fuse-io-uring=off)"}
-    assert "served over /dev/fuse reads (turned off (--fuse-io-uring=off))" in text
+    reason = "off (--fuse-io-uring=auto to use it)"
+    assert fuse["io_uring"] == {"active": False, "reason": reason}
+    assert f"served over /dev/fuse reads ({reason})" in text
     assert fuse["reads"] > 0

@@ -242,7 +242,7 @@ class FuseOptions:
     allow_other: bool = False
     use_fusermount: bool | None = None  # None: mount(2) as root, fusermount3 otherwise
     # Serve over io_uring when the kernel offers it (server.py says when that is).
-    io_uring: bool = True
+    io_uring: bool = False
 
     def check(self) -> None:
         for name in ("max_write_bytes", "max_read_bytes"):

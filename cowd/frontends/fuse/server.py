@@ -249,7 +249,7 @@ class FuseFrontend(FuseSession):
         """Before INIT: make the ring and its entries, so INIT can accept the kernel's
         FUSE_OVER_IO_URING offer knowing they exist."""
         if not self.options.io_uring:
-            self.uring_reason = "turned off (--fuse-io-uring=off)"
+            self.uring_reason = "off (--fuse-io-uring=auto to use it)"
             return
         try:
             self.ring = FuseRing.create(self, self.options)
