@@ -166,6 +166,9 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
     from .rundir import PID_WAIT_S
 
     refuse_held_run_dir(args.run_dir)
+    if args.fuse_io_uring not in ("auto", "off"):  # a default from the environment
+        raise UsageError(f"COWD_FUSE_IO_URING: expected auto or off "
+                         f"(COWD_FUSE_IO_URING={args.fuse_io_uring!r})")
     tls = None if background else tls_config(args)
     fmt = "cowd[%(process)d] %(levelname)s %(name)s: %(message)s"
     if background:  # its own log file: say when
@@ -180,6 +183,7 @@ def serve(args: argparse.Namespace, background: bool = False) -> int:
                           boot_trace=not args.no_boot_trace,
                           exit_when_idle=background and not args.no_idle_exit,
                           workers=args.workers,
+                          fuse_io_uring=args.fuse_io_uring != "off",
                           pid_wait_s=PID_WAIT_S if background else 1.0,
                           policy=open_policy(args), tls=tls)
     trio.run(run_daemon, config)
@@ -230,6 +234,15 @@ def format_stats(doc: dict[str, object]) -> str:
         if isinstance(touch, dict):  # the kernel's share of the boot trace
             lines.append(f"  kernel first reads: {touch['state']}; {touch['records']} records "
                          f"in {touch['messages']} messages, {touch['deferred']} deferred")
+    fuse = doc.get("fuse")
+    ring = fuse.get("io_uring") if isinstance(fuse, dict) else None
+    if isinstance(fuse, dict) and isinstance(ring, dict):
+        if ring.get("active"):
+            how = (f"io_uring ({ring['queues']} queues of {ring['entries_per_queue']} "
+                   f"entries, {ring['ring_requests']} of {fuse['requests']} requests)")
+        else:
+            how = f"/dev/fuse reads ({ring.get('reason')})"
+        lines.append(f"fuse {fuse['mountpoint']}: served over {how}")
     remote = doc.get("remote")
     if isinstance(remote, dict):
         for b in remote.get("bases", []):

@@ -25,6 +25,8 @@ MAX_SIZE_BYTES = 1 << 63  # sizes on the command line (qemu's limit too: int64)
 # The same permissions from the environment: how they reach the daemon `cowd attach` starts.
 ALLOW_OUTSIDE_ENV = "COWD_ALLOW_BACKING_OUTSIDE"
 ALLOW_DEVICE_ENV = "COWD_ALLOW_BACKING_DEVICE"
+# The default of --fuse-io-uring (so a daemon that `cowd attach` starts can be told too).
+FUSE_IO_URING_ENV = "COWD_FUSE_IO_URING"
 
 OUTPUT_FORMATS = ("human", "json")
 # convert -t: qemu-img's cache modes that say whether the output is flushed at the end.
@@ -391,6 +393,12 @@ def _daemon_options(p: argparse.ArgumentParser) -> None:
                    help="serve NBD connections (and --via nbd devices) from N worker "
                    "processes; 0 serves them in the daemon itself (default auto: one per "
                    "core, none on a single core)")
+    p.add_argument("--fuse-io-uring", choices=("auto", "off"),
+                   default=os.environ.get(FUSE_IO_URING_ENV) or "off",
+                   help="auto: the FUSE mount takes its requests from an io_uring where the "
+                   "kernel offers FUSE-over-io_uring (Linux 6.14+ with the fuse module's "
+                   "enable_uring=Y), from /dev/fuse reads elsewhere; off: always /dev/fuse "
+                   f"(default off, or ${FUSE_IO_URING_ENV}: not faster yet, see the README)")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and events")
     _outside_option(p)
 

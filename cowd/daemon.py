@@ -49,6 +49,7 @@ from .attach.stale import cleanup_stale
 from .disk import Disk, ImagePool
 from .disk.remote import FETCHER
 from .errors import UsageError
+from .frontends.fuse.protocol import FuseOptions
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
 from .sysmem import set_io_flusher
@@ -85,6 +86,8 @@ class DaemonConfig:
     workers: int = 0
     # TLS on the NBD listeners (cowd serve --tls ...); None: off.
     tls: TlsConfig | None = None
+    # The FUSE mount answers the kernel's FUSE-over-io_uring offer (--fuse-io-uring).
+    fuse_io_uring: bool = False
     # What became of PR_SET_IO_FLUSHER (cowd/sysmem.py), set by run_daemon.
     io_flusher: str = "not asked"
 
@@ -344,7 +347,8 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         stack.callback(nbd.close)
         daemon.nbd = nbd
         attacher = Attacher(run, stack, services, daemon.open_disk, daemon.name_taken,
-                            daemon.after_change)
+                            daemon.after_change,
+                            fuse_options=FuseOptions(io_uring=config.fuse_io_uring))
         daemon.attacher = attacher
         for line in await attacher.take_over(done.state):
             log.info("after a dead daemon: %s", line)

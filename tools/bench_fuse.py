@@ -9,6 +9,11 @@ device, and writes every figure as JSON.
 
     .venv/bin/python -m tools.bench fuse --size-mib 1024 --runs 3 --out /tmp/fuse_bench.json
     .venv/bin/python -m tools.bench fuse --configs default,no-direct-io   # a subset
+    .venv/bin/python -m tools.bench fuse --configs io-uring,dev-fuse --enable-uring
+
+``io-uring`` serves over FUSE-over-io_uring (the run fails if the kernel did not take it),
+``dev-fuse`` the same options over /dev/fuse reads; ``--enable-uring`` sets the fuse module's
+``enable_uring`` to Y for the run and puts the old value back after it.
 
 It needs root, /dev/fuse, loop devices, fio and qemu-img; the ``pyfuse3`` configuration
 needs pyfuse3 (``pip install '.[bench]'``; make venv installs it).  It creates and removes only its
@@ -43,6 +48,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "requests-128k": {"max_write_bytes": 128 << 10, "max_read_bytes": 128 << 10},
     "writeback-cache": {"direct_io": False, "writeback_cache": True},
     "workers-4": {"max_workers": 4},
+    "io-uring": {"io_uring": True},
+    "dev-fuse": {"io_uring": False},
     "pyfuse3": {"pyfuse3": True},
 }
 
@@ -123,7 +130,11 @@ def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
                         await _pyfuse3_serve(stack, nursery, mnt, disk)
                     else:
                         from cowd.frontends.fuse.server import mount_fuse
-                        await mount_fuse(stack, nursery, mnt, {"disk": disk}, FuseOptions(**opts))
+                        fe = await mount_fuse(stack, nursery, mnt, {"disk": disk},
+                                              FuseOptions(**opts))
+                        if opts.get("io_uring") and fe.ring is None:
+                            print(f"no io_uring: {fe.uring_reason}", flush=True)
+                            return
                     print("ready", flush=True)
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                         async for _ in sigs:
@@ -196,7 +207,7 @@ def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: 
         assert p.stdout is not None
         line = p.stdout.readline()
         if line.strip() != "ready":
-            raise RuntimeError(f"{name}: server did not start")
+            raise RuntimeError(f"{name}: server did not start ({line.strip() or 'no output'})")
         return run_jobs(str(mnt / "disk"), runtime_s, warm_paths, pid=p.pid)
     finally:
         p.send_signal(signal.SIGTERM)
@@ -214,10 +225,26 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="images in the page cache instead of dropped caches; adds a "
                          "buffered loop (direct-io=off, warm) baseline")
+    ap.add_argument("--enable-uring", action="store_true",
+                    help="set the fuse module's enable_uring to Y for the run (restored after)")
     a = ap.parse_args()
     if a.serve:
         serve(a.serve[0], a.serve[1], json.loads(a.serve[2]))
         return
+    param = Path("/sys/module/fuse/parameters/enable_uring")
+    old = param.read_text().strip() if a.enable_uring and param.exists() else None
+    if a.enable_uring and old is None:
+        raise SystemExit(f"--enable-uring: {param} is missing (no FUSE-over-io_uring here)")
+    try:
+        if old is not None:
+            param.write_text("Y")
+        _bench(a)
+    finally:
+        if old is not None:
+            param.write_text(old)
+
+
+def _bench(a: argparse.Namespace) -> None:
     head = benchlib.header()
     names = a.configs.split(",")
     results: dict[str, list[dict[str, float]]] = {"loop": [], **{n: [] for n in names}}

@@ -9,6 +9,9 @@ FALLOCATE, LSEEK, SYNCFS) against the :class:`~cowd.workers.mapped.MappedDisk` o
 inode — the FUSE request names it, so no handle table is needed here — and every other
 request it passes to the daemon whole, as read (FUSE_FORWARD), writing back the reply the
 daemon computes.  Open handles, lookups and INIT thus stay the daemon's alone.
+Where the daemon serves the mount over io_uring (cowd/frontends/fuse/ring.py) the kernel
+sends a clone only what the ring does not carry (FORGET, interrupts): the data path is then
+the daemon's.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ COWD_LAYERS = [
      "frontends.kmod.abi", "frontends.kmod.module", "frontends.fuse.protocol", "workers.mapped",
      "workers.served", "workers.gated"},
     {"frontends.nbd.tls", "frontends.nbd.server", "frontends.nbd.attach", "frontends.fuse.session",
-     "frontends.fuse.server",
+     "frontends.fuse.server", "frontends.fuse.ring", "frontends.fuse.uring",
      "frontends.fuse.mount", "frontends.kmod.channel", "frontends.loop", "control"},
     {"workers.fuse"},
     {"workers.worker", "workers.host"},

@@ -128,6 +128,22 @@ FUSE_ASYNC_DIO = 1 << 15
 FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
+FUSE_INIT_EXT = 1 << 30  # flags2 (the high 32 bits) is valid
+# flags2 bits (FUSE_OVER_IO_URING is 1 << 41 of the 64-bit flags: Linux 6.14, protocol 7.42)
+FUSE_OVER_IO_URING_FLAGS2 = 1 << (41 - 32)
+
+# FUSE-over-io_uring (Documentation/filesystems/fuse-io-uring.rst): the commands of
+# IORING_OP_URING_CMD on /dev/fuse, and the layout of a ring entry's header buffer
+# (struct fuse_uring_req_header: the in/out header area, the per-opcode header area, then
+# struct fuse_uring_ent_in_out).
+FUSE_IO_URING_CMD_REGISTER = 1
+FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
+FUSE_URING_IN_OUT_HEADER_SZ = 128
+FUSE_URING_OP_IN_OUT_SZ = 128
+URING_ENT_IN_OUT = struct.Struct("<QQIIQ")  # flags commit_id payload_sz padding reserved
+URING_ENT_IN_OUT_OFFSET = FUSE_URING_IN_OUT_HEADER_SZ + FUSE_URING_OP_IN_OUT_SZ
+URING_REQ_HEADER_BYTES = URING_ENT_IN_OUT_OFFSET + URING_ENT_IN_OUT.size
+URING_CMD_REQ = struct.Struct("<QQH6x")  # struct fuse_uring_cmd_req: flags commit_id qid
 
 # OPEN reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -211,6 +227,9 @@ class FuseOptions:
     - ``max_background``: asynchronous requests (readahead, async direct I/O from the loop
       driver) the kernel keeps in flight; the kernel's default is 12.
     - ``max_workers``: worker tasks (each owns max_write + max_read bytes of buffers).
+    - ``io_uring``: answer the kernel's FUSE_OVER_IO_URING offer (Linux 6.14+ with the fuse
+      module's ``enable_uring`` set): requests then arrive on an io_uring (.ring) instead of
+      ``read(2)`` from the device.
     """
 
     direct_io: bool = True
@@ -222,6 +241,8 @@ class FuseOptions:
     max_workers: int = 16
     allow_other: bool = False
     use_fusermount: bool | None = None  # None: mount(2) as root, fusermount3 otherwise
+    # Serve over io_uring when the kernel offers it (server.py says when that is).
+    io_uring: bool = False
 
     def check(self) -> None:
         for name in ("max_write_bytes", "max_read_bytes"):
@@ -326,6 +347,7 @@ class Negotiated:
     max_write_bytes: int
     max_pages: int
     max_background: int
+    io_uring: bool = False  # FUSE_OVER_IO_URING accepted: the adapter must register a ring
 
 
 class FuseFs:
@@ -347,6 +369,10 @@ class FuseFs:
         self._next_ino = FUSE_ROOT_ID + 1
         self._next_fh = 1
         self.dir_handles: set[int] = set()
+        # Set by the adapter before INIT when it has a working io_uring to serve with;
+        # ``uring_offered`` records whether the kernel offered FUSE_OVER_IO_URING.
+        self.uring_ready = False
+        self.uring_offered = False
 
     # -- namespace ---------------------------------------------------------------------------
 
@@ -425,7 +451,7 @@ class FuseFs:
             return reply_error(req.unique, f.err)
 
     def _init(self, req: Request) -> bytes:
-        major, minor, max_readahead, flags, _flags2 = unpack_body(INIT_IN, req.body, "INIT")
+        major, minor, max_readahead, flags, flags2 = unpack_body(INIT_IN, req.body, "INIT")
         if major != FUSE_KERNEL_VERSION or minor < MIN_KERNEL_MINOR:
             log.error("fuse: kernel protocol %d.%d unsupported (need 7.%d or later)",
                       major, minor, MIN_KERNEL_MINOR)
@@ -439,12 +465,19 @@ class FuseFs:
         if not got & FUSE_MAX_PAGES:
             raise Fail(errno.EPROTO)
         max_pages = max(o.max_write_bytes, o.max_read_bytes) // PAGE_BYTES
+        self.uring_offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_OVER_IO_URING_FLAGS2)
+        uring = self.uring_offered and self.uring_ready and o.io_uring
+        got2 = 0
+        if uring:
+            got |= FUSE_INIT_EXT
+            got2 = FUSE_OVER_IO_URING_FLAGS2
         neg = Negotiated(min(minor, FUSE_KERNEL_MINOR_VERSION), got, o.max_write_bytes,
-                         max_pages, o.max_background)
+                         max_pages, o.max_background, uring)
         self.negotiated = neg
         congestion = max(1, o.max_background * 3 // 4)
         out = INIT_OUT.pack(FUSE_KERNEL_VERSION, neg.minor, max_readahead, got,
-                            o.max_background, congestion, o.max_write_bytes, 1, max_pages, 0, 0)
+                            o.max_background, congestion, o.max_write_bytes, 1, max_pages, 0,
+                            got2)
         return reply_ok(req.unique, out)
 
     def _lookup(self, req: Request) -> bytes:

@@ -13,7 +13,12 @@ and answer).
 
 Lifetime: :func:`mount_fuse` opens ``/dev/fuse``, mounts (``mount(2)`` as root, otherwise
 ``fusermount3``), starts the workers in the caller's nursery, waits for the kernel's INIT and
-registers :meth:`FuseFrontend.close` on the caller's exit stack.  Teardown unmounts only the
+registers :meth:`FuseFrontend.close` on the caller's exit stack.  FUSE over io_uring
+(.ring): before the mount it makes the ring and its entries (so INIT may accept the kernel's
+FUSE_OVER_IO_URING offer, unless ``FuseOptions.io_uring`` is off); after INIT it registers
+them and serves them beside the ``read(2)`` workers, or records why not
+(``uring_reason``: the kernel lacks it, ``enable_uring`` is N, io_uring refused) for the log
+and ``cowd stats``.  Teardown unmounts only the
 mount this object made (the mount's source names this process and a random token, and is
 checked in /proc/self/mountinfo first), lazily (MNT_DETACH, as libfuse does), waits up to
 ``DRAIN_TIMEOUT_S`` for the kernel to end the connection (it does when the last open file —
@@ -69,7 +74,9 @@ from .protocol import (
     Node,
     Request,
 )
+from .ring import FuseRing, enable_uring_state
 from .session import FuseSession
+from .uring import UringError
 
 log = logging.getLogger("cowd.fuse")
 
@@ -95,6 +102,10 @@ class FuseFrontend(FuseSession):
         self._initialized = trio.Event()
         self._drained = trio.Condition()
         self._closed = False
+        self.ring: FuseRing | None = None
+        # Why requests are read from /dev/fuse rather than taken from an io_uring ("" while
+        # the ring serves; set when the mount is made).
+        self.uring_reason = "not mounted yet"
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -133,6 +144,8 @@ class FuseFrontend(FuseSession):
             "workers": self._workers,
             "buffers_locked": self.buffers_locked,
             **self.counters,
+            "io_uring": {"active": self.ring is not None, "reason": self.uring_reason,
+                         **(self.ring.stats() if self.ring is not None else {})},
         }
 
     async def shutdown(self, deadline_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -221,6 +234,63 @@ class FuseFrontend(FuseSession):
         if fd >= 0:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        self._close_ring()
+
+    def _close_ring(self) -> None:
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            if ring.ring.fd >= 0:
+                trio.lowlevel.notify_closing(ring.ring.fd)
+            ring.close()
+
+    # -- io_uring ---------------------------------------------------------------------------------
+
+    def _prepare_ring(self) -> None:
+        """Before INIT: make the ring and its entries, so INIT can accept the kernel's
+        FUSE_OVER_IO_URING offer knowing they exist."""
+        if not self.options.io_uring:
+            self.uring_reason = "off (--fuse-io-uring=auto to use it)"
+            return
+        try:
+            self.ring = FuseRing.create(self, self.options)
+        except (OSError, ValueError) as e:
+            self.uring_reason = f"cannot set up an io_uring: {e}"
+            return
+        self.fs.uring_ready = True
+
+    def _start_ring(self) -> None:
+        """After INIT: register the ring's entries and serve them, or say why not."""
+        neg = self.fs.negotiated
+        ring = self.ring
+        if ring is None:
+            pass
+        elif neg is None or not neg.io_uring:
+            self._close_ring()
+            param = enable_uring_state()
+            if param is None:
+                self.uring_reason = ("this kernel has no FUSE-over-io_uring (Linux 6.14 or "
+                                     "later built with CONFIG_FUSE_IO_URING has it)")
+            elif param != "Y":
+                self.uring_reason = f"the fuse module's enable_uring is {param}"
+            else:
+                self.uring_reason = "the kernel did not offer FUSE_OVER_IO_URING at INIT"
+        else:
+            assert self._nursery is not None
+            try:
+                ring.register(self.fd)
+            except UringError as e:
+                # The kernel turns the ring off for this connection and goes on with
+                # /dev/fuse; our entries that did register are cancelled by the close.
+                self._close_ring()
+                self.uring_reason = f"registering the ring failed: {e.strerror}"
+            else:
+                ring.start(self._nursery)
+                self.uring_reason = ""
+                log.info("fuse: %s: serving over io_uring (%d queues of %d entries)",
+                         self.mountpoint, ring.queues, ring.depth)
+                return
+        log.info("fuse: %s: serving through /dev/fuse reads: %s", self.mountpoint,
+                 self.uring_reason)
 
     def _notify_inval_entry(self, name: str) -> None:
         raw = os.fsencode(name)
@@ -277,7 +347,12 @@ async def mount_fuse(stack: AsyncExitStack, nursery: trio.Nursery, mountpoint: s
     fe = FuseFrontend(mountpoint, options or FuseOptions())
     for name, disk in disks.items():
         fe.add_disk(name, disk)
-    await fe._mount()
+    fe._prepare_ring()
+    try:
+        await fe._mount()
+    except BaseException:
+        fe._close_ring()
+        raise
     stack.push_async_callback(fe.close)
     await nursery.start(fe._serve)
     with trio.move_on_after(INIT_TIMEOUT_S):
@@ -285,6 +360,7 @@ async def mount_fuse(stack: AsyncExitStack, nursery: trio.Nursery, mountpoint: s
     if not fe._initialized.is_set():
         raise CommandFailed(f"{fe.mountpoint}: the kernel did not initialise the FUSE mount "
                          f"within {INIT_TIMEOUT_S:.0f} s")
+    fe._start_ring()
     return fe
 
 

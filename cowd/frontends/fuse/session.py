@@ -8,6 +8,10 @@ process's session on a clone of the daemon's descriptor (``FUSE_DEV_IOC_CLONE``)
 data requests of the files it is told about and passes every namespace request to the daemon
 (cowd/workers/fuse.py).  The kernel hands each request to whichever descriptor of the
 connection reads first, and takes its reply on that descriptor.
+Where the kernel serves the connection over io_uring
+(.ring), the same handlers run on requests taken from ring entries: :meth:`FuseSession.dispatch`
+answers through a :class:`Replier` (a worker's writes to the device, or a ring entry's
+commit), and the device is still read for what the ring does not carry (FORGET, interrupts).
 
 Theory of operation
 -------------------
@@ -39,7 +43,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from typing import Any
 
 import trio
@@ -112,13 +116,32 @@ class _Resume:
                     return
 
 
-class _Worker:
-    __slots__ = ("locked", "reply", "request")
+class Replier:
+    """Where a request's handler builds and sends its reply: ``reply`` is a buffer of
+    OUT_HEADER.size + max_read bytes (a READ reads its data in right behind the header) and
+    :meth:`send` delivers a whole reply (header and payload, as written to /dev/fuse).  A
+    /dev/fuse worker writes to the device; a ring entry commits on its io_uring (.ring)."""
 
-    def __init__(self, request_bytes: int, reply_bytes: int):
+    __slots__ = ("reply",)
+
+    reply: bytearray
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+
+class _Worker(Replier):
+    __slots__ = ("_write", "locked", "request")
+
+    def __init__(self, request_bytes: int, reply_bytes: int,
+                 send: Callable[[bytes | bytearray | memoryview], None]):
         self.request, locked_request = resident_buffer(request_bytes)
         self.reply, locked_reply = resident_buffer(reply_bytes)
         self.locked = locked_request and locked_reply
+        self._write = send
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self._write(data)
 
 
 class FuseSession:
@@ -138,7 +161,7 @@ class FuseSession:
         self._idle = 0
         # Every worker's buffers, made now (see "Workers" above); _spawn takes from here.
         self._spare = [_Worker(max(FUSE_MIN_READ_BUFFER, options.max_write_bytes + PAGE_BYTES),
-                               OUT_HEADER.size + options.max_read_bytes)
+                               OUT_HEADER.size + options.max_read_bytes, self._send)
                        for _ in range(options.max_workers)]
         self.buffers_locked = all(w.locked for w in self._spare)
         self.counters: dict[str, int] = {
@@ -279,6 +302,14 @@ class FuseSession:
             if len(data) >= IN_HEADER.size:
                 self._send(reply_error(IN_HEADER.unpack_from(data)[2], errno.EIO))
             return
+        await self.dispatch(req, data, w)
+
+    async def dispatch(self, req: Request, raw: memoryview, w: Replier,
+                       payload: memoryview | None = None) -> None:
+        """Serve one parsed request and send its reply through ``w``.  ``raw`` is the request
+        as the device delivers it (for :meth:`namespace`); ``payload`` is a WRITE's data when
+        it is not in ``req.body`` behind fuse_write_in (a ring entry's payload buffer)."""
+        data = raw
         if req.opcode not in DATA_OPS or not self.negotiated():
             try:
                 reply = await self.namespace(req, data)
@@ -287,7 +318,7 @@ class FuseSession:
                 log.error("%s", e)
                 reply = reply_error(req.unique, errno.EIO)
             if reply is not None:
-                self._send(reply)
+                w.send(reply)
             return
         token: object = None
         try:
@@ -298,7 +329,8 @@ class FuseSession:
                 return
             if req.opcode == FUSE_WRITE:
                 fh, offset, size = unpack_body(WRITE_IN, req.body, "WRITE")[:3]
-                payload = req.body[WRITE_IN.size:]
+                if payload is None:
+                    payload = req.body[WRITE_IN.size:]
                 if len(payload) != size:
                     raise FuseProtocolError(f"fuse: WRITE payload length does not match "
                                             f"(size={size}, payload={len(payload)})")
@@ -315,49 +347,49 @@ class FuseSession:
                 await disk.write(offset, payload)  # at or past the end: ENOSPC
                 self.counters["writes"] += 1
                 self.counters["bytes_written"] += size
-                self._send(reply_ok(req.unique, WRITE_OUT.pack(size, 0)))
+                w.send(reply_ok(req.unique, WRITE_OUT.pack(size, 0)))
                 return
             if req.opcode == FUSE_SYNCFS:
                 for d in self.all_disks():
                     if not d.readonly:
                         await d.flush()
-                self._send(reply_ok(req.unique))
+                w.send(reply_ok(req.unique))
                 return
             fh = unpack_body(FSYNC_IN, req.body, "request")[0]
             disk, token = await self.target(req, fh)
             if req.opcode == FUSE_FSYNC:
                 self.counters["fsyncs"] += 1
                 await disk.flush()
-                self._send(reply_ok(req.unique))
+                w.send(reply_ok(req.unique))
             elif req.opcode == FUSE_FALLOCATE:
                 _fh, offset, length, mode, _pad = unpack_body(FALLOCATE_IN, req.body, "FALLOCATE")
                 self.counters["fallocates"] += 1
                 await self._fallocate(disk, offset, length, mode)
-                self._send(reply_ok(req.unique))
+                w.send(reply_ok(req.unique))
             else:  # FUSE_LSEEK
                 _fh, offset, whence, _pad = unpack_body(LSEEK_IN, req.body, "LSEEK")
                 pos = await self._lseek(disk, offset, whence)
-                self._send(reply_ok(req.unique, LSEEK_OUT.pack(pos)))
+                w.send(reply_ok(req.unique, LSEEK_OUT.pack(pos)))
         except Fail as f:
             self.counters["errors"] += 1
-            self._send(reply_error(req.unique, f.err))
+            w.send(reply_error(req.unique, f.err))
         except DiskError as e:
             self.counters["errors"] += 1
             log.debug("fuse: %s", e)
-            self._send(reply_error(req.unique, e.errno or errno.EIO))
+            w.send(reply_error(req.unique, e.errno or errno.EIO))
         except FuseProtocolError as e:
             self.counters["protocol_errors"] += 1
             log.error("%s", e)
-            self._send(reply_error(req.unique, errno.EIO))
+            w.send(reply_error(req.unique, errno.EIO))
         except Exception:
             self.counters["errors"] += 1
             log.exception("fuse: request %d failed", req.opcode)
-            self._send(reply_error(req.unique, errno.EIO))
+            w.send(reply_error(req.unique, errno.EIO))
         finally:
             if token is not None:
                 await self.release(token)
 
-    async def _read(self, unique: int, disk: BlockDisk, offset: int, size: int, w: _Worker
+    async def _read(self, unique: int, disk: BlockDisk, offset: int, size: int, w: Replier
                     ) -> None:
         if size > self.options.max_read_bytes:
             raise Fail(errno.EINVAL)
@@ -376,7 +408,7 @@ class FuseSession:
         OUT_HEADER.pack_into(w.reply, 0, OUT_HEADER.size + n, 0, unique)
         self.counters["reads"] += 1
         self.counters["bytes_read"] += n
-        self._send(out[:OUT_HEADER.size + n])
+        w.send(out[:OUT_HEADER.size + n])
 
     @staticmethod
     async def _fallocate(disk: BlockDisk, offset: int, length: int, mode: int) -> None:
