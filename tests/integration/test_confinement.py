@@ -496,6 +496,47 @@ def test_run_dir_and_socket_folder_must_be_private(tmp_path: Path) -> None:
     d.stop()
 
 
+@needs_root
+def test_run_dir_owned_by_another_user_is_refused(attack: Attack, tmp_path: Path) -> None:
+    """A run dir someone else owns is refused in one line, and nothing is made in it (its
+    owner could replace the pid file, the state file or the control socket under the
+    daemon): root's run dir owned by nobody, for ``serve`` and for ``attach``; a user's run
+    dir owned by root, for ``serve``.  Each with the folder private (0755), so the owner is
+    the only reason."""
+    import pwd
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(SIZE))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    theirs = tmp_path / "nobodys-run"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, nobody, nobody)
+    p = cowd("serve", base, "--nbd", f"unix:{tmp_path / 'a.sock'}", "--run-dir", theirs,
+             timeout=30)
+    line = assert_refusal(p, str(theirs))
+    assert f"owned by another user (uid={nobody})" in line, line
+    p = cowd("attach", base, "--via", "fuse", "--run-dir", theirs, timeout=30)
+    line = assert_refusal(p, str(theirs))
+    assert f"owned by another user (uid={nobody})" in line, line
+    assert os.listdir(theirs) == [] and not (tmp_path / "a.sock").exists()
+    # The unprivileged user, in its own folder, with a run dir root made there.
+    home = attack.folder
+    user_base = home / "base.raw"
+    user_base.write_bytes(bytes(SIZE))
+    give(attack, user_base)
+    roots = home / "run"
+    roots.mkdir(mode=0o755)
+    as_user = ["setpriv", f"--reuid={attack.uid}", f"--regid={attack.gid}", "--clear-groups",
+               "--inh-caps=-all", "--"]
+    p = subprocess.run([*as_user, *COWD, "serve", str(user_base), "--nbd",
+                        f"unix:{home / 'a.sock'}", "--run-dir", str(roots)],
+                       capture_output=True, timeout=30, stdin=subprocess.DEVNULL, cwd=home,
+                       env={**os.environ, "HOME": str(home)})
+    line = assert_refusal(p, str(roots))
+    assert "owned by another user (uid=0)" in line, line
+    assert os.listdir(roots) == [] and sorted(os.listdir(home)) == ["base.raw", "run"]
+
+
 def test_missing_socket_folder_is_an_error_not_created(tmp_path: Path) -> None:
     """A unix socket's folder that does not exist is refused in one line (exit 2), and is
     not created: a typo must not become a new directory tree.  A run dir is created, but
