@@ -559,7 +559,12 @@ class _Connection:
         try:
             if req.command == W.NBD_CMD_READ:
                 buf, dest = self._read_reply_buffer(req)
-                if disk.try_read_into(req.offset, dest, may_block=may_block):
+                try:
+                    done = disk.try_read_into(req.offset, dest, may_block=may_block)
+                except DiskError:
+                    self.buffers.put(buf)  # a device's buffer must come back, even so
+                    raise
+                if done:
                     return buf
                 self.buffers.put(buf)
                 if not may_block and req.length <= INLINE_BATCH_BYTES:
