@@ -148,45 +148,49 @@ class _BufferPool:
 
 
 class _ResidentPool:
-    """A kernel device connection's buffers: DEVICE_BUFFERS resident slabs made up front.
-    :meth:`get` hands out a view of a free slab's first ``n`` bytes; :meth:`put` takes it
-    back (anything else given to it is dropped).  A request larger than a slab, or one that
-    finds every slab taken, gets a fresh bytearray, counted in the server's
-    ``device_buffer_fallbacks``.  While the pool lives, the server's ``device_buffer_bytes``
-    and ``device_buffers_unlocked`` (slabs mlock refused: touched, but swappable) count it;
-    :meth:`close` takes it out again."""
+    """A kernel device connection's buffers: DEVICE_BUFFERS slabs of DEVICE_SLAB_BYTES cut
+    from one resident arena made up front (one mapping of its own, so its pages and their
+    mlock go back to the kernel with the connection).  :meth:`get` hands out a view of a
+    free slab's first ``n`` bytes; :meth:`put` takes it back (anything else given to it is
+    dropped).  A request larger than a slab, or one that finds every slab taken, gets a
+    fresh bytearray, counted in the server's ``device_buffer_fallbacks``.  While the pool
+    lives, the server's ``device_buffer_bytes`` and ``device_buffers_unlocked`` (slabs mlock
+    refused: touched, but swappable) count it; :meth:`close` takes it out again."""
 
     def __init__(self, counters: dict[str, int]) -> None:
         self._counters = counters
-        self._free: list[bytearray] = []
-        self._ours: set[int] = set()  # id() of every slab, free or lent
-        self._unlocked = 0
-        for _ in range(DEVICE_BUFFERS):
-            slab, locked = resident_buffer(DEVICE_SLAB_BYTES)
-            self._free.append(slab)
-            self._ours.add(id(slab))
-            self._unlocked += not locked
-        self._slabs = list(self._free)  # keeps every slab alive while lent
+        arena, locked = resident_buffer(DEVICE_BUFFERS * DEVICE_SLAB_BYTES)
+        self._arena = memoryview(arena)
+        self._free = list(range(DEVICE_BUFFERS))
+        # id(view) -> (slab, view) of every slab lent out (the view kept, so its id is not
+        # reused while it is out)
+        self._lent: dict[int, tuple[int, memoryview]] = {}
+        self._unlocked = 0 if locked else DEVICE_BUFFERS
+        self._counted = True
         counters["device_buffer_bytes"] += DEVICE_BUFFERS * DEVICE_SLAB_BYTES
         counters["device_buffers_unlocked"] += self._unlocked
 
     def close(self) -> None:
-        if self._slabs:
+        if self._counted:
             self._counters["device_buffer_bytes"] -= DEVICE_BUFFERS * DEVICE_SLAB_BYTES
             self._counters["device_buffers_unlocked"] -= self._unlocked
-            self._slabs = []
+            self._counted = False
 
     def get(self, n: int) -> bytearray | memoryview:
         if n <= DEVICE_SLAB_BYTES and self._free:
-            return memoryview(self._free.pop())[:n]
+            slab = self._free.pop()
+            start = slab * DEVICE_SLAB_BYTES
+            view = self._arena[start:start + n]
+            self._lent[id(view)] = (slab, view)
+            return view
         self._counters["device_buffer_fallbacks"] += 1
         return bytearray(n)
 
     def put(self, buf: bytes | bytearray | memoryview) -> None:
-        if isinstance(buf, memoryview) and id(buf.obj) in self._ours:
-            slab = buf.obj
-            assert isinstance(slab, bytearray) and all(s is not slab for s in self._free)
-            self._free.append(slab)
+        lent = self._lent.get(id(buf))
+        if lent is not None and lent[1] is buf:
+            del self._lent[id(buf)]
+            self._free.append(lent[0])
 
 
 class _Deferred:
