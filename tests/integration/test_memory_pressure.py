@@ -39,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -285,7 +286,11 @@ def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str
     with Env.under(tmp_path) as env, memory_cgroup(f"cowd-pressure-{os.getpid()}") as cg:
         ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow",
                            run_dir=False).stdout.strip())
-        dev = env.attach(ov, "--via", via)
+        if via == "fuse":
+            dev = env.attach(ov, "--via", "fuse")
+        else:
+            dev = env.cowd("attach", ov, "--via", "nbd").stdout.strip()
+            assert re.fullmatch(r"/dev/nbd[0-9]+", dev), dev
         pid = env.daemon_pid()
         assert pid is not None
         conn = fuse_connection(env.fuse_dir) if via == "fuse" else None
