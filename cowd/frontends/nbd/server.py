@@ -52,7 +52,10 @@ there.  The kernel bounds what that needs: the attach path sets the device's req
 DEVICE_QUEUE_DEPTH, every request holds at most one buffer (its payload, or its reply until
 it is sent), and DEVICE_SPARE_BUFFERS cover replies that were sent but whose buffers are not
 back yet.  Anything beyond (a device whose limits could not be set) is allocated as before and
-counted (``device_buffer_fallbacks`` in ``cowd stats``).
+counted (``device_buffer_fallbacks`` in ``cowd stats``).  Not covered: each receive still
+returns a fresh chunk of up to RECEIVE_CHUNK_BYTES (trio's ``receive_some``), and headers and
+small replies are Python objects made per request; those allocations rely on
+PR_SET_IO_FLUSHER alone (they never wait on I/O reclaim).
 
 Every connection to one export shares the one Disk object, whose flush covers every write
 acknowledged on any connection: multi-conn is advertised.
