@@ -188,6 +188,9 @@ class Daemon:
         await trio.lowlevel.checkpoint()
         if workers is not None:
             nbd = _sum_worker_stats(workers, disks)
+        device_server = self.attacher.nbd_server if self.attacher is not None else None
+        if device_server is not None:  # --via nbd devices the daemon serves itself
+            nbd = {k: v + (nbd or {}).get(k, 0) for k, v in device_server.counters.items()}
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -94,7 +94,7 @@ class RunDir:
         except FileNotFoundError:
             raise UsageError(f"{self.path}: cannot create this run dir: its parent folder "
                              f"{os.path.dirname(self.path)} does not exist") from None
-        check_private_dir(self.path, "run dir")
+        check_private_dir(self.path, "run dir", root_ok=False)
 
 
 def check_socket_folder(socket_path: str) -> None:
@@ -103,12 +103,15 @@ def check_socket_folder(socket_path: str) -> None:
                       sticky_ok=True)
 
 
-def check_private_dir(path: str, what: str, *, sticky_ok: bool = False) -> None:
+def check_private_dir(path: str, what: str, *, sticky_ok: bool = False,
+                      root_ok: bool = True) -> None:
     """Refuse a folder cowd keeps sockets or state in if it is a symlink, is owned by
-    another user (root excepted), or another user can write it (``sticky_ok``: unless its
-    sticky bit stops them removing or renaming what cowd puts there, as in /tmp).  A folder
-    that others can write lets them replace a socket or a state file between two of cowd's
-    steps."""
+    another user (``root_ok``: root excepted, as for /tmp or /run holding a socket; a run dir
+    must be the user's own, since its owner can replace the pid file, the state file or the
+    control socket under the daemon), or another user can write it (``sticky_ok``: unless
+    its sticky bit stops them removing or renaming what cowd puts there, as in /tmp).  A
+    folder that others can write lets them replace a socket or a state file between two of
+    cowd's steps."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -120,7 +123,7 @@ def check_private_dir(path: str, what: str, *, sticky_ok: bool = False) -> None:
         raise CommandFailed(f"{path}: this {what} is a symlink (refused: name the real folder)")
     if not stat.S_ISDIR(st.st_mode):
         raise CommandFailed(f"{path}: this {what} is not a folder")
-    if st.st_uid not in (os.geteuid(), 0):
+    if st.st_uid != os.geteuid() and not (root_ok and st.st_uid == 0):
         raise CommandFailed(f"{path}: this {what} is owned by another user (uid={st.st_uid})")
     if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         raise CommandFailed(f"{path}: other users can write this {what} "

@@ -296,7 +296,8 @@ class Attacher:
         disk = await self.open_disk(image, readonly, boot_trace)
         try:
             if self.nbd_server is None:
-                self.nbd_server = NbdServer(self.nbd_disks)
+                # device=True: resident buffers made up front (writeback under pressure)
+                self.nbd_server = NbdServer(self.nbd_disks, device=True)
             self.nbd_disks[name] = disk
             workers = self.workers
             serve: Serve = self.nbd_server.handle

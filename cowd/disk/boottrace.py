@@ -64,11 +64,13 @@ A remote base's (``CACHE_ROOT/<cache folder>.cowd-trace``)::
     32+U+V  4*n  granule indices of the remote *file*, first touch first, each once
          …    8  xxh3_64 of every byte before it
 
-Written atomically: a temporary file in the base's folder (the cache root), fsync, rename,
-fsync of the folder.  Only where that folder is writable by the daemon; elsewhere nothing
-is written (one log line; ``cowd stats`` says why) — a run dir copy would outlive the base
-it names and serve no other daemon.  A disk that loaded a valid trace leaves it as it is:
-the trace is the *first* boot's first touches; a missing, stale or corrupt trace is
+Written atomically: a temporary file in the base's folder (a remote base's: the cache
+root), fsync, rename, fsync of the folder.  Only where that folder is the daemon's user's
+own and writable by it; elsewhere nothing is written (one log line; ``cowd stats`` says
+why) — a run dir copy would outlive the base it names and serve no other daemon, and a file
+in a folder someone else owns (a user's base in /tmp, root's daemon in a user's folder)
+would be a file its owner never asked for.  A disk that loaded a valid trace leaves it as
+it is: the trace is the *first* boot's first touches; a missing, stale or corrupt trace is
 replaced.
 
 Prefetching: at most :data:`PREFETCH_IN_FLIGHT` reads (or cache fills) of at most
@@ -543,6 +545,16 @@ class BootTrace:
             return
         path = self.path
         folder = os.path.dirname(path) or "."
+        try:
+            owner = os.stat(folder).st_uid
+        except OSError as e:
+            owner = -1
+            log.debug("%s: %s", folder, e)
+        if owner != os.geteuid():
+            self.saved = f"skipped: {folder} is not the daemon user's own (owner uid={owner})"
+            log.info("%s: boot trace not written: the folder is not the daemon user's own "
+                     "(owner uid=%d)", path, owner)
+            return
         if not os.access(folder, os.W_OK):
             self.saved = f"skipped: {folder} is not writable"
             log.info("%s: boot trace not written: the folder is not writable", path)

@@ -91,7 +91,7 @@ class Worker:
         self.nbd = {W.SCOPE_SERVE: NbdServer(self.exports[W.SCOPE_SERVE], tls,
                                              max_connections=max_connections),
                     W.SCOPE_DEVICE: NbdServer(self.exports[W.SCOPE_DEVICE],
-                                              max_connections=max_connections)}
+                                              max_connections=max_connections, device=True)}
         self.by_ino: dict[int, MappedDisk] = {}  # the FUSE mount's files
         self.fuse: list[WorkerFuseSession] = []
         self.started = time.monotonic()

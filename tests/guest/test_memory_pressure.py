@@ -1,4 +1,4 @@
-"""The memory-pressure case a host root without CAP_SYS_RESOURCE cannot run, run in a guest.
+"""The memory-pressure cases the host cannot run, run in one guest boot.
 
 ``tests/integration/test_memory_pressure.py``'s ``daemon-too`` case puts cowd's daemon and its
 workers into the memory cgroup of the writers whose dirty pages it must write back; only a
@@ -7,11 +7,16 @@ which the project's host root lacks.  So the case is collected only where root h
 this test boots one virtme-ng guest of Debian's kernel (tools/guest.py), where root has every
 capability, and runs that same pytest case inside: cgroup v2 with the memory controller, FUSE,
 a loop device, fio, qemu-img, and the images on an ext4 file system on a scratch disk (their
-page cache must be reclaimable by writeback to a real device: tmpfs pages are not).
+page cache must be reclaimable by writeback to a real device: tmpfs pages are not).  The same
+boot and the same pytest run also take the ``--via nbd`` ``daemon-too`` case, which needs the
+kernel's nbd driver that the host lacks: /dev/nbdN served by a worker whose buffers were made
+up front, under the same limit.
 
 Oracle: the inner test's own (fio's verify through the device, then ``--verify_only`` of the
 overlay as qemu-img converts it, ``qemu-img check``, every cowd process carrying the flag's
-task flags, the cgroup having hit its limit); here its pytest summary must say it passed.
+task flags, the cgroup having hit its limit; for nbd also the device's queue limits and no
+buffer allocated beyond the preallocated ones); here its pytest summary must say that both
+cases passed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(GUEST_TIME
 
 SCRIPT = r"""
 {shell}modprobe fuse 2>/dev/null; modprobe loop 2>/dev/null
+modprobe nbd nbds_max=2; check nbd $?
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
 grep -qw memory /sys/fs/cgroup/cgroup.subtree_control || \
   echo +memory > /sys/fs/cgroup/cgroup.subtree_control
@@ -62,11 +68,14 @@ def test_daemon_in_the_limited_cgroup_in_a_guest(tmp_path: Path) -> None:
     report = (tmp_path / "pytest.txt").read_text(errors="replace") \
         if (tmp_path / "pytest.txt").exists() else "(no pytest output)"
     tail = "\n".join(res.stdout.splitlines()[-30:])
-    for name in ("memory_cgroup", "scratch_disk", "mount", "pytest", "umount"):
+    for name in ("nbd", "memory_cgroup", "scratch_disk", "mount", "pytest", "umount"):
         assert checks.get(name, "").startswith("ok"), f"{name}: {checks.get(name)}\n{tail}\n" \
             f"{report[-4000:]}"
-    assert "PASSED tests/integration/test_memory_pressure.py::" \
-           "test_fio_verify_through_fuse_loop_under_a_memory_limit[daemon-too]" in report, \
-        report[-4000:]
-    assert "1 passed" in report.splitlines()[-1], report[-4000:]
-    print(next((line for line in report.splitlines() if "memory pressure (" in line), ""))
+    for via in ("fuse", "nbd"):
+        assert "PASSED tests/integration/test_memory_pressure.py::" \
+               f"test_fio_verify_through_the_device_under_a_memory_limit[{via}-daemon-too]" \
+               in report, report[-4000:]
+    assert "2 passed" in report.splitlines()[-1], report[-4000:]
+    for line in report.splitlines():
+        if "memory pressure (" in line:
+            print(line)

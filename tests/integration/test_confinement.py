@@ -496,6 +496,47 @@ def test_run_dir_and_socket_folder_must_be_private(tmp_path: Path) -> None:
     d.stop()
 
 
+@needs_root
+def test_run_dir_owned_by_another_user_is_refused(attack: Attack, tmp_path: Path) -> None:
+    """A run dir someone else owns is refused in one line, and nothing is made in it (its
+    owner could replace the pid file, the state file or the control socket under the
+    daemon): root's run dir owned by nobody, for ``serve`` and for ``attach``; a user's run
+    dir owned by root, for ``serve``.  Each with the folder private (0755), so the owner is
+    the only reason."""
+    import pwd
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(SIZE))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    theirs = tmp_path / "nobodys-run"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, nobody, nobody)
+    p = cowd("serve", base, "--nbd", f"unix:{tmp_path / 'a.sock'}", "--run-dir", theirs,
+             timeout=30)
+    line = assert_refusal(p, str(theirs))
+    assert f"owned by another user (uid={nobody})" in line, line
+    p = cowd("attach", base, "--via", "fuse", "--run-dir", theirs, timeout=30)
+    line = assert_refusal(p, str(theirs))
+    assert f"owned by another user (uid={nobody})" in line, line
+    assert os.listdir(theirs) == [] and not (tmp_path / "a.sock").exists()
+    # The unprivileged user, in its own folder, with a run dir root made there.
+    home = attack.folder
+    user_base = home / "base.raw"
+    user_base.write_bytes(bytes(SIZE))
+    give(attack, user_base)
+    roots = home / "run"
+    roots.mkdir(mode=0o755)
+    as_user = ["setpriv", f"--reuid={attack.uid}", f"--regid={attack.gid}", "--clear-groups",
+               "--inh-caps=-all", "--"]
+    p = subprocess.run([*as_user, *COWD, "serve", str(user_base), "--nbd",
+                        f"unix:{home / 'a.sock'}", "--run-dir", str(roots)],
+                       capture_output=True, timeout=30, stdin=subprocess.DEVNULL, cwd=home,
+                       env={**os.environ, "HOME": str(home)})
+    line = assert_refusal(p, str(roots))
+    assert "owned by another user (uid=0)" in line, line
+    assert os.listdir(roots) == [] and sorted(os.listdir(home)) == ["base.raw", "run"]
+
+
 def test_missing_socket_folder_is_an_error_not_created(tmp_path: Path) -> None:
     """A unix socket's folder that does not exist is refused in one line (exit 2), and is
     not created: a typo must not become a new directory tree.  A run dir is created, but
@@ -518,11 +559,32 @@ def test_missing_socket_folder_is_an_error_not_created(tmp_path: Path) -> None:
 # ---- cowd serve as an unprivileged user ------------------------------------------------------
 
 
+# Where a process of a throw-away user could leave files without asking anyone.
+SCRATCH_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+
+
+def owned_entries(uid: int) -> set[str]:
+    """Entries of SCRATCH_FOLDERS (top level) owned by ``uid``."""
+    found = set()
+    for folder in SCRATCH_FOLDERS:
+        with contextlib.suppress(OSError):
+            for e in os.scandir(folder):
+                with contextlib.suppress(OSError):
+                    if e.stat(follow_symlinks=False).st_uid == uid:
+                        found.add(e.path)
+    return found
+
+
 @needs_root
 def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
     """A user serves images it owns, with its own run dir and socket, touching nothing
-    outside them: reads equal qemu-img's, writes land in the user's overlay, SIGTERM exits
-    0, and the daemon says it did not ask for PR_SET_IO_FLUSHER (root's business)."""
+    outside them but the boot trace of a base in its own folder (cowd/disk/boottrace.py):
+    reads equal qemu-img's, writes land in the user's overlay, SIGTERM exits 0, and the
+    daemon says it did not ask for PR_SET_IO_FLUSHER (root's business).  A second image lives
+    in a sticky folder anyone may write, as /tmp (its files the user's, the folder root's):
+    served the same, but no trace is written there.  Afterwards the user's folder, the
+    shared one and the run dir hold exactly what they should (no dotfile, no temporary
+    file), and no file of the user's is left in /tmp, /var/tmp, /dev/shm or /run."""
     if missing_tool("qemu-io", "nbdinfo"):
         pytest.skip(str(missing_tool("qemu-io", "nbdinfo")))
     home = attack.folder
@@ -531,16 +593,23 @@ def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
     top = Path(cowd("create", "--base", base, "--overlay", "qcow").stdout.decode().strip())
     run_dir = home / "run"
     run_dir.mkdir(mode=0o700)
-    give(attack, base, top, run_dir)
+    shared = Path(tempfile.mkdtemp(prefix="cowd-shared-"))
+    shared.chmod(0o1777)
+    shared_base = shared / "shared-base.raw"
+    shared_base.write_bytes(os.urandom(SIZE))
+    shared_top = Path(cowd("create", "--base", shared_base, "--overlay",
+                           "qcow").stdout.decode().strip())
+    give(attack, base, top, run_dir, shared_base, shared_top)
     sock = home / "nbd.sock"
-    before = {p: p.stat().st_mtime_ns for p in (base,)}
-    tmp_before = set(os.listdir("/tmp"))
+    before = {p: p.stat().st_mtime_ns for p in (base, shared_base)}
+    scratch_before = owned_entries(attack.uid)
+    assert scratch_before == {str(home)}, scratch_before
     log = home / "serve.log"
     as_user = ["setpriv", f"--reuid={attack.uid}", f"--regid={attack.gid}", "--clear-groups",
                "--inh-caps=-all", "--"]
     with open(log, "wb") as logf:
-        proc = subprocess.Popen([*as_user, *COWD, "serve", str(top), "--nbd", f"unix:{sock}",
-                                 "--run-dir", str(run_dir)], stdout=logf,
+        proc = subprocess.Popen([*as_user, *COWD, "serve", str(top), str(shared_top), "--nbd",
+                                 f"unix:{sock}", "--run-dir", str(run_dir)], stdout=logf,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=home, env={**os.environ, "HOME": str(home)})
     try:
@@ -552,6 +621,9 @@ def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
         out = tmp_path / "read.raw"
         qemu_img("convert", "-f", "raw", "-O", "raw", uri, out)
         assert out.read_bytes() == base.read_bytes()
+        shared_uri = f"nbd+unix:///{shared_top.name}?socket={sock}"
+        qemu_img("convert", "-f", "raw", "-O", "raw", shared_uri, out)
+        assert out.read_bytes() == shared_base.read_bytes()
         p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x6b 4096 8192", uri],
                            capture_output=True, timeout=60)
         assert p.returncode == 0 and b"error" not in p.stdout.lower(), p
@@ -562,18 +634,24 @@ def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)
-    text = log.read_text()
-    assert rc == 0 and "Traceback" not in text and "WARNING" not in text, text
-    # Only its run dir, socket, log and the base's boot trace (cowd/disk/boottrace.py: beside
-    # the base, in the user's folder) changed; the overlay is the user's, and holds the write.
-    assert {p: p.stat().st_mtime_ns for p in (base,)} == before
-    trace = home / "base.raw.cowd-trace"
-    assert set(os.listdir(home)) == {"base.raw", top.name, "run", "serve.log", trace.name} | {
-        n for n in os.listdir(home) if n.startswith(".")}
-    assert trace.stat().st_uid == attack.uid
-    assert set(os.listdir(run_dir)) <= {"cowd.log"}, os.listdir(run_dir)
-    assert set(os.listdir("/tmp")) - tmp_before == set() or all(
-        not n.startswith("cowd") for n in set(os.listdir("/tmp")) - tmp_before)
+    try:
+        text = log.read_text()
+        assert rc == 0 and "Traceback" not in text and "WARNING" not in text, text
+        # Only its run dir, socket, log and the boot trace of the base in its own folder
+        # changed (the socket is gone again); the overlays are the user's, one holds the
+        # write.  In the shared folder: nothing new, the trace is not written there.
+        assert {p: p.stat().st_mtime_ns for p in (base, shared_base)} == before
+        trace = home / "base.raw.cowd-trace"
+        assert set(os.listdir(home)) == {"base.raw", top.name, "run", "serve.log",
+                                         trace.name}, os.listdir(home)
+        assert trace.stat().st_uid == attack.uid
+        assert set(os.listdir(shared)) == {shared_base.name, shared_top.name}, \
+            os.listdir(shared)
+        assert "boot trace not written: the folder is not the daemon user's own" in text, text
+        assert set(os.listdir(run_dir)) <= {"cowd.log"}, os.listdir(run_dir)
+        assert owned_entries(attack.uid) == scratch_before, owned_entries(attack.uid)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     assert top.stat().st_uid == attack.uid
     expect = bytearray(base.read_bytes())
     expect[4096:4096 + 8192] = b"\x6b" * 8192

@@ -1,7 +1,7 @@
-"""`cowd attach --via fuse` under memory pressure: fio's buffered writes with ``--verify`` and
-a memory hog share one memory cgroup whose limit is far below what they would like, so the
-kernel must reclaim by writing dirty pages back through /dev/loopN -- that is, through the
-daemon.  Two cases:
+"""`cowd attach --via fuse` and `--via nbd` under memory pressure: fio's buffered writes with
+``--verify`` and a memory hog share one memory cgroup whose limit is far below what they would
+like, so the kernel must reclaim by writing dirty pages back through the device (/dev/loopN
+over the FUSE file, or /dev/nbdN) -- that is, through the daemon.  Two cases each:
 
 - ``writers``: the daemon runs outside the limited cgroup (its own, as a service should):
   it must keep serving the writeback that frees its clients' memory.
@@ -14,9 +14,16 @@ daemon.  Two cases:
   task flags.  The case is collected only where root holds CAP_SYS_RESOURCE, which the flag
   needs; ``tests/guest/test_memory_pressure.py`` runs it in a guest, so CI always runs it.
 
+The nbd cases need the kernel's nbd driver, which the project's host lacks; they run in the
+same guest boot as the FUSE ``daemon-too`` case.  There the worker that serves the device's
+socketpair (or the daemon, without workers) must also have made its buffers up front: the
+stats show them resident and, after the run, that no request needed a buffer beyond them
+(``device_buffer_fallbacks``); the device shows the queue limits they are sized for.
+
 Everything is bounded by timeouts: a hang fails the test, and the teardown lifts the limit
 and, if the daemon is stuck, aborts its own FUSE connection (fusectl, found by the mount's
-device number) so that the stuck processes can finish and be killed.
+device number), or disconnects its /dev/nbdN (NBD_DISCONNECT: the kernel fails what is
+queued), so that the stuck processes can finish and be killed.
 
 Oracles: fio's own verify pass through the device, then, after ``cowd detach``, fio's
 ``--verify_only`` of the same job over the overlay as qemu-img converts it: every block fio
@@ -29,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +49,13 @@ from pathlib import Path
 
 import pytest
 
+from cowd.frontends.nbd.attach import NBD_DISCONNECT, nbd_problem
+from cowd.frontends.nbd.server import (
+    DEVICE_BUFFERS,
+    DEVICE_MAX_REQUEST_BYTES,
+    DEVICE_QUEUE_DEPTH,
+    DEVICE_SLAB_BYTES,
+)
 from cowd.sysmem import CAP_SYS_RESOURCE
 from tests.support.attach import Env, attach_problem
 from tests.support.host import alive
@@ -193,6 +209,17 @@ def abort_fuse_connection(conn: str) -> None:
             run("umount", FUSECTL, check=False)
 
 
+def disconnect_nbd(dev: str) -> None:
+    """NBD_DISCONNECT our own stuck /dev/nbdN (what ``nbd-client -d`` does): the kernel fails
+    what is queued, so writers stuck on the device can finish."""
+    with contextlib.suppress(OSError):
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, NBD_DISCONNECT)
+        finally:
+            os.close(fd)
+
+
 # PR_SET_IO_FLUSHER's task flags (<linux/sched.h>), read back from /proc/PID/stat.
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
@@ -221,6 +248,14 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def threads(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` (none if it has exited meanwhile)."""
+    try:
+        return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return []
+
+
 def task_flags(pid: int) -> int:
     """The task flags of ``pid`` (field 9 of /proc/PID/stat); IO_FLUSHER's for a process that
     has exited meanwhile (a short-lived child: nothing left to check)."""
@@ -236,8 +271,11 @@ WHERE = ["writers", "daemon-too"] if can_set_io_flusher() else ["writers"]
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("where", WHERE)
-def test_fio_verify_through_fuse_loop_under_a_memory_limit(where: str, tmp_path: Path) -> None:
-    problem = attach_problem() or missing_tool("fio") or cgroup_problem()
+@pytest.mark.parametrize("via", ["fuse", "nbd"])
+def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str,
+                                                             tmp_path: Path) -> None:
+    problem = attach_problem() or missing_tool("fio") or cgroup_problem() or (
+        nbd_problem() if via == "nbd" else None)
     if problem:
         pytest.skip(problem)
     base = tmp_path / "base.raw"
@@ -248,24 +286,45 @@ def test_fio_verify_through_fuse_loop_under_a_memory_limit(where: str, tmp_path:
     with Env.under(tmp_path) as env, memory_cgroup(f"cowd-pressure-{os.getpid()}") as cg:
         ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow",
                            run_dir=False).stdout.strip())
-        dev = env.attach(ov, "--via", "fuse")
+        if via == "fuse":
+            dev = env.attach(ov, "--via", "fuse")
+        else:
+            dev = env.cowd("attach", ov, "--via", "nbd").stdout.strip()
+            assert re.fullmatch(r"/dev/nbd[0-9]+", dev), dev
         pid = env.daemon_pid()
         assert pid is not None
-        conn = fuse_connection(env.fuse_dir)
+        conn = fuse_connection(env.fuse_dir) if via == "fuse" else None
         stats = env.stats()
         io_flusher = stats["io_flusher"]
-        fuse = stats["fuse"]
-        assert isinstance(fuse, dict) and "buffers_locked" in fuse
+        if via == "fuse":
+            fuse = stats["fuse"]
+            assert isinstance(fuse, dict) and "buffers_locked" in fuse
+            buffers = f"FUSE buffers locked: {fuse['buffers_locked']}"
+        else:
+            nbd = stats["nbd"]
+            assert isinstance(nbd, dict), stats
+            # The connection behind the device made its buffers before serving it.
+            assert nbd["device_buffer_bytes"] == DEVICE_BUFFERS * DEVICE_SLAB_BYTES, nbd
+            index = dev.removeprefix("/dev/nbd")
+            queue = Path(f"/sys/block/nbd{index}/queue")
+            assert (queue / "max_sectors_kb").read_text().strip() == \
+                str(DEVICE_MAX_REQUEST_BYTES >> 10)
+            assert (queue / "nr_requests").read_text().strip() == str(DEVICE_QUEUE_DEPTH)
+            buffers = (f"NBD device buffers: {nbd['device_buffer_bytes']} bytes, "
+                       f"{nbd['device_buffers_unlocked']} of {DEVICE_BUFFERS} not locked")
         daemon = process_tree(pid)
         if where == "daemon-too":
             assert io_flusher == "set", io_flusher
-            unflagged = [p for p in daemon if task_flags(p) & IO_FLUSHER != IO_FLUSHER]
-            assert not unflagged, f"cowd processes without PR_SET_IO_FLUSHER: {unflagged}"
+            # Every thread of every process: trio's worker threads, and for nbd the thread
+            # that sits in NBD_DO_IT.
+            unflagged = [(p, t) for p in daemon for t in threads(p)
+                         if task_flags(t) & IO_FLUSHER != IO_FLUSHER]
+            assert not unflagged, f"cowd threads without PR_SET_IO_FLUSHER: {unflagged}"
         stuck = False
         try:
             if where == "daemon-too":
-                for p in daemon:
-                    cg.add(p)
+                for proc in daemon:
+                    cg.add(proc)
             cg.limit(LIMIT_BYTES)
             hog = subprocess.Popen([sys.executable, "-c", HOG, str(HOG_BYTES)],
                                    stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -291,11 +350,17 @@ def test_fio_verify_through_fuse_loop_under_a_memory_limit(where: str, tmp_path:
             pressure = cg.times_at_limit()
             assert pressure > 0, "the cgroup never reached its limit: no pressure was made"
             assert alive(pid), "the daemon died under memory pressure"
+            if via == "nbd":
+                nbd = env.stats()["nbd"]
+                assert isinstance(nbd, dict)
+                assert nbd["device_buffer_fallbacks"] == 0, nbd  # nothing allocated on demand
         finally:
             with contextlib.suppress(OSError):
                 cg.limit(None)
             if stuck and conn is not None:
                 abort_fuse_connection(conn)  # the only way out of a writeback deadlock
+            if stuck and via == "nbd":
+                disconnect_nbd(dev)
             _stop(fio)
             _stop(hog)
         env.detach(dev)
@@ -307,6 +372,5 @@ def test_fio_verify_through_fuse_loop_under_a_memory_limit(where: str, tmp_path:
     p = run("fio", *FIO_JOB, f"--filename={raw}", "--ioengine=psync", "--verify_only",
             timeout=300, check=False)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:]
-    print(f"memory pressure ({where}, {len(daemon)} cowd processes): limit hit {pressure} "
-          f"times, PR_SET_IO_FLUSHER {io_flusher}, "
-          f"FUSE buffers locked: {fuse['buffers_locked']}")
+    print(f"memory pressure ({via}, {where}, {len(daemon)} cowd processes): limit hit "
+          f"{pressure} times, PR_SET_IO_FLUSHER {io_flusher}, {buffers}")

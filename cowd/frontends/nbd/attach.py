@@ -16,7 +16,11 @@ Then the socket goes to the kernel through the ioctl interface of ``linux/nbd.h`
 size 0; the claim itself is ``NBD_SET_SOCK``, which the kernel refuses with EBUSY when another
 task set the device up (or EINVAL for a device configured over netlink), so two claimers never
 share a device: a refused claim moves on to the next one.  After the claim come
-``NBD_SET_BLKSIZE`` (512), ``NBD_SET_SIZE``, ``NBD_SET_FLAGS``, and ``NBD_DO_IT`` in a thread
+``NBD_SET_BLKSIZE`` (512), ``NBD_SET_SIZE``, ``NBD_SET_FLAGS``, the queue limits the
+server's preallocated buffers are sized for (``max_sectors_kb`` and ``nr_requests`` in
+sysfs, :data:`~cowd.frontends.nbd.server.DEVICE_MAX_REQUEST_BYTES` and
+:data:`~cowd.frontends.nbd.server.DEVICE_QUEUE_DEPTH`; the device's own values come back at
+detach), and ``NBD_DO_IT`` in a thread
 of its own, with signals blocked there (an interrupted DO_IT tears the device down): it
 returns only when the device is disconnected.  The attach is done when sysfs shows the
 device's pid file and size.
@@ -59,6 +63,7 @@ import trio
 
 from ...errors import CommandFailed
 from . import wire as W
+from .server import DEVICE_MAX_REQUEST_BYTES, DEVICE_QUEUE_DEPTH
 
 log = logging.getLogger("cowd.nbdattach")
 
@@ -261,6 +266,40 @@ def free_devices() -> list[int]:
     return sorted(found)
 
 
+def _queue_path(index: int, name: str) -> str:
+    return f"/sys/block/nbd{index}/queue/{name}"
+
+
+def set_queue_limits(index: int) -> dict[str, str]:
+    """Bound what the kernel may have in flight on /dev/nbdN to what the serving connection
+    preallocated (cowd/frontends/nbd/server.py): requests of at most
+    DEVICE_MAX_REQUEST_BYTES, at most DEVICE_QUEUE_DEPTH of them.  Returns the values it
+    replaced, for :func:`restore_queue_limits`.  A limit that cannot be set is logged; the
+    server then allocates what does not fit, and counts it."""
+    old: dict[str, str] = {}
+    for name, value in (("max_sectors_kb", DEVICE_MAX_REQUEST_BYTES >> 10),
+                        ("nr_requests", DEVICE_QUEUE_DEPTH)):
+        path = _queue_path(index, name)
+        before = _read(path)
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(f"{value}\n")
+        except OSError as e:
+            log.warning("%s: cannot set to %d (%s); requests beyond the preallocated buffers "
+                        "will allocate memory", path, value, e.strerror)
+            continue
+        if before is not None and before != str(value):
+            old[name] = before
+    return old
+
+
+def restore_queue_limits(index: int, old: dict[str, str]) -> None:
+    for name, value in old.items():
+        with contextlib.suppress(OSError), \
+                open(_queue_path(index, name), "w", encoding="ascii") as f:
+            f.write(value + "\n")
+
+
 def _do_it(fd: int, outcome: list[int], tid: list[int]) -> None:
     # Blocks until the device is disconnected.  A signal would interrupt it (and tear the
     # device down), so none is delivered to this thread.
@@ -286,6 +325,7 @@ class NbdDevice:
         self.tid: list[int] = []  # the DO_IT thread's id (what sysfs shows as the pid)
         self.done = trio.Event()
         self.thread: threading.Thread | None = None
+        self.queue_limits_replaced: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, nursery: trio.Nursery, serve: Serve, export: str) -> NbdDevice:
@@ -351,7 +391,9 @@ class NbdDevice:
                 os.close(fd)
                 raise CommandFailed(f"{path}: setting up the device failed: {e.strerror} "
                                  f"(size={size}, flags={flags:#x})") from None
-            return cls(index, fd, size, flags)
+            dev = cls(index, fd, size, flags)
+            dev.queue_limits_replaced = set_queue_limits(index)
+            return dev
         raise CommandFailed("--via nbd: no free /dev/nbdN (" + ("; ".join(tried) or
                          "every device is connected; modprobe nbd nbds_max=N") + ")")
 
@@ -397,6 +439,7 @@ class NbdDevice:
                 await self.done.wait()
         if self.done.is_set() or self.thread is None:
             os.close(self.fd)
+            restore_queue_limits(self.index, self.queue_limits_replaced)
         else:
             log.error("%s: NBD_DO_IT never returned; leaving its descriptor open", self.device)
         self.fd = -1
@@ -408,6 +451,8 @@ class NbdDevice:
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "size_bytes": self.size_bytes, "flags": self.flags,
                 "do_it_tid": self.tid[0] if self.tid else None,
+                "max_sectors_kb": _read(_queue_path(self.index, "max_sectors_kb")),
+                "nr_requests": _read(_queue_path(self.index, "nr_requests")),
                 "connected": not self.done.is_set()}
 
 

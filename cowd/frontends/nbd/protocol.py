@@ -186,7 +186,7 @@ class ServerConnection:
                  list_exports: Callable[[], Iterable[W.ExportInfo]] | None = None,
                  default_export: str | None = None, peer: str = "nbd client",
                  tls: W.TlsPolicy | None = None,
-                 payload_buffer: Callable[[int], bytearray] = bytearray):
+                 payload_buffer: Callable[[int], bytearray | memoryview] = bytearray):
         self._exports = Exports(exports, list_exports=list_exports,
                                 default_export=default_export,
                                 tls=tls if tls is not None else W.TlsPolicy())
@@ -214,7 +214,7 @@ class ServerConnection:
         self._discard_message = ""
         # WRITE_PAYLOAD / WRITE_DISCARD: the pending request and its payload buffer.
         self._pending: W.Request | None = None
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
         self._payload_filled = 0
 
         #: Negotiated state (valid once NegotiationDone was returned).

@@ -41,6 +41,22 @@ the rest of option haggling (so HANDSHAKE_TIMEOUT_S and the eviction of negotiat
 connections bound it too), replaces its stream with the TLS stream and tells the codec the
 identity the handshake verified.  A failed handshake ends that connection only.
 
+Connections that back a kernel device (``cowd attach --via nbd``: an NbdServer made with
+``device=True``, in the daemon or in the worker that serves the device's socketpair) must
+keep serving the kernel's writeback when memory is short, which may be exactly when the
+kernel is writing back through them (cowd/sysmem.py).  So they take no buffer on demand:
+each such connection makes DEVICE_BUFFERS resident buffers of DEVICE_SLAB_BYTES when it is
+created (touched, mlocked where allowed), and every write payload and read reply comes from
+there.  The kernel bounds what that needs: the attach path sets the device's request size
+(``max_sectors_kb``) to DEVICE_MAX_REQUEST_BYTES and its queue (``nr_requests``) to
+DEVICE_QUEUE_DEPTH, every request holds at most one buffer (its payload, or its reply until
+it is sent), and DEVICE_SPARE_BUFFERS cover replies that were sent but whose buffers are not
+back yet.  Anything beyond (a device whose limits could not be set) is allocated as before and
+counted (``device_buffer_fallbacks`` in ``cowd stats``).  Not covered: each receive still
+returns a fresh chunk of up to RECEIVE_CHUNK_BYTES (trio's ``receive_some``), and headers and
+small replies are Python objects made per request; those allocations rely on
+PR_SET_IO_FLUSHER alone (they never wait on I/O reclaim).
+
 Every connection to one export shares the one Disk object, whose flush covers every write
 acknowledged on any connection: multi-conn is advertised.
 
@@ -63,6 +79,7 @@ import trio
 from ...disk import DiskError
 from ...disk.api import BlockDisk
 from ...errors import CommandFailed, UsageError
+from ...sysmem import resident_buffer
 from . import protocol as P
 from . import wire as W
 from .tls import ServerCredentials, TlsConfig, TlsError, TlsStream
@@ -82,6 +99,17 @@ MAX_BLOCK_BYTES = W.NBD_MAX_WRITE_BYTES
 # Read reply buffers of at least POOL_MIN_BYTES are reused, up to POOL_BYTES per connection.
 POOL_MIN_BYTES = 64 << 10
 POOL_BYTES = 16 << 20
+# A kernel device's connection (see "Connections that back a kernel device" above): the
+# largest request the attach path lets the kernel send (its max_sectors_kb; the kernel's own
+# default is 1280 KiB), the requests it lets it have in flight (nr_requests; the nbd driver's
+# tag set has 128), buffers for replies sent but not yet recycled, and the size of each
+# buffer: a request's data and its reply header (16 bytes simple, 20..32 structured).
+# 40 buffers of 256 KiB: 10 MiB resident per device.
+DEVICE_MAX_REQUEST_BYTES = 256 << 10
+DEVICE_QUEUE_DEPTH = 32
+DEVICE_SPARE_BUFFERS = 8
+DEVICE_BUFFERS = DEVICE_QUEUE_DEPTH + DEVICE_SPARE_BUFFERS
+DEVICE_SLAB_BYTES = DEVICE_MAX_REQUEST_BYTES + 32
 # Replies answered inline are sent together once everything read in one wakeup is parsed,
 # or as soon as they add up to this many bytes (bounding what a batch holds).
 INLINE_BATCH_BYTES = 1 << 20
@@ -102,19 +130,70 @@ class _BufferPool:
         self._free: dict[int, list[bytearray]] = {}
         self._bytes = 0
 
-    def get(self, n: int) -> bytearray:
+    def get(self, n: int) -> bytearray | memoryview:
         free = self._free.get(n)
         if free:
             self._bytes -= n
             return free.pop()
         return bytearray(n)
 
-    def put(self, buf: bytearray) -> None:
+    def close(self) -> None:
+        self._free.clear()
+
+    def put(self, buf: bytes | bytearray | memoryview) -> None:
+        if not isinstance(buf, bytearray):
+            return
         n = len(buf)
         if n < POOL_MIN_BYTES or self._bytes + n > POOL_BYTES:
             return
         self._free.setdefault(n, []).append(buf)
         self._bytes += n
+
+
+class _ResidentPool:
+    """A kernel device connection's buffers: DEVICE_BUFFERS slabs of DEVICE_SLAB_BYTES cut
+    from one resident arena made up front (one mapping of its own, so its pages and their
+    mlock go back to the kernel with the connection).  :meth:`get` hands out a view of a
+    free slab's first ``n`` bytes; :meth:`put` takes it back (anything else given to it is
+    dropped).  A request larger than a slab, or one that finds every slab taken, gets a
+    fresh bytearray, counted in the server's ``device_buffer_fallbacks``.  While the pool
+    lives, the server's ``device_buffer_bytes`` and ``device_buffers_unlocked`` (slabs mlock
+    refused: touched, but swappable) count it; :meth:`close` takes it out again."""
+
+    def __init__(self, counters: dict[str, int]) -> None:
+        self._counters = counters
+        arena, locked = resident_buffer(DEVICE_BUFFERS * DEVICE_SLAB_BYTES)
+        self._arena = memoryview(arena)
+        self._free = list(range(DEVICE_BUFFERS))
+        # id(view) -> (slab, view) of every slab lent out (the view kept, so its id is not
+        # reused while it is out)
+        self._lent: dict[int, tuple[int, memoryview]] = {}
+        self._unlocked = 0 if locked else DEVICE_BUFFERS
+        self._counted = True
+        counters["device_buffer_bytes"] += DEVICE_BUFFERS * DEVICE_SLAB_BYTES
+        counters["device_buffers_unlocked"] += self._unlocked
+
+    def close(self) -> None:
+        if self._counted:
+            self._counters["device_buffer_bytes"] -= DEVICE_BUFFERS * DEVICE_SLAB_BYTES
+            self._counters["device_buffers_unlocked"] -= self._unlocked
+            self._counted = False
+
+    def get(self, n: int) -> bytearray | memoryview:
+        if n <= DEVICE_SLAB_BYTES and self._free:
+            slab = self._free.pop()
+            start = slab * DEVICE_SLAB_BYTES
+            view = self._arena[start:start + n]
+            self._lent[id(view)] = (slab, view)
+            return view
+        self._counters["device_buffer_fallbacks"] += 1
+        return bytearray(n)
+
+    def put(self, buf: bytes | bytearray | memoryview) -> None:
+        lent = self._lent.get(id(buf))
+        if lent is not None and lent[1] is buf:
+            del self._lent[id(buf)]
+            self._free.append(lent[0])
 
 
 class _Deferred:
@@ -174,12 +253,14 @@ class NbdServer:
     """Serves ``disks`` (export name -> disk; the mapping may change while serving) on the
     streams given to :meth:`handle`.  ``tls`` is the whole TLS configuration (default:
     off); its credentials are loaded here, in the serving process (a worker loads its own),
-    and freed by :meth:`close`."""
+    and freed by :meth:`close`.  ``device``: its connections back kernel devices (/dev/nbdN)
+    and get resident buffers up front (see the module docstring)."""
 
     def __init__(self, disks: Mapping[str, BlockDisk], tls: TlsConfig | None = None, *,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, device: bool = False):
         self.disks = disks
         self.max_connections = max_connections
+        self.device = device
         self.tls = tls if tls is not None else TlsConfig()
         self.tls_credentials: ServerCredentials | None = (
             self.tls.load() if self.tls.enabled else None)
@@ -192,7 +273,8 @@ class NbdServer:
         self.counters = {"connections": 0, "refused": 0, "protocol_errors": 0,
                          "handshake_timeouts": 0, "handshakes_evicted": 0,
                          "send_timeouts": 0, "handler_errors": 0, "tls_handshakes": 0,
-                         "tls_failures": 0}
+                         "tls_failures": 0, "device_buffer_bytes": 0,
+                         "device_buffers_unlocked": 0, "device_buffer_fallbacks": 0}
 
     def check_authz_exports(self) -> None:
         """Every export an authorization list names must be served (a typo would otherwise
@@ -261,6 +343,7 @@ class NbdServer:
             try:
                 await trio.aclose_forcefully(conn.stream)  # a TLS stream closes its socket
             finally:
+                conn.buffers.close()
                 self._live -= 1
                 self._free_credentials_if_idle()
 
@@ -282,7 +365,8 @@ class _Connection:
     def __init__(self, server: NbdServer, stream: trio.abc.Stream):
         self.server = server
         self.stream = stream  # becomes a TlsStream after STARTTLS
-        self.buffers = _BufferPool()  # read replies and write payloads, recycled
+        # Read replies and write payloads, recycled; made up front for a kernel device.
+        self.buffers = _ResidentPool(server.counters) if server.device else _BufferPool()
         self.codec = P.ServerConnection(server._lookup, list_exports=server._list,
                                         peer=peer_name(stream), tls=server.tls.policy,
                                         payload_buffer=self.buffers.get)
@@ -397,12 +481,11 @@ class _Connection:
                 await self._start_tls()
             # OptionHandled: the reply is already sent; negotiation goes on.
 
-    async def _send_batch(self, batch: list[bytes | bytearray]) -> None:
+    async def _send_batch(self, batch: list[bytes | bytearray | memoryview]) -> None:
         """Send the replies answered inline, in one write, and recycle their buffers."""
         await self.send(batch[0] if len(batch) == 1 else b"".join(batch))
         for reply in batch:
-            if isinstance(reply, bytearray):
-                self.buffers.put(reply)
+            self.buffers.put(reply)
         batch.clear()
 
     async def _transmission(self) -> None:
@@ -411,7 +494,7 @@ class _Connection:
         # way the nursery then waits for the requests already in flight.
         error: W.NbdProtocolError | None = None
         async with trio.open_nursery() as nursery:
-            batch: list[bytes | bytearray] = []
+            batch: list[bytes | bytearray | memoryview] = []
             batch_bytes = 0
             deferred: list[W.Request] = []  # reads waiting for the disk, advised
             try:
@@ -468,7 +551,8 @@ class _Connection:
             raise error
 
     def _answer_inline(self, req: W.Request,
-                       may_block: bool = False) -> bytes | bytearray | _Deferred | None:
+                       may_block: bool = False
+                       ) -> bytes | bytearray | memoryview | _Deferred | None:
         """The reply to ``req`` if it can be answered right here with no await (refused
         requests, reads and in-place writes that the Disk serves synchronously); _DEFERRED
         for a read whose data is not in the page cache or a write that allocates (advised
@@ -482,7 +566,12 @@ class _Connection:
         try:
             if req.command == W.NBD_CMD_READ:
                 buf, dest = self._read_reply_buffer(req)
-                if disk.try_read_into(req.offset, dest, may_block=may_block):
+                try:
+                    done = disk.try_read_into(req.offset, dest, may_block=may_block)
+                except DiskError:
+                    self.buffers.put(buf)  # a device's buffer must come back, even so
+                    raise
+                if done:
                     return buf
                 self.buffers.put(buf)
                 if not may_block and req.length <= INLINE_BATCH_BYTES:
@@ -506,7 +595,7 @@ class _Connection:
         next write of that size a fresh allocation (above the allocator's mmap threshold,
         cowd/process.py, a fresh 1 MiB buffer is an mmap, 256 page faults and a munmap: with
         the fresh receive buffers, what made 1 MiB writes 4x slower)."""
-        if isinstance(req.data, bytearray):
+        if req.data is not None:
             self.buffers.put(req.data)
         req.data = None
 
@@ -516,7 +605,7 @@ class _Connection:
         finally:
             await self.budget.release(taken)
 
-    def _read_reply_buffer(self, req: W.Request) -> tuple[bytearray, memoryview]:
+    def _read_reply_buffer(self, req: W.Request) -> tuple[bytearray | memoryview, memoryview]:
         """A (recycled) buffer holding READ's reply header, and the view its data goes in."""
         header = self.codec.read_reply_header(req)
         buf = self.buffers.get(len(header) + req.length)

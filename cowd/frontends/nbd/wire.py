@@ -491,7 +491,7 @@ class Request:
     offset: int
     length: int
     error: int = 0
-    data: bytearray | None = None
+    data: bytearray | memoryview | None = None
 
     @property
     def fua(self) -> bool:
