@@ -480,10 +480,11 @@ def open_remote(name: RemoteName, config: RemoteConfig) -> RemoteFile:
     shared with every other user of the same remote in this process."""
     with _bases_lock:
         base = _bases.get(name.key)
-        if base is not None and base.stale_mark is not None:
+        if base is not None and base.stale is not None:
             # Changed while in use here: a new disk over it is refused as a new process's
             # open would be (the cache is marked).
-            raise CacheError(errno_mod.ESTALE, base.stale_mark.describe())
+            mark = base.stale_mark
+            raise CacheError(errno_mod.ESTALE, mark.describe() if mark else base.stale)
         if base is None:
             base = RemoteBase(name, config)
             _bases[name.key] = base
