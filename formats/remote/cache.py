@@ -56,6 +56,7 @@ the budget.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import fcntl
 import hashlib
@@ -340,11 +341,16 @@ class CacheFiles:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=dfd)
             try:
-                os.write(fd, mark.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, MARKER, src_dir_fd=dfd, dst_dir_fd=dfd)
+                try:
+                    os.write(fd, mark.encode())  # (a few hundred bytes: one write)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, MARKER, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
             os.fsync(dfd)
             return mark, True
         except OSError:
@@ -394,7 +400,7 @@ class CacheFiles:
         try:
             os.rename(tmp, self.name, src_dir_fd=self._root_fd, dst_dir_fd=self._root_fd)
         except OSError:  # another process made it first: use theirs
-            _remove_folder(self._root_fd, tmp)
+            remove_folder(self._root_fd, tmp)
         return os.open(self.name, flags, dir_fd=self._root_fd)
 
     def _load(self) -> None:
@@ -553,9 +559,11 @@ class CacheFiles:
             b = used.find(1, b + 1)
 
 
-def _remove_folder(root_fd: int, name: str) -> None:
-    """Delete a cache folder: first renamed to a hidden name (so a crash never leaves a
-    folder with its marker gone but its header kept, or the other way round), then
+def remove_folder(root_fd: int, name: str) -> None:
+    """Delete the cache folder ``name`` beneath the root, its change marker with it (which
+    is how a changed remote's new version is accepted); the caller holds its index's lock
+    exclusively.  The folder is first renamed to a hidden name, so a crash never leaves a
+    folder with its marker gone but its header kept, or the other way round; then it is
     emptied and removed."""
     gone = f".{name}.{os.getpid()}.{time.monotonic_ns()}.drop"
     try:
@@ -570,12 +578,6 @@ def _remove_folder(root_fd: int, name: str) -> None:
     finally:
         os.close(dfd)
     os.rmdir(gone, dir_fd=root_fd)
-
-
-def remove_folder(root_fd: int, name: str) -> None:
-    """Delete the cache folder ``name`` beneath the root (its marker too: that accepts a
-    changed remote's new version).  The caller holds its index's lock exclusively."""
-    _remove_folder(root_fd, name)
 
 
 __all__ = ["DEFAULT_BLOCK_BITS", "CacheError", "CacheFiles", "ChangeMark", "Header",

@@ -191,9 +191,10 @@ def test_a_damaged_marker_still_refuses(tmp_path: Path, damage: str) -> None:
 
 def test_a_crash_while_marking_leaves_no_half_marker(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash before the marker's rename (here the rename fails) leaves its temporary
-    file, which is not a marker: the open is refused by the header's comparison, the blocks
-    are kept (the marker is not durable), and the next open writes the marker whole."""
+    """A marker that cannot be made durable (here its rename fails) is not a marker: the
+    open is refused by the header's comparison, the blocks are kept; a crash's leftover
+    temporary file, whole or torn, is not a marker either; the next open writes the marker
+    whole."""
     files, _ = _open(tmp_path, HDR)
     files.store(0, b"a" * 65536)
     files.close()
@@ -209,9 +210,13 @@ def test_a_crash_while_marking_leaves_no_half_marker(tmp_path: Path,
     files.close()
     assert mark is not None and not _marked(tmp_path).exists()
     folder = tmp_path / cache_key_dir("k")
-    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "index"]
     assert (folder / "data").stat().st_blocks > 0  # not discarded without a marker
     monkeypatch.setattr(os, "rename", real_rename)
+    # What a crash before the rename leaves: a temporary file, whole or cut short.
+    whole = ChangeMark(HDR.validator, "size=1", 1, HDR.url).encode()
+    (folder / f".{MARKER}.1.1.tmp").write_bytes(whole)
+    (folder / f".{MARKER}.1.2.tmp").write_bytes(whole[:7])
     files, again = _open(tmp_path, HDR)  # the old version again: not refused (no record)
     assert again is None and files.held_bytes == 65536
     files.close()
