@@ -95,9 +95,11 @@ def add_cache_command(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("cache", help="remote bases' local caches: show, prefetch, drop")
     c.add_argument("action", choices=("show", "prefetch", "drop", "verify"),
                    help="show: every cache (or those of the bases named: URLs, or overlays over "
-                   "one); prefetch: fetch "
+                   "one), and which changed on the server since cached; prefetch: fetch "
                    "blocks of a remote base into its cache; drop: delete a cache (refused "
-                   "while in use); verify: check every cached block's checksum")
+                   "while in use), which also clears a changed base's marker: every open of "
+                   "it is refused until then, and the next one uses the new version; verify: "
+                   "check every cached block's checksum")
     c.add_argument("url", nargs="*", metavar="URL",
                    help="remote bases (nbd://, nbd+unix://, http(s)://) or overlays over one")
     c.add_argument("--all", action="store_true",

@@ -5,6 +5,10 @@ These work on the cache folders directly, with or without a daemon: a cache is s
 (flock), so a prefetch while a daemon serves the base fills the same cache (the daemon finds
 those blocks on its next miss), and a drop or a verify that repairs waits for no one: it is
 refused while another process uses the cache.
+
+A cache marked changed (its base was seen as another version on the server: every open of
+that base is refused) is shown with what changed, and dropping it is how the user accepts
+the new version: the next open makes a new cache of what the server holds then.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import concurrent.futures
 import fcntl
 import json
 import os
+import time
 from typing import Any
 
 from formats.opener import OpenPolicy
@@ -27,6 +32,23 @@ PREFETCH_THREADS = 4
 
 def _open_index(folder: str) -> int:
     return os.open(os.path.join(folder, "index"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _changed(folder: str, hdr: Any) -> dict[str, Any] | None:
+    """A cache's change marker (formats/remote/cache.py) as shown: None when unmarked."""
+    from formats.remote.cache import read_mark
+
+    dfd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mark = read_mark(dfd, hdr)
+    finally:
+        os.close(dfd)
+    if mark is None:
+        return None
+    return {"was": mark.was, "seen": mark.seen,
+            "seen_at": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mark.when))
+                        if mark.when else None),
+            "accept": f"cowd cache drop {hdr.url}"}
 
 
 def _caches(root: str) -> list[dict[str, Any]]:
@@ -53,13 +75,14 @@ def _caches(root: str) -> list[dict[str, Any]]:
             except BlockingIOError:
                 in_use = True
             held = os.stat(os.path.join(folder, "data")).st_blocks * 512
+            changed = _changed(folder, hdr)
         except (OSError, CacheError):
             continue
         finally:
             os.close(fd)
         out.append({"url": hdr.url, "folder": folder, "size": hdr.remote_size,
                     "block_size": hdr.block_size, "held_bytes": min(held, hdr.remote_size),
-                    "validator": hdr.validator, "in_use": in_use})
+                    "validator": hdr.validator, "in_use": in_use, "changed": changed})
     return out
 
 
@@ -172,7 +195,9 @@ def _folders(args: argparse.Namespace, policy: OpenPolicy) -> list[str]:
 
 
 def drop(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
-    from formats.remote.cache import check_root
+    """Delete caches: a changed base's (marked) cache too, which is how its new version is
+    accepted (the next open makes a new cache of it)."""
+    from formats.remote.cache import HEADER_BYTES, CacheError, Header, check_root, remove_folder
 
     assert policy.remote is not None
     root_fd = check_root(policy.remote.cache_root)
@@ -190,10 +215,13 @@ def drop(args: argparse.Namespace, policy: OpenPolicy) -> dict[str, Any]:
                 except BlockingIOError:
                     raise CommandFailed(f"{folder}: the cache is in use (a daemon serves "
                                         "that base); detach its disks first") from None
-                from formats.remote.cache import _remove_folder
-
-                _remove_folder(root_fd, name)
-                dropped.append(folder)
+                try:
+                    hdr = Header.decode(os.pread(fd, HEADER_BYTES, 0), folder)
+                    url, changed = hdr.url, _changed(folder, hdr)
+                except (OSError, CacheError):
+                    url, changed = None, None
+                remove_folder(root_fd, name)
+                dropped.append({"folder": folder, "url": url, "changed": changed})
             finally:
                 os.close(fd)
     finally:
@@ -243,9 +271,19 @@ def run(args: argparse.Namespace, policy: OpenPolicy) -> int:
         print(f"caches in {doc['root']}:")
         for c in doc["caches"]:
             pct = 100.0 * c["held_bytes"] / c["size"] if c["size"] else 100.0
-            print(f"{c['url']}: {c['held_bytes']} of {c['size']} bytes ({pct:.1f}%), "
+            ch = c["changed"]
+            state = "" if ch is None else (
+                f"changed on the server since cached (was {ch['was']}; seen"
+                f"{' at ' + ch['seen_at'] if ch['seen_at'] else ''}: {ch['seen']}), refused "
+                f"until `{ch['accept']}` accepts the new version, ")
+            print(f"{c['url']}: {state}{c['held_bytes']} of {c['size']} bytes ({pct:.1f}%), "
                   f"{c['block_size']}-byte blocks, {'in use' if c['in_use'] else 'idle'}, "
                   f"{c['folder']}")
+    elif args.action == "drop":
+        for d in doc["dropped"]:
+            what = "" if d["changed"] is None else \
+                " (it had changed on the server: its next open uses the new version)"
+            print(f"dropped: {d['url'] or '?'}: {d['folder']}{what}")
     else:
         for key, items in doc.items():
             for item in items:

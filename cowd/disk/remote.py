@@ -214,9 +214,9 @@ async def fetch_missing(miss: NotCached, prefetch: bool = False,
 def warm_chain(path: str, fmt: str | None, policy: OpenPolicy) -> Any:
     """Open the chain read-only with the library (in a thread: remote layers connect and
     fetch what their codecs read at open); None when it cannot be opened (the real open
-    says why).  A remote base that changed since it was cached is the exception: this open
-    drops the old cache, so the real open would find none and go on with the new version
-    over an overlay made on the old one.  That error (ESTALE) is raised here."""
+    says why).  A remote base that changed since it was cached is the exception: its error
+    (ESTALE) is raised here, in one line, before the real open connects again (which would
+    fail the same way: the cache stays marked changed until the user drops it)."""
     try:
         return formats.open_image(path, False, fmt, policy=policy)
     except (FormatError, OSError) as e:

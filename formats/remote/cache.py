@@ -26,6 +26,22 @@ Crash safety: a block's entry is written only after its data is durable (``fdata
 loses at most the blocks fetched since, which are fetched again.  A block is dropped the
 other way round: its entry is zeroed and made durable before the hole is punched.
 
+A changed remote: an overlay records only the URL of its base (as qemu's does), so the cache
+is the one record of which version the overlays of that URL were written over.  When the
+remote is seen to be another version (at open: its size or validator differs from the
+header's; in use: an HTTP 412, a new connection with another validator), the cache is
+*marked*: a ``changed`` file (``COWDRCC1``: magic, version, the time, the cached validator,
+what was seen instead, the URL, an xxh3-64 of all of it) is written beside ``index`` as a
+temporary file, made durable (``fsync``), renamed into place, and the folder made durable,
+so it is either absent or whole.  Only then, and only by a sole user, are the cached blocks
+discarded (entries zeroed and durable, then the data file emptied); the header stays.  A
+marked cache is never used again: every open fails (ESTALE) whatever the remote says now —
+even the old validator again, since an NBD export's size cannot tell two versions apart —
+and a marker that cannot be read counts as one.  A crash before the rename leaves no marker
+but the header, which the next open compares with the remote again.  Deleting the folder
+(``cowd cache drop``: renamed out of the way first, then emptied) is what accepts the new
+version.
+
 Sharing: every process that uses the cache holds a shared ``flock`` on ``index``; dropping
 or trimming the cache (eviction) takes it exclusively, so it never happens under another
 user's feet (their remaps may point into ``data``).  Two users may fetch the same block: they
@@ -40,12 +56,14 @@ the budget.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import fcntl
 import hashlib
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 
 import xxhash
@@ -71,6 +89,12 @@ MAX_HEADER_STRING = 1024
 MAX_REMOTE_BYTES = 1 << 45
 # Entries read or written in one system call.
 ENTRY_CHUNK = 4096
+# The change marker (see "A changed remote" above): its name in the folder and format.
+MARKER = "changed"
+MARKER_MAGIC = b"COWDRCC1"
+_MARKER = struct.Struct("<8sIQ")  # magic, version, unix time seen
+# Longest marker read (three strings of at most MAX_HEADER_STRING bytes and their fields).
+MAX_MARKER_BYTES = 4 * MAX_HEADER_STRING
 
 
 class CacheError(OSError):
@@ -123,6 +147,84 @@ class Header:
                 blocks != hdr.blocks:
             raise CacheError(errno_mod.EINVAL, f"{where}: cache header out of range")
         return hdr
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMark:
+    """What a cache's change marker records: the version cached (``was``: the header's
+    validator), what the remote was seen as instead (``seen``: a validator, or why a read
+    was refused), when (unix seconds; 0 when the marker is unreadable)."""
+
+    was: str
+    seen: str
+    when: int
+    url: str
+
+    def encode(self) -> bytes:
+        body = _MARKER.pack(MARKER_MAGIC, VERSION, self.when)
+        for text in (self.was, self.seen, self.url):
+            raw = text.encode()[:MAX_HEADER_STRING]
+            body += struct.pack("<H", len(raw)) + raw
+        return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+    @classmethod
+    def decode(cls, raw: bytes, was: str, url: str) -> ChangeMark:
+        """A marker's bytes; damaged ones still mark the cache (``was`` and ``url``: the
+        header's, for the message)."""
+        try:
+            magic, version, when = _MARKER.unpack_from(raw)
+            pos = _MARKER.size
+            texts = []
+            for _ in range(3):
+                (n,) = struct.unpack_from("<H", raw, pos)
+                if pos + 2 + n > len(raw):
+                    raise struct.error("short")
+                texts.append(raw[pos + 2:pos + 2 + n].decode(errors="replace"))
+                pos += 2 + n
+            (check,) = struct.unpack_from("<Q", raw, pos)
+        except struct.error:
+            return cls(was, "an unreadable change marker (short)", 0, url)
+        if magic != MARKER_MAGIC or version != VERSION or len(raw) != pos + 8 or \
+                check != xxhash.xxh3_64_intdigest(raw[:pos]):
+            return cls(was, "an unreadable change marker (damaged)", 0, url)
+        return cls(texts[0], texts[1], when, texts[2])
+
+    def describe(self, now: str | None = None) -> str:
+        """One line: what changed (``now``: what the remote says at this open, if known)
+        and how to accept the new version."""
+        if now is not None and now != self.was:
+            what = f"it was {self.was}, it is now {now}"
+        else:  # (not known, or the old validator again: which proves nothing for NBD)
+            when = time.strftime(" at %Y-%m-%d %H:%M:%S UTC", time.gmtime(self.when)) \
+                if self.when else ""
+            what = f"it was {self.was}; seen since{when}: {self.seen}"
+        return (f"the remote base changed since it was cached ({what}); its cache stays "
+                "refused so the two versions are never mixed: to accept the new version, "
+                f"detach its disks and run `cowd cache drop {self.url}`")
+
+
+def read_mark(folder_fd: int, header: Header) -> ChangeMark | None:
+    """The change marker of the cache folder ``folder_fd`` (None: there is none).  One that
+    is not a regular file or cannot be read marks the cache all the same."""
+    try:
+        fd = os.open(MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=folder_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return ChangeMark(header.validator, f"an unreadable change marker ({e.strerror})", 0,
+                          header.url)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ChangeMark(header.validator, "an unreadable change marker (not a file)", 0,
+                              header.url)
+        raw = os.pread(fd, MAX_MARKER_BYTES + 1, 0)
+    except OSError as e:
+        return ChangeMark(header.validator, f"an unreadable change marker ({e.strerror})", 0,
+                          header.url)
+    finally:
+        os.close(fd)
+    return ChangeMark.decode(raw, header.validator, header.url)
 
 
 def _entry_check(block: int, digest: int, stamp: int) -> int:
@@ -179,32 +281,38 @@ class CacheFiles:
 
     # ---- opening -----------------------------------------------------------------------
 
-    def open(self, want: Header, budget_bytes: int | None) -> str | None:
+    def open(self, want: Header, budget_bytes: int | None) -> ChangeMark | None:
         """Open (or make) the cache for ``want``.  Returns None, or, when the cache was made
-        for another version of the remote (another size or validator), a line saying what
-        changed; such a cache is deleted when no one else uses it."""
+        for another version of the remote (another size or validator) or is marked changed,
+        its :class:`ChangeMark`: the cache must not be used.  A change seen here is marked
+        (durably) and, when no one else uses the cache, its blocks are discarded."""
         dfd = self._open_folder(want)
         try:
             self.index_fd = os.open("index", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                                     dir_fd=dfd)
             self.data_fd = os.open("data", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                                    dir_fd=dfd)
+            for fd in (self.index_fd, self.data_fd):
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CacheError(errno_mod.EINVAL, f"{self.folder}: not a regular file")
+            try:
+                fcntl.flock(self.index_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.exclusive = True
+            except BlockingIOError:
+                fcntl.flock(self.index_fd, fcntl.LOCK_SH)
+            hdr = Header.decode(os.pread(self.index_fd, HEADER_BYTES, 0), self.folder)
+            # Read under the lock: a marker written by a user before us is seen.
+            mark = read_mark(dfd, hdr)
         finally:
             os.close(dfd)
-        for fd in (self.index_fd, self.data_fd):
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CacheError(errno_mod.EINVAL, f"{self.folder}: not a regular file")
-        try:
-            fcntl.flock(self.index_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.exclusive = True
-        except BlockingIOError:
-            fcntl.flock(self.index_fd, fcntl.LOCK_SH)
-        hdr = Header.decode(os.pread(self.index_fd, HEADER_BYTES, 0), self.folder)
-        if (hdr.remote_size, hdr.validator) != (want.remote_size, want.validator):
-            why = (f"it was {hdr.validator}, it is now {want.validator}")
-            if self.exclusive:
-                self.delete()
-            return why
+        marked = mark is not None
+        if mark is None and (hdr.remote_size, hdr.validator) != (want.remote_size,
+                                                                want.validator):
+            mark, marked = self.mark_changed(hdr, want.validator)
+        if mark is not None:
+            if self.exclusive and marked:  # only once the marker is durable
+                self._discard(hdr)
+            return mark
         self.header = hdr
         self._load()
         if self.exclusive and budget_bytes is not None:
@@ -214,6 +322,53 @@ class CacheFiles:
             fcntl.flock(self.index_fd, fcntl.LOCK_SH)  # others may join from now on
             self.exclusive = False
         return None
+
+    def mark_changed(self, hdr: Header, seen: str) -> tuple[ChangeMark, bool]:
+        """Mark the cache changed (see the module docstring: written whole and durable, or
+        not at all; a marker already there is kept).  Returns the mark and whether it is
+        on disk (when it could not be written, the header still tells the next open)."""
+        mark = ChangeMark(hdr.validator, seen, int(time.time()), hdr.url)
+        try:
+            dfd = os.open(self.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, dir_fd=self._root_fd)
+        except OSError:
+            return mark, False
+        try:
+            old = read_mark(dfd, hdr)
+            if old is not None:
+                return old, True
+            tmp = f".{MARKER}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                try:
+                    os.write(fd, mark.encode())  # (a few hundred bytes: one write)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, MARKER, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.fsync(dfd)
+            return mark, True
+        except OSError:
+            return mark, False
+        finally:
+            os.close(dfd)
+
+    def _discard(self, hdr: Header) -> None:
+        """Free a marked cache's blocks (sole user; the marker is durable, so nothing reads
+        them again, but the module's order holds all the same: entries first)."""
+        try:
+            os.ftruncate(self.index_fd, ENTRIES_OFFSET)
+            os.ftruncate(self.index_fd, ENTRIES_OFFSET + hdr.blocks * ENTRY.size)
+            os.fdatasync(self.index_fd)
+            os.ftruncate(self.data_fd, 0)
+            os.ftruncate(self.data_fd, hdr.remote_size)
+        except OSError:
+            pass  # space only: the marker already refuses the cache
 
     def _open_folder(self, want: Header) -> int:
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -245,7 +400,7 @@ class CacheFiles:
         try:
             os.rename(tmp, self.name, src_dir_fd=self._root_fd, dst_dir_fd=self._root_fd)
         except OSError:  # another process made it first: use theirs
-            _remove_folder(self._root_fd, tmp)
+            remove_folder(self._root_fd, tmp)
         return os.open(self.name, flags, dir_fd=self._root_fd)
 
     def _load(self) -> None:
@@ -390,7 +545,8 @@ class CacheFiles:
             pass  # best effort: stamps only order eviction
         finally:
             os.close(self.index_fd)
-            os.close(self.data_fd)
+            if self.data_fd >= 0:
+                os.close(self.data_fd)
             self.index_fd = self.data_fd = -1
 
     def _save_stamps(self) -> None:
@@ -402,24 +558,27 @@ class CacheFiles:
                           ENTRIES_OFFSET + b * ENTRY.size)
             b = used.find(1, b + 1)
 
-    def delete(self) -> None:
-        """Remove the cache folder (the caller holds the exclusive lock)."""
-        _remove_folder(self._root_fd, self.name)
 
-
-def _remove_folder(root_fd: int, name: str) -> None:
+def remove_folder(root_fd: int, name: str) -> None:
+    """Delete the cache folder ``name`` beneath the root, its change marker with it (which
+    is how a changed remote's new version is accepted); the caller holds its index's lock
+    exclusively.  The folder is first renamed to a hidden name, so a crash never leaves a
+    folder with its marker gone but its header kept, or the other way round; then it is
+    emptied and removed."""
+    gone = f".{name}.{os.getpid()}.{time.monotonic_ns()}.drop"
     try:
-        dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=root_fd)
+        os.rename(name, gone, src_dir_fd=root_fd, dst_dir_fd=root_fd)
     except FileNotFoundError:
         return
+    dfd = os.open(gone, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=root_fd)
     try:
         for entry in os.listdir(dfd):
             os.unlink(entry, dir_fd=dfd)
     finally:
         os.close(dfd)
-    os.rmdir(name, dir_fd=root_fd)
+    os.rmdir(gone, dir_fd=root_fd)
 
 
-__all__ = ["DEFAULT_BLOCK_BITS", "CacheError", "CacheFiles", "Header", "block_digest",
-           "cache_key_dir", "check_root"]
+__all__ = ["DEFAULT_BLOCK_BITS", "CacheError", "CacheFiles", "ChangeMark", "Header",
+           "block_digest", "cache_key_dir", "check_root", "read_mark", "remove_folder"]

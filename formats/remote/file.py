@@ -24,7 +24,8 @@ request began) is one for the whole request: every run of blocks it misses and e
 ``MAX_FETCH_BYTES`` piece of a run is fetched before that same instant, so a request that
 needs many pieces from a slow server fails at the deadline instead of waiting one deadline
 per piece.  A remote that changed (HTTP 412, another size) fails every read of this base
-from then on.
+from then on, and marks its cache changed (formats/remote/cache.py), so every later open of
+it, in this process or another, fails too until the user drops the cache.
 
 A full cache (its byte budget reached) keeps no new block: fetched blocks are kept in memory
 (``TRANSIENT_BYTES`` at most, most recent first) for the reads that asked for them.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from ..base import HostFile
 from ..errors import ImageIOError
 from . import cache as cache_mod
-from .cache import CacheError, CacheFiles, Header
+from .cache import CacheError, CacheFiles, ChangeMark, Header
 from .http import Changed, HttpConnection, HttpTls
 from .nbd import NbdConnection, NbdTls
 from .url import RemoteName
@@ -107,6 +108,7 @@ class RemoteBase:
         self.timeout_s = config.timeout_s
         self.refs = 0
         self.stale: str | None = None  # why every read fails (the remote changed)
+        self.stale_mark: ChangeMark | None = None  # the cache's marker, once stale
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._transient: OrderedDict[int, bytes] = OrderedDict()
@@ -122,18 +124,17 @@ class RemoteBase:
         root_fd = cache_mod.check_root(config.cache_root)
         self.files = CacheFiles(root_fd, cache_mod.cache_key_dir(name.key), config.cache_root)
         try:
-            why = self.files.open(Header(config.block_bits, self.size, validator, name.url),
-                                  config.cache_budget_bytes)
+            mark = self.files.open(Header(config.block_bits, self.size, validator, name.url),
+                                   config.cache_budget_bytes)
+            if mark is not None:
+                # Refused until the user drops the cache (which accepts the new version):
+                # the cache stays marked, so every later open fails the same way.
+                raise CacheError(errno_mod.ESTALE, mark.describe(validator))
         except BaseException:
+            self.files.close()  # (its lock too: `cowd cache drop` must not find it in use)
             os.close(root_fd)
             self._close_connections()
             raise
-        if why is not None:
-            os.close(root_fd)
-            self._close_connections()
-            raise CacheError(errno_mod.ESTALE, f"the remote base changed since it was "
-                             f"cached ({why}); its cache was dropped so the two versions "
-                             "are never mixed")
         self._root_fd = root_fd
         hdr = self.files.header
         assert hdr is not None
@@ -319,8 +320,9 @@ class RemoteBase:
             except Changed as e:
                 if conn is not None:
                     conn.close()
-                self.stale = f"the remote base changed while in use ({e.strerror})"
+                self._went_stale(e.strerror or str(e))
                 self.counters["failures"] += 1
+                assert self.stale is not None
                 raise ImageIOError(self.url, self.stale, errno_mod.EIO) from None
             except OSError as e:
                 if conn is not None:
@@ -335,6 +337,21 @@ class RemoteBase:
                 self.counters["retries"] += 1
                 time.sleep(pause)
                 pause = min(RETRY_MAX_S, pause * 2)
+
+    def _went_stale(self, seen: str) -> None:
+        """The remote changed while in use: every read of it fails from now on, and the
+        cache is marked (durably), so no later open uses it either until the user drops
+        it."""
+        with self._lock:
+            if self.stale is not None:
+                return
+            self.stale = (f"the remote base changed while in use ({seen}); to accept the "
+                          f"new version, detach its disks and run `cowd cache drop "
+                          f"{self.url}`")
+        hdr = self.files.header
+        assert hdr is not None
+        mark, _ = self.files.mark_changed(hdr, seen)
+        self.stale_mark = mark
 
     def _keep(self, first: int, data: bytes) -> None:
         budget = self.config.cache_budget_bytes
@@ -463,6 +480,11 @@ def open_remote(name: RemoteName, config: RemoteConfig) -> RemoteFile:
     shared with every other user of the same remote in this process."""
     with _bases_lock:
         base = _bases.get(name.key)
+        if base is not None and base.stale is not None:
+            # Changed while in use here: a new disk over it is refused as a new process's
+            # open would be (the cache is marked).
+            mark = base.stale_mark
+            raise CacheError(errno_mod.ESTALE, mark.describe() if mark else base.stale)
         if base is None:
             base = RemoteBase(name, config)
             _bases[name.key] = base

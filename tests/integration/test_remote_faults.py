@@ -1,14 +1,16 @@
 """Remote bases under faults (issue 17): nbdkit's error, rate and delay filters in front of
 the base, a server stalled (SIGSTOP) and resumed, killed mid-read and started again, a base
-replaced on the server (through cowd convert, serve and attach).  A read ends with the right
-bytes or EIO at the request's deadline, never with zeroes or another version's bytes; the
-daemon keeps serving its other disks; reconnection is automatic.  The daemon's tests run
-with its worker processes (the default) and without.
+replaced on the server (through cowd convert, serve and attach: refused in one line, again
+on every later open until `cowd cache drop URL` accepts the new version).  A read ends with
+the right bytes or EIO at the request's deadline, never with zeroes or another version's
+bytes; the daemon keeps serving its other disks; reconnection is automatic.  The daemon's
+tests run with its worker processes (the default) and without.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,8 +23,18 @@ import pytest
 from formats.errors import ImageIOError
 from formats.remote.file import RemoteBase, RemoteConfig
 from formats.remote.url import parse
-from tests.support.peers import COWD, qemu_img
-from tests.support.remote import Cowd, cowd_fixture, make_base, nbdkit, nginx, remote_marks
+from tests.support.peers import COWD, qemu_img, stop_process
+from tests.support.remote import (
+    Cowd,
+    Server,
+    cowd_fixture,
+    make_base,
+    nbd_read,
+    nbdkit,
+    nginx,
+    qemu_chain,
+    remote_marks,
+)
 
 pytestmark = remote_marks(240)
 cowd = cowd_fixture()
@@ -141,12 +153,17 @@ def test_changed_remote_fails_the_open_in_one_line(tmp_path: Path, cowd: Cowd) -
         line = p.stderr.strip()
         assert "\n" not in line and "changed" in line and url in line, line
         assert "size=8388608" in line and "size=8454144" in line
-        # The old cache is gone: the next open starts from the new version.
-        out = tmp_path / "c.raw"
-        p = subprocess.run([*COWD, "cache", "show", "--json"], capture_output=True,
-                           text=True, env=cowd.env, timeout=60)
-        assert '"caches": []' in p.stdout
-        assert not out.exists()
+        assert f"`cowd cache drop {url}`" in line, line
+        # The old cache is kept, marked: the next open fails the same way (it does not
+        # start from the new version under an overlay written over the old one).
+        p2 = cowd("convert", ov, tmp_path / "c.raw", "-O", "raw", "--allow-remote-backing",
+                  rc=1)
+        assert p2.stderr.strip() == line
+        (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+        assert c["url"] == url and c["size"] == 8388608 and c["held_bytes"] == 0, c
+        assert c["changed"]["was"].startswith("size=8388608 ") and \
+            c["changed"]["seen"].startswith("size=8454144 "), c
+        assert not (tmp_path / "b.raw").exists() and not (tmp_path / "c.raw").exists()
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -174,6 +191,22 @@ def test_base_replaced_while_served_is_eio_never_the_new_bytes(tmp_path: Path, c
             assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
             (b,) = cowd.stats()["remote"]["bases"]  # type: ignore[index]
             assert b["stale"] and "changed" in b["stale"]
+            # The cache is marked while still in use (its blocks kept: the disk's remaps
+            # point into them); the daemon's next disk over that base is refused.
+            (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+            assert c["in_use"] and c["changed"] and c["held_bytes"] > 0, c
+        # Every later open fails in one line, whatever opens it, and fetches nothing.
+        lines = set()
+        for out in ("a.raw", "b.raw"):
+            p = cowd("convert", ov, tmp_path / out, "-O", "raw", "--allow-remote-backing",
+                     rc=1)
+            line = p.stderr.strip()
+            assert "\n" not in line and "changed since it was cached" in line, line
+            assert "cowd cache drop" in line and ov.name in line, line
+            lines.add(line)
+        assert len(lines) == 1
+        (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+        assert c["changed"] and c["held_bytes"] == 0 and not c["in_use"], c
 
 
 def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
@@ -384,11 +417,12 @@ def test_deadline_bounds_every_round_of_a_request(tmp_path: Path, cowd: Cowd,
 # ---- a changed base, through the daemon ----------------------------------------------------
 
 
-def _changed_base(tmp: Path, cowd: Cowd, server: str) -> Iterator[tuple[Path, str, str]]:
+def _changed_base(tmp: Path, cowd: Cowd,
+                  server: str) -> Iterator[tuple[Path, str, str, Server]]:
     """An overlay over a base on ``server``, its cache filled by one ``cowd convert``, then
     the base changed on the server: nginx's file rewritten (same size, new ETag), or nbdkit
     started again on the same port exporting one of another size.  Yields the overlay, the
-    base's URL and what the changed validator must mention."""
+    base's URL, what the changed validator must mention and the server now running."""
     files = tmp / "files"
     files.mkdir()
     raw = make_base(files, 8)
@@ -411,15 +445,15 @@ def _changed_base(tmp: Path, cowd: Cowd, server: str) -> Iterator[tuple[Path, st
             srv.stop()
             bigger = files / "bigger.raw"
             bigger.write_bytes(raw.read_bytes() + b"\1" * 65536)
-            stack.enter_context(nbdkit(tmp, bigger, port=srv.port))
+            srv = stack.enter_context(nbdkit(tmp, bigger, port=srv.port))
             what = "size=8454144"
-        yield ov, url, what
+        yield ov, url, what, srv
 
 
 @pytest.mark.parametrize("server", ["nginx", "nbdkit"])
 def test_changed_base_fails_serve_in_one_line(tmp_path: Path, cowd: Cowd,
                                               server: str) -> None:
-    for ov, url, what in _changed_base(tmp_path, cowd, server):
+    for ov, url, what, _srv in _changed_base(tmp_path, cowd, server):
         sock = tmp_path / "x.sock"
         p = subprocess.run([*COWD, "serve", str(ov), "--nbd", f"unix:{sock}", "--run-dir",
                             str(tmp_path / "run"), "--allow-remote-backing"],
@@ -440,13 +474,101 @@ def test_changed_base_fails_attach_in_one_line(tmp_path: Path, cowd: Cowd,
     problem = attach_problem()
     if problem:
         pytest.skip(problem)
-    for ov, url, what in _changed_base(tmp_path, cowd, server):
+    for ov, url, what, _srv in _changed_base(tmp_path, cowd, server):
         with Env.under(tmp_path) as env:
-            p = env.cowd("attach", ov, "--via", "fuse", "--allow-remote-backing",
-                         "--remote-cache-dir", cowd.cache, rc=1)
-            line = p.stderr.strip()
-            assert "\n" not in line, line
-            assert ov.name in line and url in line and "changed" in line and what in line, \
-                line
-            assert p.stdout == ""
-            assert env.list() == []
+            lines = []
+            for _ in range(2):  # the second attach too: the cache stays marked
+                p = env.cowd("attach", ov, "--via", "fuse", "--allow-remote-backing",
+                             "--remote-cache-dir", cowd.cache, rc=1)
+                line = p.stderr.strip()
+                assert "\n" not in line, line
+                assert ov.name in line and url in line and "changed" in line and \
+                    what in line and f"cowd cache drop {url}" in line, line
+                assert p.stdout == ""
+                assert env.list() == []
+                lines.append(line[line.index("the remote base changed"):])
+            assert lines[0] == lines[1]
+            (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+            assert c["changed"] and c["held_bytes"] == 0 and not c["in_use"], c
+
+
+def _refusal(p: subprocess.CompletedProcess[str], ov: Path, url: str, what: str) -> str:
+    """The one line a refused open printed, from "the remote base changed" on."""
+    line = p.stderr.strip()
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "\n" not in line and "Traceback" not in line, line
+    assert ov.name in line and url in line and what in line, line
+    assert f"`cowd cache drop {url}`" in line, line
+    return line[line.index("the remote base changed since it was cached"):]
+
+
+def _served_refusal(cowd: Cowd, ov: Path) -> subprocess.CompletedProcess[str]:
+    """``cowd serve`` of ``ov``, which must exit (refused) rather than start serving."""
+    sock = cowd.tmp / "x.sock"
+    argv = [*COWD, "serve", str(ov), "--nbd", f"unix:{sock}", "--run-dir",
+            str(cowd.tmp / "run"), "--allow-remote-backing"]
+    err = cowd.tmp / "serve-refused.err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=f, env=cowd.env,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sock.exists(), "cowd serve started serving the changed base"
+        proc.wait(max(0.1, deadline - time.monotonic()))
+    finally:
+        stop_process(proc, signal.SIGTERM, 30)
+    return subprocess.CompletedProcess(argv, proc.returncode, "", err.read_text())
+
+
+@pytest.mark.parametrize("server", ["nginx", "nbdkit"])
+def test_changed_base_stays_refused_until_dropped(tmp_path: Path, cowd: Cowd,
+                                                  server: str) -> None:
+    """After a base changed on the server, the first open fails in one line, and so do the
+    second and the third (cowd serve, cowd convert, cowd serve again: the cache is kept,
+    marked, not dropped), each the same line, and none of them puts a byte of the new
+    version in the cache (nginx sends nothing but the one-byte probes); cowd cache show
+    says so; cowd cache drop URL accepts the new version: a new overlay over it is served
+    with qemu-img convert's bytes of its chain."""
+    for ov, url, what, srv in _changed_base(tmp_path, cowd, server):
+        log = srv.extra.get("access_log")
+        mark = log.stat().st_size if log is not None else 0
+        first = _refusal(cowd("convert", ov, tmp_path / "b.raw", "-O", "raw",
+                              "--allow-remote-backing", rc=None), ov, url, what)
+        assert "it is now" in first, first
+        for again in (_served_refusal(cowd, ov),
+                      cowd("convert", ov, tmp_path / "c.raw", "-O", "raw",
+                           "--allow-remote-backing", rc=None),
+                      _served_refusal(cowd, ov)):
+            assert _refusal(again, ov, url, what) == first
+        assert not (tmp_path / "b.raw").exists() and not (tmp_path / "c.raw").exists()
+        if log is not None:
+            ranges = [ln.split('"')[1] for ln in log.read_bytes()[mark:].decode().splitlines()]
+            assert ranges and set(ranges) == {"bytes=0-0"}, ranges  # the probes alone
+        (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+        assert c["url"] == url and c["size"] == 8 << 20 and c["held_bytes"] == 0, c
+        assert (c["changed"]["accept"], c["in_use"]) == (f"cowd cache drop {url}", False), c
+        assert what in c["changed"]["seen"] and c["changed"]["seen_at"], c
+        assert os.stat(Path(c["folder"]) / "data").st_blocks == 0
+        text = cowd("cache", "show").stdout
+        assert f"{url}: changed on the server since cached" in text, text
+        assert f"`cowd cache drop {url}` accepts the new version" in text, text
+        # Prefetching it is refused too (it would fill the cache with the new version).
+        p = cowd("cache", "prefetch", url, "--all", rc=1)
+        assert "changed since it was cached" in p.stderr and "\n" not in p.stderr.strip()
+
+        out = cowd("cache", "drop", url).stdout
+        assert f"dropped: {url}: " in out and "it had changed on the server" in out, out
+        assert json.loads(cowd("cache", "show", "--json").stdout)["caches"] == []
+        new = tmp_path / "new.qcow2"
+        cowd("create", "--base", url, "--overlay", "qcow", "-o", new)
+        want = qemu_chain(new, tmp_path)
+        with cowd.serve(new) as sock:
+            got = nbd_read(sock, new.name, tmp_path)
+        assert got == want
+        assert len(got) == (8 << 20 if server == "nginx" else (8 << 20) + 65536)
+        if server == "nginx":
+            assert got == b"\x7f" * len(got)  # the new version's bytes
+        (c,) = json.loads(cowd("cache", "show", "--json").stdout)["caches"]
+        assert c["changed"] is None and c["held_bytes"] > 0, c

@@ -1,6 +1,8 @@
 """formats/remote without a network: URL checks, the cache's crash-safety rules (an entry
-only names durable bytes; a torn or foreign entry is not held), its budget and trimming, and
-RemoteBase's fetch, retry, NotCached and read-through logic over a fake server."""
+only names durable bytes; a torn or foreign entry is not held), its change marker (a changed
+remote stays refused until dropped; a damaged marker refuses; a crash while marking leaves
+no half marker), its budget and trimming, and RemoteBase's fetch, retry, NotCached and
+read-through logic over a fake server."""
 
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ from formats.remote import file as remote_file
 from formats.remote.cache import (
     ENTRIES_OFFSET,
     ENTRY,
+    MARKER,
+    MARKER_MAGIC,
     CacheFiles,
+    ChangeMark,
     Header,
     cache_key_dir,
     check_root,
+    remove_folder,
 )
 from formats.remote.file import RemoteBase
 from formats.remote.url import BadRemoteName, allowed
@@ -62,7 +68,8 @@ def test_allow_list() -> None:
 # ---- the cache files -------------------------------------------------------------------------
 
 
-def _open(root: Path, hdr: Header, budget: int | None = None) -> tuple[CacheFiles, str | None]:
+def _open(root: Path, hdr: Header,
+          budget: int | None = None) -> tuple[CacheFiles, ChangeMark | None]:
     fd = check_root(str(root))
     files = CacheFiles(fd, cache_key_dir("k"), str(root))
     return files, files.open(hdr, budget)
@@ -97,15 +104,127 @@ def test_blocks_survive_and_torn_entries_are_not_held(tmp_path: Path) -> None:
     files.close()
 
 
-def test_changed_remote_is_reported_and_dropped(tmp_path: Path) -> None:
+def _marked(root: Path) -> Path:
+    return root / cache_key_dir("k") / MARKER
+
+
+OTHER = Header(16, HDR.remote_size + 1, "size=656361", HDR.url)
+
+
+def test_a_changed_remote_stays_refused_until_dropped(tmp_path: Path) -> None:
+    """The first open of another version marks the cache and discards its blocks; every
+    later open is refused the same way — the new version again, and the old one again too
+    (an NBD size cannot tell two versions apart) — until the folder is removed."""
     files, _ = _open(tmp_path, HDR)
     files.store(0, b"a" * 65536)
     files.close()
-    other = Header(16, HDR.remote_size + 1, "size=656361", HDR.url)
-    files, why = _open(tmp_path, other)
-    assert why is not None and "size=656360" in why and "size=656361" in why
+    files, mark = _open(tmp_path, OTHER)
     files.close()
+    assert mark is not None and (mark.was, mark.seen, mark.url) == \
+        ("size=656360", "size=656361", HDR.url)
+    line = mark.describe("size=656361")
+    assert "\n" not in line and "it was size=656360, it is now size=656361" in line
+    assert f"cowd cache drop {HDR.url}" in line
+    assert _marked(tmp_path).is_file()
+    data = tmp_path / cache_key_dir("k") / "data"
+    assert data.stat().st_blocks == 0  # discarded (the sole user)
+    for want in (OTHER, OTHER, HDR):
+        files, again = _open(tmp_path, want)
+        files.close()
+        assert again == mark, want  # the first record, never rewritten
+    assert "seen since at " in mark.describe(HDR.validator)
+    fd = check_root(str(tmp_path))
+    remove_folder(fd, cache_key_dir("k"))
+    os.close(fd)
     assert not (tmp_path / cache_key_dir("k")).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing left behind
+    files, fresh = _open(tmp_path, OTHER)  # accepted: a new cache of the new version
+    assert fresh is None and files.held_bytes == 0
+    files.close()
+
+
+def test_a_change_seen_in_use_marks_the_cache_and_keeps_its_blocks(tmp_path: Path) -> None:
+    """Marked by a user that shares the cache: the blocks stay (others' remaps point into
+    them) until a sole user opens it; that open is refused even with the old validator."""
+    one, _ = _open(tmp_path, HDR)
+    two, _ = _open(tmp_path, HDR)  # two users
+    one.store(0, b"a" * 65536)
+    assert one.header is not None
+    mark, durable = one.mark_changed(one.header, "the file changed on the server (412)")
+    assert durable and _marked(tmp_path).is_file()
+    # A second change seen keeps the first record.
+    assert two.mark_changed(one.header, "size=1") == (mark, True)
+    one.close()
+    two.close()
+    data = tmp_path / cache_key_dir("k") / "data"
+    assert data.stat().st_blocks > 0
+    files, again = _open(tmp_path, HDR)
+    files.close()
+    assert again == mark and data.stat().st_blocks == 0
+    assert "seen since at " in again.describe() and "(412)" in again.describe()
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbage", "empty", "symlink", "folder"])
+def test_a_damaged_marker_still_refuses(tmp_path: Path, damage: str) -> None:
+    """Fail closed: a marker cut short, overwritten, empty, a symlink or not a file marks
+    the cache all the same (a whole marker is never confused with another)."""
+    files, _ = _open(tmp_path, HDR)
+    files.close()
+    whole = ChangeMark(HDR.validator, "size=1", 1, HDR.url).encode()
+    marker = _marked(tmp_path)
+    if damage == "torn":
+        marker.write_bytes(whole[:-3])
+    elif damage == "garbage":
+        marker.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))
+    elif damage == "empty":
+        marker.write_bytes(b"")
+    elif damage == "symlink":
+        (tmp_path / "elsewhere").write_bytes(whole)
+        marker.symlink_to(tmp_path / "elsewhere")
+    else:
+        marker.mkdir()
+    files, mark = _open(tmp_path, HDR)
+    files.close()
+    assert mark is not None and mark.when == 0 and "unreadable change marker" in mark.seen
+    assert "cowd cache drop" in mark.describe(HDR.validator)
+
+
+def test_a_crash_while_marking_leaves_no_half_marker(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A marker that cannot be made durable (here its rename fails) is not a marker: the
+    open is refused by the header's comparison, the blocks are kept; a crash's leftover
+    temporary file, whole or torn, is not a marker either; the next open writes the marker
+    whole."""
+    files, _ = _open(tmp_path, HDR)
+    files.store(0, b"a" * 65536)
+    files.close()
+    real_rename = os.rename
+
+    def crash(src: str, dst: str, **kw: object) -> None:
+        if dst == MARKER:
+            raise OSError(errno.EIO, "crashed before the rename")
+        real_rename(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", crash)
+    files, mark = _open(tmp_path, OTHER)
+    files.close()
+    assert mark is not None and not _marked(tmp_path).exists()
+    folder = tmp_path / cache_key_dir("k")
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "index"]
+    assert (folder / "data").stat().st_blocks > 0  # not discarded without a marker
+    monkeypatch.setattr(os, "rename", real_rename)
+    # What a crash before the rename leaves: a temporary file, whole or cut short.
+    whole = ChangeMark(HDR.validator, "size=1", 1, HDR.url).encode()
+    (folder / f".{MARKER}.1.1.tmp").write_bytes(whole)
+    (folder / f".{MARKER}.1.2.tmp").write_bytes(whole[:7])
+    files, again = _open(tmp_path, HDR)  # the old version again: not refused (no record)
+    assert again is None and files.held_bytes == 65536
+    files.close()
+    files, again = _open(tmp_path, OTHER)
+    files.close()
+    assert again is not None and _marked(tmp_path).is_file()
+    raw = _marked(tmp_path).read_bytes()
+    assert ChangeMark.decode(raw, "", "") == again and raw.startswith(MARKER_MAGIC)
 
 
 def test_trim_drops_least_recently_used_first(tmp_path: Path) -> None:
@@ -192,3 +311,38 @@ def test_a_full_cache_reads_through(fake) -> None:  # type: ignore[no-untyped-de
     assert base.files.held_bytes <= 2 << 16
     assert base.counters["uncached_bytes"] >= 3 << 16
     base.close()
+
+
+def test_a_change_seen_in_use_refuses_every_later_open(fake, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new connection that sees another size fails the read with EIO and marks the
+    cache: a new RemoteBase of the same remote (another process's open) is refused with
+    ESTALE, also once the server is back at the old size, and so is a new disk over the
+    same base in this process (open_remote)."""
+    make, data, _ = fake
+    name = parse("nbd://fake/x")
+    cfg = RemoteConfig(cache_root=str(tmp_path / "c"), timeout_s=1.0)
+    file = remote_file.open_remote(name, cfg)
+    base = file.remote
+    assert base is not None
+    buf = bytearray(10)
+    assert base.read_into(base.files.data_fd, 0, memoryview(buf)) == 10
+    base._close_connections()
+    bigger = data + b"x" * 65536
+    monkeypatch.setattr(RemoteBase, "_connect", lambda self, deadline: FakeConn(bigger, [0]))
+    with pytest.raises(ImageIOError) as e:
+        base.read_into(base.files.data_fd, 5 << 16, memoryview(buf))
+    assert e.value.errno == errno.EIO and base.stale and "cowd cache drop" in base.stale
+    assert (tmp_path / "c" / cache_key_dir(name.key) / MARKER).is_file()
+    with pytest.raises(OSError) as e1:  # another disk over it, in this process
+        remote_file.open_remote(name, cfg)
+    assert e1.value.errno == errno.ESTALE and "cowd cache drop" in str(e1.value)
+    file.close()
+    assert remote_file.open_bases() == []
+    for server in (bigger, data):
+        monkeypatch.setattr(RemoteBase, "_connect",
+                            lambda self, deadline, d=server: FakeConn(d, [0]))
+        with pytest.raises(OSError) as e2:
+            make()
+        assert e2.value.errno == errno.ESTALE and "changed" in str(e2.value)
+        assert "cowd cache drop nbd://fake/x" in str(e2.value)
