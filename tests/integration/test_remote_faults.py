@@ -239,15 +239,6 @@ def test_a_new_connection_sees_the_base_replaced(tmp_path: Path) -> None:
 
 # ---- a stalled server, a slow one, and the request's one deadline -----------------------------
 
-def chain_oracle(ov: Path, tmp: Path) -> bytes:
-    """qemu-img convert of the chain, qemu reading the remote base itself."""
-    out = tmp / "oracle.raw"
-    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", ov, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
 @pytest.mark.parametrize("workers", WORKERS)
 def test_stalled_server_is_eio_at_the_deadline_then_recovers(tmp_path: Path, cowd: Cowd,
                                                              workers: list[str]) -> None:
@@ -263,7 +254,7 @@ def test_stalled_server_is_eio_at_the_deadline_then_recovers(tmp_path: Path, cow
         srv = stack.enter_context(nbdkit(tmp_path, raw))
         ov = tmp_path / "ov.qcow2"
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "16M")
-        want = chain_oracle(ov, tmp_path)
+        want = qemu_chain(ov, tmp_path)
         local, local_data = local_disk(tmp_path)
         sock = stack.enter_context(cowd.serve(ov, local, extra=[
             "--remote-timeout", str(deadline_s), *workers]))
@@ -311,7 +302,7 @@ def test_slow_server_below_the_deadline_gives_the_bytes(tmp_path: Path, cowd: Co
     with nbdkit(tmp_path, raw, filters=["delay"], params=["delay-read=400ms"]) as srv:
         ov = tmp_path / "ov.qcow2"
         qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", srv.url, ov, "8M")
-        want = chain_oracle(ov, tmp_path)
+        want = qemu_chain(ov, tmp_path)
         with cowd.serve(ov, extra=["--remote-timeout", "5", *workers]) as sock:
             got = tmp_path / "got.raw"
             p = read_export(sock, ov.name, got, timeout=120)
