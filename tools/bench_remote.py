@@ -6,8 +6,11 @@ default: a WAN's round trip) and its rate filter capping the bandwidth (``--rate
 Mbit/s), on loopback.  For each latency, paired in each repetition:
 
 - *first boot*, through ``cowd serve`` of a fresh qcow2 overlay over the remote base
-  (qemu's NBD client on the daemon's socket), with a cold cache and with a warm one (the
-  same cache after the cold boot, a fresh overlay);
+  (qemu's NBD client on the daemon's socket), with a cold cache, with a warm one (the
+  same cache after the cold boot, a fresh overlay), and with the cache dropped but the boot
+  trace the cold boot recorded kept (``cowd cache drop`` keeps it: the daemon fills the
+  cache in trace order while the guest boots; its share of the boot's reads fetched before
+  they were asked for is in the JSON);
 - *copy first*: ``qemu-img convert`` of the whole base from the same server, then a boot of
   the local copy (the time of both);
 - *qemu alone*: qemu opens the overlay itself and reads the remote base with its own NBD
@@ -97,9 +100,13 @@ def cowd_boot(url: str, work: Path, initrd: Path, env: dict[str, str],
         os.environ.clear()
         os.environ.update(old)
     (b,) = stats["remote"]["bases"]
+    trace = stats["disks"][ov.name]["boot_trace"]
     shutil.rmtree(run_dir, ignore_errors=True)
     ov.unlink()
-    return {"seconds": seconds, "total_seconds": wall, "fetched_bytes": b["fetched_bytes"]}
+    return {"seconds": seconds, "total_seconds": wall, "fetched_bytes": b["fetched_bytes"],
+            "trace": {k: trace.get(k) for k in ("state", "entries", "prefetched",
+                                                "prefetched_before_read",
+                                                "prefetched_before_read_share")}}
 
 
 def copy_first_boot(url: str, work: Path, initrd: Path) -> dict[str, Any]:
@@ -191,6 +198,10 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 if not args.no_boot:
                     row["boot_cold"] = cowd_boot(url, work, initrd, env, "cold")
                     row["boot_warm"] = cowd_boot(url, work, initrd, env, "warm")
+                    # The cache's blocks go, the boot trace the cold boot left beside it
+                    # stays: a host that booted this base before, its cache since dropped.
+                    _cowd("cache", "drop", url, env=env)
+                    row["boot_traced"] = cowd_boot(url, work, initrd, env, "traced")
                     row["boot_copy_first"] = copy_first_boot(url, work, initrd)
                     row["boot_qemu_alone"] = qemu_alone_boot(url, work, initrd)
                 shutil.rmtree(cache, ignore_errors=True)
@@ -206,6 +217,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 WHAT = {"boot_cold": "first boot, cowd serve, cold cache",
         "boot_warm": "first boot, cowd serve, warm cache",
+        "boot_traced": "first boot, cowd serve, cold cache, boot trace of an earlier boot",
         "boot_qemu_alone": "first boot, qemu reads the remote chain itself",
         "boot_copy_first": "qemu-img convert the base, then boot the copy",
         "files_cold": "read all files, cowd attach --via fuse, cold cache",
@@ -215,7 +227,8 @@ WHAT = {"boot_cold": "first boot, cowd serve, cold cache",
 
 def table(doc: dict[str, Any]) -> str:
     size = doc["base_bytes"]
-    keys = [k for k in ("boot_cold", "boot_warm", "boot_qemu_alone", "boot_copy_first",
+    keys = [k for k in ("boot_cold", "boot_warm", "boot_traced", "boot_qemu_alone",
+                        "boot_copy_first",
                         "files_cold", "files_warm", "files_copy_first")
             if any(k in r for r in doc["results"])]
     out = ["| latency | workload | boot or read, s: median (min-max) | with start-up or "
