@@ -17,6 +17,16 @@ the payload buffer; that command completes again with the entry's next request.
 Notifications, FORGETs and interrupts still go through ``/dev/fuse``, so the session's
 ``read(2)`` workers keep running beside the ring.
 
+Queues and processes: nothing ties a queue to the descriptor or the io_uring that registered
+it (the command names the connection through any of its descriptors, a clone too, and the
+queue by index), so the daemon's worker processes (cowd/workers/) each register the entries
+of queues of their own on their clone of ``/dev/fuse``, on an io_uring of their own, and
+serve them with their :class:`~cowd.workers.fuse.WorkerFuseSession`; the daemon registers the
+queues no worker takes (:func:`worker_queues`, :func:`daemon_queues`).  The kernel makes
+requests wait until every queue has an entry, so a worker that has not registered yet holds
+the mount up, and the daemon gives its workers the mount's descriptor before anything is
+asked of the mount.
+
 Theory of operation
 -------------------
 Buffers: each entry owns a header buffer and a reply buffer of OUT_HEADER.size plus the
@@ -34,8 +44,9 @@ one ``io_uring_enter`` before the lock holder looks for more work, or at once by
 finished a handler after waiting.  All of it runs in the trio thread, which is also the only
 thread that submits (the kernel runs an entry's completion work in the submitter's context).
 
-Lifetime: :meth:`FuseRing.create` (before the mount's INIT) makes the ring and the entries;
-:meth:`start` (after INIT) registers every entry and starts the workers.  When the connection
+Lifetime: :meth:`FuseRing.create` (before the mount's INIT in the daemon; in a worker when it
+is given the mount) makes the ring and the entries; :meth:`register` (after INIT) registers
+every entry and :meth:`start` starts the workers.  When the connection
 ends the kernel completes every registered entry with an error; the workers stop when no
 entry is left, and :meth:`close` unmaps and closes the ring (which cancels anything pending).
 """
@@ -104,6 +115,28 @@ def possible_cpus(text: str) -> int:
     return n
 
 
+def ring_queue_count() -> int:
+    """The connection's queue count: the possible CPUs (ValueError past MAX_RING_QUEUES)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        queues = possible_cpus(f.read())
+    if not 1 <= queues <= MAX_RING_QUEUES:
+        raise ValueError(f"{queues} possible CPUs need as many ring queues "
+                         f"(at most {MAX_RING_QUEUES})")
+    return queues
+
+
+def worker_queues(queues: int, workers: int, index: int) -> list[int]:
+    """The queues worker ``index`` of ``workers`` serves: every ``workers``-th from its
+    index (none for a worker past the queue count)."""
+    return list(range(index, queues, workers)) if workers > 0 else []
+
+
+def daemon_queues(queues: int, workers: int) -> list[int]:
+    """The queues no worker takes, which the daemon serves (all of them without workers)."""
+    taken = {q for i in range(workers) for q in worker_queues(queues, workers, i)}
+    return [q for q in range(queues) if q not in taken]
+
+
 def enable_uring_state() -> str | None:
     """The fuse module's ``enable_uring`` ("Y"/"N"), or None where the kernel has none."""
     try:
@@ -146,15 +179,16 @@ class _Entry(Replier):
 class FuseRing:
     """The ring of one mount; see the module docstring.  Build with :meth:`create`."""
 
-    def __init__(self, session: FuseSession, ring: Ring, queues: int, depth: int,
-                 payload_bytes: int):
+    def __init__(self, session: FuseSession, ring: Ring, queues: int, qids: list[int],
+                 depth: int, payload_bytes: int):
         self.session = session
         self.ring = ring
-        self.fd = -1  # the mount's /dev/fuse descriptor, from register()
-        self.queues = queues
+        self.fd = -1  # the mount's /dev/fuse descriptor (or a clone), from register()
+        self.queues = queues  # the connection's, one per possible CPU
+        self.qids = qids  # the queues this ring serves
         self.depth = depth
-        self.entries = [_Entry(self, i, i // depth, payload_bytes)
-                        for i in range(queues * depth)]
+        self.entries = [_Entry(self, i, qids[i // depth], payload_bytes)
+                        for i in range(len(qids) * depth)]
         self.buffers_locked = all(e.locked for e in self.entries)
         self._ready: deque[_Entry] = deque()
         self._alive = 0
@@ -165,20 +199,20 @@ class FuseRing:
         self.counters = {"ring_requests": 0, "ring_workers_max": 0, "ring_errors": 0}
 
     @classmethod
-    def create(cls, session: FuseSession, options: FuseOptions) -> FuseRing:
-        """A ring and entries for ``options`` (UringError when io_uring cannot be set up,
-        ValueError when this machine has too many possible CPUs for it)."""
-        with open("/sys/devices/system/cpu/possible") as f:
-            queues = possible_cpus(f.read())
-        if not 1 <= queues <= MAX_RING_QUEUES:
-            raise ValueError(f"{queues} possible CPUs need as many ring queues "
-                             f"(at most {MAX_RING_QUEUES})")
+    def create(cls, session: FuseSession, options: FuseOptions,
+               qids: list[int] | None = None) -> FuseRing:
+        """A ring and entries for ``options``, for the queues ``qids`` (all of them when
+        None; none is a ring that registers nothing).  UringError when io_uring cannot be
+        set up, ValueError when this machine has too many possible CPUs for it."""
+        queues = ring_queue_count()
+        if qids is None:
+            qids = list(range(queues))
         depth = max(1, min(MAX_QUEUE_DEPTH, options.max_workers // queues))
         payload_bytes = max(FUSE_MIN_READ_BUFFER, options.max_write_bytes,
                             options.max_read_bytes)
-        ring = Ring(queues * depth)
+        ring = Ring(max(1, len(qids) * depth))
         try:
-            return cls(session, ring, queues, depth, payload_bytes)
+            return cls(session, ring, queues, qids, depth, payload_bytes)
         except BaseException:
             ring.close()
             raise
@@ -349,7 +383,8 @@ class FuseRing:
             self._idle -= 1
 
     def stats(self) -> dict[str, object]:
-        return {"queues": self.queues, "entries_per_queue": self.depth,
+        return {"queues": self.queues, "served_queues": self.qids,
+                "entries_per_queue": self.depth,
                 "entries_alive": self._alive, "buffers_locked": self.buffers_locked,
                 "workers": self._workers, **self.counters}
 
@@ -357,4 +392,5 @@ class FuseRing:
         self.ring.close()
 
 
-__all__ = ["ENABLE_URING_PARAM", "FuseRing", "enable_uring_state", "possible_cpus"]
+__all__ = ["ENABLE_URING_PARAM", "FuseRing", "daemon_queues", "enable_uring_state",
+           "possible_cpus", "ring_queue_count", "worker_queues"]
