@@ -27,7 +27,7 @@ import trio
 
 from ..disk.api import BlockDisk
 from ..frontends.fuse.protocol import Fail, FuseOptions, Request
-from ..frontends.fuse.ring import FuseRing
+from ..frontends.fuse.ring import WORKER_DEPTH_FACTOR, FuseRing
 from ..frontends.fuse.session import FuseSession
 from ..frontends.fuse.uring import UringError
 from .mapped import MappedDisk
@@ -59,7 +59,7 @@ class WorkerFuseSession(FuseSession):
         FUSE_OVER_IO_URING offer and counts on these queues: a failure is logged (a failed
         registration makes the kernel go back to /dev/fuse for the whole connection)."""
         try:
-            ring = FuseRing.create(self, self.options, qids)
+            ring = FuseRing.create(self, self.options, qids, WORKER_DEPTH_FACTOR)
         except (OSError, ValueError) as e:
             log.error("fuse: cannot set up an io_uring for ring queues %s: %s (the mount "
                       "waits for them)", qids, e)

@@ -46,6 +46,9 @@ MAX_RING_ENTRIES = 4096
 # opcode flags ioprio fd | cmd_op pad1 | addr | len uring_cmd_flags | user_data
 _SQE_HEAD = struct.Struct("<BBHiIIQIIQ")
 _CQE = struct.Struct("<QiI")  # user_data res flags
+_ZERO_TAIL = bytes(SQE128_BYTES - _SQE_HEAD.size)
+_ZERO_GAP = bytes(SQE_CMD_OFFSET - _SQE_HEAD.size)
+_ZERO_CMD = bytes(SQE_CMD_BYTES)
 
 
 class _SqOffsets(ctypes.Structure):
@@ -153,11 +156,14 @@ class Ring:
         tail = self._sq_tail[0]
         index = tail & self._sq_mask
         off = index * SQE128_BYTES
-        sqe = self._sqes[off:off + SQE128_BYTES]
-        sqe[:] = bytes(SQE128_BYTES)
-        _SQE_HEAD.pack_into(sqe, 0, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0,
-                            user_data)
-        sqe[SQE_CMD_OFFSET:SQE_CMD_OFFSET + len(cmd)] = cmd
+        sqes = self._sqes
+        _SQE_HEAD.pack_into(sqes, off, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length,
+                            0, user_data)
+        # The rest of the SQE (personality, file index, the command area) is zero but for
+        # the command: one slice assignment of a prebuilt tail.
+        n = len(cmd)
+        sqes[off + _SQE_HEAD.size:off + SQE128_BYTES] = \
+            _ZERO_TAIL if not n else _ZERO_GAP + cmd + _ZERO_CMD[n:]
         self._sq_array[index] = index
         self._sq_tail[0] = (tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
