@@ -27,6 +27,7 @@ import struct
 _SYSCALLS = {"x86_64": (425, 426), "aarch64": (425, 426), "arm64": (425, 426)}
 SYS_IO_URING_SETUP, SYS_IO_URING_ENTER = _SYSCALLS.get(platform.machine(), (425, 426))
 
+IORING_SETUP_COOP_TASKRUN = 1 << 8
 IORING_SETUP_SQE128 = 1 << 10
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_OFF_SQ_RING = 0
@@ -98,10 +99,16 @@ class Ring:
     def __init__(self, entries: int):
         if not 1 <= entries <= MAX_RING_ENTRIES:
             raise ValueError(f"io_uring: entries out of range (entries={entries})")
-        p = _Params()
-        p.flags = IORING_SETUP_SQE128
-        self.fd = _check(_libc.syscall(SYS_IO_URING_SETUP, ctypes.c_uint(entries),
-                                       ctypes.byref(p)), "io_uring_setup")
+        # COOP_TASKRUN (5.19+): a completion's task work does not interrupt this thread
+        # while it runs (an IPI: a VM exit in a guest) but waits for its next entry to the
+        # kernel, which the serving loop makes all the time; a sleeping thread is still woken.
+        for flags in (IORING_SETUP_SQE128 | IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128):
+            p = _Params()
+            p.flags = flags
+            r = _libc.syscall(SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(p))
+            if r >= 0 or ctypes.get_errno() != errno.EINVAL:
+                break
+        self.fd = _check(r, "io_uring_setup")
         try:
             self._map(p)
         except BaseException:
