@@ -134,11 +134,12 @@ def sha256_of(path: Path) -> str:
 Stats = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
-def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[Stats, Stats]:
+def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str
+                         ) -> tuple[Stats, Stats, str]:
     """Attach ``ov``, run fio's write+verify through the device, read the whole device back,
     detach; then the overlay must check clean, convert to the bytes the device showed, and
     hold every block fio wrote.  Returns the FUSE stats (all_fuse_stats) before and after
-    fio."""
+    fio, and the text of `cowd stats` after it."""
     dev = env.attach(ov, "--via", "fuse")
     before = all_fuse_stats(env)
     p = run("fio", *fio_job(name), f"--filename={dev}", "--ioengine=libaio", "--direct=1",
@@ -147,6 +148,7 @@ def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[Stat
     seen = tmp / "device.raw"
     run("dd", f"if={dev}", f"of={seen}", "bs=1M", "iflag=direct", "status=none")
     after = all_fuse_stats(env)
+    text = env.cowd("stats").stdout
     env.detach(dev)
     qemu_check(ov)
     raw = tmp / "converted.raw"
@@ -159,7 +161,7 @@ def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[Stat
     p = run("fio", *fio_job(name), f"--filename={raw}", "--ioengine=psync", "--verify_only",
             timeout=FIO_TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:]
-    return before, after
+    return before, after, text
 
 
 @pytest.mark.root
@@ -170,7 +172,8 @@ def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path,
     monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")  # (off by default)
     ov = make_overlay(tmp_path)
     with enable_uring("Y"):
-        (fuse0, workers0), (fuse, workers) = write_verify_compare(env, tmp_path, ov, "ring")
+        (fuse0, workers0), (fuse, workers), text = write_verify_compare(env, tmp_path, ov,
+                                                                        "ring")
     before, after = totals(fuse0, workers0), totals(fuse, workers)
     ring = fuse["io_uring"]
     assert ring["active"] is True and ring["reason"] == "", ring
@@ -198,6 +201,7 @@ def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path,
         print("ring requests by worker", by_worker, "of", data)
         assert all(w["fuse_ring"] for w in workers), workers
         assert ring["ring_requests"] == 0, ring
+        assert f"each served by {len(workers)} worker processes" in text, text
     assert after["fsyncs"] > before["fsyncs"]
     assert after["errors"] == 0 and after["protocol_errors"] == 0
     assert after["ring_errors"] == 0
@@ -213,8 +217,8 @@ def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path,
     monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")
     ov = make_overlay(tmp_path)
     with enable_uring("N"):
-        (fuse0, workers0), (fuse, workers) = write_verify_compare(env, tmp_path, ov,
-                                                                  "fallback")
+        (fuse0, workers0), (fuse, workers), text = write_verify_compare(env, tmp_path, ov,
+                                                                        "fallback")
     before, after = totals(fuse0, workers0), totals(fuse, workers)
     ring = fuse["io_uring"]
     assert ring["active"] is False, ring
@@ -224,6 +228,7 @@ def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path,
     assert "ring_requests" not in ring
     assert all(not w["fuse_ring"] for w in workers), workers
     assert after["ring_requests"] == 0
+    assert "served over /dev/fuse reads" in text, text
     assert after["reads"] > before["reads"] and after["writes"] > before["writes"]
     assert f"serving through /dev/fuse reads: {ring['reason']}" in env.log()
 
