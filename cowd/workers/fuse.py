@@ -27,7 +27,12 @@ import trio
 
 from ..disk.api import BlockDisk
 from ..frontends.fuse.protocol import Fail, FuseOptions, Request
-from ..frontends.fuse.ring import WORKER_DEPTH_FACTOR, FuseRing
+from ..frontends.fuse.ring import (
+    WORKER_DEPTH_FACTOR,
+    FuseRing,
+    ring_queue_count,
+    worker_queues,
+)
 from ..frontends.fuse.session import FuseSession
 from ..frontends.fuse.uring import UringError
 from .mapped import MappedDisk
@@ -53,12 +58,17 @@ class WorkerFuseSession(FuseSession):
         self.files_changed = trio.Event()  # set (and renewed) when by_ino gains a file
         self.ring: FuseRing | None = None  # the ring queues this worker serves, if any
 
-    async def serve_ring(self, qids: list[int]) -> None:
-        """Register ring entries for the queues ``qids`` on this clone and serve them until
-        the connection ends (or the worker stops).  The daemon has accepted the kernel's
-        FUSE_OVER_IO_URING offer and counts on these queues: a failure is logged (a failed
-        registration makes the kernel go back to /dev/fuse for the whole connection)."""
+    async def serve_ring(self, index: int) -> None:
+        """Register ring entries for worker ``index``'s queues (worker_queues) on this clone
+        and serve them until the connection ends (or the worker stops).  The daemon has
+        accepted the kernel's FUSE_OVER_IO_URING offer and counts on these queues: a failure
+        is logged (a failed registration makes the kernel go back to /dev/fuse for the whole
+        connection)."""
+        qids: list[int] = []
         try:
+            qids = worker_queues(ring_queue_count(), self.options.uring_workers, index)
+            if not qids:
+                return
             ring = FuseRing.create(self, self.options, qids, WORKER_DEPTH_FACTOR)
         except (OSError, ValueError) as e:
             log.error("fuse: cannot set up an io_uring for ring queues %s: %s (the mount "

@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 import trio
 
 from ..frontends.fuse.protocol import FuseOptions
-from ..frontends.fuse.ring import ring_queue_count, worker_queues
 from ..frontends.nbd.server import MAX_CONNECTIONS, NbdServer
 from ..frontends.nbd.tls import TlsConfig
 from ..process import settle_allocator
@@ -134,11 +133,8 @@ class Worker:
                 session = WorkerFuseSession(msg.fds[0], options, self.by_ino, self.plane.fuse)
                 self.fuse.append(session)
                 await nursery.start(session._serve)
-                # Over io_uring: this worker's share of the ring's queues (ring.py).
-                qids = worker_queues(ring_queue_count(), options.uring_workers, self.index) \
-                    if options.uring_workers else []
-                if qids:
-                    nursery.start_soon(session.serve_ring, qids)
+                if options.uring_workers:  # over io_uring: entries of its own (ring.py)
+                    nursery.start_soon(session.serve_ring, self.index)
             elif isinstance(msg, W.DiskSpec):
                 self._add_disk(msg)
             elif isinstance(msg, W.DiskGone):

@@ -230,9 +230,9 @@ class FuseOptions:
     - ``io_uring``: answer the kernel's FUSE_OVER_IO_URING offer (Linux 6.14+ with the fuse
       module's ``enable_uring`` set): requests then arrive on an io_uring (.ring) instead of
       ``read(2)`` from the device.
-    - ``uring_workers``: how many worker processes (cowd/workers/) serve ring queues of
-      their own; worker ``i`` takes the queues ``q`` with ``q % uring_workers == i``
-      (:func:`.ring.worker_queues`) and the daemon those no worker takes.  The daemon sets
+    - ``uring_workers``: how many worker processes (cowd/workers/) serve the ring with
+      entries of their own (each on every queue: :func:`.ring.worker_queues`); the daemon
+      registers the queues no worker takes (none while there are workers).  The daemon sets
       it before the mount and clears it when the ring does not serve, so a worker given the
       options with the mount's clone registers only on a ring the kernel uses.
     """

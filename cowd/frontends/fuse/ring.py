@@ -19,13 +19,17 @@ Notifications, FORGETs and interrupts still go through ``/dev/fuse``, so the ses
 
 Queues and processes: nothing ties a queue to the descriptor or the io_uring that registered
 it (the command names the connection through any of its descriptors, a clone too, and the
-queue by index), so the daemon's worker processes (cowd/workers/) each register the entries
-of queues of their own on their clone of ``/dev/fuse``, on an io_uring of their own, and
-serve them with their :class:`~cowd.workers.fuse.WorkerFuseSession`; the daemon registers the
-queues no worker takes (:func:`worker_queues`, :func:`daemon_queues`).  The kernel makes
-requests wait until every queue has an entry, so a worker that has not registered yet holds
-the mount up, and the daemon gives its workers the mount's descriptor before anything is
-asked of the mount.
+queue by index), so the daemon's worker processes (cowd/workers/) each register entries on
+their clone of ``/dev/fuse``, on an io_uring of their own, and serve them with their
+:class:`~cowd.workers.fuse.WorkerFuseSession`; every worker takes every queue (a queue
+hands a request to the entry that became free last, whoever's it is), and the daemon
+registers the queues no worker takes: all without workers, none with them
+(:func:`worker_queues`, :func:`daemon_queues`).  The kernel makes requests wait until every
+queue has an entry, so a worker that has not registered yet holds the mount up, and the
+daemon gives its workers the mount's descriptor before anything is asked of the mount.  A
+worker killed while its entries hold requests leaves those requests waiting until the
+connection ends (the kernel ends only a dead descriptor's /dev/fuse reads); its other
+entries are cancelled, and the other workers' entries take the queue's requests.
 
 Theory of operation
 -------------------
