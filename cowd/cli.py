@@ -237,7 +237,17 @@ def format_stats(doc: dict[str, object]) -> str:
     fuse = doc.get("fuse")
     ring = fuse.get("io_uring") if isinstance(fuse, dict) else None
     if isinstance(fuse, dict) and isinstance(ring, dict):
-        if ring.get("active"):
+        if ring.get("active") and ring.get("uring_workers"):
+            # Each worker process registers entries on every queue; the counts are theirs.
+            links = doc.get("workers")
+            procs = [w.get("worker") for w in links if isinstance(w, dict)] \
+                if isinstance(links, list) else []
+            mine = [p for p in procs if isinstance(p, dict) and p.get("fuse_ring")]
+            taken = sum(int(p["fuse"].get("ring_requests", 0)) for p in mine)
+            total = fuse["requests"] + sum(int(p["fuse"].get("requests", 0)) for p in mine)
+            how = (f"io_uring ({ring['queues']} queues, each served by {len(mine)} worker "
+                   f"processes, {taken} of {total} requests)")
+        elif ring.get("active"):
             how = (f"io_uring ({ring['queues']} queues of {ring['entries_per_queue']} "
                    f"entries, {ring['ring_requests']} of {fuse['requests']} requests)")
         else:

@@ -371,6 +371,9 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             for name, disk in daemon.disks.items():
                 workers.add_disk(name, disk)
             attacher.workers = workers  # --via nbd's devices are served by them too
+            # Over io_uring the workers serve the FUSE mount's ring queues (ring.py).
+            attacher.fuse_options = dataclasses.replace(
+                attacher.fuse_options or FuseOptions(), uring_workers=config.workers)
         ctl = await control.open_control_listener(ctl_path)
         stack.callback(_unlink_quiet, ctl_path)
         listeners = await open_nbd_listeners(addresses)

@@ -15,6 +15,11 @@ device, and writes every figure as JSON.
 ``dev-fuse`` the same options over /dev/fuse reads; ``--enable-uring`` sets the fuse module's
 ``enable_uring`` to Y for the run and puts the old value back after it.
 
+The server is set up as the daemon sets up `cowd attach --via fuse`: with ``--workers``
+worker processes (default auto, as the daemon's: one per core, none on a single core) that
+serve the FUSE file too, through clones of /dev/fuse or ring queues of their own, and the
+daemon's view of the disk gated for them.  Server CPU counts the daemon and its workers.
+
 It needs root, /dev/fuse, loop devices, fio and qemu-img; the ``pyfuse3`` configuration
 needs pyfuse3 (``pip install '.[bench]'``; make venv installs it).  It creates and removes only its
 own loop devices (by name) and its own mounts, under a fresh temporary directory.
@@ -37,7 +42,7 @@ from typing import Any
 
 from cowd.frontends.fuse.protocol import FuseOptions
 from tools import benchlib
-from tools.benchlib import HZ, cpu_ticks, drop_caches, idle_ticks
+from tools.benchlib import HZ, children, cpu_ticks, drop_caches, idle_ticks
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -98,16 +103,22 @@ def run_jobs(file: str, runtime_s: float, warm_paths: list[Path] | None,
                 drop_caches()
             else:
                 warm(warm_paths)
-            c0 = cpu_ticks(pid) if pid else 0
+            c0 = server_ticks(pid) if pid else 0
             i0, t0 = idle_ticks()
             res[job], ios = fio(dev, job, runtime_s)
             i1, t1 = idle_ticks()
             res[f"{job}_machine_idle_pct"] = 100.0 * (i1 - i0) / max(1, t1 - t0)
             if pid:
-                res[f"{job}_server_cpu_us_per_io"] = (cpu_ticks(pid) - c0) / HZ * 1e6 / max(1, ios)
+                res[f"{job}_server_cpu_us_per_io"] = \
+                    (server_ticks(pid) - c0) / HZ * 1e6 / max(1, ios)
         return res
     finally:
         sh("losetup", "-d", dev, check=False)
+
+
+def server_ticks(pid: int) -> int:
+    """CPU ticks of the server and its live children (its worker processes)."""
+    return cpu_ticks(pid) + sum(cpu_ticks(c) for c in children(pid))
 
 
 # ---- the served side (a child process) -----------------------------------------------------
@@ -117,6 +128,13 @@ def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
 
     from cowd.disk import Disk, ImagePool
     from cowd.remap import RemapCache
+    from cowd.workers import wire as W
+    from cowd.workers.host import WorkerPool
+
+    opts = dict(opts)
+    workers = int(opts.pop("workers", 0))
+    if opts.get("pyfuse3"):
+        workers = 0
 
     async def main() -> None:
         from contextlib import AsyncExitStack
@@ -125,20 +143,36 @@ def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
         await disk.prime()
         try:
             async with trio.open_nursery() as nursery:
+                # As the daemon does for `cowd attach --via fuse` (daemon.py, attacher.py).
+                pool = WorkerPool(workers, nursery) if workers else None
+                if pool is not None:
+                    await pool.start()
                 async with AsyncExitStack() as stack:
                     if opts.get("pyfuse3"):
                         await _pyfuse3_serve(stack, nursery, mnt, disk)
                     else:
                         from cowd.frontends.fuse.server import mount_fuse
-                        fe = await mount_fuse(stack, nursery, mnt, {"disk": disk},
-                                              FuseOptions(**opts))
+                        fe = await mount_fuse(stack, nursery, mnt, {},
+                                              FuseOptions(**opts, uring_workers=workers))
                         if opts.get("io_uring") and fe.ring is None:
                             print(f"no io_uring: {fe.uring_reason}", flush=True)
                             return
+                        if pool is None:
+                            fe.add_disk("disk", disk)
+                        else:
+                            pool.serve_fuse(fe)
+                            served = pool.add_disk("disk", disk, W.SCOPE_DEVICE,
+                                                   publish=False)
+                            fe.add_disk("disk", pool.gated(served))
+                            served.fuse_ino = fe.fs.by_name["disk"].ino
+                            pool.publish(served)
                     print("ready", flush=True)
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                         async for _ in sigs:
                             break
+                if pool is not None:
+                    await pool.forget_disk(disk)
+                    await pool.stop()
                 nursery.cancel_scope.cancel()
         finally:
             await disk.close()
@@ -194,14 +228,15 @@ async def _pyfuse3_serve(stack: Any, nursery: Any, mnt: str, disk: Any) -> None:
 # ---- the harness -------------------------------------------------------------------------------
 
 def one_run(work: Path, base: Path, name: str, opts: dict[str, Any], runtime_s: float,
-            warm_paths: list[Path] | None) -> dict[str, float]:
+            warm_paths: list[Path] | None, workers: int = 0) -> dict[str, float]:
     top = work / "top.qcow2"
     top.unlink(missing_ok=True)
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
     p = subprocess.Popen([sys.executable, "-m", "tools.bench_fuse", "--serve", str(top),
-                          str(mnt), json.dumps(opts)], stdout=subprocess.PIPE, text=True,
+                          str(mnt), json.dumps({**opts, "workers": workers})],
+                         stdout=subprocess.PIPE, text=True,
                          cwd=benchlib.ROOT)  # -m finds the tools package in the cwd
     try:
         assert p.stdout is not None
@@ -225,6 +260,9 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="images in the page cache instead of dropped caches; adds a "
                          "buffered loop (direct-io=off, warm) baseline")
+    ap.add_argument("--workers", default="auto", metavar="N|auto",
+                    help="worker processes beside the server, as the daemon's --workers "
+                    "(default auto: one per core, none on a single core)")
     ap.add_argument("--enable-uring", action="store_true",
                     help="set the fuse module's enable_uring to Y for the run (restored after)")
     a = ap.parse_args()
@@ -246,6 +284,10 @@ def main() -> None:
 
 def _bench(a: argparse.Namespace) -> None:
     head = benchlib.header()
+    cores = len(os.sched_getaffinity(0))
+    workers = (cores if cores > 1 else 0) if a.workers == "auto" else int(a.workers)
+    head["workers"] = workers
+    print(f"worker processes beside the server: {workers}", flush=True)
     names = a.configs.split(",")
     results: dict[str, list[dict[str, float]]] = {"loop": [], **{n: [] for n in names}}
     if a.warm:
@@ -268,7 +310,7 @@ def _bench(a: argparse.Namespace) -> None:
             for n in names:
                 t0 = time.time()
                 results[n].append(one_run(work, base, n, CONFIGS[n], a.runtime,
-                                          [base] if a.warm else None))
+                                          [base] if a.warm else None, workers))
                 print(f"run {r} {n} {results[n][-1]} ({time.time() - t0:.0f} s)", flush=True)
     med = {n: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
            for n, runs in results.items() if runs}

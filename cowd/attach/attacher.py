@@ -147,10 +147,13 @@ class Attacher:
         # the files before the mount is taken down.
         self.stack.push_async_callback(self._detach_all)
         self.fuse = fe
+        if self.workers is not None:
+            # Each worker serves a clone of its descriptor; first, since over io_uring the
+            # kernel holds every request (this stat's too) until the workers registered
+            # their ring queues (cowd/frontends/fuse/ring.py).
+            self.workers.serve_fuse(fe)
         st = await trio.to_thread.run_sync(os.stat, fe.mountpoint)
         self.mount_dev = st.st_dev
-        if self.workers is not None:
-            self.workers.serve_fuse(fe)  # each worker serves a clone of its descriptor
         return fe
 
     def _remove_fuse_dir(self) -> None:

@@ -9,22 +9,35 @@ FALLOCATE, LSEEK, SYNCFS) against the :class:`~cowd.workers.mapped.MappedDisk` o
 inode — the FUSE request names it, so no handle table is needed here — and every other
 request it passes to the daemon whole, as read (FUSE_FORWARD), writing back the reply the
 daemon computes.  Open handles, lookups and INIT thus stay the daemon's alone.
-Where the daemon serves the mount over io_uring (cowd/frontends/fuse/ring.py) the kernel
-sends a clone only what the ring does not carry (FORGET, interrupts): the data path is then
-the daemon's.
+Where the mount is served over io_uring (cowd/frontends/fuse/ring.py) the kernel sends a
+clone only what the ring does not carry (FORGET, interrupts); the worker then also registers
+ring queues of its own (:meth:`WorkerFuseSession.serve_ring`: the options it is given with
+the clone say how many workers share the queues) on an io_uring of its own, against its
+clone, and serves the requests taken from them with the same handlers: data requests
+itself, namespace requests forwarded to the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
 from ..disk.api import BlockDisk
 from ..frontends.fuse.protocol import Fail, FuseOptions, Request
+from ..frontends.fuse.ring import (
+    WORKER_DEPTH_FACTOR,
+    FuseRing,
+    ring_queue_count,
+    worker_queues,
+)
 from ..frontends.fuse.session import FuseSession
+from ..frontends.fuse.uring import UringError
 from .mapped import MappedDisk
+
+log = logging.getLogger("cowd.worker")
 
 # How long a data request for an inode this worker has not been told of waits for it.
 NEW_FILE_WAIT_S = 10.0
@@ -43,6 +56,37 @@ class WorkerFuseSession(FuseSession):
         self.by_ino = by_ino  # the worker's FUSE files by inode (it keeps them current)
         self._forward = forward
         self.files_changed = trio.Event()  # set (and renewed) when by_ino gains a file
+        self.ring: FuseRing | None = None  # the ring queues this worker serves, if any
+
+    async def serve_ring(self, index: int) -> None:
+        """Register ring entries for worker ``index``'s queues (worker_queues) on this clone
+        and serve them until the connection ends (or the worker stops).  The daemon has
+        accepted the kernel's FUSE_OVER_IO_URING offer and counts on these queues: a failure
+        is logged (a failed registration makes the kernel go back to /dev/fuse for the whole
+        connection)."""
+        qids: list[int] = []
+        try:
+            qids = worker_queues(ring_queue_count(), self.options.uring_workers, index)
+            if not qids:
+                return
+            ring = FuseRing.create(self, self.options, qids, WORKER_DEPTH_FACTOR)
+        except (OSError, ValueError) as e:
+            log.error("fuse: cannot set up an io_uring for ring queues %s: %s (the mount "
+                      "waits for them)", qids, e)
+            return
+        self.ring = ring
+        try:
+            ring.register(self.fd)
+            log.debug("fuse: serving ring queues %s (%d entries each)", qids, ring.depth)
+            async with trio.open_nursery() as nursery:
+                ring.start(nursery)
+        except UringError as e:
+            log.error("fuse: registering ring queues %s failed: %s (the kernel serves the "
+                      "mount through /dev/fuse reads from now on)", qids, e.strerror)
+        finally:
+            if ring.ring.fd >= 0:
+                trio.lowlevel.notify_closing(ring.ring.fd)
+            ring.close()
 
     async def namespace(self, req: Request, raw: memoryview) -> bytes | bytearray | None:
         return await self._forward(bytes(raw))

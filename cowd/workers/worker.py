@@ -129,10 +129,12 @@ class Worker:
                     socket.socket(fileno=msg.fds[0])))
                 nursery.start_soon(self._serve, stream, msg.scope)
             elif isinstance(msg, W.FuseSession):
-                session = WorkerFuseSession(msg.fds[0], FuseOptions(**msg.options),
-                                            self.by_ino, self.plane.fuse)
+                options = FuseOptions(**msg.options)
+                session = WorkerFuseSession(msg.fds[0], options, self.by_ino, self.plane.fuse)
                 self.fuse.append(session)
                 await nursery.start(session._serve)
+                if options.uring_workers:  # over io_uring: entries of its own (ring.py)
+                    nursery.start_soon(session.serve_ring, self.index)
             elif isinstance(msg, W.DiskSpec):
                 self._add_disk(msg)
             elif isinstance(msg, W.DiskGone):
@@ -195,7 +197,9 @@ class Worker:
                 "channel": {"sent": self.chan.sent_messages,
                             "received": self.chan.received_messages},
                 "nbd": _summed(s.counters for s in self.nbd.values()),
-                "fuse": _summed(f.counters for f in self.fuse),
+                "fuse": _summed([*(f.counters for f in self.fuse),
+                                 *(f.ring.counters for f in self.fuse if f.ring is not None)]),
+                "fuse_ring": [f.ring.stats() for f in self.fuse if f.ring is not None],
                 "disks": {str(i): d.stats() for i, d in self.by_id.items()}}
 
 

@@ -6,9 +6,11 @@ here set through its environment variable, which the daemon `cowd attach` starts
 Oracles: fio's own verify pass through the loop device on the FUSE file; after `cowd detach`,
 ``qemu-img check`` of the overlay, the device's bytes (read through the FUSE file before the
 detach) equal to ``qemu-img convert`` of the overlay, and fio's ``--verify_only`` of the same
-job over that converted image.  That the ring served is the daemon's own count
-(``cowd stats``: ``io_uring.active`` and every READ and WRITE of the fio run taken from the
-ring); the fallback's reason is the one ``cowd stats`` and the log give.
+job over that converted image.  That the ring served is ``cowd stats``' count:
+``io_uring.active``, every queue registered by the daemon or by one worker process, every
+READ and WRITE of the fio run taken from the ring, and, where the daemon has workers (one
+per core), their own ring counters (``workers[i].worker.fuse.ring_requests``) covering those
+requests; the fallback's reason is the one ``cowd stats`` and the log give.
 
 The kernel parameter is global: each test sets it before its daemon mounts (the kernel reads
 it at the mount's INIT) and puts the old value back in a finally block, whatever failed.
@@ -90,6 +92,31 @@ def fio_job(name: str) -> list[str]:
             "--verify_state_save=0", "--end_fsync=1"]
 
 
+FUSE_COUNTERS = ("reads", "writes", "fsyncs", "errors", "protocol_errors", "ring_requests",
+                 "ring_errors")
+
+
+def all_fuse_stats(env: Env) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The daemon's FUSE stats, and each worker process's (its own counters and rings)."""
+    doc = env.stats()
+    fuse, links = doc["fuse"], doc.get("workers") or []
+    assert isinstance(fuse, dict) and isinstance(links, list)
+    workers = [link["worker"] for link in links]  # what each process said of itself
+    return fuse, workers
+
+
+def totals(fuse: dict[str, Any], workers: list[dict[str, Any]]) -> dict[str, int]:
+    """FUSE_COUNTERS summed over the daemon and its workers (ring_requests: the daemon's
+    ring's and the workers')."""
+    out = {k: int(fuse.get(k, 0)) for k in FUSE_COUNTERS}
+    for k in ("ring_requests", "ring_errors"):
+        out[k] = int(fuse["io_uring"].get(k, 0))
+    for w in workers:
+        for k in FUSE_COUNTERS:
+            out[k] += int(w["fuse"].get(k, 0))
+    return out
+
+
 def fuse_stats(env: Env) -> dict[str, Any]:
     fuse = env.stats()["fuse"]
     assert isinstance(fuse, dict)
@@ -104,19 +131,24 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[dict[str, Any],
-                                                                              dict[str, Any]]:
+Stats = tuple[dict[str, Any], list[dict[str, Any]]]
+
+
+def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str
+                         ) -> tuple[Stats, Stats, str]:
     """Attach ``ov``, run fio's write+verify through the device, read the whole device back,
     detach; then the overlay must check clean, convert to the bytes the device showed, and
-    hold every block fio wrote.  Returns the FUSE stats before and after fio."""
+    hold every block fio wrote.  Returns the FUSE stats (all_fuse_stats) before and after
+    fio, and the text of `cowd stats` after it."""
     dev = env.attach(ov, "--via", "fuse")
-    before = fuse_stats(env)
+    before = all_fuse_stats(env)
     p = run("fio", *fio_job(name), f"--filename={dev}", "--ioengine=libaio", "--direct=1",
             timeout=FIO_TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:] + env.log()
     seen = tmp / "device.raw"
     run("dd", f"if={dev}", f"of={seen}", "bs=1M", "iflag=direct", "status=none")
-    after = fuse_stats(env)
+    after = all_fuse_stats(env)
+    text = env.cowd("stats").stdout
     env.detach(dev)
     qemu_check(ov)
     raw = tmp / "converted.raw"
@@ -129,7 +161,7 @@ def write_verify_compare(env: Env, tmp: Path, ov: Path, name: str) -> tuple[dict
     p = run("fio", *fio_job(name), f"--filename={raw}", "--ioengine=psync", "--verify_only",
             timeout=FIO_TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:]
-    return before, after
+    return before, after, text
 
 
 @pytest.mark.root
@@ -140,19 +172,39 @@ def test_attach_via_fuse_over_io_uring(env: Env, tmp_path: Path,
     monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")  # (off by default)
     ov = make_overlay(tmp_path)
     with enable_uring("Y"):
-        before, after = write_verify_compare(env, tmp_path, ov, "ring")
-    ring = after["io_uring"]
+        (fuse0, workers0), (fuse, workers), text = write_verify_compare(env, tmp_path, ov,
+                                                                        "ring")
+    before, after = totals(fuse0, workers0), totals(fuse, workers)
+    ring = fuse["io_uring"]
     assert ring["active"] is True and ring["reason"] == "", ring
-    assert ring["queues"] >= 1 and ring["entries_alive"] == ring["queues"] * \
-        ring["entries_per_queue"], ring
+    # Every queue is served: by the daemon (no workers) or by every worker process, each
+    # with all of its entries registered.
+    rings = [ring, *(r for w in workers for r in w["fuse_ring"])]
+    served = sorted({q for r in rings for q in r["served_queues"]})
+    assert ring["queues"] >= 1 and served == list(range(ring["queues"])), rings
+    if workers:
+        assert ring["served_queues"] == [], ring
+        assert all(r["served_queues"] == served for w in workers for r in w["fuse_ring"])
+    for r in rings:
+        assert r["entries_alive"] == len(r["served_queues"]) * r["entries_per_queue"], r
+    assert ring["uring_workers"] == len(workers), ring
     # Every READ and WRITE of the fio run (and of the read-back) came from the ring.
     data = (after["reads"] + after["writes"]) - (before["reads"] + before["writes"])
     assert data >= FIO_BYTES // (1 << 20) * 2  # 64 KiB writes and reads of 48 MiB at least
-    served = after["io_uring"]["ring_requests"] - before["io_uring"]["ring_requests"]
-    assert served >= data, (before, after)
+    assert after["ring_requests"] - before["ring_requests"] >= data, (before, after)
+    if workers:
+        # The worker processes served them (the daemon keeps no queue when each worker
+        # takes one or more), each counting its own.
+        by_worker = [int(w["fuse"].get("ring_requests", 0)) - int(w0["fuse"].get(
+            "ring_requests", 0)) for w, w0 in zip(workers, workers0, strict=True)]
+        assert sum(by_worker) >= data, (by_worker, data)
+        print("ring requests by worker", by_worker, "of", data)
+        assert all(w["fuse_ring"] for w in workers), workers
+        assert ring["ring_requests"] == 0, ring
+        assert f"each served by {len(workers)} worker processes" in text, text
     assert after["fsyncs"] > before["fsyncs"]
     assert after["errors"] == 0 and after["protocol_errors"] == 0
-    assert ring["ring_errors"] == 0
+    assert after["ring_errors"] == 0
     assert "serving over io_uring" in env.log()
 
 
@@ -165,13 +217,18 @@ def test_attach_via_fuse_falls_back_to_dev_fuse(env: Env, tmp_path: Path,
     monkeypatch.setenv("COWD_FUSE_IO_URING", "auto")
     ov = make_overlay(tmp_path)
     with enable_uring("N"):
-        before, after = write_verify_compare(env, tmp_path, ov, "fallback")
-    ring = after["io_uring"]
+        (fuse0, workers0), (fuse, workers), text = write_verify_compare(env, tmp_path, ov,
+                                                                        "fallback")
+    before, after = totals(fuse0, workers0), totals(fuse, workers)
+    ring = fuse["io_uring"]
     assert ring["active"] is False, ring
     expect = ("enable_uring is N" if os.path.exists(ENABLE_URING_PARAM)
               else "this kernel has no FUSE-over-io_uring")
     assert expect in ring["reason"], ring
     assert "ring_requests" not in ring
+    assert all(not w["fuse_ring"] for w in workers), workers
+    assert after["ring_requests"] == 0
+    assert "served over /dev/fuse reads" in text, text
     assert after["reads"] > before["reads"] and after["writes"] > before["writes"]
     assert f"serving through /dev/fuse reads: {ring['reason']}" in env.log()
 

@@ -230,6 +230,11 @@ class FuseOptions:
     - ``io_uring``: answer the kernel's FUSE_OVER_IO_URING offer (Linux 6.14+ with the fuse
       module's ``enable_uring`` set): requests then arrive on an io_uring (.ring) instead of
       ``read(2)`` from the device.
+    - ``uring_workers``: how many worker processes (cowd/workers/) serve the ring with
+      entries of their own (each on every queue: :func:`.ring.worker_queues`); the daemon
+      registers the queues no worker takes (none while there are workers).  The daemon sets
+      it before the mount and clears it when the ring does not serve, so a worker given the
+      options with the mount's clone registers only on a ring the kernel uses.
     """
 
     direct_io: bool = True
@@ -243,6 +248,7 @@ class FuseOptions:
     use_fusermount: bool | None = None  # None: mount(2) as root, fusermount3 otherwise
     # Serve over io_uring when the kernel offers it (server.py says when that is).
     io_uring: bool = False
+    uring_workers: int = 0
 
     def check(self) -> None:
         for name in ("max_write_bytes", "max_read_bytes"):
@@ -255,6 +261,9 @@ class FuseOptions:
                              f"(max_background={self.max_background})")
         if not 1 <= self.max_workers <= 1024:
             raise UsageError(f"fuse: max_workers out of range (max_workers={self.max_workers})")
+        if not 0 <= self.uring_workers <= 1024:
+            raise UsageError(f"fuse: uring_workers out of range "
+                             f"(uring_workers={self.uring_workers})")
 
 
 # ---- the protocol (sans I/O) -----------------------------------------------------------------

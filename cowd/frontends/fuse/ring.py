@@ -17,6 +17,20 @@ the payload buffer; that command completes again with the entry's next request.
 Notifications, FORGETs and interrupts still go through ``/dev/fuse``, so the session's
 ``read(2)`` workers keep running beside the ring.
 
+Queues and processes: nothing ties a queue to the descriptor or the io_uring that registered
+it (the command names the connection through any of its descriptors, a clone too, and the
+queue by index), so the daemon's worker processes (cowd/workers/) each register entries on
+their clone of ``/dev/fuse``, on an io_uring of their own, and serve them with their
+:class:`~cowd.workers.fuse.WorkerFuseSession`; every worker takes every queue (a queue
+hands a request to the entry that became free last, whoever's it is), and the daemon
+registers the queues no worker takes: all without workers, none with them
+(:func:`worker_queues`, :func:`daemon_queues`).  The kernel makes requests wait until every
+queue has an entry, so a worker that has not registered yet holds the mount up, and the
+daemon gives its workers the mount's descriptor before anything is asked of the mount.  A
+worker killed while its entries hold requests leaves those requests waiting until the
+connection ends (the kernel ends only a dead descriptor's /dev/fuse reads); its other
+entries are cancelled, and the other workers' entries take the queue's requests.
+
 Theory of operation
 -------------------
 Buffers: each entry owns a header buffer and a reply buffer of OUT_HEADER.size plus the
@@ -34,8 +48,9 @@ one ``io_uring_enter`` before the lock holder looks for more work, or at once by
 finished a handler after waiting.  All of it runs in the trio thread, which is also the only
 thread that submits (the kernel runs an entry's completion work in the submitter's context).
 
-Lifetime: :meth:`FuseRing.create` (before the mount's INIT) makes the ring and the entries;
-:meth:`start` (after INIT) registers every entry and starts the workers.  When the connection
+Lifetime: :meth:`FuseRing.create` (before the mount's INIT in the daemon; in a worker when it
+is given the mount) makes the ring and the entries; :meth:`register` (after INIT) registers
+every entry and :meth:`start` starts the workers.  When the connection
 ends the kernel completes every registered entry with an error; the workers stop when no
 entry is left, and :meth:`close` unmaps and closes the ring (which cancels anything pending).
 """
@@ -53,6 +68,7 @@ import trio
 
 from ...sysmem import resident_buffer
 from .protocol import (
+    DATA_OPS,
     FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
     FUSE_IO_URING_CMD_REGISTER,
     FUSE_MIN_READ_BUFFER,
@@ -87,6 +103,10 @@ ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 MAX_RING_QUEUES = 64
 # Entries per queue: the session's max_workers spread over the queues, at most this many.
 MAX_QUEUE_DEPTH = 16
+# A worker process's ring has twice that (it shares every queue with the other workers, and
+# a loop device puts nearly all its requests on one queue: that one must take a whole queue
+# depth of requests from each worker, as a worker's /dev/fuse reads do).
+WORKER_DEPTH_FACTOR = 2
 
 
 class _Iovec(ctypes.Structure):
@@ -104,6 +124,32 @@ def possible_cpus(text: str) -> int:
     return n
 
 
+def ring_queue_count() -> int:
+    """The connection's queue count: the possible CPUs (ValueError past MAX_RING_QUEUES)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        queues = possible_cpus(f.read())
+    if not 1 <= queues <= MAX_RING_QUEUES:
+        raise ValueError(f"{queues} possible CPUs need as many ring queues "
+                         f"(at most {MAX_RING_QUEUES})")
+    return queues
+
+
+def worker_queues(queues: int, workers: int, index: int) -> list[int]:
+    """The queues worker ``index`` of ``workers`` serves: all of them.  The kernel puts a
+    request on the queue of the CPU it was made on, and a loop device makes nearly all of
+    them on one CPU, so a queue owned by one worker left the others idle (measured: 1650 of
+    1664 requests on one worker's queue); on every queue, the workers share each queue's
+    requests as they share /dev/fuse reads (the kernel hands a request to the entry that
+    became free last)."""
+    return list(range(queues)) if 0 <= index < workers else []
+
+
+def daemon_queues(queues: int, workers: int) -> list[int]:
+    """The queues no worker takes, which the daemon serves (all of them without workers)."""
+    taken = {q for i in range(workers) for q in worker_queues(queues, workers, i)}
+    return [q for q in range(queues) if q not in taken]
+
+
 def enable_uring_state() -> str | None:
     """The fuse module's ``enable_uring`` ("Y"/"N"), or None where the kernel has none."""
     try:
@@ -116,8 +162,8 @@ def enable_uring_state() -> str | None:
 class _Entry(Replier):
     """One ring entry: its buffers (registered with the kernel) and the request in it."""
 
-    __slots__ = ("answered", "commit_id", "headers", "index", "iov", "locked", "payload", "qid",
-                 "ring")
+    __slots__ = ("answered", "commit_id", "headers", "headers_view", "index", "iov", "locked",
+                 "payload", "qid", "ring")
 
     def __init__(self, ring: FuseRing, index: int, qid: int, payload_bytes: int):
         self.ring = ring
@@ -129,6 +175,7 @@ class _Entry(Replier):
         self.reply, locked_reply = resident_buffer(OUT_HEADER.size + payload_bytes)
         self.locked = locked_headers and locked_reply
         self.payload = memoryview(self.reply)[OUT_HEADER.size:]
+        self.headers_view = memoryview(self.headers)
         iov = (_Iovec * 2)()
         iov[0].iov_base = ctypes.addressof((ctypes.c_char * len(self.headers))
                                            .from_buffer(self.headers))
@@ -146,15 +193,16 @@ class _Entry(Replier):
 class FuseRing:
     """The ring of one mount; see the module docstring.  Build with :meth:`create`."""
 
-    def __init__(self, session: FuseSession, ring: Ring, queues: int, depth: int,
-                 payload_bytes: int):
+    def __init__(self, session: FuseSession, ring: Ring, queues: int, qids: list[int],
+                 depth: int, payload_bytes: int):
         self.session = session
         self.ring = ring
-        self.fd = -1  # the mount's /dev/fuse descriptor, from register()
-        self.queues = queues
+        self.fd = -1  # the mount's /dev/fuse descriptor (or a clone), from register()
+        self.queues = queues  # the connection's, one per possible CPU
+        self.qids = qids  # the queues this ring serves
         self.depth = depth
-        self.entries = [_Entry(self, i, i // depth, payload_bytes)
-                        for i in range(queues * depth)]
+        self.entries = [_Entry(self, i, qids[i // depth], payload_bytes)
+                        for i in range(len(qids) * depth)]
         self.buffers_locked = all(e.locked for e in self.entries)
         self._ready: deque[_Entry] = deque()
         self._alive = 0
@@ -165,20 +213,21 @@ class FuseRing:
         self.counters = {"ring_requests": 0, "ring_workers_max": 0, "ring_errors": 0}
 
     @classmethod
-    def create(cls, session: FuseSession, options: FuseOptions) -> FuseRing:
-        """A ring and entries for ``options`` (UringError when io_uring cannot be set up,
-        ValueError when this machine has too many possible CPUs for it)."""
-        with open("/sys/devices/system/cpu/possible") as f:
-            queues = possible_cpus(f.read())
-        if not 1 <= queues <= MAX_RING_QUEUES:
-            raise ValueError(f"{queues} possible CPUs need as many ring queues "
-                             f"(at most {MAX_RING_QUEUES})")
-        depth = max(1, min(MAX_QUEUE_DEPTH, options.max_workers // queues))
+    def create(cls, session: FuseSession, options: FuseOptions,
+               qids: list[int] | None = None, depth_factor: int = 1) -> FuseRing:
+        """A ring and entries for ``options``, for the queues ``qids`` (all of them when
+        None; none is a ring that registers nothing), ``depth_factor`` times the usual entries
+        per queue.  UringError when io_uring cannot be
+        set up, ValueError when this machine has too many possible CPUs for it."""
+        queues = ring_queue_count()
+        if qids is None:
+            qids = list(range(queues))
+        depth = max(1, min(MAX_QUEUE_DEPTH, options.max_workers * depth_factor // queues))
         payload_bytes = max(FUSE_MIN_READ_BUFFER, options.max_write_bytes,
                             options.max_read_bytes)
-        ring = Ring(queues * depth)
+        ring = Ring(max(1, len(qids) * depth))
         try:
-            return cls(session, ring, queues, depth, payload_bytes)
+            return cls(session, ring, queues, qids, depth, payload_bytes)
         except BaseException:
             ring.close()
             raise
@@ -270,7 +319,7 @@ class FuseRing:
         s.counters["requests"] += 1
         self.counters["ring_requests"] += 1
         h = e.headers
-        length, opcode, unique = IN_HEADER.unpack_from(h)[:3]
+        length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(h)
         _flags, e.commit_id, payload_sz, _pad, _res = URING_ENT_IN_OUT.unpack_from(
             h, URING_ENT_IN_OUT_OFFSET)
         op_bytes = length - IN_HEADER.size - payload_sz
@@ -281,13 +330,12 @@ class FuseRing:
             e.send(reply_error(unique, errno.EIO))
             return
         op = FUSE_URING_IN_OUT_HEADER_SZ
-        if opcode == FUSE_WRITE:
-            # The data stays where the kernel put it; only the header is parsed.
-            raw = memoryview(h)[:IN_HEADER.size]
-            f = IN_HEADER.unpack_from(h)
-            req = Request(opcode, unique, f[3], f[4], f[5], f[6],
-                          memoryview(h)[op:op + op_bytes])
-            await s.dispatch(req, raw, e, e.payload[:payload_sz])
+        if opcode in DATA_OPS:
+            # Parsed where the kernel put it (a WRITE's data stays in the payload buffer);
+            # the raw request is only for namespace requests, which these are not.
+            req = Request(opcode, unique, nodeid, uid, gid, pid, e.headers_view[op:op + op_bytes])
+            await s.dispatch(req, e.headers_view[:IN_HEADER.size], e,
+                             e.payload[:payload_sz] if opcode == FUSE_WRITE else None)
             return
         # Everything else is small: put it together as /dev/fuse would have delivered it.
         raw_bytes = bytearray(h[:IN_HEADER.size])
@@ -349,7 +397,8 @@ class FuseRing:
             self._idle -= 1
 
     def stats(self) -> dict[str, object]:
-        return {"queues": self.queues, "entries_per_queue": self.depth,
+        return {"queues": self.queues, "served_queues": self.qids,
+                "entries_per_queue": self.depth,
                 "entries_alive": self._alive, "buffers_locked": self.buffers_locked,
                 "workers": self._workers, **self.counters}
 
@@ -357,4 +406,5 @@ class FuseRing:
         self.ring.close()
 
 
-__all__ = ["ENABLE_URING_PARAM", "FuseRing", "enable_uring_state", "possible_cpus"]
+__all__ = ["ENABLE_URING_PARAM", "WORKER_DEPTH_FACTOR", "FuseRing", "daemon_queues",
+           "enable_uring_state", "possible_cpus", "ring_queue_count", "worker_queues"]

@@ -16,7 +16,8 @@ Lifetime: :func:`mount_fuse` opens ``/dev/fuse``, mounts (``mount(2)`` as root, 
 registers :meth:`FuseFrontend.close` on the caller's exit stack.  FUSE over io_uring
 (.ring): before the mount it makes the ring and its entries (so INIT may accept the kernel's
 FUSE_OVER_IO_URING offer, unless ``FuseOptions.io_uring`` is off); after INIT it registers
-them and serves them beside the ``read(2)`` workers, or records why not
+them and serves them beside the ``read(2)`` workers (only the queues no worker process takes:
+``FuseOptions.uring_workers``, .ring), or records why not
 (``uring_reason``: the kernel lacks it, ``enable_uring`` is N, io_uring refused) for the log
 and ``cowd stats``.  Teardown unmounts only the
 mount this object made (the mount's source names this process and a random token, and is
@@ -40,6 +41,7 @@ the page cache and fail only at write-back).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -74,7 +76,7 @@ from .protocol import (
     Node,
     Request,
 )
-from .ring import FuseRing, enable_uring_state
+from .ring import FuseRing, daemon_queues, enable_uring_state, ring_queue_count
 from .session import FuseSession
 from .uring import UringError
 
@@ -145,7 +147,8 @@ class FuseFrontend(FuseSession):
             "buffers_locked": self.buffers_locked,
             **self.counters,
             "io_uring": {"active": self.ring is not None, "reason": self.uring_reason,
-                         **(self.ring.stats() if self.ring is not None else {})},
+                         **({"uring_workers": self.options.uring_workers, **self.ring.stats()}
+                            if self.ring is not None else {})},
         }
 
     async def shutdown(self, deadline_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -252,14 +255,17 @@ class FuseFrontend(FuseSession):
             self.uring_reason = "off (--fuse-io-uring=auto to use it)"
             return
         try:
-            self.ring = FuseRing.create(self, self.options)
+            qids = daemon_queues(ring_queue_count(), self.options.uring_workers)
+            self.ring = FuseRing.create(self, self.options, qids)
         except (OSError, ValueError) as e:
             self.uring_reason = f"cannot set up an io_uring: {e}"
             return
         self.fs.uring_ready = True
 
     def _start_ring(self) -> None:
-        """After INIT: register the ring's entries and serve them, or say why not."""
+        """After INIT: register the ring's entries and serve them, or say why not (and then
+        no worker process may register queues either: ``uring_workers`` is cleared in the
+        options the workers are given with the mount's descriptor)."""
         neg = self.fs.negotiated
         ring = self.ring
         if ring is None:
@@ -286,9 +292,12 @@ class FuseFrontend(FuseSession):
             else:
                 ring.start(self._nursery)
                 self.uring_reason = ""
-                log.info("fuse: %s: serving over io_uring (%d queues of %d entries)",
-                         self.mountpoint, ring.queues, ring.depth)
+                log.info("fuse: %s: serving over io_uring (%d queues of %d entries; the "
+                         "daemon's: %s, the rest its %d worker processes)",
+                         self.mountpoint, ring.queues, ring.depth,
+                         ",".join(map(str, ring.qids)) or "none", self.options.uring_workers)
                 return
+        self.options = dataclasses.replace(self.options, uring_workers=0)
         log.info("fuse: %s: serving through /dev/fuse reads: %s", self.mountpoint,
                  self.uring_reason)
 

@@ -27,6 +27,7 @@ import struct
 _SYSCALLS = {"x86_64": (425, 426), "aarch64": (425, 426), "arm64": (425, 426)}
 SYS_IO_URING_SETUP, SYS_IO_URING_ENTER = _SYSCALLS.get(platform.machine(), (425, 426))
 
+IORING_SETUP_COOP_TASKRUN = 1 << 8
 IORING_SETUP_SQE128 = 1 << 10
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_OFF_SQ_RING = 0
@@ -46,6 +47,9 @@ MAX_RING_ENTRIES = 4096
 # opcode flags ioprio fd | cmd_op pad1 | addr | len uring_cmd_flags | user_data
 _SQE_HEAD = struct.Struct("<BBHiIIQIIQ")
 _CQE = struct.Struct("<QiI")  # user_data res flags
+_ZERO_TAIL = bytes(SQE128_BYTES - _SQE_HEAD.size)
+_ZERO_GAP = bytes(SQE_CMD_OFFSET - _SQE_HEAD.size)
+_ZERO_CMD = bytes(SQE_CMD_BYTES)
 
 
 class _SqOffsets(ctypes.Structure):
@@ -95,10 +99,16 @@ class Ring:
     def __init__(self, entries: int):
         if not 1 <= entries <= MAX_RING_ENTRIES:
             raise ValueError(f"io_uring: entries out of range (entries={entries})")
-        p = _Params()
-        p.flags = IORING_SETUP_SQE128
-        self.fd = _check(_libc.syscall(SYS_IO_URING_SETUP, ctypes.c_uint(entries),
-                                       ctypes.byref(p)), "io_uring_setup")
+        # COOP_TASKRUN (5.19+): a completion's task work does not interrupt this thread
+        # while it runs (an IPI: a VM exit in a guest) but waits for its next entry to the
+        # kernel, which the serving loop makes all the time; a sleeping thread is still woken.
+        for flags in (IORING_SETUP_SQE128 | IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SQE128):
+            p = _Params()
+            p.flags = flags
+            r = _libc.syscall(SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(p))
+            if r >= 0 or ctypes.get_errno() != errno.EINVAL:
+                break
+        self.fd = _check(r, "io_uring_setup")
         try:
             self._map(p)
         except BaseException:
@@ -153,11 +163,14 @@ class Ring:
         tail = self._sq_tail[0]
         index = tail & self._sq_mask
         off = index * SQE128_BYTES
-        sqe = self._sqes[off:off + SQE128_BYTES]
-        sqe[:] = bytes(SQE128_BYTES)
-        _SQE_HEAD.pack_into(sqe, 0, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0,
-                            user_data)
-        sqe[SQE_CMD_OFFSET:SQE_CMD_OFFSET + len(cmd)] = cmd
+        sqes = self._sqes
+        _SQE_HEAD.pack_into(sqes, off, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length,
+                            0, user_data)
+        # The rest of the SQE (personality, file index, the command area) is zero but for
+        # the command: one slice assignment of a prebuilt tail.
+        n = len(cmd)
+        sqes[off + _SQE_HEAD.size:off + SQE128_BYTES] = \
+            _ZERO_TAIL if not n else _ZERO_GAP + cmd + _ZERO_CMD[n:]
         self._sq_array[index] = index
         self._sq_tail[0] = (tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
