@@ -504,12 +504,6 @@ class _Connection:
                         # Everything this wakeup brought is parsed.  Reads that missed the page
                         # cache were advised (the disk is fetching them all at once): do them
                         # now, then send the batch of replies in one write and read more.
-                        # First a checkpoint: the other connections of this process parse
-                        # and advise what they received before this one blocks in a read,
-                        # so their reads are on the disk at the same time, not one
-                        # connection's batch after another's.
-                        if deferred:
-                            await trio.lowlevel.checkpoint()
                         for req in deferred:
                             reply = self._answer_inline(req, may_block=True)
                             if reply is not None and not isinstance(reply, _Deferred):
