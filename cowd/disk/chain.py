@@ -440,6 +440,49 @@ class Chain:
             segs.append(_segment((mid, end - mid, BELOW_CHAIN, _ZERO)))
         return None
 
+    def plan_direct(self, start: int, end: int, st: PlanState) -> list[Segment] | None:
+        """The segments of [start, end) from the layers' resolvers, not granule by granule
+        through the cache: one segment per extent (a run of many granules of one kind and
+        mapping), so a long range of an empty overlay over a raw base costs a few calls
+        instead of a lookup per granule per layer.  None where it may not be used: a layer's
+        lock is held (a worker thread may be changing its metadata) or a layer is remote
+        (its blocks must be fetched first).  Inserts nothing into the cache; the resolver
+        calls are counted in ``st.lookups``.  As ``plan``, synchronous: the caller queues
+        what it makes of the segments before any await."""
+        if self.locked_any() or self.remote:
+            return None
+        segs: list[Segment] = []
+        self._direct(0, start, end, segs, st)
+        return segs
+
+    def _direct(self, depth: int, start: int, end: int, segs: list[Segment],
+                st: PlanState) -> None:
+        if depth == len(self.layers):
+            segs.append(_segment((start, end - start, BELOW_CHAIN, _ZERO)))
+            return
+        layer = self.layers[depth]
+        mid = min(end, max(start, layer.size))
+        pos = start
+        if start < mid:
+            for ext in layer.image.extents(start, mid):
+                st.lookups += 1
+                e_end = ext.guest_offset + ext.length
+                if ext.guest_offset != pos or e_end <= pos:
+                    raise CorruptImage(layer.image.path, "resolver answered out of order",
+                                       "offset", pos)
+                e_end = min(e_end, mid)
+                if ext.kind is Kind.UNALLOCATED:
+                    self._direct(depth + 1, pos, e_end, segs, st)
+                else:
+                    whole = ext.guest_offset == pos and ext.guest_offset + ext.length == e_end
+                    segs.append(_segment((pos, e_end - pos, depth,
+                                          ext if whole else clip(ext, pos, e_end - pos))))
+                pos = e_end
+            if pos != mid:
+                raise CorruptImage(layer.image.path, "resolver left a gap", "offset", pos)
+        if mid < end:
+            segs.append(_segment((mid, end - mid, BELOW_CHAIN, _ZERO)))
+
     async def plan_locked(self, start: int, end: int, st: PlanState) -> list[Segment]:
         """Plan [start, end).  Inline when no layer lock is held; otherwise take every lock
         (top first) and plan the rest under them.  (Waiting for a lock to become free and

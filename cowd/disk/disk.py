@@ -696,9 +696,10 @@ class Disk:
     # ---- the kernel shim's questions --------------------------------------------------------
 
     async def segments(self, offset: int, length: int, ahead: int = 0,
-                       deadline: Deadline | None = None) -> list[Segment]:
+                       deadline: Deadline | None = None, *,
+                       direct: bool = False) -> list[Segment]:
         """Where the range lives, as remaps may name it (:meth:`DiskMap.segments`)."""
-        return await self.mapping.segments(offset, length, ahead, deadline)
+        return await self.mapping.segments(offset, length, ahead, deadline, direct=direct)
 
     async def allocate(self, offset: int, length: int) -> list[Segment]:
         """Make every top-layer cluster touching the range DATA that the top layer owns,

@@ -56,13 +56,30 @@ class DiskMap:
         self.chain = hooks.chain
 
     async def segments(self, offset: int, length: int, ahead: int = 0,
-                       deadline: Deadline | None = None) -> list[Segment]:
+                       deadline: Deadline | None = None, *,
+                       direct: bool = False) -> list[Segment]:
         """Where [offset, offset + length) lives: its :class:`Segment` runs in guest order
         (``depth`` is the layer's index in the chain, BELOW_CHAIN: zeroes), :meth:`mappable`.
         A miss also resolves ``ahead`` more granules into the cache.  The kernel frontend
         and the workers turn these into remaps.  ``deadline``: the request's, for a remote
-        layer's fetches (a worker's miss plans, then may read)."""
+        layer's fetches (a worker's miss plans, then may read).  ``direct`` (priming a long
+        range): from the layers' resolvers, an extent at a time, where the chain allows it
+        (``Chain.plan_direct``), else as without; the cache is neither asked nor filled (the
+        request and its resolver calls are counted, as ``requests`` and
+        ``metadata_lookups``)."""
         self._hooks.check_read(offset, length, None)
+        if direct:
+            # The checkpoint before the plan, never between it and the caller (which queues
+            # what it makes of the plan in the same synchronous step).
+            await trio.lowlevel.checkpoint()
+            st = PlanState()
+            try:
+                segs = self.chain.plan_direct(offset, offset + length, st)
+            except (FormatError, OSError, ValueError) as e:
+                raise self._hooks.translate(e) from e
+            if segs is not None:
+                self.chain.cache.note_request(st.lookups, self.chain.counters)
+                return self.mappable(segs)
         req = PlanState(ahead=ahead)
         req.deadline = deadline
         try:

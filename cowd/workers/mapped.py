@@ -583,6 +583,25 @@ class MappedDisk:
                     except OSError:
                         pass
 
+    def _after_miss(self, offset: int, view: memoryview) -> bool:
+        """The read of a miss just answered, without waiting for the disk (and without
+        counting it for the stream: its first try did); False: not done (and its data
+        advised, if that was why)."""
+        try:
+            st = self._read_local(offset, view, True)
+        except OSError as e:
+            raise DiskError(e.errno or errno.EIO, f"{self._path}: read failed: "
+                                                  f"{e.strerror}") from e
+        if st is Local.DONE:
+            c = self.counters
+            c["reads_local"] += 1
+            c["bytes_read"] += len(view)
+            return True
+        if st is Local.WOULD_BLOCK:
+            self.counters["would_block"] += 1
+            self.advise(offset, len(view))
+        return False
+
     def advise_write(self, offset: int, length: int) -> bool:
         # The control plane advises the copy-up sources of the writes it is asked to do.
         return False
@@ -611,6 +630,13 @@ class MappedDisk:
             if len(reply.data) == len(view):
                 view[:] = reply.data
                 return
+            if self._after_miss(offset, view):
+                return
+            # Not in the page cache: started on its way, and the other tasks whose misses
+            # were answered start theirs, before this one blocks the process in its read
+            # (a worker's first reads of a disk are all misses: one blocking cold read
+            # after another held every connection of the worker for a second).
+            await trio.lowlevel.checkpoint()
             if self.try_read_into(offset, view, may_block=True):
                 return
         # Out of range (the control plane says how), a short file, or a table that lost the
