@@ -8,15 +8,15 @@ this test boots one virtme-ng guest of Debian's kernel (tools/guest.py), where r
 capability, and runs that same pytest case inside: cgroup v2 with the memory controller, FUSE,
 a loop device, fio, qemu-img, and the images on an ext4 file system on a scratch disk (their
 page cache must be reclaimable by writeback to a real device: tmpfs pages are not).  The same
-boot and the same pytest run also take the ``--via nbd`` ``daemon-too`` case, which needs the
-kernel's nbd driver that the host lacks: /dev/nbdN served by a worker whose buffers were made
-up front, under the same limit.
+boot and the same pytest run also take the ``--via nbd`` cases (``daemon-too`` and
+``writers``), which need the kernel's nbd driver that the host lacks: /dev/nbdN served by a
+worker whose buffers were made up front, under the same limit.
 
 Oracle: the inner test's own (fio's verify through the device, then ``--verify_only`` of the
 overlay as qemu-img converts it, ``qemu-img check``, every cowd process carrying the flag's
 task flags, the cgroup having hit its limit; for nbd also the device's queue limits and no
-buffer allocated beyond the preallocated ones); here its pytest summary must say that both
-cases passed.
+buffer allocated beyond the preallocated ones); here its pytest summary must say that all
+three cases passed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ mkfs.ext4 -q -F "$dev" && mkdir -p /tmp/p && mount "$dev" /tmp/p; check mount $?
 mkdir -p /tmp/stdlib-extra && ln -sfn {stdlib}/unittest /tmp/stdlib-extra/unittest
 export PYTHONPATH="$PYTHONPATH:/tmp/stdlib-extra:{site}"
 timeout {inner_s} python3 -m pytest -p no:cacheprovider -q -rA --basetemp=/tmp/p/t \
-  tests/integration/test_memory_pressure.py -k daemon-too > {out}/pytest.txt 2>&1
+  tests/integration/test_memory_pressure.py -k "daemon-too or nbd" > {out}/pytest.txt 2>&1
 check pytest $? "$(tail -1 {out}/pytest.txt)"
 umount /tmp/p; check umount $?
 """
@@ -71,11 +71,11 @@ def test_daemon_in_the_limited_cgroup_in_a_guest(tmp_path: Path) -> None:
     for name in ("nbd", "memory_cgroup", "scratch_disk", "mount", "pytest", "umount"):
         assert checks.get(name, "").startswith("ok"), f"{name}: {checks.get(name)}\n{tail}\n" \
             f"{report[-4000:]}"
-    for via in ("fuse", "nbd"):
+    for case in ("fuse-daemon-too", "nbd-daemon-too", "nbd-writers"):
         assert "PASSED tests/integration/test_memory_pressure.py::" \
-               f"test_fio_verify_through_the_device_under_a_memory_limit[{via}-daemon-too]" \
+               f"test_fio_verify_through_the_device_under_a_memory_limit[{case}]" \
                in report, report[-4000:]
-    assert "2 passed" in report.splitlines()[-1], report[-4000:]
+    assert "3 passed" in report.splitlines()[-1], report[-4000:]
     for line in report.splitlines():
         if "memory pressure (" in line:
             print(line)
