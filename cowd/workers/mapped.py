@@ -536,11 +536,10 @@ class MappedDisk:
 
     # ---- the BlockDisk calls -------------------------------------------------------------
 
-    def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
-                      may_block: bool = False) -> bool:
-        view = memoryview(dest).cast("B")
+    def _counted_read(self, offset: int, view: memoryview, nowait: bool) -> Local:
+        """:meth:`_read_local`, its OSError as a DiskError, done and would-block counted."""
         try:
-            st = self._read_local(offset, view, not may_block)
+            st = self._read_local(offset, view, nowait)
         except OSError as e:
             raise DiskError(e.errno or errno.EIO, f"{self._path}: read failed: "
                                                   f"{e.strerror}") from e
@@ -550,6 +549,12 @@ class MappedDisk:
             c["bytes_read"] += len(view)
         elif st is Local.WOULD_BLOCK:
             self.counters["would_block"] += 1
+        return st
+
+    def try_read_into(self, offset: int, dest: memoryview | bytearray, *,
+                      may_block: bool = False) -> bool:
+        view = memoryview(dest).cast("B")
+        st = self._counted_read(offset, view, not may_block)
         if not may_block and st in (Local.DONE, Local.WOULD_BLOCK):
             # The first try of a read (the frontend tries without waiting first, then
             # again): the one that counts for the stream.
@@ -587,20 +592,10 @@ class MappedDisk:
         """The read of a miss just answered, without waiting for the disk (and without
         counting it for the stream: its first try did); False: not done (and its data
         advised, if that was why)."""
-        try:
-            st = self._read_local(offset, view, True)
-        except OSError as e:
-            raise DiskError(e.errno or errno.EIO, f"{self._path}: read failed: "
-                                                  f"{e.strerror}") from e
-        if st is Local.DONE:
-            c = self.counters
-            c["reads_local"] += 1
-            c["bytes_read"] += len(view)
-            return True
+        st = self._counted_read(offset, view, True)
         if st is Local.WOULD_BLOCK:
-            self.counters["would_block"] += 1
             self.advise(offset, len(view))
-        return False
+        return st is Local.DONE
 
     def advise_write(self, offset: int, length: int) -> bool:
         # The control plane advises the copy-up sources of the writes it is asked to do.
