@@ -701,6 +701,7 @@ def main() -> int:
         note(why)
         return 1
     p = params(args)
+    head = benchlib.header()  # the date and the load before the run (the run loads it)
     t0 = time.monotonic()
     runs: list[Run] = []
 
@@ -717,7 +718,7 @@ def main() -> int:
         return rc
     run = runs[0]
     doc: dict[str, Any] = {
-        **benchlib.header(), "fio": sh("fio", "--version"),
+        **head, "loadavg_after": list(os.getloadavg()), "fio": sh("fio", "--version"),
         "qemu_nbd": sh("qemu-nbd", "--version").splitlines()[0],
         "duration_s": round(time.monotonic() - t0, 1),
         "params": {**p.__dict__, "only": sorted(p.only)},

@@ -612,6 +612,7 @@ def main() -> int:
         note(why)
         return 1
 
+    head = benchlib.header()  # the date and the load before the run (the run loads it)
     benches: list[Bench] = []
     reps_out: list[Rep] = []
     trees: list[Tree] = []
@@ -631,7 +632,8 @@ def main() -> int:
     work, tree = benches[0].work, trees[0]
 
     doc: dict[str, Any] = {
-        **benchlib.header(), "fio": sh("fio", "--version"), "workdir": str(work),
+        **head, "loadavg_after": list(os.getloadavg()), "fio": sh("fio", "--version"),
+        "workdir": str(work),
         "params": {"quick": args.quick, "reps": reps, "base_bytes": base_bytes,
                    "runtime_s": runtime_s, "full_copy": args.full_copy},
         "tree": {"files": tree.files, "dirs": tree.dirs, "bytes": tree.bytes,

@@ -200,6 +200,7 @@ def main() -> int:
             return 1
     names = args.only or list(WORKLOADS)
     reps_out = []
+    head = benchlib.header()  # the date and the load before the run (the run loads it)
     with benchlib.scratch_dir("cowd-bench-", keep=args.dir) as work:
         base = work / "base.raw"
         with open(base, "wb") as f:
@@ -210,9 +211,9 @@ def main() -> int:
             print(f"rep {i + 1}/{reps} ...", file=sys.stderr, flush=True)
             reps_out.append(one_rep(work, base, size, runtime, names, against, args.workers))
     table = summarise(reps_out, names)
-    doc = {**benchlib.header(), "size": size, "reps": reps, "runtime_s": runtime,
-           "workers": args.workers, "against": args.against, "repetitions": reps_out,
-           "summary": table}
+    doc = {**head, "loadavg_after": list(os.getloadavg()), "size": size, "reps": reps,
+           "runtime_s": runtime, "workers": args.workers, "against": args.against,
+           "repetitions": reps_out, "summary": table}
     benchlib.write_json(args.out, doc)
     print(markdown(doc))
     return 0

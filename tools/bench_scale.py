@@ -199,6 +199,7 @@ def main() -> int:
     scaling = tuple(int(x) for x in (args.scaling or ("2" if args.quick else
                                                        ",".join(map(str, SCALING)))).split(","))
     results = []
+    head = benchlib.header()  # the date and the load before the run (the run loads it)
     with benchlib.scratch_dir("cowd-scale-", keep=args.dir) as work:
         with open(work / "base.raw", "wb") as f:
             chunk = os.urandom(1 << 20)
@@ -208,8 +209,8 @@ def main() -> int:
             print(f"rep {i + 1}/{reps}", file=sys.stderr, flush=True)
             results.append(one_rep(work, size, runtime, scaling))
     cores = len(os.sched_getaffinity(0))
-    doc = {**benchlib.header(), "size": size, "reps": reps, "runtime_s": runtime,
-           "workers": cores if cores > 1 else 0, "repetitions": results,
+    doc = {**head, "loadavg_after": list(os.getloadavg()), "size": size, "reps": reps,
+           "runtime_s": runtime, "workers": cores if cores > 1 else 0, "repetitions": results,
            "summary": summarise(results)}
     benchlib.write_json(args.out, doc)
     print(markdown(doc))

@@ -293,6 +293,7 @@ def main() -> int:
     runtime = 1.5 if args.quick else RANDREAD_S
     reps_out = []
     idle0 = benchlib.idle_ticks()
+    head = benchlib.header()  # the date and the load before the run (the run loads it)
     with benchlib.scratch_dir("cowd-bench-tls-", keep=args.dir) as work:
         creds = Creds(work)
         base = work / "base.raw"
@@ -307,7 +308,7 @@ def main() -> int:
             reps_out.append(one_rep(work, base, src, creds, size, runtime))
     idle1 = benchlib.idle_ticks()
     idle = 100 * (idle1[0] - idle0[0]) / max(idle1[1] - idle0[1], 1)
-    doc = {**benchlib.header(), "size": size, "reps": reps, "randread_s": runtime,
+    doc = {**head, "size": size, "reps": reps, "randread_s": runtime,
            "idle_percent": idle, "load_average": os.getloadavg(), "repetitions": reps_out,
            "summary": summarise(reps_out)}
     benchlib.write_json(args.out, doc)
