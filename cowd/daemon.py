@@ -52,7 +52,7 @@ from .errors import UsageError
 from .frontends.fuse.protocol import FuseOptions
 from .remap import RemapCache
 from .rundir import RunDir, check_socket_folder, take_run_dir
-from .sysmem import set_io_flusher
+from .sysmem import OOM_SCORE_ADJ_MIN, protect_from_oom_killer, set_io_flusher
 from .workers.host import WorkerPool
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class DaemonConfig:
     fuse_io_uring: bool = False
     # What became of PR_SET_IO_FLUSHER (cowd/sysmem.py), set by run_daemon.
     io_flusher: str = "not asked"
+    oom_protection: str = "not asked"  # oom_score_adj OOM_SCORE_ADJ_MIN (sysmem.py)
 
 
 @dataclass
@@ -197,6 +198,7 @@ class Daemon:
             "cache": self.cache.stats(),
             "nbd": nbd,
             "io_flusher": self.config.io_flusher,
+            "oom_protection": self.config.oom_protection,
             "fuse": fuse,
             "disks": disks,
             "workers": workers,
@@ -271,7 +273,9 @@ async def run_daemon(config: DaemonConfig,
     addresses = [parse_address(s) for s in config.nbd]  # fail early, before opening anything
     # First, while this is the only thread: the threads trio starts later inherit the flag.
     # (Said once serving starts: a start-up error stays one line.)
-    config = dataclasses.replace(config, io_flusher=set_io_flusher())
+    # And out of the OOM killer's choice, which the workers it starts inherit.
+    config = dataclasses.replace(config, io_flusher=set_io_flusher(),
+                                 oom_protection=protect_from_oom_killer())
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             stop = trio.Event()
@@ -420,6 +424,12 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             else:
                 log.warning("PR_SET_IO_FLUSHER %s: writeback through this daemon's devices "
                             "may deadlock under heavy memory pressure", config.io_flusher)
+            if config.oom_protection == "set" or os.geteuid() != 0:
+                log.debug("oom_score_adj %d: %s", OOM_SCORE_ADJ_MIN, config.oom_protection)
+            else:
+                log.warning("oom_score_adj %d %s: the OOM killer may end this daemon with "
+                            "its devices' requests in hand", OOM_SCORE_ADJ_MIN,
+                            config.oom_protection)
             serving[0] = True
             task_status.started(daemon)
             await stop.wait()

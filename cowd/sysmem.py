@@ -15,6 +15,16 @@ CAP_SYS_RESOURCE: it is asked for only as root (attach needs root anyway), and a
 that capability (some containers) is told once, in the log and in ``cowd stats``; the daemon
 then works as before, with the deadlock possible under heavy memory pressure.
 
+The OOM killer is the other way memory pressure ends a device's I/O: a cgroup or a machine
+out of memory kills its largest process, and a daemon (or worker) killed with requests in
+hand fails them (EIO in the guest's file system).  Reclaim that needs this process cannot
+succeed without it, so, as iscsid and multipathd do for theirs, the daemon sets its
+``oom_score_adj`` to :data:`OOM_SCORE_ADJ_MIN` (never chosen), inherited by its workers:
+:func:`protect_from_oom_killer`.  Lowering it needs CAP_SYS_RESOURCE too (asked as root only,
+said in ``cowd stats``).  In the guest's memory-pressure test every run's limit ends in an
+OOM kill (of the test's memory hog, which asks for it: the kernel's log), and after the hog
+the largest processes left in that cgroup are cowd's.
+
 The buffers the FUSE frontend reads requests into and builds replies in are allocated once,
 for every worker it may run, when it mounts: :func:`resident_buffer` touches each page and
 asks ``mlock`` to keep it (best effort: without CAP_IPC_LOCK the memlock limit may refuse),
@@ -30,6 +40,7 @@ import os
 PR_SET_IO_FLUSHER = 57  # <linux/prctl.h>, Linux 5.6
 PR_GET_IO_FLUSHER = 58
 CAP_SYS_RESOURCE = 24  # <linux/capability.h>
+OOM_SCORE_ADJ_MIN = -1000  # <uapi/linux/oom.h>: the OOM killer never picks the process
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,6 +63,21 @@ def set_io_flusher() -> str:
     return f"not set: {os.strerror(err)}{why}"
 
 
+def protect_from_oom_killer() -> str:
+    """Set this process's oom_score_adj to OOM_SCORE_ADJ_MIN (inherited by the processes it
+    starts later); return what happened: ``"set"``, or why not."""
+    if os.geteuid() != 0:
+        return "not set: not root (the kernel wants CAP_SYS_RESOURCE)"
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(f"{OOM_SCORE_ADJ_MIN}\n")
+    except OSError as e:
+        why = " (this root lacks CAP_SYS_RESOURCE)" if e.errno in (errno.EACCES,
+                                                                    errno.EPERM) else ""
+        return f"not set: {e.strerror}{why}"
+    return "set"
+
+
 def io_flusher_state() -> bool | None:
     """PR_GET_IO_FLUSHER for the calling thread (None: the kernel will not say)."""
     r = _libc.prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0)
@@ -71,4 +97,5 @@ def resident_buffer(size: int) -> tuple[bytearray, bool]:
     return buf, _libc.mlock(addr, size) == 0
 
 
-__all__ = ["io_flusher_state", "resident_buffer", "set_io_flusher"]
+__all__ = ["OOM_SCORE_ADJ_MIN", "io_flusher_state", "protect_from_oom_killer",
+           "resident_buffer", "set_io_flusher"]

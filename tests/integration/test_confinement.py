@@ -631,6 +631,7 @@ def test_serve_as_an_unprivileged_user(attack: Attack, tmp_path: Path) -> None:
                                capture_output=True, timeout=30, cwd=home)
         assert stats.returncode == 0, stats.stderr
         assert '"io_flusher": "not set: not root' in stats.stdout.decode(), stats.stdout
+        assert '"oom_protection": "not set: not root' in stats.stdout.decode(), stats.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)

@@ -56,7 +56,7 @@ from cowd.frontends.nbd.server import (
     DEVICE_QUEUE_DEPTH,
     DEVICE_SLAB_BYTES,
 )
-from cowd.sysmem import CAP_SYS_RESOURCE
+from cowd.sysmem import CAP_SYS_RESOURCE, OOM_SCORE_ADJ_MIN
 from tests.support.attach import Env, attach_problem
 from tests.support.host import alive
 from tests.support.peers import missing_tool, qemu_check, qemu_img, run
@@ -93,6 +93,18 @@ class Cgroup:
         value = str(nbytes) if nbytes is not None else (
             "max" if self.limit_file == "memory.max" else "-1")
         (self.path / self.limit_file).write_text(value + "\n")
+
+    def events(self) -> dict[str, int]:
+        """v2's memory.events (max, oom, oom_kill, ...); v1: failcnt and the OOM control."""
+        if self.pressure_file == "memory.failcnt":
+            out = {"failcnt": int((self.path / "memory.failcnt").read_text())}
+            with contextlib.suppress(OSError, ValueError):
+                for line in (self.path / "memory.oom_control").read_text().splitlines():
+                    k, v = line.split()
+                    out[k] = int(v)
+            return out
+        return {k: int(v) for k, v in (line.split() for line in
+                                       (self.path / "memory.events").read_text().splitlines())}
 
     def times_at_limit(self) -> int:
         text = (self.path / self.pressure_file).read_text()
@@ -248,6 +260,13 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def oom_score_adj(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def threads(pid: int) -> list[int]:
     """The thread ids of process ``pid`` (none if it has exited meanwhile)."""
     try:
@@ -323,6 +342,11 @@ def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str
             unflagged = [(p, t) for p in daemon for t in threads(p)
                          if task_flags(t) & IO_FLUSHER != IO_FLUSHER]
             assert not unflagged, f"cowd threads without PR_SET_IO_FLUSHER: {unflagged}"
+            # The limit ends in OOM kills (of the hog first): never of a cowd process.
+            assert stats["oom_protection"] == "set", stats["oom_protection"]
+            unprotected = {p: adj for p in daemon
+                           if (adj := oom_score_adj(p)) not in (None, OOM_SCORE_ADJ_MIN)}
+            assert not unprotected, f"cowd processes the OOM killer may pick: {unprotected}"
         stuck = False
         try:
             if where == "daemon-too":
@@ -351,12 +375,17 @@ def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str
             head, _, _ = report.partition("{")
             errors = [ln for ln in report.splitlines() if '"error"' in ln or "err=" in ln]
             assert rc == 0, (f"fio failed under memory pressure (rc={rc}):\n{head[-2000:]}\n"
-                             f"{errors[:8]}\n{env.log()}")
+                             f"{errors[:8]}\ncgroup: {cg.events()}\n"
+                             f"cowd processes before {daemon}, now {process_tree(pid)}\n"
+                             f"{env.log()}")
             job = json.loads(report[report.index("{"):])["jobs"][0]
             assert job["error"] == 0 and job["write"]["io_bytes"] == FIO_BYTES, job
             pressure = cg.times_at_limit()
+            events = cg.events()
             assert pressure > 0, "the cgroup never reached its limit: no pressure was made"
             assert alive(pid), "the daemon died under memory pressure"
+            dead = [p for p in daemon if not alive(p)]
+            assert not dead, f"cowd processes died under memory pressure: {dead}"
             if via == "nbd":
                 nbd = env.stats()["nbd"]
                 assert isinstance(nbd, dict)
@@ -380,4 +409,5 @@ def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str
             timeout=300, check=False)
     assert p.returncode == 0, p.stdout.decode(errors="replace")[-3000:]
     print(f"memory pressure ({via}, {where}, {len(daemon)} cowd processes): limit hit "
-          f"{pressure} times, PR_SET_IO_FLUSHER {io_flusher}, {buffers}")
+          f"{pressure} times, OOM kills {events.get('oom_kill', '?')} (none of cowd), "
+          f"PR_SET_IO_FLUSHER {io_flusher}, {buffers}")
