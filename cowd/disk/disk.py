@@ -372,6 +372,30 @@ class Disk:
                 fetch = True
         return fetch
 
+    def try_write_in_place(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`write` (without FUA) when every byte goes to clusters the top layer owns
+        (no allocation: the mapping does not change), done inline; False, having written
+        nothing, when any part would allocate or a lock is in the way."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_write(offset, length)
+        if not length:
+            return False
+        end = offset + length
+        first, gend = self._granules(offset, end)
+        try:
+            inplace, lib = self.chain.plan_write(offset, end, count=True)
+            if lib or self._locks.any_held(first, gend):
+                return False
+            self._pwrite_all(inplace, view, offset)
+        except (FormatError, OSError, ValueError) as e:
+            raise self._translate(e) from e
+        self._cache.note_request(0, self.counters)
+        self._ops["writes_in_place"] += 1
+        self._ops["writes"] += 1
+        self._ops["bytes_written"] += length
+        return True
+
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
         through the library inline), False when it must wait for a lock or the library

@@ -840,6 +840,48 @@ h.pwrite(b"\\x99" * (2 << 20), 32 << 20)  # lent, not flushed: the stop flushes 
     assert c.oracle() == model
 
 
+SECOND_WRITER = '''
+h = connect(NAME)
+g = connect(NAME)
+for off in FIRST:  # h's first writes allocate these clusters (its worker learns them)
+    h.pwrite(b"\\x61" * 4096, off)
+for off in FIRST:  # then g writes elsewhere in each: in place, through its own worker
+    g.pwrite(b"\\x62" * 4096, off + 8192)
+for off in FIRST:  # and again: g's worker has the remaps now
+    g.pwrite(b"\\x63" * 4096, off + 16384)
+g.flush()
+'''
+
+
+def test_second_worker_writes_in_place_into_clusters_the_first_allocated(
+        serve: Callable[..., Served], tmp_path: Path) -> None:
+    """Two connections (with workers: one on each) write the same clusters, one after the
+    other: the first allocates them; the second's worker holds no writable remap of them
+    (the allocation took them away), so its first write in each goes to the daemon, which
+    writes it in place without a change (no invalidation, no gate) and sends the remaps
+    back: its next writes there are its own.  The bytes qemu reads equal a model, and
+    qemu-img check is clean."""
+    c = make_chain(tmp_path, "qcow2", size=16 * MiB)
+    model = bytearray(c.oracle())
+    first = [2 * MiB + i * 5 * CLUSTER for i in range(40)]
+    d = serve(c.top)
+    nbdsh(SECOND_WRITER, SOCK=str(d.sock), NAME=c.name, FIRST=first)
+    for off in first:
+        model[off:off + 4096] = b"\x61" * 4096
+        model[off + 8192:off + 12288] = b"\x62" * 4096
+        model[off + 16384:off + 20480] = b"\x63" * 4096
+    if d.workers:
+        links = d.stats()["workers"]
+        assert isinstance(links, list)
+        assert sum(link["writes_in_place"] for link in links) >= len(first) // 2, links
+        w = d.disk_stats()["workers"]
+        assert w["writes_local"] >= len(first) // 2, w  # the third round, mostly
+    assert convert_uri(d.uri(), tmp_path / "live.raw") == model
+    d.stop()
+    c.check()
+    assert c.oracle() == model
+
+
 CONCURRENT = '''
 hs = [connect(NAME, structured=(i % 2 == 0)) for i in range(CONNS)]
 for rnd in range(ROUNDS):
