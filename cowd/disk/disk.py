@@ -372,34 +372,13 @@ class Disk:
                 fetch = True
         return fetch
 
-    def try_write_in_place(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """:meth:`write` (without FUA) when every byte goes to clusters the top layer owns
-        (no allocation: the mapping does not change), done inline; False, having written
-        nothing, when any part would allocate or a lock is in the way."""
-        view = memoryview(data).cast("B")
-        length = len(view)
-        self._check_write(offset, length)
-        if not length:
-            return False
-        end = offset + length
-        first, gend = self._granules(offset, end)
-        try:
-            inplace, lib = self.chain.plan_write(offset, end, count=True)
-            if lib or self._locks.any_held(first, gend):
-                return False
-            self._pwrite_all(inplace, view, offset)
-        except (FormatError, OSError, ValueError) as e:
-            raise self._translate(e) from e
-        self._cache.note_request(0, self.counters)
-        self._ops["writes_in_place"] += 1
-        self._ops["writes"] += 1
-        self._ops["bytes_written"] += length
-        return True
-
-    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                  allocate: bool = True) -> bool:
         """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
         through the library inline), False when it must wait for a lock or the library
-        writes in worker threads (then call :meth:`write`)."""
+        writes in worker threads (then call :meth:`write`).  ``allocate=False``: only a
+        write that changes no mapping (every byte to clusters the top layer owns); False,
+        having written nothing, for any other."""
         view = memoryview(data).cast("B")
         length = len(view)
         self._check_write(offset, length)
@@ -410,7 +389,7 @@ class Disk:
         lookups = 0
         try:
             inplace, lib = self.chain.plan_write(offset, end, count=True)
-            if self._locks.any_held(first, gend):
+            if self._locks.any_held(first, gend) or (lib and not allocate):
                 return False
             if lib and (self.offload_writes or self.chain.locked_any() or self.chain.remote):
                 return False  # (over a remote base: its copy-up sources are fetched first)

@@ -450,7 +450,7 @@ class WorkerLink:
 
     async def _write(self, served: Served, r: W.Request) -> None:
         disk = served.disk
-        if not r.flags & W.FLAG_FUA and disk.try_write_in_place(r.guest_offset, r.data):
+        if not r.flags & W.FLAG_FUA and disk.try_write(r.guest_offset, r.data, allocate=False):
             # Nothing changed the mapping (the worker's remap of these clusters was gone: it
             # gets them back, writable, so its next writes there stay local).  No gate, and
             # no holder to tell: most of a second worker's writes to clusters the first one
