@@ -419,17 +419,15 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
             what = ", ".join(daemon.disks) or "no disks yet"
             log.info("serving %s%s; control socket %s", what,
                      f" on {', '.join(config.nbd)}" if config.nbd else "", ctl_path)
-            if config.io_flusher == "set" or os.geteuid() != 0:
-                log.debug("PR_SET_IO_FLUSHER: %s", config.io_flusher)
-            else:
-                log.warning("PR_SET_IO_FLUSHER %s: writeback through this daemon's devices "
-                            "may deadlock under heavy memory pressure", config.io_flusher)
-            if config.oom_protection == "set" or os.geteuid() != 0:
-                log.debug("oom_score_adj %d: %s", OOM_SCORE_ADJ_MIN, config.oom_protection)
-            else:
-                log.warning("oom_score_adj %d %s: the OOM killer may end this daemon with "
-                            "its devices' requests in hand", OOM_SCORE_ADJ_MIN,
-                            config.oom_protection)
+            for what, state, risk in (
+                    ("PR_SET_IO_FLUSHER", config.io_flusher, "writeback through this "
+                     "daemon's devices may deadlock under heavy memory pressure"),
+                    (f"oom_score_adj {OOM_SCORE_ADJ_MIN}", config.oom_protection, "the OOM "
+                     "killer may end this daemon with its devices' requests in hand")):
+                if state == "set" or os.geteuid() != 0:
+                    log.debug("%s: %s", what, state)
+                else:
+                    log.warning("%s %s: %s", what, state, risk)
             serving[0] = True
             task_status.started(daemon)
             await stop.wait()

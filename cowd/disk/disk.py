@@ -378,7 +378,8 @@ class Disk:
         through the library inline), False when it must wait for a lock or the library
         writes in worker threads (then call :meth:`write`).  ``allocate=False``: only a
         write that changes no mapping (every byte to clusters the top layer owns); False,
-        having written nothing, for any other."""
+        having written nothing, for any other (its plan not counted as a request's lookup:
+        the caller goes on to :meth:`write`, which counts its own)."""
         view = memoryview(data).cast("B")
         length = len(view)
         self._check_write(offset, length)
@@ -388,7 +389,7 @@ class Disk:
         first, gend = self._granules(offset, end)
         lookups = 0
         try:
-            inplace, lib = self.chain.plan_write(offset, end, count=True)
+            inplace, lib = self.chain.plan_write(offset, end, count=allocate)
             if self._locks.any_held(first, gend) or (lib and not allocate):
                 return False
             if lib and (self.offload_writes or self.chain.locked_any() or self.chain.remote):

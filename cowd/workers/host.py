@@ -456,13 +456,7 @@ class WorkerLink:
             # no holder to tell: most of a second worker's writes to clusters the first one
             # allocated came here, each waiting for the first one's acknowledgement.
             self.counters["writes_in_place"] += 1
-            first, last = served.granules(r.guest_offset, r.guest_offset + r.length)
-            g = disk.granule
-            # (direct: planned after its checkpoint and queued with no await between, the
-            # ordering rule; granules a change is under way in are left out)
-            segs = await disk.segments(first * g, min(disk.size, last * g) - first * g,
-                                       direct=True)
-            self._send_runs(served, served.runs(segs))
+            await self._send_fresh(served, r.guest_offset, r.guest_offset + r.length, None)
             return
         # The requester needs no acknowledgement: the invalidation reaches it before the
         # reply does, and a write frees no cluster a worker may write in place.
@@ -473,13 +467,16 @@ class WorkerLink:
                 await self._send_fresh(served, r.guest_offset, r.guest_offset + r.length, token)
 
     async def _send_fresh(self, served: Served, guest_offset: int, guest_end: int,
-                          token: object) -> None:
-        """The remaps of the clusters a change of this worker's (``token``) just wrote, so
-        its next writes there stay local."""
+                          token: object | None) -> None:
+        """The remaps of the clusters a change of this worker's (``token``; None: a write in
+        place, no change) just wrote, so its next writes there stay local.  Without a change
+        of its own, planned directly: after the plan's checkpoint, queued with no await
+        between (the ordering rule); granules a change is under way in are left out."""
         disk = served.disk
         first, last = served.granules(guest_offset, guest_end)
         g = disk.granule
-        segs = await disk.segments(first * g, min(disk.size, last * g) - first * g)
+        segs = await disk.segments(first * g, min(disk.size, last * g) - first * g,
+                                   direct=token is None)
         self._send_runs(served, served.runs(segs, but_gated=token))
 
     async def _lend(self, served: Served, clusters: int) -> list[W.LentRun]:
