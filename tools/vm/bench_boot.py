@@ -34,6 +34,9 @@ to --out, a Markdown table to stdout.
 recording boot first (not counted) leaves ``base.img.cowd-trace``, which every traced boot
 loads; the share of each boot's base reads that the trace covered and that were prefetched
 before the guest asked comes from the line the daemon logs when it closes the disk.
+``--paths raw,kmod-off,kmod-trace`` does the same through /dev/cowdN (the recording boot then
+goes through the kernel shim too, whose module records the guest's mapped reads); the shim
+loads only in a guest: ``python -m tools.vm.boot_in_guest --bench-trace REPS`` runs it there.
 
 Needs root (cowd attach), /dev/fuse, loop devices, qemu-system-x86, linux-image-amd64.
 """
@@ -60,7 +63,9 @@ from tools import benchlib
 from tools.vm import boot, image
 
 REPO = boot.REPO
-PATHS = ("raw", "qemu-qcow2", "nbd", "fuse")
+PATHS = ("raw", "qemu-qcow2", "nbd", "fuse", "kmod")
+# The paths a plain run boots (kmod needs the kernel shim: inside a guest, --paths).
+DEFAULT_PATHS = ("raw", "qemu-qcow2", "nbd", "fuse")
 
 
 def _cpu_model() -> str:
@@ -93,7 +98,7 @@ def one_boot(path: str, work: Path, base: Path, rep: int,
         disk.unlink(missing_ok=True)
         subprocess.run([*boot.cowd_command(), "create", "--base", str(base), "--overlay",
                         "qcow", "-o", str(disk)], check=True, capture_output=True)
-        via = {"qemu-qcow2": "qemu", "nbd": "nbd", "fuse": "fuse"}[path]
+        via = {"qemu-qcow2": "qemu", "nbd": "nbd", "fuse": "fuse", "kmod": "kmod"}[path]
     if drop:
         # Cold: the disk just made (and the base it was copied from) leaves the page cache.
         benchlib.drop_caches(drop)
@@ -171,17 +176,23 @@ TRACE_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nbd-trace": ("nbd", ()),
     "fuse-off": ("fuse", ("--no-boot-trace",)),
     "fuse-trace": ("fuse", ()),
+    "kmod-off": ("kmod", ("--no-boot-trace",)),
+    "kmod-trace": ("kmod", ()),
 }
+DEFAULT_TRACE_PATHS = ("raw", "nbd-off", "nbd-trace", "fuse-off", "fuse-trace")
 
 
 WHAT = {"raw": "qemu, raw copy of the base (baseline)",
         "qemu-qcow2": "qemu opens the qcow2 overlay itself",
         "nbd": "cowd serve + qemu's NBD client",
         "fuse": "cowd attach --via fuse (/dev/loopN)",
+        "kmod": "cowd attach --via kmod (/dev/cowdN)",
         "nbd-off": "cowd serve + NBD, --no-boot-trace",
         "nbd-trace": "cowd serve + NBD, trace loaded",
         "fuse-off": "cowd attach --via fuse, --no-boot-trace",
-        "fuse-trace": "cowd attach --via fuse, trace loaded"}
+        "fuse-trace": "cowd attach --via fuse, trace loaded",
+        "kmod-off": "cowd attach --via kmod, --no-boot-trace",
+        "kmod-trace": "cowd attach --via kmod, trace loaded"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -220,11 +231,23 @@ def main() -> int:
                    help="boot-trace priming: raw against nbd and fuse with and without the "
                    "trace, the page cache dropped before every boot, after one recording "
                    "boot")
+    p.add_argument("--paths", metavar="P,P,...",
+                   help="the paths to boot, raw first (default: "
+                   f"{','.join(DEFAULT_PATHS)}; with --trace {','.join(DEFAULT_TRACE_PATHS)}; "
+                   "kmod, kmod-off and kmod-trace need the kernel shim loaded: "
+                   "python -m tools.vm.boot_in_guest --bench-trace runs them in a guest)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench-boot.json")
     args = p.parse_args()
     reps = 1 if args.quick else args.reps
     if reps < 1:
         print(f"bench_boot: --reps: at least 1 (reps={reps})", file=sys.stderr)
+        return 2
+    known = TRACE_PATHS if args.trace else PATHS
+    paths = (args.paths.split(",") if args.paths else
+             list(DEFAULT_TRACE_PATHS if args.trace else DEFAULT_PATHS))
+    if paths[:1] != ["raw"] or any(x not in known for x in paths):
+        print(f"bench_boot: --paths: raw first, then any of {', '.join(known)} "
+              f"(paths={args.paths})", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="cowd-bench-boot-"))
     boots: list[dict[str, Any]] = []
@@ -232,14 +255,16 @@ def main() -> int:
         info = image.build(work)
         base = Path(info.base)
         if args.trace:
-            rec = one_boot("nbd", work, base, 0, label="record", drop=1)
+            # Recorded through the first cowd path's frontend (the kernel's own recording
+            # for kmod), like the boots that load it.
+            rec_via = next((TRACE_PATHS[x][0] for x in paths if x != "raw"), "nbd")
+            rec = one_boot(rec_via, work, base, 0, label="record", drop=1)
             trace = base.with_name(base.name + ".cowd-trace")
             if not trace.exists():
                 raise boot.BootError(f"{trace}: the recording boot left no trace")
             print(f"recording boot: {rec['seconds']:.2f} s, trace "
                   f"{rec['boot_trace'] and rec['boot_trace']['saved']}",
                   file=sys.stderr, flush=True)
-        paths = list(TRACE_PATHS) if args.trace else list(PATHS)
         for rep in range(reps):
             for path in paths:
                 if args.trace:
