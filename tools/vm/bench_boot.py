@@ -80,7 +80,7 @@ def _cpu_model() -> str:
 
 def one_boot(path: str, work: Path, base: Path, rep: int,
              cowd_extra: Sequence[str] = (), label: str | None = None,
-             drop: int = 0) -> dict[str, Any]:
+             drop: int = 0, deadline_s: float = boot.DEFAULT_DEADLINE_S) -> dict[str, Any]:
     """One first boot on a fresh disk over ``base`` through ``path`` (one of PATHS).  The disk
     is made beside the base (cowd refuses a backing file outside the overlay's directory
     tree) and removed afterwards; initramfs.img must be beside the base (tools/mkbase puts it
@@ -105,7 +105,7 @@ def one_boot(path: str, work: Path, base: Path, rep: int,
     run_dir = work / f"{label or path}-{rep}.run"
     plan = boot.BootPlan(images=[disk], via=via, run_dir=run_dir,
                          initrd=where / "initramfs.img", serve_extra=list(cowd_extra),
-                         attach_extra=list(cowd_extra))
+                         attach_extra=list(cowd_extra), deadline_s=deadline_s)
     start = time.monotonic()
     try:
         [res] = boot.run_plan(plan)
@@ -236,6 +236,9 @@ def main() -> int:
                    f"{','.join(DEFAULT_PATHS)}; with --trace {','.join(DEFAULT_TRACE_PATHS)}; "
                    "kmod, kmod-off and kmod-trace need the kernel shim loaded: "
                    "python -m tools.vm.boot_in_guest --bench-trace runs them in a guest)")
+    p.add_argument("--deadline", type=float, default=boot.DEFAULT_DEADLINE_S, metavar="S",
+                   help=f"per boot (default {boot.DEFAULT_DEADLINE_S:.0f} s; a boot nested in "
+                   "a guest takes longer)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench-boot.json")
     args = p.parse_args()
     reps = 1 if args.quick else args.reps
@@ -258,7 +261,8 @@ def main() -> int:
             # Recorded through the first cowd path's frontend (the kernel's own recording
             # for kmod), like the boots that load it.
             rec_via = next((TRACE_PATHS[x][0] for x in paths if x != "raw"), "nbd")
-            rec = one_boot(rec_via, work, base, 0, label="record", drop=1)
+            rec = one_boot(rec_via, work, base, 0, label="record", drop=1,
+                           deadline_s=args.deadline)
             trace = base.with_name(base.name + ".cowd-trace")
             if not trace.exists():
                 raise boot.BootError(f"{trace}: the recording boot left no trace")
@@ -269,9 +273,10 @@ def main() -> int:
             for path in paths:
                 if args.trace:
                     via, extra = TRACE_PATHS[path]
-                    b = one_boot(via, work, base, rep, extra, label=path, drop=1)
+                    b = one_boot(via, work, base, rep, extra, label=path, drop=1,
+                                 deadline_s=args.deadline)
                 else:
-                    b = one_boot(path, work, base, rep)
+                    b = one_boot(path, work, base, rep, deadline_s=args.deadline)
                 boots.append(b)
                 print(f"rep {rep} {path}: {b['seconds']:.2f} s to the marker "
                       f"(wall {b['wall_seconds']:.2f} s, qemu CPU "

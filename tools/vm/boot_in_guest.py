@@ -64,7 +64,8 @@ insmod $ROOT/kmod/cowd.ko; echo "CHECK insmod rc=$?"
 mkdir -p $M && mount $(guest_disk 1) $M; echo "CHECK mount rc=$?"
 mkdir -p $M/tmp && export COWD=$(command -v cowd) TMPDIR=$M/tmp PYTHONPATH=$ROOT
 timeout {timeout} python3 -m tools.bench boot \
-    --trace --paths raw,kmod-off,kmod-trace --reps {reps} --out $S/bench-boot.json \
+    --trace --paths raw,kmod-off,kmod-trace --reps {reps} --deadline {deadline} \
+    --out $S/bench-boot.json \
     >$S/table.md; echo "CHECK bench rc=$?"
 umount $M; echo "CHECK umount rc=$?"
 """
@@ -80,20 +81,28 @@ def bench_trace(work: Path, reps: int, out: Path) -> int:
     _run("mkfs.ext4", "-q", "-F", disk)
     boots = 1 + 3 * reps
     script = BENCH_SCRIPT.format(shared=work, root=image.DEFAULT_BUILD_DIR.parent.parent,
-                                 reps=reps, timeout=boots * INNER_DEADLINE_S)
+                                 reps=reps, timeout=boots * INNER_DEADLINE_S,
+                                 deadline=INNER_DEADLINE_S)
     res = guest.run(script, rwdirs=[str(work)], timeout=boots * INNER_DEADLINE_S + 600,
                     memory="2G", log=work / "guest.log", disks=[disk])
-    checks = [line for line in res.stdout.splitlines() if line.startswith("CHECK ")]
-    print("\n".join(checks))
-    if any(not c.endswith("rc=0") for c in checks) or len(checks) != 4:
-        print(f"boot_in_guest: the guest's steps failed; its log: {work / 'guest.log'}",
-              file=sys.stderr)
+    if not _steps_ok(res.stdout, work):
         return 1
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(work / "bench-boot.json", out)
     print((work / "table.md").read_text(), end="")
     print(f"(every boot: {out})")
     return 0
+
+
+def _steps_ok(stdout: str, work: Path) -> bool:
+    """Print the guest script's four CHECK lines; whether all of them passed."""
+    checks = [line for line in stdout.splitlines() if line.startswith("CHECK ")]
+    print("\n".join(checks))
+    if any(not c.endswith("rc=0") for c in checks) or len(checks) != 4:
+        print(f"boot_in_guest: the guest's steps failed; its log: {work / 'guest.log'}",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
@@ -122,11 +131,7 @@ def main() -> int:
                                timeout=INNER_DEADLINE_S + 60, deadline=INNER_DEADLINE_S)
         res = guest.run(script, rwdirs=[str(work)], timeout=GUEST_TIMEOUT_S, memory="2G",
                         log=work / "guest.log")
-        checks = [line for line in res.stdout.splitlines() if line.startswith("CHECK ")]
-        print("\n".join(checks))
-        if any(not c.endswith("rc=0") for c in checks) or len(checks) != 4:
-            print(f"boot_in_guest: the guest's steps failed; its log: {work / 'guest.log'}",
-                  file=sys.stderr)
+        if not _steps_ok(res.stdout, work):
             return 1
         [r] = json.loads((work / "result.json").read_text())
         print(f"{r['marker']}\nboot time through /dev/cowdN (nested TCG): {r['seconds']:.1f} s")
