@@ -195,6 +195,12 @@ WHAT = {"raw": "qemu, raw copy of the base (baseline)",
         "kmod-trace": "cowd attach --via kmod, trace loaded"}
 
 
+def _loads(loadavg: object) -> str:
+    """1/5/15-minute load averages as the table's header line shows them."""
+    assert isinstance(loadavg, list)
+    return "/".join(f"{x:.2f}" for x in loadavg)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| root disk | boot to marker | / raw | with cowd start+stop | qemu CPU |",
            "|---|---|---|---|---|"]
@@ -252,6 +258,8 @@ def main() -> int:
         print(f"bench_boot: --paths: raw first, then any of {', '.join(known)} "
               f"(paths={args.paths})", file=sys.stderr)
         return 2
+    head = benchlib.header()  # the date and load before the run
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     work = Path(tempfile.mkdtemp(prefix="cowd-bench-boot-"))
     boots: list[dict[str, Any]] = []
     try:
@@ -291,13 +299,15 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(boots, reps, paths)
-    doc = {**benchlib.header(),
-           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    doc = {**head, "loadavg_after": list(os.getloadavg()), "date": started,
+           "ended": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "kernel_host": platform.release(), "cpu": _cpu_model(),
            "cpus": os.cpu_count(), "guest_kernel": str(boot.DEFAULT_KERNEL),
            "reps": reps, "trace": args.trace, "summary": rows, "boots": boots}
     benchlib.write_json(args.out, doc, indent=2)
-    print(f"{doc['date']}, commit {doc['commit']}, {doc['cpus']} x {doc['cpu']}, "
+    print(f"{doc['date']} to {doc['ended']}, commit {doc['commit']}, {doc['cpus']} x "
+          f"{doc['cpu']}, load {_loads(head['loadavg'])} before, "
+          f"{_loads(doc['loadavg_after'])} after, "
           f"median of {reps}")
     print(trace_table(rows) if args.trace else table(rows))
     return 0
