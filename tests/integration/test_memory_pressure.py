@@ -383,9 +383,13 @@ def test_fio_verify_through_the_device_under_a_memory_limit(via: str, where: str
             pressure = cg.times_at_limit()
             events = cg.events()
             assert pressure > 0, "the cgroup never reached its limit: no pressure was made"
-            assert alive(pid), "the daemon died under memory pressure"
+            assert alive(pid), f"the daemon died under memory pressure\n{env.log()}"
             dead = [p for p in daemon if not alive(p)]
-            assert not dead, f"cowd processes died under memory pressure: {dead}"
+            # (Seen once in a clean run, 3e2bd94, fuse daemon-too: one cowd process gone while
+            # fio passed, with no record of why: the daemon's log says which and how.)
+            assert not dead, (f"cowd processes died under memory pressure: {dead} (daemon "
+                              f"{pid}); cgroup: {events}; now {process_tree(pid)}\n"
+                              f"{env.log()}")
             if via == "nbd":
                 nbd = env.stats()["nbd"]
                 assert isinstance(nbd, dict)
