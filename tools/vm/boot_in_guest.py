@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 from tools import guest
-from tools.vm import image
+from tools.vm import boot, image
 
 GUEST_TIMEOUT_S = 1800
 INNER_DEADLINE_S = 1200
@@ -80,8 +80,7 @@ def bench_trace(work: Path, reps: int, out: Path) -> int:
         f.truncate(BENCH_DISK_BYTES)
     _run("mkfs.ext4", "-q", "-F", disk)
     boots = 1 + 3 * reps
-    script = BENCH_SCRIPT.format(shared=work, root=image.DEFAULT_BUILD_DIR.parent.parent,
-                                 reps=reps, timeout=boots * INNER_DEADLINE_S,
+    script = BENCH_SCRIPT.format(shared=work, root=boot.REPO, reps=reps, timeout=boots * INNER_DEADLINE_S,
                                  deadline=INNER_DEADLINE_S)
     res = guest.run(script, rwdirs=[str(work)], timeout=boots * INNER_DEADLINE_S + 600,
                     memory="2G", log=work / "guest.log", disks=[disk])
@@ -114,8 +113,7 @@ def main() -> int:
     p.add_argument("--keep", type=Path, help="work here and keep it (default: a temp dir)")
     p.add_argument("--bench-trace", type=int, metavar="REPS",
                    help="measure boot-trace priming through /dev/cowdN instead (see above)")
-    p.add_argument("--out", type=Path, default=image.DEFAULT_BUILD_DIR.parent.parent /
-                   "results" / "bench-boot-kmod.json")
+    p.add_argument("--out", type=Path, default=boot.REPO / "results" / "bench-boot-kmod.json")
     args = p.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="cowd-boot-in-guest-"))
     try:
@@ -127,7 +125,7 @@ def main() -> int:
             return bench_trace(work, args.bench_trace, args.out)
         info = image.build(work)
         guest.build_module()
-        script = SCRIPT.format(shared=work, root=image.DEFAULT_BUILD_DIR.parent.parent,
+        script = SCRIPT.format(shared=work, root=boot.REPO,
                                timeout=INNER_DEADLINE_S + 60, deadline=INNER_DEADLINE_S)
         res = guest.run(script, rwdirs=[str(work)], timeout=GUEST_TIMEOUT_S, memory="2G",
                         log=work / "guest.log")
