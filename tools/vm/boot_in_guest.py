@@ -80,8 +80,8 @@ def bench_trace(work: Path, reps: int, out: Path) -> int:
         f.truncate(BENCH_DISK_BYTES)
     _run("mkfs.ext4", "-q", "-F", disk)
     boots = 1 + 3 * reps
-    script = BENCH_SCRIPT.format(shared=work, root=boot.REPO, reps=reps, timeout=boots * INNER_DEADLINE_S,
-                                 deadline=INNER_DEADLINE_S)
+    script = BENCH_SCRIPT.format(shared=work, root=boot.REPO, reps=reps,
+                                 timeout=boots * INNER_DEADLINE_S, deadline=INNER_DEADLINE_S)
     res = guest.run(script, rwdirs=[str(work)], timeout=boots * INNER_DEADLINE_S + 600,
                     memory="2G", log=work / "guest.log", disks=[disk])
     if not _steps_ok(res.stdout, work):
