@@ -91,7 +91,7 @@ from .layout import (
     QCOW_OFLAG_ZERO,
     REFT_OFFSET_MASK,
 )
-from .lend import Lender, lend_problem
+from .lend import Lender, Units, lend_problem
 
 __all__ = [
     "DEFAULT_CLUSTER_SIZE",
@@ -113,6 +113,7 @@ __all__ = [
     "Qcow2Header",
     "Qcow2Image",
     "Qcow2Snapshot",
+    "Units",
     "create",
     "lend_problem",
     "parse_header",

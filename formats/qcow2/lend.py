@@ -41,17 +41,40 @@ Clusters still lent when the image closes stay refcounted: a leak, never a clust
 outside writer could still overwrite after the image reused it.
 
 Not for images with an external data file (host offset = guest offset there: nothing to
-lend); extended L2 images adopt whole clusters (every subcluster allocated).
+lend); extended L2 images adopt whole clusters (every subcluster allocated) with ``adopt``.
+
+Subclusters (extended L2): ``adopt_units``
+-------------------------------------------
+With extended L2 a write of whole subclusters copies nothing up, so the outside writer may
+write such a write itself: each subcluster at its place in a host cluster, either the guest
+cluster's own (owned by this image: COPIED) or a lent one when the guest cluster has none
+yet.  ``adopt_units`` then sets their allocation bits (clearing their zero bits) — in the
+owned cluster, or in a new entry naming the lent cluster, which keeps the old entry's zero
+bits for the other subclusters.  It changes nothing and returns REFUSED when the image no
+longer looks as the writer saw it: the guest cluster has another host cluster (or a
+compressed or shared one), a subcluster is already allocated (another writer's copy-up may
+have overwritten the bytes at that place after the outside writer wrote them, so they are
+not known to be its), or the named cluster is neither the guest cluster's nor lent.  The
+writer then does the write another way (cowd forwards it to the daemon).  Crash safety is
+that of ``adopt`` (steps 2 and 3): the data went to the file before the call; the bitmap is
+a cached L2 change, written by the next flush after its sync.  Before the call, bytes at an
+unallocated subcluster's place of an owned cluster are never read (the bit says "below"),
+so a crash leaves the image as it was.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 
 from ..errors import UnsupportedImage
 from .image import Qcow2Image
 from .layout import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
     QCOW_L2_BITMAP_ALL_ALLOC,
+    QCOW_L2_BITMAP_ALL_ZEROES,
+    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     HostRange,
 )
@@ -60,6 +83,14 @@ from .writer import TableChange
 # The most clusters one image lends at a time: bounds the lent set's memory (a set entry per
 # cluster) and what a crash can leak.  2^20 clusters is 64 GiB of 64 KiB clusters.
 MAX_LENT_CLUSTERS = 1 << 20
+
+
+class Units(enum.Enum):
+    """What :meth:`Lender.adopt_units` made of an outside writer's subclusters."""
+
+    OWNED = 1  # set in the guest cluster's own host cluster
+    LENT = 2  # the lent cluster became the guest cluster's (no longer lent)
+    REFUSED = 3  # nothing changed: the image is not as the writer saw it
 
 
 def lend_problem(img: object) -> str | None:
@@ -157,6 +188,65 @@ class Lender:
         img._for_each_table(guest_offset, min(end, img.virtual_size), one_table)
         self._lent.difference_update(hosts)
         self.adopted += len(hosts)
+
+    def adopt_units(self, guest_offset: int, length: int, host_offset: int,
+                    may_take_lent: bool = True) -> Units:
+        """Whole subclusters [guest_offset, +length) of one guest cluster were written by the
+        outside writer at ``host_offset``, their place in a host cluster (see "Subclusters"
+        above): make them allocated there, or refuse.  ``may_take_lent``: the caller lets a
+        lent cluster become the guest cluster's (False: only its own cluster will do)."""
+        img = self.img
+        if not img.extended_l2:
+            raise ValueError(f"{img.path}: adopt_units: the image has no subclusters")
+        cs = self.cluster_size
+        cb, sb = img.cluster_bits, img.subcluster_bits
+        unit = 1 << sb
+        cstart = guest_offset & ~(cs - 1)
+        end = guest_offset + length
+        host = host_offset - (guest_offset - cstart)
+        if (guest_offset | length | host) & (unit - 1) or host & (cs - 1) or length <= 0 or \
+                guest_offset < 0 or end > cstart + cs or \
+                end > -(-img.virtual_size // unit) * unit:
+            raise ValueError(f"{img.path}: adopt_units: not whole subclusters of one cluster "
+                             f"(guest_offset={guest_offset}, length={length}, "
+                             f"host_offset={host_offset})")
+        units = ((1 << ((end - cstart) >> sb)) - 1) & ~((1 << ((guest_offset - cstart) >> sb)) - 1)
+        ci = cstart >> cb
+        l1i = ci >> img.l2_bits
+        idx = ci & ((1 << img.l2_bits) - 1)
+        l1e = img.l1[l1i] if l1i < len(img.l1) else 0
+        table_owned = bool(l1e & L1E_OFFSET_MASK) and bool(l1e & QCOW_OFLAG_COPIED)
+        entry = bitmap = 0
+        if l1e & L1E_OFFSET_MASK:
+            tbl = img._l2_get(l1i)
+            assert tbl is not None
+            entry, bitmap = img._get_entry(tbl, idx)
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return Units.REFUSED
+        img._check_bitmap(ci, entry, bitmap)
+        if bitmap & units:
+            return Units.REFUSED  # allocated meanwhile: the bytes there may not be the writer's
+        if img._has_host(entry):
+            if not (table_owned and entry & QCOW_OFLAG_COPIED) or \
+                    entry & L2E_OFFSET_MASK != host:
+                return Units.REFUSED
+            new_entry, outcome = entry, Units.OWNED
+        elif may_take_lent and host >> cb in self._lent:
+            new_entry, outcome = host | QCOW_OFLAG_COPIED, Units.LENT
+        else:
+            return Units.REFUSED
+        img.require_writable()
+        img._begin_modify()
+        img._data_dirty = True  # written behind the codec's back: sync before the L2 (rule 3)
+        tbl = img._l2_for_write(l1i)
+        change = TableChange(img, tbl)
+        zeroes = bitmap & QCOW_L2_BITMAP_ALL_ZEROES & ~(units << 32)
+        change.set_entry(idx, new_entry, (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) | units | zeroes)
+        change.commit()
+        if outcome is Units.LENT:
+            self._lent.discard(host >> cb)
+            self.adopted += 1
+        return outcome
 
     def give_back(self, runs: Iterable[tuple[int, int]]) -> None:
         """Lent clusters of ``runs`` (file offset, length) that were never adopted get

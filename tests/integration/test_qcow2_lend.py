@@ -305,3 +305,168 @@ def test_power_loss_never_loses_flushed_data(tmp_path: Path,
     qemu_check(top)
     assert qemu_raw(top, tmp_path) == bytes(model)
     check_crash_points(tmp_path, initial, events, writes, flushed, r, max_cuts=60)
+
+
+# ---- subclusters (extended L2): adopt_units -------------------------------------------------
+
+
+def _own_host(img: q2.Qcow2Image, guest: int) -> int:
+    """The host cluster the guest cluster owns (COPIED, not compressed), or 0."""
+    ci = guest // img.cluster_size
+    l1i = ci >> img.l2_bits
+    if not img.l1[l1i] & q2.L1E_OFFSET_MASK:
+        return 0
+    tbl = img._l2_get(l1i)
+    assert tbl is not None
+    e, _bm = img._get_entry(tbl, ci & ((1 << img.l2_bits) - 1))
+    if e & q2.QCOW_OFLAG_COMPRESSED or not e & q2.QCOW_OFLAG_COPIED:
+        return 0
+    return e & q2.L2E_OFFSET_MASK
+
+
+class UnitWriter:
+    """What a cowd worker does with a write of whole subclusters: write them at their place in
+    the guest cluster's own host cluster, or in a lent one, then report them."""
+
+    def __init__(self, top: Path, img: q2.Qcow2Image, lender: q2.Lender):
+        self.fd = os.open(top, os.O_RDWR)
+        self.img, self.lender = img, lender
+        self.free: list[int] = []
+        self.log: list[tuple[int, bytes]] | None = None
+
+    def write(self, model: bytearray, guest: int, data: bytes) -> q2.Units:
+        img = self.img
+        cs = img.cluster_size
+        cstart = guest // cs * cs
+        host = _own_host(img, guest)
+        taken = 0
+        if not host:
+            if not self.free:
+                self.free.extend(h for off, n in self.lender.lend(8)
+                                 for h in range(off, off + n, cs))
+            host = taken = self.free.pop(0)
+        at = host + guest - cstart
+        os.pwrite(self.fd, data, at)
+        if self.log is not None:
+            self.log.append((at, data))
+        got = self.lender.adopt_units(guest, len(data), at)
+        if got is q2.Units.REFUSED:
+            if taken:
+                self.free.insert(0, taken)
+        else:
+            model[guest:guest + len(data)] = data
+        return got
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("cs", [16384, 65536, 131072])
+def test_adopt_units_reads_like_qemu(tmp_path: Path, cs: int) -> None:
+    """Whole subclusters written by an outside writer (into owned and lent clusters), mixed
+    with the codec's own partial writes, zeroes and discards, and flushes: qemu-img reads
+    the model and finds nothing wrong."""
+    size = 4 * MiB + 3 * 512  # a last cluster cut short
+    top, base, model = _overlay(tmp_path, size, cluster_size=cs, extended_l2=True)
+    base_sha = sha256(base)
+    img, lender = _open(top)
+    unit = cs // 32
+    w = UnitWriter(top, img, lender)
+    r = random.Random(cs)
+    nclusters = -(-size // cs)
+    outcomes = {q2.Units.OWNED: 0, q2.Units.LENT: 0, q2.Units.REFUSED: 0}
+    for i in range(300):
+        c = r.randrange(nclusters // 2) if r.random() < 0.7 else r.randrange(nclusters)
+        cstart = c * cs
+        valid = min(cs, size - cstart)
+        u0 = r.randrange(-(-valid // unit))
+        nu = r.randrange(1, 4)
+        off = cstart + u0 * unit
+        n = min(nu * unit, cstart + cs - off)
+        k = r.randrange(10)
+        if k < 6:
+            if off + n > size:
+                continue  # the last cluster's units past the end: the codec's write
+            taken = any(img.resolve(u, unit).writable for u in range(off, off + n, unit))
+            data = r.randbytes(n)
+            outcome = w.write(model, off, data)
+            outcomes[outcome] += 1
+            # Refused exactly when a unit is allocated already (one writer here: the
+            # guest cluster's host is always the one the writer used).
+            assert (outcome is q2.Units.REFUSED) == taken, (i, off, n, outcome)
+            if outcome is q2.Units.REFUSED:
+                img.write(off, data)  # what cowd does with a refused one: forwards it
+                model[off:off + n] = data
+        elif k < 8:
+            o2 = off + 512 * r.randrange(2)
+            data = r.randbytes(min(512 * r.randrange(1, 9), size - o2))
+            img.write(o2, data)
+            model[o2:o2 + len(data)] = data
+        elif k < 9:
+            n = min(n, size - off)
+            img.write_zeroes(off, n, may_unmap=r.random() < 0.5)
+            model[off:off + n] = bytes(n)
+        else:
+            img.flush()
+    img.flush()
+    assert outcomes[q2.Units.OWNED] and outcomes[q2.Units.LENT], outcomes
+    lender.give_back([HostRange(h, cs) for h in w.free])
+    assert lender.lent == 0
+    w.close()
+    img.close_chain()
+    qemu_check(top)
+    assert qemu_raw(top, tmp_path) == bytes(model[:size])
+    assert sha256(base) == base_sha
+
+
+def test_adopt_units_refuses_what_it_cannot_know(tmp_path: Path) -> None:
+    """Refused (nothing changes): another host cluster, a cluster neither owned nor lent, an
+    allocated unit, a compressed cluster; not whole subclusters of one cluster: ValueError."""
+    cs, unit = 65536, 2048
+    top, _base, model = _overlay(tmp_path, MiB, cluster_size=cs, extended_l2=True)
+    img, lender = _open(top)
+    w = UnitWriter(top, img, lender)
+    lent = lender.lend(2)[0].file_offset
+    assert w.write(model, 0, b"a" * unit) is q2.Units.LENT  # cluster 0 takes a lent one
+    own = _own_host(img, 0)
+    img.flush()
+    before = qemu_raw(top, tmp_path)
+    R = q2.Units.REFUSED
+    assert lender.adopt_units(unit, unit, lent + cs + unit) is R  # not cluster 0's host
+    assert lender.adopt_units(cs, unit, own + 10 * cs) is R  # no host, not lent
+    assert lender.adopt_units(0, unit, own) is R  # allocated already
+    assert lender.adopt_units(cs, unit, lent + cs, may_take_lent=False) is R
+    with pytest.raises(ValueError, match="whole subclusters"):
+        lender.adopt_units(512, unit, own + 512)
+    with pytest.raises(ValueError, match="whole subclusters"):
+        lender.adopt_units(cs - unit, 2 * unit, own + cs - unit)  # two clusters
+    with pytest.raises(ValueError, match="whole subclusters"):
+        lender.adopt_units(unit, unit, own + 3 * unit)  # not its place
+    img.flush()
+    assert qemu_raw(top, tmp_path) == before
+    lender.give_back_all()
+    w.close()
+    img.close_chain()
+    qemu_check(top)
+    (tmp_path / "p").mkdir()
+    plain, _b, _m = _overlay(tmp_path / "p", MiB)
+    pimg, plender = _open(plain)
+    with pytest.raises(ValueError, match="no subclusters"):
+        plender.adopt_units(0, 4096, plender.lend(1)[0].file_offset)
+    plender.give_back_all()
+    pimg.close_chain()
+
+
+def test_adopt_units_leaves_a_compressed_cluster_alone(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(2).randbytes(64 * 1024) * 4)
+    top = tmp_path / "top.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+             "cluster_size=65536,extended_l2=on", src, top)
+    img, lender = _open(top)
+    lent = lender.lend(1)[0].file_offset
+    assert lender.adopt_units(0, 2048, lent) is q2.Units.REFUSED
+    lender.give_back_all()
+    img.close_chain()
+    qemu_check(top)
+    assert qemu_raw(top, tmp_path) == src.read_bytes()
