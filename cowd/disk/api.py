@@ -14,6 +14,8 @@ then awaits ``read_into``/``write``.  Errors are :class:`DiskError` with the err
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from formats.errors import (
@@ -64,6 +66,16 @@ def disk_error(e: Exception, path: str) -> DiskError:
     return DiskError(errno.EINVAL, f"{path}: {e}")
 
 
+@dataclass(frozen=True, slots=True)
+class WriteEnd:
+    """How a write started with :meth:`BlockDisk.start_write` ended: done (``errno`` 0),
+    failed (``errno``, ``message``), or not done after all (``redo``: do it with ``write``)."""
+
+    errno: int = 0
+    message: str = ""
+    redo: bool = False
+
+
 class BlockDisk(Protocol):
     @property
     def path(self) -> str: ...
@@ -86,6 +98,14 @@ class BlockDisk(Protocol):
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool: ...
 
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview,
+                    done: Callable[[WriteEnd], None]) -> bool:
+        """Start a write that is written now but answered later (a worker's first write of
+        whole subclusters, waiting for its adoption): True if started, and then ``done`` is
+        called exactly once, from another task, with how it ended; the caller keeps ``data``
+        until then (a ``redo`` needs it).  False: nothing was done (``write`` it)."""
+        ...
+
     async def read_into(self, offset: int, dest: memoryview | bytearray) -> None: ...
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
@@ -103,4 +123,4 @@ class BlockDisk(Protocol):
     async def block_status(self, offset: int, length: int) -> list[tuple[int, bool, bool]]: ...
 
 
-__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError", "disk_error"]
+__all__ = ["MAX_REQUEST_BYTES", "BlockDisk", "DiskError", "WriteEnd", "disk_error"]

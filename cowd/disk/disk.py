@@ -75,7 +75,7 @@ from formats.opener import OpenPolicy
 from formats.remote import NotCached
 
 from ..remap import RemapCache
-from .api import MAX_REQUEST_BYTES, DiskError, disk_error
+from .api import MAX_REQUEST_BYTES, DiskError, WriteEnd, disk_error
 from .backing_io import WouldBlock, pwrite_from
 from .boottrace import BootTrace
 from .chain import Chain, ChainFile, InPlace, PlanState, Segment
@@ -133,7 +133,7 @@ class Disk:
                                     "write_zeroes", "trims", "flushes", "block_status",
                                     "prefetches", "bytes_read", "bytes_written",
                                     "lock_waits", "allocations", "lent", "adopted",
-                                    "given_back")}
+                                    "adopted_units", "given_back")}
         # Jobs in modules of their own (see the module docstring), given this disk's hooks.
         hooks = DiskHooks(
             chain, self._locks, self._ops,
@@ -372,6 +372,11 @@ class Disk:
                 fetch = True
         return fetch
 
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview,
+                    done: Callable[[WriteEnd], None]) -> bool:
+        """Nothing here is written now and answered later: try_write, else write."""
+        return False
+
     def try_write(self, offset: int, data: bytes | bytearray | memoryview, *,
                   allocate: bool = True) -> bool:
         """Synchronous :meth:`write` (without FUA): True when done (in place, or allocated
@@ -609,13 +614,18 @@ class Disk:
                                     self._top.image.write, guest_offset, view)
 
     def _change_mapping(self, offset: int, end: int, call: Callable[..., object],
-                        *args: Any) -> int:
+                        *args: Any, refill: bool = True) -> int:
         """``call(*args)`` (no await: the caller makes sure nothing else touches the chain)
         changes the top layer's mapping of the clusters [offset, end) touches: their entries
-        invalidated before, refilled after.  Returns the resolver calls made."""
+        invalidated before, refilled after (``refill=False``: left to the next lookup, for
+        changes the daemon will not read soon: a worker's adopted subclusters).  Returns the
+        resolver calls made."""
         c0, c1 = self._cluster_granules(offset, end)
         self._invalidate(c0, c1)
         call(*args)
+        if not refill:
+            self.mapping_generation += 1
+            return 0
         return self._refill(c0, c1)
 
     def _invalidate(self, c0: int, c1: int) -> None:

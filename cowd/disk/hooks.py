@@ -38,9 +38,10 @@ class DiskHooks:
     translate: Callable[[Exception], DiskError]
     # (offset, end) -> the top granules [first, end) the bytes touch.
     granules: Callable[[int, int], tuple[int, int]]
-    # (offset, end, call, *args): ``call(*args)``, with no await, changes the top layer's
-    # mapping of the clusters [offset, end) touches; their cache entries are invalidated
-    # before and refilled after.  Returns the resolver calls made.
+    # (offset, end, call, *args, refill=True): ``call(*args)``, with no await, changes the
+    # top layer's mapping of the clusters [offset, end) touches; their cache entries are
+    # invalidated before and refilled after (or left to the next lookup).  Returns the
+    # resolver calls made.
     change_mapping: Callable[..., int]
     # (start, end, req): the chain's plan of [start, end), waiting for busy layers and
     # fetching a remote layer's missing metadata.

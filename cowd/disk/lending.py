@@ -9,7 +9,10 @@ disk's checks and errno, the layers' locks, and the remap cache.  ``lend`` reser
 s of the top file; the outside writer writes each lent cluster whole and reports it; ``adopt``
 records each :class:`Adoption` in the image (an allocation like the disk's own, durable at
 the next flush) and changes the top layer's mapping as a write does (cache entries
-invalidated before, refilled after, ``mapping_generation`` bumped); ``give_back`` frees the
+invalidated before, refilled after, ``mapping_generation`` bumped); ``adopt_units`` does the
+same for whole subclusters of an extended-L2 overlay that the outside writer wrote at their
+place in the guest cluster's own host cluster or in a lent one (or says it refused them:
+the codec's "Subclusters"); ``give_back`` frees the
 :class:`FileRange` s lent and never adopted, once the outside writer can no longer write
 them.
 
@@ -26,7 +29,7 @@ from typing import NamedTuple
 import trio
 
 from formats.errors import FormatError
-from formats.qcow2 import Lender, Qcow2Image, lend_problem
+from formats.qcow2 import Lender, Qcow2Image, Units, lend_problem
 
 from .api import DiskError
 from .chain import ChainFile
@@ -130,6 +133,52 @@ class Lending:
             raise self._hooks.translate(e) from e
         if not busy:
             await trio.lowlevel.checkpoint()
+
+    def unit_size(self) -> int:
+        """The subcluster an outside writer may write and have adopted with
+        :meth:`adopt_units` (extended L2), or 0: none (whole clusters only)."""
+        if self.problem() is not None:
+            return 0
+        image = self._top.image
+        unit = image.copy_up_size
+        return unit if 0 < unit < image.cluster_size else 0
+
+    async def adopt_units(self, runs: Sequence[Adoption], may_take_lent: Sequence[bool]
+                          ) -> list[Units]:
+        """Each run: whole subclusters of one guest cluster that the outside writer wrote at
+        ``file_offset``, their place in a host cluster (formats/qcow2/lend.py,
+        "Subclusters"); ``may_take_lent[i]``: run i's host cluster is lent to this writer,
+        so it may become the guest cluster's.  Each becomes allocated there (durable at the
+        next flush, like ``adopt``) or is refused (nothing changed; the writer does the write
+        another way).  With no lock held they are adopted inline, in one step."""
+        for run in runs:
+            self._hooks.check_write(run.guest_offset, 0)
+        lender = self._get_lender()
+        out: list[Units] = []
+        try:
+            for run, take in zip(runs, may_take_lent, strict=True):
+                if self.chain.locked_any() or self._hooks.locks.any_held(*self._run_granules(run)):
+                    async with self._hooks.locks.hold(*self._run_granules(run)), \
+                            self.chain.exclusive(will_await=False):
+                        out.append(self._adopt_units_run(lender, run, take))
+                else:
+                    out.append(self._adopt_units_run(lender, run, take))
+        except (FormatError, OSError, ValueError) as e:
+            raise self._hooks.translate(e) from e
+        await trio.lowlevel.checkpoint()
+        return out
+
+    def _adopt_units_run(self, lender: Lender, run: Adoption, take: bool) -> Units:
+        got: list[Units] = []
+        # Not refilled: the worker that wrote them keeps its own remaps (host.py), and the
+        # refill (a walk of the granule's subclusters) was most of a batch's cost.
+        self._hooks.change_mapping(
+            run.guest_offset, self._run_end(run),
+            lambda: got.append(lender.adopt_units(run.guest_offset, run.length,
+                                                  run.file_offset, take)), refill=False)
+        if got[0] is not Units.REFUSED:
+            self._hooks.ops["adopted_units"] += 1
+        return got[0]
 
     def _run_end(self, run: Adoption) -> int:
         return min(run.guest_offset + run.length, self._top.size)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from ..disk import Disk
+from ..disk.api import WriteEnd
 from . import wire as W
 from .served import Served
 
@@ -99,6 +100,10 @@ class GatedDisk:
         if self._allocates(offset, len(memoryview(data))):
             return False
         return self.disk.try_write(offset, data)
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview,
+                    done: Callable[[WriteEnd], None]) -> bool:
+        return False
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:

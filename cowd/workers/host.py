@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from formats.qcow2 import Units
 from formats.remote import RemoteBase, RemoteFile
 
 from ..disk import Disk, DiskError
@@ -140,6 +141,7 @@ class WorkerLink:
         self.counters = {k: 0 for k in ("misses", "requests", "remap_runs_sent",
                                         "invalidations_sent", "ack_timeouts",
                                         "clusters_lent", "clusters_adopted",
+                                        "units_adopted", "units_refused",
                                         "writes_in_place")}
 
     @property
@@ -274,7 +276,7 @@ class WorkerLink:
                                   tuple(f.writable for f in served.files), served.scope,
                                   served.fuse_ino, served.lend_file(),
                                   tuple(_remote_of(f) is not None for f in served.files),
-                                  fds))
+                                  served.unit(), fds))
 
     def hand_off(self, fd: int, peer: str, scope: str) -> None:
         assert self.chan is not None
@@ -426,6 +428,9 @@ class WorkerLink:
                 return
             elif r.op == W.Op.ADOPT:
                 await self._adopt(served, r)
+            elif r.op == W.Op.ADOPT_UNITS:
+                self._reply(r.cookie, 0, await self._adopt_units(served, r))
+                return
             elif r.op == W.Op.FLUSH:
                 await self.pool.reclaim(served)
                 await disk.flush()
@@ -523,6 +528,44 @@ class WorkerLink:
                 await self._send_fresh(served, r.guest_offset, end, token)
         if r.flags & W.FLAG_FUA:
             await disk.flush()
+
+    async def _adopt_units(self, served: Served, r: W.Request) -> bytes:
+        """The worker wrote whole subclusters at their place in clusters, the guest clusters'
+        own or lent to it (disk.lending.adopt_units): allocate each run there, or refuse it.
+        Returns a byte per run: 1 adopted, 0 refused.
+
+        One change for the whole batch: the gate over every run's granules, the other
+        holders invalidated (and acknowledged) once, the runs adopted.  The requester is
+        neither invalidated nor sent remaps: it applies each adopted run to its own table
+        entry, if it still has that entry when the reply comes (MappedDisk._settle says why
+        that is exact), so a batch of 32 adoptions costs one message each way."""
+        disk = served.disk
+        runs = W.parse_adoptions(r.data)
+        if served.unit() == 0:
+            raise DiskError(errno.EINVAL, f"{disk.path}: a worker adopted subclusters of a "
+                                          f"disk that has none to adopt")
+        lent = self.lent.get(served.disk_id, set())
+        cs = disk.cluster_size
+        out = bytearray(len(runs))
+        inside = [i for i, a in enumerate(runs) if a.length > 0 and a.guest_offset >= 0
+                  and a.guest_offset + a.length <= disk.size]  # the rest: refused
+        ranges = [served.granules(runs[i].guest_offset, runs[i].guest_offset + runs[i].length)
+                  for i in inside]
+        hosts = [runs[i].file_offset - runs[i].guest_offset % cs for i in inside]
+        async with served.gate.changing_many(ranges):
+            await self.pool.invalidate_many(served, ranges, requester=self)
+            got = await disk.lending.adopt_units(
+                [Adoption(runs[i].guest_offset, runs[i].length, runs[i].file_offset)
+                 for i in inside], [h in lent for h in hosts])
+        for i, host, outcome in zip(inside, hosts, got, strict=True):
+            if outcome is Units.LENT:
+                lent.discard(host)
+                self.counters["clusters_adopted"] += 1
+            out[i] = outcome is not Units.REFUSED
+            self.counters["units_adopted" if out[i] else "units_refused"] += 1
+        if r.flags & W.FLAG_FUA:
+            await disk.flush()
+        return bytes(out)
 
     async def _zero(self, served: Served, r: W.Request) -> None:
         # Clusters may be freed: every holder, this worker too, must drop them first.
@@ -837,6 +880,27 @@ class WorkerPool:
                                   ack_requester=ack_requester)
             yield token
 
+    async def invalidate_many(self, served: Served, ranges: list[tuple[int, int]], *,
+                              requester: WorkerLink) -> None:
+        """Tell every holder of ``served`` but ``requester`` to drop the granule ranges, and
+        wait for their acknowledgements (the requester updates its own table: see
+        WorkerLink._adopt_units)."""
+        g = served.disk.granule
+        waits: list[tuple[WorkerLink, int]] = []
+        for link in self.links:
+            if link is requester or not link.alive or served.disk_id not in link.holds or \
+                    link.chan is None:
+                continue
+            for n, (first, end) in enumerate(ranges):
+                last = n == len(ranges) - 1  # the channel is a FIFO: one ack covers all
+                cookie = link.acks.new() if last else 0
+                link.chan.send(W.Invalidate(cookie, served.disk_id, first * g,
+                                            (end - first) * g, last))
+                link.counters["invalidations_sent"] += 1
+            if ranges:
+                waits.append((link, cookie))
+        await self._wait_acks(waits)
+
     async def invalidate(self, served: Served, first: int, end: int, *,
                          requester: WorkerLink | None, ack_requester: bool) -> None:
         """Tell every holder of ``served`` to drop granules [first, end), and wait for the
@@ -853,6 +917,9 @@ class WorkerPool:
             link.counters["invalidations_sent"] += 1
             if ack:
                 waits.append((link, cookie))
+        await self._wait_acks(waits)
+
+    async def _wait_acks(self, waits: list[tuple[WorkerLink, int]]) -> None:
         for link, cookie in waits:
             with trio.move_on_after(ACK_TIMEOUT_S) as scope:
                 try:

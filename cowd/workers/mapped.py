@@ -32,7 +32,7 @@ from typing import NamedTuple, Protocol
 
 import trio
 
-from ..disk.api import MAX_REQUEST_BYTES, DiskError
+from ..disk.api import MAX_REQUEST_BYTES, DiskError, WriteEnd
 from ..disk.backing_io import WouldBlock, pread_into, pwrite_from, zero_fill
 from ..disk.boottrace import MAX_TRACE_ENTRIES, TRACE_GRANULE_BYTES
 from ..disk.streams import Streams
@@ -53,6 +53,10 @@ ZERO_FD = -1
 # plane bounds what one worker holds (host.py's MAX_LENT_BYTES).
 LEND_FIRST_BYTES = 2 << 20
 LEND_MAX_BYTES = 32 << 20
+
+# The most writes of whole subclusters one ADOPT_UNITS carries (each one to three runs of 24
+# bytes): bounds the message; a queue longer than that goes in several.
+MAX_UNIT_BATCH = 512
 
 log = logging.getLogger("cowd.worker")
 
@@ -107,6 +111,22 @@ def _add_piece(pieces: list[list[int]], fd: int, file_offset: int, at: int,
     pieces.append([fd, file_offset, at, length])
 
 
+class _UnitWrite:
+    """A first write of whole subclusters (MappedDisk._write_units): its pwrites, the lent
+    clusters it took, its adoptions; and, once its ADOPT_UNITS is answered, the outcome."""
+
+    __slots__ = ("adopt", "callback", "done", "end", "length", "lent", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[list[int]] = []  # [fd, file offset, at, length]
+        self.lent: set[int] = set()  # lent clusters (not yet adopted) it wrote into
+        self.adopt: list[W.Adoption] = []
+        self.length = 0  # the write's bytes
+        self.end = WriteEnd()
+        self.callback: Callable[[WriteEnd], None] | None = None  # else: done is set
+        self.done = trio.Event()
+
+
 class MappedDisk:
     """One disk as a worker serves it; see the module docstring."""
 
@@ -132,6 +152,17 @@ class MappedDisk:
         self._pool_bytes = 0
         self._lend_batch = LEND_FIRST_BYTES  # the next top-up's target
         self._lending = False  # a LEND is under way
+        # First writes of whole subclusters (extended L2; see _write_units): the subcluster,
+        # or 0 (whole granules only); the writes waiting for their ADOPT_UNITS, in order;
+        # whether the batch sender runs; and per guest cluster (granule index) the lent
+        # cluster that a write whose adoption is under way put its subclusters in (so the
+        # cluster's other subclusters go there too, not into a second lent cluster).
+        self._unit = spec.unit if self._lend_fd is not None else 0
+        self._unit_queue: list[_UnitWrite] = []
+        self._unit_sending = False
+        self._unit_lent: dict[int, int] = {}
+        self._unit_refs: dict[int, int] = {}  # lent cluster -> waiting writes that used it
+        self._unit_kept: set[int] = set()  # ... of which one was adopted there
         self.plane = plane
         self._table: dict[int, tuple[Run, ...]] = {}
         self._streams = Streams(spec.granule)  # sequential readers: data read-ahead
@@ -147,7 +178,8 @@ class MappedDisk:
             "reads_local", "writes_local", "bytes_read", "bytes_written", "misses",
             "remaps_installed", "invalidations", "evictions", "forwarded_reads",
             "forwarded_writes", "forwarded_other", "would_block", "writes_lent",
-            "clusters_lent", "clusters_written")}
+            "clusters_lent", "clusters_written", "writes_units", "units_refused",
+            "unit_batches")}
 
     # ---- the BlockDisk properties --------------------------------------------------------
 
@@ -500,6 +532,245 @@ class MappedDisk:
         c["bytes_written"] += len(view)
         return True
 
+    # ---- first writes of whole subclusters (extended L2) ---------------------------------
+
+    def _plan_units(self, offset: int, n: int) -> _UnitWrite | Local:
+        """The pwrites and adoptions of a write of whole subclusters, every granule in the
+        table: what is writable in place goes there; every other run (whole subclusters:
+        a subcluster is allocated whole or not at all) goes to its place in the guest
+        cluster's own host cluster (known from a writable run of the granule), or in the lent
+        cluster a write under way chose for it, or in one taken from the pool.  Or why not
+        (as _plan_lent)."""
+        u = self._unit
+        g = self.granule
+        end = offset + n
+        if not u or offset % u or end % u or self._readonly or not self._in_range(offset, n):
+            return Local.OUT_OF_RANGE
+        table = self._table
+        lend_fd = self._lend_fd
+        assert lend_fd is not None
+        granules: list[tuple[int, tuple[Run, ...]]] = []
+        need = 0  # lent clusters to take
+        for i in range(offset // g, (end - 1) // g + 1):
+            runs = table.get(i)
+            if runs is None:
+                return Local.MISSING
+            for r in runs:
+                x, y = max(r.guest_offset, offset), min(r.guest_end, end)
+                if x < y and not r.writable and (x % u or y % u):
+                    return Local.OUT_OF_RANGE  # not whole subclusters (cannot be): forward
+            granules.append((i, runs))
+            if i not in self._unit_lent and not any(r.writable and r.fd == lend_fd for r in runs):
+                need += 1
+        if need * g > self._pool_bytes:
+            return Local.POOL_SHORT
+        plan = _UnitWrite()
+        for i, runs in granules:
+            cstart = i * g
+            a, b = max(offset, cstart), min(end, cstart + g)
+            host = self._unit_lent.get(i, -1)
+            lent = host >= 0
+            for r in runs:
+                if r.writable and r.fd == lend_fd:
+                    host, lent = r.file_offset - (r.guest_offset - cstart), False
+                    break
+            for rs, re_, fd, fo, writable in runs:
+                x, y = max(rs, a), min(re_, b)
+                if x >= y:
+                    continue
+                if writable:
+                    _add_piece(plan.pieces, fd, fo + (x - rs), x - offset, y - x)
+                    continue
+                if host < 0:
+                    host, lent = self._take_lent(), True
+                    self._unit_lent[i] = host
+                if lent and host not in plan.lent:
+                    plan.lent.add(host)
+                    self._unit_refs[host] = self._unit_refs.get(host, 0) + 1
+                _add_piece(plan.pieces, lend_fd, host + (x - cstart), x - offset, y - x)
+                last = plan.adopt[-1] if plan.adopt else None
+                if last is not None and last.guest_offset + last.length == x and \
+                        last.file_offset + last.length == host + (x - cstart):
+                    plan.adopt[-1] = W.Adoption(last.guest_offset, last.length + y - x,
+                                                last.file_offset)
+                else:
+                    plan.adopt.append(W.Adoption(x, y - x, host + (x - cstart)))
+        return plan
+
+    def _take_lent(self) -> int:
+        g = self.granule
+        head = self._pool[0]
+        fo = head[0]
+        head[0] += g
+        head[1] -= g
+        if not head[1]:
+            self._pool.popleft()
+        self._pool_bytes -= g
+        return fo
+
+    def _start_units(self, offset: int, view: memoryview,
+                     plan: _UnitWrite | Local) -> _UnitWrite | None:
+        """Write ``plan`` (from _plan_units) and queue its adoptions for the next
+        ADOPT_UNITS; None: not started (forward it, or ask for remaps first)."""
+        if plan is Local.POOL_SHORT or not isinstance(plan, Local):
+            self._top_up()
+        if isinstance(plan, Local):
+            return None
+        if not plan.adopt:
+            self._release(plan, set())
+            return None
+        try:
+            self._pwrite_pieces(view, plan.pieces)
+        except DiskError:
+            self._release(plan, set())
+            raise
+        plan.length = len(view)
+        self._unit_queue.append(plan)
+        if not self._unit_sending:
+            self._unit_sending = True
+            self.plane.background(self._send_units)
+        return plan
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview,
+                    done: Callable[[WriteEnd], None]) -> bool:
+        """A first write of whole subclusters started without a task of its own (the NBD
+        server's inline path): written now, ``done`` called once its adoption is answered
+        (see _write_units).  False: not started (a miss, the pool short, not whole
+        subclusters: ``write`` it)."""
+        if not self._unit or self._lend_fd is None:
+            return False
+        view = memoryview(data).cast("B")
+        plan = self._start_units(offset, view, self._plan_units(offset, len(view)))
+        if plan is None:
+            return False
+        plan.callback = done
+        return True
+
+    async def _write_units(self, offset: int, view: memoryview, fua: bool) -> bool:
+        """A first write of whole subclusters, done here: each at its place in a cluster (no
+        copy-up: extended L2 has none for whole subclusters), then adopted by the control
+        plane, with the adoptions of the other writes waiting then in one ADOPT_UNITS, before
+        it is answered.  False: not done (forward it) — also when the control plane refused
+        an adoption (the disk changed there meanwhile: the forwarded write does it whole)."""
+        if not self._unit or self._lend_fd is None:
+            return False
+        plan = self._plan_units(offset, len(view))
+        if plan is Local.MISSING:
+            self.counters["misses"] += 1
+            self._raise_for(await self.plane.miss(self.disk_id, offset, len(view)))
+            plan = self._plan_units(offset, len(view))
+        started = self._start_units(offset, view, plan)
+        if started is None:
+            return False
+        await started.done.wait()
+        if started.end.errno:
+            raise DiskError(started.end.errno, started.end.message)
+        if started.end.redo:
+            return False
+        if fua:
+            await self.flush()
+        return True
+
+    async def _send_units(self) -> None:
+        """Send the waiting writes' adoptions, one ADOPT_UNITS for all the writes waiting
+        when the last one was answered (a queue of 32 writes costs a round trip or two, not
+        32), until none waits."""
+        try:
+            while self._unit_queue:
+                batch = self._unit_queue[:MAX_UNIT_BATCH]
+                del self._unit_queue[:MAX_UNIT_BATCH]
+                entries = [a for w in batch for a in w.adopt]
+                self.counters["unit_batches"] += 1
+                try:
+                    reply = await self.plane.request(self.disk_id, W.Op.ADOPT_UNITS, 0, 0,
+                                                     len(entries), W.adoptions(entries))
+                except ConnectionError:
+                    reply = W.Reply(0, errno.EIO, b"the control plane is gone")
+                self._settle(batch, reply)
+        finally:
+            self._unit_sending = False
+
+    def _apply_adopted(self, a: W.Adoption) -> None:
+        """The control plane adopted ``a`` and sent this worker no invalidation or remaps for
+        it (host.py's _adopt_units): make the table entry of its granule say so, if the
+        table still has it.  Exact, because an entry still here when the reply is read was
+        planned either before the adoption — and then nothing else changed the granule in
+        between, since every other change invalidates this worker before it changes
+        anything, which would have dropped the entry before the reply came (the channel is
+        a FIFO) — or after it, and then it says so already (this is idempotent).  A
+        granule not in the table is left to its next miss."""
+        g = self.granule
+        i = a.guest_offset // g
+        runs = self._table.get(i)
+        lend_fd = self._lend_fd
+        if runs is None or lend_fd is None:
+            return
+        x, y = a.guest_offset, a.guest_offset + a.length
+        head: list[Run] = []  # the runs before x, and after y, cut there
+        tail: list[Run] = []
+        for r in runs:
+            if r.guest_offset < x:
+                head.append(r if r.guest_end <= x else r._replace(guest_end=x))
+            if r.guest_end > y:
+                fo = r.file_offset + (y - r.guest_offset) if r.fd != ZERO_FD else 0
+                tail.append(r if r.guest_offset >= y else
+                            _run((y, r.guest_end, r.fd, fo, r.writable)))
+        new = [*head, _run((x, y, lend_fd, a.file_offset, True)), *tail]
+        self._table[i] = tuple(new)
+
+    def _settle(self, batch: list[_UnitWrite], reply: W.Reply) -> None:
+        """Tell each write of ``batch`` what became of its adoptions (and the table, see
+        _apply_adopted)."""
+        k = 0
+        g = self.granule
+        c = self.counters
+        for w in batch:
+            got = b"" if reply.errno else bytes(reply.data[k:k + len(w.adopt)])
+            k += len(w.adopt)
+            kept: set[int] = set()
+            if reply.errno or len(got) != len(w.adopt):
+                w.end = WriteEnd(reply.errno or errno.EIO, reply.message if reply.errno else
+                                 f"{self._path}: an ADOPT_UNITS reply without a result per run")
+                kept = set(w.lent)
+            else:
+                for a, ok in zip(w.adopt, got, strict=True):
+                    if ok:
+                        kept.add(a.file_offset - a.file_offset % g)
+                        self._apply_adopted(a)
+                if all(got):
+                    c["writes_units"] += 1
+                    c["bytes_written"] += w.length
+                else:
+                    c["units_refused"] += 1
+                    w.end = WriteEnd(redo=True)
+            self._release(w, kept)
+            if w.callback is not None:
+                w.callback(w.end)
+            else:
+                w.done.set()
+
+    def _release(self, w: _UnitWrite, kept: set[int]) -> None:
+        """``w`` waits no more.  A lent cluster goes back to the pool once no write that put
+        subclusters in it waits any more and none of theirs was adopted there (``kept``:
+        those of ``w`` that were); after a failed reply, never (which runs the control
+        plane adopted before it failed is not known: it keeps the cluster lent until this
+        worker drops the disk, then frees it unless adopted)."""
+        g = self.granule
+        self._unit_kept.update(kept)
+        for host in w.lent:
+            self._unit_refs[host] -= 1
+            if self._unit_refs[host]:
+                continue
+            del self._unit_refs[host]
+            for i in [i for i, h in self._unit_lent.items() if h == host]:
+                del self._unit_lent[i]
+            if host in self._unit_kept:
+                self._unit_kept.discard(host)
+            elif self._lend_fd is not None:
+                self._pool.appendleft([host, g])
+                self._pool_bytes += g
+        w.lent = set()
+
     def _top_up(self) -> None:
         """Ask for more lent clusters in the background once the pool runs low."""
         if self._lending or self._lend_fd is None or \
@@ -654,6 +925,8 @@ class MappedDisk:
                 await trio.lowlevel.checkpoint()
             return
         if await self._write_lent(offset, view, fua):
+            return
+        if await self._write_units(offset, view, fua):
             return
         self.counters["forwarded_writes"] += 1
         reply = await self.plane.request(self.disk_id, W.Op.WRITE, W.FLAG_FUA if fua else 0,

@@ -45,13 +45,20 @@ class ChangeGate:
 
     @asynccontextmanager
     async def changing(self, first: int, end: int) -> AsyncIterator[object]:
+        async with self.changing_many([(first, end)]) as token:
+            yield token
+
+    @asynccontextmanager
+    async def changing_many(self, ranges: list[tuple[int, int]]) -> AsyncIterator[object]:
+        """One change of several granule ranges (a batch of adoptions)."""
         token = object()
-        entry = (first, end, token)
-        self._ranges.append(entry)
+        entries = [(first, end, token) for first, end in ranges]
+        self._ranges.extend(entries)
         try:
             yield token
         finally:
-            self._ranges.remove(entry)
+            for entry in entries:
+                self._ranges.remove(entry)
             self._left.set()
             self._left = trio.Event()
 
@@ -83,6 +90,11 @@ class Served:
                 disk.lending.problem() is not None:
             return -1
         return self.file_index.get(id(disk.chain.top.image.file), -1)
+
+    def unit(self) -> int:
+        """The subcluster a worker may write at its place and have adopted (ADOPT_UNITS: an
+        extended-L2 overlay that lends), or 0."""
+        return self.disk.lending.unit_size() if self.lend_file() >= 0 else 0
 
     def granules(self, guest_offset: int, guest_end: int) -> tuple[int, int]:
         """Granules covering every cluster that [guest_offset, guest_end) touches (what a

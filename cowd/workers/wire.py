@@ -90,6 +90,11 @@ class Op(enum.IntEnum):
     PRIME = 8  # send this worker the disk's remaps, as many as its table takes
     LEND = 9  # lend the worker ``length`` free clusters of the top file (reply: LENT_RUNs)
     ADOPT = 10  # the worker wrote lent clusters whole (data: ADOPTIONs): map them
+    # The worker wrote whole subclusters (extended L2) at their place in a cluster, the guest
+    # cluster's own or a lent one (data: ADOPTIONs, one per guest cluster, each from one or
+    # more writes): allocate them there.  The reply's data: a byte per ADOPTION, 1 adopted,
+    # 0 refused (the image no longer looks as the worker saw it: it forwards the write).
+    ADOPT_UNITS = 11
 
 
 # REQUEST flags
@@ -156,6 +161,9 @@ class DiskSpec:
     # One flag per file: it is a remote base's cache file (formats/remote/), whose reads the
     # worker counts as cache hits for ``cowd stats`` (empty: none is).
     files_remote: tuple[bool, ...] = ()
+    # The subcluster (extended L2) a worker may write itself at its place and have adopted
+    # with ADOPT_UNITS, or 0: none (needs lend_file too).
+    unit: int = 0
     fds: tuple[int, ...] = field(default=(), compare=False)
 
 
@@ -382,7 +390,7 @@ def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
                       "granule": msg.granule, "readonly": msg.readonly,
                       "files_writable": list(msg.files_writable), "scope": msg.scope,
                       "fuse_ino": msg.fuse_ino, "lend_file": msg.lend_file,
-                      "files_remote": list(msg.files_remote)})
+                      "files_remote": list(msg.files_remote), "unit": msg.unit})
         return _framed(MsgType.DISK, 0, body, len(msg.fds)), msg.fds
     if isinstance(msg, DiskGone):
         return _framed(MsgType.DISK_GONE, 0, DISK_ID.pack(msg.disk_id)), ()
@@ -559,7 +567,8 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
                         int(d["cluster_size"]), int(d["granule"]), bool(d["readonly"]),
                         tuple(bool(w) for w in d["files_writable"]), _scope(d["scope"]),
                         int(d["fuse_ino"]), int(d["lend_file"]),
-                        tuple(bool(r) for r in d.get("files_remote", ())), fds)
+                        tuple(bool(r) for r in d.get("files_remote", ())),
+                        int(d.get("unit", 0)), fds)
         if len(fds) != len(spec.files_writable):
             raise ValueError(f"a disk needs one fd per file (fds={len(fds)})")
         if spec.files_remote and len(spec.files_remote) != len(fds):
@@ -569,6 +578,10 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
                 (spec.lend_file >= 0 and not spec.files_writable[spec.lend_file]):
             raise ValueError(f"the lending file is not a writable file of the disk "
                              f"(lend_file={spec.lend_file})")
+        if spec.unit < 0 or spec.unit & (spec.unit - 1) or \
+                (spec.unit and (spec.lend_file < 0 or spec.cluster_size % spec.unit)):
+            raise ValueError(f"a disk's subcluster is not a power of two dividing its lent "
+                             f"clusters (unit={spec.unit})")
         return spec
     if mtype == MsgType.DISK_GONE:
         return DiskGone(*DISK_ID.unpack(body))

@@ -68,6 +68,7 @@ hold the drain (and the exit) hostage.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -77,7 +78,7 @@ from collections.abc import Mapping
 import trio
 
 from ...disk import DiskError
-from ...disk.api import BlockDisk
+from ...disk.api import BlockDisk, WriteEnd
 from ...errors import CommandFailed, UsageError
 from ...sysmem import resident_buffer
 from . import protocol as P
@@ -113,6 +114,11 @@ DEVICE_SLAB_BYTES = DEVICE_MAX_REQUEST_BYTES + 32
 # Replies answered inline are sent together once everything read in one wakeup is parsed,
 # or as soon as they add up to this many bytes (bounding what a batch holds).
 INLINE_BATCH_BYTES = 1 << 20
+# A reply frame of at most this many bytes that finds another task sending is copied into a
+# queue that the sender drains in one write before it lets go, instead of waiting for its own
+# syscall: requests answered by tasks that wake together (writes whose adoptions came back in
+# one batch) go out in one or two writes, not one each.
+QUEUED_REPLY_BYTES = 8 << 10
 # A reply that the client does not take within this long (it stopped reading) drops the
 # connection, which frees its slot and its budget.  Long: a paused VM's client may be slow.
 REPLY_SEND_TIMEOUT_S = 120.0
@@ -203,31 +209,51 @@ class _Deferred:
 _DEFERRED = _Deferred()
 
 
+class _Started:
+    """Marker: a write started inline, answered when the disk calls back."""
+
+
+_STARTED = _Started()
+
+
 class _ByteBudget:
-    """A counting semaphore in bytes (requests larger than the budget take all of it)."""
+    """A counting semaphore in bytes (requests larger than the budget take all of it).
+    Released from synchronous code too (a write's completion callback), so it is counters
+    and an event, not a lock that a task may hold across a checkpoint."""
 
     def __init__(self, total: int):
         self.total = total
         self.free = total
-        self._changed = trio.Condition()
+        self._changed = trio.Event()
 
     async def acquire(self, n: int) -> int:
         n = min(max(n, 1), self.total)
-        async with self._changed:
-            while self.free < n:
-                await self._changed.wait()
-            self.free -= n
+        await trio.lowlevel.checkpoint()
+        while self.free < n:
+            await self._changed.wait()
+        self.free -= n
         return n
 
+    def take_nowait(self, n: int) -> int | None:
+        """``acquire`` without waiting: None if the budget is short now."""
+        n = min(max(n, 1), self.total)
+        if self.free < n:
+            return None
+        self.free -= n
+        return n
+
+    def release_nowait(self, n: int) -> None:
+        self.free += n
+        self._changed.set()
+        self._changed = trio.Event()
+
     async def release(self, n: int) -> None:
-        async with self._changed:
-            self.free += n
-            self._changed.notify_all()
+        self.release_nowait(n)
+        await trio.lowlevel.checkpoint()
 
     async def wait_idle(self) -> None:
-        async with self._changed:
-            while self.free < self.total:
-                await self._changed.wait()
+        while self.free < self.total:
+            await self._changed.wait()
 
 
 def export_info(name: str, disk: BlockDisk) -> W.ExportInfo:
@@ -371,6 +397,14 @@ class _Connection:
                                         peer=peer_name(stream), tls=server.tls.policy,
                                         payload_buffer=self.buffers.get)
         self.send_lock = trio.Lock()
+        self._queued: list[bytes] = []  # small frames the lock holder sends (see send)
+        # Writes started inline and answered when the disk calls back (_start_write): the
+        # transmission's nursery (for the task that sends their replies), how many are
+        # under way, and whether that task is already asked for.
+        self._nursery: trio.Nursery | None = None
+        self._started = 0
+        self._started_idle = trio.Event()
+        self._replies_due = False
         self.budget = _ByteBudget(MAX_INFLIGHT_BYTES)
         self.disk: BlockDisk | None = None
         self.broken = False
@@ -388,7 +422,13 @@ class _Connection:
     async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
         """Send one frame whole (shielded from cancellation), or drop the connection: a
         frame that cannot be sent within REPLY_SEND_TIMEOUT_S (the peer does not read)
-        breaks the connection, and a half-sent frame leaves nothing else to do."""
+        breaks the connection, and a half-sent frame leaves nothing else to do.  A small
+        frame that finds another task sending is queued for that task to send
+        (QUEUED_REPLY_BYTES): then this returns before the frame is on the wire."""
+        if self.send_lock.locked() and sum(len(c) for c in chunks) <= QUEUED_REPLY_BYTES:
+            self._queued.append(b"".join(chunks))
+            await trio.lowlevel.checkpoint()
+            return
         async with self.send_lock:
             if self.broken:
                 return
@@ -400,6 +440,10 @@ class _Connection:
                     for chunk in chunks:
                         if len(chunk):
                             await self.stream.send_all(chunk)
+                    while self._queued:
+                        queued = b"".join(self._queued)
+                        self._queued.clear()
+                        await self.stream.send_all(queued)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.broken = True
                 finally:
@@ -494,6 +538,7 @@ class _Connection:
         # way the nursery then waits for the requests already in flight.
         error: W.NbdProtocolError | None = None
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             batch: list[bytes | bytearray | memoryview] = []
             batch_bytes = 0
             deferred: list[W.Request] = []  # reads waiting for the disk, advised
@@ -506,6 +551,8 @@ class _Connection:
                         # now, then send the batch of replies in one write and read more.
                         for req in deferred:
                             reply = self._answer_inline(req, may_block=True)
+                            if isinstance(reply, _Started):
+                                continue
                             if reply is not None and not isinstance(reply, _Deferred):
                                 batch.append(reply)
                             else:
@@ -522,6 +569,8 @@ class _Connection:
                         reply = self._answer_inline(ev)
                         if isinstance(reply, _Deferred):
                             deferred.append(ev)
+                            continue
+                        if isinstance(reply, _Started):
                             continue
                         if reply is not None:
                             batch.append(reply)
@@ -547,12 +596,17 @@ class _Connection:
                 error = e
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 pass
+            try:
+                while self._started:  # writes started inline: their replies need the nursery
+                    await self._started_idle.wait()
+            finally:
+                self._nursery = None
         if error is not None:
             raise error
 
     def _answer_inline(self, req: W.Request,
                        may_block: bool = False
-                       ) -> bytes | bytearray | memoryview | _Deferred | None:
+                       ) -> bytes | bytearray | memoryview | _Deferred | _Started | None:
         """The reply to ``req`` if it can be answered right here with no await (refused
         requests, reads and in-place writes that the Disk serves synchronously); _DEFERRED
         for a read whose data is not in the page cache or a write that allocates (advised
@@ -584,10 +638,56 @@ class _Connection:
                 if disk.try_write(req.offset, req.data):
                     self._recycle_payload(req)
                     return codec.ok_reply(req)
+                if self._start_write(req):
+                    return _STARTED
         except DiskError as e:
             self._recycle_payload(req)
             return codec.error_reply(req, W.nbd_error(e.errno), str(e))
         return None
+
+    def _start_write(self, req: W.Request) -> bool:
+        """Start a write the disk writes now and answers later (BlockDisk.start_write: a
+        worker's first write of whole subclusters), without a task of its own: its reply
+        is queued when the disk calls back, and one task sends the replies queued by then
+        (a batch of adoptions answers many writes at once)."""
+        if self._nursery is None or self.disk is None or req.data is None:
+            return False
+        taken = self.budget.take_nowait(req.length)
+        if taken is None:
+            return False
+        if not self.disk.start_write(req.offset, req.data,
+                                     functools.partial(self._write_ended, req, taken)):
+            self.budget.release_nowait(taken)
+            return False
+        self._started += 1
+        return True
+
+    def _write_ended(self, req: W.Request, taken: int, end: WriteEnd) -> None:
+        """The disk's callback for a write _start_write started (synchronous)."""
+        self._started -= 1
+        if not self._started:
+            self._started_idle.set()
+            self._started_idle = trio.Event()
+        nursery = self._nursery
+        if end.redo and nursery is not None:
+            nursery.start_soon(self._serve, req, taken)  # the disk refused it: again, whole
+            return
+        self._recycle_payload(req)
+        self.budget.release_nowait(taken)
+        if end.redo:
+            return  # the connection is gone: no one to answer
+        if end.errno:
+            self._queued.append(bytes(self.codec.error_reply(req, W.nbd_error(end.errno),
+                                                             end.message)))
+        else:
+            self._queued.append(bytes(self.codec.ok_reply(req)))
+        if not self._replies_due and nursery is not None:
+            self._replies_due = True
+            nursery.start_soon(self._send_queued)
+
+    async def _send_queued(self) -> None:
+        self._replies_due = False
+        await self.send()  # sends what is queued (or leaves it to the task sending now)
 
     def _recycle_payload(self, req: W.Request) -> None:
         """A write is done with its payload (the disk copies what it keeps before it
