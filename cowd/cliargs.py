@@ -123,7 +123,12 @@ def build_parser() -> Parser:
     c.add_argument("-o", dest="out", metavar="OUT",
                    help="overlay path (default: <base>-overlay.<ext>)")
     c.add_argument("--cluster-size", type=parse_size,
-                   help="qcow2 cluster size, a power of two from 512 to 2M (default 64k)")
+                   help="qcow2 cluster size, a power of two from 512 to 2M (default 64k; "
+                   "128k with --extended-l2)")
+    c.add_argument("--extended-l2", action="store_true",
+                   help="qcow2 extended L2 entries (qemu's extended_l2=on): 32 subclusters "
+                   "per cluster, so a first write of whole subclusters copies nothing from "
+                   "the base (clusters of 16k or more)")
     c.add_argument("--size", type=parse_size,
                    help="the overlay's virtual size, at least the base's (default: the "
                    "base's); qcow2 only")

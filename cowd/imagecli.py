@@ -86,7 +86,8 @@ def _progress(args: argparse.Namespace, label: str) -> imagecmds.Progress | None
 
 def create(args: argparse.Namespace, policy: OpenPolicy) -> int:
     path = imagecmds.create(args.base, args.overlay, args.out, args.base_format,
-                            args.cluster_size, args.absolute, policy=policy, size=args.size)
+                            args.cluster_size, args.absolute, policy=policy, size=args.size,
+                            extended_l2=args.extended_l2)
     root = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     outside = os.path.commonpath([os.path.realpath(args.base), root]) != root
     if args.absolute and outside:

@@ -21,6 +21,9 @@ from . import imagelock, qemuout
 from .errors import CommandFailed, UsageError
 
 OVERLAY_SUFFIX = {"qcow2": ".qcow2", "vhd": ".vhd"}
+# The cluster of an --extended-l2 overlay unless --cluster-size says otherwise: qemu's
+# recommendation for extended L2 (4 KiB subclusters, a guest's page).
+EXTENDED_L2_CLUSTER_SIZE = 128 << 10
 
 # Convert works in chunks of this many guest bytes: large enough to amortise syscalls,
 # small enough that memory stays bounded whatever the image size.
@@ -51,7 +54,8 @@ def default_overlay_path(base: str, fmt: str) -> str:
 
 def create(base: str, overlay: str, out: str | None, base_format: str | None,
            cluster_size: int | None = None, absolute: bool = False, *,
-           policy: OpenPolicy | None = None, size: int | None = None) -> str:
+           policy: OpenPolicy | None = None, size: int | None = None,
+           extended_l2: bool = False) -> str:
     fmt = overlay_format_name(overlay)
     from formats.remote import looks_remote
 
@@ -70,6 +74,15 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
         if not low <= cluster_size <= high or cluster_size & (cluster_size - 1):
             raise UsageError(f"--cluster-size: must be a power of two from {low} to "
                              f"{high} (cluster_size={cluster_size})")
+    if extended_l2:
+        if fmt != "qcow2":
+            raise UsageError("--extended-l2: only for a qcow2 overlay")
+        if cluster_size is None:
+            cluster_size = EXTENDED_L2_CLUSTER_SIZE
+        elif cluster_size < 1 << qcow2_layout.MIN_CLUSTER_BITS_EXTL2:
+            raise UsageError(f"--extended-l2: needs clusters of "
+                             f"{1 << qcow2_layout.MIN_CLUSTER_BITS_EXTL2 >> 10}k or more "
+                             f"(cluster_size={cluster_size})")
     if size is not None and fmt != "qcow2":
         raise UsageError("--size: only for a qcow2 overlay (a differencing VHD has its "
                          "parent's size)")
@@ -88,7 +101,8 @@ def create(base: str, overlay: str, out: str | None, base_format: str | None,
             probe.close()
     try:
         formats.create_overlay(path, base, fmt, base_format, cluster_size=cluster_size,
-                               absolute_backing=absolute, policy=policy, size=size)
+                               absolute_backing=absolute, policy=policy, size=size,
+                               extended_l2=extended_l2)
     except ValueError as e:  # the library's refusal of what was asked (a size too small)
         if os.path.exists(path):
             os.unlink(path)

@@ -245,11 +245,12 @@ def create_overlay(
     absolute_backing: bool = False,
     policy: OpenPolicy | None = None,
     size: int | None = None,
+    extended_l2: bool = False,
 ) -> None:
     """Create an empty overlay over ``base_path`` recording it (relative where possible).
     The base's own chain is opened as ``policy`` allows.  ``size`` (qcow2 only): a virtual
     size at least the base's (the guest sees zeroes past the base's end); ValueError for a
-    smaller one."""
+    smaller one.  ``extended_l2`` (qcow2 only): subclusters."""
     overlay_format = canonical_format(overlay_format)
     base = open_image(base_path, False, base_format, policy=policy)
     try:
@@ -272,7 +273,8 @@ def create_overlay(
             qcow2.create(out_path, base.virtual_size if size is None else size,
                          backing_name=name,
                          backing_format=base_fmt,
-                         cluster_size=cluster_size or qcow2.DEFAULT_CLUSTER_SIZE)
+                         cluster_size=cluster_size or qcow2.DEFAULT_CLUSTER_SIZE,
+                         extended_l2=extended_l2)
         elif overlay_format == "vhd":
             from . import vhd
 

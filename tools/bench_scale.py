@@ -11,7 +11,12 @@ Paths, each measured in every repetition, back to back, on the same base:
 Workloads (fio; the page cache dropped before each job, so every read of the base is cold)
 
     randread    4 KiB random reads QD32, one pass over the disk at most (no block twice)
-    randwrite   4 KiB random first writes QD32 on a fresh overlay (every write allocates)
+    randwrite   4 KiB random writes QD32 on a fresh overlay (64 KiB clusters, qemu-img's
+                default), each 4 KiB block written once: the first write to each cluster
+                allocates it and copies up the rest of it, the others write in place
+    randwrite-sub  the same on a fresh overlay with extended L2 entries (128 KiB clusters of
+                32 subclusters of 4 KiB, ``cowd create --extended-l2``), for every path:
+                every write is the first write of its subcluster (no copy-up)
     scaling     N = 1, 2, 4, 8, 16 overlays of one base, one fio client each, 4 KiB random
                 reads QD32, all at once, for --runtime seconds; IOPS summed over the clients
 
@@ -40,7 +45,10 @@ from tools.bench_nbd import Server, drop_caches, sh
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("loop", "qemu-nbd", "cowd", "cowd-w")
 JOBS = {"randread": benchlib.Job("randread", "4k", 32),
-        "randwrite": benchlib.Job("randwrite", "4k", 32)}
+        "randwrite": benchlib.Job("randwrite", "4k", 32),
+        "randwrite-sub": benchlib.Job("randwrite", "4k", 32)}
+# qemu-img create -o for a workload's fresh overlays (default: qemu-img's own defaults).
+OVERLAY_OPTIONS = {"randwrite-sub": "cluster_size=128k,extended_l2=on"}
 SCALING = (1, 2, 4, 8, 16)
 
 Figures = dict[str, float]
@@ -76,12 +84,13 @@ def serving(path: str, overlays: list[Path], work: Path, tag: str
             s.stop()
 
 
-def fresh_overlays(work: Path, n: int, tag: str) -> list[Path]:
+def fresh_overlays(work: Path, n: int, tag: str, options: str | None = None) -> list[Path]:
     out = []
     for i in range(n):
         ov = work / f"{tag}-{i}.qcow2"
         ov.unlink(missing_ok=True)
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(ov))
+        sh("qemu-img", "create", "-q", "-f", "qcow2", *(("-o", options) if options else ()),
+           "-b", "base.raw", "-F", "raw", str(ov))
         out.append(ov)
     return out
 
@@ -91,8 +100,8 @@ def cpu(pids: list[int]) -> float:
 
 
 def one_job(path: str, work: Path, job: benchlib.Job, n: int, size: int, runtime: float,
-            time_based: bool, tag: str) -> Figures:
-    overlays = fresh_overlays(work, n, tag)
+            time_based: bool, tag: str, options: str | None = None) -> Figures:
+    overlays = fresh_overlays(work, n, tag, options)
     try:
         with serving(path, overlays, work, tag) as (targets, pids):
             drop_caches()
@@ -111,17 +120,20 @@ def one_job(path: str, work: Path, job: benchlib.Job, n: int, size: int, runtime
     return out
 
 
-def one_rep(work: Path, size: int, runtime: float, scaling: tuple[int, ...]
-            ) -> dict[str, dict[str, Figures]]:
+def one_rep(work: Path, size: int, runtime: float, scaling: tuple[int, ...],
+            workloads: tuple[str, ...] = tuple(JOBS)) -> dict[str, dict[str, Figures]]:
     """workload -> path -> figures, for one repetition."""
     out: dict[str, dict[str, Figures]] = {}
     for name, job in JOBS.items():
+        if name not in workloads:
+            continue
         for path in PATHS:
             if path == "loop" and job.rw != "randread":
                 continue  # a loop device on the base has no copy-on-write to measure
             print(f"  {name} on {path} ...", file=sys.stderr, flush=True)
             out.setdefault(name, {})[path] = one_job(path, work, job, 1, size, runtime,
-                                                     False, f"{name}")
+                                                     False, f"{name}",
+                                                     OVERLAY_OPTIONS.get(name))
     for n in scaling:
         name = f"scaling-{n}"
         for path in PATHS:
@@ -186,6 +198,9 @@ def main() -> int:
                     help="seconds per job at most (default 10, quick 2)")
     ap.add_argument("--scaling", default=None,
                     help="comma-separated overlay counts (default 1,2,4,8,16; quick 2)")
+    ap.add_argument("--workloads", default=",".join(JOBS),
+                    help=f"comma-separated, of {', '.join(JOBS)} (default: all; the scaling "
+                    "job is --scaling's)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench-scale.json"))
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args()
@@ -196,8 +211,15 @@ def main() -> int:
     size = benchlib.parse_size(args.size or ("128M" if args.quick else "1G"))
     reps = args.reps or (1 if args.quick else 3)
     runtime = args.runtime or (2.0 if args.quick else 10.0)
-    scaling = tuple(int(x) for x in (args.scaling or ("2" if args.quick else
-                                                       ",".join(map(str, SCALING)))).split(","))
+    scaling_arg = args.scaling if args.scaling is not None else \
+        ("2" if args.quick else ",".join(map(str, SCALING)))
+    scaling = tuple(int(x) for x in scaling_arg.split(",") if x)
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = [w for w in workloads if w not in JOBS]
+    if unknown:
+        print(f"bench_scale: --workloads: unknown {unknown[0]!r} (known: {', '.join(JOBS)})",
+              file=sys.stderr)
+        return 2
     results = []
     head = benchlib.header()  # the date and the load before the run (the run loads it)
     with benchlib.scratch_dir("cowd-scale-", keep=args.dir) as work:
@@ -207,7 +229,7 @@ def main() -> int:
                 f.write(chunk[i % 7:] + chunk[:i % 7])
         for i in range(reps):
             print(f"rep {i + 1}/{reps}", file=sys.stderr, flush=True)
-            results.append(one_rep(work, size, runtime, scaling))
+            results.append(one_rep(work, size, runtime, scaling, workloads))
     cores = len(os.sched_getaffinity(0))
     doc = {**head, "loadavg_after": list(os.getloadavg()), "size": size, "reps": reps,
            "runtime_s": runtime, "workers": cores if cores > 1 else 0, "repetitions": results,

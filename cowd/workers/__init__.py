@@ -31,7 +31,17 @@ control plane (answers to misses, read-ahead, priming).  With them it may, and m
    plane to ADOPT them — to map them as an allocation of its own would be mapped — and
    answer the client only after that reply.  Only where the top layer can lend
    (cowd/disk/lending.py: a writable qcow2 overlay without a data file) and its granule is
-   one cluster (DiskSpec.lend_file).
+   one cluster (DiskSpec.lend_file);
+4. with extended L2 (DiskSpec.unit: the subcluster), write whole subclusters that its table
+   shows are not the top layer's at their place in a host cluster — the guest cluster's own
+   (known from a writable run of the granule) or a lent one (one per guest cluster, shared
+   by the writes under way there) — and then ask the control plane to adopt them
+   (ADOPT_UNITS, one message for every such write waiting), answering each client only
+   after that reply says its runs were adopted.  A refused run (the image changed there
+   since the worker looked: formats/qcow2/lend.py, "Subclusters") makes the write go to the
+   control plane whole, which writes it over whatever the worker's pwrite left.  On the
+   reply, and on ADOPTED for another worker's, it applies the adopted runs to the table
+   entries it still holds (MappedDisk._apply_adopted), instead of being invalidated.
 
 Everything else goes to the control plane: a read or write touching a granule it has no remap
 for (a MISS: the answer is remaps, then the worker tries again; a granule that cannot be
@@ -54,6 +64,10 @@ What the control plane promises in return
   invalidation reaches it before the reply to its request does.  So a freed cluster is never
   written through a stale remap (it cannot even be reused before the next flush, qcow2's rule
   4), and a read on any connection after a write's reply sees the write (NBD multi-conn).
+  The one exception is a batch of subclusters adopted (ADOPT_UNITS): nothing is freed and
+  nothing goes stale but "not yet the top's", so the control plane adopts them inside the
+  change gate and then sends every other holder ADOPTED with them, waiting for their
+  acknowledgements before it replies; a worker applies them to the entries it holds then.
 - *Durability.*  A worker's in-place writes go to the same files through the same page cache;
   the control plane's flush (fdatasync, then metadata) covers every write that completed
   before the flush was asked for, on any worker.  FUA is an in-place write and then a flush.

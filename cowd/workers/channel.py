@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -166,9 +166,12 @@ class Calls:
         self._cookies = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # cookie -> [event, result]
 
-    def new(self) -> int:
+    def new(self, on_complete: Callable[[Any], None] | None = None) -> int:
+        """A cookie to wait on; ``on_complete(result)`` is called by :meth:`complete` itself,
+        before any other message is read (for a caller whose result must be applied in
+        channel order), never for a failure."""
         cookie = next(self._cookies)
-        self._waiting[cookie] = [trio.Event(), None]
+        self._waiting[cookie] = [trio.Event(), None, on_complete]
         return cookie
 
     async def wait(self, cookie: int) -> Any:
@@ -186,6 +189,8 @@ class Calls:
         if slot is None:
             return False
         slot[1] = result
+        if slot[2] is not None:
+            slot[2](result)
         slot[0].set()
         return True
 

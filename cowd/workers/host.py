@@ -83,6 +83,9 @@ STOP_TIMEOUT_S = 15.0
 # The most clusters of one disk lent to one worker and not yet adopted: what a worker's death
 # leaves to give back, and what a crash of the daemon can leak (cowd check --repair frees it).
 MAX_LENT_BYTES = 64 << 20
+# The most adopted runs one ADOPTED message carries (24 bytes each): a batch of a worker's
+# ADOPT_UNITS is at most 512 writes of up to 3 runs, so one message, two at worst.
+MAX_ADOPTED_RUNS = 1024
 
 
 def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:
@@ -141,7 +144,7 @@ class WorkerLink:
         self.counters = {k: 0 for k in ("misses", "requests", "remap_runs_sent",
                                         "invalidations_sent", "ack_timeouts",
                                         "clusters_lent", "clusters_adopted",
-                                        "units_adopted", "units_refused",
+                                        "units_adopted", "units_refused", "adopted_sent",
                                         "writes_in_place")}
 
     @property
@@ -534,11 +537,13 @@ class WorkerLink:
         own or lent to it (disk.lending.adopt_units): allocate each run there, or refuse it.
         Returns a byte per run: 1 adopted, 0 refused.
 
-        One change for the whole batch: the gate over every run's granules, the other
-        holders invalidated (and acknowledged) once, the runs adopted.  The requester is
-        neither invalidated nor sent remaps: it applies each adopted run to its own table
-        entry, if it still has that entry when the reply comes (MappedDisk._settle says why
-        that is exact), so a batch of 32 adoptions costs one message each way."""
+        One change for the whole batch: the gate over every run's granules, the runs
+        adopted, the other holders told what was adopted (ADOPTED, acknowledged before the
+        reply: a read on another connection after the write's reply sees it).  Nobody is
+        invalidated or sent remaps: each worker applies the adopted runs to the table
+        entries it still has when it reads the message (MappedDisk._apply_adopted says why
+        that is exact), so its table stays warm and a batch of 32 adoptions costs one
+        message each way, plus one to each other holder and its acknowledgement."""
         disk = served.disk
         runs = W.parse_adoptions(r.data)
         if served.unit() == 0:
@@ -553,10 +558,12 @@ class WorkerLink:
                   for i in inside]
         hosts = [runs[i].file_offset - runs[i].guest_offset % cs for i in inside]
         async with served.gate.changing_many(ranges):
-            await self.pool.invalidate_many(served, ranges, requester=self)
             got = await disk.lending.adopt_units(
                 [Adoption(runs[i].guest_offset, runs[i].length, runs[i].file_offset)
                  for i in inside], [h in lent for h in hosts])
+            await self.pool.tell_adopted(
+                served, [runs[i] for i, o in zip(inside, got, strict=True)
+                         if o is not Units.REFUSED], requester=self)
         for i, host, outcome in zip(inside, hosts, got, strict=True):
             if outcome is Units.LENT:
                 lent.discard(host)
@@ -880,25 +887,26 @@ class WorkerPool:
                                   ack_requester=ack_requester)
             yield token
 
-    async def invalidate_many(self, served: Served, ranges: list[tuple[int, int]], *,
-                              requester: WorkerLink) -> None:
-        """Tell every holder of ``served`` but ``requester`` to drop the granule ranges, and
-        wait for their acknowledgements (the requester updates its own table: see
-        WorkerLink._adopt_units)."""
-        g = served.disk.granule
+    async def tell_adopted(self, served: Served, runs: list[W.Adoption], *,
+                           requester: WorkerLink) -> None:
+        """Tell every holder of ``served`` but ``requester`` that ``runs`` were adopted, and
+        wait for their acknowledgements (the requester updates its own table from the
+        reply: see WorkerLink._adopt_units)."""
+        if not runs:
+            return
         waits: list[tuple[WorkerLink, int]] = []
         for link in self.links:
             if link is requester or not link.alive or served.disk_id not in link.holds or \
                     link.chan is None:
                 continue
-            for n, (first, end) in enumerate(ranges):
-                last = n == len(ranges) - 1  # the channel is a FIFO: one ack covers all
+            for n in range(0, len(runs), MAX_ADOPTED_RUNS):
+                last = n + MAX_ADOPTED_RUNS >= len(runs)  # a FIFO: one ack covers all
                 cookie = link.acks.new() if last else 0
-                link.chan.send(W.Invalidate(cookie, served.disk_id, first * g,
-                                            (end - first) * g, last))
-                link.counters["invalidations_sent"] += 1
-            if ranges:
-                waits.append((link, cookie))
+                link.chan.send(W.Adopted(cookie, served.disk_id,
+                                         tuple(runs[n:n + MAX_ADOPTED_RUNS]), last))
+                if last:
+                    waits.append((link, cookie))
+            link.counters["adopted_sent"] += 1
         await self._wait_acks(waits)
 
     async def invalidate(self, served: Served, first: int, end: int, *,

@@ -81,7 +81,10 @@ class ControlPlane(Protocol):
     async def miss(self, disk_id: int, guest_offset: int, length: int) -> W.Reply: ...
 
     async def request(self, disk_id: int, op: W.Op, flags: int, guest_offset: int,
-                      length: int, data: bytes | bytearray | memoryview = b"") -> W.Reply: ...
+                      length: int, data: bytes | bytearray | memoryview = b"",
+                      on_reply: Callable[[W.Reply], None] | None = None) -> W.Reply:
+        """``on_reply``: called with the reply as the channel reads it, before any message
+        after it is handled (so what it does to the table keeps channel order)."""
 
     def background(self, task: Callable[[], Awaitable[None]]) -> None:
         """Run ``task`` beside the requests (the worker's nursery)."""
@@ -146,6 +149,9 @@ class MappedDisk:
                             if i < len(spec.files_remote) and spec.files_remote[i]}
         self._remote_hits: dict[int, int] = {}
         # Lent clusters of the lend file: [file offset, length] runs in file order.
+        # The top file, where adopted subclusters live (_apply_adopted), if writable here.
+        self._top_fd = spec.fds[spec.lend_file] if spec.lend_file >= 0 and \
+            self._fd_writable[spec.lend_file] else None
         self._lend_fd = spec.fds[spec.lend_file] if spec.lend_file >= 0 and \
             not spec.readonly and spec.granule == spec.cluster_size else None
         self._pool: deque[list[int]] = deque()
@@ -275,6 +281,7 @@ class MappedDisk:
         """The control plane turned the disk read-only: no write is done in place from now
         on (they are forwarded, and refused there), and no writable remap is kept."""
         self._readonly = True
+        self._top_fd = None
         self.readonly_reason = reason
         self._fd_writable = [False] * len(self._fds)
         self._drop_pool()
@@ -681,14 +688,31 @@ class MappedDisk:
                 del self._unit_queue[:MAX_UNIT_BATCH]
                 entries = [a for w in batch for a in w.adopt]
                 self.counters["unit_batches"] += 1
+                settled: list[bool] = []
+
+                def settle(reply: W.Reply, batch: list[_UnitWrite] = batch,
+                           settled: list[bool] = settled) -> None:
+                    settled.append(True)
+                    self._settle(batch, reply)
                 try:
-                    reply = await self.plane.request(self.disk_id, W.Op.ADOPT_UNITS, 0, 0,
-                                                     len(entries), W.adoptions(entries))
+                    # Settled as the channel reads the reply (on_reply), not when this task
+                    # runs again: _apply_adopted is exact only in channel order.
+                    await self.plane.request(self.disk_id, W.Op.ADOPT_UNITS, 0, 0,
+                                             len(entries), W.adoptions(entries),
+                                             on_reply=settle)
                 except ConnectionError:
-                    reply = W.Reply(0, errno.EIO, b"the control plane is gone")
-                self._settle(batch, reply)
+                    pass
+                if not settled:
+                    self._settle(batch, W.Reply(0, errno.EIO, b"the control plane is gone"))
         finally:
             self._unit_sending = False
+
+    def apply_adopted(self, runs: Iterable[W.Adoption]) -> None:
+        """Another worker's subclusters were adopted (ADOPTED): as _apply_adopted.  Exact
+        for the same reason: the control plane sends it after the adoption and before any
+        later change's INVALIDATE; an entry planned after the adoption says so already."""
+        for a in runs:
+            self._apply_adopted(a)
 
     def _apply_adopted(self, a: W.Adoption) -> None:
         """The control plane adopted ``a`` and sent this worker no invalidation or remaps for
@@ -702,21 +726,44 @@ class MappedDisk:
         g = self.granule
         i = a.guest_offset // g
         runs = self._table.get(i)
-        lend_fd = self._lend_fd
-        if runs is None or lend_fd is None:
+        lend_fd = self._top_fd
+        if runs is None:
+            return
+        if lend_fd is None or self._readonly:
+            del self._table[i]  # no writing here: let a miss say what it is now
             return
         x, y = a.guest_offset, a.guest_offset + a.length
+        fo = a.file_offset
         head: list[Run] = []  # the runs before x, and after y, cut there
         tail: list[Run] = []
         for r in runs:
-            if r.guest_offset < x:
-                head.append(r if r.guest_end <= x else r._replace(guest_end=x))
-            if r.guest_end > y:
-                fo = r.file_offset + (y - r.guest_offset) if r.fd != ZERO_FD else 0
-                tail.append(r if r.guest_offset >= y else
-                            _run((y, r.guest_end, r.fd, fo, r.writable)))
-        new = [*head, _run((x, y, lend_fd, a.file_offset, True)), *tail]
-        self._table[i] = tuple(new)
+            rs, re_, rfd, rfo, rw = r
+            if rs < x:
+                if re_ <= x:
+                    head.append(r)
+                elif rw and rfd == lend_fd and rfo + (x - rs) == fo:
+                    x, fo = rs, rfo  # it continues into the new run: one run (below)
+                else:
+                    head.append(_run((rs, x, rfd, rfo, rw)))
+            if re_ > y:
+                if rs >= y:
+                    tail.append(r)
+                else:
+                    tail.append(_run((y, re_, rfd, rfo + (y - rs) if rfd != ZERO_FD else 0,
+                                      rw)))
+        # The new run merged with its neighbours where they continue it in the file (a
+        # cluster written subcluster by subcluster stays a few runs, not 32).
+        if head:
+            rs, _re, rfd, rfo, rw = head[-1]
+            if rw and rfd == lend_fd and rfo + (x - rs) == fo:
+                head.pop()
+                x, fo = rs, rfo
+        if tail:
+            _rs, re_, rfd, rfo, rw = tail[0]
+            if rw and rfd == lend_fd and rfo == fo + (y - x):
+                tail.pop(0)
+                y = re_
+        self._table[i] = (*head, _run((x, y, lend_fd, fo, True)), *tail)
 
     def _settle(self, batch: list[_UnitWrite], reply: W.Reply) -> None:
         """Tell each write of ``batch`` what became of its adoptions (and the table, see

@@ -67,6 +67,7 @@ class MsgType(enum.IntEnum):
     DISK_STATE = 9  # a disk turned read-only (marked corrupt): no more writes in place
     FUSE_SESSION = 10  # serve this clone of the FUSE mount's descriptor (+ the fd)
     RECLAIM = 11  # give back the disk's lent clusters not written yet (before a flush)
+    ADOPTED = 12  # another worker's subclusters were adopted: patch the table (ack if asked)
     # worker -> control plane
     MISS = 20
     REQUEST = 21
@@ -112,6 +113,7 @@ DISK_ID = struct.Struct("<I")
 DISK_STATE_HEAD = struct.Struct("<IB")  # disk id, read-only; then the reason (UTF-8)
 STATUS_RUN = struct.Struct("<QBxxxxxxx")  # length, 1 if a hole (reads as zeroes)
 LENT_RUN = struct.Struct("<QQ")  # file offset, length: lent clusters of the disk's lend_file
+ADOPTED_HEAD = struct.Struct("<IBxxx")  # disk id, ack wanted; then ADOPTIONs
 ADOPTION = struct.Struct("<QQQ")  # guest offset, length, file offset: written there whole
 
 
@@ -285,6 +287,20 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Adopted:
+    """Another worker's ADOPT_UNITS allocated ``runs`` (guest range, file offset of the
+    disk's lend_file): where the table holds their granules, they now read and write there
+    in place (MappedDisk.apply_adopted); with ``ack``, answer INVALIDATED(cookie) once
+    done."""
+
+    type: ClassVar[MsgType] = MsgType.ADOPTED
+    cookie: int
+    disk_id: int
+    runs: tuple[Adoption, ...]
+    ack: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reclaim:
     """Give up the disk's lent clusters not written yet; answer RECLAIMED(cookie) with
     them (the control plane frees them before it flushes: a daemon killed after the flush
@@ -323,7 +339,7 @@ class Stats:
 
 Message = (DiskSpec | DiskGone | DiskState | Connection | FuseSession | Remaps | Invalidate
            | Reply | Stop | StatsQuery | Miss | Request | Invalidated | Release | Stats
-           | FuseForward | Reclaim | Reclaimed)
+           | FuseForward | Reclaim | Reclaimed | Adopted)
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -378,6 +394,9 @@ def encode(msg: Message) -> tuple[bytearray, tuple[int, ...]]:
         return _framed(MsgType.INVALIDATED, msg.cookie, b""), ()
     if isinstance(msg, Reclaim):
         return _framed(MsgType.RECLAIM, msg.cookie, DISK_ID.pack(msg.disk_id)), ()
+    if isinstance(msg, Adopted):
+        body = ADOPTED_HEAD.pack(msg.disk_id, msg.ack) + adoptions(list(msg.runs))
+        return _framed(MsgType.ADOPTED, msg.cookie, body), ()
     if isinstance(msg, Reclaimed):
         return _framed(MsgType.RECLAIMED, msg.cookie, lent_runs(list(msg.runs))), ()
     if isinstance(msg, DiskSpec):
@@ -450,8 +469,9 @@ class LentRun:
 
 @dataclass(frozen=True, slots=True)
 class Adoption:
-    """Guest bytes [guest_offset, guest_offset + length) (whole clusters) were written into
-    lent clusters from ``file_offset`` of the lend_file onwards (an ADOPT's data)."""
+    """Guest bytes [guest_offset, guest_offset + length) were written from ``file_offset``
+    of the lend_file onwards: whole clusters into lent clusters (an ADOPT's data), or whole
+    subclusters of one cluster at their place (ADOPT_UNITS, ADOPTED)."""
 
     guest_offset: int
     length: int
@@ -559,6 +579,10 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
         return Invalidated(cookie)
     if mtype == MsgType.RECLAIM:
         return Reclaim(cookie, *DISK_ID.unpack(body))
+    if mtype == MsgType.ADOPTED:
+        disk_id, ack = ADOPTED_HEAD.unpack_from(body)
+        return Adopted(cookie, disk_id, tuple(parse_adoptions(body[ADOPTED_HEAD.size:])),
+                       bool(ack))
     if mtype == MsgType.RECLAIMED:
         return Reclaimed(cookie, tuple(parse_lent_runs(body)))
     if mtype == MsgType.DISK:
@@ -619,7 +643,7 @@ def _decode(mtype: int, cookie: int, body: memoryview, fds: tuple[int, ...]) -> 
 
 __all__ = [
     "FLAG_FUA", "FLAG_MAY_UNMAP", "MAX_MESSAGE_BYTES", "MAX_RUNS_PER_MESSAGE", "NEED_DATA",
-    "REMAP_WRITABLE", "SCOPES", "SCOPE_DEVICE", "SCOPE_SERVE", "ZERO_FILE", "Adoption",
+    "REMAP_WRITABLE", "SCOPES", "SCOPE_DEVICE", "SCOPE_SERVE", "ZERO_FILE", "Adopted", "Adoption",
     "ChannelError", "Connection", "Decoder", "DiskGone", "DiskSpec", "DiskState",
     "FuseForward", "FuseSession", "Invalidate", "Invalidated", "LentRun", "Message", "Miss",
     "MsgType", "Op", "Reclaim", "Reclaimed", "Release", "RemapRun", "Remaps", "Reply",

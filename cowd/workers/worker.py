@@ -63,8 +63,9 @@ class PlaneClient:
         return reply
 
     async def request(self, disk_id: int, op: W.Op, flags: int, guest_offset: int,
-                      length: int, data: bytes | bytearray | memoryview = b"") -> W.Reply:
-        cookie = self.calls.new()
+                      length: int, data: bytes | bytearray | memoryview = b"",
+                      on_reply: Callable[[W.Reply], None] | None = None) -> W.Reply:
+        cookie = self.calls.new(on_reply)
         self.chan.send(W.Request(cookie, disk_id, op, flags, guest_offset, length, data))
         reply: W.Reply = await self.calls.wait(cookie)
         return reply
@@ -118,6 +119,12 @@ class Worker:
                     disk.install(msg.runs)
             elif isinstance(msg, W.Reply):
                 self.plane.calls.complete(msg.cookie, msg)
+            elif isinstance(msg, W.Adopted):
+                disk = self.by_id.get(msg.disk_id)
+                if disk is not None:
+                    disk.apply_adopted(msg.runs)
+                if msg.ack:
+                    self.chan.send(W.Invalidated(msg.cookie))
             elif isinstance(msg, W.Invalidate):
                 disk = self.by_id.get(msg.disk_id)
                 if disk is not None:

@@ -70,6 +70,32 @@ def test_create_size_larger_than_the_base_equals_qemu(base: Path, tmp_path: Path
     assert data == base.read_bytes() + bytes(8 * MiB - base.stat().st_size)
 
 
+def test_create_extended_l2_is_what_qemu_makes(base: Path, tmp_path: Path) -> None:
+    """--extended-l2: qemu's extended_l2=on with 128 KiB clusters unless --cluster-size says
+    otherwise; qemu writes subclusters into it and reads it back.  Refused for a VHD and for
+    clusters under 16 KiB, in one line, exit 2."""
+    ov = tmp_path / "ext.qcow2"
+    cowd("create", "--base", base, "--extended-l2", "-o", ov)
+    info = json.loads(qemu_img("info", "--output=json", ov).stdout)
+    assert info["cluster-size"] == 128 * 1024
+    assert info["format-specific"]["data"]["extended-l2"] is True
+    qemu_io(ov, "write -P 0x11 4k 4k", "write -P 0x22 300k 1000")
+    qemu_check(ov)
+    want = bytearray(base.read_bytes())
+    want[4096:8192] = b"\x11" * 4096
+    want[300 * 1024:300 * 1024 + 1000] = b"\x22" * 1000
+    assert qemu_raw(ov, tmp_path) == bytes(want)
+    ov2 = tmp_path / "ext64.qcow2"
+    cowd("create", "--base", base, "--extended-l2", "--cluster-size", "64k", "-o", ov2)
+    assert json.loads(qemu_img("info", "--output=json", ov2).stdout)["cluster-size"] == 65536
+    for args, why in ((["--cluster-size", "8k"], "16k or more"),
+                      (["--overlay", "vhd"], "only for a qcow2 overlay")):
+        p = cowd("create", "--base", base, "--extended-l2", "-o", tmp_path / "no", *args,
+                 rc=2)
+        assert why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "no").exists()
+
+
 def test_info_and_map_match_qemu(base: Path, tmp_path: Path) -> None:
     ov = tmp_path / "ov.qcow2"
     cowd("create", "--base", base, "--overlay", "qcow", "-o", ov)
