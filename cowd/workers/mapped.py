@@ -20,6 +20,7 @@ INVALIDATE processed by the worker's channel task never races a read or write in
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
 import functools
@@ -112,6 +113,18 @@ def _add_piece(pieces: list[list[int]], fd: int, file_offset: int, at: int,
             last[3] += length
             return
     pieces.append([fd, file_offset, at, length])
+
+
+def _run_start(r: Run) -> int:
+    return r[0]
+
+
+def _overlapping(runs: tuple[Run, ...], a: int, b: int) -> tuple[Run, ...]:
+    """The runs of a granule (in guest order, covering it) that [a, b) touches: found by
+    bisection, since a granule written subcluster by subcluster holds up to 64 runs."""
+    lo = bisect.bisect_right(runs, a, key=_run_start) - 1
+    hi = bisect.bisect_left(runs, b, key=_run_start)
+    return runs[max(0, lo):hi]
 
 
 class _UnitWrite:
@@ -430,6 +443,8 @@ class MappedDisk:
             runs = table.get(i)
             if runs is None:
                 return Local.MISSING
+            if len(runs) > 2:  # a granule written subcluster by subcluster: up to 64 runs
+                runs = _overlapping(runs, offset, end)
             for rs, re_, fd, fo, writable in runs:
                 if re_ <= offset:
                     continue
@@ -556,37 +571,42 @@ class MappedDisk:
         table = self._table
         lend_fd = self._lend_fd
         assert lend_fd is not None
-        granules: list[tuple[int, tuple[Run, ...]]] = []
+        # Per granule: its index, the runs [a, b) of the write touches, the host cluster
+        # (-1: none yet) and whether that is a lent one.
+        granules: list[tuple[int, tuple[Run, ...], int, bool]] = []
         need = 0  # lent clusters to take
         for i in range(offset // g, (end - 1) // g + 1):
             runs = table.get(i)
             if runs is None:
                 return Local.MISSING
-            for r in runs:
-                x, y = max(r.guest_offset, offset), min(r.guest_end, end)
-                if x < y and not r.writable and (x % u or y % u):
+            cstart = i * g
+            a, b = max(offset, cstart), min(end, cstart + g)
+            touched = _overlapping(runs, a, b)
+            for rs, re_, _fd, _fo, writable in touched:
+                if not writable and ((rs if rs > a else a) % u or (re_ if re_ < b else b) % u):
                     return Local.OUT_OF_RANGE  # not whole subclusters (cannot be): forward
-            granules.append((i, runs))
-            if i not in self._unit_lent and not any(r.writable and r.fd == lend_fd for r in runs):
+            host = self._unit_lent.get(i, -1)
+            lent = host >= 0
+            for rs, _re, fd, fo, writable in runs:
+                if writable and fd == lend_fd:
+                    host, lent = fo - (rs - cstart), False
+                    break
+            if host < 0:
                 need += 1
+            granules.append((i, touched, host, lent))
         if need * g > self._pool_bytes:
             return Local.POOL_SHORT
         plan = _UnitWrite()
-        for i, runs in granules:
+        pieces = plan.pieces
+        adopt = plan.adopt
+        for i, touched, host, lent in granules:
             cstart = i * g
             a, b = max(offset, cstart), min(end, cstart + g)
-            host = self._unit_lent.get(i, -1)
-            lent = host >= 0
-            for r in runs:
-                if r.writable and r.fd == lend_fd:
-                    host, lent = r.file_offset - (r.guest_offset - cstart), False
-                    break
-            for rs, re_, fd, fo, writable in runs:
-                x, y = max(rs, a), min(re_, b)
-                if x >= y:
-                    continue
+            for rs, re_, fd, fo, writable in touched:
+                x = rs if rs > a else a
+                y = re_ if re_ < b else b
                 if writable:
-                    _add_piece(plan.pieces, fd, fo + (x - rs), x - offset, y - x)
+                    _add_piece(pieces, fd, fo + (x - rs), x - offset, y - x)
                     continue
                 if host < 0:
                     host, lent = self._take_lent(), True
@@ -594,14 +614,15 @@ class MappedDisk:
                 if lent and host not in plan.lent:
                     plan.lent.add(host)
                     self._unit_refs[host] = self._unit_refs.get(host, 0) + 1
-                _add_piece(plan.pieces, lend_fd, host + (x - cstart), x - offset, y - x)
-                last = plan.adopt[-1] if plan.adopt else None
+                at = host + (x - cstart)
+                _add_piece(pieces, lend_fd, at, x - offset, y - x)
+                last = adopt[-1] if adopt else None
                 if last is not None and last.guest_offset + last.length == x and \
-                        last.file_offset + last.length == host + (x - cstart):
-                    plan.adopt[-1] = W.Adoption(last.guest_offset, last.length + y - x,
-                                                last.file_offset)
+                        last.file_offset + last.length == at:
+                    adopt[-1] = W.Adoption(last.guest_offset, last.length + y - x,
+                                           last.file_offset)
                 else:
-                    plan.adopt.append(W.Adoption(x, y - x, host + (x - cstart)))
+                    adopt.append(W.Adoption(x, y - x, at))
         return plan
 
     def _take_lent(self) -> int:
@@ -734,9 +755,11 @@ class MappedDisk:
             return
         x, y = a.guest_offset, a.guest_offset + a.length
         fo = a.file_offset
-        head: list[Run] = []  # the runs before x, and after y, cut there
+        lo = max(0, bisect.bisect_right(runs, x, key=_run_start) - 1)
+        hi = bisect.bisect_left(runs, y, key=_run_start)
+        head: list[Run] = list(runs[:lo])  # the runs before x, and after y, cut there
         tail: list[Run] = []
-        for r in runs:
+        for r in runs[lo:hi]:
             rs, re_, rfd, rfo, rw = r
             if rs < x:
                 if re_ <= x:
@@ -751,6 +774,7 @@ class MappedDisk:
                 else:
                     tail.append(_run((y, re_, rfd, rfo + (y - rs) if rfd != ZERO_FD else 0,
                                       rw)))
+        tail.extend(runs[hi:])
         # The new run merged with its neighbours where they continue it in the file (a
         # cluster written subcluster by subcluster stays a few runs, not 32).
         if head:
