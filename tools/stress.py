@@ -45,6 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SECTOR = 512
+# The block --align-share's writes are whole multiples of (a 4 KiB subcluster, extended L2).
+ALIGN_BYTES = 4096
 MAGIC = b"COWDSTRS"
 _HDR = struct.Struct(">8sQQ")  # magic, seq, guest offset of this sector
 FILLER_BYTES = SECTOR - _HDR.size
@@ -201,9 +203,11 @@ def apply_sure(old: bytes, journal: Journal) -> bytes:
 
 def writer(uri: str, journal_path: str, *, seconds: float, seed: int, seq0: int,
            depth: int = 16, hot_bytes: int = 8 << 20, flush_every: int = 24,
-           fua_share: float = 0.05, max_sectors: int = 64) -> int:
+           fua_share: float = 0.05, max_sectors: int = 64, align_share: float = 0.0) -> int:
     """The write storm (see the module docstring).  Returns 0; a connection that dies (the
-    daemon was killed) ends the storm normally, with ``X`` and the reason in the journal."""
+    daemon was killed) ends the storm normally, with ``X`` and the reason in the journal.
+    ``align_share``: the share of writes made whole 4 KiB blocks (an extended-L2 overlay's
+    subclusters: the writes a cowd worker does itself and has adopted)."""
     import nbd  # libnbd's binding: /usr/bin/python3 only
 
     rnd = random.Random(seed)
@@ -246,6 +250,9 @@ def writer(uri: str, journal_path: str, *, seconds: float, seed: int, seq0: int,
                 span = hot if rnd.random() < 0.8 else size
                 nsect = rnd.randint(1, max_sectors)
                 off = rnd.randrange(0, max(1, span // SECTOR - nsect)) * SECTOR
+                if rnd.random() < align_share:
+                    off -= off % ALIGN_BYTES
+                    nsect = max(1, nsect * SECTOR // ALIGN_BYTES) * ALIGN_BYTES // SECTOR
                 nsect = min(nsect, (size - off) // SECTOR)
                 fua = rnd.random() < fua_share
                 data = stamp_sectors(seq, off, nsect)
@@ -405,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--seq0", type=int, default=0)
     w.add_argument("--depth", type=int, default=16)
     w.add_argument("--hot-bytes", type=int, default=8 << 20)
+    w.add_argument("--align-share", type=float, default=0.0,
+                   help="the share of writes made whole 4 KiB blocks (default 0)")
     ld = sub.add_parser("load", help="N connections x D in flight against a shadow model")
     ld.add_argument("uri")
     ld.add_argument("model", help="a raw file with the disk's initial contents")
@@ -421,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "writer":
         return writer(a.uri, a.journal, seconds=a.seconds, seed=a.seed, seq0=a.seq0,
-                      depth=a.depth, hot_bytes=a.hot_bytes)
+                      depth=a.depth, hot_bytes=a.hot_bytes, align_share=a.align_share)
     if a.cmd == "load":
         print(json.dumps(load(a.uri, a.model, seconds=a.seconds, seed=a.seed, conns=a.conns,
                               depth=a.depth)))

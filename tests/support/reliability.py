@@ -196,8 +196,10 @@ class Setup:
     figures: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_setup(work: Path, fmt: str, size: int = 32 * MiB, seed: int = 1) -> Setup:
-    """A base of random bytes and an overlay on it made by ``cowd create``."""
+def make_setup(work: Path, fmt: str, size: int = 32 * MiB, seed: int = 1,
+               create_args: tuple[str, ...] = ()) -> Setup:
+    """A base of random bytes and an overlay on it made by ``cowd create`` (with
+    ``create_args``: e.g. --extended-l2)."""
     rnd = random.Random(seed)
     raw = work / "base.raw"
     raw.write_bytes(rnd.randbytes(size))
@@ -209,7 +211,7 @@ def make_setup(work: Path, fmt: str, size: int = 32 * MiB, seed: int = 1) -> Set
            "subformat=dynamic,force_size=on", raw, base)
     ov = work / f"ov.{'qcow2' if fmt == 'qcow2' else 'vhd'}"
     sh(*COWD, "create", "--base", base, "--overlay", "qcow" if fmt == "qcow2" else "vhd",
-       "-o", ov)
+       "-o", ov, *create_args)
     old = read_disk(fmt, ov, work)
     if fmt == "vhd":
         assert old[:size] == raw.read_bytes()[:len(old)], "VHD base differs from its raw"
@@ -256,10 +258,11 @@ def repair_and_recheck(fmt: str, image: Path) -> None:
 
 
 def run_writer(uri: str, journal: Path, seconds: float, seed: int, seq0: int,
-               depth: int = 16) -> subprocess.Popen[bytes]:
+               depth: int = 16, align_share: float = 0.0) -> subprocess.Popen[bytes]:
     return subprocess.Popen([SYSTEM_PYTHON, str(STRESS), "writer", uri, str(journal),
                              "--seconds", str(seconds), "--seed", str(seed), "--seq0",
-                             str(seq0), "--depth", str(depth)],
+                             str(seq0), "--depth", str(depth),
+                             "--align-share", str(align_share)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -275,7 +278,7 @@ def wait_acks(journal: Path, n: int, timeout_s: float) -> None:
 
 def crash_iteration(s: Setup, it: int, rnd: random.Random, *, power_cut: bool = False,
                     max_kill_s: float = 1.5, workers: int = 0,
-                    kill_workers: bool = False) -> dict[str, Any]:
+                    kill_workers: bool = False, align_share: float = 0.0) -> dict[str, Any]:
     """One storm, one SIGKILL, every check; returns the iteration's figures.  With
     ``workers``, the daemon serves from that many worker processes; with ``kill_workers``
     the SIGKILL goes to every worker instead of the daemon, which must start them again and
@@ -286,7 +289,7 @@ def crash_iteration(s: Setup, it: int, rnd: random.Random, *, power_cut: bool = 
     before = s.overlay.read_bytes() if power_cut else b""
     d = start_daemon(s.overlay, work, record=record, extra=("--workers", str(workers)))
     w = run_writer(d.uri, journal, seconds=30, seed=rnd.randrange(1 << 30),
-                   seq0=(it + 1) * 10_000_000)
+                   seq0=(it + 1) * 10_000_000, align_share=align_share)
     try:
         wait_acks(journal, 20, 20)
         delay = rnd.uniform(0.0, max_kill_s)
