@@ -124,13 +124,17 @@ def read_back(env: Env, image: Path, tree: Path) -> None:
 
 @pytest.mark.root
 @needs_attach
-def test_qcow2_overlay_attach_write_detach(env: Env, tmp_path: Path) -> None:
+@pytest.mark.parametrize("create_args", [(), ("--extended-l2",)], ids=["qcow2", "extended-l2"])
+def test_qcow2_overlay_attach_write_detach(env: Env, tmp_path: Path,
+                                           create_args: tuple[str, ...]) -> None:
+    """The main job; also on an --extended-l2 overlay (ext4's 4 KiB block writes through the
+    FUSE file are first writes of whole subclusters)."""
     base = make_base(tmp_path)
     base_sha = sha256(base)
     tree = tmp_path / "tree"
     make_tree(tree, seed=1)
-    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
-              .stdout.strip())
+    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", *create_args,
+                       run_dir=False).stdout.strip())
 
     dev = env.attach(ov, "--via", "fuse")
     check_device(env, dev, ov.name)
