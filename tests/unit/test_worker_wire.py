@@ -25,6 +25,8 @@ MESSAGES: list[W.Message] = [
                (True, False), lend_file=0, fds=(17, 18)),
     W.DiskSpec(10, "vm4.qcow2", "/srv/vm4.qcow2", 1 << 30, 65536, 65536, False,
                (True, False), files_remote=(False, True), fds=(19, 20)),
+    W.DiskSpec(11, "vm5.qcow2", "/srv/vm5.qcow2", 1 << 30, 131072, 131072, False,
+               (True, False), lend_file=0, unit=4096, fds=(21, 22)),
     W.DiskGone(7),
     W.DiskState(7, True, "base.qcow2: L2 table past end of file (marked corrupt)"),
     W.Connection("nbd client 127.0.0.1:4242", fds=(13,)),
@@ -48,6 +50,11 @@ MESSAGES: list[W.Message] = [
     W.Request(13, 7, W.Op.ADOPT, W.FLAG_FUA, 1 << 20, 2 << 20, W.adoptions(
         [W.Adoption(1 << 20, 65536, 5 << 20), W.Adoption(2 << 20, 1 << 20, 9 << 20)])),
     W.Reply(14, 0, W.lent_runs([W.LentRun(5 << 20, 32 << 20), W.LentRun(1 << 40, 65536)])),
+    W.Request(17, 7, W.Op.ADOPT_UNITS, 0, 0, 2, W.adoptions(
+        [W.Adoption(8192, 4096, (5 << 20) + 8192), W.Adoption(1 << 30, 12288, 9 << 20)])),
+    W.Reply(17, 0, b"\x01\x00"),
+    W.Adopted(18, 7, (W.Adoption(8192, 4096, (5 << 20) + 8192),), True),
+    W.Adopted(0, 7, (), False),
     W.Reclaim(15, 7),
     W.Reclaimed(15, (W.LentRun(6 << 20, 1 << 20), W.LentRun(8 << 20, 65536))),
     W.Reclaimed(16, ()),
@@ -194,6 +201,14 @@ def test_lending_payloads_round_trip() -> None:
     dec.feed(raw, fds)
     with pytest.raises(W.ChannelError, match="remote flags"):
         dec.next_message()
+    for unit, lend_file in ((3000, 0), (4096, -1), (1 << 20, 0)):  # a subcluster it can have
+        raw, fds = W.encode(W.DiskSpec(1, "x", "/x", 1 << 20, 65536, 65536, False,
+                                       (True, False), lend_file=lend_file, unit=unit,
+                                       fds=(3, 4)))
+        dec = W.Decoder()
+        dec.feed(raw, fds)
+        with pytest.raises(W.ChannelError, match="subcluster"):
+            dec.next_message()
     for lend_file, writable in ((1, (True, False)), (2, (True, False)), (-2, (True,))):
         raw, fds = W.encode(W.DiskSpec(1, "x", "/x", 512, 512, 512, False, writable,
                                        lend_file=lend_file, fds=(3,) * len(writable)))
