@@ -29,7 +29,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import trio
 
@@ -113,6 +113,9 @@ def _add_piece(pieces: list[list[int]], fd: int, file_offset: int, at: int,
             last[3] += length
             return
     pieces.append([fd, file_offset, at, length])
+
+
+_P = TypeVar("_P")  # a write's plan (MappedDisk._planned)
 
 
 def _run_start(r: Run) -> int:
@@ -530,13 +533,7 @@ class MappedDisk:
         several workers run on their cores.  False: not done (forward it)."""
         if self._lend_fd is None:
             return False
-        plan = self._plan_lent(offset, len(view))
-        if plan is Local.MISSING:
-            # Remaps first (they come with read-ahead, and the first one primes the whole
-            # table), so that the next writes plan here without asking.
-            self.counters["misses"] += 1
-            self._raise_for(await self.plane.miss(self.disk_id, offset, len(view)))
-            plan = self._plan_lent(offset, len(view))
+        plan = await self._planned(self._plan_lent, offset, len(view))
         if plan is Local.POOL_SHORT or not isinstance(plan, Local):
             self._top_up()  # only for writes that lent clusters can take
         if isinstance(plan, Local):
@@ -682,11 +679,7 @@ class MappedDisk:
         an adoption (the disk changed there meanwhile: the forwarded write does it whole)."""
         if not self._unit or self._lend_fd is None:
             return False
-        plan = self._plan_units(offset, len(view))
-        if plan is Local.MISSING:
-            self.counters["misses"] += 1
-            self._raise_for(await self.plane.miss(self.disk_id, offset, len(view)))
-            plan = self._plan_units(offset, len(view))
+        plan = await self._planned(self._plan_units, offset, len(view))
         started = self._start_units(offset, view, plan)
         if started is None:
             return False
@@ -841,6 +834,18 @@ class MappedDisk:
                 self._pool.appendleft([host, g])
                 self._pool_bytes += g
         w.lent = set()
+
+    async def _planned(self, plan: Callable[[int, int], _P | Local], offset: int,
+                       n: int) -> _P | Local:
+        """``plan(offset, n)``; on a miss, the remaps first (they come with read-ahead, and
+        the first one primes the whole table, so that the next writes plan here without
+        asking), then again."""
+        got = plan(offset, n)
+        if got is Local.MISSING:
+            self.counters["misses"] += 1
+            self._raise_for(await self.plane.miss(self.disk_id, offset, n))
+            got = plan(offset, n)
+        return got
 
     def _top_up(self) -> None:
         """Ask for more lent clusters in the background once the pool runs low."""

@@ -121,14 +121,22 @@ def test_lend_write_adopt_reads_like_qemu(tmp_path: Path, kw: dict[str, Any]) ->
     else:
         for k, h in enumerate(hosts):
             lender.adopt(last_g + k * cs, cs, h)
+    _finish(img, lender, w, tmp_path, model[:size], base_sha)
+
+
+def _finish(img: q2.Qcow2Image, lender: q2.Lender, w: OutsideWriter | UnitWriter, tmp: Path,
+            model: bytearray, base_sha: str) -> None:
+    """Flush, give back what the writer never used, close; then qemu-img checks the image
+    and reads the model, and the base is untouched."""
     img.flush()
-    lender.give_back([HostRange(h, cs) for h in w.free])
+    lender.give_back([HostRange(h, img.cluster_size) for h in w.free])
     assert lender.lent == 0
     w.close()
     img.close_chain()
+    top = Path(img.path)
     qemu_check(top)
-    assert qemu_raw(top, tmp_path) == bytes(model[:size])
-    assert sha256(base) == base_sha
+    assert qemu_raw(top, tmp) == bytes(model)
+    assert sha256(top.parent / "base.raw") == base_sha
 
 
 def test_adopt_replaces_a_snapshot_shared_cluster(tmp_path: Path) -> None:
@@ -408,15 +416,8 @@ def test_adopt_units_reads_like_qemu(tmp_path: Path, cs: int) -> None:
             model[off:off + n] = bytes(n)
         else:
             img.flush()
-    img.flush()
     assert outcomes[q2.Units.OWNED] and outcomes[q2.Units.LENT], outcomes
-    lender.give_back([HostRange(h, cs) for h in w.free])
-    assert lender.lent == 0
-    w.close()
-    img.close_chain()
-    qemu_check(top)
-    assert qemu_raw(top, tmp_path) == bytes(model[:size])
-    assert sha256(base) == base_sha
+    _finish(img, lender, w, tmp_path, model[:size], base_sha)
 
 
 def test_adopt_units_refuses_what_it_cannot_know(tmp_path: Path) -> None:
