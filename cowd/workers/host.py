@@ -83,9 +83,9 @@ STOP_TIMEOUT_S = 15.0
 # The most clusters of one disk lent to one worker and not yet adopted: what a worker's death
 # leaves to give back, and what a crash of the daemon can leak (cowd check --repair frees it).
 MAX_LENT_BYTES = 64 << 20
-# The most adopted runs one ADOPTED message carries (24 bytes each): a batch of a worker's
-# ADOPT_UNITS is at most 512 writes of up to 3 runs, so one message, two at worst.
-MAX_ADOPTED_RUNS = 1024
+# The most adopted runs one ADOPTED message carries (24 bytes each, 1.5 MiB): as many as
+# one ADOPT_UNITS (mapped.py's MAX_UNIT_RUNS), so a batch is one message.
+MAX_ADOPTED_RUNS = 65536
 
 
 def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:

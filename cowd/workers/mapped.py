@@ -3,9 +3,11 @@
 It has the shape of :class:`~cowd.disk.api.BlockDisk`, so the NBD server serves it exactly as
 it serves a :class:`~cowd.disk.Disk`.  What it does itself is what the contract in
 :mod:`cowd.workers` allows — reads of ranges whose granules are all in its table, in-place
-writes where they are all writable DATA, and first writes of whole granules into the clusters
-its pool holds (lent by the control plane, adopted after the write) — and everything else it
-asks of the control plane through a :class:`ControlPlane` (the worker's channel).
+writes where they are all writable DATA, first writes of whole granules into the clusters
+its pool holds (lent by the control plane, adopted after the write), and, with extended L2,
+first writes of whole subclusters at their place (adopted in batches: ADOPT_UNITS) — and
+everything else it asks of the control plane through a :class:`ControlPlane` (the worker's
+channel).
 
 The table maps a granule index (the disk's top-layer granule, the same unit as the control
 plane's remap cache) to the :class:`Run` s that cover it, in guest order: a run is DATA at a
@@ -55,9 +57,10 @@ ZERO_FD = -1
 LEND_FIRST_BYTES = 2 << 20
 LEND_MAX_BYTES = 32 << 20
 
-# The most writes of whole subclusters one ADOPT_UNITS carries (each one to three runs of 24
-# bytes): bounds the message; a queue longer than that goes in several.
-MAX_UNIT_BATCH = 512
+# The most runs one ADOPT_UNITS carries (24 bytes each: 1.5 MiB, under the channel's
+# message bound; a write has at most one per subcluster, 8192 for the largest request): a
+# longer queue goes in several.
+MAX_UNIT_RUNS = 65536
 
 log = logging.getLogger("cowd.worker")
 
@@ -698,8 +701,13 @@ class MappedDisk:
         32), until none waits."""
         try:
             while self._unit_queue:
-                batch = self._unit_queue[:MAX_UNIT_BATCH]
-                del self._unit_queue[:MAX_UNIT_BATCH]
+                take, runs = 0, 0
+                for w in self._unit_queue:
+                    if take and runs + len(w.adopt) > MAX_UNIT_RUNS:
+                        break
+                    take, runs = take + 1, runs + len(w.adopt)
+                batch = self._unit_queue[:take]
+                del self._unit_queue[:take]
                 entries = [a for w in batch for a in w.adopt]
                 self.counters["unit_batches"] += 1
                 settled: list[bool] = []

@@ -655,8 +655,13 @@ class _Connection:
         taken = self.budget.take_nowait(req.length)
         if taken is None:
             return False
-        if not self.disk.start_write(req.offset, req.data,
-                                     functools.partial(self._write_ended, req, taken)):
+        try:
+            started = self.disk.start_write(req.offset, req.data,
+                                            functools.partial(self._write_ended, req, taken))
+        except BaseException:
+            self.budget.release_nowait(taken)
+            raise
+        if not started:
             self.budget.release_nowait(taken)
             return False
         self._started += 1
