@@ -23,8 +23,8 @@ disk: with no lock held, a batch of adoptions is one synchronous step.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple, TypeVar
 
 import trio
 
@@ -34,6 +34,8 @@ from formats.qcow2 import Lender, Qcow2Image, Units, lend_problem
 from .api import DiskError
 from .chain import ChainFile
 from .hooks import DiskHooks
+
+_T = TypeVar("_T")  # what one adoption returns (Lending._each)
 
 
 class LentRun(NamedTuple):
@@ -115,24 +117,33 @@ class Lending:
         (lent clusters; the last one may run past the disk's end).  Like an allocation:
         durable at the next flush.  The runs of one call name distinct clusters; with no
         lock held they are adopted inline, in one step."""
+        lender = self._get_lender()
+        await self._each(runs, lambda _i, run: self._adopt_run(lender, run))
+
+    async def _each(self, runs: Sequence[Adoption], one: Callable[[int, Adoption], _T]
+                    ) -> list[_T]:
+        """``one(index, run)`` for each run, results in the runs' order: inline, in one step, for
+        the runs nothing holds; then those a writer or flush holds, one at a time under the
+        lock."""
         for run in runs:
             self._hooks.check_write(run.guest_offset, 0)
-        lender = self._get_lender()
-        busy: list[Adoption] = []
+        out: dict[int, _T] = {}
+        busy: list[int] = []
         try:
-            for run in runs:
+            for i, run in enumerate(runs):
                 if self.chain.locked_any() or self._hooks.locks.any_held(*self._run_granules(run)):
-                    busy.append(run)
+                    busy.append(i)
                 else:
-                    self._adopt_run(lender, run)
-            for run in busy:  # a writer or flush holds them: one at a time, under the lock
-                async with self._hooks.locks.hold(*self._run_granules(run)), \
+                    out[i] = one(i, run)
+            for i in busy:
+                async with self._hooks.locks.hold(*self._run_granules(runs[i])), \
                         self.chain.exclusive(will_await=False):
-                    self._adopt_run(lender, run)
+                    out[i] = one(i, runs[i])
         except (FormatError, OSError, ValueError) as e:
             raise self._hooks.translate(e) from e
         if not busy:
             await trio.lowlevel.checkpoint()
+        return [out[i] for i in range(len(runs))]
 
     def unit_size(self) -> int:
         """The subcluster an outside writer may write and have adopted with
@@ -151,22 +162,11 @@ class Lending:
         so it may become the guest cluster's.  Each becomes allocated there (durable at the
         next flush, like ``adopt``) or is refused (nothing changed; the writer does the write
         another way).  With no lock held they are adopted inline, in one step."""
-        for run in runs:
-            self._hooks.check_write(run.guest_offset, 0)
+        if len(may_take_lent) != len(runs):
+            raise ValueError("adopt_units: one may_take_lent per run")
         lender = self._get_lender()
-        out: list[Units] = []
-        try:
-            for run, take in zip(runs, may_take_lent, strict=True):
-                if self.chain.locked_any() or self._hooks.locks.any_held(*self._run_granules(run)):
-                    async with self._hooks.locks.hold(*self._run_granules(run)), \
-                            self.chain.exclusive(will_await=False):
-                        out.append(self._adopt_units_run(lender, run, take))
-                else:
-                    out.append(self._adopt_units_run(lender, run, take))
-        except (FormatError, OSError, ValueError) as e:
-            raise self._hooks.translate(e) from e
-        await trio.lowlevel.checkpoint()
-        return out
+        return await self._each(
+            runs, lambda i, run: self._adopt_units_run(lender, run, may_take_lent[i]))
 
     def _adopt_units_run(self, lender: Lender, run: Adoption, take: bool) -> Units:
         got: list[Units] = []

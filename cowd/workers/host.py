@@ -36,7 +36,7 @@ import pickle
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -83,9 +83,6 @@ STOP_TIMEOUT_S = 15.0
 # The most clusters of one disk lent to one worker and not yet adopted: what a worker's death
 # leaves to give back, and what a crash of the daemon can leak (cowd check --repair frees it).
 MAX_LENT_BYTES = 64 << 20
-# The most adopted runs one ADOPTED message carries (24 bytes each, 1.5 MiB): as many as
-# one ADOPT_UNITS (mapped.py's MAX_UNIT_RUNS), so a batch is one message.
-MAX_ADOPTED_RUNS = 65536
 
 
 def _covers(runs: list[W.RemapRun], start: int, end: int) -> bool:
@@ -895,17 +892,13 @@ class WorkerPool:
         if not runs:
             return
         waits: list[tuple[WorkerLink, int]] = []
-        for link in self.links:
-            if link is requester or not link.alive or served.disk_id not in link.holds or \
-                    link.chan is None:
+        for link, chan in self._holders(served):
+            if link is requester:
                 continue
-            for n in range(0, len(runs), MAX_ADOPTED_RUNS):
-                last = n + MAX_ADOPTED_RUNS >= len(runs)  # a FIFO: one ack covers all
-                cookie = link.acks.new() if last else 0
-                link.chan.send(W.Adopted(cookie, served.disk_id,
-                                         tuple(runs[n:n + MAX_ADOPTED_RUNS]), last))
-                if last:
-                    waits.append((link, cookie))
+            # One message: no more runs than the ADOPT_UNITS they came in, and a smaller head.
+            cookie = link.acks.new()
+            chan.send(W.Adopted(cookie, served.disk_id, tuple(runs), True))
+            waits.append((link, cookie))
             link.counters["adopted_sent"] += 1
         await self._wait_acks(waits)
 
@@ -915,17 +908,21 @@ class WorkerPool:
         acknowledgements the contract needs (see the module docstring)."""
         g = served.disk.granule
         waits: list[tuple[WorkerLink, int]] = []
-        for link in self.links:
-            if not link.alive or served.disk_id not in link.holds or link.chan is None:
-                continue
+        for link, chan in self._holders(served):
             ack = link is not requester or ack_requester
             cookie = link.acks.new() if ack else 0
-            link.chan.send(W.Invalidate(cookie, served.disk_id, first * g, (end - first) * g,
+            chan.send(W.Invalidate(cookie, served.disk_id, first * g, (end - first) * g,
                                         ack))
             link.counters["invalidations_sent"] += 1
             if ack:
                 waits.append((link, cookie))
         await self._wait_acks(waits)
+
+    def _holders(self, served: Served) -> Iterator[tuple[WorkerLink, ChannelStream]]:
+        """The live workers that hold remaps of ``served``, with their channels."""
+        for link in self.links:
+            if link.alive and served.disk_id in link.holds and link.chan is not None:
+                yield link, link.chan
 
     async def _wait_acks(self, waits: list[tuple[WorkerLink, int]]) -> None:
         for link, cookie in waits:

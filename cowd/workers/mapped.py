@@ -118,6 +118,17 @@ def _add_piece(pieces: list[list[int]], fd: int, file_offset: int, at: int,
     pieces.append([fd, file_offset, at, length])
 
 
+def _add_adoption(adopt: list[W.Adoption], guest: int, length: int, file_offset: int) -> None:
+    """Append an adoption, merged into the last one where it continues it in the guest and
+    in the file."""
+    last = adopt[-1] if adopt else None
+    if last is not None and last.guest_offset + last.length == guest and \
+            last.file_offset + last.length == file_offset:
+        adopt[-1] = W.Adoption(last.guest_offset, last.length + length, last.file_offset)
+    else:
+        adopt.append(W.Adoption(guest, length, file_offset))
+
+
 _P = TypeVar("_P")  # a write's plan (MappedDisk._planned)
 
 
@@ -125,12 +136,17 @@ def _run_start(r: Run) -> int:
     return r[0]
 
 
+def _span(runs: tuple[Run, ...], a: int, b: int) -> tuple[int, int]:
+    """The indices [lo, hi) of the runs of a granule (in guest order, covering it) that
+    [a, b) touches: found by bisection, since a granule written subcluster by subcluster
+    holds up to 64 runs."""
+    return (max(0, bisect.bisect_right(runs, a, key=_run_start) - 1),
+            bisect.bisect_left(runs, b, key=_run_start))
+
+
 def _overlapping(runs: tuple[Run, ...], a: int, b: int) -> tuple[Run, ...]:
-    """The runs of a granule (in guest order, covering it) that [a, b) touches: found by
-    bisection, since a granule written subcluster by subcluster holds up to 64 runs."""
-    lo = bisect.bisect_right(runs, a, key=_run_start) - 1
-    hi = bisect.bisect_left(runs, b, key=_run_start)
-    return runs[max(0, lo):hi]
+    lo, hi = _span(runs, a, b)
+    return runs[lo:hi]
 
 
 class _UnitWrite:
@@ -310,6 +326,7 @@ class MappedDisk:
         """Lend no more: what is lent stays so in the control plane, which gives it back
         once this worker drops the disk or dies."""
         self._lend_fd = None
+        self._unit = 0
         self.reclaim()
 
     def reclaim(self) -> list[W.LentRun]:
@@ -500,7 +517,6 @@ class MappedDisk:
             return Local.POOL_SHORT
         pieces: list[list[int]] = []
         adopt: list[W.Adoption] = []
-        pool = self._pool
         lend_fd = self._lend_fd
         assert lend_fd is not None
         at = 0
@@ -508,24 +524,12 @@ class MappedDisk:
             if all(r.writable for r in runs):
                 spans = [(r.fd, r.file_offset, r.guest_end - r.guest_offset) for r in runs]
             else:
-                head = pool[0]
-                fo = head[0]
-                head[0] += g
-                head[1] -= g
-                if not head[1]:
-                    pool.popleft()
+                fo = self._take_lent()
                 spans = [(lend_fd, fo, g)]
-                guest = offset + at
-                last = adopt[-1] if adopt else None
-                if last is not None and last.guest_offset + last.length == guest and \
-                        last.file_offset + last.length == fo:
-                    adopt[-1] = W.Adoption(last.guest_offset, last.length + g, last.file_offset)
-                else:
-                    adopt.append(W.Adoption(guest, g, fo))
+                _add_adoption(adopt, offset + at, g, fo)
             for fd, fo, length in spans:
                 _add_piece(pieces, fd, fo, at, length)
                 at += length
-        self._pool_bytes -= lent * g
         return pieces, adopt
 
     async def _write_lent(self, offset: int, view: memoryview, fua: bool) -> bool:
@@ -570,7 +574,7 @@ class MappedDisk:
             return Local.OUT_OF_RANGE
         table = self._table
         lend_fd = self._lend_fd
-        assert lend_fd is not None
+        assert lend_fd is not None  # _unit is 0 without a pool
         # Per granule: its index, the runs [a, b) of the write touches, the host cluster
         # (-1: none yet) and whether that is a lent one.
         granules: list[tuple[int, tuple[Run, ...], int, bool]] = []
@@ -616,13 +620,7 @@ class MappedDisk:
                     self._unit_refs[host] = self._unit_refs.get(host, 0) + 1
                 at = host + (x - cstart)
                 _add_piece(pieces, lend_fd, at, x - offset, y - x)
-                last = adopt[-1] if adopt else None
-                if last is not None and last.guest_offset + last.length == x and \
-                        last.file_offset + last.length == at:
-                    adopt[-1] = W.Adoption(last.guest_offset, last.length + y - x,
-                                           last.file_offset)
-                else:
-                    adopt.append(W.Adoption(x, y - x, at))
+                _add_adoption(adopt, x, y - x, at)
         return plan
 
     def _take_lent(self) -> int:
@@ -665,7 +663,7 @@ class MappedDisk:
         server's inline path): written now, ``done`` called once its adoption is answered
         (see _write_units).  False: not started (a miss, the pool short, not whole
         subclusters: ``write`` it)."""
-        if not self._unit or self._lend_fd is None:
+        if not self._unit:  # every write not done in place comes here: leave at once
             return False
         view = memoryview(data).cast("B")
         plan = self._start_units(offset, view, self._plan_units(offset, len(view)))
@@ -680,8 +678,6 @@ class MappedDisk:
         plane, with the adoptions of the other writes waiting then in one ADOPT_UNITS, before
         it is answered.  False: not done (forward it) — also when the control plane refused
         an adoption (the disk changed there meanwhile: the forwarded write does it whole)."""
-        if not self._unit or self._lend_fd is None:
-            return False
         plan = await self._planned(self._plan_units, offset, len(view))
         started = self._start_units(offset, view, plan)
         if started is None:
@@ -748,27 +744,21 @@ class MappedDisk:
         g = self.granule
         i = a.guest_offset // g
         runs = self._table.get(i)
-        lend_fd = self._top_fd
+        top_fd = self._top_fd  # None when this worker may not write the disk
         if runs is None:
             return
-        if lend_fd is None or self._readonly:
+        if top_fd is None:
             del self._table[i]  # no writing here: let a miss say what it is now
             return
         x, y = a.guest_offset, a.guest_offset + a.length
         fo = a.file_offset
-        lo = max(0, bisect.bisect_right(runs, x, key=_run_start) - 1)
-        hi = bisect.bisect_left(runs, y, key=_run_start)
+        lo, hi = _span(runs, x, y)
         head: list[Run] = list(runs[:lo])  # the runs before x, and after y, cut there
         tail: list[Run] = []
         for r in runs[lo:hi]:
             rs, re_, rfd, rfo, rw = r
             if rs < x:
-                if re_ <= x:
-                    head.append(r)
-                elif rw and rfd == lend_fd and rfo + (x - rs) == fo:
-                    x, fo = rs, rfo  # it continues into the new run: one run (below)
-                else:
-                    head.append(_run((rs, x, rfd, rfo, rw)))
+                head.append(r if re_ <= x else _run((rs, x, rfd, rfo, rw)))
             if re_ > y:
                 if rs >= y:
                     tail.append(r)
@@ -780,15 +770,15 @@ class MappedDisk:
         # cluster written subcluster by subcluster stays a few runs, not 32).
         if head:
             rs, _re, rfd, rfo, rw = head[-1]
-            if rw and rfd == lend_fd and rfo + (x - rs) == fo:
+            if rw and rfd == top_fd and rfo + (x - rs) == fo:
                 head.pop()
                 x, fo = rs, rfo
         if tail:
             _rs, re_, rfd, rfo, rw = tail[0]
-            if rw and rfd == lend_fd and rfo == fo + (y - x):
+            if rw and rfd == top_fd and rfo == fo + (y - x):
                 tail.pop(0)
                 y = re_
-        self._table[i] = (*head, _run((x, y, lend_fd, fo, True)), *tail)
+        self._table[i] = (*head, _run((x, y, top_fd, fo, True)), *tail)
 
     def _settle(self, batch: list[_UnitWrite], reply: W.Reply) -> None:
         """Tell each write of ``batch`` what became of its adoptions (and the table, see

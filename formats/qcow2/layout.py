@@ -144,6 +144,18 @@ def div_round_up(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def subclusters(first: int, end: int) -> int:
+    """The allocation bits of subclusters [first, end) in an extended L2 bitmap (their zero
+    bits are the same shifted left by 32)."""
+    return ((1 << end) - 1) & ~((1 << first) - 1)
+
+
+def allocated(bitmap: int, bits: int) -> int:
+    """``bitmap`` with the subclusters of allocation ``bits`` allocated, their zero bits
+    cleared."""
+    return (bitmap | bits) & ~(bits << 32)
+
+
 class Region(NamedTuple):
     """A metadata structure of the image file, named for messages."""
 

@@ -73,10 +73,11 @@ from .layout import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_L2_BITMAP_ALL_ALLOC,
-    QCOW_L2_BITMAP_ALL_ZEROES,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     HostRange,
+    allocated,
+    subclusters,
 )
 from .writer import TableChange
 
@@ -210,7 +211,7 @@ class Lender:
             raise ValueError(f"{img.path}: adopt_units: not whole subclusters of one cluster "
                              f"(guest_offset={guest_offset}, length={length}, "
                              f"host_offset={host_offset})")
-        units = ((1 << ((end - cstart) >> sb)) - 1) & ~((1 << ((guest_offset - cstart) >> sb)) - 1)
+        units = subclusters((guest_offset - cstart) >> sb, (end - cstart) >> sb)
         ci = cstart >> cb
         l1i = ci >> img.l2_bits
         idx = ci & ((1 << img.l2_bits) - 1)
@@ -240,8 +241,7 @@ class Lender:
         img._data_dirty = True  # written behind the codec's back: sync before the L2 (rule 3)
         tbl = img._l2_for_write(l1i)
         change = TableChange(img, tbl)
-        zeroes = bitmap & QCOW_L2_BITMAP_ALL_ZEROES & ~(units << 32)
-        change.set_entry(idx, new_entry, (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) | units | zeroes)
+        change.set_entry(idx, new_entry, allocated(bitmap, units))
         change.commit()
         if outcome is Units.LENT:
             self._lent.discard(host >> cb)

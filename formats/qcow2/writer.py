@@ -50,9 +50,11 @@ from .layout import (
     WRITE_GATHER_BYTES,
     ZERO_CHUNK_BYTES,
     HostRange,
+    allocated,
     compressed_range,
     div_round_up,
     new_host_range,
+    subclusters,
 )
 from .reader import Qcow2Reader
 
@@ -348,7 +350,7 @@ class Qcow2Writer(Qcow2Reader):
         valid = self._valid_bytes(cstart)
         sc0 = a >> sb
         sc1 = (b + (1 << sb) - 1) >> sb
-        touched = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+        touched = subclusters(sc0, sc1)
         comp = bool(e & QCOW_OFLAG_COMPRESSED)
         if not comp:
             self._check_bitmap(ci, e, bm)
@@ -358,7 +360,7 @@ class Qcow2Writer(Qcow2Reader):
         if not comp and host & ((1 << cb) - 1):
             raise CorruptImage(self.path, "data cluster offset not cluster aligned",
                                f"l2 entry of guest cluster {ci}", e)
-        new_bm = (bm | touched) & ~(touched << 32)
+        new_bm = allocated(bm, touched)
         if owned:
             if bm & touched == touched:
                 change.write(host + a, chunk)
@@ -479,10 +481,10 @@ class Qcow2Writer(Qcow2Reader):
                 host = (e & L2E_OFFSET_MASK) if mapped else cstart
                 if self.extended_l2:
                     sc0, sc1 = (pos - cstart) >> sb, div_round_up(cend - cstart, 1 << sb)
-                    t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+                    t = subclusters(sc0, sc1)
                     change.write(host + (pos - cstart), bytes(cend - pos))
                     change.set_entry(idx, host | QCOW_OFLAG_COPIED,
-                                     ((bm if not comp else 0) | t) & ~(t << 32))
+                                     allocated(bm if not comp else 0, t))
                 elif mapped and not e & QCOW_OFLAG_ZERO:
                     change.write(host + (pos - cstart), bytes(cend - pos))
                 elif whole:
@@ -503,7 +505,7 @@ class Qcow2Writer(Qcow2Reader):
                 fallback.append((pos, cend))  # partial: copy the cluster up, then zero
             else:
                 sc0, sc1 = (pos - cstart) >> sb, div_round_up(cend - cstart, 1 << sb)
-                t = ((1 << sc1) - 1) & ~((1 << sc0) - 1)
+                t = subclusters(sc0, sc1)
                 change.set_entry(idx, e, (bm & ~t) | (t << 32))
             pos = cend
         change.commit()

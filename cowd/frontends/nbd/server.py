@@ -227,12 +227,10 @@ class _ByteBudget:
         self._changed = trio.Event()
 
     async def acquire(self, n: int) -> int:
-        n = min(max(n, 1), self.total)
         await trio.lowlevel.checkpoint()
-        while self.free < n:
+        while (taken := self.take_nowait(n)) is None:
             await self._changed.wait()
-        self.free -= n
-        return n
+        return taken
 
     def take_nowait(self, n: int) -> int | None:
         """``acquire`` without waiting: None if the budget is short now."""
