@@ -21,7 +21,7 @@ hand fails them (EIO in the guest's file system).  Reclaim that needs this proce
 succeed without it, so, as iscsid and multipathd do for theirs, the daemon sets its
 ``oom_score_adj`` to :data:`OOM_SCORE_ADJ_MIN` (never chosen), inherited by its workers:
 :func:`protect_from_oom_killer`.  Lowering it needs CAP_SYS_RESOURCE too (asked as root only,
-said in ``cowd stats``).  In the guest's memory-pressure test every run's limit ends in an
+said in ``cowd stats``).  In the guest's memory-pressure test the limit may end in an
 OOM kill (of the test's memory hog, which asks for it: the kernel's log), and after the hog
 the largest processes left in that cgroup are cowd's.
 

@@ -148,10 +148,11 @@ class Attacher:
         self.stack.push_async_callback(self._detach_all)
         self.fuse = fe
         if self.workers is not None:
-            # Each worker serves a clone of its descriptor; first, since over io_uring the
-            # kernel holds every request (this stat's too) until the workers registered
-            # their ring queues (cowd/frontends/fuse/ring.py).
-            self.workers.serve_fuse(fe)
+            # Each worker serves a clone of its descriptor (its buffers made before this
+            # returns); first, since over io_uring the kernel holds every request (this
+            # stat's too) until the workers registered their ring queues
+            # (cowd/frontends/fuse/ring.py).
+            await self.workers.serve_fuse(fe)
         st = await trio.to_thread.run_sync(os.stat, fe.mountpoint)
         self.mount_dev = st.st_dev
         return fe

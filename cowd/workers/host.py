@@ -832,13 +832,21 @@ class WorkerPool:
                     return
         raise DiskError(errno.EAGAIN, "no worker is running")
 
-    def serve_fuse(self, fe: FuseFrontend) -> None:
+    async def serve_fuse(self, fe: FuseFrontend) -> None:
         """The FUSE mount is up: every worker, and every worker started from now on, serves
-        a clone of its descriptor (namespace requests come back here: fuse_reply)."""
+        a clone of its descriptor (namespace requests come back here: fuse_reply).  Returns
+        once every running worker has made its session, so that an attach that returns has
+        its request buffers resident (cowd/sysmem.py): made later, under the memory
+        pressure the mount is there to relieve, they would be charged to whatever cgroup
+        the worker is in by then (a worker that does not answer within START_TIMEOUT_S is
+        not waited for: its session comes when it does)."""
         self.fuse = fe
-        for link in self.links:
-            if link.alive:
-                link.serve_fuse(fe)
+        running = [link for link in self.links if link.alive]
+        for link in running:
+            link.serve_fuse(fe)
+        async with trio.open_nursery() as nursery:
+            for link in running:  # each answers once it has applied the message above
+                nursery.start_soon(link.ping, START_TIMEOUT_S)
 
     def fuse_reply(self, raw: bytes | bytearray | memoryview) -> bytes:
         """The mount's answer to a namespace request a worker read (b"": none is due)."""

@@ -207,6 +207,9 @@ class Worker:
                 "fuse": _summed([*(f.counters for f in self.fuse),
                                  *(f.ring.counters for f in self.fuse if f.ring is not None)]),
                 "fuse_ring": [f.ring.stats() for f in self.fuse if f.ring is not None],
+                # Its sessions on the FUSE mount, and whether all their buffers are locked.
+                "fuse_sessions": len(self.fuse),
+                "fuse_buffers_locked": all(f.buffers_locked for f in self.fuse),
                 "disks": {str(i): d.stats() for i, d in self.by_id.items()}}
 
 
