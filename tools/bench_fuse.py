@@ -160,7 +160,7 @@ def serve(image: str, mnt: str, opts: dict[str, Any]) -> None:
                         if pool is None:
                             fe.add_disk("disk", disk)
                         else:
-                            pool.serve_fuse(fe)
+                            await pool.serve_fuse(fe)
                             served = pool.add_disk("disk", disk, W.SCOPE_DEVICE,
                                                    publish=False)
                             fe.add_disk("disk", pool.gated(served))
