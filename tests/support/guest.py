@@ -25,10 +25,13 @@ from tools import guest
 MiB = 1 << 20
 
 # Put into a script with str.format (as a value, so its braces are not format fields).
-SHELL = r"""check() {
+# check NAME RC [DETAIL]: a CHECK line for parse_checks, and a T line with the guest's
+# uptime (where a boot's minutes go: the guest logs say, for trimming the suite's time).
+SHELL = r"""t() { echo "T $(cut -d' ' -f1 /proc/uptime) $*"; }
+check() {
+  t "$1"
   if [ "$2" = 0 ]; then echo "CHECK $1 ok ${3:-}"; else echo "CHECK $1 fail rc=$2 ${3:-}"; fi
 }
-t() { echo "T $(cut -d' ' -f1 /proc/uptime) $*"; }
 """
 
 
