@@ -6,8 +6,9 @@ Both are per-disk bookkeeping on the read path, trio-thread only, with no I/O ex
 ``posix_fadvise`` (advice: a failure is ignored).
 
 - :class:`Streams`: a read that starts within one granule of where one of the last
-  SEQUENTIAL_STREAMS reads ended continues that stream (a few concurrent streams, and
-  queue-depth reordering); the planner resolves ahead for it, and :meth:`Streams.advise_ahead`
+  SEQUENTIAL_STREAMS reads ended, or a few reads of its length ahead of it, continues that
+  stream (a few concurrent streams, queue-depth reordering, and a stream's reads shared
+  between processes); the planner resolves ahead for it, and :meth:`Streams.advise_ahead`
   has the kernel fetch the stream's next data.
 - :class:`KeptPlans`: a frontend that answers a batch in one wakeup tries each read without
   waiting; the plan of one that would wait is kept here, its data advised, and the read that
@@ -25,8 +26,12 @@ from .chain import Segment
 from .remote import FETCHER
 
 # Reads that start within one granule of where one of the last SEQUENTIAL_STREAMS reads
-# ended count as sequential (a few concurrent streams, and queue-depth reordering).
+# ended count as sequential (a few concurrent streams, and queue-depth reordering), and so
+# do reads up to STREAM_GAP_REQUESTS reads of their length ahead of it: one stream served by
+# several processes (a FUSE file's requests go to whichever worker reads /dev/fuse first, an
+# NBD multi-conn client's to its connections) shows each of them only some of its reads.
 SEQUENTIAL_STREAMS = 8
+STREAM_GAP_REQUESTS = 8
 
 # Data read-ahead for a sequential stream: advise the kernel this many requests' worth of
 # bytes ahead of the stream, at most DATA_READAHEAD_MAX_BYTES: enough that a cold base is
@@ -53,9 +58,10 @@ class Streams:
     def note(self, offset: int, end: int) -> bool:
         """Record a read of [offset, end); True if it continues a recent stream."""
         g = self.granule
+        ahead = max(g, (end - offset) * STREAM_GAP_REQUESTS)
         ends = self._ends
         for i, e in enumerate(ends):
-            if e - g <= offset <= e + g:
+            if e - g <= offset <= e + ahead:
                 ends[i] = end
                 return True
         if len(ends) >= SEQUENTIAL_STREAMS:
