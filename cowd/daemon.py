@@ -369,9 +369,12 @@ async def _serve_in(services: trio.Nursery, config: DaemonConfig,
         if config.workers > 0:
             workers = WorkerPool(config.workers, services, tls=config.tls)
             daemon.workers = workers
-            # `cowd serve` listens once its workers can serve; the daemon `cowd attach`
-            # starts answers its control socket at once (a kmod attach needs no worker).
-            await workers.start(wait=not config.exit_when_idle)
+            # `cowd serve` listens once its workers can serve.  The daemon `cowd attach`
+            # starts answers its control socket at once and starts its workers when an
+            # attach first needs them (--via fuse or nbd; a kmod attach never does: no idle
+            # processes beside the kernel's data path, and none slowing its start).
+            if not config.exit_when_idle:
+                await workers.start()
             for name, disk in daemon.disks.items():
                 workers.add_disk(name, disk)
             attacher.workers = workers  # --via nbd's devices are served by them too

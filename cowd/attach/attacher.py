@@ -151,7 +151,9 @@ class Attacher:
             # Each worker serves a clone of its descriptor (its buffers made before this
             # returns); first, since over io_uring the kernel holds every request (this
             # stat's too) until the workers registered their ring queues
-            # (cowd/frontends/fuse/ring.py).
+            # (cowd/frontends/fuse/ring.py).  The daemon `cowd attach` starts has started
+            # no worker yet: they start here, and answer before they are given the clone.
+            await self.workers.start()
             await self.workers.serve_fuse(fe)
         st = await trio.to_thread.run_sync(os.stat, fe.mountpoint)
         self.mount_dev = st.st_dev
@@ -306,11 +308,13 @@ class Attacher:
             workers = self.workers
             serve: Serve = self.nbd_server.handle
             # The device's handshake is timed (NbdDevice.connect): a worker that is still
-            # importing (a slow guest, a daemon just started in the background) could not
-            # answer it in time, so such a device is served by the daemon itself.
-            if workers is not None and await workers.wait_ready(WORKER_READY_WAIT_S):
-                workers.add_disk(name, disk, W.SCOPE_DEVICE)
-                serve = functools.partial(_hand_off, workers, f"/dev/nbd ({name})")
+            # importing (a slow guest) could not answer it in time, so with none ready
+            # such a device is served by the daemon itself.
+            if workers is not None:
+                await workers.start()  # the first attach that needs them starts them
+                if await workers.wait_ready(WORKER_READY_WAIT_S):
+                    workers.add_disk(name, disk, W.SCOPE_DEVICE)
+                    serve = functools.partial(_hand_off, workers, f"/dev/nbd ({name})")
             try:
                 ndev = await NbdDevice.connect(self.nursery, serve, name)
                 try:
