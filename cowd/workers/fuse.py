@@ -105,6 +105,14 @@ class WorkerFuseSession(FuseSession):
         await trio.lowlevel.checkpoint_if_cancelled()
         return disk, None
 
+    def target_now(self, req: Request, fh: int) -> tuple[BlockDisk, object] | None:
+        disk = self.by_ino.get(req.nodeid)
+        if disk is None:
+            return None  # not described yet: target waits for it
+        if disk.closed:
+            raise Fail(errno.EIO)
+        return disk, None
+
     def file_added(self) -> None:
         self.files_changed.set()
         self.files_changed = trio.Event()

@@ -19,12 +19,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
+import random
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,6 +239,61 @@ def test_two_overlays_of_one_base_share_it(env: Env, tmp_path: Path) -> None:
         assert mine == f"disk {i}\n".encode()
         other = run("debugfs", "-R", f"stat /only-in-{1 - i}.txt", raw, check=False)
         assert b"File not found" in other.stderr + other.stdout
+
+
+@pytest.mark.root
+@needs_attach
+def test_cold_random_reads_through_the_workers(env: Env, tmp_path: Path) -> None:
+    """Small reads that miss the page cache, queued together on the loop device, are put
+    aside and answered in batches by whichever process reads them (the daemon's session or
+    a worker's: cowd/frontends/fuse/session.py); every byte is the base's, read back in
+    eight threads at once with O_DIRECT."""
+    base = tmp_path / "rand.raw"
+    rng = random.Random(29)
+    data = rng.randbytes(16 * MiB)
+    base.write_bytes(data)
+    ov = Path(env.cowd("create", "--base", base, "--overlay", "qcow", run_dir=False)
+              .stdout.strip())
+    dev = env.attach(ov, "--via", "fuse")
+    try:
+        fd = os.open(base, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # written just now: dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the base's pages: gone
+        finally:
+            os.close(fd)
+        offsets = [rng.randrange(16 * MiB // 4096) * 4096 for _ in range(2000)]
+        bad: list[int] = []
+
+        def reader(share: list[int]) -> None:
+            dfd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            try:
+                for off in share:
+                    if os.preadv(dfd, [buf], off) != 4096 or buf[:] != data[off:off + 4096]:
+                        bad.append(off)
+            finally:
+                os.close(dfd)
+                buf.close()
+        threads = [threading.Thread(target=reader, args=(offsets[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not bad, bad[:5]
+        doc = env.stats()
+        fuse = doc["fuse"]
+        links = doc.get("workers") or []
+        assert isinstance(fuse, dict) and isinstance(links, list)
+        workers = [link["worker"]["fuse"] for link in links]
+        sessions = [fuse, *workers]
+        # The workers' sessions put reads aside (the daemon's alone on a one-core machine).
+        assert sum(int(f.get("reads_put_aside", 0)) for f in workers or [fuse]) > 0, sessions
+        assert sum(int(f.get("errors", 0)) for f in sessions) == 0, sessions
+        assert sum(int(f.get("reads", 0)) for f in sessions) >= len(offsets)
+    finally:
+        env.detach(dev)
+    qemu_check(ov)
 
 
 @pytest.mark.root

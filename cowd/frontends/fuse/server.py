@@ -339,6 +339,21 @@ class FuseFrontend(FuseSession):
             async with self._drained:
                 self._drained.notify_all()
 
+    def target_now(self, req: Request, fh: int) -> tuple[BlockDisk, object] | None:
+        node, _h = self.fs.node_of(fh)
+        node.inflight += 1
+        return node.disk, node
+
+    def release_now(self, token: object) -> None:
+        assert isinstance(token, Node)
+        token.inflight -= 1
+        if token.removed and token.inflight == 0 and self._nursery is not None:
+            self._nursery.start_soon(self._notify_drained)
+
+    async def _notify_drained(self) -> None:
+        async with self._drained:
+            self._drained.notify_all()
+
     def all_disks(self) -> Iterable[BlockDisk]:
         return [n.disk for n in list(self.fs.nodes.values())]
 
