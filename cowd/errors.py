@@ -35,6 +35,13 @@ class RequestError(CowdError):
         self.errno = errno
 
 
+class DiskError(RequestError):
+    """A request to a disk failed; ``errno`` is what the frontend answers with.  Defined here,
+    not in cowd/disk/api.py (which exports it), so that what raises it without touching a
+    disk (the kernel shim's control calls) does not import the disk stack: the CLI's attach
+    imports those, and under TCG every module is seconds."""
+
+
 class CorruptionError(CowdError):
     """An image is inconsistent: stop writing it."""
 

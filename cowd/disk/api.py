@@ -27,15 +27,11 @@ from formats.errors import (
     UnsupportedImage,
 )
 
-from ..errors import RequestError
+from ..errors import DiskError
 
 # Longest READ or WRITE accepted in one request.  Frontends advertise it (NBD's maximum block
 # size); it bounds the buffer one request can make the daemon allocate.
 MAX_REQUEST_BYTES = 32 << 20
-
-
-class DiskError(RequestError):
-    """A request failed; ``errno`` is what the frontend answers with."""
 
 
 def disk_error(e: Exception, path: str) -> DiskError:

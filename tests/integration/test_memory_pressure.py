@@ -49,13 +49,13 @@ from pathlib import Path
 
 import pytest
 
-from cowd.frontends.nbd.attach import NBD_DISCONNECT, nbd_problem
-from cowd.frontends.nbd.server import (
-    DEVICE_BUFFERS,
+from cowd.frontends.nbd.attach import (
     DEVICE_MAX_REQUEST_BYTES,
     DEVICE_QUEUE_DEPTH,
-    DEVICE_SLAB_BYTES,
+    NBD_DISCONNECT,
+    nbd_problem,
 )
+from cowd.frontends.nbd.server import DEVICE_BUFFERS, DEVICE_SLAB_BYTES
 from cowd.sysmem import CAP_SYS_RESOURCE, OOM_SCORE_ADJ_MIN
 from tests.support.attach import Env, attach_problem
 from tests.support.host import alive

@@ -9,6 +9,8 @@ never from another test module.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import ROOT
@@ -317,6 +319,18 @@ def is_test_module(name: str) -> bool:
     tests.conftest, the tier packages themselves)."""
     return (name == "tests" or name.startswith("tests.")) and \
         name != "tests.support" and not name.startswith("tests.support.")
+
+
+def test_the_cli_paths_of_attach_import_no_disk_stack() -> None:
+    """`cowd attach`/`detach` (cowd/attach/client.py, probes.py, stale.py) talk to the daemon;
+    importing the disk stack (formats, urllib3, cowd/disk) made each such command in the
+    TCG guest 15 s slower than `cowd stats` (-X importtime: 15-28 s of imports)."""
+    code = ("import sys, cowd.cli, cowd.attach.client, cowd.attach.probes, cowd.attach.stale;"
+            "print(' '.join(m for m in sys.modules if m == 'formats' or "
+            "m.startswith(('formats.', 'cowd.disk', 'urllib3'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60).stdout.split()
+    assert out == [], out
 
 
 def test_no_module_imports_a_test_module() -> None:

@@ -17,11 +17,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from ...disk import ChainFile, Disk, DiskError
-from ...errors import CommandFailed
+from ...errors import CommandFailed, DiskError
 from . import abi
+
+if TYPE_CHECKING:  # the CLI imports this module (kmod_problem, remove_device): not the disks
+    from ...disk import ChainFile, Disk
 
 # Where `make -C kmod` leaves the module: kmod/ at the top of the checkout.
 MODULE_PATH = Path(__file__).resolve().parents[3] / "kmod" / "cowd.ko"

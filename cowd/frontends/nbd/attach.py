@@ -18,10 +18,9 @@ task set the device up (or EINVAL for a device configured over netlink), so two 
 share a device: a refused claim moves on to the next one.  After the claim come
 ``NBD_SET_BLKSIZE`` (512), ``NBD_SET_SIZE``, ``NBD_SET_FLAGS``, the queue limits the
 server's preallocated buffers are sized for (``max_sectors_kb`` and ``nr_requests`` in
-sysfs, :data:`~cowd.frontends.nbd.server.DEVICE_MAX_REQUEST_BYTES` and
-:data:`~cowd.frontends.nbd.server.DEVICE_QUEUE_DEPTH`; the device's own values come back at
-detach), and ``NBD_DO_IT`` in a thread
-of its own, with signals blocked there (an interrupted DO_IT tears the device down): it
+sysfs, :data:`DEVICE_MAX_REQUEST_BYTES` and :data:`DEVICE_QUEUE_DEPTH`; the device's own
+values come back at detach), and ``NBD_DO_IT`` in a thread of its own, with signals blocked
+there (an interrupted DO_IT tears the device down): it
 returns only when the device is disconnected.  The attach is done when sysfs shows the
 device's pid file and size.
 
@@ -63,7 +62,6 @@ import trio
 
 from ...errors import CommandFailed
 from . import wire as W
-from .server import DEVICE_MAX_REQUEST_BYTES, DEVICE_QUEUE_DEPTH
 
 log = logging.getLogger("cowd.nbdattach")
 
@@ -85,6 +83,11 @@ NBD_SET_FLAGS = 0xAB0A
 
 # The device's logical block size.
 BLOCK_BYTES = 512
+# The device's queue limits, set at attach (the server's buffers are sized for them,
+# .server's DEVICE_BUFFERS): the largest request (max_sectors_kb; the kernel's own default is
+# 1280 KiB) and the requests in flight (nr_requests; the nbd driver's tag set has 128).
+DEVICE_MAX_REQUEST_BYTES = 256 << 10
+DEVICE_QUEUE_DEPTH = 32
 # Transmission flags the kernel is given (see the module docstring for what is left out).
 KERNEL_FLAGS = (W.NBD_FLAG_HAS_FLAGS | W.NBD_FLAG_READ_ONLY | W.NBD_FLAG_SEND_FLUSH
                 | W.NBD_FLAG_SEND_FUA | W.NBD_FLAG_ROTATIONAL | W.NBD_FLAG_SEND_TRIM

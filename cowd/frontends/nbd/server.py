@@ -83,6 +83,7 @@ from ...errors import CommandFailed, UsageError
 from ...sysmem import resident_buffer
 from . import protocol as P
 from . import wire as W
+from .attach import DEVICE_MAX_REQUEST_BYTES, DEVICE_QUEUE_DEPTH
 from .tls import ServerCredentials, TlsConfig, TlsError, TlsStream
 
 log = logging.getLogger("cowd.nbd")
@@ -101,13 +102,10 @@ MAX_BLOCK_BYTES = W.NBD_MAX_WRITE_BYTES
 POOL_MIN_BYTES = 64 << 10
 POOL_BYTES = 16 << 20
 # A kernel device's connection (see "Connections that back a kernel device" above): the
-# largest request the attach path lets the kernel send (its max_sectors_kb; the kernel's own
-# default is 1280 KiB), the requests it lets it have in flight (nr_requests; the nbd driver's
-# tag set has 128), buffers for replies sent but not yet recycled, and the size of each
-# buffer: a request's data and its reply header (16 bytes simple, 20..32 structured).
-# 40 buffers of 256 KiB: 10 MiB resident per device.
-DEVICE_MAX_REQUEST_BYTES = 256 << 10
-DEVICE_QUEUE_DEPTH = 32
+# largest request the attach path lets the kernel send and the requests it lets it have in
+# flight (DEVICE_MAX_REQUEST_BYTES and DEVICE_QUEUE_DEPTH, .attach), buffers for replies sent
+# but not yet recycled, and the size of each buffer: a request's data and its reply header
+# (16 bytes simple, 20..32 structured).  40 buffers of 256 KiB: 10 MiB resident per device.
 DEVICE_SPARE_BUFFERS = 8
 DEVICE_BUFFERS = DEVICE_QUEUE_DEPTH + DEVICE_SPARE_BUFFERS
 DEVICE_SLAB_BYTES = DEVICE_MAX_REQUEST_BYTES + 32
