@@ -701,7 +701,7 @@ class WorkerPool:
         self.fuse: FuseFrontend | None = None  # the FUSE mount the workers also serve
         self.any_ready = trio.Event()  # set once a worker first answered
         self._start_asked = False  # start() was called (the workers run from then on)
-        self._started = trio.Event()  # set once start() returned to its first caller
+        self._started = trio.Event()  # set once the first start() has returned
         # Primings under way, (worker index, disk id, the worker's life) -> (worker, disk,
         # the next offset): one task works through them a step at a time, in turn (see
         # PRIME_STEP_GRANULES).
@@ -739,30 +739,20 @@ class WorkerPool:
             return []
         return ["--tls-config", base64.b64encode(pickle.dumps(self.tls)).decode()]
 
-    @property
-    def start_asked(self) -> bool:
-        return self._start_asked
-
-    async def start(self, *, wait: bool = True) -> None:
-        """Start every worker; with ``wait``, return once each answers (its imports done:
-        seconds, tens of them in a slow guest).  Without, they start behind the caller's
-        back: what is handed to a worker meanwhile waits in its channel.  Only the first
-        call starts them; a later one (``wait``) returns once the first one has."""
+    async def start(self) -> None:
+        """Start every worker and return once each answers (its imports done: seconds, tens
+        of them in a slow guest; one that does not answer in START_TIMEOUT_S is not waited
+        for).  Only the first call starts them; a later one returns once they have."""
         if self.stopping:
             return
         if self._start_asked:
-            if wait:
-                await self._started.wait()
+            await self._started.wait()
             return
         self._start_asked = True
         try:
-            if wait:
-                async with trio.open_nursery() as starting:  # all at once: imports overlap
-                    for link in self.links:
-                        starting.start_soon(self.nursery.start, link.run)
-            else:
+            async with trio.open_nursery() as starting:  # all at once: their imports overlap
                 for link in self.links:
-                    self.nursery.start_soon(link.run)
+                    starting.start_soon(self.nursery.start, link.run)
         finally:
             self._started.set()
 
