@@ -100,18 +100,15 @@ class WorkerFuseSession(FuseSession):
             with trio.move_on_after(NEW_FILE_WAIT_S):
                 while (disk := self.by_ino.get(req.nodeid)) is None:
                     await self.files_changed.wait()
-        if disk is None or disk.closed:
-            raise Fail(errno.EIO if disk is not None else errno.EBADF)
+        if disk is None:
+            raise Fail(errno.EBADF)
+        got = _open(disk)
         await trio.lowlevel.checkpoint_if_cancelled()
-        return disk, None
+        return got
 
     def target_now(self, req: Request, fh: int) -> tuple[BlockDisk, object] | None:
         disk = self.by_ino.get(req.nodeid)
-        if disk is None:
-            return None  # not described yet: target waits for it
-        if disk.closed:
-            raise Fail(errno.EIO)
-        return disk, None
+        return None if disk is None else _open(disk)  # None: not described yet, target waits
 
     def file_added(self) -> None:
         self.files_changed.set()
@@ -119,6 +116,13 @@ class WorkerFuseSession(FuseSession):
 
     def all_disks(self) -> Iterable[BlockDisk]:
         return list(self.by_ino.values())
+
+
+def _open(disk: MappedDisk) -> tuple[BlockDisk, object]:
+    """A data request's target, if the disk is still served (no release token is needed)."""
+    if disk.closed:
+        raise Fail(errno.EIO)
+    return disk, None
 
 
 __all__ = ["WorkerFuseSession"]

@@ -700,8 +700,7 @@ class WorkerPool:
         self.stopping = False
         self.fuse: FuseFrontend | None = None  # the FUSE mount the workers also serve
         self.any_ready = trio.Event()  # set once a worker first answered
-        self._start_asked = False  # start() was called (the workers run from then on)
-        self._started = trio.Event()  # set once the first start() has returned
+        self._started: trio.Event | None = None  # made by the first start(), set as it returns
         # Primings under way, (worker index, disk id, the worker's life) -> (worker, disk,
         # the next offset): one task works through them a step at a time, in turn (see
         # PRIME_STEP_GRANULES).
@@ -745,16 +744,16 @@ class WorkerPool:
         for).  Only the first call starts them; a later one returns once they have."""
         if self.stopping:
             return
-        if self._start_asked:
+        if self._started is not None:
             await self._started.wait()
             return
-        self._start_asked = True
+        started = self._started = trio.Event()
         try:
             async with trio.open_nursery() as starting:  # all at once: their imports overlap
                 for link in self.links:
                     starting.start_soon(self.nursery.start, link.run)
         finally:
-            self._started.set()
+            started.set()
 
     def add_disk(self, name: str, disk: Disk, scope: str = W.SCOPE_SERVE, *,
                  publish: bool = True) -> Served:

@@ -327,28 +327,30 @@ class FuseFrontend(FuseSession):
         return reply
 
     async def target(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
-        node, _h = self.fs.node_of(fh)
-        node.inflight += 1
+        got = self.target_now(req, fh)
         await trio.lowlevel.checkpoint_if_cancelled()
-        return node.disk, node
+        return got
 
     async def release(self, token: object) -> None:
-        assert isinstance(token, Node)
-        token.inflight -= 1
-        if token.removed and token.inflight == 0:
-            async with self._drained:
-                self._drained.notify_all()
+        if self._last_of_removed(token):
+            await self._notify_drained()
 
-    def target_now(self, req: Request, fh: int) -> tuple[BlockDisk, object] | None:
+    def target_now(self, req: Request, fh: int) -> tuple[BlockDisk, object]:
         node, _h = self.fs.node_of(fh)
         node.inflight += 1
         return node.disk, node
 
     def release_now(self, token: object) -> None:
+        if self._last_of_removed(token) and self._nursery is not None:
+            self._nursery.start_soon(self._notify_drained)
+
+    @staticmethod
+    def _last_of_removed(token: object) -> bool:
+        """Count a request on the node ``token`` done: True if it was the last one of a
+        removed node (its removal waits for that)."""
         assert isinstance(token, Node)
         token.inflight -= 1
-        if token.removed and token.inflight == 0 and self._nursery is not None:
-            self._nursery.start_soon(self._notify_drained)
+        return token.removed and token.inflight == 0
 
     async def _notify_drained(self) -> None:
         async with self._drained:

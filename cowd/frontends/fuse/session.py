@@ -527,10 +527,7 @@ class FuseSession:
             self._read_done(r)
 
     def _read_done(self, r: _PutAside) -> None:
-        OUT_HEADER.pack_into(r.reply, 0, OUT_HEADER.size + r.length, 0, r.unique)
-        self.counters["reads"] += 1
-        self.counters["bytes_read"] += r.length
-        self._send(memoryview(r.reply)[:OUT_HEADER.size + r.length])
+        self._send(self._read_reply(r.unique, r.reply, r.length))
         self._read_spares.append(r.reply)
         self.release_now(r.token)
 
@@ -551,9 +548,8 @@ class FuseSession:
         if size > self.options.max_read_bytes:
             raise Fail(errno.EINVAL)
         n = max(0, min(size, disk.size - offset))
-        out = memoryview(w.reply)
         if n:
-            dest = out[OUT_HEADER.size:OUT_HEADER.size + n]
+            dest = memoryview(w.reply)[OUT_HEADER.size:OUT_HEADER.size + n]
             if not disk.try_read_into(dest=dest, offset=offset):
                 # Not in the page cache (or behind a lock): have the disk start on it, and
                 # give the device to the next worker first, so that the requests queued
@@ -562,10 +558,15 @@ class FuseSession:
                 disk.advise(offset, n)
                 await trio.lowlevel.checkpoint()
                 await disk.read_into(offset, dest)
-        OUT_HEADER.pack_into(w.reply, 0, OUT_HEADER.size + n, 0, unique)
+        w.send(self._read_reply(unique, w.reply, n))
+
+    def _read_reply(self, unique: int, reply: bytearray, n: int) -> memoryview:
+        """The reply to a READ whose ``n`` bytes are in ``reply`` behind its header: the
+        header written, the read counted; what to send."""
+        OUT_HEADER.pack_into(reply, 0, OUT_HEADER.size + n, 0, unique)
         self.counters["reads"] += 1
         self.counters["bytes_read"] += n
-        w.send(out[:OUT_HEADER.size + n])
+        return memoryview(reply)[:OUT_HEADER.size + n]
 
     @staticmethod
     async def _fallocate(disk: BlockDisk, offset: int, length: int, mode: int) -> None:
