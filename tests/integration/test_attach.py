@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import mmap
 import os
 import random
 import shutil
@@ -27,7 +26,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +38,7 @@ from cowd.attach import probes
 from cowd.errors import CommandFailed, UsageError
 from cowd.frontends import loop
 from tests.support.attach import LOOP_DEV, Env, attach_problem
-from tests.support.host import alive, loops_under, mounted_at
+from tests.support.host import alive, evict_pages, loops_under, mounted_at, read_concurrently
 from tests.support.peers import (
     COWD,
     libvhdi_raw,
@@ -256,30 +254,9 @@ def test_cold_random_reads_through_the_workers(env: Env, tmp_path: Path) -> None
               .stdout.strip())
     dev = env.attach(ov, "--via", "fuse")
     try:
-        fd = os.open(base, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # written just now: dirty pages are not dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the base's pages: gone
-        finally:
-            os.close(fd)
+        evict_pages(base)
         offsets = [rng.randrange(16 * MiB // 4096) * 4096 for _ in range(2000)]
-        bad: list[int] = []
-
-        def reader(share: list[int]) -> None:
-            dfd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-            buf = mmap.mmap(-1, 4096)
-            try:
-                for off in share:
-                    if os.preadv(dfd, [buf], off) != 4096 or buf[:] != data[off:off + 4096]:
-                        bad.append(off)
-            finally:
-                os.close(dfd)
-                buf.close()
-        threads = [threading.Thread(target=reader, args=(offsets[i::8],)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        bad = read_concurrently(dev, [(off, 4096) for off in offsets], data, 8, direct=True)
         assert not bad, bad[:5]
         doc = env.stats()
         fuse = doc["fuse"]

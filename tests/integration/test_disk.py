@@ -36,6 +36,7 @@ from cowd.errors import CommandFailed, UsageError
 from cowd.remap import RemapCache
 from formats.base import NearOpener
 from formats.errors import CorruptImage, ImageIOError
+from tests.support.host import evict_pages
 from tests.support.peers import (
     libvhdi_raw,
     qemu_check,
@@ -960,16 +961,7 @@ async def test_a_page_cache_miss_is_planned_once(tmp_path: Path, rng: random.Ran
     assert chain.base is not None
     off = 2 * MiB + 4096  # a range the overlay leaves to the base (fill_pattern may not)
 
-    def evict() -> None:
-        for path in (chain.base, chain.top):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-    evict()
+    evict_pages(chain.base, chain.top)
     dest = bytearray(8192)
     if disk.try_read_into(off, dest):
         pytest.skip("the page cache kept the base (DONTNEED did not evict here)")
@@ -980,7 +972,7 @@ async def test_a_page_cache_miss_is_planned_once(tmp_path: Path, rng: random.Ran
     assert disk.counters.metadata_lookups == lookups  # planned once, by the first attempt
     assert disk.stats()["ops"]["plans_reused"] == 2  # by advise() and by the read
     # A kept plan does not outlive a change of the mapping.
-    evict()
+    evict_pages(chain.base, chain.top)
     other = bytearray(4096)
     assert not disk.try_read_into(off, other)
     await disk.write(off, b"x" * 4096)  # allocates: the plan of [off, off+4096) is stale

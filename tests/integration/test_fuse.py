@@ -26,7 +26,6 @@ import stat
 import struct
 import sys
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from cowd.frontends.fuse import server as S
 from cowd.frontends.fuse.protocol import FuseFs, FuseOptions, FuseProtocolError
 from cowd.frontends.fuse.server import FuseFrontend, mount_fuse
 from cowd.remap import RemapCache
+from tests.support.host import evict_pages, read_concurrently
 from tests.support.peers import need, qemu_check, qemu_img, qemu_raw, run, sha256
 from tests.support.trees import make_tree, same_tree
 
@@ -533,38 +533,6 @@ async def test_file_io_against_model(tmp_path: Path, options: FuseOptions) -> No
     assert sha256(imgs.base) == imgs.base_sha
 
 
-def cold_concurrent_reads(path: str, images: list[Path], model: bytearray,
-                          reads: list[tuple[int, int]], threads: int) -> None:
-    """Drop the images' pages from the page cache, then read ``reads`` (offset, length) from
-    ``path`` in ``threads`` threads at once (so requests queue on the device: batches), each
-    compared with the model."""
-    for img in images:
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages are not dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    errors: list[str] = []
-
-    def one(share: list[tuple[int, int]]) -> None:
-        for off, n in share:
-            got = os.pread(fd, n, off)
-            if got != bytes(model[off:off + n]):
-                errors.append(f"read of {n} at {off}: {len(got)} bytes, not the model's")
-
-    try:
-        ts = [threading.Thread(target=one, args=(reads[i::threads],)) for i in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    finally:
-        os.close(fd)
-    assert not errors, errors[:5]
-
-
 @needs_mount
 async def test_cold_small_reads_are_batched_and_right(tmp_path: Path) -> None:
     """Small reads whose data is not in the page cache are put aside, advised, and answered
@@ -595,8 +563,9 @@ async def test_cold_small_reads_are_batched_and_right(tmp_path: Path) -> None:
                                                                       65536, 200000)))
                          for _ in range(600)]
                 reads += [(SIZE - 4096, 65536), (SIZE, 4096)]  # short at the end; at it
-                await thread(cold_concurrent_reads, path, [imgs.base, imgs.top], model,
-                             reads, 8)
+                await thread(evict_pages, imgs.base, imgs.top)
+                bad = await thread(read_concurrently, path, reads, model, 8)
+                assert not bad, bad[:5]
                 # Some of them were put aside (cold, queued together); none was lost.
                 assert fe.counters["reads_put_aside"] > 0
                 assert fe.counters["errors"] == 0

@@ -1,10 +1,13 @@
 """The kernel's view of what a test made or left behind, read from sysfs and /proc directly
-(not through cowd's own helpers): loop devices by backing file, mounts, processes."""
+(not through cowd's own helpers): loop devices by backing file, mounts, processes; and the
+page cache, emptied of a test's files and read through concurrently."""
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import threading
 from pathlib import Path
 
 
@@ -44,6 +47,45 @@ def processes_naming(directory: Path) -> list[int]:
             if str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(int(pid))
     return found
+
+
+def evict_pages(*paths: Path) -> None:
+    """Write back and drop the page-cache pages of ``paths`` (dirty pages are not dropped:
+    hence the fsync), so that the next reads of them go to the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_concurrently(path: str | Path, reads: list[tuple[int, int]], model: bytes | bytearray,
+                      threads: int, *, direct: bool = False) -> list[str]:
+    """Read ``reads`` (offset, length) from ``path`` in ``threads`` threads at once (so the
+    requests queue together on the device), ``direct``: with O_DIRECT into an aligned buffer;
+    returns a line for each read whose bytes are not the model's (shorter at its end)."""
+    bad: list[str] = []
+
+    def one(share: list[tuple[int, int]]) -> None:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        buf = mmap.mmap(-1, max((n for _, n in share), default=1))
+        try:
+            for off, n in share:
+                got = buf[:os.preadv(fd, [memoryview(buf)[:n]], off)]
+                if got != bytes(model[off:off + n]):
+                    bad.append(f"read of {n} at {off}: {len(got)} bytes, not the model's")
+        finally:
+            os.close(fd)
+            buf.close()
+
+    ts = [threading.Thread(target=one, args=(reads[i::threads],)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return bad
 
 
 def alive(pid: int) -> bool:
